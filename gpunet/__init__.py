@@ -1,0 +1,1 @@
+"""gpunet: borrow a GPU from a notebook."""

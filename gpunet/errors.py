@@ -1,0 +1,96 @@
+"""The one exception tree of gpunet.
+
+Every error a user can meet derives from :class:`GpunetError`; each message says
+what happened, the values involved, and what to do next::
+
+    GpunetError
+    ├── ConnectError            a scheduler or service cannot be reached
+    ├── CellError               a %%gpunet cell is wrong before anything is sent
+    │   ├── CellSyntaxError     the cell does not parse (reported with its line)
+    │   ├── UnpicklableInputError   an input cannot travel (names the variable)
+    │   └── MissingOutputError  an --out name the cell never assigned
+    ├── PlacementError          no worker can ever satisfy the requested resources
+    ├── RemoteCellError         the cell raised on the worker (remote traceback kept)
+    ├── WorkerLostError         the worker died and the cell could not be re-run
+    ├── CellTimeoutError        the cell ran past --timeout and was stopped
+    └── CreditsError            (gpunet.credits) the credit service refused or failed
+
+Errors of other libraries are translated at the boundary (``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+
+class GpunetError(Exception):
+    """Base class of every error gpunet raises on purpose."""
+
+
+class ConnectError(GpunetError):
+    """A scheduler (or another gpunet service) could not be reached."""
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class CellError(GpunetError):
+    """A %%gpunet cell cannot be sent as it is; nothing was sent."""
+
+
+class CellSyntaxError(CellError):
+    """The cell body does not parse; ``lineno`` is 1-based within the cell."""
+
+    def __init__(self, message: str, *, lineno: int | None = None) -> None:
+        super().__init__(message)
+        self.lineno = lineno
+
+
+class UnpicklableInputError(CellError):
+    """An input of the cell cannot be pickled, so it cannot travel to a worker."""
+
+    def __init__(self, message: str, *, name: str, type_name: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.type_name = type_name
+
+
+class MissingOutputError(CellError):
+    """The cell finished but did not assign a name that was asked for as output."""
+
+    def __init__(self, message: str, *, names: list[str]) -> None:
+        super().__init__(message)
+        self.names = names
+
+
+class PlacementError(GpunetError):
+    """No worker in the network can ever satisfy the requested resources."""
+
+
+class RemoteCellError(GpunetError):
+    """The cell raised on the worker and its exception could not be rebuilt here.
+
+    ``ename`` and ``evalue`` describe the remote exception and ``remote_traceback``
+    holds its formatted traceback, with line numbers that point into the cell.
+    """
+
+    def __init__(self, ename: str, evalue: str, remote_traceback: str) -> None:
+        super().__init__(f"{ename}: {evalue}\n\nRemote traceback:\n{remote_traceback}")
+        self.ename = ename
+        self.evalue = evalue
+        self.remote_traceback = remote_traceback
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows these lines instead of the local frames of gpunet itself.
+        return self.remote_traceback.rstrip("\n").split("\n")
+
+
+class WorkerLostError(GpunetError):
+    """The worker running a cell died and Dask gave up re-running it elsewhere."""
+
+
+class CellTimeoutError(GpunetError, TimeoutError):
+    """The cell ran longer than its ``--timeout`` and was stopped on the worker."""
+
+
+class CreditsError(GpunetError):
+    """Base class of the credit service's errors (see ``gpunet.credits``)."""
