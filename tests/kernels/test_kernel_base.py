@@ -1,0 +1,83 @@
+"""The shared pieces: chunk ranges, tolerances, comparison, the light package import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+from gpunet.kernels import Chunk, Cost, Tolerance, allclose, chunks, compare
+
+
+@pytest.mark.parametrize("total", [0, 1, 2, 7, 10, 97, 1000])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_chunks_cover_the_range_in_order(total: int, k: int) -> None:
+    parts = chunks(total, k)
+    assert len(parts) == k
+    assert [i for c in parts for i in range(c.start, c.stop)] == list(range(total))
+    sizes = [c.count for c in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert all(c == Chunk(c.start, c.count) for c in parts)
+
+
+def test_chunks_aligned_start_on_multiples() -> None:
+    parts = chunks(10_000, 3, align=4096)
+    assert [c.start % 4096 for c in parts] == [0, 0, 0]
+    assert sum(c.count for c in parts) == 10_000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [((-3, 2), "Expected total >= 0, got -3"), ((5, 0), "got 0"), ((5, 2, 0), "Expected align >= 1")],
+)
+def test_chunks_bad_values_are_named(args: tuple[int, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        chunks(*args[:2], align=args[2] if len(args) > 2 else 1)
+
+
+def test_chunks_rejects_non_integers() -> None:
+    with pytest.raises(TypeError, match="2.5"):
+        chunks(2.5, 2)  # type: ignore[arg-type]
+
+
+def test_compare_reports_the_first_bad_leaf() -> None:
+    tol = Tolerance(rtol=1e-6, atol=0.0)
+    a = {"x": np.arange(4.0), "y": (np.float32(1.0), np.array([1, 2]))}
+    b = {"x": np.arange(4.0), "y": (np.float32(1.0), np.array([1, 3]))}
+    found = compare(a, b, tol)
+    assert found is not None and found.path == "result['y'][1]" and found.mismatched == 1
+    assert "1 of 2 elements" in str(found)
+    assert allclose(a, a, tol)
+    assert not allclose(np.zeros(3), np.zeros(4), tol)
+    assert allclose(np.array([np.nan, 1.0]), np.array([np.nan, 1.0 + 1e-9]), tol)
+
+
+def test_compare_allows_a_fraction_of_mismatches() -> None:
+    a = np.zeros(1000, np.int32)
+    b = a.copy()
+    b[:5] = 1
+    assert allclose(a, b, Tolerance(0.0, 0.0, max_mismatch=0.01))
+    assert not allclose(a, b, Tolerance(0.0, 0.0, max_mismatch=0.001))
+
+
+def test_cost_adds_and_estimates_seconds() -> None:
+    c = Cost(2e12, 1e9) + Cost(1e12, 1e9)
+    assert c == Cost(3e12, 2e9)
+    assert c.scale(2) == Cost(6e12, 4e9)
+    assert c.seconds(1e12, 1e12) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="Expected flops_per_s > 0, got 0"):
+        c.seconds(0, 1)
+
+
+def test_package_import_is_light() -> None:
+    code = (
+        "import sys, gpunet.kernels as k; "
+        "assert 'jax' not in sys.modules, 'jax imported'; "
+        "print(k.chunks(5, 2), k.KERNELS)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "Chunk(start=0, count=3)" in out.stdout

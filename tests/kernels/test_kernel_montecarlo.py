@@ -1,0 +1,85 @@
+"""Monte Carlo option pricing: reference, closed form, split against unsplit."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from gpunet.kernels import allclose, chunks, compare
+from gpunet.kernels import montecarlo as mc
+
+SPEC = mc.EuropeanOption(s0=100.0, strike=105.0, rate=0.03, sigma=0.2, maturity=1.0)
+PUT = SPEC._replace(call=False, strike=95.0)
+N = 50_003  # not a multiple of the RNG block
+
+
+@pytest.fixture(scope="module")
+def key() -> jax.Array:
+    return jax.random.key(20260)
+
+
+@pytest.mark.parametrize("spec", [SPEC, PUT], ids=["call", "put"])
+def test_matches_numpy_reference_on_the_same_normals(key: jax.Array, spec: mc.EuropeanOption) -> None:
+    got = mc.price(key, spec, N)
+    want = mc.reference(spec, mc.normals(key, 0, N))
+    assert got.n_paths == want.n_paths == N
+    assert compare(got, want, mc.tolerance) is None
+
+
+@pytest.mark.parametrize("spec", [SPEC, PUT], ids=["call", "put"])
+def test_converges_to_black_scholes(key: jax.Array, spec: mc.EuropeanOption) -> None:
+    got = mc.price(key, spec, 400_000)
+    assert abs(got.price - mc.black_scholes(spec)) < 4 * got.stderr
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_split_equals_unsplit(key: jax.Array, k: int) -> None:
+    whole = mc.price(key, SPEC, N)
+    assert allclose(mc.price(key, SPEC, N, n_chunks=k), whole, mc.tolerance)
+
+
+def test_any_partition_sees_the_same_samples(key: jax.Array) -> None:
+    # Uneven chunks whose edges fall inside RNG blocks, an empty one, out of order.
+    edges = [0, 1, 4095, 4097, 4097, 20_000, N]
+    parts = [mc.price_chunk(key, SPEC, a, b - a) for a, b in zip(edges, edges[1:])]
+    whole = mc.price_chunk(key, SPEC, 0, N)
+    assert compare(mc.estimate(mc.combine(parts[::-1]), SPEC), mc.estimate(mc.combine([whole]), SPEC),
+                   mc.tolerance) is None
+    z = mc.normals(key, 0, N)
+    assert np.array_equal(np.concatenate([mc.normals(key, a, b - a) for a, b in zip(edges, edges[1:])]), z)
+
+
+def test_deterministic_and_key_dependent(key: jax.Array) -> None:
+    a = mc.price_chunk(key, SPEC, 10, 1000)
+    b = mc.price_chunk(key, SPEC, 10, 1000)
+    c = mc.price_chunk(jax.random.key(1), SPEC, 10, 1000)
+    assert float(a.sum) == float(b.sum) and float(a.sum) != float(c.sum)
+    assert int(mc.price_chunk(key, SPEC, 5, 0).count) == 0
+
+
+def test_raw_uint32_keys_work_too() -> None:
+    old = jax.random.PRNGKey(3)
+    assert mc.price(old, SPEC, 1000).n_paths == 1000
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda k: mc.price(k, SPEC, -3), "Expected n_paths > 0, got -3"),
+        (lambda k: mc.price_chunk(k, SPEC, -1, 5), "Expected start >= 0, got -1"),
+        (lambda k: mc.price_chunk(k, SPEC._replace(sigma=0.0), 0, 5), "Expected sigma > 0, got 0.0"),
+        (lambda k: mc.price_chunk(k, SPEC, 0, 2**31), "int32 path indices"),
+        (lambda k: mc.estimate(mc.combine([mc.price_chunk(k, SPEC, 0, 0)]), SPEC), "n_paths > 0, got 0"),
+        (lambda k: mc.combine([]), "at least one Partial"),
+    ],
+)
+def test_bad_inputs_name_the_value(key: jax.Array, call, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=message):
+        call(key)
+
+
+def test_cost_is_linear_in_paths() -> None:
+    assert mc.cost(2000).flops == 2 * mc.cost(1000).flops > 0
+    with pytest.raises(ValueError, match="got -1"):
+        mc.cost(-1)
