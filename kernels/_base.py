@@ -162,13 +162,21 @@ def chunks(total: int, k: int, *, align: int = 1) -> list[Chunk]:
 
 
 def compare(a: Any, b: Any, tol: Tolerance, *, path: str = "result") -> Mismatch | None:
-    """Compare two results (arrays, scalars, or tuples/lists/dicts of them).
+    """Compare two results (arrays, scalars, data frames, or tuples/lists/dicts of them).
 
     Returns ``None`` when they agree within ``tol``, else a :class:`Mismatch`
     naming the first leaf that does not. Structures must match exactly.
     """
     import numpy as np
 
+    if _is_frame(a) or _is_frame(b):
+        if not (_is_frame(a) and _is_frame(b)) or list(a.columns) != list(b.columns):
+            return Mismatch(path, 1, 1, float("inf"), "the frames have different columns")
+        for column in a.columns:
+            found = compare(a[column].to_numpy(), b[column].to_numpy(), tol, path=f"{path}[{column!r}]")
+            if found is not None:
+                return found
+        return None
     if isinstance(a, dict) or isinstance(b, dict):
         if not (isinstance(a, dict) and isinstance(b, dict)) or set(a) != set(b):
             return Mismatch(path, 1, 1, float("inf"), "the results have different keys")
@@ -196,7 +204,10 @@ def compare(a: Any, b: Any, tol: Tolerance, *, path: str = "result") -> Mismatch
     if x.shape != y.shape:
         return Mismatch(path, x.size or 1, x.size or 1, float("inf"),
                         f"shapes differ: {x.shape} vs {y.shape}")
-    if x.dtype.kind in "biu" and y.dtype.kind in "biu":
+    if x.dtype.kind in "OUSMm" or y.dtype.kind in "OUSMm":
+        bad = ~(x == y) if x.size else np.zeros(0, bool)
+        diff = float("inf") if np.any(bad) else 0.0
+    elif x.dtype.kind in "biu" and y.dtype.kind in "biu":
         bad = x != y
         diff = float(np.max(np.abs(x.astype(np.int64) - y.astype(np.int64)))) if x.size else 0.0
     else:
@@ -215,6 +226,10 @@ def compare(a: Any, b: Any, tol: Tolerance, *, path: str = "result") -> Mismatch
                         f"allowed {allowed} (rtol={tol.rtol:g}, atol={tol.atol:g}, "
                         f"max_mismatch={tol.max_mismatch:g})")
     return None
+
+
+def _is_frame(value: Any) -> bool:
+    return hasattr(value, "columns") and hasattr(value, "to_numpy") and hasattr(value, "iloc")
 
 
 def allclose(a: Any, b: Any, tol: Tolerance) -> bool:

@@ -80,3 +80,13 @@ def test_package_import_is_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert "Chunk(start=0, count=3)" in out.stdout
+
+
+def test_compare_data_frames_by_column() -> None:
+    import pandas as pd
+
+    a = pd.DataFrame({"k": ["x", "y"], "v": [1.0, 2.0]})
+    assert compare(a, a.copy(), Tolerance(0.0, 0.0)) is None
+    found = compare(a, a.assign(k=["x", "z"]), Tolerance(1.0, 1.0))
+    assert found is not None and found.path == "result['k']"
+    assert compare(a, a[["v", "k"]], Tolerance(1.0, 1.0)) is not None
