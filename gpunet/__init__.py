@@ -1,1 +1,80 @@
-"""gpunet: borrow a GPU from a notebook."""
+"""gpunet: borrow a GPU from a notebook.
+
+``%load_ext gpunet`` adds the ``%gpunet`` / ``%%gpunet`` magics; the same network
+is reachable from Python::
+
+    import gpunet
+    with gpunet.connect() as net:          # embedded local network
+        print(net.run(lambda x: x * 2, 21))
+
+``import gpunet`` stays light: Dask, IPython and JAX load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gpunet.errors import (
+    CellError,
+    CellSyntaxError,
+    CellTimeoutError,
+    ConnectError,
+    CreditsError,
+    GpunetError,
+    MissingOutputError,
+    PlacementError,
+    RemoteCellError,
+    UnpicklableInputError,
+    WorkerLostError,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gpunet.network import Network, connect, current, map
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CellError",
+    "CellSyntaxError",
+    "CellTimeoutError",
+    "ConnectError",
+    "CreditsError",
+    "GpunetError",
+    "MissingOutputError",
+    "Network",
+    "PlacementError",
+    "RemoteCellError",
+    "UnpicklableInputError",
+    "WorkerLostError",
+    "connect",
+    "current",
+    "load_ipython_extension",
+    "map",
+    "unload_ipython_extension",
+]
+
+# Names served from gpunet.network on first use, so that `import gpunet` does not
+# import Dask.
+_LAZY = {"Network", "connect", "current", "map"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from gpunet import network
+
+        return getattr(network, name)
+    raise AttributeError(f"module 'gpunet' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Called by ``%load_ext gpunet``: registers the ``%gpunet`` magics."""
+    from gpunet.extensions.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Called by ``%unload_ext gpunet``: disconnects a network the magics started."""
+    from gpunet.extensions.magics import unload_ipython_extension as unload
+
+    unload(ipython)

@@ -24,6 +24,11 @@ from __future__ import annotations
 class GpunetError(Exception):
     """Base class of every error gpunet raises on purpose."""
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback through gpunet's own frames:
+        # the message already says what happened and what to do.
+        return [f"{type(self).__name__}: {self}"]
+
 
 class ConnectError(GpunetError):
     """A scheduler (or another gpunet service) could not be reached."""

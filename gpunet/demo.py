@@ -1,0 +1,65 @@
+"""``make demo``: run a notebook headless against an embedded network and summarise.
+
+    python -m gpunet.demo notebooks/quickstart.ipynb
+
+Starts the embedded network (as ``gpunet up`` does), points the notebook's
+``%gpunet connect`` at it through ``GPUNET_SCHEDULER``, executes the notebook with
+nbclient, writes the executed copy beside it (``*.executed.ipynb``) and prints the
+workers with their devices, the cells that ran remotely, and the time taken.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def run_notebook(path: Path, *, timeout: int = 600) -> tuple[object, Path]:
+    """Execute ``path`` headless in a fresh ipykernel; returns (notebook, written copy)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    executed = path.with_suffix(".executed.ipynb")
+    nbformat.write(notebook, executed)
+    return notebook, executed
+
+
+def remote_cells(notebook: object) -> int:
+    """How many code cells of the executed notebook were %%gpunet cells."""
+    return sum(1 for cell in notebook.cells  # type: ignore[attr-defined]
+               if cell.cell_type == "code" and cell.source.lstrip().startswith("%%gpunet"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the exit code."""
+    from gpunet.network import EmbeddedNetwork, connect
+
+    argv = sys.argv[1:] if argv is None else argv
+    path = Path(argv[0] if argv else "notebooks/quickstart.ipynb")
+    started = time.monotonic()
+    embedded = EmbeddedNetwork()
+    try:
+        print(f"gpunet demo: {embedded.note}; scheduler {embedded.scheduler_address}", flush=True)
+        with connect(embedded.scheduler_address) as net:
+            workers = net.workers()
+        os.environ["GPUNET_SCHEDULER"] = embedded.scheduler_address
+        notebook, executed = run_notebook(path)
+    finally:
+        embedded.close()
+    print(f"\nran {path} headless; executed copy: {executed}")
+    print(f"workers ({len(workers)}):")
+    for worker in workers:
+        print(f"  {worker.address}  {worker.device.get('label', 'unknown device')}")
+    print(f"cells run remotely: {remote_cells(notebook)}")
+    print(f"time taken: {time.monotonic() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

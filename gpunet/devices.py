@@ -1,0 +1,136 @@
+"""What device a worker offers, found with the real APIs.
+
+GPUs are counted with NVML (``pynvml``, present with the ``cuda`` extra) and named
+by NVML and JAX; where there is no NVIDIA GPU, or no NVML, a worker says honestly
+that its device is the CPU, with the processor's name and the worker's memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: The Dask worker resources gpunet places work with. Every gpunet worker has one
+#: ``device`` slot (its GPU, or the CPU where it has none), so that one cell owns a
+#: device at a time; GPU workers also have ``GPU`` (count) and ``GPU_MEM`` (bytes).
+DEVICE_RESOURCE = "device"
+GPU_RESOURCE = "GPU"
+GPU_MEMORY_RESOURCE = "GPU_MEM"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One NVIDIA GPU as NVML reports it."""
+
+    index: int
+    name: str
+    memory_bytes: int
+
+
+def local_gpus() -> list[Gpu]:
+    """The NVIDIA GPUs of this host, by NVML; an empty list where there are none.
+
+    A missing ``pynvml`` or an NVML error (no driver, no device) means no GPUs: that
+    is the normal case on a CPU host, so it is logged at DEBUG level only.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        logger.debug("pynvml is not installed: no GPUs are looked for")
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - pynvml raises NVMLError subclasses
+        logger.debug("NVML is not available (%s): no GPUs", exc)
+        return []
+    try:
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            if isinstance(name, bytes):
+                name = name.decode()
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+            gpus.append(Gpu(index, name, int(memory)))
+        return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _visible_gpu_index() -> int | None:
+    """The GPU a dask-cuda worker is pinned to: the first of CUDA_VISIBLE_DEVICES."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return int(visible) if visible.isdigit() else None
+
+
+def _jax_platform() -> str | None:
+    try:
+        import jax
+
+        return jax.devices()[0].platform
+    except Exception as exc:  # noqa: BLE001 - a broken accelerator plugin must not kill the worker
+        logger.warning("JAX could not list its devices: %s", exc)
+        return None
+
+
+def describe_this_device(memory_limit: int | None = None) -> dict[str, Any]:
+    """Describe the device a worker in this process offers.
+
+    Returns a msgpack-friendly dict: ``kind`` ("gpu" or "cpu"), ``name``,
+    ``memory_bytes``, ``count``, ``jax_platform`` (what JAX runs on here) and
+    ``label`` (e.g. "cpu: AMD EPYC 7B13, 11.2 GiB").
+    """
+    gpus = local_gpus()
+    jax_platform = _jax_platform()
+    if gpus:
+        index = _visible_gpu_index()
+        chosen = [g for g in gpus if g.index == index] or gpus[:1]
+        gpu = chosen[0]
+        info = {"kind": "gpu", "name": gpu.name, "memory_bytes": gpu.memory_bytes, "count": len(chosen)}
+    else:
+        if memory_limit is None:
+            import psutil
+
+            memory_limit = psutil.virtual_memory().total
+        info = {"kind": "cpu", "name": cpu_name(), "memory_bytes": int(memory_limit), "count": 1}
+    info["jax_platform"] = jax_platform
+    info["label"] = f"{info['kind']}: {info['name']}, {format_bytes(info['memory_bytes'])}"
+    return info
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_size(text: str) -> int:
+    """'40GB' / '40 GiB' / '512M' / '1e9' -> bytes. Raises ValueError naming the text."""
+    from dask.utils import parse_bytes
+
+    try:
+        return int(parse_bytes(text.replace(" ", "")))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"cannot read {text!r} as a size; write it like 40GB, 16GiB or 512MB") from exc

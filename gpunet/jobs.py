@@ -1,0 +1,294 @@
+"""The client side of a remote job: send it, follow it, stop it, decode its result.
+
+A :class:`RemoteJob` holds the Dask futures of one cell, one function call, or
+every item of a map. :meth:`RemoteJob.wait` blocks the calling thread (the
+notebook's) until they finish, meanwhile printing the job's live stdout/stderr and
+moving its progress display; Ctrl-C or ``timeout`` stops the job on its worker for
+real (see :func:`gpunet.remote.stop_job`), restarting a worker whose thread is
+stuck in C code, so the device is free again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Callable
+
+import cloudpickle
+
+from gpunet.errors import (
+    CellTimeoutError,
+    GpunetError,
+    RemoteCellError,
+    UnpicklableInputError,
+    WorkerLostError,
+)
+from gpunet.remote import Job, JobResult, run_job
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Future
+
+    from gpunet.network import Network
+    from gpunet.widgets import JobProgress
+
+logger = logging.getLogger(__name__)
+
+#: Inputs bigger than this travel scattered to the workers, not inside the task.
+SCATTER_THRESHOLD_BYTES = 256 * 1024
+
+#: How long a stopped job's thread may take to leave before its worker is restarted.
+STOP_GRACE_S = 1.0
+
+
+def new_job_id() -> str:
+    """A fresh job id (also the prefix of its Dask keys)."""
+    return uuid.uuid4().hex[:16]
+
+
+def pickle_inputs(values: dict[str, Any]) -> dict[str, bytes]:
+    """Pickle each input on its own, naming the one that cannot travel."""
+    pickled = {}
+    for name, value in values.items():
+        try:
+            pickled[name] = cloudpickle.dumps(value)
+        except Exception as exc:  # noqa: BLE001 - pickling fails in many ways
+            type_name = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+            raise UnpicklableInputError(
+                f"input {name!r} ({type_name}) cannot be pickled, so it cannot travel to a worker "
+                f"({type(exc).__name__}: {exc}). Create it inside the cell, or choose the inputs with --in.",
+                name=name,
+                type_name=type_name,
+            ) from None
+    return pickled
+
+
+def function_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                 topic: str | None, announce: bool = True) -> Job:
+    """A :class:`Job` that calls ``fn(*args, **kwargs)`` (map items go first)."""
+    try:
+        arguments = cloudpickle.dumps((args, kwargs))
+    except Exception as exc:  # noqa: BLE001
+        raise UnpicklableInputError(
+            f"the arguments of {getattr(fn, '__name__', fn)!r} cannot be pickled ({type(exc).__name__}: {exc})",
+            name="arguments", type_name="tuple",
+        ) from None
+    return Job(new_job_id(), function=fn, arguments=arguments, topic=topic, announce=announce)
+
+
+def function_value(result: JobResult) -> Any:
+    """The return value of a function job, or its remote exception raised here."""
+    raise_for_error(result)
+    if result.unpicklable_outputs:
+        name, type_name, reason = result.unpicklable_outputs[0]
+        raise GpunetError(f"the {name} ({type_name}) cannot be pickled to come back from {result.worker}: {reason}")
+    return cloudpickle.loads(result.value) if result.value is not None else None
+
+
+def raise_for_error(result: JobResult, *, label: str = "") -> None:
+    """Raise the job's remote exception here, with its remote traceback.
+
+    The original exception type is rebuilt where it can be (so ``except KeyError``
+    works in the notebook); IPython shows the remote traceback instead of gpunet's
+    own frames. Otherwise a :class:`RemoteCellError` carries the same text.
+    """
+    error = result.error
+    if error is None:
+        return
+    if error["ename"] == "JobInterrupted":
+        raise GpunetError(f"the job was stopped on {result.worker}{label}")
+    remote_tb = error["traceback"]
+    header = f"Remote traceback (worker {result.worker}, {result.device}{label}):\n"
+    exc: BaseException | None = None
+    if error.get("exception") is not None:
+        try:
+            exc = cloudpickle.loads(error["exception"])
+        except Exception:  # noqa: BLE001 - its class may not exist here
+            exc = None
+    if isinstance(exc, BaseException):
+        lines = (header + remote_tb).rstrip("\n").split("\n")
+        try:
+            exc._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
+            if hasattr(exc, "add_note"):
+                exc.add_note(header + remote_tb)
+        except AttributeError:  # exceptions with __slots__
+            exc = None
+    if exc is None:
+        exc = RemoteCellError(error["ename"], error["evalue"], header + remote_tb)
+    raise exc
+
+
+class RemoteJob:
+    """A job sent to the network: its futures, live events and results."""
+
+    def __init__(self, network: Network, job: Job, futures: list[Future], *, items: int | None) -> None:
+        self.network = network
+        self.job = job
+        self.futures = futures
+        self.mapped = items is not None
+        self.submitted = time.monotonic()
+        self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.remaining = len(futures)
+        self.workers_seen: list[tuple[str, str]] = []
+        self.shown_seq: dict[int | None, int] = {}
+        self._lock = threading.Lock()
+        for future in futures:
+            future.add_done_callback(self._on_done)
+
+    @classmethod
+    def submit(cls, network: Network, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
+               workers: list[str] | None = None) -> RemoteJob:
+        """Send ``job`` to ``network`` with the given placement."""
+        client = network.client
+        options = dict(resources=resources, pure=False, workers=workers, allow_other_workers=False)
+        inputs = None
+        if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
+            inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
+        if items is None:
+            futures = [client.submit(run_job, job, None, None, inputs, key=f"gpunet-{job.job_id}", **options)]
+        else:
+            blobs = []
+            for index, item in enumerate(items):
+                try:
+                    blobs.append(cloudpickle.dumps(item))
+                except Exception as exc:  # noqa: BLE001
+                    raise UnpicklableInputError(
+                        f"map item {index} ({type(item).__name__}) cannot be pickled, so it cannot travel "
+                        f"({type(exc).__name__}: {exc})", name=f"item {index}", type_name=type(item).__name__,
+                    ) from None
+            keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
+            futures = client.map(run_job, [job] * len(blobs), blobs, range(len(blobs)), [inputs] * len(blobs),
+                                 key=keys, **options)
+        return cls(network, job, futures, items=None if items is None else len(items))
+
+    # -- callbacks from the client's event loop -------------------------------------------
+    def on_event(self, message: dict[str, Any]) -> None:
+        self.events.put(message)
+        self.wake.set()
+
+    def _on_done(self, future: Future) -> None:
+        with self._lock:
+            self.remaining -= 1
+        self.wake.set()
+
+    def done(self) -> bool:
+        """True once every future of the job has finished (well or not)."""
+        return self.remaining <= 0
+
+    # -- waiting ------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None, *, quiet: bool = False, progress: JobProgress | None = None,
+             echo: bool = True) -> list[JobResult]:
+        """Block until the job is done and return its results (in item order).
+
+        Prints live stdout/stderr (``echo``), moves ``progress``, and stops the job
+        on its worker on Ctrl-C or after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else self.submitted + timeout
+        try:
+            while True:
+                self.wake.clear()
+                self._drain(progress, echo)
+                if self.done():
+                    break
+                wait_for = 0.5 if progress is not None else None
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.stop("timeout")
+                        where = f" on {self.workers_seen[-1][0]}" if self.workers_seen else ""
+                        raise CellTimeoutError(
+                            f"the job ran longer than its timeout of {timeout:g} s{where} and was stopped there; "
+                            "give it more time (--timeout) or make it smaller."
+                        )
+                    wait_for = left if wait_for is None else min(wait_for, left)
+                self.wake.wait(wait_for)
+                if progress is not None:
+                    progress.tick(done=len(self.futures) - self.remaining)
+        except KeyboardInterrupt:
+            self.stop("interrupted")
+            raise
+        finally:
+            self.network._forget(self.job.job_id)
+        results = self._gather()
+        self._drain(progress, echo)
+        if echo:
+            for result in results:
+                self._echo_rest(result)
+        return results
+
+    def _gather(self) -> list[JobResult]:
+        from distributed.scheduler import KilledWorker
+
+        for index, future in enumerate(self.futures):
+            if future.status == "error":
+                exc = future.exception()
+                where = f"item {index} of this map" if self.mapped else "this job"
+                if isinstance(exc, KilledWorker):
+                    raise WorkerLostError(
+                        f"the workers running {where} died, each time it was tried ({exc}); it was not re-run "
+                        "again. Check the worker logs (out of memory?) and run it again."
+                    ) from None
+                raise GpunetError(f"{where} failed in Dask itself: {type(exc).__name__}: {exc}") from exc
+            if future.status == "cancelled":
+                raise WorkerLostError(
+                    "the network lost this job (its scheduler restarted or this client was disconnected); "
+                    "run it again"
+                )
+        return self.network.client.gather(self.futures)
+
+    def _drain(self, progress: JobProgress | None, echo: bool) -> None:
+        while True:
+            try:
+                message = self.events.get_nowait()
+            except queue.Empty:
+                return
+            kind = message.get("kind")
+            if kind == "started":
+                worker, device = message["worker"], message["device"]
+                lost = self.workers_seen[-1][0] if self.workers_seen else None
+                self.workers_seen.append((worker, device))
+                if progress is not None:
+                    progress.running(worker, device, rerun_after=lost)
+            elif kind == "stream" and echo:
+                index = message.get("index")
+                if message["seq"] > self.shown_seq.get(index, 0):
+                    self.shown_seq[index] = message["seq"]
+                    _write(message["name"], message["text"])
+
+    def _echo_rest(self, result: JobResult) -> None:
+        shown = self.shown_seq.get(result.index, 0)
+        for seq, name, text in result.streams:
+            if seq > shown:
+                _write(name, text)
+        if result.streams:
+            self.shown_seq[result.index] = result.streams[-1][0]
+
+    # -- stopping -----------------------------------------------------------------------
+    def stop(self, reason: str) -> None:
+        """Cancel the job and stop its threads on the workers; restart a stuck worker."""
+        from gpunet.remote import stop_job
+
+        client = self.network.client
+        try:
+            client.cancel(self.futures, force=True)
+            statuses = client.run(stop_job, self.job.job_id, reason, STOP_GRACE_S)
+        except Exception as exc:  # noqa: BLE001 - the network may be gone too
+            logger.warning("gpunet: could not stop job %s cleanly: %s", self.job.job_id, exc)
+            return
+        for address, status in statuses.items():
+            if status == "restarting":
+                logger.warning("gpunet: job %s did not stop within %s s on %s; that worker restarts to free its device",
+                               self.job.job_id, STOP_GRACE_S, address)
+            elif status == "stuck":
+                logger.warning("gpunet: job %s is stuck on %s, which has no Nanny to restart it; "
+                               "its device stays busy until the job ends", self.job.job_id, address)
+
+
+def _write(name: str, text: str) -> None:
+    stream = sys.stderr if name == "stderr" else sys.stdout
+    stream.write(text)
+    stream.flush()

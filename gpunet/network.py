@@ -1,0 +1,420 @@
+"""The connection to a gpunet network: a Dask scheduler and the workers behind it.
+
+:func:`connect` joins a scheduler (an address, or ``GPUNET_SCHEDULER``) or, with
+neither, starts an *embedded* network in the background: a Dask scheduler in this
+process and worker processes on 127.0.0.1, one dask-cuda worker per GPU where
+dask-cuda and NVIDIA GPUs are present, else two plain workers that say they are CPU
+devices. ``gpunet up`` starts the same network in the foreground.
+
+The embedded scheduler runs with ``distributed.scheduler.worker-saturation: inf``:
+notebook work is a stream of independent, coarse tasks (cells, map items) that
+should start as soon as a device slot is free, not root tasks of a large graph
+whose memory queuing protects (measured here: ~3x the task throughput of the
+default, see README).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from gpunet.errors import ConnectError, GpunetError, PlacementError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
+
+    from gpunet.jobs import RemoteJob
+
+logger = logging.getLogger(__name__)
+
+#: Seconds to wait for a scheduler before saying it cannot be reached.
+CONNECT_TIMEOUT_S = 5.0
+
+#: Dask settings of the embedded network (see the module docstring for why).
+EMBEDDED_DASK_CONFIG = {
+    "distributed.scheduler.worker-saturation": "inf",
+    # Cells may start processes of their own (multiprocessing, JAX compilation).
+    "distributed.worker.daemon": False,
+}
+
+_current: Network | None = None
+_current_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker as ``%gpunet status`` shows it."""
+
+    address: str
+    name: str
+    device: dict[str, Any]
+    resources: dict[str, float]
+    slots: int
+    busy: int
+
+    @property
+    def free_slots(self) -> int:
+        return max(self.slots - self.busy, 0)
+
+
+class EmbeddedNetwork:
+    """A scheduler and local workers on 127.0.0.1, started by this process."""
+
+    def __init__(self, n_workers: int | None = None, *, host: str = "127.0.0.1", port: int = 0,
+                 dashboard_port: int = 0) -> None:
+        import dask
+        import distributed  # noqa: F401 - loads Dask's distributed config before we set part of it
+
+        from gpunet.devices import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE, local_gpus
+
+        gpus = local_gpus()
+        common = dict(
+            host=host,
+            scheduler_port=port,
+            dashboard_address=f"{host}:{dashboard_port}",
+            protocol="tcp://",
+        )
+        self.note: str
+        with dask.config.set(EMBEDDED_DASK_CONFIG):
+            cuda = _import_dask_cuda() if gpus else None
+            if gpus and cuda is not None:
+                resources = {
+                    DEVICE_RESOURCE: 1,
+                    GPU_RESOURCE: 1,
+                    GPU_MEMORY_RESOURCE: min(g.memory_bytes for g in gpus),
+                }
+                self.cluster = cuda.LocalCUDACluster(resources=resources, **common)
+                self.note = f"started {len(gpus)} dask-cuda workers, one per GPU ({gpus[0].name})"
+            else:
+                if gpus:
+                    why = f"found {len(gpus)} NVIDIA GPU(s) but dask-cuda is not installed (pip install 'gpunet[cuda]')"
+                else:
+                    why = "no NVIDIA GPU found"
+                n_workers = n_workers or 2
+                self.cluster = _local_cluster(n_workers, resources={DEVICE_RESOURCE: 1}, **common)
+                self.note = f"{why}: started {n_workers} CPU workers"
+        logger.info("gpunet: %s", self.note)
+        self._register_worker_plugin()
+
+    def _register_worker_plugin(self) -> None:
+        """Register gpunet's worker plugin with the scheduler, so that every worker,
+        restarted ones included, describes its device (also for `gpunet up`)."""
+        from distributed import Client
+
+        from gpunet.extensions.worker_plugin import GpunetWorkerPlugin
+
+        with Client(self.cluster.scheduler_address, set_as_default=False) as client:
+            client.register_plugin(GpunetWorkerPlugin())
+
+    @property
+    def scheduler_address(self) -> str:
+        return self.cluster.scheduler_address
+
+    @property
+    def dashboard_link(self) -> str | None:
+        try:
+            return self.cluster.dashboard_link
+        except Exception:  # noqa: BLE001 - no bokeh, no dashboard
+            return None
+
+    def close(self) -> None:
+        """Stop the workers and the scheduler."""
+        self.cluster.close(timeout=10)
+
+
+def _import_dask_cuda() -> Any:
+    try:
+        import dask_cuda
+    except ImportError:
+        return None
+    return dask_cuda
+
+
+def _local_cluster(n_workers: int, **kwargs: Any) -> Any:
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, **kwargs)
+
+
+class Network:
+    """A connection to a gpunet network; what the magics and the Python API use.
+
+    ``client`` is its :class:`distributed.Client`, ``credits`` its credit client
+    (None while no credit service is connected), ``session`` this notebook session's
+    id. Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, client: Client, *, embedded: EmbeddedNetwork | None = None,
+                 credits: Any = None, session: str | None = None) -> None:
+        self.client = client
+        self.embedded = embedded
+        self.credits = credits
+        self.session = session or _session_id()
+        self._address = client.scheduler.address
+        self.topic = f"gpunet-events-{uuid.uuid4().hex[:12]}"
+        self._jobs: dict[str, RemoteJob] = {}
+        self._jobs_lock = threading.Lock()
+        self._workers_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
+        self.client.subscribe_topic(self.topic, self._on_event)
+        self._closed = False
+
+    # -- identity ----------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        """The scheduler's address."""
+        return self._address
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The Dask dashboard's URL, where the scheduler serves one."""
+        if self.embedded is not None:
+            return self.embedded.dashboard_link
+        try:
+            return self.client.dashboard_link
+        except Exception:  # noqa: BLE001
+            return None
+
+    def __repr__(self) -> str:
+        return f"<gpunet.Network {self.address} session={self.session}>"
+
+    def __enter__(self) -> Network:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- workers and placement ---------------------------------------------------------
+    def _scheduler_workers(self, *, fresh: bool = False) -> dict[str, dict[str, Any]]:
+        """Workers as the scheduler reports them (cached for a second: cells are hot)."""
+        stamp, workers = self._workers_cache
+        if fresh or time.monotonic() - stamp > 1.0:
+            workers = dict(self.client.scheduler_info(n_workers=-1)["workers"])
+            self._workers_cache = (time.monotonic(), workers)
+        return workers
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker with its device, resources and free slots."""
+        from gpunet.devices import DEVICE_RESOURCE
+        from gpunet.extensions.worker_plugin import device_info
+
+        scheduler_workers = self._scheduler_workers(fresh=True)
+        devices = self.client.run(device_info)
+        processing = self.client.processing()
+        infos = []
+        for address, info in sorted(scheduler_workers.items()):
+            resources = dict(info.get("resources") or {})
+            slots = int(resources.get(DEVICE_RESOURCE, info.get("nthreads", 1)))
+            busy = min(len(processing.get(address, ())), slots)
+            infos.append(WorkerInfo(address, str(info.get("name", address)), devices.get(address, {}),
+                                    resources, slots, busy))
+        return infos
+
+    def resources_for(self, *, gpus: int | None = None, gpu_mem: int | None = None) -> dict[str, float]:
+        """The Dask resources a job asks for: one device slot, and GPUs / GPU memory
+        when asked. With no ``gpus`` the job runs on any device, GPU or CPU."""
+        from gpunet.devices import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE
+
+        resources: dict[str, float] = {DEVICE_RESOURCE: 1}
+        if gpus is not None:
+            if gpus < 1:
+                raise PlacementError(f"--gpus must be at least 1, got {gpus}")
+            resources[GPU_RESOURCE] = gpus
+        if gpu_mem is not None:
+            resources.setdefault(GPU_RESOURCE, 1)
+            resources[GPU_MEMORY_RESOURCE] = gpu_mem
+        return resources
+
+    def check_placement(self, resources: dict[str, float]) -> None:
+        """Raise :class:`PlacementError` at once when no worker can ever run a job
+        asking for ``resources``, saying what the largest worker has."""
+        for fresh in (False, True):
+            workers = self._scheduler_workers(fresh=fresh)
+            if any(_satisfies(info.get("resources") or {}, resources) for info in workers.values()):
+                return
+        raise PlacementError(_placement_message(resources, workers))
+
+    # -- running work ------------------------------------------------------------------
+    def run(self, fn: Callable[..., Any], *args: Any, gpus: int | None = None, gpu_mem: int | str | None = None,
+            timeout: float | None = None, quiet: bool = True, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on a worker and return its result.
+
+        ``gpus`` / ``gpu_mem`` restrict placement; ``timeout`` (seconds) stops the call
+        on the worker when it runs longer. The worker's stdout is printed here as it
+        runs; an exception is raised here with the remote traceback.
+        """
+        from gpunet import jobs
+
+        job = jobs.function_job(fn, args, kwargs, topic=self.topic)
+        remote = self.submit(job, resources=self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem)))
+        return jobs.function_value(remote.wait(timeout=timeout, quiet=quiet)[0])
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], *, gpus: int | None = None,
+            gpu_mem: int | str | None = None, timeout: float | None = None, quiet: bool = True) -> list[Any]:
+        """Run ``fn(item)`` for every item, spread over the workers; results in item order."""
+        from gpunet import jobs
+
+        job = jobs.function_job(fn, (), {}, topic=self.topic, announce=False)
+        remote = self.submit(job, resources=self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem)),
+                             items=list(items))
+        return [jobs.function_value(result) for result in remote.wait(timeout=timeout, quiet=quiet)]
+
+    def submit(self, job: Any, *, resources: dict[str, float], items: list[Any] | None = None,
+               workers: list[str] | None = None) -> RemoteJob:
+        """Send ``job`` (once, or once per item) and return its :class:`~gpunet.jobs.RemoteJob`."""
+        from gpunet import jobs
+
+        self._ensure_open()
+        self.check_placement(resources)
+        remote = jobs.RemoteJob.submit(self, job, resources=resources, items=items, workers=workers)
+        with self._jobs_lock:
+            self._jobs[job.job_id] = remote
+        return remote
+
+    def _forget(self, job_id: str) -> None:
+        with self._jobs_lock:
+            self._jobs.pop(job_id, None)
+
+    def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        """Topic handler (client event loop thread): hand the event to its job."""
+        _, message = event
+        with self._jobs_lock:
+            remote = self._jobs.get(message.get("job"))
+        if remote is not None:
+            remote.on_event(message)
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
+
+    # -- shutting down -----------------------------------------------------------------
+    def close(self) -> None:
+        """Close the client, and stop the embedded network if this connection started it."""
+        global _current
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.client.close(timeout=5)
+        finally:
+            if self.embedded is not None:
+                self.embedded.close()
+            with _current_lock:
+                if _current is self:
+                    _current = None
+
+
+def _satisfies(offered: dict[str, float], asked: dict[str, float]) -> bool:
+    return all(offered.get(name, 0) >= amount for name, amount in asked.items())
+
+
+def _placement_message(asked: dict[str, float], workers: dict[str, dict[str, Any]]) -> str:
+    from gpunet.devices import GPU_MEMORY_RESOURCE, format_bytes
+
+    def show(resources: dict[str, float]) -> str:
+        parts = []
+        for name, amount in sorted(resources.items()):
+            parts.append(f"{name}={format_bytes(amount)}" if name == GPU_MEMORY_RESOURCE else f"{name}={amount:g}")
+        return ", ".join(parts) or "no resources"
+
+    if not workers:
+        return (f"no worker is connected to this network, so nothing can run a job asking for {show(asked)}; "
+                "start workers (gpunet provide SCHEDULER) or connect to another scheduler")
+    largest = max(workers.values(), key=lambda info: tuple(
+        (info.get("resources") or {}).get(name, 0) for name in sorted(asked)))
+    return (f"no worker can ever run this: it asks for {show(asked)}, and the largest of the "
+            f"{len(workers)} worker(s) has {show(largest.get('resources') or {})} ({largest.get('name')}). "
+            "Ask for less (--gpus / --gpu-mem), or connect to a network with bigger devices.")
+
+
+def _size(value: int | str | None) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    from gpunet.devices import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise PlacementError(str(exc)) from None
+
+
+def _session_id() -> str:
+    """This notebook session: the kernel's session id and the notebook path where known."""
+    kernel_session = ""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        kernel = getattr(shell, "kernel", None)
+        kernel_session = getattr(getattr(kernel, "session", None), "session", "") or ""
+    except ImportError:  # pragma: no cover
+        pass
+    return kernel_session or uuid.uuid4().hex
+
+
+def connect(address: str | None = None, *, workers: int | None = None, credits: str | None = None,
+            token: str | None = None, budget: int | None = None,
+            timeout: float = CONNECT_TIMEOUT_S) -> Network:
+    """Connect to a gpunet network and make it :func:`current`.
+
+    ``address`` (or ``GPUNET_SCHEDULER``) joins that scheduler; with neither, an
+    embedded network starts in the background (``workers`` CPU workers where there
+    is no GPU, default 2). Raises :class:`ConnectError` naming the address when the
+    scheduler cannot be reached within ``timeout`` seconds.
+    """
+    global _current
+    from distributed import Client
+
+    if credits or token or budget is not None:
+        credits = credits or os.environ.get("GPUNET_CREDITS")
+        raise GpunetError(
+            "credits are not wired into the network yet: connect without --credits/--token/--budget "
+            f"(asked for credits={credits!r}, budget={budget!r})"
+        )
+    address = address or os.environ.get("GPUNET_SCHEDULER") or None
+    embedded = None
+    if address is None:
+        embedded = EmbeddedNetwork(n_workers=workers)
+        address = embedded.scheduler_address
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        if embedded is not None:
+            embedded.close()
+        raise ConnectError(
+            f"cannot reach the scheduler at {address} within {timeout:g} s ({exc.__class__.__name__}). "
+            "Check the address and that `gpunet up` or `gpunet scheduler` runs there; "
+            "with no address, `%gpunet connect` starts a local network.",
+            address=address,
+        ) from None
+    try:
+        from gpunet.extensions.worker_plugin import GpunetWorkerPlugin
+
+        client.register_plugin(GpunetWorkerPlugin())
+        network = Network(client, embedded=embedded)
+    except BaseException:
+        client.close()
+        if embedded is not None:
+            embedded.close()
+        raise
+    with _current_lock:
+        previous, _current = _current, network
+    if previous is not None:
+        previous.close()
+    return network
+
+
+def current() -> Network:
+    """The network the magics use (the last one :func:`connect` made)."""
+    if _current is None:
+        raise GpunetError("not connected to a gpunet network: run `%gpunet connect` or gpunet.connect() first")
+    return _current
+
+
+def map(fn: Callable[..., Any], items: Iterable[Any], **options: Any) -> list[Any]:  # noqa: A001 - the API name
+    """``current().map(fn, items, ...)``: run ``fn`` on every item over the network."""
+    return current().map(fn, items, **options)

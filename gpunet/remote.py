@@ -1,0 +1,472 @@
+"""The worker side of a gpunet job: runs a cell (or a function) where it can be stopped.
+
+The client sends a :class:`Job` as an ordinary Dask task whose function is
+:func:`run_job`; it runs in a worker thread. While it runs:
+
+- ``print`` output and ``sys.stderr`` writes of that thread go to the job, which
+  forwards them to the client as events on the job's topic
+  (``Worker.log_event`` -> ``Client.subscribe_topic``), a few times a second at most;
+- ``display(obj)`` and matplotlib figures become MIME bundles, as IPython would make;
+- the thread is registered under the job id, so :func:`stop_job` (sent with
+  ``Client.run``, which runs on the worker's event loop even when every worker thread
+  is busy) can raise :class:`JobInterrupted` inside it. ``future.cancel()`` alone
+  would leave the thread running.
+
+The result is a :class:`JobResult` whose outputs are pickled one by one here, so an
+output that cannot travel is named instead of failing the whole transfer.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import builtins
+import ctypes
+import functools
+import io
+import linecache
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cloudpickle
+
+logger = logging.getLogger(__name__)
+
+# Figures made on a worker are rendered to PNG, never to a window.
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+#: How often, at most, a running job sends its stdout/stderr to the client.
+STREAM_INTERVAL_S = 0.1
+
+
+class JobInterrupted(BaseException):
+    """Raised inside a job's thread to stop it (a BaseException, like KeyboardInterrupt,
+    so that a cell's ``except Exception`` does not swallow it)."""
+
+
+@dataclass
+class Job:
+    """One unit of remote work: a cell body or a pickled function, and its inputs."""
+
+    job_id: str
+    #: source of a %%gpunet cell; None for a function job
+    code: str | None = None
+    #: the function of a function job (Dask pickles it with cloudpickle)
+    function: Callable[..., Any] | None = None
+    #: {name: cloudpickle bytes} of a cell's inputs (pickled one by one on the client,
+    #: so that one that cannot be pickled is named there)
+    inputs: dict[str, bytes] = field(default_factory=dict)
+    #: cloudpickle of (args, kwargs) for a function job
+    arguments: bytes = b""
+    outputs: tuple[str, ...] = ()
+    #: outputs named with --out: a missing or unpicklable one is an error
+    strict_outputs: bool = False
+    display_last_expression: bool = False
+    #: --map NAME: the item of a mapped cell is bound to this name
+    map_name: str | None = None
+    #: topic for live events (stdout, started); None sends none
+    topic: str | None = None
+    #: send a "started" event naming the worker and its device
+    announce: bool = True
+
+
+@dataclass
+class JobResult:
+    """What comes back from :func:`run_job`."""
+
+    job_id: str
+    index: int | None
+    worker: str
+    device: str
+    started: float
+    finished: float
+    #: {name: cloudpickle bytes} of a cell's outputs
+    outputs: dict[str, bytes] = field(default_factory=dict)
+    #: the pickled return value of a function job
+    value: bytes | None = None
+    #: names asked for (strictly) that the cell never assigned
+    missing_outputs: list[str] = field(default_factory=list)
+    #: (name, type name, reason) of outputs that could not be pickled
+    unpicklable_outputs: list[tuple[str, str, str]] = field(default_factory=list)
+    #: every (seq, stream name, text) chunk the job wrote, in order
+    streams: list[tuple[int, str, str]] = field(default_factory=list)
+    #: (data, metadata) MIME bundles from display(), figures and the last expression
+    displays: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    #: set when the job raised: ename, evalue, traceback (text), exception (pickled or None)
+    error: dict[str, Any] | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+
+# -- per-thread capture of stdout, stderr and display() --------------------------------------
+
+
+class _JobContext:
+    """The running job of one worker thread: its buffered streams and displays."""
+
+    def __init__(self, job: Job, index: int | None, worker: Any) -> None:
+        self.job = job
+        self.index = index
+        self.worker = worker
+        self.seq = 0
+        self.chunks: list[tuple[int, str, str]] = []
+        self.pending: list[tuple[str, str]] = []
+        self.displays: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.displayed_ids: set[int] = set()
+        self.last_sent = 0.0
+        self.timer: threading.Timer | None = None
+        self.lock = threading.Lock()
+
+    def write(self, name: str, text: str) -> None:
+        if not text:
+            return
+        with self.lock:
+            if self.pending and self.pending[-1][0] == name:
+                self.pending[-1] = (name, self.pending[-1][1] + text)
+            else:
+                self.pending.append((name, text))
+            if self.job.topic is None or "\n" not in text:
+                return
+            wait = STREAM_INTERVAL_S - (time.monotonic() - self.last_sent)
+            if wait <= 0:
+                self._flush_locked(send=True)
+            elif self.timer is None:
+                self.timer = threading.Timer(wait, self.flush)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def flush(self, send: bool = True) -> None:
+        with self.lock:
+            self._flush_locked(send=send)
+
+    def _flush_locked(self, *, send: bool) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for name, text in self.pending:
+            self.seq += 1
+            self.chunks.append((self.seq, name, text))
+            if send and self.job.topic is not None and self.worker is not None:
+                event = {"job": self.job.job_id, "kind": "stream", "seq": self.seq, "name": name, "text": text}
+                if self.index is not None:
+                    event["index"] = self.index
+                self.worker.log_event(self.job.topic, event)
+        self.pending = []
+        self.last_sent = time.monotonic()
+
+
+_contexts: dict[int, _JobContext] = {}  # thread id -> running job
+_running: dict[str, int] = {}  # job id -> thread id
+_stopped: set[str] = set()  # job ids stopped before they started
+_registry_lock = threading.Lock()
+
+
+class _ThreadRouter(io.TextIOBase):
+    """Stands in for sys.stdout/sys.stderr: a job thread's writes go to its job,
+    every other thread's to the original stream."""
+
+    def __init__(self, name: str, original: Any) -> None:
+        self.name = name
+        self.original = original
+
+    def write(self, text: str) -> int:
+        context = _contexts.get(threading.get_ident())
+        if context is None:
+            return self.original.write(text)
+        context.write(self.name, text)
+        return len(text)
+
+    def flush(self) -> None:
+        if threading.get_ident() not in _contexts:
+            self.original.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def fileno(self) -> int:
+        return self.original.fileno()
+
+
+_install_lock = threading.Lock()
+_installed = False
+
+
+def _install_routers() -> None:
+    """Route sys.stdout/sys.stderr and IPython's display() per thread (once a process)."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        sys.stdout = _ThreadRouter("stdout", sys.stdout)
+        sys.stderr = _ThreadRouter("stderr", sys.stderr)
+        try:
+            import IPython.core.display_functions as display_functions
+            import IPython.display as ipython_display
+        except ImportError:  # pragma: no cover - IPython is a dependency
+            pass
+        else:
+            original = display_functions.display
+
+            @functools.wraps(original)
+            def display(*objs: Any, **kwargs: Any) -> Any:
+                context = _contexts.get(threading.get_ident())
+                if context is None:
+                    return original(*objs, **kwargs)
+                for obj in objs:
+                    if kwargs.get("raw"):
+                        context.displays.append((dict(obj), dict(kwargs.get("metadata") or {})))
+                    else:
+                        context.displays.append(mime_bundle(obj))
+                    context.displayed_ids.add(id(obj))
+                return None
+
+            display_functions.display = display
+            ipython_display.display = display
+        _installed = True
+
+
+@functools.lru_cache(maxsize=1)
+def _display_formatter() -> Any:
+    from IPython.core.formatters import DisplayFormatter
+
+    formatter = DisplayFormatter()
+    formatter.formatters["image/png"].for_type_by_name("matplotlib.figure", "Figure", _figure_png)
+    return formatter
+
+
+def _figure_png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def mime_bundle(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (data, metadata) MIME bundle IPython would display for ``obj``."""
+    data, metadata = _display_formatter().format(obj)
+    return dict(data), dict(metadata)
+
+
+def _collect_open_figures(context: _JobContext) -> None:
+    """Display and close the matplotlib figures a cell left open, as the inline backend does."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
+        return
+    for number in pyplot.get_fignums():
+        figure = pyplot.figure(number)
+        if id(figure) not in context.displayed_ids:
+            context.displays.append(mime_bundle(figure))
+    pyplot.close("all")
+
+
+# -- running a job ----------------------------------------------------------------------------
+
+
+def cell_filename(code: str) -> str:
+    """The file name a cell's code is compiled under (shown in its tracebacks)."""
+    import hashlib
+
+    return f"<gpunet cell {hashlib.sha256(code.encode()).hexdigest()[:8]}>"
+
+
+@functools.lru_cache(maxsize=128)
+def _compile_cell(code: str, filename: str, display_last: bool) -> tuple[Any, Any]:
+    """Compile a cell: its body, and its last expression separately when displayed."""
+    tree = ast.parse(code, filename=filename, mode="exec")
+    last = None
+    if display_last and tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+        last = compile(last, filename, "eval")
+    body = compile(tree, filename, "exec")
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    return body, last
+
+
+def _current_worker() -> Any:
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
+def _device_label(worker: Any) -> str:
+    device = getattr(worker, "gpunet_device", None)
+    if device is None:
+        from gpunet.devices import describe_this_device
+
+        device = describe_this_device(getattr(getattr(worker, "memory_manager", None), "memory_limit", None))
+        if worker is not None:
+            worker.gpunet_device = device
+    return device["label"]
+
+
+def run_job(
+    job: Job, item: bytes | None = None, index: int | None = None, inputs: dict[str, bytes] | None = None
+) -> JobResult:
+    """Run ``job`` in this worker thread and return its result (never raises for
+    the job's own errors: they travel back in ``JobResult.error``).
+
+    ``item`` and ``index`` are one item of a mapped job; ``inputs``, when given,
+    replaces ``job.inputs`` (large inputs travel scattered, as a Dask dependency).
+    """
+    if inputs is not None:
+        job = dataclasses.replace(job, inputs=inputs)
+    _install_routers()
+    worker = _current_worker()
+    address = getattr(worker, "address", "local")
+    device = _device_label(worker)
+    context = _JobContext(job, index, worker)
+    thread_id = threading.get_ident()
+    result = JobResult(job.job_id, index, address, device, time.time(), 0.0)
+    with _registry_lock:
+        if job.job_id in _stopped:
+            result.error = _error_info(JobInterrupted("stopped before it started"), None)
+            result.finished = time.time()
+            return result
+        _contexts[thread_id] = context
+        if index is None:
+            _running[job.job_id] = thread_id
+        else:
+            _running[f"{job.job_id}/{index}"] = thread_id
+    if job.announce and job.topic is not None and worker is not None:
+        worker.log_event(job.topic, {"job": job.job_id, "kind": "started", "worker": address, "device": device})
+    try:
+        try:
+            if job.code is not None:
+                _run_cell(job, item, context, result)
+            else:
+                _run_function(job, item, result)
+        except JobInterrupted as exc:
+            result.error = _error_info(exc, None)
+        finally:
+            with _registry_lock:
+                _contexts.pop(thread_id, None)
+                _running.pop(job.job_id if index is None else f"{job.job_id}/{index}", None)
+    except JobInterrupted as exc:  # arrived while cleaning up
+        result.error = _error_info(exc, None)
+    context.flush(send=False)
+    result.streams = context.chunks
+    result.displays = context.displays
+    result.finished = time.time()
+    return result
+
+
+def _run_cell(job: Job, item: bytes | None, context: _JobContext, result: JobResult) -> None:
+    filename = cell_filename(job.code or "")
+    body, last = _compile_cell(job.code or "", filename, job.display_last_expression)
+    namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    for name, blob in job.inputs.items():
+        namespace[name] = cloudpickle.loads(blob)
+    if job.map_name is not None and item is not None:
+        namespace[job.map_name] = cloudpickle.loads(item)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*non-interactive.*")
+            exec(body, namespace)
+            if last is not None:
+                value = eval(last, namespace)
+                if value is not None:
+                    context.displays.append(mime_bundle(value))
+                    context.displayed_ids.add(id(value))
+            _collect_open_figures(context)
+    except JobInterrupted:
+        raise
+    except BaseException as exc:  # the cell's own error, SystemExit included
+        result.error = _error_info(exc, filename)
+        return
+    for name in job.outputs:
+        if name not in namespace:
+            if job.strict_outputs:
+                result.missing_outputs.append(name)
+            continue
+        value = namespace[name]
+        try:
+            result.outputs[name] = cloudpickle.dumps(value)
+        except Exception as exc:  # noqa: BLE001 - any pickling failure is reported by name
+            result.unpicklable_outputs.append((name, type(value).__name__, f"{type(exc).__name__}: {exc}"))
+
+
+def _run_function(job: Job, item: bytes | None, result: JobResult) -> None:
+    args, kwargs = cloudpickle.loads(job.arguments) if job.arguments else ((), {})
+    if item is not None:
+        args = (cloudpickle.loads(item), *args)
+    assert job.function is not None
+    try:
+        value = job.function(*args, **kwargs)
+    except JobInterrupted:
+        raise
+    except BaseException as exc:
+        result.error = _error_info(exc, None, skip_runner_frames=True)
+        return
+    try:
+        result.value = cloudpickle.dumps(value)
+    except Exception as exc:  # noqa: BLE001
+        result.unpicklable_outputs.append(("return value", type(value).__name__, f"{type(exc).__name__}: {exc}"))
+
+
+def _error_info(exc: BaseException, filename: str | None, *, skip_runner_frames: bool = False) -> dict[str, Any]:
+    """Describe ``exc`` with a traceback that starts at the cell (or function)."""
+    tb = exc.__traceback__
+    if filename is not None:
+        while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+            tb = tb.tb_next
+        tb = tb or exc.__traceback__
+    elif skip_runner_frames and tb is not None:
+        tb = tb.tb_next or tb  # drop _run_function's own frame
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    try:
+        pickled = cloudpickle.dumps(exc)
+        cloudpickle.loads(pickled)
+    except Exception:  # noqa: BLE001 - not every exception can be rebuilt elsewhere
+        pickled = None
+    return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text, "exception": pickled}
+
+
+# -- stopping a job (runs on the worker's event loop through Client.run) ----------------------
+
+
+async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0, dask_worker: Any = None) -> str:
+    """Raise JobInterrupted in the threads running ``job_id`` (and its map items).
+
+    Returns ``"stopped"`` when they left within ``grace`` seconds, or
+    ``"not-running"``. A thread still there after ``grace`` is blocked in C code
+    (``time.sleep``, a long XLA call) where no exception reaches it: then a worker
+    under a Nanny exits at once, and the Nanny starts a fresh one, so the device is
+    free for real (``"restarting"``); a worker without a Nanny can only say
+    ``"stuck"``.
+    """
+    import asyncio
+
+    with _registry_lock:
+        _stopped.add(job_id)
+        threads = {key: tid for key, tid in _running.items() if key == job_id or key.startswith(job_id + "/")}
+        for tid in threads.values():
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(JobInterrupted))
+    if not threads:
+        return "not-running"
+    logger.info("gpunet: stopping job %s (%s) in %d thread(s)", job_id, reason, len(threads))
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        with _registry_lock:
+            if not any(key in _running for key in threads):
+                return "stopped"
+        await asyncio.sleep(0.02)
+    if dask_worker is not None and getattr(dask_worker, "nanny", None):
+        logger.warning("gpunet: job %s is stuck in C code; exiting so that the Nanny restarts this worker", job_id)
+        asyncio.get_running_loop().call_later(0.05, os._exit, 70)
+        return "restarting"
+    return "stuck"

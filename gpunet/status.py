@@ -1,0 +1,70 @@
+"""``%gpunet status``: the network's workers, their devices and free slots."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gpunet.devices import format_bytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gpunet.network import Network, WorkerInfo
+
+
+@dataclass(frozen=True)
+class NetworkStatus:
+    """A snapshot of a network, shown as a table (HTML in a notebook, text elsewhere)."""
+
+    scheduler: str
+    dashboard: str | None
+    session: str
+    workers: list[WorkerInfo]
+    note: str | None = None
+
+    @classmethod
+    def of(cls, net: Network) -> NetworkStatus:
+        """Take a snapshot of ``net`` now."""
+        note = net.embedded.note if net.embedded is not None else None
+        return cls(net.address, net.dashboard_link, net.session, net.workers(), note)
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """One row per worker: address, name, device, memory, free/total slots, resources."""
+        rows = []
+        for worker in self.workers:
+            device = worker.device or {}
+            kind_name = f"{device.get('kind', '?')}: {device.get('name', 'unknown')}"
+            memory = format_bytes(device["memory_bytes"]) if device.get("memory_bytes") else "?"
+            resources = ", ".join(f"{k}={v:g}" for k, v in sorted(worker.resources.items()))
+            rows.append((worker.address, worker.name, kind_name, memory,
+                         f"{worker.free_slots}/{worker.slots}", resources))
+        return rows
+
+    HEADER = ("worker", "name", "device", "memory", "free slots", "resources")
+
+    def __str__(self) -> str:
+        lines = [f"scheduler {self.scheduler}   dashboard {self.dashboard or 'none'}   session {self.session}"]
+        if self.note:
+            lines.append(self.note)
+        table = [self.HEADER, *self.rows()]
+        widths = [max(len(row[i]) for row in table) for i in range(len(self.HEADER))]
+        for row in table:
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        lines.append(f"{len(self.workers)} worker(s), {sum(w.free_slots for w in self.workers)} free slot(s)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:  # noqa: ANN001 - IPython's pretty printer
+        printer.text(str(self))
+
+    def _repr_html_(self) -> str:
+        dashboard = (f'<a href="{html.escape(self.dashboard)}" target="_blank">{html.escape(self.dashboard)}</a>'
+                     if self.dashboard else "none")
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
+        note = f"<br>{html.escape(self.note)}" if self.note else ""
+        return (f"<div><b>gpunet</b> scheduler <code>{html.escape(self.scheduler)}</code> · dashboard {dashboard}"
+                f" · session <code>{html.escape(self.session)}</code>{note}"
+                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")

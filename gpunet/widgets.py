@@ -1,0 +1,120 @@
+"""Progress of a remote job, as an ipywidget in a notebook or plain text elsewhere.
+
+The display moves queued -> running on WORKER (device) -> done, with the elapsed
+time; a map shows a bar of items done. It is only ever updated from the thread
+that waits for the job (the notebook's), never from Dask's event loop.
+"""
+
+from __future__ import annotations
+
+import html
+import sys
+import time
+from typing import Any
+
+
+def widgets_can_render() -> bool:
+    """True inside a Jupyter kernel (where a front end can draw ipywidgets)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    shell = get_ipython()
+    if shell is None or getattr(shell, "kernel", None) is None:
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:  # pragma: no cover - a dependency
+        return False
+    return True
+
+
+class JobProgress:
+    """Shows one job's state; ``widget=None`` picks a widget where one can render."""
+
+    #: In text mode, say "running on ..." only for jobs that take longer than this.
+    TEXT_RUNNING_AFTER_S = 1.0
+
+    def __init__(self, label: str, *, total: int = 1, widget: bool | None = None) -> None:
+        self.label = label
+        self.total = total
+        self.started = time.monotonic()
+        self.state = "queued"
+        self.where = ""
+        self.done_count = 0
+        self._said_running = False
+        self.use_widget = widgets_can_render() if widget is None else widget
+        self._box: Any = None
+        if self.use_widget:
+            import ipywidgets
+            from IPython.display import display
+
+            self._html = ipywidgets.HTML()
+            children = [self._html]
+            if total > 1:
+                self._bar = ipywidgets.IntProgress(min=0, max=total, value=0, layout={"width": "240px"})
+                children.insert(0, self._bar)
+            self._box = ipywidgets.HBox(children)
+            self._render()
+            display(self._box)
+
+    # -- state changes ---------------------------------------------------------------
+    def running(self, worker: str, device: str, *, rerun_after: str | None = None) -> None:
+        """The job started on ``worker``; ``rerun_after`` names a worker it was lost on."""
+        self.state = "running"
+        self.where = f"{worker} ({device})"
+        if rerun_after is not None:
+            self.where += f", re-run after {rerun_after} was lost"
+            self._text(f"{self.label}: {rerun_after} was lost; re-running on {self.where}")
+        self._render()
+
+    def tick(self, done: int | None = None) -> None:
+        """Refresh the elapsed time (and the count of finished map items)."""
+        if done is not None:
+            self.done_count = done
+            if self.total > 1 and self.state == "queued" and done:
+                self.state = "running"
+        if (not self.use_widget and not self._said_running and self.state == "running"
+                and self.elapsed > self.TEXT_RUNNING_AFTER_S):
+            self._said_running = True
+            self._text(f"{self.label}: running on {self.where or 'the network'} ...")
+        self._render()
+
+    def finish(self, *, ok: bool, note: str = "") -> None:
+        """The job ended; ``note`` adds e.g. the error's name."""
+        self.state = "done" if ok else "failed"
+        self.done_count = self.total if ok else self.done_count
+        self._render()
+        if not self.use_widget:
+            where = f" on {self.where}" if self.where else ""
+            items = f" {self.total} items" if self.total > 1 else ""
+            self._text(f"{self.label}: {self.state}{items}{where} in {self.elapsed:.2f} s{note}")
+
+    # -- drawing ----------------------------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self) -> str:
+        """One line: state, where, elapsed."""
+        state = self.state
+        if state == "running" and self.where:
+            state = f"running on {self.where}"
+        elif state == "done" and self.where:
+            state = f"done on {self.where}"
+        items = f" {self.done_count}/{self.total}" if self.total > 1 else ""
+        return f"{self.label}: {state}{items} · {self.elapsed:.1f} s"
+
+    def _render(self) -> None:
+        if not self.use_widget:
+            return
+        colour = {"queued": "#777", "running": "#1f6feb", "done": "#1a7f37", "failed": "#cf222e"}[self.state]
+        self._html.value = (f'<span style="font-family:monospace;color:{colour}">'
+                            f"{html.escape(self.summary())}</span>")
+        if self.total > 1:
+            self._bar.value = self.done_count
+            self._bar.bar_style = {"done": "success", "failed": "danger"}.get(self.state, "")
+
+    def _text(self, line: str) -> None:
+        if not self.use_widget:
+            print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,37 @@
+"""Shared fixtures: one real embedded network (Dask scheduler + 2 worker processes on
+127.0.0.1) and a real IPython shell with the extension loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+import gpunet
+from gpunet import network as network_module
+
+
+@pytest.fixture(scope="session")
+def net():
+    """The embedded network every notebook-side test shares."""
+    network = gpunet.connect()
+    yield network
+    network.close()
+
+
+@pytest.fixture(scope="session")
+def shell(net):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "gpunet")
+    return ip
+
+
+@pytest.fixture
+def ip(shell, net):
+    """The IPython shell, with the shared network as gpunet.current()."""
+    network_module._current = net
+    for name in list(shell.user_ns):
+        if not name.startswith("_") and name not in shell.user_ns_hidden:
+            del shell.user_ns[name]
+    yield shell
+    network_module._current = net

@@ -1,0 +1,248 @@
+"""%%gpunet driven through a real IPython shell against a real local Dask network."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.utils.capture import capture_output
+
+from gpunet.errors import (
+    CellSyntaxError,
+    CellTimeoutError,
+    MissingOutputError,
+    PlacementError,
+    UnpicklableInputError,
+)
+
+
+def run(ip, body, flags=""):
+    with capture_output() as captured:
+        ip.run_cell_magic("gpunet", flags, body)
+    return captured
+
+
+def test_inputs_travel_and_outputs_come_back(ip):
+    ip.user_ns.update(x=20, untouched="local")
+    run(ip, "y = x + 1\nz = [y] * 2")
+    assert ip.user_ns["y"] == 21
+    assert ip.user_ns["z"] == [21, 21]
+    assert ip.user_ns["untouched"] == "local"
+
+
+def test_only_inputs_travel(ip):
+    ip.user_ns.update(a=1, b=2, secret=object())
+    run(ip, "seen = sorted(name for name in globals() if not name.startswith('__'))\ntotal = a + b")
+    assert ip.user_ns["seen"] == ["a", "b"]
+    assert ip.user_ns["total"] == 3
+
+
+def test_in_and_out_override_detection(ip):
+    ip.user_ns.update(a=1, b=2)
+    run(ip, "c = a * 10\nd = 4", flags="--in a --out c")
+    assert ip.user_ns["c"] == 10
+    assert "d" not in ip.user_ns
+
+
+def test_functions_defined_in_the_cell_come_back(ip):
+    ip.user_ns["k"] = 3
+    run(ip, "def triple(v):\n    return v * k\nnine = triple(3)")
+    assert ip.user_ns["nine"] == 9
+    assert ip.user_ns["triple"](2) == 6
+
+
+def test_stdout_arrives_while_the_cell_runs(ip):
+    arrivals = []
+
+    class Recorder:
+        def write(self, text):
+            arrivals.append((time.monotonic(), text))
+
+        def flush(self):
+            pass
+
+    original, sys.stdout = sys.stdout, Recorder()
+    try:
+        ip.run_cell_magic("gpunet", "--quiet", "import time\nprint('first')\ntime.sleep(2)\nprint('second')")
+        finished = time.monotonic()
+    finally:
+        sys.stdout = original
+    texts = "".join(text for _, text in arrivals)
+    assert texts == "first\nsecond\n"
+    first_seen = next(t for t, text in arrivals if "first" in text)
+    assert finished - first_seen > 1.0, "'first' should show while the cell still sleeps"
+
+
+def test_stderr_and_last_expression(ip):
+    captured = run(ip, "import sys\nprint('oops', file=sys.stderr)\n6 * 7", flags="--quiet")
+    assert "oops" in captured.stderr
+    assert any(out.data.get("text/plain") == "42" for out in captured.outputs)
+
+
+def test_matplotlib_figure_and_html_repr_display(ip):
+    body = (
+        "import matplotlib.pyplot as plt\n"
+        "plt.plot([1, 2, 3])\n"
+        "class Card:\n"
+        "    def _repr_html_(self):\n"
+        "        return '<b>card</b>'\n"
+        "from IPython.display import display\n"
+        "display(Card())\n"
+    )
+    captured = run(ip, body, flags="--quiet")
+    kinds = [sorted(out.data) for out in captured.outputs]
+    assert ["text/html", "text/plain"] in kinds
+    png = [out.data["image/png"] for out in captured.outputs if "image/png" in out.data]
+    assert png and png[0][:4] == b"\x89PNG"
+
+
+def test_remote_exception_keeps_its_type_and_cell_lines(ip):
+    with pytest.raises(ZeroDivisionError) as caught:
+        run(ip, "a = 1\nb = 0\nc = a / b\n", flags="--quiet")
+    rendered = "\n".join(caught.value._render_traceback_())
+    assert "line 3" in rendered and "c = a / b" in rendered
+    assert "gpunet/remote.py" not in rendered
+    assert "c" not in ip.user_ns
+
+
+def test_syntax_error_is_reported_locally_with_its_line(ip):
+    started = time.monotonic()
+    with pytest.raises(CellSyntaxError) as caught:
+        run(ip, "x = 1\ny = (2\nz = 3\n")
+    assert caught.value.lineno in (2, 3)
+    assert time.monotonic() - started < 0.5
+
+
+def test_unknown_flag_gives_usage(ip):
+    with pytest.raises(UsageError) as caught:
+        run(ip, "x = 1", flags="--gpuz 2")
+    assert "--gpuz" in str(caught.value) or "unrecognized" in str(caught.value)
+
+
+def test_unpicklable_input_is_named(ip):
+    ip.user_ns["lock"] = threading.Lock()
+    with pytest.raises(UnpicklableInputError) as caught:
+        run(ip, "held = lock.locked()")
+    assert caught.value.name == "lock"
+    assert "lock" in str(caught.value) and "_thread.lock" in str(caught.value)
+    assert "held" not in ip.user_ns
+
+
+def test_missing_output_changes_nothing(ip):
+    ip.user_ns["kept"] = "before"
+    with pytest.raises(MissingOutputError) as caught:
+        run(ip, "kept = 'after'", flags="--out kept,never --quiet")
+    assert caught.value.names == ["never"]
+    assert ip.user_ns["kept"] == "before"
+
+
+def test_unpicklable_detected_output_stays_on_the_worker(ip):
+    captured = run(ip, "import threading\nguard = threading.Lock()\nn = 5", flags="--quiet")
+    assert ip.user_ns["n"] == 5
+    assert "guard" not in ip.user_ns
+    assert "'guard'" in captured.stdout and "cannot be pickled" in captured.stdout
+
+
+def test_gpus_that_no_worker_has_fail_at_once(ip):
+    started = time.monotonic()
+    with pytest.raises(PlacementError) as caught:
+        run(ip, "x = 1", flags="--gpus 1")
+    assert "GPU=1" in str(caught.value) and "largest" in str(caught.value)
+    assert time.monotonic() - started < 3
+
+
+def test_gpu_memory_that_no_worker_has_fails_at_once(ip):
+    with pytest.raises(PlacementError) as caught:
+        run(ip, "x = 1", flags="--gpu-mem 40GB")
+    assert "GPU_MEM" in str(caught.value)
+
+
+def test_map_spreads_items_and_gathers_in_order(ip):
+    ip.user_ns["scale"] = 10
+    run(ip, "import time, os\ntime.sleep(0.2)\nvalue = item * scale\npid = os.getpid()", flags="--map item=range(8) --quiet")
+    assert ip.user_ns["value"] == [i * 10 for i in range(8)]
+    assert len(set(ip.user_ns["pid"])) == 2, "both workers should take items"
+
+
+def test_map_error_names_the_item(ip):
+    with pytest.raises(ZeroDivisionError) as caught:
+        run(ip, "r = 1 / (i - 2)", flags="--map i=range(4) --quiet")
+    assert "item 2" in "\n".join(caught.value._render_traceback_())
+
+
+def test_timeout_stops_the_cell_and_frees_the_worker(ip, net):
+    started = time.monotonic()
+    with pytest.raises(CellTimeoutError):
+        run(ip, "while True:\n    pass", flags="--timeout 1 --quiet")
+    assert time.monotonic() - started < 5
+    run(ip, "import time\ntime.sleep(0.1)\nafter = 1", flags="--map i=range(2) --quiet --timeout 30")
+    assert ip.user_ns["after"] == [1, 1]
+
+
+def test_timeout_of_a_cell_stuck_in_c_restarts_its_worker(ip, net):
+    with pytest.raises(CellTimeoutError):
+        run(ip, "import time\ntime.sleep(60)", flags="--timeout 1 --quiet")
+    # The worker restarts (its Nanny brings it back); both devices serve again.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(net.client.scheduler_info()["workers"]) < 2:
+        time.sleep(0.2)
+    run(ip, "import os\npid = os.getpid()", flags="--map i=range(6) --quiet --timeout 60")
+    assert len(ip.user_ns["pid"]) == 6
+
+
+def test_interrupt_cancels_the_remote_task(ip, tmp_path):
+    beacon = tmp_path / "beacon"
+    ip.user_ns["beacon_path"] = str(beacon)
+    main = threading.get_ident()
+    threading.Timer(1.5, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    body = "import time\nwhile True:\n    open(beacon_path, 'a').write('.')\n    time.sleep(0.05)"
+    with pytest.raises(KeyboardInterrupt):
+        run(ip, body, flags="--quiet")
+    time.sleep(0.5)
+    size = beacon.stat().st_size
+    time.sleep(1.0)
+    assert beacon.stat().st_size == size, "the remote loop kept running after the interrupt"
+
+
+def test_no_block_returns_at_once_and_outputs_land(ip):
+    started = time.monotonic()
+    run(ip, "import time\ntime.sleep(1)\nlate = 'here'", flags="--no-block --quiet")
+    assert time.monotonic() - started < 0.9
+    handle = ip.user_ns["_gpunet"]
+    assert handle.result(timeout=30) == {"late": "here"}
+    assert ip.user_ns["late"] == "here"
+    assert handle.done()
+
+
+def test_progress_text_says_where_it_ran(ip):
+    captured = run(ip, "x = 1")
+    assert "done on tcp://127.0.0.1" in captured.stderr and "cpu" in captured.stderr
+    quiet = run(ip, "x = 1", flags="--quiet")
+    assert quiet.stderr == ""
+
+
+def test_status_lists_workers_and_dashboard(ip):
+    with capture_output():
+        status = ip.run_line_magic("gpunet", "status")
+    text = str(status)
+    assert len(status.workers) == 2
+    assert all(w.device["kind"] == "cpu" for w in status.workers)
+    assert "http://127.0.0.1:" in text
+    assert "free slots" in text
+
+
+def test_verify_and_max_credits_say_what_is_missing(ip):
+    with pytest.raises(UsageError, match="verifies no results"):
+        run(ip, "x = 1", flags="--verify replicate:2")
+    with pytest.raises(UsageError, match="credit service"):
+        run(ip, "x = 1", flags="--max-credits 5")
+
+
+def test_unknown_line_command_gives_usage(ip):
+    with pytest.raises(UsageError, match="connect"):
+        ip.run_line_magic("gpunet", "conect")
