@@ -1,9 +1,173 @@
-"""``gpunet credits ...`` and ``gpunet ledger ...`` (the credit service's verbs)."""
+"""``gpunet credits ...`` and ``gpunet ledger ...`` (the credit service's verbs).
+
+* ``gpunet credits serve [--db URL] [--host 127.0.0.1] [--port N] [--operator-token-file PATH]``
+* ``gpunet credits receipt SESSION [--url URL] [--token T | --token-file F] [-o FILE]``
+* ``gpunet ledger verify [--db URL | --url URL --token-file F | --receipt FILE] [--public-key HEX]``
+
+The same verbs run as ``python -m gpunet.credits serve|receipt|verify``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", help="database: an SQLite file path or URL, or postgresql://user@host/db "
+                   "(default: credits.sqlite3 in the user's data dir)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--operator-token-file", help="where the operator token is written on first start "
+                   "(mode 600; default: beside the database)")
+    p.add_argument("--key-file", help="the ed25519 signing key (created on first start; default: beside "
+                   "the database)")
+    p.add_argument("--rotate-operator-token", action="store_true",
+                   help="issue a new operator token (the old one stops working) and write it to the token file")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_auth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("GPUNET_CREDITS"),
+                   help="the credit service (default: $GPUNET_CREDITS)")
+    p.add_argument("--token", default=None, help="bearer token (default: $GPUNET_TOKEN)")
+    p.add_argument("--token-file", help="read the bearer token from this file (e.g. the operator token file)")
+
+
+def _add_verify_args(p: argparse.ArgumentParser) -> None:
+    _add_auth_args(p)
+    p.add_argument("--db", help="verify this database directly (SQLite file or URL) instead of a service")
+    p.add_argument("--receipt", help="verify a receipt JSON file offline")
+    p.add_argument("--public-key", help="the service's ed25519 public key (hex) to pin")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_verify)
+
+
+def _add_receipt_args(p: argparse.ArgumentParser) -> None:
+    _add_auth_args(p)
+    p.add_argument("session", help="the session id")
+    p.add_argument("-o", "--output", help="write the receipt here (default: stdout)")
+    p.set_defaults(func=cmd_receipt)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the credit service's verbs to the ``gpunet`` parser."""
+    credits = subparsers.add_parser("credits", help="the credit service")
+    sub = credits.add_subparsers(dest="credits_command", metavar="SUBCOMMAND")
+    sub.required = True
+    _add_serve_args(sub.add_parser("serve", help="run the credit service (HTTP JSON)"))
+    _add_receipt_args(sub.add_parser("receipt", help="fetch a session's verifiable receipt"))
+    ledger = subparsers.add_parser("ledger", help="the credit ledger")
+    lsub = ledger.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
+    lsub.required = True
+    _add_verify_args(lsub.add_parser("verify", help="check chain, Merkle tree, signatures and balances"))
+
+
+def _token(args: argparse.Namespace) -> str:
+    from gpunet.credits import InvalidRequestError
+
+    if args.token_file:
+        try:
+            with open(args.token_file) as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            raise InvalidRequestError(f"cannot read token file {args.token_file}: {exc.strerror}") from exc
+    token = args.token or os.environ.get("GPUNET_TOKEN")
+    if not token:
+        raise InvalidRequestError("no token: pass --token, --token-file or set GPUNET_TOKEN")
+    return token
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the credit service in the foreground; prints its URL and the operator token file."""
+    from gpunet.credits._process import TOKEN_FILE_PREFIX, URL_PREFIX
+    from gpunet.credits._service import serve
+
+    def ready(url: str, token_file: object) -> None:
+        print(f"{URL_PREFIX}{url}", flush=True)
+        print(f"{TOKEN_FILE_PREFIX}{token_file}", flush=True)
+
+    serve(args.db, args.host, args.port, operator_token_file=args.operator_token_file, key_file=args.key_file,
+          rotate_operator_token=args.rotate_operator_token, access_log=args.access_log, on_ready=ready)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify a receipt, a database or a running service; exit 0 when everything checks out."""
+    from gpunet.credits._verify import verify_database, verify_receipt_file, verify_service
+
+    t0 = time.perf_counter()
+    if args.receipt:
+        summary = verify_receipt_file(args.receipt, public_key=args.public_key)
+        what = f"receipt {args.receipt}"
+    elif args.db or not args.url:
+        summary = verify_database(args.db, public_key=args.public_key)
+        what = f"ledger in {args.db or 'the default database'}"
+    else:
+        summary = verify_service(args.url, _token(args), public_key=args.public_key)
+        what = f"ledger at {args.url}"
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif args.receipt:
+        print(f"OK {what}: session {summary['session']}, {summary['entries']} entries, spent {summary['spent']}, "
+              f"held {summary['held']}; all included in the tree of {summary['size']} entries with root "
+              f"{summary['root']} signed by key {summary['key_id']} ({summary['seconds']} s)")
+    else:
+        print(f"OK {what}: {summary['size']} entries, chain and hashes intact, root {summary['root']}, "
+              f"{summary['heads']} signed head(s) verified, {summary['accounts']} account balances "
+              f"{'match their entries' if summary.get('balances_checked', True) else 'not compared (ledger grew)'}"
+              f" ({summary['seconds']} s)")
+    return 0
+
+
+def cmd_receipt(args: argparse.Namespace) -> int:
+    """Fetch a session's receipt (JSON) to a file or stdout."""
+    from gpunet.credits import CreditClient, InvalidRequestError
+
+    if not args.url:
+        raise InvalidRequestError("no service: pass --url or set GPUNET_CREDITS")
+    doc = CreditClient(args.url, _token(args)).receipt(args.session)
+    text = json.dumps(doc, indent=2)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text + "\n")
+        print(f"wrote the receipt of {args.session} ({len(doc['entries'])} entries) to {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m gpunet.credits`` (serve, receipt, verify)."""
+    parser = argparse.ArgumentParser(prog="python -m gpunet.credits", description="gpunet's credit service")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_serve_args(sub.add_parser("serve", help="run the credit service"))
+    _add_receipt_args(sub.add_parser("receipt", help="fetch a session's receipt"))
+    _add_verify_args(sub.add_parser("verify", help="verify a ledger or a receipt"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m gpunet.credits``; returns the exit code."""
+    from gpunet.errors import GpunetError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except GpunetError as exc:
+        print(f"gpunet {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,85 @@
+"""Credits, escrow and the verifiable ledger.
+
+* :class:`CreditClient` — the Python client (``requests``) of the credit service.
+* ``gpunet credits serve`` / :func:`serve_in_background` — the service itself
+  (Starlette on uvicorn; SQLite or PostgreSQL through SQLAlchemy Core).
+* :func:`verify_receipt`, :func:`verify_database`, :func:`verify_service` — checks
+  anyone can run; the Merkle functions follow RFC 6962 / RFC 9162.
+
+Amounts are integers: a credit is the indivisible unit (price work in whole
+credits). ``import gpunet.credits`` stays light: the server side (Starlette,
+uvicorn, SQLAlchemy) loads only when used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gpunet.credits._client import CreditClient
+from gpunet.credits._errors import (
+    AuthError,
+    BudgetExceededError,
+    ConflictError,
+    CreditsError,
+    CreditsRequestError,
+    CreditsUnavailableError,
+    ForbiddenError,
+    IdempotencyConflictError,
+    InvalidRequestError,
+    LedgerVerificationError,
+    NotFoundError,
+    ProofError,
+)
+from gpunet.credits._ledger import verify_head, verify_receipt
+from gpunet.credits._merkle import MerkleTree, leaf_hash, node_hash, verify_consistency, verify_inclusion
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gpunet.credits._process import CreditServiceProcess, serve_in_background
+    from gpunet.credits._service import serve
+    from gpunet.credits._verify import verify_database, verify_service
+
+__all__ = [
+    "AuthError",
+    "BudgetExceededError",
+    "ConflictError",
+    "CreditClient",
+    "CreditServiceProcess",
+    "CreditsError",
+    "CreditsRequestError",
+    "CreditsUnavailableError",
+    "ForbiddenError",
+    "IdempotencyConflictError",
+    "InvalidRequestError",
+    "LedgerVerificationError",
+    "MerkleTree",
+    "NotFoundError",
+    "ProofError",
+    "leaf_hash",
+    "node_hash",
+    "serve",
+    "serve_in_background",
+    "verify_consistency",
+    "verify_database",
+    "verify_head",
+    "verify_inclusion",
+    "verify_receipt",
+    "verify_service",
+]
+
+_LAZY = {
+    "CreditServiceProcess": "gpunet.credits._process",
+    "serve_in_background": "gpunet.credits._process",
+    "serve": "gpunet.credits._service",
+    "verify_database": "gpunet.credits._verify",
+    "verify_service": "gpunet.credits._verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gpunet.credits' has no attribute {name!r}")

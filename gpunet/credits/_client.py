@@ -1,0 +1,243 @@
+"""``CreditClient``: the Python client of the credit service, on ``requests``.
+
+Every call that moves credits takes an idempotency ``key``; the client retries
+those (and reads) on connection errors and 502/503/504 with the *same* key, so a
+retry never moves credits twice. ``create_account`` is not retried: it has no
+key. Errors are :mod:`gpunet.credits._errors` classes naming the URL::
+
+    >>> ops = CreditClient("http://127.0.0.1:8765", operator_token)
+    >>> alice = ops.create_account("alice", "client")["token"]
+    >>> ops.mint("alice", 1_000, key="mint-alice-1")
+    >>> me = CreditClient("http://127.0.0.1:8765", alice)
+    >>> sid = me.open_session(500, notebook="analysis.ipynb", kernel="k-1")
+    >>> hid = me.hold(sid, 100, key="cell-7-attempt-1")
+    >>> ops.settle(hid, "gpu-host-3", 40, key="cell-7-attempt-1-settle")
+    >>> me.usage(sid)["left"]
+    460
+
+Amounts are integers: credits are indivisible units (price work in whole credits).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+from gpunet.credits._errors import CreditsUnavailableError, error_for_status
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = (3.05, 30.0)
+_RETRY_STATUS = {502, 503, 504}
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class CreditClient:
+    """A client of the credit service at ``url`` acting as the account behind ``token``.
+
+    ``timeout`` is passed to ``requests`` (seconds, or ``(connect, read)``);
+    ``retries`` is how many times an idempotent call is tried again after a
+    connection error or a 502/503/504, with exponential backoff from ``backoff``.
+    """
+
+    def __init__(self, url: str, token: str, *, timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+                 retries: int = 3, backoff: float = 0.1) -> None:
+        import requests
+
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._http = requests.Session()
+        # No proxy look-ups for a loopback service: they cost more than the request.
+        self._http.trust_env = not _is_loopback(self.url)
+        self._http.headers.update({"Authorization": f"Bearer {token}", "Accept": "application/json"})
+
+    def __repr__(self) -> str:
+        return f"CreditClient({self.url!r})"
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._http.close()
+
+    def __enter__(self) -> CreditClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport --
+
+    def _request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
+                 idempotent: bool = True) -> Any:
+        import requests
+
+        url = self.url + path
+        attempts = 1 + (self.retries if idempotent else 0)
+        last: Exception | None = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                resp = self._http.request(method, url, json=json, params=params, timeout=self.timeout)
+            except requests.RequestException as exc:
+                last = CreditsUnavailableError(
+                    f"credit service at {self.url} is unreachable ({method} {path}: {exc.__class__.__name__}: "
+                    f"{exc}); check that `gpunet credits serve` runs there and the URL is right",
+                    url=self.url)
+                last.__cause__ = exc
+                logger.debug("attempt %d of %s %s failed: %s", attempt + 1, method, url, exc)
+                continue
+            if resp.status_code < 400:
+                try:
+                    return resp.json()
+                except ValueError as exc:
+                    raise CreditsUnavailableError(
+                        f"credit service at {self.url} answered {method} {path} with a body that is not JSON "
+                        f"({resp.text[:80]!r}); is that URL a gpunet credit service?", url=self.url,
+                        status=resp.status_code) from exc
+            try:
+                err = resp.json().get("error") or {}
+            except ValueError:
+                err = {}
+            message = err.get("message") or resp.text[:200] or resp.reason
+            details = {k: v for k, v in err.items() if k not in ("status", "code", "message")}
+            error = error_for_status(resp.status_code, err.get("code", ""),
+                                     f"{message} [{resp.status_code} from {self.url}{path}]",
+                                     url=self.url, details=details)
+            if resp.status_code in _RETRY_STATUS:
+                last = error
+                continue
+            raise error
+        assert last is not None
+        raise last
+
+    def _post(self, path: str, body: dict[str, Any], *, idempotent: bool = True) -> Any:
+        return self._request("POST", path, json=body, idempotent=idempotent)
+
+    def _get(self, path: str, **params: Any) -> Any:
+        return self._request("GET", path, params={k: v for k, v in params.items() if v is not None} or None)
+
+    # -- accounts and credits --
+
+    def health(self) -> dict[str, Any]:
+        """Return ``{"ok": True, "size": ledger size, "public_key": hex}``."""
+        return self._get("/v1/health")
+
+    def ping(self) -> dict[str, Any]:
+        """A trivial authenticated round trip (used to compare request overheads)."""
+        return self._post("/v1/ping", {})
+
+    def create_account(self, name: str, role: str) -> dict[str, Any]:
+        """Create an account (operator only); returns ``{"account", "role", "token"}``.
+
+        Not retried: it has no idempotency key and a second try would find the name taken.
+        """
+        return self._post("/v1/accounts", {"name": name, "role": role}, idempotent=False)
+
+    def accounts(self) -> list[dict[str, Any]]:
+        """Return every account with role and balance (operator only)."""
+        return self._get("/v1/accounts")["accounts"]
+
+    def balance(self, account: str) -> int:
+        """Return the balance of ``account`` (one's own, or any for an operator)."""
+        return int(self._get(f"/v1/accounts/{account}")["balance"])
+
+    def mint(self, account: str, amount: int, key: str) -> dict[str, Any]:
+        """Mint ``amount`` credits into ``account`` (operator only); ``key`` makes it idempotent."""
+        return self._post("/v1/mint", {"account": account, "amount": amount, "key": key})
+
+    # -- sessions, holds --
+
+    def open_session(self, budget: int, notebook: str = "", kernel: str = "", *, key: str | None = None) -> str:
+        """Open a session with ``budget`` credits paid by this token's account; returns its id.
+
+        ``key`` makes it idempotent; without one a fresh key is made, so the
+        client's own retries never open two sessions.
+        """
+        body: dict[str, Any] = {"budget": budget, "notebook": notebook, "kernel": kernel,
+                                "key": key or f"open-session-{uuid.uuid4().hex}"}
+        return self._post("/v1/sessions", body)["session"]
+
+    def hold(self, session: str, amount: int, key: str) -> str:
+        """Hold ``amount`` credits of ``session`` (at dispatch); returns the hold id.
+
+        Raises :class:`BudgetExceededError` (402) when the session's budget or the
+        client's balance cannot cover it.
+        """
+        return self._post("/v1/holds", {"session": session, "amount": amount, "key": key})["hold"]
+
+    def settle(self, hold: str, provider: str, amount: int, key: str) -> dict[str, Any]:
+        """Pay ``amount`` of ``hold`` to ``provider`` and release the rest (operator only)."""
+        return self._post(f"/v1/holds/{hold}/settle", {"provider": provider, "amount": amount, "key": key})
+
+    def release(self, hold: str, key: str) -> dict[str, Any]:
+        """Give a hold back to the session's client (operator only; failed or lost work)."""
+        return self._post(f"/v1/holds/{hold}/release", {"key": key})
+
+    def usage(self, session: str) -> dict[str, Any]:
+        """Return a session's ``budget``, ``held``, ``spent`` and ``left`` (and who, what, when)."""
+        return self._get(f"/v1/sessions/{session}")
+
+    def batch(self, items: list[dict[str, Any]], *, raise_on_error: bool = False) -> list[dict[str, Any]]:
+        """Run many ``mint``/``hold``/``settle``/``release`` items in one request and one transaction.
+
+        Each item is ``{"op": ..., "key": ..., **that call's fields}`` (settle and
+        release name their ``hold``). Returns one result per item, in order:
+        ``{"ok": True, ...}`` or ``{"ok": False, "status": 402, "error": {...}}``; a
+        failed item moved nothing. With ``raise_on_error`` the first failure is raised.
+        """
+        results = self._post("/v1/batch", {"items": items})["results"]
+        if raise_on_error:
+            for i, res in enumerate(results):
+                if not res.get("ok"):
+                    err = res.get("error", {})
+                    raise error_for_status(res.get("status", 400), err.get("code", ""),
+                                           f"batch item {i}: {err.get('message')}", url=self.url,
+                                           details={k: v for k, v in err.items() if k not in ("code", "message")})
+        return results
+
+    # -- the ledger --
+
+    def head(self) -> dict[str, Any]:
+        """Return a signed tree head ``{"size", "root", "timestamp", "signature", "public_key", "key_id"}``."""
+        return self._get("/v1/ledger/head")
+
+    def heads(self) -> list[dict[str, Any]]:
+        """Return every signed tree head the service has stored."""
+        return self._get("/v1/ledger/heads")["heads"]
+
+    def entries(self, start: int = 0, limit: int = 10000) -> dict[str, Any]:
+        """Return ``{"start", "size", "entries": [...]}`` (operator only)."""
+        return self._get("/v1/ledger/entries", start=start, limit=limit)
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> dict[str, Any]:
+        """Return ``{"index", "size", "leaf_hash", "proof": [hex...]}`` for entry ``index``."""
+        return self._get("/v1/ledger/proof/inclusion", index=index, size=size)
+
+    def consistency_proof(self, first: int, second: int | None = None) -> dict[str, Any]:
+        """Return ``{"first", "second", "first_root", "second_root", "proof": [hex...]}``."""
+        return self._get("/v1/ledger/proof/consistency", first=first, second=second)
+
+    def receipt(self, session: str) -> dict[str, Any]:
+        """Return the session's receipt: its entries with inclusion proofs and a signed head.
+
+        It verifies offline with :func:`gpunet.credits.verify_receipt` or
+        ``gpunet ledger verify --receipt FILE``.
+        """
+        return self._get(f"/v1/sessions/{session}/receipt")
+

@@ -1,0 +1,593 @@
+"""The credit service over HTTP: Starlette handlers on uvicorn, apart from storage.
+
+Every request carries ``Authorization: Bearer TOKEN``. Bodies are JSON objects;
+an unknown field, a missing one or a value of the wrong kind is refused (422),
+malformed JSON too (400), before anything reaches the store. Errors answer
+``{"error": {"status", "code", "message", ...details}}``.
+
+=========================================  ====================================  =============
+route                                      what                                  who
+=========================================  ====================================  =============
+``GET  /v1/health``                        liveness, ledger size                 anyone
+``POST /v1/ping``                          trivial authenticated JSON echo       any token
+``POST /v1/accounts``                      create an account, returns its token  operator
+``GET  /v1/accounts``                      every account with its balance        operator
+``GET  /v1/accounts/{name}``               one account's balance                 it, operator
+``POST /v1/mint``                          mint credits into an account          operator
+``POST /v1/sessions``                      open a session with a budget          client, operator
+``GET  /v1/sessions/{id}``                 usage: budget, held, spent, left      owner, operator
+``GET  /v1/sessions/{id}/receipt``         entries + inclusion proofs + head     owner, operator
+``POST /v1/holds``                         hold credits of a session             owner, operator
+``POST /v1/holds/{id}/settle``             pay a provider, release the rest      operator
+``POST /v1/holds/{id}/release``            give the hold back                    operator
+``POST /v1/batch``                         many mint/hold/settle/release, 1 tx   per item
+``GET  /v1/ledger/head``                   a signed tree head                    any token
+``GET  /v1/ledger/heads``                  every stored signed head              any token
+``GET  /v1/ledger/entries``                entries ``start``..``start+limit``    operator
+``GET  /v1/ledger/proof/inclusion``        audit path for ``index`` at ``size``  any token
+``GET  /v1/ledger/proof/consistency``      proof between ``first`` and ``second``  any token
+=========================================  ====================================  =============
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from gpunet.credits._errors import (
+    AuthError,
+    CreditsError,
+    CreditsRequestError,
+    CreditsUnavailableError,
+    ForbiddenError,
+    InvalidRequestError,
+    LedgerVerificationError,
+    NotFoundError,
+)
+from gpunet.credits._ledger import (
+    RECEIPT_FORMAT,
+    entry_to_json,
+    load_or_create_signing_key,
+    public_key_raw,
+)
+from gpunet.credits._store import (
+    ID_RE,
+    KEY_RE,
+    MAX_AMOUNT,
+    MAX_BATCH,
+    NAME_RE,
+    ROLES,
+    CreditStore,
+    beside_db,
+    resolve_db_url,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY = 4 * 1024 * 1024
+ROLE_FOR_OP = {
+    "create_account": {"operator"},
+    "mint": {"operator"},
+    "settle": {"operator"},
+    "release": {"operator"},
+    "hold": {"client", "operator"},
+    "open_session": {"client", "operator"},
+}
+
+# -- validation -------------------------------------------------------------------------
+
+
+def _bad(field: str, value: Any, want: str) -> InvalidRequestError:
+    return InvalidRequestError(f"field {field!r} must be {want}, got {value!r:.80}",
+                               details={"field": field})
+
+
+def _amount(field: str, v: Any, minimum: int = 1) -> int:
+    if type(v) is not int or not minimum <= v <= MAX_AMOUNT:
+        raise _bad(field, v, f"an integer number of credits from {minimum} to {MAX_AMOUNT}")
+    return v
+
+
+def _name(field: str, v: Any) -> str:
+    if not isinstance(v, str) or not NAME_RE.match(v):
+        raise _bad(field, v, "an account name: 1-64 of letters, digits, '.', '_', '@', '-', starting "
+                   "with a letter or digit")
+    return v
+
+
+def _key(field: str, v: Any) -> str:
+    if not isinstance(v, str) or not KEY_RE.match(v):
+        raise _bad(field, v, "an idempotency key: 1-200 printable ASCII characters, no spaces")
+    return v
+
+
+def _id(prefix: str, what: str) -> Callable[[str, Any], str]:
+    def check(field: str, v: Any) -> str:
+        if not isinstance(v, str) or not ID_RE.match(v) or not v.startswith(prefix):
+            raise _bad(field, v, f"a {what} id like {prefix}0123…(32 hex digits)")
+        return v
+    return check
+
+
+def _text(limit: int) -> Callable[[str, Any], str]:
+    def check(field: str, v: Any) -> str:
+        if not isinstance(v, str) or len(v) > limit or any(ord(c) < 32 for c in v):
+            raise _bad(field, v, f"a string of at most {limit} characters without control characters")
+        return v
+    return check
+
+
+def _role(field: str, v: Any) -> str:
+    if v not in ROLES:
+        raise _bad(field, v, f"one of {', '.join(ROLES)}")
+    return v
+
+
+_session_id = _id("s_", "session")
+_hold_id = _id("h_", "hold")
+
+SPECS: dict[str, dict[str, tuple[Callable[[str, Any], Any], bool]]] = {
+    "create_account": {"name": (_name, True), "role": (_role, True)},
+    "mint": {"account": (_name, True), "amount": (_amount, True), "key": (_key, True)},
+    "open_session": {"budget": (lambda f, v: _amount(f, v, 0), True), "notebook": (_text(1024), False),
+                     "kernel": (_text(256), False), "key": (_key, False)},
+    "hold": {"session": (_session_id, True), "amount": (_amount, True), "key": (_key, True)},
+    "settle": {"hold": (_hold_id, True), "provider": (_name, True),
+               "amount": (lambda f, v: _amount(f, v, 0), True), "key": (_key, True)},
+    "release": {"hold": (_hold_id, True), "key": (_key, True)},
+    "ping": {},
+}
+
+
+def validate(op: str, body: Any, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check a request body against the fields of ``op``; return the clean parameters."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    spec = SPECS[op]
+    unknown = sorted(set(body) - set(spec))
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown field(s) {', '.join(map(repr, unknown))} for {op}; allowed: {', '.join(spec) or 'none'}",
+            details={"fields": unknown})
+    out: dict[str, Any] = dict(extra or {})
+    for field, (check, required) in spec.items():
+        if field in out:
+            continue
+        if field not in body:
+            if required:
+                raise InvalidRequestError(f"missing field {field!r} for {op}", details={"field": field})
+            continue
+        out[field] = check(field, body[field])
+    return out
+
+
+async def _json_body(request: Request) -> Any:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise InvalidRequestError(f"request body of {len(body)} bytes is over the limit of {MAX_BODY}")
+    if not body:
+        return {}
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"malformed JSON in the request body: {exc}", status=400,
+                                  code="malformed_json") from exc
+
+
+# -- the app ----------------------------------------------------------------------------
+
+
+class CreditService:
+    """The HTTP handlers over one :class:`CreditStore`."""
+
+    def __init__(self, store: CreditStore) -> None:
+        self.store = store
+
+    # helpers
+
+    def _auth(self, request: Request) -> tuple[str, str]:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("missing bearer token: send 'Authorization: Bearer TOKEN' (the token that "
+                            "create_account returned, or the operator token file's content)")
+        who = self.store.authenticate(token.strip())
+        if who is None:
+            raise AuthError("unknown bearer token: it was never issued or has been replaced; "
+                            "check GPUNET_TOKEN or the token file")
+        return who
+
+    @staticmethod
+    def _require(role: str, allowed: set[str], what: str, actor: str) -> None:
+        if role not in allowed:
+            raise ForbiddenError(f"account {actor!r} has role {role}; {what} needs role "
+                                 f"{' or '.join(sorted(allowed))}", details={"role": role})
+
+    async def _op(self, name: str, actor: str, role: str, params: dict[str, Any]) -> Any:
+        self._require(role, ROLE_FOR_OP[name], name.replace("_", " "), actor)
+        key = params.pop("key", None)
+        return await asyncio.wrap_future(self.store.submit(name, actor, params, key))
+
+    @staticmethod
+    def _int_query(request: Request, name: str, default: int | None = None, minimum: int = 0) -> int | None:
+        raw = request.query_params.get(name)
+        if raw is None:
+            if default is None and name != "size" and name != "second":
+                raise InvalidRequestError(f"missing query parameter {name!r}")
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidRequestError(f"query parameter {name!r} must be an integer, got {raw!r:.40}") from None
+        if value < minimum:
+            raise InvalidRequestError(f"query parameter {name!r} must be >= {minimum}, got {value}")
+        return value
+
+    # handlers
+
+    async def health(self, request: Request) -> dict[str, Any]:
+        return {"ok": True, "size": self.store.size, "public_key": self.store.public_key_hex}
+
+    async def ping(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        validate("ping", await _json_body(request))
+        return {"ok": True, "account": actor}
+
+    async def create_account(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        params = validate("create_account", await _json_body(request))
+        return await self._op("create_account", actor, role, params)
+
+    async def list_accounts(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        self._require(role, {"operator"}, "listing accounts", actor)
+        from starlette.concurrency import run_in_threadpool
+
+        return {"accounts": await run_in_threadpool(self.store.read_accounts)}
+
+    async def get_account(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        name = request.path_params["name"]
+        if name != actor and role != "operator":
+            raise ForbiddenError(f"account {actor!r} may not read account {name!r}; only its owner or an "
+                                 "operator may")
+        from starlette.concurrency import run_in_threadpool
+
+        acct = await run_in_threadpool(self.store.read_account, name)
+        if acct is None:
+            raise NotFoundError(f"no account named {name!r}", details={"account": name})
+        return acct
+
+    async def mint(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        return await self._op("mint", actor, role, validate("mint", await _json_body(request)))
+
+    async def open_session(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        return await self._op("open_session", actor, role, validate("open_session", await _json_body(request)))
+
+    async def _readable_session(self, request: Request) -> tuple[str, str, dict[str, Any]]:
+        actor, role = self._auth(request)
+        sid = _session_id("session", request.path_params["sid"])
+        from starlette.concurrency import run_in_threadpool
+
+        usage = await run_in_threadpool(self.store.read_session, sid)
+        if usage is None:
+            raise NotFoundError(f"no session {sid!r}", details={"session": sid})
+        if usage["account"] != actor and role != "operator":
+            raise ForbiddenError(f"account {actor!r} may not read session {sid!r}, which belongs to another "
+                                 "account", details={"session": sid})
+        return actor, role, usage
+
+    async def usage(self, request: Request) -> dict[str, Any]:
+        return (await self._readable_session(request))[2]
+
+    async def receipt(self, request: Request) -> dict[str, Any]:
+        actor, role, usage = await self._readable_session(request)
+        head = await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(self._build_receipt, usage, head)
+
+    def _build_receipt(self, usage: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
+        size = head["size"]
+        rows = self.store.read_session_entries(usage["session"], size)
+        entries = []
+        spent = held = 0
+        for row in rows:
+            entry = entry_to_json(row)
+            _, proof, _ = self.store.proof_inclusion(entry["index"], size)
+            entry["proof"] = [p.hex() for p in proof]
+            entries.append(entry)
+            if entry["kind"] == "hold":
+                held += entry["amount"]
+            elif entry["kind"] == "settle":
+                spent += entry["amount"]
+                held -= entry["amount"]
+            elif entry["kind"] == "release":
+                held -= entry["amount"]
+        session = {k: usage[k] for k in ("session", "account", "notebook", "kernel", "budget", "created")}
+        session.update(spent=spent, held=held, left=usage["budget"] - spent - held)
+        return {"format": RECEIPT_FORMAT, "session": session, "entries": entries, "head": head}
+
+    async def hold(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        return await self._op("hold", actor, role, validate("hold", await _json_body(request)))
+
+    async def settle(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        params = validate("settle", await _json_body(request), extra={"hold": _hold_id(
+            "hold", request.path_params["hid"])})
+        return await self._op("settle", actor, role, params)
+
+    async def release(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        params = validate("release", await _json_body(request), extra={"hold": _hold_id(
+            "hold", request.path_params["hid"])})
+        return await self._op("release", actor, role, params)
+
+    async def batch(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        body = await _json_body(request)
+        if not isinstance(body, dict) or set(body) != {"items"} or not isinstance(body["items"], list):
+            raise InvalidRequestError("a batch body is {\"items\": [...]}, each item an object with 'op' "
+                                      "(mint, hold, settle or release), 'key' and that call's fields")
+        items = body["items"]
+        if len(items) > MAX_BATCH:
+            raise InvalidRequestError(f"a batch holds at most {MAX_BATCH} items, got {len(items)}; split it")
+        results: list[dict[str, Any] | None] = [None] * len(items)
+        good: list[dict[str, Any]] = []
+        where: list[int] = []
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise InvalidRequestError(f"batch item {i} must be an object")
+                op = item.get("op")
+                if op not in ("mint", "hold", "settle", "release"):
+                    raise InvalidRequestError(f"batch item {i}: 'op' must be mint, hold, settle or release, "
+                                              f"got {op!r:.40}")
+                self._require(role, ROLE_FOR_OP[op], op, actor)
+                params = validate(op, {k: v for k, v in item.items() if k != "op"})
+                params["op"] = op
+                good.append(params)
+                where.append(i)
+            except CreditsRequestError as exc:
+                results[i] = {"ok": False, "status": exc.status,
+                              "error": {"code": exc.code, "message": str(exc), **exc.details}}
+        if good:
+            done = await asyncio.wrap_future(self.store.submit("batch", actor, {"items": good}))
+            for i, res in zip(where, done):
+                results[i] = res
+        return {"results": results}
+
+    async def head(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        return await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
+
+    async def heads(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        from starlette.concurrency import run_in_threadpool
+
+        return {"heads": await run_in_threadpool(self.store.read_heads)}
+
+    async def entries(self, request: Request) -> dict[str, Any]:
+        actor, role = self._auth(request)
+        self._require(role, {"operator"}, "reading the ledger's entries", actor)
+        start = self._int_query(request, "start", 0)
+        limit = min(self._int_query(request, "limit", 10000, minimum=1), 100000)
+        from starlette.concurrency import run_in_threadpool
+
+        rows = await run_in_threadpool(self.store.read_entries, start, start + limit)
+        return {"start": start, "size": self.store.size, "entries": [entry_to_json(r) for r in rows]}
+
+    async def inclusion(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        index = self._int_query(request, "index")
+        size = self._int_query(request, "size")
+        committed = self.store.size
+        if index >= (committed if size is None else size) or (size is not None and size > committed):
+            raise NotFoundError(f"no entry {index} in a ledger of {committed} entries"
+                                + (f" (asked at size {size})" if size is not None else ""),
+                                details={"index": index, "size": committed})
+        size, proof, leaf = self.store.proof_inclusion(index, size)
+        return {"index": index, "size": size, "leaf_hash": leaf.hex(), "proof": [p.hex() for p in proof]}
+
+    async def consistency(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        first = self._int_query(request, "first")
+        second = self._int_query(request, "second")
+        committed = self.store.size
+        if (second if second is not None else committed) > committed or first > (second if second is not None
+                                                                                  else committed):
+            raise NotFoundError(f"no consistency proof from size {first} to {second}: the ledger has "
+                                f"{committed} entries and first must not exceed second",
+                                details={"size": committed})
+        second, proof, r1, r2 = self.store.proof_consistency(first, second)
+        return {"first": first, "second": second, "first_root": r1.hex(), "second_root": r2.hex(),
+                "proof": [p.hex() for p in proof]}
+
+
+def _error_response(exc: CreditsError) -> Any:
+    from starlette.responses import JSONResponse
+
+    status = getattr(exc, "status", 500)
+    body = {"status": status, "code": getattr(exc, "code", "error"), "message": str(exc),
+            **getattr(exc, "details", {})}
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def build_app(store: CreditStore) -> Starlette:
+    """Return the Starlette application serving ``store``."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    svc = CreditService(store)
+
+    def wrap(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        async def endpoint(request: Any) -> Any:
+            try:
+                return JSONResponse(await handler(request))
+            except (CreditsRequestError, CreditsUnavailableError) as exc:
+                return _error_response(exc)
+            except LedgerVerificationError as exc:  # a proof asked outside the tree
+                return _error_response(NotFoundError(str(exc)))
+            except Exception:  # noqa: BLE001 - answer, log, keep serving
+                logger.exception("unexpected error in %s %s", request.method, request.url.path)
+                return JSONResponse({"error": {"status": 500, "code": "internal", "message":
+                                               "internal error in the credit service; see its log"}},
+                                    status_code=500)
+        return endpoint
+
+    routes = [
+        Route("/v1/health", wrap(svc.health), methods=["GET"]),
+        Route("/v1/ping", wrap(svc.ping), methods=["POST"]),
+        Route("/v1/accounts", wrap(svc.create_account), methods=["POST"]),
+        Route("/v1/accounts", wrap(svc.list_accounts), methods=["GET"]),
+        Route("/v1/accounts/{name}", wrap(svc.get_account), methods=["GET"]),
+        Route("/v1/mint", wrap(svc.mint), methods=["POST"]),
+        Route("/v1/sessions", wrap(svc.open_session), methods=["POST"]),
+        Route("/v1/sessions/{sid}", wrap(svc.usage), methods=["GET"]),
+        Route("/v1/sessions/{sid}/receipt", wrap(svc.receipt), methods=["GET"]),
+        Route("/v1/holds", wrap(svc.hold), methods=["POST"]),
+        Route("/v1/holds/{hid}/settle", wrap(svc.settle), methods=["POST"]),
+        Route("/v1/holds/{hid}/release", wrap(svc.release), methods=["POST"]),
+        Route("/v1/batch", wrap(svc.batch), methods=["POST"]),
+        Route("/v1/ledger/head", wrap(svc.head), methods=["GET"]),
+        Route("/v1/ledger/heads", wrap(svc.heads), methods=["GET"]),
+        Route("/v1/ledger/entries", wrap(svc.entries), methods=["GET"]),
+        Route("/v1/ledger/proof/inclusion", wrap(svc.inclusion), methods=["GET"]),
+        Route("/v1/ledger/proof/consistency", wrap(svc.consistency), methods=["GET"]),
+    ]
+
+    async def not_found(request: Any, exc: Any) -> Any:
+        status = getattr(exc, "status_code", 404)
+        msg = ("no such route: " if status == 404 else "method not allowed: ") + \
+            f"{request.method} {request.url.path}; see gpunet.credits._service for the API"
+        return JSONResponse({"error": {"status": status, "code": "no_route", "message": msg}}, status_code=status)
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+
+
+# -- running it -------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """SIGTERM arrived: leave the server loop and close the store."""
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop()
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (mode 600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def open_store(db: str | None, *, key_file: str | os.PathLike[str] | None = None) -> CreditStore:
+    """Open (creating on first use) the credit database and its signing key."""
+    url = resolve_db_url(db)
+    key_path = Path(key_file) if key_file else beside_db(url, ".ed25519.pem")
+    key = load_or_create_signing_key(key_path)
+    store = CreditStore(url, signing_key=key)
+    try:
+        store.bind_public_key(public_key_raw(key).hex())
+    except CreditsError:
+        store.close()
+        raise
+    return store
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port`` (0 picks a free port); raise CreditsUnavailableError if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say so,
+    # and without it Nagle + delayed ACK stall every keep-alive response by 40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CreditsUnavailableError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port "
+                                      "or stop what uses it") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    db: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    operator_token_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+    rotate_operator_token: bool = False,
+    access_log: bool = False,
+    on_ready: Callable[[str, Path], None] | None = None,
+) -> None:
+    """Run the credit service in the foreground until SIGINT/SIGTERM.
+
+    Creates the database, the ed25519 key and the operator account (its token
+    written to ``operator_token_file``, mode 600) on first start; calls
+    ``on_ready(url, token_file)`` once the socket listens.
+    """
+    import uvicorn
+
+    store = open_store(db, key_file=key_file)
+    try:
+        token_path = Path(operator_token_file) if operator_token_file else beside_db(store.url, ".operator-token")
+        token = store.ensure_operator()
+        if token is None and rotate_operator_token:
+            token = store.rotate_token("operator")
+        if token is not None:
+            write_secret(token_path, token)
+            logger.info("wrote the operator token to %s (mode 600)", token_path)
+        elif not token_path.exists():
+            logger.warning("the operator account exists but its token file %s is missing; restart with "
+                           "--rotate-operator-token to issue a new one", token_path)
+        sock = bind_socket(host, port)
+        bound = sock.getsockname()
+        shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
+        url = f"http://{shown}:{bound[1]}"
+        config = uvicorn.Config(build_app(store), log_level="warning", access_log=access_log,
+                                lifespan="off", timeout_keep_alive=60, backlog=2048)
+        server = uvicorn.Server(config)
+        if on_ready is not None:
+            on_ready(url, token_path)
+        # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an
+        # exception here so the store still signs a last head and closes.
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _raise_stop)
+        try:
+            server.run(sockets=[sock])
+        except _Stop:
+            pass
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    finally:
+        store.close()
+        logger.info("credit service stopped")
+

@@ -1,0 +1,954 @@
+"""Storage of the credit service: schema, reads, and the one writer.
+
+SQLAlchemy Core over SQLite (a file, WAL, ``synchronous=FULL``) or PostgreSQL
+(``postgresql://`` URLs, through psycopg 3).
+
+One writer thread owns the only write connection (as datasette does). Requests
+become *operations* queued to it; it takes every operation waiting, applies them
+in memory (checks first, then changes, so a refused operation changes nothing),
+writes the result in **one transaction** and only then answers them all: group
+commit. A crash before the commit loses only unanswered operations; an
+answered one is on disk. Readers use their own pooled connections.
+
+The writer keeps accounts, open sessions and open holds in memory (it is the only
+writer, so its copy is the truth) and undoes its in-memory changes when a
+transaction fails. Invariants hold by construction and again by database
+``CHECK`` constraints: no balance below zero, no session holding or spending
+beyond its budget; credits only move between accounts (held credits sit in the
+``escrow`` account), so the total changes only by minting.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import threading
+import uuid
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpunet.credits._errors import (
+    BudgetExceededError,
+    ConflictError,
+    CreditsError,
+    CreditsRequestError,
+    CreditsUnavailableError,
+    ForbiddenError,
+    IdempotencyConflictError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from gpunet.credits._ledger import ESCROW, ZERO_HASH, entry_hash, sign_head
+from gpunet.credits._merkle import MerkleTree
+
+if TYPE_CHECKING:  # pragma: no cover
+    import sqlalchemy as sa
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("client", "provider", "operator")
+OPERATOR = "operator"
+MAX_AMOUNT = 10**15
+MAX_BATCH = 5000
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+KEY_RE = re.compile(r"[\x21-\x7e]{1,200}\Z")
+ID_RE = re.compile(r"[a-z]_[0-9a-f]{32}\Z")
+_GROUP_LIMIT = 2000  # operations per transaction at most
+
+
+def utcnow() -> str:
+    """Return the current UTC time as ISO 8601 with microseconds and a ``Z``."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def hash_token(token: str) -> str:
+    """Return the stored form of a bearer token (SHA-256 hex); tokens themselves are never stored."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    """Return a fresh bearer token (256 random bits)."""
+    return "gpn_" + secrets.token_urlsafe(32)
+
+
+def default_data_dir() -> Path:
+    """Return the user's data dir for gpunet (``GPUNET_DATA_DIR`` overrides it)."""
+    env = os.environ.get("GPUNET_DATA_DIR")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("gpunet", appauthor=False))
+
+
+def resolve_db_url(db: str | os.PathLike[str] | None) -> str:
+    """Turn ``--db`` into an SQLAlchemy URL: ``None`` is ``credits.sqlite3`` in the data dir,
+    a plain path is an SQLite file, ``postgresql://`` uses psycopg 3."""
+    if db is None:
+        return f"sqlite:///{default_data_dir() / 'credits.sqlite3'}"
+    db = os.fspath(db)
+    if "://" not in db:
+        return f"sqlite:///{Path(db).expanduser().resolve()}"
+    if db.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + db.split("://", 1)[1]
+    return db
+
+
+def sqlite_path(url: str) -> Path | None:
+    """Return the file of an SQLite URL, or ``None`` for other databases."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
+def beside_db(url: str, suffix: str) -> Path:
+    """Return a path next to the SQLite file (or in the data dir for a server database)."""
+    path = sqlite_path(url)
+    if path is not None:
+        return path.with_name(path.name + suffix)
+    import sqlalchemy as sa
+
+    u = sa.engine.make_url(url)
+    return default_data_dir() / f"credits-{u.host or 'local'}-{u.port or 5432}-{u.database}{suffix}"
+
+
+def _redact(url: str) -> str:
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - only for messages
+        return url
+
+
+# -- schema -----------------------------------------------------------------------------
+
+
+def _schema() -> tuple[Any, dict[str, Any]]:
+    import sqlalchemy as sa
+
+    md = sa.MetaData()
+    t = {}
+    t["meta"] = sa.Table("meta", md, sa.Column("key", sa.Text, primary_key=True), sa.Column("value", sa.Text))
+    t["accounts"] = sa.Table(
+        "accounts", md,
+        sa.Column("name", sa.Text, primary_key=True),
+        sa.Column("role", sa.Text, nullable=False),
+        sa.Column("token_hash", sa.Text, unique=True),
+        sa.Column("balance", sa.BigInteger, nullable=False),
+        sa.Column("created", sa.Text, nullable=False),
+        sa.CheckConstraint("balance >= 0", name="balance_not_negative"),
+    )
+    t["sessions"] = sa.Table(
+        "sessions", md,
+        sa.Column("id", sa.Text, primary_key=True),
+        sa.Column("account", sa.Text, nullable=False),
+        sa.Column("notebook", sa.Text, nullable=False),
+        sa.Column("kernel", sa.Text, nullable=False),
+        sa.Column("budget", sa.BigInteger, nullable=False),
+        sa.Column("held", sa.BigInteger, nullable=False),
+        sa.Column("spent", sa.BigInteger, nullable=False),
+        sa.Column("created", sa.Text, nullable=False),
+        sa.CheckConstraint("held >= 0 AND spent >= 0 AND held + spent <= budget", name="within_budget"),
+    )
+    t["holds"] = sa.Table(
+        "holds", md,
+        sa.Column("id", sa.Text, primary_key=True),
+        sa.Column("session", sa.Text, nullable=False),
+        sa.Column("account", sa.Text, nullable=False),
+        sa.Column("amount", sa.BigInteger, nullable=False),
+        sa.Column("state", sa.Text, nullable=False),
+        sa.Column("provider", sa.Text, nullable=False),
+        sa.Column("paid", sa.BigInteger, nullable=False),
+        sa.Column("entry", sa.BigInteger, nullable=False),
+        sa.Column("closed_entry", sa.BigInteger),
+        sa.CheckConstraint("amount > 0 AND paid >= 0 AND paid <= amount", name="hold_amounts"),
+    )
+    t["entries"] = sa.Table(
+        "entries", md,
+        sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("time", sa.Text, nullable=False),
+        sa.Column("kind", sa.Text, nullable=False),
+        sa.Column("src", sa.Text, nullable=False),
+        sa.Column("dst", sa.Text, nullable=False),
+        sa.Column("amount", sa.BigInteger, nullable=False),
+        sa.Column("session", sa.Text, nullable=False),
+        sa.Column("hold", sa.Text, nullable=False),
+        sa.Column("key", sa.Text, nullable=False),
+        sa.Column("prev", sa.LargeBinary, nullable=False),
+        sa.Column("hash", sa.LargeBinary, nullable=False),
+        sa.Index("entries_by_session", "session"),
+    )
+    t["idempotency"] = sa.Table(
+        "idempotency", md,
+        sa.Column("scope", sa.Text, primary_key=True),
+        sa.Column("request_hash", sa.Text, nullable=False),
+        sa.Column("response", sa.Text, nullable=False),
+    )
+    t["heads"] = sa.Table(
+        "heads", md,
+        sa.Column("size", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("root", sa.Text, nullable=False),
+        sa.Column("timestamp", sa.Text, nullable=False),
+        sa.Column("signature", sa.Text, nullable=False),
+        sa.Column("public_key", sa.Text, nullable=False),
+    )
+    return md, t
+
+
+ENTRY_COLUMNS = "idx, time, kind, src, dst, amount, session, hold, key, prev, hash"
+
+
+def make_engine(url: str) -> sa.Engine:
+    """Create the SQLAlchemy engine; SQLite gets WAL, ``synchronous=FULL`` and a busy timeout."""
+    import sqlalchemy as sa
+
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    else:
+        kwargs["pool_size"] = 8
+        kwargs["pool_pre_ping"] = True
+    engine = sa.create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+    return engine
+
+
+def open_engine(url: str) -> sa.Engine:
+    """Create an engine and check the database answers; raises CreditsUnavailableError naming it."""
+    import sqlalchemy as sa
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.SQLAlchemyError as exc:
+        raise CreditsUnavailableError(
+            f"cannot open the credit database {_redact(url)}: {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0]}. Check the URL, that the server runs and the user may connect.",
+            url=_redact(url),
+        ) from exc
+    return engine
+
+
+# -- in-memory state --------------------------------------------------------------------
+
+
+class _Account:
+    __slots__ = ("name", "role", "token_hash", "balance")
+
+    def __init__(self, name: str, role: str, token_hash: str | None, balance: int) -> None:
+        self.name, self.role, self.token_hash, self.balance = name, role, token_hash, balance
+
+
+class _Session:
+    __slots__ = ("id", "account", "notebook", "kernel", "budget", "held", "spent", "created")
+
+    def __init__(self, id: str, account: str, notebook: str, kernel: str, budget: int, held: int,
+                 spent: int, created: str) -> None:
+        self.id, self.account, self.notebook, self.kernel = id, account, notebook, kernel
+        self.budget, self.held, self.spent, self.created = budget, held, spent, created
+
+    def usage(self) -> dict[str, Any]:
+        return session_usage(self.id, self.account, self.notebook, self.kernel, self.budget, self.held,
+                             self.spent, self.created)
+
+
+class _Hold:
+    __slots__ = ("id", "session", "account", "amount", "state", "provider", "paid", "entry", "closed_entry")
+
+    def __init__(self, id: str, session: str, account: str, amount: int, state: str, provider: str,
+                 paid: int, entry: int, closed_entry: int | None) -> None:
+        self.id, self.session, self.account, self.amount = id, session, account, amount
+        self.state, self.provider, self.paid = state, provider, paid
+        self.entry, self.closed_entry = entry, closed_entry
+
+
+def session_usage(sid: str, account: str, notebook: str, kernel: str, budget: int, held: int,
+                  spent: int, created: str) -> dict[str, Any]:
+    """Return the JSON form of a session's usage."""
+    return {
+        "session": sid, "account": account, "notebook": notebook, "kernel": kernel,
+        "budget": budget, "held": held, "spent": spent, "left": budget - held - spent, "created": created,
+    }
+
+
+class _Op:
+    """One queued operation: what to do, for whom, and the future that answers it."""
+
+    __slots__ = ("name", "actor", "params", "key", "future")
+
+    def __init__(self, name: str, actor: str | None, params: dict[str, Any], key: str | None) -> None:
+        self.name, self.actor, self.params, self.key = name, actor, params, key
+        self.future: Future = Future()
+
+
+def request_hash(name: str, params: dict[str, Any]) -> str:
+    """Return the digest that ties an idempotency key to one request body."""
+    return hashlib.sha256(json.dumps([name, params], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# -- the store --------------------------------------------------------------------------
+
+
+class CreditStore:
+    """The credit database and its single writer thread.
+
+    ``submit(name, actor, params, key)`` queues an operation and returns a
+    ``concurrent.futures.Future`` answered after its transaction commits.
+    """
+
+    def __init__(self, url: str, *, signing_key: Any = None) -> None:
+        import sqlalchemy as sa
+
+        self.url = url
+        self.engine = open_engine(url)
+        self._md, self.tables = _schema()
+        self._md.create_all(self.engine)
+        self.signing_key = signing_key
+        self._tree_lock = threading.Lock()
+        self._accounts: dict[str, _Account] = {}
+        self._tokens: dict[str, str] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._holds: dict[str, _Hold] = {}
+        with self.engine.connect() as conn:
+            for name, role, th, bal in conn.execute(
+                sa.select(self.tables["accounts"].c["name", "role", "token_hash", "balance"])
+            ):
+                self._accounts[name] = _Account(name, role, th, bal)
+                if th:
+                    self._tokens[th] = name
+            hashes = [bytes(h) for (h,) in conn.exec_driver_sql("SELECT hash FROM entries ORDER BY idx")]
+            last_head = conn.exec_driver_sql("SELECT max(size) FROM heads").scalar()
+            self.public_key_hex = conn.execute(
+                sa.select(self.tables["meta"].c.value).where(self.tables["meta"].c.key == "public_key")
+            ).scalar()
+        self.tree = MerkleTree(hashes)
+        self._next_index = len(hashes)
+        self._last_hash = hashes[-1] if hashes else ZERO_HASH
+        self._last_head_size = -1 if last_head is None else int(last_head)
+        if ESCROW not in self._accounts:
+            self._write_direct_account(ESCROW, "system", None)
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="gpunet-credits-writer", daemon=True)
+        self._write_conn = self.engine.connect()
+        self._thread.start()
+        logger.info("credit store %s: %d accounts, %d ledger entries", _redact(url), len(self._accounts),
+                    self.tree.size)
+
+    # -- setup helpers (before the writer runs, or through it) --
+
+    def _write_direct_account(self, name: str, role: str, token_hash: str | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self.tables["accounts"].insert().values(
+                name=name, role=role, token_hash=token_hash, balance=0, created=utcnow()))
+        self._accounts[name] = _Account(name, role, token_hash, 0)
+        if token_hash:
+            self._tokens[token_hash] = name
+
+    def bind_public_key(self, public_key_hex: str) -> None:
+        """Record the signing key in the database on first start; refuse a different key later."""
+        if self.public_key_hex is None:
+            with self.engine.begin() as conn:
+                conn.execute(self.tables["meta"].insert().values(key="public_key", value=public_key_hex))
+            self.public_key_hex = public_key_hex
+        elif self.public_key_hex != public_key_hex:
+            raise CreditsError(
+                f"the signing key given (public key {public_key_hex}) is not the one this ledger's heads "
+                f"were signed with ({self.public_key_hex}); start the service with the original key file"
+            )
+
+    def ensure_operator(self) -> str | None:
+        """Create the operator account if missing; return its new token, or None if it existed."""
+        if OPERATOR in self._accounts:
+            return None
+        token = new_token()
+        self._write_direct_account(OPERATOR, "operator", hash_token(token))
+        logger.info("created the operator account")
+        return token
+
+    def rotate_token(self, name: str) -> str:
+        """Give account ``name`` a new token (the old one stops working) and return it."""
+        return self.call("rotate_token", None, {"account": name}, None)["token"]
+
+    # -- reads --
+
+    def authenticate(self, token: str) -> tuple[str, str] | None:
+        """Return ``(account, role)`` for a bearer token, or None if unknown."""
+        name = self._tokens.get(hash_token(token))
+        if name is None:
+            return None
+        acct = self._accounts.get(name)
+        return (name, acct.role) if acct else None
+
+    def role_of(self, name: str) -> str | None:
+        """Return the role of an account, or None if there is no such account."""
+        acct = self._accounts.get(name)
+        return acct.role if acct else None
+
+    def read_account(self, name: str) -> dict[str, Any] | None:
+        """Return an account's committed name, role and balance, or None."""
+        import sqlalchemy as sa
+
+        a = self.tables["accounts"]
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(a.c["name", "role", "balance"]).where(a.c.name == name)).first()
+        return None if row is None else {"account": row[0], "role": row[1], "balance": row[2]}
+
+    def read_accounts(self) -> list[dict[str, Any]]:
+        """Return every account with its committed balance."""
+        import sqlalchemy as sa
+
+        a = self.tables["accounts"]
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(a.c["name", "role", "balance"]).order_by(a.c.name)).all()
+        return [{"account": r[0], "role": r[1], "balance": r[2]} for r in rows]
+
+    def read_session(self, sid: str) -> dict[str, Any] | None:
+        """Return a session's committed usage, or None."""
+        import sqlalchemy as sa
+
+        s = self.tables["sessions"]
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(s.c["id", "account", "notebook", "kernel", "budget", "held", "spent",
+                                               "created"]).where(s.c.id == sid)).first()
+        return None if row is None else session_usage(*row)
+
+    def read_entries(self, start: int, end: int) -> list[tuple]:
+        """Return stored entry rows with ``start <= index < end`` in order."""
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE idx >= %s AND idx < %s ORDER BY idx"
+                if not self.url.startswith("sqlite") else
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+                (start, end))]
+
+    def read_session_entries(self, sid: str, size: int) -> list[tuple]:
+        """Return the entry rows of session ``sid`` below index ``size``."""
+        p = "%s" if not self.url.startswith("sqlite") else "?"
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(
+                f"SELECT {ENTRY_COLUMNS} FROM entries WHERE session = {p} AND idx < {p} ORDER BY idx",
+                (sid, size))]
+
+    def read_heads(self) -> list[dict[str, Any]]:
+        """Return every stored signed tree head, oldest first."""
+        return read_heads(self.engine)
+
+    def proof_inclusion(self, index: int, size: int | None) -> tuple[int, list[bytes], bytes]:
+        """Return ``(size, audit path, leaf hash)`` for entry ``index`` at ``size`` (default: now)."""
+        with self._tree_lock:
+            size = self.tree.size if size is None else size
+            return size, self.tree.inclusion_proof(index, size), self.tree.leaf(index) if index < size else b""
+
+    def proof_consistency(self, first: int, second: int | None) -> tuple[int, list[bytes], bytes, bytes]:
+        """Return ``(second, proof, first root, second root)``."""
+        with self._tree_lock:
+            second = self.tree.size if second is None else second
+            proof = self.tree.consistency_proof(first, second)
+            return second, proof, self.tree.root(first), self.tree.root(second)
+
+    @property
+    def size(self) -> int:
+        """The number of committed ledger entries."""
+        return self.tree.size
+
+    # -- writing --
+
+    def submit(self, name: str, actor: str | None, params: dict[str, Any], key: str | None = None) -> Future:
+        """Queue an operation for the writer; the future is answered after its commit."""
+        op = _Op(name, actor, params, key)
+        if self._closed:
+            op.future.set_exception(CreditsUnavailableError("the credit store is closing; retry shortly"))
+            return op.future
+        self._queue.put(op)
+        return op.future
+
+    def call(self, name: str, actor: str | None, params: dict[str, Any], key: str | None = None,
+             timeout: float = 60) -> Any:
+        """Run one operation and wait for its answer (raises its error)."""
+        return self.submit(name, actor, params, key).result(timeout)
+
+    def close(self) -> None:
+        """Finish queued operations, sign a last head, stop the writer and close connections."""
+        if self._closed:
+            return
+        if self.signing_key is not None:
+            try:
+                self.call("sign_head", None, {}, None, timeout=30)
+            except Exception:  # noqa: BLE001 - closing anyway
+                logger.exception("could not sign the last tree head on close")
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self._write_conn.close()
+        self.engine.dispose()
+
+    def _run(self) -> None:
+        while True:
+            op = self._queue.get()
+            if op is None:
+                return
+            group = [op]
+            stop = False
+            while len(group) < _GROUP_LIMIT:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                group.append(nxt)
+            try:
+                self._apply_group(group)
+            except Exception:  # noqa: BLE001 - the writer must keep running
+                logger.exception("credit writer failed on a group of %d operations", len(group))
+                for o in group:
+                    if not o.future.done():
+                        o.future.set_exception(CreditsUnavailableError(
+                            "the credit store failed to write; nothing of this request was kept; retry it"))
+            if stop:
+                return
+
+    def _apply_group(self, group: list[_Op]) -> None:
+        conn = self._write_conn
+        while group:
+            uow = _UnitOfWork(self)
+            results: list[tuple[_Op, Any, BaseException | None]] = []
+            broken: _Op | None = None
+            trans = conn.begin()
+            try:
+                uow.prefetch_idempotency(group)
+                for op in group:
+                    try:
+                        results.append((op, uow.apply(op), None))
+                    except CreditsRequestError as exc:
+                        results.append((op, None, exc))
+                    except Exception:  # noqa: BLE001 - a bug in one operation must not sink the others
+                        logger.exception("credit operation %s failed unexpectedly", op.name)
+                        broken = op
+                        break
+                if broken is None:
+                    uow.flush()
+            except Exception as exc:  # noqa: BLE001
+                trans.rollback()
+                uow.undo()
+                logger.exception("credit transaction of %d operations failed and was rolled back", len(group))
+                err = CreditsUnavailableError(
+                    f"the credit database refused the write ({exc.__class__.__name__}); nothing was moved; retry")
+                for op in group:
+                    op.future.set_exception(err)
+                return
+            if broken is not None:
+                trans.rollback()
+                uow.undo()
+                broken.future.set_exception(CreditsUnavailableError(
+                    f"the credit service failed on this {broken.name} request (a bug, logged by the service); "
+                    "nothing was moved", status=500))
+                group = [op for op in group if op is not broken]
+                continue
+            trans.commit()
+            uow.committed()
+            with self._tree_lock:
+                self.tree.extend(uow.new_leaves)
+            uow.evict()
+            for op, result, exc in results:
+                if exc is not None:
+                    op.future.set_exception(exc)
+                else:
+                    op.future.set_result(result)
+            return
+
+
+class _UnitOfWork:
+    """The in-memory changes of one writer transaction, with an undo log."""
+
+    def __init__(self, store: CreditStore) -> None:
+        self.s = store
+        self.undo_log: list[tuple[Any, str, Any]] = []
+        self.new_objects: list[tuple[dict, str]] = []
+        self.dirty_accounts: dict[str, _Account] = {}
+        self.new_accounts: list[_Account] = []
+        self.new_sessions: list[_Session] = []
+        self.dirty_sessions: dict[str, _Session] = {}
+        self.new_holds: dict[str, _Hold] = {}
+        self.dirty_holds: dict[str, _Hold] = {}
+        self.entries: list[dict[str, Any]] = []
+        self.new_leaves: list[bytes] = []
+        self.idem_found: dict[str, tuple[str, str]] = {}
+        self.idem_new: dict[str, tuple[str, str]] = {}
+        self.heads: list[dict[str, Any]] = []
+        self.token_changes: list[tuple[str | None, str | None, str]] = []
+        self.next_index = store._next_index
+        self.last_hash = store._last_hash
+        self.now = utcnow()
+        self.closed_holds: list[str] = []
+
+    # -- helpers --
+
+    def _set(self, obj: Any, attr: str, value: Any) -> None:
+        self.undo_log.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    def undo(self) -> None:
+        for obj, attr, old in reversed(self.undo_log):
+            setattr(obj, attr, old)
+        for mapping, key in self.new_objects:
+            mapping.pop(key, None)
+        for old_hash, new_hash, name in self.token_changes:
+            if new_hash:
+                self.s._tokens.pop(new_hash, None)
+            if old_hash:
+                self.s._tokens[old_hash] = name
+
+    def prefetch_idempotency(self, group: list[_Op]) -> None:
+        import sqlalchemy as sa
+
+        scopes = [f"{op.actor}/{op.key}" for op in group if op.key]
+        for op in group:
+            if op.name == "batch":
+                scopes.extend(f"{op.actor}/{it.get('key')}" for it in op.params["items"] if it.get("key"))
+        if not scopes:
+            return
+        t = self.s.tables["idempotency"]
+        conn = self.s._write_conn
+        for i in range(0, len(scopes), 500):
+            chunk = scopes[i : i + 500]
+            for scope, rh, resp in conn.execute(sa.select(t.c["scope", "request_hash", "response"]).where(
+                    t.c.scope.in_(chunk))):
+                self.idem_found[scope] = (rh, resp)
+
+    def _account(self, name: str, what: str = "account") -> _Account:
+        acct = self.s._accounts.get(name)
+        if acct is None:
+            raise NotFoundError(f"no {what} named {name!r}; create it first (operator: create_account)",
+                                details={"account": name})
+        return acct
+
+    def _session(self, sid: str) -> _Session:
+        sess = self.s._sessions.get(sid)
+        if sess is None:
+            import sqlalchemy as sa
+
+            st = self.s.tables["sessions"]
+            row = self.s._write_conn.execute(sa.select(st.c["id", "account", "notebook", "kernel", "budget", "held",
+                                                              "spent", "created"]).where(st.c.id == sid)).first()
+            if row is None:
+                raise NotFoundError(f"no session {sid!r}; open one with open_session first",
+                                    details={"session": sid})
+            sess = _Session(*row)
+            self.s._sessions[sid] = sess
+        return sess
+
+    def _hold(self, hid: str) -> _Hold:
+        hold = self.s._holds.get(hid)
+        if hold is None:
+            import sqlalchemy as sa
+
+            ht = self.s.tables["holds"]
+            row = self.s._write_conn.execute(sa.select(ht.c["id", "session", "account", "amount", "state", "provider",
+                                                              "paid", "entry", "closed_entry"]).where(ht.c.id == hid)).first()
+            if row is None:
+                raise NotFoundError(f"no hold {hid!r}; place it with hold() first", details={"hold": hid})
+            hold = _Hold(*row)
+            self.s._holds[hid] = hold
+        return hold
+
+    def _move(self, kind: str, src: _Account | None, dst: _Account, amount: int, session: str, hold: str,
+              key: str) -> int:
+        if src is not None:
+            self._set(src, "balance", src.balance - amount)
+            self.dirty_accounts[src.name] = src
+        self._set(dst, "balance", dst.balance + amount)
+        self.dirty_accounts[dst.name] = dst
+        index = self.next_index
+        prev = self.last_hash
+        src_name = src.name if src is not None else ""
+        h = entry_hash(prev, index, self.now, kind, src_name, dst.name, amount, session, hold, key)
+        self.entries.append({"idx": index, "time": self.now, "kind": kind, "src": src_name, "dst": dst.name,
+                             "amount": amount, "session": session, "hold": hold, "key": key,
+                             "prev": prev, "hash": h})
+        self.new_leaves.append(h)
+        self.next_index = index + 1
+        self.last_hash = h
+        return index
+
+    # -- operations --
+
+    def apply(self, op: _Op) -> Any:
+        if op.name == "batch":
+            return self._batch(op)
+        return self._apply_one(op.name, op.actor, op.params, op.key)
+
+    def _batch(self, op: _Op) -> list[dict[str, Any]]:
+        out = []
+        for item in op.params["items"]:
+            name = item["op"]
+            params = {k: v for k, v in item.items() if k not in ("op", "key")}
+            try:
+                res = self._apply_one(name, op.actor, params, item.get("key"))
+                out.append({"ok": True, **res})
+            except CreditsRequestError as exc:
+                out.append({"ok": False, "status": exc.status,
+                            "error": {"code": exc.code, "message": str(exc), **exc.details}})
+        return out
+
+    def _apply_one(self, name: str, actor: str | None, params: dict[str, Any], key: str | None) -> Any:
+        scope = None
+        if key is not None:
+            scope = f"{actor}/{key}"
+            rh = request_hash(name, params)
+            seen = self.idem_new.get(scope) or self.idem_found.get(scope)
+            if seen is not None:
+                if seen[0] != rh:
+                    raise IdempotencyConflictError(
+                        f"idempotency key {key!r} was already used by this account for a different request; "
+                        "nothing was moved. Use a new key for a new request.",
+                        details={"key": key})
+                return json.loads(seen[1])
+        handler = getattr(self, "_op_" + name)
+        result = handler(actor, key or "", **params)
+        if scope is not None:
+            self.idem_new[scope] = (rh, json.dumps(result, separators=(",", ":")))
+        return result
+
+    def _op_create_account(self, actor: str | None, key: str, *, name: str, role: str) -> dict[str, Any]:
+        if name in self.s._accounts:
+            raise ConflictError(f"an account named {name!r} already exists; choose another name",
+                                details={"account": name})
+        token = new_token()
+        acct = _Account(name, role, hash_token(token), 0)
+        self.s._accounts[name] = acct
+        self.new_objects.append((self.s._accounts, name))
+        self.new_accounts.append(acct)
+        self.s._tokens[acct.token_hash] = name
+        self.token_changes.append((None, acct.token_hash, name))
+        return {"account": name, "role": role, "token": token}
+
+    def _op_rotate_token(self, actor: str | None, key: str, *, account: str) -> dict[str, Any]:
+        acct = self._account(account)
+        token = new_token()
+        old = acct.token_hash
+        self._set(acct, "token_hash", hash_token(token))
+        if old:
+            self.s._tokens.pop(old, None)
+        self.s._tokens[acct.token_hash] = account
+        self.token_changes.append((old, acct.token_hash, account))
+        self.dirty_accounts[account] = acct
+        return {"account": account, "token": token}
+
+    def _op_mint(self, actor: str | None, key: str, *, account: str, amount: int) -> dict[str, Any]:
+        acct = self._account(account)
+        if acct.role == "system":
+            raise InvalidRequestError(f"cannot mint into the {account!r} account; mint to a client or provider")
+        index = self._move("mint", None, acct, amount, "", "", key)
+        return {"account": account, "amount": amount, "balance": acct.balance, "entry": index}
+
+    def _op_open_session(self, actor: str | None, key: str, *, budget: int, notebook: str = "",
+                         kernel: str = "") -> dict[str, Any]:
+        sid = "s_" + uuid.uuid4().hex
+        sess = _Session(sid, actor or "", notebook, kernel, budget, 0, 0, self.now)
+        self.s._sessions[sid] = sess
+        self.new_objects.append((self.s._sessions, sid))
+        self.new_sessions.append(sess)
+        return sess.usage()
+
+    def _owner_or_operator(self, actor: str | None, sess: _Session, verb: str) -> None:
+        if actor == sess.account:
+            return
+        role = self.s.role_of(actor or "")
+        if role != "operator":
+            raise ForbiddenError(
+                f"account {actor!r} ({role}) may not {verb} session {sess.id!r}, which belongs to "
+                f"{sess.account!r}; only its owner or an operator may",
+                details={"session": sess.id})
+
+    def _op_hold(self, actor: str | None, key: str, *, session: str, amount: int) -> dict[str, Any]:
+        sess = self._session(session)
+        self._owner_or_operator(actor, sess, "hold credits of")
+        left = sess.budget - sess.held - sess.spent
+        if amount > left:
+            raise BudgetExceededError(
+                f"budget exhausted: session {session} has budget {sess.budget}, spent {sess.spent}, "
+                f"held {sess.held}, so {left} left; a hold of {amount} does not fit. Open a session with "
+                "a larger budget or wait for running work to settle.",
+                details={"session": session, "budget": sess.budget, "spent": sess.spent, "held": sess.held,
+                         "left": left, "amount": amount})
+        owner = self._account(sess.account)
+        if amount > owner.balance:
+            raise BudgetExceededError(
+                f"insufficient balance: account {owner.name!r} has {owner.balance} credits, a hold of "
+                f"{amount} needs more; ask the operator to mint credits to it.",
+                details={"account": owner.name, "balance": owner.balance, "amount": amount})
+        hid = "h_" + uuid.uuid4().hex
+        index = self._move("hold", owner, self.s._accounts[ESCROW], amount, session, hid, key)
+        hold = _Hold(hid, session, owner.name, amount, "held", "", 0, index, None)
+        self.s._holds[hid] = hold
+        self.new_objects.append((self.s._holds, hid))
+        self.new_holds[hid] = hold
+        self._set(sess, "held", sess.held + amount)
+        self.dirty_sessions[session] = sess
+        return {"hold": hid, "session": session, "amount": amount, "entry": index, "left": left - amount}
+
+    def _open_hold(self, hid: str, verb: str) -> tuple[_Hold, _Session]:
+        hold = self._hold(hid)
+        if hold.state != "held":
+            raise ConflictError(
+                f"hold {hid} was already {hold.state} (entry {hold.closed_entry}); it cannot be {verb} again",
+                details={"hold": hid, "state": hold.state})
+        return hold, self._session(hold.session)
+
+    def _close(self, hold: _Hold, sess: _Session, state: str, paid: int, provider: str, entry: int) -> None:
+        self._set(hold, "state", state)
+        self._set(hold, "paid", paid)
+        self._set(hold, "provider", provider)
+        self._set(hold, "closed_entry", entry)
+        if hold.id not in self.new_holds:
+            self.dirty_holds[hold.id] = hold
+        self._set(sess, "held", sess.held - hold.amount)
+        self._set(sess, "spent", sess.spent + paid)
+        self.dirty_sessions[sess.id] = sess
+        self.closed_holds.append(hold.id)
+
+    def _op_settle(self, actor: str | None, key: str, *, hold: str, provider: str, amount: int) -> dict[str, Any]:
+        h, sess = self._open_hold(hold, "settled")
+        prov = self._account(provider, "provider account")
+        if prov.role != "provider":
+            raise InvalidRequestError(f"account {provider!r} is a {prov.role}, not a provider; settle pays providers",
+                                      details={"account": provider})
+        if amount > h.amount:
+            raise InvalidRequestError(
+                f"cannot settle {amount} from hold {hold} of {h.amount}; pay at most the amount held",
+                details={"hold": hold, "held": h.amount, "amount": amount})
+        escrow = self.s._accounts[ESCROW]
+        entries = []
+        if amount:
+            entries.append(self._move("settle", escrow, prov, amount, sess.id, hold, key))
+        rest = h.amount - amount
+        if rest:
+            entries.append(self._move("release", escrow, self._account(h.account), rest, sess.id, hold, key))
+        self._close(h, sess, "settled", amount, provider, entries[-1])
+        return {"hold": hold, "session": sess.id, "provider": provider, "paid": amount, "released": rest,
+                "entries": entries}
+
+    def _op_release(self, actor: str | None, key: str, *, hold: str) -> dict[str, Any]:
+        h, sess = self._open_hold(hold, "released")
+        index = self._move("release", self.s._accounts[ESCROW], self._account(h.account), h.amount, sess.id,
+                           hold, key)
+        self._close(h, sess, "released", 0, "", index)
+        return {"hold": hold, "session": sess.id, "released": h.amount, "entries": [index]}
+
+    def _op_sign_head(self, actor: str | None, key: str) -> dict[str, Any]:
+        size = self.next_index
+        with self.s._tree_lock:
+            tree = self.s.tree
+            if tree.size != size:
+                # Entries of this very group are not in the tree yet: sign the committed size.
+                size = tree.size
+            root = tree.root(size)
+        head = sign_head(self.s.signing_key, size, root, self.now)
+        if size > self.s._last_head_size and not any(h["size"] == size for h in self.heads):
+            self.heads.append(head)
+        return head
+
+    # -- writing it out --
+
+    def flush(self) -> None:
+        t = self.s.tables
+        conn = self.s._write_conn
+        if not (self.dirty_accounts or self.new_accounts or self.new_sessions or self.entries or self.heads
+                or self.dirty_sessions or self.idem_new):
+            return
+        new_names = {a.name for a in self.new_accounts}
+        if self.new_accounts:
+            conn.execute(t["accounts"].insert(), [
+                {"name": a.name, "role": a.role, "token_hash": a.token_hash, "balance": a.balance,
+                 "created": self.now} for a in self.new_accounts])
+        upd = [a for n, a in self.dirty_accounts.items() if n not in new_names]
+        if upd:
+            import sqlalchemy as sa
+
+            ta = t["accounts"]
+            conn.execute(ta.update().where(ta.c.name == sa.bindparam("b_name")).values(
+                balance=sa.bindparam("b_balance"), token_hash=sa.bindparam("b_token")),
+                [{"b_name": a.name, "b_balance": a.balance, "b_token": a.token_hash} for a in upd])
+        if self.new_sessions:
+            conn.execute(t["sessions"].insert(), [
+                {"id": s.id, "account": s.account, "notebook": s.notebook, "kernel": s.kernel,
+                 "budget": s.budget, "held": s.held, "spent": s.spent, "created": s.created}
+                for s in self.new_sessions])
+        new_sids = {s.id for s in self.new_sessions}
+        supd = [s for sid, s in self.dirty_sessions.items() if sid not in new_sids]
+        if supd:
+            import sqlalchemy as sa
+
+            ts = t["sessions"]
+            conn.execute(ts.update().where(ts.c.id == sa.bindparam("b_id")).values(
+                held=sa.bindparam("b_held"), spent=sa.bindparam("b_spent")),
+                [{"b_id": s.id, "b_held": s.held, "b_spent": s.spent} for s in supd])
+        if self.new_holds:
+            conn.execute(t["holds"].insert(), [
+                {"id": h.id, "session": h.session, "account": h.account, "amount": h.amount, "state": h.state,
+                 "provider": h.provider, "paid": h.paid, "entry": h.entry, "closed_entry": h.closed_entry}
+                for h in self.new_holds.values()])
+        if self.dirty_holds:
+            import sqlalchemy as sa
+
+            th = t["holds"]
+            conn.execute(th.update().where(th.c.id == sa.bindparam("b_id")).values(
+                state=sa.bindparam("b_state"), paid=sa.bindparam("b_paid"),
+                provider=sa.bindparam("b_provider"), closed_entry=sa.bindparam("b_closed")),
+                [{"b_id": h.id, "b_state": h.state, "b_paid": h.paid, "b_provider": h.provider,
+                  "b_closed": h.closed_entry} for h in self.dirty_holds.values()])
+        if self.entries:
+            conn.execute(t["entries"].insert(), self.entries)
+        if self.idem_new:
+            conn.execute(t["idempotency"].insert(), [
+                {"scope": scope, "request_hash": rh, "response": resp}
+                for scope, (rh, resp) in self.idem_new.items()])
+        if self.heads:
+            conn.execute(t["heads"].insert(), [
+                {"size": h["size"], "root": h["root"], "timestamp": h["timestamp"],
+                 "signature": h["signature"], "public_key": h["public_key"]} for h in self.heads])
+
+    def committed(self) -> None:
+        """Make the transaction's position in the chain the store's, after the commit."""
+        self.s._next_index = self.next_index
+        self.s._last_hash = self.last_hash
+        if self.heads:
+            self.s._last_head_size = max(self.s._last_head_size, *(h["size"] for h in self.heads))
+
+    def evict(self) -> None:
+        """Forget closed holds after commit so memory holds only open ones."""
+        for hid in self.closed_holds:
+            self.s._holds.pop(hid, None)
+
+
+def read_heads(engine: sa.Engine) -> list[dict[str, Any]]:
+    """Return every signed tree head stored in a credit database, oldest first."""
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT size, root, timestamp, signature, public_key FROM heads ORDER BY size").all()
+    return [{"size": r[0], "root": r[1], "timestamp": r[2], "signature": r[3], "public_key": r[4],
+             "key_id": hashlib.sha256(bytes.fromhex(r[4])).hexdigest()[:16]} for r in rows]

@@ -1,0 +1,194 @@
+"""The service's HTTP API: the happy path, idempotency, and a 4xx for every bad input with nothing moved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from conftest import DATA, Party
+from gpunet.credits import (
+    AuthError,
+    BudgetExceededError,
+    CreditClient,
+    CreditsUnavailableError,
+    ForbiddenError,
+    IdempotencyConflictError,
+    NotFoundError,
+    verify_receipt,
+)
+
+BAD = json.loads((DATA / "bad_requests.json").read_text())
+
+
+def test_hold_settle_release_flow(party: Party):
+    ops = party.ops
+    alice, me = party.account("client", credits=1000)
+    gpu, _ = party.account("provider")
+    sid = me.open_session(600, notebook="work/analysis.ipynb", kernel="kernel-1")
+    assert me.usage(sid) | {} == me.usage(sid)
+    h1 = me.hold(sid, 200, key="cell-1")
+    h2 = me.hold(sid, 300, key="cell-2")
+    assert me.usage(sid)["held"] == 500 and me.usage(sid)["left"] == 100
+    assert me.balance(alice) == 500
+    paid = ops.settle(h1, gpu, 150, key="cell-1-ok")
+    assert (paid["paid"], paid["released"]) == (150, 50)
+    ops.release(h2, key="cell-2-lost")
+    usage = me.usage(sid)
+    assert (usage["budget"], usage["spent"], usage["held"], usage["left"]) == (600, 150, 0, 450)
+    assert usage["notebook"] == "work/analysis.ipynb" and usage["kernel"] == "kernel-1"
+    assert me.balance(alice) == 850 and ops.balance(gpu) == 150
+    with pytest.raises(BudgetExceededError, match="budget exhausted"):
+        me.hold(sid, 451, key="cell-3")
+    receipt = me.receipt(sid)
+    assert [e["kind"] for e in receipt["entries"]] == ["hold", "hold", "settle", "release", "release"]
+    summary = verify_receipt(receipt, public_key=ops.health()["public_key"])
+    assert (summary["spent"], summary["held"], summary["entries"]) == (150, 0, 5)
+
+
+def test_retries_with_the_same_key_move_credits_once(party: Party):
+    ops = party.ops
+    alice, me = party.account("client", credits=100)
+    gpu, _ = party.account("provider")
+    sid = me.open_session(100, key="open-once")
+    assert me.open_session(100, key="open-once") == sid
+    size = ops.health()["size"]
+    holds = {me.hold(sid, 30, key="same") for _ in range(3)}
+    assert len(holds) == 1
+    hold = holds.pop()
+    first = ops.settle(hold, gpu, 10, key="pay")
+    assert ops.settle(hold, gpu, 10, key="pay") == first
+    assert ops.mint(alice, 5, key="bonus") == ops.mint(alice, 5, key="bonus")
+    assert ops.health()["size"] == size + 4  # hold, settle, release of the rest, mint
+    assert me.balance(alice) == 100 - 10 + 5
+    with pytest.raises(IdempotencyConflictError, match="'same' was already used"):
+        me.hold(sid, 31, key="same")
+    # Keys belong to the account that sent them: another account may use the same key.
+    bob, other = party.account("client", credits=10)
+    other.hold(other.open_session(10), 5, key="same")
+
+
+def test_batch_runs_items_in_one_request(party: Party):
+    ops = party.ops
+    alice, me = party.account("client", credits=1000)
+    gpu, _ = party.account("provider")
+    sid = me.open_session(1000)
+    res = ops.batch([{"op": "hold", "session": sid, "amount": 10, "key": f"b-{i}"} for i in range(20)])
+    assert all(r["ok"] for r in res)
+    items = [{"op": "settle", "hold": r["hold"], "provider": gpu, "amount": 7, "key": f"s-{i}"}
+             for i, r in enumerate(res[:10])]
+    items += [{"op": "release", "hold": r["hold"], "key": f"r-{i}"} for i, r in enumerate(res[10:])]
+    items.append({"op": "hold", "session": sid, "amount": 10**6, "key": "too-much"})
+    out = ops.batch(items)
+    assert [r["ok"] for r in out] == [True] * 20 + [False]
+    assert out[-1]["status"] == 402 and "budget exhausted" in out[-1]["error"]["message"]
+    assert ops.batch(items) == out  # the whole batch again: idempotent item by item
+    assert me.usage(sid) | {} == me.usage(sid)
+    usage = me.usage(sid)
+    assert (usage["spent"], usage["held"]) == (70, 0)
+    assert ops.balance(gpu) == 70 and me.balance(alice) == 930
+    with pytest.raises(BudgetExceededError, match="batch item 0"):
+        ops.batch([{"op": "hold", "session": sid, "amount": 10**6, "key": "x"}], raise_on_error=True)
+
+
+def test_proofs_and_heads(party: Party):
+    from gpunet.credits import verify_consistency, verify_head, verify_inclusion
+
+    ops = party.ops
+    alice, _ = party.account("client", credits=5)
+    head1 = ops.head()
+    verify_head(head1)
+    ops.mint(alice, 1, key="more-1")
+    ops.mint(alice, 1, key="more-2")
+    head2 = ops.head()
+    assert head2["size"] == head1["size"] + 2
+    cons = ops.consistency_proof(head1["size"], head2["size"])
+    verify_consistency(head1["size"], head2["size"], bytes.fromhex(head1["root"]), bytes.fromhex(head2["root"]),
+                       [bytes.fromhex(p) for p in cons["proof"]])
+    for index in (0, head2["size"] - 1):
+        inc = ops.inclusion_proof(index, head2["size"])
+        verify_inclusion(index, head2["size"], bytes.fromhex(inc["leaf_hash"]), [bytes.fromhex(p) for p in inc["proof"]],
+                         bytes.fromhex(head2["root"]))
+    assert {h["size"] for h in ops.heads()} >= {head1["size"], head2["size"]}
+
+
+@pytest.fixture(scope="module")
+def world(service):
+    party = Party(service)
+    client, client_api = party.account("client", credits=1000)
+    other, other_api = party.account("client", credits=1000)
+    provider, provider_api = party.account("provider")
+    session = client_api.open_session(100000)
+    open_hold = client_api.hold(session, 10, key="open-hold")
+    settled_hold = client_api.hold(session, 10, key="settled-hold")
+    party.ops.settle(settled_hold, provider, 5, key="settle-it")
+    tokens = {"operator": service.operator_token, "client": client_api.token, "other_client": other_api.token,
+              "provider": provider_api.token, "bad_token": "gpn_not-a-token"}
+    names = {"client": client, "provider": provider, "session": session, "open_hold": open_hold,
+             "settled_hold": settled_hold}
+    return party, tokens, names
+
+
+def _fill(value, names):
+    if isinstance(value, str):
+        for k, v in names.items():
+            value = value.replace("{" + k + "}", v)
+        return value
+    if isinstance(value, list):
+        return [_fill(v, names) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, names) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c["description"] for c in BAD])
+def test_bad_requests_are_refused_and_move_nothing(world, case):
+    party, tokens, names = world
+    before = (party.ops.health()["size"], party.ops.accounts())
+    headers = {}
+    if case["as"] != "no_token":
+        headers["Authorization"] = f"Bearer {tokens[case['as']]}"
+    kw = {}
+    if "raw" in case:
+        kw["data"] = case["raw"]
+        headers["Content-Type"] = "application/json"
+    elif "body" in case:
+        kw["json"] = _fill(case["body"], names)
+    resp = requests.request(case["method"], party.svc.url + _fill(case["path"], names), headers=headers,
+                            timeout=10, **kw)
+    assert resp.status_code == case["status"], resp.text
+    if "item_status" in case:
+        (item,) = resp.json()["results"]
+        assert not item["ok"] and item["status"] == case["item_status"], item
+    else:
+        err = resp.json()["error"]
+        assert err["status"] == case["status"]
+        assert case["match"] in err["message"], err["message"]
+    after = (party.ops.health()["size"], party.ops.accounts())
+    assert after == before, "a refused request moved credits"
+
+
+def test_client_errors_name_what_happened(service, party: Party):
+    alice, me = party.account("client", credits=10)
+    with pytest.raises(AuthError, match=r"unknown bearer token.*\[401 from http://127\.0\.0\.1:\d+/v1/accounts/"):
+        CreditClient(service.url, "gpn_wrong").balance(alice)
+    with pytest.raises(ForbiddenError, match="mint needs role operator"):
+        me.mint(alice, 5, key="self-mint")
+    with pytest.raises(NotFoundError, match="no session"):
+        me.usage("s_" + "0" * 32)
+
+
+def test_unreachable_service_is_a_503_naming_the_url():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    client = CreditClient(url, "gpn_x", retries=1, backoff=0.01, timeout=2)
+    with pytest.raises(CreditsUnavailableError, match=f"credit service at {url} is unreachable") as err:
+        client.hold("s_" + "0" * 32, 5, key="k")
+    assert err.value.status == 503 and err.value.url == url
+    with pytest.raises(CreditsUnavailableError, match="unreachable"):
+        client.create_account("x", "client")
