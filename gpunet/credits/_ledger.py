@@ -256,7 +256,8 @@ class LedgerChecker:
         prev, stored = bytes(prev), bytes(stored)
         ev: dict[str, Any] = {"index": index, "expected_index": expected}
         if index != expected:
-            msg = f"entry at position {expected} carries index {index!r}: an entry is missing, repeated or renumbered"
+            msg = (f"entry {expected} is missing: the entry at position {expected} carries index {index!r}, "
+                   "so an entry was removed, repeated or renumbered here")
         elif prev != last:
             msg = (f"entry {index}: its prev hash {prev.hex()} is not the hash of entry {index - 1}, "
                    f"{last.hex()}: the chain is broken here")
@@ -272,7 +273,7 @@ class LedgerChecker:
         else:
             msg = f"entry {index}: a field contains the separator byte 0x1f, so its encoding is ambiguous"
         ev["entry"] = {f: v for f, v in zip(FIELDS, (index, time, kind, src, dst, amount, session, hold, key))}
-        raise LedgerVerificationError(msg, index=index if isinstance(index, int) else expected, evidence=ev)
+        raise LedgerVerificationError(msg, index=expected, evidence=ev)
 
     def tree(self) -> MerkleTree:
         """Return the Merkle tree over the entries fed so far."""

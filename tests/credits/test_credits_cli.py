@@ -1,0 +1,118 @@
+"""``gpunet credits serve`` and ``gpunet ledger verify`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import Party
+from gpunet.credits import AuthError, CreditClient, serve_in_background
+
+
+def _start(args, cwd=None, env=None):
+    proc = subprocess.Popen([sys.executable, "-m", "gpunet.credits", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    url = proc.stdout.readline().strip()
+    token_line = proc.stdout.readline().strip()
+    return proc, url, token_line
+
+
+def _stop(proc):
+    proc.terminate()
+    out, err = proc.communicate(timeout=30)
+    return proc.returncode, err
+
+
+def test_serve_prints_url_and_token_file_and_creates_secrets(tmp_path):
+    token_file = tmp_path / "secrets" / "operator.token"
+    proc, url_line, token_line = _start(["--db", str(tmp_path / "c.sqlite3"), "--port", "0",
+                                         "--operator-token-file", str(token_file)])
+    try:
+        assert url_line.startswith("credit service: http://127.0.0.1:")
+        assert token_line == f"operator token file: {token_file}"
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        key = tmp_path / "c.sqlite3.ed25519.pem"
+        assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+        url = url_line.split(": ", 1)[1]
+        ops = CreditClient(url, token_file.read_text().strip())
+        assert ops.accounts()[0]["role"] in ("operator", "system")
+        public_key = ops.health()["public_key"]
+    finally:
+        code, err = _stop(proc)
+    assert code == 0, err
+    # A restart keeps the operator, its token and the key; nothing is rewritten.
+    first_token = token_file.read_text()
+    proc, url_line, _ = _start(["--db", str(tmp_path / "c.sqlite3"), "--port", "0",
+                                "--operator-token-file", str(token_file)])
+    try:
+        ops = CreditClient(url_line.split(": ", 1)[1], first_token.strip())
+        assert ops.health()["public_key"] == public_key
+    finally:
+        _stop(proc)
+    assert token_file.read_text() == first_token
+
+
+def test_rotating_the_operator_token(tmp_path):
+    db = tmp_path / "c.sqlite3"
+    svc = serve_in_background(db)
+    old = svc.operator_token
+    svc.stop()
+    proc, url_line, token_line = _start(["--db", str(db), "--port", "0", "--rotate-operator-token"])
+    try:
+        url = url_line.split(": ", 1)[1]
+        new = open(token_line.split(": ", 1)[1]).read().strip()
+        assert new != old
+        CreditClient(url, new).accounts()
+        with pytest.raises(AuthError):
+            CreditClient(url, old).accounts()
+    finally:
+        _stop(proc)
+
+
+def test_port_in_use_is_a_clear_error(tmp_path, service):
+    port = service.url.rsplit(":", 1)[1]
+    out = subprocess.run([sys.executable, "-m", "gpunet.credits", "serve", "--db", str(tmp_path / "c.sqlite3"),
+                          "--port", port], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def test_verify_against_a_running_service_and_receipt_command(service, tmp_path):
+    party = Party(service)
+    name, api = party.account("client", credits=50)
+    sid = api.open_session(50)
+    party.ops.release(api.hold(sid, 20, key="h"), key="r")
+    token_file = service.operator_token_file
+    out = subprocess.run([sys.executable, "-m", "gpunet.credits", "verify", "--url", service.url,
+                          "--token-file", str(token_file), "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["size"] >= 3 and summary["heads"] >= 1
+    receipt = tmp_path / "r.json"
+    out = subprocess.run([sys.executable, "-m", "gpunet.credits", "receipt", sid, "--url", service.url,
+                          "--token", api.token, "-o", str(receipt)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-m", "gpunet.credits", "verify", "--receipt", str(receipt)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"session {sid}, 2 entries" in out.stdout
+
+
+def test_gpunet_cli_has_the_verbs(tmp_path):
+    try:
+        from gpunet.cli import build_parser, main
+        build_parser()
+    except Exception as exc:  # noqa: BLE001 - the rest of the CLI is another part's
+        pytest.skip(f"gpunet.cli does not build yet: {exc}")
+    db = tmp_path / "c.sqlite3"
+    svc = serve_in_background(db)
+    svc.stop()
+    assert main(["ledger", "verify", "--db", str(db)]) == 0
+    assert main(["ledger", "verify", "--db", str(tmp_path / "missing.sqlite3")]) == 1
+    args = build_parser().parse_args(["credits", "serve", "--port", "0", "--db", str(db)])
+    assert callable(args.func) and args.port == 0
