@@ -1,0 +1,107 @@
+"""The same service on a real PostgreSQL server (started by the fixture; skipped without binaries)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from conftest import Party
+from gpunet.credits import (
+    BudgetExceededError,
+    CreditClient,
+    LedgerVerificationError,
+    serve_in_background,
+    verify_database,
+    verify_receipt,
+    verify_service,
+)
+
+
+@pytest.fixture
+def pg_service(postgres_db, tmp_path):
+    env = dict(os.environ, GPUNET_DATA_DIR=str(tmp_path))
+    svc = serve_in_background(postgres_db, env=env, log_path=tmp_path / "log",
+                              operator_token_file=tmp_path / "operator.token")
+    yield svc, postgres_db, env, tmp_path
+    if svc.alive():
+        svc.stop()
+
+
+def test_postgres_flow_concurrency_restart_and_verify(pg_service):
+    svc, url, env, tmp_path = pg_service
+    party = Party(svc)
+    assert (tmp_path / f"credits-127.0.0.1-{url.rsplit(':', 1)[1].split('/')[0]}-"
+            f"{url.rsplit('/', 1)[1]}.ed25519.pem").exists()
+    clients = [party.account("client", credits=500) for _ in range(4)]
+    provider, _ = party.account("provider")
+    sessions = [(api.token, api.open_session(300)) for _, api in clients]
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        token, sid = sessions[n % 4]
+        me = CreditClient(svc.url, token)
+        ops = CreditClient(svc.url, svc.operator_token)
+        try:
+            for i in range(10):
+                try:
+                    hold = me.hold(sid, 9, key=f"w{n}-{i}")
+                except BudgetExceededError:
+                    continue
+                if i % 3:
+                    ops.settle(hold, provider, 4, key=f"w{n}-{i}-s")
+                else:
+                    ops.release(hold, key=f"w{n}-{i}-r")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    accounts = party.ops.accounts()
+    assert sum(a["balance"] for a in accounts) == 2000 and all(a["balance"] >= 0 for a in accounts)
+    token, sid = sessions[0]
+    receipt = CreditClient(svc.url, token).receipt(sid)
+    verify_receipt(receipt)
+    verify_service(svc.url, svc.operator_token)
+    size = party.ops.health()["size"]
+    svc.kill()
+    svc2 = serve_in_background(url, env=env, log_path=tmp_path / "log2",
+                               operator_token_file=tmp_path / "operator.token")
+    try:
+        assert svc2.client().health()["size"] == size
+        svc2.client().mint(provider, 1, key="after-restart")
+    finally:
+        svc2.stop()
+    summary = verify_database(url)
+    assert summary["size"] == size + 1 and summary["heads"] >= 2
+
+
+def test_postgres_tampering_is_caught(pg_service):
+    import psycopg
+
+    svc, url, env, tmp_path = pg_service
+    party = Party(svc)
+    name, api = party.account("client", credits=100)
+    sid = api.open_session(100)
+    for i in range(4):
+        party.ops.release(api.hold(sid, 5, key=f"h{i}"), key=f"r{i}")
+    svc.stop()
+    verify_database(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE entries SET amount = amount # 1 WHERE idx = 3")
+    with pytest.raises(LedgerVerificationError, match="entry 3: stored hash") as err:
+        verify_database(url)
+    assert err.value.index == 3
+
+
+def test_unreachable_postgres_is_a_clear_error(tmp_path):
+    from gpunet.credits import CreditsUnavailableError
+    from gpunet.credits._service import open_store
+
+    with pytest.raises(CreditsUnavailableError, match="cannot open the credit database postgresql"):
+        open_store("postgresql://nobody@127.0.0.1:1/none", key_file=tmp_path / "k.pem")
