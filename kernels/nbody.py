@@ -127,15 +127,21 @@ def _accel_targets(targets: jax.Array, pos: jax.Array, mass: jax.Array, eps: jax
     return jnp.stack([jnp.sum(w * dc, axis=1) for dc in d], axis=1)
 
 
-def _accel_range(pos: jax.Array, mass: jax.Array, eps: jax.Array, start: jax.Array, count: int) -> jax.Array:
+def _over_tiles(fn, pos: jax.Array, start: jax.Array, count: int) -> jax.Array:  # noqa: ANN001
+    """``fn(targets, target_index)`` for targets ``start .. start + count - 1``, in tiles of
+    :data:`TILE` so that at most ``TILE x N`` pairs are live at once."""
     n_tiles = -(-count // TILE)
+    index = start + jnp.arange(n_tiles * TILE if n_tiles > 1 else count, dtype=jnp.int32)
     if n_tiles <= 1:
-        targets = jax.lax.dynamic_slice_in_dim(pos, start, count)
-        return _accel_targets(targets, pos, mass, eps)
+        return fn(jax.lax.dynamic_slice_in_dim(pos, start, count), index)
     padded = jnp.concatenate([pos, jnp.zeros((n_tiles * TILE, 3), pos.dtype)])
     targets = jax.lax.dynamic_slice_in_dim(padded, start, n_tiles * TILE).reshape(n_tiles, TILE, 3)
-    acc = jax.lax.map(lambda t: _accel_targets(t, pos, mass, eps), targets)
-    return acc.reshape(-1, 3)[:count]
+    out = jax.lax.map(lambda ti: fn(*ti), (targets, index.reshape(n_tiles, TILE)))
+    return out.reshape(-1, *out.shape[2:])[:count]
+
+
+def _accel_range(pos: jax.Array, mass: jax.Array, eps: jax.Array, start: jax.Array, count: int) -> jax.Array:
+    return _over_tiles(lambda t, _: _accel_targets(t, pos, mass, eps), pos, start, count)
 
 
 @jax.jit
@@ -162,20 +168,23 @@ def accelerations_chunk(pos: jax.Array, mass: jax.Array, start: int, count: int,
     return _accel_chunk_jit(pos, mass, jnp.float32(eps), jnp.int32(start), count)
 
 
+def _potential_targets(targets: jax.Array, index: jax.Array, pos: jax.Array, mass: jax.Array, eps: jax.Array) -> jax.Array:
+    d = [pos[None, :, c] - targets[:, c, None] for c in range(3)]
+    inv = jax.lax.rsqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2] + eps * eps)
+    self_pair = index[:, None] == jnp.arange(pos.shape[0], dtype=jnp.int32)[None, :]
+    return jnp.sum(jnp.where(self_pair, 0.0, mass[None, :] * inv), axis=1)  # sum_j m_j / r_ij
+
+
 def _energy(state: State, eps: jax.Array) -> jax.Array:
     pos, vel, mass = state
     kinetic = 0.5 * jnp.sum(mass * jnp.sum(vel * vel, axis=1))
-    d = pos[None, :, :] - pos[:, None, :]
-    r = jnp.sqrt(jnp.sum(d * d, axis=-1) + eps * eps)
-    pair = mass[:, None] * mass[None, :] / r
-    n = mass.shape[0]
-    pair = jnp.where(jnp.eye(n, dtype=bool), 0.0, pair)
-    return kinetic - 0.5 * jnp.sum(pair)
+    phi = _over_tiles(lambda t, i: _potential_targets(t, i, pos, mass, eps), pos, jnp.int32(0), mass.shape[0])
+    return kinetic - 0.5 * jnp.sum(mass * phi)
 
 
 @jax.jit
 def energy(state: State, eps: float = 0.05) -> jax.Array:
-    """Total energy, kinetic plus softened potential (self-pairs excluded). Cost ``10 N^2``."""
+    """Total energy, kinetic plus softened potential (self-pairs excluded), in tiles. Cost ``10 N^2``."""
     return _energy(state, jnp.float32(eps))
 
 

@@ -60,6 +60,8 @@ def test_tiled_force_over_many_bodies_matches_reference() -> None:
     s = nbody.init(jax.random.key(8), nbody.TILE + 77)  # two tiles, the second padded
     got = nbody.accelerations(s.pos, s.mass)
     assert compare(got, nbody.reference_accelerations(s.pos, s.mass), nbody.tolerance) is None
+    energy = nbody.energy(s)
+    assert compare(energy, nbody.reference_energy(s.pos, s.vel, s.mass), nbody.tolerance) is None
     part = nbody.accelerations_chunk(s.pos, s.mass, 50, nbody.TILE + 1)
     assert compare(part, got[50 : 51 + nbody.TILE], nbody.tolerance) is None
 
