@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._base import Chunk, Cost, KernelModule, Mismatch, Tolerance, allclose, chunks, compare
+from ._base import Chunk, Cost, KernelModule, Mismatch, Tolerance, allclose, chunks, compare, weighted_chunks
 
 if TYPE_CHECKING:
     from . import frames, mlp, montecarlo, nbody, probe, render
@@ -49,6 +49,7 @@ __all__ = [
     "nbody",
     "probe",
     "render",
+    "weighted_chunks",
 ]
 
 

@@ -18,7 +18,7 @@ Shape of a kernel module (see :class:`KernelModule`):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ __all__ = [
     "check_positive",
     "chunks",
     "compare",
+    "weighted_chunks",
 ]
 
 
@@ -156,6 +157,39 @@ def chunks(total: int, k: int, *, align: int = 1) -> list[Chunk]:
         count = (base + (1 if i < extra else 0)) * align
         if i == k - 1:
             count = total - start
+        out.append(Chunk(start, count))
+        start += count
+    return out
+
+
+def weighted_chunks(total: int, weights: Sequence[float], *, align: int = 1) -> list[Chunk]:
+    """Split ``range(total)`` into one contiguous chunk per weight, sized in proportion.
+
+    For capability-weighted splits (a worker twice as fast gets twice the
+    items). Sizes are whole multiples of ``align`` (except the last chunk, which
+    takes the remainder), rounded by largest remainder, so they add up to
+    ``total`` exactly; a zero weight gets an empty chunk.
+
+    >>> weighted_chunks(10, [1, 1, 3])
+    [Chunk(start=0, count=2), Chunk(start=2, count=2), Chunk(start=4, count=6)]
+    """
+    total = _check_int("total", total, 0)
+    align = _check_int("align", align, 1)
+    weights = [float(w) for w in weights]
+    if not weights:
+        raise ValueError("Expected at least one weight, got none")
+    if any(not w >= 0 or w == float("inf") for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"Expected finite weights >= 0 with a positive sum, got {weights}")
+    units = total // align
+    exact = [units * w / sum(weights) for w in weights]
+    sizes = [int(e) for e in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (sizes[i] - exact[i], i))
+    for i in by_remainder[: units - sum(sizes)]:
+        sizes[i] += 1
+    out: list[Chunk] = []
+    start = 0
+    for i, size in enumerate(sizes):
+        count = size * align if i < len(sizes) - 1 else total - start
         out.append(Chunk(start, count))
         start += count
     return out

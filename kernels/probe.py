@@ -143,7 +143,8 @@ def _nvml_memory(device: jax.Device) -> int | None:
         import pynvml
     except ImportError:
         return None
-    index = int(getattr(device, "local_hardware_id", None) or device.id)
+    hardware_id = getattr(device, "local_hardware_id", None)
+    index = int(hardware_id if hardware_id is not None else device.id)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
         entries = [v.strip() for v in visible.split(",") if v.strip()]

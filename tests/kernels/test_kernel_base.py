@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpunet.kernels import Chunk, Cost, Tolerance, allclose, chunks, compare
+from gpunet.kernels import Chunk, Cost, Tolerance, allclose, chunks, compare, weighted_chunks
 
 
 @pytest.mark.parametrize("total", [0, 1, 2, 7, 10, 97, 1000])
@@ -90,3 +90,22 @@ def test_compare_data_frames_by_column() -> None:
     found = compare(a, a.assign(k=["x", "z"]), Tolerance(1.0, 1.0))
     assert found is not None and found.path == "result['k']"
     assert compare(a, a[["v", "k"]], Tolerance(1.0, 1.0)) is not None
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1, 1, 3], [0.5, 2.0, 0.0, 1.5], [3, 1, 1, 1, 1, 1, 1]])
+@pytest.mark.parametrize("total", [0, 7, 1001])
+def test_weighted_chunks_are_proportional_and_cover(weights: list[float], total: int) -> None:
+    parts = weighted_chunks(total, weights)
+    assert len(parts) == len(weights)
+    assert [i for c in parts for i in range(c.start, c.stop)] == list(range(total))
+    for c, w in zip(parts, weights):
+        assert abs(c.count - total * w / sum(weights)) < 1.0 + 1e-9
+
+
+def test_weighted_chunks_bad_weights_are_named() -> None:
+    with pytest.raises(ValueError, match=r"got \[0.0, 0.0\]"):
+        weighted_chunks(10, [0, 0])
+    with pytest.raises(ValueError, match="got none"):
+        weighted_chunks(10, [])
+    with pytest.raises(ValueError, match=r"got \[1.0, -1.0\]"):
+        weighted_chunks(10, [1, -1])
