@@ -36,7 +36,12 @@ class CreditServiceProcess:
         self.operator_token_file = token_file
         self.log_path = log_path
         self.db = db
-        self.operator_token = token_file.read_text().strip()
+        try:
+            self.operator_token: str | None = token_file.read_text().strip()
+        except OSError:
+            logger.warning("the operator token file %s is missing; restart the service with "
+                           "--rotate-operator-token to issue a new one", token_file)
+            self.operator_token = None
 
     @property
     def pid(self) -> int:

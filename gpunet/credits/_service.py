@@ -262,9 +262,11 @@ class CreditService:
         if name != actor and role != "operator":
             raise ForbiddenError(f"account {actor!r} may not read account {name!r}; only its owner or an "
                                  "operator may")
-        from starlette.concurrency import run_in_threadpool
+        acct = self.store.cached_account(name)
+        if acct is None:
+            from starlette.concurrency import run_in_threadpool
 
-        acct = await run_in_threadpool(self.store.read_account, name)
+            acct = await run_in_threadpool(self.store.read_account, name)
         if acct is None:
             raise NotFoundError(f"no account named {name!r}", details={"account": name})
         return acct
@@ -280,9 +282,11 @@ class CreditService:
     async def _readable_session(self, request: Request) -> tuple[str, str, dict[str, Any]]:
         actor, role = self._auth(request)
         sid = _session_id("session", request.path_params["sid"])
-        from starlette.concurrency import run_in_threadpool
+        usage = self.store.cached_session(sid)
+        if usage is None:
+            from starlette.concurrency import run_in_threadpool
 
-        usage = await run_in_threadpool(self.store.read_session, sid)
+            usage = await run_in_threadpool(self.store.read_session, sid)
         if usage is None:
             raise NotFoundError(f"no session {sid!r}", details={"session": sid})
         if usage["account"] != actor and role != "operator":

@@ -330,11 +330,15 @@ class CreditStore:
         self._tokens: dict[str, str] = {}
         self._sessions: dict[str, _Session] = {}
         self._holds: dict[str, _Hold] = {}
+        # What readers see without a database round trip: committed values only.
+        self._committed_balances: dict[str, int] = {}
+        self._committed_sessions: dict[str, tuple] = {}
         with self.engine.connect() as conn:
             for name, role, th, bal in conn.execute(
                 sa.select(self.tables["accounts"].c["name", "role", "token_hash", "balance"])
             ):
                 self._accounts[name] = _Account(name, role, th, bal)
+                self._committed_balances[name] = bal
                 if th:
                     self._tokens[th] = name
             hashes = [bytes(h) for (h,) in conn.exec_driver_sql("SELECT hash FROM entries ORDER BY idx")]
@@ -351,7 +355,10 @@ class CreditStore:
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="gpunet-credits-writer", daemon=True)
-        self._write_conn = self.engine.connect()
+        # The writer speaks plain DB-API on its own connection: prepared SQL strings and
+        # executemany, no statement compilation per group.
+        self._write_conn = self.engine.raw_connection()
+        self._p = "?" if url.startswith("sqlite") else "%s"
         self._thread.start()
         logger.info("credit store %s: %d accounts, %d ledger entries", _redact(url), len(self._accounts),
                     self.tree.size)
@@ -363,6 +370,7 @@ class CreditStore:
             conn.execute(self.tables["accounts"].insert().values(
                 name=name, role=role, token_hash=token_hash, balance=0, created=utcnow()))
         self._accounts[name] = _Account(name, role, token_hash, 0)
+        self._committed_balances[name] = 0
         if token_hash:
             self._tokens[token_hash] = name
 
@@ -405,6 +413,19 @@ class CreditStore:
         """Return the role of an account, or None if there is no such account."""
         acct = self._accounts.get(name)
         return acct.role if acct else None
+
+    def cached_account(self, name: str) -> dict[str, Any] | None:
+        """Return an account's committed balance from memory, or None if unknown."""
+        bal = self._committed_balances.get(name)
+        acct = self._accounts.get(name)
+        if bal is None or acct is None:
+            return None
+        return {"account": name, "role": acct.role, "balance": bal}
+
+    def cached_session(self, sid: str) -> dict[str, Any] | None:
+        """Return a session's committed usage from memory, or None if not cached (read the database)."""
+        row = self._committed_sessions.get(sid)
+        return None if row is None else session_usage(*row)
 
     def read_account(self, name: str) -> dict[str, Any] | None:
         """Return an account's committed name, role and balance, or None."""
@@ -504,6 +525,14 @@ class CreditStore:
         self._write_conn.close()
         self.engine.dispose()
 
+    def _publish(self, sessions: Any, accounts: Any) -> None:
+        """After a commit: let readers see the new committed values."""
+        for sess in sessions:
+            self._committed_sessions[sess.id] = (sess.id, sess.account, sess.notebook, sess.kernel, sess.budget,
+                                                 sess.held, sess.spent, sess.created)
+        for acct in accounts:
+            self._committed_balances[acct.name] = acct.balance
+
     def _run(self) -> None:
         while True:
             op = self._queue.get()
@@ -537,7 +566,6 @@ class CreditStore:
             uow = _UnitOfWork(self)
             results: list[tuple[_Op, Any, BaseException | None]] = []
             broken: _Op | None = None
-            trans = conn.begin()
             try:
                 uow.prefetch_idempotency(group)
                 for op in group:
@@ -552,7 +580,7 @@ class CreditStore:
                 if broken is None:
                     uow.flush()
             except Exception as exc:  # noqa: BLE001
-                trans.rollback()
+                conn.rollback()
                 uow.undo()
                 logger.exception("credit transaction of %d operations failed and was rolled back", len(group))
                 err = CreditsUnavailableError(
@@ -561,14 +589,24 @@ class CreditStore:
                     op.future.set_exception(err)
                 return
             if broken is not None:
-                trans.rollback()
+                conn.rollback()
                 uow.undo()
                 broken.future.set_exception(CreditsUnavailableError(
                     f"the credit service failed on this {broken.name} request (a bug, logged by the service); "
                     "nothing was moved", status=500))
                 group = [op for op in group if op is not broken]
                 continue
-            trans.commit()
+            try:
+                conn.commit()
+            except Exception as exc:  # noqa: BLE001
+                conn.rollback()
+                uow.undo()
+                logger.exception("commit of %d credit operations failed", len(group))
+                err = CreditsUnavailableError(
+                    f"the credit database refused the commit ({exc.__class__.__name__}); nothing was moved; retry")
+                for op in group:
+                    op.future.set_exception(err)
+                return
             uow.committed()
             with self._tree_lock:
                 self.tree.extend(uow.new_leaves)
@@ -623,21 +661,28 @@ class _UnitOfWork:
                 self.s._tokens[old_hash] = name
 
     def prefetch_idempotency(self, group: list[_Op]) -> None:
-        import sqlalchemy as sa
-
         scopes = [f"{op.actor}/{op.key}" for op in group if op.key]
         for op in group:
             if op.name == "batch":
                 scopes.extend(f"{op.actor}/{it.get('key')}" for it in op.params["items"] if it.get("key"))
         if not scopes:
             return
-        t = self.s.tables["idempotency"]
-        conn = self.s._write_conn
+        cur = self.s._write_conn.cursor()
+        p = self.s._p
         for i in range(0, len(scopes), 500):
             chunk = scopes[i : i + 500]
-            for scope, rh, resp in conn.execute(sa.select(t.c["scope", "request_hash", "response"]).where(
-                    t.c.scope.in_(chunk))):
+            cur.execute(f"SELECT scope, request_hash, response FROM idempotency WHERE scope IN "
+                        f"({', '.join([p] * len(chunk))})", chunk)
+            for scope, rh, resp in cur.fetchall():
                 self.idem_found[scope] = (rh, resp)
+        cur.close()
+
+    def _one(self, sql: str, value: Any) -> tuple | None:
+        cur = self.s._write_conn.cursor()
+        cur.execute(sql.format(p=self.s._p), (value,))
+        row = cur.fetchone()
+        cur.close()
+        return None if row is None else tuple(row)
 
     def _account(self, name: str, what: str = "account") -> _Account:
         acct = self.s._accounts.get(name)
@@ -649,26 +694,21 @@ class _UnitOfWork:
     def _session(self, sid: str) -> _Session:
         sess = self.s._sessions.get(sid)
         if sess is None:
-            import sqlalchemy as sa
-
-            st = self.s.tables["sessions"]
-            row = self.s._write_conn.execute(sa.select(st.c["id", "account", "notebook", "kernel", "budget", "held",
-                                                              "spent", "created"]).where(st.c.id == sid)).first()
+            row = self._one("SELECT id, account, notebook, kernel, budget, held, spent, created FROM sessions "
+                            "WHERE id = {p}", sid)
             if row is None:
                 raise NotFoundError(f"no session {sid!r}; open one with open_session first",
                                     details={"session": sid})
             sess = _Session(*row)
             self.s._sessions[sid] = sess
+            self.s._committed_sessions[sid] = row
         return sess
 
     def _hold(self, hid: str) -> _Hold:
         hold = self.s._holds.get(hid)
         if hold is None:
-            import sqlalchemy as sa
-
-            ht = self.s.tables["holds"]
-            row = self.s._write_conn.execute(sa.select(ht.c["id", "session", "account", "amount", "state", "provider",
-                                                              "paid", "entry", "closed_entry"]).where(ht.c.id == hid)).first()
+            row = self._one("SELECT id, session, account, amount, state, provider, paid, entry, closed_entry "
+                            "FROM holds WHERE id = {p}", hid)
             if row is None:
                 raise NotFoundError(f"no hold {hid!r}; place it with hold() first", details={"hold": hid})
             hold = _Hold(*row)
@@ -686,9 +726,7 @@ class _UnitOfWork:
         prev = self.last_hash
         src_name = src.name if src is not None else ""
         h = entry_hash(prev, index, self.now, kind, src_name, dst.name, amount, session, hold, key)
-        self.entries.append({"idx": index, "time": self.now, "kind": kind, "src": src_name, "dst": dst.name,
-                             "amount": amount, "session": session, "hold": hold, "key": key,
-                             "prev": prev, "hash": h})
+        self.entries.append((index, self.now, kind, src_name, dst.name, amount, session, hold, key, prev, h))
         self.new_leaves.append(h)
         self.next_index = index + 1
         self.last_hash = h
@@ -875,65 +913,46 @@ class _UnitOfWork:
     # -- writing it out --
 
     def flush(self) -> None:
-        t = self.s.tables
-        conn = self.s._write_conn
         if not (self.dirty_accounts or self.new_accounts or self.new_sessions or self.entries or self.heads
                 or self.dirty_sessions or self.idem_new):
             return
+        p = self.s._p
+        cur = self.s._write_conn.cursor()
+
+        def many(sql: str, rows: list) -> None:
+            if rows:
+                cur.executemany(sql.format(p=p), rows)
+
         new_names = {a.name for a in self.new_accounts}
-        if self.new_accounts:
-            conn.execute(t["accounts"].insert(), [
-                {"name": a.name, "role": a.role, "token_hash": a.token_hash, "balance": a.balance,
-                 "created": self.now} for a in self.new_accounts])
-        upd = [a for n, a in self.dirty_accounts.items() if n not in new_names]
-        if upd:
-            import sqlalchemy as sa
-
-            ta = t["accounts"]
-            conn.execute(ta.update().where(ta.c.name == sa.bindparam("b_name")).values(
-                balance=sa.bindparam("b_balance"), token_hash=sa.bindparam("b_token")),
-                [{"b_name": a.name, "b_balance": a.balance, "b_token": a.token_hash} for a in upd])
-        if self.new_sessions:
-            conn.execute(t["sessions"].insert(), [
-                {"id": s.id, "account": s.account, "notebook": s.notebook, "kernel": s.kernel,
-                 "budget": s.budget, "held": s.held, "spent": s.spent, "created": s.created}
-                for s in self.new_sessions])
-        new_sids = {s.id for s in self.new_sessions}
-        supd = [s for sid, s in self.dirty_sessions.items() if sid not in new_sids]
-        if supd:
-            import sqlalchemy as sa
-
-            ts = t["sessions"]
-            conn.execute(ts.update().where(ts.c.id == sa.bindparam("b_id")).values(
-                held=sa.bindparam("b_held"), spent=sa.bindparam("b_spent")),
-                [{"b_id": s.id, "b_held": s.held, "b_spent": s.spent} for s in supd])
-        if self.new_holds:
-            conn.execute(t["holds"].insert(), [
-                {"id": h.id, "session": h.session, "account": h.account, "amount": h.amount, "state": h.state,
-                 "provider": h.provider, "paid": h.paid, "entry": h.entry, "closed_entry": h.closed_entry}
-                for h in self.new_holds.values()])
-        if self.dirty_holds:
-            import sqlalchemy as sa
-
-            th = t["holds"]
-            conn.execute(th.update().where(th.c.id == sa.bindparam("b_id")).values(
-                state=sa.bindparam("b_state"), paid=sa.bindparam("b_paid"),
-                provider=sa.bindparam("b_provider"), closed_entry=sa.bindparam("b_closed")),
-                [{"b_id": h.id, "b_state": h.state, "b_paid": h.paid, "b_provider": h.provider,
-                  "b_closed": h.closed_entry} for h in self.dirty_holds.values()])
-        if self.entries:
-            conn.execute(t["entries"].insert(), self.entries)
-        if self.idem_new:
-            conn.execute(t["idempotency"].insert(), [
-                {"scope": scope, "request_hash": rh, "response": resp}
-                for scope, (rh, resp) in self.idem_new.items()])
-        if self.heads:
-            conn.execute(t["heads"].insert(), [
-                {"size": h["size"], "root": h["root"], "timestamp": h["timestamp"],
-                 "signature": h["signature"], "public_key": h["public_key"]} for h in self.heads])
+        many("INSERT INTO accounts (name, role, token_hash, balance, created) VALUES ({p}, {p}, {p}, {p}, {p})",
+             [(a.name, a.role, a.token_hash, a.balance, self.now) for a in self.new_accounts])
+        many("UPDATE accounts SET balance = {p}, token_hash = {p} WHERE name = {p}",
+             [(a.balance, a.token_hash, a.name) for n, a in self.dirty_accounts.items() if n not in new_names])
+        many("INSERT INTO sessions (id, account, notebook, kernel, budget, held, spent, created) "
+             "VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})",
+             [(x.id, x.account, x.notebook, x.kernel, x.budget, x.held, x.spent, x.created)
+              for x in self.new_sessions])
+        new_sids = {x.id for x in self.new_sessions}
+        many("UPDATE sessions SET held = {p}, spent = {p} WHERE id = {p}",
+             [(x.held, x.spent, x.id) for sid, x in self.dirty_sessions.items() if sid not in new_sids])
+        many("INSERT INTO holds (id, session, account, amount, state, provider, paid, entry, closed_entry) "
+             "VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})",
+             [(h.id, h.session, h.account, h.amount, h.state, h.provider, h.paid, h.entry, h.closed_entry)
+              for h in self.new_holds.values()])
+        many("UPDATE holds SET state = {p}, paid = {p}, provider = {p}, closed_entry = {p} WHERE id = {p}",
+             [(h.state, h.paid, h.provider, h.closed_entry, h.id) for h in self.dirty_holds.values()])
+        many(f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES ({{p}}, {{p}}, {{p}}, {{p}}, {{p}}, {{p}}, {{p}}, "
+             "{p}, {p}, {p}, {p})", self.entries)
+        many("INSERT INTO idempotency (scope, request_hash, response) VALUES ({p}, {p}, {p})",
+             [(scope, rh, resp) for scope, (rh, resp) in self.idem_new.items()])
+        many("INSERT INTO heads (size, root, timestamp, signature, public_key) VALUES ({p}, {p}, {p}, {p}, {p})",
+             [(h["size"], h["root"], h["timestamp"], h["signature"], h["public_key"]) for h in self.heads])
+        cur.close()
 
     def committed(self) -> None:
-        """Make the transaction's position in the chain the store's, after the commit."""
+        """After the commit: the store takes the new chain position; readers see the new values."""
+        self.s._publish(list(self.new_sessions) + list(self.dirty_sessions.values()),
+                        list(self.new_accounts) + list(self.dirty_accounts.values()))
         self.s._next_index = self.next_index
         self.s._last_hash = self.last_hash
         if self.heads:
