@@ -163,7 +163,7 @@ class GpunetMagics(Magics):
         job = Job(
             jobs.new_job_id(), code=cell, inputs=jobs.pickle_inputs(values), outputs=tuple(output_names),
             strict_outputs=outputs is not None, display_last_expression=analysis.displays_last_expression,
-            map_name=map_name, topic=net.topic, announce=items is None,
+            map_name=map_name, topic=net.topic, announce=items is None and not args.quiet,
         )
         remote = net.submit(job, resources=resources, items=items, workers=workers)
         progress = None if args.quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)

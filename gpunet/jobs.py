@@ -128,11 +128,16 @@ class RemoteJob:
         self.network = network
         self.job = job
         self.futures = futures
+        self.count = len(futures)
         self.mapped = items is not None
         self.submitted = time.monotonic()
         self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self.wake = threading.Event()
-        self.remaining = len(futures)
+        self.index_of = {future.key: (None if items is None else index) for index, future in enumerate(futures)}
+        #: results that came as events, by item index (None for a single job)
+        self.results: dict[int | None, JobResult] = {}
+        #: indices whose future finished
+        self.finished: set[int | None] = set()
         self.workers_seen: list[tuple[str, str]] = []
         self.shown_seq: dict[int | None, int] = {}
         self._lock = threading.Lock()
@@ -167,17 +172,30 @@ class RemoteJob:
 
     # -- callbacks from the client's event loop -------------------------------------------
     def on_event(self, message: dict[str, Any]) -> None:
-        self.events.put(message)
+        if message.get("kind") == "result":
+            from gpunet.remote import result_from_event
+
+            with self._lock:
+                self.results.setdefault(message.get("index"), result_from_event(message["result"]))
+        else:
+            self.events.put(message)
         self.wake.set()
 
     def _on_done(self, future: Future) -> None:
         with self._lock:
-            self.remaining -= 1
+            self.finished.add(self.index_of[future.key])
         self.wake.set()
 
     def done(self) -> bool:
-        """True once every future of the job has finished (well or not)."""
-        return self.remaining <= 0
+        """True once every item has a result or a finished future (well or not)."""
+        with self._lock:
+            return len(self.finished | self.results.keys()) >= self.count
+
+    @property
+    def completed(self) -> int:
+        """How many items are done."""
+        with self._lock:
+            return len(self.finished | self.results.keys())
 
     # -- waiting ------------------------------------------------------------------------
     def wait(self, timeout: float | None = None, *, quiet: bool = False, progress: JobProgress | None = None,
@@ -207,13 +225,17 @@ class RemoteJob:
                     wait_for = left if wait_for is None else min(wait_for, left)
                 self.wake.wait(wait_for)
                 if progress is not None:
-                    progress.tick(done=len(self.futures) - self.remaining)
+                    progress.tick(done=self.completed)
         except KeyboardInterrupt:
             self.stop("interrupted")
             raise
         finally:
             self.network._forget(self.job.job_id)
         results = self._gather()
+        if progress is not None and not self.mapped:
+            progress.ran_on(results[0].worker, results[0].device)
+        # Let Dask forget the results now: what came back is all there is.
+        self.futures = []
         self._drain(progress, echo)
         if echo:
             for result in results:
@@ -223,7 +245,11 @@ class RemoteJob:
     def _gather(self) -> list[JobResult]:
         from distributed.scheduler import KilledWorker
 
-        for index, future in enumerate(self.futures):
+        with self._lock:
+            have = dict(self.results)
+        missing = [future for future in self.futures if self.index_of[future.key] not in have]
+        for future in missing:
+            index = self.index_of[future.key]
             if future.status == "error":
                 exc = future.exception()
                 where = f"item {index} of this map" if self.mapped else "this job"
@@ -238,7 +264,9 @@ class RemoteJob:
                     "the network lost this job (its scheduler restarted or this client was disconnected); "
                     "run it again"
                 )
-        return self.network.client.gather(self.futures)
+        for result in self.network.client.gather(missing):
+            have[result.index] = result
+        return [have[self.index_of[future.key]] for future in self.futures]
 
     def _drain(self, progress: JobProgress | None, echo: bool) -> None:
         while True:

@@ -45,6 +45,16 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 #: How often, at most, a running job sends its stdout/stderr to the client.
 STREAM_INTERVAL_S = 0.1
 
+#: A job still running after this long says where it runs ("started" event); a
+#: quicker one only reports its result, which names the worker too.
+ANNOUNCE_AFTER_S = 0.05
+
+#: Results up to this size also travel as an event on the job's topic, which reaches
+#: the client with the task's completion, saving the round trip of a gather. The
+#: scheduler keeps the last `distributed.admin.low-level-log-length` (1000) events
+#: of a topic, so this bounds what it holds to a few MB.
+RESULT_EVENT_MAX_BYTES = 16 * 1024
+
 
 class JobInterrupted(BaseException):
     """Raised inside a job's thread to stop it (a BaseException, like KeyboardInterrupt,
@@ -342,8 +352,15 @@ def run_job(
             _running[job.job_id] = thread_id
         else:
             _running[f"{job.job_id}/{index}"] = thread_id
+    running_key = job.job_id if index is None else f"{job.job_id}/{index}"
     if job.announce and job.topic is not None and worker is not None:
-        worker.log_event(job.topic, {"job": job.job_id, "kind": "started", "worker": address, "device": device})
+        started_event = {"job": job.job_id, "kind": "started", "worker": address, "device": device}
+
+        def announce() -> None:
+            if _running.get(running_key) == thread_id:
+                worker.log_event(job.topic, started_event)
+
+        worker.loop.add_callback(worker.loop.call_later, ANNOUNCE_AFTER_S, announce)
     try:
         try:
             if job.code is not None:
@@ -355,14 +372,44 @@ def run_job(
         finally:
             with _registry_lock:
                 _contexts.pop(thread_id, None)
-                _running.pop(job.job_id if index is None else f"{job.job_id}/{index}", None)
+                _running.pop(running_key, None)
     except JobInterrupted as exc:  # arrived while cleaning up
         result.error = _error_info(exc, None)
     context.flush(send=False)
     result.streams = context.chunks
     result.displays = context.displays
     result.finished = time.time()
+    if job.topic is not None and worker is not None:
+        _send_result_event(worker, job.topic, result)
     return result
+
+
+def result_to_event(result: JobResult) -> dict[str, Any]:
+    """A JobResult as a msgpack-friendly dict (see :func:`result_from_event`)."""
+    return dataclasses.asdict(result)
+
+
+def result_from_event(data: dict[str, Any]) -> JobResult:
+    """Rebuild a JobResult sent as an event (msgpack turned its tuples into lists)."""
+    result = JobResult(**data)
+    result.missing_outputs = list(result.missing_outputs)
+    result.streams = [tuple(chunk) for chunk in result.streams]  # type: ignore[misc]
+    result.displays = [tuple(bundle) for bundle in result.displays]  # type: ignore[misc]
+    result.unpicklable_outputs = [tuple(entry) for entry in result.unpicklable_outputs]  # type: ignore[misc]
+    return result
+
+
+def _send_result_event(worker: Any, topic: str, result: JobResult) -> None:
+    size = sum(len(blob) for blob in result.outputs.values()) + len(result.value or b"")
+    size += sum(len(text) for _, _, text in result.streams)
+    size += sum(len(v) for data, _ in result.displays for v in data.values() if isinstance(v, (str, bytes)))
+    if size > RESULT_EVENT_MAX_BYTES:
+        return
+    try:
+        worker.log_event(topic, {"job": result.job_id, "kind": "result", "index": result.index,
+                                 "result": result_to_event(result)})
+    except TypeError:  # something in it is not msgpack-able: the gather brings it
+        pass
 
 
 def _run_cell(job: Job, item: bytes | None, context: _JobContext, result: JobResult) -> None:

@@ -68,6 +68,11 @@ class JobProgress:
             self._text(f"{self.label}: {rerun_after} was lost; re-running on {self.where}")
         self._render()
 
+    def ran_on(self, worker: str, device: str) -> None:
+        """Record where a job ran (quick jobs never announce it while running)."""
+        if not self.where:
+            self.where = f"{worker} ({device})"
+
     def tick(self, done: int | None = None) -> None:
         """Refresh the elapsed time (and the count of finished map items)."""
         if done is not None:

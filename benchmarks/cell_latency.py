@@ -1,0 +1,127 @@
+"""Round trip of a trivial %%gpunet cell against client.submit and ipyparallel's %%px,
+and --map throughput against client.map, all on one embedded network in one run.
+
+    .venv/bin/python benchmarks/cell_latency.py [--repeats 200] [--items 2000]
+
+Prints figures; never fails on a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+from typing import Callable
+
+
+def trivial(x: int = 1) -> int:
+    return x + 1
+
+
+def timings(fn: Callable[[], object], repeats: int, warmup: int = 10) -> list[float]:
+    """Seconds each call of ``fn`` took, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def summary(samples: list[float]) -> tuple[float, float]:
+    """(median, p95) in milliseconds."""
+    ordered = sorted(samples)
+    return statistics.median(ordered) * 1e3, ordered[int(0.95 * (len(ordered) - 1))] * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--items", type=int, default=2000)
+    args = parser.parse_args()
+
+    import io
+    import sys
+
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import gpunet
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "gpunet")
+    net = gpunet.connect()
+    client = net.client
+    print(f"network: {net.embedded.note if net.embedded else net.address}")
+    shell.user_ns["x"] = 1
+
+    def cell(flags: str) -> Callable[[], None]:
+        def run() -> None:
+            saved = sys.stderr
+            sys.stderr = io.StringIO()  # the progress line, in text mode
+            try:
+                shell.run_cell_magic("gpunet", flags, "y = x + 1")
+            finally:
+                sys.stderr = saved
+        return run
+
+    rows = []
+    submit = summary(timings(lambda: client.submit(trivial, 1, pure=False).result(), args.repeats))
+    rows.append(("client.submit(f).result()", submit))
+    rows.append(("%%gpunet --quiet (y = x + 1)", summary(timings(cell("--quiet"), args.repeats))))
+    rows.append(("%%gpunet (text progress)", summary(timings(cell(""), args.repeats))))
+
+    px = None
+    try:
+        import ipyparallel as ipp
+
+        cluster = ipp.Cluster(n=2, log_level=40)
+        rc = cluster.start_and_connect_sync()
+        rc.wait_for_engines(2, timeout=120)
+        rc[:].activate()
+        rc[:].push({"x": 1}, block=True)
+        px = summary(timings(lambda: shell.run_cell_magic("px", "--block", "y = x + 1"), args.repeats))
+        rows.append(("ipyparallel %%px on 2 engines", px))
+    except ImportError:
+        print("ipyparallel is not installed (pip install -e '.[bench]'): %%px not measured")
+
+    print(f"\nround trip of a trivial cell, {args.repeats} repeats (ms)")
+    print(f"{'':36s} {'median':>8s} {'p95':>8s}")
+    for name, (median, p95) in rows:
+        print(f"{name:36s} {median:8.2f} {p95:8.2f}")
+    quiet = rows[1][1][0]
+    print(f"ratio %%gpunet --quiet / client.submit (median): {quiet / submit[0]:.2f}  (aim: <= 1.3)")
+    if px is not None:
+        print(f"ratio %%gpunet --quiet / %%px (median): {quiet / px[0]:.2f}  (aim: < 1)")
+        cluster.stop_cluster_sync()
+
+    items = list(range(args.items))
+
+    def client_map() -> None:
+        futures = client.map(trivial, items, key=[f"bench-{uuid.uuid4().hex}-{i}" for i in items])
+        client.gather(futures)
+
+    def gpunet_map() -> None:
+        shell.run_cell_magic("gpunet", "--map i=items --quiet", "y = i + 1")
+
+    shell.user_ns["items"] = items
+    for label, fn in (("client.map + gather", client_map), ("%%gpunet --map", gpunet_map),
+                      ("net.map", lambda: net.map(trivial, items))):
+        fn()  # warm-up
+    results = {}
+    for label, fn in (("client.map + gather", client_map), ("%%gpunet --map", gpunet_map),
+                      ("net.map", lambda: net.map(trivial, items))):
+        best = min(timings(fn, 3, warmup=0))
+        results[label] = args.items / best
+    print(f"\nthroughput over {args.items} trivial items (best of 3, items/s)")
+    for label, rate in results.items():
+        print(f"{label:36s} {rate:8.0f}")
+    ratio = results["%%gpunet --map"] / results["client.map + gather"]
+    print(f"ratio %%gpunet --map / client.map: {ratio:.2f}  (aim: >= 0.9)")
+    net.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The Python API and the connection lifecycle, against real local Dask networks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+import gpunet
+from gpunet import network as network_module
+from gpunet.errors import ConnectError, GpunetError, RemoteCellError
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_run_and_map(net):
+    assert net.run(pow, 2, 10) == 1024
+    assert net.map(lambda v: v * v, range(6)) == [0, 1, 4, 9, 16, 25]
+
+
+def test_gpunet_map_uses_the_current_network(net):
+    network_module._current = net
+    assert gpunet.current() is net
+    assert gpunet.map(str, [1, 2]) == ["1", "2"]
+
+
+def test_run_raises_the_remote_exception(net):
+    def fails(key):
+        return {}[key]
+
+    with pytest.raises(KeyError) as caught:
+        net.run(fails, "missing")
+    assert "in fails" in "\n".join(caught.value._render_traceback_())
+
+
+def test_unbuildable_remote_exception_becomes_remote_cell_error(net):
+    def fails():
+        class Local(Exception):
+            pass
+
+        raise Local("made on the worker")
+
+    with pytest.raises((RemoteCellError, Exception)) as caught:
+        net.run(fails)
+    assert "made on the worker" in str(caught.value)
+
+
+def test_function_stdout_is_printed_here(net, capsys):
+    net.run(print, "from the worker")
+    assert "from the worker" in capsys.readouterr().out
+
+
+def test_unreachable_scheduler_fails_fast_naming_it():
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    previous = network_module._current
+    started = time.monotonic()
+    with pytest.raises(ConnectError) as caught:
+        gpunet.connect(address, timeout=2)
+    assert address in str(caught.value)
+    assert time.monotonic() - started < 6
+    assert network_module._current is previous
+
+
+def test_scheduler_from_environment(net, monkeypatch):
+    monkeypatch.setenv("GPUNET_SCHEDULER", net.address)
+    previous, network_module._current = network_module._current, None
+    try:
+        joined = gpunet.connect()
+        assert joined.embedded is None and joined.address == net.address
+        assert joined.run(len, "abc") == 3
+        joined.close()
+        assert net.run(len, "ab") == 2, "closing a joined connection leaves the network running"
+    finally:
+        network_module._current = previous
+
+
+def test_embedded_network_context_manager_shuts_down():
+    previous, network_module._current = network_module._current, None
+    try:
+        with gpunet.connect(workers=1) as own:
+            address = own.address
+            assert own.run(os.getpid) != os.getpid()
+            assert "127.0.0.1" in own.dashboard_link
+        with pytest.raises(GpunetError):
+            gpunet.current()
+        with pytest.raises(ConnectError):
+            gpunet.connect(address, timeout=1)
+    finally:
+        network_module._current = previous
+
+
+def test_worker_dying_mid_cell_reruns_elsewhere(tmp_path):
+    """The first attempt kills its own worker process; Dask re-runs the cell."""
+    marker = tmp_path / "first-attempt"
+    previous, network_module._current = network_module._current, None
+
+    def dies_once(path):
+        if not os.path.exists(path):
+            open(path, "w").close()
+            os._exit(1)
+        return os.getpid()
+
+    try:
+        with gpunet.connect() as own:
+            pid = own.run(dies_once, str(marker), timeout=60)
+            assert marker.exists() and isinstance(pid, int)
+    finally:
+        network_module._current = previous
+
+
+def test_worker_that_always_dies_gives_a_clear_error():
+    previous, network_module._current = network_module._current, None
+    try:
+        with gpunet.connect(workers=1) as own:
+            own.client.run_on_scheduler(_lower_allowed_failures)
+            with pytest.raises(gpunet.WorkerLostError, match="died"):
+                own.run(os._exit, 1, timeout=60)
+    finally:
+        network_module._current = previous
+
+
+def _lower_allowed_failures(dask_scheduler=None):
+    dask_scheduler.allowed_failures = 0
