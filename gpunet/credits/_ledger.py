@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,13 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunet.credits._errors import LedgerVerificationError, ProofError
-from gpunet.credits._merkle import (
-    EMPTY_ROOT,
-    MerkleTree,
-    leaf_hash,
-    root_from_leaves,
-    verify_inclusion,
-)
+from gpunet.credits._merkle import MerkleTree, leaf_hash, roots_at_sizes, verify_inclusion
 
 logger = logging.getLogger(__name__)
 
@@ -211,9 +206,13 @@ class LedgerChecker:
     with :meth:`feed` (in chunks, in order), then call :meth:`finish`.
     """
 
-    def __init__(self) -> None:
-        self.size = 0
-        self.last = ZERO_HASH
+    def __init__(self, start: int = 0, prev: bytes | None = ZERO_HASH) -> None:
+        # ``start``/``prev``: check a slice of the ledger that begins at entry ``start``;
+        # ``prev=None`` takes the first entry's prev link as given (checked by the caller).
+        self.start = start
+        self.size = start
+        self.last = prev
+        self.first_prev: bytes | None = None
         self.leaves: list[bytes] = []
         self.balances: dict[str, int] = {}
         self.minted = 0
@@ -227,6 +226,13 @@ class LedgerChecker:
         expected = self.size
         last = self.last
         minted = self.minted
+        if last is None:
+            rows = iter(rows)
+            first = next(rows, None)
+            if first is None:
+                return
+            last = self.first_prev = bytes(first[9])
+            rows = itertools.chain((first,), rows)
         for row in rows:
             index, time, kind, src, dst, amount, session, hold, key, prev, stored = row
             prev = bytes(prev)
@@ -290,8 +296,9 @@ class LedgerChecker:
 
         Returns a summary ``{"size", "root", "heads", "accounts", "minted"}``.
         """
-        tree = self.tree() if heads else None
-        root = tree.root() if tree is not None else (root_from_leaves(self.leaves) if self.leaves else EMPTY_ROOT)
+        sizes = [h["size"] for h in heads if isinstance(h.get("size"), int) and 0 <= h["size"] <= self.size]
+        roots = roots_at_sizes(self.leaves, [*sizes, self.size])
+        root = roots[self.size]
         for head in heads:
             verify_head(head, public_key)
             size = head["size"]
@@ -302,7 +309,7 @@ class LedgerChecker:
                     index=self.size,
                     evidence={"head_size": size, "ledger_size": self.size},
                 )
-            computed = tree.root(size)
+            computed = roots[size]
             if computed.hex() != head["root"]:
                 first_bad = self._first_leaf_not_matching(head)
                 raise LedgerVerificationError(

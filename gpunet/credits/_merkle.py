@@ -66,6 +66,42 @@ def root_from_leaves(leaf_hashes: Sequence[bytes]) -> bytes:
     return level[0]
 
 
+def roots_at_sizes(leaf_hashes: Sequence[bytes], sizes: Iterable[int]) -> dict[int, bytes]:
+    """Return ``{size: root}`` for several sizes of one tree, hashing every node once.
+
+    Builds the complete subtrees level by level (lists, fast), then folds each
+    size's perfect subtrees from the right, as RFC 6962's split does.
+    """
+    sizes = sorted(set(sizes))
+    n = len(leaf_hashes)
+    for size in sizes:
+        if not 0 <= size <= n:
+            raise ProofError(f"tree size {size} is outside 0..{n}", evidence={"size": size, "tree_size": n})
+    levels = [list(leaf_hashes)]
+    sha = _sha256
+    prefix = NODE_PREFIX
+    while len(levels[-1]) > 1:
+        lvl = levels[-1]
+        it = iter(lvl[: len(lvl) & ~1])
+        levels.append([sha(prefix + a + b).digest() for a, b in zip(it, it)])
+    out: dict[int, bytes] = {}
+    for size in sizes:
+        if size == 0:
+            out[0] = EMPTY_ROOT
+            continue
+        nodes = []
+        offset = 0
+        for level in range(size.bit_length() - 1, -1, -1):
+            if size >> level & 1:
+                nodes.append(levels[level][offset >> level])
+                offset += 1 << level
+        root = nodes[-1]
+        for node in reversed(nodes[:-1]):
+            root = node_hash(node, root)
+        out[size] = root
+    return out
+
+
 class MerkleTree:
     """An append-only RFC 6962 tree over leaf hashes, keeping all complete subtrees.
 

@@ -16,15 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from gpunet.credits._errors import CreditsUnavailableError, LedgerVerificationError
-from gpunet.credits._ledger import LedgerChecker, key_id, verify_receipt
-from gpunet.credits._store import ENTRY_COLUMNS, read_heads, resolve_db_url, sqlite_path
+from gpunet.credits._ledger import ZERO_HASH, LedgerChecker, key_id, verify_receipt
+from gpunet.credits._store import ENTRY_COLUMNS, resolve_db_url, sqlite_path
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 100_000
 
 
-def verify_database(db: str | os.PathLike[str] | None, *, public_key: str | None = None) -> dict[str, Any]:
+def verify_database(
+    db: str | os.PathLike[str] | None,
+    *,
+    public_key: str | None = None,
+    workers: int | None = None,
+    parallel_min: int = 200_000,
+) -> dict[str, Any]:
     """Check the ledger stored in a credit database (a file path or a URL).
 
     Checks the hash chain, every entry's hash, the Merkle root at every stored
@@ -32,65 +38,46 @@ def verify_database(db: str | os.PathLike[str] | None, *, public_key: str | None
     ``public_key`` pins another), and that every account's balance equals the sum
     of its entries. Returns a summary; raises :class:`LedgerVerificationError`
     naming the first bad entry.
+
+    Ledgers of ``parallel_min`` entries or more are read and hashed by ``workers``
+    processes (default: one per CPU, at most 4), each over one range of indexes;
+    the ranges are stitched by their chain links.
     """
     url = resolve_db_url(db)
     path = sqlite_path(url)
-    if path is not None:
-        if not path.exists():
-            raise CreditsUnavailableError(f"no credit database at {path}; pass --db with the right file or URL",
-                                          url=str(path))
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return _verify_dbapi(conn, "?", public_key, lambda: _heads_sqlite(conn))
-        finally:
-            conn.close()
-    from gpunet.credits._store import open_engine
-
-    engine = open_engine(url)
+    if path is not None and not path.exists():
+        raise CreditsUnavailableError(f"no credit database at {path}; pass --db with the right file or URL",
+                                      url=str(path))
+    conn, close = _connect(url)
     try:
-        raw = engine.raw_connection()
+        cur = conn.cursor()
         try:
-            return _verify_dbapi(raw.driver_connection, "%s", public_key, lambda: read_heads(engine))
-        finally:
-            raw.close()
+            cur.execute("SELECT value FROM meta WHERE key = 'public_key'")
+        except Exception as exc:  # noqa: BLE001 - any driver's "no such table"
+            raise LedgerVerificationError(f"this database holds no gpunet ledger ({exc})") from exc
+        row = cur.fetchone()
+        recorded = row[0] if row else None
+        cur.execute("SELECT count(*), max(idx) FROM entries")
+        count, top = cur.fetchone()
+        slots = 0 if top is None else int(top) + 1
+        cur.execute("SELECT name, balance FROM accounts")
+        balances = {name: bal for name, bal in cur.fetchall()}
+        cur.execute("SELECT size, root, timestamp, signature, public_key FROM heads ORDER BY size")
+        heads = [{"size": r[0], "root": r[1], "timestamp": r[2], "signature": r[3], "public_key": r[4]}
+                 for r in cur.fetchall()]
     finally:
-        engine.dispose()
-
-
-def _heads_sqlite(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    rows = conn.execute("SELECT size, root, timestamp, signature, public_key FROM heads ORDER BY size").fetchall()
-    return [{"size": r[0], "root": r[1], "timestamp": r[2], "signature": r[3], "public_key": r[4]} for r in rows]
-
-
-def _verify_dbapi(conn: Any, p: str, public_key: str | None, heads_fn: Any) -> dict[str, Any]:
-    cur = conn.cursor()
-    try:
-        cur.execute("SELECT value FROM meta WHERE key = 'public_key'")
-    except Exception as exc:  # noqa: BLE001 - any driver's "no such table"
-        raise LedgerVerificationError(f"this database holds no gpunet ledger ({exc})") from exc
-    row = cur.fetchone()
-    recorded = row[0] if row else None
-    checker = LedgerChecker()
-    start = 0
-    while True:
-        cur.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE idx >= {p} AND idx < {p} ORDER BY idx",
-                    (start, start + CHUNK))
-        rows = cur.fetchall()
-        if not rows:
-            break
-        checker.feed(rows)
-        start += CHUNK
-        if len(rows) < CHUNK and checker.size == start - CHUNK + len(rows):
-            break
-    # Entries beyond a gap (an index missing) would be skipped by the ranges above: catch them.
-    cur.execute("SELECT count(*), max(idx) FROM entries")
-    count, top = cur.fetchone()
-    if count != checker.size:
-        cur.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE idx >= {p} ORDER BY idx", (checker.size,))
-        checker.feed(cur.fetchall())  # raises at the first out-of-place entry
-    cur.execute("SELECT name, balance FROM accounts")
-    balances = {name: bal for name, bal in cur.fetchall()}
-    heads = heads_fn()
+        close()
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 4) if slots >= parallel_min else 1
+    bounds = [slots * i // workers for i in range(workers + 1)]
+    jobs = [(url, bounds[i], bounds[i + 1]) for i in range(workers) if bounds[i + 1] > bounds[i]] or [(url, 0, 0)]
+    if len(jobs) == 1:
+        parts = [_scan(*jobs[0])]
+    else:
+        parts = _scan_in_processes(jobs)
+    checker = _stitch(parts)
+    if checker.size != count:  # pragma: no cover - a gap is caught by the scans
+        raise LedgerVerificationError(f"the ledger has {count} entries but its indexes run to {slots - 1}")
     for h in heads:
         if recorded and public_key is None and h["public_key"] != recorded:
             raise LedgerVerificationError(
@@ -99,7 +86,114 @@ def _verify_dbapi(conn: Any, p: str, public_key: str | None, heads_fn: Any) -> d
                 evidence={"size": h["size"], "public_key": h["public_key"], "expected": recorded})
     summary = checker.finish(heads=heads, balances=balances, public_key=public_key)
     summary["public_key"] = public_key or recorded
+    summary["workers"] = len(jobs)
     return summary
+
+
+def _connect(url: str) -> tuple[Any, Any]:
+    path = sqlite_path(url)
+    if path is not None:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        return conn, conn.close
+    from gpunet.credits._store import open_engine
+
+    engine = open_engine(url)
+    raw = engine.raw_connection()
+
+    def close() -> None:
+        raw.close()
+        engine.dispose()
+
+    return raw.driver_connection, close
+
+
+def _scan(url: str, start: int, end: int) -> dict[str, Any]:
+    """Check entries ``start <= index < end`` (in a worker process); return what stitching needs."""
+    p = "?" if sqlite_path(url) is not None else "%s"
+    conn, close = _connect(url)
+    checker = LedgerChecker(start, ZERO_HASH if start == 0 else None)
+    error = None
+    try:
+        cur = conn.cursor()
+        for lo in range(start, end, CHUNK):
+            cur.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE idx >= {p} AND idx < {p} ORDER BY idx",
+                        (lo, min(lo + CHUNK, end)))
+            checker.feed(cur.fetchall())
+        if checker.size != end:
+            raise LedgerVerificationError(
+                f"entry {checker.size} is missing: the entries stop at {checker.size - 1} and go on at a "
+                f"later index, so entries were removed here", index=checker.size,
+                evidence={"expected_index": checker.size})
+    except LedgerVerificationError as exc:
+        error = (str(exc), exc.index, exc.evidence)
+    finally:
+        close()
+    return {"start": start, "size": checker.size, "first_prev": checker.first_prev, "last": checker.last,
+            "leaves": b"".join(checker.leaves), "balances": checker.balances, "minted": checker.minted,
+            "error": error}
+
+
+def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """Run :func:`_scan` over each range in its own ``python`` child; results come back pickled.
+
+    Plain child processes rather than multiprocessing: nothing of the caller's
+    ``__main__`` is re-run and no threads are forked.
+    """
+    import pickle
+    import subprocess
+    import sys
+
+    code = "import sys; from gpunet.credits._verify import _scan_main; _scan_main()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(lo), str(hi)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for url, lo, hi in jobs]
+    parts = []
+    for proc, job in zip(procs, jobs):
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            for other in procs:
+                if other.poll() is None:
+                    other.kill()
+            raise LedgerVerificationError(
+                f"the verify worker for entries {job[1]}..{job[2] - 1} failed (exit {proc.returncode}): "
+                f"{err.decode(errors='replace').strip().splitlines()[-1:] or ''}")
+        parts.append(pickle.loads(out))
+    return parts
+
+
+def _scan_main() -> None:
+    """Entry point of a verify worker: ``_scan(url, start, end)`` pickled to stdout."""
+    import pickle
+    import sys
+
+    url, lo, hi = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    sys.stdout.buffer.write(pickle.dumps(_scan(url, lo, hi), protocol=pickle.HIGHEST_PROTOCOL))
+    sys.stdout.buffer.flush()
+
+
+def _stitch(parts: list[dict[str, Any]]) -> LedgerChecker:
+    whole = LedgerChecker()
+    for i, part in enumerate(parts):
+        error = part["error"]
+        if error is not None and error[1] == part["start"] and error[2].get("index") != error[2].get(
+                "expected_index"):
+            # The range's first entry is missing: say so rather than "the chain is broken".
+            raise LedgerVerificationError(error[0], index=error[1], evidence=error[2])
+        if i and part["first_prev"] is not None and part["first_prev"] != parts[i - 1]["last"]:
+            start = part["start"]
+            raise LedgerVerificationError(
+                f"entry {start}: its prev hash {part['first_prev'].hex()} is not the hash of entry {start - 1}, "
+                f"{parts[i - 1]['last'].hex()}: the chain is broken here", index=start,
+                evidence={"prev": part["first_prev"].hex(), "expected_prev": parts[i - 1]["last"].hex()})
+        if error is not None:
+            raise LedgerVerificationError(error[0], index=error[1], evidence=error[2])
+        buf = part["leaves"]
+        whole.leaves.extend(buf[j : j + 32] for j in range(0, len(buf), 32))
+        for name, delta in part["balances"].items():
+            whole.balances[name] = whole.balances.get(name, 0) + delta
+        whole.minted += part["minted"]
+        whole.size = part["size"]
+        whole.last = part["last"]
+    return whole
 
 
 def verify_service(url: str, token: str, *, public_key: str | None = None, page: int = 100_000) -> dict[str, Any]:

@@ -85,17 +85,19 @@ def _mutate(db, m):
     conn.close()
 
 
+@pytest.mark.parametrize("workers", [1, 3], ids=["one-process", "three-processes"])
 @pytest.mark.parametrize("case", CASES, ids=[c["description"] for c in CASES])
-def test_tampered_ledger_is_caught(ledger, tmp_path, case):
+def test_tampered_ledger_is_caught(ledger, tmp_path, case, workers):
+    """With three processes the 16 entries split at 5 and 10, so range edges are tampered too."""
     src, _ = ledger
     db = tmp_path / "copy.sqlite3"
     shutil.copy(src, db)
     _mutate(db, case["mutation"])
     if not case["error"]:
-        assert verify_database(db)["size"] == 16
+        assert verify_database(db, workers=workers)["size"] == 16
         return
     with pytest.raises(LedgerVerificationError) as err:
-        verify_database(db)
+        verify_database(db, workers=workers)
     assert case["match"] in str(err.value)
     if "index" in case:
         assert err.value.index == case["index"]
