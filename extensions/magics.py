@@ -32,7 +32,7 @@ from IPython.display import display
 
 from gpunet import jobs, network
 from gpunet.cell import CellAnalysis, analyze
-from gpunet.errors import CellError, GpunetError, MissingOutputError, PlacementError
+from gpunet.errors import CellError, GpunetError, MissingOutputError
 from gpunet.remote import Job, JobResult
 from gpunet.widgets import JobProgress
 
@@ -159,7 +159,7 @@ class GpunetMagics(Magics):
         values = self._input_values(input_names, explicit=inputs is not None)
         output_names = outputs if outputs is not None else [name for name in analysis.outputs if name != map_name]
         resources = net.resources_for(gpus=args.gpus, gpu_mem=network._size(args.gpu_mem))
-        workers = self._capable_workers(net, args.min_tflops)
+        workers = None if args.min_tflops is None else net.workers_with(min_tflops=args.min_tflops)
         job = Job(
             jobs.new_job_id(), code=cell, inputs=jobs.pickle_inputs(values), outputs=tuple(output_names),
             strict_outputs=outputs is not None, display_last_expression=analysis.displays_last_expression,
@@ -206,19 +206,6 @@ class GpunetMagics(Magics):
         if not items:
             raise CellError(f"--map {name}={expression}: {expression!r} has no items, so nothing would run")
         return name, items
-
-    def _capable_workers(self, net: network.Network, min_tflops: float | None) -> list[str] | None:
-        if min_tflops is None:
-            return None
-        from gpunet.extensions.worker_plugin import device_info
-
-        devices = net.client.run(device_info)
-        capable = [address for address, device in devices.items() if (device.get("tflops_f32") or 0) >= min_tflops]
-        if not capable:
-            measured = [device.get("tflops_f32") for device in devices.values() if device.get("tflops_f32")]
-            best = f"the best measures {max(measured):.2f} TFLOP/s" if measured else "no worker has a measured capability"
-            raise PlacementError(f"no worker can ever run this: it asks for --min-tflops {min_tflops:g} and {best}")
-        return capable
 
 
 class CellHandle:

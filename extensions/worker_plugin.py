@@ -57,3 +57,27 @@ async def dask_setup(worker: Worker) -> None:
 def _memory_limit(worker: Worker) -> int | None:
     manager = getattr(worker, "memory_manager", None)
     return getattr(manager, "memory_limit", None)
+
+
+async def measure_capability(seconds: float = 1.0, refresh: bool = False, dask_worker: Worker | None = None) -> dict[str, Any]:
+    """Measure this worker's device with the capability probe of ``gpunet.kernels``
+    (matmul TFLOP/s, memory bandwidth) and keep it in ``worker.gpunet_device``.
+
+    Run it with ``Client.run(measure_capability, workers=[address])``; it runs off
+    the event loop. A measured worker answers from its cache unless ``refresh``.
+    """
+    device = device_info(dask_worker)
+    if device.get("capability") is None or refresh:
+        from gpunet.kernels.probe import probe
+
+        capability = await asyncio.to_thread(probe, seconds=seconds)
+        device["capability"] = {
+            "tflops_f32": capability.tflops_f32,
+            "tflops_bf16": capability.tflops_bf16,
+            "bf16_native": capability.bf16_native,
+            "bandwidth_gbs": capability.bandwidth_gbs,
+            "seconds": capability.seconds,
+        }
+        logger.info("gpunet worker %s measured %.3f TFLOP/s float32, %.1f GB/s", dask_worker.address,
+                    capability.tflops_f32, capability.bandwidth_gbs)
+    return device

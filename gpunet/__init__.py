@@ -29,7 +29,7 @@ from gpunet.errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gpunet.network import Network, connect, current, map
+    from gpunet.network import Network, connect, current, map, split
 
 __version__ = "0.1.0"
 
@@ -50,12 +50,13 @@ __all__ = [
     "current",
     "load_ipython_extension",
     "map",
+    "split",
     "unload_ipython_extension",
 ]
 
 # Names served from gpunet.network on first use, so that `import gpunet` does not
 # import Dask.
-_LAZY = {"Network", "connect", "current", "map"}
+_LAZY = {"Network", "connect", "current", "map", "split"}
 
 
 def __getattr__(name: str) -> Any:

@@ -146,10 +146,13 @@ class RemoteJob:
 
     @classmethod
     def submit(cls, network: Network, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
-               workers: list[str] | None = None) -> RemoteJob:
-        """Send ``job`` to ``network`` with the given placement."""
+               workers: list[str] | list[list[str]] | None = None) -> RemoteJob:
+        """Send ``job`` to ``network`` with the given placement (``workers``: one
+        list for all items, or one per item)."""
         client = network.client
-        options = dict(resources=resources, pure=False, workers=workers, allow_other_workers=False)
+        per_item = bool(workers) and isinstance(workers[0], list)
+        options = dict(resources=resources, pure=False, workers=None if per_item else workers,
+                       allow_other_workers=False)
         inputs = None
         if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
             inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
@@ -166,8 +169,12 @@ class RemoteJob:
                         f"({type(exc).__name__}: {exc})", name=f"item {index}", type_name=type(item).__name__,
                     ) from None
             keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
-            futures = client.map(run_job, [job] * len(blobs), blobs, range(len(blobs)), [inputs] * len(blobs),
-                                 key=keys, **options)
+            if per_item:
+                futures = [client.submit(run_job, job, blob, index, inputs, key=key, **{**options, "workers": where})
+                           for index, (blob, key, where) in enumerate(zip(blobs, keys, workers))]
+            else:
+                futures = client.map(run_job, [job] * len(blobs), blobs, range(len(blobs)), [inputs] * len(blobs),
+                                     key=keys, **options)
         return cls(network, job, futures, items=None if items is None else len(items))
 
     # -- callbacks from the client's event loop -------------------------------------------
@@ -198,7 +205,7 @@ class RemoteJob:
             return len(self.finished | self.results.keys())
 
     # -- waiting ------------------------------------------------------------------------
-    def wait(self, timeout: float | None = None, *, quiet: bool = False, progress: JobProgress | None = None,
+    def wait(self, timeout: float | None = None, *, progress: JobProgress | None = None,
              echo: bool = True) -> list[JobResult]:
         """Block until the job is done and return its results (in item order).
 

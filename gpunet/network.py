@@ -214,6 +214,32 @@ class Network:
                                     resources, slots, busy))
         return infos
 
+    def capabilities(self, *, refresh: bool = False) -> dict[str, dict[str, Any]]:
+        """Each worker's measured capability (``tflops_f32``, ``bandwidth_gbs``, ...),
+        by address. Workers not yet measured run the probe now, one at a time, so
+        that workers sharing a host do not slow each other's measurement (about a
+        second each); the figures are kept on the workers."""
+        from gpunet.extensions.worker_plugin import device_info, measure_capability
+
+        devices = self.client.run(device_info)
+        for address in sorted(devices):
+            if refresh or devices[address].get("capability") is None:
+                devices[address] = self.client.run(measure_capability, 1.0, refresh, workers=[address])[address]
+        return {address: device["capability"] for address, device in sorted(devices.items())}
+
+    def workers_with(self, *, min_tflops: float) -> list[str]:
+        """Addresses of workers whose measured float32 matmul rate is at least
+        ``min_tflops``; :class:`PlacementError` naming the best when there is none."""
+        capabilities = self.capabilities()
+        capable = [address for address, cap in capabilities.items() if cap["tflops_f32"] >= min_tflops]
+        if not capable:
+            best = max(capabilities.items(), key=lambda item: item[1]["tflops_f32"], default=None)
+            offer = (f"the best, {best[0]}, measures {best[1]['tflops_f32']:.3f} TFLOP/s" if best
+                     else "no worker is connected")
+            raise PlacementError(f"no worker can ever run this: it asks for at least {min_tflops:g} TFLOP/s "
+                                 f"(float32 matmul) and {offer}. Ask for less with --min-tflops.")
+        return capable
+
     def resources_for(self, *, gpus: int | None = None, gpu_mem: int | None = None) -> dict[str, float]:
         """The Dask resources a job asks for: one device slot, and GPUs / GPU memory
         when asked. With no ``gpus`` the job runs on any device, GPU or CPU."""
@@ -240,32 +266,64 @@ class Network:
 
     # -- running work ------------------------------------------------------------------
     def run(self, fn: Callable[..., Any], *args: Any, gpus: int | None = None, gpu_mem: int | str | None = None,
-            timeout: float | None = None, quiet: bool = True, **kwargs: Any) -> Any:
+            min_tflops: float | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker and return its result.
 
-        ``gpus`` / ``gpu_mem`` restrict placement; ``timeout`` (seconds) stops the call
-        on the worker when it runs longer. The worker's stdout is printed here as it
-        runs; an exception is raised here with the remote traceback.
+        ``gpus`` / ``gpu_mem`` / ``min_tflops`` restrict placement; ``timeout``
+        (seconds) stops the call on the worker when it runs longer. The worker's
+        stdout is printed here as it runs; an exception is raised here with the
+        remote traceback.
         """
         from gpunet import jobs
 
         job = jobs.function_job(fn, args, kwargs, topic=self.topic)
-        remote = self.submit(job, resources=self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem)))
-        return jobs.function_value(remote.wait(timeout=timeout, quiet=quiet)[0])
+        workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
+        remote = self.submit(job, resources=self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem)), workers=workers)
+        return jobs.function_value(remote.wait(timeout=timeout)[0])
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *, gpus: int | None = None,
-            gpu_mem: int | str | None = None, timeout: float | None = None, quiet: bool = True) -> list[Any]:
-        """Run ``fn(item)`` for every item, spread over the workers; results in item order."""
+            gpu_mem: int | str | None = None, min_tflops: float | None = None, timeout: float | None = None,
+            placement: str = "any") -> list[Any]:
+        """Run ``fn(item)`` for every item, spread over the workers; results in item order.
+
+        ``placement="capability"`` pins item i to the i-th worker of :func:`split`'s
+        order (wrapping around), so chunks sized by ``gpunet.split(total, net)``
+        finish together on fast and slow workers.
+        """
         from gpunet import jobs
 
+        items = list(items)
         job = jobs.function_job(fn, (), {}, topic=self.topic, announce=False)
-        remote = self.submit(job, resources=self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem)),
-                             items=list(items))
-        return [jobs.function_value(result) for result in remote.wait(timeout=timeout, quiet=quiet)]
+        resources = self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem))
+        workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
+        if placement == "capability":
+            order = workers or list(self.capabilities())
+            pinned = [[order[index % len(order)]] for index in range(len(items))]
+            remote = self.submit(job, resources=resources, items=items, workers=pinned)
+        elif placement == "any":
+            remote = self.submit(job, resources=resources, items=items, workers=workers)
+        else:
+            raise GpunetError(f"placement must be 'any' or 'capability', got {placement!r}")
+        return [jobs.function_value(result) for result in remote.wait(timeout=timeout)]
+
+    def split(self, total: int, *, align: int = 1) -> list[int]:
+        """Chunk sizes adding up to ``total``, one per worker, proportional to each
+        worker's measured float32 matmul rate (order: :meth:`capabilities`)."""
+        from gpunet.kernels import weighted_chunks
+
+        capabilities = self.capabilities()
+        if not capabilities:
+            raise PlacementError("no worker is connected, so there is nothing to split over")
+        weights = [cap["tflops_f32"] for cap in capabilities.values()]
+        return [chunk.count for chunk in weighted_chunks(total, weights, align=align)]
 
     def submit(self, job: Any, *, resources: dict[str, float], items: list[Any] | None = None,
-               workers: list[str] | None = None) -> RemoteJob:
-        """Send ``job`` (once, or once per item) and return its :class:`~gpunet.jobs.RemoteJob`."""
+               workers: list[str] | list[list[str]] | None = None) -> RemoteJob:
+        """Send ``job`` (once, or once per item) and return its :class:`~gpunet.jobs.RemoteJob`.
+
+        ``workers`` restricts where it may run: one list for every item, or one
+        list per item (``placement="capability"``).
+        """
         from gpunet import jobs
 
         self._ensure_open()
@@ -418,3 +476,9 @@ def current() -> Network:
 def map(fn: Callable[..., Any], items: Iterable[Any], **options: Any) -> list[Any]:  # noqa: A001 - the API name
     """``current().map(fn, items, ...)``: run ``fn`` on every item over the network."""
     return current().map(fn, items, **options)
+
+
+def split(total: int, net: Network | None = None, *, align: int = 1) -> list[int]:
+    """Capability-weighted chunk sizes of ``total`` over ``net``'s workers (default:
+    :func:`current`): a worker twice as fast gets twice the work."""
+    return (net or current()).split(total, align=align)

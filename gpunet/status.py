@@ -36,11 +36,13 @@ class NetworkStatus:
             kind_name = f"{device.get('kind', '?')}: {device.get('name', 'unknown')}"
             memory = format_bytes(device["memory_bytes"]) if device.get("memory_bytes") else "?"
             resources = ", ".join(f"{k}={v:g}" for k, v in sorted(worker.resources.items()))
+            capability = device.get("capability")
+            measured = f"{capability['tflops_f32']:.3f}" if capability else "not measured"
             rows.append((worker.address, worker.name, kind_name, memory,
-                         f"{worker.free_slots}/{worker.slots}", resources))
+                         f"{worker.free_slots}/{worker.slots}", measured, resources))
         return rows
 
-    HEADER = ("worker", "name", "device", "memory", "free slots", "resources")
+    HEADER = ("worker", "name", "device", "memory", "free slots", "TFLOP/s f32", "resources")
 
     def __str__(self) -> str:
         lines = [f"scheduler {self.scheduler}   dashboard {self.dashboard or 'none'}   session {self.session}"]

@@ -127,3 +127,19 @@ def test_worker_that_always_dies_gives_a_clear_error():
 
 def _lower_allowed_failures(dask_scheduler=None):
     dask_scheduler.allowed_failures = 0
+
+
+def test_capability_split_and_pinned_placement(net):
+    capabilities = net.capabilities()
+    assert len(capabilities) == 2
+    assert all(cap["tflops_f32"] > 0 and cap["bandwidth_gbs"] > 0 for cap in capabilities.values())
+    sizes = gpunet.split(1001, net)
+    assert len(sizes) == 2 and sum(sizes) == 1001 and min(sizes) > 0
+    pids = net.map(lambda _: os.getpid(), range(4), placement="capability")
+    assert pids[0] == pids[2] and pids[1] == pids[3] and pids[0] != pids[1]
+
+
+def test_min_tflops_no_worker_offers_fails_naming_the_best(net):
+    with pytest.raises(gpunet.PlacementError, match="TFLOP/s"):
+        net.run(len, "x", min_tflops=1e6)
+    assert net.run(len, "xy", min_tflops=1e-6) == 2
