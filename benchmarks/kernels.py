@@ -59,6 +59,20 @@ def timed(fn: Callable[[], Any], repeat: int = 5) -> float:
     return statistics.median(samples)
 
 
+def timed_pair(first: Callable[[], Any], second: Callable[[], Any], repeat: int = 9) -> tuple[float, float]:
+    """Median seconds of two functions timed alternately, so that a busy neighbour on a
+    shared host slows both alike (after one warm-up call each)."""
+    jax.block_until_ready(first())
+    jax.block_until_ready(second())
+    samples: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeat):
+        for fn, out in zip((first, second), samples):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            out.append(time.perf_counter() - start)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
 def row(name: str, unit: str, jax_value: float, numpy_value: float | None, note: str = "") -> None:
     ratio = f"{jax_value / numpy_value:6.2f}x" if numpy_value else "     - "
     ref = f"{numpy_value:10.2f}" if numpy_value is not None else "         -"
@@ -83,10 +97,10 @@ def bench_matmul(n: int) -> tuple[float, float]:
     b = jax.random.normal(key_b, (n, n), jnp.float32)
     flops = 2.0 * n**3
     f32 = jax.jit(lambda x, y: x @ y)
-    jax_f32 = flops / timed(lambda: f32(a, b), 7) / 1e9
     an, bn = np.asarray(a), np.asarray(b)
-    np_f32 = flops / timed(lambda: an @ bn, 7) / 1e9
-    row(f"matmul float32 n={n}", "GFLOP/s", jax_f32, np_f32, "aim: within 20% of NumPy's BLAS")
+    jax_s, np_s = timed_pair(lambda: f32(a, b), lambda: an @ bn)
+    jax_f32, np_f32 = flops / jax_s / 1e9, flops / np_s / 1e9
+    row(f"matmul float32 n={n}", "GFLOP/s", jax_f32, np_f32, "aim: within 20% of NumPy's BLAS (timed alternately)")
     bf = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.float32))
     a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
     jax_bf16 = flops / timed(lambda: bf(a16, b16), 7) / 1e9
