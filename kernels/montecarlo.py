@@ -1,4 +1,5 @@
-"""Monte Carlo price of a European option under geometric Brownian motion.
+"""Monte Carlo price of a European option under geometric Brownian motion,
+and Monte Carlo integrals over the unit hypercube.
 
 A path ``p`` (global index, 0-based) draws one standard normal ``z_p`` and ends at
 ``S_T = s0 * exp((r - sigma^2/2) T + sigma sqrt(T) z_p)``; its payoff is
@@ -18,6 +19,10 @@ Usage::
     parts = [price_chunk(key, spec, c.start, c.count) for c in chunks(10**7, 3)]
     est = estimate(combine(parts), spec)     # Estimate(price, stderr, n_paths)
 
+:func:`integrate` estimates the integral of a jax.numpy function over
+``[0, 1)^dim`` with the same block scheme (block ``b`` draws
+``uniform(fold_in(key, b), (BLOCK, dim))``), chunked by :func:`integrate_chunk`.
+
 Cost model (per call of :func:`price_chunk` with ``n`` paths): about
 ``COST_FLOPS_PER_PATH = 120`` operations a path (threefry counter hashing ~60
 integer ops, the normal's inverse error function ~40, exp and payoff ~20) and
@@ -28,9 +33,11 @@ every device: see :func:`cost`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,11 +56,15 @@ __all__ = [
     "combine",
     "cost",
     "estimate",
+    "integrate",
+    "integrate_chunk",
     "normals",
     "price",
     "price_chunk",
     "reference",
+    "reference_integral",
     "tolerance",
+    "uniforms",
 ]
 
 #: Paths per RNG block: block ``b`` draws ``BLOCK`` normals from ``fold_in(key, b)``.
@@ -91,7 +102,8 @@ class Partial(NamedTuple):
 
 
 class Estimate(NamedTuple):
-    """The discounted price, its Monte Carlo standard error, and the paths used."""
+    """The discounted price (or, from :func:`integrate`, the integral), its Monte Carlo
+    standard error, and the paths (samples) used."""
 
     price: float
     stderr: float
@@ -124,12 +136,32 @@ def _payoff(spec: EuropeanOption, z: jax.Array) -> jax.Array:
     return jnp.where(spec.call, jnp.maximum(s_t - strike, 0.0), jnp.maximum(strike - s_t, 0.0))
 
 
-def _block_normals(key: jax.Array, blocks: jax.Array) -> jax.Array:
-    return jax.vmap(lambda b: jax.random.normal(jax.random.fold_in(key, b), (BLOCK,)))(blocks)
+def _normal_block(key: jax.Array) -> jax.Array:
+    return jax.random.normal(key, (BLOCK,))
 
 
-@jax.jit
-def _price_chunk(key: jax.Array, spec: EuropeanOption, start: jax.Array, count: jax.Array) -> Partial:
+@functools.lru_cache(maxsize=64)
+def _uniform_block(dim: int) -> Callable[[jax.Array], jax.Array]:
+    # Cached: the jitted loop takes it as a static argument, compared by identity.
+    return lambda key: jax.random.uniform(key, (BLOCK, dim))
+
+
+def _blocks(key: jax.Array, blocks: jax.Array, draw: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    return jax.vmap(lambda b: draw(jax.random.fold_in(key, b)))(blocks)
+
+
+@functools.partial(jax.jit, static_argnames=("draw", "value"))
+def _chunk_sums(
+    key: jax.Array,
+    params: Any,
+    start: jax.Array,
+    count: jax.Array,
+    *,
+    draw: Callable[[jax.Array], jax.Array],
+    value: Callable[[Any, jax.Array], jax.Array],
+) -> Partial:
+    """Sums of ``value(params, sample)`` and its square over samples ``start .. start+count-1``,
+    sample ``p`` being row ``p % BLOCK`` of ``draw(fold_in(key, p // BLOCK))``."""
     first = start // BLOCK
     stop = start + count
     n_blocks = (stop + BLOCK - 1) // BLOCK - first
@@ -140,9 +172,10 @@ def _price_chunk(key: jax.Array, spec: EuropeanOption, start: jax.Array, count: 
     def body(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         s, c, s2, c2 = carry
         blocks = first + i * BLOCKS_PER_STEP + offsets
-        z = _block_normals(key, blocks.astype(jnp.uint32))
-        index = blocks[:, None] * BLOCK + lanes[None, :]
-        x = jnp.where((index >= start) & (index < stop), _payoff(spec, z), 0.0)
+        samples = _blocks(key, blocks.astype(jnp.uint32), draw)  # (BLOCKS_PER_STEP, BLOCK, ...)
+        values = value(params, samples.reshape(BLOCKS_PER_STEP * BLOCK, *samples.shape[2:]))
+        index = (blocks[:, None] * BLOCK + lanes[None, :]).reshape(-1)
+        x = jnp.where((index >= start) & (index < stop), values.astype(jnp.float32), 0.0)
         # Kahan-compensated running sums: the loop may run for thousands of steps.
         y = jnp.sum(x) - c
         t = s + y
@@ -167,7 +200,7 @@ def price_chunk(key: jax.Array, spec: EuropeanOption, start: int, count: int) ->
     _check_spec(spec)
     _check_range(start, count)
     spec = spec._replace(call=bool(spec.call))
-    return _price_chunk(key, spec, jnp.int32(start), jnp.int32(count))
+    return _chunk_sums(key, spec, jnp.int32(start), jnp.int32(count), draw=_normal_block, value=_payoff)
 
 
 def combine(parts: list[Partial] | tuple[Partial, ...]) -> Partial:
@@ -180,16 +213,19 @@ def combine(parts: list[Partial] | tuple[Partial, ...]) -> Partial:
     return Partial(np.float64(total), np.float64(total_sq), np.int64(count))
 
 
-def estimate(part: Partial, spec: EuropeanOption) -> Estimate:
-    """Discounted price and standard error from (combined) sums."""
+def _mean_estimate(part: Partial, scale: float) -> Estimate:
     n = int(part.count)
     if n <= 0:
         raise ValueError(f"Expected a Partial over n_paths > 0, got {n}")
     mean = float(part.sum) / n
     var = max(float(part.sum_sq) / n - mean * mean, 0.0)
-    disc = math.exp(-spec.rate * spec.maturity)
-    stderr = disc * math.sqrt(var / n) if n > 1 else float("inf")
-    return Estimate(disc * mean, stderr, n)
+    stderr = scale * math.sqrt(var / n) if n > 1 else float("inf")
+    return Estimate(scale * mean, stderr, n)
+
+
+def estimate(part: Partial, spec: EuropeanOption) -> Estimate:
+    """Discounted price and standard error from (combined) sums."""
+    return _mean_estimate(part, math.exp(-spec.rate * spec.maturity))
 
 
 def price(key: jax.Array, spec: EuropeanOption, n_paths: int, n_chunks: int = 1) -> Estimate:
@@ -205,7 +241,7 @@ def normals(key: jax.Array, start: int, count: int) -> np.ndarray:
     _check_range(start, count)
     first = start // BLOCK
     last = (start + count + BLOCK - 1) // BLOCK
-    z = _block_normals(key, jnp.arange(first, max(last, first + 1), dtype=jnp.uint32))
+    z = _blocks(key, jnp.arange(first, max(last, first + 1), dtype=jnp.uint32), _normal_block)
     return np.asarray(z).reshape(-1)[start - first * BLOCK : start - first * BLOCK + count]
 
 
@@ -235,9 +271,85 @@ def black_scholes(spec: EuropeanOption) -> float:
     return k * math.exp(-r * t) * cdf(-d2) - s * cdf(-d1)
 
 
-def cost(n_paths: int) -> Cost:
-    """FLOPs and bytes of pricing ``n_paths`` paths (see the module docstring)."""
-    if n_paths < 0:
-        raise ValueError(f"Expected n_paths >= 0, got {n_paths}")
-    return Cost(COST_FLOPS_PER_PATH * n_paths, COST_BYTES_PER_PATH * n_paths)
+# --- Integrals over the unit hypercube ---------------------------------------------
+
+#: An integrand: float32 points ``(n, dim)`` in ``[0, 1)^dim`` -> values ``(n,)``,
+#: written with jax.numpy (it is traced and jitted).
+Integrand = Callable[[jax.Array], jax.Array]
+
+
+def integrate_chunk(key: jax.Array, f: Integrand, dim: int, start: int, count: int) -> Partial:
+    """Sums of ``f`` over samples ``start .. start + count - 1`` of the unit cube in ``dim`` dimensions.
+
+    The same block scheme as the option (block ``b`` draws ``uniform(fold_in(key, b),
+    (BLOCK, dim))``), so any partition sees the same points. ``f`` and ``dim`` are
+    static: one compilation per integrand (pass the same function object to reuse it).
+    Cost: ``cost(count, flops_per_sample=...)``.
+    """
+    if dim < 1:
+        raise ValueError(f"Expected dim >= 1, got {dim}")
+    if not callable(f):
+        raise TypeError(f"Expected a callable integrand, got {type(f).__name__}")
+    _check_range(start, count)
+    return _chunk_sums(
+        key, None, jnp.int32(start), jnp.int32(count), draw=_uniform_block(dim), value=_integrand_value(f)
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _integrand_value(f: Integrand) -> Callable[[Any, jax.Array], jax.Array]:
+    # Cached per integrand, so that the same f reuses one compilation.
+    def value(_: Any, u: jax.Array) -> jax.Array:
+        values = f(u)
+        if values.shape != u.shape[:1]:
+            raise ValueError(
+                f"Expected the integrand to map points {u.shape} to values ({u.shape[0]},), "
+                f"got values of shape {values.shape}"
+            )
+        return values
+
+    return value
+
+
+def integrate(key: jax.Array, f: Integrand, dim: int, n_samples: int, n_chunks: int = 1) -> Estimate:
+    """Monte Carlo estimate of the integral of ``f`` over ``[0, 1)^dim`` (``price`` is the
+    estimate, ``n_paths`` the samples); same answer for any ``n_chunks``."""
+    if n_samples <= 0:
+        raise ValueError(f"Expected n_samples > 0, got {n_samples}")
+    parts = [integrate_chunk(key, f, dim, c.start, c.count) for c in chunks(n_samples, n_chunks)]
+    return _mean_estimate(combine(parts), 1.0)
+
+
+def uniforms(key: jax.Array, dim: int, start: int, count: int) -> np.ndarray:
+    """The points ``(count, dim)`` of samples ``start .. start + count - 1`` (for references)."""
+    _check_range(start, count)
+    first = start // BLOCK
+    last = max((start + count + BLOCK - 1) // BLOCK, first + 1)
+    u = _blocks(key, jnp.arange(first, last, dtype=jnp.uint32), _uniform_block(dim))
+    offset = start - first * BLOCK
+    return np.asarray(u).reshape(-1, dim)[offset : offset + count]
+
+
+def reference_integral(f: Callable[[np.ndarray], np.ndarray], points: np.ndarray) -> Estimate:
+    """NumPy (float64) mean and standard error of ``f`` over the given points."""
+    points = np.asarray(points, np.float64)
+    if points.ndim != 2 or points.shape[0] == 0:
+        raise ValueError(f"Expected a non-empty (n, dim) array of points, got shape {points.shape}")
+    values = np.asarray(f(points), np.float64)
+    return _mean_estimate(Partial(values.sum(), (values * values).sum(), values.size), 1.0)
+
+
+def cost(n_paths: int, *, dim: int = 1, flops_per_sample: float = 0.0) -> Cost:
+    """FLOPs and bytes of pricing ``n_paths`` paths (see the module docstring).
+
+    For :func:`integrate`, pass ``dim`` and the integrand's ``flops_per_sample``:
+    each sample costs ``60 * dim`` for its uniforms plus the integrand.
+    """
+    if n_paths < 0 or dim < 1 or flops_per_sample < 0:
+        raise ValueError(
+            f"Expected n_paths >= 0, dim >= 1, flops_per_sample >= 0, got {n_paths}, {dim}, {flops_per_sample}"
+        )
+    if dim == 1 and flops_per_sample == 0.0:
+        return Cost(COST_FLOPS_PER_PATH * n_paths, COST_BYTES_PER_PATH * n_paths)
+    return Cost((60.0 * dim + flops_per_sample) * n_paths, (4.0 * dim + 8.0) * n_paths)
 

@@ -1,8 +1,11 @@
-"""Monte Carlo option pricing: reference, closed form, split against unsplit."""
+"""Monte Carlo option pricing and integrals: reference, closed form, split against unsplit."""
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -83,3 +86,33 @@ def test_cost_is_linear_in_paths() -> None:
     assert mc.cost(2000).flops == 2 * mc.cost(1000).flops > 0
     with pytest.raises(ValueError, match="got -1"):
         mc.cost(-1)
+
+
+def _gauss(u: jax.Array) -> jax.Array:
+    return jnp.exp(-jnp.sum(u * u, axis=1))
+
+
+def test_integral_matches_reference_and_closed_form(key: jax.Array) -> None:
+    got = mc.integrate(key, _gauss, 3, N)
+    want = mc.reference_integral(lambda p: np.exp(-(p * p).sum(axis=1)), mc.uniforms(key, 3, 0, N))
+    assert compare(got, want, mc.tolerance) is None
+    exact = (math.sqrt(math.pi) / 2 * math.erf(1.0)) ** 3
+    assert abs(got.price - exact) < 4 * got.stderr
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_integral_split_equals_unsplit(key: jax.Array, k: int) -> None:
+    assert compare(mc.integrate(key, _gauss, 3, N, n_chunks=k), mc.integrate(key, _gauss, 3, N), mc.tolerance) is None
+    edges = [0, 4095, 4096, 9000, N]
+    points = np.concatenate([mc.uniforms(key, 3, a, b - a) for a, b in zip(edges, edges[1:])])
+    assert np.array_equal(points, mc.uniforms(key, 3, 0, N))
+
+
+def test_integral_bad_inputs(key: jax.Array) -> None:
+    with pytest.raises(ValueError, match="Expected dim >= 1, got 0"):
+        mc.integrate_chunk(key, _gauss, 0, 0, 10)
+    with pytest.raises(ValueError, match=r"to values \(65536,\), got values of shape \(65536, 2\)"):
+        mc.integrate(key, lambda u: u, 2, 10)
+    with pytest.raises(ValueError, match="Expected n_samples > 0, got 0"):
+        mc.integrate(key, _gauss, 2, 0)
+    assert mc.cost(100, dim=3, flops_per_sample=10).flops == 100 * (180 + 10)
