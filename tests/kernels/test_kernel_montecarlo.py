@@ -53,6 +53,16 @@ def test_any_partition_sees_the_same_samples(key: jax.Array) -> None:
     assert np.array_equal(np.concatenate([mc.normals(key, a, b - a) for a, b in zip(edges, edges[1:])]), z)
 
 
+@pytest.mark.parametrize("per_step", [1, 3, 256])
+def test_work_per_loop_step_does_not_change_the_answer(key: jax.Array, per_step: int) -> None:
+    # A GPU runs more blocks per loop iteration than a CPU: same samples, same sums.
+    spec = SPEC._replace(call=True)
+    args = (key, spec, jnp.int32(5), jnp.int32(N))
+    mine = mc._chunk_sums(*args, draw=mc._normal_block, value=mc._payoff, per_step=per_step)
+    default = mc.price_chunk(key, SPEC, 5, N)
+    assert compare(mc.estimate(mine, SPEC), mc.estimate(default, SPEC), mc.tolerance) is None
+
+
 def test_deterministic_and_key_dependent(key: jax.Array) -> None:
     a = mc.price_chunk(key, SPEC, 10, 1000)
     b = mc.price_chunk(key, SPEC, 10, 1000)
@@ -111,7 +121,7 @@ def test_integral_split_equals_unsplit(key: jax.Array, k: int) -> None:
 def test_integral_bad_inputs(key: jax.Array) -> None:
     with pytest.raises(ValueError, match="Expected dim >= 1, got 0"):
         mc.integrate_chunk(key, _gauss, 0, 0, 10)
-    with pytest.raises(ValueError, match=r"to values \(65536,\), got values of shape \(65536, 2\)"):
+    with pytest.raises(ValueError, match=r"to values \(\d+,\), got values of shape \(\d+, 2\)"):
         mc.integrate(key, lambda u: u, 2, 10)
     with pytest.raises(ValueError, match="Expected n_samples > 0, got 0"):
         mc.integrate(key, _gauss, 2, 0)

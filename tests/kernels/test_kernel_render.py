@@ -76,3 +76,11 @@ def test_cost_worst_case_and_actual(whole: np.ndarray) -> None:
     worst = render.cost(61, 83, 120)
     actual = render.cost(61, 83, 120, iterations=int(whole.sum()))
     assert actual.flops <= worst.flops and worst.bytes == 4 * 61 * 83
+
+
+@pytest.mark.parametrize("max_iter", [1, render.UNROLL - 1, render.UNROLL, render.UNROLL + 1])
+def test_iteration_cap_is_exact_around_the_unroll(max_iter: int) -> None:
+    view = VIEW._replace(max_iter=max_iter)
+    got = np.asarray(render.render(view))
+    assert got.max() == max_iter and got.min() >= 1
+    assert compare(got, render.reference(view), render.tolerance) is None
