@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -237,19 +238,23 @@ class CreditService:
     # handlers
 
     async def health(self, request: Request) -> dict[str, Any]:
+        """GET /v1/health: liveness and the ledger's size and public key (no token needed)."""
         return {"ok": True, "size": self.store.size, "public_key": self.store.public_key_hex}
 
     async def ping(self, request: Request) -> dict[str, Any]:
+        """POST /v1/ping: a trivial authenticated JSON round trip (the benchmark's yardstick)."""
         actor, role = self._auth(request)
         validate("ping", await _json_body(request))
         return {"ok": True, "account": actor}
 
     async def create_account(self, request: Request) -> dict[str, Any]:
+        """POST /v1/accounts: create an account and return its token (operator)."""
         actor, role = self._auth(request)
         params = validate("create_account", await _json_body(request))
         return await self._op("create_account", actor, role, params)
 
     async def list_accounts(self, request: Request) -> dict[str, Any]:
+        """GET /v1/accounts: every account with role and balance (operator)."""
         actor, role = self._auth(request)
         self._require(role, {"operator"}, "listing accounts", actor)
         from starlette.concurrency import run_in_threadpool
@@ -257,6 +262,7 @@ class CreditService:
         return {"accounts": await run_in_threadpool(self.store.read_accounts)}
 
     async def get_account(self, request: Request) -> dict[str, Any]:
+        """GET /v1/accounts/{name}: one account's committed balance (itself or operator)."""
         actor, role = self._auth(request)
         name = request.path_params["name"]
         if name != actor and role != "operator":
@@ -272,10 +278,12 @@ class CreditService:
         return acct
 
     async def mint(self, request: Request) -> dict[str, Any]:
+        """POST /v1/mint: mint credits into an account (operator)."""
         actor, role = self._auth(request)
         return await self._op("mint", actor, role, validate("mint", await _json_body(request)))
 
     async def open_session(self, request: Request) -> dict[str, Any]:
+        """POST /v1/sessions: open a session with a budget paid by the caller."""
         actor, role = self._auth(request)
         return await self._op("open_session", actor, role, validate("open_session", await _json_body(request)))
 
@@ -295,9 +303,11 @@ class CreditService:
         return actor, role, usage
 
     async def usage(self, request: Request) -> dict[str, Any]:
+        """GET /v1/sessions/{sid}: budget, held, spent and left (owner or operator)."""
         return (await self._readable_session(request))[2]
 
     async def receipt(self, request: Request) -> dict[str, Any]:
+        """GET /v1/sessions/{sid}/receipt: entries with inclusion proofs and a signed head."""
         actor, role, usage = await self._readable_session(request)
         head = await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
         from starlette.concurrency import run_in_threadpool
@@ -326,22 +336,26 @@ class CreditService:
         return {"format": RECEIPT_FORMAT, "session": session, "entries": entries, "head": head}
 
     async def hold(self, request: Request) -> dict[str, Any]:
+        """POST /v1/holds: hold credits of a session (owner or operator)."""
         actor, role = self._auth(request)
         return await self._op("hold", actor, role, validate("hold", await _json_body(request)))
 
     async def settle(self, request: Request) -> dict[str, Any]:
+        """POST /v1/holds/{hid}/settle: pay a provider from a hold, release the rest (operator)."""
         actor, role = self._auth(request)
         params = validate("settle", await _json_body(request), extra={"hold": _hold_id(
             "hold", request.path_params["hid"])})
         return await self._op("settle", actor, role, params)
 
     async def release(self, request: Request) -> dict[str, Any]:
+        """POST /v1/holds/{hid}/release: give a hold back to the client (operator)."""
         actor, role = self._auth(request)
         params = validate("release", await _json_body(request), extra={"hold": _hold_id(
             "hold", request.path_params["hid"])})
         return await self._op("release", actor, role, params)
 
     async def batch(self, request: Request) -> dict[str, Any]:
+        """POST /v1/batch: many mint/hold/settle/release items in one transaction, one result each."""
         actor, role = self._auth(request)
         body = await _json_body(request)
         if not isinstance(body, dict) or set(body) != {"items"} or not isinstance(body["items"], list):
@@ -376,16 +390,19 @@ class CreditService:
         return {"results": results}
 
     async def head(self, request: Request) -> dict[str, Any]:
+        """GET /v1/ledger/head: sign (and store) a tree head at the committed size."""
         self._auth(request)
         return await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
 
     async def heads(self, request: Request) -> dict[str, Any]:
+        """GET /v1/ledger/heads: every stored signed tree head."""
         self._auth(request)
         from starlette.concurrency import run_in_threadpool
 
         return {"heads": await run_in_threadpool(self.store.read_heads)}
 
     async def entries(self, request: Request) -> dict[str, Any]:
+        """GET /v1/ledger/entries?start=&limit=: raw entries for verifiers (operator)."""
         actor, role = self._auth(request)
         self._require(role, {"operator"}, "reading the ledger's entries", actor)
         start = self._int_query(request, "start", 0)
@@ -396,6 +413,7 @@ class CreditService:
         return {"start": start, "size": self.store.size, "entries": [entry_to_json(r) for r in rows]}
 
     async def inclusion(self, request: Request) -> dict[str, Any]:
+        """GET /v1/ledger/proof/inclusion?index=&size=: the audit path of one entry."""
         self._auth(request)
         index = self._int_query(request, "index")
         size = self._int_query(request, "size")
@@ -408,6 +426,7 @@ class CreditService:
         return {"index": index, "size": size, "leaf_hash": leaf.hex(), "proof": [p.hex() for p in proof]}
 
     async def consistency(self, request: Request) -> dict[str, Any]:
+        """GET /v1/ledger/proof/consistency?first=&second=: proof that one head extends another."""
         self._auth(request)
         first = self._int_query(request, "first")
         second = self._int_query(request, "second")
@@ -558,6 +577,9 @@ def serve(
     """
     import uvicorn
 
+    # The event loop and the writer thread hand the GIL back and forth for every
+    # request; the default 5 ms switch interval would add up to that to each one.
+    sys.setswitchinterval(float(os.environ.get("GPUNET_CREDITS_SWITCH_INTERVAL", "0.0005")))
     store = open_store(db, key_file=key_file)
     try:
         token_path = Path(operator_token_file) if operator_token_file else beside_db(store.url, ".operator-token")
