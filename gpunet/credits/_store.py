@@ -61,6 +61,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 KEY_RE = re.compile(r"[\x21-\x7e]{1,200}\Z")
 ID_RE = re.compile(r"[a-z]_[0-9a-f]{32}\Z")
 _GROUP_LIMIT = 2000  # operations per transaction at most
+_PG_LOCK_KEY = 0x67706E6574  # "gpnet": the advisory lock of the one writing service
+MAX_BALANCE = 2**62
 
 
 def utcnow() -> str:
@@ -322,8 +324,20 @@ class CreditStore:
 
         self.url = url
         self.engine = open_engine(url)
-        self._md, self.tables = _schema()
-        self._md.create_all(self.engine)
+        self._lock_file: Any = None
+        # The writer speaks plain DB-API on its own connection: prepared SQL strings and
+        # executemany, no statement compilation per group.
+        self._write_conn = self.engine.raw_connection()
+        self._p = "?" if url.startswith("sqlite") else "%s"
+        try:
+            self._take_writer_lock()
+            self._md, self.tables = _schema()
+            self._md.create_all(self.engine)
+        except BaseException:
+            self._release_writer_lock()
+            self._write_conn.close()
+            self.engine.dispose()
+            raise
         self.signing_key = signing_key
         self._tree_lock = threading.Lock()
         self._accounts: dict[str, _Account] = {}
@@ -355,15 +369,50 @@ class CreditStore:
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="gpunet-credits-writer", daemon=True)
-        # The writer speaks plain DB-API on its own connection: prepared SQL strings and
-        # executemany, no statement compilation per group.
-        self._write_conn = self.engine.raw_connection()
-        self._p = "?" if url.startswith("sqlite") else "%s"
         self._thread.start()
         logger.info("credit store %s: %d accounts, %d ledger entries", _redact(url), len(self._accounts),
                     self.tree.size)
 
     # -- setup helpers (before the writer runs, or through it) --
+
+    def _take_writer_lock(self) -> None:
+        """Make sure this is the only service writing to the database (its state lives in memory)."""
+        path = sqlite_path(self.url)
+        if path is not None:
+            import fcntl
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path.with_name(path.name + ".writer.lock"), "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "?"
+                fh.close()
+                raise CreditsUnavailableError(
+                    f"another credit service (pid {holder}) already writes to {path}; stop it first, or "
+                    "talk to it instead of starting a second one", url=str(path)) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+            self._lock_file = fh
+            return
+        cur = self._write_conn.cursor()
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (_PG_LOCK_KEY,))
+        (got,) = cur.fetchone()
+        cur.close()
+        self._write_conn.commit()
+        if not got:
+            raise CreditsUnavailableError(
+                f"another credit service already writes to {_redact(self.url)} (it holds the advisory lock "
+                f"{_PG_LOCK_KEY}); stop it first, or talk to it instead of starting a second one",
+                url=_redact(self.url))
+
+    def _release_writer_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def _write_direct_account(self, name: str, role: str, token_hash: str | None) -> None:
         with self.engine.begin() as conn:
@@ -523,6 +572,7 @@ class CreditStore:
         self._queue.put(None)
         self._thread.join(timeout=30)
         self._write_conn.close()
+        self._release_writer_lock()
         self.engine.dispose()
 
     def _publish(self, sessions: Any, accounts: Any) -> None:
@@ -800,6 +850,9 @@ class _UnitOfWork:
         acct = self._account(account)
         if acct.role == "system":
             raise InvalidRequestError(f"cannot mint into the {account!r} account; mint to a client or provider")
+        if acct.balance + amount > MAX_BALANCE:
+            raise InvalidRequestError(f"minting {amount} would take {account!r} past the largest balance, "
+                                      f"{MAX_BALANCE}", details={"account": account, "balance": acct.balance})
         index = self._move("mint", None, acct, amount, "", "", key)
         return {"account": account, "amount": amount, "balance": acct.balance, "entry": index}
 

@@ -116,3 +116,10 @@ def test_gpunet_cli_has_the_verbs(tmp_path):
     assert main(["ledger", "verify", "--db", str(tmp_path / "missing.sqlite3")]) == 1
     args = build_parser().parse_args(["credits", "serve", "--port", "0", "--db", str(db)])
     assert callable(args.func) and args.port == 0
+
+
+def test_a_second_service_on_the_same_database_is_refused(service):
+    out = subprocess.run([sys.executable, "-m", "gpunet.credits", "serve", "--db", service.db, "--port", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "another credit service (pid" in out.stderr and "already writes to" in out.stderr

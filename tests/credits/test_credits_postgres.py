@@ -105,3 +105,14 @@ def test_unreachable_postgres_is_a_clear_error(tmp_path):
 
     with pytest.raises(CreditsUnavailableError, match="cannot open the credit database postgresql"):
         open_store("postgresql://nobody@127.0.0.1:1/none", key_file=tmp_path / "k.pem")
+
+
+def test_a_second_service_on_the_same_postgres_database_is_refused(pg_service):
+    import subprocess
+    import sys
+
+    svc, url, env, tmp_path = pg_service
+    out = subprocess.run([sys.executable, "-m", "gpunet.credits", "serve", "--db", url, "--port", "0"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1
+    assert "another credit service already writes to postgresql" in out.stderr
