@@ -32,6 +32,7 @@ from IPython.display import display
 
 from gpunet import jobs, network
 from gpunet.cell import CellAnalysis, analyze
+from gpunet.devices import parse_size
 from gpunet.errors import CellError, GpunetError, MissingOutputError
 from gpunet.remote import Job, JobResult
 from gpunet.widgets import JobProgress
@@ -158,7 +159,11 @@ class GpunetMagics(Magics):
         ]
         values = self._input_values(input_names, explicit=inputs is not None)
         output_names = outputs if outputs is not None else [name for name in analysis.outputs if name != map_name]
-        resources = net.resources_for(gpus=args.gpus, gpu_mem=network._size(args.gpu_mem))
+        try:
+            gpu_mem = None if args.gpu_mem is None else parse_size(args.gpu_mem)
+        except ValueError as exc:
+            raise UsageError(f"--gpu-mem: {exc}") from None
+        resources = net.resources_for(gpus=args.gpus, gpu_mem=gpu_mem)
         workers = None if args.min_tflops is None else net.workers_with(min_tflops=args.min_tflops)
         job = Job(
             jobs.new_job_id(), code=cell, inputs=jobs.pickle_inputs(values), outputs=tuple(output_names),
@@ -257,11 +262,14 @@ class CellHandle:
         """--no-block: wait in a thread; outputs land in the namespace when done."""
         def wait() -> None:
             try:
-                self._results = self.remote.wait(self.timeout, echo=False)
+                self._results = self.remote.wait(self.timeout, progress=self.progress, echo=False)
                 self.outputs = self._collect_outputs(self._results)
                 self.shell.user_ns.update(self.outputs)
             except BaseException as exc:  # noqa: BLE001 - kept for result()
                 self._error = exc
+            if self.progress is not None:
+                note = f" ({type(self._error).__name__}: _gpunet.result() shows it)" if self._error else ""
+                self.progress.finish(ok=self._error is None, note=note)
 
         self._thread = threading.Thread(target=wait, name=f"gpunet-{self.remote.job.job_id}", daemon=True)
         self._thread.start()

@@ -36,7 +36,7 @@ class GpunetWorkerPlugin(WorkerPlugin):
         from gpunet.remote import _install_routers
 
         _install_routers()
-        worker.gpunet_device = await asyncio.to_thread(describe_this_device, _memory_limit(worker))
+        worker.gpunet_device = await asyncio.to_thread(describe_this_device, _memory_limit(worker), gpu=_has_gpu_resource(worker))
         logger.info("gpunet worker %s offers %s", worker.address, worker.gpunet_device["label"])
 
 
@@ -44,7 +44,7 @@ def device_info(dask_worker: Worker) -> dict[str, Any]:
     """The device a worker offers (run it with ``Client.run(device_info)``)."""
     device = getattr(dask_worker, "gpunet_device", None)
     if device is None:
-        device = describe_this_device(dask__memory_limit(worker))
+        device = describe_this_device(_memory_limit(dask_worker), gpu=_has_gpu_resource(dask_worker))
         dask_worker.gpunet_device = device
     return device
 
@@ -81,3 +81,11 @@ async def measure_capability(seconds: float = 1.0, refresh: bool = False, dask_w
         logger.info("gpunet worker %s measured %.3f TFLOP/s float32, %.1f GB/s", dask_worker.address,
                     capability.tflops_f32, capability.bandwidth_gbs)
     return device
+
+
+def _has_gpu_resource(worker: Worker) -> bool:
+    """Whether this worker offers a GPU: a CPU worker on a GPU host must not claim one."""
+    from gpunet.devices import GPU_RESOURCE
+
+    state = getattr(worker, "state", None)
+    return bool(getattr(state, "total_resources", {}).get(GPU_RESOURCE))

@@ -8,12 +8,14 @@ level, which come back into the notebook. The analysis follows Python's scoping:
   ``if``, or inside a loop or ``try`` body, is not *surely* assigned, so a later read
   of it still counts as an input (the notebook's value travels, as a fallback);
 - functions, lambdas, classes and comprehensions have scopes of their own: their
-  parameters and locals are not inputs, their free names are (read at definition
-  time, conservatively), and ``global x`` inside a function makes ``x`` an output;
+  parameters and locals are not inputs; the free names of a function, lambda or
+  class are inputs unless the cell surely assigns them by its end (they are read
+  when it is called, which may be later: recursion, helpers defined below); and
+  ``global x`` inside a function makes ``x`` an output;
 - ``x += 1`` reads ``x`` first; ``a[i] = v`` and ``a.b = v`` read ``a`` and change it,
   so ``a`` comes back too; ``del x`` reads ``x`` and takes it off the outputs;
 - names bound by ``import`` are not outputs: a module is not data, and the notebook
-  may not have it installed.
+  may not have it installed; nor are ``with ... as`` targets (open files, locks).
 
 A syntax error is reported here, with its line within the cell, and nothing is sent.
 """
@@ -54,18 +56,24 @@ def analyze(code: str) -> CellAnalysis:
         tree = ast.parse(code, filename=CELL_FILENAME, mode="exec")
     except SyntaxError as exc:
         line = (exc.text or "").rstrip("\n")
+        hint = "Nothing was sent; fix the cell and run it again."
+        if line.lstrip().startswith(("%", "!")):
+            hint = ("IPython magics and shell escapes (% and !) cannot run on a worker: "
+                    "run them in a cell of their own, or use Python (subprocess) in the cell. Nothing was sent.")
         pointer = ""
         if line and exc.offset:
             pointer = "\n    " + " " * (exc.offset - 1) + "^"
         raise CellSyntaxError(
             f"the cell has a syntax error at line {exc.lineno}: {exc.msg}\n"
-            f"    {line.strip() if not pointer else line}{pointer}\n"
-            "Nothing was sent; fix the cell and run it again.",
+            f"    {line.strip() if not pointer else line}{pointer}\n{hint}",
             lineno=exc.lineno,
         ) from None
     flow = _TopLevelFlow()
-    flow.statements(tree.body, set())
-    outputs = [name for name in flow.bound if name not in flow.deleted_last and name not in flow.imported]
+    defined_at_end = flow.statements(tree.body, set())
+    for name in flow.deferred:
+        if name not in defined_at_end and name not in flow.inputs:
+            flow.inputs.append(name)
+    outputs = [name for name in flow.bound if name not in flow.deleted_last and name not in flow.not_data]
     for name in flow.mutated:
         if name not in outputs:
             outputs.append(name)
@@ -85,7 +93,9 @@ class _TopLevelFlow:
     def __init__(self) -> None:
         self.inputs: list[str] = []
         self.bound: list[str] = []  # every name bound at top level, in first-bound order
-        self.imported: set[str] = set()  # names whose last binding was an import
+        self.not_data: set[str] = set()  # names whose last binding was an import or a with-as
+        self.deferred: list[str] = []  # free names of functions/classes, read when called
+        self.depth = 0  # > 0 inside a branch, loop or try
         self.mutated: list[str] = []  # a in `a[i] = v` / `a.b = v`
         self.deleted_last: set[str] = set()
 
@@ -94,16 +104,20 @@ class _TopLevelFlow:
         if name not in defined and name not in self.inputs:
             self.inputs.append(name)
 
-    def _bind(self, name: str, defined: set[str], *, surely: bool, by_import: bool = False) -> None:
+    def _defer(self, name: str, defined: set[str]) -> None:
+        if name not in defined and name not in self.deferred:
+            self.deferred.append(name)
+
+    def _bind(self, name: str, defined: set[str], *, surely: bool, not_data: bool = False) -> None:
         if surely:
             defined.add(name)
         if name not in self.bound:
             self.bound.append(name)
         self.deleted_last.discard(name)
-        if by_import:
-            self.imported.add(name)
+        if not_data:
+            self.not_data.add(name)
         else:
-            self.imported.discard(name)
+            self.not_data.discard(name)
 
     def _reads(self, node: ast.AST | None, defined: set[str]) -> None:
         """Reads of an expression evaluated at top level, in evaluation order."""
@@ -118,28 +132,30 @@ class _TopLevelFlow:
             self._bind(node.target.id, defined, surely=True)
             return
         if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            scope = _Scope(node)
             if isinstance(node, ast.Lambda):
                 for expression in _evaluated_at_definition(node):
                     self._reads(expression, defined)
-            else:  # the first iterable of a comprehension runs in this scope
+                for name in scope.free_in_order():
+                    self._defer(name, defined)
+            else:  # a comprehension runs now; its first iterable in this scope
                 self._reads(node.generators[0].iter, defined)
-            scope = _Scope.of(node)
-            for name in scope.free_in_order():
-                self._read(name, defined)
+                for name in scope.free_in_order():
+                    self._read(name, defined)
             for name in scope.walrus_targets:
                 self._bind(name, defined, surely=False)
             return
         for child in ast.iter_child_nodes(node):
             self._reads(child, defined)
 
-    def _targets(self, target: ast.AST, defined: set[str], *, surely: bool) -> None:
+    def _targets(self, target: ast.AST, defined: set[str], *, surely: bool, not_data: bool = False) -> None:
         if isinstance(target, ast.Name):
-            self._bind(target.id, defined, surely=surely)
+            self._bind(target.id, defined, surely=surely, not_data=not_data)
         elif isinstance(target, (ast.Tuple, ast.List)):
             for element in target.elts:
-                self._targets(element, defined, surely=surely)
+                self._targets(element, defined, surely=surely, not_data=not_data)
         elif isinstance(target, ast.Starred):
-            self._targets(target.value, defined, surely=surely)
+            self._targets(target.value, defined, surely=surely, not_data=not_data)
         elif isinstance(target, (ast.Attribute, ast.Subscript)):
             self._reads(target, defined)
             base = target
@@ -156,7 +172,12 @@ class _TopLevelFlow:
         return defined
 
     def _branch(self, body: list[ast.stmt], defined: set[str]) -> set[str]:
-        return self.statements(body, set(defined))
+        """Process a body that may not run (or not to its end) on a copy of ``defined``."""
+        self.depth += 1
+        try:
+            return self.statements(body, set(defined))
+        finally:
+            self.depth -= 1
 
     def statement(self, node: ast.stmt, defined: set[str]) -> None:  # noqa: C901 - one case per statement kind
         if isinstance(node, ast.Assign):
@@ -174,11 +195,11 @@ class _TopLevelFlow:
                 self._reads(node.value, defined)
                 self._targets(node.target, defined, surely=True)
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            scope = _Scope.of(node)
+            scope = _Scope(node)
             for expression in _evaluated_at_definition(node):
                 self._reads(expression, defined)
             for name in scope.free_in_order():
-                self._read(name, defined)
+                self._defer(name, defined)
             for name in scope.global_writes:
                 self._bind(name, defined, surely=False)
             self._bind(node.name, defined, surely=True)
@@ -187,7 +208,7 @@ class _TopLevelFlow:
                 if alias.name == "*":
                     continue
                 name = alias.asname or alias.name.split(".")[0]
-                self._bind(name, defined, surely=True, by_import=True)
+                self._bind(name, defined, surely=True, not_data=True)
         elif isinstance(node, ast.If):
             self._reads(node.test, defined)
             after_body = self._branch(node.body, defined)
@@ -195,9 +216,11 @@ class _TopLevelFlow:
             defined |= after_body & after_else
         elif isinstance(node, (ast.For, ast.AsyncFor)):
             self._reads(node.iter, defined)
+            self.depth += 1
             inner = set(defined)
             self._targets(node.target, inner, surely=True)
             self.statements(node.body, inner)
+            self.depth -= 1
             self._branch(node.orelse, defined)
         elif isinstance(node, ast.While):
             self._reads(node.test, defined)
@@ -207,28 +230,33 @@ class _TopLevelFlow:
             for item in node.items:
                 self._reads(item.context_expr, defined)
                 if item.optional_vars is not None:
-                    self._targets(item.optional_vars, defined, surely=True)
+                    self._targets(item.optional_vars, defined, surely=True, not_data=True)
             self.statements(node.body, defined)
         elif isinstance(node, (ast.Try, getattr(ast, "TryStar", ast.Try))):
-            after_body = self._branch(node.body, defined)
+            self.depth += 1
+            after_body = self.statements(node.body, set(defined))
+            surely = self.statements(node.orelse, after_body)
             for handler in node.handlers:
                 self._reads(handler.type, defined)
                 inner = set(defined)
                 if handler.name:  # unbound again when the handler ends, so never an output
                     inner.add(handler.name)
-                self.statements(handler.body, inner)
-            self._branch(node.orelse, after_body)
+                surely = surely & (self.statements(handler.body, inner) - {handler.name})
+            self.depth -= 1
+            defined |= surely
             self.statements(node.finalbody, defined)
         elif isinstance(node, ast.Delete):
             for target in node.targets:
                 if isinstance(target, ast.Name):
                     self._read(target.id, defined)
                     defined.discard(target.id)
-                    self.deleted_last.add(target.id)
+                    if self.depth == 0:  # a del in a branch may not run: the name may come back
+                        self.deleted_last.add(target.id)
                 else:
                     self._targets(target, defined, surely=True)
         elif isinstance(node, ast.Match):
             self._reads(node.subject, defined)
+            self.depth += 1
             for case in node.cases:
                 inner = set(defined)
                 for name in _pattern_names(case.pattern):
@@ -238,6 +266,7 @@ class _TopLevelFlow:
                         self._reads(getattr(child, "value", None) or getattr(child, "cls", None), inner)
                 self._reads(case.guard, inner)
                 self.statements(case.body, inner)
+            self.depth -= 1
         elif isinstance(node, (ast.Global, ast.Nonlocal, ast.Pass, ast.Break, ast.Continue)):
             pass
         else:  # Expr, Return, Raise, Assert and anything newer: read what it holds
@@ -254,12 +283,15 @@ def _evaluated_at_definition(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.
     arguments = node.args
     found += [d for d in arguments.defaults if d is not None] + [d for d in arguments.kw_defaults if d is not None]
     if not isinstance(node, ast.Lambda):
-        every_arg = arguments.posonlyargs + arguments.args + arguments.kwonlyargs
-        every_arg += [a for a in (arguments.vararg, arguments.kwarg) if a is not None]
-        found += [a.annotation for a in every_arg if a.annotation is not None]
+        found += [a.annotation for a in _argument_names(arguments) if a.annotation is not None]
         if node.returns is not None:
             found.append(node.returns)
     return found
+
+
+def _argument_names(arguments: ast.arguments) -> list[ast.arg]:
+    every_arg = arguments.posonlyargs + arguments.args + arguments.kwonlyargs
+    return every_arg + [a for a in (arguments.vararg, arguments.kwarg) if a is not None]
 
 
 def _pattern_names(pattern: ast.AST) -> list[str]:
@@ -295,17 +327,10 @@ class _Scope:
         self.children: list[_Scope] = []
         self._collect()
 
-    @classmethod
-    def of(cls, node: ast.AST) -> _Scope:
-        return cls(node)
-
     def _collect(self) -> None:
         node = self.node
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            arguments = node.args
-            every_arg = arguments.posonlyargs + arguments.args + arguments.kwonlyargs
-            every_arg += [a for a in (arguments.vararg, arguments.kwarg) if a is not None]
-            self.bound.update(a.arg for a in every_arg)
+            self.bound.update(a.arg for a in _argument_names(node.args))
             body = node.body if isinstance(node.body, list) else [node.body]
             for statement in body:
                 self._visit(statement)

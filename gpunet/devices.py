@@ -92,14 +92,17 @@ def _jax_platform() -> str | None:
         return None
 
 
-def describe_this_device(memory_limit: int | None = None) -> dict[str, Any]:
+def describe_this_device(memory_limit: int | None = None, *, gpu: bool = True) -> dict[str, Any]:
     """Describe the device a worker in this process offers.
+
+    ``gpu=False`` describes the CPU even on a host with GPUs: a worker without a
+    ``GPU`` resource (a CPU worker started where dask-cuda is missing) offers none.
 
     Returns a msgpack-friendly dict: ``kind`` ("gpu" or "cpu"), ``name``,
     ``memory_bytes``, ``count``, ``jax_platform`` (what JAX runs on here) and
     ``label`` (e.g. "cpu: AMD EPYC 7B13, 11.2 GiB").
     """
-    gpus = local_gpus()
+    gpus = local_gpus() if gpu else []
     jax_platform = _jax_platform()
     if gpus:
         index = _visible_gpu_index()

@@ -49,33 +49,31 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def pickled(value: Any, what: str, *, name: str | None = None) -> bytes:
+    """cloudpickle ``value``, or raise :class:`UnpicklableInputError` naming ``what``
+    (an input's name, "map item 3") and its type."""
+    try:
+        return cloudpickle.dumps(value)
+    except Exception as exc:  # noqa: BLE001 - pickling fails in many ways
+        type_name = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+        raise UnpicklableInputError(
+            f"{what} ({type_name}) cannot be pickled, so it cannot travel to a worker "
+            f"({type(exc).__name__}: {exc}). Create it on the worker instead (inside the cell or function), "
+            "or choose the inputs with --in.",
+            name=name or what,
+            type_name=type_name,
+        ) from None
+
+
 def pickle_inputs(values: dict[str, Any]) -> dict[str, bytes]:
     """Pickle each input on its own, naming the one that cannot travel."""
-    pickled = {}
-    for name, value in values.items():
-        try:
-            pickled[name] = cloudpickle.dumps(value)
-        except Exception as exc:  # noqa: BLE001 - pickling fails in many ways
-            type_name = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
-            raise UnpicklableInputError(
-                f"input {name!r} ({type_name}) cannot be pickled, so it cannot travel to a worker "
-                f"({type(exc).__name__}: {exc}). Create it inside the cell, or choose the inputs with --in.",
-                name=name,
-                type_name=type_name,
-            ) from None
-    return pickled
+    return {name: pickled(value, f"input {name!r}", name=name) for name, value in values.items()}
 
 
 def function_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
                  topic: str | None, announce: bool = True) -> Job:
     """A :class:`Job` that calls ``fn(*args, **kwargs)`` (map items go first)."""
-    try:
-        arguments = cloudpickle.dumps((args, kwargs))
-    except Exception as exc:  # noqa: BLE001
-        raise UnpicklableInputError(
-            f"the arguments of {getattr(fn, '__name__', fn)!r} cannot be pickled ({type(exc).__name__}: {exc})",
-            name="arguments", type_name="tuple",
-        ) from None
+    arguments = pickled((args, kwargs), f"the arguments of {getattr(fn, '__name__', fn)!r}")
     return Job(new_job_id(), function=fn, arguments=arguments, topic=topic, announce=announce)
 
 
@@ -122,27 +120,30 @@ def raise_for_error(result: JobResult, *, label: str = "") -> None:
 
 
 class RemoteJob:
-    """A job sent to the network: its futures, live events and results."""
+    """A job sent to the network: its futures, live events and results.
 
-    def __init__(self, network: Network, job: Job, futures: list[Future], *, items: int | None) -> None:
+    Make one with :meth:`submit`; it is registered with its network (which hands it
+    the job's topic events) before its first task is sent, so no event is missed.
+    """
+
+    def __init__(self, network: Network, job: Job, *, items: int | None) -> None:
         self.network = network
         self.job = job
-        self.futures = futures
-        self.count = len(futures)
+        self.count = 1 if items is None else items
         self.mapped = items is not None
+        self.futures: list[Future] = []
+        self.index_of: dict[str, int | None] = {}
         self.submitted = time.monotonic()
         self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self.wake = threading.Event()
-        self.index_of = {future.key: (None if items is None else index) for index, future in enumerate(futures)}
         #: results that came as events, by item index (None for a single job)
         self.results: dict[int | None, JobResult] = {}
         #: indices whose future finished
         self.finished: set[int | None] = set()
         self.workers_seen: list[tuple[str, str]] = []
         self.shown_seq: dict[int | None, int] = {}
+        self.stopped_because: str | None = None
         self._lock = threading.Lock()
-        for future in futures:
-            future.add_done_callback(self._on_done)
 
     @classmethod
     def submit(cls, network: Network, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
@@ -150,24 +151,18 @@ class RemoteJob:
         """Send ``job`` to ``network`` with the given placement (``workers``: one
         list for all items, or one per item)."""
         client = network.client
+        blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
         per_item = bool(workers) and isinstance(workers[0], list)
         options = dict(resources=resources, pure=False, workers=None if per_item else workers,
                        allow_other_workers=False)
         inputs = None
         if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
             inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
-        if items is None:
+        remote = cls(network, job, items=None if blobs is None else len(blobs))
+        network._register(remote)
+        if blobs is None:
             futures = [client.submit(run_job, job, None, None, inputs, key=f"gpunet-{job.job_id}", **options)]
         else:
-            blobs = []
-            for index, item in enumerate(items):
-                try:
-                    blobs.append(cloudpickle.dumps(item))
-                except Exception as exc:  # noqa: BLE001
-                    raise UnpicklableInputError(
-                        f"map item {index} ({type(item).__name__}) cannot be pickled, so it cannot travel "
-                        f"({type(exc).__name__}: {exc})", name=f"item {index}", type_name=type(item).__name__,
-                    ) from None
             keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
             if per_item:
                 futures = [client.submit(run_job, job, blob, index, inputs, key=key, **{**options, "workers": where})
@@ -175,7 +170,14 @@ class RemoteJob:
             else:
                 futures = client.map(run_job, [job] * len(blobs), blobs, range(len(blobs)), [inputs] * len(blobs),
                                      key=keys, **options)
-        return cls(network, job, futures, items=None if items is None else len(items))
+        remote._attach(futures)
+        return remote
+
+    def _attach(self, futures: list[Future]) -> None:
+        self.index_of = {future.key: (index if self.mapped else None) for index, future in enumerate(futures)}
+        self.futures = futures
+        for future in futures:
+            future.add_done_callback(self._on_done)
 
     # -- callbacks from the client's event loop -------------------------------------------
     def on_event(self, message: dict[str, Any]) -> None:
@@ -226,8 +228,8 @@ class RemoteJob:
                         self.stop("timeout")
                         where = f" on {self.workers_seen[-1][0]}" if self.workers_seen else ""
                         raise CellTimeoutError(
-                            f"the job ran longer than its timeout of {timeout:g} s{where} and was stopped there; "
-                            "give it more time (--timeout) or make it smaller."
+                            f"the job did not finish within its timeout of {timeout:g} s (queued and running){where} "
+                            "and was stopped; give it more time (--timeout) or make it smaller."
                         )
                     wait_for = left if wait_for is None else min(wait_for, left)
                 self.wake.wait(wait_for)
@@ -257,15 +259,17 @@ class RemoteJob:
         missing = [future for future in self.futures if self.index_of[future.key] not in have]
         for future in missing:
             index = self.index_of[future.key]
+            where = f"item {index} of this map" if self.mapped else "this job"
             if future.status == "error":
                 exc = future.exception()
-                where = f"item {index} of this map" if self.mapped else "this job"
                 if isinstance(exc, KilledWorker):
                     raise WorkerLostError(
                         f"the workers running {where} died, each time it was tried ({exc}); it was not re-run "
                         "again. Check the worker logs (out of memory?) and run it again."
                     ) from None
                 raise GpunetError(f"{where} failed in Dask itself: {type(exc).__name__}: {exc}") from exc
+            if future.status == "cancelled" and self.stopped_because is not None:
+                raise GpunetError(f"{where} was {self.stopped_because} before it finished")
             if future.status == "cancelled":
                 raise WorkerLostError(
                     "the network lost this job (its scheduler restarted or this client was disconnected); "
@@ -305,12 +309,17 @@ class RemoteJob:
     # -- stopping -----------------------------------------------------------------------
     def stop(self, reason: str) -> None:
         """Cancel the job and stop its threads on the workers; restart a stuck worker."""
+        import asyncio
+
         from gpunet.remote import stop_job
 
+        self.stopped_because = reason
         client = self.network.client
         try:
             client.cancel(self.futures, force=True)
-            statuses = client.run(stop_job, self.job.job_id, reason, STOP_GRACE_S)
+            # Bounded, so that one unresponsive worker cannot make Ctrl-C hang.
+            statuses = client.sync(asyncio.wait_for, client._run(stop_job, self.job.job_id, reason, STOP_GRACE_S),
+                                   STOP_GRACE_S + 5)
         except Exception as exc:  # noqa: BLE001 - the network may be gone too
             logger.warning("gpunet: could not stop job %s cleanly: %s", self.job.job_id, exc)
             return

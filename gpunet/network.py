@@ -15,13 +15,14 @@ default, see README).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from gpunet.errors import ConnectError, GpunetError, PlacementError
 
@@ -80,7 +81,7 @@ class EmbeddedNetwork:
             protocol="tcp://",
         )
         self.note: str
-        with dask.config.set(EMBEDDED_DASK_CONFIG):
+        with dask.config.set(EMBEDDED_DASK_CONFIG), _explained_start_failure(host, port):
             cuda = _import_dask_cuda() if gpus else None
             if gpus and cuda is not None:
                 resources = {
@@ -99,7 +100,11 @@ class EmbeddedNetwork:
                 self.cluster = _local_cluster(n_workers, resources={DEVICE_RESOURCE: 1}, **common)
                 self.note = f"{why}: started {n_workers} CPU workers"
         logger.info("gpunet: %s", self.note)
-        self._register_worker_plugin()
+        try:
+            self._register_worker_plugin()
+        except BaseException:
+            self.cluster.close()
+            raise
 
     def _register_worker_plugin(self) -> None:
         """Register gpunet's worker plugin with the scheduler, so that every worker,
@@ -125,6 +130,19 @@ class EmbeddedNetwork:
     def close(self) -> None:
         """Stop the workers and the scheduler."""
         self.cluster.close(timeout=10)
+
+
+@contextlib.contextmanager
+def _explained_start_failure(host: str, port: int) -> Iterator[None]:
+    """Turn Dask's "Cluster failed to start" into a message that names the address."""
+    try:
+        yield
+    except (RuntimeError, OSError) as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise GpunetError(
+            f"the network could not start on {host}:{port} ({type(cause).__name__}: {cause}). "
+            "Is the port in use? Choose another with --port, or --port 0 for a free one."
+        ) from exc
 
 
 def _import_dask_cuda() -> Any:
@@ -328,10 +346,11 @@ class Network:
 
         self._ensure_open()
         self.check_placement(resources)
-        remote = jobs.RemoteJob.submit(self, job, resources=resources, items=items, workers=workers)
+        return jobs.RemoteJob.submit(self, job, resources=resources, items=items, workers=workers)
+
+    def _register(self, remote: RemoteJob) -> None:
         with self._jobs_lock:
-            self._jobs[job.job_id] = remote
-        return remote
+            self._jobs[remote.job.job_id] = remote
 
     def _forget(self, job_id: str) -> None:
         with self._jobs_lock:
@@ -434,6 +453,9 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
             f"(asked for credits={credits!r}, budget={budget!r})"
         )
     address = address or os.environ.get("GPUNET_SCHEDULER") or None
+    if address is not None and workers is not None:
+        raise GpunetError(f"workers={workers} only sizes a local network; {address} already has its own workers "
+                          "(connect without --workers, or without an address)")
     embedded = None
     if address is None:
         embedded = EmbeddedNetwork(n_workers=workers)

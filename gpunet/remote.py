@@ -52,7 +52,10 @@ ANNOUNCE_AFTER_S = 0.05
 #: Results up to this size also travel as an event on the job's topic, which reaches
 #: the client with the task's completion, saving the round trip of a gather. The
 #: scheduler keeps the last `distributed.admin.low-level-log-length` (1000) events
-#: of a topic, so this bounds what it holds to a few MB.
+#: of a topic, so this bounds what it holds per connected notebook to about 16 MB.
+#: Events of a topic can be read by any client of the scheduler (Client.get_events):
+#: a shared scheduler must be one whose clients may see each other's small results,
+#: as they may see task keys; see DESIGN.md "Trust between strangers" (TLS, tokens).
 RESULT_EVENT_MAX_BYTES = 16 * 1024
 
 
@@ -144,15 +147,24 @@ class _JobContext:
                 self.pending[-1] = (name, self.pending[-1][1] + text)
             else:
                 self.pending.append((name, text))
-            if self.job.topic is None or "\n" not in text:
-                return
-            wait = STREAM_INTERVAL_S - (time.monotonic() - self.last_sent)
-            if wait <= 0:
-                self._flush_locked(send=True)
-            elif self.timer is None:
-                self.timer = threading.Timer(wait, self.flush)
-                self.timer.daemon = True
-                self.timer.start()
+            if "\n" in text or "\r" in text:
+                self._send_soon_locked()
+
+    def flush_soon(self) -> None:
+        """``sys.stdout.flush()`` in the job: send what is pending, rate-limited."""
+        with self.lock:
+            self._send_soon_locked()
+
+    def _send_soon_locked(self) -> None:
+        if self.job.topic is None or not self.pending:
+            return
+        wait = STREAM_INTERVAL_S - (time.monotonic() - self.last_sent)
+        if wait <= 0:
+            self._flush_locked(send=True)
+        elif self.timer is None:
+            self.timer = threading.Timer(wait, self.flush)
+            self.timer.daemon = True
+            self.timer.start()
 
     def flush(self, send: bool = True) -> None:
         with self.lock:
@@ -176,7 +188,8 @@ class _JobContext:
 
 _contexts: dict[int, _JobContext] = {}  # thread id -> running job
 _running: dict[str, int] = {}  # job id -> thread id
-_stopped: set[str] = set()  # job ids stopped before they started
+_stopped: dict[str, None] = {}  # job ids asked to stop (the last STOPPED_KEPT, oldest first)
+STOPPED_KEPT = 1000
 _registry_lock = threading.Lock()
 
 
@@ -196,8 +209,11 @@ class _ThreadRouter(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
-        if threading.get_ident() not in _contexts:
+        context = _contexts.get(threading.get_ident())
+        if context is None:
             self.original.flush()
+        else:
+            context.flush_soon()
 
     def isatty(self) -> bool:
         return False
@@ -314,14 +330,13 @@ def _current_worker() -> Any:
 
 
 def _device_label(worker: Any) -> str:
-    device = getattr(worker, "gpunet_device", None)
-    if device is None:
+    if worker is None:  # run outside a worker (tests, debugging)
         from gpunet.devices import describe_this_device
 
-        device = describe_this_device(getattr(getattr(worker, "memory_manager", None), "memory_limit", None))
-        if worker is not None:
-            worker.gpunet_device = device
-    return device["label"]
+        return describe_this_device()["label"]
+    from gpunet.extensions.worker_plugin import device_info
+
+    return device_info(worker)["label"]
 
 
 def run_job(
@@ -341,40 +356,23 @@ def run_job(
     device = _device_label(worker)
     context = _JobContext(job, index, worker)
     thread_id = threading.get_ident()
-    result = JobResult(job.job_id, index, address, device, time.time(), 0.0)
-    with _registry_lock:
-        if job.job_id in _stopped:
-            result.error = _error_info(JobInterrupted("stopped before it started"), None)
-            result.finished = time.time()
-            return result
-        _contexts[thread_id] = context
-        if index is None:
-            _running[job.job_id] = thread_id
-        else:
-            _running[f"{job.job_id}/{index}"] = thread_id
     running_key = job.job_id if index is None else f"{job.job_id}/{index}"
-    if job.announce and job.topic is not None and worker is not None:
-        started_event = {"job": job.job_id, "kind": "started", "worker": address, "device": device}
-
-        def announce() -> None:
-            if _running.get(running_key) == thread_id:
-                worker.log_event(job.topic, started_event)
-
-        worker.loop.add_callback(worker.loop.call_later, ANNOUNCE_AFTER_S, announce)
+    result = JobResult(job.job_id, index, address, device, time.time(), 0.0)
     try:
-        try:
-            if job.code is not None:
-                _run_cell(job, item, context, result)
-            else:
-                _run_function(job, item, result)
-        except JobInterrupted as exc:
-            result.error = _error_info(exc, None)
-        finally:
-            with _registry_lock:
-                _contexts.pop(thread_id, None)
-                _running.pop(running_key, None)
-    except JobInterrupted as exc:  # arrived while cleaning up
+        with _registry_lock:
+            if job.job_id in _stopped:
+                raise JobInterrupted("stopped before it started")
+            _contexts[thread_id] = context
+            _running[running_key] = thread_id
+        _announce_later(job, worker, running_key, thread_id, device)
+        if job.code is not None:
+            _run_cell(job, item, context, result)
+        else:
+            _run_function(job, item, result)
+    except JobInterrupted as exc:
         result.error = _error_info(exc, None)
+    finally:
+        _unregister(thread_id, running_key)
     context.flush(send=False)
     result.streams = context.chunks
     result.displays = context.displays
@@ -382,6 +380,36 @@ def run_job(
     if job.topic is not None and worker is not None:
         _send_result_event(worker, job.topic, result)
     return result
+
+
+def _unregister(thread_id: int, running_key: str) -> None:
+    """Take a job off the registry, even if a stop exception fires meanwhile.
+
+    :func:`stop_job` raises only into threads still registered, under the same
+    lock; once the entries are gone no new exception can arrive, and one already
+    pending fires here and is absorbed (the job has ended anyway).
+    """
+    while True:
+        try:
+            with _registry_lock:
+                _contexts.pop(thread_id, None)
+                _running.pop(running_key, None)
+            return
+        except JobInterrupted:
+            continue
+
+
+def _announce_later(job: Job, worker: Any, running_key: str, thread_id: int, device: str) -> None:
+    """Say where the job runs, if it still runs after ANNOUNCE_AFTER_S."""
+    if not job.announce or job.topic is None or worker is None:
+        return
+    started_event = {"job": job.job_id, "kind": "started", "worker": worker.address, "device": device}
+
+    def announce() -> None:
+        if _running.get(running_key) == thread_id:
+            worker.log_event(job.topic, started_event)
+
+    worker.loop.add_callback(worker.loop.call_later, ANNOUNCE_AFTER_S, announce)
 
 
 def result_to_event(result: JobResult) -> dict[str, Any]:
@@ -499,7 +527,9 @@ async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0,
     import asyncio
 
     with _registry_lock:
-        _stopped.add(job_id)
+        _stopped[job_id] = None
+        while len(_stopped) > STOPPED_KEPT:
+            del _stopped[next(iter(_stopped))]
         threads = {key: tid for key, tid in _running.items() if key == job_id or key.startswith(job_id + "/")}
         for tid in threads.values():
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(JobInterrupted))

@@ -36,3 +36,8 @@ def test_syntax_error_names_the_line():
 
 def test_digest_identifies_the_code():
     assert analyze("x = 1").digest == analyze("x = 1").digest != analyze("x = 2").digest
+
+
+def test_magic_syntax_gets_a_hint():
+    with pytest.raises(CellSyntaxError, match="magics and shell escapes"):
+        analyze("x = 1\n!ls\n")

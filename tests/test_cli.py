@@ -97,3 +97,16 @@ def test_unknown_verb_and_help():
     assert result.returncode == 2 and "invalid choice" in result.stderr
     result = subprocess.run(GPUNET + ["--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "up" in result.stdout
+
+
+def test_up_on_a_busy_port_says_which_and_what_to_do():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(GPUNET + ["up", "--port", str(port), "--dashboard-port", "0"],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}" in result.stderr and "--port 0" in result.stderr

@@ -246,3 +246,123 @@ def test_verify_and_max_credits_say_what_is_missing(ip):
 def test_unknown_line_command_gives_usage(ip):
     with pytest.raises(UsageError, match="connect"):
         ip.run_line_magic("gpunet", "conect")
+
+
+def test_flushed_partial_lines_arrive_while_the_cell_runs(ip):
+    arrivals = []
+
+    class Recorder:
+        def write(self, text):
+            arrivals.append((time.monotonic(), text))
+
+        def flush(self):
+            pass
+
+    original, sys.stdout = sys.stdout, Recorder()
+    try:
+        ip.run_cell_magic("gpunet", "--quiet", "import time\nprint('50%', end='', flush=True)\ntime.sleep(1.5)\nprint(' 100%')")
+        finished = time.monotonic()
+    finally:
+        sys.stdout = original
+    first = next(t for t, text in arrivals if "50%" in text)
+    assert finished - first > 0.8
+
+
+def test_no_block_failure_is_kept_for_result(ip):
+    run(ip, "import time\ntime.sleep(0.2)\nbad = 1 / 0", flags="--no-block --quiet")
+    handle = ip.user_ns["_gpunet"]
+    with pytest.raises(ZeroDivisionError):
+        handle.result(timeout=30)
+    assert "bad" not in ip.user_ns
+
+
+def test_no_block_cancel_says_so(ip):
+    run(ip, "import time\nfor _ in range(600):\n    time.sleep(0.05)\ndone = 1", flags="--no-block --quiet")
+    handle = ip.user_ns["_gpunet"]
+    time.sleep(0.5)
+    handle.cancel()
+    with pytest.raises(Exception, match="cancelled|stopped"):
+        handle.result(timeout=30)
+
+
+def test_connect_and_disconnect_through_the_magic(ip, net):
+    from gpunet import network as network_module
+
+    network_module._current = None
+    try:
+        with capture_output() as captured:
+            ip.run_line_magic("gpunet", "connect --workers 1")
+        assert "local network" in captured.stdout and "1 CPU workers" in captured.stdout
+        own = network_module.current()
+        pids = own.client.run(os.getpid)
+        with capture_output() as captured:
+            ip.run_line_magic("gpunet", "disconnect")
+        assert "disconnected" in captured.stdout
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids.values()), "disconnect left worker processes running"
+        with capture_output() as captured:
+            ip.run_line_magic("gpunet", f"connect {net.address}")
+        assert network_module.current().address == net.address
+        network_module.current().close()
+    finally:
+        network_module._current = net
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (not yet reaped) is dead too
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_connect_to_an_unreachable_scheduler_through_the_magic(ip, net):
+    from gpunet.errors import ConnectError
+
+    with pytest.raises(ConnectError, match="127.0.0.1:9"):
+        ip.run_line_magic("gpunet", "connect tcp://127.0.0.1:9")
+    with pytest.raises(Exception, match="only sizes a local network"):
+        ip.run_line_magic("gpunet", f"connect {net.address} --workers 3")
+
+
+def test_bad_gpu_mem_is_a_usage_error(ip):
+    with pytest.raises(UsageError, match="40 gigs"):
+        run(ip, "x = 1", flags="--gpu-mem '40 gigs'")
+
+
+def test_widget_progress_states():
+    from gpunet.widgets import JobProgress
+
+    with capture_output():
+        progress = JobProgress("gpunet", widget=True)
+        assert "queued" in progress._html.value
+        progress.running("tcp://127.0.0.1:1", "cpu: test")
+        assert "running on tcp://127.0.0.1:1 (cpu: test)" in progress._html.value
+        progress.finish(ok=True)
+    assert "done on tcp://127.0.0.1:1" in progress._html.value
+
+
+def test_worker_dying_during_a_cell_reruns_it_and_says_so(tmp_path):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import gpunet
+    from gpunet import network as network_module
+
+    previous, network_module._current = network_module._current, None
+    ip = InteractiveShell.instance()
+    ip.user_ns["marker"] = str(tmp_path / "first-attempt")
+    try:
+        with gpunet.connect():
+            body = ("import os, time\ntime.sleep(0.5)\n"
+                    "if not os.path.exists(marker):\n    open(marker, 'w').close()\n    os._exit(1)\nsurvived = True")
+            captured = run(ip, body, flags="--timeout 60")
+            assert ip.user_ns["survived"] is True
+            assert "was lost; re-running" in captured.stderr
+    finally:
+        network_module._current = previous

@@ -41,14 +41,16 @@ def test_run_raises_the_remote_exception(net):
 
 def test_unbuildable_remote_exception_becomes_remote_cell_error(net):
     def fails():
-        class Local(Exception):
-            pass
+        class TwoArguments(Exception):  # unpickling calls TwoArguments("x") and fails
+            def __init__(self, first, second):
+                super().__init__(first)
 
-        raise Local("made on the worker")
+        raise TwoArguments("made on the worker", 2)
 
-    with pytest.raises((RemoteCellError, Exception)) as caught:
+    with pytest.raises(RemoteCellError) as caught:
         net.run(fails)
-    assert "made on the worker" in str(caught.value)
+    assert caught.value.ename == "TwoArguments"
+    assert "made on the worker" in str(caught.value) and "in fails" in caught.value.remote_traceback
 
 
 def test_function_stdout_is_printed_here(net, capsys):
