@@ -183,3 +183,37 @@ def test_sigkill_loses_no_acknowledged_movement(tmp_path):
     finally:
         svc2.stop()
     verify_database(db)
+
+
+def test_concurrent_batches_keep_every_invariant(party: Party):
+    clients = [party.account("client", credits=1_000) for _ in range(4)]
+    provider, _ = party.account("provider")
+    sessions = [api.open_session(600) for _, api in clients]
+    minted_before = sum(a["balance"] for a in party.ops.accounts())
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        ops = CreditClient(party.svc.url, party.svc.operator_token)
+        sid = sessions[n % 4]
+        try:
+            for r in range(5):
+                held = ops.batch([{"op": "hold", "session": sid, "amount": 7, "key": f"bh{n}-{r}-{k}"}
+                                  for k in range(10)])
+                ok = [h["hold"] for h in held if h["ok"]]
+                assert all(h["ok"] or h["status"] == 402 for h in held), held
+                ops.batch([{"op": "settle", "hold": h, "provider": provider, "amount": 3, "key": f"bs{h}"}
+                           if i % 2 else {"op": "release", "hold": h, "key": f"br{h}"}
+                           for i, h in enumerate(ok)], raise_on_error=True)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    _run([threading.Thread(target=worker, args=(n,)) for n in range(8)])
+    assert not errors, errors
+    for (name, api), sid in zip(clients, sessions):
+        usage = api.usage(sid)
+        assert usage["held"] == 0 and usage["spent"] <= 600
+        assert api.balance(name) == 1_000 - usage["spent"]
+    accounts = party.ops.accounts()
+    assert all(a["balance"] >= 0 for a in accounts)
+    assert sum(a["balance"] for a in accounts) == minted_before
+    verify_service(party.svc.url, party.svc.operator_token)
