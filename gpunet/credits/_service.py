@@ -32,6 +32,7 @@ route                                      what                                 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -218,7 +219,7 @@ class CreditService:
     async def _op(self, name: str, actor: str, role: str, params: dict[str, Any]) -> Any:
         self._require(role, ROLE_FOR_OP[name], name.replace("_", " "), actor)
         key = params.pop("key", None)
-        return await asyncio.wrap_future(self.store.submit(name, actor, params, key))
+        return await _wait(self.store.submit(name, actor, params, key))
 
     @staticmethod
     def _int_query(request: Request, name: str, default: int | None = None, minimum: int = 0) -> int | None:
@@ -309,7 +310,7 @@ class CreditService:
     async def receipt(self, request: Request) -> dict[str, Any]:
         """GET /v1/sessions/{sid}/receipt: entries with inclusion proofs and a signed head."""
         actor, role, usage = await self._readable_session(request)
-        head = await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
+        head = await _wait(self.store.submit("sign_head", None, {}))
         from starlette.concurrency import run_in_threadpool
 
         return await run_in_threadpool(self._build_receipt, usage, head)
@@ -384,7 +385,7 @@ class CreditService:
                 results[i] = {"ok": False, "status": exc.status,
                               "error": {"code": exc.code, "message": str(exc), **exc.details}}
         if good:
-            done = await asyncio.wrap_future(self.store.submit("batch", actor, {"items": good}))
+            done = await _wait(self.store.submit("batch", actor, {"items": good}))
             for i, res in zip(where, done):
                 results[i] = res
         return {"results": results}
@@ -392,7 +393,7 @@ class CreditService:
     async def head(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/head: sign (and store) a tree head at the committed size."""
         self._auth(request)
-        return await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
+        return await _wait(self.store.submit("sign_head", None, {}))
 
     async def heads(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/heads: every stored signed tree head."""
@@ -439,6 +440,13 @@ class CreditService:
         second, proof, r1, r2 = self.store.proof_consistency(first, second)
         return {"first": first, "second": second, "first_root": r1.hex(), "second_root": r2.hex(),
                 "proof": [p.hex() for p in proof]}
+
+
+async def _wait(future: Any) -> Any:
+    """Await a store future: an asyncio one (writer on the loop) or a concurrent one (writer thread)."""
+    if isinstance(future, asyncio.Future):
+        return await future
+    return await asyncio.wrap_future(future)
 
 
 def _error_response(exc: CreditsError) -> Any:
@@ -500,7 +508,16 @@ def build_app(store: CreditStore) -> Starlette:
             f"{request.method} {request.url.path}; see gpunet.credits._service for the API"
         return JSONResponse({"error": {"status": status, "code": "no_route", "message": msg}}, status_code=status)
 
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        if store.prefers_loop:
+            store.attach_loop()
+        try:
+            yield
+        finally:
+            await store.detach_loop()
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
 
 
 # -- running it -------------------------------------------------------------------------
@@ -597,7 +614,7 @@ def serve(
         shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
         url = f"http://{shown}:{bound[1]}"
         config = uvicorn.Config(build_app(store), log_level="warning", access_log=access_log,
-                                lifespan="off", timeout_keep_alive=60, backlog=2048)
+                                lifespan="on", timeout_keep_alive=60, backlog=2048)
         server = uvicorn.Server(config)
         if on_ready is not None:
             on_ready(url, token_path)

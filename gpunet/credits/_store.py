@@ -20,6 +20,7 @@ beyond its budget; credits only move between accounts (held credits sit in the
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import hashlib
 import json
@@ -366,10 +367,10 @@ class CreditStore:
         self._last_head_size = -1 if last_head is None else int(last_head)
         if ESCROW not in self._accounts:
             self._write_direct_account(ESCROW, "system", None)
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="gpunet-credits-writer", daemon=True)
-        self._thread.start()
+        self._loop: Any = None
+        self._loop_thread: int | None = None
+        self._start_thread()
         logger.info("credit store %s: %d accounts, %d ledger entries", _redact(url), len(self._accounts),
                     self.tree.size)
 
@@ -551,6 +552,14 @@ class CreditStore:
         if self._closed:
             op.future.set_exception(CreditsUnavailableError("the credit store is closing; retry shortly"))
             return op.future
+        loop = self._loop
+        if loop is not None:
+            if threading.get_ident() == self._loop_thread:
+                op.future = loop.create_future()
+                self._enqueue(op)
+            else:
+                loop.call_soon_threadsafe(self._enqueue, op)
+            return op.future
         self._queue.put(op)
         return op.future
 
@@ -569,11 +578,22 @@ class CreditStore:
             except Exception:  # noqa: BLE001 - closing anyway
                 logger.exception("could not sign the last tree head on close")
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._stop_thread()
         self._write_conn.close()
         self._release_writer_lock()
         self.engine.dispose()
+
+    def _start_thread(self) -> None:
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._run, name="gpunet-credits-writer", daemon=True)
+        self._thread.start()
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
 
     def _publish(self, sessions: Any, accounts: Any) -> None:
         """After a commit: let readers see the new committed values."""
@@ -604,13 +624,25 @@ class CreditStore:
             except Exception:  # noqa: BLE001 - the writer must keep running
                 logger.exception("credit writer failed on a group of %d operations", len(group))
                 for o in group:
-                    if not o.future.done():
-                        o.future.set_exception(CreditsUnavailableError(
-                            "the credit store failed to write; nothing of this request was kept; retry it"))
+                    _resolve(o, None, CreditsUnavailableError(
+                        "the credit store failed to write; nothing of this request was kept; retry it"))
             if stop:
                 return
 
     def _apply_group(self, group: list[_Op]) -> None:
+        staged = self._stage(group)
+        if staged is None:
+            return
+        uow, results = staged
+        try:
+            self._write_conn.commit()
+            error = None
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        self._finish(uow, results, error)
+
+    def _stage(self, group: list[_Op]) -> tuple[_UnitOfWork, list[tuple[_Op, Any, BaseException | None]]] | None:
+        """Apply a group in memory and write it, without committing; None when nothing is left to commit."""
         conn = self._write_conn
         while group:
             uow = _UnitOfWork(self)
@@ -636,37 +668,111 @@ class CreditStore:
                 err = CreditsUnavailableError(
                     f"the credit database refused the write ({exc.__class__.__name__}); nothing was moved; retry")
                 for op in group:
-                    op.future.set_exception(err)
-                return
+                    _resolve(op, None, err)
+                return None
             if broken is not None:
                 conn.rollback()
                 uow.undo()
-                broken.future.set_exception(CreditsUnavailableError(
+                _resolve(broken, None, CreditsUnavailableError(
                     f"the credit service failed on this {broken.name} request (a bug, logged by the service); "
                     "nothing was moved", status=500))
                 group = [op for op in group if op is not broken]
                 continue
-            try:
-                conn.commit()
-            except Exception as exc:  # noqa: BLE001
-                conn.rollback()
-                uow.undo()
-                logger.exception("commit of %d credit operations failed", len(group))
-                err = CreditsUnavailableError(
-                    f"the credit database refused the commit ({exc.__class__.__name__}); nothing was moved; retry")
-                for op in group:
-                    op.future.set_exception(err)
-                return
-            uow.committed()
-            with self._tree_lock:
-                self.tree.extend(uow.new_leaves)
-            uow.evict()
-            for op, result, exc in results:
-                if exc is not None:
-                    op.future.set_exception(exc)
-                else:
-                    op.future.set_result(result)
+            return uow, results
+        return None
+
+    def _finish(self, uow: _UnitOfWork, results: list[tuple[_Op, Any, BaseException | None]],
+                error: BaseException | None) -> None:
+        """After the commit (or its failure): publish and answer every operation of the group."""
+        if error is not None:
+            self._write_conn.rollback()
+            uow.undo()
+            logger.error("commit of %d credit operations failed: %r", len(results), error)
+            err = CreditsUnavailableError(
+                f"the credit database refused the commit ({error.__class__.__name__}); nothing was moved; retry")
+            for op, _, _ in results:
+                _resolve(op, None, err)
             return
+        uow.committed()
+        with self._tree_lock:
+            self.tree.extend(uow.new_leaves)
+        uow.evict()
+        for op, result, exc in results:
+            _resolve(op, result, exc)
+
+    # -- the writer on an event loop (SQLite, inside the service) --
+
+    @property
+    def prefers_loop(self) -> bool:
+        """Whether the writer should run on the service's event loop: SQLite statements take
+        microseconds, and on the loop thread they never wait for the GIL; only the commit
+        (the fsync) goes to a thread. A server database keeps its writer thread."""
+        return sqlite_path(self.url) is not None
+
+    def attach_loop(self) -> None:
+        """Move the writer onto the running event loop (call from that loop)."""
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._stop_thread()
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._pending: list[_Op] = []
+        self._wake = asyncio.Event()
+        self._detaching = False
+        self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix="gpunet-credits-commit")
+        self._task = self._loop.create_task(self._writer_task())
+
+    async def detach_loop(self) -> None:
+        """Finish the queued operations and move the writer back to its own thread."""
+        if self._loop is None:
+            return
+        self._detaching = True
+        self._wake.set()
+        await self._task
+        self._commit_pool.shutdown()
+        self._loop = None
+        self._start_thread()
+
+    def _enqueue(self, op: _Op) -> None:
+        self._pending.append(op)
+        self._wake.set()
+
+    async def _writer_task(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending or not self._detaching:
+            if not self._pending:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            group = self._pending[:_GROUP_LIMIT]
+            del self._pending[:_GROUP_LIMIT]
+            try:
+                staged = self._stage(group)
+                if staged is None:
+                    continue
+                uow, results = staged
+                try:
+                    await loop.run_in_executor(self._commit_pool, self._write_conn.commit)
+                    error = None
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+                self._finish(uow, results, error)
+            except Exception:  # noqa: BLE001 - the writer must keep running
+                logger.exception("credit writer failed on a group of %d operations", len(group))
+                for op in group:
+                    _resolve(op, None, CreditsUnavailableError(
+                        "the credit store failed to write; nothing of this request was kept; retry it"))
+
+
+def _resolve(op: _Op, result: Any, exc: BaseException | None) -> None:
+    """Answer an operation's future (a concurrent or an asyncio one) unless it was given up."""
+    if op.future.done():
+        return
+    if exc is not None:
+        op.future.set_exception(exc)
+    else:
+        op.future.set_result(result)
 
 
 class _UnitOfWork:
