@@ -98,18 +98,18 @@ def bench_http(workdir: Path, seconds: float, clients: int = 16) -> None:
                 n += size
             counts[i] = n
 
-        # Alternate the two measurements (twice each) so that drift on a noisy machine
-        # hits both alike; report the mean of each.
+        # Alternate the two measurements (three times each) so that drift on a noisy
+        # machine hits both alike; report the median of each.
         trivial_rates, pair_rates = [], []
-        for rnd in range(2):
+        for rnd in range(3):
             counts = [0] * clients
             wall = _threads(clients, trivial, counts)
             trivial_rates.append(sum(counts) / wall)
             counts = [0] * clients
             wall = _threads(clients, pairs, counts, f"p{rnd}")
             pair_rates.append(sum(counts) / wall)
-        trivial_rate = sum(trivial_rates) / 2
-        pair_rate = sum(pair_rates) / 2
+        trivial_rate = sorted(trivial_rates)[1]
+        pair_rate = sorted(pair_rates)[1]
         print(f"HTTP, {clients} concurrent clients (requests.Session each), SQLite WAL synchronous=FULL:")
         print(f"  trivial authenticated JSON POST (/v1/ping)    {trivial_rate:8.0f} requests/s "
               f"(rounds: {', '.join(f'{r:.0f}' for r in trivial_rates)})")
@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="seconds per HTTP measurement")
     parser.add_argument("--sizes", default=None, help="ledger sizes for verify, comma-separated")
     args = parser.parse_args()
-    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    seconds = args.seconds or (2.0 if args.quick else 4.0)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
         [10_000, 100_000] if args.quick else [100_000, 1_000_000])
     print(f"credits benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")

@@ -163,13 +163,14 @@ class CreditClient:
 
     # -- sessions, holds --
 
-    def open_session(self, budget: int, notebook: str = "", kernel: str = "", *, key: str | None = None) -> str:
+    def open_session(self, budget: int, notebook: str | None = "", kernel: str | None = "", *,
+                     key: str | None = None) -> str:
         """Open a session with ``budget`` credits paid by this token's account; returns its id.
 
         ``key`` makes it idempotent; without one a fresh key is made, so the
         client's own retries never open two sessions.
         """
-        body: dict[str, Any] = {"budget": budget, "notebook": notebook, "kernel": kernel,
+        body: dict[str, Any] = {"budget": budget, "notebook": notebook or "", "kernel": kernel or "",
                                 "key": key or f"open-session-{uuid.uuid4().hex}"}
         return self._post("/v1/sessions", body)["session"]
 

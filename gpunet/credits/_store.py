@@ -3,8 +3,9 @@
 SQLAlchemy Core over SQLite (a file, WAL, ``synchronous=FULL``) or PostgreSQL
 (``postgresql://`` URLs, through psycopg 3).
 
-One writer thread owns the only write connection (as datasette does). Requests
-become *operations* queued to it; it takes every operation waiting, applies them
+One writer owns the only write connection (as datasette does): a thread, or, inside
+the service on SQLite, the event loop itself with only the commit in a thread.
+Requests become *operations* queued to it; it takes every operation waiting, applies them
 in memory (checks first, then changes, so a refused operation changes nothing),
 writes the result in **one transaction** and only then answers them all: group
 commit. A crash before the commit loses only unanswered operations; an
