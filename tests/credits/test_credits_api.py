@@ -192,3 +192,40 @@ def test_unreachable_service_is_a_503_naming_the_url():
     assert err.value.status == 503 and err.value.url == url
     with pytest.raises(CreditsUnavailableError, match="unreachable"):
         client.create_account("x", "client")
+
+
+def test_idempotent_calls_retry_across_a_restart_and_move_once(tmp_path):
+    import threading
+
+    from gpunet.credits import serve_in_background
+
+    db = tmp_path / "c.sqlite3"
+    svc = serve_in_background(db, log_path=tmp_path / "log1")
+    party = Party(svc)
+    name, api = party.account("client", credits=100)
+    sid = api.open_session(100)
+    first = api.hold(sid, 10, key="across")
+    port = int(svc.url.rsplit(":", 1)[1])
+    svc.stop()
+    patient = CreditClient(svc.url, api.token, retries=8, backoff=0.25)
+    impatient = CreditClient(svc.url, svc.operator_token, retries=8, backoff=0.25)
+    got: dict = {}
+
+    def call() -> None:
+        got["hold"] = patient.hold(sid, 10, key="across")  # retried until the service is back
+
+    t = threading.Thread(target=call)
+    t.start()
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(CreditsUnavailableError, match="unreachable"):
+        impatient.create_account("late", "client")  # no key: not retried, fails at once
+    assert time.monotonic() - t0 < 1.5, "create_account was retried (8 retries back off for over a minute)"
+    svc2 = serve_in_background(db, port=port, log_path=tmp_path / "log2")
+    try:
+        t.join(60)
+        assert got["hold"] == first
+        assert api.balance(name) == 90 and api.usage(sid)["held"] == 10
+    finally:
+        svc2.stop()
