@@ -4,7 +4,6 @@ and a real PostgreSQL server started here when its binaries are installed."""
 from __future__ import annotations
 
 import glob
-import itertools
 import os
 import shutil
 import socket
@@ -16,15 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gpunet.credits import CreditClient, serve_in_background
-
-DATA = Path(__file__).parent / "data"
-_names = itertools.count()
-
-
-def unique(prefix: str) -> str:
-    """A fresh account name (the module-scoped services are shared between tests)."""
-    return f"{prefix}-{next(_names)}-{uuid.uuid4().hex[:6]}"
+from credits_helpers import Party
+from gpunet.credits import serve_in_background
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +35,6 @@ def fresh_service(tmp_path):
     yield svc
     if svc.alive():
         svc.stop()
-
-
-class Party:
-    """Clients of one service: the operator and helpers to make funded accounts."""
-
-    def __init__(self, svc) -> None:
-        self.svc = svc
-        self.ops = CreditClient(svc.url, svc.operator_token)
-
-    def account(self, role: str, *, credits: int = 0) -> tuple[str, CreditClient]:
-        name = unique(role)
-        token = self.ops.create_account(name, role)["token"]
-        if credits:
-            self.ops.mint(name, credits, key=f"mint-{name}")
-        return name, CreditClient(self.svc.url, token)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import pytest
 import requests
 
-from conftest import DATA, Party
+from credits_helpers import DATA, Party
 from gpunet.credits import (
     AuthError,
     BudgetExceededError,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import Party
+from credits_helpers import Party
 from gpunet.credits import AuthError, CreditClient, serve_in_background
 
 

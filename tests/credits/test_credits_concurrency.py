@@ -6,7 +6,7 @@ import random
 import threading
 import time
 
-from conftest import Party
+from credits_helpers import Party
 from gpunet.credits import (
     BudgetExceededError,
     CreditClient,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import DATA
+from credits_helpers import DATA
 from gpunet.credits import MerkleTree, ProofError, leaf_hash, node_hash, verify_consistency, verify_inclusion
 from gpunet.credits._merkle import EMPTY_ROOT, root_from_leaves
 

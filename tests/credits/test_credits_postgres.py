@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import Party
+from credits_helpers import Party
 from gpunet.credits import (
     BudgetExceededError,
     CreditClient,

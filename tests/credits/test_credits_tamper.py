@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import DATA, Party
+from credits_helpers import DATA, Party
 from gpunet.credits import LedgerVerificationError, ProofError, serve_in_background, verify_database, verify_receipt
 from gpunet.credits._ledger import entry_hash
 

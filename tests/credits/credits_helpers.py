@@ -1,0 +1,33 @@
+"""Helpers shared by the credit service tests (a module of its own, so that no other
+directory's conftest.py can shadow it)."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from pathlib import Path
+
+from gpunet.credits import CreditClient
+
+DATA = Path(__file__).parent / "data"
+_names = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    """A fresh account name (the module-scoped services are shared between tests)."""
+    return f"{prefix}-{next(_names)}-{uuid.uuid4().hex[:6]}"
+
+
+class Party:
+    """Clients of one service: the operator and helpers to make funded accounts."""
+
+    def __init__(self, svc) -> None:
+        self.svc = svc
+        self.ops = CreditClient(svc.url, svc.operator_token)
+
+    def account(self, role: str, *, credits: int = 0) -> tuple[str, CreditClient]:
+        name = unique(role)
+        token = self.ops.create_account(name, role)["token"]
+        if credits:
+            self.ops.mint(name, credits, key=f"mint-{name}")
+        return name, CreditClient(self.svc.url, token)
