@@ -222,10 +222,11 @@ class CreditService:
         return await _wait(self.store.submit(name, actor, params, key))
 
     @staticmethod
-    def _int_query(request: Request, name: str, default: int | None = None, minimum: int = 0) -> int | None:
+    def _int_query(request: Request, name: str, default: int | None = None, *, minimum: int = 0,
+                   required: bool = False) -> int | None:
         raw = request.query_params.get(name)
         if raw is None:
-            if default is None and name != "size" and name != "second":
+            if required:
                 raise InvalidRequestError(f"missing query parameter {name!r}")
             return default
         try:
@@ -416,7 +417,7 @@ class CreditService:
     async def inclusion(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/proof/inclusion?index=&size=: the audit path of one entry."""
         self._auth(request)
-        index = self._int_query(request, "index")
+        index = self._int_query(request, "index", required=True)
         size = self._int_query(request, "size")
         committed = self.store.size
         if index >= (committed if size is None else size) or (size is not None and size > committed):
@@ -429,7 +430,7 @@ class CreditService:
     async def consistency(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/proof/consistency?first=&second=: proof that one head extends another."""
         self._auth(request)
-        first = self._int_query(request, "first")
+        first = self._int_query(request, "first", required=True)
         second = self._int_query(request, "second")
         committed = self.store.size
         if (second if second is not None else committed) > committed or first > (second if second is not None
