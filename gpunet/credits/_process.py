@@ -132,6 +132,13 @@ def serve_in_background(
         log = Path(log_path)
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    # The child must import this very gpunet, installed or not.
+    import gpunet
+
+    root = str(Path(gpunet.__file__).resolve().parent.parent)
+    paths = child_env.get("PYTHONPATH", "").split(os.pathsep) if child_env.get("PYTHONPATH") else []
+    if root not in paths:
+        child_env["PYTHONPATH"] = os.pathsep.join([root, *paths])
     with open(log, "ab") as log_fh:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_fh, stdin=subprocess.DEVNULL,
                                 text=True, env=child_env)
