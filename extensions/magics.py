@@ -115,6 +115,12 @@ class GpunetMagics(Magics):
             where = net.address if net.embedded is None else f"a local network at {net.address}"
             note = f" ({net.embedded.note})" if net.embedded is not None else ""
             print(f"gpunet: connected to {where}{note}; dashboard: {net.dashboard_link or 'none'}")
+            if net.meter is not None:
+                usage = net.credits.usage(net.session)
+                print(f"gpunet: session {net.session} has a budget of {usage['budget']} credits "
+                      f"at {net.credits.url} (%gpunet usage shows what it spent)")
+            else:
+                print("gpunet: this network does not meter work: no credits are held or paid")
             return None
         if command in ("status", "usage", "disconnect") and rest.strip():
             raise UsageError(f"%gpunet {command} takes no arguments, got {rest.strip()!r}")
@@ -123,12 +129,9 @@ class GpunetMagics(Magics):
 
             return NetworkStatus.of(network.current())
         if command == "usage":
-            net = network.current()
-            if net.credits is None:
-                print("gpunet: no credit service is connected, so this session is not metered "
-                      "(connect with --credits URL --token TOKEN to meter it)")
-                return None
-            return net.credits.usage(net.session)
+            from gpunet.metering import SessionUsage
+
+            return SessionUsage(network.current())
         if command == "disconnect":
             try:
                 net = network.current()
@@ -148,8 +151,9 @@ class GpunetMagics(Magics):
                 f"--verify {args.verify}: this network verifies no results yet; use --verify none (the default)"
             )
         net = network.current()
-        if args.max_credits is not None and net.credits is None:
-            raise UsageError("--max-credits needs a credit service: connect with %gpunet connect --credits URL --token TOKEN")
+        if args.max_credits is not None and net.meter is None:
+            raise UsageError("--max-credits needs a metered network: %gpunet connect --credits URL --token TOKEN, "
+                             "or %gpunet connect with no address for a local one")
         analysis = analyze(cell)
         map_name, items = self._map_items(args.map)
         inputs = _names(args.inputs)
@@ -168,9 +172,11 @@ class GpunetMagics(Magics):
         job = Job(
             jobs.new_job_id(), code=cell, inputs=jobs.pickle_inputs(values), outputs=tuple(output_names),
             strict_outputs=outputs is not None, display_last_expression=analysis.displays_last_expression,
-            map_name=map_name, topic=net.topic, announce=items is None and not args.quiet,
+            map_name=map_name, topic=net.topic,
+            announce=items is None and (not args.quiet or args.max_credits is not None),
         )
-        remote = net.submit(job, resources=resources, items=items, workers=workers)
+        remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=args.max_credits,
+                            timeout=args.timeout)
         progress = None if args.quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
         handle = CellHandle(self.shell, remote, analysis, progress, timeout=args.timeout)
         self.shell.user_ns["_gpunet"] = handle

@@ -29,11 +29,13 @@ from gpunet.errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from gpunet.metering import BudgetError, SessionUsage
     from gpunet.network import Network, connect, current, map, split
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetError",
     "CellError",
     "CellSyntaxError",
     "CellTimeoutError",
@@ -44,6 +46,7 @@ __all__ = [
     "Network",
     "PlacementError",
     "RemoteCellError",
+    "SessionUsage",
     "UnpicklableInputError",
     "WorkerLostError",
     "connect",
@@ -64,6 +67,10 @@ def __getattr__(name: str) -> Any:
         from gpunet import network
 
         return getattr(network, name)
+    if name in ("BudgetError", "SessionUsage"):
+        from gpunet import metering
+
+        return getattr(metering, name)
     raise AttributeError(f"module 'gpunet' has no attribute {name!r}")
 
 

@@ -10,6 +10,7 @@ stuck in C code, so the device is free again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sys
@@ -143,13 +144,26 @@ class RemoteJob:
         self.workers_seen: list[tuple[str, str]] = []
         self.shown_seq: dict[int | None, int] = {}
         self.stopped_because: str | None = None
+        #: the job's holds, and the device time its --max-credits allows (metered networks)
+        self.holds: list[str] = []
+        self.credit_limit_s: float | None = None
         self._lock = threading.Lock()
 
     @classmethod
     def submit(cls, network: Network, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
-               workers: list[str] | list[list[str]] | None = None) -> RemoteJob:
+               workers: list[str] | list[list[str]] | None = None,
+               annotations: dict[str, Any] | None = None) -> RemoteJob:
         """Send ``job`` to ``network`` with the given placement (``workers``: one
-        list for all items, or one per item)."""
+        list for all items, or one per item); ``annotations`` (the job's holds)
+        travel with its tasks as the ``gpunet`` annotation."""
+        import dask
+
+        with dask.annotate(gpunet=annotations) if annotations else contextlib.nullcontext():
+            return cls._submit(network, job, resources=resources, items=items, workers=workers)
+
+    @classmethod
+    def _submit(cls, network: Network, job: Job, *, resources: dict[str, float], items: list[Any] | None,
+                workers: list[str] | list[list[str]] | None) -> RemoteJob:
         client = network.client
         blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
         per_item = bool(workers) and isinstance(workers[0], list)
@@ -214,7 +228,8 @@ class RemoteJob:
         Prints live stdout/stderr (``echo``), moves ``progress``, and stops the job
         on its worker on Ctrl-C or after ``timeout`` seconds.
         """
-        deadline = None if timeout is None else self.submitted + timeout
+        limits = [t for t in (timeout, self.credit_limit_s) if t is not None]
+        deadline = self.submitted + min(limits) if limits else None
         try:
             while True:
                 self.wake.clear()
@@ -224,6 +239,9 @@ class RemoteJob:
                 wait_for = 0.5 if progress is not None else None
                 if deadline is not None:
                     left = deadline - time.monotonic()
+                    if left <= 0 and self.credit_limit_s is not None and (timeout is None or
+                                                                         self.credit_limit_s < timeout):
+                        self._stop_at_credit_limit()
                     if left <= 0:
                         self.stop("timeout")
                         where = f" on {self.workers_seen[-1][0]}" if self.workers_seen else ""
@@ -241,6 +259,9 @@ class RemoteJob:
         finally:
             self.network._forget(self.job.job_id)
         results = self._gather()
+        if self.network.meter is not None:
+            for result in results:
+                self.network.meter.count(result.worker, result.device, result.seconds)
         if progress is not None and not self.mapped:
             progress.ran_on(results[0].worker, results[0].device)
         # Let Dask forget the results now: what came back is all there is.
@@ -305,6 +326,21 @@ class RemoteJob:
                 _write(name, text)
         if result.streams:
             self.shown_seq[result.index] = result.streams[-1][0]
+
+    def _stop_at_credit_limit(self) -> None:
+        """The job ran as long as its --max-credits pays for: charge it that, stop it."""
+        from gpunet.extensions.scheduler_plugin import charge_in_full
+        from gpunet.metering import BudgetError
+
+        worker = self.workers_seen[-1][0] if self.workers_seen else None
+        if worker is not None:
+            self.network.client.run_on_scheduler(charge_in_full, self.holds[0], worker)
+        self.stop("stopped at its --max-credits")
+        raise BudgetError(
+            f"the job reached its --max-credits after {self.credit_limit_s:.1f} s of device time"
+            f"{' on ' + worker if worker else ''} and was stopped; it was charged up to that limit. "
+            "Give it more credits (--max-credits) or make it smaller."
+        )
 
     # -- stopping -----------------------------------------------------------------------
     def stop(self, reason: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
 
     from gpunet.jobs import RemoteJob
+    from gpunet.metering import Meter
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,13 @@ class WorkerInfo:
 class EmbeddedNetwork:
     """A scheduler and local workers on 127.0.0.1, started by this process."""
 
+    #: Credits minted for the local notebook account of an embedded network.
+    LOCAL_CREDITS = 1_000_000
+    #: The provider account the embedded network's workers are paid to.
+    LOCAL_PROVIDER = "local-provider"
+
     def __init__(self, n_workers: int | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                 dashboard_port: int = 0) -> None:
+                 dashboard_port: int = 0, credits: bool = True, credits_port: int = 0) -> None:
         import dask
         import distributed  # noqa: F401 - loads Dask's distributed config before we set part of it
 
@@ -100,21 +107,61 @@ class EmbeddedNetwork:
                 self.cluster = _local_cluster(n_workers, resources={DEVICE_RESOURCE: 1}, **common)
                 self.note = f"{why}: started {n_workers} CPU workers"
         logger.info("gpunet: %s", self.note)
+        self.credits_service: Any = None
+        self.client_token: str | None = None
         try:
-            self._register_worker_plugin()
+            if credits:
+                self._start_credits(host, credits_port)
+            self._register_plugins()
         except BaseException:
-            self.cluster.close()
+            self.close()
             raise
 
-    def _register_worker_plugin(self) -> None:
-        """Register gpunet's worker plugin with the scheduler, so that every worker,
-        restarted ones included, describes its device (also for `gpunet up`)."""
+    def _start_credits(self, host: str, port: int) -> None:
+        """Start the credit service (SQLite in gpunet's data dir), a funded local
+        client account and the provider account the local workers are paid to."""
+        import platformdirs
+
+        from gpunet.credits import serve_in_background
+
+        folder = Path(platformdirs.user_data_dir("gpunet")) / "embedded" / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
+        for attempt in range(100):
+            place = folder.with_name(f"{folder.name}-{attempt}")
+            try:
+                place.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+        self.credits_dir = place
+        self.credits_service = serve_in_background(place / "credits.sqlite3", host, port,
+                                                   operator_token_file=place / "operator-token",
+                                                   log_path=place / "credits.log")
+        operator = self.credits_service.client()
+        operator.create_account(self.LOCAL_PROVIDER, "provider")
+        self.client_token = operator.create_account("local-notebook", "client")["token"]
+        operator.mint("local-notebook", self.LOCAL_CREDITS, key="mint-local-notebook")
+        operator.close()
+
+    @property
+    def credits_url(self) -> str | None:
+        """The credit service's URL (None when started without credits)."""
+        return self.credits_service.url if self.credits_service is not None else None
+
+    def _register_plugins(self) -> None:
+        """Register gpunet's plugins with the scheduler: the worker plugin, so that
+        every worker (restarted ones too) describes its device, and the metering
+        plugin where there is a credit service (also for `gpunet up`)."""
         from distributed import Client
 
+        from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
         from gpunet.extensions.worker_plugin import GpunetWorkerPlugin
 
         with Client(self.cluster.scheduler_address, set_as_default=False) as client:
             client.register_plugin(GpunetWorkerPlugin())
+            if self.credits_service is not None:
+                client.register_plugin(GpunetMeteringPlugin(self.credits_service.url,
+                                                            self.credits_service.operator_token,
+                                                            default_provider=self.LOCAL_PROVIDER))
 
     @property
     def scheduler_address(self) -> str:
@@ -128,8 +175,13 @@ class EmbeddedNetwork:
             return None
 
     def close(self) -> None:
-        """Stop the workers and the scheduler."""
-        self.cluster.close(timeout=10)
+        """Stop the workers and the scheduler (which reports what it still has to the
+        credit service), then the credit service."""
+        try:
+            self.cluster.close(timeout=10)
+        finally:
+            if self.credits_service is not None:
+                self.credits_service.stop()
 
 
 @contextlib.contextmanager
@@ -168,16 +220,18 @@ class Network:
     """
 
     def __init__(self, client: Client, *, embedded: EmbeddedNetwork | None = None,
-                 credits: Any = None, session: str | None = None) -> None:
+                 meter: Meter | None = None) -> None:
         self.client = client
         self.embedded = embedded
-        self.credits = credits
-        self.session = session or _session_id()
+        self.meter = meter
+        self.credits = meter.credits if meter is not None else None
+        self.session = meter.session if meter is not None else _session_id()
         self._address = client.scheduler.address
         self.topic = f"gpunet-events-{uuid.uuid4().hex[:12]}"
         self._jobs: dict[str, RemoteJob] = {}
         self._jobs_lock = threading.Lock()
         self._workers_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
+        self._rate_cache: tuple[float, float] = (0.0, 1.0)
         self.client.subscribe_topic(self.topic, self._on_event)
         self._closed = False
 
@@ -284,7 +338,8 @@ class Network:
 
     # -- running work ------------------------------------------------------------------
     def run(self, fn: Callable[..., Any], *args: Any, gpus: int | None = None, gpu_mem: int | str | None = None,
-            min_tflops: float | None = None, timeout: float | None = None, **kwargs: Any) -> Any:
+            min_tflops: float | None = None, timeout: float | None = None, max_credits: float | None = None,
+            **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker and return its result.
 
         ``gpus`` / ``gpu_mem`` / ``min_tflops`` restrict placement; ``timeout``
@@ -296,12 +351,13 @@ class Network:
 
         job = jobs.function_job(fn, args, kwargs, topic=self.topic)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
-        remote = self.submit(job, resources=self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem)), workers=workers)
+        remote = self.submit(job, resources=self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem)), workers=workers,
+                             max_credits=max_credits, timeout=timeout)
         return jobs.function_value(remote.wait(timeout=timeout)[0])
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *, gpus: int | None = None,
             gpu_mem: int | str | None = None, min_tflops: float | None = None, timeout: float | None = None,
-            placement: str = "any") -> list[Any]:
+            max_credits: float | None = None, placement: str = "any") -> list[Any]:
         """Run ``fn(item)`` for every item, spread over the workers; results in item order.
 
         ``placement="capability"`` pins item i to the i-th worker of :func:`split`'s
@@ -317,9 +373,11 @@ class Network:
         if placement == "capability":
             order = workers or list(self.capabilities())
             pinned = [[order[index % len(order)]] for index in range(len(items))]
-            remote = self.submit(job, resources=resources, items=items, workers=pinned)
+            remote = self.submit(job, resources=resources, items=items, workers=pinned, max_credits=max_credits,
+                                 timeout=timeout)
         elif placement == "any":
-            remote = self.submit(job, resources=resources, items=items, workers=workers)
+            remote = self.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
+                                 timeout=timeout)
         else:
             raise GpunetError(f"placement must be 'any' or 'capability', got {placement!r}")
         return [jobs.function_value(result) for result in remote.wait(timeout=timeout)]
@@ -336,17 +394,61 @@ class Network:
         return [chunk.count for chunk in weighted_chunks(total, weights, align=align)]
 
     def submit(self, job: Any, *, resources: dict[str, float], items: list[Any] | None = None,
-               workers: list[str] | list[list[str]] | None = None) -> RemoteJob:
+               workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
+               timeout: float | None = None) -> RemoteJob:
         """Send ``job`` (once, or once per item) and return its :class:`~gpunet.jobs.RemoteJob`.
 
         ``workers`` restricts where it may run: one list for every item, or one
-        list per item (``placement="capability"``).
+        list per item (``placement="capability"``). On a metered network the job's
+        holds are placed first (see :mod:`gpunet.metering`); one that cannot be
+        placed refuses the job before anything is sent.
         """
         from gpunet import jobs
+        from gpunet.metering import BudgetError, annotation
 
         self._ensure_open()
         self.check_placement(resources)
-        return jobs.RemoteJob.submit(self, job, resources=resources, items=items, workers=workers)
+        if self.meter is None:
+            if max_credits is not None:
+                raise GpunetError("--max-credits needs a metered network: connect with --credits URL --token TOKEN, "
+                                  "or without an address for a local one")
+            return jobs.RemoteJob.submit(self, job, resources=resources, items=items, workers=workers)
+        count = 1 if items is None else len(items)
+        plan = self.meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=self.max_rate())
+        try:
+            holds = self.meter.hold(job.job_id, count=count, amount=plan.amount)
+        except BudgetError as exc:
+            if getattr(exc, "placed", None):  # a race took the budget between check and batch
+                self._release_unsent(exc.placed)
+            raise
+        try:
+            remote = jobs.RemoteJob.submit(self, job, resources=resources, items=items, workers=workers,
+                                           annotations=annotation(holds, plan.amount))
+        except BaseException:
+            self._release_unsent(holds)
+            raise
+        remote.holds, remote.credit_limit_s = holds, plan.limit_s
+        return remote
+
+    def _release_unsent(self, holds: list[str]) -> None:
+        """Give back holds of a job that was never sent (only the scheduler may release)."""
+        from gpunet.extensions.scheduler_plugin import release_holds
+
+        try:
+            self.client.run_on_scheduler(release_holds, holds)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("gpunet: could not release holds %s of an unsent job: %s", holds, exc)
+
+    def max_rate(self) -> float:
+        """The highest rate (credits per device-second) any provider asks (cached)."""
+        from gpunet.metering import DEFAULT_RATE
+
+        stamp, rate = self._rate_cache
+        if time.monotonic() - stamp > 5.0:
+            providers = self.client.get_metadata(["gpunet", "providers"], default={}) or {}
+            rate = max([float(info.get("rate", DEFAULT_RATE)) for info in providers.values()] or [DEFAULT_RATE])
+            self._rate_cache = (time.monotonic(), rate)
+        return rate
 
     def _register(self, remote: RemoteJob) -> None:
         with self._jobs_lock:
@@ -419,8 +521,9 @@ def _size(value: int | str | None) -> int | None:
         raise PlacementError(str(exc)) from None
 
 
-def _session_id() -> str:
-    """This notebook session: the kernel's session id and the notebook path where known."""
+def _kernel_and_notebook() -> tuple[str, str]:
+    """This kernel's session id (a fresh id outside a kernel) and the notebook's path
+    (``JPY_SESSION_NAME`` where Jupyter sets it)."""
     kernel_session = ""
     try:
         from IPython import get_ipython
@@ -430,36 +533,52 @@ def _session_id() -> str:
         kernel_session = getattr(getattr(kernel, "session", None), "session", "") or ""
     except ImportError:  # pragma: no cover
         pass
-    return kernel_session or uuid.uuid4().hex
+    return kernel_session or uuid.uuid4().hex, os.environ.get("JPY_SESSION_NAME", "")
+
+
+def _session_id() -> str:
+    """An id for an unmetered notebook session."""
+    return _kernel_and_notebook()[0]
+
+
+#: The budget of a notebook session when connect() is given none.
+DEFAULT_BUDGET = 10_000
 
 
 def connect(address: str | None = None, *, workers: int | None = None, credits: str | None = None,
-            token: str | None = None, budget: int | None = None,
+            token: str | None = None, budget: int | None = None, metered: bool = True,
             timeout: float = CONNECT_TIMEOUT_S) -> Network:
     """Connect to a gpunet network and make it :func:`current`.
 
     ``address`` (or ``GPUNET_SCHEDULER``) joins that scheduler; with neither, an
     embedded network starts in the background (``workers`` CPU workers where there
-    is no GPU, default 2). Raises :class:`ConnectError` naming the address when the
-    scheduler cannot be reached within ``timeout`` seconds.
+    is no GPU, default 2) with its own credit service and a funded local account,
+    unless ``metered=False``. ``credits`` / ``token`` (or ``GPUNET_CREDITS`` /
+    ``GPUNET_TOKEN``) name the credit service and this notebook's account on a
+    shared network; ``budget`` caps this notebook session (default
+    :data:`DEFAULT_BUDGET` credits). Raises :class:`ConnectError` naming the address
+    when the scheduler or the credit service cannot be reached.
     """
     global _current
     from distributed import Client
 
-    if credits or token or budget is not None:
-        credits = credits or os.environ.get("GPUNET_CREDITS")
-        raise GpunetError(
-            "credits are not wired into the network yet: connect without --credits/--token/--budget "
-            f"(asked for credits={credits!r}, budget={budget!r})"
-        )
     address = address or os.environ.get("GPUNET_SCHEDULER") or None
+    credits = credits or os.environ.get("GPUNET_CREDITS") or None
+    token = token or os.environ.get("GPUNET_TOKEN") or None
     if address is not None and workers is not None:
         raise GpunetError(f"workers={workers} only sizes a local network; {address} already has its own workers "
                           "(connect without --workers, or without an address)")
+    if budget is not None and budget < 1:
+        raise GpunetError(f"a session's budget must be at least 1 credit, got {budget}")
+    if (credits is None) != (token is None) and not (address is None and token is None):
+        raise GpunetError("a credit service needs both its URL (--credits / GPUNET_CREDITS) and this notebook's "
+                          "token (--token / GPUNET_TOKEN)")
     embedded = None
     if address is None:
-        embedded = EmbeddedNetwork(n_workers=workers)
+        embedded = EmbeddedNetwork(n_workers=workers, credits=metered and credits is None)
         address = embedded.scheduler_address
+        if embedded.credits_service is not None:
+            credits, token = embedded.credits_url, embedded.client_token
     try:
         client = Client(address, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError) as exc:
@@ -475,7 +594,8 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
         from gpunet.extensions.worker_plugin import GpunetWorkerPlugin
 
         client.register_plugin(GpunetWorkerPlugin())
-        network = Network(client, embedded=embedded)
+        meter = _open_meter(client, credits, token, budget) if credits is not None else None
+        network = Network(client, embedded=embedded, meter=meter)
     except BaseException:
         client.close()
         if embedded is not None:
@@ -486,6 +606,25 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     if previous is not None:
         previous.close()
     return network
+
+
+def _open_meter(client: Client, url: str, token: str, budget: int | None) -> Meter:
+    """Check that the scheduler meters work, then open this notebook's session."""
+    from gpunet.credits import CreditClient
+    from gpunet.extensions.scheduler_plugin import metering_state
+    from gpunet.metering import Meter
+
+    state = client.run_on_scheduler(metering_state)
+    if state is None:
+        raise GpunetError(
+            f"the scheduler at {client.scheduler.address} does not meter work, so credits at {url} would never be "
+            "settled; start it with `gpunet scheduler --credits URL --operator-token-file FILE`, or connect "
+            "without --credits"
+        )
+    credits = CreditClient(url, token)
+    kernel, notebook = _kernel_and_notebook()
+    session = credits.open_session(int(budget or DEFAULT_BUDGET), notebook=notebook, kernel=kernel)
+    return Meter(credits, session)
 
 
 def current() -> Network:

@@ -20,6 +20,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--port", type=int, default=8786, help="scheduler port (0 picks a free one; default 8786)")
     up.add_argument("--dashboard-port", type=int, default=8787, help="dashboard port (0 picks a free one)")
     up.add_argument("--workers", type=int, default=None, help="CPU workers where there is no GPU (default 2)")
+    up.add_argument("--no-credits", action="store_true", help="do not start a credit service (work is not metered)")
     up.set_defaults(func=_up)
 
     scheduler = subparsers.add_parser(
@@ -47,12 +48,18 @@ def _up(args: Any) -> int:
     from gpunet.network import EmbeddedNetwork
 
     embedded = EmbeddedNetwork(n_workers=args.workers, host=args.host, port=args.port,
-                               dashboard_port=args.dashboard_port)
+                               dashboard_port=args.dashboard_port, credits=not args.no_credits)
     try:
         print(f"gpunet: {embedded.note}", flush=True)
         print(f"scheduler: {embedded.scheduler_address}", flush=True)
         print(f"dashboard: {embedded.dashboard_link or 'none (install bokeh)'}", flush=True)
-        print(f"connect from a notebook with:  %gpunet connect {embedded.scheduler_address}", flush=True)
+        connect = f"%gpunet connect {embedded.scheduler_address}"
+        if embedded.credits_service is not None:
+            print(f"credits: {embedded.credits_url}", flush=True)
+            print(f"operator token file: {embedded.credits_service.operator_token_file}", flush=True)
+            print(f"notebook token: {embedded.client_token}", flush=True)
+            connect += f" --credits {embedded.credits_url} --token {embedded.client_token}"
+        print(f"connect from a notebook with:  {connect}", flush=True)
         print("Ctrl-C stops the network.", flush=True)
         _wait_for_stop()
     finally:

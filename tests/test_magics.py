@@ -236,11 +236,9 @@ def test_status_lists_workers_and_dashboard(ip):
     assert "free slots" in text
 
 
-def test_verify_and_max_credits_say_what_is_missing(ip):
+def test_verify_says_what_is_missing(ip):
     with pytest.raises(UsageError, match="verifies no results"):
         run(ip, "x = 1", flags="--verify replicate:2")
-    with pytest.raises(UsageError, match="credit service"):
-        run(ip, "x = 1", flags="--max-credits 5")
 
 
 def test_unknown_line_command_gives_usage(ip):

@@ -1,0 +1,246 @@
+"""gpunet's Dask scheduler plugin: meters every task attempt against the credit service.
+
+The notebook places a hold on its session's credits before it sends a job, and
+annotates the job's tasks with the hold ids (``dask.annotate(gpunet=...)``). This
+plugin watches each task's transitions:
+
+- ``processing -> memory``: the attempt succeeded on a worker. Its hold is settled
+  to that worker's provider at ``ceil(compute seconds x the provider's rate)``
+  credits (at least 1), never more than the hold; the rest goes back to the session.
+- ``processing -> erred``, or a task forgotten before it ever succeeded
+  (cancelled, interrupted, lost for good): the hold is released, nobody is paid.
+- an attempt lost with its worker is simply not paid: the task runs again under the
+  same hold, and only the attempt that succeeds is paid for.
+
+Reports go to the credit service in batches from a queue, each with an idempotency
+key derived from its hold (``settle-<hold>``, ``release-<hold>``), so a retry never
+moves credits twice; while the service is unreachable they stay queued and are
+retried with backoff, for as long as the scheduler runs.
+
+Register with ``Client.register_plugin(GpunetMeteringPlugin(url, operator_token))``
+or start the scheduler with ``gpunet scheduler --credits URL --operator-token-file F``.
+Workers tell the plugin who their provider is and its rate through the scheduler's
+metadata (``["gpunet", "providers", address]``), set by :mod:`.worker_plugin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Scheduler
+
+logger = logging.getLogger(__name__)
+
+#: The annotation under which a job's tasks carry their holds.
+ANNOTATION = "gpunet"
+#: Items per batch request to the credit service.
+BATCH_SIZE = 500
+#: Longest wait between retries while the credit service is unreachable.
+MAX_BACKOFF_S = 5.0
+
+
+def price(seconds: float, rate: float, cap: int) -> int:
+    """Credits for ``seconds`` of a device at ``rate`` credits per second: at least 1,
+    at most ``cap`` (the hold)."""
+    return max(1, min(int(cap), math.ceil(seconds * rate)))
+
+
+def provider_key(address: str) -> list[str]:
+    """The scheduler metadata key under which a worker names its provider and rate."""
+    return ["gpunet", "providers", address]
+
+
+class GpunetMeteringPlugin(SchedulerPlugin):
+    """Settles or releases each task's hold as its attempts finish (see the module
+    docstring). ``default_provider`` / ``default_rate`` apply to workers that did
+    not say who they are (plain ``dask worker`` processes)."""
+
+    name = "gpunet-metering"
+    idempotent = True
+
+    def __init__(self, credits_url: str, operator_token: str, *, default_provider: str | None = None,
+                 default_rate: float = 1.0) -> None:
+        self.credits_url = credits_url
+        self.operator_token = operator_token
+        self.default_provider = default_provider
+        self.default_rate = default_rate
+        self.scheduler: Scheduler | None = None
+        self.queue: collections.deque[dict[str, Any]] = collections.deque()
+        self.closed_holds: set[str] = set()  # holds already settled or released here
+        self.reported = 0
+        self.failed: list[dict[str, Any]] = []  # refused by the service for good (logged)
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._client: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self, scheduler: Scheduler) -> None:
+        """Start the reporter that sends queued movements to the credit service."""
+        from gpunet.credits import CreditClient
+
+        self.scheduler = scheduler
+        self._client = CreditClient(self.credits_url, self.operator_token)
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._report_forever(), name="gpunet-metering-reporter")
+
+    async def before_close(self) -> None:
+        """Try for a few seconds to send what is still queued."""
+        if self._task is None:
+            return
+        for _ in range(50):
+            if not self.queue:
+                break
+            self._wake.set()
+            await asyncio.sleep(0.1)
+        self._task.cancel()
+        if self.queue:
+            logger.warning("gpunet metering: %d movements not reported at shutdown", len(self.queue))
+
+    # -- transitions -------------------------------------------------------------------
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        """Queue a settlement for a successful attempt, a release for a failed task."""
+        if self.scheduler is None:
+            return
+        ts = self.scheduler.tasks.get(key)
+        meta = (ts.annotations or {}).get(ANNOTATION) if ts is not None else None
+        if not meta:
+            return
+        hold = _hold_of(key, meta)
+        if hold is None or hold in self.closed_holds:
+            return
+        if start == "processing" and finish == "memory":
+            worker = kwargs.get("worker")
+            seconds = sum(ss["stop"] - ss["start"] for ss in kwargs.get("startstops", ())
+                          if ss.get("action") == "compute")
+            provider, rate = self._provider_of(worker)
+            if provider is None:
+                logger.error("gpunet metering: worker %s names no provider; releasing hold %s", worker, hold)
+                self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+                return
+            amount = price(seconds, rate, meta.get("amount", 1))
+            self._close(hold, {"op": "settle", "hold": hold, "provider": provider, "amount": amount,
+                               "key": f"settle-{hold}"})
+        elif finish == "erred" or finish == "forgotten":
+            self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+
+    def charge_in_full(self, hold: str, worker: str) -> None:
+        """Pay a whole hold to ``worker``'s provider: the notebook stopped the task
+        when it reached its --max-credits, so it is charged up to that limit."""
+        if hold in self.closed_holds:
+            return
+        provider, _ = self._provider_of(worker)
+        ts_amount = None
+        for ts in self.scheduler.tasks.values():
+            meta = (ts.annotations or {}).get(ANNOTATION) or {}
+            if _hold_of(ts.key, meta) == hold:
+                ts_amount = meta.get("amount")
+                break
+        if provider is None or ts_amount is None:
+            self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+            return
+        self._close(hold, {"op": "settle", "hold": hold, "provider": provider, "amount": int(ts_amount),
+                           "key": f"settle-{hold}"})
+
+    def release_holds(self, holds: list[str]) -> None:
+        """Release holds whose tasks were never sent (the notebook's submit failed)."""
+        for hold in holds:
+            if hold not in self.closed_holds:
+                self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+
+    def _provider_of(self, worker: str | None) -> tuple[str | None, float]:
+        info = None
+        if worker is not None:
+            info = self.scheduler.get_metadata(provider_key(worker), default=None)
+        if info:
+            return info.get("provider") or self.default_provider, float(info.get("rate", self.default_rate))
+        return self.default_provider, self.default_rate
+
+    def _close(self, hold: str, item: dict[str, Any]) -> None:
+        self.closed_holds.add(hold)
+        self.queue.append(item)
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- reporting ---------------------------------------------------------------------
+    async def _report_forever(self) -> None:
+        from gpunet.credits import CreditsError, CreditsUnavailableError
+
+        backoff = 0.2
+        while True:
+            if not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+            # A moment for more to arrive, so that a map's results go in few requests.
+            await asyncio.sleep(0.02)
+            batch = [self.queue[i] for i in range(min(BATCH_SIZE, len(self.queue)))]
+            try:
+                results = await asyncio.to_thread(self._client.batch, batch)
+            except CreditsUnavailableError as exc:
+                logger.warning("gpunet metering: credit service unreachable (%s); %d movements queued, "
+                               "retrying in %.1f s", exc, len(self.queue), backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            except CreditsError as exc:  # the whole request refused: keep it, but don't spin
+                logger.error("gpunet metering: the credit service refused a batch: %s", exc)
+                await asyncio.sleep(MAX_BACKOFF_S)
+                continue
+            backoff = 0.2
+            for item, result in zip(batch, results):
+                self.queue.popleft()
+                if result.get("ok"):
+                    self.reported += 1
+                else:
+                    self.failed.append({"item": item, "result": result})
+                    logger.error("gpunet metering: %s of hold %s refused: %s", item["op"], item["hold"],
+                                 result.get("error"))
+
+
+def _hold_of(key: Any, meta: dict[str, Any]) -> str | None:
+    """The hold of a task: ``hold`` for a single job, ``holds[i]`` for map item i."""
+    if "hold" in meta:
+        return meta["hold"]
+    holds = meta.get("holds")
+    if not holds:
+        return None
+    try:
+        index = int(str(key).rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+    return holds[index] if 0 <= index < len(holds) else None
+
+
+def release_holds(holds: list[str], dask_scheduler: Scheduler | None = None) -> bool:
+    """``Client.run_on_scheduler(release_holds, holds)``: release holds of tasks that
+    were never sent. Returns False where the scheduler does not meter."""
+    plugin = dask_scheduler.plugins.get(GpunetMeteringPlugin.name)
+    if plugin is None:
+        return False
+    plugin.release_holds(holds)
+    return True
+
+
+def charge_in_full(hold: str, worker: str, dask_scheduler: Scheduler | None = None) -> bool:
+    """``Client.run_on_scheduler(charge_in_full, hold, worker)`` (see the method)."""
+    plugin = dask_scheduler.plugins.get(GpunetMeteringPlugin.name)
+    if plugin is None:
+        return False
+    plugin.charge_in_full(hold, worker)
+    return True
+
+
+def metering_state(dask_scheduler: Scheduler | None = None) -> dict[str, Any] | None:
+    """``Client.run_on_scheduler(metering_state)``: whether this scheduler meters, and
+    how far its reports have got (None where it does not meter)."""
+    plugin = dask_scheduler.plugins.get(GpunetMeteringPlugin.name)
+    if plugin is None:
+        return None
+    return {"credits": plugin.credits_url, "queued": len(plugin.queue), "reported": plugin.reported,
+            "failed": len(plugin.failed)}

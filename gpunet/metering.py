@@ -1,0 +1,210 @@
+"""The notebook's side of metering: holds before a job is sent, usage after.
+
+Before a job is sent, :class:`Meter` places a hold on the notebook session's
+credits, one per task (a map's holds go in one batch request); a hold that cannot
+be placed refuses the job before anything is sent, with the session's numbers in
+the message. The tasks carry their hold ids as a Dask annotation, and the
+scheduler plugin (:mod:`gpunet.extensions.scheduler_plugin`) settles each hold to
+the provider whose worker ran the task, or releases it.
+
+How much is held per task:
+
+- with ``--max-credits C``: ``C`` for a cell, ``ceil(C / items)`` per item of a map;
+  the cell is stopped when its device time at the fastest rate would pass ``C``,
+  and is then charged ``C``;
+- else the task's ``--timeout`` (or :data:`DEFAULT_HOLD_SECONDS`, per item
+  :data:`DEFAULT_ITEM_HOLD_SECONDS` for a map) at the highest provider rate.
+
+A provider is paid ``ceil(compute seconds x its rate)``, at least 1 credit and never
+more than the hold; the rest of the hold goes back to the session.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gpunet.errors import GpunetError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gpunet.credits import CreditClient
+    from gpunet.network import Network
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOLD_SECONDS = 60.0
+DEFAULT_ITEM_HOLD_SECONDS = 10.0
+#: Credits per device-second where no provider said otherwise.
+DEFAULT_RATE = 1.0
+
+
+class BudgetError(GpunetError):
+    """A job's hold could not be placed: the session's budget or the balance is short."""
+
+
+@dataclass
+class Plan:
+    """What a job holds: ``amount`` credits per task, and the device-time limit that
+    keeps it within ``--max-credits`` (None when no limit was asked for)."""
+
+    amount: int
+    limit_s: float | None
+
+
+@dataclass
+class WorkerTally:
+    """What one worker did for this session (counted by the notebook)."""
+
+    tasks: int = 0
+    seconds: float = 0.0
+    device: str = ""
+
+
+@dataclass
+class Meter:
+    """Places holds for one notebook session on a credit service."""
+
+    credits: CreditClient
+    session: str
+    tally: dict[str, WorkerTally] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def plan(self, *, count: int, max_credits: float | None, timeout: float | None, max_rate: float) -> Plan:
+        """How much to hold per task, and the time limit that --max-credits implies."""
+        if max_credits is not None:
+            if max_credits < 1:
+                raise BudgetError(f"--max-credits must be at least 1 credit, got {max_credits:g}")
+            per_task = max(1, math.ceil(max_credits / count))
+            return Plan(per_task, per_task / max_rate if count == 1 else None)
+        seconds = timeout or (DEFAULT_HOLD_SECONDS if count == 1 else DEFAULT_ITEM_HOLD_SECONDS)
+        return Plan(max(1, math.ceil(seconds * max_rate)), None)
+
+    def hold(self, job_id: str, *, count: int, amount: int) -> list[str]:
+        """Hold ``amount`` credits for each of ``count`` tasks; returns the hold ids.
+
+        Raises :class:`BudgetError` (nothing held) when the session cannot cover them.
+        """
+        from gpunet.credits import BudgetExceededError
+
+        if count == 1:
+            try:
+                return [self.credits.hold(self.session, amount, key=f"hold-{job_id}")]
+            except BudgetExceededError as exc:
+                raise self._refusal(amount, 1, exc) from None
+        # A map's holds go in one batch whose items succeed or fail one by one: check
+        # the total first, so that a map too big for the budget holds nothing.
+        usage = self.credits.usage(self.session)
+        if usage["left"] < count * amount:
+            raise self._refusal(amount, count, "budget", usage=usage)
+        items = [{"op": "hold", "session": self.session, "amount": amount, "key": f"hold-{job_id}-{index}"}
+                 for index in range(count)]
+        results = self.credits.batch(items)
+        holds = [result.get("hold") for result in results]
+        if all(result.get("ok") for result in results):
+            return holds
+        failure = next(result for result in results if not result.get("ok"))
+        raise self._refusal(amount, count, failure.get("error", {}).get("message", "refused"),
+                            placed=[hold for hold in holds if hold])
+
+    def _refusal(self, amount: int, count: int, cause: Any, *, placed: list[str] | None = None,
+                 usage: dict[str, Any] | None = None) -> BudgetError:
+        try:
+            usage = usage or self.credits.usage(self.session)
+            numbers = (f"the session has {usage['left']} of its {usage['budget']} credits left "
+                       f"({usage['spent']} spent, {usage['held']} held)")
+        except Exception:  # noqa: BLE001 - the refusal itself is what matters
+            numbers = f"the credit service refused it ({cause})"
+        need = f"{amount} credits" if count == 1 else f"{count} x {amount} = {count * amount} credits"
+        error = BudgetError(
+            f"this job needs a hold of {need} and {numbers}; nothing was sent. "
+            "Lower --max-credits (or --timeout), or connect with a larger --budget."
+        )
+        error.placed = placed or []  # type: ignore[attr-defined]
+        return error
+
+    def count(self, worker: str, device: str, seconds: float) -> None:
+        """Add a finished task to the per-worker tally."""
+        with self._lock:
+            entry = self.tally.setdefault(worker, WorkerTally(device=device))
+            entry.tasks += 1
+            entry.seconds += seconds
+
+
+def annotation(holds: list[str], amount: int) -> dict[str, Any]:
+    """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin."""
+    if len(holds) == 1:
+        return {"hold": holds[0], "amount": amount}
+    return {"holds": holds, "amount": amount}
+
+
+class SessionUsage:
+    """This notebook session's credits: spent, held, left, and tasks by worker.
+
+    An ipywidget in a notebook (``SessionUsage()`` as a cell's last line), a table
+    in HTML, plain text elsewhere. ``refresh()`` reads the credit service again.
+    """
+
+    def __init__(self, net: Network | None = None) -> None:
+        from gpunet.network import current
+
+        self.net = net or current()
+        if self.net.meter is None:
+            raise GpunetError("this connection has no credit service, so its session is not metered "
+                              "(connect with --credits URL --token TOKEN, or without an address)")
+        self.numbers: dict[str, Any] = {}
+        self.taken = 0.0
+        self.refresh()
+
+    def refresh(self) -> SessionUsage:
+        """Read the session's numbers from the credit service now."""
+        meter = self.net.meter
+        self.numbers = meter.credits.usage(meter.session)
+        self.taken = time.time()
+        return self
+
+    def rows(self) -> list[tuple[str, str, int, float]]:
+        """(worker, device, tasks, device-seconds), busiest first."""
+        tally = sorted(self.net.meter.tally.items(), key=lambda item: -item[1].seconds)
+        return [(worker, entry.device, entry.tasks, entry.seconds) for worker, entry in tally]
+
+    def __str__(self) -> str:
+        n = self.numbers
+        lines = [f"session {self.net.meter.session}: spent {n['spent']}, held {n['held']}, "
+                 f"left {n['left']} of {n['budget']} credits"]
+        for worker, device, tasks, seconds in self.rows():
+            lines.append(f"  {worker}  {device}  {tasks} task(s)  {seconds:.2f} device-s")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(str(self))
+
+    def _repr_html_(self) -> str:
+        n = self.numbers
+        body = "".join(
+            f"<tr><td><code>{html.escape(w)}</code></td><td>{html.escape(d)}</td><td>{t}</td><td>{s:.2f}</td></tr>"
+            for w, d, t, s in self.rows()
+        )
+        return (f"<div><b>gpunet session</b> <code>{html.escape(self.net.meter.session)}</code>: "
+                f"spent <b>{n['spent']}</b>, held <b>{n['held']}</b>, left <b>{n['left']}</b> "
+                f"of {n['budget']} credits"
+                f"<table><thead><tr><th>worker</th><th>device</th><th>tasks</th><th>device-s</th></tr></thead>"
+                f"<tbody>{body}</tbody></table></div>")
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        from gpunet.widgets import widgets_can_render
+
+        if widgets_can_render():
+            import ipywidgets
+
+            display(ipywidgets.HTML(self._repr_html_()))
+        else:
+            display({"text/plain": str(self), "text/html": self._repr_html_()}, raw=True)

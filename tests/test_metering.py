@@ -1,0 +1,126 @@
+"""Metering end to end: holds before a job is sent, settlements after, on a real
+embedded network with its real credit service (a separate process) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import gpunet
+from gpunet import network as network_module
+from gpunet.credits import verify_service
+from gpunet.extensions.scheduler_plugin import metering_state
+
+
+def _settled(net, timeout=30.0):
+    """Wait until the scheduler has reported everything; return the session's usage."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = net.client.run_on_scheduler(metering_state)
+        usage = net.credits.usage(net.session)
+        if state["queued"] == 0 and usage["held"] == 0:
+            return usage
+        time.sleep(0.1)
+    raise AssertionError(f"reports still pending: {state}, {usage}")
+
+
+@pytest.fixture
+def own():
+    """A metered embedded network of its own (tests here stop its credit service)."""
+    previous, network_module._current = network_module._current, None
+    net = gpunet.connect(budget=2_000)
+    yield net
+    net.close()
+    network_module._current = previous
+
+
+def test_each_task_is_paid_once_and_holds_return(net):
+    before = _settled(net)
+    assert net.map(abs, range(-5, 5)) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
+    after = _settled(net)
+    assert after["spent"] - before["spent"] == 10, "ten trivial tasks cost one credit each"
+    assert after["left"] == after["budget"] - after["spent"]
+    usage = gpunet.SessionUsage(net)
+    assert "spent" in str(usage) and "tcp://127.0.0.1" in str(usage)
+
+
+def test_a_map_bigger_than_the_budget_is_refused_before_it_is_sent(own, tmp_path):
+    marker = tmp_path / "ran"
+
+    def touch(_):
+        marker.touch()
+
+    with pytest.raises(gpunet.BudgetError) as caught:
+        own.map(touch, range(300))  # 300 items x 10 credits each > 2,000
+    message = str(caught.value)
+    assert "2000" in message and "left" in message and "nothing was sent" in message
+    time.sleep(0.5)
+    assert not marker.exists()
+    assert _settled(own)["held"] == 0
+
+
+def test_max_credits_stops_the_cell_and_charges_the_limit(own):
+    before = _settled(own)
+    started = time.monotonic()
+    with pytest.raises(gpunet.BudgetError, match="max-credits"):
+        own.run(_spin, max_credits=2)
+    assert time.monotonic() - started < 10
+    after = _settled(own)
+    assert after["spent"] - before["spent"] == 2
+
+
+def _spin():
+    while True:
+        pass
+
+
+def test_reports_survive_the_credit_service_pausing(own):
+    """Holds are placed, then the service stops answering while 200 tasks run; the
+    cells complete, the reports wait in the scheduler's queue and arrive later."""
+    from gpunet import jobs
+
+    service = own.embedded.credits_service
+    before = _settled(own)
+    job_started = time.monotonic()
+    job = jobs.function_job(abs, (), {}, topic=own.topic, announce=False)
+    # The holds are placed while the service answers; it stops right after.
+    remote = own.submit(job, resources=own.resources_for(), items=list(range(-100, 100)))
+    os.kill(service.pid, signal.SIGSTOP)
+    try:
+        results = [jobs.function_value(r) for r in remote.wait(timeout=120)]
+        assert len(results) == 200
+        time.sleep(1.0)
+        assert own.client.run_on_scheduler(metering_state)["queued"] > 0, "reports should be waiting"
+    finally:
+        os.kill(service.pid, signal.SIGCONT)
+    after = _settled(own, timeout=60)
+    assert after["spent"] - before["spent"] == 200
+    assert time.monotonic() - job_started < 120
+
+
+def test_the_ledger_verifies_after_metered_work(net):
+    net.map(abs, range(20))
+    _settled(net)
+    service = net.embedded.credits_service
+    report = verify_service(service.url, service.operator_token)  # raises on any bad entry
+    assert report["size"] > 40 and report["balances_checked"]
+    assert report["minted"] == network_module.EmbeddedNetwork.LOCAL_CREDITS
+
+
+def test_usage_magic_and_budget_refusal_through_the_magic(ip, net):
+    from IPython.utils.capture import capture_output
+
+    with capture_output():
+        usage = ip.run_line_magic("gpunet", "usage")
+    assert isinstance(usage, gpunet.SessionUsage)
+    assert "left" in str(usage) and "<table>" in usage._repr_html_()
+    left = usage.numbers["left"]
+    with pytest.raises(gpunet.BudgetError, match="nothing was sent"):
+        with capture_output():
+            ip.run_cell_magic("gpunet", f"--max-credits {left + 1} --quiet", "x = 1")
+    with capture_output():
+        ip.run_cell_magic("gpunet", "--max-credits 3 --quiet --map i=range(3)", "y = i")
+    assert ip.user_ns["y"] == [0, 1, 2]
