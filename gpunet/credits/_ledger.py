@@ -392,6 +392,8 @@ def verify_receipt(receipt: Mapping[str, Any], public_key: str | None = None) ->
     sid = session.get("session")
     spent = held = 0
     holds: dict[str, int] = {}
+    owner = session.get("account")
+    last_index = -1
     for pos, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise LedgerVerificationError(f"receipt entry #{pos} is not an object")
@@ -411,6 +413,16 @@ def verify_receipt(receipt: Mapping[str, Any], public_key: str | None = None) ->
                 f"entry {index} belongs to session {esession!r}, not to this receipt's session {sid!r}",
                 index=index, evidence={"session": esession, "expected": sid},
             )
+        if index <= last_index:
+            raise LedgerVerificationError(
+                f"receipt entries must be in ledger order without repeats: entry {index} follows {last_index}",
+                index=index)
+        last_index = index
+        expected_party = {"hold": (src, owner), "release": (dst, owner), "settle": (src, ESCROW)}.get(kind)
+        if expected_party is not None and expected_party[0] != expected_party[1]:
+            raise LedgerVerificationError(
+                f"entry {index}: a {kind} of session {sid} must involve {expected_party[1]!r}, "
+                f"not {expected_party[0]!r}", index=index)
         proof = entry.get("proof")
         if not isinstance(proof, list):
             raise LedgerVerificationError(f"entry {index} has no inclusion proof", index=index)

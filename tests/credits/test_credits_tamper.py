@@ -155,7 +155,11 @@ def _receipt_cases(receipt):
     def other_session(r):
         r["entries"][0]["session"] = "s_" + "1" * 32
 
+    def repeated(r):
+        r["entries"].insert(1, copy.deepcopy(r["entries"][0]))
+
     return [("amount", amount, LedgerVerificationError, "this entry was altered"),
+            ("repeated entry", repeated, LedgerVerificationError, "without repeats"),
             ("proof", proof, ProofError, "inclusion proof fails"),
             ("signature", signature, LedgerVerificationError, "does not verify"),
             ("root", root, LedgerVerificationError, "does not verify"),
