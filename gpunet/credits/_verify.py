@@ -143,9 +143,13 @@ def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]
     import subprocess
     import sys
 
+    import gpunet
+
     code = "import sys; from gpunet.credits._verify import _scan_main; _scan_main()"
+    root = str(Path(gpunet.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     procs = [subprocess.Popen([sys.executable, "-c", code, url, str(lo), str(hi)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for url, lo, hi in jobs]
+                              stderr=subprocess.PIPE, env=env) for url, lo, hi in jobs]
     parts = []
     for proc, job in zip(procs, jobs):
         out, err = proc.communicate()
