@@ -148,11 +148,17 @@ def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]
     code = "import sys; from gpunet.credits._verify import _scan_main; _scan_main()"
     root = str(Path(gpunet.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(lo), str(hi)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=env) for url, lo, hi in jobs]
+    # The URL (it may hold a password) goes through stdin, not the command line.
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(lo), str(hi)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _, lo, hi in jobs]
+    for proc, (url, _, _) in zip(procs, jobs):
+        proc.stdin.write(url.encode())
+        proc.stdin.close()
     parts = []
     for proc, job in zip(procs, jobs):
-        out, err = proc.communicate()
+        out = proc.stdout.read()
+        err = proc.stderr.read()
+        proc.wait()
         if proc.returncode != 0:
             for other in procs:
                 if other.poll() is None:
@@ -169,7 +175,7 @@ def _scan_main() -> None:
     import pickle
     import sys
 
-    url, lo, hi = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    url, lo, hi = sys.stdin.read(), int(sys.argv[1]), int(sys.argv[2])
     sys.stdout.buffer.write(pickle.dumps(_scan(url, lo, hi), protocol=pickle.HIGHEST_PROTOCOL))
     sys.stdout.buffer.flush()
 
