@@ -59,14 +59,23 @@ def timed(fn: Callable[[], Any], repeat: int = 5) -> float:
     return statistics.median(samples)
 
 
-def timed_pair(first: Callable[[], Any], second: Callable[[], Any], repeat: int = 9) -> tuple[float, float]:
+def timed_pair(
+    first: Callable[[], Any], second: Callable[[], Any], repeat: int = 7, pause: float = 0.25
+) -> tuple[float, float]:
     """Median seconds of two functions timed alternately, so that a busy neighbour on a
-    shared host slows both alike (after one warm-up call each)."""
+    shared host slows both alike (after one warm-up call each).
+
+    Each timed call waits ``pause`` seconds first: BLAS and XLA worker threads spin for
+    a while after a call, and without the pause one library's spinning threads take
+    cores from the other's next call (measured here: NumPy right before JAX cost JAX
+    about a third of its matmul rate).
+    """
     jax.block_until_ready(first())
     jax.block_until_ready(second())
     samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeat):
         for fn, out in zip((first, second), samples):
+            time.sleep(pause)
             start = time.perf_counter()
             jax.block_until_ready(fn())
             out.append(time.perf_counter() - start)
