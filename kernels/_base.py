@@ -83,7 +83,7 @@ class Chunk(NamedTuple):
     """One piece of a split run: items ``start`` to ``start + count - 1``."""
 
     start: int
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count, as the name a reader expects
 
     @property
     def stop(self) -> int:

@@ -37,6 +37,9 @@ from ._base import Cost, Tolerance, chunks
 
 logger = logging.getLogger(__name__)
 
+#: The kernels' parameters are JAX arrays; the reference's are NumPy arrays.
+Array = jax.Array | np.ndarray
+
 __all__ = [
     "AdamState",
     "Layer",
@@ -69,8 +72,8 @@ tolerance = Tolerance(rtol=1e-4, atol=1e-5)
 class Layer(NamedTuple):
     """One dense layer: ``x @ w + b``."""
 
-    w: jax.Array
-    b: jax.Array
+    w: Array
+    b: Array
 
 
 Params = tuple[Layer, ...]
@@ -88,7 +91,7 @@ class Optimizer(NamedTuple):
 class AdamState(NamedTuple):
     """Adam's step count and first and second moment estimates."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     mu: Params
     nu: Params
 

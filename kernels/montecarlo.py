@@ -47,6 +47,9 @@ from ._base import Cost, Tolerance, check_positive, chunks
 
 logger = logging.getLogger(__name__)
 
+#: A result held on a device (JAX) or on the host (NumPy, Python scalars).
+Array = jax.Array | np.ndarray | np.number | float | int
+
 __all__ = [
     "BLOCK",
     "EuropeanOption",
@@ -97,11 +100,13 @@ class EuropeanOption(NamedTuple):
 
 
 class Partial(NamedTuple):
-    """Sums over one chunk of paths (undiscounted payoffs), combinable by addition."""
+    """Sums over one chunk of paths (undiscounted payoffs), combinable by addition.
 
-    sum: jax.Array
-    sum_sq: jax.Array
-    count: jax.Array
+    Device scalars from a kernel; host (NumPy) scalars from :func:`combine`."""
+
+    sum: Array
+    sum_sq: Array
+    count: Array  # type: ignore[assignment]  # shadows tuple.count
 
 
 class Estimate(NamedTuple):

@@ -38,6 +38,9 @@ from ._base import Cost, Tolerance, check_positive
 
 logger = logging.getLogger(__name__)
 
+#: A kernel's results are JAX arrays; the reference's are NumPy arrays.
+Array = jax.Array | np.ndarray | np.floating
+
 __all__ = [
     "Result",
     "State",
@@ -65,18 +68,18 @@ tolerance = Tolerance(rtol=1e-4, atol=1e-4)
 class State(NamedTuple):
     """Positions ``(N, 3)``, velocities ``(N, 3)`` and masses ``(N,)``."""
 
-    pos: jax.Array
-    vel: jax.Array
-    mass: jax.Array
+    pos: Array
+    vel: Array
+    mass: Array
 
 
 class Result(NamedTuple):
     """The state after the steps, energies before and after, and their relative drift."""
 
     state: State
-    energy_start: jax.Array
-    energy_end: jax.Array
-    drift: jax.Array
+    energy_start: Array
+    energy_end: Array
+    drift: Array
 
 
 def _check_eps(eps: float) -> None:
@@ -176,7 +179,7 @@ def _potential_targets(targets: jax.Array, index: jax.Array, pos: jax.Array, mas
 
 
 def _energy(state: State, eps: jax.Array) -> jax.Array:
-    pos, vel, mass = state
+    pos, vel, mass = (jnp.asarray(a) for a in state)
     kinetic = 0.5 * jnp.sum(mass * jnp.sum(vel * vel, axis=1))
     phi = _over_tiles(lambda t, i: _potential_targets(t, i, pos, mass, eps), pos, jnp.int32(0), mass.shape[0])
     return kinetic - 0.5 * jnp.sum(mass * phi)
@@ -190,20 +193,21 @@ def energy(state: State, eps: float = 0.05) -> jax.Array:
 
 @jax.jit
 def _simulate(state: State, dt: jax.Array, n_steps: jax.Array, eps: jax.Array) -> Result:
-    n = state.mass.shape[0]
+    pos0, vel0, mass = (jnp.asarray(a) for a in state)
+    n = mass.shape[0]
     e0 = _energy(state, eps)
 
     def step(_: jax.Array, s: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         pos, vel, acc = s
         vel = vel + 0.5 * dt * acc
         pos = pos + dt * vel
-        acc = _accel_range(pos, state.mass, eps, jnp.int32(0), n)
+        acc = _accel_range(pos, mass, eps, jnp.int32(0), n)
         vel = vel + 0.5 * dt * acc
         return pos, vel, acc
 
-    acc0 = _accel_range(state.pos, state.mass, eps, jnp.int32(0), n)
-    pos, vel, _ = jax.lax.fori_loop(0, n_steps, step, (state.pos, state.vel, acc0))
-    end = State(pos, vel, state.mass)
+    acc0 = _accel_range(pos0, mass, eps, jnp.int32(0), n)
+    pos, vel, _ = jax.lax.fori_loop(0, n_steps, step, (pos0, vel0, acc0))
+    end = State(pos, vel, mass)
     e1 = _energy(end, eps)
     return Result(end, e0, e1, (e1 - e0) / jnp.abs(e0))
 

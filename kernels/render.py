@@ -100,12 +100,15 @@ def _check_tile(view: View, tile: Tile) -> None:
         )
 
 
+_Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+
+
 def _escape_counts(c_re: jax.Array, c_im: jax.Array, max_iter: jax.Array) -> jax.Array:
-    def cond(s: tuple[jax.Array, ...]) -> jax.Array:
+    def cond(s: _Carry) -> jax.Array:
         i, _, _, _, active = s
         return (i < max_iter) & jnp.any(active)
 
-    def body(s: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    def body(s: _Carry) -> _Carry:
         i, zr, zi, count, active = s
         # UNROLL iterations per loop test: the test (an all-pixel reduction, and on
         # a GPU a predicate read back by the host) runs UNROLL times less often.
@@ -123,7 +126,7 @@ def _escape_counts(c_re: jax.Array, c_im: jax.Array, max_iter: jax.Array) -> jax
         return i + UNROLL, zr, zi, count, active
 
     zeros = jnp.zeros_like(c_re)
-    start = (jnp.int32(0), zeros, zeros, jnp.zeros(c_re.shape, jnp.int32), jnp.ones(c_re.shape, bool))
+    start: _Carry = (jnp.int32(0), zeros, zeros, jnp.zeros(c_re.shape, jnp.int32), jnp.ones(c_re.shape, bool))
     _, _, _, count, _ = jax.lax.while_loop(cond, body, start)
     return count
 
