@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from gpunet.kernels import frames, mlp, montecarlo, nbody, probe, render
 
 # Vendor spec-sheet peaks (dense, no sparsity), by a substring of JAX's device_kind:

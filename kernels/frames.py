@@ -169,7 +169,9 @@ def combine(parts: Sequence[pd.DataFrame], key: str = "key") -> pd.DataFrame:
     whole = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else None
     if whole is None:
         return _empty_partial(key, key_dtype)
-    out = whole.groupby(key, sort=True).agg(count=("count", "sum"), sum=("sum", "sum"), min=("min", "min"), max=("max", "max"))
+    out = whole.groupby(key, sort=True).agg(
+        count=("count", "sum"), sum=("sum", "sum"), min=("min", "min"), max=("max", "max")
+    )
     return _normalise(out.reset_index(), key, key_dtype)
 
 

@@ -25,8 +25,8 @@ pass. See :func:`cost`.
 from __future__ import annotations
 
 import logging
-from functools import partial
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax

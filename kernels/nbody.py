@@ -171,7 +171,9 @@ def accelerations_chunk(pos: jax.Array, mass: jax.Array, start: int, count: int,
     return _accel_chunk_jit(pos, mass, jnp.float32(eps), jnp.int32(start), count)
 
 
-def _potential_targets(targets: jax.Array, index: jax.Array, pos: jax.Array, mass: jax.Array, eps: jax.Array) -> jax.Array:
+def _potential_targets(
+    targets: jax.Array, index: jax.Array, pos: jax.Array, mass: jax.Array, eps: jax.Array
+) -> jax.Array:
     d = [pos[None, :, c] - targets[:, c, None] for c in range(3)]
     inv = jax.lax.rsqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2] + eps * eps)
     self_pair = index[:, None] == jnp.arange(pos.shape[0], dtype=jnp.int32)[None, :]

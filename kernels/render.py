@@ -131,7 +131,9 @@ def _escape_counts(c_re: jax.Array, c_im: jax.Array, max_iter: jax.Array) -> jax
     return count
 
 
-def _render_tile(view_f: jax.Array, max_iter: jax.Array, row: jax.Array, col: jax.Array, shape: tuple[int, int]) -> jax.Array:
+def _render_tile(
+    view_f: jax.Array, max_iter: jax.Array, row: jax.Array, col: jax.Array, shape: tuple[int, int]
+) -> jax.Array:
     x_min, x_max, y_min, y_max, height, width = view_f
     dx = (x_max - x_min) / width
     dy = (y_max - y_min) / height

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from gpunet.kernels import Chunk, Cost, Tolerance, allclose, chunks, compare, weighted_chunks
 
 

@@ -7,9 +7,7 @@ import importlib.util
 import numpy as np
 import pandas as pd
 import pytest
-
-from gpunet.kernels import chunks, compare
-from gpunet.kernels import frames
+from gpunet.kernels import chunks, compare, frames
 
 ROWS = 20_011
 

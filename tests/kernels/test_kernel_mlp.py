@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 import pytest
-
-from gpunet.kernels import compare
-from gpunet.kernels import mlp
+from gpunet.kernels import compare, mlp
 
 SIZES = (6, 16, 12, 3)
 B = 101  # odd, not divisible by the shard counts below
@@ -83,7 +80,10 @@ def test_adam_trains_the_classifier(params: mlp.Params, data: tuple[jax.Array, j
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda p, x, y: mlp.train_step(p, SGD.init(p), x[:, :4], y, SGD), r"Expected x of shape \(B, 6\), got \(101, 4\)"),
+        (
+            lambda p, x, y: mlp.train_step(p, SGD.init(p), x[:, :4], y, SGD),
+            r"Expected x of shape \(B, 6\), got \(101, 4\)",
+        ),
         (lambda p, x, y: mlp.shard_grads(p, x, y[:5]), r"Expected y of shape \(101,\)"),
         (lambda p, x, y: mlp.init(jax.random.key(0), [4]), r"got \[4\]"),
         (lambda p, x, y: mlp.sgd(-1.0), "Expected learning_rate > 0, got -1.0"),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from gpunet import kernels
 from gpunet.kernels import Chunk, Tolerance
+
+from gpunet import kernels
 
 
 def test_every_kernel_module_has_tolerance_cost_reference() -> None:

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from gpunet.kernels import allclose, chunks, compare
+from gpunet.kernels import allclose, compare
 from gpunet.kernels import montecarlo as mc
 
 SPEC = mc.EuropeanOption(s0=100.0, strike=105.0, rate=0.03, sigma=0.2, maturity=1.0)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-
-from gpunet.kernels import chunks, compare
-from gpunet.kernels import nbody
+from gpunet.kernels import chunks, compare, nbody
 
 N = 203  # not a multiple of the force tile, odd
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from gpunet.kernels import allclose, compare
-from gpunet.kernels import render
+from gpunet.kernels import allclose, compare, render
 
 VIEW = render.View(height=61, width=83, max_iter=120)
 
