@@ -19,8 +19,13 @@ retried with backoff, for as long as the scheduler runs.
 
 Register with ``Client.register_plugin(GpunetMeteringPlugin(url, operator_token))``
 or start the scheduler with ``gpunet scheduler --credits URL --operator-token-file F``.
-Workers tell the plugin who their provider is and its rate through the scheduler's
-metadata (``["gpunet", "providers", address]``), set by :mod:`.worker_plugin`.
+
+Providers: a worker started by ``gpunet provide`` registers with the scheduler
+through the ``gpunet_register_provider`` handler this plugin adds, presenting its
+provider's credit token and rate. The plugin checks the token with the credit
+service (it must belong to a ``provider`` account) and pays that account for the
+worker's tasks; the token itself is not kept. Providers can only report in this
+way: settling is the scheduler's, with the operator's token.
 """
 
 from __future__ import annotations
@@ -52,11 +57,6 @@ def price(seconds: float, rate: float, cap: int) -> int:
     return max(1, min(int(cap), math.ceil(seconds * rate)))
 
 
-def provider_key(address: str) -> list[str]:
-    """The scheduler metadata key under which a worker names its provider and rate."""
-    return ["gpunet", "providers", address]
-
-
 class GpunetMeteringPlugin(SchedulerPlugin):
     """Settles or releases each task's hold as its attempts finish (see the module
     docstring). ``default_provider`` / ``default_rate`` apply to workers that did
@@ -76,6 +76,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.closed_holds: set[str] = set()  # holds already settled or released here
         self.reported = 0
         self.failed: list[dict[str, Any]] = []  # refused by the service for good (logged)
+        #: worker address -> {"provider": account, "rate": credits per device-second}
+        self.providers: dict[str, dict[str, Any]] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._client: Any = None
@@ -87,6 +89,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
         self.scheduler = scheduler
         self._client = CreditClient(self.credits_url, self.operator_token)
+        scheduler.handlers["gpunet_register_provider"] = self.register_provider
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._report_forever(), name="gpunet-metering-reporter")
 
@@ -154,12 +157,33 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             if hold not in self.closed_holds:
                 self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
 
+    async def register_provider(self, address: str, token: str, rate: float) -> dict[str, Any]:
+        """Scheduler handler: a worker says which provider it belongs to. Returns
+        ``{"provider": account}`` or ``{"error": message}``."""
+        from gpunet.credits import CreditClient, CreditsError
+
+        def check() -> str:
+            with CreditClient(self.credits_url, token) as as_provider:
+                account = as_provider.ping()["account"]
+            roles = {a["account"]: a.get("role") for a in self._client.accounts()}
+            if roles.get(account) != "provider":
+                raise CreditsError(f"account {account!r} is a {roles.get(account)!r} account, not a provider")
+            return account
+
+        if not (isinstance(rate, (int, float)) and 0 < rate < 1e9):
+            return {"error": f"a provider's rate must be a positive number of credits per second, got {rate!r}"}
+        try:
+            account = await asyncio.to_thread(check)
+        except CreditsError as exc:
+            return {"error": f"the credit service at {self.credits_url} did not accept this provider's token: {exc}"}
+        self.providers[address] = {"provider": account, "rate": float(rate)}
+        logger.info("gpunet metering: worker %s belongs to provider %s at %s credits/s", address, account, rate)
+        return {"provider": account}
+
     def _provider_of(self, worker: str | None) -> tuple[str | None, float]:
-        info = None
-        if worker is not None:
-            info = self.scheduler.get_metadata(provider_key(worker), default=None)
+        info = self.providers.get(worker) if worker is not None else None
         if info:
-            return info.get("provider") or self.default_provider, float(info.get("rate", self.default_rate))
+            return info["provider"], info["rate"]
         return self.default_provider, self.default_rate
 
     def _close(self, hold: str, item: dict[str, Any]) -> None:
@@ -237,10 +261,11 @@ def charge_in_full(hold: str, worker: str, dask_scheduler: Scheduler | None = No
 
 
 def metering_state(dask_scheduler: Scheduler | None = None) -> dict[str, Any] | None:
-    """``Client.run_on_scheduler(metering_state)``: whether this scheduler meters, and
-    how far its reports have got (None where it does not meter)."""
+    """``Client.run_on_scheduler(metering_state)``: whether this scheduler meters, how
+    far its reports have got, and the providers' rates (None where it does not meter)."""
     plugin = dask_scheduler.plugins.get(GpunetMeteringPlugin.name)
     if plugin is None:
         return None
     return {"credits": plugin.credits_url, "queued": len(plugin.queue), "reported": plugin.reported,
-            "failed": len(plugin.failed)}
+            "failed": len(plugin.failed), "default_rate": plugin.default_rate,
+            "providers": {address: dict(info) for address, info in plugin.providers.items()}}

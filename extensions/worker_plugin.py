@@ -24,20 +24,39 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
+#: Environment variables through which `gpunet provide` tells its worker processes
+#: whose they are (the provider's credit token) and what they charge.
+PROVIDER_TOKEN_ENV = "GPUNET_PROVIDER_TOKEN"
+PROVIDER_RATE_ENV = "GPUNET_PROVIDER_RATE"
+
+
 class GpunetWorkerPlugin(WorkerPlugin):
-    """Describes the worker's device once, at setup. Register with
+    """Describes the worker's device once, at setup; with a provider token, registers
+    the worker with the scheduler's metering plugin as that provider's. Register with
     ``Client.register_plugin(GpunetWorkerPlugin())``."""
 
     name = "gpunet-device"
     idempotent = True
 
+    def __init__(self, provider_token: str | None = None, rate: float = 1.0) -> None:
+        self.provider_token = provider_token
+        self.rate = rate
+
     async def setup(self, worker: Worker) -> None:
-        """Describe this worker's device and keep it as ``worker.gpunet_device``."""
+        """Describe this worker's device and keep it as ``worker.gpunet_device``;
+        register it as its provider's with the scheduler where it has a token."""
         from gpunet.remote import _install_routers
 
         _install_routers()
-        worker.gpunet_device = await asyncio.to_thread(describe_this_device, _memory_limit(worker), gpu=_has_gpu_resource(worker))
+        worker.gpunet_device = await asyncio.to_thread(describe_this_device, _memory_limit(worker),
+                                                       gpu=_has_gpu_resource(worker))
         logger.info("gpunet worker %s offers %s", worker.address, worker.gpunet_device["label"])
+        if self.provider_token:
+            answer = await worker.scheduler.gpunet_register_provider(
+                address=worker.address, token=self.provider_token, rate=self.rate)
+            if "error" in answer:
+                raise RuntimeError(f"gpunet: the scheduler refused this worker: {answer['error']}")
+            worker.gpunet_device["provider"] = answer["provider"]
 
 
 def device_info(dask_worker: Worker) -> dict[str, Any]:
@@ -50,8 +69,19 @@ def device_info(dask_worker: Worker) -> dict[str, Any]:
 
 
 async def dask_setup(worker: Worker) -> None:
-    """Entry point for ``dask worker --preload gpunet.extensions.worker_plugin``."""
-    await worker.plugin_add(GpunetWorkerPlugin(), name=GpunetWorkerPlugin.name)
+    """Entry point for ``dask worker --preload gpunet.extensions.worker_plugin``; the
+    provider's token and rate come from GPUNET_PROVIDER_TOKEN / GPUNET_PROVIDER_RATE."""
+    import os
+    import signal
+    import threading
+
+    token = os.environ.get(PROVIDER_TOKEN_ENV) or None
+    if token and threading.current_thread() is threading.main_thread():
+        # Ctrl-C in `gpunet provide`'s terminal reaches its worker processes too; the
+        # provide process drains them first, so they must not die of it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    plugin = GpunetWorkerPlugin(token, float(os.environ.get(PROVIDER_RATE_ENV, "1.0")))
+    await worker.plugin_add(plugin, name=GpunetWorkerPlugin.name)
 
 
 def _memory_limit(worker: Worker) -> int | None:

@@ -443,10 +443,13 @@ class Network:
         """The highest rate (credits per device-second) any provider asks (cached)."""
         from gpunet.metering import DEFAULT_RATE
 
+        from gpunet.extensions.scheduler_plugin import metering_state
+
         stamp, rate = self._rate_cache
         if time.monotonic() - stamp > 5.0:
-            providers = self.client.get_metadata(["gpunet", "providers"], default={}) or {}
-            rate = max([float(info.get("rate", DEFAULT_RATE)) for info in providers.values()] or [DEFAULT_RATE])
+            state = self.client.run_on_scheduler(metering_state) or {}
+            rates = [info["rate"] for info in state.get("providers", {}).values()]
+            rate = max(rates + [state.get("default_rate", DEFAULT_RATE)])
             self._rate_cache = (time.monotonic(), rate)
         return rate
 

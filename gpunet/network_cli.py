@@ -30,7 +30,29 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     scheduler.add_argument("--host", default="127.0.0.1")
     scheduler.add_argument("--port", type=int, default=8786)
     scheduler.add_argument("--dashboard-port", type=int, default=8787)
+    scheduler.add_argument("--credits", default=None, metavar="URL",
+                           help="meter work against this credit service (with --operator-token-file)")
+    scheduler.add_argument("--operator-token-file", default=None, metavar="PATH",
+                           help="the credit service's operator token (written by `gpunet credits serve`)")
     scheduler.set_defaults(func=_scheduler)
+
+    provide = subparsers.add_parser(
+        "provide", help="attach this host's GPUs (or CPU) to a gpunet network",
+        description="Start workers for SCHEDULER: one dask-cuda worker per GPU where there are NVIDIA GPUs and "
+                    "dask-cuda, else CPU workers that say they are CPU devices. They are paid, through the "
+                    "scheduler's metering, to the provider account whose token is given. Ctrl-C drains: running "
+                    "tasks finish, no new ones start, then the workers leave.",
+    )
+    provide.add_argument("scheduler", help="the scheduler's address, tcp://HOST:PORT")
+    provide.add_argument("--credits", default=None, metavar="URL", help="the credit service (or GPUNET_CREDITS)")
+    provide.add_argument("--token", default=None, help="this provider's credit token (or GPUNET_TOKEN)")
+    provide.add_argument("--gpus", default="all", help="'all' or how many GPUs to offer (default all)")
+    provide.add_argument("--workers", type=int, default=1, help="CPU workers where there is no GPU (default 1)")
+    provide.add_argument("--name", default=None, help="worker name prefix (default: the provider account)")
+    provide.add_argument("--rate", type=float, default=1.0, help="credits per device-second (default 1)")
+    provide.add_argument("--host", default=None, help="interface the workers listen on (default: the one that "
+                                                       "reaches the scheduler)")
+    provide.set_defaults(func=_provide)
 
 
 def _wait_for_stop() -> None:
@@ -77,10 +99,14 @@ def _scheduler(args: Any) -> int:
 
     from gpunet.network import EMBEDDED_DASK_CONFIG
 
+    metering = _metering_plugin(args)
+
     async def serve() -> None:
         with dask.config.set(EMBEDDED_DASK_CONFIG):
-            async with Scheduler(host=args.host, port=args.port,
+            async with Scheduler(host=args.host, port=args.port, plugins=[metering] if metering else [],
                                  dashboard_address=f"{args.host}:{args.dashboard_port}") as scheduler:
+                if metering is not None:
+                    print(f"metering: {args.credits}", flush=True)
                 print(f"scheduler: {scheduler.address}", flush=True)
                 print(f"providers join with:  gpunet provide {scheduler.address}", flush=True)
                 loop = asyncio.get_running_loop()
@@ -92,3 +118,128 @@ def _scheduler(args: Any) -> int:
     asyncio.run(serve())
     print("gpunet: scheduler stopped", flush=True)
     return 0
+
+
+def _metering_plugin(args: Any) -> Any:
+    """The metering plugin `gpunet scheduler --credits` runs, after checking the token."""
+    from pathlib import Path
+
+    from gpunet.errors import GpunetError
+
+    if args.credits is None and args.operator_token_file is None:
+        return None
+    if args.credits is None or args.operator_token_file is None:
+        raise GpunetError("metering needs both --credits URL and --operator-token-file PATH")
+    try:
+        token = Path(args.operator_token_file).read_text().strip()
+    except OSError as exc:
+        raise GpunetError(f"cannot read the operator token file {args.operator_token_file}: {exc.strerror}") from None
+    from gpunet.credits import CreditClient
+
+    with CreditClient(args.credits, token) as operator:
+        operator.accounts()  # raises a clear error for an unreachable service or a non-operator token
+    from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
+
+    return GpunetMeteringPlugin(args.credits, token)
+
+
+def _provide(args: Any) -> int:
+    import asyncio
+    import os
+
+    from gpunet.credits import CreditClient
+    from gpunet.errors import GpunetError
+    from gpunet.extensions.worker_plugin import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV
+
+    url = args.credits or os.environ.get("GPUNET_CREDITS")
+    token = args.token or os.environ.get("GPUNET_TOKEN")
+    if not url or not token:
+        raise GpunetError("a provider is paid through the credit service: give --credits URL and --token TOKEN "
+                          "(or GPUNET_CREDITS / GPUNET_TOKEN)")
+    if not args.rate > 0:
+        raise GpunetError(f"--rate must be a positive number of credits per device-second, got {args.rate}")
+    with CreditClient(url, token) as me:
+        account = me.ping()["account"]  # a bad token or an unreachable service stops here, clearly
+    # The worker processes inherit these and register with the scheduler as this provider's.
+    os.environ[PROVIDER_TOKEN_ENV] = token
+    os.environ[PROVIDER_RATE_ENV] = str(args.rate)
+    return asyncio.run(_run_provider(args, account))
+
+
+async def _run_provider(args: Any, account: str) -> int:
+    import asyncio
+
+    from distributed import Client, Nanny
+    from distributed.utils import get_ip
+
+    from gpunet.devices import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE, local_gpus
+    from gpunet.errors import GpunetError
+
+    name = args.name or account
+    host = args.host or get_ip(args.scheduler.split("://")[-1].rsplit(":", 1)[0])
+    gpus = local_gpus()
+    if args.gpus != "all":
+        gpus = gpus[: int(args.gpus)]
+    preload = ["gpunet.extensions.worker_plugin"]
+    nannies: list[Any] = []
+    try:
+        import dask_cuda
+    except ImportError:
+        dask_cuda = None
+    if gpus and dask_cuda is not None:
+        resources = {DEVICE_RESOURCE: 1, GPU_RESOURCE: 1, GPU_MEMORY_RESOURCE: min(g.memory_bytes for g in gpus)}
+        visible = ",".join(str(g.index) for g in gpus)
+        worker = await dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name, resources=resources,
+                                            preload=preload, CUDA_VISIBLE_DEVICES=visible)
+        nannies = list(worker.nannies)
+        print(f"gpunet provide: {len(gpus)} dask-cuda worker(s), one per GPU ({gpus[0].name})", flush=True)
+    else:
+        why = "no NVIDIA GPU found" if not gpus else "dask-cuda is not installed (pip install 'gpunet[cuda]')"
+        for index in range(args.workers):
+            nannies.append(Nanny(args.scheduler, host=host, nthreads=1, name=f"{name}-{index}",
+                                 resources={DEVICE_RESOURCE: 1}, preload=preload, dashboard=False))
+        await asyncio.gather(*nannies)
+        print(f"gpunet provide: {why}: {args.workers} CPU worker(s)", flush=True)
+    addresses = [n.worker_address for n in nannies]
+    print(f"provider: {account}; workers: {' '.join(addresses)}", flush=True)
+    print("Ctrl-C drains them: running tasks finish, then they leave.", flush=True)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopped.set)
+    finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
+    await asyncio.wait([finished, asyncio.ensure_future(stopped.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if not stopped.is_set():
+        raise GpunetError("the workers stopped by themselves (is the scheduler gone?)")
+    print("gpunet provide: draining ...", flush=True)
+    async with Client(args.scheduler, asynchronous=True, timeout=10) as client:
+        await _drain(client, addresses)
+    await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
+    print("gpunet provide: stopped", flush=True)
+    return 0
+
+
+async def _drain(client: Any, addresses: list[str], timeout: float = 600) -> None:
+    """Pause the workers (the scheduler sends them nothing new), wait for what they
+    are executing to finish, then retire them (their results move elsewhere)."""
+    import asyncio
+    import time
+
+    await client.run(_pause, workers=addresses)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        executing = await client.run(_executing, workers=addresses)
+        if not any(executing.values()):
+            break
+        await asyncio.sleep(0.2)
+    await client.retire_workers(workers=addresses, close_workers=False)
+
+
+def _pause(dask_worker: Any = None) -> None:
+    from distributed.core import Status
+
+    dask_worker.status = Status.paused
+
+
+def _executing(dask_worker: Any = None) -> int:
+    return len(dask_worker.state.executing)

@@ -1,0 +1,164 @@
+"""Providers and metering with every part in its own process on 127.0.0.1: a credit
+service, `gpunet scheduler --credits`, two `gpunet provide` processes, and this test
+as the notebook. One provider is killed (SIGKILL) while it runs a cell."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import gpunet
+from gpunet import network as network_module
+from gpunet.credits import CreditClient, serve_in_background, verify_service
+
+GPUNET = [sys.executable, "-m", "gpunet.cli"]
+
+
+def _start(args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(GPUNET + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, **kwargs)
+
+
+def _expect(process, pattern, timeout=90):
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"never saw {pattern!r}:\n{''.join(seen)}")
+
+
+def _stop(process, sig=signal.SIGINT, timeout=60):
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.communicate()[0]
+
+
+@pytest.fixture
+def market(tmp_path):
+    """Credit service, metered scheduler, two providers (alice, bob) and a client account."""
+    service = serve_in_background(tmp_path / "credits.sqlite3", operator_token_file=tmp_path / "operator-token")
+    operator = service.client()
+    tokens = {name: operator.create_account(name, role)["token"]
+              for name, role in (("alice", "provider"), ("bob", "provider"), ("carol", "client"))}
+    operator.mint("carol", 10_000, key="mint-carol")
+    processes = []
+    try:
+        scheduler = _start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
+                            "--operator-token-file", str(tmp_path / "operator-token")])
+        processes.append(scheduler)
+        address = _expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
+        providers = {}
+        for name in ("alice", "bob"):
+            provide = _start(["provide", address, "--credits", service.url, "--token", tokens[name],
+                              "--host", "127.0.0.1"])
+            processes.append(provide)
+            _expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
+            providers[name] = provide
+        yield {"service": service, "operator": operator, "address": address, "tokens": tokens,
+               "providers": providers}
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+        operator.close()
+        service.stop()
+
+
+def test_killed_provider_is_not_paid_and_the_cell_completes_elsewhere(market, tmp_path):
+    previous, network_module._current = network_module._current, None
+    marker = tmp_path / "running-on"
+
+    def _runs_then_reports_parent(path, seconds):  # defined here, so that it travels by value
+        import os
+        import time
+
+        with open(path, "w") as out:
+            out.write(str(os.getppid()))  # the worker's Nanny lives in the `gpunet provide` process
+        time.sleep(seconds)
+        return os.getppid()
+
+    try:
+        with gpunet.connect(market["address"], credits=market["service"].url, token=market["tokens"]["carol"],
+                            budget=500) as net:
+            net.client.wait_for_workers(2, timeout=60)
+            outcome = {}
+            runner = threading.Thread(target=lambda: outcome.update(
+                ppid=net.run(_runs_then_reports_parent, str(marker), 3.0, timeout=120)))
+            runner.start()
+            deadline = time.monotonic() + 60
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            victim_pid = int(marker.read_text())
+            victim = next(name for name, p in market["providers"].items() if p.pid == victim_pid)
+            survivor = "bob" if victim == "alice" else "alice"
+            os.killpg(victim_pid, signal.SIGKILL)
+            runner.join(timeout=120)
+            assert outcome["ppid"] == market["providers"][survivor].pid
+
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                usage = net.credits.usage(net.session)
+                if usage["held"] == 0:
+                    break
+                time.sleep(0.2)
+            operator = market["operator"]
+            assert usage["held"] == 0
+            assert 3 <= usage["spent"] <= 5, usage  # one paid attempt of about 3 device-seconds
+            assert operator.balance(victim) == 0, "the killed provider must not be paid for the lost attempt"
+            assert operator.balance(survivor) == usage["spent"], "charged once, paid once"
+    finally:
+        network_module._current = previous
+    verify_service(market["service"].url, market["service"].operator_token)
+
+
+def test_a_bad_provider_token_is_refused_clearly(market):
+    provide = _start(["provide", market["address"], "--credits", market["service"].url, "--token", "not-a-token"])
+    out = provide.communicate(timeout=60)[0]
+    assert provide.returncode == 1
+    assert "token" in out.lower() and market["service"].url in out
+
+
+def test_provider_drains_on_ctrl_c(market):
+    previous, network_module._current = network_module._current, None
+    try:
+        with gpunet.connect(market["address"], credits=market["service"].url, token=market["tokens"]["carol"],
+                            budget=500) as net:
+            net.client.wait_for_workers(2, timeout=60)
+            alice = market["providers"]["alice"]
+
+            def nap(seconds):  # travels by value; returns the provider process that ran it
+                import os
+                import time
+
+                time.sleep(seconds)
+                return os.getppid()
+
+            futures = net.client.map(nap, [2.0, 2.0], pure=False, resources={"device": 1})  # one on each
+            time.sleep(0.7)
+            os.killpg(alice.pid, signal.SIGINT)  # as Ctrl-C in its terminal: the whole process group
+            out = alice.communicate(timeout=60)[0]
+            assert alice.returncode == 0 and "stopped" in out, out
+            ran_on = set(net.client.gather(futures))
+            assert ran_on == {alice.pid, market["providers"]["bob"].pid}, "alice's running task must finish there"
+            assert len(net.client.scheduler_info()["workers"]) == 1
+    finally:
+        network_module._current = previous
