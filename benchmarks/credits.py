@@ -101,6 +101,9 @@ def bench_http(workdir: Path, seconds: float, clients: int = 16) -> None:
         # Alternate the two measurements (three times each) so that drift on a noisy
         # machine hits both alike; report the median of each.
         trivial_rates, pair_rates = [], []
+        # Warm-up, not measured: the service's first few thousand movements run slower
+        # (SQLite pages and the WAL grow, caches fill).
+        _threads(clients, pairs, [0] * clients, "warm")
         for rnd in range(3):
             counts = [0] * clients
             wall = _threads(clients, trivial, counts)

@@ -210,6 +210,15 @@ def _schema() -> tuple[Any, dict[str, Any]]:
 ENTRY_COLUMNS = "idx, time, kind, src, dst, amount, session, hold, key, prev, hash"
 
 
+def _sqlite_synchronous() -> str:
+    """``FULL`` (default: an answered movement survives a power cut) or ``NORMAL`` (survives a
+    crash of the service, not of the machine), from ``GPUNET_CREDITS_SYNCHRONOUS``."""
+    value = os.environ.get("GPUNET_CREDITS_SYNCHRONOUS", "FULL").upper()
+    if value not in ("FULL", "NORMAL"):
+        raise CreditsError(f"GPUNET_CREDITS_SYNCHRONOUS must be FULL or NORMAL, got {value!r}")
+    return value
+
+
 def make_engine(url: str) -> sa.Engine:
     """Create the SQLAlchemy engine; SQLite gets WAL, ``synchronous=FULL`` and a busy timeout."""
     import sqlalchemy as sa
@@ -230,7 +239,7 @@ def make_engine(url: str) -> sa.Engine:
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA synchronous={_sqlite_synchronous()}")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
