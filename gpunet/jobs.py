@@ -144,6 +144,8 @@ class RemoteJob:
         self.workers_seen: list[tuple[str, str]] = []
         self.shown_seq: dict[int | None, int] = {}
         self.stopped_because: str | None = None
+        self.resources: dict[str, float] = {}
+        self.allowed_workers: list[str] | None = None
         #: the job's holds, and the device time its --max-credits allows (metered networks)
         self.holds: list[str] = []
         self.credit_limit_s: float | None = None
@@ -173,6 +175,8 @@ class RemoteJob:
         if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
             inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
         remote = cls(network, job, items=None if blobs is None else len(blobs))
+        remote.resources = resources
+        remote.allowed_workers = None if per_item else workers
         network._register(remote)
         if blobs is None:
             futures = [client.submit(run_job, job, None, None, inputs, key=f"gpunet-{job.job_id}", **options)]
@@ -253,6 +257,8 @@ class RemoteJob:
                 self.wake.wait(wait_for)
                 if progress is not None:
                     progress.tick(done=self.completed)
+                    if progress.wants_reason():
+                        progress.waiting(self.network.waiting_reason(self.resources, self.allowed_workers))
         except KeyboardInterrupt:
             self.stop("interrupted")
             raise

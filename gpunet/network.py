@@ -336,6 +336,25 @@ class Network:
                 return
         raise PlacementError(_placement_message(resources, workers))
 
+    def waiting_reason(self, resources: dict[str, float], workers: list[str] | None = None) -> str:
+        """Why a job asking for ``resources`` has not started: which workers could run
+        it and how many of them are busy."""
+        from gpunet.devices import DEVICE_RESOURCE
+
+        infos = self._scheduler_workers(fresh=True)
+        fit = [address for address, info in infos.items()
+               if _satisfies(info.get("resources") or {}, resources) and (workers is None or address in workers)]
+        processing = self.client.processing(fit) if fit else {}
+        busy = [address for address in fit
+                if len(processing.get(address, ())) >= (infos[address].get("resources") or {}).get(DEVICE_RESOURCE, 1)]
+        wanted = _show_resources(resources)
+        if not fit:
+            return f"waiting for a worker with {wanted} (none is connected now)"
+        state = "all busy" if len(busy) == len(fit) else f"{len(busy)} busy"
+        if len(fit) == 2 and len(busy) == 2:
+            state = "both busy"
+        return f"waiting for a worker with {wanted} ({len(fit)} such worker{'s' * (len(fit) != 1)}, {state})"
+
     # -- running work ------------------------------------------------------------------
     def run(self, fn: Callable[..., Any], *args: Any, gpus: int | None = None, gpu_mem: int | str | None = None,
             min_tflops: float | None = None, timeout: float | None = None, max_credits: float | None = None,
@@ -494,14 +513,18 @@ def _satisfies(offered: dict[str, float], asked: dict[str, float]) -> bool:
     return all(offered.get(name, 0) >= amount for name, amount in asked.items())
 
 
-def _placement_message(asked: dict[str, float], workers: dict[str, dict[str, Any]]) -> str:
+def _show_resources(resources: dict[str, float]) -> str:
+    """{"device": 1, "GPU_MEM": 4e10} -> 'GPU_MEM=37.3 GiB, device=1'."""
     from gpunet.devices import GPU_MEMORY_RESOURCE, format_bytes
 
-    def show(resources: dict[str, float]) -> str:
-        parts = []
-        for name, amount in sorted(resources.items()):
-            parts.append(f"{name}={format_bytes(amount)}" if name == GPU_MEMORY_RESOURCE else f"{name}={amount:g}")
-        return ", ".join(parts) or "no resources"
+    parts = []
+    for name, amount in sorted(resources.items()):
+        parts.append(f"{name}={format_bytes(amount)}" if name == GPU_MEMORY_RESOURCE else f"{name}={amount:g}")
+    return ", ".join(parts) or "no resources"
+
+
+def _placement_message(asked: dict[str, float], workers: dict[str, dict[str, Any]]) -> str:
+    show = _show_resources
 
     if not workers:
         return (f"no worker is connected to this network, so nothing can run a job asking for {show(asked)}; "

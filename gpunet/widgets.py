@@ -34,6 +34,9 @@ class JobProgress:
 
     #: In text mode, say "running on ..." only for jobs that take longer than this.
     TEXT_RUNNING_AFTER_S = 1.0
+    #: A job still queued after this long says why it waits (then every few seconds).
+    REASON_AFTER_S = 1.0
+    REASON_EVERY_S = 3.0
 
     def __init__(self, label: str, *, total: int = 1, widget: bool | None = None) -> None:
         self.label = label
@@ -42,6 +45,8 @@ class JobProgress:
         self.state = "queued"
         self.where = ""
         self.done_count = 0
+        self.reason = ""
+        self._reason_at = 0.0
         self._said_running = False
         self.use_widget = widgets_can_render() if widget is None else widget
         self._box: Any = None
@@ -66,6 +71,19 @@ class JobProgress:
         if rerun_after is not None:
             self.where += f", re-run after {rerun_after} was lost"
             self._text(f"{self.label}: {rerun_after} was lost; re-running on {self.where}")
+        self._render()
+
+    def wants_reason(self) -> bool:
+        """True when the job has waited long enough in the queue to say why (again)."""
+        return (self.state == "queued" and self.elapsed > self.REASON_AFTER_S
+                and time.monotonic() - self._reason_at > self.REASON_EVERY_S)
+
+    def waiting(self, reason: str) -> None:
+        """Show why the job still waits ("waiting for a worker with ... (2 such workers, both busy)")."""
+        self._reason_at = time.monotonic()
+        if reason != self.reason:
+            self.reason = reason
+            self._text(f"{self.label}: {reason}")
         self._render()
 
     def ran_on(self, worker: str, device: str) -> None:
@@ -107,6 +125,8 @@ class JobProgress:
             state = f"running on {self.where}"
         elif state == "done" and self.where:
             state = f"done on {self.where}"
+        elif state == "queued" and self.reason:
+            state = self.reason
         items = f" {self.done_count}/{self.total}" if self.total > 1 else ""
         return f"{self.label}: {state}{items} · {self.elapsed:.1f} s"
 

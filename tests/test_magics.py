@@ -364,3 +364,18 @@ def test_worker_dying_during_a_cell_reruns_it_and_says_so(tmp_path):
             assert "was lost; re-running" in captured.stderr
     finally:
         network_module._current = previous
+
+
+def test_a_waiting_cell_says_why(ip, net):
+    def hold_device(seconds):
+        import time
+
+        time.sleep(seconds)
+
+    blockers = net.client.map(hold_device, [3.0, 3.0], pure=False, resources={"device": 1})
+    try:
+        captured = run(ip, "x = 1", flags="--timeout 60")
+        assert "waiting for a worker with device=1 (2 such workers, both busy)" in captured.stderr
+        assert ip.user_ns["x"] == 1
+    finally:
+        net.client.gather(blockers)
