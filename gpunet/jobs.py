@@ -194,8 +194,23 @@ class RemoteJob:
     def _attach(self, futures: list[Future]) -> None:
         self.index_of = {future.key: (index if self.mapped else None) for index, future in enumerate(futures)}
         self.futures = futures
-        for future in futures:
-            future.add_done_callback(self._on_done)
+        self._unfinished = list(futures)
+        if not self.mapped:  # one callback is cheap; thousands would each wake the event loop
+            futures[0].add_done_callback(self._on_done)
+
+    #: How often a map's waiter looks at its futures for items that failed in Dask or
+    #: whose results were too large to come as events.
+    POLL_S = 0.1
+
+    def _poll_futures(self) -> None:
+        still = []
+        for future in self._unfinished:
+            if future.status == "pending":
+                still.append(future)
+            else:
+                with self._lock:
+                    self.finished.add(self.index_of[future.key])
+        self._unfinished = still
 
     # -- callbacks from the client's event loop -------------------------------------------
     def on_event(self, message: dict[str, Any]) -> None:
@@ -204,6 +219,9 @@ class RemoteJob:
 
             with self._lock:
                 self.results.setdefault(message.get("index"), result_from_event(message["result"]))
+                complete = len(self.results) >= self.count
+            if self.mapped and not complete:
+                return  # the waiter polls a map a few times a second; no wake-up per item
         else:
             self.events.put(message)
         self.wake.set()
@@ -241,6 +259,11 @@ class RemoteJob:
                 if self.done():
                     break
                 wait_for = 0.5 if progress is not None else None
+                if self.mapped:
+                    self._poll_futures()
+                    if self.done():
+                        break
+                    wait_for = min(wait_for or self.POLL_S, self.POLL_S)
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0 and self.credit_limit_s is not None and (timeout is None or
