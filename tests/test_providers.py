@@ -16,7 +16,8 @@ import pytest
 
 import gpunet
 from gpunet import network as network_module
-from gpunet.credits import CreditClient, serve_in_background, verify_service
+from gpunet.credits import serve_in_background, verify_service
+from gpunet.extensions.scheduler_plugin import metering_state
 
 GPUNET = [sys.executable, "-m", "gpunet.cli"]
 
@@ -162,3 +163,37 @@ def test_provider_drains_on_ctrl_c(market):
             assert len(net.client.scheduler_info()["workers"]) == 1
     finally:
         network_module._current = previous
+
+
+def test_reports_wait_for_a_stopped_credit_service(market):
+    """The credit service stops answering during a map of 200 tasks: the tasks complete,
+    the scheduler keeps its reports, and they all arrive once it answers again."""
+    from gpunet import jobs
+
+    service = market["service"]
+    previous, network_module._current = network_module._current, None
+    try:
+        with gpunet.connect(market["address"], credits=service.url, token=market["tokens"]["carol"],
+                            budget=5_000) as net:
+            net.client.wait_for_workers(2, timeout=60)
+            job = jobs.function_job(abs, (), {}, topic=net.topic, announce=False)
+            remote = net.submit(job, resources=net.resources_for(), items=list(range(-100, 100)))
+            os.kill(service.pid, signal.SIGSTOP)  # holds placed; now it stops answering
+            try:
+                assert [jobs.function_value(r) for r in remote.wait(timeout=120)] == [abs(i) for i in range(-100, 100)]
+                time.sleep(3)
+                state = net.client.run_on_scheduler(metering_state)
+                assert state["queued"] == 200 and state["reported"] == 0
+            finally:
+                os.kill(service.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and net.credits.usage(net.session)["held"]:
+                time.sleep(0.2)
+            usage = net.credits.usage(net.session)
+            operator = market["operator"]
+            assert usage["held"] == 0 and usage["spent"] == 200
+            assert operator.balance("alice") + operator.balance("bob") == 200
+    finally:
+        network_module._current = previous
+    verify_service(service.url, service.operator_token)
+
