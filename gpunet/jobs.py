@@ -168,6 +168,7 @@ class RemoteJob:
                 workers: list[str] | list[list[str]] | None) -> RemoteJob:
         client = network.client
         blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
+        job.result_event = blobs is None
         per_item = bool(workers) and isinstance(workers[0], list)
         options = dict(resources=resources, pure=False, workers=None if per_item else workers,
                        allow_other_workers=False)
@@ -182,12 +183,16 @@ class RemoteJob:
             futures = [client.submit(run_job, job, None, None, inputs, key=f"gpunet-{job.job_id}", **options)]
         else:
             keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
+            # The job (code, function, inputs) goes to the workers once, as data the
+            # tasks depend on; each task then carries only its item.
+            shared = client.scatter(job, hash=False, broadcast=len(blobs) > 1)
             if per_item:
-                futures = [client.submit(run_job, job, blob, index, inputs, key=key, **{**options, "workers": where})
+                futures = [client.submit(run_job, shared, blob, index, inputs, key=key,
+                                         **{**options, "workers": where})
                            for index, (blob, key, where) in enumerate(zip(blobs, keys, workers))]
             else:
-                futures = client.map(run_job, [job] * len(blobs), blobs, range(len(blobs)), [inputs] * len(blobs),
-                                     key=keys, **options)
+                futures = client.map(run_job, [shared] * len(blobs), blobs, range(len(blobs)),
+                                     [inputs] * len(blobs), key=keys, **options)
         remote._attach(futures)
         return remote
 
@@ -200,7 +205,7 @@ class RemoteJob:
 
     #: How often a map's waiter looks at its futures for items that failed in Dask or
     #: whose results were too large to come as events.
-    POLL_S = 0.1
+    POLL_S = 0.05
 
     def _poll_futures(self) -> None:
         still = []

@@ -88,6 +88,9 @@ class Job:
     topic: str | None = None
     #: send a "started" event naming the worker and its device
     announce: bool = True
+    #: send a small result as an event too (single jobs: saves a gather round trip;
+    #: a map's thousands of events would cost the scheduler more than one gather)
+    result_event: bool = True
 
 
 @dataclass
@@ -377,7 +380,7 @@ def run_job(
     result.streams = context.chunks
     result.displays = context.displays
     result.finished = time.time()
-    if job.topic is not None and worker is not None:
+    if job.result_event and job.topic is not None and worker is not None:
         _send_result_event(worker, job.topic, result)
     return result
 
