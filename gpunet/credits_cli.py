@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 
 logger = logging.getLogger(__name__)
@@ -159,15 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m gpunet.credits``; returns the exit code."""
-    from gpunet.errors import GpunetError
+    from gpunet.cli import run_command
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except GpunetError as exc:
-        print(f"gpunet {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv)

@@ -2,55 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import re
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import pytest
 
 import gpunet
 from gpunet import network as network_module
+from gpunet_processes import GPUNET, expect, start, stop
 
-GPUNET = [sys.executable, "-m", "gpunet.cli"]
-
-
-def _start(args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(GPUNET + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-
-
-def _read_until(process: subprocess.Popen, pattern: str, timeout: float = 60) -> re.Match:
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            if process.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        match = re.search(pattern, line)
-        if match:
-            return match
-    process.kill()
-    raise AssertionError(f"never saw {pattern!r}; output was:\n{''.join(seen)}")
-
-
-def _stop(process: subprocess.Popen) -> str:
-    process.send_signal(signal.SIGINT)
-    out, _ = process.communicate(timeout=30)
-    return out
 
 
 def test_up_serves_a_network_and_stops_on_ctrl_c():
-    process = _start(["up", "--port", "0", "--dashboard-port", "0"])
+    process = start(["up", "--port", "0", "--dashboard-port", "0"])
     try:
-        address = _read_until(process, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
-        _read_until(process, r"dashboard: http://127\.0\.0\.1:\d+")
+        address = expect(process, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
+        expect(process, r"dashboard: http://127\.0\.0\.1:\d+")
         previous, network_module._current = network_module._current, None
         try:
             with gpunet.connect(address) as net:
@@ -60,16 +26,16 @@ def test_up_serves_a_network_and_stops_on_ctrl_c():
         finally:
             network_module._current = previous
     finally:
-        out = _stop(process)
+        out = stop(process)
     assert process.returncode == 0, out
     assert "stopped" in out
 
 
 def test_scheduler_accepts_workers_with_the_gpunet_preload(tmp_path):
-    process = _start(["scheduler", "--port", "0", "--dashboard-port", "0"])
+    process = start(["scheduler", "--port", "0", "--dashboard-port", "0"])
     worker = None
     try:
-        address = _read_until(process, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
+        address = expect(process, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
         worker = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
              "--resources", "device=1", "--preload", "gpunet.extensions.worker_plugin",
@@ -88,7 +54,7 @@ def test_scheduler_accepts_workers_with_the_gpunet_preload(tmp_path):
         if worker is not None:
             worker.terminate()
             worker.wait(timeout=30)
-        out = _stop(process)
+        out = stop(process)
     assert process.returncode == 0, out
 
 

@@ -56,7 +56,9 @@ def test_functions_defined_in_the_cell_come_back(ip):
     assert ip.user_ns["triple"](2) == 6
 
 
-def test_stdout_arrives_while_the_cell_runs(ip):
+def timed_stdout(ip, body):
+    """Run a cell, recording when each piece of its stdout reached the notebook;
+    returns ([(time, text), ...], the time the cell finished)."""
     arrivals = []
 
     class Recorder:
@@ -68,10 +70,14 @@ def test_stdout_arrives_while_the_cell_runs(ip):
 
     original, sys.stdout = sys.stdout, Recorder()
     try:
-        ip.run_cell_magic("gpunet", "--quiet", "import time\nprint('first')\ntime.sleep(2)\nprint('second')")
-        finished = time.monotonic()
+        ip.run_cell_magic("gpunet", "--quiet", body)
+        return arrivals, time.monotonic()
     finally:
         sys.stdout = original
+
+
+def test_stdout_arrives_while_the_cell_runs(ip):
+    arrivals, finished = timed_stdout(ip, "import time\nprint('first')\ntime.sleep(2)\nprint('second')")
     texts = "".join(text for _, text in arrivals)
     assert texts == "first\nsecond\n"
     first_seen = next(t for t, text in arrivals if "first" in text)
@@ -247,21 +253,7 @@ def test_unknown_line_command_gives_usage(ip):
 
 
 def test_flushed_partial_lines_arrive_while_the_cell_runs(ip):
-    arrivals = []
-
-    class Recorder:
-        def write(self, text):
-            arrivals.append((time.monotonic(), text))
-
-        def flush(self):
-            pass
-
-    original, sys.stdout = sys.stdout, Recorder()
-    try:
-        ip.run_cell_magic("gpunet", "--quiet", "import time\nprint('50%', end='', flush=True)\ntime.sleep(1.5)\nprint(' 100%')")
-        finished = time.monotonic()
-    finally:
-        sys.stdout = original
+    arrivals, finished = timed_stdout(ip, "import time\nprint('50%', end='', flush=True)\ntime.sleep(1.5)\nprint(' 100%')")
     first = next(t for t, text in arrivals if "50%" in text)
     assert finished - first > 0.8
 

@@ -5,10 +5,7 @@ as the notebook. One provider is killed (SIGKILL) while it runs a cell."""
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,41 +15,7 @@ import gpunet
 from gpunet import network as network_module
 from gpunet.credits import serve_in_background, verify_service
 from gpunet.extensions.scheduler_plugin import metering_state
-
-GPUNET = [sys.executable, "-m", "gpunet.cli"]
-
-
-def _start(args, **kwargs):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(GPUNET + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True, **kwargs)
-
-
-def _expect(process, pattern, timeout=90):
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            if process.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        match = re.search(pattern, line)
-        if match:
-            return match
-    raise AssertionError(f"never saw {pattern!r}:\n{''.join(seen)}")
-
-
-def _stop(process, sig=signal.SIGINT, timeout=60):
-    if process.poll() is None:
-        os.killpg(process.pid, sig)
-    try:
-        return process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        return process.communicate()[0]
-
+from gpunet_processes import expect, start, stop
 
 @pytest.fixture
 def market(tmp_path):
@@ -64,22 +27,22 @@ def market(tmp_path):
     operator.mint("carol", 10_000, key="mint-carol")
     processes = []
     try:
-        scheduler = _start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
+        scheduler = start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
                             "--operator-token-file", str(tmp_path / "operator-token")])
         processes.append(scheduler)
-        address = _expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
+        address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
         providers = {}
         for name in ("alice", "bob"):
-            provide = _start(["provide", address, "--credits", service.url, "--token", tokens[name],
+            provide = start(["provide", address, "--credits", service.url, "--token", tokens[name],
                               "--host", "127.0.0.1"])
             processes.append(provide)
-            _expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
+            expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
             providers[name] = provide
         yield {"service": service, "operator": operator, "address": address, "tokens": tokens,
                "providers": providers}
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop(process)
         operator.close()
         service.stop()
 
@@ -132,7 +95,7 @@ def test_killed_provider_is_not_paid_and_the_cell_completes_elsewhere(market, tm
 
 
 def test_a_bad_provider_token_is_refused_clearly(market):
-    provide = _start(["provide", market["address"], "--credits", market["service"].url, "--token", "not-a-token"])
+    provide = start(["provide", market["address"], "--credits", market["service"].url, "--token", "not-a-token"])
     out = provide.communicate(timeout=60)[0]
     assert provide.returncode == 1
     assert "token" in out.lower() and market["service"].url in out

@@ -1,0 +1,47 @@
+"""Running `gpunet ...` verbs as real processes in the tests, as a user would."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+GPUNET = [sys.executable, "-m", "gpunet.cli"]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    """Start `gpunet ARGS` in its own process group (so Ctrl-C can reach all of it)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(GPUNET + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def expect(process: subprocess.Popen, pattern: str, timeout: float = 90) -> re.Match:
+    """Read the process's output until a line matches ``pattern``; fail showing what it said."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"never saw {pattern!r}; output was:\n{''.join(seen)}")
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 60) -> str:
+    """Send ``sig`` to the process group (as Ctrl-C in its terminal) and return its output."""
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.communicate()[0]
