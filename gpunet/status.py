@@ -21,12 +21,20 @@ class NetworkStatus:
     session: str
     workers: list[WorkerInfo]
     note: str | None = None
+    #: this session's credits, where the network meters work
+    usage: str | None = None
 
     @classmethod
     def of(cls, net: Network) -> NetworkStatus:
         """Take a snapshot of ``net`` now."""
         note = net.embedded.note if net.embedded is not None else None
-        return cls(net.address, net.dashboard_link, net.session, net.workers(), note)
+        usage = None
+        if net.meter is not None:
+            n = net.credits.usage(net.session)
+            usage = f"credits: spent {n['spent']}, held {n['held']}, left {n['left']} of {n['budget']}"
+        else:
+            usage = "credits: not metered"
+        return cls(net.address, net.dashboard_link, net.session, net.workers(), note, usage)
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row per worker: address, name, device, memory, free/total slots, resources."""
@@ -48,6 +56,8 @@ class NetworkStatus:
         lines = [f"scheduler {self.scheduler}   dashboard {self.dashboard or 'none'}   session {self.session}"]
         if self.note:
             lines.append(self.note)
+        if self.usage:
+            lines.append(self.usage)
         table = [self.HEADER, *self.rows()]
         widths = [max(len(row[i]) for row in table) for i in range(len(self.HEADER))]
         for row in table:
@@ -66,7 +76,7 @@ class NetworkStatus:
                      if self.dashboard else "none")
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
-        note = f"<br>{html.escape(self.note)}" if self.note else ""
+        note = "".join(f"<br>{html.escape(text)}" for text in (self.note, self.usage) if text)
         return (f"<div><b>gpunet</b> scheduler <code>{html.escape(self.scheduler)}</code> · dashboard {dashboard}"
                 f" · session <code>{html.escape(self.session)}</code>{note}"
                 f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")

@@ -239,7 +239,7 @@ def test_status_lists_workers_and_dashboard(ip):
     assert len(status.workers) == 2
     assert all(w.device["kind"] == "cpu" for w in status.workers)
     assert "http://127.0.0.1:" in text
-    assert "free slots" in text
+    assert "free slots" in text and "credits: spent" in text
 
 
 def test_verify_says_what_is_missing(ip):
