@@ -36,6 +36,18 @@ def remote_cells(notebook: object) -> int:
                if cell.cell_type == "code" and cell.source.lstrip().startswith("%%gpunet"))
 
 
+def _spent(embedded: object) -> int | None:
+    """Credits the embedded network's provider was paid (None without credits)."""
+    service = getattr(embedded, "credits_service", None)
+    if service is None:
+        return None
+    operator = service.client()
+    try:
+        return operator.balance(embedded.LOCAL_PROVIDER)  # type: ignore[attr-defined]
+    finally:
+        operator.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
     from gpunet.network import EmbeddedNetwork, connect
@@ -49,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         with connect(embedded.scheduler_address) as net:
             workers = net.workers()
         os.environ["GPUNET_SCHEDULER"] = embedded.scheduler_address
+        if embedded.credits_service is not None:  # the notebook's cells are metered too
+            os.environ["GPUNET_CREDITS"] = embedded.credits_url
+            os.environ["GPUNET_TOKEN"] = embedded.client_token
         notebook, executed = run_notebook(path)
+        spent = _spent(embedded)
     finally:
         embedded.close()
     print(f"\nran {path} headless; executed copy: {executed}")
@@ -57,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     for worker in workers:
         print(f"  {worker.address}  {worker.device.get('label', 'unknown device')}")
     print(f"cells run remotely: {remote_cells(notebook)}")
+    if spent is not None:
+        print(f"credits paid to the local provider: {spent}")
     print(f"time taken: {time.monotonic() - started:.1f} s")
     return 0
 

@@ -31,10 +31,12 @@ def test_make_demo_summary(tmp_path, capsys, monkeypatch):
     source = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
     copy = tmp_path / "quickstart.ipynb"
     copy.write_text(source.read_text())
-    monkeypatch.delenv("GPUNET_SCHEDULER", raising=False)
+    for name in ("GPUNET_SCHEDULER", "GPUNET_CREDITS", "GPUNET_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
     assert demo_main([str(copy)]) == 0
     out = capsys.readouterr().out
     assert "workers (2):" in out and "cpu:" in out
     assert "cells run remotely: 3" in out
+    assert int(out.split("credits paid to the local provider: ")[1].split()[0]) > 0
     assert (tmp_path / "quickstart.executed.ipynb").exists()
     nbformat.read(tmp_path / "quickstart.executed.ipynb", as_version=4)
