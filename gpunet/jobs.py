@@ -149,6 +149,8 @@ class RemoteJob:
         #: the job's holds, and the device time its --max-credits allows (metered networks)
         self.holds: list[str] = []
         self.credit_limit_s: float | None = None
+        #: scattered data the tasks depend on, held until the job is done
+        self._kept: list[Future] = []
         self._lock = threading.Lock()
 
     @classmethod
@@ -194,6 +196,7 @@ class RemoteJob:
                 futures = client.map(run_job, [shared] * len(blobs), blobs, range(len(blobs)),
                                      [inputs] * len(blobs), key=keys, **options)
         remote._attach(futures)
+        remote._kept = [f for f in (inputs, shared if blobs is not None else None) if f is not None]
         return remote
 
     def _attach(self, futures: list[Future]) -> None:
@@ -299,7 +302,7 @@ class RemoteJob:
         if progress is not None and not self.mapped:
             progress.ran_on(results[0].worker, results[0].device)
         # Let Dask forget the results now: what came back is all there is.
-        self.futures = []
+        self.futures, self._kept = [], []
         self._drain(progress, echo)
         if echo:
             for result in results:
