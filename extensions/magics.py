@@ -41,9 +41,10 @@ from gpunet.widgets import JobProgress
 _NEVER_INPUTS = {"In", "Out", "get_ipython", "exit", "quit", "_gpunet"}
 
 LINE_USAGE = """\
-%gpunet connect [SCHEDULER] [--workers N]   join SCHEDULER (or GPUNET_SCHEDULER), else start a local network
+%gpunet connect [SCHEDULER] [--credits URL] [--token TOKEN] [--budget CREDITS] [--workers N]
+                                             join SCHEDULER (or GPUNET_SCHEDULER), else start a local network
 %gpunet status                               workers, their devices and free slots
-%gpunet usage                                this session's credits
+%gpunet usage                                this session's credits: spent, held, left, tasks by worker
 %gpunet disconnect                           close the connection (and the local network it started)"""
 
 
