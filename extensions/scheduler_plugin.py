@@ -20,12 +20,18 @@ retried with backoff, for as long as the scheduler runs.
 Register with ``Client.register_plugin(GpunetMeteringPlugin(url, operator_token))``
 or start the scheduler with ``gpunet scheduler --credits URL --operator-token-file F``.
 
-Providers: a worker started by ``gpunet provide`` registers with the scheduler
-through the ``gpunet_register_provider`` handler this plugin adds, presenting its
-provider's credit token and rate. The plugin checks the token with the credit
-service (it must belong to a ``provider`` account) and pays that account for the
-worker's tasks; the token itself is not kept. Providers can only report in this
-way: settling is the scheduler's, with the operator's token.
+Providers: a worker started by ``gpunet provide`` registers over its own stream
+to the scheduler (a ``gpunet-register-provider`` message, which the scheduler
+attributes to the worker whose connection carried it, so nobody can register
+another's worker), presenting its provider's credit token and rate. The plugin
+checks the token with the credit service (it must belong to a ``provider``
+account), refuses a rate above ``max_rate`` and an address already registered to
+another account, and pays that account for the worker's tasks; the token itself is
+not kept. Providers can only report in this way: settling is the scheduler's.
+
+Known limit: Dask lets every client run code on the scheduler
+(``Client.run_on_scheduler``), so a scheduler that holds the operator token must
+only admit trusted notebooks (TLS with operator-issued certificates, DESIGN.md).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import asyncio
 import collections
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
@@ -68,11 +75,12 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     idempotent = True
 
     def __init__(self, credits_url: str, operator_token: str, *, default_provider: str | None = None,
-                 default_rate: float = 1.0) -> None:
+                 default_rate: float = 1.0, max_rate: float = 100.0) -> None:
         self.credits_url = credits_url
         self.operator_token = operator_token
         self.default_provider = default_provider
         self.default_rate = default_rate
+        self.max_rate = max_rate
         self.scheduler: Scheduler | None = None
         self.queue: collections.deque[dict[str, Any]] = collections.deque()
         self.closed_holds: set[str] = set()  # holds already settled or released here
@@ -80,6 +88,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.failed: list[dict[str, Any]] = []  # refused by the service for good (logged)
         #: worker address -> {"provider": account, "rate": credits per device-second}
         self.providers: dict[str, dict[str, Any]] = {}
+        #: when each metered task went to a worker (for --max-credits charges)
+        self.dispatched: dict[Any, float] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._client: Any = None
@@ -91,7 +101,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
         self.scheduler = scheduler
         self._client = CreditClient(self.credits_url, self.operator_token)
-        scheduler.handlers["gpunet_register_provider"] = self.register_provider
+        scheduler.stream_handlers["gpunet-register-provider"] = self._on_register_message
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._report_forever(), name="gpunet-metering-reporter")
 
@@ -118,7 +128,15 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         if not meta:
             return
         hold = _hold_of(key, meta)
-        if hold is None or hold in self.closed_holds:
+        if hold is None:
+            if finish in ("memory", "erred", "forgotten"):
+                logger.error("gpunet metering: task %s carries holds but none for its index", key)
+            return
+        if finish == "processing":
+            self.dispatched[key] = time.time()
+        else:
+            self.dispatched.pop(key, None)
+        if hold in self.closed_holds:
             return
         if start == "processing" and finish == "memory":
             worker = kwargs.get("worker")
@@ -135,23 +153,24 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         elif finish == "erred" or finish == "forgotten":
             self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
 
-    def charge_in_full(self, hold: str, worker: str) -> None:
-        """Pay a whole hold to ``worker``'s provider: the notebook stopped the task
-        when it reached its --max-credits, so it is charged up to that limit."""
-        if hold in self.closed_holds:
-            return
-        provider, _ = self._provider_of(worker)
-        ts_amount = None
-        for ts in self.scheduler.tasks.values():
-            meta = (ts.annotations or {}).get(ANNOTATION) or {}
-            if _hold_of(ts.key, meta) == hold:
-                ts_amount = meta.get("amount")
-                break
-        if provider is None or ts_amount is None:
-            self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
-            return
-        self._close(hold, {"op": "settle", "hold": hold, "provider": provider, "amount": int(ts_amount),
+    def charge_used(self, key: Any) -> int | None:
+        """The notebook stops task ``key`` at its --max-credits: pay the provider of
+        the worker it is on for the time since it went there (at that provider's rate,
+        at most the hold). The scheduler, not the notebook, knows the worker and the
+        time. Returns the credits charged, or None when there is nothing to charge."""
+        ts = self.scheduler.tasks.get(key)
+        meta = (ts.annotations or {}).get(ANNOTATION) if ts is not None else None
+        hold = _hold_of(key, meta) if meta else None
+        if hold is None or hold in self.closed_holds or ts.processing_on is None:
+            return None
+        provider, rate = self._provider_of(ts.processing_on.address)
+        if provider is None:
+            return None
+        seconds = time.time() - self.dispatched.get(key, time.time())
+        amount = price(seconds, rate, meta.get("amount", 1))
+        self._close(hold, {"op": "settle", "hold": hold, "provider": provider, "amount": amount,
                            "key": f"settle-{hold}"})
+        return amount
 
     def release_holds(self, holds: list[str]) -> None:
         """Release holds whose tasks were never sent (the notebook's submit failed)."""
@@ -159,9 +178,18 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             if hold not in self.closed_holds:
                 self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
 
+    def _on_register_message(self, worker: str, token: str = "", rate: float = 1.0, **kwargs: Any) -> None:
+        """Stream handler: only a worker's own stream passes ``worker``, so a client
+        cannot register anyone's worker."""
+        asyncio.ensure_future(self.register_provider(worker, token, rate))
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        """Forget a worker that left: its address may be reused by someone else."""
+        self.providers.pop(worker, None)
+
     async def register_provider(self, address: str, token: str, rate: float) -> dict[str, Any]:
-        """Scheduler handler: a worker says which provider it belongs to. Returns
-        ``{"provider": account}`` or ``{"error": message}``."""
+        """Check a worker's provider token and rate, and pay that provider for the
+        worker's tasks from now on. Returns ``{"provider": account}`` or ``{"error": ...}``."""
         from gpunet.credits import CreditClient, CreditsError
 
         def check() -> str:
@@ -172,12 +200,20 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 raise CreditsError(f"account {account!r} is a {roles.get(account)!r} account, not a provider")
             return account
 
-        if not (isinstance(rate, (int, float)) and 0 < rate < 1e9):
-            return {"error": f"a provider's rate must be a positive number of credits per second, got {rate!r}"}
+        if not (isinstance(rate, (int, float)) and 0 < rate <= self.max_rate):
+            logger.error("gpunet metering: worker %s asked for rate %r; this scheduler pays 0 < rate <= %s",
+                         address, rate, self.max_rate)
+            return {"error": f"a provider's rate must be in (0, {self.max_rate:g}] credits per second, got {rate!r}"}
         try:
             account = await asyncio.to_thread(check)
         except CreditsError as exc:
+            logger.error("gpunet metering: worker %s presented a token the credit service refused: %s", address, exc)
             return {"error": f"the credit service at {self.credits_url} did not accept this provider's token: {exc}"}
+        known = self.providers.get(address)
+        if known is not None and known["provider"] != account:
+            logger.error("gpunet metering: %s already belongs to %s; %s may not take it", address,
+                         known["provider"], account)
+            return {"error": f"{address} is already registered to another provider"}
         self.providers[address] = {"provider": account, "rate": float(rate)}
         logger.info("gpunet metering: worker %s belongs to provider %s at %s credits/s", address, account, rate)
         return {"provider": account}
@@ -220,6 +256,10 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 logger.error("gpunet metering: the credit service refused a batch: %s", exc)
                 await asyncio.sleep(MAX_BACKOFF_S)
                 continue
+            except Exception:  # noqa: BLE001 - the reporter must outlive any surprise
+                logger.exception("gpunet metering: reporting failed; %d movements kept, retrying", len(self.queue))
+                await asyncio.sleep(MAX_BACKOFF_S)
+                continue
             backoff = 0.2
             for item, result in zip(batch, results):
                 self.queue.popleft()
@@ -255,13 +295,10 @@ def release_holds(holds: list[str], dask_scheduler: Scheduler | None = None) -> 
     return True
 
 
-def charge_in_full(hold: str, worker: str, dask_scheduler: Scheduler | None = None) -> bool:
-    """``Client.run_on_scheduler(charge_in_full, hold, worker)`` (see the method)."""
+def charge_used(key: Any, dask_scheduler: Scheduler | None = None) -> int | None:
+    """``Client.run_on_scheduler(charge_used, key)`` (see the method)."""
     plugin = dask_scheduler.plugins.get(GpunetMeteringPlugin.name)
-    if plugin is None:
-        return False
-    plugin.charge_in_full(hold, worker)
-    return True
+    return None if plugin is None else plugin.charge_used(key)
 
 
 def metering_state(dask_scheduler: Scheduler | None = None) -> dict[str, Any] | None:
@@ -271,5 +308,5 @@ def metering_state(dask_scheduler: Scheduler | None = None) -> dict[str, Any] | 
     if plugin is None:
         return None
     return {"credits": plugin.credits_url, "queued": len(plugin.queue), "reported": plugin.reported,
-            "failed": len(plugin.failed), "default_rate": plugin.default_rate,
+            "failed": len(plugin.failed), "default_rate": plugin.default_rate, "max_rate": plugin.max_rate,
             "providers": {address: dict(info) for address, info in plugin.providers.items()}}

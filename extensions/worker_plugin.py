@@ -52,11 +52,22 @@ class GpunetWorkerPlugin(WorkerPlugin):
                                                        gpu=_has_gpu_resource(worker))
         logger.info("gpunet worker %s offers %s", worker.address, worker.gpunet_device["label"])
         if self.provider_token:
-            answer = await worker.scheduler.gpunet_register_provider(
-                address=worker.address, token=self.provider_token, rate=self.rate)
-            if "error" in answer:
-                raise RuntimeError(f"gpunet: the scheduler refused this worker: {answer['error']}")
-            worker.gpunet_device["provider"] = answer["provider"]
+            # Setup may run before the worker is connected; register once it is.
+            self._registering = asyncio.ensure_future(self._register_when_connected(worker))
+
+    async def _register_when_connected(self, worker: Worker, timeout: float = 120) -> None:
+        """Tell the scheduler whose worker this is, over the worker's own stream, so
+        that the scheduler knows which worker says it (nobody can speak for another)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            stream = worker.batched_stream
+            if stream is not None and stream.comm is not None and not stream.comm.closed():
+                worker.batched_send({"op": "gpunet-register-provider", "token": self.provider_token,
+                                     "rate": self.rate})
+                return
+            await asyncio.sleep(0.05)
+        logger.error("gpunet worker %s never connected to its scheduler; it was not registered", worker.address)
 
 
 def device_info(dask_worker: Worker) -> dict[str, Any]:
@@ -75,7 +86,7 @@ async def dask_setup(worker: Worker) -> None:
     import signal
     import threading
 
-    token = os.environ.get(PROVIDER_TOKEN_ENV) or None
+    token = os.environ.pop(PROVIDER_TOKEN_ENV, None) or None  # not left for the tasks to read
     if token and threading.current_thread() is threading.main_thread():
         # Ctrl-C in `gpunet provide`'s terminal reaches its worker processes too; the
         # provide process drains them first, so they must not die of it.

@@ -142,6 +142,8 @@ class RemoteJob:
         #: indices whose future finished
         self.finished: set[int | None] = set()
         self.workers_seen: list[tuple[str, str]] = []
+        #: when the "started" event arrived (the --max-credits clock starts there)
+        self.started_at: float | None = None
         self.shown_seq: dict[int | None, int] = {}
         self.stopped_because: str | None = None
         self.resources: dict[str, float] = {}
@@ -163,11 +165,14 @@ class RemoteJob:
         import dask
 
         with dask.annotate(gpunet=annotations) if annotations else contextlib.nullcontext():
-            return cls._submit(network, job, resources=resources, items=items, workers=workers)
+            return cls._submit(network, job, resources=resources, items=items, workers=workers,
+                               annotations=annotations)
 
     @classmethod
     def _submit(cls, network: Network, job: Job, *, resources: dict[str, float], items: list[Any] | None,
-                workers: list[str] | list[list[str]] | None) -> RemoteJob:
+                workers: list[str] | list[list[str]] | None, annotations: dict[str, Any] | None) -> RemoteJob:
+        import dask
+
         client = network.client
         blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
         job.result_event = blobs is None
@@ -188,10 +193,14 @@ class RemoteJob:
             # The job (code, function, inputs) goes to the workers once, as data the
             # tasks depend on; each task then carries only its item.
             shared = client.scatter(job, hash=False, broadcast=len(blobs) > 1)
-            if per_item:
-                futures = [client.submit(run_job, shared, blob, index, inputs, key=key,
-                                         **{**options, "workers": where})
-                           for index, (blob, key, where) in enumerate(zip(blobs, keys, workers))]
+            if per_item:  # one submit per item, each annotated with its own hold only
+                futures = []
+                for index, (blob, key, where) in enumerate(zip(blobs, keys, workers)):
+                    own = None if not annotations else {"hold": annotations["holds"][index],
+                                                        "amount": annotations["amount"]}
+                    with dask.annotate(gpunet=own) if own else contextlib.nullcontext():
+                        futures.append(client.submit(run_job, shared, blob, index, inputs, key=key,
+                                                     **{**options, "workers": where}))
             else:
                 futures = client.map(run_job, [shared] * len(blobs), blobs, range(len(blobs)),
                                      [inputs] * len(blobs), key=keys, **options)
@@ -258,8 +267,7 @@ class RemoteJob:
         Prints live stdout/stderr (``echo``), moves ``progress``, and stops the job
         on its worker on Ctrl-C or after ``timeout`` seconds.
         """
-        limits = [t for t in (timeout, self.credit_limit_s) if t is not None]
-        deadline = self.submitted + min(limits) if limits else None
+        deadline = None if timeout is None else self.submitted + timeout
         try:
             while True:
                 self.wake.clear()
@@ -272,11 +280,14 @@ class RemoteJob:
                     if self.done():
                         break
                     wait_for = min(wait_for or self.POLL_S, self.POLL_S)
+                credit_deadline = self._credit_deadline()
+                if credit_deadline is not None:
+                    left = credit_deadline - time.monotonic()
+                    if left <= 0:
+                        self._stop_at_credit_limit()
+                    wait_for = left if wait_for is None else min(wait_for, left)
                 if deadline is not None:
                     left = deadline - time.monotonic()
-                    if left <= 0 and self.credit_limit_s is not None and (timeout is None or
-                                                                         self.credit_limit_s < timeout):
-                        self._stop_at_credit_limit()
                     if left <= 0:
                         self.stop("timeout")
                         where = f" on {self.workers_seen[-1][0]}" if self.workers_seen else ""
@@ -348,6 +359,7 @@ class RemoteJob:
                 worker, device = message["worker"], message["device"]
                 lost = self.workers_seen[-1][0] if self.workers_seen else None
                 self.workers_seen.append((worker, device))
+                self.started_at = time.monotonic()
                 if progress is not None:
                     progress.running(worker, device, rerun_after=lost)
             elif kind == "stream" and echo:
@@ -364,18 +376,25 @@ class RemoteJob:
         if result.streams:
             self.shown_seq[result.index] = result.streams[-1][0]
 
+    def _credit_deadline(self) -> float | None:
+        """When a single job's --max-credits runs out: its limit counted from the
+        moment it started on a worker (time spent queued costs nothing)."""
+        if self.credit_limit_s is None or self.mapped or self.started_at is None:
+            return None
+        return self.started_at + self.credit_limit_s
+
     def _stop_at_credit_limit(self) -> None:
-        """The job ran as long as its --max-credits pays for: charge it that, stop it."""
-        from gpunet.extensions.scheduler_plugin import charge_in_full
+        """The job ran as long as its --max-credits pays for: the scheduler charges the
+        provider's time on the worker (at most the limit), then the job is stopped."""
+        from gpunet.extensions.scheduler_plugin import charge_used
         from gpunet.metering import BudgetError
 
+        charged = self.network.client.run_on_scheduler(charge_used, self.futures[0].key)
         worker = self.workers_seen[-1][0] if self.workers_seen else None
-        if worker is not None:
-            self.network.client.run_on_scheduler(charge_in_full, self.holds[0], worker)
         self.stop("stopped at its --max-credits")
         raise BudgetError(
-            f"the job reached its --max-credits after {self.credit_limit_s:.1f} s of device time"
-            f"{' on ' + worker if worker else ''} and was stopped; it was charged up to that limit. "
+            f"the job reached its --max-credits after about {self.credit_limit_s:.1f} s on "
+            f"{worker or 'its worker'} and was stopped; it was charged {charged} credits. "
             "Give it more credits (--max-credits) or make it smaller."
         )
 

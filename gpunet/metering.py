@@ -9,9 +9,10 @@ the provider whose worker ran the task, or releases it.
 
 How much is held per task:
 
-- with ``--max-credits C``: ``C`` for a cell, ``ceil(C / items)`` per item of a map;
-  the cell is stopped when its device time at the fastest rate would pass ``C``,
-  and is then charged ``C``;
+- with ``--max-credits C``: ``C`` for a cell, ``floor(C / items)`` per item of a map
+  (so a map never costs more than ``C``); a cell is stopped when, counted from its
+  start on a worker, its time at the highest provider rate would pass ``C``, and is
+  then charged its time on the worker at that worker's rate, at most ``C``;
 - else the task's ``--timeout`` (or :data:`DEFAULT_HOLD_SECONDS`, per item
   :data:`DEFAULT_ITEM_HOLD_SECONDS` for a map) at the highest provider rate.
 
@@ -77,9 +78,11 @@ class Meter:
     def plan(self, *, count: int, max_credits: float | None, timeout: float | None, max_rate: float) -> Plan:
         """How much to hold per task, and the time limit that --max-credits implies."""
         if max_credits is not None:
-            if max_credits < 1:
-                raise BudgetError(f"--max-credits must be at least 1 credit, got {max_credits:g}")
-            per_task = max(1, math.ceil(max_credits / count))
+            if max_credits < count:
+                what = "a task" if count == 1 else f"each of {count} items"
+                raise BudgetError(f"--max-credits {max_credits:g} cannot pay for {what} (every task costs at least "
+                                  f"1 credit): give at least --max-credits {count}. Nothing was sent.")
+            per_task = math.floor(max_credits / count)
             return Plan(per_task, per_task / max_rate if count == 1 else None)
         seconds = timeout or (DEFAULT_HOLD_SECONDS if count == 1 else DEFAULT_ITEM_HOLD_SECONDS)
         return Plan(max(1, math.ceil(seconds * max_rate)), None)
@@ -135,9 +138,10 @@ class Meter:
             entry.seconds += seconds
 
 
-def annotation(holds: list[str], amount: int) -> dict[str, Any]:
-    """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin."""
-    if len(holds) == 1:
+def annotation(holds: list[str], amount: int, *, mapped: bool) -> dict[str, Any]:
+    """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its
+    hold, or a map's holds (item i's task takes ``holds[i]``)."""
+    if not mapped:
         return {"hold": holds[0], "amount": amount}
     return {"holds": holds, "amount": amount}
 

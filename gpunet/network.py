@@ -442,7 +442,7 @@ class Network:
             raise
         try:
             remote = jobs.RemoteJob.submit(self, job, resources=resources, items=items, workers=workers,
-                                           annotations=annotation(holds, plan.amount))
+                                           annotations=annotation(holds, plan.amount, mapped=items is not None))
         except BaseException:
             self._release_unsent(holds)
             raise

@@ -212,33 +212,36 @@ async def _run_provider(args: Any, account: str) -> int:
     if not stopped.is_set():
         raise GpunetError("the workers stopped by themselves (is the scheduler gone?)")
     print("gpunet provide: draining ...", flush=True)
+    live = [n.worker_address for n in nannies if n.worker_address]  # a Nanny may have restarted its worker
     async with Client(args.scheduler, asynchronous=True, timeout=10) as client:
-        await _drain(client, addresses)
+        await _drain(client, live)
     await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
     print("gpunet provide: stopped", flush=True)
     return 0
 
 
 async def _drain(client: Any, addresses: list[str], timeout: float = 600) -> None:
-    """Pause the workers (the scheduler sends them nothing new), wait for what they
-    are executing to finish, then retire them (their results move elsewhere)."""
+    """Take the workers' device slots away (the scheduler then starts no gpunet task
+    there: every one asks for a slot), wait for the tasks they are executing to
+    finish, then retire them: their results move elsewhere, and tasks that were
+    queued there but never started go to other workers."""
     import asyncio
     import time
 
-    await client.run(_pause, workers=addresses)
+    await client.run(_close_device_slots, workers=addresses, on_error="return")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        executing = await client.run(_executing, workers=addresses)
-        if not any(executing.values()):
+        executing = await client.run(_executing, workers=addresses, on_error="return")
+        if not any(count for count in executing.values() if isinstance(count, int)):
             break
         await asyncio.sleep(0.2)
     await client.retire_workers(workers=addresses, close_workers=False)
 
 
-def _pause(dask_worker: Any = None) -> None:
-    from distributed.core import Status
+async def _close_device_slots(dask_worker: Any = None) -> None:
+    from gpunet.devices import DEVICE_RESOURCE
 
-    dask_worker.status = Status.paused
+    await dask_worker.set_resources(**{DEVICE_RESOURCE: 0})
 
 
 def _executing(dask_worker: Any = None) -> int:

@@ -119,10 +119,18 @@ def test_provider_drains_on_ctrl_c(market):
             futures = net.client.map(nap, [2.0, 2.0], pure=False, resources={"device": 1})  # one on each
             time.sleep(0.7)
             os.killpg(alice.pid, signal.SIGINT)  # as Ctrl-C in its terminal: the whole process group
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and all(
+                    w["resources"].get("device") for w in net.client.scheduler_info()["workers"].values()):
+                time.sleep(0.05)  # until alice's device slot is closed: the drain has begun
+            # Sent while alice drains: it must not start there.
+            late = net.client.map(nap, [0.1] * 4, pure=False, resources={"device": 1})
             out = alice.communicate(timeout=60)[0]
             assert alice.returncode == 0 and "stopped" in out, out
             ran_on = set(net.client.gather(futures))
-            assert ran_on == {alice.pid, market["providers"]["bob"].pid}, "alice's running task must finish there"
+            bob = market["providers"]["bob"].pid
+            assert ran_on == {alice.pid, bob}, "alice's running task must finish there"
+            assert set(net.client.gather(late)) == {bob}, "nothing new may start on a draining provider"
             assert len(net.client.scheduler_info()["workers"]) == 1
     finally:
         network_module._current = previous
@@ -160,3 +168,21 @@ def test_reports_wait_for_a_stopped_credit_service(market):
         network_module._current = previous
     verify_service(service.url, service.operator_token)
 
+
+
+def test_a_client_cannot_register_a_worker_to_another_provider(market):
+    """Registration rides on a worker's own stream: a client sending the same message
+    (with bob's token) changes nothing, and alice's worker stays alice's."""
+    previous, network_module._current = network_module._current, None
+    try:
+        with gpunet.connect(market["address"], credits=market["service"].url, token=market["tokens"]["carol"],
+                            budget=500) as net:
+            net.client.wait_for_workers(2, timeout=60)
+            before = net.client.run_on_scheduler(metering_state)["providers"]
+            assert sorted(p["provider"] for p in before.values()) == ["alice", "bob"]
+            net.client._send_to_scheduler({"op": "gpunet-register-provider", "token": market["tokens"]["bob"],
+                                           "rate": 99})
+            time.sleep(1.0)
+            assert net.client.run_on_scheduler(metering_state)["providers"] == before
+    finally:
+        network_module._current = previous
