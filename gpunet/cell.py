@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 
 from gpunet.errors import CellSyntaxError
 
-CELL_FILENAME = "<gpunet cell>"
+def cell_filename(code: str) -> str:
+    """The file name a cell is parsed and compiled under, here and on the worker, so
+    that its syntax errors and its tracebacks name it the same way."""
+    return f"<gpunet cell {hashlib.sha256(code.encode()).hexdigest()[:8]}>"
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def analyze(code: str) -> CellAnalysis:
     the cell does not parse.
     """
     try:
-        tree = ast.parse(code, filename=CELL_FILENAME, mode="exec")
+        tree = ast.parse(code, filename=cell_filename(code), mode="exec")
     except SyntaxError as exc:
         line = (exc.text or "").rstrip("\n")
         hint = "Nothing was sent; fix the cell and run it again."

@@ -303,13 +303,6 @@ def _collect_open_figures(context: _JobContext) -> None:
 # -- running a job ----------------------------------------------------------------------------
 
 
-def cell_filename(code: str) -> str:
-    """The file name a cell's code is compiled under (shown in its tracebacks)."""
-    import hashlib
-
-    return f"<gpunet cell {hashlib.sha256(code.encode()).hexdigest()[:8]}>"
-
-
 @functools.lru_cache(maxsize=128)
 def _compile_cell(code: str, filename: str, display_last: bool) -> tuple[Any, Any]:
     """Compile a cell: its body, and its last expression separately when displayed."""
@@ -444,6 +437,8 @@ def _send_result_event(worker: Any, topic: str, result: JobResult) -> None:
 
 
 def _run_cell(job: Job, item: bytes | None, context: _JobContext, result: JobResult) -> None:
+    from gpunet.cell import cell_filename
+
     filename = cell_filename(job.code or "")
     body, last = _compile_cell(job.code or "", filename, job.display_last_expression)
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
