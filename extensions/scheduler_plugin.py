@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 ANNOTATION = "gpunet"
 #: Items per batch request to the credit service.
 BATCH_SIZE = 2000
+#: How long an attempt on a worker that has not registered its provider yet waits
+#: for that registration before its hold is released (nobody paid).
+REGISTRATION_WAIT_S = 60.0
 #: How long the reporter lets movements gather before it sends them.
 REPORT_DELAY_S = 0.25
 #: Longest wait between retries while the credit service is unreachable.
@@ -90,6 +93,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.providers: dict[str, dict[str, Any]] = {}
         #: when each metered task went to a worker (for --max-credits charges)
         self.dispatched: dict[Any, float] = {}
+        #: successful attempts on workers whose provider is not known yet: (hold, seconds, cap)
+        self.owed: dict[str, list[tuple[str, float, int]]] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._client: Any = None
@@ -144,8 +149,11 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                           if ss.get("action") == "compute")
             provider, rate = self._provider_of(worker)
             if provider is None:
-                logger.error("gpunet metering: worker %s names no provider; releasing hold %s", worker, hold)
-                self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+                # The worker's registration may still be on its way (or being checked):
+                # keep the attempt owed to it, settled once it registers, released if never.
+                self.closed_holds.add(hold)
+                self.owed.setdefault(worker, []).append((hold, seconds, meta.get("amount", 1)))
+                asyncio.get_running_loop().call_later(REGISTRATION_WAIT_S, self._give_up_on, worker)
                 return
             amount = price(seconds, rate, meta.get("amount", 1))
             self._close(hold, {"op": "settle", "hold": hold, "provider": provider, "amount": amount,
@@ -201,12 +209,14 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             return account
 
         if not (isinstance(rate, (int, float)) and 0 < rate <= self.max_rate):
+            self._give_up_on(address)
             logger.error("gpunet metering: worker %s asked for rate %r; this scheduler pays 0 < rate <= %s",
                          address, rate, self.max_rate)
             return {"error": f"a provider's rate must be in (0, {self.max_rate:g}] credits per second, got {rate!r}"}
         try:
             account = await asyncio.to_thread(check)
         except CreditsError as exc:
+            self._give_up_on(address)
             logger.error("gpunet metering: worker %s presented a token the credit service refused: %s", address, exc)
             return {"error": f"the credit service at {self.credits_url} did not accept this provider's token: {exc}"}
         known = self.providers.get(address)
@@ -215,6 +225,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                          known["provider"], account)
             return {"error": f"{address} is already registered to another provider"}
         self.providers[address] = {"provider": account, "rate": float(rate)}
+        for hold, seconds, cap in self.owed.pop(address, []):
+            self._queue({"op": "settle", "hold": hold, "provider": account, "amount": price(seconds, rate, cap),
+                         "key": f"settle-{hold}"})
         logger.info("gpunet metering: worker %s belongs to provider %s at %s credits/s", address, account, rate)
         return {"provider": account}
 
@@ -224,8 +237,17 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             return info["provider"], info["rate"]
         return self.default_provider, self.default_rate
 
+    def _give_up_on(self, worker: str) -> None:
+        """A worker that never registered a provider: release what it was owed."""
+        for hold, _, _ in self.owed.pop(worker, []):
+            logger.error("gpunet metering: worker %s names no provider; releasing hold %s", worker, hold)
+            self._queue({"op": "release", "hold": hold, "key": f"release-{hold}"})
+
     def _close(self, hold: str, item: dict[str, Any]) -> None:
         self.closed_holds.add(hold)
+        self._queue(item)
+
+    def _queue(self, item: dict[str, Any]) -> None:
         self.queue.append(item)
         if self._wake is not None:
             self._wake.set()

@@ -178,6 +178,9 @@ def test_a_client_cannot_register_a_worker_to_another_provider(market):
         with gpunet.connect(market["address"], credits=market["service"].url, token=market["tokens"]["carol"],
                             budget=500) as net:
             net.client.wait_for_workers(2, timeout=60)
+            deadline = time.monotonic() + 30
+            while len(net.client.run_on_scheduler(metering_state)["providers"]) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)  # registrations are checked with the credit service first
             before = net.client.run_on_scheduler(metering_state)["providers"]
             assert sorted(p["provider"] for p in before.values()) == ["alice", "bob"]
             net.client._send_to_scheduler({"op": "gpunet-register-provider", "token": market["tokens"]["bob"],
