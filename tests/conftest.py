@@ -35,3 +35,12 @@ def ip(shell, net):
             del shell.user_ns[name]
     yield shell
     network_module._current = net
+
+
+@pytest.fixture
+def detached(net):
+    """For tests that connect networks of their own: no current network while the
+    test runs (so connecting does not close the shared one), the shared one after."""
+    network_module._current = None
+    yield
+    network_module._current = net

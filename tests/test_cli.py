@@ -7,31 +7,26 @@ import sys
 
 
 import gpunet
-from gpunet import network as network_module
 from gpunet_processes import GPUNET, expect, start, stop
 
 
 
-def test_up_serves_a_network_and_stops_on_ctrl_c():
+def test_up_serves_a_network_and_stops_on_ctrl_c(detached):
     process = start(["up", "--port", "0", "--dashboard-port", "0"])
     try:
         address = expect(process, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
         expect(process, r"dashboard: http://127\.0\.0\.1:\d+")
-        previous, network_module._current = network_module._current, None
-        try:
-            with gpunet.connect(address) as net:
-                assert net.map(abs, [-1, -2]) == [1, 2]
-                devices = [w.device["kind"] for w in net.workers()]
-                assert devices == ["cpu", "cpu"]
-        finally:
-            network_module._current = previous
+        with gpunet.connect(address) as net:
+            assert net.map(abs, [-1, -2]) == [1, 2]
+            devices = [w.device["kind"] for w in net.workers()]
+            assert devices == ["cpu", "cpu"]
     finally:
         out = stop(process)
     assert process.returncode == 0, out
     assert "stopped" in out
 
 
-def test_scheduler_accepts_workers_with_the_gpunet_preload(tmp_path):
+def test_scheduler_accepts_workers_with_the_gpunet_preload(tmp_path, detached):
     process = start(["scheduler", "--port", "0", "--dashboard-port", "0"])
     worker = None
     try:
@@ -42,14 +37,10 @@ def test_scheduler_accepts_workers_with_the_gpunet_preload(tmp_path):
              "--host", "127.0.0.1", "--no-dashboard"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        previous, network_module._current = network_module._current, None
-        try:
-            with gpunet.connect(address) as net:
-                net.client.wait_for_workers(1, timeout=60)
-                assert net.run(sum, [1, 2, 3]) == 6
-                assert net.workers()[0].device["kind"] == "cpu"
-        finally:
-            network_module._current = previous
+        with gpunet.connect(address) as net:
+            net.client.wait_for_workers(1, timeout=60)
+            assert net.run(sum, [1, 2, 3]) == 6
+            assert net.workers()[0].device["kind"] == "cpu"
     finally:
         if worker is not None:
             worker.terminate()

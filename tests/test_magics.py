@@ -338,24 +338,19 @@ def test_widget_progress_states():
     assert "done on tcp://127.0.0.1:1" in progress._html.value
 
 
-def test_worker_dying_during_a_cell_reruns_it_and_says_so(tmp_path):
+def test_worker_dying_during_a_cell_reruns_it_and_says_so(tmp_path, detached):
     from IPython.core.interactiveshell import InteractiveShell
 
     import gpunet
-    from gpunet import network as network_module
 
-    previous, network_module._current = network_module._current, None
     ip = InteractiveShell.instance()
     ip.user_ns["marker"] = str(tmp_path / "first-attempt")
-    try:
-        with gpunet.connect():
-            body = ("import os, time\ntime.sleep(0.5)\n"
-                    "if not os.path.exists(marker):\n    open(marker, 'w').close()\n    os._exit(1)\nsurvived = True")
-            captured = run(ip, body, flags="--timeout 60")
-            assert ip.user_ns["survived"] is True
-            assert "was lost; re-running" in captured.stderr
-    finally:
-        network_module._current = previous
+    with gpunet.connect():
+        body = ("import os, time\ntime.sleep(0.5)\n"
+                "if not os.path.exists(marker):\n    open(marker, 'w').close()\n    os._exit(1)\nsurvived = True")
+        captured = run(ip, body, flags="--timeout 60")
+        assert ip.user_ns["survived"] is True
+        assert "was lost; re-running" in captured.stderr
 
 
 def test_a_waiting_cell_says_why(ip, net):

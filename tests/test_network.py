@@ -69,38 +69,29 @@ def test_unreachable_scheduler_fails_fast_naming_it():
     assert network_module._current is previous
 
 
-def test_scheduler_from_environment(net, monkeypatch):
+def test_scheduler_from_environment(net, monkeypatch, detached):
     monkeypatch.setenv("GPUNET_SCHEDULER", net.address)
-    previous, network_module._current = network_module._current, None
-    try:
-        joined = gpunet.connect()
-        assert joined.embedded is None and joined.address == net.address
-        assert joined.run(len, "abc") == 3
-        joined.close()
-        assert net.run(len, "ab") == 2, "closing a joined connection leaves the network running"
-    finally:
-        network_module._current = previous
+    joined = gpunet.connect()
+    assert joined.embedded is None and joined.address == net.address
+    assert joined.run(len, "abc") == 3
+    joined.close()
+    assert net.run(len, "ab") == 2, "closing a joined connection leaves the network running"
 
 
-def test_embedded_network_context_manager_shuts_down():
-    previous, network_module._current = network_module._current, None
-    try:
-        with gpunet.connect(workers=1) as own:
-            address = own.address
-            assert own.run(os.getpid) != os.getpid()
-            assert "127.0.0.1" in own.dashboard_link
-        with pytest.raises(GpunetError):
-            gpunet.current()
-        with pytest.raises(ConnectError):
-            gpunet.connect(address, timeout=1)
-    finally:
-        network_module._current = previous
+def test_embedded_network_context_manager_shuts_down(detached):
+    with gpunet.connect(workers=1) as own:
+        address = own.address
+        assert own.run(os.getpid) != os.getpid()
+        assert "127.0.0.1" in own.dashboard_link
+    with pytest.raises(GpunetError):
+        gpunet.current()
+    with pytest.raises(ConnectError):
+        gpunet.connect(address, timeout=1)
 
 
-def test_worker_dying_mid_cell_reruns_elsewhere(tmp_path):
+def test_worker_dying_mid_cell_reruns_elsewhere(tmp_path, detached):
     """The first attempt kills its own worker process; Dask re-runs the cell."""
     marker = tmp_path / "first-attempt"
-    previous, network_module._current = network_module._current, None
 
     def dies_once(path):
         if not os.path.exists(path):
@@ -108,23 +99,16 @@ def test_worker_dying_mid_cell_reruns_elsewhere(tmp_path):
             os._exit(1)
         return os.getpid()
 
-    try:
-        with gpunet.connect() as own:
-            pid = own.run(dies_once, str(marker), timeout=60)
-            assert marker.exists() and isinstance(pid, int)
-    finally:
-        network_module._current = previous
+    with gpunet.connect() as own:
+        pid = own.run(dies_once, str(marker), timeout=60)
+        assert marker.exists() and isinstance(pid, int)
 
 
-def test_worker_that_always_dies_gives_a_clear_error():
-    previous, network_module._current = network_module._current, None
-    try:
-        with gpunet.connect(workers=1) as own:
-            own.client.run_on_scheduler(_lower_allowed_failures)
-            with pytest.raises(gpunet.WorkerLostError, match="died"):
-                own.run(os._exit, 1, timeout=60)
-    finally:
-        network_module._current = previous
+def test_worker_that_always_dies_gives_a_clear_error(detached):
+    with gpunet.connect(workers=1) as own:
+        own.client.run_on_scheduler(_lower_allowed_failures)
+        with pytest.raises(gpunet.WorkerLostError, match="died"):
+            own.run(os._exit, 1, timeout=60)
 
 
 def _lower_allowed_failures(dask_scheduler=None):
