@@ -204,9 +204,9 @@ def make_ledger(path: Path, entries: int) -> None:
                     add("release", ESCROW, client, 40, sid, hold, f"k{cycle}-s")
         cycle += 1
         if len(rows) >= 100_000:
-            conn.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            conn.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,'')", rows)
             rows.clear()
-    conn.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+    conn.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,'')", rows)
     for name, bal in balances.items():
         conn.execute("UPDATE accounts SET balance = ? WHERE name = ?", (bal, name))
     conn.commit()

@@ -2,9 +2,12 @@
 
 * ``gpunet credits serve [--db URL] [--host 127.0.0.1] [--port N] [--operator-token-file PATH]``
 * ``gpunet credits receipt SESSION [--url URL] [--token T | --token-file F] [-o FILE]``
+* ``gpunet credits providers [--credits URL] [--token T | --token-file F] [--json]``
+* ``gpunet credits clear-quarantine PROVIDER [--credits URL] [--token-file OPERATOR_TOKEN_FILE] [--key K]``
 * ``gpunet ledger verify [--db URL | --url URL --token-file F | --receipt FILE] [--public-key HEX]``
 
-The same verbs run as ``python -m gpunet.credits serve|receipt|verify``.
+``--credits`` and ``--url`` are the same option. The same verbs run as
+``python -m gpunet.credits serve|receipt|providers|clear-quarantine|verify``.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import os
 import time
+import uuid
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +33,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    "(mode 600; default: beside the database)")
     p.add_argument("--key-file", help="the ed25519 signing key (created on first start; default: beside "
                    "the database)")
+    p.add_argument("--reputation-floor", type=float, default=None, metavar="R",
+                   help="quarantine a provider whose reputation falls below R (default 0.5; 0 never quarantines)")
     p.add_argument("--rotate-operator-token", action="store_true",
                    help="issue a new operator token (the old one stops working) and write it to the token file")
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -34,7 +42,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_auth_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("GPUNET_CREDITS"),
+    p.add_argument("--url", "--credits", dest="url", metavar="URL", default=os.environ.get("GPUNET_CREDITS"),
                    help="the credit service (default: $GPUNET_CREDITS)")
     p.add_argument("--token", default=None, help="bearer token (default: $GPUNET_TOKEN)")
     p.add_argument("--token-file", help="read the bearer token from this file (e.g. the operator token file)")
@@ -56,6 +64,20 @@ def _add_receipt_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_receipt)
 
 
+def _add_providers_args(p: argparse.ArgumentParser) -> None:
+    _add_auth_args(p)
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p.set_defaults(func=cmd_providers)
+
+
+def _add_clear_quarantine_args(p: argparse.ArgumentParser) -> None:
+    _add_auth_args(p)
+    p.add_argument("provider", help="the provider account")
+    p.add_argument("--key", help="idempotency key (default: a fresh one)")
+    p.add_argument("--json", action="store_true", help="print the new record as JSON")
+    p.set_defaults(func=cmd_clear_quarantine)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the credit service's verbs to the ``gpunet`` parser."""
     credits = subparsers.add_parser("credits", help="the credit service")
@@ -63,6 +85,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
     _add_serve_args(sub.add_parser("serve", help="run the credit service (HTTP JSON)"))
     _add_receipt_args(sub.add_parser("receipt", help="fetch a session's verifiable receipt"))
+    _add_providers_args(sub.add_parser("providers", help="providers' trust records: reputation, quarantine"))
+    _add_clear_quarantine_args(sub.add_parser("clear-quarantine", help="let a quarantined provider work again "
+                                              "(operator)"))
     ledger = subparsers.add_parser("ledger", help="the credit ledger")
     lsub = ledger.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
     lsub.required = True
@@ -80,7 +105,8 @@ def _token(args: argparse.Namespace) -> str:
             raise InvalidRequestError(f"cannot read token file {args.token_file}: {exc.strerror}") from exc
     token = args.token or os.environ.get("GPUNET_TOKEN")
     if not token:
-        raise InvalidRequestError("no token: pass --token, --token-file or set GPUNET_TOKEN")
+        raise InvalidRequestError("no token: pass --token, --token-file (operator verbs: the operator token file "
+                                  "that `gpunet credits serve` printed) or set GPUNET_TOKEN")
     return token
 
 
@@ -88,6 +114,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the credit service in the foreground; prints its URL and the operator token file."""
     from gpunet.credits._process import TOKEN_FILE_PREFIX, URL_PREFIX
     from gpunet.credits._service import serve
+
+    if args.reputation_floor is not None:
+        from gpunet.credits import _trust
+
+        if not 0 <= args.reputation_floor <= 1:
+            print(f"gpunet credits serve: --reputation-floor must be between 0 and 1, got {args.reputation_floor}",
+                  file=sys.stderr)
+            return 2
+        _trust.REPUTATION_FLOOR = args.reputation_floor
 
     def ready(url: str, token_file: object) -> None:
         print(f"{URL_PREFIX}{url}", flush=True)
@@ -129,11 +164,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_receipt(args: argparse.Namespace) -> int:
     """Fetch a session's receipt (JSON) to a file or stdout."""
-    from gpunet.credits import CreditClient, InvalidRequestError
-
-    if not args.url:
-        raise InvalidRequestError("no service: pass --url or set GPUNET_CREDITS")
-    doc = CreditClient(args.url, _token(args)).receipt(args.session)
+    doc = _client(args).receipt(args.session)
     text = json.dumps(doc, indent=2)
     if args.output:
         with open(args.output, "w") as fh:
@@ -141,6 +172,52 @@ def cmd_receipt(args: argparse.Namespace) -> int:
         print(f"wrote the receipt of {args.session} ({len(doc['entries'])} entries) to {args.output}")
     else:
         print(text)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from gpunet.credits import CreditClient, InvalidRequestError
+
+    if not args.url:
+        raise InvalidRequestError("no service: pass --credits URL (or --url) or set GPUNET_CREDITS")
+    return CreditClient(args.url, _token(args))
+
+
+def format_records(records: list[dict[str, Any]]) -> str:
+    """Return providers' trust records as a text table, one provider a line."""
+    header = ("provider", "reputation", "consecutive valid", "valid", "mismatches", "quarantined")
+    rows = [(r["provider"], f"{r['reputation']:.3f}", str(r["consecutive_valid"]), str(r["valid"]),
+             str(r["mismatches"]), f"yes: {r['quarantine_reason']}" if r["quarantined"] else "no")
+            for r in records]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
+    lines = []
+    for row in (header, *rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:])] + [row[-1]]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def cmd_providers(args: argparse.Namespace) -> int:
+    """Print every provider's trust record: reputation, valid results, mismatches, quarantine."""
+    records = _client(args).provider_records()
+    if args.json:
+        print(json.dumps(records, indent=2))
+    elif not records:
+        print("no provider accounts yet")
+    else:
+        print(format_records(records))
+    return 0
+
+
+def cmd_clear_quarantine(args: argparse.Namespace) -> int:
+    """Clear a provider's quarantine (operator token) and print its new record."""
+    key = args.key or f"clear-quarantine-{args.provider}-{uuid.uuid4().hex}"
+    record = _client(args).clear_quarantine(args.provider, key=key)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"cleared the quarantine of {args.provider}; its mismatches are forgiven:")
+        print(format_records([record]))
     return 0
 
 
@@ -152,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_serve_args(sub.add_parser("serve", help="run the credit service"))
     _add_receipt_args(sub.add_parser("receipt", help="fetch a session's receipt"))
+    _add_providers_args(sub.add_parser("providers", help="providers' trust records"))
+    _add_clear_quarantine_args(sub.add_parser("clear-quarantine", help="clear a provider's quarantine"))
     _add_verify_args(sub.add_parser("verify", help="verify a ledger or a receipt"))
     return parser
 

@@ -5,6 +5,9 @@
   (Starlette on uvicorn; SQLite or PostgreSQL through SQLAlchemy Core).
 * :func:`verify_receipt`, :func:`verify_database`, :func:`verify_service` — checks
   anyone can run; the Merkle functions follow RFC 6962 / RFC 9162.
+* Settlements may carry a memo (how the work was verified) that the ledger hashes;
+  providers have trust records (verified results, reputation, quarantine) kept by
+  the service, see :mod:`gpunet.credits._trust`.
 
 Amounts are integers: a credit is the indivisible unit (price work in whole
 credits). ``import gpunet.credits`` stays light: the server side (Starlette,

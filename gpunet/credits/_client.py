@@ -182,9 +182,18 @@ class CreditClient:
         """
         return self._post("/v1/holds", {"session": session, "amount": amount, "key": key})["hold"]
 
-    def settle(self, hold: str, provider: str, amount: int, key: str) -> dict[str, Any]:
-        """Pay ``amount`` of ``hold`` to ``provider`` and release the rest (operator only)."""
-        return self._post(f"/v1/holds/{hold}/settle", {"provider": provider, "amount": amount, "key": key})
+    def settle(self, hold: str, provider: str, amount: int, key: str,
+               memo: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Pay ``amount`` of ``hold`` to ``provider`` and release the rest (operator only).
+
+        ``memo`` (a JSON object, at most 4096 bytes canonically encoded) is recorded in the
+        settlement's ledger entry and covered by its hash, e.g. ``{"verified": "replicate:2",
+        "providers": ["alice", "bob"], "digest": "sha256:..."}``.
+        """
+        body: dict[str, Any] = {"provider": provider, "amount": amount, "key": key}
+        if memo is not None:
+            body["memo"] = memo
+        return self._post(f"/v1/holds/{hold}/settle", body)
 
     def release(self, hold: str, key: str) -> dict[str, Any]:
         """Give a hold back to the session's client (operator only; failed or lost work)."""
@@ -195,12 +204,15 @@ class CreditClient:
         return self._get(f"/v1/sessions/{session}")
 
     def batch(self, items: list[dict[str, Any]], *, raise_on_error: bool = False) -> list[dict[str, Any]]:
-        """Run many ``mint``/``hold``/``settle``/``release`` items in one request and one transaction.
+        """Run many ``mint``/``hold``/``settle``/``release``/``record_verification`` items in one request
+        and one transaction.
 
         Each item is ``{"op": ..., "key": ..., **that call's fields}`` (settle and
-        release name their ``hold``). Returns one result per item, in order:
-        ``{"ok": True, ...}`` or ``{"ok": False, "status": 402, "error": {...}}``; a
-        failed item moved nothing. With ``raise_on_error`` the first failure is raised.
+        release name their ``hold``; a settle may carry a ``memo``); ``record_verification``
+        items (``provider``, ``agreed``) go in the same transaction as the settlements.
+        Returns one result per item, in order: ``{"ok": True, ...}`` or ``{"ok": False,
+        "status": 402, "error": {...}}``; a failed item changed nothing. With
+        ``raise_on_error`` the first failure is raised.
         """
         results = self._post("/v1/batch", {"items": items})["results"]
         if raise_on_error:
@@ -211,6 +223,29 @@ class CreditClient:
                                            f"batch item {i}: {err.get('message')}", url=self.url,
                                            details={k: v for k, v in err.items() if k not in ("code", "message")})
         return results
+
+    # -- providers' trust records --
+
+    def record_verification(self, provider: str, agreed: bool, key: str) -> dict[str, Any]:
+        """Record that a verified result of ``provider`` agreed (or not) with the others (operator only).
+
+        Returns its trust record ``{"provider", "consecutive_valid", "valid", "mismatches",
+        "reputation", "quarantined", "quarantine_reason", "updated"}``; a provider whose
+        reputation falls below the floor comes back ``quarantined``. ``key`` makes it idempotent.
+        """
+        return self._post(f"/v1/providers/{provider}/verifications", {"agreed": agreed, "key": key})
+
+    def clear_quarantine(self, provider: str, key: str) -> dict[str, Any]:
+        """Lift ``provider``'s quarantine and forgive its mismatches (operator only); returns its record."""
+        return self._post(f"/v1/providers/{provider}/clear", {"key": key})
+
+    def provider_record(self, provider: str) -> dict[str, Any]:
+        """Return ``provider``'s trust record (defaults if nothing was recorded yet)."""
+        return self._get(f"/v1/providers/{provider}")
+
+    def provider_records(self) -> list[dict[str, Any]]:
+        """Return the trust record of every provider account, by name."""
+        return self._get("/v1/providers")["providers"]
 
     # -- the ledger --
 

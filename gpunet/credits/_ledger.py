@@ -16,6 +16,13 @@ chain and the Merkle tree share one hash per entry. Fields never contain 0x1F
 (the service only accepts printable names and keys), so the encoding is
 unambiguous; the verifier rejects an entry that breaks this.
 
+A settlement may carry a *memo*, a JSON object (how the work was verified, by
+whom). Its canonical text, ``json.dumps(memo, sort_keys=True, separators=(",", ":"))``
+(ASCII, so it never holds a raw 0x1F), is appended to the leaf input after one
+more 0x1F, and only when the entry has a memo: entries without one hash exactly
+as they did before memos existed. :func:`leaf_input` is the one place that rule
+lives; the writer and every verifier go through it.
+
 A signed tree head is ``{"size", "root", "timestamp", "signature", "public_key",
 "key_id"}``; the ed25519 signature covers::
 
@@ -30,6 +37,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,6 +56,18 @@ ESCROW = "escrow"
 KINDS = ("mint", "hold", "settle", "release")
 FIELDS = ("index", "time", "kind", "from", "to", "amount", "session", "hold", "key")
 SEP = "\x1f"
+MAX_MEMO_BYTES = 4096
+
+
+def canonical_memo(memo: Mapping[str, Any] | None) -> str:
+    """Return the canonical JSON text of a settlement memo, ``""`` for none (``None`` or ``{}``).
+
+    ``json.dumps(memo, sort_keys=True, separators=(",", ":"))``: ASCII only, keys sorted;
+    raises ``ValueError`` or ``TypeError`` for what JSON cannot hold (NaN, sets, ...).
+    """
+    if not memo:
+        return ""
+    return json.dumps(memo, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def leaf_input(
@@ -61,20 +81,48 @@ def leaf_input(
     session: str,
     hold: str,
     key: str,
+    memo: str = "",
 ) -> bytes:
-    """Return the bytes that entry ``index`` contributes as a Merkle leaf (see the module doc)."""
-    return prev + f"{index}\x1f{time}\x1f{kind}\x1f{src}\x1f{dst}\x1f{amount}\x1f{session}\x1f{hold}\x1f{key}".encode()
+    """Return the bytes that entry ``index`` contributes as a Merkle leaf (see the module doc).
+
+    ``memo`` is the entry's canonical memo text (:func:`canonical_memo`); it is part of
+    the leaf only when non-empty, so an entry without a memo hashes as it always did.
+    """
+    text = f"{index}\x1f{time}\x1f{kind}\x1f{src}\x1f{dst}\x1f{amount}\x1f{session}\x1f{hold}\x1f{key}"
+    if memo:
+        text += SEP + memo
+    return prev + text.encode()
 
 
 def entry_hash(prev: bytes, index: int, time: str, kind: str, src: str, dst: str, amount: int,
-               session: str, hold: str, key: str) -> bytes:
+               session: str, hold: str, key: str, memo: str = "") -> bytes:
     """Return the hash of an entry: the RFC 6962 leaf hash of its :func:`leaf_input`."""
-    return leaf_hash(leaf_input(prev, index, time, kind, src, dst, amount, session, hold, key))
+    return leaf_hash(leaf_input(prev, index, time, kind, src, dst, amount, session, hold, key, memo))
+
+
+def entry_memo_text(entry: Mapping[str, Any], what: str = "entry") -> str:
+    """Return the canonical memo text of an entry in its JSON form (``""`` without a memo).
+
+    Raises :class:`LedgerVerificationError` naming ``what`` when the memo is not a JSON object.
+    """
+    memo = entry.get("memo")
+    try:
+        if memo is not None and not isinstance(memo, Mapping):
+            raise TypeError(f"it is a {type(memo).__name__}")
+        return canonical_memo(memo)
+    except (TypeError, ValueError) as exc:
+        raise LedgerVerificationError(f"{what}: its memo must be a JSON object ({exc})",
+                                      index=entry.get("index")) from None
 
 
 def entry_to_json(row: Sequence[Any]) -> dict[str, Any]:
-    """Turn a stored entry row ``(index, ..., key, prev, hash)`` into its JSON form."""
-    return {
+    """Turn a stored entry row ``(index, ..., key, prev, hash, memo)`` into its JSON form.
+
+    The memo appears (as the object, key ``"memo"``) only on entries that have one; a stored
+    memo that is not JSON (the database was edited) is shown as its text, which verifiers
+    refuse, naming the entry.
+    """
+    entry = {
         "index": row[0],
         "time": row[1],
         "kind": row[2],
@@ -87,6 +135,12 @@ def entry_to_json(row: Sequence[Any]) -> dict[str, Any]:
         "prev": bytes(row[9]).hex(),
         "hash": bytes(row[10]).hex(),
     }
+    if row[11]:
+        try:
+            entry["memo"] = json.loads(row[11])
+        except ValueError:
+            entry["memo"] = row[11]
+    return entry
 
 
 # -- signing ----------------------------------------------------------------------------
@@ -202,8 +256,9 @@ def verify_head(head: Mapping[str, Any], public_key: str | None = None) -> None:
 class LedgerChecker:
     """Checks a ledger streamed in index order: chain, leaf hashes, Merkle root, heads, balances.
 
-    Feed rows ``(index, time, kind, from, to, amount, session, hold, key, prev, hash)``
-    with :meth:`feed` (in chunks, in order), then call :meth:`finish`.
+    Feed rows ``(index, time, kind, from, to, amount, session, hold, key, prev, hash, memo)``
+    (``memo``: the canonical memo text, ``""`` for none) with :meth:`feed` (in chunks, in
+    order), then call :meth:`finish`.
     """
 
     def __init__(self, start: int = 0, prev: bytes | None = ZERO_HASH) -> None:
@@ -234,12 +289,13 @@ class LedgerChecker:
             last = self.first_prev = bytes(first[9])
             rows = itertools.chain((first,), rows)
         for row in rows:
-            index, time, kind, src, dst, amount, session, hold, key, prev, stored = row
+            index, time, kind, src, dst, amount, session, hold, key, prev, stored, memo = row
             prev = bytes(prev)
             stored = bytes(stored)
-            text = f"{index}\x1f{time}\x1f{kind}\x1f{src}\x1f{dst}\x1f{amount}\x1f{session}\x1f{hold}\x1f{key}"
-            computed = sha(b"\x00" + prev + text.encode()).digest()
-            if computed != stored or prev != last or index != expected or text.count(SEP) != 8:
+            data = leaf_input(prev, index, time, kind, src, dst, amount, session, hold, key, memo)
+            computed = sha(b"\x00" + data).digest()
+            if (computed != stored or prev != last or index != expected
+                    or data.count(b"\x1f", 32) != (9 if memo else 8)):
                 self._fail(row, expected, last, computed)
             if type(amount) is not int or amount < 0 or kind not in KINDS:
                 self._fail(row, expected, last, computed)
@@ -258,7 +314,7 @@ class LedgerChecker:
         self.minted = minted
 
     def _fail(self, row: Sequence[Any], expected: int, last: bytes, computed: bytes) -> None:
-        index, time, kind, src, dst, amount, session, hold, key, prev, stored = row
+        index, time, kind, src, dst, amount, session, hold, key, prev, stored, memo = row
         prev, stored = bytes(prev), bytes(stored)
         ev: dict[str, Any] = {"index": index, "expected_index": expected}
         if index != expected:
@@ -279,6 +335,8 @@ class LedgerChecker:
         else:
             msg = f"entry {index}: a field contains the separator byte 0x1f, so its encoding is ambiguous"
         ev["entry"] = {f: v for f, v in zip(FIELDS, (index, time, kind, src, dst, amount, session, hold, key))}
+        if memo:
+            ev["entry"]["memo"] = memo
         raise LedgerVerificationError(msg, index=expected, evidence=ev)
 
     def tree(self) -> MerkleTree:
@@ -366,6 +424,7 @@ def _entry_row_from_json(entry: Mapping[str, Any], position: int) -> tuple:
         entry["index"], entry["time"], entry["kind"], entry["from"], entry["to"], entry["amount"],
         entry["session"], entry["hold"], entry["key"],
         _hex32(entry["prev"], "entry prev"), _hex32(entry["hash"], "entry hash"),
+        entry_memo_text(entry, f"receipt entry #{position}"),
     )
 
 
@@ -398,10 +457,10 @@ def verify_receipt(receipt: Mapping[str, Any], public_key: str | None = None) ->
         if not isinstance(entry, Mapping):
             raise LedgerVerificationError(f"receipt entry #{pos} is not an object")
         row = _entry_row_from_json(entry, pos)
-        index, time, kind, src, dst, amount, esession, hold, key, prev, stored = row
+        index, time, kind, src, dst, amount, esession, hold, key, prev, stored, memo = row
         if not isinstance(index, int) or not isinstance(amount, int) or isinstance(amount, bool):
             raise LedgerVerificationError(f"receipt entry #{pos}: index and amount must be integers", index=None)
-        computed = entry_hash(prev, index, time, kind, src, dst, amount, esession, hold, key)
+        computed = entry_hash(prev, index, time, kind, src, dst, amount, esession, hold, key, memo)
         if computed != stored:
             raise LedgerVerificationError(
                 f"entry {index}: stored hash {stored.hex()} does not match its contents, which hash to "

@@ -109,10 +109,12 @@ def serve_in_background(
     log_path: str | os.PathLike[str] | None = None,
     timeout: float = 60,
     env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
 ) -> CreditServiceProcess:
     """Start ``gpunet credits serve`` in a child process and wait until it listens.
 
-    ``port=0`` picks a free port. Returns a handle with ``.url``,
+    ``port=0`` picks a free port; ``extra_args`` go to the command as they are
+    (``["--reputation-floor", "0"]``). Returns a handle with ``.url``,
     ``.operator_token``, ``.stop()`` and ``.kill()``. The child's log goes to
     ``log_path`` (a temporary file by default). Raises CreditsUnavailableError
     with the log's tail if it does not come up within ``timeout`` seconds.
@@ -124,6 +126,7 @@ def serve_in_background(
         cmd += ["--operator-token-file", os.fspath(operator_token_file)]
     if key_file is not None:
         cmd += ["--key-file", os.fspath(key_file)]
+    cmd += list(extra_args or ())
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix="gpunet-credits-", suffix=".log")
         os.close(fd)

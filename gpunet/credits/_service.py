@@ -5,28 +5,36 @@ an unknown field, a missing one or a value of the wrong kind is refused (422),
 malformed JSON too (400), before anything reaches the store. Errors answer
 ``{"error": {"status", "code", "message", ...details}}``.
 
-=========================================  ====================================  =============
-route                                      what                                  who
-=========================================  ====================================  =============
-``GET  /v1/health``                        liveness, ledger size                 anyone
-``POST /v1/ping``                          trivial authenticated JSON echo       any token
-``POST /v1/accounts``                      create an account, returns its token  operator
-``GET  /v1/accounts``                      every account with its balance        operator
-``GET  /v1/accounts/{name}``               one account's balance                 it, operator
-``POST /v1/mint``                          mint credits into an account          operator
-``POST /v1/sessions``                      open a session with a budget          client, operator
-``GET  /v1/sessions/{id}``                 usage: budget, held, spent, left      owner, operator
-``GET  /v1/sessions/{id}/receipt``         entries + inclusion proofs + head     owner, operator
-``POST /v1/holds``                         hold credits of a session             owner, operator
-``POST /v1/holds/{id}/settle``             pay a provider, release the rest      operator
-``POST /v1/holds/{id}/release``            give the hold back                    operator
-``POST /v1/batch``                         many mint/hold/settle/release, 1 tx   per item
-``GET  /v1/ledger/head``                   a signed tree head                    any token
-``GET  /v1/ledger/heads``                  every stored signed head              any token
-``GET  /v1/ledger/entries``                entries ``start``..``start+limit``    operator
-``GET  /v1/ledger/proof/inclusion``        audit path for ``index`` at ``size``  any token
-``GET  /v1/ledger/proof/consistency``      proof between ``first`` and ``second``  any token
-=========================================  ====================================  =============
+===========================================  ======================================  ================
+route                                        what                                    who
+===========================================  ======================================  ================
+``GET  /v1/health``                          liveness, ledger size                   anyone
+``POST /v1/ping``                            trivial authenticated JSON echo         any token
+``POST /v1/accounts``                        create an account, returns its token    operator
+``GET  /v1/accounts``                        every account with its balance          operator
+``GET  /v1/accounts/{name}``                 one account's balance                   it, operator
+``POST /v1/mint``                            mint credits into an account            operator
+``POST /v1/sessions``                        open a session with a budget            client, operator
+``GET  /v1/sessions/{id}``                   usage: budget, held, spent, left        owner, operator
+``GET  /v1/sessions/{id}/receipt``           entries + inclusion proofs + head       owner, operator
+``POST /v1/holds``                           hold credits of a session               owner, operator
+``POST /v1/holds/{id}/settle``               pay a provider, release the rest        operator
+``POST /v1/holds/{id}/release``              give the hold back                      operator
+``POST /v1/batch``                           mint/hold/settle/release/verification   per item
+``GET  /v1/providers``                       every provider's trust record           any token
+``GET  /v1/providers/{name}``                one provider's trust record             any token
+``POST /v1/providers/{name}/verifications``  record a verified result                operator
+``POST /v1/providers/{name}/clear``          clear a provider's quarantine           operator
+``GET  /v1/ledger/head``                     a signed tree head                      any token
+``GET  /v1/ledger/heads``                    every stored signed head                any token
+``GET  /v1/ledger/entries``                  entries ``start``..``start+limit``      operator
+``GET  /v1/ledger/proof/inclusion``          audit path for ``index`` at ``size``    any token
+``GET  /v1/ledger/proof/consistency``        proof between ``first`` and ``second``  any token
+===========================================  ======================================  ================
+
+A settle may carry a ``memo``: a JSON object of at most ``MAX_MEMO_BYTES`` (4096)
+bytes in canonical form (anything else is refused with 400), recorded in, and hashed
+with, its ledger entry.
 """
 
 from __future__ import annotations
@@ -54,7 +62,9 @@ from gpunet.credits._errors import (
     NotFoundError,
 )
 from gpunet.credits._ledger import (
+    MAX_MEMO_BYTES,
     RECEIPT_FORMAT,
+    canonical_memo,
     entry_to_json,
     load_or_create_signing_key,
     public_key_raw,
@@ -85,7 +95,10 @@ ROLE_FOR_OP = {
     "release": {"operator"},
     "hold": {"client", "operator"},
     "open_session": {"client", "operator"},
+    "record_verification": {"operator"},
+    "clear_quarantine": {"operator"},
 }
+BATCH_OPS = ("mint", "hold", "settle", "release", "record_verification")
 
 # -- validation -------------------------------------------------------------------------
 
@@ -130,6 +143,32 @@ def _text(limit: int) -> Callable[[str, Any], str]:
     return check
 
 
+def _bool(field: str, v: Any) -> bool:
+    if type(v) is not bool:
+        raise _bad(field, v, "true or false")
+    return v
+
+
+def _memo(field: str, v: Any) -> dict[str, Any] | None:
+    """A settlement memo: a JSON object within the size limit; ``null`` or ``{}`` is no memo (None)."""
+    limit = (f"a JSON object of at most {MAX_MEMO_BYTES} bytes when canonically encoded "
+             "(json.dumps(memo, sort_keys=True, separators=(',', ':')))")
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise InvalidRequestError(f"field {field!r} must be {limit}, got {type(v).__name__} {v!r:.80}",
+                                  status=400, details={"field": field})
+    try:
+        size = len(canonical_memo(v).encode())
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"field {field!r} must be {limit} and plain JSON: {exc}", status=400,
+                                  details={"field": field}) from None
+    if size > MAX_MEMO_BYTES:
+        raise InvalidRequestError(f"field {field!r} must be {limit}; this one is {size} bytes. Keep digests and "
+                                  "names in it, not data", status=400, details={"field": field, "bytes": size})
+    return v or None
+
+
 def _role(field: str, v: Any) -> str:
     if v not in ROLES:
         raise _bad(field, v, f"one of {', '.join(ROLES)}")
@@ -146,14 +185,20 @@ SPECS: dict[str, dict[str, tuple[Callable[[str, Any], Any], bool]]] = {
                      "kernel": (_text(256), False), "key": (_key, False)},
     "hold": {"session": (_session_id, True), "amount": (_amount, True), "key": (_key, True)},
     "settle": {"hold": (_hold_id, True), "provider": (_name, True),
-               "amount": (lambda f, v: _amount(f, v, 0), True), "key": (_key, True)},
+               "amount": (lambda f, v: _amount(f, v, 0), True), "memo": (_memo, False), "key": (_key, True)},
     "release": {"hold": (_hold_id, True), "key": (_key, True)},
+    "record_verification": {"provider": (_name, True), "agreed": (_bool, True), "key": (_key, True)},
+    "clear_quarantine": {"provider": (_name, True), "key": (_key, True)},
     "ping": {},
 }
 
 
 def validate(op: str, body: Any, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check a request body against the fields of ``op``; return the clean parameters."""
+    """Check a request body against the fields of ``op``; return the clean parameters.
+
+    An optional field whose check answers ``None`` (an empty memo) is left out, so it
+    counts as absent, in the idempotency key's request hash too.
+    """
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     spec = SPECS[op]
@@ -170,7 +215,9 @@ def validate(op: str, body: Any, *, extra: dict[str, Any] | None = None) -> dict
             if required:
                 raise InvalidRequestError(f"missing field {field!r} for {op}", details={"field": field})
             continue
-        out[field] = check(field, body[field])
+        value = check(field, body[field])
+        if value is not None:
+            out[field] = value
     return out
 
 
@@ -357,12 +404,13 @@ class CreditService:
         return await self._op("release", actor, role, params)
 
     async def batch(self, request: Request) -> dict[str, Any]:
-        """POST /v1/batch: many mint/hold/settle/release items in one transaction, one result each."""
+        """POST /v1/batch: many items (mint, hold, settle, release, record_verification) in one
+        transaction, one result each."""
         actor, role = self._auth(request)
         body = await _json_body(request)
         if not isinstance(body, dict) or set(body) != {"items"} or not isinstance(body["items"], list):
             raise InvalidRequestError("a batch body is {\"items\": [...]}, each item an object with 'op' "
-                                      "(mint, hold, settle or release), 'key' and that call's fields")
+                                      f"({', '.join(BATCH_OPS)}), 'key' and that call's fields")
         items = body["items"]
         if len(items) > MAX_BATCH:
             raise InvalidRequestError(f"a batch holds at most {MAX_BATCH} items, got {len(items)}; split it")
@@ -374,8 +422,8 @@ class CreditService:
                 if not isinstance(item, dict):
                     raise InvalidRequestError(f"batch item {i} must be an object")
                 op = item.get("op")
-                if op not in ("mint", "hold", "settle", "release"):
-                    raise InvalidRequestError(f"batch item {i}: 'op' must be mint, hold, settle or release, "
+                if op not in BATCH_OPS:
+                    raise InvalidRequestError(f"batch item {i}: 'op' must be one of {', '.join(BATCH_OPS)}, "
                                               f"got {op!r:.40}")
                 self._require(role, ROLE_FOR_OP[op], op, actor)
                 params = validate(op, {k: v for k, v in item.items() if k != "op"})
@@ -390,6 +438,36 @@ class CreditService:
             for i, res in zip(where, done):
                 results[i] = res
         return {"results": results}
+
+    async def record_verification(self, request: Request) -> dict[str, Any]:
+        """POST /v1/providers/{name}/verifications: record whether a verified result of the provider
+        agreed (operator); returns its trust record."""
+        actor, role = self._auth(request)
+        params = validate("record_verification", await _json_body(request),
+                          extra={"provider": _name("provider", request.path_params["name"])})
+        return await self._op("record_verification", actor, role, params)
+
+    async def clear_quarantine(self, request: Request) -> dict[str, Any]:
+        """POST /v1/providers/{name}/clear: lift a provider's quarantine, forgive its mismatches (operator)."""
+        actor, role = self._auth(request)
+        params = validate("clear_quarantine", await _json_body(request),
+                          extra={"provider": _name("provider", request.path_params["name"])})
+        return await self._op("clear_quarantine", actor, role, params)
+
+    async def provider_record(self, request: Request) -> dict[str, Any]:
+        """GET /v1/providers/{name}: one provider's trust record (any token)."""
+        self._auth(request)
+        name = _name("provider", request.path_params["name"])
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(self.store.read_provider_record, name)
+
+    async def provider_records(self, request: Request) -> dict[str, Any]:
+        """GET /v1/providers: the trust record of every provider account (any token)."""
+        self._auth(request)
+        from starlette.concurrency import run_in_threadpool
+
+        return {"providers": await run_in_threadpool(self.store.read_provider_records)}
 
     async def head(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/head: sign (and store) a tree head at the committed size."""
@@ -496,6 +574,10 @@ def build_app(store: CreditStore) -> Starlette:
         Route("/v1/holds/{hid}/settle", wrap(svc.settle), methods=["POST"]),
         Route("/v1/holds/{hid}/release", wrap(svc.release), methods=["POST"]),
         Route("/v1/batch", wrap(svc.batch), methods=["POST"]),
+        Route("/v1/providers", wrap(svc.provider_records), methods=["GET"]),
+        Route("/v1/providers/{name}", wrap(svc.provider_record), methods=["GET"]),
+        Route("/v1/providers/{name}/verifications", wrap(svc.record_verification), methods=["POST"]),
+        Route("/v1/providers/{name}/clear", wrap(svc.clear_quarantine), methods=["POST"]),
         Route("/v1/ledger/head", wrap(svc.head), methods=["GET"]),
         Route("/v1/ledger/heads", wrap(svc.heads), methods=["GET"]),
         Route("/v1/ledger/entries", wrap(svc.entries), methods=["GET"]),

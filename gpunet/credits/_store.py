@@ -17,6 +17,9 @@ transaction fails. Invariants hold by construction and again by database
 ``CHECK`` constraints: no balance below zero, no session holding or spending
 beyond its budget; credits only move between accounts (held credits sit in the
 ``escrow`` account), so the total changes only by minting.
+
+Providers' trust records (see :mod:`gpunet.credits._trust`) go through the same
+writer; they move no credits, so they write no ledger entries.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ from gpunet.credits._errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from gpunet.credits._ledger import ESCROW, ZERO_HASH, entry_hash, sign_head
+from gpunet.credits._ledger import ESCROW, ZERO_HASH, canonical_memo, entry_hash, sign_head
 from gpunet.credits._merkle import MerkleTree
+from gpunet.credits._trust import quarantine_reason, record_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlalchemy as sa
@@ -188,6 +192,8 @@ def _schema() -> tuple[Any, dict[str, Any]]:
         sa.Column("key", sa.Text, nullable=False),
         sa.Column("prev", sa.LargeBinary, nullable=False),
         sa.Column("hash", sa.LargeBinary, nullable=False),
+        # A settlement's memo: canonical JSON text, '' for none (see gpunet.credits._ledger).
+        sa.Column("memo", sa.Text, nullable=False, server_default=""),
         sa.Index("entries_by_session", "session"),
     )
     t["idempotency"] = sa.Table(
@@ -204,10 +210,23 @@ def _schema() -> tuple[Any, dict[str, Any]]:
         sa.Column("signature", sa.Text, nullable=False),
         sa.Column("public_key", sa.Text, nullable=False),
     )
+    t["provider_records"] = sa.Table(
+        "provider_records", md,
+        sa.Column("provider", sa.Text, primary_key=True),
+        sa.Column("consecutive_valid", sa.BigInteger, nullable=False),
+        sa.Column("valid", sa.BigInteger, nullable=False),
+        sa.Column("mismatches", sa.BigInteger, nullable=False),
+        sa.Column("quarantined", sa.Boolean, nullable=False),
+        sa.Column("quarantine_reason", sa.Text, nullable=False),
+        sa.Column("updated", sa.Text, nullable=False),
+    )
     return md, t
 
 
-ENTRY_COLUMNS = "idx, time, kind, src, dst, amount, session, hold, key, prev, hash"
+ENTRY_COLUMNS = "idx, time, kind, src, dst, amount, session, hold, key, prev, hash, memo"
+# Columns added after the first release: (table, column, SQL type and default). A database
+# made before gets them when the service opens it; existing rows take the default.
+ADDED_COLUMNS = (("entries", "memo", "TEXT NOT NULL DEFAULT ''"),)
 
 
 def _sqlite_synchronous() -> str:
@@ -305,6 +324,24 @@ def session_usage(sid: str, account: str, notebook: str, kernel: str, budget: in
     }
 
 
+class _Record:
+    __slots__ = ("provider", "consecutive_valid", "valid", "mismatches", "quarantined", "quarantine_reason",
+                 "updated")
+
+    def __init__(self, provider: str, consecutive_valid: int = 0, valid: int = 0, mismatches: int = 0,
+                 quarantined: bool = False, quarantine_reason: str = "", updated: str | None = None) -> None:
+        self.provider, self.consecutive_valid, self.valid = provider, consecutive_valid, valid
+        self.mismatches, self.quarantined = mismatches, bool(quarantined)
+        self.quarantine_reason, self.updated = quarantine_reason, updated
+
+    def to_json(self) -> dict[str, Any]:
+        return record_json(self.provider, self.consecutive_valid, self.valid, self.mismatches, self.quarantined,
+                           self.quarantine_reason, self.updated)
+
+
+RECORD_COLUMNS = "provider, consecutive_valid, valid, mismatches, quarantined, quarantine_reason, updated"
+
+
 class _Op:
     """One queued operation: what to do, for whom, and the future that answers it."""
 
@@ -344,6 +381,7 @@ class CreditStore:
             self._take_writer_lock()
             self._md, self.tables = _schema()
             self._md.create_all(self.engine)
+            self._add_missing_columns()
         except BaseException:
             self._release_writer_lock()
             self._write_conn.close()
@@ -355,6 +393,7 @@ class CreditStore:
         self._tokens: dict[str, str] = {}
         self._sessions: dict[str, _Session] = {}
         self._holds: dict[str, _Hold] = {}
+        self._records: dict[str, _Record] = {}  # providers' trust records, loaded when first used
         # What readers see without a database round trip: committed values only.
         self._committed_balances: dict[str, int] = {}
         self._committed_sessions: dict[str, tuple] = {}
@@ -419,6 +458,17 @@ class CreditStore:
                 f"another credit service already writes to {_redact(self.url)} (it holds the advisory lock "
                 f"{_PG_LOCK_KEY}); stop it first, or talk to it instead of starting a second one",
                 url=_redact(self.url))
+
+    def _add_missing_columns(self) -> None:
+        """Give a database made by an earlier version the columns it lacks (see ``ADDED_COLUMNS``)."""
+        import sqlalchemy as sa
+
+        inspector = sa.inspect(self.engine)
+        for table, column, ddl in ADDED_COLUMNS:
+            if column not in {c["name"] for c in inspector.get_columns(table)}:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+                logger.info("added the column %s.%s to the credit database", table, column)
 
     def _release_writer_lock(self) -> None:
         if self._lock_file is not None:
@@ -535,6 +585,33 @@ class CreditStore:
     def read_heads(self) -> list[dict[str, Any]]:
         """Return every stored signed tree head, oldest first."""
         return read_heads(self.engine)
+
+    def _read_records(self, name: str | None) -> list[tuple]:
+        a = ", ".join(f"r.{c}" for c in RECORD_COLUMNS.split(", ")[1:])
+        sql = (f"SELECT a.name, a.role, {a} FROM accounts a LEFT JOIN provider_records r ON r.provider = a.name "
+               + ("WHERE a.name = {p}" if name is not None else "WHERE a.role = 'provider' ORDER BY a.name"))
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(sql.format(p=self._p),
+                                                           (name,) if name is not None else ())]
+
+    def read_provider_record(self, name: str) -> dict[str, Any]:
+        """Return provider ``name``'s committed trust record (defaults when it has none yet).
+
+        Raises :class:`NotFoundError` when there is no such account or it is not a provider.
+        """
+        rows = self._read_records(name)
+        if not rows:
+            raise NotFoundError(f"no account named {name!r}; trust records are kept for provider accounts",
+                                details={"account": name})
+        name, role, *fields = rows[0]
+        if role != "provider":
+            raise NotFoundError(f"account {name!r} is a {role}, not a provider; trust records are kept for "
+                                "provider accounts", details={"account": name})
+        return _record_from_row(name, fields)
+
+    def read_provider_records(self) -> list[dict[str, Any]]:
+        """Return the committed trust record of every provider account, by name."""
+        return [_record_from_row(name, fields) for name, _, *fields in self._read_records(None)]
 
     def proof_inclusion(self, index: int, size: int | None) -> tuple[int, list[bytes], bytes]:
         """Return ``(size, audit path, leaf hash)`` for entry ``index`` at ``size`` (default: now)."""
@@ -775,6 +852,13 @@ class CreditStore:
                         "the credit store failed to write; nothing of this request was kept; retry it"))
 
 
+def _record_from_row(name: str, fields: list[Any]) -> dict[str, Any]:
+    """The JSON form of a trust record read with ``LEFT JOIN`` (all ``None``: no record yet)."""
+    if fields[0] is None:
+        return _Record(name).to_json()
+    return _Record(name, *fields).to_json()
+
+
 def _resolve(op: _Op, result: Any, exc: BaseException | None) -> None:
     """Answer an operation's future (a concurrent or an asyncio one) unless it was given up."""
     if op.future.done():
@@ -798,6 +882,8 @@ class _UnitOfWork:
         self.dirty_sessions: dict[str, _Session] = {}
         self.new_holds: dict[str, _Hold] = {}
         self.dirty_holds: dict[str, _Hold] = {}
+        self.new_records: dict[str, _Record] = {}
+        self.dirty_records: dict[str, _Record] = {}
         self.entries: list[dict[str, Any]] = []
         self.new_leaves: list[bytes] = []
         self.idem_found: dict[str, tuple[str, str]] = {}
@@ -881,8 +967,25 @@ class _UnitOfWork:
             self.s._holds[hid] = hold
         return hold
 
+    def _record(self, provider: str) -> _Record:
+        acct = self._account(provider, "provider account")
+        if acct.role != "provider":
+            raise InvalidRequestError(f"account {provider!r} is a {acct.role}, not a provider; trust records are "
+                                      "kept for provider accounts", details={"account": provider})
+        rec = self.s._records.get(provider)
+        if rec is None:
+            row = self._one(f"SELECT {RECORD_COLUMNS} FROM provider_records WHERE provider = {{p}}", provider)
+            rec = _Record(provider) if row is None else _Record(*row)
+            self.s._records[provider] = rec
+            self.new_objects.append((self.s._records, provider))  # forgotten again if this write fails
+            if row is None:
+                self.new_records[provider] = rec
+        if provider not in self.new_records:
+            self.dirty_records[provider] = rec
+        return rec
+
     def _move(self, kind: str, src: _Account | None, dst: _Account, amount: int, session: str, hold: str,
-              key: str) -> int:
+              key: str, memo: str = "") -> int:
         if src is not None:
             self._set(src, "balance", src.balance - amount)
             self.dirty_accounts[src.name] = src
@@ -891,8 +994,8 @@ class _UnitOfWork:
         index = self.next_index
         prev = self.last_hash
         src_name = src.name if src is not None else ""
-        h = entry_hash(prev, index, self.now, kind, src_name, dst.name, amount, session, hold, key)
-        self.entries.append((index, self.now, kind, src_name, dst.name, amount, session, hold, key, prev, h))
+        h = entry_hash(prev, index, self.now, kind, src_name, dst.name, amount, session, hold, key, memo)
+        self.entries.append((index, self.now, kind, src_name, dst.name, amount, session, hold, key, prev, h, memo))
         self.new_leaves.append(h)
         self.next_index = index + 1
         self.last_hash = h
@@ -1038,7 +1141,9 @@ class _UnitOfWork:
         self.dirty_sessions[sess.id] = sess
         self.closed_holds.append(hold.id)
 
-    def _op_settle(self, actor: str | None, key: str, *, hold: str, provider: str, amount: int) -> dict[str, Any]:
+    def _op_settle(self, actor: str | None, key: str, *, hold: str, provider: str, amount: int,
+                   memo: dict[str, Any] | None = None) -> dict[str, Any]:
+        memo_text = canonical_memo(memo)
         h, sess = self._open_hold(hold, "settled")
         prov = self._account(provider, "provider account")
         if prov.role != "provider":
@@ -1051,10 +1156,12 @@ class _UnitOfWork:
         escrow = self.s._accounts[ESCROW]
         entries = []
         if amount:
-            entries.append(self._move("settle", escrow, prov, amount, sess.id, hold, key))
+            entries.append(self._move("settle", escrow, prov, amount, sess.id, hold, key, memo_text))
         rest = h.amount - amount
         if rest:
-            entries.append(self._move("release", escrow, self._account(h.account), rest, sess.id, hold, key))
+            # A settlement that pays nothing writes only this entry: the memo goes on it.
+            entries.append(self._move("release", escrow, self._account(h.account), rest, sess.id, hold, key,
+                                      "" if amount else memo_text))
         self._close(h, sess, "settled", amount, provider, entries[-1])
         return {"hold": hold, "session": sess.id, "provider": provider, "paid": amount, "released": rest,
                 "entries": entries}
@@ -1065,6 +1172,34 @@ class _UnitOfWork:
                            hold, key)
         self._close(h, sess, "released", 0, "", index)
         return {"hold": hold, "session": sess.id, "released": h.amount, "entries": [index]}
+
+    def _op_record_verification(self, actor: str | None, key: str, *, provider: str,
+                                agreed: bool) -> dict[str, Any]:
+        rec = self._record(provider)
+        if agreed:
+            self._set(rec, "valid", rec.valid + 1)
+            self._set(rec, "consecutive_valid", rec.consecutive_valid + 1)
+        else:
+            self._set(rec, "mismatches", rec.mismatches + 1)
+            self._set(rec, "consecutive_valid", 0)
+        if not rec.quarantined:
+            reason = quarantine_reason(rec.valid, rec.mismatches)
+            if reason:
+                self._set(rec, "quarantined", True)
+                self._set(rec, "quarantine_reason", reason)
+                logger.warning("provider %s is quarantined: %s", provider, reason)
+        self._set(rec, "updated", self.now)
+        return rec.to_json()
+
+    def _op_clear_quarantine(self, actor: str | None, key: str, *, provider: str) -> dict[str, Any]:
+        rec = self._record(provider)
+        self._set(rec, "quarantined", False)
+        self._set(rec, "quarantine_reason", "")
+        self._set(rec, "mismatches", 0)
+        self._set(rec, "consecutive_valid", 0)
+        self._set(rec, "updated", self.now)
+        logger.info("the quarantine of provider %s was cleared by %s", provider, actor)
+        return rec.to_json()
 
     def _op_sign_head(self, actor: str | None, key: str) -> dict[str, Any]:
         size = self.next_index
@@ -1083,7 +1218,7 @@ class _UnitOfWork:
 
     def flush(self) -> None:
         if not (self.dirty_accounts or self.new_accounts or self.new_sessions or self.entries or self.heads
-                or self.dirty_sessions or self.idem_new):
+                or self.dirty_sessions or self.idem_new or self.new_records or self.dirty_records):
             return
         p = self.s._p
         cur = self.s._write_conn.cursor()
@@ -1111,7 +1246,15 @@ class _UnitOfWork:
         many("UPDATE holds SET state = {p}, paid = {p}, provider = {p}, closed_entry = {p} WHERE id = {p}",
              [(h.state, h.paid, h.provider, h.closed_entry, h.id) for h in self.dirty_holds.values()])
         many(f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES ({{p}}, {{p}}, {{p}}, {{p}}, {{p}}, {{p}}, {{p}}, "
-             "{p}, {p}, {p}, {p})", self.entries)
+             "{p}, {p}, {p}, {p}, {p})", self.entries)
+        many(f"INSERT INTO provider_records ({RECORD_COLUMNS}) "
+             "VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p})",
+             [(r.provider, r.consecutive_valid, r.valid, r.mismatches, r.quarantined, r.quarantine_reason,
+               r.updated) for r in self.new_records.values()])
+        many("UPDATE provider_records SET consecutive_valid = {p}, valid = {p}, mismatches = {p}, quarantined = {p}, "
+             "quarantine_reason = {p}, updated = {p} WHERE provider = {p}",
+             [(r.consecutive_valid, r.valid, r.mismatches, r.quarantined, r.quarantine_reason, r.updated,
+               r.provider) for r in self.dirty_records.values()])
         many("INSERT INTO idempotency (scope, request_hash, response) VALUES ({p}, {p}, {p})",
              [(scope, rh, resp) for scope, (rh, resp) in self.idem_new.items()])
         many("INSERT INTO heads (size, root, timestamp, signature, public_key) VALUES ({p}, {p}, {p}, {p}, {p})",

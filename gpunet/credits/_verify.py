@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunet.credits._errors import CreditsUnavailableError, LedgerVerificationError
-from gpunet.credits._ledger import ZERO_HASH, LedgerChecker, key_id, verify_receipt
+from gpunet.credits._ledger import ZERO_HASH, LedgerChecker, entry_memo_text, key_id, verify_receipt
 from gpunet.credits._store import ENTRY_COLUMNS, resolve_db_url, sqlite_path
 
 logger = logging.getLogger(__name__)
@@ -107,16 +107,31 @@ def _connect(url: str) -> tuple[Any, Any]:
     return raw.driver_connection, close
 
 
+def _entry_columns(cur: Any, sqlite: bool) -> str:
+    """The entry columns to read; a database no service has opened since settlement memos
+    came has no ``memo`` column, and every one of its entries has no memo."""
+    if sqlite:
+        cur.execute("SELECT name FROM pragma_table_info('entries')")
+    else:
+        cur.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'entries' "
+                    "AND table_schema = current_schema()")
+    if "memo" in {name for (name,) in cur.fetchall()}:
+        return ENTRY_COLUMNS
+    return ENTRY_COLUMNS.replace(", memo", ", '' AS memo")
+
+
 def _scan(url: str, start: int, end: int) -> dict[str, Any]:
     """Check entries ``start <= index < end`` (in a worker process); return what stitching needs."""
-    p = "?" if sqlite_path(url) is not None else "%s"
+    sqlite = sqlite_path(url) is not None
+    p = "?" if sqlite else "%s"
     conn, close = _connect(url)
     checker = LedgerChecker(start, ZERO_HASH if start == 0 else None)
     error = None
     try:
         cur = conn.cursor()
+        columns = _entry_columns(cur, sqlite)
         for lo in range(start, end, CHUNK):
-            cur.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE idx >= {p} AND idx < {p} ORDER BY idx",
+            cur.execute(f"SELECT {columns} FROM entries WHERE idx >= {p} AND idx < {p} ORDER BY idx",
                         (lo, min(lo + CHUNK, end)))
             checker.feed(cur.fetchall())
         if checker.size != end:
@@ -218,7 +233,8 @@ def verify_service(url: str, token: str, *, public_key: str | None = None, page:
         while True:
             got = client.entries(start, page)["entries"]
             rows = [(e["index"], e["time"], e["kind"], e["from"], e["to"], e["amount"], e["session"], e["hold"],
-                     e["key"], bytes.fromhex(e["prev"]), bytes.fromhex(e["hash"])) for e in got]
+                     e["key"], bytes.fromhex(e["prev"]), bytes.fromhex(e["hash"]),
+                     entry_memo_text(e, f"entry {e['index']}")) for e in got]
             checker.feed(rows)
             start += len(rows)
             if len(rows) < page:

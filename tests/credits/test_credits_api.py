@@ -145,13 +145,13 @@ def _fill(value, names):
 @pytest.mark.parametrize("case", BAD, ids=[c["description"] for c in BAD])
 def test_bad_requests_are_refused_and_move_nothing(world, case):
     party, tokens, names = world
-    before = (party.ops.health()["size"], party.ops.accounts())
+    before = (party.ops.health()["size"], party.ops.accounts(), party.ops.provider_records())
     headers = {}
     if case["as"] != "no_token":
         headers["Authorization"] = f"Bearer {tokens[case['as']]}"
     kw = {}
     if "raw" in case:
-        kw["data"] = case["raw"]
+        kw["data"] = _fill(case["raw"], names)
         headers["Content-Type"] = "application/json"
     elif "body" in case:
         kw["json"] = _fill(case["body"], names)
@@ -165,8 +165,8 @@ def test_bad_requests_are_refused_and_move_nothing(world, case):
         err = resp.json()["error"]
         assert err["status"] == case["status"]
         assert case["match"] in err["message"], err["message"]
-    after = (party.ops.health()["size"], party.ops.accounts())
-    assert after == before, "a refused request moved credits"
+    after = (party.ops.health()["size"], party.ops.accounts(), party.ops.provider_records())
+    assert after == before, "a refused request moved credits or changed a trust record"
 
 
 def test_client_errors_name_what_happened(service, party: Party):

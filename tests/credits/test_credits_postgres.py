@@ -116,3 +116,51 @@ def test_a_second_service_on_the_same_postgres_database_is_refused(pg_service):
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 1
     assert "another credit service already writes to postgresql" in out.stderr
+
+
+
+def test_postgres_old_schema_memos_and_trust_records(pg_service):
+    import psycopg
+
+    svc, url, env, tmp_path = pg_service
+    party = Party(svc)
+    name, api = party.account("client", credits=100)
+    gpu, gpu_api = party.account("provider")
+    sid = api.open_session(100)
+    party.ops.settle(api.hold(sid, 10, key="h0"), gpu, 5, key="s0")
+    svc.stop()
+    # What an earlier version left: no memo column. It verifies, and the service adds the column.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE entries DROP COLUMN memo")
+    size = verify_database(url)["size"]
+    svc = serve_in_background(url, env=env, log_path=tmp_path / "log2", operator_token_file=tmp_path / "operator.token")
+    try:
+        ops = svc.client()
+        api = svc.client(api.token)
+        memo = {"verified": "replicate:2", "providers": [gpu, "other"], "digest": "sha256:" + "f" * 64}
+        out = ops.batch([{"op": "settle", "hold": api.hold(sid, 10, key="h1"), "provider": gpu, "amount": 6,
+                          "memo": memo, "key": "s1"},
+                         {"op": "record_verification", "provider": gpu, "agreed": True, "key": "v1"}],
+                        raise_on_error=True)
+        settle_index = out[0]["entries"][0]
+        assert settle_index == size + 1
+        assert ops.entries(settle_index, 1)["entries"][0]["memo"] == memo
+        assert "memo" not in ops.entries(0, 1)["entries"][0]
+        assert (out[1]["valid"], out[1]["consecutive_valid"]) == (1, 1)
+        for i in range(4):
+            rec = ops.record_verification(gpu, False, key=f"m{i}")
+        assert rec["quarantined"] and rec["mismatches"] == 4
+        assert svc.client(gpu_api.token).provider_record(gpu) == rec
+        assert gpu in {r["provider"] for r in svc.client(gpu_api.token).provider_records()}
+        cleared = ops.clear_quarantine(gpu, key="clear")
+        assert (cleared["quarantined"], cleared["mismatches"], cleared["valid"]) == (False, 0, 1)
+        verify_receipt(api.receipt(sid))
+        verify_service(svc.url, svc.operator_token)
+    finally:
+        svc.stop()
+    assert verify_database(url)["size"] == size + 3
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE entries SET memo = replace(memo, 'other', 'mallory') WHERE idx = %s", (settle_index,))
+    with pytest.raises(LedgerVerificationError, match=f"entry {settle_index}: stored hash") as err:
+        verify_database(url)
+    assert err.value.index == settle_index

@@ -13,15 +13,24 @@ import sys
 import pytest
 
 from credits_helpers import DATA, Party
-from gpunet.credits import LedgerVerificationError, ProofError, serve_in_background, verify_database, verify_receipt
-from gpunet.credits._ledger import entry_hash
+from gpunet.credits import (
+    LedgerVerificationError,
+    ProofError,
+    serve_in_background,
+    verify_database,
+    verify_receipt,
+    verify_service,
+)
+from gpunet.credits._ledger import canonical_memo, entry_hash
 
 CASES = json.loads((DATA / "tamper_cases.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def ledger(tmp_path_factory):
-    """A small real ledger (about 20 entries) in an SQLite file, and one session's receipt."""
+    """A small real ledger (16 entries) in an SQLite file, and one session's receipt.
+
+    Entries 2 and 7 are settlements with a memo; entry 12 is one without."""
     root = tmp_path_factory.mktemp("tamper")
     db = root / "credits.sqlite3"
     svc = serve_in_background(db, log_path=root / "log")
@@ -35,7 +44,8 @@ def ledger(tmp_path_factory):
             if i % 2:
                 party.ops.release(hold, key=f"r{i}")
             else:
-                party.ops.settle(hold, gpu, 20 + i, key=f"s{i}")
+                memo = {"verified": "replicate:2", "providers": [gpu, "other"], "digest": f"sha256:{i:064x}"}
+                party.ops.settle(hold, gpu, 20 + i, key=f"s{i}", memo=memo if i < 4 else None)
         receipt = api.receipt(sid)
     finally:
         svc.stop()  # signs a last head
@@ -59,19 +69,23 @@ def _mutate(db, m):
         conn.execute(f"UPDATE entries SET {col} = ? WHERE idx = ?", (_flip(value, m["bit"]), m["index"]))
     elif op == "delete":
         conn.execute("DELETE FROM entries WHERE idx = ?", (m["index"],))
+    elif op == "set_memo":
+        conn.execute("UPDATE entries SET memo = ? WHERE idx = ?", (canonical_memo(m["memo"]), m["index"]))
     elif op == "truncate":
         conn.execute("DELETE FROM entries WHERE idx >= ?", (m["keep"],))
     elif op == "rewrite_tail":
-        # A forger who changes an amount and recomputes every later hash: the chain is whole
-        # again; only the signed head catches it.
-        rows = conn.execute("SELECT idx, time, kind, src, dst, amount, session, hold, key, prev FROM entries "
+        # A forger who changes an amount (or a memo) and recomputes every later hash: the
+        # chain is whole again; only the signed head catches it.
+        rows = conn.execute("SELECT idx, time, kind, src, dst, amount, session, hold, key, memo, prev FROM entries "
                             "WHERE idx >= ? ORDER BY idx", (m["index"],)).fetchall()
-        prev = rows[0][9]
-        for idx, time, kind, src, dst, amount, session, hold, key, _ in rows:
+        prev = rows[0][10]
+        for idx, time, kind, src, dst, amount, session, hold, key, memo, _ in rows:
             if idx == m["index"]:
-                amount += m["delta"]
-            h = entry_hash(prev, idx, time, kind, src, dst, amount, session, hold, key)
-            conn.execute("UPDATE entries SET amount = ?, prev = ?, hash = ? WHERE idx = ?", (amount, prev, h, idx))
+                amount += m.get("delta", 0)
+                memo = canonical_memo(m["memo"]) if "memo" in m else memo
+            h = entry_hash(prev, idx, time, kind, src, dst, amount, session, hold, key, memo)
+            conn.execute("UPDATE entries SET amount = ?, memo = ?, prev = ?, hash = ? WHERE idx = ?",
+                         (amount, memo, prev, h, idx))
             prev = h
     elif op == "balance":
         conn.execute("UPDATE accounts SET balance = balance + ? WHERE rowid = (SELECT min(rowid) FROM accounts "
@@ -131,6 +145,40 @@ def test_cli_names_the_bad_entry(ledger, tmp_path):
     assert "entry 11: stored hash" in bad.stderr and "this entry was altered" in bad.stderr
 
 
+def test_an_edited_memo_is_named_by_every_verifier(ledger, tmp_path):
+    """The command on the database, and verify_service against a service running on it."""
+    src, _ = ledger
+    db = tmp_path / "copy.sqlite3"
+    for suffix in ("", ".ed25519.pem", ".operator-token"):
+        shutil.copy(f"{src}{suffix}", f"{db}{suffix}")
+    _mutate(db, {"op": "set_memo", "index": 7, "memo": {"verified": "spot-check", "providers": ["mallory"]}})
+    bad = subprocess.run([sys.executable, "-m", "gpunet.credits", "verify", "--db", str(db)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "entry 7: stored hash" in bad.stderr and "this entry was altered" in bad.stderr
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE entries SET memo = '{\"verified\":' WHERE idx = 2")  # not even JSON
+    conn.commit()
+    conn.close()
+    svc = serve_in_background(db, log_path=tmp_path / "log")
+    try:
+        assert svc.client().entries(7, 1)["entries"][0]["memo"]["verified"] == "spot-check"
+        with pytest.raises(LedgerVerificationError, match="entry 2: its memo must be a JSON object") as err:
+            verify_service(svc.url, svc.operator_token)
+        assert err.value.index == 2
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE entries SET memo = ? WHERE idx = 2", (canonical_memo({"verified": "none"}),))
+        conn.commit()
+        conn.close()
+        with pytest.raises(LedgerVerificationError, match="entry 2: stored hash") as err:
+            verify_service(svc.url, svc.operator_token)
+        assert err.value.index == 2
+    finally:
+        svc.stop()
+    with pytest.raises(LedgerVerificationError, match="entry 2: stored hash"):
+        verify_database(db)
+
+
 def _receipt_cases(receipt):
     def amount(r):
         r["entries"][1]["amount"] += 1
@@ -158,6 +206,15 @@ def _receipt_cases(receipt):
     def repeated(r):
         r["entries"].insert(1, copy.deepcopy(r["entries"][0]))
 
+    def memo(r):
+        r["entries"][1]["memo"]["providers"] = ["mallory"]
+
+    def memo_dropped(r):
+        del r["entries"][1]["memo"]
+
+    def memo_not_an_object(r):
+        r["entries"][1]["memo"] = "replicate:2"
+
     return [("amount", amount, LedgerVerificationError, "this entry was altered"),
             ("repeated entry", repeated, LedgerVerificationError, "without repeats"),
             ("proof", proof, ProofError, "inclusion proof fails"),
@@ -165,13 +222,17 @@ def _receipt_cases(receipt):
             ("root", root, LedgerVerificationError, "does not verify"),
             ("spent", spent, LedgerVerificationError, "entries add up to"),
             ("dropped entry", dropped, LedgerVerificationError, "entries add up to"),
-            ("other session", other_session, LedgerVerificationError, "this entry was altered")]
+            ("other session", other_session, LedgerVerificationError, "this entry was altered"),
+            ("memo", memo, LedgerVerificationError, "this entry was altered"),
+            ("memo dropped", memo_dropped, LedgerVerificationError, "this entry was altered"),
+            ("memo not an object", memo_not_an_object, LedgerVerificationError, "memo must be a JSON object")]
 
 
 def test_receipt_verifies_offline_and_catches_tampering(ledger, tmp_path):
     _, receipt = ledger
     summary = verify_receipt(receipt)
     assert summary["entries"] == 6 + 3 + 3 + 3 and summary["held"] == 0
+    assert [e["index"] for e in receipt["entries"] if "memo" in e] == [2, 7]
     assert summary["spent"] == 20 + 22 + 24
     for name, mutate, exc, match in _receipt_cases(receipt):
         doc = copy.deepcopy(receipt)

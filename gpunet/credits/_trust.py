@@ -1,0 +1,56 @@
+"""Providers' trust records: adaptive trust, as volunteer computing keeps it.
+
+Every verified result of a provider (replicated on distinct providers, or
+spot-checked against a known answer) is recorded as *agreed* or a *mismatch*.
+A provider's reputation is a smoothed share of good results::
+
+    reputation = (valid + PRIOR) / (valid + PRIOR + PENALTY * mismatches)
+
+``PRIOR`` good results are assumed before the first one, so a newcomer starts
+at 1.0 and one early mismatch does not sink it; each mismatch weighs ``PENALTY``
+times a valid result. A provider whose reputation falls below
+``REPUTATION_FLOOR`` is quarantined: it stays so (more valid results do not lift
+it) until an operator clears it, which forgives its mismatches.
+``consecutive_valid`` (the valid results since the last mismatch or clearing)
+lets a scheduler verify long-reliable providers less often.
+
+The records move no credits, so they write no ledger entries; they live in the
+``provider_records`` table and change only through the store's writer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRIOR = 10
+PENALTY = 5
+REPUTATION_FLOOR = 0.5
+
+
+def reputation(valid: int, mismatches: int) -> float:
+    """Return a provider's reputation in (0, 1] from its counts (see the module doc)."""
+    return (valid + PRIOR) / (valid + PRIOR + PENALTY * mismatches)
+
+
+def quarantine_reason(valid: int, mismatches: int) -> str:
+    """Return why a provider with these counts is to be quarantined, or ``""`` if it is not."""
+    score = reputation(valid, mismatches)
+    if score >= REPUTATION_FLOOR:
+        return ""
+    return (f"reputation {score:.3f} fell below {REPUTATION_FLOOR} after {valid} valid result(s) and "
+            f"{mismatches} mismatch(es)")
+
+
+def record_json(provider: str, consecutive_valid: int, valid: int, mismatches: int, quarantined: bool,
+                quarantine_reason: str, updated: str | None) -> dict[str, Any]:
+    """Return the JSON form of a trust record, with its reputation; ``updated`` is ``None`` before the first."""
+    return {
+        "provider": provider,
+        "consecutive_valid": consecutive_valid,
+        "valid": valid,
+        "mismatches": mismatches,
+        "reputation": reputation(valid, mismatches),
+        "quarantined": bool(quarantined),
+        "quarantine_reason": quarantine_reason,
+        "updated": updated,
+    }
