@@ -36,6 +36,7 @@ from gpunet.devices import parse_size
 from gpunet.errors import CellError, GpunetError, MissingOutputError
 from gpunet.remote import Job, JobResult
 from gpunet.widgets import JobProgress
+from gpunet.verify import Policy, VerificationError, tolerance_for
 
 #: The names IPython defines in every namespace; they never travel.
 _NEVER_INPUTS = {"In", "Out", "get_ipython", "exit", "quit", "_gpunet"}
@@ -60,7 +61,12 @@ def _cell_parser() -> MagicArgumentParser:
     parser.add_argument("--in", dest="inputs", default=None, metavar="a,b", help="names that travel (instead of the detected inputs)")
     parser.add_argument("--out", dest="outputs", default=None, metavar="x,y", help="names that come back (instead of the detected outputs)")
     parser.add_argument("--map", dest="map", default=None, metavar="NAME=EXPR", help="run once per item of EXPR with NAME bound to it")
-    parser.add_argument("--verify", default="none", metavar="none|replicate[:K]|spot[:P]", help="how results are verified")
+    parser.add_argument("--verify", default="none", metavar="none|replicate[:K]|spot[:P]|adaptive",
+                        help="run on distinct providers and accept what they agree on")
+    parser.add_argument("--rtol", type=float, default=None, metavar="X",
+                        help="relative tolerance for comparing verified floats (default: the kernel's)")
+    parser.add_argument("--atol", type=float, default=None, metavar="X",
+                        help="absolute tolerance for comparing verified floats (default: the kernel's)")
     parser.add_argument("--max-credits", type=float, default=None, metavar="C", help="most credits the cell may cost")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop the cell after this long")
     parser.add_argument("--no-block", action="store_true", help="return at once; outputs land when done (handle in _gpunet)")
@@ -147,10 +153,13 @@ class GpunetMagics(Magics):
     # -- %%gpunet ----------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> Any:
         args = CELL_PARSER.parse_argstring(line)
-        if args.verify != "none":
-            raise UsageError(
-                f"--verify {args.verify}: this network verifies no results yet; use --verify none (the default)"
-            )
+        try:
+            policy = Policy.parse(args.verify)
+            tolerance = tolerance_for(cell, rtol=args.rtol, atol=args.atol) if policy.active else None
+        except VerificationError as exc:
+            raise UsageError(str(exc)) from None
+        if not policy.active and (args.rtol is not None or args.atol is not None):
+            raise UsageError("--rtol / --atol are tolerances for comparing verified copies: give --verify too")
         net = network.current()
         if args.max_credits is not None and net.meter is None:
             raise UsageError("--max-credits needs a metered network: %gpunet connect --credits URL --token TOKEN, "
@@ -177,7 +186,7 @@ class GpunetMagics(Magics):
             announce=items is None and (not args.quiet or args.max_credits is not None),
         )
         remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=args.max_credits,
-                            timeout=args.timeout)
+                            timeout=args.timeout, verify=policy, tolerance=tolerance)
         progress = None if args.quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
         handle = CellHandle(self.shell, remote, analysis, progress, timeout=args.timeout)
         self.shell.user_ns["_gpunet"] = handle

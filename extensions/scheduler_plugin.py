@@ -11,6 +11,14 @@ plugin watches each task's transitions:
   (cancelled, interrupted, lost for good): the hold is released, nobody is paid.
 - an attempt lost with its worker is simply not paid: the task runs again under the
   same hold, and only the attempt that succeeds is paid for.
+- a copy of a verified job (annotated with ``verify``, see :mod:`gpunet.verify`)
+  that succeeded waits for the notebook's verdict instead: a copy in the agreeing
+  quorum is settled with a ledger memo saying how it was verified, by which
+  providers and on which digest; a copy that disagreed is released, unpaid; each
+  provider's trust record in the credit service gets the outcome. A copy whose
+  task is forgotten before any verdict came is released: nobody is paid for work
+  that was never verified. A provider the credit service quarantines has its
+  workers retired and its registration refused until an operator clears it.
 
 Reports go to the credit service in batches from a queue, each with an idempotency
 key derived from its hold (``settle-<hold>``, ``release-<hold>``), so a retry never
@@ -95,6 +103,11 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.dispatched: dict[Any, float] = {}
         #: successful attempts on workers whose provider is not known yet: (hold, seconds, cap)
         self.owed: dict[str, list[tuple[str, float, int]]] = {}
+        #: verified copies that succeeded, by hold: {"key", "provider", "amount", "job"}
+        self.awaiting: dict[str, dict[str, Any]] = {}
+        #: providers the credit service has quarantined (learned from its answers)
+        self.quarantined: set[str] = set()
+        self.verdicts = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._client: Any = None
@@ -107,6 +120,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         self._client = CreditClient(self.credits_url, self.operator_token)
         scheduler.stream_handlers["gpunet-register-provider"] = self._on_register_message
+        scheduler.stream_handlers["gpunet-verdict"] = self._on_verdict_message
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._report_forever(), name="gpunet-metering-reporter")
 
@@ -152,14 +166,66 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 # The worker's registration may still be on its way (or being checked):
                 # keep the attempt owed to it, settled once it registers, released if never.
                 self.closed_holds.add(hold)
-                self.owed.setdefault(worker, []).append((hold, seconds, meta.get("amount", 1)))
+                self.owed.setdefault(worker, []).append((hold, seconds, meta.get("amount", 1), key, meta))
                 asyncio.get_running_loop().call_later(REGISTRATION_WAIT_S, self._give_up_on, worker)
                 return
-            amount = price(seconds, rate, meta.get("amount", 1))
-            self._close(hold, {"op": "settle", "hold": hold, "provider": provider, "amount": amount,
-                               "key": f"settle-{hold}"})
+            self._succeeded(key, meta, hold, provider, price(seconds, rate, meta.get("amount", 1)))
         elif finish == "erred" or finish == "forgotten":
+            self.awaiting.pop(hold, None)
             self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+
+    def _succeeded(self, key: Any, meta: dict[str, Any], hold: str, provider: str, amount: int) -> None:
+        """Settle a successful attempt, or, for a copy of a verified job, keep it until
+        the notebook's verdict (a recomputed copy replaces its earlier attempt)."""
+        if meta.get("verify"):
+            if key not in self.scheduler.tasks:  # forgotten while its provider was being checked
+                self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+                return
+            self.closed_holds.discard(hold)
+            self.awaiting[hold] = {"key": key, "provider": provider, "amount": amount, "job": meta["verify"]}
+            return
+        if provider in self.quarantined:  # finished while its workers were being retired: not paid
+            self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+            return
+        self._close(hold, {"op": "settle", "hold": hold, "provider": provider, "amount": amount,
+                           "key": f"settle-{hold}"})
+
+    def _on_verdict_message(self, client: str | None = None, job: str = "", copies: dict[str, bool] | None = None,
+                            method: str = "", digest: str = "", checked: bool = True, **kwargs: Any) -> None:
+        """Stream handler for a notebook's verdict on the copies of one unit of a
+        verified job: ``copies`` maps each copy's task key to whether it is in the
+        agreeing quorum. Only the client that wants those tasks may judge them;
+        the providers named in the ledger memo are the ones this scheduler saw run
+        the copies, not what the notebook says."""
+        if client is None or not copies:
+            return
+        judged: list[tuple[str, dict[str, Any], bool]] = []
+        for key, agreed in copies.items():
+            ts = self.scheduler.tasks.get(key)
+            meta = (ts.annotations or {}).get(ANNOTATION) if ts is not None else None
+            if not meta or meta.get("verify") != job or not any(cs.client_key == client for cs in ts.who_wants):
+                logger.error("gpunet metering: client %s judged task %s, which is not one of its copies of job %s",
+                             client, key, job)
+                continue
+            hold = _hold_of(key, meta)
+            copy = self.awaiting.pop(hold, None) if hold is not None else None
+            if copy is not None:
+                judged.append((hold, copy, bool(agreed)))
+        agreeing = sorted({copy["provider"] for _, copy, agreed in judged if agreed})
+        memo = {"verified": method, "providers": agreeing, "digest": digest}
+        if not checked:
+            memo["checked"] = False
+        for hold, copy, agreed in judged:
+            if agreed and copy["provider"] not in self.quarantined:
+                self._close(hold, {"op": "settle", "hold": hold, "provider": copy["provider"],
+                                   "amount": copy["amount"], "memo": {**memo, "task": str(copy["key"])},
+                                   "key": f"settle-{hold}"})
+            else:
+                self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+            if checked and copy["provider"] not in self.quarantined:
+                self._queue({"op": "record_verification", "provider": copy["provider"], "agreed": agreed,
+                             "key": f"verdict-{hold}"})
+        self.verdicts += 1
 
     def charge_used(self, key: Any) -> int | None:
         """The notebook stops task ``key`` at its --max-credits: pay the provider of
@@ -224,10 +290,16 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             logger.error("gpunet metering: %s already belongs to %s; %s may not take it", address,
                          known["provider"], account)
             return {"error": f"{address} is already registered to another provider"}
+        if await asyncio.to_thread(self._is_quarantined, account):
+            self._give_up_on(address)
+            await self._retire([address])
+            logger.error("gpunet metering: provider %s is quarantined; its worker %s was sent away", account, address)
+            return {"error": f"provider {account} is quarantined until an operator clears it "
+                             "(gpunet credits clear-quarantine)"}
+        self.quarantined.discard(account)  # an operator may have cleared it since
         self.providers[address] = {"provider": account, "rate": float(rate)}
-        for hold, seconds, cap in self.owed.pop(address, []):
-            self._queue({"op": "settle", "hold": hold, "provider": account, "amount": price(seconds, rate, cap),
-                         "key": f"settle-{hold}"})
+        for hold, seconds, cap, key, meta in self.owed.pop(address, []):
+            self._succeeded(key, meta, hold, account, price(seconds, rate, cap))
         logger.info("gpunet metering: worker %s belongs to provider %s at %s credits/s", address, account, rate)
         return {"provider": account}
 
@@ -239,9 +311,38 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
     def _give_up_on(self, worker: str) -> None:
         """A worker that never registered a provider: release what it was owed."""
-        for hold, _, _ in self.owed.pop(worker, []):
+        for hold, *_ in self.owed.pop(worker, []):
             logger.error("gpunet metering: worker %s names no provider; releasing hold %s", worker, hold)
             self._queue({"op": "release", "hold": hold, "key": f"release-{hold}"})
+
+    def _is_quarantined(self, account: str) -> bool:
+        """Whether the credit service has ``account`` quarantined (what this scheduler
+        last learned, while the service cannot be reached)."""
+        try:
+            return bool(self._client.provider_record(account).get("quarantined"))
+        except Exception as exc:  # noqa: BLE001 - an unreachable service must not block registration
+            logger.warning("gpunet metering: could not read %s's trust record: %s", account, exc)
+            return account in self.quarantined
+
+    def _learn_quarantine(self, record: dict[str, Any]) -> None:
+        """A trust record came back from the credit service: retire the workers of a
+        provider that it quarantined, so that it gets no more work."""
+        provider = record.get("provider")
+        if not record.get("quarantined") or provider in self.quarantined:
+            return
+        self.quarantined.add(provider)
+        workers = [address for address, info in self.providers.items() if info["provider"] == provider]
+        logger.error("gpunet metering: provider %s is quarantined (%s); retiring its workers %s", provider,
+                     record.get("quarantine_reason"), workers)
+        asyncio.ensure_future(self._retire(workers))
+
+    async def _retire(self, workers: list[str]) -> None:
+        if workers:
+            try:
+                await self.scheduler.retire_workers(workers=workers, close_workers=True,
+                                                    stimulus_id=f"gpunet-quarantine-{time.time()}")
+            except Exception:  # noqa: BLE001 - a worker that is already gone is fine
+                logger.exception("gpunet metering: could not retire %s", workers)
 
     def _close(self, hold: str, item: dict[str, Any]) -> None:
         self.closed_holds.add(hold)
@@ -287,10 +388,12 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 self.queue.popleft()
                 if result.get("ok"):
                     self.reported += 1
+                    if item["op"] == "record_verification":
+                        self._learn_quarantine(result)
                 else:
                     self.failed.append({"item": item, "result": result})
-                    logger.error("gpunet metering: %s of hold %s refused: %s", item["op"], item["hold"],
-                                 result.get("error"))
+                    logger.error("gpunet metering: %s (%s) refused: %s", item["op"],
+                                 item.get("hold") or item.get("provider"), result.get("error"))
 
 
 def _hold_of(key: Any, meta: dict[str, Any]) -> str | None:
@@ -331,4 +434,6 @@ def metering_state(dask_scheduler: Scheduler | None = None) -> dict[str, Any] | 
         return None
     return {"credits": plugin.credits_url, "queued": len(plugin.queue), "reported": plugin.reported,
             "failed": len(plugin.failed), "default_rate": plugin.default_rate, "max_rate": plugin.max_rate,
+            "default_provider": plugin.default_provider, "awaiting_verdict": len(plugin.awaiting),
+            "verdicts": plugin.verdicts, "quarantined": sorted(plugin.quarantined),
             "providers": {address: dict(info) for address, info in plugin.providers.items()}}

@@ -401,27 +401,33 @@ class RemoteJob:
     # -- stopping -----------------------------------------------------------------------
     def stop(self, reason: str) -> None:
         """Cancel the job and stop its threads on the workers; restart a stuck worker."""
-        import asyncio
-
-        from gpunet.remote import stop_job
-
         self.stopped_because = reason
-        client = self.network.client
-        try:
-            client.cancel(self.futures, force=True)
-            # Bounded, so that one unresponsive worker cannot make Ctrl-C hang.
-            statuses = client.sync(asyncio.wait_for, client._run(stop_job, self.job.job_id, reason, STOP_GRACE_S),
-                                   STOP_GRACE_S + 5)
-        except Exception as exc:  # noqa: BLE001 - the network may be gone too
-            logger.warning("gpunet: could not stop job %s cleanly: %s", self.job.job_id, exc)
-            return
-        for address, status in statuses.items():
-            if status == "restarting":
-                logger.warning("gpunet: job %s did not stop within %s s on %s; that worker restarts to free its device",
-                               self.job.job_id, STOP_GRACE_S, address)
-            elif status == "stuck":
-                logger.warning("gpunet: job %s is stuck on %s, which has no Nanny to restart it; "
-                               "its device stays busy until the job ends", self.job.job_id, address)
+        stop_job_everywhere(self.network, self.job.job_id, self.futures, reason)
+
+
+def stop_job_everywhere(network: Network, job_id: str, futures: list[Future], reason: str) -> None:
+    """Cancel ``futures`` and stop job ``job_id``'s threads on every worker; a worker
+    whose thread does not leave within :data:`STOP_GRACE_S` restarts (under a Nanny)."""
+    import asyncio
+
+    from gpunet.remote import stop_job
+
+    client = network.client
+    try:
+        client.cancel(futures, force=True)
+        # Bounded, so that one unresponsive worker cannot make Ctrl-C hang.
+        statuses = client.sync(asyncio.wait_for, client._run(stop_job, job_id, reason, STOP_GRACE_S),
+                               STOP_GRACE_S + 5)
+    except Exception as exc:  # noqa: BLE001 - the network may be gone too
+        logger.warning("gpunet: could not stop job %s cleanly: %s", job_id, exc)
+        return
+    for address, status in statuses.items():
+        if status == "restarting":
+            logger.warning("gpunet: job %s did not stop within %s s on %s; that worker restarts to free its device",
+                           job_id, STOP_GRACE_S, address)
+        elif status == "stuck":
+            logger.warning("gpunet: job %s is stuck on %s, which has no Nanny to restart it; "
+                           "its device stays busy until the job ends", job_id, address)
 
 
 def _write(name: str, text: str) -> None:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from gpunet.jobs import RemoteJob
     from gpunet.metering import Meter
+    from gpunet.verify import VerifiedJob
 
 logger = logging.getLogger(__name__)
 
@@ -358,30 +359,35 @@ class Network:
     # -- running work ------------------------------------------------------------------
     def run(self, fn: Callable[..., Any], *args: Any, gpus: int | None = None, gpu_mem: int | str | None = None,
             min_tflops: float | None = None, timeout: float | None = None, max_credits: float | None = None,
-            **kwargs: Any) -> Any:
+            verify: str | None = None, rtol: float | None = None, atol: float | None = None, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker and return its result.
 
         ``gpus`` / ``gpu_mem`` / ``min_tflops`` restrict placement; ``timeout``
         (seconds) stops the call on the worker when it runs longer. The worker's
         stdout is printed here as it runs; an exception is raised here with the
-        remote traceback.
+        remote traceback. ``verify`` ("replicate[:K]", "spot[:P]", "adaptive")
+        runs it on distinct providers and returns what they agree on, within the
+        kernel's tolerance or ``rtol`` / ``atol`` (see :mod:`gpunet.verify`).
         """
         from gpunet import jobs
 
         job = jobs.function_job(fn, args, kwargs, topic=self.topic)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
         remote = self.submit(job, resources=self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem)), workers=workers,
-                             max_credits=max_credits, timeout=timeout)
+                             max_credits=max_credits, timeout=timeout, verify=verify,
+                             tolerance=_tolerance(verify, fn, rtol, atol))
         return jobs.function_value(remote.wait(timeout=timeout)[0])
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *, gpus: int | None = None,
             gpu_mem: int | str | None = None, min_tflops: float | None = None, timeout: float | None = None,
-            max_credits: float | None = None, placement: str = "any") -> list[Any]:
+            max_credits: float | None = None, placement: str = "any", verify: str | None = None,
+            rtol: float | None = None, atol: float | None = None) -> list[Any]:
         """Run ``fn(item)`` for every item, spread over the workers; results in item order.
 
         ``placement="capability"`` pins item i to the i-th worker of :func:`split`'s
         order (wrapping around), so chunks sized by ``gpunet.split(total, net)``
-        finish together on fast and slow workers.
+        finish together on fast and slow workers. ``verify`` / ``rtol`` / ``atol``
+        as in :meth:`run`, for every item.
         """
         from gpunet import jobs
 
@@ -389,14 +395,14 @@ class Network:
         job = jobs.function_job(fn, (), {}, topic=self.topic, announce=False)
         resources = self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem))
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
+        options = dict(resources=resources, items=items, max_credits=max_credits, timeout=timeout, verify=verify,
+                       tolerance=_tolerance(verify, fn, rtol, atol))
         if placement == "capability":
             order = workers or list(self.capabilities())
             pinned = [[order[index % len(order)]] for index in range(len(items))]
-            remote = self.submit(job, resources=resources, items=items, workers=pinned, max_credits=max_credits,
-                                 timeout=timeout)
+            remote = self.submit(job, workers=pinned, **options)
         elif placement == "any":
-            remote = self.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
-                                 timeout=timeout)
+            remote = self.submit(job, workers=workers, **options)
         else:
             raise GpunetError(f"placement must be 'any' or 'capability', got {placement!r}")
         return [jobs.function_value(result) for result in remote.wait(timeout=timeout)]
@@ -414,8 +420,10 @@ class Network:
 
     def submit(self, job: Any, *, resources: dict[str, float], items: list[Any] | None = None,
                workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
-               timeout: float | None = None) -> RemoteJob:
-        """Send ``job`` (once, or once per item) and return its :class:`~gpunet.jobs.RemoteJob`.
+               timeout: float | None = None, verify: str | None = None,
+               tolerance: Any = None) -> RemoteJob | VerifiedJob:
+        """Send ``job`` (once, or once per item) and return its :class:`~gpunet.jobs.RemoteJob`
+        (a :class:`~gpunet.verify.VerifiedJob` with ``verify``).
 
         ``workers`` restricts where it may run: one list for every item, or one
         list per item (``placement="capability"``). On a metered network the job's
@@ -424,9 +432,18 @@ class Network:
         """
         from gpunet import jobs
         from gpunet.metering import BudgetError, annotation
+        from gpunet.verify import Policy, VerificationError, VerifiedJob, tolerance_for
 
         self._ensure_open()
+        policy = Policy.parse(verify)
         self.check_placement(resources)
+        if policy.active:
+            if workers and isinstance(workers[0], list):
+                raise VerificationError("placement='capability' pins items to workers, and verification needs "
+                                        "copies on other providers' workers: use one or the other")
+            return VerifiedJob.submit(self, job, policy, tolerance or tolerance_for(job.code or job.function),
+                                      resources=resources, items=items, workers=workers, max_credits=max_credits,
+                                      timeout=timeout)
         if self.meter is None:
             if max_credits is not None:
                 raise GpunetError("--max-credits needs a metered network: connect with --credits URL --token TOKEN, "
@@ -507,6 +524,17 @@ class Network:
             with _current_lock:
                 if _current is self:
                     _current = None
+
+
+def _tolerance(verify: str | None, work: Any, rtol: float | None, atol: float | None) -> Any:
+    """The tolerance for verifying ``work`` (None where nothing is verified)."""
+    from gpunet.verify import Policy, VerificationError, tolerance_for
+
+    if not Policy.parse(verify).active:
+        if rtol is not None or atol is not None:
+            raise VerificationError("rtol / atol are tolerances for comparing verified copies: give verify= too")
+        return None
+    return tolerance_for(work, rtol=rtol, atol=atol)
 
 
 def _satisfies(offered: dict[str, float], asked: dict[str, float]) -> bool:

@@ -242,11 +242,6 @@ def test_status_lists_workers_and_dashboard(ip):
     assert "free slots" in text and "credits: spent" in text
 
 
-def test_verify_says_what_is_missing(ip):
-    with pytest.raises(UsageError, match="verifies no results"):
-        run(ip, "x = 1", flags="--verify replicate:2")
-
-
 def test_unknown_line_command_gives_usage(ip):
     with pytest.raises(UsageError, match="connect"):
         ip.run_line_magic("gpunet", "conect")

@@ -27,7 +27,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     assert executed.exists()
 
 
-def test_make_demo_summary(tmp_path, capsys, monkeypatch):
+def test_make_demo_summary(tmp_path, capsys, monkeypatch, detached):
     source = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
     copy = tmp_path / "quickstart.ipynb"
     copy.write_text(source.read_text())

@@ -1,0 +1,193 @@
+"""A small market on 127.0.0.1 for tests and benchmarks: a credit service, a metered
+scheduler, and provider workers, some of which may lie.
+
+:func:`local_market` starts every part for real: ``gpunet credits serve`` in its
+own process, a Dask scheduler with the metering plugin, and one Nanny worker
+process per provider, each with the gpunet worker plugin holding that provider's
+credit token. A provider given a ``lie_rate`` also runs :class:`LiarPlugin`,
+which perturbs that fraction of its results after they are computed, the way a
+faulty GPU or a cheating owner would: a flipped bit of a float, an integer off by
+one. It writes what it saw and what it falsified to a log the caller can read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+from distributed.diagnostics.plugin import WorkerPlugin
+
+logger = logging.getLogger(__name__)
+
+#: The mantissa bit a liar flips in a float64: a relative change of about 1/256.
+FLIPPED_BIT = 44
+
+
+def perturb(value: Any) -> Any:
+    """A wrong copy of ``value``: one float with a mantissa bit flipped, one integer
+    off by one, a string changed; the first element of a container. Returns
+    :data:`NotImplemented` for values it cannot falsify."""
+    import numpy as np
+
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        (bits,) = struct.unpack("<Q", struct.pack("<d", value))
+        return struct.unpack("<d", struct.pack("<Q", bits ^ (1 << FLIPPED_BIT)))[0]
+    if isinstance(value, str):
+        return value + "?"
+    if isinstance(value, np.ndarray) and value.size:
+        wrong = value.copy()
+        flat = wrong.reshape(-1)
+        flat[0] = perturb(flat[0].item())
+        return wrong
+    if isinstance(value, (list, tuple)) and value:
+        first = perturb(value[0])
+        if first is NotImplemented:
+            return NotImplemented
+        rest = list(value[1:])
+        return type(value)([first, *rest]) if not hasattr(value, "_fields") else type(value)(first, *rest)
+    if isinstance(value, dict) and value:
+        key = sorted(value, key=str)[0]
+        wrong = perturb(value[key])
+        return NotImplemented if wrong is NotImplemented else {**value, key: wrong}
+    return NotImplemented
+
+
+class LiarPlugin(WorkerPlugin):
+    """Falsifies a fraction ``rate`` of the gpunet results this worker computes.
+
+    Each gpunet task that reaches memory is appended to ``log`` as a JSON line
+    ``{"key": ..., "lied": bool}`` (a lie replaces the stored result before
+    anyone fetches it, so the scheduler and the notebook see only the lie)."""
+
+    name = "gpunet-liar"
+
+    def __init__(self, rate: float, log: str, seed: int = 0) -> None:
+        self.rate = rate
+        self.log = log
+        self.seed = seed
+
+    def setup(self, worker: Any) -> None:
+        """Remember the worker, and seed this worker's coin."""
+        self.worker = worker
+        self.rng = random.Random(f"{self.seed}-{worker.name}")
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        """After a gpunet task's result is stored: maybe replace it with a lie."""
+        if finish != "memory" or not str(key).startswith("gpunet-"):
+            return
+        result = self.worker.data.get(key)
+        lied = False
+        if self.rng.random() < self.rate and hasattr(result, "job_id"):
+            wrong = _falsified(result)
+            if wrong is not None:
+                self.worker.data[key] = wrong
+                lied = True
+        with open(self.log, "a") as out:
+            out.write(json.dumps({"key": str(key), "lied": lied}) + "\n")
+
+
+def _falsified(result: Any) -> Any:
+    """A :class:`~gpunet.remote.JobResult` with a falsified value or first output."""
+    if result.error is not None:
+        return None
+    if result.value is not None:
+        wrong = perturb(cloudpickle.loads(result.value))
+        return None if wrong is NotImplemented else replace(result, value=cloudpickle.dumps(wrong))
+    for name in sorted(result.outputs):
+        wrong = perturb(cloudpickle.loads(result.outputs[name]))
+        if wrong is not NotImplemented:
+            return replace(result, outputs={**result.outputs, name: cloudpickle.dumps(wrong)})
+    return None
+
+
+@dataclass
+class Market:
+    """A running :func:`local_market`: where its parts listen, and their accounts."""
+
+    scheduler: str
+    credits_url: str
+    operator: Any  # CreditClient as the operator
+    client_token: str
+    provider_tokens: dict[str, str]
+    logs: dict[str, Path]
+    cluster: Any = None
+    workers_of: dict[str, list[str]] = field(default_factory=dict)
+
+    def lies(self, provider: str) -> list[dict[str, Any]]:
+        """What ``provider``'s liar plugin logged: one {"key", "lied"} per result."""
+        path = self.logs.get(provider)
+        if path is None or not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def connect(self, budget: int = 100_000) -> Any:
+        """A :class:`gpunet.Network` on this market, as its client account."""
+        import gpunet
+
+        return gpunet.connect(self.scheduler, credits=self.credits_url, token=self.client_token, budget=budget)
+
+
+@contextlib.contextmanager
+def local_market(providers: dict[str, float], *, workers_per_provider: int = 1, client_credits: int = 10_000_000,
+                 directory: str | Path | None = None, seed: int = 0,
+                 reputation_floor: float | None = None) -> Iterator[Market]:
+    """Start a market whose ``providers`` map provider names to how often each lies
+    (0 for an honest one); stop every part on exit. ``reputation_floor`` is the
+    credit service's (0: nobody is ever quarantined)."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    from gpunet.credits import serve_in_background
+    from gpunet.devices import DEVICE_RESOURCE
+    from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
+    from gpunet.extensions.worker_plugin import GpunetWorkerPlugin
+
+    with contextlib.ExitStack() as stack:
+        place = Path(directory) if directory else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        floor = [] if reputation_floor is None else ["--reputation-floor", str(reputation_floor)]
+        service = serve_in_background(place / "credits.sqlite3", operator_token_file=place / "operator-token",
+                                      extra_args=floor)
+        stack.callback(service.stop)
+        operator = service.client()
+        stack.callback(operator.close)
+        tokens = {name: operator.create_account(name, "provider")["token"] for name in providers}
+        client_token = operator.create_account("scientist", "client")["token"]
+        operator.mint("scientist", client_credits, key="mint-scientist")
+        logs = {name: place / f"{name}-results.jsonl" for name, rate in providers.items() if rate > 0}
+        workers = {}
+        for name, rate in providers.items():
+            plugins = {GpunetWorkerPlugin(tokens[name])}
+            if rate > 0:
+                plugins.add(LiarPlugin(rate, str(logs[name]), seed=seed))
+            for number in range(workers_per_provider):
+                workers[f"{name}-{number}"] = {"cls": Nanny, "options": {
+                    "nthreads": 1, "host": "127.0.0.1", "resources": {DEVICE_RESOURCE: 1}, "plugins": plugins,
+                    "dashboard_address": None}}
+        scheduler = {"cls": Scheduler, "options": {
+            "host": "127.0.0.1", "port": 0, "dashboard_address": ":0",
+            "plugins": [GpunetMeteringPlugin(service.url, service.operator_token)]}}
+        cluster = stack.enter_context(SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING))
+        metering = cluster.scheduler.plugins[GpunetMeteringPlugin.name]
+        deadline = time.monotonic() + 60
+        while len(metering.providers) < len(workers):  # each worker registers its provider once connected
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(metering.providers)} of {len(workers)} workers registered a provider")
+            time.sleep(0.05)
+        workers_of: dict[str, list[str]] = {}
+        for address, info in metering.providers.items():
+            workers_of.setdefault(info["provider"], []).append(address)
+        yield Market(cluster.scheduler_address, service.url, operator, client_token, tokens, logs, cluster,
+                     workers_of)

@@ -1,0 +1,706 @@
+"""Verified results: run work on several providers and accept what a quorum agrees on.
+
+Providers are strangers: a GPU may be faulty, an owner may cheat. With
+``--verify`` (``verify=`` in the Python API) a job's every unit (the cell, or
+each item of a map) runs as *copies* on distinct providers (provider accounts,
+not just workers), and the notebook, which owns the work as a volunteer-computing
+project owns its work units, compares what came back:
+
+- ``replicate[:K]`` (K=2 by default): K copies; a result that ``K // 2 + 1`` of
+  them agree on is accepted.
+- ``spot[:P]`` (P=0.1 by default): one copy; with probability P a second copy
+  runs on the provider with the best record, and the two must agree.
+- ``adaptive``: one copy, replicated like ``replicate:2`` until its provider has
+  :data:`TRUSTED_AFTER` consecutive verified results, from then on only with
+  probability ``1 / consecutive_valid`` (the adaptive replication of BOINC).
+
+Two results agree when their digests (SHA-256 of the pickled outputs) are equal,
+or when the decoded values agree within the tolerance: exactly for integers,
+strings and bytes, within ``rtol``/``atol`` for floats. The tolerance is the
+kernel's (``gpunet.kernels.<name>.tolerance``, found from the function's module or
+the kernels a cell imports), else NumPy's ``allclose`` defaults; ``--rtol`` /
+``--atol`` override it. Copies that disagree get one more copy on another
+provider, up to :data:`MAX_EXTRA_COPIES`; a unit still without a quorum fails
+with the disagreement shown. Once a quorum exists, copies still running are
+cancelled (their holds released).
+
+The verdict goes to the scheduler plugin, which settles the agreeing copies (the
+ledger entry's memo says how the result was verified, by which providers, and its
+digest), releases the rest unpaid, and reports each provider's outcome to its
+trust record in the credit service, where repeated mismatches quarantine it.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from gpunet.errors import CellTimeoutError, GpunetError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Future
+
+    from gpunet.kernels import Mismatch, Tolerance
+    from gpunet.network import Network
+    from gpunet.remote import Job, JobResult
+    from gpunet.widgets import JobProgress
+
+logger = logging.getLogger(__name__)
+
+#: Consecutive verified results after which ``adaptive`` replicates a provider's
+#: tasks only with probability 1 / consecutive_valid.
+TRUSTED_AFTER = 10
+#: Copies sent beyond the first ones when they disagree, per unit.
+MAX_EXTRA_COPIES = 2
+#: The tolerance where neither a kernel nor --rtol/--atol gives one (numpy.allclose's).
+DEFAULT_RTOL, DEFAULT_ATOL = 1e-5, 1e-8
+
+POLICY_HELP = "none, replicate[:K] (K >= 2), spot[:P] (0 < P <= 1) or adaptive"
+
+
+class VerificationError(GpunetError):
+    """Verification could not run, or the copies of a result did not agree."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How results are verified: ``mode`` with its ``copies`` (replicate) or
+    ``probability`` (spot)."""
+
+    mode: str = "none"
+    copies: int = 1
+    probability: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str | Policy | None) -> Policy:
+        """``"replicate:3"`` -> Policy("replicate", copies=3); a clear error otherwise."""
+        if isinstance(text, Policy):
+            return text
+        spec = (text or "none").strip().lower()
+        mode, _, arg = spec.partition(":")
+        try:
+            if mode == "none" and not arg:
+                return cls()
+            if mode == "replicate":
+                copies = int(arg) if arg else 2
+                if copies >= 2:
+                    return cls("replicate", copies=copies)
+            elif mode == "spot":
+                probability = float(arg) if arg else 0.1
+                if 0 < probability <= 1:
+                    return cls("spot", probability=probability)
+            elif mode == "adaptive" and not arg:
+                return cls("adaptive")
+        except ValueError:
+            pass
+        raise VerificationError(f"--verify must be {POLICY_HELP}; got {text!r}")
+
+    def __str__(self) -> str:
+        if self.mode == "replicate":
+            return f"replicate:{self.copies}"
+        if self.mode == "spot":
+            return f"spot:{self.probability:g}"
+        return self.mode
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def max_copies(self) -> int:
+        """The most copies one unit may run: its first ones and the extra ones."""
+        return (self.copies if self.mode == "replicate" else 2) + MAX_EXTRA_COPIES
+
+    @property
+    def providers_needed(self) -> int:
+        """Distinct providers the policy needs to verify anything at all."""
+        return self.copies if self.mode == "replicate" else 2
+
+
+# -- tolerance and comparison ------------------------------------------------------------
+
+
+def tolerance_for(work: Any = None, *, rtol: float | None = None, atol: float | None = None) -> Tolerance:
+    """The tolerance to compare results of ``work`` (a function, or a cell's code):
+    the loosest of the ``gpunet.kernels`` modules it uses, else NumPy's allclose
+    defaults; ``rtol`` / ``atol`` replace the corresponding part."""
+    from gpunet import kernels
+    from gpunet.kernels import Tolerance
+
+    found = [getattr(kernels, name).tolerance for name in _kernels_used(work)]
+    base = Tolerance(max(t.rtol for t in found), max(t.atol for t in found),
+                     max(t.max_mismatch for t in found)) if found else Tolerance(DEFAULT_RTOL, DEFAULT_ATOL)
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not value >= 0:
+            raise VerificationError(f"--{name} must be a number >= 0, got {value!r}")
+    return base._replace(rtol=base.rtol if rtol is None else float(rtol),
+                         atol=base.atol if atol is None else float(atol))
+
+
+def _kernels_used(work: Any) -> list[str]:
+    """Names of the gpunet.kernels modules a function belongs to or a cell imports."""
+    from gpunet.kernels import KERNELS
+
+    if callable(work):
+        module = getattr(work, "__module__", "") or ""
+        name = module.rsplit(".", 1)[-1]
+        return [name] if module.startswith(("gpunet.kernels.", "kernels.")) and name in KERNELS else []
+    if not isinstance(work, str):
+        return []
+    try:
+        tree = ast.parse(work)
+    except SyntaxError:
+        return []
+    used: set[str] = set()
+    for node in ast.walk(tree):
+        dotted = []
+        if isinstance(node, ast.Import):
+            dotted = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            dotted = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Attribute):
+            dotted = [ast.unparse(node)]
+        for name in dotted:
+            parts = name.split(".")
+            if parts[:2] == ["gpunet", "kernels"] and len(parts) > 2 and parts[2] in KERNELS:
+                used.add(parts[2])
+    return sorted(used)
+
+
+def result_digest(result: JobResult) -> str:
+    """``sha256:...`` of what a copy returned: its error, its value, or its outputs by name."""
+    h = hashlib.sha256()
+    if result.error is not None:
+        h.update(f"error\0{result.error['ename']}\0{result.error['evalue']}".encode())
+    elif result.value is not None:
+        h.update(b"value\0" + result.value)
+    else:
+        for name in sorted(result.outputs):
+            h.update(f"output\0{name}\0{len(result.outputs[name])}\0".encode() + result.outputs[name])
+        h.update("\0".join(sorted(result.missing_outputs)).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _decoded(result: JobResult) -> Any:
+    """The comparable content of a copy's result."""
+    if result.error is not None:
+        return ("error", result.error["ename"], result.error["evalue"])
+    if result.value is not None:
+        return cloudpickle.loads(result.value)
+    return {name: cloudpickle.loads(blob) for name, blob in result.outputs.items()}
+
+
+def disagreement(a: JobResult, b: JobResult, tolerance: Tolerance) -> Mismatch | str | None:
+    """None when two copies agree (same digest, or equal within ``tolerance``), else
+    what differs: a :class:`~gpunet.kernels.Mismatch`, or a sentence."""
+    from gpunet.kernels import compare
+
+    if result_digest(a) == result_digest(b):
+        return None
+    if (a.error is None) != (b.error is None):
+        failed = a if a.error is not None else b
+        return f"one copy raised {failed.error['ename']}: {failed.error['evalue']}, the other did not"
+    try:
+        return compare(_decoded(a), _decoded(b), tolerance)
+    except Exception as exc:  # noqa: BLE001 - arbitrary user objects
+        return f"the results could not be compared ({type(exc).__name__}: {exc}), and their digests differ"
+
+
+def _preview(result: JobResult, limit: int = 80) -> str:
+    try:
+        text = repr(_decoded(result))
+    except Exception as exc:  # noqa: BLE001
+        text = f"<undecodable: {exc}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- providers ------------------------------------------------------------------------------
+
+
+@dataclass
+class ProviderPool:
+    """The providers that may run copies of a job: their eligible workers, trust
+    records, and how many copies of this job each has been given."""
+
+    workers: dict[str, list[str]]
+    records: dict[str, dict[str, Any]]
+    quarantined: list[str] = field(default_factory=list)
+    load: Counter = field(default_factory=Counter)
+    rng: random.Random = field(default_factory=random.Random)
+
+    @classmethod
+    def of(cls, network: Network, resources: dict[str, float], allowed: list[str] | None) -> ProviderPool:
+        """The providers of ``network`` with a worker that can run a job asking for
+        ``resources`` (among ``allowed`` workers), quarantined ones left out."""
+        from gpunet.extensions.scheduler_plugin import metering_state
+        from gpunet.network import _satisfies
+
+        state = network.client.run_on_scheduler(metering_state) if network.meter is not None else None
+        if state is None:
+            raise VerificationError(
+                "--verify needs a metered network: results are compared across provider accounts, which only a "
+                "metering scheduler knows (connect with --credits URL --token TOKEN, or with no address)")
+        owners = {address: info["provider"] for address, info in state["providers"].items()}
+        workers: dict[str, list[str]] = {}
+        for address, info in network._scheduler_workers(fresh=True).items():
+            provider = owners.get(address, state.get("default_provider"))
+            if provider is None or (allowed is not None and address not in allowed):
+                continue
+            if _satisfies(info.get("resources") or {}, resources):
+                workers.setdefault(provider, []).append(address)
+        records = {record["provider"]: record for record in network.meter.credits.provider_records()}
+        quarantined = sorted(p for p in workers if records.get(p, {}).get("quarantined"))
+        quarantined += [p for p in state.get("quarantined", ()) if p in workers and p not in quarantined]
+        for provider in quarantined:
+            workers.pop(provider, None)
+        return cls(workers, records, quarantined)
+
+    def require(self, policy: Policy) -> None:
+        """Refuse, before anything is sent, a policy this network cannot honour."""
+        need = policy.providers_needed
+        if len(self.workers) >= need:
+            return
+        have = ", ".join(f"{p} ({len(w)} worker{'s' * (len(w) != 1)})" for p, w in sorted(self.workers.items()))
+        quarantined = f"; quarantined, so left out: {', '.join(self.quarantined)}" if self.quarantined else ""
+        raise VerificationError(
+            f"--verify {policy} needs {need} distinct providers that can run this job, and this network has "
+            f"{len(self.workers)}{': ' + have if have else ''}{quarantined}. Nothing was sent. Use --verify none, "
+            "ask for less (--gpus, --gpu-mem), or connect to a network with more providers.")
+
+    def consecutive_valid(self, provider: str) -> int:
+        return int(self.records.get(provider, {}).get("consecutive_valid", 0))
+
+    def choose(self, exclude: set[str], *, trusted: bool = False) -> str | None:
+        """A provider not in ``exclude``: the least loaded (per worker), or, with
+        ``trusted``, the one with the best record; None when none is left."""
+        candidates = [p for p in self.workers if p not in exclude]
+        if not candidates:
+            return None
+        self.rng.shuffle(candidates)  # ties go to a random provider
+        def busy(p: str) -> float:
+            return self.load[p] / len(self.workers[p])
+        if trusted:
+            best = max(candidates, key=lambda p: (self.consecutive_valid(p), -busy(p)))
+        else:
+            best = min(candidates, key=busy)
+        self.load[best] += 1
+        return best
+
+
+# -- the verified job ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Copy:
+    """One copy of a unit, sent to one provider."""
+
+    key: str
+    provider: str
+    hold: str | None
+    future: Future
+    result: JobResult | None = None
+    failed: str | None = None  # why the copy produced no result
+
+
+@dataclass(eq=False)
+class Unit:
+    """The cell, or one item of a map, and its copies."""
+
+    index: int | None
+    blob: bytes | None
+    copies: list[Copy] = field(default_factory=list)
+    quorum: int = 1
+    extra: int = 0
+    accepted: Copy | None = None
+    error: str | None = None
+
+    @property
+    def decided(self) -> bool:
+        return self.accepted is not None or self.error is not None
+
+
+class VerifiedJob:
+    """A job whose units run as copies on distinct providers (see the module
+    docstring). Has the waiting interface of :class:`gpunet.jobs.RemoteJob`."""
+
+    def __init__(self, network: Network, job: Job, policy: Policy, tolerance: Tolerance, pool: ProviderPool, *,
+                 resources: dict[str, float], items: list[bytes] | None, amount: int | None) -> None:
+        self.network = network
+        self.job = job
+        self.policy = policy
+        self.tolerance = tolerance
+        self.pool = pool
+        self.resources = resources
+        self.amount = amount
+        self.mapped = items is not None
+        self.units = [Unit(None, None)] if items is None else [Unit(i, blob) for i, blob in enumerate(items)]
+        self.count = len(self.units)
+        self.submitted = time.monotonic()
+        self.stopped_because: str | None = None
+        self._inputs: Future | None = None
+        self._shared: Any = job
+        #: task key -> its unit and copy
+        self._owner: dict[str, tuple[Unit, Copy]] = {}
+        self._quarantine_checked = time.monotonic()
+        #: set by each copy's future when it finishes
+        self._wake = threading.Event()
+
+    # -- sending ---------------------------------------------------------------------
+    @classmethod
+    def submit(cls, network: Network, job: Job, policy: Policy, tolerance: Tolerance, *,
+               resources: dict[str, float], items: list[Any] | None = None, workers: list[str] | None = None,
+               max_credits: float | None = None, timeout: float | None = None) -> VerifiedJob:
+        """Choose each unit's providers, hold credits for every copy, and send them.
+        Refuses (nothing held, nothing sent) when too few providers can run it."""
+        from gpunet import jobs
+        from gpunet.metering import BudgetError
+
+        pool = ProviderPool.of(network, resources, workers)
+        pool.require(policy)
+        blobs = None if items is None else [jobs.pickled(item, f"map item {i}") for i, item in enumerate(items)]
+        # Copies report only through their results: live output of K copies would
+        # interleave, so the accepted copy's output is shown once it is known.
+        job.topic, job.result_event, job.announce = None, False, False
+        # With --max-credits every copy a unit may need (its first ones and the extra
+        # ones) holds an equal share, so that all of them together stay within it.
+        units = 1 if items is None else len(items)
+        if max_credits is not None and max_credits < units * policy.max_copies:
+            what = "the cell" if items is None else f"each of {units} items"
+            raise BudgetError(f"--max-credits {max_credits:g} cannot pay for the up to {policy.max_copies} copies "
+                              f"that --verify {policy} may run of {what} (every copy costs at least 1 credit): "
+                              f"give at least --max-credits {units * policy.max_copies}. Nothing was sent.")
+        # Without it each copy holds what the task would hold unverified.
+        plan = network.meter.plan(count=units if max_credits is None else units * policy.max_copies,
+                                  max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
+        self = cls(network, job, policy, tolerance, pool, resources=resources, items=blobs, amount=plan.amount)
+        planned = [(unit, provider) for unit in self.units for provider in self._first_providers(unit)]
+        try:
+            holds = network.meter.hold(job.job_id, count=len(planned), amount=plan.amount)
+        except BudgetError as exc:
+            if getattr(exc, "placed", None):  # a race took the budget between check and batch
+                network._release_unsent(exc.placed)
+            raise
+        client = network.client
+        try:
+            if sum(len(blob) for blob in job.inputs.values()) > jobs.SCATTER_THRESHOLD_BYTES:
+                self._inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
+            if self.mapped:
+                self._shared = client.scatter(job, hash=False, broadcast=True)
+            for (unit, provider), hold in zip(planned, holds):
+                self._send(unit, provider, hold)
+        except BaseException:
+            network._release_unsent([h for h in holds if h not in {c.hold for u in self.units for c in u.copies}])
+            self.stop("not sent")
+            raise
+        return self
+
+    def _first_providers(self, unit: Unit) -> list[str]:
+        """The providers of a unit's first copies, by policy."""
+        pool, policy = self.pool, self.policy
+        if policy.mode == "replicate":
+            unit.quorum = policy.copies // 2 + 1
+            chosen: list[str] = []
+            for _ in range(policy.copies):
+                chosen.append(pool.choose(set(chosen)))
+            return chosen
+        first = pool.choose(set())
+        if policy.mode == "spot":
+            check = pool.rng.random() < policy.probability
+        else:  # adaptive
+            consecutive = pool.consecutive_valid(first)
+            check = consecutive < TRUSTED_AFTER or pool.rng.random() < 1.0 / consecutive
+        if not check:
+            return [first]
+        unit.quorum = 2
+        return [first, pool.choose({first}, trusted=True)]
+
+    def _send(self, unit: Unit, provider: str, hold: str) -> None:
+        import dask
+
+        from gpunet.remote import run_job
+
+        number = len(unit.copies)
+        key = f"gpunet-{self.job.job_id}-{'c' if unit.index is None else unit.index}-{number}"
+        annotation = {"hold": hold, "amount": self.amount, "verify": self.job.job_id}
+        with dask.annotate(gpunet=annotation):
+            future = self.network.client.submit(
+                run_job, self._shared, unit.blob, unit.index, self._inputs, key=key, pure=False,
+                resources=self.resources, workers=self.pool.workers[provider], allow_other_workers=False)
+        future.add_done_callback(lambda _: self._wake.set())
+        copy = Copy(key, provider, hold, future)
+        unit.copies.append(copy)
+        self._owner[key] = (unit, copy)
+
+    # -- waiting ---------------------------------------------------------------------
+    def done(self) -> bool:
+        """True once every unit is accepted or failed."""
+        return all(unit.decided for unit in self.units)
+
+    @property
+    def completed(self) -> int:
+        return sum(unit.decided for unit in self.units)
+
+    def wait(self, timeout: float | None = None, *, progress: JobProgress | None = None,
+             echo: bool = True) -> list[JobResult]:
+        """Wait until every unit has a verified result (or failed), settle the
+        verdicts, and return the accepted results in item order."""
+        deadline = None if timeout is None else self.submitted + timeout
+        try:
+            while not self.done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self.stop("timeout")
+                    raise CellTimeoutError(
+                        f"the job did not finish within its timeout of {timeout:g} s (all its copies, queued and "
+                        "running) and was stopped; give it more time (--timeout) or make it smaller.")
+                self._wait_for_copies(self.POLL_S if left is None else min(self.POLL_S, left))
+                self._drop_quarantined()
+                if progress is not None:
+                    progress.tick(done=self.completed)
+        except KeyboardInterrupt:
+            self.stop("interrupted")
+            raise
+        except BaseException as exc:
+            self.stop(f"stopped by an error ({type(exc).__name__})")
+            raise
+        if self.stopped_because is not None:
+            self._release_futures()
+            raise GpunetError(f"the job was {self.stopped_because} before it was verified; nobody was paid for it")
+        failures = [unit for unit in self.units if unit.error is not None]
+        results = [unit.accepted.result for unit in self.units if unit.accepted is not None]
+        if self.network.meter is not None:
+            for unit in self.units:
+                for copy in unit.copies:
+                    if copy.result is not None:
+                        self.network.meter.count(copy.result.worker, copy.result.device, copy.result.seconds)
+        self._release_futures()
+        if failures:
+            shown = "\n".join(unit.error for unit in failures[:5])
+            more = f"\n(and {len(failures) - 5} more)" if len(failures) > 5 else ""
+            raise VerificationError(f"{len(failures)} of {self.count} results could not be verified; nobody was "
+                                    f"paid for them:\n{shown}{more}")
+        if progress is not None and not self.mapped:
+            progress.ran_on(results[0].worker, f"{results[0].device}, verified {self.policy}")
+        if echo:
+            for result in results:
+                self._echo_rest(result)
+        return results
+
+    #: Longest wait for a copy before the waiter looks at the clock again.
+    POLL_S = 0.5
+
+    def _wait_for_copies(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for a running copy to finish, then judge what finished."""
+        self._wake.wait(seconds)
+        self._wake.clear()
+        running = [copy.future for unit in self.units if not unit.decided for copy in unit.copies
+                   if copy.result is None and copy.failed is None]
+        # "lost": its data went with a worker and Dask runs it again; still pending here
+        finished = [future for future in running if future.status in ("finished", "error", "cancelled")]
+        fetched = {}
+        good = [future for future in finished if future.status == "finished"]
+        if good:
+            try:
+                fetched = dict(zip((f.key for f in good), self.network.client.gather(good)))
+            except Exception as exc:  # noqa: BLE001 - judged one by one below
+                logger.warning("gpunet: fetching %d copies failed (%s); fetching them one by one", len(good), exc)
+        for future in finished:
+            self._arrived(future, fetched.get(future.key))
+
+    def _drop_quarantined(self) -> None:
+        """A provider quarantined mid-job, or whose workers all left, gets no more
+        copies, and its copies still waiting are replaced by copies elsewhere (they
+        are pinned to workers that will never run them)."""
+        from gpunet.extensions.scheduler_plugin import metering_state
+
+        now = time.monotonic()
+        if now - self._quarantine_checked < 1.0:
+            return
+        self._quarantine_checked = now
+        state = self.network.client.run_on_scheduler(metering_state) or {}
+        present = set(self.network._scheduler_workers(fresh=True))
+        quarantined = set(state.get("quarantined", ()))
+        for provider in list(self.pool.workers):
+            if provider in quarantined:
+                why = f"its provider {provider} was quarantined"
+                self.pool.quarantined.append(provider)
+            elif not present & set(self.pool.workers[provider]):
+                why = f"every worker of its provider {provider} left"
+            else:
+                continue
+            logger.warning("gpunet: job %s: %s; its copies go elsewhere", self.job.job_id, why.removeprefix("its "))
+            self.pool.workers.pop(provider)
+            for unit in self.units:
+                stale = [copy for copy in unit.copies if not unit.decided and copy.provider == provider
+                         and copy.result is None and copy.failed is None]
+                if stale:
+                    self._cancel(stale, why=why)
+                    unit.extra = max(0, unit.extra - len(stale))  # a replacement, not an extra copy
+                    self._judge(unit)
+
+    def _arrived(self, future: Future, result: JobResult | None) -> None:
+        """A copy finished: judge its unit if it can be judged now."""
+        found = self._owner.get(future.key)
+        if found is None:
+            return
+        unit, copy = found
+        if unit.decided or copy.failed is not None or copy.result is not None:
+            return
+        if future.status == "finished":
+            try:
+                copy.result = result if result is not None else future.result()
+            except Exception as exc:  # noqa: BLE001 - a lost worker between finish and fetch
+                copy.failed = f"its result could not be fetched ({type(exc).__name__}: {exc})"
+            if copy.result is not None and copy.result.error and copy.result.error["ename"] == "JobInterrupted":
+                copy.failed, copy.result = f"it was stopped on {copy.result.worker}", None
+        elif future.status == "cancelled":
+            copy.failed = "it was lost (cancelled by the scheduler)"
+        else:
+            exc = future.exception()
+            copy.failed = f"it failed in Dask: {type(exc).__name__}: {exc}"
+        self._judge(unit)
+
+    def _judge(self, unit: Unit) -> None:
+        """Accept the unit when a quorum agrees; else send another copy or give up."""
+        if self.stopped_because is not None or unit.decided:
+            return
+        done = [copy for copy in unit.copies if copy.result is not None]
+        groups: list[list[Copy]] = []
+        for copy in done:
+            for group in groups:
+                if disagreement(group[0].result, copy.result, self.tolerance) is None:
+                    group.append(copy)
+                    break
+            else:
+                groups.append([copy])
+        winner = max(groups, key=len, default=None)
+        if winner is not None and len(winner) >= unit.quorum:
+            unit.accepted = winner[0]
+            self._cancel([copy for copy in unit.copies if copy.result is None and copy.failed is None])
+            self._verdict(unit, winner, checked=len(done) > 1)
+            return
+        if any(copy.result is None and copy.failed is None for copy in unit.copies):
+            return  # more copies are coming
+        # The copies disagree, or some gave no result: one more copy, to the
+        # provider with the best record that has not run this unit yet.
+        if unit.extra < MAX_EXTRA_COPIES:
+            provider = self.pool.choose({copy.provider for copy in unit.copies}, trusted=True)
+            if provider is not None:
+                self._send_extra(unit, provider)
+                return
+        unit.error = self._no_quorum(unit, groups)
+        self._verdict(unit, [], checked=False)
+
+    def _send_extra(self, unit: Unit, provider: str) -> None:
+        from gpunet.metering import BudgetError
+
+        unit.extra += 1
+        label = "c" if unit.index is None else unit.index
+        try:
+            # keyed by the copy's number, unique in its unit: a retried hold is the same hold
+            hold = self.network.meter.hold(f"{self.job.job_id}-{label}-copy{len(unit.copies)}", count=1,
+                                           amount=self.amount)[0]
+        except BudgetError as exc:
+            unit.extra = MAX_EXTRA_COPIES
+            unit.error = f"{self._where(unit)}: the copies disagree and no further copy could be held: {exc}"
+            self._verdict(unit, [], checked=False)
+            return
+        try:
+            self._send(unit, provider, hold)
+        except BaseException:
+            self.network._release_unsent([hold])
+            raise
+
+    def _where(self, unit: Unit) -> str:
+        return "the cell" if unit.index is None else f"item {unit.index}"
+
+    def _no_quorum(self, unit: Unit, groups: list[list[Copy]]) -> str:
+        lines = [f"{self._where(unit)}: no {unit.quorum} of {len(unit.copies)} copies on distinct providers agree "
+                 f"(tolerance rtol={self.tolerance.rtol:g}, atol={self.tolerance.atol:g}):"]
+        reference = groups[0][0] if groups else None
+        for group in groups:
+            names = ", ".join(f"{copy.provider} ({copy.result.worker})" for copy in group)
+            line = f"  {names}: {_preview(group[0].result)}"
+            if reference is not None and group[0] is not reference:
+                line += f"  [differs from {reference.provider}'s: {disagreement(reference.result, group[0].result, self.tolerance)}]"
+            lines.append(line)
+        for copy in unit.copies:
+            if copy.failed is not None:
+                lines.append(f"  {copy.provider}: no result, {copy.failed}")
+        return "\n".join(lines)
+
+    def _verdict(self, unit: Unit, agreeing: list[Copy], *, checked: bool) -> None:
+        """Tell the scheduler which finished copies agree; it settles and records."""
+        finished = {copy.key: any(copy is a for a in agreeing) for copy in unit.copies if copy.result is not None}
+        if not finished:
+            return
+        digest = result_digest(agreeing[0].result) if agreeing else ""
+        if checked:  # keep this job's view of the records current, for choosing checkers
+            for copy in unit.copies:
+                if copy.result is not None:
+                    record = self.pool.records.setdefault(copy.provider, {"consecutive_valid": 0})
+                    record["consecutive_valid"] = record.get("consecutive_valid", 0) + 1 if copy in agreeing else 0
+        self.network.client._send_to_scheduler({
+            "op": "gpunet-verdict", "job": self.job.job_id, "copies": finished, "method": str(self.policy),
+            "digest": digest, "checked": checked,
+        })
+
+    # -- stopping ----------------------------------------------------------------------
+    def _cancel(self, copies: list[Copy], why: str = "cancelled: no longer needed") -> None:
+        """Cancel copies (their holds are released), stopping any that already run:
+        a cancelled Dask task would otherwise keep its device busy, unpaid."""
+        from gpunet.jobs import STOP_GRACE_S
+        from gpunet.remote import stop_job
+
+        if not copies:
+            return
+        for copy in copies:
+            copy.failed = why
+        client = self.network.client
+        client.cancel([copy.future for copy in copies], force=True)
+        for copy in copies:
+            unit, _ = self._owner[copy.key]
+            running = self.job.job_id if unit.index is None else f"{self.job.job_id}/{unit.index}"
+            workers = self.pool.workers.get(copy.provider)
+            if workers:
+                client.run(stop_job, running, "no longer needed", STOP_GRACE_S, workers=workers, wait=False,
+                           on_error="ignore")
+
+    def _release_futures(self) -> None:
+        for unit in self.units:
+            for copy in unit.copies:
+                copy.future = None  # type: ignore[assignment]
+        self._owner.clear()
+        self._inputs = None
+        self._shared = None
+
+    def stop(self, reason: str) -> None:
+        """Cancel every copy and stop the job's threads on the workers."""
+        from gpunet.jobs import stop_job_everywhere
+
+        self.stopped_because = reason
+        futures = [copy.future for unit in self.units for copy in unit.copies if copy.future is not None]
+        stop_job_everywhere(self.network, self.job.job_id, futures, reason)
+        for unit in self.units:  # finished copies of undecided units: released, nobody paid
+            if not unit.decided:
+                unit.error = f"{self._where(unit)}: {reason}"
+                try:
+                    self._verdict(unit, [], checked=False)
+                except Exception as exc:  # noqa: BLE001 - forgetting the tasks releases them too
+                    logger.warning("gpunet: could not send the release of job %s: %s", self.job.job_id, exc)
+
+    def _echo_rest(self, result: JobResult) -> None:
+        """Show a result's output text (the accepted copy's, after a --no-block wait)."""
+        from gpunet.jobs import _write
+
+        for _, name, text in result.streams:
+            _write(name, text)

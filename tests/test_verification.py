@@ -1,0 +1,282 @@
+"""Verified results end to end: a credit service, a metered scheduler and three
+providers' worker processes on 127.0.0.1, one of which lies (gpunet.testing)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from gpunet import errors as gpunet_errors
+from gpunet import jobs
+from gpunet.credits import verify_service
+from gpunet.extensions.scheduler_plugin import metering_state
+from gpunet.testing import local_market
+from gpunet.verify import Policy, VerificationError, result_digest, tolerance_for
+
+
+def _square_and_root(i):  # travels by value: the workers cannot import this test module
+    return (i * i, math.sqrt(i) + 0.5)
+
+
+def _settled(market, provider=None, session=None):
+    entries = market.operator.entries(0, 100_000)["entries"]
+    return [e for e in entries if e["kind"] == "settle" and (provider is None or e["to"] == provider)
+            and (session is None or e["session"] == session)]
+
+
+def _wait_reported(net, timeout=30):
+    """Until the scheduler has sent every settlement and verdict to the credit service."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = net.client.run_on_scheduler(metering_state)
+        if state["queued"] == 0 and state["awaiting_verdict"] == 0:
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"reports still queued: {state}")
+
+
+# -- without a network ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("none", "none"), ("replicate", "replicate:2"), ("replicate:3", "replicate:3"), ("spot", "spot:0.1"),
+    ("spot:0.25", "spot:0.25"), ("adaptive", "adaptive"), (None, "none"),
+])
+def test_policy_parses(text, expected):
+    assert str(Policy.parse(text)) == expected
+
+
+@pytest.mark.parametrize("text", ["replicate:1", "replicate:x", "spot:0", "spot:1.5", "majority", "adaptive:3"])
+def test_bad_policy_is_refused_with_the_forms_it_takes(text):
+    with pytest.raises(VerificationError, match=r"none, replicate\[:K\] \(K >= 2\), spot\[:P\]"):
+        Policy.parse(text)
+
+
+def test_tolerance_comes_from_the_kernel_a_cell_uses_or_the_flags():
+    from gpunet.kernels import montecarlo, nbody
+
+    assert tolerance_for("from gpunet.kernels import montecarlo\nx = montecarlo.price(1)") == montecarlo.tolerance
+    both = tolerance_for("import gpunet.kernels.nbody\nimport gpunet.kernels.montecarlo")
+    assert both.rtol == max(nbody.tolerance.rtol, montecarlo.tolerance.rtol)
+    assert tolerance_for("x = 1").rtol == 1e-5
+    assert tolerance_for("x = 1", rtol=0.1, atol=0).rtol == 0.1
+    with pytest.raises(VerificationError, match="--rtol must be a number >= 0"):
+        tolerance_for("x = 1", rtol=-1)
+
+
+# -- the shared embedded network has one provider ------------------------------------------
+
+
+def test_verification_with_one_provider_is_refused_before_anything_is_sent(net):
+    before = net.credits.usage(net.session)
+    with pytest.raises(VerificationError, match=r"needs 2 distinct providers .* has 1: local-provider \(2 workers\)"):
+        net.run(_square_and_root, 3, verify="replicate")
+    with pytest.raises(VerificationError, match=r"--verify spot:0.5 needs 2 distinct providers"):
+        net.map(_square_and_root, range(3), verify="spot:0.5")
+    after = net.credits.usage(net.session)
+    assert (after["held"], after["spent"]) == (before["held"], before["spent"])
+
+
+def test_magic_refuses_a_bad_policy_and_tolerances_without_verify(ip):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="--verify must be"):
+        ip.run_cell_magic("gpunet", "--verify replicate:1", "x = 1")
+    with pytest.raises(UsageError, match="give --verify too"):
+        ip.run_cell_magic("gpunet", "--rtol 1e-3", "x = 1")
+    with pytest.raises(VerificationError, match=r"needs 2 distinct providers"):
+        ip.run_cell_magic("gpunet", "--verify replicate", "x = 1")
+
+
+# -- a market with a liar -------------------------------------------------------------------
+
+
+@pytest.fixture
+def liar_market(tmp_path):
+    """alice and bob are honest; mallory falsifies 30% of her results."""
+    with local_market({"alice": 0.0, "bob": 0.0, "mallory": 0.3}, directory=tmp_path, seed=1) as market:
+        yield market
+
+
+def test_replicate_detects_every_lie_pays_none_and_quarantines_the_liar(liar_market, detached):
+    market = liar_market
+    expected = [_square_and_root(i) for i in range(40)]
+    with market.connect() as net:
+        rounds = 0
+        while True:
+            rounds += 1
+            assert net.map(_square_and_root, range(40), verify="replicate") == expected
+            record = market.operator.provider_record("mallory")
+            if record["quarantined"] or rounds == 6:
+                break
+        assert record["quarantined"], f"mallory was not quarantined after {rounds} rounds: {record}"
+        _wait_reported(net)
+        log = market.lies("mallory")
+        lies = [line for line in log if line["lied"]]
+        assert lies, "the liar never lied: the test proves nothing"
+        # Paid only for honest copies: every lie was released, unpaid. (Honest copies
+        # that finished once she was quarantined are not paid either.)
+        paid_tasks = {entry["memo"]["task"] for entry in _settled(market, "mallory")}
+        honest = {line["key"] for line in log if not line["lied"]}
+        assert paid_tasks and paid_tasks <= honest
+        # Her record counts the lies judged before she was quarantined.
+        assert 0 < record["mismatches"] <= len(lies)
+        for entry in _settled(market):
+            memo = entry["memo"]
+            assert memo["verified"] == "replicate:2" and len(memo["providers"]) == 2
+            assert entry["to"] in memo["providers"] and memo["digest"].startswith("sha256:")
+
+        # Quarantined: she gets no more work, and the results stay right.
+        seen = len(market.lies("mallory"))
+        assert net.map(_square_and_root, range(10), verify="replicate") == expected[:10]
+        assert len(market.lies("mallory")) == seen
+        assert "mallory" in net.client.run_on_scheduler(metering_state)["quarantined"]
+    verify_service(market.credits_url, market.operator.token)  # raises on any bad entry
+
+
+def test_spot_checks_catch_lies_at_their_rate(tmp_path, detached):
+    # Nobody is quarantined here: a liar sent away after its first few detected lies
+    # would end the sample right after those detections and bias the rate.
+    with local_market({"alice": 0.0, "bob": 0.0, "mallory": 0.5}, directory=tmp_path, seed=2,
+                      reputation_floor=0) as market, market.connect() as net:
+        results = net.map(_square_and_root, range(500), verify="spot:0.2")
+        _wait_reported(net)
+        first_copy_lies = [line for line in market.lies("mallory") if line["lied"] and line["key"].endswith("-0")]
+        wrong = sum(result != _square_and_root(i) for i, result in enumerate(results))
+        caught = len(first_copy_lies) - wrong
+        rate = caught / len(first_copy_lies)
+        sigma = math.sqrt(0.2 * 0.8 / len(first_copy_lies))
+        print(f"spot:0.2 over 500 tasks: caught {caught} of {len(first_copy_lies)} lies on first copies, "
+              f"detection rate {rate:.3f} (expected 0.2 +- {sigma:.3f})")
+        assert len(first_copy_lies) >= 20
+        assert abs(rate - 0.2) <= 3 * sigma + 1 / len(first_copy_lies)
+        verify_service(market.credits_url, market.operator.token)  # raises on any bad entry
+
+
+def _sum_in_provider_order(values):
+    """Sum in an order that depends on the provider (as a different GPU or library
+    would): the float results differ in their last bits, not in substance."""
+    from distributed import get_worker
+
+    name = str(get_worker().name)
+    order = {"alice": values, "bob": values[::-1]}.get(name.split("-")[0], sorted(values, key=lambda v: v % 0.37))
+    total = 0.0
+    for value in order:
+        total += value
+    return total
+
+
+def test_floats_within_tolerance_agree_and_the_ledger_records_how(tmp_path, detached):
+    values = [0.1 * i + 1e-3 / (i + 1) for i in range(1, 2000)]
+    with local_market({"alice": 0.0, "bob": 0.0, "carol": 0.0}, directory=tmp_path) as market, \
+            market.connect() as net:
+        total = net.run(_sum_in_provider_order, values, verify="replicate:3")
+        assert total == pytest.approx(sum(values), rel=1e-12)
+
+        # Exact comparison: the three summation orders disagree, so no quorum exists.
+        _wait_reported(net)
+        first = _settled(market)
+        before = net.credits.usage(net.session)["spent"]
+        with pytest.raises(VerificationError) as caught:
+            net.run(_sum_in_provider_order, values, verify="replicate", rtol=0, atol=0)
+        message = str(caught.value)
+        assert "no 2 of 3 copies on distinct providers agree" in message and "nobody was paid" in message
+        for provider in ("alice", "bob", "carol"):
+            assert provider in message
+        state = _wait_reported(net)
+        assert net.credits.usage(net.session)["spent"] == before  # nobody paid for the disagreement
+        assert not state["quarantined"]  # without a majority nobody is blamed
+        # The first run: two or three agreeing copies paid (a third still running when
+        # two agreed was cancelled), each entry naming how and by whom it was verified.
+        assert _settled(market) == first and len(first) in (2, 3)
+        for entry in first:
+            assert entry["memo"]["verified"] == "replicate:3" and entry["to"] in entry["memo"]["providers"]
+            assert len(entry["memo"]["providers"]) == len(first)
+        verify_service(market.credits_url, market.operator.token)  # raises on any bad entry
+
+
+@pytest.fixture(scope="module")
+def honest_market(tmp_path_factory):
+    """Two honest providers, shared by the tests below (each in its own session)."""
+    with local_market({"alice": 0.0, "bob": 0.0}, directory=tmp_path_factory.mktemp("honest")) as market:
+        yield market
+
+
+def test_verified_cell_in_the_notebook(honest_market, shell, detached):
+    market = honest_market
+    with market.connect() as net:
+        shell.user_ns["n"] = 12
+        shell.run_cell_magic("gpunet", "--verify replicate --quiet",
+                             "print('hello from', n)\nsquares = [i * i for i in range(n)]")
+        assert shell.user_ns["squares"] == [i * i for i in range(12)]
+        _wait_reported(net)
+        settled = _settled(market, session=net.session)
+        assert sorted(e["to"] for e in settled) == ["alice", "bob"]
+        assert settled[0]["memo"]["digest"] == settled[1]["memo"]["digest"]
+
+
+def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
+    """Only the notebook that wants a copy may judge it; the scheduler ignores others."""
+    from distributed import Client
+
+    market = honest_market
+    with market.connect() as net:
+        job = jobs.function_job(_square_and_root, (4,), {}, topic=None)
+        remote = net.submit(job, resources=net.resources_for(), verify="replicate")
+        while not all(copy.future.status == "finished" for unit in remote.units for copy in unit.copies):
+            time.sleep(0.05)
+        keys = [copy.key for unit in remote.units for copy in unit.copies]
+        with Client(market.scheduler) as other:
+            other._send_to_scheduler({"op": "gpunet-verdict", "job": job.job_id, "copies": dict.fromkeys(keys, False),
+                                      "method": "replicate:2", "digest": "", "checked": True})
+            time.sleep(0.5)
+        assert net.client.run_on_scheduler(metering_state)["awaiting_verdict"] == 2
+        assert remote.wait()[0] and result_digest(remote.units[0].accepted.result)
+        _wait_reported(net)
+        assert len(_settled(market, session=net.session)) == 2
+
+
+def _sleeps(seconds):
+    import time
+
+    for _ in range(int(seconds * 10)):  # short sleeps: a stop lands between them
+        time.sleep(0.1)
+    return seconds
+
+
+def test_timeout_and_cancel_stop_every_copy_and_pay_nobody(honest_market, shell, detached):
+    from gpunet.errors import CellTimeoutError
+
+    with honest_market.connect() as net:
+        started = time.monotonic()
+        with pytest.raises(CellTimeoutError, match="timeout of 1 s"):
+            net.run(_sleeps, 30, verify="replicate", timeout=1)
+        assert time.monotonic() - started < 10
+
+        shell.run_cell_magic("gpunet", "--verify replicate --no-block --quiet", "import time\nfor _ in range(300):\n    time.sleep(0.1)\nx = 1")
+        handle = shell.user_ns["_gpunet"]
+        time.sleep(1)
+        handle.cancel()
+        with pytest.raises(gpunet_errors.GpunetError, match="cancelled before it was verified"):
+            handle.result(timeout=20)
+        usage = net.credits.usage(net.session)
+        deadline = time.monotonic() + 30
+        while usage["held"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            usage = net.credits.usage(net.session)
+        assert usage["held"] == 0 and usage["spent"] == 0
+        # The workers are free again: a verified call runs at once.
+        assert net.run(_square_and_root, 3, verify="replicate", timeout=20) == _square_and_root(3)
+
+
+def test_max_credits_caps_every_copy_a_unit_may_need(honest_market, detached):
+    from gpunet.metering import BudgetError
+
+    with honest_market.connect() as net:
+        with pytest.raises(BudgetError, match=r"up to 4 copies .* give at least --max-credits 4\. Nothing was sent"):
+            net.run(_square_and_root, 3, verify="replicate", max_credits=3)
+        assert net.run(_square_and_root, 3, verify="replicate", max_credits=40) == _square_and_root(3)
+        _wait_reported(net)
+        assert net.credits.usage(net.session)["spent"] <= 40
