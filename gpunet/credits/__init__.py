@@ -5,6 +5,8 @@
   (Starlette on uvicorn; SQLite or PostgreSQL through SQLAlchemy Core).
 * :func:`verify_receipt`, :func:`verify_database`, :func:`verify_service` — checks
   anyone can run; the Merkle functions follow RFC 6962 / RFC 9162.
+* One hold may be paid out in parts (``settle_part``) to several providers as the
+  tasks it covers finish, then closed by ``release`` or ``settle``.
 * Settlements may carry a memo (how the work was verified) that the ledger hashes;
   providers have trust records (verified results, reputation, quarantine) kept by
   the service, see :mod:`gpunet.credits._trust`.

@@ -182,21 +182,43 @@ class CreditClient:
         """
         return self._post("/v1/holds", {"session": session, "amount": amount, "key": key})["hold"]
 
-    def settle(self, hold: str, provider: str, amount: int, key: str,
-               memo: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Pay ``amount`` of ``hold`` to ``provider`` and release the rest (operator only).
-
-        ``memo`` (a JSON object, at most 4096 bytes canonically encoded) is recorded in the
-        settlement's ledger entry and covered by its hash, e.g. ``{"verified": "replicate:2",
-        "providers": ["alice", "bob"], "digest": "sha256:..."}``.
-        """
+    def _pay(self, route: str, hold: str, provider: str, amount: int, key: str,
+             memo: dict[str, Any] | None) -> dict[str, Any]:
+        """POST a payment out of ``hold`` (``settle`` or ``settle_part``)."""
         body: dict[str, Any] = {"provider": provider, "amount": amount, "key": key}
         if memo is not None:
             body["memo"] = memo
-        return self._post(f"/v1/holds/{hold}/settle", body)
+        return self._post(f"/v1/holds/{hold}/{route}", body)
+
+    def settle(self, hold: str, provider: str, amount: int, key: str,
+               memo: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Pay ``amount`` of ``hold`` to ``provider``, release the rest and close it (operator only).
+
+        On a hold already paid in parts, ``amount`` is at most what is left of it.
+        ``memo`` (a JSON object, at most 4096 bytes canonically encoded) is recorded in the
+        settlement's ledger entry and covered by its hash, e.g. ``{"verified": "replicate:2",
+        "providers": ["alice", "bob"], "digest": "sha256:..."}``. Returns ``{"hold", "session",
+        "provider", "paid", "released", "total_paid", "entries"}``.
+        """
+        return self._pay("settle", hold, provider, amount, key, memo)
+
+    def settle_part(self, hold: str, provider: str, amount: int, key: str,
+                    memo: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Pay ``amount`` (>= 1) of ``hold`` to ``provider`` and leave the hold open (operator only).
+
+        One hold can so pay for many tasks, to several providers, as they finish; close it
+        with :meth:`release` (gives back what is left) or :meth:`settle`. The parts never add
+        up to more than the hold: a part beyond what is left is refused
+        (:class:`InvalidRequestError`, 422, naming what is left) and moves nothing. Each part
+        is one ``settle`` ledger entry with its ``memo``; the session's ``spent`` grows at once.
+        Returns ``{"hold", "session", "provider", "paid", "total_paid", "left", "entries"}``.
+        """
+        return self._pay("settle_part", hold, provider, amount, key, memo)
 
     def release(self, hold: str, key: str) -> dict[str, Any]:
-        """Give a hold back to the session's client (operator only; failed or lost work)."""
+        """Close a hold and give what is left of it back to the session's client (operator only;
+        failed or lost work, or the rest of a hold paid in parts). Returns ``{"hold", "session",
+        "released", "total_paid", "entries"}``; the hold ends ``settled`` if parts were paid from it."""
         return self._post(f"/v1/holds/{hold}/release", {"key": key})
 
     def usage(self, session: str) -> dict[str, Any]:
@@ -204,11 +226,11 @@ class CreditClient:
         return self._get(f"/v1/sessions/{session}")
 
     def batch(self, items: list[dict[str, Any]], *, raise_on_error: bool = False) -> list[dict[str, Any]]:
-        """Run many ``mint``/``hold``/``settle``/``release``/``record_verification`` items in one request
-        and one transaction.
+        """Run many ``mint``/``hold``/``settle``/``settle_part``/``release``/``record_verification`` items
+        in one request and one transaction.
 
-        Each item is ``{"op": ..., "key": ..., **that call's fields}`` (settle and
-        release name their ``hold``; a settle may carry a ``memo``); ``record_verification``
+        Each item is ``{"op": ..., "key": ..., **that call's fields}`` (settle, settle_part and
+        release name their ``hold``; a settle or settle_part may carry a ``memo``); ``record_verification``
         items (``provider``, ``agreed``) go in the same transaction as the settlements.
         Returns one result per item, in order: ``{"ok": True, ...}`` or ``{"ok": False,
         "status": 402, "error": {...}}``; a failed item changed nothing. With

@@ -23,6 +23,11 @@ more 0x1F, and only when the entry has a memo: entries without one hash exactly
 as they did before memos existed. :func:`leaf_input` is the one place that rule
 lives; the writer and every verifier go through it.
 
+Holds: a ``hold`` entry moves credits from a client into escrow under a new hold id;
+``settle`` entries (one per payment: a whole settlement, or each part of a hold paid in
+parts) and at most one ``release`` move them out of escrow under the same id. The
+verifiers check that no hold ever pays out more than was placed on it.
+
 A signed tree head is ``{"size", "root", "timestamp", "signature", "public_key",
 "key_id"}``; the ed25519 signature covers::
 
@@ -42,7 +47,7 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gpunet.credits._errors import LedgerVerificationError, ProofError
 from gpunet.credits._merkle import MerkleTree, leaf_hash, roots_at_sizes, verify_inclusion
@@ -254,7 +259,8 @@ def verify_head(head: Mapping[str, Any], public_key: str | None = None) -> None:
 
 
 class LedgerChecker:
-    """Checks a ledger streamed in index order: chain, leaf hashes, Merkle root, heads, balances.
+    """Checks a ledger streamed in index order: chain, leaf hashes, Merkle root, heads, balances,
+    and that every movement has its shape and no hold pays out more than was placed on it.
 
     Feed rows ``(index, time, kind, from, to, amount, session, hold, key, prev, hash, memo)``
     (``memo``: the canonical memo text, ``""`` for none) with :meth:`feed` (in chunks, in
@@ -271,6 +277,12 @@ class LedgerChecker:
         self.leaves: list[bytes] = []
         self.balances: dict[str, int] = {}
         self.minted = 0
+        # What each hold still has in escrow (holds at zero are dropped). A slice that does not
+        # start at entry 0 cannot know what earlier holds had: there a hold may go below zero,
+        # and ``lows`` keeps, per such hold, each new low ``(index, net, kind, amount)`` for
+        # :func:`stitch_holds` to judge once the earlier slices' holds are known.
+        self.holds: dict[str, int] = {}
+        self.lows: dict[str, list[tuple[int, int, str, int]]] = {}
 
     def feed(self, rows: Iterable[Sequence[Any]]) -> None:
         """Check the next rows; raises on the first bad one, naming its index."""
@@ -278,6 +290,8 @@ class LedgerChecker:
         leaves = self.leaves
         append = leaves.append
         bal = self.balances
+        holds = self.holds
+        strict = self.start == 0
         expected = self.size
         last = self.last
         minted = self.minted
@@ -299,15 +313,29 @@ class LedgerChecker:
                 self._fail(row, expected, last, computed)
             if type(amount) is not int or amount < 0 or kind not in KINDS:
                 self._fail(row, expected, last, computed)
+            if kind == "mint":
+                if src or hold:
+                    self._fail(row, expected, last, computed)
+                minted += amount
+            else:
+                if not src or not hold or (dst if kind == "hold" else src) != ESCROW:
+                    self._fail(row, expected, last, computed)
+                before = holds.get(hold, 0)
+                net = before + amount if kind == "hold" else before - amount
+                if net < 0:
+                    if strict:
+                        _fail_hold(index, kind, amount, hold, before)
+                    lows = self.lows.setdefault(hold, [])
+                    if not lows or net < lows[-1][1]:
+                        lows.append((index, net, kind, amount))
+                if net:
+                    holds[hold] = net
+                else:
+                    del holds[hold]
+                bal[src] = bal.get(src, 0) - amount
             append(stored)
             last = stored
             expected += 1
-            if src:
-                bal[src] = bal.get(src, 0) - amount
-            else:
-                if kind != "mint":
-                    self._fail(row, expected - 1, prev, computed)
-                minted += amount
             bal[dst] = bal.get(dst, 0) + amount
         self.size = expected
         self.last = last
@@ -332,6 +360,12 @@ class LedgerChecker:
             msg = f"entry {index}: amount {amount!r} is not a non-negative integer"
         elif kind not in KINDS or (not src and kind != "mint"):
             msg = f"entry {index}: kind {kind!r} with from {src!r} is not a valid movement"
+        elif kind == "mint" and (src or hold):
+            msg = f"entry {index}: a mint comes from no account and belongs to no hold, not from {src!r}, hold {hold!r}"
+        elif kind != "mint" and (not hold or (dst if kind == "hold" else src) != ESCROW):
+            side, party = ("to", dst) if kind == "hold" else ("from", src)
+            msg = (f"entry {index}: a {kind} must name its hold and go {side} {ESCROW!r}, not {side} {party!r} "
+                   f"with hold {hold!r}")
         else:
             msg = f"entry {index}: a field contains the separator byte 0x1f, so its encoding is ambiguous"
         ev["entry"] = {f: v for f, v in zip(FIELDS, (index, time, kind, src, dst, amount, session, hold, key))}
@@ -400,6 +434,38 @@ class LedgerChecker:
         return None
 
 
+def _fail_hold(index: int, kind: str, amount: int, hold: str, left: int) -> NoReturn:
+    """Raise: entry ``index`` pays ``amount`` out of ``hold``, which had only ``left`` in escrow."""
+    raise LedgerVerificationError(
+        f"entry {index}: a {kind} of {amount} out of hold {hold!r}, which has only {left} left in escrow "
+        f"here: a hold never pays out more than was placed on it{'' if left else ' (or it was never placed)'}",
+        index=index, evidence={"index": index, "expected_index": index, "hold": hold, "kind": kind,
+                               "amount": amount, "left": left})
+
+
+def stitch_holds(carry: dict[str, int], holds: Mapping[str, int],
+                 lows: Mapping[str, Sequence[tuple[int, int, str, int]]]) -> None:
+    """Add the holds of the next slice of a ledger (:attr:`LedgerChecker.holds`, ``lows``) to
+    ``carry``, what every hold had in escrow before that slice; raise naming the first entry
+    of the slice that takes a hold below zero."""
+    worst: tuple[int, str, int, str, int] | None = None
+    for hold, marks in lows.items():
+        before = carry.get(hold, 0)
+        for index, net, kind, amount in marks:
+            if before + net < 0:
+                if worst is None or index < worst[0]:
+                    worst = (index, kind, amount, hold, before + net + amount)
+                break
+    if worst is not None:
+        _fail_hold(*worst)
+    for hold, net in holds.items():
+        total = carry.get(hold, 0) + net
+        if total:
+            carry[hold] = total
+        else:
+            del carry[hold]
+
+
 def verify_entries(
     rows: Iterable[Sequence[Any]],
     *,
@@ -429,7 +495,8 @@ def _entry_row_from_json(entry: Mapping[str, Any], position: int) -> tuple:
 
 
 def verify_receipt(receipt: Mapping[str, Any], public_key: str | None = None) -> dict[str, Any]:
-    """Check a session receipt offline: entry hashes, inclusion proofs, the signed head, the totals.
+    """Check a session receipt offline: entry hashes, inclusion proofs, the signed head, the totals,
+    and that no hold of the session pays out more than was placed on it.
 
     ``public_key`` (hex) pins the service's key; without it the key inside the
     receipt is used and its fingerprint returned so the reader can compare it.
@@ -492,11 +559,16 @@ def verify_receipt(receipt: Mapping[str, Any], public_key: str | None = None) ->
         if kind == "hold":
             holds[hold] = holds.get(hold, 0) + amount
             held += amount
-        elif kind == "settle":
-            spent += amount
+        elif kind in ("settle", "release"):
+            # Every hold of the session is in its receipt: a payout names one placed before it,
+            # and a hold's payouts (a settlement, parts, a release) never exceed it.
+            left = holds.get(hold, 0)
+            if amount > left:
+                _fail_hold(index, kind, amount, hold, left)
+            holds[hold] = left - amount
             held -= amount
-        elif kind == "release":
-            held -= amount
+            if kind == "settle":
+                spent += amount
         else:
             raise LedgerVerificationError(f"entry {index}: a {kind!r} entry does not belong in a session receipt",
                                           index=index)

@@ -19,8 +19,9 @@ route                                        what                               
 ``GET  /v1/sessions/{id}/receipt``           entries + inclusion proofs + head       owner, operator
 ``POST /v1/holds``                           hold credits of a session               owner, operator
 ``POST /v1/holds/{id}/settle``               pay a provider, release the rest        operator
-``POST /v1/holds/{id}/release``              give the hold back                      operator
-``POST /v1/batch``                           mint/hold/settle/release/verification   per item
+``POST /v1/holds/{id}/settle_part``          pay a part, keep the hold open          operator
+``POST /v1/holds/{id}/release``              give back what is left, close it        operator
+``POST /v1/batch``                           mint/hold/settle(_part)/release/verif.  per item
 ``GET  /v1/providers``                       every provider's trust record           any token
 ``GET  /v1/providers/{name}``                one provider's trust record             any token
 ``POST /v1/providers/{name}/verifications``  record a verified result                operator
@@ -35,6 +36,12 @@ route                                        what                               
 A settle may carry a ``memo``: a JSON object of at most ``MAX_MEMO_BYTES`` (4096)
 bytes in canonical form (anything else is refused with 400), recorded in, and hashed
 with, its ledger entry.
+
+``settle_part`` pays ``amount`` (>= 1) of an open hold to a provider and leaves the hold
+open, so one hold can pay for many tasks (a whole map) to several providers as they
+finish; the parts never add up to more than the hold (422 naming what is left). A later
+``settle`` pays at most what is left and releases the rest; ``release`` gives back what
+is left. Either closes the hold: ``settled`` if anything was paid from it.
 """
 
 from __future__ import annotations
@@ -92,13 +99,14 @@ ROLE_FOR_OP = {
     "create_account": {"operator"},
     "mint": {"operator"},
     "settle": {"operator"},
+    "settle_part": {"operator"},
     "release": {"operator"},
     "hold": {"client", "operator"},
     "open_session": {"client", "operator"},
     "record_verification": {"operator"},
     "clear_quarantine": {"operator"},
 }
-BATCH_OPS = ("mint", "hold", "settle", "release", "record_verification")
+BATCH_OPS = ("mint", "hold", "settle", "settle_part", "release", "record_verification")
 
 # -- validation -------------------------------------------------------------------------
 
@@ -186,6 +194,8 @@ SPECS: dict[str, dict[str, tuple[Callable[[str, Any], Any], bool]]] = {
     "hold": {"session": (_session_id, True), "amount": (_amount, True), "key": (_key, True)},
     "settle": {"hold": (_hold_id, True), "provider": (_name, True),
                "amount": (lambda f, v: _amount(f, v, 0), True), "memo": (_memo, False), "key": (_key, True)},
+    "settle_part": {"hold": (_hold_id, True), "provider": (_name, True), "amount": (_amount, True),
+                    "memo": (_memo, False), "key": (_key, True)},
     "release": {"hold": (_hold_id, True), "key": (_key, True)},
     "record_verification": {"provider": (_name, True), "agreed": (_bool, True), "key": (_key, True)},
     "clear_quarantine": {"provider": (_name, True), "key": (_key, True)},
@@ -389,23 +399,28 @@ class CreditService:
         actor, role = self._auth(request)
         return await self._op("hold", actor, role, validate("hold", await _json_body(request)))
 
+    async def _hold_op(self, name: str, request: Request) -> dict[str, Any]:
+        """Run operation ``name`` on the hold named in the path (``/v1/holds/{hid}/...``)."""
+        actor, role = self._auth(request)
+        params = validate(name, await _json_body(request), extra={"hold": _hold_id(
+            "hold", request.path_params["hid"])})
+        return await self._op(name, actor, role, params)
+
     async def settle(self, request: Request) -> dict[str, Any]:
         """POST /v1/holds/{hid}/settle: pay a provider from a hold, release the rest (operator)."""
-        actor, role = self._auth(request)
-        params = validate("settle", await _json_body(request), extra={"hold": _hold_id(
-            "hold", request.path_params["hid"])})
-        return await self._op("settle", actor, role, params)
+        return await self._hold_op("settle", request)
+
+    async def settle_part(self, request: Request) -> dict[str, Any]:
+        """POST /v1/holds/{hid}/settle_part: pay a provider a part of a hold, which stays open (operator)."""
+        return await self._hold_op("settle_part", request)
 
     async def release(self, request: Request) -> dict[str, Any]:
-        """POST /v1/holds/{hid}/release: give a hold back to the client (operator)."""
-        actor, role = self._auth(request)
-        params = validate("release", await _json_body(request), extra={"hold": _hold_id(
-            "hold", request.path_params["hid"])})
-        return await self._op("release", actor, role, params)
+        """POST /v1/holds/{hid}/release: give what is left of a hold back to the client (operator)."""
+        return await self._hold_op("release", request)
 
     async def batch(self, request: Request) -> dict[str, Any]:
-        """POST /v1/batch: many items (mint, hold, settle, release, record_verification) in one
-        transaction, one result each."""
+        """POST /v1/batch: many items (mint, hold, settle, settle_part, release, record_verification)
+        in one transaction, one result each."""
         actor, role = self._auth(request)
         body = await _json_body(request)
         if not isinstance(body, dict) or set(body) != {"items"} or not isinstance(body["items"], list):
@@ -572,6 +587,7 @@ def build_app(store: CreditStore) -> Starlette:
         Route("/v1/sessions/{sid}/receipt", wrap(svc.receipt), methods=["GET"]),
         Route("/v1/holds", wrap(svc.hold), methods=["POST"]),
         Route("/v1/holds/{hid}/settle", wrap(svc.settle), methods=["POST"]),
+        Route("/v1/holds/{hid}/settle_part", wrap(svc.settle_part), methods=["POST"]),
         Route("/v1/holds/{hid}/release", wrap(svc.release), methods=["POST"]),
         Route("/v1/batch", wrap(svc.batch), methods=["POST"]),
         Route("/v1/providers", wrap(svc.provider_records), methods=["GET"]),

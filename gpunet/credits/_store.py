@@ -18,6 +18,12 @@ transaction fails. Invariants hold by construction and again by database
 beyond its budget; credits only move between accounts (held credits sit in the
 ``escrow`` account), so the total changes only by minting.
 
+A hold is closed once, by ``settle`` or ``release``, and may before that be paid out in
+parts (``settle_part``) to any number of providers: each part is one ``settle`` entry,
+grows the hold's ``paid`` (never beyond its ``amount``) and moves the part from the
+session's ``held`` to its ``spent`` at once. Closing releases what is left; a hold that
+paid anything ends ``settled``, one that paid nothing ``released``.
+
 Providers' trust records (see :mod:`gpunet.credits._trust`) go through the same
 writer; they move no credits, so they write no ledger entries.
 """
@@ -176,6 +182,7 @@ def _schema() -> tuple[Any, dict[str, Any]]:
         sa.Column("provider", sa.Text, nullable=False),
         sa.Column("paid", sa.BigInteger, nullable=False),
         sa.Column("entry", sa.BigInteger, nullable=False),
+        # The entry that closed the hold; while it is open and paid in parts, its latest part.
         sa.Column("closed_entry", sa.BigInteger),
         sa.CheckConstraint("amount > 0 AND paid >= 0 AND paid <= amount", name="hold_amounts"),
     )
@@ -1129,49 +1136,92 @@ class _UnitOfWork:
                 details={"hold": hid, "state": hold.state})
         return hold, self._session(hold.session)
 
-    def _close(self, hold: _Hold, sess: _Session, state: str, paid: int, provider: str, entry: int) -> None:
-        self._set(hold, "state", state)
-        self._set(hold, "paid", paid)
-        self._set(hold, "provider", provider)
-        self._set(hold, "closed_entry", entry)
-        if hold.id not in self.new_holds:
-            self.dirty_holds[hold.id] = hold
-        self._set(sess, "held", sess.held - hold.amount)
-        self._set(sess, "spent", sess.spent + paid)
+    def _provider(self, name: str) -> _Account:
+        """The provider account ``name`` that a settlement pays (checked before anything moves)."""
+        prov = self._account(name, "provider account")
+        if prov.role != "provider":
+            raise InvalidRequestError(f"account {name!r} is a {prov.role}, not a provider; settle pays providers",
+                                      details={"account": name})
+        return prov
+
+    @staticmethod
+    def _check_left(h: _Hold, amount: int, verb: str) -> int:
+        """Refuse paying ``amount`` out of hold ``h`` beyond what is left of it; return what is left."""
+        left = h.amount - h.paid
+        if amount > left:
+            if h.paid:
+                why = (f": {h.paid} of it was already paid in parts, so {left} are left; pay at most the {left} "
+                       "left (settle or release closes it)")
+            else:
+                why = f"; pay at most the amount held ({left})"
+            raise InvalidRequestError(f"cannot {verb} {amount} from hold {h.id} of {h.amount}{why}",
+                                      details={"hold": h.id, "held": h.amount, "paid": h.paid, "left": left,
+                                               "amount": amount})
+        return left
+
+    def _pay(self, h: _Hold, sess: _Session, prov: _Account, amount: int, key: str, memo_text: str) -> int:
+        """Pay ``amount`` (>= 1) of an open hold to a provider: one ``settle`` entry; the hold's
+        ``paid`` and the session's ``spent`` grow by it, the session's ``held`` shrinks by it."""
+        index = self._move("settle", self.s._accounts[ESCROW], prov, amount, sess.id, h.id, key, memo_text)
+        self._set(h, "paid", h.paid + amount)
+        self._set(h, "provider", prov.name)
+        # Until the hold closes, ``closed_entry`` names its latest payout, so a hold paid in full
+        # by parts and then closed (no release entry) still names its last entry.
+        self._set(h, "closed_entry", index)
+        if h.id not in self.new_holds:
+            self.dirty_holds[h.id] = h
+        self._set(sess, "held", sess.held - amount)
+        self._set(sess, "spent", sess.spent + amount)
         self.dirty_sessions[sess.id] = sess
-        self.closed_holds.append(hold.id)
+        return index
+
+    def _close(self, h: _Hold, sess: _Session, state: str, key: str, memo_text: str = "") -> list[int]:
+        """Close an open hold in ``state``: release what is left of it (amount - paid) to its client
+        with one ``release`` entry (none when nothing is left). Returns that entry's index, if any."""
+        rest = h.amount - h.paid
+        entries = []
+        if rest:
+            entries.append(self._move("release", self.s._accounts[ESCROW], self._account(h.account), rest,
+                                      sess.id, h.id, key, memo_text))
+            self._set(h, "closed_entry", entries[0])
+            self._set(sess, "held", sess.held - rest)
+            self.dirty_sessions[sess.id] = sess
+        self._set(h, "state", state)
+        if h.id not in self.new_holds:
+            self.dirty_holds[h.id] = h
+        self.closed_holds.append(h.id)
+        return entries
+
+    def _op_settle_part(self, actor: str | None, key: str, *, hold: str, provider: str, amount: int,
+                        memo: dict[str, Any] | None = None) -> dict[str, Any]:
+        memo_text = canonical_memo(memo)
+        h, sess = self._open_hold(hold, "paid from")
+        prov = self._provider(provider)
+        self._check_left(h, amount, "pay a part of")
+        index = self._pay(h, sess, prov, amount, key, memo_text)
+        return {"hold": hold, "session": sess.id, "provider": provider, "paid": amount, "total_paid": h.paid,
+                "left": h.amount - h.paid, "entries": [index]}
 
     def _op_settle(self, actor: str | None, key: str, *, hold: str, provider: str, amount: int,
                    memo: dict[str, Any] | None = None) -> dict[str, Any]:
         memo_text = canonical_memo(memo)
         h, sess = self._open_hold(hold, "settled")
-        prov = self._account(provider, "provider account")
-        if prov.role != "provider":
-            raise InvalidRequestError(f"account {provider!r} is a {prov.role}, not a provider; settle pays providers",
-                                      details={"account": provider})
-        if amount > h.amount:
-            raise InvalidRequestError(
-                f"cannot settle {amount} from hold {hold} of {h.amount}; pay at most the amount held",
-                details={"hold": hold, "held": h.amount, "amount": amount})
-        escrow = self.s._accounts[ESCROW]
-        entries = []
-        if amount:
-            entries.append(self._move("settle", escrow, prov, amount, sess.id, hold, key, memo_text))
-        rest = h.amount - amount
-        if rest:
-            # A settlement that pays nothing writes only this entry: the memo goes on it.
-            entries.append(self._move("release", escrow, self._account(h.account), rest, sess.id, hold, key,
-                                      "" if amount else memo_text))
-        self._close(h, sess, "settled", amount, provider, entries[-1])
-        return {"hold": hold, "session": sess.id, "provider": provider, "paid": amount, "released": rest,
-                "entries": entries}
+        prov = self._provider(provider)
+        left = self._check_left(h, amount, "settle")
+        entries = [self._pay(h, sess, prov, amount, key, memo_text)] if amount else []
+        # A settlement that pays nothing writes only the release: the memo goes on it.
+        entries += self._close(h, sess, "settled", key, "" if amount else memo_text)
+        if not amount:
+            self._set(h, "provider", provider)
+        return {"hold": hold, "session": sess.id, "provider": provider, "paid": amount, "released": left - amount,
+                "total_paid": h.paid, "entries": entries}
 
     def _op_release(self, actor: str | None, key: str, *, hold: str) -> dict[str, Any]:
         h, sess = self._open_hold(hold, "released")
-        index = self._move("release", self.s._accounts[ESCROW], self._account(h.account), h.amount, sess.id,
-                           hold, key)
-        self._close(h, sess, "released", 0, "", index)
-        return {"hold": hold, "session": sess.id, "released": h.amount, "entries": [index]}
+        rest = h.amount - h.paid
+        # A hold paid in parts ends settled, whoever closes it.
+        entries = self._close(h, sess, "settled" if h.paid else "released", key)
+        return {"hold": hold, "session": sess.id, "released": rest, "total_paid": h.paid, "entries": entries}
 
     def _op_record_verification(self, actor: str | None, key: str, *, provider: str,
                                 agreed: bool) -> dict[str, Any]:

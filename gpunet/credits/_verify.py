@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from gpunet.credits._errors import CreditsUnavailableError, LedgerVerificationError
-from gpunet.credits._ledger import ZERO_HASH, LedgerChecker, entry_memo_text, key_id, verify_receipt
+from gpunet.credits._ledger import (
+    ZERO_HASH,
+    LedgerChecker,
+    entry_memo_text,
+    key_id,
+    stitch_holds,
+    verify_receipt,
+)
 from gpunet.credits._store import ENTRY_COLUMNS, resolve_db_url, sqlite_path
 
 logger = logging.getLogger(__name__)
@@ -35,9 +42,10 @@ def verify_database(
 
     Checks the hash chain, every entry's hash, the Merkle root at every stored
     signed head and its signature (with the key recorded in the database unless
-    ``public_key`` pins another), and that every account's balance equals the sum
-    of its entries. Returns a summary; raises :class:`LedgerVerificationError`
-    naming the first bad entry.
+    ``public_key`` pins another), that every account's balance equals the sum
+    of its entries, and that no hold pays out (in one settlement, in parts, and
+    its release) more than was placed on it. Returns a summary; raises
+    :class:`LedgerVerificationError` naming the first bad entry.
 
     Ledgers of ``parallel_min`` entries or more are read and hashed by ``workers``
     processes (default: one per CPU, at most 4), each over one range of indexes;
@@ -145,7 +153,7 @@ def _scan(url: str, start: int, end: int) -> dict[str, Any]:
         close()
     return {"start": start, "size": checker.size, "first_prev": checker.first_prev, "last": checker.last,
             "leaves": b"".join(checker.leaves), "balances": checker.balances, "minted": checker.minted,
-            "error": error}
+            "holds": checker.holds, "lows": checker.lows, "error": error}
 
 
 def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
@@ -209,6 +217,8 @@ def _stitch(parts: list[dict[str, Any]]) -> LedgerChecker:
                 f"entry {start}: its prev hash {part['first_prev'].hex()} is not the hash of entry {start - 1}, "
                 f"{parts[i - 1]['last'].hex()}: the chain is broken here", index=start,
                 evidence={"prev": part["first_prev"].hex(), "expected_prev": parts[i - 1]["last"].hex()})
+        # Entries before the range's own error that overpay a hold placed in an earlier range come first.
+        stitch_holds(whole.holds, part["holds"], part["lows"])
         if error is not None:
             raise LedgerVerificationError(error[0], index=error[1], evidence=error[2])
         buf = part["leaves"]

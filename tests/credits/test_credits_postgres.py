@@ -164,3 +164,71 @@ def test_postgres_old_schema_memos_and_trust_records(pg_service):
     with pytest.raises(LedgerVerificationError, match=f"entry {settle_index}: stored hash") as err:
         verify_database(url)
     assert err.value.index == settle_index
+
+
+def test_postgres_holds_paid_in_parts(pg_service):
+    import psycopg
+
+    from gpunet.credits import ConflictError, InvalidRequestError
+
+    svc, url, env, tmp_path = pg_service
+    party = Party(svc)
+    name, api = party.account("client", credits=1000)
+    providers = [party.account("provider")[0] for _ in range(2)]
+    sid = api.open_session(1000)
+    raced = api.hold(sid, 300, key="raced")
+    kept = api.hold(sid, 100, key="kept")
+    paid: list[int] = []
+    refused: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        ops = CreditClient(svc.url, svc.operator_token)
+        try:
+            for i in range(5):
+                try:
+                    ops.settle_part(raced, providers[n % 2], 5, key=f"p{n}-{i}")
+                    paid.append(5)
+                except InvalidRequestError as exc:
+                    refused.append(exc.status)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    # 16 x 5 parts of 5 ask for 400 of a hold of 300: exactly 60 fit.
+    assert sum(paid) == 300 and len(refused) == 20 and set(refused) == {422}
+    party.ops.settle_part(kept, providers[0], 30, key="k1", memo={"tasks": 3})
+    party.ops.settle_part(kept, providers[1], 20, key="k2")
+    svc.kill()
+    svc = serve_in_background(url, env=env, log_path=tmp_path / "log2", operator_token_file=tmp_path / "operator.token")
+    try:
+        ops, me = svc.client(), svc.client(api.token)
+        with pytest.raises(InvalidRequestError, match="so 50 are left"):
+            ops.settle_part(kept, providers[0], 51, key="k3")
+        done = ops.settle(kept, providers[0], 40, key="k3")
+        assert (done["paid"], done["released"], done["total_paid"]) == (40, 10, 90)
+        assert ops.release(raced, key="raced-done")["entries"] == []
+        with pytest.raises(ConflictError, match="was already settled"):
+            ops.settle_part(raced, providers[0], 1, key="late")
+        usage = me.usage(sid)
+        assert (usage["held"], usage["spent"]) == (0, 390)
+        assert sum(ops.balance(p) for p in providers) == 390 and me.balance(name) == 610
+        receipt = me.receipt(sid)
+        assert verify_receipt(receipt)["spent"] == 390
+        verify_service(svc.url, svc.operator_token)
+    finally:
+        svc.stop()
+    size = verify_database(url)["size"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        states = dict(conn.execute("SELECT id, state FROM holds WHERE id IN (%s, %s)", (raced, kept)).fetchall())
+        assert states == {raced: "settled", kept: "settled"}
+        part = conn.execute("SELECT idx FROM entries WHERE key = 'k1'").fetchone()[0]
+        conn.execute("UPDATE entries SET amount = amount + 1 WHERE idx = %s", (part,))
+    with pytest.raises(LedgerVerificationError, match=f"entry {part}: stored hash") as err:
+        verify_database(url)
+    assert err.value.index == part and part < size
