@@ -7,6 +7,11 @@ plugin watches each task's transitions:
 - ``processing -> memory``: the attempt succeeded on a worker. Its hold is settled
   to that worker's provider at ``ceil(compute seconds x the provider's rate)``
   credits (at least 1), never more than the hold; the rest goes back to the session.
+- the tasks of a map share one hold (annotated with ``tasks``, how many share it;
+  each may be paid at most ``amount``): what its items earn is added up per
+  provider and paid out in parts (``settle_part``, one per provider per report),
+  and the rest is released once every item is done. A map of 2,000 items costs the
+  credit service a handful of requests, not 2,000 holds and 2,000 settlements.
 - ``processing -> erred``, or a task forgotten before it ever succeeded
   (cancelled, interrupted, lost for good): the hold is released, nobody is paid.
 - an attempt lost with its worker is simply not paid: the task runs again under the
@@ -105,6 +110,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.owed: dict[str, list[tuple[str, float, int]]] = {}
         #: verified copies that succeeded, by hold: {"key", "provider", "amount", "job"}
         self.awaiting: dict[str, dict[str, Any]] = {}
+        #: maps' shared holds still open: hold -> SharedHold
+        self.shared: dict[str, SharedHold] = {}
         #: providers the credit service has quarantined (learned from its answers)
         self.quarantined: set[str] = set()
         self.verdicts = 0
@@ -155,12 +162,14 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             self.dispatched[key] = time.time()
         else:
             self.dispatched.pop(key, None)
+        if "tasks" in meta:
+            self._shared_transition(key, start, finish, meta, hold, kwargs)
+            return
         if hold in self.closed_holds:
             return
         if start == "processing" and finish == "memory":
             worker = kwargs.get("worker")
-            seconds = sum(ss["stop"] - ss["start"] for ss in kwargs.get("startstops", ())
-                          if ss.get("action") == "compute")
+            seconds = _compute_seconds(kwargs)
             provider, rate = self._provider_of(worker)
             if provider is None:
                 # The worker's registration may still be on its way (or being checked):
@@ -174,9 +183,68 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             self.awaiting.pop(hold, None)
             self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
 
+    # -- maps: one hold shared by their items -------------------------------------------
+    def _shared_transition(self, key: Any, start: str, finish: str, meta: dict[str, Any], hold: str,
+                           kwargs: dict[str, Any]) -> None:
+        share = self.shared.get(hold)
+        if share is None:
+            if hold in self.closed_holds:
+                return
+            share = self.shared[hold] = SharedHold(int(meta["tasks"]))
+        if key in share.done or key in share.owed:
+            return  # paid or refused already: a re-run after its result was lost is not paid again
+        if start == "processing" and finish == "memory":
+            worker = kwargs.get("worker")
+            seconds = _compute_seconds(kwargs)
+            provider, rate = self._provider_of(worker)
+            if provider is None:
+                share.owed.add(key)
+                self.owed.setdefault(worker, []).append((hold, seconds, meta.get("amount", 1), key, meta))
+                asyncio.get_running_loop().call_later(REGISTRATION_WAIT_S, self._give_up_on, worker)
+                return
+            self._succeeded(key, meta, hold, provider, price(seconds, rate, meta.get("amount", 1)))
+        elif finish in ("erred", "forgotten"):
+            self._shared_done(hold, key, None, 0)
+
+    def _shared_done(self, hold: str, key: Any, provider: str | None, amount: int) -> None:
+        """One item of a map is done: add what it earned to its provider's next part,
+        and close the hold once every item is done."""
+        share = self.shared.get(hold)
+        if share is None:
+            return
+        share.owed.discard(key)
+        share.done.add(key)
+        if provider is not None and provider not in self.quarantined:
+            part = share.parts.setdefault(provider, [0, 0])
+            part[0] += amount
+            part[1] += 1
+            if self._wake is not None:
+                self._wake.set()
+        if len(share.done) >= share.tasks:
+            self._flush_parts(hold)
+            del self.shared[hold]
+            self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+
+    def _flush_parts(self, only: str | None = None) -> None:
+        """Queue what maps' items earned since the last report: one ``settle_part`` per
+        hold and provider (keyed by its sequence number, so a retry pays it once)."""
+        for hold, share in ([(only, self.shared[only])] if only else list(self.shared.items())):
+            self._queue_parts(hold, share)
+
+    def _queue_parts(self, hold: str, share: SharedHold) -> None:
+        for provider, (amount, tasks) in share.parts.items():
+            share.sequence += 1
+            self._queue({"op": "settle_part", "hold": hold, "provider": provider, "amount": amount,
+                         "memo": {"tasks": tasks}, "key": f"part-{hold}-{share.sequence}"})
+        share.parts.clear()
+
     def _succeeded(self, key: Any, meta: dict[str, Any], hold: str, provider: str, amount: int) -> None:
         """Settle a successful attempt, or, for a copy of a verified job, keep it until
-        the notebook's verdict (a recomputed copy replaces its earlier attempt)."""
+        the notebook's verdict (a recomputed copy replaces its earlier attempt); an
+        item of a map adds to its shared hold's next part."""
+        if "tasks" in meta:
+            self._shared_done(hold, key, provider, amount)
+            return
         if meta.get("verify"):
             if key not in self.scheduler.tasks:  # forgotten while its provider was being checked
                 self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
@@ -249,6 +317,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     def release_holds(self, holds: list[str]) -> None:
         """Release holds whose tasks were never sent (the notebook's submit failed)."""
         for hold in holds:
+            share = self.shared.pop(hold, None)
+            if share is not None:  # some items were sent after all: pay what they earned first
+                self._queue_parts(hold, share)
             if hold not in self.closed_holds:
                 self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
 
@@ -311,9 +382,12 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
     def _give_up_on(self, worker: str) -> None:
         """A worker that never registered a provider: release what it was owed."""
-        for hold, *_ in self.owed.pop(worker, []):
-            logger.error("gpunet metering: worker %s names no provider; releasing hold %s", worker, hold)
-            self._queue({"op": "release", "hold": hold, "key": f"release-{hold}"})
+        for hold, _, _, key, meta in self.owed.pop(worker, []):
+            logger.error("gpunet metering: worker %s names no provider; its task %s is not paid", worker, key)
+            if "tasks" in meta:
+                self._shared_done(hold, key, None, 0)
+            else:
+                self._queue({"op": "release", "hold": hold, "key": f"release-{hold}"})
 
     def _is_quarantined(self, account: str) -> bool:
         """Whether the credit service has ``account`` quarantined (what this scheduler
@@ -366,6 +440,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             # (each request costs the busy machine JSON and HTTP work; settling later
             # costs nobody anything: the holds stay safe meanwhile).
             await asyncio.sleep(REPORT_DELAY_S)
+            self._flush_parts()
+            if not self.queue:
+                continue
             batch = [self.queue[i] for i in range(min(BATCH_SIZE, len(self.queue)))]
             try:
                 results = await asyncio.to_thread(self._client.batch, batch)
@@ -396,18 +473,26 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                                  item.get("hold") or item.get("provider"), result.get("error"))
 
 
+class SharedHold:
+    """A map's hold, shared by its ``tasks`` items: which are done, which wait for
+    their worker's provider, and what each provider earned since the last part."""
+
+    def __init__(self, tasks: int) -> None:
+        self.tasks = tasks
+        self.done: set[Any] = set()
+        self.owed: set[Any] = set()
+        self.parts: dict[str, list[int]] = {}  # provider -> [credits, tasks]
+        self.sequence = 0
+
+
+def _compute_seconds(kwargs: dict[str, Any]) -> float:
+    """Seconds the attempt computed, from a ``processing -> memory`` transition's startstops."""
+    return sum(ss["stop"] - ss["start"] for ss in kwargs.get("startstops", ()) if ss.get("action") == "compute")
+
+
 def _hold_of(key: Any, meta: dict[str, Any]) -> str | None:
-    """The hold of a task: ``hold`` for a single job, ``holds[i]`` for map item i."""
-    if "hold" in meta:
-        return meta["hold"]
-    holds = meta.get("holds")
-    if not holds:
-        return None
-    try:
-        index = int(str(key).rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        return None
-    return holds[index] if 0 <= index < len(holds) else None
+    """The hold a task's annotation names (one task's, or its map's shared one)."""
+    return meta.get("hold")
 
 
 def release_holds(holds: list[str], dask_scheduler: Scheduler | None = None) -> bool:
@@ -435,5 +520,6 @@ def metering_state(dask_scheduler: Scheduler | None = None) -> dict[str, Any] | 
     return {"credits": plugin.credits_url, "queued": len(plugin.queue), "reported": plugin.reported,
             "failed": len(plugin.failed), "default_rate": plugin.default_rate, "max_rate": plugin.max_rate,
             "default_provider": plugin.default_provider, "awaiting_verdict": len(plugin.awaiting),
+            "maps_open": len(plugin.shared),
             "verdicts": plugin.verdicts, "quarantined": sorted(plugin.quarantined),
             "providers": {address: dict(info) for address, info in plugin.providers.items()}}

@@ -160,19 +160,16 @@ class RemoteJob:
                workers: list[str] | list[list[str]] | None = None,
                annotations: dict[str, Any] | None = None) -> RemoteJob:
         """Send ``job`` to ``network`` with the given placement (``workers``: one
-        list for all items, or one per item); ``annotations`` (the job's holds)
+        list for all items, or one per item); ``annotations`` (the job's hold)
         travel with its tasks as the ``gpunet`` annotation."""
         import dask
 
         with dask.annotate(gpunet=annotations) if annotations else contextlib.nullcontext():
-            return cls._submit(network, job, resources=resources, items=items, workers=workers,
-                               annotations=annotations)
+            return cls._submit(network, job, resources=resources, items=items, workers=workers)
 
     @classmethod
     def _submit(cls, network: Network, job: Job, *, resources: dict[str, float], items: list[Any] | None,
-                workers: list[str] | list[list[str]] | None, annotations: dict[str, Any] | None) -> RemoteJob:
-        import dask
-
+                workers: list[str] | list[list[str]] | None) -> RemoteJob:
         client = network.client
         blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
         job.result_event = blobs is None
@@ -193,14 +190,10 @@ class RemoteJob:
             # The job (code, function, inputs) goes to the workers once, as data the
             # tasks depend on; each task then carries only its item.
             shared = client.scatter(job, hash=False, broadcast=len(blobs) > 1)
-            if per_item:  # one submit per item, each annotated with its own hold only
-                futures = []
-                for index, (blob, key, where) in enumerate(zip(blobs, keys, workers)):
-                    own = None if not annotations else {"hold": annotations["holds"][index],
-                                                        "amount": annotations["amount"]}
-                    with dask.annotate(gpunet=own) if own else contextlib.nullcontext():
-                        futures.append(client.submit(run_job, shared, blob, index, inputs, key=key,
-                                                     **{**options, "workers": where}))
+            if per_item:  # one submit per item, each pinned to its own workers
+                futures = [client.submit(run_job, shared, blob, index, inputs, key=key,
+                                         **{**options, "workers": where})
+                           for index, (blob, key, where) in enumerate(zip(blobs, keys, workers))]
             else:
                 futures = client.map(run_job, [shared] * len(blobs), blobs, range(len(blobs)),
                                      [inputs] * len(blobs), key=keys, **options)

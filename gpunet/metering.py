@@ -1,11 +1,13 @@
 """The notebook's side of metering: holds before a job is sent, usage after.
 
 Before a job is sent, :class:`Meter` places a hold on the notebook session's
-credits, one per task (a map's holds go in one batch request); a hold that cannot
-be placed refuses the job before anything is sent, with the session's numbers in
-the message. The tasks carry their hold ids as a Dask annotation, and the
-scheduler plugin (:mod:`gpunet.extensions.scheduler_plugin`) settles each hold to
-the provider whose worker ran the task, or releases it.
+credits: one for a cell, one for a whole map (its items' amounts together); a hold
+that cannot be placed refuses the job before anything is sent, with the session's
+numbers in the message. The tasks carry their hold id as a Dask annotation, and
+the scheduler plugin (:mod:`gpunet.extensions.scheduler_plugin`) settles a cell's
+hold to the provider whose worker ran it, or releases it; a map's hold is paid out
+in parts to the providers of the items as they finish, and its rest released when
+the last item is done.
 
 How much is held per task:
 
@@ -87,6 +89,17 @@ class Meter:
         seconds = timeout or (DEFAULT_HOLD_SECONDS if count == 1 else DEFAULT_ITEM_HOLD_SECONDS)
         return Plan(max(1, math.ceil(seconds * max_rate)), None)
 
+    def hold_shared(self, job_id: str, *, count: int, amount: int) -> str:
+        """One hold of ``count x amount`` credits for the ``count`` tasks of a map
+        (each is paid at most ``amount`` from it); returns its id. Raises
+        :class:`BudgetError` (nothing held) when the session cannot cover it."""
+        from gpunet.credits import BudgetExceededError
+
+        try:
+            return self.credits.hold(self.session, count * amount, key=f"hold-{job_id}")
+        except BudgetExceededError as exc:
+            raise self._refusal(amount, count, exc) from None
+
     def hold(self, job_id: str, *, count: int, amount: int) -> list[str]:
         """Hold ``amount`` credits for each of ``count`` tasks; returns the hold ids.
 
@@ -138,12 +151,13 @@ class Meter:
             entry.seconds += seconds
 
 
-def annotation(holds: list[str], amount: int, *, mapped: bool) -> dict[str, Any]:
+def annotation(hold: str, amount: int, *, tasks: int | None = None) -> dict[str, Any]:
     """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its
-    hold, or a map's holds (item i's task takes ``holds[i]``)."""
-    if not mapped:
-        return {"hold": holds[0], "amount": amount}
-    return {"holds": holds, "amount": amount}
+    hold and what one task may be paid from it; for a map, how many ``tasks``
+    share the hold."""
+    if tasks is None:
+        return {"hold": hold, "amount": amount}
+    return {"hold": hold, "amount": amount, "tasks": tasks}
 
 
 class SessionUsage:

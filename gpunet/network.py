@@ -431,7 +431,7 @@ class Network:
         placed refuses the job before anything is sent.
         """
         from gpunet import jobs
-        from gpunet.metering import BudgetError, annotation
+        from gpunet.metering import annotation
         from gpunet.verify import Policy, VerificationError, VerifiedJob, tolerance_for
 
         self._ensure_open()
@@ -451,19 +451,18 @@ class Network:
             return jobs.RemoteJob.submit(self, job, resources=resources, items=items, workers=workers)
         count = 1 if items is None else len(items)
         plan = self.meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=self.max_rate())
-        try:
-            holds = self.meter.hold(job.job_id, count=count, amount=plan.amount)
-        except BudgetError as exc:
-            if getattr(exc, "placed", None):  # a race took the budget between check and batch
-                self._release_unsent(exc.placed)
-            raise
+        if items is None:
+            hold = self.meter.hold(job.job_id, count=1, amount=plan.amount)[0]
+        else:  # one hold for the whole map, paid out in parts as its items finish
+            hold = self.meter.hold_shared(job.job_id, count=count, amount=plan.amount)
         try:
             remote = jobs.RemoteJob.submit(self, job, resources=resources, items=items, workers=workers,
-                                           annotations=annotation(holds, plan.amount, mapped=items is not None))
+                                           annotations=annotation(hold, plan.amount,
+                                                                  tasks=None if items is None else count))
         except BaseException:
-            self._release_unsent(holds)
+            self._release_unsent([hold])
             raise
-        remote.holds, remote.credit_limit_s = holds, plan.limit_s
+        remote.holds, remote.credit_limit_s = [hold], plan.limit_s
         return remote
 
     def _release_unsent(self, holds: list[str]) -> None:

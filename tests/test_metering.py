@@ -113,7 +113,8 @@ def test_the_ledger_verifies_after_metered_work(net):
     _settled(net)
     service = net.embedded.credits_service
     report = verify_service(service.url, service.operator_token)  # raises on any bad entry
-    assert report["size"] > 40 and report["balances_checked"]
+    # The map's 20 items share one hold: the mint, the hold, its parts paid, the rest released.
+    assert report["size"] >= 4 and report["balances_checked"]
     assert report["minted"] == network_module.EmbeddedNetwork.LOCAL_CREDITS
 
 
