@@ -132,9 +132,12 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self._task = asyncio.create_task(self._report_forever(), name="gpunet-metering-reporter")
 
     async def before_close(self) -> None:
-        """Try for a few seconds to send what is still queued."""
+        """Try for a few seconds to send what is still queued: what maps' items earned,
+        and the release of maps' holds whose items will now never finish."""
         if self._task is None:
             return
+        for hold in list(self.shared):
+            self.release_holds([hold])
         for _ in range(50):
             if not self.queue:
                 break
@@ -303,8 +306,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         ts = self.scheduler.tasks.get(key)
         meta = (ts.annotations or {}).get(ANNOTATION) if ts is not None else None
         hold = _hold_of(key, meta) if meta else None
-        if hold is None or hold in self.closed_holds or ts.processing_on is None:
-            return None
+        if hold is None or "tasks" in meta or hold in self.closed_holds or ts.processing_on is None:
+            return None  # a map's items are not stopped at a limit: they hold their share
         provider, rate = self._provider_of(ts.processing_on.address)
         if provider is None:
             return None
@@ -322,6 +325,21 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 self._queue_parts(hold, share)
             if hold not in self.closed_holds:
                 self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+
+    def close_unknown(self, hold: str, keys: list[Any]) -> None:
+        """The notebook saw tasks of ``hold`` cancelled that this scheduler may never
+        have created (``update_graph`` refuses a graph whose input was lost): count
+        the unknown ones as done, unpaid, so that the hold is closed."""
+        if len(keys) == 1 and hold not in self.shared:  # a cell's own hold
+            if keys[0] not in self.scheduler.tasks and hold not in self.closed_holds:
+                self._close(hold, {"op": "release", "hold": hold, "key": f"release-{hold}"})
+            return
+        if hold in self.closed_holds:
+            return
+        share = self.shared.setdefault(hold, SharedHold(len(keys)))
+        for key in keys:
+            if key not in self.scheduler.tasks and key not in share.done and key not in share.owed:
+                self._shared_done(hold, key, None, 0)
 
     def _on_register_message(self, worker: str, token: str = "", rate: float = 1.0, **kwargs: Any) -> None:
         """Stream handler: only a worker's own stream passes ``worker``, so a client
@@ -433,6 +451,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
         backoff = 0.2
         while True:
+            self._flush_parts()  # parts earned while the last batch was out
             if not self.queue:
                 self._wake.clear()
                 await self._wake.wait()
@@ -503,6 +522,13 @@ def release_holds(holds: list[str], dask_scheduler: Scheduler | None = None) -> 
         return False
     plugin.release_holds(holds)
     return True
+
+
+def close_unknown(hold: str, keys: list[Any], dask_scheduler: Scheduler | None = None) -> None:
+    """``Client.run_on_scheduler(close_unknown, hold, keys)`` (see the method)."""
+    plugin = dask_scheduler.plugins.get(GpunetMeteringPlugin.name)
+    if plugin is not None:
+        plugin.close_unknown(hold, keys)
 
 
 def charge_used(key: Any, dask_scheduler: Scheduler | None = None) -> int | None:

@@ -333,6 +333,7 @@ class RemoteJob:
             if future.status == "cancelled" and self.stopped_because is not None:
                 raise GpunetError(f"{where} was {self.stopped_because} before it finished")
             if future.status == "cancelled":
+                self._close_unknown_tasks()
                 raise WorkerLostError(
                     "the network lost this job (its scheduler restarted or this client was disconnected); "
                     "run it again"
@@ -340,6 +341,19 @@ class RemoteJob:
         for result in self.network.client.gather(missing):
             have[result.index] = result
         return [have[self.index_of[future.key]] for future in self.futures]
+
+    def _close_unknown_tasks(self) -> None:
+        """Tasks the scheduler cancelled may never have existed there (their input was
+        lost before the graph arrived): have it close their hold, or it stays held."""
+        from gpunet.extensions.scheduler_plugin import close_unknown
+
+        if not self.holds:
+            return
+        try:
+            self.network.client.run_on_scheduler(close_unknown, self.holds[0],
+                                                 [future.key for future in self.futures])
+        except Exception as exc:  # noqa: BLE001 - the network may be gone: nothing more to do
+            logger.warning("gpunet: could not close the hold of job %s: %s", self.job.job_id, exc)
 
     def _drain(self, progress: JobProgress | None, echo: bool) -> None:
         while True:

@@ -392,6 +392,8 @@ class Network:
         from gpunet import jobs
 
         items = list(items)
+        if not items:
+            return []
         job = jobs.function_job(fn, (), {}, topic=self.topic, announce=False)
         resources = self.resources_for(gpus=gpus, gpu_mem=_size(gpu_mem))
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
@@ -435,6 +437,8 @@ class Network:
         from gpunet.verify import Policy, VerificationError, VerifiedJob, tolerance_for
 
         self._ensure_open()
+        if items is not None and not items:
+            raise GpunetError("nothing to send: the map has no items")
         policy = Policy.parse(verify)
         self.check_placement(resources)
         if policy.active:

@@ -132,3 +132,23 @@ def test_usage_magic_and_budget_refusal_through_the_magic(ip, net):
     with capture_output():
         ip.run_cell_magic("gpunet", "--max-credits 3 --quiet --map i=range(3)", "y = i")
     assert ip.user_ns["y"] == [0, 1, 2]
+
+
+def test_an_empty_map_costs_nothing(net):
+    before = _settled(net)
+    assert net.map(abs, []) == []
+    assert _settled(net)["spent"] == before["spent"]
+
+
+def test_a_hold_whose_tasks_never_reached_the_scheduler_is_released(net):
+    """The scheduler refuses a graph whose input was lost before it arrived: the
+    notebook then has it close the hold of tasks that never existed there."""
+    from gpunet.extensions.scheduler_plugin import close_unknown
+
+    before = _settled(net)
+    hold = net.meter.hold_shared("never-sent", count=3, amount=5)
+    assert net.credits.usage(net.session)["held"] == before["held"] + 15
+    net.client.run_on_scheduler(close_unknown, hold, ["gpunet-never-sent-0", "gpunet-never-sent-1",
+                                                      "gpunet-never-sent-2"])
+    after = _settled(net)
+    assert after["held"] == 0 and after["spent"] == before["spent"]
