@@ -374,7 +374,7 @@ class VerifiedJob:
         # ones) holds an equal share, so that all of them together stay within it.
         units = 1 if items is None else len(items)
         if max_credits is not None and max_credits < units * policy.max_copies:
-            what = "the cell" if items is None else f"each of {units} items"
+            what = ("the cell" if job.code is not None else "the call") if items is None else f"each of {units} items"
             raise BudgetError(f"--max-credits {max_credits:g} cannot pay for the up to {policy.max_copies} copies "
                               f"that --verify {policy} may run of {what} (every copy costs at least 1 credit): "
                               f"give at least --max-credits {units * policy.max_copies}. Nothing was sent.")
@@ -621,7 +621,9 @@ class VerifiedJob:
             raise
 
     def _where(self, unit: Unit) -> str:
-        return "the cell" if unit.index is None else f"item {unit.index}"
+        if unit.index is not None:
+            return f"item {unit.index}"
+        return "the cell" if self.job.code is not None else "the call"
 
     def _no_quorum(self, unit: Unit, groups: list[list[Copy]]) -> str:
         lines = [f"{self._where(unit)}: no {unit.quorum} of {len(unit.copies)} copies on distinct providers agree "
