@@ -1,4 +1,5 @@
-"""``%gpunet status``: the network's workers, their devices and free slots."""
+"""``%gpunet status``: the network's workers, their devices and free slots, whose
+provider each belongs to, and the providers' trust records."""
 
 from __future__ import annotations
 
@@ -23,18 +24,24 @@ class NetworkStatus:
     note: str | None = None
     #: this session's credits, where the network meters work
     usage: str | None = None
+    #: worker address -> provider account (metered networks)
+    owners: dict[str, str] | None = None
+    #: one line on the providers' trust records (metered networks)
+    trust: str | None = None
 
     @classmethod
     def of(cls, net: Network) -> NetworkStatus:
         """Take a snapshot of ``net`` now."""
         note = net.embedded.note if net.embedded is not None else None
-        usage = None
+        usage = owners = trust = None
+        workers = net.workers()
         if net.meter is not None:
             n = net.credits.usage(net.session)
             usage = f"credits: spent {n['spent']}, held {n['held']}, left {n['left']} of {n['budget']}"
+            owners, trust = _providers(net, [worker.address for worker in workers])
         else:
             usage = "credits: not metered"
-        return cls(net.address, net.dashboard_link, net.session, net.workers(), note, usage)
+        return cls(net.address, net.dashboard_link, net.session, workers, note, usage, owners, trust)
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row per worker: address, name, device, memory, free/total slots, resources."""
@@ -46,11 +53,12 @@ class NetworkStatus:
             resources = ", ".join(f"{k}={v:g}" for k, v in sorted(worker.resources.items()))
             capability = device.get("capability")
             measured = f"{capability['tflops_f32']:.3f}" if capability else "not measured"
-            rows.append((worker.address, worker.name, kind_name, memory,
+            provider = (self.owners or {}).get(worker.address, "-")
+            rows.append((worker.address, worker.name, provider, kind_name, memory,
                          f"{worker.free_slots}/{worker.slots}", measured, resources))
         return rows
 
-    HEADER = ("worker", "name", "device", "memory", "free slots", "TFLOP/s f32", "resources")
+    HEADER = ("worker", "name", "provider", "device", "memory", "free slots", "TFLOP/s f32", "resources")
 
     def __str__(self) -> str:
         lines = [f"scheduler {self.scheduler}   dashboard {self.dashboard or 'none'}   session {self.session}"]
@@ -58,6 +66,8 @@ class NetworkStatus:
             lines.append(self.note)
         if self.usage:
             lines.append(self.usage)
+        if self.trust:
+            lines.append(self.trust)
         table = [self.HEADER, *self.rows()]
         widths = [max(len(row[i]) for row in table) for i in range(len(self.HEADER))]
         for row in table:
@@ -76,7 +86,31 @@ class NetworkStatus:
                      if self.dashboard else "none")
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
-        note = "".join(f"<br>{html.escape(text)}" for text in (self.note, self.usage) if text)
+        note = "".join(f"<br>{html.escape(text)}" for text in (self.note, self.usage, self.trust) if text)
         return (f"<div><b>gpunet</b> scheduler <code>{html.escape(self.scheduler)}</code> · dashboard {dashboard}"
                 f" · session <code>{html.escape(self.session)}</code>{note}"
                 f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def _providers(net: Network, addresses: list[str]) -> tuple[dict[str, str], str | None]:
+    """Which provider each worker belongs to (as the scheduler's metering knows it),
+    and a line on those providers' trust records in the credit service."""
+    from gpunet.extensions.scheduler_plugin import metering_state
+
+    state = net.client.run_on_scheduler(metering_state) or {}
+    known = {address: info["provider"] for address, info in state.get("providers", {}).items()}
+    default = state.get("default_provider")
+    owners = {address: known.get(address, default) for address in addresses if known.get(address, default)}
+    try:
+        records = {record["provider"]: record for record in net.credits.provider_records()}
+    except Exception as exc:  # noqa: BLE001 - the status must show even so
+        return owners, f"providers: trust records unavailable ({exc})"
+    parts = []
+    for provider in sorted(set(owners.values()) | set(state.get("quarantined", ()))):
+        record = records.get(provider, {})
+        if record.get("quarantined") or provider in state.get("quarantined", ()):
+            parts.append(f"{provider} QUARANTINED")
+        else:
+            parts.append(f"{provider} reputation {record.get('reputation', 1.0):.2f}, "
+                         f"{record.get('consecutive_valid', 0)} verified in a row")
+    return owners, ("providers: " + "; ".join(parts)) if parts else None

@@ -240,6 +240,8 @@ def test_status_lists_workers_and_dashboard(ip):
     assert all(w.device["kind"] == "cpu" for w in status.workers)
     assert "http://127.0.0.1:" in text
     assert "free slots" in text and "credits: spent" in text
+    assert "providers: local-provider reputation 1.00" in text
+    assert all(row[2] == "local-provider" for row in status.rows())
 
 
 def test_unknown_line_command_gives_usage(ip):

@@ -12,6 +12,7 @@ from gpunet import errors as gpunet_errors
 from gpunet import jobs
 from gpunet.credits import verify_service
 from gpunet.extensions.scheduler_plugin import metering_state
+from gpunet.status import NetworkStatus
 from gpunet.testing import local_market
 from gpunet.verify import Policy, VerificationError, result_digest, tolerance_for
 
@@ -133,6 +134,7 @@ def test_replicate_detects_every_lie_pays_none_and_quarantines_the_liar(liar_mar
         assert net.map(_square_and_root, range(10), verify="replicate") == expected[:10]
         assert len(market.lies("mallory")) == seen
         assert "mallory" in net.client.run_on_scheduler(metering_state)["quarantined"]
+        assert "mallory QUARANTINED" in str(NetworkStatus.of(net))
     verify_service(market.credits_url, market.operator.token)  # raises on any bad entry
 
 
