@@ -35,6 +35,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import logging
+import queue
 import random
 import threading
 import time
@@ -321,6 +322,8 @@ class Unit:
     quorum: int = 1
     extra: int = 0
     accepted: Copy | None = None
+    #: the copies that agree with the accepted one (it among them)
+    agreeing: list[Copy] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -351,8 +354,12 @@ class VerifiedJob:
         #: task key -> its unit and copy
         self._owner: dict[str, tuple[Unit, Copy]] = {}
         self._quarantine_checked = time.monotonic()
-        #: set by each copy's future when it finishes
+        #: set by each copy's future when it finishes, and by live events
         self._wake = threading.Event()
+        #: live events of a cell's copies (see on_event); the worker whose output is shown
+        self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._streamed_from: str | None = None
+        self._shown_seq = 0
 
     # -- sending ---------------------------------------------------------------------
     @classmethod
@@ -367,9 +374,10 @@ class VerifiedJob:
         pool = ProviderPool.of(network, resources, workers)
         pool.require(policy)
         blobs = None if items is None else [jobs.pickled(item, f"map item {i}") for i, item in enumerate(items)]
-        # Copies report only through their results: live output of K copies would
-        # interleave, so the accepted copy's output is shown once it is known.
-        job.topic, job.result_event, job.announce = None, False, False
+        # A cell's live output is shown from one copy (the first to speak); a map's
+        # copies report only through their results.
+        job.topic = network.topic if items is None else None
+        job.result_event, job.announce = False, items is None
         # With --max-credits every copy a unit may need (its first ones and the extra
         # ones) holds an equal share, so that all of them together stay within it.
         units = 1 if items is None else len(items)
@@ -390,6 +398,7 @@ class VerifiedJob:
                 network._release_unsent(exc.placed)
             raise
         client = network.client
+        network._register(self)
         try:
             if sum(len(blob) for blob in job.inputs.values()) > jobs.SCATTER_THRESHOLD_BYTES:
                 self._inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
@@ -400,6 +409,7 @@ class VerifiedJob:
         except BaseException:
             network._release_unsent([h for h in holds if h not in {c.hold for u in self.units for c in u.copies}])
             self.stop("not sent")
+            network._forget(job.job_id)
             raise
         return self
 
@@ -449,13 +459,43 @@ class VerifiedJob:
     def completed(self) -> int:
         return sum(unit.decided for unit in self.units)
 
+    def on_event(self, message: dict[str, Any]) -> None:
+        """A live event of one of the cell's copies (client event loop thread)."""
+        self.events.put(message)
+        self._wake.set()
+
+    def _drain(self, progress: JobProgress | None, echo: bool) -> None:
+        """Show the live output of one copy: the first to start or to print."""
+        while True:
+            try:
+                message = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if self._streamed_from is None and message.get("kind") in ("started", "stream"):
+                self._streamed_from = message.get("worker")
+                if progress is not None and message.get("kind") == "started":
+                    progress.running(message["worker"], message["device"])
+            if message.get("kind") == "stream" and echo and message.get("worker") == self._streamed_from \
+                    and message["seq"] > self._shown_seq:
+                from gpunet.jobs import _write
+
+                self._shown_seq = message["seq"]
+                _write(message["name"], message["text"])
+
     def wait(self, timeout: float | None = None, *, progress: JobProgress | None = None,
              echo: bool = True) -> list[JobResult]:
         """Wait until every unit has a verified result (or failed), settle the
         verdicts, and return the accepted results in item order."""
+        try:
+            return self._wait(timeout, progress=progress, echo=echo)
+        finally:
+            self.network._forget(self.job.job_id)
+
+    def _wait(self, timeout: float | None, *, progress: JobProgress | None, echo: bool) -> list[JobResult]:
         deadline = None if timeout is None else self.submitted + timeout
         try:
             while not self.done():
+                self._drain(progress, echo)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     self.stop("timeout")
@@ -491,9 +531,25 @@ class VerifiedJob:
         if progress is not None and not self.mapped:
             progress.ran_on(results[0].worker, f"{results[0].device}, verified {self.policy}")
         if echo:
-            for result in results:
-                self._echo_rest(result)
+            self._drain(progress, echo)
+            for unit in self.units:
+                self._echo_accepted(unit)
         return results
+
+    def _echo_accepted(self, unit: Unit) -> None:
+        """Show the verified output: the rest of the copy shown live where it is one of
+        the agreeing copies, else all of the accepted one's (saying so)."""
+        from gpunet.jobs import _write
+
+        shown_live = next((copy for copy in unit.agreeing if copy.result.worker == self._streamed_from), None)
+        result = (shown_live or unit.accepted).result
+        shown = self._shown_seq if shown_live is not None else 0
+        if shown == 0 and self._shown_seq:
+            _write("stderr", f"[gpunet: the output above came from the copy on {self._streamed_from}, which was "
+                             f"not accepted; the accepted copy's, from {result.worker}, follows]\n")
+        for seq, name, text in result.streams:
+            if seq > shown:
+                _write(name, text)
 
     #: Longest wait for a copy before the waiter looks at the clock again.
     POLL_S = 0.5
@@ -584,7 +640,7 @@ class VerifiedJob:
                 groups.append([copy])
         winner = max(groups, key=len, default=None)
         if winner is not None and len(winner) >= unit.quorum:
-            unit.accepted = winner[0]
+            unit.accepted, unit.agreeing = winner[0], winner
             self._cancel([copy for copy in unit.copies if copy.result is None and copy.failed is None])
             self._verdict(unit, winner, checked=len(done) > 1)
             return

@@ -209,10 +209,17 @@ def honest_market(tmp_path_factory):
 def test_verified_cell_in_the_notebook(honest_market, shell, detached):
     market = honest_market
     with market.connect() as net:
+        from IPython.utils.capture import capture_output
+
         shell.user_ns["n"] = 12
-        shell.run_cell_magic("gpunet", "--verify replicate --quiet",
-                             "print('hello from', n)\nsquares = [i * i for i in range(n)]")
+        with capture_output() as captured:
+            shell.run_cell_magic("gpunet", "--verify replicate --quiet",
+                                 "import time\nprint('hello from', n, flush=True)\ntime.sleep(0.5)\n"
+                                 "print('bye')\nsquares = [i * i for i in range(n)]")
         assert shell.user_ns["squares"] == [i * i for i in range(12)]
+        # One copy's output, shown once (live from the first copy to speak).
+        lines = captured.stdout.splitlines()
+        assert lines.count("hello from 12") == 1 and lines.count("bye") == 1, captured.stdout
         _wait_reported(net)
         settled = _settled(market, session=net.session)
         assert sorted(e["to"] for e in settled) == ["alice", "bob"]
