@@ -4,10 +4,12 @@
 * ``gpunet credits receipt SESSION [--url URL] [--token T | --token-file F] [-o FILE]``
 * ``gpunet credits providers [--credits URL] [--token T | --token-file F] [--json]``
 * ``gpunet credits clear-quarantine PROVIDER [--credits URL] [--token-file OPERATOR_TOKEN_FILE] [--key K]``
+* ``gpunet credits release-stale --older-than SECONDS [--dry-run] [--force] [--account A] [--credits URL]
+  [--token-file OPERATOR_TOKEN_FILE] [--json]``
 * ``gpunet ledger verify [--db URL | --url URL --token-file F | --receipt FILE] [--public-key HEX]``
 
 ``--credits`` and ``--url`` are the same option. The same verbs run as
-``python -m gpunet.credits serve|receipt|providers|clear-quarantine|verify``.
+``python -m gpunet.credits serve|receipt|providers|clear-quarantine|release-stale|verify``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,42 @@ def _add_clear_quarantine_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_clear_quarantine)
 
 
+STALE_MIN_SECONDS = 60
+STALE_WARNING = (
+    "Releasing a hold gives what is left of it back to its client at once: if the task it covers is still "
+    "running, that task will NOT be paid when it finishes (its scheduler's settlement is refused, the hold "
+    "being closed). Choose --older-than longer than your longest task, e.g. 86400 (a day)."
+)
+
+
+def _seconds(text: str) -> int:
+    """``argparse`` type: a whole number of seconds, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {value}")
+    return value
+
+
+def _add_release_stale_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Release the holds still open that were placed at least --older-than seconds ago: holds "
+                     "whose scheduler died before it settled or released them (its queue of reports lives in "
+                     "memory). Each is released through the operator's release with the key "
+                     "release-stale-HOLD, giving back what is left of it (a hold paid in parts keeps what it "
+                     "paid and ends settled). " + STALE_WARNING)
+    _add_auth_args(p)
+    p.add_argument("--older-than", type=_seconds, required=True, metavar="SECONDS",
+                   help="only holds placed at least SECONDS ago; longer than your longest task (e.g. 86400, "
+                   f"a day); below {STALE_MIN_SECONDS} needs --force")
+    p.add_argument("--account", help="only the holds of this client account")
+    p.add_argument("--dry-run", action="store_true", help="list the holds and what would be released; move nothing")
+    p.add_argument("--force", action="store_true", help=f"allow --older-than below {STALE_MIN_SECONDS} seconds")
+    p.add_argument("--json", action="store_true", help="print the holds and the releases as JSON")
+    p.set_defaults(func=cmd_release_stale)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the credit service's verbs to the ``gpunet`` parser."""
     credits = subparsers.add_parser("credits", help="the credit service")
@@ -88,6 +126,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_providers_args(sub.add_parser("providers", help="providers' trust records: reputation, quarantine"))
     _add_clear_quarantine_args(sub.add_parser("clear-quarantine", help="let a quarantined provider work again "
                                               "(operator)"))
+    _add_release_stale_args(sub.add_parser("release-stale", help="release holds left open by a scheduler "
+                                           "that died (operator)"))
     ledger = subparsers.add_parser("ledger", help="the credit ledger")
     lsub = ledger.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
     lsub.required = True
@@ -183,18 +223,41 @@ def _client(args: argparse.Namespace) -> Any:
     return CreditClient(args.url, _token(args))
 
 
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> str:
+    """Return a text table: the first ``left`` columns flush left, the others flush right but the
+    last, which is left as it is (free text)."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
+    lines = []
+    for row in (header, *rows):
+        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row[:-1], widths))]
+        lines.append("  ".join([*cells, row[-1]]))
+    return "\n".join(lines)
+
+
 def format_records(records: list[dict[str, Any]]) -> str:
     """Return providers' trust records as a text table, one provider a line."""
     header = ("provider", "reputation", "consecutive valid", "valid", "mismatches", "quarantined")
     rows = [(r["provider"], f"{r['reputation']:.3f}", str(r["consecutive_valid"]), str(r["valid"]),
              str(r["mismatches"]), f"yes: {r['quarantine_reason']}" if r["quarantined"] else "no")
             for r in records]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
-    lines = []
-    for row in (header, *rows):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:])] + [row[-1]]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    return _table(header, rows)
+
+
+def format_age(seconds: float) -> str:
+    """Return a duration in seconds the way people read it: ``42s``, ``5m 03s``, ``2h 05m``, ``3d 04h``."""
+    s = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit} {s % size // sub_size:02d}{sub}"
+    return f"{s}s"
+
+
+def format_holds(holds: list[dict[str, Any]]) -> str:
+    """Return open holds (as :meth:`CreditClient.holds` returns them) as a text table, one hold a line."""
+    header = ("hold", "session", "account", "amount", "paid", "left", "age", "placed")
+    rows = [(h["hold"], h["session"], h["account"], str(h["amount"]), str(h["paid"]), str(h["left"]),
+             format_age(h["age"]), h["created"]) for h in holds]
+    return _table(header, rows, left=3)
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
@@ -221,6 +284,61 @@ def cmd_clear_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release_stale(args: argparse.Namespace) -> int:
+    """List the open holds placed at least ``--older-than`` seconds ago and, unless ``--dry-run``,
+    release each (operator token; idempotency key ``release-stale-HOLD``); print each and the total."""
+    from gpunet.credits import ConflictError, ForbiddenError, IdempotencyConflictError
+
+    if args.older_than < STALE_MIN_SECONDS and not args.force:
+        print(f"gpunet credits release-stale: --older-than {args.older_than} is below {STALE_MIN_SECONDS} "
+              "seconds: a hold that young most likely covers a task still running, which would then not be "
+              "paid when it finishes. Choose longer than your longest task (e.g. --older-than 86400, a day), "
+              "or add --force if you know no such task runs.", file=sys.stderr)
+        return 2
+    client = _client(args)
+    try:
+        holds = client.holds(older_than=args.older_than, account=args.account)
+    except ForbiddenError as exc:
+        raise ForbiddenError(f"{exc}. Releasing holds needs the operator: pass --token-file with the operator "
+                             "token file that `gpunet credits serve` wrote", status=exc.status, code=exc.code,
+                             url=exc.url, details=exc.details) from exc
+    which = f"{f' of {args.account}' if args.account else ''} placed {args.older_than} s or more ago"
+    report: dict[str, Any] = {"older_than": args.older_than, "account": args.account, "dry_run": args.dry_run,
+                              "holds": holds, "released": [], "skipped": [], "total": 0}
+    if not holds:
+        print(json.dumps(report, indent=2) if args.json else f"no open holds{which}; nothing to release")
+        return 0
+    print(f"warning: {STALE_WARNING}", file=sys.stderr)
+    if not args.json:
+        print(f"{len(holds)} open hold(s){which}:")
+        print(format_holds(holds))
+    if args.dry_run:
+        report["total"] = sum(h["left"] for h in holds)
+        print(json.dumps(report, indent=2) if args.json else
+              f"dry run: would release {report['total']} credit(s) of {len(holds)} hold(s); nothing was moved")
+        return 0
+    for h in holds:
+        try:
+            done = client.release(h["hold"], key=f"release-stale-{h['hold']}")
+        except IdempotencyConflictError:
+            raise
+        except ConflictError as exc:  # closed since it was listed: its scheduler settled or released it
+            report["skipped"].append({"hold": h["hold"], "state": exc.details.get("state"), "reason": str(exc)})
+            if not args.json:
+                print(f"skipped hold {h['hold']}: it was {exc.details.get('state', 'closed')} meanwhile")
+            continue
+        report["released"].append(done)
+        report["total"] += done["released"]
+        if not args.json:
+            paid = (f"; the {done['total_paid']} it paid in parts stay paid (it ends settled)"
+                    if done["total_paid"] else "")
+            print(f"released {done['released']} credit(s) of hold {h['hold']} (session {h['session']}) back to "
+                  f"{h['account']}{paid}")
+    print(json.dumps(report, indent=2) if args.json else
+          f"released {report['total']} credit(s) of {len(report['released'])} hold(s) in total")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m gpunet.credits`` (serve, receipt, verify)."""
     parser = argparse.ArgumentParser(prog="python -m gpunet.credits", description="gpunet's credit service")
@@ -231,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_receipt_args(sub.add_parser("receipt", help="fetch a session's receipt"))
     _add_providers_args(sub.add_parser("providers", help="providers' trust records"))
     _add_clear_quarantine_args(sub.add_parser("clear-quarantine", help="clear a provider's quarantine"))
+    _add_release_stale_args(sub.add_parser("release-stale", help="release holds left open by a dead scheduler"))
     _add_verify_args(sub.add_parser("verify", help="verify a ledger or a receipt"))
     return parser
 

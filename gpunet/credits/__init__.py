@@ -7,6 +7,8 @@
   anyone can run; the Merkle functions follow RFC 6962 / RFC 9162.
 * One hold may be paid out in parts (``settle_part``) to several providers as the
   tasks it covers finish, then closed by ``release`` or ``settle``.
+* Holds left open by a scheduler that died are listed by :meth:`CreditClient.holds`
+  and released by ``gpunet credits release-stale --older-than SECONDS``.
 * Settlements may carry a memo (how the work was verified) that the ledger hashes;
   providers have trust records (verified results, reputation, quarantine) kept by
   the service, see :mod:`gpunet.credits._trust`.

@@ -221,6 +221,19 @@ class CreditClient:
         "released", "total_paid", "entries"}``; the hold ends ``settled`` if parts were paid from it."""
         return self._post(f"/v1/holds/{hold}/release", {"key": key})
 
+    def holds(self, state: str = "held", older_than: int | None = None, *,
+              account: str | None = None) -> list[dict[str, Any]]:
+        """Return the holds still open (``state="held"``, the only state listed), oldest first.
+
+        ``older_than`` keeps those placed at least that many seconds ago (by the service's
+        clock), ``account`` those of one client account. Each is ``{"hold", "session", "account",
+        "amount", "paid", "left", "created", "age"}``: ``paid`` so far by :meth:`settle_part`,
+        ``left`` what :meth:`release` would give back, ``created`` the time of its ledger
+        ``hold`` entry, ``age`` in seconds. Every account's holds need an operator token; any
+        account may list its own with ``account=`` its name (else :class:`ForbiddenError`).
+        """
+        return self._get("/v1/holds", state=state, older_than=older_than, account=account)["holds"]
+
     def usage(self, session: str) -> dict[str, Any]:
         """Return a session's ``budget``, ``held``, ``spent`` and ``left`` (and who, what, when)."""
         return self._get(f"/v1/sessions/{session}")

@@ -18,6 +18,7 @@ route                                        what                               
 ``GET  /v1/sessions/{id}``                   usage: budget, held, spent, left        owner, operator
 ``GET  /v1/sessions/{id}/receipt``           entries + inclusion proofs + head       owner, operator
 ``POST /v1/holds``                           hold credits of a session               owner, operator
+``GET  /v1/holds``                           open holds: age, what was paid so far   operator, own
 ``POST /v1/holds/{id}/settle``               pay a provider, release the rest        operator
 ``POST /v1/holds/{id}/settle_part``          pay a part, keep the hold open          operator
 ``POST /v1/holds/{id}/release``              give back what is left, close it        operator
@@ -42,12 +43,19 @@ open, so one hold can pay for many tasks (a whole map) to several providers as t
 finish; the parts never add up to more than the hold (422 naming what is left). A later
 ``settle`` pays at most what is left and releases the rest; ``release`` gives back what
 is left. Either closes the hold: ``settled`` if anything was paid from it.
+
+``GET /v1/holds?state=held&older_than=SECONDS&account=NAME`` lists the holds still open,
+oldest first, each with ``paid`` (by parts so far), ``left``, ``created`` (its ledger
+``hold`` entry's time) and ``age`` in seconds at the answer's ``now``: an operator finds
+so the holds that a dead scheduler will never close (``gpunet credits release-stale``).
+Any account may list its own (``account=`` its name); every account's needs an operator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -85,6 +93,7 @@ from gpunet.credits._store import (
     ROLES,
     CreditStore,
     beside_db,
+    format_time,
     resolve_db_url,
 )
 
@@ -399,6 +408,29 @@ class CreditService:
         actor, role = self._auth(request)
         return await self._op("hold", actor, role, validate("hold", await _json_body(request)))
 
+    async def list_holds(self, request: Request) -> dict[str, Any]:
+        """GET /v1/holds?state=held&older_than=SECONDS&account=NAME: the open holds, oldest first,
+        with what was paid from each so far and their age (operator; any account its own)."""
+        actor, role = self._auth(request)
+        state = request.query_params.get("state", "held")
+        if state != "held":
+            raise InvalidRequestError(f"query parameter 'state' must be 'held' (only open holds are listed), "
+                                      f"got {state!r:.40}", details={"field": "state"})
+        account = request.query_params.get("account")
+        if account is not None:
+            _name("account", account)
+        if role != "operator" and account != actor:
+            whose = "every account's open holds" if account is None else f"the holds of account {account!r}"
+            raise ForbiddenError(f"account {actor!r} has role {role}; listing {whose} needs role operator; an "
+                                 f"account may list its own with account={actor}", details={"role": role})
+        older_than = self._int_query(request, "older_than")
+        now = dt.datetime.now(dt.timezone.utc)
+        from starlette.concurrency import run_in_threadpool
+
+        holds = await run_in_threadpool(self.store.read_open_holds, older_than=older_than, account=account, now=now)
+        return {"state": state, "older_than": older_than, "account": account, "now": format_time(now),
+                "holds": holds}
+
     async def _hold_op(self, name: str, request: Request) -> dict[str, Any]:
         """Run operation ``name`` on the hold named in the path (``/v1/holds/{hid}/...``)."""
         actor, role = self._auth(request)
@@ -586,6 +618,7 @@ def build_app(store: CreditStore) -> Starlette:
         Route("/v1/sessions/{sid}", wrap(svc.usage), methods=["GET"]),
         Route("/v1/sessions/{sid}/receipt", wrap(svc.receipt), methods=["GET"]),
         Route("/v1/holds", wrap(svc.hold), methods=["POST"]),
+        Route("/v1/holds", wrap(svc.list_holds), methods=["GET"]),
         Route("/v1/holds/{hid}/settle", wrap(svc.settle), methods=["POST"]),
         Route("/v1/holds/{hid}/settle_part", wrap(svc.settle_part), methods=["POST"]),
         Route("/v1/holds/{hid}/release", wrap(svc.release), methods=["POST"]),

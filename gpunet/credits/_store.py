@@ -77,9 +77,22 @@ _PG_LOCK_KEY = 0x67706E6574  # "gpnet": the advisory lock of the one writing ser
 MAX_BALANCE = 2**62
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # the ledger's times: UTC, microseconds, a ``Z``
+
+
 def utcnow() -> str:
     """Return the current UTC time as ISO 8601 with microseconds and a ``Z``."""
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_time(_dt.datetime.now(_dt.timezone.utc))
+
+
+def format_time(when: _dt.datetime) -> str:
+    """Return an aware datetime as the ledger writes times (``TIME_FORMAT``, UTC)."""
+    return when.astimezone(_dt.timezone.utc).strftime(TIME_FORMAT)
+
+
+def parse_time(text: str) -> _dt.datetime:
+    """Return the aware UTC datetime of a time the ledger wrote (see :func:`utcnow`)."""
+    return _dt.datetime.strptime(text, TIME_FORMAT).replace(tzinfo=_dt.timezone.utc)
 
 
 def hash_token(token: str) -> str:
@@ -592,6 +605,11 @@ class CreditStore:
     def read_heads(self) -> list[dict[str, Any]]:
         """Return every stored signed tree head, oldest first."""
         return read_heads(self.engine)
+
+    def read_open_holds(self, *, older_than: float | None = None, account: str | None = None,
+                        now: _dt.datetime | None = None) -> list[dict[str, Any]]:
+        """Return the committed holds still open, oldest first; see :func:`read_open_holds`."""
+        return read_open_holds(self.engine, older_than=older_than, account=account, now=now)
 
     def _read_records(self, name: str | None) -> list[tuple]:
         a = ", ".join(f"r.{c}" for c in RECORD_COLUMNS.split(", ")[1:])
@@ -1333,3 +1351,35 @@ def read_heads(engine: sa.Engine) -> list[dict[str, Any]]:
             "SELECT size, root, timestamp, signature, public_key FROM heads ORDER BY size").all()
     return [{"size": r[0], "root": r[1], "timestamp": r[2], "signature": r[3], "public_key": r[4],
              "key_id": hashlib.sha256(bytes.fromhex(r[4])).hexdigest()[:16]} for r in rows]
+
+
+def read_open_holds(engine: sa.Engine, *, older_than: float | None = None, account: str | None = None,
+                    now: _dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Return the holds of a credit database still ``held`` (neither settled nor released), oldest first.
+
+    ``older_than`` keeps only those placed at least that many seconds before ``now`` (an aware
+    datetime; default: the current time), ``account`` only those of that client account. Each is
+    ``{"hold", "session", "account", "amount", "paid", "left", "created", "age"}``: ``paid`` is what
+    parts (``settle_part``) paid from it so far, ``left`` what a release would give back,
+    ``created`` the time of its ledger ``hold`` entry and ``age`` the seconds since then at ``now``.
+    """
+    import sqlalchemy as sa
+
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    sql = ("SELECT h.id, h.session, h.account, h.amount, h.paid, e.time FROM holds h "
+           "JOIN entries e ON e.idx = h.entry WHERE h.state = 'held'")
+    params: dict[str, Any] = {}
+    if account is not None:
+        sql += " AND h.account = :account"
+        params["account"] = account
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(sql + " ORDER BY h.entry"), params).all()
+    out = []
+    # Open holds are the work in flight, few: their age is compared here, not in SQL, where
+    # PostgreSQL would order the time strings by the database's collation.
+    for hid, sid, owner, amount, paid, created in rows:
+        age = (now - parse_time(created)).total_seconds()
+        if older_than is None or age >= older_than:
+            out.append({"hold": hid, "session": sid, "account": owner, "amount": amount, "paid": paid,
+                        "left": amount - paid, "created": created, "age": round(age, 3)})
+    return out

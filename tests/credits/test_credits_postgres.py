@@ -232,3 +232,25 @@ def test_postgres_holds_paid_in_parts(pg_service):
     with pytest.raises(LedgerVerificationError, match=f"entry {part}: stored hash") as err:
         verify_database(url)
     assert err.value.index == part and part < size
+
+
+def test_postgres_stale_holds_are_listed_and_released(pg_service, capsys):
+    from gpunet.credits_cli import main
+
+    svc, url, env, tmp_path = pg_service
+    party = Party(svc)
+    name, api = party.account("client", credits=100)
+    provider, _ = party.account("provider")
+    sid = api.open_session(100)
+    full, part = api.hold(sid, 40, key="full"), api.hold(sid, 50, key="part")
+    party.ops.settle_part(part, provider, 20, key="part-1")
+    party.ops.settle(api.hold(sid, 10, key="done"), provider, 10, key="done")
+    holds = party.ops.holds(older_than=0)
+    assert [(h["hold"], h["amount"], h["paid"], h["left"]) for h in holds] == [(full, 40, 0, 40), (part, 50, 20, 30)]
+    assert party.ops.holds(older_than=86400) == []
+    assert [h["hold"] for h in api.holds(account=name)] == [full, part]
+    auth = ["--credits", svc.url, "--token-file", str(svc.operator_token_file)]
+    assert main(["release-stale", *auth, "--older-than", "0", "--force"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "released 70 credit(s) of 2 hold(s) in total"
+    assert party.ops.holds() == [] and api.usage(sid)["held"] == 0 and api.balance(name) == 70
+    verify_service(svc.url, svc.operator_token)
