@@ -159,7 +159,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         hold = _hold_of(key, meta)
         if hold is None:
             if finish in ("memory", "erred", "forgotten"):
-                logger.error("gpunet metering: task %s carries holds but none for its index", key)
+                logger.error("gpunet metering: task %s carries a gpunet annotation without a hold", key)
             return
         if finish == "processing":
             self.dispatched[key] = time.time()
