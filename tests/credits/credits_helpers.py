@@ -4,6 +4,7 @@ directory's conftest.py can shadow it)."""
 from __future__ import annotations
 
 import itertools
+import threading
 import uuid
 from pathlib import Path
 
@@ -11,6 +12,14 @@ from gpunet.credits import CreditClient
 
 DATA = Path(__file__).parent / "data"
 _names = itertools.count()
+
+
+def run_threads(threads: list[threading.Thread], timeout: float = 120) -> None:
+    """Start every thread, then wait for each (at most ``timeout`` seconds apiece)."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
 
 
 def unique(prefix: str) -> str:

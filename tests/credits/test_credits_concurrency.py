@@ -6,7 +6,7 @@ import random
 import threading
 import time
 
-from credits_helpers import Party
+from credits_helpers import Party, run_threads
 from gpunet.credits import (
     BudgetExceededError,
     CreditClient,
@@ -22,13 +22,6 @@ def _check_invariants(party: Party, minted: int) -> None:
     assert all(a["balance"] >= 0 for a in accounts), accounts
     assert sum(a["balance"] for a in accounts) == minted
     verify_service(party.svc.url, party.svc.operator_token)
-
-
-def _run(threads: list[threading.Thread]) -> None:
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
 
 
 def test_sixteen_clients_keep_every_invariant(fresh_service):
@@ -64,7 +57,7 @@ def test_sixteen_clients_keep_every_invariant(fresh_service):
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    _run([threading.Thread(target=worker, args=(n,)) for n in range(16)])
+    run_threads([threading.Thread(target=worker, args=(n,)) for n in range(16)])
     assert not errors, errors
     for name, api, sid in sessions:
         usage = api.usage(sid)
@@ -89,7 +82,7 @@ def test_racing_holds_never_exceed_the_budget(party: Party):
             except BudgetExceededError:
                 refused.append(n)
 
-    _run([threading.Thread(target=worker, args=(n,)) for n in range(16)])
+    run_threads([threading.Thread(target=worker, args=(n,)) for n in range(16)])
     assert len(won) == 10 and len(refused) == 38
     assert api.usage(sid)["held"] == 100 and api.balance(name) == 10_000 - 100
 
@@ -105,7 +98,7 @@ def test_racing_retries_of_one_key_move_once(party: Party):
         barrier.wait()
         holds.append(me.hold(sid, 25, key="one-key"))
 
-    _run([threading.Thread(target=worker) for _ in range(16)])
+    run_threads([threading.Thread(target=worker) for _ in range(16)])
     assert len(set(holds)) == 1 and len(holds) == 16
     assert api.balance(name) == 975
 
@@ -207,7 +200,7 @@ def test_concurrent_batches_keep_every_invariant(party: Party):
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    _run([threading.Thread(target=worker, args=(n,)) for n in range(8)])
+    run_threads([threading.Thread(target=worker, args=(n,)) for n in range(8)])
     assert not errors, errors
     for (name, api), sid in zip(clients, sessions):
         usage = api.usage(sid)

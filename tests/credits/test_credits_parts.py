@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from credits_helpers import Party
+from credits_helpers import Party, run_threads
 from gpunet.credits import (
     ConflictError,
     CreditClient,
@@ -277,11 +277,7 @@ def test_racing_parts_never_pay_more_than_the_hold(fresh_service):
         barrier.wait()
         released.update(client.release(raced, key="raced-close"))
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)] + [threading.Thread(target=closer)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_threads([threading.Thread(target=worker, args=(n,)) for n in range(16)] + [threading.Thread(target=closer)])
     assert not errors, errors
     # 16 x 10 parts of 4 ask for 640 of a hold of 500: exactly 125 fit, the rest are refused (422).
     assert sum(paid[full]) == 500 and {s for h, s in refused if h == full} == {422}

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from credits_helpers import Party
+from credits_helpers import Party, run_threads
 from gpunet.credits import (
     BudgetExceededError,
     CreditClient,
@@ -56,11 +56,7 @@ def test_postgres_flow_concurrency_restart_and_verify(pg_service):
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_threads([threading.Thread(target=worker, args=(n,)) for n in range(16)])
     assert not errors, errors
     accounts = party.ops.accounts()
     assert sum(a["balance"] for a in accounts) == 2000 and all(a["balance"] >= 0 for a in accounts)
@@ -194,11 +190,7 @@ def test_postgres_holds_paid_in_parts(pg_service):
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_threads([threading.Thread(target=worker, args=(n,)) for n in range(16)])
     assert not errors, errors
     # 16 x 5 parts of 5 ask for 400 of a hold of 300: exactly 60 fit.
     assert sum(paid) == 300 and len(refused) == 20 and set(refused) == {422}

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from credits_helpers import Party
+from credits_helpers import Party, run_threads
 from gpunet.credits import (
     CreditClient,
     ForbiddenError,
@@ -150,11 +150,7 @@ def test_concurrent_verifications_are_all_counted(party: Party):
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads([threading.Thread(target=worker, args=(n,)) for n in range(8)], timeout=60)
     assert not errors, errors
     rec = party.ops.provider_record(gpu)
     assert rec["valid"] + rec["mismatches"] == 200 and rec["mismatches"] == 40
