@@ -121,11 +121,10 @@ class EmbeddedNetwork:
     def _start_credits(self, host: str, port: int) -> None:
         """Start the credit service (SQLite in gpunet's data dir), a funded local
         client account and the provider account the local workers are paid to."""
-        import platformdirs
-
         from gpunet.credits import serve_in_background
+        from gpunet.paths import data_dir
 
-        folder = Path(platformdirs.user_data_dir("gpunet")) / "embedded" / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
+        folder = data_dir() / "embedded" / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
         for attempt in range(100):
             place = folder.with_name(f"{folder.name}-{attempt}")
             try:

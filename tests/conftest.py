@@ -3,10 +3,25 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 import gpunet
 from gpunet import network as network_module
+
+
+def pytest_configure(config):
+    """Point gpunet's data dir at a temp dir for the whole run (the processes the
+    tests start inherit it), so that no test writes into the user's data dir."""
+    config.gpunet_data_dir = tempfile.mkdtemp(prefix="gpunet-tests-data-")
+    os.environ["GPUNET_DATA_DIR"] = config.gpunet_data_dir
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "gpunet_data_dir", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,7 @@ from gpunet.credits._errors import (
 from gpunet.credits._ledger import ESCROW, ZERO_HASH, canonical_memo, entry_hash, sign_head
 from gpunet.credits._merkle import MerkleTree
 from gpunet.credits._trust import quarantine_reason, record_json
+from gpunet.paths import data_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlalchemy as sa
@@ -105,21 +106,11 @@ def new_token() -> str:
     return "gpn_" + secrets.token_urlsafe(32)
 
 
-def default_data_dir() -> Path:
-    """Return the user's data dir for gpunet (``GPUNET_DATA_DIR`` overrides it)."""
-    env = os.environ.get("GPUNET_DATA_DIR")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("gpunet", appauthor=False))
-
-
 def resolve_db_url(db: str | os.PathLike[str] | None) -> str:
     """Turn ``--db`` into an SQLAlchemy URL: ``None`` is ``credits.sqlite3`` in the data dir,
     a plain path is an SQLite file, ``postgresql://`` uses psycopg 3."""
     if db is None:
-        return f"sqlite:///{default_data_dir() / 'credits.sqlite3'}"
+        return f"sqlite:///{data_dir() / 'credits.sqlite3'}"
     db = os.fspath(db)
     if "://" not in db:
         return f"sqlite:///{Path(db).expanduser().resolve()}"
@@ -143,7 +134,7 @@ def beside_db(url: str, suffix: str) -> Path:
     import sqlalchemy as sa
 
     u = sa.engine.make_url(url)
-    return default_data_dir() / f"credits-{u.host or 'local'}-{u.port or 5432}-{u.database}{suffix}"
+    return data_dir() / f"credits-{u.host or 'local'}-{u.port or 5432}-{u.database}{suffix}"
 
 
 def _redact(url: str) -> str:
