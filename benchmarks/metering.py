@@ -50,8 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import gpunet
-    from gpunet.extensions.scheduler_plugin import metering_state
-
+    
     net = gpunet.connect(budget=10 * args.items * 12)
     client = net.client
     print(f"network: {net.embedded.note}; metered by {net.credits.url}")
@@ -74,7 +73,7 @@ def main() -> None:
             best[label] = min(best[label], time.perf_counter() - started)
     rates = {label: args.items / seconds for label, seconds in best.items()}
     deadline = time.monotonic() + 60
-    while client.run_on_scheduler(metering_state)["queued"] and time.monotonic() < deadline:
+    while net.metering_state()["queued"] and time.monotonic() < deadline:
         time.sleep(0.1)
     usage = net.credits.usage(net.session)
     print(f"\nthroughput over {args.items} trivial tasks (best of 3, tasks/s)")

@@ -39,8 +39,7 @@ def _task(i):  # travels by value
 
 
 def run(policy: str, lie_rate: float, *, items: int, rounds: int) -> dict:
-    from gpunet.extensions.scheduler_plugin import metering_state
-    from gpunet.testing import local_market
+        from gpunet.testing import local_market
 
     expected = [_task(i) for i in range(items)]
     with tempfile.TemporaryDirectory() as place, \
@@ -52,7 +51,7 @@ def run(policy: str, lie_rate: float, *, items: int, rounds: int) -> dict:
         for number in range(1, rounds + 1):
             results = net.map(_task, range(items), verify=policy)
             wrong += sum(result != want for result, want in zip(results, expected))
-            if quarantined_after is None and "mallory" in net.client.run_on_scheduler(metering_state)["quarantined"]:
+            if quarantined_after is None and "mallory" in net.metering_state()["quarantined"]:
                 quarantined_after = number
         wall = time.perf_counter() - started
         tally = net.meter.tally

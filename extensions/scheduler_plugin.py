@@ -30,8 +30,11 @@ key derived from its hold (``settle-<hold>``, ``release-<hold>``), so a retry ne
 moves credits twice; while the service is unreachable they stay queued and are
 retried with backoff, for as long as the scheduler runs.
 
-Register with ``Client.register_plugin(GpunetMeteringPlugin(url, operator_token))``
-or start the scheduler with ``gpunet scheduler --credits URL --operator-token-file F``.
+Start a scheduler with ``--preload gpunet.extensions.scheduler_plugin`` and
+``--preload-argv "--credits URL --operator-token-file F"`` (``gpunet scheduler
+--credits URL --operator-token-file F`` and the embedded network do). The notebook
+reaches the plugin through the named scheduler handlers it registers
+(:mod:`gpunet.wire`: ``client.scheduler.gpunet_metering_state()`` and so on).
 
 Providers: a worker started by ``gpunet provide`` registers over its own stream
 to the scheduler (a ``gpunet-register-provider`` message, which the scheduler
@@ -56,15 +59,18 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
+import click
 from distributed.diagnostics.plugin import SchedulerPlugin
+
+from gpunet import wire
+from gpunet.credits import CreditClient, CreditsError, CreditsUnavailableError
+from gpunet.wire import ANNOTATION
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Scheduler
 
 logger = logging.getLogger(__name__)
 
-#: The annotation under which a job's tasks carry their holds.
-ANNOTATION = "gpunet"
 #: Items per batch request to the credit service.
 BATCH_SIZE = 2000
 #: How long an attempt on a worker that has not registered its provider yet waits
@@ -87,7 +93,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     docstring). ``default_provider`` / ``default_rate`` apply to workers that did
     not say who they are (plain ``dask worker`` processes)."""
 
-    name = "gpunet-metering"
+    name = wire.METERING_PLUGIN
     idempotent = True
 
     def __init__(self, credits_url: str, operator_token: str, *, default_provider: str | None = None,
@@ -122,12 +128,16 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, scheduler: Scheduler) -> None:
         """Start the reporter that sends queued movements to the credit service."""
-        from gpunet.credits import CreditClient
-
         self.scheduler = scheduler
         self._client = CreditClient(self.credits_url, self.operator_token)
-        scheduler.stream_handlers["gpunet-register-provider"] = self._on_register_message
-        scheduler.stream_handlers["gpunet-verdict"] = self._on_verdict_message
+        scheduler.stream_handlers[wire.REGISTER_PROVIDER] = self._on_register_message
+        scheduler.handlers.update({
+            wire.METERING_STATE: self.state,
+            wire.RELEASE_HOLDS: self.release_holds,
+            wire.CLOSE_UNKNOWN: self.close_unknown,
+            wire.CHARGE_USED: self.charge_used,
+            wire.VERDICT: self.verdict,
+        })
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._report_forever(), name="gpunet-metering-reporter")
 
@@ -261,9 +271,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self._close(hold, {"op": "settle", "hold": hold, "provider": provider, "amount": amount,
                            "key": f"settle-{hold}"})
 
-    def _on_verdict_message(self, client: str | None = None, job: str = "", copies: dict[str, bool] | None = None,
-                            method: str = "", digest: str = "", checked: bool = True, **kwargs: Any) -> None:
-        """Stream handler for a notebook's verdict on the copies of one unit of a
+    def verdict(self, client: str | None = None, job: str = "", copies: dict[str, bool] | None = None,
+                method: str = "", digest: str = "", checked: bool = True, **kwargs: Any) -> None:
+        """Handler for a notebook's verdict on the copies of one unit of a
         verified job: ``copies`` maps each copy's task key to whether it is in the
         agreeing quorum. Only the client that wants those tasks may judge them;
         the providers named in the ledger memo are the ones this scheduler saw run
@@ -341,6 +351,14 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             if key not in self.scheduler.tasks and key not in share.done and key not in share.owed:
                 self._shared_done(hold, key, None, 0)
 
+    def state(self) -> dict[str, Any]:
+        """Handler: how far the reports have got, and the providers' rates."""
+        return {"credits": self.credits_url, "queued": len(self.queue), "reported": self.reported,
+                "failed": len(self.failed), "default_rate": self.default_rate, "max_rate": self.max_rate,
+                "default_provider": self.default_provider, "awaiting_verdict": len(self.awaiting),
+                "maps_open": len(self.shared), "verdicts": self.verdicts, "quarantined": sorted(self.quarantined),
+                "providers": {address: dict(info) for address, info in self.providers.items()}}
+
     def _on_register_message(self, worker: str, token: str = "", rate: float = 1.0, **kwargs: Any) -> None:
         """Stream handler: only a worker's own stream passes ``worker``, so a client
         cannot register anyone's worker."""
@@ -353,8 +371,6 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     async def register_provider(self, address: str, token: str, rate: float) -> dict[str, Any]:
         """Check a worker's provider token and rate, and pay that provider for the
         worker's tasks from now on. Returns ``{"provider": account}`` or ``{"error": ...}``."""
-        from gpunet.credits import CreditClient, CreditsError
-
         def check() -> str:
             with CreditClient(self.credits_url, token) as as_provider:
                 account = as_provider.ping()["account"]
@@ -447,8 +463,6 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
     # -- reporting ---------------------------------------------------------------------
     async def _report_forever(self) -> None:
-        from gpunet.credits import CreditsError, CreditsUnavailableError
-
         backoff = 0.2
         while True:
             self._flush_parts()  # parts earned while the last batch was out
@@ -514,38 +528,15 @@ def _hold_of(key: Any, meta: dict[str, Any]) -> str | None:
     return meta.get("hold")
 
 
-def release_holds(holds: list[str], dask_scheduler: Scheduler | None = None) -> bool:
-    """``Client.run_on_scheduler(release_holds, holds)``: release holds of tasks that
-    were never sent. Returns False where the scheduler does not meter."""
-    plugin = dask_scheduler.plugins.get(GpunetMeteringPlugin.name)
-    if plugin is None:
-        return False
-    plugin.release_holds(holds)
-    return True
-
-
-def close_unknown(hold: str, keys: list[Any], dask_scheduler: Scheduler | None = None) -> None:
-    """``Client.run_on_scheduler(close_unknown, hold, keys)`` (see the method)."""
-    plugin = dask_scheduler.plugins.get(GpunetMeteringPlugin.name)
-    if plugin is not None:
-        plugin.close_unknown(hold, keys)
-
-
-def charge_used(key: Any, dask_scheduler: Scheduler | None = None) -> int | None:
-    """``Client.run_on_scheduler(charge_used, key)`` (see the method)."""
-    plugin = dask_scheduler.plugins.get(GpunetMeteringPlugin.name)
-    return None if plugin is None else plugin.charge_used(key)
-
-
-def metering_state(dask_scheduler: Scheduler | None = None) -> dict[str, Any] | None:
-    """``Client.run_on_scheduler(metering_state)``: whether this scheduler meters, how
-    far its reports have got, and the providers' rates (None where it does not meter)."""
-    plugin = dask_scheduler.plugins.get(GpunetMeteringPlugin.name)
-    if plugin is None:
-        return None
-    return {"credits": plugin.credits_url, "queued": len(plugin.queue), "reported": plugin.reported,
-            "failed": len(plugin.failed), "default_rate": plugin.default_rate, "max_rate": plugin.max_rate,
-            "default_provider": plugin.default_provider, "awaiting_verdict": len(plugin.awaiting),
-            "maps_open": len(plugin.shared),
-            "verdicts": plugin.verdicts, "quarantined": sorted(plugin.quarantined),
-            "providers": {address: dict(info) for address, info in plugin.providers.items()}}
+@click.command()
+@click.option("--credits", "credits_url", required=True, help="the credit service's URL")
+@click.option("--operator-token-file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="the operator token written by `gpunet credits serve`")
+@click.option("--default-provider", default=None, help="who is paid for workers that name no provider")
+def dask_setup(scheduler: Scheduler, credits_url: str, operator_token_file: str, default_provider: str | None) -> None:
+    """Entry point for ``--preload gpunet.extensions.scheduler_plugin`` with
+    ``--preload-argv`` / ``preload_argv``: meter this scheduler's work against the
+    credit service (``gpunet scheduler --credits`` and the embedded network do this)."""
+    with open(operator_token_file) as file:
+        token = file.read().strip()
+    scheduler.add_plugin(GpunetMeteringPlugin(credits_url, token, default_provider=default_provider))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gpunet.errors import (
+    BudgetError,
     CellError,
     CellSyntaxError,
     CellTimeoutError,
@@ -25,12 +26,13 @@ from gpunet.errors import (
     PlacementError,
     RemoteCellError,
     UnpicklableInputError,
+    VerificationError,
     WorkerLostError,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gpunet.metering import BudgetError, SessionUsage
-    from gpunet.network import Network, connect, current, map, split
+    from gpunet.client.network import Network, connect, current, map, split
+    from gpunet.ui.usage import SessionUsage
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,7 @@ __all__ = [
     "RemoteCellError",
     "SessionUsage",
     "UnpicklableInputError",
+    "VerificationError",
     "WorkerLostError",
     "connect",
     "current",
@@ -57,20 +60,22 @@ __all__ = [
     "unload_ipython_extension",
 ]
 
-# Names served from gpunet.network on first use, so that `import gpunet` does not
-# import Dask.
-_LAZY = {"Network", "connect", "current", "map", "split"}
+# Names served on first use, so that `import gpunet` does not import Dask.
+_LAZY = {
+    "Network": "gpunet.client.network",
+    "connect": "gpunet.client.network",
+    "current": "gpunet.client.network",
+    "map": "gpunet.client.network",
+    "split": "gpunet.client.network",
+    "SessionUsage": "gpunet.ui.usage",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from gpunet import network
+        import importlib
 
-        return getattr(network, name)
-    if name in ("BudgetError", "SessionUsage"):
-        from gpunet import metering
-
-        return getattr(metering, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'gpunet' has no attribute {name!r}")
 
 

@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from gpunet.client.local import EmbeddedNetwork
+from gpunet.client.network import connect
+
 
 def run_notebook(path: Path, *, timeout: int = 600) -> tuple[object, Path]:
     """Execute ``path`` headless in a fresh ipykernel; returns (notebook, written copy)."""
@@ -50,8 +53,6 @@ def _spent(embedded: object) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
-    from gpunet.network import EmbeddedNetwork, connect
-
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0] if argv else "notebooks/quickstart.ipynb")
     started = time.monotonic()

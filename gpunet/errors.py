@@ -9,10 +9,14 @@ what happened, the values involved, and what to do next::
     │   ├── CellSyntaxError     the cell does not parse (reported with its line)
     │   ├── UnpicklableInputError   an input cannot travel (names the variable)
     │   └── MissingOutputError  an --out name the cell never assigned
+    ├── OptionError             a flag or argument has a value gpunet cannot use (the magic: a usage error)
+    │   └── PolicyError         --verify / --rtol / --atol cannot be used (also a VerificationError)
     ├── PlacementError          no worker can ever satisfy the requested resources
     ├── RemoteCellError         the cell raised on the worker (remote traceback kept)
     ├── WorkerLostError         the worker died and the cell could not be re-run
     ├── CellTimeoutError        the cell ran past --timeout and was stopped
+    ├── BudgetError             a job's hold cannot be placed: --max-credits, budget or balance too small
+    ├── VerificationError       --verify cannot run here, or the copies did not agree
     └── CreditsError            (gpunet.credits) the credit service refused or failed
 
 Errors of other libraries are translated at the boundary (``raise ... from exc``).
@@ -67,6 +71,11 @@ class MissingOutputError(CellError):
         self.names = names
 
 
+class OptionError(GpunetError, ValueError):
+    """A flag of ``%%gpunet`` or an argument of the Python API has a value gpunet
+    cannot use; nothing was sent. The magic shows it as a usage error."""
+
+
 class PlacementError(GpunetError):
     """No worker in the network can ever satisfy the requested resources."""
 
@@ -95,6 +104,19 @@ class WorkerLostError(GpunetError):
 
 class CellTimeoutError(GpunetError, TimeoutError):
     """The cell ran longer than its ``--timeout`` and was stopped on the worker."""
+
+
+class BudgetError(GpunetError):
+    """A job's hold could not be placed: the session's budget or the balance is short,
+    or ``--max-credits`` cannot pay for it. Nothing was sent."""
+
+
+class VerificationError(GpunetError):
+    """Verification could not run, or the copies of a result did not agree."""
+
+
+class PolicyError(VerificationError, OptionError):
+    """``--verify``, ``--rtol`` or ``--atol`` has a value that cannot be used."""
 
 
 class CreditsError(GpunetError):

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any
+
+import dask
+from distributed import Client, Nanny, Scheduler
+from distributed.utils import get_ip
+
+from gpunet.client.local import EMBEDDED_DASK_CONFIG, EmbeddedNetwork
+from gpunet.credits import CreditClient
+from gpunet.errors import GpunetError
+from gpunet.wire import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE, SCHEDULER_PRELOAD, WORKER_PRELOAD
+from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -67,8 +81,6 @@ def _wait_for_stop() -> None:
 
 
 def _up(args: Any) -> int:
-    from gpunet.network import EmbeddedNetwork
-
     embedded = EmbeddedNetwork(n_workers=args.workers, host=args.host, port=args.port,
                                dashboard_port=args.dashboard_port, credits=not args.no_credits)
     try:
@@ -92,20 +104,13 @@ def _up(args: Any) -> int:
 
 
 def _scheduler(args: Any) -> int:
-    import asyncio
-
-    import dask
-    from distributed import Scheduler  # imported first: it loads the config we set part of
-
-    from gpunet.network import EMBEDDED_DASK_CONFIG
-
-    metering = _metering_plugin(args)
+    preload = _metering_preload(args)
 
     async def serve() -> None:
         with dask.config.set(EMBEDDED_DASK_CONFIG):
-            async with Scheduler(host=args.host, port=args.port, plugins=[metering] if metering else [],
-                                 dashboard_address=f"{args.host}:{args.dashboard_port}") as scheduler:
-                if metering is not None:
+            async with Scheduler(host=args.host, port=args.port, dashboard_address=f"{args.host}:{args.dashboard_port}",
+                                 **preload) as scheduler:
+                if preload:
                     print(f"metering: {args.credits}", flush=True)
                 print(f"scheduler: {scheduler.address}", flush=True)
                 print(f"providers join with:  gpunet provide {scheduler.address}", flush=True)
@@ -120,37 +125,24 @@ def _scheduler(args: Any) -> int:
     return 0
 
 
-def _metering_plugin(args: Any) -> Any:
-    """The metering plugin `gpunet scheduler --credits` runs, after checking the token."""
-    from pathlib import Path
-
-    from gpunet.errors import GpunetError
-
+def _metering_preload(args: Any) -> dict[str, Any]:
+    """The scheduler arguments that load the metering plugin for `gpunet scheduler
+    --credits` (none without it), after checking the operator token with the service."""
     if args.credits is None and args.operator_token_file is None:
-        return None
+        return {}
     if args.credits is None or args.operator_token_file is None:
         raise GpunetError("metering needs both --credits URL and --operator-token-file PATH")
     try:
         token = Path(args.operator_token_file).read_text().strip()
     except OSError as exc:
         raise GpunetError(f"cannot read the operator token file {args.operator_token_file}: {exc.strerror}") from None
-    from gpunet.credits import CreditClient
-
     with CreditClient(args.credits, token) as operator:
         operator.accounts()  # raises a clear error for an unreachable service or a non-operator token
-    from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
-
-    return GpunetMeteringPlugin(args.credits, token)
+    return {"preload": [SCHEDULER_PRELOAD],
+            "preload_argv": [["--credits", args.credits, "--operator-token-file", str(args.operator_token_file)]]}
 
 
 def _provide(args: Any) -> int:
-    import asyncio
-    import os
-
-    from gpunet.credits import CreditClient
-    from gpunet.errors import GpunetError
-    from gpunet.extensions.worker_plugin import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV
-
     url = args.credits or os.environ.get("GPUNET_CREDITS")
     token = args.token or os.environ.get("GPUNET_TOKEN")
     if not url or not token:
@@ -167,20 +159,12 @@ def _provide(args: Any) -> int:
 
 
 async def _run_provider(args: Any, account: str) -> int:
-    import asyncio
-
-    from distributed import Client, Nanny
-    from distributed.utils import get_ip
-
-    from gpunet.devices import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE, local_gpus
-    from gpunet.errors import GpunetError
-
     name = args.name or account
     host = args.host or get_ip(args.scheduler.split("://")[-1].rsplit(":", 1)[0])
     gpus = local_gpus()
     if args.gpus != "all":
         gpus = gpus[: int(args.gpus)]
-    preload = ["gpunet.extensions.worker_plugin"]
+    preload = [WORKER_PRELOAD]
     nannies: list[Any] = []
     try:
         import dask_cuda
@@ -225,9 +209,6 @@ async def _drain(client: Any, addresses: list[str], timeout: float = 600) -> Non
     there: every one asks for a slot), wait for the tasks they are executing to
     finish, then retire them: their results move elsewhere, and tasks that were
     queued there but never started go to other workers."""
-    import asyncio
-    import time
-
     await client.run(_close_device_slots, workers=addresses, on_error="return")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -239,8 +220,6 @@ async def _drain(client: Any, addresses: list[str], timeout: float = 600) -> Non
 
 
 async def _close_device_slots(dask_worker: Any = None) -> None:
-    from gpunet.devices import DEVICE_RESOURCE
-
     await dask_worker.set_resources(**{DEVICE_RESOURCE: 0})
 
 

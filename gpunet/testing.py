@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+from distributed import Nanny, Scheduler, SpecCluster
 from distributed.diagnostics.plugin import WorkerPlugin
+
+from gpunet.client.network import connect
+from gpunet.credits import serve_in_background
+from gpunet.wire import DEVICE_RESOURCE, METERING_PLUGIN, SCHEDULER_PRELOAD, WORKER_PRELOAD
+from gpunet.worker.device import PROVIDER_TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +107,7 @@ class LiarPlugin(WorkerPlugin):
 
 
 def _falsified(result: Any) -> Any:
-    """A :class:`~gpunet.remote.JobResult` with a falsified value or first output."""
+    """A :class:`~gpunet.wire.JobResult` with a falsified value or first output."""
     if result.error is not None:
         return None
     if result.value is not None:
@@ -136,9 +142,7 @@ class Market:
 
     def connect(self, budget: int = 100_000) -> Any:
         """A :class:`gpunet.Network` on this market, as its client account."""
-        import gpunet
-
-        return gpunet.connect(self.scheduler, credits=self.credits_url, token=self.client_token, budget=budget)
+        return connect(self.scheduler, credits=self.credits_url, token=self.client_token, budget=budget)
 
 
 @contextlib.contextmanager
@@ -148,13 +152,6 @@ def local_market(providers: dict[str, float], *, workers_per_provider: int = 1, 
     """Start a market whose ``providers`` map provider names to how often each lies
     (0 for an honest one); stop every part on exit. ``reputation_floor`` is the
     credit service's (0: nobody is ever quarantined)."""
-    from distributed import Nanny, Scheduler, SpecCluster
-
-    from gpunet.credits import serve_in_background
-    from gpunet.devices import DEVICE_RESOURCE
-    from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
-    from gpunet.extensions.worker_plugin import GpunetWorkerPlugin
-
     with contextlib.ExitStack() as stack:
         place = Path(directory) if directory else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         floor = [] if reputation_floor is None else ["--reputation-floor", str(reputation_floor)]
@@ -169,18 +166,19 @@ def local_market(providers: dict[str, float], *, workers_per_provider: int = 1, 
         logs = {name: place / f"{name}-results.jsonl" for name, rate in providers.items() if rate > 0}
         workers = {}
         for name, rate in providers.items():
-            plugins = {GpunetWorkerPlugin(tokens[name])}
-            if rate > 0:
-                plugins.add(LiarPlugin(rate, str(logs[name]), seed=seed))
+            # gpunet's worker plugin, loaded as `gpunet provide` loads it: it registers
+            # the worker as the provider whose token it finds in its environment
+            plugins = {LiarPlugin(rate, str(logs[name]), seed=seed)} if rate > 0 else set()
             for number in range(workers_per_provider):
                 workers[f"{name}-{number}"] = {"cls": Nanny, "options": {
                     "nthreads": 1, "host": "127.0.0.1", "resources": {DEVICE_RESOURCE: 1}, "plugins": plugins,
+                    "preload": [WORKER_PRELOAD], "env": {PROVIDER_TOKEN_ENV: tokens[name]},
                     "dashboard_address": None}}
         scheduler = {"cls": Scheduler, "options": {
-            "host": "127.0.0.1", "port": 0, "dashboard_address": ":0",
-            "plugins": [GpunetMeteringPlugin(service.url, service.operator_token)]}}
+            "host": "127.0.0.1", "port": 0, "dashboard_address": ":0", "preload": [SCHEDULER_PRELOAD],
+            "preload_argv": [["--credits", service.url, "--operator-token-file", str(place / "operator-token")]]}}
         cluster = stack.enter_context(SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING))
-        metering = cluster.scheduler.plugins[GpunetMeteringPlugin.name]
+        metering = cluster.scheduler.plugins[METERING_PLUGIN]
         deadline = time.monotonic() + 60
         while len(metering.providers) < len(workers):  # each worker registers its provider once connected
             if time.monotonic() > deadline:

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 
 import gpunet
-from gpunet import network as network_module
+from gpunet.client import network as network_module
 
 
 def pytest_configure(config):

@@ -273,7 +273,7 @@ def test_no_block_cancel_says_so(ip):
 
 
 def test_connect_and_disconnect_through_the_magic(ip, net):
-    from gpunet import network as network_module
+    from gpunet.client import network as network_module
 
     network_module._current = None
     try:
@@ -324,7 +324,7 @@ def test_bad_gpu_mem_is_a_usage_error(ip):
 
 
 def test_widget_progress_states():
-    from gpunet.widgets import JobProgress
+    from gpunet.ui.progress import JobProgress
 
     with capture_output():
         progress = JobProgress("gpunet", widget=True)

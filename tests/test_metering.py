@@ -10,16 +10,17 @@ import time
 import pytest
 
 import gpunet
-from gpunet import network as network_module
+from gpunet.client import network as network_module
+from gpunet import wire
+from gpunet.client.local import EmbeddedNetwork
 from gpunet.credits import verify_service
-from gpunet.extensions.scheduler_plugin import metering_state
 
 
 def _settled(net, timeout=30.0):
     """Wait until the scheduler has reported everything; return the session's usage."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = net.client.run_on_scheduler(metering_state)
+        state = net.metering_state()
         usage = net.credits.usage(net.session)
         if state["queued"] == 0 and usage["held"] == 0:
             return usage
@@ -87,7 +88,7 @@ def _spin():
 def test_reports_survive_the_credit_service_pausing(own):
     """Holds are placed, then the service stops answering while 200 tasks run; the
     cells complete, the reports wait in the scheduler's queue and arrive later."""
-    from gpunet import jobs
+    from gpunet.client import submit as jobs
 
     service = own.embedded.credits_service
     before = _settled(own)
@@ -100,7 +101,7 @@ def test_reports_survive_the_credit_service_pausing(own):
         results = [jobs.function_value(r) for r in remote.wait(timeout=120)]
         assert len(results) == 200
         time.sleep(1.0)
-        assert own.client.run_on_scheduler(metering_state)["queued"] > 0, "reports should be waiting"
+        assert own.metering_state()["queued"] > 0, "reports should be waiting"
     finally:
         os.kill(service.pid, signal.SIGCONT)
     after = _settled(own, timeout=60)
@@ -115,7 +116,7 @@ def test_the_ledger_verifies_after_metered_work(net):
     report = verify_service(service.url, service.operator_token)  # raises on any bad entry
     # The map's 20 items share one hold: the mint, the hold, its parts paid, the rest released.
     assert report["size"] >= 4 and report["balances_checked"]
-    assert report["minted"] == network_module.EmbeddedNetwork.LOCAL_CREDITS
+    assert report["minted"] == EmbeddedNetwork.LOCAL_CREDITS
 
 
 def test_usage_magic_and_budget_refusal_through_the_magic(ip, net):
@@ -143,12 +144,10 @@ def test_an_empty_map_costs_nothing(net):
 def test_a_hold_whose_tasks_never_reached_the_scheduler_is_released(net):
     """The scheduler refuses a graph whose input was lost before it arrived: the
     notebook then has it close the hold of tasks that never existed there."""
-    from gpunet.extensions.scheduler_plugin import close_unknown
-
     before = _settled(net)
     hold = net.meter.hold_shared("never-sent", count=3, amount=5)
     assert net.credits.usage(net.session)["held"] == before["held"] + 15
-    net.client.run_on_scheduler(close_unknown, hold, ["gpunet-never-sent-0", "gpunet-never-sent-1",
-                                                      "gpunet-never-sent-2"])
+    net.call_scheduler(wire.CLOSE_UNKNOWN, hold=hold,
+                       keys=["gpunet-never-sent-0", "gpunet-never-sent-1", "gpunet-never-sent-2"])
     after = _settled(net)
     assert after["held"] == 0 and after["spent"] == before["spent"]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import gpunet
-from gpunet import network as network_module
+from gpunet.client import network as network_module
 from gpunet.errors import ConnectError, GpunetError, RemoteCellError
 
 

@@ -13,7 +13,6 @@ import pytest
 
 import gpunet
 from gpunet.credits import serve_in_background, verify_service
-from gpunet.extensions.scheduler_plugin import metering_state
 from gpunet_processes import expect, start, stop
 
 @pytest.fixture
@@ -130,7 +129,7 @@ def test_provider_drains_on_ctrl_c(market, detached):
 def test_reports_wait_for_a_stopped_credit_service(market, detached):
     """The credit service stops answering during a map of 200 tasks: the tasks complete,
     the scheduler keeps its reports, and they all arrive once it answers again."""
-    from gpunet import jobs
+    from gpunet.client import submit as jobs
 
     service = market["service"]
     with gpunet.connect(market["address"], credits=service.url, token=market["tokens"]["carol"],
@@ -142,7 +141,7 @@ def test_reports_wait_for_a_stopped_credit_service(market, detached):
         try:
             assert [jobs.function_value(r) for r in remote.wait(timeout=120)] == [abs(i) for i in range(-100, 100)]
             time.sleep(3)
-            state = net.client.run_on_scheduler(metering_state)
+            state = net.metering_state()
             # What the 200 items earned waits as parts of the map's one hold (one per
             # provider and report), then the release of its rest; at least that release.
             assert state["queued"] >= 1 and state["maps_open"] == 0
@@ -166,11 +165,11 @@ def test_a_client_cannot_register_a_worker_to_another_provider(market, detached)
                         budget=500) as net:
         net.client.wait_for_workers(2, timeout=60)
         deadline = time.monotonic() + 30
-        while len(net.client.run_on_scheduler(metering_state)["providers"]) < 2 and time.monotonic() < deadline:
+        while len(net.metering_state()["providers"]) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)  # registrations are checked with the credit service first
-        before = net.client.run_on_scheduler(metering_state)["providers"]
+        before = net.metering_state()["providers"]
         assert sorted(p["provider"] for p in before.values()) == ["alice", "bob"]
         net.client._send_to_scheduler({"op": "gpunet-register-provider", "token": market["tokens"]["bob"],
                                        "rate": 99})
         time.sleep(1.0)
-        assert net.client.run_on_scheduler(metering_state)["providers"] == before
+        assert net.metering_state()["providers"] == before

@@ -9,12 +9,12 @@ import time
 import pytest
 
 from gpunet import errors as gpunet_errors
-from gpunet import jobs
+from gpunet.client import submit as jobs
 from gpunet.credits import verify_service
-from gpunet.extensions.scheduler_plugin import metering_state
-from gpunet.status import NetworkStatus
+from gpunet.ui.status import NetworkStatus
 from gpunet.testing import local_market
-from gpunet.verify import Policy, VerificationError, result_digest, tolerance_for
+from gpunet.errors import VerificationError
+from gpunet.verify.quorum import Policy, result_digest, tolerance_for
 
 
 def _square_and_root(i):  # travels by value: the workers cannot import this test module
@@ -31,7 +31,7 @@ def _wait_reported(net, timeout=30):
     """Until the scheduler has sent every settlement and verdict to the credit service."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = net.client.run_on_scheduler(metering_state)
+        state = net.metering_state()
         if state["queued"] == 0 and state["awaiting_verdict"] == 0:
             return state
         time.sleep(0.1)
@@ -133,7 +133,7 @@ def test_replicate_detects_every_lie_pays_none_and_quarantines_the_liar(liar_mar
         seen = len(market.lies("mallory"))
         assert net.map(_square_and_root, range(10), verify="replicate") == expected[:10]
         assert len(market.lies("mallory")) == seen
-        assert "mallory" in net.client.run_on_scheduler(metering_state)["quarantined"]
+        assert "mallory" in net.metering_state()["quarantined"]
         assert "mallory QUARANTINED" in str(NetworkStatus.of(net))
     verify_service(market.credits_url, market.operator.token)  # raises on any bad entry
 
@@ -241,7 +241,7 @@ def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
             other._send_to_scheduler({"op": "gpunet-verdict", "job": job.job_id, "copies": dict.fromkeys(keys, False),
                                       "method": "replicate:2", "digest": "", "checked": True})
             time.sleep(0.5)
-        assert net.client.run_on_scheduler(metering_state)["awaiting_verdict"] == 2
+        assert net.metering_state()["awaiting_verdict"] == 2
         assert remote.wait()[0] and result_digest(remote.units[0].accepted.result)
         _wait_reported(net)
         assert len(_settled(market, session=net.session)) == 2
@@ -281,7 +281,7 @@ def test_timeout_and_cancel_stop_every_copy_and_pay_nobody(honest_market, shell,
 
 
 def test_max_credits_caps_every_copy_a_unit_may_need(honest_market, detached):
-    from gpunet.metering import BudgetError
+    from gpunet.errors import BudgetError
 
     with honest_market.connect() as net:
         with pytest.raises(BudgetError, match=r"up to 4 copies .* give at least --max-credits 4\. Nothing was sent"):

@@ -7,10 +7,10 @@ import html
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gpunet.devices import format_bytes
+from gpunet.worker.device import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gpunet.network import Network, WorkerInfo
+    from gpunet.client.network import Network, WorkerInfo
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,7 @@ class NetworkStatus:
 def _providers(net: Network, addresses: list[str]) -> tuple[dict[str, str], str | None]:
     """Which provider each worker belongs to (as the scheduler's metering knows it),
     and a line on those providers' trust records in the credit service."""
-    from gpunet.extensions.scheduler_plugin import metering_state
-
-    state = net.client.run_on_scheduler(metering_state) or {}
+    state = net.metering_state() or {}
     known = {address: info["provider"] for address, info in state.get("providers", {}).items()}
     default = state.get("default_provider")
     owners = {address: known.get(address, default) for address in addresses if known.get(address, default)}

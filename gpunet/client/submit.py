@@ -4,7 +4,7 @@ A :class:`RemoteJob` holds the Dask futures of one cell, one function call, or
 every item of a map. :meth:`RemoteJob.wait` blocks the calling thread (the
 notebook's) until they finish, meanwhile printing the job's live stdout/stderr and
 moving its progress display; Ctrl-C or ``timeout`` stops the job on its worker for
-real (see :func:`gpunet.remote.stop_job`), restarting a worker whose thread is
+real (see :func:`gpunet.worker.runner.stop_job`), restarting a worker whose thread is
 stuck in C code, so the device is free again.
 """
 
@@ -13,63 +13,45 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import sys
 import threading
 import time
-import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
 import cloudpickle
 
+import dask
+from distributed.scheduler import KilledWorker
+
+from gpunet import wire
 from gpunet.errors import (
+    BudgetError,
+    VerificationError,
     CellTimeoutError,
     GpunetError,
     RemoteCellError,
-    UnpicklableInputError,
     WorkerLostError,
 )
-from gpunet.remote import Job, JobResult, run_job
+from gpunet.client.handle import (
+    SCATTER_THRESHOLD_BYTES,
+    STOP_GRACE_S,
+    new_job_id,
+    pickled,
+    stop_job_everywhere,
+    write,
+)
+from gpunet.client.verified import VerifiedJob
+from gpunet.verify.quorum import Policy, tolerance_for
+from gpunet.wire import Job, JobResult, result_from_event
+from gpunet.worker.runner import run_job
 
 if TYPE_CHECKING:  # pragma: no cover
+    from gpunet.client.handle import Connection
     from distributed import Future
 
-    from gpunet.network import Network
-    from gpunet.widgets import JobProgress
+    from gpunet.kernels import Tolerance
+    from gpunet.ui.progress import JobProgress
 
 logger = logging.getLogger(__name__)
-
-#: Inputs bigger than this travel scattered to the workers, not inside the task.
-SCATTER_THRESHOLD_BYTES = 256 * 1024
-
-#: How long a stopped job's thread may take to leave before its worker is restarted.
-STOP_GRACE_S = 1.0
-
-
-def new_job_id() -> str:
-    """A fresh job id (also the prefix of its Dask keys)."""
-    return uuid.uuid4().hex[:16]
-
-
-def pickled(value: Any, what: str, *, name: str | None = None) -> bytes:
-    """cloudpickle ``value``, or raise :class:`UnpicklableInputError` naming ``what``
-    (an input's name, "map item 3") and its type."""
-    try:
-        return cloudpickle.dumps(value)
-    except Exception as exc:  # noqa: BLE001 - pickling fails in many ways
-        type_name = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
-        raise UnpicklableInputError(
-            f"{what} ({type_name}) cannot be pickled, so it cannot travel to a worker "
-            f"({type(exc).__name__}: {exc}). Create it on the worker instead (inside the cell or function), "
-            "or choose the inputs with --in.",
-            name=name or what,
-            type_name=type_name,
-        ) from None
-
-
-def pickle_inputs(values: dict[str, Any]) -> dict[str, bytes]:
-    """Pickle each input on its own, naming the one that cannot travel."""
-    return {name: pickled(value, f"input {name!r}", name=name) for name, value in values.items()}
-
 
 def function_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
                  topic: str | None, announce: bool = True) -> Job:
@@ -97,7 +79,7 @@ def raise_for_error(result: JobResult, *, label: str = "") -> None:
     error = result.error
     if error is None:
         return
-    if error["ename"] == "JobInterrupted":
+    if error["ename"] == wire.INTERRUPTED:
         raise GpunetError(f"the job was stopped on {result.worker}{label}")
     remote_tb = error["traceback"]
     header = f"Remote traceback (worker {result.worker}, {result.device}{label}):\n"
@@ -127,7 +109,7 @@ class RemoteJob:
     the job's topic events) before its first task is sent, so no event is missed.
     """
 
-    def __init__(self, network: Network, job: Job, *, items: int | None) -> None:
+    def __init__(self, network: Connection, job: Job, *, items: int | None) -> None:
         self.network = network
         self.job = job
         self.count = 1 if items is None else items
@@ -156,19 +138,17 @@ class RemoteJob:
         self._lock = threading.Lock()
 
     @classmethod
-    def submit(cls, network: Network, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
+    def submit(cls, network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
                workers: list[str] | list[list[str]] | None = None,
                annotations: dict[str, Any] | None = None) -> RemoteJob:
         """Send ``job`` to ``network`` with the given placement (``workers``: one
         list for all items, or one per item); ``annotations`` (the job's hold)
         travel with its tasks as the ``gpunet`` annotation."""
-        import dask
-
-        with dask.annotate(gpunet=annotations) if annotations else contextlib.nullcontext():
+        with dask.annotate(**{wire.ANNOTATION: annotations}) if annotations else contextlib.nullcontext():
             return cls._submit(network, job, resources=resources, items=items, workers=workers)
 
     @classmethod
-    def _submit(cls, network: Network, job: Job, *, resources: dict[str, float], items: list[Any] | None,
+    def _submit(cls, network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None,
                 workers: list[str] | list[list[str]] | None) -> RemoteJob:
         client = network.client
         blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
@@ -182,7 +162,7 @@ class RemoteJob:
         remote = cls(network, job, items=None if blobs is None else len(blobs))
         remote.resources = resources
         remote.allowed_workers = None if per_item else workers
-        network._register(remote)
+        network.register_job(remote)
         if blobs is None:
             futures = [client.submit(run_job, job, None, None, inputs, key=f"gpunet-{job.job_id}", **options)]
         else:
@@ -225,8 +205,6 @@ class RemoteJob:
     # -- callbacks from the client's event loop -------------------------------------------
     def on_event(self, message: dict[str, Any]) -> None:
         if message.get("kind") == "result":
-            from gpunet.remote import result_from_event
-
             with self._lock:
                 self.results.setdefault(message.get("index"), result_from_event(message["result"]))
                 complete = len(self.results) >= self.count
@@ -298,7 +276,7 @@ class RemoteJob:
             self.stop("interrupted")
             raise
         finally:
-            self.network._forget(self.job.job_id)
+            self.network.forget_job(self.job.job_id)
         results = self._gather()
         if self.network.meter is not None:
             for result in results:
@@ -310,12 +288,10 @@ class RemoteJob:
         self._drain(progress, echo)
         if echo:
             for result in results:
-                self._echo_rest(result)
+                self.echo_rest(result)
         return results
 
     def _gather(self) -> list[JobResult]:
-        from distributed.scheduler import KilledWorker
-
         with self._lock:
             have = dict(self.results)
         missing = [future for future in self.futures if self.index_of[future.key] not in have]
@@ -345,13 +321,11 @@ class RemoteJob:
     def _close_unknown_tasks(self) -> None:
         """Tasks the scheduler cancelled may never have existed there (their input was
         lost before the graph arrived): have it close their hold, or it stays held."""
-        from gpunet.extensions.scheduler_plugin import close_unknown
-
         if not self.holds:
             return
         try:
-            self.network.client.run_on_scheduler(close_unknown, self.holds[0],
-                                                 [future.key for future in self.futures])
+            self.network.call_scheduler(wire.CLOSE_UNKNOWN, hold=self.holds[0],
+                                        keys=[future.key for future in self.futures])
         except Exception as exc:  # noqa: BLE001 - the network may be gone: nothing more to do
             logger.warning("gpunet: could not close the hold of job %s: %s", self.job.job_id, exc)
 
@@ -373,13 +347,13 @@ class RemoteJob:
                 index = message.get("index")
                 if message["seq"] > self.shown_seq.get(index, 0):
                     self.shown_seq[index] = message["seq"]
-                    _write(message["name"], message["text"])
+                    write(message["name"], message["text"])
 
-    def _echo_rest(self, result: JobResult) -> None:
+    def echo_rest(self, result: JobResult) -> None:
         shown = self.shown_seq.get(result.index, 0)
         for seq, name, text in result.streams:
             if seq > shown:
-                _write(name, text)
+                write(name, text)
         if result.streams:
             self.shown_seq[result.index] = result.streams[-1][0]
 
@@ -393,10 +367,7 @@ class RemoteJob:
     def _stop_at_credit_limit(self) -> None:
         """The job ran as long as its --max-credits pays for: the scheduler charges the
         provider's time on the worker (at most the limit), then the job is stopped."""
-        from gpunet.extensions.scheduler_plugin import charge_used
-        from gpunet.metering import BudgetError
-
-        charged = self.network.client.run_on_scheduler(charge_used, self.futures[0].key)
+        charged = self.network.call_scheduler(wire.CHARGE_USED, key=self.futures[0].key)
         worker = self.workers_seen[-1][0] if self.workers_seen else None
         self.stop("stopped at its --max-credits")
         raise BudgetError(
@@ -412,32 +383,46 @@ class RemoteJob:
         stop_job_everywhere(self.network, self.job.job_id, self.futures, reason)
 
 
-def stop_job_everywhere(network: Network, job_id: str, futures: list[Future], reason: str) -> None:
-    """Cancel ``futures`` and stop job ``job_id``'s threads on every worker; a worker
-    whose thread does not leave within :data:`STOP_GRACE_S` restarts (under a Nanny)."""
-    import asyncio
+def submit(network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
+           workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
+           timeout: float | None = None, verify: str | Policy | None = None,
+           tolerance: Tolerance | None = None) -> RemoteJob | VerifiedJob:
+    """Send ``job`` (once, or once per item) to ``network`` and return its handle:
+    a :class:`RemoteJob`, or a :class:`~gpunet.client.verified.VerifiedJob` with ``verify``.
 
-    from gpunet.remote import stop_job
-
-    client = network.client
+    ``workers`` restricts where it may run: one list for every item, or one list per
+    item (``placement="capability"``). On a metered network the job's hold is placed
+    first (see :mod:`gpunet.metering.meter`): one hold for a cell, one shared by a
+    map's items; a hold that cannot be placed refuses the job before anything is sent.
+    """
+    if items is not None and not items:
+        raise GpunetError("nothing to send: the map has no items")
+    policy = Policy.parse(verify)
+    network.check_placement(resources)
+    if policy.active:
+        if workers and isinstance(workers[0], list):
+            raise VerificationError("placement='capability' pins items to workers, and verification needs "
+                                    "copies on other providers' workers: use one or the other")
+        return VerifiedJob.submit(network, job, policy, tolerance or tolerance_for(job.code or job.function),
+                                  resources=resources, items=items, workers=workers, max_credits=max_credits,
+                                  timeout=timeout)
+    meter = network.meter
+    if meter is None:
+        if max_credits is not None:
+            raise GpunetError("--max-credits needs a metered network: connect with --credits URL --token TOKEN, "
+                              "or without an address for a local one")
+        return RemoteJob.submit(network, job, resources=resources, items=items, workers=workers)
+    count = 1 if items is None else len(items)
+    plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
+    if items is None:
+        hold = meter.hold(job.job_id, count=1, amount=plan.amount)[0]
+    else:  # one hold for the whole map, paid out in parts as its items finish
+        hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount)
     try:
-        client.cancel(futures, force=True)
-        # Bounded, so that one unresponsive worker cannot make Ctrl-C hang.
-        statuses = client.sync(asyncio.wait_for, client._run(stop_job, job_id, reason, STOP_GRACE_S),
-                               STOP_GRACE_S + 5)
-    except Exception as exc:  # noqa: BLE001 - the network may be gone too
-        logger.warning("gpunet: could not stop job %s cleanly: %s", job_id, exc)
-        return
-    for address, status in statuses.items():
-        if status == "restarting":
-            logger.warning("gpunet: job %s did not stop within %s s on %s; that worker restarts to free its device",
-                           job_id, STOP_GRACE_S, address)
-        elif status == "stuck":
-            logger.warning("gpunet: job %s is stuck on %s, which has no Nanny to restart it; "
-                           "its device stays busy until the job ends", job_id, address)
-
-
-def _write(name: str, text: str) -> None:
-    stream = sys.stderr if name == "stderr" else sys.stdout
-    stream.write(text)
-    stream.flush()
+        remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
+                                  annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else count))
+    except BaseException:
+        network.release_unsent([hold])
+        raise
+    remote.holds, remote.credit_limit_s = [hold], plan.limit_s
+    return remote

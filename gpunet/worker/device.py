@@ -7,21 +7,21 @@ that its device is the CPU, with the processor's name and the worker's memory.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from gpunet.wire import GPU_RESOURCE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Worker
 
 logger = logging.getLogger(__name__)
 
-#: The Dask worker resources gpunet places work with. Every gpunet worker has one
-#: ``device`` slot (its GPU, or the CPU where it has none), so that one cell owns a
-#: device at a time; GPU workers also have ``GPU`` (count) and ``GPU_MEM`` (bytes).
-DEVICE_RESOURCE = "device"
-GPU_RESOURCE = "GPU"
-GPU_MEMORY_RESOURCE = "GPU_MEM"
 
 
 @dataclass(frozen=True)
@@ -137,3 +137,57 @@ def parse_size(text: str) -> int:
         return int(parse_bytes(text.replace(" ", "")))
     except (ValueError, TypeError) as exc:
         raise ValueError(f"cannot read {text!r} as a size; write it like 40GB, 16GiB or 512MB") from exc
+
+
+# -- a Dask worker's device (run on the worker, e.g. with Client.run) ----------------------------
+
+
+#: Environment variables through which `gpunet provide` tells its worker processes
+#: whose they are (the provider's credit token) and what they charge.
+PROVIDER_TOKEN_ENV = "GPUNET_PROVIDER_TOKEN"
+PROVIDER_RATE_ENV = "GPUNET_PROVIDER_RATE"
+
+
+def device_info(dask_worker: Worker) -> dict[str, Any]:
+    """The device a worker offers (run it with ``Client.run(device_info)``)."""
+    device = getattr(dask_worker, "gpunet_device", None)
+    if device is None:
+        device = describe_this_device(memory_limit(dask_worker), gpu=has_gpu_resource(dask_worker))
+        dask_worker.gpunet_device = device
+    return device
+
+
+def memory_limit(worker: Worker) -> int | None:
+    """The worker's memory limit in bytes (None where Dask sets none)."""
+    manager = getattr(worker, "memory_manager", None)
+    return getattr(manager, "memory_limit", None)
+
+
+async def measure_capability(seconds: float = 1.0, refresh: bool = False, dask_worker: Worker | None = None) -> dict[str, Any]:
+    """Measure this worker's device with the capability probe of ``gpunet.kernels``
+    (matmul TFLOP/s, memory bandwidth) and keep it in ``worker.gpunet_device``.
+
+    Run it with ``Client.run(measure_capability, workers=[address])``; it runs off
+    the event loop. A measured worker answers from its cache unless ``refresh``.
+    """
+    device = device_info(dask_worker)
+    if device.get("capability") is None or refresh:
+        from gpunet.kernels.probe import probe  # imports JAX: only where a worker measures
+
+        capability = await asyncio.to_thread(probe, seconds=seconds)
+        device["capability"] = {
+            "tflops_f32": capability.tflops_f32,
+            "tflops_bf16": capability.tflops_bf16,
+            "bf16_native": capability.bf16_native,
+            "bandwidth_gbs": capability.bandwidth_gbs,
+            "seconds": capability.seconds,
+        }
+        logger.info("gpunet worker %s measured %.3f TFLOP/s float32, %.1f GB/s", dask_worker.address,
+                    capability.tflops_f32, capability.bandwidth_gbs)
+    return device
+
+
+def has_gpu_resource(worker: Worker) -> bool:
+    """Whether this worker offers a GPU: a CPU worker on a GPU host must not claim one."""
+    state = getattr(worker, "state", None)
+    return bool(getattr(state, "total_resources", {}).get(GPU_RESOURCE))

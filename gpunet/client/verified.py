@@ -1,28 +1,11 @@
-"""Verified results: run work on several providers and accept what a quorum agrees on.
+"""Verified jobs: send a job's units as copies to distinct providers and settle what a quorum agrees on.
 
 Providers are strangers: a GPU may be faulty, an owner may cheat. With
-``--verify`` (``verify=`` in the Python API) a job's every unit (the cell, or
-each item of a map) runs as *copies* on distinct providers (provider accounts,
-not just workers), and the notebook, which owns the work as a volunteer-computing
-project owns its work units, compares what came back:
-
-- ``replicate[:K]`` (K=2 by default): K copies; a result that ``K // 2 + 1`` of
-  them agree on is accepted.
-- ``spot[:P]`` (P=0.1 by default): one copy; with probability P a second copy
-  runs on the provider with the best record, and the two must agree.
-- ``adaptive``: one copy, replicated like ``replicate:2`` until its provider has
-  :data:`TRUSTED_AFTER` consecutive verified results, from then on only with
-  probability ``1 / consecutive_valid`` (the adaptive replication of BOINC).
-
-Two results agree when their digests (SHA-256 of the pickled outputs) are equal,
-or when the decoded values agree within the tolerance: exactly for integers,
-strings and bytes, within ``rtol``/``atol`` for floats. The tolerance is the
-kernel's (``gpunet.kernels.<name>.tolerance``, found from the function's module or
-the kernels a cell imports), else NumPy's ``allclose`` defaults; ``--rtol`` /
-``--atol`` override it. Copies that disagree get one more copy on another
-provider, up to :data:`MAX_EXTRA_COPIES`; a unit still without a quorum fails
-with the disagreement shown. Once a quorum exists, copies still running are
-cancelled (their holds released).
+``--verify`` (``verify=`` in the Python API) every unit of a job (the cell, or each
+item of a map) runs as copies on distinct providers (provider accounts, not just
+workers), and the notebook, which owns the work as a volunteer-computing project
+owns its work units, judges what came back (:mod:`gpunet.verify.quorum`). Once a
+quorum exists, copies still running are cancelled (their holds released).
 
 The verdict goes to the scheduler plugin, which settles the agreeing copies (the
 ledger entry's memo says how the result was verified, by which providers, and its
@@ -32,8 +15,6 @@ trust record in the credit service, where repeated mismatches quarantine it.
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import logging
 import queue
 import random
@@ -43,186 +24,35 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
+import dask
 
-from gpunet.errors import CellTimeoutError, GpunetError
+from gpunet import wire
+from gpunet.client.handle import SCATTER_THRESHOLD_BYTES, STOP_GRACE_S, pickled, stop_job_everywhere, write
+from gpunet.client.placement import satisfies
+from gpunet.errors import BudgetError, CellTimeoutError, GpunetError, VerificationError
+from gpunet.verify.quorum import (
+    ACCEPT,
+    ANOTHER,
+    MAX_EXTRA_COPIES,
+    TRUSTED_AFTER,
+    WAIT,
+    Policy,
+    disagreement,
+    judge,
+    preview,
+    result_digest,
+)
+from gpunet.worker.runner import run_job, stop_job
 
 if TYPE_CHECKING:  # pragma: no cover
+    from gpunet.client.handle import Connection
     from distributed import Future
 
-    from gpunet.kernels import Mismatch, Tolerance
-    from gpunet.network import Network
-    from gpunet.remote import Job, JobResult
-    from gpunet.widgets import JobProgress
+    from gpunet.kernels import Tolerance
+    from gpunet.ui.progress import JobProgress
+    from gpunet.wire import Job, JobResult
 
 logger = logging.getLogger(__name__)
-
-#: Consecutive verified results after which ``adaptive`` replicates a provider's
-#: tasks only with probability 1 / consecutive_valid.
-TRUSTED_AFTER = 10
-#: Copies sent beyond the first ones when they disagree, per unit.
-MAX_EXTRA_COPIES = 2
-#: The tolerance where neither a kernel nor --rtol/--atol gives one (numpy.allclose's).
-DEFAULT_RTOL, DEFAULT_ATOL = 1e-5, 1e-8
-
-POLICY_HELP = "none, replicate[:K] (K >= 2), spot[:P] (0 < P <= 1) or adaptive"
-
-
-class VerificationError(GpunetError):
-    """Verification could not run, or the copies of a result did not agree."""
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How results are verified: ``mode`` with its ``copies`` (replicate) or
-    ``probability`` (spot)."""
-
-    mode: str = "none"
-    copies: int = 1
-    probability: float = 0.0
-
-    @classmethod
-    def parse(cls, text: str | Policy | None) -> Policy:
-        """``"replicate:3"`` -> Policy("replicate", copies=3); a clear error otherwise."""
-        if isinstance(text, Policy):
-            return text
-        spec = (text or "none").strip().lower()
-        mode, _, arg = spec.partition(":")
-        try:
-            if mode == "none" and not arg:
-                return cls()
-            if mode == "replicate":
-                copies = int(arg) if arg else 2
-                if copies >= 2:
-                    return cls("replicate", copies=copies)
-            elif mode == "spot":
-                probability = float(arg) if arg else 0.1
-                if 0 < probability <= 1:
-                    return cls("spot", probability=probability)
-            elif mode == "adaptive" and not arg:
-                return cls("adaptive")
-        except ValueError:
-            pass
-        raise VerificationError(f"--verify must be {POLICY_HELP}; got {text!r}")
-
-    def __str__(self) -> str:
-        if self.mode == "replicate":
-            return f"replicate:{self.copies}"
-        if self.mode == "spot":
-            return f"spot:{self.probability:g}"
-        return self.mode
-
-    @property
-    def active(self) -> bool:
-        return self.mode != "none"
-
-    @property
-    def max_copies(self) -> int:
-        """The most copies one unit may run: its first ones and the extra ones."""
-        return (self.copies if self.mode == "replicate" else 2) + MAX_EXTRA_COPIES
-
-    @property
-    def providers_needed(self) -> int:
-        """Distinct providers the policy needs to verify anything at all."""
-        return self.copies if self.mode == "replicate" else 2
-
-
-# -- tolerance and comparison ------------------------------------------------------------
-
-
-def tolerance_for(work: Any = None, *, rtol: float | None = None, atol: float | None = None) -> Tolerance:
-    """The tolerance to compare results of ``work`` (a function, or a cell's code):
-    the loosest of the ``gpunet.kernels`` modules it uses, else NumPy's allclose
-    defaults; ``rtol`` / ``atol`` replace the corresponding part."""
-    from gpunet import kernels
-    from gpunet.kernels import Tolerance
-
-    found = [getattr(kernels, name).tolerance for name in _kernels_used(work)]
-    base = Tolerance(max(t.rtol for t in found), max(t.atol for t in found),
-                     max(t.max_mismatch for t in found)) if found else Tolerance(DEFAULT_RTOL, DEFAULT_ATOL)
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and not value >= 0:
-            raise VerificationError(f"--{name} must be a number >= 0, got {value!r}")
-    return base._replace(rtol=base.rtol if rtol is None else float(rtol),
-                         atol=base.atol if atol is None else float(atol))
-
-
-def _kernels_used(work: Any) -> list[str]:
-    """Names of the gpunet.kernels modules a function belongs to or a cell imports."""
-    from gpunet.kernels import KERNELS
-
-    if callable(work):
-        module = getattr(work, "__module__", "") or ""
-        name = module.rsplit(".", 1)[-1]
-        return [name] if module.startswith(("gpunet.kernels.", "kernels.")) and name in KERNELS else []
-    if not isinstance(work, str):
-        return []
-    try:
-        tree = ast.parse(work)
-    except SyntaxError:
-        return []
-    used: set[str] = set()
-    for node in ast.walk(tree):
-        dotted = []
-        if isinstance(node, ast.Import):
-            dotted = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            dotted = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Attribute):
-            dotted = [ast.unparse(node)]
-        for name in dotted:
-            parts = name.split(".")
-            if parts[:2] == ["gpunet", "kernels"] and len(parts) > 2 and parts[2] in KERNELS:
-                used.add(parts[2])
-    return sorted(used)
-
-
-def result_digest(result: JobResult) -> str:
-    """``sha256:...`` of what a copy returned: its error, its value, or its outputs by name."""
-    h = hashlib.sha256()
-    if result.error is not None:
-        h.update(f"error\0{result.error['ename']}\0{result.error['evalue']}".encode())
-    elif result.value is not None:
-        h.update(b"value\0" + result.value)
-    else:
-        for name in sorted(result.outputs):
-            h.update(f"output\0{name}\0{len(result.outputs[name])}\0".encode() + result.outputs[name])
-        h.update("\0".join(sorted(result.missing_outputs)).encode())
-    return "sha256:" + h.hexdigest()
-
-
-def _decoded(result: JobResult) -> Any:
-    """The comparable content of a copy's result."""
-    if result.error is not None:
-        return ("error", result.error["ename"], result.error["evalue"])
-    if result.value is not None:
-        return cloudpickle.loads(result.value)
-    return {name: cloudpickle.loads(blob) for name, blob in result.outputs.items()}
-
-
-def disagreement(a: JobResult, b: JobResult, tolerance: Tolerance) -> Mismatch | str | None:
-    """None when two copies agree (same digest, or equal within ``tolerance``), else
-    what differs: a :class:`~gpunet.kernels.Mismatch`, or a sentence."""
-    from gpunet.kernels import compare
-
-    if result_digest(a) == result_digest(b):
-        return None
-    if (a.error is None) != (b.error is None):
-        failed = a if a.error is not None else b
-        return f"one copy raised {failed.error['ename']}: {failed.error['evalue']}, the other did not"
-    try:
-        return compare(_decoded(a), _decoded(b), tolerance)
-    except Exception as exc:  # noqa: BLE001 - arbitrary user objects
-        return f"the results could not be compared ({type(exc).__name__}: {exc}), and their digests differ"
-
-
-def _preview(result: JobResult, limit: int = 80) -> str:
-    try:
-        text = repr(_decoded(result))
-    except Exception as exc:  # noqa: BLE001
-        text = f"<undecodable: {exc}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 # -- providers ------------------------------------------------------------------------------
 
@@ -239,24 +69,21 @@ class ProviderPool:
     rng: random.Random = field(default_factory=random.Random)
 
     @classmethod
-    def of(cls, network: Network, resources: dict[str, float], allowed: list[str] | None) -> ProviderPool:
+    def of(cls, network: Connection, resources: dict[str, float], allowed: list[str] | None) -> ProviderPool:
         """The providers of ``network`` with a worker that can run a job asking for
         ``resources`` (among ``allowed`` workers), quarantined ones left out."""
-        from gpunet.extensions.scheduler_plugin import metering_state
-        from gpunet.network import _satisfies
-
-        state = network.client.run_on_scheduler(metering_state) if network.meter is not None else None
+        state = network.metering_state() if network.meter is not None else None
         if state is None:
             raise VerificationError(
                 "--verify needs a metered network: results are compared across provider accounts, which only a "
                 "metering scheduler knows (connect with --credits URL --token TOKEN, or with no address)")
         owners = {address: info["provider"] for address, info in state["providers"].items()}
         workers: dict[str, list[str]] = {}
-        for address, info in network._scheduler_workers(fresh=True).items():
+        for address, info in network.scheduler_workers(fresh=True).items():
             provider = owners.get(address, state.get("default_provider"))
             if provider is None or (allowed is not None and address not in allowed):
                 continue
-            if _satisfies(info.get("resources") or {}, resources):
+            if satisfies(info.get("resources") or {}, resources):
                 workers.setdefault(provider, []).append(address)
         records = {record["provider"]: record for record in network.meter.credits.provider_records()}
         quarantined = sorted(p for p in workers if records.get(p, {}).get("quarantined"))
@@ -333,9 +160,9 @@ class Unit:
 
 class VerifiedJob:
     """A job whose units run as copies on distinct providers (see the module
-    docstring). Has the waiting interface of :class:`gpunet.jobs.RemoteJob`."""
+    docstring). Has the waiting interface of :class:`gpunet.client.submit.RemoteJob`."""
 
-    def __init__(self, network: Network, job: Job, policy: Policy, tolerance: Tolerance, pool: ProviderPool, *,
+    def __init__(self, network: Connection, job: Job, policy: Policy, tolerance: Tolerance, pool: ProviderPool, *,
                  resources: dict[str, float], items: list[bytes] | None, amount: int | None) -> None:
         self.network = network
         self.job = job
@@ -363,17 +190,14 @@ class VerifiedJob:
 
     # -- sending ---------------------------------------------------------------------
     @classmethod
-    def submit(cls, network: Network, job: Job, policy: Policy, tolerance: Tolerance, *,
+    def submit(cls, network: Connection, job: Job, policy: Policy, tolerance: Tolerance, *,
                resources: dict[str, float], items: list[Any] | None = None, workers: list[str] | None = None,
                max_credits: float | None = None, timeout: float | None = None) -> VerifiedJob:
         """Choose each unit's providers, hold credits for every copy, and send them.
         Refuses (nothing held, nothing sent) when too few providers can run it."""
-        from gpunet import jobs
-        from gpunet.metering import BudgetError
-
         pool = ProviderPool.of(network, resources, workers)
         pool.require(policy)
-        blobs = None if items is None else [jobs.pickled(item, f"map item {i}") for i, item in enumerate(items)]
+        blobs = None if items is None else [pickled(item, f"map item {i}") for i, item in enumerate(items)]
         # A cell's live output is shown from one copy (the first to speak); a map's
         # copies report only through their results.
         job.topic = network.topic if items is None else None
@@ -395,21 +219,21 @@ class VerifiedJob:
             holds = network.meter.hold(job.job_id, count=len(planned), amount=plan.amount)
         except BudgetError as exc:
             if getattr(exc, "placed", None):  # a race took the budget between check and batch
-                network._release_unsent(exc.placed)
+                network.release_unsent(exc.placed)
             raise
         client = network.client
-        network._register(self)
+        network.register_job(self)
         try:
-            if sum(len(blob) for blob in job.inputs.values()) > jobs.SCATTER_THRESHOLD_BYTES:
+            if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
                 self._inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
             if self.mapped:
                 self._shared = client.scatter(job, hash=False, broadcast=True)
             for (unit, provider), hold in zip(planned, holds):
                 self._send(unit, provider, hold)
         except BaseException:
-            network._release_unsent([h for h in holds if h not in {c.hold for u in self.units for c in u.copies}])
+            network.release_unsent([h for h in holds if h not in {c.hold for u in self.units for c in u.copies}])
             self.stop("not sent")
-            network._forget(job.job_id)
+            network.forget_job(job.job_id)
             raise
         return self
 
@@ -434,14 +258,9 @@ class VerifiedJob:
         return [first, pool.choose({first}, trusted=True)]
 
     def _send(self, unit: Unit, provider: str, hold: str) -> None:
-        import dask
-
-        from gpunet.remote import run_job
-
         number = len(unit.copies)
         key = f"gpunet-{self.job.job_id}-{'c' if unit.index is None else unit.index}-{number}"
-        annotation = {"hold": hold, "amount": self.amount, "verify": self.job.job_id}
-        with dask.annotate(gpunet=annotation):
+        with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, self.amount, verify=self.job.job_id)}):
             future = self.network.client.submit(
                 run_job, self._shared, unit.blob, unit.index, self._inputs, key=key, pure=False,
                 resources=self.resources, workers=self.pool.workers[provider], allow_other_workers=False)
@@ -477,10 +296,8 @@ class VerifiedJob:
                     progress.running(message["worker"], message["device"])
             if message.get("kind") == "stream" and echo and message.get("worker") == self._streamed_from \
                     and message["seq"] > self._shown_seq:
-                from gpunet.jobs import _write
-
                 self._shown_seq = message["seq"]
-                _write(message["name"], message["text"])
+                write(message["name"], message["text"])
 
     def wait(self, timeout: float | None = None, *, progress: JobProgress | None = None,
              echo: bool = True) -> list[JobResult]:
@@ -489,7 +306,7 @@ class VerifiedJob:
         try:
             return self._wait(timeout, progress=progress, echo=echo)
         finally:
-            self.network._forget(self.job.job_id)
+            self.network.forget_job(self.job.job_id)
 
     def _wait(self, timeout: float | None, *, progress: JobProgress | None, echo: bool) -> list[JobResult]:
         deadline = None if timeout is None else self.submitted + timeout
@@ -539,17 +356,15 @@ class VerifiedJob:
     def _echo_accepted(self, unit: Unit) -> None:
         """Show the verified output: the rest of the copy shown live where it is one of
         the agreeing copies, else all of the accepted one's (saying so)."""
-        from gpunet.jobs import _write
-
         shown_live = next((copy for copy in unit.agreeing if copy.result.worker == self._streamed_from), None)
         result = (shown_live or unit.accepted).result
         shown = self._shown_seq if shown_live is not None else 0
         if shown == 0 and self._shown_seq:
-            _write("stderr", f"[gpunet: the output above came from the copy on {self._streamed_from}, which was "
+            write("stderr", f"[gpunet: the output above came from the copy on {self._streamed_from}, which was "
                              f"not accepted; the accepted copy's, from {result.worker}, follows]\n")
         for seq, name, text in result.streams:
             if seq > shown:
-                _write(name, text)
+                write(name, text)
 
     #: Longest wait for a copy before the waiter looks at the clock again.
     POLL_S = 0.5
@@ -576,14 +391,12 @@ class VerifiedJob:
         """A provider quarantined mid-job, or whose workers all left, gets no more
         copies, and its copies still waiting are replaced by copies elsewhere (they
         are pinned to workers that will never run them)."""
-        from gpunet.extensions.scheduler_plugin import metering_state
-
         now = time.monotonic()
         if now - self._quarantine_checked < 1.0:
             return
         self._quarantine_checked = now
-        state = self.network.client.run_on_scheduler(metering_state) or {}
-        present = set(self.network._scheduler_workers(fresh=True))
+        state = self.network.metering_state() or {}
+        present = set(self.network.scheduler_workers(fresh=True))
         quarantined = set(state.get("quarantined", ()))
         for provider in list(self.pool.workers):
             if provider in quarantined:
@@ -629,26 +442,21 @@ class VerifiedJob:
         """Accept the unit when a quorum agrees; else send another copy or give up."""
         if self.stopped_because is not None or unit.decided:
             return
-        done = [copy for copy in unit.copies if copy.result is not None]
-        groups: list[list[Copy]] = []
-        for copy in done:
-            for group in groups:
-                if disagreement(group[0].result, copy.result, self.tolerance) is None:
-                    group.append(copy)
-                    break
-            else:
-                groups.append([copy])
-        winner = max(groups, key=len, default=None)
-        if winner is not None and len(winner) >= unit.quorum:
+        finished = [copy for copy in unit.copies if copy.result is not None or copy.failed is not None]
+        running = len(unit.copies) - len(finished)
+        judgement = judge([copy.result for copy in finished], self.tolerance, unit.quorum, running=running,
+                          extra_left=MAX_EXTRA_COPIES - unit.extra)
+        groups = [[finished[index] for index in group] for group in judgement.groups]
+        if judgement.verdict == ACCEPT:
+            winner = groups[0]
             unit.accepted, unit.agreeing = winner[0], winner
             self._cancel([copy for copy in unit.copies if copy.result is None and copy.failed is None])
-            self._verdict(unit, winner, checked=len(done) > 1)
+            self._verdict(unit, winner, checked=sum(copy.result is not None for copy in finished) > 1)
             return
-        if any(copy.result is None and copy.failed is None for copy in unit.copies):
+        if judgement.verdict == WAIT:
             return  # more copies are coming
-        # The copies disagree, or some gave no result: one more copy, to the
-        # provider with the best record that has not run this unit yet.
-        if unit.extra < MAX_EXTRA_COPIES:
+        if judgement.verdict == ANOTHER:
+            # one more copy, to the provider with the best record that has not run this unit yet
             provider = self.pool.choose({copy.provider for copy in unit.copies}, trusted=True)
             if provider is not None:
                 self._send_extra(unit, provider)
@@ -657,8 +465,6 @@ class VerifiedJob:
         self._verdict(unit, [], checked=False)
 
     def _send_extra(self, unit: Unit, provider: str) -> None:
-        from gpunet.metering import BudgetError
-
         unit.extra += 1
         label = "c" if unit.index is None else unit.index
         try:
@@ -673,7 +479,7 @@ class VerifiedJob:
         try:
             self._send(unit, provider, hold)
         except BaseException:
-            self.network._release_unsent([hold])
+            self.network.release_unsent([hold])
             raise
 
     def _where(self, unit: Unit) -> str:
@@ -687,7 +493,7 @@ class VerifiedJob:
         reference = groups[0][0] if groups else None
         for group in groups:
             names = ", ".join(f"{copy.provider} ({copy.result.worker})" for copy in group)
-            line = f"  {names}: {_preview(group[0].result)}"
+            line = f"  {names}: {preview(group[0].result)}"
             if reference is not None and group[0] is not reference:
                 line += f"  [differs from {reference.provider}'s: {disagreement(reference.result, group[0].result, self.tolerance)}]"
             lines.append(line)
@@ -707,18 +513,13 @@ class VerifiedJob:
                 if copy.result is not None:
                     record = self.pool.records.setdefault(copy.provider, {"consecutive_valid": 0})
                     record["consecutive_valid"] = record.get("consecutive_valid", 0) + 1 if copy in agreeing else 0
-        self.network.client._send_to_scheduler({
-            "op": "gpunet-verdict", "job": self.job.job_id, "copies": finished, "method": str(self.policy),
-            "digest": digest, "checked": checked,
-        })
+        self.network.call_scheduler(wire.VERDICT, client=self.network.client.id, job=self.job.job_id,
+                                    copies=finished, method=str(self.policy), digest=digest, checked=checked)
 
     # -- stopping ----------------------------------------------------------------------
     def _cancel(self, copies: list[Copy], why: str = "cancelled: no longer needed") -> None:
         """Cancel copies (their holds are released), stopping any that already run:
         a cancelled Dask task would otherwise keep its device busy, unpaid."""
-        from gpunet.jobs import STOP_GRACE_S
-        from gpunet.remote import stop_job
-
         if not copies:
             return
         for copy in copies:
@@ -743,8 +544,6 @@ class VerifiedJob:
 
     def stop(self, reason: str) -> None:
         """Cancel every copy and stop the job's threads on the workers."""
-        from gpunet.jobs import stop_job_everywhere
-
         self.stopped_because = reason
         futures = [copy.future for unit in self.units for copy in unit.copies if copy.future is not None]
         stop_job_everywhere(self.network, self.job.job_id, futures, reason)
@@ -756,9 +555,7 @@ class VerifiedJob:
                 except Exception as exc:  # noqa: BLE001 - forgetting the tasks releases them too
                     logger.warning("gpunet: could not send the release of job %s: %s", self.job.job_id, exc)
 
-    def _echo_rest(self, result: JobResult) -> None:
+    def echo_rest(self, result: JobResult) -> None:
         """Show a result's output text (the accepted copy's, after a --no-block wait)."""
-        from gpunet.jobs import _write
-
         for _, name, text in result.streams:
-            _write(name, text)
+            write(name, text)

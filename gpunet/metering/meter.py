@@ -4,7 +4,7 @@ Before a job is sent, :class:`Meter` places a hold on the notebook session's
 credits: one for a cell, one for a whole map (its items' amounts together); a hold
 that cannot be placed refuses the job before anything is sent, with the session's
 numbers in the message. The tasks carry their hold id as a Dask annotation, and
-the scheduler plugin (:mod:`gpunet.extensions.scheduler_plugin`) settles a cell's
+the scheduler plugin (:mod:`gpunet.extensions.scheduler_plugin`, :mod:`gpunet.metering.settlement`) settles a cell's
 hold to the provider whose worker ran it, or releases it; a map's hold is paid out
 in parts to the providers of the items as they finish, and its rest released when
 the last item is done.
@@ -24,19 +24,17 @@ more than the hold; the rest of the hold goes back to the session.
 
 from __future__ import annotations
 
-import html
 import logging
 import math
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gpunet.errors import GpunetError
+from gpunet.credits import BudgetExceededError
+from gpunet.errors import BudgetError
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpunet.credits import CreditClient
-    from gpunet.network import Network
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +42,6 @@ DEFAULT_HOLD_SECONDS = 60.0
 DEFAULT_ITEM_HOLD_SECONDS = 10.0
 #: Credits per device-second where no provider said otherwise.
 DEFAULT_RATE = 1.0
-
-
-class BudgetError(GpunetError):
-    """A job's hold could not be placed: the session's budget or the balance is short."""
 
 
 @dataclass
@@ -93,8 +87,6 @@ class Meter:
         """One hold of ``count x amount`` credits for the ``count`` tasks of a map
         (each is paid at most ``amount`` from it); returns its id. Raises
         :class:`BudgetError` (nothing held) when the session cannot cover it."""
-        from gpunet.credits import BudgetExceededError
-
         try:
             return self.credits.hold(self.session, count * amount, key=f"hold-{job_id}")
         except BudgetExceededError as exc:
@@ -105,8 +97,6 @@ class Meter:
 
         Raises :class:`BudgetError` (nothing held) when the session cannot cover them.
         """
-        from gpunet.credits import BudgetExceededError
-
         if count == 1:
             try:
                 return [self.credits.hold(self.session, amount, key=f"hold-{job_id}")]
@@ -149,80 +139,3 @@ class Meter:
             entry = self.tally.setdefault(worker, WorkerTally(device=device))
             entry.tasks += 1
             entry.seconds += seconds
-
-
-def annotation(hold: str, amount: int, *, tasks: int | None = None) -> dict[str, Any]:
-    """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its
-    hold and what one task may be paid from it; for a map, how many ``tasks``
-    share the hold."""
-    if tasks is None:
-        return {"hold": hold, "amount": amount}
-    return {"hold": hold, "amount": amount, "tasks": tasks}
-
-
-class SessionUsage:
-    """This notebook session's credits: spent, held, left, and tasks by worker.
-
-    An ipywidget in a notebook (``SessionUsage()`` as a cell's last line), a table
-    in HTML, plain text elsewhere. ``refresh()`` reads the credit service again.
-    """
-
-    def __init__(self, net: Network | None = None) -> None:
-        from gpunet.network import current
-
-        self.net = net or current()
-        if self.net.meter is None:
-            raise GpunetError("this connection has no credit service, so its session is not metered "
-                              "(connect with --credits URL --token TOKEN, or without an address)")
-        self.numbers: dict[str, Any] = {}
-        self.taken = 0.0
-        self.refresh()
-
-    def refresh(self) -> SessionUsage:
-        """Read the session's numbers from the credit service now."""
-        meter = self.net.meter
-        self.numbers = meter.credits.usage(meter.session)
-        self.taken = time.time()
-        return self
-
-    def rows(self) -> list[tuple[str, str, int, float]]:
-        """(worker, device, tasks, device-seconds), busiest first."""
-        tally = sorted(self.net.meter.tally.items(), key=lambda item: -item[1].seconds)
-        return [(worker, entry.device, entry.tasks, entry.seconds) for worker, entry in tally]
-
-    def __str__(self) -> str:
-        n = self.numbers
-        lines = [f"session {self.net.meter.session}: spent {n['spent']}, held {n['held']}, "
-                 f"left {n['left']} of {n['budget']} credits"]
-        for worker, device, tasks, seconds in self.rows():
-            lines.append(f"  {worker}  {device}  {tasks} task(s)  {seconds:.2f} device-s")
-        return "\n".join(lines)
-
-    __repr__ = __str__
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        printer.text(str(self))
-
-    def _repr_html_(self) -> str:
-        n = self.numbers
-        body = "".join(
-            f"<tr><td><code>{html.escape(w)}</code></td><td>{html.escape(d)}</td><td>{t}</td><td>{s:.2f}</td></tr>"
-            for w, d, t, s in self.rows()
-        )
-        return (f"<div><b>gpunet session</b> <code>{html.escape(self.net.meter.session)}</code>: "
-                f"spent <b>{n['spent']}</b>, held <b>{n['held']}</b>, left <b>{n['left']}</b> "
-                f"of {n['budget']} credits"
-                f"<table><thead><tr><th>worker</th><th>device</th><th>tasks</th><th>device-s</th></tr></thead>"
-                f"<tbody>{body}</tbody></table></div>")
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        from gpunet.widgets import widgets_can_render
-
-        if widgets_can_render():
-            import ipywidgets
-
-            display(ipywidgets.HTML(self._repr_html_()))
-        else:
-            display({"text/plain": str(self), "text/html": self._repr_html_()}, raw=True)

@@ -19,6 +19,7 @@ output that cannot travel is named instead of failing the whole transfer.
 from __future__ import annotations
 
 import ast
+import asyncio
 import dataclasses
 import builtins
 import ctypes
@@ -32,10 +33,13 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import cloudpickle
+
+from gpunet.cell import cell_filename
+from gpunet.wire import Job, JobResult, result_to_event
+from gpunet.worker.device import describe_this_device, device_info
 
 logger = logging.getLogger(__name__)
 
@@ -62,65 +66,6 @@ RESULT_EVENT_MAX_BYTES = 16 * 1024
 class JobInterrupted(BaseException):
     """Raised inside a job's thread to stop it (a BaseException, like KeyboardInterrupt,
     so that a cell's ``except Exception`` does not swallow it)."""
-
-
-@dataclass
-class Job:
-    """One unit of remote work: a cell body or a pickled function, and its inputs."""
-
-    job_id: str
-    #: source of a %%gpunet cell; None for a function job
-    code: str | None = None
-    #: the function of a function job (Dask pickles it with cloudpickle)
-    function: Callable[..., Any] | None = None
-    #: {name: cloudpickle bytes} of a cell's inputs (pickled one by one on the client,
-    #: so that one that cannot be pickled is named there)
-    inputs: dict[str, bytes] = field(default_factory=dict)
-    #: cloudpickle of (args, kwargs) for a function job
-    arguments: bytes = b""
-    outputs: tuple[str, ...] = ()
-    #: outputs named with --out: a missing or unpicklable one is an error
-    strict_outputs: bool = False
-    display_last_expression: bool = False
-    #: --map NAME: the item of a mapped cell is bound to this name
-    map_name: str | None = None
-    #: topic for live events (stdout, started); None sends none
-    topic: str | None = None
-    #: send a "started" event naming the worker and its device
-    announce: bool = True
-    #: send a small result as an event too (single jobs: saves a gather round trip;
-    #: a map's thousands of events would cost the scheduler more than one gather)
-    result_event: bool = True
-
-
-@dataclass
-class JobResult:
-    """What comes back from :func:`run_job`."""
-
-    job_id: str
-    index: int | None
-    worker: str
-    device: str
-    started: float
-    finished: float
-    #: {name: cloudpickle bytes} of a cell's outputs
-    outputs: dict[str, bytes] = field(default_factory=dict)
-    #: the pickled return value of a function job
-    value: bytes | None = None
-    #: names asked for (strictly) that the cell never assigned
-    missing_outputs: list[str] = field(default_factory=list)
-    #: (name, type name, reason) of outputs that could not be pickled
-    unpicklable_outputs: list[tuple[str, str, str]] = field(default_factory=list)
-    #: every (seq, stream name, text) chunk the job wrote, in order
-    streams: list[tuple[int, str, str]] = field(default_factory=list)
-    #: (data, metadata) MIME bundles from display(), figures and the last expression
-    displays: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
-    #: set when the job raised: ename, evalue, traceback (text), exception (pickled or None)
-    error: dict[str, Any] | None = None
-
-    @property
-    def seconds(self) -> float:
-        return self.finished - self.started
 
 
 # -- per-thread capture of stdout, stderr and display() --------------------------------------
@@ -233,7 +178,7 @@ _install_lock = threading.Lock()
 _installed = False
 
 
-def _install_routers() -> None:
+def install_routers() -> None:
     """Route sys.stdout/sys.stderr and IPython's display() per thread (once a process)."""
     global _installed
     with _install_lock:
@@ -327,11 +272,7 @@ def _current_worker() -> Any:
 
 def _device_label(worker: Any) -> str:
     if worker is None:  # run outside a worker (tests, debugging)
-        from gpunet.devices import describe_this_device
-
         return describe_this_device()["label"]
-    from gpunet.extensions.worker_plugin import device_info
-
     return device_info(worker)["label"]
 
 
@@ -346,7 +287,7 @@ def run_job(
     """
     if inputs is not None:
         job = dataclasses.replace(job, inputs=inputs)
-    _install_routers()
+    install_routers()
     worker = _current_worker()
     address = getattr(worker, "address", "local")
     device = _device_label(worker)
@@ -408,21 +349,6 @@ def _announce_later(job: Job, worker: Any, running_key: str, thread_id: int, dev
     worker.loop.add_callback(worker.loop.call_later, ANNOUNCE_AFTER_S, announce)
 
 
-def result_to_event(result: JobResult) -> dict[str, Any]:
-    """A JobResult as a msgpack-friendly dict (see :func:`result_from_event`)."""
-    return dataclasses.asdict(result)
-
-
-def result_from_event(data: dict[str, Any]) -> JobResult:
-    """Rebuild a JobResult sent as an event (msgpack turned its tuples into lists)."""
-    result = JobResult(**data)
-    result.missing_outputs = list(result.missing_outputs)
-    result.streams = [tuple(chunk) for chunk in result.streams]  # type: ignore[misc]
-    result.displays = [tuple(bundle) for bundle in result.displays]  # type: ignore[misc]
-    result.unpicklable_outputs = [tuple(entry) for entry in result.unpicklable_outputs]  # type: ignore[misc]
-    return result
-
-
 def _send_result_event(worker: Any, topic: str, result: JobResult) -> None:
     size = sum(len(blob) for blob in result.outputs.values()) + len(result.value or b"")
     size += sum(len(text) for _, _, text in result.streams)
@@ -437,8 +363,6 @@ def _send_result_event(worker: Any, topic: str, result: JobResult) -> None:
 
 
 def _run_cell(job: Job, item: bytes | None, context: _JobContext, result: JobResult) -> None:
-    from gpunet.cell import cell_filename
-
     filename = cell_filename(job.code or "")
     body, last = _compile_cell(job.code or "", filename, job.display_last_expression)
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
@@ -522,8 +446,6 @@ async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0,
     free for real (``"restarting"``); a worker without a Nanny can only say
     ``"stuck"``.
     """
-    import asyncio
-
     with _registry_lock:
         _stopped[job_id] = None
         while len(_stopped) > STOPPED_KEPT:

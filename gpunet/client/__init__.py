@@ -1,0 +1,1 @@
+"""The notebook side: the connection, placement, submission, job handles, verified jobs and the embedded network."""

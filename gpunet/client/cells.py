@@ -1,0 +1,252 @@
+"""Running a cell on the network and landing its outputs, with or without IPython.
+
+:func:`run_cell` is what ``%%gpunet`` does, as a function of the cell's code and a
+namespace (the notebook's ``user_ns``, or any dict): it finds the cell's inputs and
+outputs (:mod:`gpunet.cell`), sends it with the inputs' values, shows its live
+output and progress, and on success puts its outputs into the namespace and shows
+its displays. One bad output changes nothing in the namespace.
+
+    >>> import gpunet
+    >>> net = gpunet.connect()
+    >>> namespace = {"x": 20}
+    >>> cell = net.run_cell("y = x + 1\nprint(y)", namespace)   # prints 21 from the worker
+    >>> namespace["y"]
+    21
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+from IPython.display import display
+
+from gpunet.cell import CellAnalysis, analyze
+from gpunet.client.handle import new_job_id, pickle_inputs
+from gpunet.client.placement import resources_for
+from gpunet.client.submit import raise_for_error
+from gpunet.errors import CellError, MissingOutputError, OptionError, PolicyError
+from gpunet.ui.progress import JobProgress
+from gpunet.verify.quorum import Policy, tolerance_for
+from gpunet.wire import Job, JobResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gpunet.client.handle import Connection
+    from gpunet.client.handle import JobHandle
+
+
+def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int | None = None,
+             gpu_mem: int | str | None = None, min_tflops: float | None = None,
+             inputs: Iterable[str] | str | None = None, outputs: Iterable[str] | str | None = None,
+             map: str | None = None, verify: str | Policy | None = None,  # noqa: A002 - the flag's name
+             rtol: float | None = None, atol: float | None = None, max_credits: float | None = None,
+             timeout: float | None = None, block: bool = True, quiet: bool = False,
+             travels: Callable[[str], bool] | None = None) -> CellRun:
+    """Run ``code`` on a worker of ``net`` with its inputs from ``namespace`` and land
+    its outputs there; the options mean what the ``%%gpunet`` flags of the same names
+    mean (``map="seed=range(8)"`` is ``--map``, ``block=False`` is ``--no-block``).
+
+    Detected inputs that ``namespace`` lacks, or for which ``travels(name)`` is
+    false (IPython's own names, for the magic), do not travel. Returns the :class:`CellRun` (finished unless ``block=False``); raises the
+    cell's remote error, :class:`~gpunet.errors.CellError` for a cell that cannot be
+    sent, :class:`~gpunet.errors.OptionError` for an option that cannot be used.
+    """
+    policy = Policy.parse(verify)
+    if not policy.active and (rtol is not None or atol is not None):
+        raise PolicyError("--rtol / --atol are tolerances for comparing verified copies: give --verify too")
+    tolerance = tolerance_for(code, rtol=rtol, atol=atol) if policy.active else None
+    if max_credits is not None and net.meter is None:
+        raise OptionError("--max-credits needs a metered network: %gpunet connect --credits URL --token TOKEN, "
+                          "or %gpunet connect with no address for a local one")
+    analysis = analyze(code)
+    map_name, items = _map_items(map, namespace)
+    asked_inputs, asked_outputs = _names(inputs), _names(outputs)
+    if asked_inputs is not None:
+        missing = [name for name in asked_inputs if name not in namespace]
+        if missing:
+            raise CellError(f"--in names {', '.join(missing)}, which the notebook does not define; "
+                            "define it or drop it from --in")
+        input_names = asked_inputs
+    else:
+        input_names = [name for name in analysis.inputs
+                       if name != map_name and name in namespace and (travels is None or travels(name))]
+    output_names = asked_outputs if asked_outputs is not None else [
+        name for name in analysis.outputs if name != map_name]
+    resources = resources_for(gpus=gpus, gpu_mem=gpu_mem)
+    workers = None if min_tflops is None else net.workers_with(min_tflops=min_tflops)
+    job = Job(
+        new_job_id(), code=code, inputs=pickle_inputs({name: namespace[name] for name in input_names}),
+        outputs=tuple(output_names), strict_outputs=asked_outputs is not None,
+        display_last_expression=analysis.displays_last_expression, map_name=map_name, topic=net.topic,
+        announce=items is None and (not quiet or max_credits is not None),
+    )
+    remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
+                        timeout=timeout, verify=policy, tolerance=tolerance)
+    progress = None if quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
+    cell = CellRun(namespace, remote, analysis, progress, timeout=timeout)
+    if block:
+        cell.run()
+    else:
+        cell.start_background()
+    return cell
+
+
+def _names(names: Iterable[str] | str | None) -> list[str] | None:
+    """``"a, b"`` or ``["a", "b"]`` -> ["a", "b"]; OptionError for what is not a Python name."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = names.split(",")
+    listed = [name.strip() for name in names if name.strip()]
+    bad = [name for name in listed if not name.isidentifier()]
+    if bad:
+        raise OptionError(f"not a Python name: {', '.join(bad)} (write --in a,b / --out x,y)")
+    return listed
+
+
+def _map_items(spec: str | None, namespace: dict[str, Any]) -> tuple[str | None, list[Any] | None]:
+    """``"seed=range(8)"`` -> ("seed", [0, ..., 7]), EXPR evaluated in ``namespace``."""
+    if spec is None:
+        return None, None
+    name, sep, expression = spec.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier() or not expression.strip():
+        raise OptionError(f"--map wants NAME=EXPR, e.g. --map seed=range(8); got {spec!r}")
+    try:
+        items = list(eval(expression, {**namespace}))  # noqa: S307 - the user's own expression, in a copy of their namespace
+    except Exception as exc:  # noqa: BLE001 - the user's expression
+        raise CellError(f"--map {name}={expression}: evaluating {expression!r} here failed: "
+                        f"{type(exc).__name__}: {exc}") from None
+    if not items:
+        raise CellError(f"--map {name}={expression}: {expression!r} has no items, so nothing would run")
+    return name, items
+
+
+class CellRun:
+    """A cell that was sent (``_gpunet`` in the notebook after a ``%%gpunet`` cell).
+
+    ``result()`` waits for it and brings its outputs, output text and displays into
+    the namespace (or raises its error); ``done()`` says whether it finished;
+    ``cancel()`` stops it on its worker.
+    """
+
+    def __init__(self, namespace: dict[str, Any], remote: JobHandle, analysis: CellAnalysis,
+                 progress: JobProgress | None, *, timeout: float | None) -> None:
+        self.namespace = namespace
+        self.remote = remote
+        self.analysis = analysis
+        self.progress = progress
+        self.timeout = timeout
+        self.outputs: dict[str, Any] = {}
+        self._results: list[JobResult] | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._shown = False
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "running"
+        return f"<gpunet cell {self.remote.job.job_id} {state}>"
+
+    def done(self) -> bool:
+        """True once the cell has finished on the network."""
+        return self.remote.done()
+
+    def cancel(self) -> None:
+        """Stop the cell on its worker."""
+        self.remote.stop("cancelled")
+
+    def run(self) -> None:
+        """Wait in the foreground, showing output as it comes, then land the outputs."""
+        try:
+            results = self.remote.wait(self.timeout, progress=self.progress)
+            self._land(results)
+        except BaseException as exc:
+            if self.progress is not None:
+                self.progress.finish(ok=False, note=f" ({type(exc).__name__})")
+            raise
+        if self.progress is not None:
+            self.progress.finish(ok=True)
+
+    def start_background(self) -> None:
+        """--no-block: wait in a thread; outputs land in the namespace when done."""
+        def wait() -> None:
+            try:
+                self._results = self.remote.wait(self.timeout, progress=self.progress, echo=False)
+                self.outputs = self._collect_outputs(self._results)
+                self.namespace.update(self.outputs)
+            except BaseException as exc:  # noqa: BLE001 - kept for result()
+                self._error = exc
+            if self.progress is not None:
+                note = f" ({type(self._error).__name__}: _gpunet.result() shows it)" if self._error else ""
+                self.progress.finish(ok=self._error is None, note=note)
+
+        self._thread = threading.Thread(target=wait, name=f"gpunet-{self.remote.job.job_id}", daemon=True)
+        self._thread.start()
+        print(f"gpunet: sent; outputs {', '.join(self.remote.job.outputs) or '(none)'} land when it is done "
+              "(_gpunet.result() waits and shows its output)")
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for a --no-block cell; show its output and return its outputs by name."""
+        if self._thread is None:
+            return self.outputs
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the cell is still running after {timeout} s")
+        if not self._shown and self._results is not None:
+            self._shown = True
+            for result in self._results:
+                self.remote.echo_rest(result)
+                _show(result)
+        if self._error is not None:
+            raise self._error
+        return self.outputs
+
+    def _land(self, results: list[JobResult]) -> None:
+        for result in results:
+            _show(result)
+        self.outputs = self._collect_outputs(results)
+        self.namespace.update(self.outputs)
+
+    def _collect_outputs(self, results: list[JobResult]) -> dict[str, Any]:
+        """Decode every output first, so that one bad output changes nothing."""
+        mapped = self.remote.mapped
+        for result in results:
+            raise_for_error(result, label=f", item {result.index}" if mapped else "")
+        job = self.remote.job
+        for result in results:
+            if result.missing_outputs:
+                where = f" (item {result.index})" if mapped else ""
+                raise MissingOutputError(
+                    f"the cell never assigned {', '.join(result.missing_outputs)}{where}, which --out asks for; "
+                    "assign it in the cell or drop it from --out. Nothing was changed in the notebook.",
+                    names=result.missing_outputs,
+                )
+            for name, type_name, reason in result.unpicklable_outputs:
+                message = (f"output {name!r} ({type_name}) cannot be pickled to come back from {result.worker} "
+                           f"({reason})")
+                if job.strict_outputs:
+                    raise CellError(message + "; leave it out of --out. Nothing was changed in the notebook.")
+                print(f"gpunet: {message}; it stayed on the worker (choose outputs with --out)")
+        decoded: dict[str, list[Any]] = {name: [] for name in job.outputs}
+        for result in results:
+            for name in job.outputs:
+                blob = result.outputs.get(name)
+                try:
+                    decoded[name].append(None if blob is None else cloudpickle.loads(blob))
+                except Exception as exc:  # noqa: BLE001 - e.g. a module the notebook lacks
+                    raise CellError(
+                        f"output {name!r} came back but cannot be unpickled here ({type(exc).__name__}: {exc}); "
+                        "install what it needs in the notebook's environment, or leave it out with --out. "
+                        "Nothing was changed in the notebook."
+                    ) from None
+        if mapped:
+            return {name: values for name, values in decoded.items() if any(r.outputs.get(name) for r in results)}
+        return {name: values[0] for name, values in decoded.items() if name in results[0].outputs}
+
+
+def _show(result: JobResult) -> None:
+    """Display a result's MIME bundles (figures, HTML reprs) as they were made."""
+    for data, metadata in result.displays:
+        display(data, raw=True, metadata=metadata)

@@ -1,0 +1,1 @@
+"""Metering: the notebook's holds (:mod:`.meter`), the settlement the scheduler plugin drives, and its reports to the credit service."""

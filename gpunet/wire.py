@@ -1,0 +1,131 @@
+"""What travels between the notebook, the scheduler and the workers.
+
+- :class:`Job` goes from the notebook to a worker (as a Dask task's argument) and
+  :class:`JobResult` comes back; small results also travel as an event on the job's
+  topic (:func:`result_to_event` / :func:`result_from_event`).
+- A job's tasks carry their hold to the scheduler plugin as the ``gpunet`` Dask
+  annotation (:func:`annotation`).
+- The notebook reaches the scheduler plugin through the named scheduler handlers
+  below (``client.scheduler.<name>(...)``); it never ships a function there.
+
+This module imports nothing of gpunet: every side may use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+#: The annotation under which a job's tasks carry their hold.
+ANNOTATION = "gpunet"
+#: The ``ename`` of a job stopped on its worker (Ctrl-C, --timeout, no longer needed).
+INTERRUPTED = "JobInterrupted"
+
+#: The Dask worker resources gpunet places work with. Every gpunet worker has one
+#: ``device`` slot (its GPU, or the CPU where it has none), so that one cell owns a
+#: device at a time; GPU workers also have ``GPU`` (count) and ``GPU_MEM`` (bytes).
+DEVICE_RESOURCE = "device"
+GPU_RESOURCE = "GPU"
+GPU_MEMORY_RESOURCE = "GPU_MEM"
+
+#: Named handlers the scheduler plugin serves (``client.scheduler.<name>(...)``).
+METERING_STATE = "gpunet_metering_state"  # () -> dict | None: whether and how it meters
+RELEASE_HOLDS = "gpunet_release_holds"  # (holds): holds of a job that was never sent
+CLOSE_UNKNOWN = "gpunet_close_unknown"  # (hold, keys): tasks the scheduler never created
+CHARGE_USED = "gpunet_charge_used"  # (key) -> credits: stop a cell at its --max-credits
+VERDICT = "gpunet_verdict"  # (client, job, copies, method, digest, checked): a verified unit's verdict
+#: The name of the metering plugin on the scheduler.
+METERING_PLUGIN = "gpunet-metering"
+#: The modules Dask preloads into a gpunet scheduler / worker (``--preload``): gpunet's
+#: Dask plugins, named here so that the core starts them without importing them.
+SCHEDULER_PRELOAD = "gpunet.extensions.scheduler_plugin"
+WORKER_PRELOAD = "gpunet.extensions.worker_plugin"
+#: The stream message a worker sends to say which provider it belongs to.
+REGISTER_PROVIDER = "gpunet-register-provider"
+
+
+@dataclass
+class Job:
+    """One unit of remote work: a cell body or a pickled function, and its inputs."""
+
+    job_id: str
+    #: source of a %%gpunet cell; None for a function job
+    code: str | None = None
+    #: the function of a function job (Dask pickles it with cloudpickle)
+    function: Callable[..., Any] | None = None
+    #: {name: cloudpickle bytes} of a cell's inputs (pickled one by one on the client,
+    #: so that one that cannot be pickled is named there)
+    inputs: dict[str, bytes] = field(default_factory=dict)
+    #: cloudpickle of (args, kwargs) for a function job
+    arguments: bytes = b""
+    outputs: tuple[str, ...] = ()
+    #: outputs named with --out: a missing or unpicklable one is an error
+    strict_outputs: bool = False
+    display_last_expression: bool = False
+    #: --map NAME: the item of a mapped cell is bound to this name
+    map_name: str | None = None
+    #: topic for live events (stdout, started); None sends none
+    topic: str | None = None
+    #: send a "started" event naming the worker and its device
+    announce: bool = True
+    #: send a small result as an event too (single jobs: saves a gather round trip;
+    #: a map's thousands of events would cost the scheduler more than one gather)
+    result_event: bool = True
+
+
+@dataclass
+class JobResult:
+    """What comes back from :func:`run_job`."""
+
+    job_id: str
+    index: int | None
+    worker: str
+    device: str
+    started: float
+    finished: float
+    #: {name: cloudpickle bytes} of a cell's outputs
+    outputs: dict[str, bytes] = field(default_factory=dict)
+    #: the pickled return value of a function job
+    value: bytes | None = None
+    #: names asked for (strictly) that the cell never assigned
+    missing_outputs: list[str] = field(default_factory=list)
+    #: (name, type name, reason) of outputs that could not be pickled
+    unpicklable_outputs: list[tuple[str, str, str]] = field(default_factory=list)
+    #: every (seq, stream name, text) chunk the job wrote, in order
+    streams: list[tuple[int, str, str]] = field(default_factory=list)
+    #: (data, metadata) MIME bundles from display(), figures and the last expression
+    displays: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    #: set when the job raised: ename, evalue, traceback (text), exception (pickled or None)
+    error: dict[str, Any] | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+
+def result_to_event(result: JobResult) -> dict[str, Any]:
+    """A JobResult as a msgpack-friendly dict (see :func:`result_from_event`)."""
+    return dataclasses.asdict(result)
+
+
+def result_from_event(data: dict[str, Any]) -> JobResult:
+    """Rebuild a JobResult sent as an event (msgpack turned its tuples into lists)."""
+    result = JobResult(**data)
+    result.missing_outputs = list(result.missing_outputs)
+    result.streams = [tuple(chunk) for chunk in result.streams]  # type: ignore[misc]
+    result.displays = [tuple(bundle) for bundle in result.displays]  # type: ignore[misc]
+    result.unpicklable_outputs = [tuple(entry) for entry in result.unpicklable_outputs]  # type: ignore[misc]
+    return result
+
+
+def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str | None = None) -> dict[str, Any]:
+    """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its
+    hold and what one task may be paid from it; for a map, how many ``tasks``
+    share the hold; for a copy of a verified job, that job's id (``verify``)."""
+    meta: dict[str, Any] = {"hold": hold, "amount": amount}
+    if tasks is not None:
+        meta["tasks"] = tasks
+    if verify is not None:
+        meta["verify"] = verify
+    return meta
