@@ -33,8 +33,7 @@ from gpunet.verify.quorum import Policy, tolerance_for
 from gpunet.wire import Job, JobResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gpunet.client.handle import Connection
-    from gpunet.client.handle import JobHandle
+    from gpunet.client.handle import Connection, JobHandle
 
 
 def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int | None = None,

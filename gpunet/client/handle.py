@@ -13,19 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import sys
+import threading
+import time
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
 
-from gpunet.errors import UnpicklableInputError
+from gpunet.errors import CellTimeoutError, UnpicklableInputError
 from gpunet.worker.runner import stop_job
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client, Future
 
     from gpunet.metering.meter import Meter
+    from gpunet.ui.progress import JobProgress
+    from gpunet.wire import Job, JobResult
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +109,166 @@ def pickled(value: Any, what: str, *, name: str | None = None) -> bytes:
 def pickle_inputs(values: dict[str, Any]) -> dict[str, bytes]:
     """Pickle each input on its own, naming the one that cannot travel."""
     return {name: pickled(value, f"input {name!r}", name=name) for name, value in values.items()}
+
+
+class JobHandle(ABC):
+    """A job sent to the network, followed until its results are back.
+
+    The handle owns what every job shares: waiting with a deadline, the job's live
+    events (where it started, its output text), progress, and stopping. A kind of
+    job supplies only what differs: :meth:`done`, :attr:`completed`, :meth:`_look`
+    (what finished since the last look), :meth:`_outcome` (the results once done),
+    :meth:`stop`, and optionally :meth:`_limits` and :meth:`_shows`. A handle is
+    registered with its network (which hands it the job's topic events) before its
+    first task is sent, so that no event is missed.
+    """
+
+    #: Longest sleep of the waiter between looks at the job.
+    POLL_S = 0.5
+
+    def __init__(self, network: Connection, job: Job, *, count: int, mapped: bool,
+                 resources: dict[str, float] | None = None, allowed_workers: list[str] | None = None) -> None:
+        self.network = network
+        self.job = job
+        self.count = count
+        self.mapped = mapped
+        self.resources = resources or {}
+        self.allowed_workers = allowed_workers
+        self.submitted = time.monotonic()
+        self.stopped_because: str | None = None
+        #: the job's live events, handed over by the network (client event loop thread)
+        self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        #: set whenever something happened that the waiter should look at
+        self.wake = threading.Event()
+        #: (worker, device) of each start of the job, in order (a re-run adds one)
+        self.workers_seen: list[tuple[str, str]] = []
+        #: when the last "started" event arrived
+        self.started_at: float | None = None
+        #: the last output chunk shown, by item index (None for a single job)
+        self.shown_seq: dict[int | None, int] = {}
+
+    # -- what each kind of job supplies ------------------------------------------------
+    @abstractmethod
+    def done(self) -> bool:
+        """True once every unit of the job has an outcome."""
+
+    @property
+    @abstractmethod
+    def completed(self) -> int:
+        """How many units of the job have an outcome."""
+
+    def _look(self) -> None:
+        """Take in what finished since the last look (called by the waiter)."""
+
+    @abstractmethod
+    def _outcome(self, progress: JobProgress | None, echo: bool) -> list[JobResult]:
+        """The results, in item order, once :meth:`done` (or the job's error, raised)."""
+
+    def _limits(self) -> list[tuple[float, Callable[[], None]]]:
+        """Deadlines besides the timeout: (monotonic time, what to do then)."""
+        return []
+
+    def _shows(self, message: dict[str, Any]) -> bool:
+        """Whether a live event is shown (a verified job shows one copy's)."""
+        return True
+
+    @abstractmethod
+    def stop(self, reason: str) -> None:
+        """Stop the job on its workers; ``reason`` says why ("interrupted", "timeout")."""
+
+    # -- shared ------------------------------------------------------------------------
+    def on_event(self, message: dict[str, Any]) -> None:
+        """A live event of the job (called on the client's event loop thread)."""
+        self.events.put(message)
+        self.wake.set()
+
+    def wait(self, timeout: float | None = None, *, progress: JobProgress | None = None,
+             echo: bool = True) -> list[JobResult]:
+        """Block until the job is done and return its results (in item order).
+
+        Prints live stdout/stderr (``echo``), moves ``progress`` (saying why the job
+        still waits in the queue), and stops the job on its workers on Ctrl-C, after
+        ``timeout`` seconds (counted from when it was sent), or on any error.
+        """
+        deadline = None if timeout is None else self.submitted + timeout
+        try:
+            while True:
+                self.wake.clear()
+                self._drain(progress, echo)
+                self._look()
+                if self.done():
+                    break
+                limits = self._limits()
+                if deadline is not None:
+                    limits.append((deadline, lambda: self._timed_out(timeout)))
+                pause = self.POLL_S
+                for when, reached in limits:
+                    left = when - time.monotonic()
+                    if left <= 0:
+                        reached()  # raises
+                    pause = min(pause, left)
+                self.wake.wait(pause)
+                if progress is not None:
+                    progress.tick(done=self.completed)
+                    if progress.wants_reason():
+                        progress.waiting(self.network.waiting_reason(self.resources, self.allowed_workers))
+        except KeyboardInterrupt:
+            self.stop("interrupted")
+            raise
+        except BaseException as exc:
+            if self.stopped_because is None:  # a device left busy by a job nobody waits for is paid for nothing
+                self.stop(f"stopped by an error ({type(exc).__name__})")
+            raise
+        finally:
+            self.network.forget_job(self.job.job_id)
+        return self._outcome(progress, echo)
+
+    def _count(self, results: list[JobResult]) -> None:
+        """Add what ran to the session's per-worker tally (metered networks)."""
+        meter = self.network.meter
+        if meter is not None:
+            for result in results:
+                meter.count(result.worker, result.device, result.seconds)
+
+    def _timed_out(self, timeout: float) -> None:
+        self.stop("timeout")
+        where = f" on {self.workers_seen[-1][0]}" if self.workers_seen else ""
+        raise CellTimeoutError(
+            f"the job did not finish within its timeout of {timeout:g} s (queued and running){where} "
+            "and was stopped; give it more time (--timeout) or make it smaller."
+        )
+
+    def _drain(self, progress: JobProgress | None, echo: bool) -> None:
+        """Show the live events that came: where the job started, its output text."""
+        while True:
+            try:
+                message = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if not self._shows(message):
+                continue
+            kind = message.get("kind")
+            if kind == "started":
+                worker, device = message["worker"], message["device"]
+                lost = self.workers_seen[-1][0] if self.workers_seen else None
+                self.workers_seen.append((worker, device))
+                self.started_at = time.monotonic()
+                if progress is not None:
+                    progress.running(worker, device, rerun_after=lost)
+            elif kind == "stream" and echo:
+                index = message.get("index")
+                if message["seq"] > self.shown_seq.get(index, 0):
+                    self.shown_seq[index] = message["seq"]
+                    write(message["name"], message["text"])
+
+    def echo_rest(self, result: JobResult) -> None:
+        """Show the output text of ``result`` that was not shown live."""
+        shown = self.shown_seq.get(result.index, 0)
+        for seq, name, text in result.streams:
+            if seq > shown:
+                write(name, text)
+        if result.streams:
+            self.shown_seq[result.index] = result.streams[-1][0]
 
 
 def stop_job_everywhere(network: Connection, job_id: str, futures: list[Future], reason: str) -> None:

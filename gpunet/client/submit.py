@@ -1,57 +1,42 @@
-"""The client side of a remote job: send it, follow it, stop it, decode its result.
+"""Sending jobs: plain, metered and verified submission, and decoding what comes back.
 
-A :class:`RemoteJob` holds the Dask futures of one cell, one function call, or
-every item of a map. :meth:`RemoteJob.wait` blocks the calling thread (the
-notebook's) until they finish, meanwhile printing the job's live stdout/stderr and
-moving its progress display; Ctrl-C or ``timeout`` stops the job on its worker for
-real (see :func:`gpunet.worker.runner.stop_job`), restarting a worker whose thread is
-stuck in C code, so the device is free again.
+:func:`submit` places a job's hold on a metered network (one for a cell, one shared
+by a map's items), refusing it before anything is sent when the session cannot
+pay, then sends it as Dask tasks running :func:`gpunet.worker.runner.run_job`; a
+job with ``verify`` goes to :class:`gpunet.client.verified.VerifiedJob` instead.
+:class:`RemoteJob` is the handle of a plain or metered job (waiting, live output
+and stopping are :class:`gpunet.client.handle.JobHandle`'s).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
-import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-
 import dask
 from distributed.scheduler import KilledWorker
 
 from gpunet import wire
-from gpunet.errors import (
-    BudgetError,
-    VerificationError,
-    CellTimeoutError,
-    GpunetError,
-    RemoteCellError,
-    WorkerLostError,
-)
-from gpunet.client.handle import (
-    SCATTER_THRESHOLD_BYTES,
-    STOP_GRACE_S,
-    new_job_id,
-    pickled,
-    stop_job_everywhere,
-    write,
-)
+from gpunet.client.handle import SCATTER_THRESHOLD_BYTES, JobHandle, new_job_id, pickled, stop_job_everywhere
 from gpunet.client.verified import VerifiedJob
+from gpunet.errors import BudgetError, GpunetError, RemoteCellError, VerificationError, WorkerLostError
 from gpunet.verify.quorum import Policy, tolerance_for
 from gpunet.wire import Job, JobResult, result_from_event
 from gpunet.worker.runner import run_job
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gpunet.client.handle import Connection
     from distributed import Future
 
+    from gpunet.client.handle import Connection
     from gpunet.kernels import Tolerance
     from gpunet.ui.progress import JobProgress
 
 logger = logging.getLogger(__name__)
+
 
 def function_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
                  topic: str | None, announce: bool = True) -> Job:
@@ -102,34 +87,26 @@ def raise_for_error(result: JobResult, *, label: str = "") -> None:
     raise exc
 
 
-class RemoteJob:
-    """A job sent to the network: its futures, live events and results.
+class RemoteJob(JobHandle):
+    """A plain or metered job: the Dask futures of one cell, one function call, or
+    every item of a map. Make one with :meth:`submit`."""
 
-    Make one with :meth:`submit`; it is registered with its network (which hands it
-    the job's topic events) before its first task is sent, so no event is missed.
-    """
+    #: How often a map's waiter looks at its futures for items that failed in Dask or
+    #: whose results were too large to come as events.
+    MAP_POLL_S = 0.05
 
-    def __init__(self, network: Connection, job: Job, *, items: int | None) -> None:
-        self.network = network
-        self.job = job
-        self.count = 1 if items is None else items
-        self.mapped = items is not None
+    def __init__(self, network: Connection, job: Job, *, items: int | None, resources: dict[str, float],
+                 allowed_workers: list[str] | None) -> None:
+        super().__init__(network, job, count=1 if items is None else items, mapped=items is not None,
+                         resources=resources, allowed_workers=allowed_workers)
+        if self.mapped:
+            self.POLL_S = self.MAP_POLL_S
         self.futures: list[Future] = []
         self.index_of: dict[str, int | None] = {}
-        self.submitted = time.monotonic()
-        self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        self.wake = threading.Event()
         #: results that came as events, by item index (None for a single job)
         self.results: dict[int | None, JobResult] = {}
         #: indices whose future finished
         self.finished: set[int | None] = set()
-        self.workers_seen: list[tuple[str, str]] = []
-        #: when the "started" event arrived (the --max-credits clock starts there)
-        self.started_at: float | None = None
-        self.shown_seq: dict[int | None, int] = {}
-        self.stopped_because: str | None = None
-        self.resources: dict[str, float] = {}
-        self.allowed_workers: list[str] | None = None
         #: the job's holds, and the device time its --max-credits allows (metered networks)
         self.holds: list[str] = []
         self.credit_limit_s: float | None = None
@@ -159,9 +136,8 @@ class RemoteJob:
         inputs = None
         if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
             inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
-        remote = cls(network, job, items=None if blobs is None else len(blobs))
-        remote.resources = resources
-        remote.allowed_workers = None if per_item else workers
+        remote = cls(network, job, items=None if blobs is None else len(blobs), resources=resources,
+                     allowed_workers=None if per_item else workers)
         network.register_job(remote)
         if blobs is None:
             futures = [client.submit(run_job, job, None, None, inputs, key=f"gpunet-{job.job_id}", **options)]
@@ -188,11 +164,11 @@ class RemoteJob:
         if not self.mapped:  # one callback is cheap; thousands would each wake the event loop
             futures[0].add_done_callback(self._on_done)
 
-    #: How often a map's waiter looks at its futures for items that failed in Dask or
-    #: whose results were too large to come as events.
-    POLL_S = 0.05
-
-    def _poll_futures(self) -> None:
+    def _look(self) -> None:
+        """A map's items that failed in Dask, or whose results were too large to come
+        as events, show only in their futures (a cell's future calls back instead)."""
+        if not self.mapped:
+            return
         still = []
         for future in self._unfinished:
             if future.status == "pending":
@@ -204,15 +180,15 @@ class RemoteJob:
 
     # -- callbacks from the client's event loop -------------------------------------------
     def on_event(self, message: dict[str, Any]) -> None:
-        if message.get("kind") == "result":
-            with self._lock:
-                self.results.setdefault(message.get("index"), result_from_event(message["result"]))
-                complete = len(self.results) >= self.count
-            if self.mapped and not complete:
-                return  # the waiter polls a map a few times a second; no wake-up per item
-        else:
-            self.events.put(message)
-        self.wake.set()
+        """A live event; a small result comes as one too, saving the gather."""
+        if message.get("kind") != "result":
+            super().on_event(message)
+            return
+        with self._lock:
+            self.results.setdefault(message.get("index"), result_from_event(message["result"]))
+            complete = len(self.results) >= self.count
+        if not self.mapped or complete:  # the waiter polls a map a few times a second; no wake-up per item
+            self.wake.set()
 
     def _on_done(self, future: Future) -> None:
         with self._lock:
@@ -231,56 +207,9 @@ class RemoteJob:
             return len(self.finished | self.results.keys())
 
     # -- waiting ------------------------------------------------------------------------
-    def wait(self, timeout: float | None = None, *, progress: JobProgress | None = None,
-             echo: bool = True) -> list[JobResult]:
-        """Block until the job is done and return its results (in item order).
-
-        Prints live stdout/stderr (``echo``), moves ``progress``, and stops the job
-        on its worker on Ctrl-C or after ``timeout`` seconds.
-        """
-        deadline = None if timeout is None else self.submitted + timeout
-        try:
-            while True:
-                self.wake.clear()
-                self._drain(progress, echo)
-                if self.done():
-                    break
-                wait_for = 0.5 if progress is not None else None
-                if self.mapped:
-                    self._poll_futures()
-                    if self.done():
-                        break
-                    wait_for = min(wait_for or self.POLL_S, self.POLL_S)
-                credit_deadline = self._credit_deadline()
-                if credit_deadline is not None:
-                    left = credit_deadline - time.monotonic()
-                    if left <= 0:
-                        self._stop_at_credit_limit()
-                    wait_for = left if wait_for is None else min(wait_for, left)
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        self.stop("timeout")
-                        where = f" on {self.workers_seen[-1][0]}" if self.workers_seen else ""
-                        raise CellTimeoutError(
-                            f"the job did not finish within its timeout of {timeout:g} s (queued and running){where} "
-                            "and was stopped; give it more time (--timeout) or make it smaller."
-                        )
-                    wait_for = left if wait_for is None else min(wait_for, left)
-                self.wake.wait(wait_for)
-                if progress is not None:
-                    progress.tick(done=self.completed)
-                    if progress.wants_reason():
-                        progress.waiting(self.network.waiting_reason(self.resources, self.allowed_workers))
-        except KeyboardInterrupt:
-            self.stop("interrupted")
-            raise
-        finally:
-            self.network.forget_job(self.job.job_id)
+    def _outcome(self, progress: JobProgress | None, echo: bool) -> list[JobResult]:
         results = self._gather()
-        if self.network.meter is not None:
-            for result in results:
-                self.network.meter.count(result.worker, result.device, result.seconds)
+        self._count(results)
         if progress is not None and not self.mapped:
             progress.ran_on(results[0].worker, results[0].device)
         # Let Dask forget the results now: what came back is all there is.
@@ -329,40 +258,12 @@ class RemoteJob:
         except Exception as exc:  # noqa: BLE001 - the network may be gone: nothing more to do
             logger.warning("gpunet: could not close the hold of job %s: %s", self.job.job_id, exc)
 
-    def _drain(self, progress: JobProgress | None, echo: bool) -> None:
-        while True:
-            try:
-                message = self.events.get_nowait()
-            except queue.Empty:
-                return
-            kind = message.get("kind")
-            if kind == "started":
-                worker, device = message["worker"], message["device"]
-                lost = self.workers_seen[-1][0] if self.workers_seen else None
-                self.workers_seen.append((worker, device))
-                self.started_at = time.monotonic()
-                if progress is not None:
-                    progress.running(worker, device, rerun_after=lost)
-            elif kind == "stream" and echo:
-                index = message.get("index")
-                if message["seq"] > self.shown_seq.get(index, 0):
-                    self.shown_seq[index] = message["seq"]
-                    write(message["name"], message["text"])
-
-    def echo_rest(self, result: JobResult) -> None:
-        shown = self.shown_seq.get(result.index, 0)
-        for seq, name, text in result.streams:
-            if seq > shown:
-                write(name, text)
-        if result.streams:
-            self.shown_seq[result.index] = result.streams[-1][0]
-
-    def _credit_deadline(self) -> float | None:
-        """When a single job's --max-credits runs out: its limit counted from the
-        moment it started on a worker (time spent queued costs nothing)."""
+    def _limits(self) -> list[tuple[float, Callable[[], None]]]:
+        """A single job's --max-credits runs out at its limit counted from the moment
+        it started on a worker (time spent queued costs nothing)."""
         if self.credit_limit_s is None or self.mapped or self.started_at is None:
-            return None
-        return self.started_at + self.credit_limit_s
+            return []
+        return [(self.started_at + self.credit_limit_s, self._stop_at_credit_limit)]
 
     def _stop_at_credit_limit(self) -> None:
         """The job ran as long as its --max-credits pays for: the scheduler charges the

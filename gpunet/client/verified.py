@@ -16,9 +16,7 @@ trust record in the credit service, where repeated mismatches quarantine it.
 from __future__ import annotations
 
 import logging
-import queue
 import random
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,9 +25,16 @@ from typing import TYPE_CHECKING, Any
 import dask
 
 from gpunet import wire
-from gpunet.client.handle import SCATTER_THRESHOLD_BYTES, STOP_GRACE_S, pickled, stop_job_everywhere, write
+from gpunet.client.handle import (
+    SCATTER_THRESHOLD_BYTES,
+    STOP_GRACE_S,
+    JobHandle,
+    pickled,
+    stop_job_everywhere,
+    write,
+)
 from gpunet.client.placement import satisfies
-from gpunet.errors import BudgetError, CellTimeoutError, GpunetError, VerificationError
+from gpunet.errors import BudgetError, GpunetError, VerificationError
 from gpunet.verify.quorum import (
     ACCEPT,
     ANOTHER,
@@ -45,9 +50,9 @@ from gpunet.verify.quorum import (
 from gpunet.worker.runner import run_job, stop_job
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gpunet.client.handle import Connection
     from distributed import Future
 
+    from gpunet.client.handle import Connection
     from gpunet.kernels import Tolerance
     from gpunet.ui.progress import JobProgress
     from gpunet.wire import Job, JobResult
@@ -158,35 +163,26 @@ class Unit:
         return self.accepted is not None or self.error is not None
 
 
-class VerifiedJob:
+class VerifiedJob(JobHandle):
     """A job whose units run as copies on distinct providers (see the module
-    docstring). Has the waiting interface of :class:`gpunet.client.submit.RemoteJob`."""
+    docstring). Make one with :meth:`submit`."""
 
     def __init__(self, network: Connection, job: Job, policy: Policy, tolerance: Tolerance, pool: ProviderPool, *,
                  resources: dict[str, float], items: list[bytes] | None, amount: int | None) -> None:
-        self.network = network
-        self.job = job
+        super().__init__(network, job, count=1 if items is None else len(items), mapped=items is not None,
+                         resources=resources)
         self.policy = policy
         self.tolerance = tolerance
         self.pool = pool
-        self.resources = resources
         self.amount = amount
-        self.mapped = items is not None
         self.units = [Unit(None, None)] if items is None else [Unit(i, blob) for i, blob in enumerate(items)]
-        self.count = len(self.units)
-        self.submitted = time.monotonic()
-        self.stopped_because: str | None = None
         self._inputs: Future | None = None
         self._shared: Any = job
         #: task key -> its unit and copy
         self._owner: dict[str, tuple[Unit, Copy]] = {}
         self._quarantine_checked = time.monotonic()
-        #: set by each copy's future when it finishes, and by live events
-        self._wake = threading.Event()
-        #: live events of a cell's copies (see on_event); the worker whose output is shown
-        self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        #: the worker of the copy whose live output is shown (the first to start or print)
         self._streamed_from: str | None = None
-        self._shown_seq = 0
 
     # -- sending ---------------------------------------------------------------------
     @classmethod
@@ -264,7 +260,7 @@ class VerifiedJob:
             future = self.network.client.submit(
                 run_job, self._shared, unit.blob, unit.index, self._inputs, key=key, pure=False,
                 resources=self.resources, workers=self.pool.workers[provider], allow_other_workers=False)
-        future.add_done_callback(lambda _: self._wake.set())
+        future.add_done_callback(lambda _: self.wake.set())
         copy = Copy(key, provider, hold, future)
         unit.copies.append(copy)
         self._owner[key] = (unit, copy)
@@ -278,67 +274,24 @@ class VerifiedJob:
     def completed(self) -> int:
         return sum(unit.decided for unit in self.units)
 
-    def on_event(self, message: dict[str, Any]) -> None:
-        """A live event of one of the cell's copies (client event loop thread)."""
-        self.events.put(message)
-        self._wake.set()
+    def _shows(self, message: dict[str, Any]) -> bool:
+        """Show the live events of one copy: the first to start or to print."""
+        if self._streamed_from is None and message.get("kind") in ("started", "stream"):
+            self._streamed_from = message.get("worker")
+        return message.get("worker") == self._streamed_from
 
-    def _drain(self, progress: JobProgress | None, echo: bool) -> None:
-        """Show the live output of one copy: the first to start or to print."""
-        while True:
-            try:
-                message = self.events.get_nowait()
-            except queue.Empty:
-                return
-            if self._streamed_from is None and message.get("kind") in ("started", "stream"):
-                self._streamed_from = message.get("worker")
-                if progress is not None and message.get("kind") == "started":
-                    progress.running(message["worker"], message["device"])
-            if message.get("kind") == "stream" and echo and message.get("worker") == self._streamed_from \
-                    and message["seq"] > self._shown_seq:
-                self._shown_seq = message["seq"]
-                write(message["name"], message["text"])
+    def _look(self) -> None:
+        self._judge_finished()
+        self._drop_quarantined()
 
-    def wait(self, timeout: float | None = None, *, progress: JobProgress | None = None,
-             echo: bool = True) -> list[JobResult]:
-        """Wait until every unit has a verified result (or failed), settle the
-        verdicts, and return the accepted results in item order."""
-        try:
-            return self._wait(timeout, progress=progress, echo=echo)
-        finally:
-            self.network.forget_job(self.job.job_id)
-
-    def _wait(self, timeout: float | None, *, progress: JobProgress | None, echo: bool) -> list[JobResult]:
-        deadline = None if timeout is None else self.submitted + timeout
-        try:
-            while not self.done():
-                self._drain(progress, echo)
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    self.stop("timeout")
-                    raise CellTimeoutError(
-                        f"the job did not finish within its timeout of {timeout:g} s (all its copies, queued and "
-                        "running) and was stopped; give it more time (--timeout) or make it smaller.")
-                self._wait_for_copies(self.POLL_S if left is None else min(self.POLL_S, left))
-                self._drop_quarantined()
-                if progress is not None:
-                    progress.tick(done=self.completed)
-        except KeyboardInterrupt:
-            self.stop("interrupted")
-            raise
-        except BaseException as exc:
-            self.stop(f"stopped by an error ({type(exc).__name__})")
-            raise
+    def _outcome(self, progress: JobProgress | None, echo: bool) -> list[JobResult]:
+        """Settle-ready verdicts are sent; return the accepted results in item order."""
         if self.stopped_because is not None:
             self._release_futures()
             raise GpunetError(f"the job was {self.stopped_because} before it was verified; nobody was paid for it")
         failures = [unit for unit in self.units if unit.error is not None]
         results = [unit.accepted.result for unit in self.units if unit.accepted is not None]
-        if self.network.meter is not None:
-            for unit in self.units:
-                for copy in unit.copies:
-                    if copy.result is not None:
-                        self.network.meter.count(copy.result.worker, copy.result.device, copy.result.seconds)
+        self._count([copy.result for unit in self.units for copy in unit.copies if copy.result is not None])
         self._release_futures()
         if failures:
             shown = "\n".join(unit.error for unit in failures[:5])
@@ -358,21 +311,17 @@ class VerifiedJob:
         the agreeing copies, else all of the accepted one's (saying so)."""
         shown_live = next((copy for copy in unit.agreeing if copy.result.worker == self._streamed_from), None)
         result = (shown_live or unit.accepted).result
-        shown = self._shown_seq if shown_live is not None else 0
-        if shown == 0 and self._shown_seq:
+        shown_seq = self.shown_seq.get(unit.index, 0)
+        shown = shown_seq if shown_live is not None else 0
+        if shown == 0 and shown_seq:
             write("stderr", f"[gpunet: the output above came from the copy on {self._streamed_from}, which was "
                              f"not accepted; the accepted copy's, from {result.worker}, follows]\n")
         for seq, name, text in result.streams:
             if seq > shown:
                 write(name, text)
 
-    #: Longest wait for a copy before the waiter looks at the clock again.
-    POLL_S = 0.5
-
-    def _wait_for_copies(self, seconds: float) -> None:
-        """Wait up to ``seconds`` for a running copy to finish, then judge what finished."""
-        self._wake.wait(seconds)
-        self._wake.clear()
+    def _judge_finished(self) -> None:
+        """Fetch the copies that finished since the last look, and judge their units."""
         running = [copy.future for unit in self.units if not unit.decided for copy in unit.copies
                    if copy.result is None and copy.failed is None]
         # "lost": its data went with a worker and Dask runs it again; still pending here
@@ -554,8 +503,3 @@ class VerifiedJob:
                     self._verdict(unit, [], checked=False)
                 except Exception as exc:  # noqa: BLE001 - forgetting the tasks releases them too
                     logger.warning("gpunet: could not send the release of job %s: %s", self.job.job_id, exc)
-
-    def echo_rest(self, result: JobResult) -> None:
-        """Show a result's output text (the accepted copy's, after a --no-block wait)."""
-        for _, name, text in result.streams:
-            write(name, text)
