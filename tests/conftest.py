@@ -59,3 +59,64 @@ def detached(net):
     network_module._current = None
     yield
     network_module._current = net
+
+
+# -- Two tiers: `pytest -m "not e2e"` is the unit tier; `make test` runs both ------------
+#
+# A test is end-to-end (marked `e2e`) when it starts real servers or processes: through
+# one of the fixtures below (or a fixture that depends on one: pytest's closure of the
+# fixtures a test uses is what is looked at), or by itself, as listed in E2E_TESTS. The
+# rest is the unit tier. Starting a bare `python -c "import ..."` to see what an import
+# pulls in, or failing to reach a port where nothing listens, does not make a test e2e.
+
+E2E_FIXTURES = {
+    # tests/conftest.py: the shared embedded network (a Dask scheduler and 2 worker
+    # processes) and the IPython shell bound to it
+    "net", "shell", "ip", "detached",
+    # tests/credits/conftest.py: credit service processes, a PostgreSQL server
+    "service", "fresh_service", "postgres_server",
+    # module-local fixtures that start a network, a credit service or gpunet processes
+    "own",            # test_metering.py: gpunet.connect(budget=...) - a LocalCluster
+    "market",         # test_providers.py: credit service + `gpunet scheduler/provide` processes
+    "liar_market",    # test_verification.py: gpunet.testing.local_market
+    "honest_market",  # test_verification.py: gpunet.testing.local_market
+    "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
+    "ledger",         # credits/test_credits_tamper.py: serve_in_background
+}
+
+# Tests that start real processes in their own body (no fixture tells): a whole module,
+# or one test of a module whose other tests are unit tests. Node ids, from the rootdir.
+E2E_TESTS = [
+    "tests/test_cli.py",        # `gpunet up/provide/...` as subprocesses (gpunet_processes)
+    "tests/test_notebooks.py",  # notebooks run through nbclient and an ipykernel
+    # serve_in_background / `python -m gpunet.credits serve` (a credit service process):
+    "tests/credits/test_credits_api.py::test_idempotent_calls_retry_across_a_restart_and_move_once",
+    "tests/credits/test_credits_cli.py::test_serve_prints_url_and_token_file_and_creates_secrets",
+    "tests/credits/test_credits_cli.py::test_rotating_the_operator_token",
+    "tests/credits/test_credits_cli.py::test_gpunet_cli_has_the_verbs",
+    "tests/credits/test_credits_concurrency.py::test_sigkill_loses_no_acknowledged_movement",
+    "tests/credits/test_credits_memo.py::test_a_database_from_before_memos_opens_and_verifies",
+    "tests/credits/test_credits_parts.py::test_a_partly_paid_hold_survives_a_restart",
+    "tests/credits/test_credits_postgres.py::test_unreachable_postgres_is_a_clear_error",
+    "tests/credits/test_credits_stale.py::test_open_holds_survive_a_restart_of_the_service",
+    "tests/credits/test_credits_trust.py::test_records_survive_a_restart",
+]
+
+
+def _check_e2e_tests(rootdir) -> None:
+    """A renamed or moved test must not drop silently out of E2E_TESTS."""
+    for entry in E2E_TESTS:
+        path, _, name = entry.partition("::")
+        source = rootdir / path
+        if not source.is_file() or (name and f"def {name}(" not in source.read_text()):
+            raise pytest.UsageError(f"tests/conftest.py E2E_TESTS names {entry}, which does not exist")
+
+
+def pytest_collection_modifyitems(config, items):
+    _check_e2e_tests(config.rootpath)
+    for item in items:
+        nodeid = item.nodeid.split("[")[0]
+        module = nodeid.split("::")[0]
+        if (E2E_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+                or module in E2E_TESTS or nodeid in E2E_TESTS):
+            item.add_marker(pytest.mark.e2e)
