@@ -53,7 +53,7 @@ CONNECT_PARSER = _connect_parser()
 class GpunetMagics(Magics):
     """``%gpunet`` (connect, status, usage, disconnect) and ``%%gpunet`` (run a cell remotely)."""
 
-    @magic_arguments()
+    @magic_arguments("%gpunet")  # the usage line reads %%gpunet: these are the cell magic's flags
     @argument("--gpus", type=int, default=None, metavar="N", help="GPUs the cell needs")
     @argument("--gpu-mem", default=None, metavar="SIZE", help="GPU memory the cell needs, e.g. 40GB")
     @argument("--min-tflops", type=float, default=None, metavar="X",

@@ -12,7 +12,7 @@ is reachable from Python::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from gpunet.errors import (
     BudgetError,
@@ -30,7 +30,7 @@ from gpunet.errors import (
     WorkerLostError,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
+if _typing.TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.network import Network, connect, current, map, split
     from gpunet.ui.usage import SessionUsage
 
@@ -71,7 +71,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     if name in _LAZY:
         import importlib
 
@@ -79,14 +79,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'gpunet' has no attribute {name!r}")
 
 
-def load_ipython_extension(ipython: Any) -> None:
+def load_ipython_extension(ipython: _typing.Any) -> None:
     """Called by ``%load_ext gpunet``: registers the ``%gpunet`` magics."""
     from gpunet.extensions.magics import load_ipython_extension as load
 
     load(ipython)
 
 
-def unload_ipython_extension(ipython: Any) -> None:
+def unload_ipython_extension(ipython: _typing.Any) -> None:
     """Called by ``%unload_ext gpunet``: disconnects a network the magics started."""
     from gpunet.extensions.magics import unload_ipython_extension as unload
 
