@@ -1,0 +1,71 @@
+"""The notebook side without IPython: run_cell lands a cell's outputs in any dict,
+%%gpunet? shows the whole usage, and a cell sent while no worker is connected waits
+for one instead of failing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from IPython.utils.capture import capture_output
+
+import gpunet
+from gpunet.client import placement
+from gpunet.errors import CellError, OptionError, PlacementError
+
+
+def test_run_cell_lands_outputs_in_a_plain_dict(net, capsys):
+    namespace = {"x": 20, "unused": object()}
+    cell = net.run_cell("y = x + 1\nprint('from the worker', y)", namespace, quiet=True)
+    assert namespace["y"] == 21 and cell.outputs == {"y": 21}
+    assert "from the worker 21" in capsys.readouterr().out
+
+
+def test_run_cell_maps_and_refuses_bad_options(net):
+    namespace = {"scale": 3}
+    net.run_cell("value = item * scale", namespace, map="item=range(4)", quiet=True)
+    assert namespace["value"] == [0, 3, 6, 9]
+    with pytest.raises(OptionError, match="NAME=EXPR"):
+        net.run_cell("x = 1", {}, map="range(4)")
+    with pytest.raises(OptionError, match="not a Python name"):
+        net.run_cell("x = 1", {}, outputs="x, 2y")
+    with pytest.raises(CellError, match="--in names missing"):
+        net.run_cell("x = missing", {}, inputs=["missing"])
+    with pytest.raises(OptionError, match="give --verify too"):
+        net.run_cell("x = 1", {}, rtol=1e-3)
+
+
+def test_cell_magic_help_shows_every_flag(shell):
+    with capture_output() as captured:
+        shell.run_cell("%%gpunet?")
+    text = captured.stdout
+    assert "%%gpunet [--gpus N]" in text
+    for flag in ("--gpu-mem", "--min-tflops", "--in", "--out", "--map", "--verify", "--rtol", "--atol",
+                 "--max-credits", "--timeout", "--no-block", "--quiet", "%gpunet connect"):
+        assert flag in text, flag
+
+
+def test_waiting_reason_with_no_worker_connected():
+    reason = placement.waiting_reason({"device": 1}, {}, {})
+    assert reason.startswith("waiting for a worker with device=1: no worker is connected now")
+
+
+def test_a_cell_sent_while_no_worker_is_connected_waits_for_one(detached):
+    with gpunet.connect(workers=1, metered=False) as own:
+        cluster = own.embedded.cluster
+        cluster.scale(0)
+        deadline = time.monotonic() + 60
+        while own.scheduler_workers(fresh=True) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not own.scheduler_workers(fresh=True), "the worker should have left"
+        namespace = {"x": 20}
+        cell = own.run_cell("y = x + 1", namespace, block=False, quiet=True, timeout=120)
+        assert not cell.done()
+        cluster.scale(1)
+        cell.result(timeout=120)
+        assert namespace["y"] == 21
+
+
+def test_a_cell_no_connected_worker_can_ever_run_fails_at_once(net):
+    with pytest.raises(PlacementError, match="largest"):
+        net.run_cell("x = 1", {}, gpus=4, quiet=True)
