@@ -47,7 +47,7 @@ not kept. Providers can only report in this way: settling is the scheduler's.
 
 Known limit: Dask lets every client run code on the scheduler
 (``Client.run_on_scheduler``), so a scheduler that holds the operator token must
-only admit trusted notebooks (TLS with operator-issued certificates, DESIGN.md).
+only admit trusted notebooks (docs/architecture.md, "Three kinds of network").
 """
 
 from __future__ import annotations

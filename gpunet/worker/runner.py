@@ -59,7 +59,7 @@ ANNOUNCE_AFTER_S = 0.05
 #: of a topic, so this bounds what it holds per connected notebook to about 16 MB.
 #: Events of a topic can be read by any client of the scheduler (Client.get_events):
 #: a shared scheduler must be one whose clients may see each other's small results,
-#: as they may see task keys; see DESIGN.md "Trust between strangers" (TLS, tokens).
+#: as they may see task keys (docs/architecture.md, "Three kinds of network").
 RESULT_EVENT_MAX_BYTES = 16 * 1024
 
 
