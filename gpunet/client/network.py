@@ -82,7 +82,7 @@ class Network:
         self.session = meter.session if meter is not None else _session_id()
         self._address = client.scheduler.address
         self.topic = f"gpunet-events-{uuid.uuid4().hex[:12]}"
-        self._jobs: dict[str, RemoteJob] = {}
+        self._jobs: dict[str, JobHandle] = {}
         self._jobs_lock = threading.Lock()
         self._workers_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
         self._rate_cache: tuple[float, float] = (0.0, 1.0)
