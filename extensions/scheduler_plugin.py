@@ -1,49 +1,26 @@
 """gpunet's Dask scheduler plugin: meters every task attempt against the credit service.
 
 The notebook places a hold on its session's credits before it sends a job, and
-annotates the job's tasks with the hold ids (``dask.annotate(gpunet=...)``). This
-plugin watches each task's transitions:
-
-- ``processing -> memory``: the attempt succeeded on a worker. Its hold is settled
-  to that worker's provider at ``ceil(compute seconds x the provider's rate)``
-  credits (at least 1), never more than the hold; the rest goes back to the session.
-- the tasks of a map share one hold (annotated with ``tasks``, how many share it;
-  each may be paid at most ``amount``): what its items earn is added up per
-  provider and paid out in parts (``settle_part``, one per provider per report),
-  and the rest is released once every item is done. A map of 2,000 items costs the
-  credit service a handful of requests, not 2,000 holds and 2,000 settlements.
-- ``processing -> erred``, or a task forgotten before it ever succeeded
-  (cancelled, interrupted, lost for good): the hold is released, nobody is paid.
-- an attempt lost with its worker is simply not paid: the task runs again under the
-  same hold, and only the attempt that succeeds is paid for.
-- a copy of a verified job (annotated with ``verify``, see :mod:`gpunet.verify`)
-  that succeeded waits for the notebook's verdict instead: a copy in the agreeing
-  quorum is settled with a ledger memo saying how it was verified, by which
-  providers and on which digest; a copy that disagreed is released, unpaid; each
-  provider's trust record in the credit service gets the outcome. A copy whose
-  task is forgotten before any verdict came is released: nobody is paid for work
-  that was never verified. A provider the credit service quarantines has its
-  workers retired and its registration refused until an operator clears it.
-
-Reports go to the credit service in batches from a queue, each with an idempotency
-key derived from its hold (``settle-<hold>``, ``release-<hold>``), so a retry never
-moves credits twice; while the service is unreachable they stay queued and are
-retried with backoff, for as long as the scheduler runs.
+annotates the job's tasks with it (``dask.annotate(gpunet=...)``, :mod:`gpunet.wire`).
+This adapter turns the scheduler's hooks (task transitions, workers leaving) and
+the notebook's calls into events of :class:`~gpunet.metering.settlement.Settlement`,
+which holds the rules (who is paid what, when a hold is released), and a
+:class:`~gpunet.metering.reporter.Reporter` sends the resulting movements to the
+credit service. Here stay the I/O and the timers: checking providers' tokens,
+giving up on workers that never register, retiring a quarantined provider's workers.
 
 Start a scheduler with ``--preload gpunet.extensions.scheduler_plugin`` and
 ``--preload-argv "--credits URL --operator-token-file F"`` (``gpunet scheduler
 --credits URL --operator-token-file F`` and the embedded network do). The notebook
 reaches the plugin through the named scheduler handlers it registers
-(:mod:`gpunet.wire`: ``client.scheduler.gpunet_metering_state()`` and so on).
+(``client.scheduler.gpunet_metering_state()`` and so on).
 
 Providers: a worker started by ``gpunet provide`` registers over its own stream
-to the scheduler (a ``gpunet-register-provider`` message, which the scheduler
-attributes to the worker whose connection carried it, so nobody can register
-another's worker), presenting its provider's credit token and rate. The plugin
-checks the token with the credit service (it must belong to a ``provider``
-account), refuses a rate above ``max_rate`` and an address already registered to
-another account, and pays that account for the worker's tasks; the token itself is
-not kept. Providers can only report in this way: settling is the scheduler's.
+(a ``gpunet-register-provider`` message, which the scheduler attributes to the
+worker whose connection carried it, so nobody can register another's worker),
+presenting its provider's credit token and rate. The token must belong to a
+``provider`` account; a rate above ``max_rate`` and an address already registered
+to another account are refused; the token itself is not kept.
 
 Known limit: Dask lets every client run code on the scheduler
 (``Client.run_on_scheduler``), so a scheduler that holds the operator token must
@@ -123,9 +100,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         await self.reporter.stop()
         self._client.close()
 
-    def _after(self, requests: list[Request] = ()) -> None:
-        """Carry out what the settlement asked for, and wake the reporter."""
-        for request in requests:
+    def _after(self, requests: list[Request] | None = None) -> None:
+        """Carry out what the settlement asked for (if anything), and wake the reporter."""
+        for request in requests or ():
             if isinstance(request, GiveUpLater):
                 asyncio.get_running_loop().call_later(request.after_s, self._give_up_on, request.worker)
             elif isinstance(request, Retire):
@@ -157,21 +134,16 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     # -- named handlers (gpunet.wire) ----------------------------------------------------
     def verdict(self, client: str | None = None, job: str = "", copies: dict[str, bool] | None = None,
                 method: str = "", digest: str = "", checked: bool = True, **kwargs: Any) -> None:
-        """Handler for a notebook's verdict on the copies of one unit of a
-        verified job: ``copies`` maps each copy's task key to whether it is in the
-        agreeing quorum. Only the client that wants those tasks may judge them;
-        the providers named in the ledger memo are the ones this scheduler saw run
-        the copies, not what the notebook says."""
+        """Handler: a notebook's verdict on the copies of one unit of a verified job
+        (:meth:`Settlement.verdict`, told which clients want each judged task)."""
         tasks = {key: Owned(self._annotation(key), {cs.client_key for cs in self.scheduler.tasks[key].who_wants})
                  for key in copies or () if key in self.scheduler.tasks}
         self._after(self.settlement.verdict(client, job, copies or {}, tasks, method=method, digest=digest,
                                             checked=checked))
 
     def charge_used(self, key: Any) -> int | None:
-        """The notebook stops task ``key`` at its --max-credits: pay the provider of
-        the worker it is on for the time since it went there (at that provider's rate,
-        at most the hold). The scheduler, not the notebook, knows the worker and the
-        time. Returns the credits charged, or None when there is nothing to charge."""
+        """Handler: the notebook stops task ``key`` at its --max-credits; returns the
+        credits charged to the provider of its worker (:meth:`Settlement.charge_used`)."""
         ts = self.scheduler.tasks.get(key)
         worker = ts.processing_on.address if ts is not None and ts.processing_on is not None else None
         charged = self.settlement.charge_used(key, self._annotation(key), worker, time.time())
@@ -179,13 +151,12 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         return charged
 
     def release_holds(self, holds: list[str]) -> None:
-        """Release holds whose tasks were never sent (the notebook's submit failed)."""
+        """Handler: release holds whose tasks were never sent (the notebook's submit failed)."""
         self._after(self.settlement.release_holds(holds))
 
     def close_unknown(self, hold: str, keys: list[Any]) -> None:
-        """The notebook saw tasks of ``hold`` cancelled that this scheduler may never
-        have created (``update_graph`` refuses a graph whose input was lost): count
-        the unknown ones as done, unpaid, so that the hold is closed."""
+        """Handler: tasks of ``hold`` the notebook saw cancelled, which this scheduler
+        may never have created (``update_graph`` refuses a graph whose input was lost)."""
         self._after(self.settlement.close_unknown(hold, keys, self.scheduler.tasks))
 
     def state(self) -> dict[str, Any]:
@@ -214,28 +185,26 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 raise CreditsError(f"account {account!r} is a {roles.get(account)!r} account, not a provider")
             return account
 
+        def refuse(error: str, give_up: bool = True) -> dict[str, Any]:
+            if give_up:  # what the worker was owed is released: nobody is paid for it
+                self._give_up_on(address)
+            logger.error("gpunet metering: worker %s refused: %s", address, error)
+            return {"error": error}
+
         if not (isinstance(rate, (int, float)) and 0 < rate <= self.max_rate):
-            self._give_up_on(address)
-            logger.error("gpunet metering: worker %s asked for rate %r; this scheduler pays 0 < rate <= %s",
-                         address, rate, self.max_rate)
-            return {"error": f"a provider's rate must be in (0, {self.max_rate:g}] credits per second, got {rate!r}"}
+            return refuse(f"a provider's rate must be in (0, {self.max_rate:g}] credits per second, got {rate!r}")
         try:
             account = await asyncio.to_thread(check)
         except CreditsError as exc:
-            self._give_up_on(address)
-            logger.error("gpunet metering: worker %s presented a token the credit service refused: %s", address, exc)
-            return {"error": f"the credit service at {self.credits_url} did not accept this provider's token: {exc}"}
+            return refuse(f"the credit service at {self.credits_url} did not accept this provider's token: {exc}")
         known = self.settlement.providers.get(address)
         if known is not None and known.provider != account:
-            logger.error("gpunet metering: %s already belongs to %s; %s may not take it", address,
-                         known.provider, account)
-            return {"error": f"{address} is already registered to another provider"}
+            return refuse(f"{address} already belongs to provider {known.provider}; {account} may not take it",
+                          give_up=False)
         if await asyncio.to_thread(self._is_quarantined, account):
-            self._give_up_on(address)
             await self._retire([address])
-            logger.error("gpunet metering: provider %s is quarantined; its worker %s was sent away", account, address)
-            return {"error": f"provider {account} is quarantined until an operator clears it "
-                             "(gpunet credits clear-quarantine)"}
+            return refuse(f"provider {account} is quarantined until an operator clears it "
+                          "(gpunet credits clear-quarantine)")
         self._after(self.settlement.provider_registered(address, account, rate, self.scheduler.tasks))
         logger.info("gpunet metering: worker %s belongs to provider %s at %s credits/s", address, account, rate)
         return {"provider": account}

@@ -9,10 +9,12 @@ reads a clock, touches Dask or the network. The rules:
 - an attempt that succeeded (``processing -> memory``) settles its hold to the
   provider of its worker at :func:`price` (``settle-<hold>``);
 - a task that erred, or was forgotten before it was paid, releases its hold
-  (``release-<hold>``);
+  (``release-<hold>``); an attempt lost with its worker is not paid: the task runs
+  again under the same hold, and only the attempt that succeeds is paid;
 - a map's items share one hold: what they earn is added up per provider and paid
-  in parts (``part-<hold>-<n>``), the rest released once every item is done; an
-  item is never paid twice;
+  in parts (``part-<hold>-<n>``, one per provider per report, so 2,000 items cost a
+  handful of requests), the rest released once every item is done; an item is
+  never paid twice;
 - an attempt on a worker whose provider is not known yet is owed until the worker
   registers, or released when the adapter gives up on it (:class:`GiveUpLater`);
 - a copy of a verified job waits for the notebook's verdict: the agreeing copies
@@ -162,26 +164,22 @@ class Settlement:
             self.dispatched[key] = now
         else:
             self.dispatched.pop(key, None)
-        gone = finish in ("erred", "forgotten")
         share = None
         if "tasks" in meta:
             share = self.shared.get(hold)
-            if share is None:
-                if hold in self.closed:
-                    return []
+            if share is None and hold not in self.closed:
                 share = self.shared[hold] = SharedHold(int(meta["tasks"]))
-            if key in share.done or key in share.owed:
-                return []  # paid or refused already: a re-run after its result was lost is not paid again
-            if gone:
-                self._item_done(hold, key, None, 0)
-                return []
+            if share is None or key in share.done or key in share.owed:
+                return []  # closed, or paid or refused already: a re-run after its result was lost is not paid again
         elif hold in self.closed:
             return []
-        elif gone:
-            self.awaiting.pop(hold, None)
-            self._close(hold, _release(hold))
-            return []
-        if not (start == "processing" and finish == "memory"):
+        if finish in ("erred", "forgotten"):
+            if share is not None:
+                self._item_done(hold, key, None, 0)
+            else:
+                self.awaiting.pop(hold, None)
+                self._close(hold, _release(hold))
+        if start != "processing" or finish != "memory":
             return []
         info = self._provider_of(worker)
         if info is None:
@@ -197,7 +195,7 @@ class Settlement:
         self._paid(key, meta, info.provider, price(seconds, info.rate, meta.get("amount", 1)))
         return []
 
-    def provider_registered(self, worker: str, account: str, rate: float, live: Container[Any]) -> list[Request]:
+    def provider_registered(self, worker: str, account: str, rate: float, live: Container[Any]) -> None:
         """``worker`` proved it belongs to provider ``account`` (checked, not
         quarantined) at ``rate``: pay it what it is owed. ``live`` holds the keys the
         scheduler still has (a verified copy forgotten meanwhile is not kept)."""
@@ -205,9 +203,8 @@ class Settlement:
         self.providers[worker] = ProviderInfo(account, float(rate))
         for owed in self.owed.pop(worker, []):
             self._paid(owed.key, owed.meta, account, price(owed.seconds, rate, owed.meta.get("amount", 1)), live)
-        return []
 
-    def give_up(self, worker: str | None) -> list[Request]:
+    def give_up(self, worker: str | None) -> None:
         """A worker that never registered a provider: release what it was owed."""
         for owed in self.owed.pop(worker, []):
             logger.error("gpunet metering: worker %s names no provider; its task %s is not paid", worker, owed.key)
@@ -215,21 +212,19 @@ class Settlement:
                 self._item_done(owed.hold, owed.key, None, 0)
             else:
                 self.queue.append(_release(owed.hold))
-        return []
 
-    def worker_left(self, worker: str) -> list[Request]:
+    def worker_left(self, worker: str) -> None:
         """Forget a worker that left: its address may be reused by someone else."""
         self.providers.pop(worker, None)
-        return []
 
     def verdict(self, client: str | None, job: str, copies: Mapping[Any, bool], tasks: Mapping[Any, Owned], *,
-                method: str = "", digest: str = "", checked: bool = True) -> list[Request]:
+                method: str = "", digest: str = "", checked: bool = True) -> None:
         """A notebook's verdict on the copies of one unit of verified job ``job``:
         ``copies`` maps each copy's task key to whether it is in the agreeing quorum.
         Only a client that wants those tasks (``tasks``, from the scheduler) may
         judge them; the memo names the providers seen to run them."""
         if client is None or not copies:
-            return []
+            return
         judged: list[tuple[str, AwaitingCopy, bool]] = []
         for key, agreed in copies.items():
             meta, owners = tasks.get(key) or (None, ())
@@ -254,7 +249,6 @@ class Settlement:
                 self.queue.append({"op": "record_verification", "provider": copy.provider, "agreed": agreed,
                                    "key": f"verdict-{hold}"})
         self.verdicts += 1
-        return []
 
     def charge_used(self, key: Any, meta: dict[str, Any] | None, worker: str | None, now: float) -> int | None:
         """Task ``key``, processing on ``worker``, is stopped at its --max-credits at
@@ -270,7 +264,7 @@ class Settlement:
         self._close(hold, _settle(hold, info.provider, amount))
         return amount
 
-    def release_holds(self, holds: Collection[str]) -> list[Request]:
+    def release_holds(self, holds: Collection[str]) -> None:
         """Release holds whose tasks were never sent (the notebook's submit failed,
         or the scheduler closes); what a map's items earned is paid first."""
         for hold in holds:
@@ -279,23 +273,21 @@ class Settlement:
                 self._queue_parts(hold, share)
             if hold not in self.closed:
                 self._close(hold, _release(hold))
-        return []
 
-    def close_unknown(self, hold: str, keys: list[Any], live: Container[Any]) -> list[Request]:
+    def close_unknown(self, hold: str, keys: list[Any], live: Container[Any]) -> None:
         """The notebook saw tasks of ``hold`` cancelled that the scheduler may never
         have created (``live`` holds those it has): count the unknown ones as done,
         unpaid, so that the hold is closed."""
         if len(keys) == 1 and hold not in self.shared:  # a cell's own hold
             if keys[0] not in live and hold not in self.closed:
                 self._close(hold, _release(hold))
-            return []
+            return
         if hold in self.closed:
-            return []
+            return
         share = self.shared.setdefault(hold, SharedHold(len(keys)))
         for key in keys:
             if key not in live and key not in share.done and key not in share.owed:
                 self._item_done(hold, key, None, 0)
-        return []
 
     def trust_record(self, record: Mapping[str, Any]) -> list[Request]:
         """A provider's trust record came back from the credit service: a newly
