@@ -201,3 +201,15 @@ async def test_a_verdict_settles_the_agreeing_copy_and_releases_the_other(c, s, 
     await until(lambda: notebook.operator.provider_record("bob")["mismatches"] == bob_before + 1,
                 "bob's mismatch to be recorded")
     assert (await c.scheduler.gpunet_metering_state())["verdicts"] == 2
+
+
+def test_the_preload_entry_point_starts_the_plugin(service):
+    """``dask_setup`` with its click options, as ``gpunet scheduler --credits`` preloads it."""
+    async def start_and_ask() -> dict[str, Any]:
+        async with Scheduler(host="127.0.0.1", dashboard_address=":0", preload=[wire.SCHEDULER_PRELOAD],
+                             preload_argv=[["--credits", service[0].url, "--operator-token-file",
+                                            str(service[0].operator_token_file), "--default-provider", "alice"]]) as s:
+            return s.plugins[wire.METERING_PLUGIN].state()
+
+    state = asyncio.run(start_and_ask())
+    assert state["credits"] == service[0].url and state["default_provider"] == "alice"
