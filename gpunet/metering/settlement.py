@@ -1,0 +1,376 @@
+"""Settlement: what each task attempt costs and who is paid, as a pure state machine.
+
+The scheduler plugin (:mod:`gpunet.extensions.scheduler_plugin`) turns Dask's hooks
+into the events of :class:`Settlement` (a task moved, a provider registered, a
+verdict came, ...), passing in what only the scheduler knows: the task's
+``gpunet`` annotation, its worker, its compute seconds, the time. Nothing here
+reads a clock, touches Dask or the network. The rules:
+
+- an attempt that succeeded (``processing -> memory``) settles its hold to the
+  provider of its worker at :func:`price` (``settle-<hold>``);
+- a task that erred, or was forgotten before it was paid, releases its hold
+  (``release-<hold>``); an attempt lost with its worker is not paid: the task runs
+  again under the same hold, and only the attempt that succeeds is paid;
+- a map's items share one hold: what they earn is added up per provider and paid
+  in parts (``part-<hold>-<n>``, one per provider per report, so 2,000 items cost a
+  handful of requests), the rest released once every item is done; an item is
+  never paid twice;
+- an attempt on a worker whose provider is not known yet is owed until the worker
+  registers, or released when the adapter gives up on it (:class:`GiveUpLater`);
+- a copy of a verified job waits for the notebook's verdict: the agreeing copies
+  are settled with a memo, the others released, and each verdict is recorded to
+  the provider's trust record (``verdict-<hold>``);
+- a quarantined provider is not paid, and its workers are retired (:class:`Retire`).
+
+Movements go to :attr:`Settlement.queue` as the credit service's batch items;
+their idempotency keys derive from the hold, so a retry never moves credits twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from collections.abc import Collection, Container, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Union
+
+logger = logging.getLogger(__name__)
+
+#: How long an attempt on a worker that has not registered its provider yet waits
+#: for that registration before its hold is released (nobody paid).
+REGISTRATION_WAIT_S = 60.0
+
+Movement = dict[str, Any]  # one credit-service batch item: {"op", "key", ...}
+
+
+def price(seconds: float, rate: float, cap: int) -> int:
+    """Credits for ``seconds`` of a device at ``rate`` credits per second: at least 1,
+    at most ``cap`` (the hold)."""
+    return max(1, min(int(cap), math.ceil(seconds * rate)))
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    """Who is paid for a worker's tasks, and at how many credits per device-second."""
+
+    provider: str
+    rate: float
+
+
+@dataclass(frozen=True)
+class OwedAttempt:
+    """A successful attempt on a worker whose provider is not known yet."""
+
+    key: Any
+    hold: str
+    seconds: float
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AwaitingCopy:
+    """A verified job's copy that succeeded and waits for the notebook's verdict."""
+
+    key: Any
+    provider: str
+    amount: int
+    job: str
+
+
+@dataclass
+class Part:
+    """What one provider earned from a map's hold since the last part was paid."""
+
+    credits: int = 0
+    tasks: int = 0
+
+
+@dataclass
+class SharedHold:
+    """A map's hold, shared by its ``tasks`` items: which are done, which wait for
+    their worker's provider, and what each provider earned since the last part."""
+
+    tasks: int
+    done: set[Any] = field(default_factory=set)
+    owed: set[Any] = field(default_factory=set)
+    parts: dict[str, Part] = field(default_factory=dict)
+    sequence: int = 0
+
+
+class Owned(NamedTuple):
+    """What the adapter tells a verdict about one judged task: its annotation (None
+    when the scheduler has no such task) and the clients that want it."""
+
+    meta: dict[str, Any] | None
+    owners: Collection[str]
+
+
+@dataclass(frozen=True)
+class GiveUpLater:
+    """Request: call :meth:`Settlement.give_up` for ``worker`` after ``after_s`` seconds."""
+
+    worker: str | None
+    after_s: float = REGISTRATION_WAIT_S
+
+
+@dataclass(frozen=True)
+class Retire:
+    """Request: retire these workers (their provider is quarantined)."""
+
+    workers: tuple[str, ...]
+
+
+Request = Union[GiveUpLater, Retire]
+
+
+class Settlement:
+    """The settlement of holds, fed events by the scheduler plugin (see the module
+    docstring). ``default_provider`` / ``default_rate`` apply to workers that did
+    not register a provider (plain ``dask worker`` processes)."""
+
+    def __init__(self, default_provider: str | None = None, default_rate: float = 1.0) -> None:
+        self.default_provider = default_provider
+        self.default_rate = default_rate
+        #: movements for the credit service, oldest first (the reporter pops them)
+        self.queue: collections.deque[Movement] = collections.deque()
+        #: holds settled or released here (or owed to a worker's registration)
+        self.closed: set[str] = set()
+        self.providers: dict[str, ProviderInfo] = {}  # by worker address
+        self.dispatched: dict[Any, float] = {}  # when each metered task went to its worker
+        self.owed: dict[str | None, list[OwedAttempt]] = {}  # by worker address
+        self.awaiting: dict[str, AwaitingCopy] = {}  # by hold
+        self.shared: dict[str, SharedHold] = {}  # maps' holds still open
+        self.quarantined: set[str] = set()  # as learned from the credit service
+        self.verdicts = 0
+        self._parts_pending = False
+
+    @property
+    def has_work(self) -> bool:
+        """Whether there is something for the reporter: queued movements or parts."""
+        return bool(self.queue) or self._parts_pending
+
+    # -- events ----------------------------------------------------------------------------
+    def transition(self, key: Any, meta: dict[str, Any], start: str, finish: str, *, worker: str | None = None,
+                   seconds: float = 0.0, now: float = 0.0) -> list[Request]:
+        """Task ``key`` (annotated ``meta``) moved from ``start`` to ``finish`` at ``now``;
+        a success names its ``worker`` and compute ``seconds``."""
+        hold = meta.get("hold")
+        if hold is None:
+            if finish in ("memory", "erred", "forgotten"):
+                logger.error("gpunet metering: task %s carries a gpunet annotation without a hold", key)
+            return []
+        if finish == "processing":
+            self.dispatched[key] = now
+        else:
+            self.dispatched.pop(key, None)
+        share = None
+        if "tasks" in meta:
+            share = self.shared.get(hold)
+            if share is None and hold not in self.closed:
+                share = self.shared[hold] = SharedHold(int(meta["tasks"]))
+            if share is None or key in share.done or key in share.owed:
+                return []  # closed, or paid or refused already: a re-run after its result was lost is not paid again
+        elif hold in self.closed:
+            return []
+        if finish in ("erred", "forgotten"):
+            if share is not None:
+                self._item_done(hold, key, None, 0)
+            else:
+                self.awaiting.pop(hold, None)
+                self._close(hold, _release(hold))
+        if start != "processing" or finish != "memory":
+            return []
+        info = self._provider_of(worker)
+        if info is None:
+            # The worker's registration may still be on its way (or being checked):
+            # keep the attempt owed to it, paid once it registers, released if never.
+            if share is not None:
+                share.owed.add(key)
+            else:
+                self.closed.add(hold)
+            first = worker not in self.owed  # one give-up settles all that is owed then
+            self.owed.setdefault(worker, []).append(OwedAttempt(key, hold, seconds, meta))
+            return [GiveUpLater(worker)] if first else []
+        self._paid(key, meta, info.provider, price(seconds, info.rate, meta.get("amount", 1)))
+        return []
+
+    def provider_registered(self, worker: str, account: str, rate: float, live: Container[Any]) -> None:
+        """``worker`` proved it belongs to provider ``account`` (checked, not
+        quarantined) at ``rate``: pay it what it is owed. ``live`` holds the keys the
+        scheduler still has (a verified copy forgotten meanwhile is not kept)."""
+        self.quarantined.discard(account)  # an operator may have cleared it since
+        self.providers[worker] = ProviderInfo(account, float(rate))
+        for owed in self.owed.pop(worker, []):
+            self._paid(owed.key, owed.meta, account, price(owed.seconds, rate, owed.meta.get("amount", 1)), live)
+
+    def give_up(self, worker: str | None) -> None:
+        """A worker that never registered a provider: release what it was owed."""
+        for owed in self.owed.pop(worker, []):
+            logger.error("gpunet metering: worker %s names no provider; its task %s is not paid", worker, owed.key)
+            if "tasks" in owed.meta:
+                self._item_done(owed.hold, owed.key, None, 0)
+            else:
+                self.queue.append(_release(owed.hold))
+
+    def worker_left(self, worker: str) -> None:
+        """Forget a worker that left: its address may be reused by someone else."""
+        self.providers.pop(worker, None)
+
+    def verdict(self, client: str | None, job: str, copies: Mapping[Any, bool], tasks: Mapping[Any, Owned], *,
+                method: str = "", digest: str = "", checked: bool = True) -> None:
+        """A notebook's verdict on the copies of one unit of verified job ``job``:
+        ``copies`` maps each copy's task key to whether it is in the agreeing quorum.
+        Only a client that wants those tasks (``tasks``, from the scheduler) may
+        judge them; the memo names the providers seen to run them."""
+        if client is None or not copies:
+            return
+        judged: list[tuple[str, AwaitingCopy, bool]] = []
+        for key, agreed in copies.items():
+            meta, owners = tasks.get(key) or (None, ())
+            if not meta or meta.get("verify") != job or client not in owners:
+                logger.error("gpunet metering: client %s judged task %s, which is not one of its copies of job %s",
+                             client, key, job)
+                continue
+            hold = meta.get("hold")
+            copy = self.awaiting.pop(hold, None) if hold is not None else None
+            if copy is not None:
+                judged.append((hold, copy, bool(agreed)))
+        agreeing = sorted({copy.provider for _, copy, agreed in judged if agreed})
+        memo: dict[str, Any] = {"verified": method, "providers": agreeing, "digest": digest}
+        if not checked:
+            memo["checked"] = False
+        for hold, copy, agreed in judged:
+            if agreed and copy.provider not in self.quarantined:
+                self._close(hold, _settle(hold, copy.provider, copy.amount, {**memo, "task": str(copy.key)}))
+            else:
+                self._close(hold, _release(hold))
+            if checked and copy.provider not in self.quarantined:
+                self.queue.append({"op": "record_verification", "provider": copy.provider, "agreed": agreed,
+                                   "key": f"verdict-{hold}"})
+        self.verdicts += 1
+
+    def charge_used(self, key: Any, meta: dict[str, Any] | None, worker: str | None, now: float) -> int | None:
+        """Task ``key``, processing on ``worker``, is stopped at its --max-credits at
+        ``now``: settle its hold for the time since it went there. Returns the
+        credits charged, or None when there is nothing to charge."""
+        hold = meta.get("hold") if meta else None
+        if hold is None or "tasks" in meta or hold in self.closed or worker is None:
+            return None  # a map's items are not stopped at a limit: they hold their share
+        info = self._provider_of(worker)
+        if info is None:
+            return None
+        amount = price(now - self.dispatched.get(key, now), info.rate, meta.get("amount", 1))
+        self._close(hold, _settle(hold, info.provider, amount))
+        return amount
+
+    def release_holds(self, holds: Collection[str]) -> None:
+        """Release holds whose tasks were never sent (the notebook's submit failed,
+        or the scheduler closes); what a map's items earned is paid first."""
+        for hold in holds:
+            share = self.shared.pop(hold, None)
+            if share is not None:
+                self._queue_parts(hold, share)
+            if hold not in self.closed:
+                self._close(hold, _release(hold))
+
+    def close_unknown(self, hold: str, keys: list[Any], live: Container[Any]) -> None:
+        """The notebook saw tasks of ``hold`` cancelled that the scheduler may never
+        have created (``live`` holds those it has): count the unknown ones as done,
+        unpaid, so that the hold is closed."""
+        if len(keys) == 1 and hold not in self.shared:  # a cell's own hold
+            if keys[0] not in live and hold not in self.closed:
+                self._close(hold, _release(hold))
+            return
+        if hold in self.closed:
+            return
+        share = self.shared.setdefault(hold, SharedHold(len(keys)))
+        for key in keys:
+            if key not in live and key not in share.done and key not in share.owed:
+                self._item_done(hold, key, None, 0)
+
+    def trust_record(self, record: Mapping[str, Any]) -> list[Request]:
+        """A provider's trust record came back from the credit service: a newly
+        quarantined provider gets no more work (its workers are retired)."""
+        provider = record.get("provider")
+        if not record.get("quarantined") or provider in self.quarantined:
+            return []
+        self.quarantined.add(provider)
+        workers = tuple(address for address, info in self.providers.items() if info.provider == provider)
+        logger.error("gpunet metering: provider %s is quarantined (%s); retiring its workers %s", provider,
+                     record.get("quarantine_reason"), list(workers))
+        return [Retire(workers)] if workers else []
+
+    def flush_parts(self) -> None:
+        """Queue what maps' items earned since the last report: one ``settle_part`` per
+        hold and provider (keyed by its sequence number, so a retry pays it once)."""
+        for hold, share in list(self.shared.items()):
+            self._queue_parts(hold, share)
+        self._parts_pending = False
+
+    # -- rules -----------------------------------------------------------------------------
+    def _paid(self, key: Any, meta: dict[str, Any], provider: str, amount: int,
+              live: Container[Any] | None = None) -> None:
+        """Settle a successful attempt, or, for a copy of a verified job, keep it until
+        the verdict (a recomputed copy replaces its earlier attempt); an item of a map
+        adds to its shared hold's next part."""
+        hold = meta["hold"]
+        if "tasks" in meta:
+            self._item_done(hold, key, provider, amount)
+        elif meta.get("verify"):
+            if live is not None and key not in live:  # forgotten while its provider was being checked
+                self._close(hold, _release(hold))
+                return
+            self.closed.discard(hold)
+            self.awaiting[hold] = AwaitingCopy(key, provider, amount, meta["verify"])
+        elif provider in self.quarantined:  # finished while its workers were being retired: not paid
+            self._close(hold, _release(hold))
+        else:
+            self._close(hold, _settle(hold, provider, amount))
+
+    def _item_done(self, hold: str, key: Any, provider: str | None, amount: int) -> None:
+        """One item of a map is done: add what it earned to its provider's next part,
+        and close the hold once every item is done."""
+        share = self.shared.get(hold)
+        if share is None:
+            return
+        share.owed.discard(key)
+        share.done.add(key)
+        if provider is not None and provider not in self.quarantined:
+            part = share.parts.setdefault(provider, Part())
+            part.credits += amount
+            part.tasks += 1
+            self._parts_pending = True
+        if len(share.done) >= share.tasks:
+            self._queue_parts(hold, share)
+            del self.shared[hold]
+            self._close(hold, _release(hold))
+
+    def _queue_parts(self, hold: str, share: SharedHold) -> None:
+        for provider, part in share.parts.items():
+            share.sequence += 1
+            self.queue.append({"op": "settle_part", "hold": hold, "provider": provider, "amount": part.credits,
+                               "memo": {"tasks": part.tasks}, "key": f"part-{hold}-{share.sequence}"})
+        share.parts.clear()
+
+    def _provider_of(self, worker: str | None) -> ProviderInfo | None:
+        info = self.providers.get(worker) if worker is not None else None
+        if info is not None:
+            return info
+        return None if self.default_provider is None else ProviderInfo(self.default_provider, self.default_rate)
+
+    def _close(self, hold: str, movement: Movement) -> None:
+        self.closed.add(hold)
+        self.queue.append(movement)
+
+
+def _release(hold: str) -> Movement:
+    return {"op": "release", "hold": hold, "key": f"release-{hold}"}
+
+
+def _settle(hold: str, provider: str, amount: int, memo: dict[str, Any] | None = None) -> Movement:
+    movement: Movement = {"op": "settle", "hold": hold, "provider": provider, "amount": amount,
+                          "key": f"settle-{hold}"}
+    if memo is not None:
+        movement["memo"] = memo
+    return movement
