@@ -255,8 +255,10 @@ class Settlement:
         ``now``: settle its hold for the time since it went there. Returns the
         credits charged, or None when there is nothing to charge."""
         hold = meta.get("hold") if meta else None
-        if hold is None or "tasks" in meta or hold in self.closed or worker is None:
-            return None  # a map's items are not stopped at a limit: they hold their share
+        if hold is None or "tasks" in meta or "verify" in meta or hold in self.closed or worker is None:
+            # a map's items are not stopped at a limit (they hold their share), and a
+            # verified copy is paid only on a verdict
+            return None
         info = self._provider_of(worker)
         if info is None:
             return None
