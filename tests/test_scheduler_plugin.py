@@ -1,4 +1,4 @@
-"""The metering plugin on a real in-process Dask scheduler and workers (``gen_cluster``),
+"""The metering plugin on a real in-process Dask scheduler and workers,
 against a real credit service on 127.0.0.1: its named handlers answer, annotated
 tasks settle or release their holds, a map's hold is paid in parts, a verdict settles
 the agreeing copy, and a worker registers its provider over its own stream."""
@@ -6,6 +6,8 @@ the agreeing copy, and a worker registers its provider over its own stream."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import time
 import uuid
 from collections.abc import Callable
@@ -13,14 +15,34 @@ from typing import Any
 
 import dask
 import pytest
-from distributed import Scheduler
-from distributed.utils_test import gen_cluster
+from distributed import Client, Scheduler, Worker
 
 from gpunet import wire
 from gpunet.credits import serve_in_background
 from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
 
 WAIT_S = 20.0  # every wait below is bounded by this
+
+
+def in_process_cluster(test: Callable[..., Any]) -> Callable[..., None]:
+    """Run ``async test(c, s, a, b, **fixtures)`` on a scheduler and two workers in this
+    process, with an asynchronous client, as distributed's ``gen_cluster(client=True)``
+    does. Not gen_cluster itself: its clean-up terminates every child process of the
+    test process, the worker processes of the network other tests share included."""
+
+    @functools.wraps(test)
+    def run(**fixtures: Any) -> None:
+        async def main() -> None:
+            async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0") as s, \
+                    Worker(s.address, nthreads=1) as a, Worker(s.address, nthreads=2) as b, \
+                    Client(s.address, asynchronous=True) as c:
+                await asyncio.wait_for(test(c, s, a, b, **fixtures), 120)
+
+        asyncio.run(main())
+
+    signature = inspect.signature(test)  # pytest injects the fixtures after c, s, a, b
+    run.__signature__ = signature.replace(parameters=list(signature.parameters.values())[4:])
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +123,7 @@ def fail() -> None:
     raise ValueError("this cell fails")
 
 
-@gen_cluster(client=True)
+@in_process_cluster
 async def test_handlers_answer(c, s, a, b, service, notebook):
     plugin = await metered(s, service)
     state = await c.scheduler.gpunet_metering_state()
@@ -117,7 +139,7 @@ async def test_handlers_answer(c, s, a, b, service, notebook):
     assert usage["held"] == 0 and usage["spent"] == 0 and plugin.reporter.failed == []
 
 
-@gen_cluster(client=True)
+@in_process_cluster
 async def test_registration_over_the_workers_stream_pays_what_it_was_owed(c, s, a, b, service, notebook):
     plugin = await metered(s, service)
     hold = notebook.hold(100)
@@ -136,7 +158,7 @@ async def test_registration_over_the_workers_stream_pays_what_it_was_owed(c, s, 
     assert "not a provider" in refused["error"] and b.address not in plugin.providers
 
 
-@gen_cluster(client=True)
+@in_process_cluster
 async def test_a_successful_task_settles_and_a_failed_one_releases(c, s, a, b, service, notebook):
     plugin = await metered(s, service)
     await register(plugin, a, service[1]["alice"], 1.0)
@@ -154,7 +176,7 @@ async def test_a_successful_task_settles_and_a_failed_one_releases(c, s, a, b, s
     assert notebook.settlements(bad) == []
 
 
-@gen_cluster(client=True)
+@in_process_cluster
 async def test_a_maps_shared_hold_is_paid_in_parts(c, s, a, b, service, notebook):
     plugin = await metered(s, service)
     await register(plugin, a, service[1]["alice"], 1.0)
@@ -173,7 +195,7 @@ async def test_a_maps_shared_hold_is_paid_in_parts(c, s, a, b, service, notebook
     assert (await c.scheduler.gpunet_metering_state())["maps_open"] == 0
 
 
-@gen_cluster(client=True)
+@in_process_cluster
 async def test_a_verdict_settles_the_agreeing_copy_and_releases_the_other(c, s, a, b, service, notebook):
     plugin = await metered(s, service)
     await register(plugin, a, service[1]["alice"], 1.0)
