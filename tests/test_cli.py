@@ -42,17 +42,23 @@ def test_scheduler_accepts_workers_with_the_gpunet_preload(tmp_path, detached):
             assert net.run(sum, [1, 2, 3]) == 6
             assert net.workers()[0].device["kind"] == "cpu"
     finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=30)
-        out = stop(process)
+        try:
+            if worker is not None:
+                worker.terminate()
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait(timeout=30)
+        finally:
+            out = stop(process)
     assert process.returncode == 0, out
 
 
 def test_unknown_verb_and_help():
-    result = subprocess.run(GPUNET + ["frobnicate"], capture_output=True, text=True)
+    result = subprocess.run(GPUNET + ["frobnicate"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "invalid choice" in result.stderr
-    result = subprocess.run(GPUNET + ["--help"], capture_output=True, text=True)
+    result = subprocess.run(GPUNET + ["--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "up" in result.stdout
 
 

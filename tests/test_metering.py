@@ -32,10 +32,14 @@ def _settled(net, timeout=30.0):
 def own():
     """A metered embedded network of its own (tests here stop its credit service)."""
     previous, network_module._current = network_module._current, None
-    net = gpunet.connect(budget=2_000)
-    yield net
-    net.close()
-    network_module._current = previous
+    try:
+        net = gpunet.connect(budget=2_000)
+        try:
+            yield net
+        finally:
+            net.close()
+    finally:
+        network_module._current = previous
 
 
 def test_each_task_is_paid_once_and_holds_return(net):
@@ -48,17 +52,34 @@ def test_each_task_is_paid_once_and_holds_return(net):
     assert "spent" in str(usage) and "tcp://127.0.0.1" in str(usage)
 
 
-def test_a_map_bigger_than_the_budget_is_refused_before_it_is_sent(own, tmp_path):
+def _spy_on_sending(monkeypatch, net):
+    """Record each call of ``net.client.submit`` / ``map`` / ``scatter``: the only ways a
+    job's tasks and inputs reach Dask (gpunet/client/submit.py, verified.py)."""
+    calls = []
+    for name in ("submit", "map", "scatter"):
+        original = getattr(net.client, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(net.client, name, spy)
+    return calls
+
+
+def test_a_map_bigger_than_the_budget_is_refused_before_it_is_sent(own, tmp_path, monkeypatch):
     marker = tmp_path / "ran"
 
     def touch(_):
         marker.touch()
 
+    sent = _spy_on_sending(monkeypatch, own)
     with pytest.raises(gpunet.BudgetError) as caught:
         own.map(touch, range(300))  # 300 items x 10 credits each > 2,000
     message = str(caught.value)
     assert "2000" in message and "left" in message and "nothing was sent" in message
-    time.sleep(0.5)
+    # Refused before any task existed: nothing reached Dask, so nothing can run later.
+    assert sent == []
     assert not marker.exists()
     assert _settled(own)["held"] == 0
 
@@ -68,7 +89,9 @@ def test_max_credits_stops_the_cell_and_charges_the_limit(own):
     started = time.monotonic()
     with pytest.raises(gpunet.BudgetError, match="max-credits"):
         own.run(_spin, max_credits=2)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 10  # stopped at the limit (~2 s), not at some later point
+    # Stopped: no worker still runs the endless loop.
+    assert all(keys == [] for keys in _running_jobs(own).values()), _running_jobs(own)
     after = _settled(own)
     assert after["spent"] - before["spent"] in (1, 2), "charged for its time on the worker, at most the limit"
 
@@ -83,6 +106,17 @@ def test_a_map_whose_max_credits_cannot_pay_each_item_is_refused(own):
 def _spin():
     while True:
         pass
+
+
+def _running_jobs(net):
+    """The job ids each worker's runner has registered as running (gpunet.worker.runner._running)."""
+    def running_keys():  # nested, so that it travels by value: workers cannot import this module
+        from gpunet.worker import runner
+
+        with runner._registry_lock:
+            return sorted(runner._running)
+
+    return net.client.run(running_keys)
 
 
 def test_reports_survive_the_credit_service_pausing(own):
@@ -100,7 +134,11 @@ def test_reports_survive_the_credit_service_pausing(own):
     try:
         results = [jobs.function_value(r) for r in remote.wait(timeout=120)]
         assert len(results) == 200
-        time.sleep(1.0)
+        # The scheduler saw every task finish before this notebook did, so their
+        # reports are queued by now; polled (bounded) all the same, not slept on.
+        deadline = time.monotonic() + 30
+        while own.metering_state()["queued"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert own.metering_state()["queued"] > 0, "reports should be waiting"
     finally:
         os.kill(service.pid, signal.SIGCONT)

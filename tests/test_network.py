@@ -65,7 +65,11 @@ def test_unreachable_scheduler_fails_fast_naming_it():
     with pytest.raises(ConnectError) as caught:
         gpunet.connect(address, timeout=2)
     assert address in str(caught.value)
-    assert time.monotonic() - started < 6
+    assert "within 2 s" in str(caught.value), "the timeout given is the one used"
+    # Fast: well under Dask's own 30 s connect timeout (distributed.comm.timeouts.connect),
+    # which is what it would wait if the timeout were not passed on; 15 s leaves room
+    # for a loaded machine.
+    assert time.monotonic() - started < 15
     assert network_module._current is previous
 
 
