@@ -48,6 +48,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+#: How long a worker named in a registration has to confirm it.
+CONFIRM_TIMEOUT_S = 10.0
+
 
 class GpunetMeteringPlugin(SchedulerPlugin):
     """Settles or releases each task's hold as its attempts finish (see the module
@@ -69,6 +72,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.scheduler: Scheduler | None = None
         self.reporter: Reporter | None = None
         self._client: CreditClient | None = None
+        #: registrations that the worker they named did not confirm
+        self.refused_registrations = 0
 
     @property
     def providers(self) -> dict[str, dict[str, Any]]:
@@ -166,12 +171,14 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 "failed": len(self.reporter.failed), "default_rate": s.default_rate, "max_rate": self.max_rate,
                 "default_provider": s.default_provider, "awaiting_verdict": len(s.awaiting),
                 "maps_open": len(s.shared), "verdicts": s.verdicts, "quarantined": sorted(s.quarantined),
+                "refused_registrations": self.refused_registrations,
                 "providers": self.providers}
 
     # -- providers -----------------------------------------------------------------------
-    def _on_register_message(self, worker: str, token: str = "", rate: float = 1.0, **kwargs: Any) -> None:
-        """Stream handler: only a worker's own stream passes ``worker``, so a client
-        cannot register anyone's worker."""
+    def _on_register_message(self, worker: str = "", token: str = "", rate: float = 1.0, **kwargs: Any) -> None:
+        """Stream handler. Dask passes the sending worker's address as ``worker``, but a
+        message's own keys win over it, so anyone may claim any worker here:
+        :meth:`register_provider` has the named worker confirm it first."""
         asyncio.ensure_future(self.register_provider(worker, token, rate))
 
     async def register_provider(self, address: str, token: str, rate: float) -> dict[str, Any]:
@@ -193,6 +200,10 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
         if not (isinstance(rate, (int, float)) and 0 < rate <= self.max_rate):
             return refuse(f"a provider's rate must be in (0, {self.max_rate:g}] credits per second, got {rate!r}")
+        if not await self._confirmed(address, token):
+            self.refused_registrations += 1
+            return refuse(f"{address} did not confirm that it sent this registration (someone else named it?)",
+                          give_up=False)
         try:
             account = await asyncio.to_thread(check)
         except CreditsError as exc:
@@ -208,6 +219,20 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self._after(self.settlement.provider_registered(address, account, rate, self.scheduler.tasks))
         logger.info("gpunet metering: worker %s belongs to provider %s at %s credits/s", address, account, rate)
         return {"provider": account}
+
+    async def _confirmed(self, address: str, token: str) -> bool:
+        """Whether the worker at ``address`` confirms that its provider token is ``token``
+        (asked on a connection this scheduler opens to it, so the answer is the worker's)."""
+        if address not in self.scheduler.workers or not isinstance(token, str) or not token:
+            return False
+        try:
+            answer = await asyncio.wait_for(
+                getattr(self.scheduler.rpc(address), wire.CONFIRM_PROVIDER)(digest=wire.token_digest(token)),
+                CONFIRM_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - no handler (not a gpunet provider), gone, or too slow
+            logger.warning("gpunet metering: worker %s could not confirm a registration: %s", address, exc)
+            return False
+        return answer is True
 
     def _is_quarantined(self, account: str) -> bool:
         """Whether the credit service has ``account`` quarantined (what this scheduler

@@ -11,6 +11,7 @@ with the scheduler's metering as that provider's.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from gpunet.wire import REGISTER_PROVIDER
+from gpunet.wire import CONFIRM_PROVIDER, REGISTER_PROVIDER, token_digest
 from gpunet.worker.device import (
     PROVIDER_RATE_ENV,
     PROVIDER_TOKEN_ENV,
@@ -55,8 +56,15 @@ class GpunetWorkerPlugin(WorkerPlugin):
                                                        gpu=has_gpu_resource(worker))
         logger.info("gpunet worker %s offers %s", worker.address, worker.gpunet_device["label"])
         if self.provider_token:
+            worker.handlers[CONFIRM_PROVIDER] = self.confirm_provider
             # Setup may run before the worker is connected; register once it is.
             self._registering = asyncio.ensure_future(self._register_when_connected(worker))
+
+    def confirm_provider(self, digest: str = "") -> bool:
+        """Handler: whether this worker's provider token has ``digest``. The scheduler
+        asks before it believes a registration that names this worker; the token itself
+        never leaves the worker this way."""
+        return hmac.compare_digest(str(digest), token_digest(self.provider_token or ""))
 
     async def _register_when_connected(self, worker: Worker, timeout: float = 120) -> None:
         """Tell the scheduler whose worker this is, over the worker's own stream, so

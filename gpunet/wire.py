@@ -14,6 +14,7 @@ This module imports nothing of gpunet: every side may use it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +44,16 @@ SCHEDULER_PRELOAD = "gpunet.extensions.scheduler_plugin"
 WORKER_PRELOAD = "gpunet.extensions.worker_plugin"
 #: The stream message a worker sends to say which provider it belongs to.
 REGISTER_PROVIDER = "gpunet-register-provider"
+#: The handler a provider's worker serves so that the scheduler can check that a
+#: registration naming it came from it: (digest) -> whether its token has that digest.
+#: Dask lets a message's own keys override the sender the scheduler adds, so anyone
+#: could send a registration that names another's worker; only the worker can confirm.
+CONFIRM_PROVIDER = "gpunet_confirm_provider"
+
+
+def token_digest(token: str) -> str:
+    """The SHA-256 of a provider token, which the scheduler asks a worker to confirm."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass

@@ -20,6 +20,7 @@ from distributed import Client, Scheduler, Worker
 from gpunet import wire
 from gpunet.credits import serve_in_background
 from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
+from gpunet.extensions.worker_plugin import GpunetWorkerPlugin
 
 WAIT_S = 20.0  # every wait below is bounded by this
 
@@ -108,8 +109,15 @@ async def metered(scheduler: Scheduler, service: Any) -> GpunetMeteringPlugin:
     return plugin
 
 
+def serve_confirmation(worker: Any, token: str) -> None:
+    """Have ``worker`` confirm registrations with ``token``, with the handler gpunet's
+    worker plugin serves (not the whole plugin: its set-up reroutes this process's stdout)."""
+    worker.handlers[wire.CONFIRM_PROVIDER] = GpunetWorkerPlugin(token).confirm_provider
+
+
 async def register(plugin: GpunetMeteringPlugin, worker: Any, token: str, rate: float) -> None:
     """Register ``worker``'s provider over its own stream, as gpunet's worker plugin does."""
+    serve_confirmation(worker, token)
     worker.batched_send({"op": wire.REGISTER_PROVIDER, "token": token, "rate": rate})
     await until(lambda: worker.address in plugin.providers, f"{worker.address} to register")
 
@@ -154,8 +162,25 @@ async def test_registration_over_the_workers_stream_pays_what_it_was_owed(c, s, 
     assert paid["to"] == "alice" and 1 <= paid["amount"] <= 100
     assert notebook.usage()["held"] == 0
 
+    serve_confirmation(b, service[1]["carol"])
     refused = await plugin.register_provider(b.address, service[1]["carol"], 1.0)
     assert "not a provider" in refused["error"] and b.address not in plugin.providers
+
+
+@in_process_cluster
+async def test_a_registration_that_names_another_worker_is_refused(c, s, a, b, service, notebook):
+    """Dask lets a message's own keys win over the sender it adds, so a client (or another
+    worker) can send a registration naming alice's worker: that worker does not confirm it."""
+    plugin = await metered(s, service)
+    serve_confirmation(a, service[1]["alice"])  # alice's worker, not registered yet
+    forged = {"op": wire.REGISTER_PROVIDER, "worker": a.address, "token": service[1]["bob"], "rate": 1.0}
+    c._send_to_scheduler(dict(forged))  # as a client of the scheduler
+    await until(lambda: plugin.refused_registrations == 1, "the client's forgery to be refused")
+    b.batched_send(dict(forged))  # as another worker
+    await until(lambda: plugin.refused_registrations == 2, "the worker's forgery to be refused")
+    assert a.address not in plugin.providers and b.address not in plugin.providers
+    await register(plugin, a, service[1]["alice"], 1.0)
+    assert plugin.providers[a.address]["provider"] == "alice"
 
 
 @in_process_cluster
