@@ -175,7 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a receipt, a database or a running service; exit 0 when everything checks out."""
-    from gpunet.credits._verify import verify_database, verify_receipt_file, verify_service
+    from gpunet.credits._audit import verify_database, verify_receipt_file, verify_service
 
     t0 = time.perf_counter()
     if args.receipt:

@@ -1,4 +1,5 @@
-"""``gpunet ledger verify``: check a ledger in a database file, at a running service, or a receipt.
+"""The credit ledger's audit (``gpunet ledger verify``): check a ledger in a database file, at a
+running service, or a receipt. Unrelated to :mod:`gpunet.verify`, which checks job results.
 
 Reading is the cost at a million entries, so a database is read in index ranges
 of 100,000 rows through the driver's own cursor (stdlib ``sqlite3`` opened
@@ -168,7 +169,7 @@ def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]
 
     import gpunet
 
-    code = "import sys; from gpunet.credits._verify import _scan_main; _scan_main()"
+    code = "import sys; from gpunet.credits._audit import _scan_main; _scan_main()"
     root = str(Path(gpunet.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     # The URL (it may hold a password) goes through stdin, not the command line.
