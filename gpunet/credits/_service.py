@@ -96,6 +96,7 @@ from gpunet.credits._store import (
     format_time,
     resolve_db_url,
 )
+from gpunet.credits._trust import REPUTATION_FLOOR
 
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.applications import Starlette
@@ -674,12 +675,14 @@ def write_secret(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def open_store(db: str | None, *, key_file: str | os.PathLike[str] | None = None) -> CreditStore:
-    """Open (creating on first use) the credit database and its signing key."""
+def open_store(db: str | None, *, key_file: str | os.PathLike[str] | None = None,
+               reputation_floor: float = REPUTATION_FLOOR) -> CreditStore:
+    """Open (creating on first use) the credit database and its signing key; providers whose
+    reputation falls below ``reputation_floor`` are quarantined."""
     url = resolve_db_url(db)
     key_path = Path(key_file) if key_file else beside_db(url, ".ed25519.pem")
     key = load_or_create_signing_key(key_path)
-    store = CreditStore(url, signing_key=key)
+    store = CreditStore(url, signing_key=key, reputation_floor=reputation_floor)
     try:
         store.bind_public_key(public_key_raw(key).hex())
     except CreditsError:
@@ -717,19 +720,21 @@ def serve(
     rotate_operator_token: bool = False,
     access_log: bool = False,
     on_ready: Callable[[str, Path], None] | None = None,
+    reputation_floor: float = REPUTATION_FLOOR,
 ) -> None:
     """Run the credit service in the foreground until SIGINT/SIGTERM.
 
     Creates the database, the ed25519 key and the operator account (its token
     written to ``operator_token_file``, mode 600) on first start; calls
-    ``on_ready(url, token_file)`` once the socket listens.
+    ``on_ready(url, token_file)`` once the socket listens. A provider whose reputation falls
+    below ``reputation_floor`` is quarantined (0: never).
     """
     import uvicorn
 
     # The event loop and the writer thread hand the GIL back and forth for every
     # request; the default 5 ms switch interval would add up to that to each one.
     sys.setswitchinterval(float(os.environ.get("GPUNET_CREDITS_SWITCH_INTERVAL", "0.0005")))
-    store = open_store(db, key_file=key_file)
+    store = open_store(db, key_file=key_file, reputation_floor=reputation_floor)
     try:
         token_path = Path(operator_token_file) if operator_token_file else beside_db(store.url, ".operator-token")
         token = store.ensure_operator()

@@ -58,7 +58,7 @@ from gpunet.credits._errors import (
 )
 from gpunet.credits._ledger import ESCROW, ZERO_HASH, canonical_memo, entry_hash, sign_head
 from gpunet.credits._merkle import MerkleTree
-from gpunet.credits._trust import quarantine_reason, record_json
+from gpunet.credits._trust import REPUTATION_FLOOR, quarantine_reason, record_json
 from gpunet.paths import data_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -378,10 +378,11 @@ class CreditStore:
     ``concurrent.futures.Future`` answered after its transaction commits.
     """
 
-    def __init__(self, url: str, *, signing_key: Any = None) -> None:
+    def __init__(self, url: str, *, signing_key: Any = None, reputation_floor: float = REPUTATION_FLOOR) -> None:
         import sqlalchemy as sa
 
         self.url = url
+        self.reputation_floor = reputation_floor
         self.engine = open_engine(url)
         self._lock_file: Any = None
         # The writer speaks plain DB-API on its own connection: prepared SQL strings and
@@ -1242,7 +1243,7 @@ class _UnitOfWork:
             self._set(rec, "mismatches", rec.mismatches + 1)
             self._set(rec, "consecutive_valid", 0)
         if not rec.quarantined:
-            reason = quarantine_reason(rec.valid, rec.mismatches)
+            reason = quarantine_reason(rec.valid, rec.mismatches, self.s.reputation_floor)
             if reason:
                 self._set(rec, "quarantined", True)
                 self._set(rec, "quarantine_reason", reason)

@@ -24,7 +24,7 @@ from gpunet.credits import (
     verify_service,
 )
 from gpunet.credits._store import make_engine, parse_time, read_open_holds, resolve_db_url
-from gpunet.credits_cli import format_age, main
+from gpunet.credits.cli import format_age, main
 
 WARNING = "that task will NOT be paid when it finishes"
 
