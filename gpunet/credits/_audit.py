@@ -25,7 +25,7 @@ from gpunet.credits._ledger import (
     stitch_holds,
     verify_receipt,
 )
-from gpunet.credits._store import ENTRY_COLUMNS, resolve_db_url, sqlite_path
+from gpunet.credits._db import ENTRY_COLUMNS, open_engine, resolve_db_url, sqlite_path
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,6 @@ def _connect(url: str) -> tuple[Any, Any]:
     if path is not None:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         return conn, conn.close
-    from gpunet.credits._store import open_engine
-
     engine = open_engine(url)
     raw = engine.raw_connection()
 

@@ -84,18 +84,19 @@ from gpunet.credits._ledger import (
     load_or_create_signing_key,
     public_key_raw,
 )
-from gpunet.credits._store import (
+from gpunet.credits._book import (
+    BATCH_OPS,
     ID_RE,
     KEY_RE,
     MAX_AMOUNT,
     MAX_BATCH,
     NAME_RE,
+    OPERATIONS,
     ROLES,
-    CreditStore,
-    beside_db,
-    format_time,
-    resolve_db_url,
+    require_role,
 )
+from gpunet.credits._db import beside_db, format_time, resolve_db_url
+from gpunet.credits._store import CreditStore
 from gpunet.credits._trust import REPUTATION_FLOOR
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,18 +106,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
-ROLE_FOR_OP = {
-    "create_account": {"operator"},
-    "mint": {"operator"},
-    "settle": {"operator"},
-    "settle_part": {"operator"},
-    "release": {"operator"},
-    "hold": {"client", "operator"},
-    "open_session": {"client", "operator"},
-    "record_verification": {"operator"},
-    "clear_quarantine": {"operator"},
-}
-BATCH_OPS = ("mint", "hold", "settle", "settle_part", "release", "record_verification")
 
 # -- validation -------------------------------------------------------------------------
 
@@ -277,14 +266,8 @@ class CreditService:
                             "check GPUNET_TOKEN or the token file")
         return who
 
-    @staticmethod
-    def _require(role: str, allowed: set[str], what: str, actor: str) -> None:
-        if role not in allowed:
-            raise ForbiddenError(f"account {actor!r} has role {role}; {what} needs role "
-                                 f"{' or '.join(sorted(allowed))}", details={"role": role})
-
     async def _op(self, name: str, actor: str, role: str, params: dict[str, Any]) -> Any:
-        self._require(role, ROLE_FOR_OP[name], name.replace("_", " "), actor)
+        """Submit operation ``name``; the book checks the actor's role (see ``OPERATIONS``)."""
         key = params.pop("key", None)
         return await _wait(self.store.submit(name, actor, params, key))
 
@@ -325,7 +308,7 @@ class CreditService:
     async def list_accounts(self, request: Request) -> dict[str, Any]:
         """GET /v1/accounts: every account with role and balance (operator)."""
         actor, role = self._auth(request)
-        self._require(role, {"operator"}, "listing accounts", actor)
+        require_role(role, frozenset({"operator"}), "listing accounts", actor)
         from starlette.concurrency import run_in_threadpool
 
         return {"accounts": await run_in_threadpool(self.store.read_accounts)}
@@ -473,7 +456,7 @@ class CreditService:
                 if op not in BATCH_OPS:
                     raise InvalidRequestError(f"batch item {i}: 'op' must be one of {', '.join(BATCH_OPS)}, "
                                               f"got {op!r:.40}")
-                self._require(role, ROLE_FOR_OP[op], op, actor)
+                require_role(role, OPERATIONS[op].roles, op, actor)
                 params = validate(op, {k: v for k, v in item.items() if k != "op"})
                 params["op"] = op
                 good.append(params)
@@ -532,7 +515,7 @@ class CreditService:
     async def entries(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/entries?start=&limit=: raw entries for verifiers (operator)."""
         actor, role = self._auth(request)
-        self._require(role, {"operator"}, "reading the ledger's entries", actor)
+        require_role(role, frozenset({"operator"}), "reading the ledger's entries", actor)
         start = self._int_query(request, "start", 0)
         limit = min(self._int_query(request, "limit", 10000, minimum=1), 100000)
         from starlette.concurrency import run_in_threadpool
