@@ -16,6 +16,7 @@ committed rows only. Nothing here knows a rule of the bank.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import functools
 import hashlib
 import logging
@@ -286,8 +287,6 @@ class WriteConnection:
         in memory): a file lock beside an SQLite file, an advisory lock on PostgreSQL."""
         path = sqlite_path(self.url)
         if path is not None:
-            import fcntl
-
             path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(path.with_name(path.name + ".writer.lock"), "a+")
             try:

@@ -64,7 +64,13 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from gpunet.credits._errors import (
     AuthError,
@@ -98,10 +104,6 @@ from gpunet.credits._book import (
 from gpunet.credits._db import beside_db, format_time, resolve_db_url
 from gpunet.credits._store import CreditStore
 from gpunet.credits._trust import REPUTATION_FLOOR
-
-if TYPE_CHECKING:  # pragma: no cover
-    from starlette.applications import Starlette
-    from starlette.requests import Request
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +311,6 @@ class CreditService:
         """GET /v1/accounts: every account with role and balance (operator)."""
         actor, role = self._auth(request)
         require_role(role, frozenset({"operator"}), "listing accounts", actor)
-        from starlette.concurrency import run_in_threadpool
-
         return {"accounts": await run_in_threadpool(self.store.read_accounts)}
 
     async def get_account(self, request: Request) -> dict[str, Any]:
@@ -322,9 +322,7 @@ class CreditService:
                                  "operator may")
         acct = self.store.cached_account(name)
         if acct is None:
-            from starlette.concurrency import run_in_threadpool
-
-            acct = await run_in_threadpool(self.store.read_account, name)
+                acct = await run_in_threadpool(self.store.read_account, name)
         if acct is None:
             raise NotFoundError(f"no account named {name!r}", details={"account": name})
         return acct
@@ -344,9 +342,7 @@ class CreditService:
         sid = _session_id("session", request.path_params["sid"])
         usage = self.store.cached_session(sid)
         if usage is None:
-            from starlette.concurrency import run_in_threadpool
-
-            usage = await run_in_threadpool(self.store.read_session, sid)
+                usage = await run_in_threadpool(self.store.read_session, sid)
         if usage is None:
             raise NotFoundError(f"no session {sid!r}", details={"session": sid})
         if usage["account"] != actor and role != "operator":
@@ -362,8 +358,6 @@ class CreditService:
         """GET /v1/sessions/{sid}/receipt: entries with inclusion proofs and a signed head."""
         actor, role, usage = await self._readable_session(request)
         head = await _wait(self.store.submit("sign_head", None, {}))
-        from starlette.concurrency import run_in_threadpool
-
         return await run_in_threadpool(self._build_receipt, usage, head)
 
     def _build_receipt(self, usage: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
@@ -409,8 +403,6 @@ class CreditService:
                                  f"account may list its own with account={actor}", details={"role": role})
         older_than = self._int_query(request, "older_than")
         now = dt.datetime.now(dt.timezone.utc)
-        from starlette.concurrency import run_in_threadpool
-
         holds = await run_in_threadpool(self.store.read_open_holds, older_than=older_than, account=account, now=now)
         return {"state": state, "older_than": older_than, "account": account, "now": format_time(now),
                 "holds": holds}
@@ -489,15 +481,11 @@ class CreditService:
         """GET /v1/providers/{name}: one provider's trust record (any token)."""
         self._auth(request)
         name = _name("provider", request.path_params["name"])
-        from starlette.concurrency import run_in_threadpool
-
         return await run_in_threadpool(self.store.read_provider_record, name)
 
     async def provider_records(self, request: Request) -> dict[str, Any]:
         """GET /v1/providers: the trust record of every provider account (any token)."""
         self._auth(request)
-        from starlette.concurrency import run_in_threadpool
-
         return {"providers": await run_in_threadpool(self.store.read_provider_records)}
 
     async def head(self, request: Request) -> dict[str, Any]:
@@ -508,8 +496,6 @@ class CreditService:
     async def heads(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/heads: every stored signed tree head."""
         self._auth(request)
-        from starlette.concurrency import run_in_threadpool
-
         return {"heads": await run_in_threadpool(self.store.read_heads)}
 
     async def entries(self, request: Request) -> dict[str, Any]:
@@ -518,8 +504,6 @@ class CreditService:
         require_role(role, frozenset({"operator"}), "reading the ledger's entries", actor)
         start = self._int_query(request, "start", 0)
         limit = min(self._int_query(request, "limit", 10000, minimum=1), 100000)
-        from starlette.concurrency import run_in_threadpool
-
         rows = await run_in_threadpool(self.store.read_entries, start, start + limit)
         return {"start": start, "size": self.store.size, "entries": [entry_to_json(r) for r in rows]}
 
@@ -560,8 +544,6 @@ async def _wait(future: Any) -> Any:
 
 
 def _error_response(exc: CreditsError) -> Any:
-    from starlette.responses import JSONResponse
-
     status = getattr(exc, "status", 500)
     body = {"status": status, "code": getattr(exc, "code", "error"), "message": str(exc),
             **getattr(exc, "details", {})}
@@ -570,10 +552,6 @@ def _error_response(exc: CreditsError) -> Any:
 
 def build_app(store: CreditStore) -> Starlette:
     """Return the Starlette application serving ``store``."""
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-
     svc = CreditService(store)
 
     def wrap(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -94,10 +94,6 @@ class CreditStore:
         role = None if name is None else self.book.role_of(name)
         return None if role is None else (name, role)
 
-    def role_of(self, name: str) -> str | None:
-        """Return the role of an account, or None if there is no such account."""
-        return self.book.role_of(name)
-
     def cached_account(self, name: str) -> dict[str, Any] | None:
         """Return an account's committed balance from memory, or None if unknown."""
         bal = self.book.committed_balances.get(name)

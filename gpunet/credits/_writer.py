@@ -10,11 +10,12 @@ It runs on a thread of its own or, where statements take microseconds (SQLite in
 the service), on the service's event loop with only the commit in a thread
 (:meth:`Writer.attach_loop`): on the loop thread they never wait for the GIL.
 
-The writer knows no rule of what it writes. A unit (see :class:`Unit`) applies jobs
-in memory, refusing one by raising a :class:`CreditsRequestError` (which answers that
-job alone), writes them out with ``flush``, and ``undo``\\ es its in-memory changes
-when the transaction fails; any other exception is a bug in that job, which is
-answered with an error while the others of its group are applied again without it.
+The writer knows no rule of what it writes. A unit has four methods: ``apply(job)`` applies
+a job in memory and returns its answer, or refuses it by raising a :class:`CreditsRequestError`
+(which answers that job alone); ``flush()`` writes the changes to the connection; ``undo()``
+rolls them back in memory when the transaction fails; ``committed()`` publishes them. Any
+other exception is a bug in that job, answered with an error while the others of its group
+are applied again without it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from gpunet.credits._errors import CreditsRequestError, CreditsUnavailableError
 
@@ -34,36 +35,10 @@ GROUP_LIMIT = 2000  # jobs per transaction at most
 _FAILED = "the credit store failed to write; nothing of this request was kept; retry it"
 
 
-class Unit(Protocol):
-    """One transaction's work: what a writer's factory returns for a group of jobs."""
-
-    def apply(self, job: Any) -> Any:
-        """Apply one job in memory and return its answer; raise CreditsRequestError to refuse it."""
-
-    def flush(self) -> None:
-        """Write the changes of every job applied to the write connection (no commit)."""
-
-    def undo(self) -> None:
-        """Roll the in-memory changes back: the transaction failed."""
-
-    def committed(self) -> None:
-        """Publish the changes: the transaction committed."""
-
-
-class Connection(Protocol):
-    """What the writer needs of its connection."""
-
-    def commit(self) -> None:
-        """Commit the transaction."""
-
-    def rollback(self) -> None:
-        """Roll the transaction back."""
-
-
 class Writer:
     """Runs submitted jobs in group commits on one connection; ``begin(jobs)`` makes their unit."""
 
-    def __init__(self, conn: Connection, begin: Callable[[list[Any]], Unit], *, limit: int = GROUP_LIMIT) -> None:
+    def __init__(self, conn: Any, begin: Callable[[list[Any]], Any], *, limit: int = GROUP_LIMIT) -> None:
         self.conn, self.begin, self.limit = conn, begin, limit
         self._closed = False
         self._loop: Any = None
@@ -144,7 +119,7 @@ class Writer:
         for item in group:
             item.resolve(None, CreditsUnavailableError(_FAILED))
 
-    def _stage(self, group: list[_Pending]) -> tuple[Unit, list[tuple[_Pending, Any, BaseException | None]]] | None:
+    def _stage(self, group: list[_Pending]) -> tuple[Any, list[tuple[_Pending, Any, BaseException | None]]] | None:
         """Apply a group in memory and write it, without committing; None when nothing is left to commit."""
         while group:
             unit = None
@@ -184,7 +159,7 @@ class Writer:
             return unit, results
         return None
 
-    def _finish(self, unit: Unit, results: list[tuple[_Pending, Any, BaseException | None]],
+    def _finish(self, unit: Any, results: list[tuple[_Pending, Any, BaseException | None]],
                 error: BaseException | None) -> None:
         """After the commit (or its failure): publish and answer every job of the group."""
         if error is not None:

@@ -24,6 +24,7 @@ import uuid
 from typing import Any
 
 from gpunet.clitools import run_command
+from gpunet.credits._audit import verify_database, verify_receipt_file, verify_service
 from gpunet.credits._client import CreditClient
 from gpunet.credits._errors import ConflictError, ForbiddenError, IdempotencyConflictError, InvalidRequestError
 from gpunet.credits._process import TOKEN_FILE_PREFIX, URL_PREFIX
@@ -176,7 +177,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a receipt, a database or a running service; exit 0 when everything checks out."""
-    from gpunet.credits._audit import verify_database, verify_receipt_file, verify_service  # SQLAlchemy
 
     t0 = time.perf_counter()
     if args.receipt:
