@@ -33,7 +33,7 @@ import re
 import secrets
 import threading
 import uuid
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass
 from typing import Any, Callable
 
 from gpunet.credits._db import WriteConnection, columns, utcnow
@@ -651,22 +651,22 @@ class Operation:
     ask for it (None: no role is checked; the service itself, or each item of a batch)."""
 
     run: Callable[..., Any]
-    roles: frozenset[str] | None = field(default=None)
+    roles: frozenset[str] | None = None
 
 
-_OPERATOR = frozenset({"operator"})
+OPERATOR_ONLY = frozenset({"operator"})
 _CLIENT = frozenset({"client", "operator"})
 
 OPERATIONS: dict[str, Operation] = {
-    "create_account": Operation(Unit.create_account, _OPERATOR),
-    "mint": Operation(Unit.mint, _OPERATOR),
+    "create_account": Operation(Unit.create_account, OPERATOR_ONLY),
+    "mint": Operation(Unit.mint, OPERATOR_ONLY),
     "open_session": Operation(Unit.open_session, _CLIENT),
     "hold": Operation(Unit.hold, _CLIENT),
-    "settle": Operation(Unit.settle, _OPERATOR),
-    "settle_part": Operation(Unit.settle_part, _OPERATOR),
-    "release": Operation(Unit.release, _OPERATOR),
-    "record_verification": Operation(Unit.record_verification, _OPERATOR),
-    "clear_quarantine": Operation(Unit.clear_quarantine, _OPERATOR),
+    "settle": Operation(Unit.settle, OPERATOR_ONLY),
+    "settle_part": Operation(Unit.settle_part, OPERATOR_ONLY),
+    "release": Operation(Unit.release, OPERATOR_ONLY),
+    "record_verification": Operation(Unit.record_verification, OPERATOR_ONLY),
+    "clear_quarantine": Operation(Unit.clear_quarantine, OPERATOR_ONLY),
     "sign_head": Operation(Unit.sign_head),
     "rotate_token": Operation(Unit.rotate_token),
     "batch": Operation(Unit.batch),

@@ -98,6 +98,7 @@ from gpunet.credits._book import (
     MAX_BATCH,
     NAME_RE,
     OPERATIONS,
+    OPERATOR_ONLY,
     ROLES,
     require_role,
 )
@@ -310,7 +311,7 @@ class CreditService:
     async def list_accounts(self, request: Request) -> dict[str, Any]:
         """GET /v1/accounts: every account with role and balance (operator)."""
         actor, role = self._auth(request)
-        require_role(role, frozenset({"operator"}), "listing accounts", actor)
+        require_role(role, OPERATOR_ONLY, "listing accounts", actor)
         return {"accounts": await run_in_threadpool(self.store.read_accounts)}
 
     async def get_account(self, request: Request) -> dict[str, Any]:
@@ -322,7 +323,7 @@ class CreditService:
                                  "operator may")
         acct = self.store.cached_account(name)
         if acct is None:
-                acct = await run_in_threadpool(self.store.read_account, name)
+            acct = await run_in_threadpool(self.store.read_account, name)
         if acct is None:
             raise NotFoundError(f"no account named {name!r}", details={"account": name})
         return acct
@@ -342,7 +343,7 @@ class CreditService:
         sid = _session_id("session", request.path_params["sid"])
         usage = self.store.cached_session(sid)
         if usage is None:
-                usage = await run_in_threadpool(self.store.read_session, sid)
+            usage = await run_in_threadpool(self.store.read_session, sid)
         if usage is None:
             raise NotFoundError(f"no session {sid!r}", details={"session": sid})
         if usage["account"] != actor and role != "operator":
@@ -501,7 +502,7 @@ class CreditService:
     async def entries(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/entries?start=&limit=: raw entries for verifiers (operator)."""
         actor, role = self._auth(request)
-        require_role(role, frozenset({"operator"}), "reading the ledger's entries", actor)
+        require_role(role, OPERATOR_ONLY, "reading the ledger's entries", actor)
         start = self._int_query(request, "start", 0)
         limit = min(self._int_query(request, "limit", 10000, minimum=1), 100000)
         rows = await run_in_threadpool(self.store.read_entries, start, start + limit)
