@@ -61,7 +61,6 @@ MAX_BALANCE = 2**62
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 KEY_RE = re.compile(r"[\x21-\x7e]{1,200}\Z")
 ID_RE = re.compile(r"[a-z]_[0-9a-f]{32}\Z")
-RECORD_FIELDS = columns("provider_records")
 HEAD_FIELDS = columns("heads")
 
 
@@ -221,6 +220,9 @@ class Book:
             self.committed_balances[acct.name] = acct.balance
 
 
+TABLE_OF = {Account: "accounts", Session: "sessions", Hold: "holds", Record: "provider_records"}
+
+
 class Unit:
     """The in-memory changes of one writer transaction, with an undo log; its methods named in
     :data:`OPERATIONS` are the bank's operations, each ``(actor, key, **params) -> answer``."""
@@ -229,14 +231,9 @@ class Unit:
         self.b = book
         self.undo_log: list[tuple[Any, str, Any]] = []
         self.new_objects: list[tuple[dict, str]] = []
-        self.dirty_accounts: dict[str, Account] = {}
-        self.new_accounts: list[Account] = []
-        self.new_sessions: list[Session] = []
-        self.dirty_sessions: dict[str, Session] = {}
-        self.new_holds: dict[str, Hold] = {}
-        self.dirty_holds: dict[str, Hold] = {}
-        self.new_records: dict[str, Record] = {}
-        self.dirty_records: dict[str, Record] = {}
+        # The objects this unit made (inserted on flush) and changed (updated), by id().
+        self.new: dict[int, Any] = {}
+        self.dirty: dict[int, Any] = {}
         self.entries: list[tuple] = []
         self.new_leaves: list[bytes] = []
         self.idem_found: dict[str, tuple[str, str]] = {}
@@ -253,6 +250,14 @@ class Unit:
     def _set(self, obj: Any, attr: str, value: Any) -> None:
         self.undo_log.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, value)
+        self.dirty[id(obj)] = obj
+
+    def _create(self, mapping: dict[str, Any], key: str, obj: Any) -> Any:
+        """Put a new object in the book (forgotten again if the transaction fails; inserted on flush)."""
+        mapping[key] = obj
+        self.new_objects.append((mapping, key))
+        self.new[id(obj)] = obj
+        return obj
 
     def undo(self) -> None:
         """Roll the book's objects back to where they were before this unit: its transaction failed."""
@@ -313,22 +318,17 @@ class Unit:
         rec = self.b.records.get(provider)
         if rec is None:
             row = self.b.conn.row("provider_records", provider)
-            rec = Record(provider) if row is None else Record(*row)
-            self.b.records[provider] = rec
-            self.new_objects.append((self.b.records, provider))  # forgotten again if this write fails
             if row is None:
-                self.new_records[provider] = rec
-        if provider not in self.new_records:
-            self.dirty_records[provider] = rec
+                return self._create(self.b.records, provider, Record(provider))
+            rec = self.b.records[provider] = Record(*row)
+            self.new_objects.append((self.b.records, provider))  # forgotten again if this write fails
         return rec
 
     def _move(self, kind: str, src: Account | None, dst: Account, amount: int, session: str, hold: str,
               key: str, memo: str = "") -> int:
         if src is not None:
             self._set(src, "balance", src.balance - amount)
-            self.dirty_accounts[src.name] = src
         self._set(dst, "balance", dst.balance + amount)
-        self.dirty_accounts[dst.name] = dst
         index = self.next_index
         prev = self.last_hash
         src_name = src.name if src is not None else ""
@@ -386,10 +386,7 @@ class Unit:
             raise ConflictError(f"an account named {name!r} already exists; choose another name",
                                 details={"account": name})
         token = new_token()
-        acct = Account(name, role, hash_token(token), 0, self.now)
-        self.b.accounts[name] = acct
-        self.new_objects.append((self.b.accounts, name))
-        self.new_accounts.append(acct)
+        acct = self._create(self.b.accounts, name, Account(name, role, hash_token(token), 0, self.now))
         self.b.tokens[acct.token_hash] = name
         self.token_changes.append((None, acct.token_hash, name))
         return {"account": name, "role": role, "token": token}
@@ -404,7 +401,6 @@ class Unit:
             self.b.tokens.pop(old, None)
         self.b.tokens[acct.token_hash] = account
         self.token_changes.append((old, acct.token_hash, account))
-        self.dirty_accounts[account] = acct
         return {"account": account, "token": token}
 
     def mint(self, actor: str | None, key: str, *, account: str, amount: int) -> dict[str, Any]:
@@ -422,11 +418,8 @@ class Unit:
                      kernel: str = "") -> dict[str, Any]:
         """Open a session of ``actor`` that may hold and spend at most ``budget``; moves nothing."""
         sid = "s_" + uuid.uuid4().hex
-        sess = Session(sid, actor or "", notebook, kernel, budget, 0, 0, self.now)
-        self.b.sessions[sid] = sess
-        self.new_objects.append((self.b.sessions, sid))
-        self.new_sessions.append(sess)
-        return sess.usage()
+        return self._create(self.b.sessions, sid, Session(sid, actor or "", notebook, kernel, budget, 0, 0,
+                                                          self.now)).usage()
 
     def _owner_or_operator(self, actor: str | None, sess: Session, verb: str) -> None:
         if actor == sess.account:
@@ -458,12 +451,8 @@ class Unit:
                 details={"account": owner.name, "balance": owner.balance, "amount": amount})
         hid = "h_" + uuid.uuid4().hex
         index = self._move("hold", owner, self.b.accounts[ESCROW], amount, session, hid, key)
-        hold = Hold(hid, session, owner.name, amount, "held", "", 0, index, None)
-        self.b.holds[hid] = hold
-        self.new_objects.append((self.b.holds, hid))
-        self.new_holds[hid] = hold
+        self._create(self.b.holds, hid, Hold(hid, session, owner.name, amount, "held", "", 0, index, None))
         self._set(sess, "held", sess.held + amount)
-        self.dirty_sessions[session] = sess
         return {"hold": hid, "session": session, "amount": amount, "entry": index, "left": left - amount}
 
     def _open_hold(self, hid: str, verb: str) -> tuple[Hold, Session]:
@@ -506,11 +495,8 @@ class Unit:
         # Until the hold closes, ``closed_entry`` names its latest payout, so a hold paid in full
         # by parts and then closed (no release entry) still names its last entry.
         self._set(h, "closed_entry", index)
-        if h.id not in self.new_holds:
-            self.dirty_holds[h.id] = h
         self._set(sess, "held", sess.held - amount)
         self._set(sess, "spent", sess.spent + amount)
-        self.dirty_sessions[sess.id] = sess
         return index
 
     def _close(self, h: Hold, sess: Session, state: str, key: str, memo_text: str = "") -> list[int]:
@@ -523,10 +509,7 @@ class Unit:
                                       sess.id, h.id, key, memo_text))
             self._set(h, "closed_entry", entries[0])
             self._set(sess, "held", sess.held - rest)
-            self.dirty_sessions[sess.id] = sess
         self._set(h, "state", state)
-        if h.id not in self.new_holds:
-            self.dirty_holds[h.id] = h
         self.closed_holds.append(h.id)
         return entries
 
@@ -612,29 +595,20 @@ class Unit:
     def flush(self) -> None:
         """Write this unit's changes to the writer's connection (the writer commits them)."""
         w = self.b.conn
-        new_names = {a.name for a in self.new_accounts}
-        w.insert("accounts", [astuple(a) for a in self.new_accounts])
-        w.update("accounts", ("balance", "token_hash"),
-                 [(a.balance, a.token_hash, a.name) for n, a in self.dirty_accounts.items() if n not in new_names])
-        w.insert("sessions", [astuple(x) for x in self.new_sessions])
-        new_sids = {x.id for x in self.new_sessions}
-        w.update("sessions", ("held", "spent"),
-                 [(x.held, x.spent, x.id) for sid, x in self.dirty_sessions.items() if sid not in new_sids])
-        w.insert("holds", [astuple(h) for h in self.new_holds.values()])
-        w.update("holds", ("state", "paid", "provider", "closed_entry"),
-                 [(h.state, h.paid, h.provider, h.closed_entry, h.id) for h in self.dirty_holds.values()])
+        for cls, table in TABLE_OF.items():
+            w.insert(table, [astuple(o) for o in self.new.values() if type(o) is cls])
+            # Every column but the key, then the key (an object's first field).
+            rows = [astuple(o) for k, o in self.dirty.items() if type(o) is cls and k not in self.new]
+            w.update(table, columns(table)[1:], [row[1:] + row[:1] for row in rows])
         w.insert("entries", self.entries)
-        w.insert("provider_records", [astuple(r) for r in self.new_records.values()])
-        w.update("provider_records", RECORD_FIELDS[1:], [astuple(r)[1:] + (r.provider,)
-                                                         for r in self.dirty_records.values()])
         w.insert("idempotency", [(scope, rh, resp) for scope, (rh, resp) in self.idem_new.items()])
         w.insert("heads", [tuple(h[c] for c in HEAD_FIELDS) for h in self.heads])
 
     def committed(self) -> None:
         """After the commit: the book takes the new chain position and tree, readers see the new
         values, and closed holds are forgotten (memory keeps only open ones)."""
-        self.b.publish(list(self.new_sessions) + list(self.dirty_sessions.values()),
-                       list(self.new_accounts) + list(self.dirty_accounts.values()))
+        changed = [*self.new.values(), *self.dirty.values()]
+        self.b.publish([o for o in changed if type(o) is Session], [o for o in changed if type(o) is Account])
         self.b.next_index = self.next_index
         self.b.last_hash = self.last_hash
         if self.heads:
