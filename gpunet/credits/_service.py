@@ -274,6 +274,16 @@ class CreditService:
         key = params.pop("key", None)
         return await _wait(self.store.submit(name, actor, params, key))
 
+    def operation(self, name: str, path: tuple[str, str, Callable[[str, Any], Any]] | None = None) -> Callable:
+        """Return the handler of ``POST`` operation ``name`` (see the routes): the body checked by
+        :func:`validate`, ``path`` = (path parameter, field, check) adding a field from the path."""
+        async def handler(request: Request) -> Any:
+            actor, role = self._auth(request)
+            body = await _json_body(request)
+            extra = None if path is None else {path[1]: path[2](path[1], request.path_params[path[0]])}
+            return await self._op(name, actor, role, validate(name, body, extra=extra))
+        return handler
+
     @staticmethod
     def _int_query(request: Request, name: str, default: int | None = None, *, minimum: int = 0,
                    required: bool = False) -> int | None:
@@ -302,12 +312,6 @@ class CreditService:
         validate("ping", await _json_body(request))
         return {"ok": True, "account": actor}
 
-    async def create_account(self, request: Request) -> dict[str, Any]:
-        """POST /v1/accounts: create an account and return its token (operator)."""
-        actor, role = self._auth(request)
-        params = validate("create_account", await _json_body(request))
-        return await self._op("create_account", actor, role, params)
-
     async def list_accounts(self, request: Request) -> dict[str, Any]:
         """GET /v1/accounts: every account with role and balance (operator)."""
         actor, role = self._auth(request)
@@ -327,16 +331,6 @@ class CreditService:
         if acct is None:
             raise NotFoundError(f"no account named {name!r}", details={"account": name})
         return acct
-
-    async def mint(self, request: Request) -> dict[str, Any]:
-        """POST /v1/mint: mint credits into an account (operator)."""
-        actor, role = self._auth(request)
-        return await self._op("mint", actor, role, validate("mint", await _json_body(request)))
-
-    async def open_session(self, request: Request) -> dict[str, Any]:
-        """POST /v1/sessions: open a session with a budget paid by the caller."""
-        actor, role = self._auth(request)
-        return await self._op("open_session", actor, role, validate("open_session", await _json_body(request)))
 
     async def _readable_session(self, request: Request) -> tuple[str, str, dict[str, Any]]:
         actor, role = self._auth(request)
@@ -382,11 +376,6 @@ class CreditService:
         session.update(spent=spent, held=held, left=usage["budget"] - spent - held)
         return {"format": RECEIPT_FORMAT, "session": session, "entries": entries, "head": head}
 
-    async def hold(self, request: Request) -> dict[str, Any]:
-        """POST /v1/holds: hold credits of a session (owner or operator)."""
-        actor, role = self._auth(request)
-        return await self._op("hold", actor, role, validate("hold", await _json_body(request)))
-
     async def list_holds(self, request: Request) -> dict[str, Any]:
         """GET /v1/holds?state=held&older_than=SECONDS&account=NAME: the open holds, oldest first,
         with what was paid from each so far and their age (operator; any account its own)."""
@@ -407,25 +396,6 @@ class CreditService:
         holds = await run_in_threadpool(self.store.read_open_holds, older_than=older_than, account=account, now=now)
         return {"state": state, "older_than": older_than, "account": account, "now": format_time(now),
                 "holds": holds}
-
-    async def _hold_op(self, name: str, request: Request) -> dict[str, Any]:
-        """Run operation ``name`` on the hold named in the path (``/v1/holds/{hid}/...``)."""
-        actor, role = self._auth(request)
-        params = validate(name, await _json_body(request), extra={"hold": _hold_id(
-            "hold", request.path_params["hid"])})
-        return await self._op(name, actor, role, params)
-
-    async def settle(self, request: Request) -> dict[str, Any]:
-        """POST /v1/holds/{hid}/settle: pay a provider from a hold, release the rest (operator)."""
-        return await self._hold_op("settle", request)
-
-    async def settle_part(self, request: Request) -> dict[str, Any]:
-        """POST /v1/holds/{hid}/settle_part: pay a provider a part of a hold, which stays open (operator)."""
-        return await self._hold_op("settle_part", request)
-
-    async def release(self, request: Request) -> dict[str, Any]:
-        """POST /v1/holds/{hid}/release: give what is left of a hold back to the client (operator)."""
-        return await self._hold_op("release", request)
 
     async def batch(self, request: Request) -> dict[str, Any]:
         """POST /v1/batch: many items (mint, hold, settle, settle_part, release, record_verification)
@@ -462,21 +432,6 @@ class CreditService:
             for i, res in zip(where, done):
                 results[i] = res
         return {"results": results}
-
-    async def record_verification(self, request: Request) -> dict[str, Any]:
-        """POST /v1/providers/{name}/verifications: record whether a verified result of the provider
-        agreed (operator); returns its trust record."""
-        actor, role = self._auth(request)
-        params = validate("record_verification", await _json_body(request),
-                          extra={"provider": _name("provider", request.path_params["name"])})
-        return await self._op("record_verification", actor, role, params)
-
-    async def clear_quarantine(self, request: Request) -> dict[str, Any]:
-        """POST /v1/providers/{name}/clear: lift a provider's quarantine, forgive its mismatches (operator)."""
-        actor, role = self._auth(request)
-        params = validate("clear_quarantine", await _json_body(request),
-                          extra={"provider": _name("provider", request.path_params["name"])})
-        return await self._op("clear_quarantine", actor, role, params)
 
     async def provider_record(self, request: Request) -> dict[str, Any]:
         """GET /v1/providers/{name}: one provider's trust record (any token)."""
@@ -554,6 +509,7 @@ def _error_response(exc: CreditsError) -> Any:
 def build_app(store: CreditStore) -> Starlette:
     """Return the Starlette application serving ``store``."""
     svc = CreditService(store)
+    hold, provider = ("hid", "hold", _hold_id), ("name", "provider", _name)
 
     def wrap(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
         async def endpoint(request: Any) -> Any:
@@ -573,23 +529,24 @@ def build_app(store: CreditStore) -> Starlette:
     routes = [
         Route("/v1/health", wrap(svc.health), methods=["GET"]),
         Route("/v1/ping", wrap(svc.ping), methods=["POST"]),
-        Route("/v1/accounts", wrap(svc.create_account), methods=["POST"]),
+        Route("/v1/accounts", wrap(svc.operation("create_account")), methods=["POST"]),
         Route("/v1/accounts", wrap(svc.list_accounts), methods=["GET"]),
         Route("/v1/accounts/{name}", wrap(svc.get_account), methods=["GET"]),
-        Route("/v1/mint", wrap(svc.mint), methods=["POST"]),
-        Route("/v1/sessions", wrap(svc.open_session), methods=["POST"]),
+        Route("/v1/mint", wrap(svc.operation("mint")), methods=["POST"]),
+        Route("/v1/sessions", wrap(svc.operation("open_session")), methods=["POST"]),
         Route("/v1/sessions/{sid}", wrap(svc.usage), methods=["GET"]),
         Route("/v1/sessions/{sid}/receipt", wrap(svc.receipt), methods=["GET"]),
-        Route("/v1/holds", wrap(svc.hold), methods=["POST"]),
+        Route("/v1/holds", wrap(svc.operation("hold")), methods=["POST"]),
         Route("/v1/holds", wrap(svc.list_holds), methods=["GET"]),
-        Route("/v1/holds/{hid}/settle", wrap(svc.settle), methods=["POST"]),
-        Route("/v1/holds/{hid}/settle_part", wrap(svc.settle_part), methods=["POST"]),
-        Route("/v1/holds/{hid}/release", wrap(svc.release), methods=["POST"]),
+        Route("/v1/holds/{hid}/settle", wrap(svc.operation("settle", hold)), methods=["POST"]),
+        Route("/v1/holds/{hid}/settle_part", wrap(svc.operation("settle_part", hold)), methods=["POST"]),
+        Route("/v1/holds/{hid}/release", wrap(svc.operation("release", hold)), methods=["POST"]),
         Route("/v1/batch", wrap(svc.batch), methods=["POST"]),
         Route("/v1/providers", wrap(svc.provider_records), methods=["GET"]),
         Route("/v1/providers/{name}", wrap(svc.provider_record), methods=["GET"]),
-        Route("/v1/providers/{name}/verifications", wrap(svc.record_verification), methods=["POST"]),
-        Route("/v1/providers/{name}/clear", wrap(svc.clear_quarantine), methods=["POST"]),
+        Route("/v1/providers/{name}/verifications", wrap(svc.operation("record_verification", provider)),
+              methods=["POST"]),
+        Route("/v1/providers/{name}/clear", wrap(svc.operation("clear_quarantine", provider)), methods=["POST"]),
         Route("/v1/ledger/head", wrap(svc.head), methods=["GET"]),
         Route("/v1/ledger/heads", wrap(svc.heads), methods=["GET"]),
         Route("/v1/ledger/entries", wrap(svc.entries), methods=["GET"]),

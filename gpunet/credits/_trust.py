@@ -8,9 +8,10 @@ A provider's reputation is a smoothed share of good results::
 
 ``PRIOR`` good results are assumed before the first one, so a newcomer starts
 at 1.0 and one early mismatch does not sink it; each mismatch weighs ``PENALTY``
-times a valid result. A provider whose reputation falls below
-``REPUTATION_FLOOR`` (or the floor the service was started with) is quarantined: it stays so (more valid results do not lift
-it) until an operator clears it, which forgives its mismatches.
+times a valid result. A provider whose reputation falls below the floor
+(``REPUTATION_FLOOR``, or ``serve(reputation_floor=...)``) is quarantined: it stays
+so (more valid results do not lift it) until an operator clears it, which forgives
+its mismatches.
 ``consecutive_valid`` (the valid results since the last mismatch or clearing)
 lets a scheduler verify long-reliable providers less often.
 
