@@ -9,15 +9,15 @@ its sub-parsers with ``set_defaults(func=...)``; ``func(args)`` returns the exit
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from gpunet.errors import GpunetError
+from gpunet.clitools import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for every ``gpunet`` verb."""
-    from gpunet import credits_cli, network_cli
+    from gpunet import network_cli
+    from gpunet.credits import cli as credits_cli
 
     parser = argparse.ArgumentParser(
         prog="gpunet", description="A decentralized GPU network, Jupyter-native."
@@ -33,23 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``gpunet`` command line; returns the process exit code."""
     return run_command(build_parser(), argv)
-
-
-def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen verb: its errors become one line on stderr
-    and exit code 1, Ctrl-C exit code 130."""
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    try:
-        return int(args.func(args) or 0)
-    except GpunetError as exc:
-        print(f"gpunet {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m gpunet.cli

@@ -43,7 +43,7 @@ from gpunet.credits._merkle import MerkleTree, leaf_hash, node_hash, verify_cons
 if TYPE_CHECKING:  # pragma: no cover
     from gpunet.credits._process import CreditServiceProcess, serve_in_background
     from gpunet.credits._service import serve
-    from gpunet.credits._verify import verify_database, verify_service
+    from gpunet.credits._audit import verify_database, verify_service
 
 __all__ = [
     "AuthError",
@@ -77,8 +77,8 @@ _LAZY = {
     "CreditServiceProcess": "gpunet.credits._process",
     "serve_in_background": "gpunet.credits._process",
     "serve": "gpunet.credits._service",
-    "verify_database": "gpunet.credits._verify",
-    "verify_service": "gpunet.credits._verify",
+    "verify_database": "gpunet.credits._audit",
+    "verify_service": "gpunet.credits._audit",
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from gpunet.credits_cli import main
+from gpunet.credits.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

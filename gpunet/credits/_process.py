@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import gpunet
+from gpunet.credits._client import CreditClient
 from gpunet.credits._errors import CreditsUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -50,8 +52,6 @@ class CreditServiceProcess:
 
     def client(self, token: str | None = None, **kwargs: Any) -> Any:
         """Return a :class:`CreditClient` for this service (operator token by default)."""
-        from gpunet.credits._client import CreditClient
-
         return CreditClient(self.url, token or self.operator_token, **kwargs)
 
     def alive(self) -> bool:
@@ -136,8 +136,6 @@ def serve_in_background(
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     # The child must import this very gpunet, installed or not.
-    import gpunet
-
     root = str(Path(gpunet.__file__).resolve().parent.parent)
     paths = child_env.get("PYTHONPATH", "").split(os.pathsep) if child_env.get("PYTHONPATH") else []
     if root not in paths:

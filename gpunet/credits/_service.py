@@ -64,7 +64,13 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from gpunet.credits._errors import (
     AuthError,
@@ -84,38 +90,25 @@ from gpunet.credits._ledger import (
     load_or_create_signing_key,
     public_key_raw,
 )
-from gpunet.credits._store import (
+from gpunet.credits._book import (
+    BATCH_OPS,
     ID_RE,
     KEY_RE,
     MAX_AMOUNT,
     MAX_BATCH,
     NAME_RE,
+    OPERATIONS,
+    OPERATOR_ONLY,
     ROLES,
-    CreditStore,
-    beside_db,
-    format_time,
-    resolve_db_url,
+    require_role,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from starlette.applications import Starlette
-    from starlette.requests import Request
+from gpunet.credits._db import beside_db, format_time, resolve_db_url
+from gpunet.credits._store import CreditStore
+from gpunet.credits._trust import REPUTATION_FLOOR
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
-ROLE_FOR_OP = {
-    "create_account": {"operator"},
-    "mint": {"operator"},
-    "settle": {"operator"},
-    "settle_part": {"operator"},
-    "release": {"operator"},
-    "hold": {"client", "operator"},
-    "open_session": {"client", "operator"},
-    "record_verification": {"operator"},
-    "clear_quarantine": {"operator"},
-}
-BATCH_OPS = ("mint", "hold", "settle", "settle_part", "release", "record_verification")
 
 # -- validation -------------------------------------------------------------------------
 
@@ -276,16 +269,20 @@ class CreditService:
                             "check GPUNET_TOKEN or the token file")
         return who
 
-    @staticmethod
-    def _require(role: str, allowed: set[str], what: str, actor: str) -> None:
-        if role not in allowed:
-            raise ForbiddenError(f"account {actor!r} has role {role}; {what} needs role "
-                                 f"{' or '.join(sorted(allowed))}", details={"role": role})
-
     async def _op(self, name: str, actor: str, role: str, params: dict[str, Any]) -> Any:
-        self._require(role, ROLE_FOR_OP[name], name.replace("_", " "), actor)
+        """Submit operation ``name``; the book checks the actor's role (see ``OPERATIONS``)."""
         key = params.pop("key", None)
         return await _wait(self.store.submit(name, actor, params, key))
+
+    def operation(self, name: str, path: tuple[str, str, Callable[[str, Any], Any]] | None = None) -> Callable:
+        """Return the handler of ``POST`` operation ``name`` (see the routes): the body checked by
+        :func:`validate`, ``path`` = (path parameter, field, check) adding a field from the path."""
+        async def handler(request: Request) -> Any:
+            actor, role = self._auth(request)
+            body = await _json_body(request)
+            extra = None if path is None else {path[1]: path[2](path[1], request.path_params[path[0]])}
+            return await self._op(name, actor, role, validate(name, body, extra=extra))
+        return handler
 
     @staticmethod
     def _int_query(request: Request, name: str, default: int | None = None, *, minimum: int = 0,
@@ -315,18 +312,10 @@ class CreditService:
         validate("ping", await _json_body(request))
         return {"ok": True, "account": actor}
 
-    async def create_account(self, request: Request) -> dict[str, Any]:
-        """POST /v1/accounts: create an account and return its token (operator)."""
-        actor, role = self._auth(request)
-        params = validate("create_account", await _json_body(request))
-        return await self._op("create_account", actor, role, params)
-
     async def list_accounts(self, request: Request) -> dict[str, Any]:
         """GET /v1/accounts: every account with role and balance (operator)."""
         actor, role = self._auth(request)
-        self._require(role, {"operator"}, "listing accounts", actor)
-        from starlette.concurrency import run_in_threadpool
-
+        require_role(role, OPERATOR_ONLY, "listing accounts", actor)
         return {"accounts": await run_in_threadpool(self.store.read_accounts)}
 
     async def get_account(self, request: Request) -> dict[str, Any]:
@@ -338,30 +327,16 @@ class CreditService:
                                  "operator may")
         acct = self.store.cached_account(name)
         if acct is None:
-            from starlette.concurrency import run_in_threadpool
-
             acct = await run_in_threadpool(self.store.read_account, name)
         if acct is None:
             raise NotFoundError(f"no account named {name!r}", details={"account": name})
         return acct
-
-    async def mint(self, request: Request) -> dict[str, Any]:
-        """POST /v1/mint: mint credits into an account (operator)."""
-        actor, role = self._auth(request)
-        return await self._op("mint", actor, role, validate("mint", await _json_body(request)))
-
-    async def open_session(self, request: Request) -> dict[str, Any]:
-        """POST /v1/sessions: open a session with a budget paid by the caller."""
-        actor, role = self._auth(request)
-        return await self._op("open_session", actor, role, validate("open_session", await _json_body(request)))
 
     async def _readable_session(self, request: Request) -> tuple[str, str, dict[str, Any]]:
         actor, role = self._auth(request)
         sid = _session_id("session", request.path_params["sid"])
         usage = self.store.cached_session(sid)
         if usage is None:
-            from starlette.concurrency import run_in_threadpool
-
             usage = await run_in_threadpool(self.store.read_session, sid)
         if usage is None:
             raise NotFoundError(f"no session {sid!r}", details={"session": sid})
@@ -378,8 +353,6 @@ class CreditService:
         """GET /v1/sessions/{sid}/receipt: entries with inclusion proofs and a signed head."""
         actor, role, usage = await self._readable_session(request)
         head = await _wait(self.store.submit("sign_head", None, {}))
-        from starlette.concurrency import run_in_threadpool
-
         return await run_in_threadpool(self._build_receipt, usage, head)
 
     def _build_receipt(self, usage: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
@@ -403,11 +376,6 @@ class CreditService:
         session.update(spent=spent, held=held, left=usage["budget"] - spent - held)
         return {"format": RECEIPT_FORMAT, "session": session, "entries": entries, "head": head}
 
-    async def hold(self, request: Request) -> dict[str, Any]:
-        """POST /v1/holds: hold credits of a session (owner or operator)."""
-        actor, role = self._auth(request)
-        return await self._op("hold", actor, role, validate("hold", await _json_body(request)))
-
     async def list_holds(self, request: Request) -> dict[str, Any]:
         """GET /v1/holds?state=held&older_than=SECONDS&account=NAME: the open holds, oldest first,
         with what was paid from each so far and their age (operator; any account its own)."""
@@ -425,30 +393,9 @@ class CreditService:
                                  f"account may list its own with account={actor}", details={"role": role})
         older_than = self._int_query(request, "older_than")
         now = dt.datetime.now(dt.timezone.utc)
-        from starlette.concurrency import run_in_threadpool
-
         holds = await run_in_threadpool(self.store.read_open_holds, older_than=older_than, account=account, now=now)
         return {"state": state, "older_than": older_than, "account": account, "now": format_time(now),
                 "holds": holds}
-
-    async def _hold_op(self, name: str, request: Request) -> dict[str, Any]:
-        """Run operation ``name`` on the hold named in the path (``/v1/holds/{hid}/...``)."""
-        actor, role = self._auth(request)
-        params = validate(name, await _json_body(request), extra={"hold": _hold_id(
-            "hold", request.path_params["hid"])})
-        return await self._op(name, actor, role, params)
-
-    async def settle(self, request: Request) -> dict[str, Any]:
-        """POST /v1/holds/{hid}/settle: pay a provider from a hold, release the rest (operator)."""
-        return await self._hold_op("settle", request)
-
-    async def settle_part(self, request: Request) -> dict[str, Any]:
-        """POST /v1/holds/{hid}/settle_part: pay a provider a part of a hold, which stays open (operator)."""
-        return await self._hold_op("settle_part", request)
-
-    async def release(self, request: Request) -> dict[str, Any]:
-        """POST /v1/holds/{hid}/release: give what is left of a hold back to the client (operator)."""
-        return await self._hold_op("release", request)
 
     async def batch(self, request: Request) -> dict[str, Any]:
         """POST /v1/batch: many items (mint, hold, settle, settle_part, release, record_verification)
@@ -472,7 +419,7 @@ class CreditService:
                 if op not in BATCH_OPS:
                     raise InvalidRequestError(f"batch item {i}: 'op' must be one of {', '.join(BATCH_OPS)}, "
                                               f"got {op!r:.40}")
-                self._require(role, ROLE_FOR_OP[op], op, actor)
+                require_role(role, OPERATIONS[op].roles, op, actor)
                 params = validate(op, {k: v for k, v in item.items() if k != "op"})
                 params["op"] = op
                 good.append(params)
@@ -486,34 +433,15 @@ class CreditService:
                 results[i] = res
         return {"results": results}
 
-    async def record_verification(self, request: Request) -> dict[str, Any]:
-        """POST /v1/providers/{name}/verifications: record whether a verified result of the provider
-        agreed (operator); returns its trust record."""
-        actor, role = self._auth(request)
-        params = validate("record_verification", await _json_body(request),
-                          extra={"provider": _name("provider", request.path_params["name"])})
-        return await self._op("record_verification", actor, role, params)
-
-    async def clear_quarantine(self, request: Request) -> dict[str, Any]:
-        """POST /v1/providers/{name}/clear: lift a provider's quarantine, forgive its mismatches (operator)."""
-        actor, role = self._auth(request)
-        params = validate("clear_quarantine", await _json_body(request),
-                          extra={"provider": _name("provider", request.path_params["name"])})
-        return await self._op("clear_quarantine", actor, role, params)
-
     async def provider_record(self, request: Request) -> dict[str, Any]:
         """GET /v1/providers/{name}: one provider's trust record (any token)."""
         self._auth(request)
         name = _name("provider", request.path_params["name"])
-        from starlette.concurrency import run_in_threadpool
-
         return await run_in_threadpool(self.store.read_provider_record, name)
 
     async def provider_records(self, request: Request) -> dict[str, Any]:
         """GET /v1/providers: the trust record of every provider account (any token)."""
         self._auth(request)
-        from starlette.concurrency import run_in_threadpool
-
         return {"providers": await run_in_threadpool(self.store.read_provider_records)}
 
     async def head(self, request: Request) -> dict[str, Any]:
@@ -524,18 +452,14 @@ class CreditService:
     async def heads(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/heads: every stored signed tree head."""
         self._auth(request)
-        from starlette.concurrency import run_in_threadpool
-
         return {"heads": await run_in_threadpool(self.store.read_heads)}
 
     async def entries(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/entries?start=&limit=: raw entries for verifiers (operator)."""
         actor, role = self._auth(request)
-        self._require(role, {"operator"}, "reading the ledger's entries", actor)
+        require_role(role, OPERATOR_ONLY, "reading the ledger's entries", actor)
         start = self._int_query(request, "start", 0)
         limit = min(self._int_query(request, "limit", 10000, minimum=1), 100000)
-        from starlette.concurrency import run_in_threadpool
-
         rows = await run_in_threadpool(self.store.read_entries, start, start + limit)
         return {"start": start, "size": self.store.size, "entries": [entry_to_json(r) for r in rows]}
 
@@ -576,8 +500,6 @@ async def _wait(future: Any) -> Any:
 
 
 def _error_response(exc: CreditsError) -> Any:
-    from starlette.responses import JSONResponse
-
     status = getattr(exc, "status", 500)
     body = {"status": status, "code": getattr(exc, "code", "error"), "message": str(exc),
             **getattr(exc, "details", {})}
@@ -586,11 +508,8 @@ def _error_response(exc: CreditsError) -> Any:
 
 def build_app(store: CreditStore) -> Starlette:
     """Return the Starlette application serving ``store``."""
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-
     svc = CreditService(store)
+    hold, provider = ("hid", "hold", _hold_id), ("name", "provider", _name)
 
     def wrap(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
         async def endpoint(request: Any) -> Any:
@@ -610,23 +529,24 @@ def build_app(store: CreditStore) -> Starlette:
     routes = [
         Route("/v1/health", wrap(svc.health), methods=["GET"]),
         Route("/v1/ping", wrap(svc.ping), methods=["POST"]),
-        Route("/v1/accounts", wrap(svc.create_account), methods=["POST"]),
+        Route("/v1/accounts", wrap(svc.operation("create_account")), methods=["POST"]),
         Route("/v1/accounts", wrap(svc.list_accounts), methods=["GET"]),
         Route("/v1/accounts/{name}", wrap(svc.get_account), methods=["GET"]),
-        Route("/v1/mint", wrap(svc.mint), methods=["POST"]),
-        Route("/v1/sessions", wrap(svc.open_session), methods=["POST"]),
+        Route("/v1/mint", wrap(svc.operation("mint")), methods=["POST"]),
+        Route("/v1/sessions", wrap(svc.operation("open_session")), methods=["POST"]),
         Route("/v1/sessions/{sid}", wrap(svc.usage), methods=["GET"]),
         Route("/v1/sessions/{sid}/receipt", wrap(svc.receipt), methods=["GET"]),
-        Route("/v1/holds", wrap(svc.hold), methods=["POST"]),
+        Route("/v1/holds", wrap(svc.operation("hold")), methods=["POST"]),
         Route("/v1/holds", wrap(svc.list_holds), methods=["GET"]),
-        Route("/v1/holds/{hid}/settle", wrap(svc.settle), methods=["POST"]),
-        Route("/v1/holds/{hid}/settle_part", wrap(svc.settle_part), methods=["POST"]),
-        Route("/v1/holds/{hid}/release", wrap(svc.release), methods=["POST"]),
+        Route("/v1/holds/{hid}/settle", wrap(svc.operation("settle", hold)), methods=["POST"]),
+        Route("/v1/holds/{hid}/settle_part", wrap(svc.operation("settle_part", hold)), methods=["POST"]),
+        Route("/v1/holds/{hid}/release", wrap(svc.operation("release", hold)), methods=["POST"]),
         Route("/v1/batch", wrap(svc.batch), methods=["POST"]),
         Route("/v1/providers", wrap(svc.provider_records), methods=["GET"]),
         Route("/v1/providers/{name}", wrap(svc.provider_record), methods=["GET"]),
-        Route("/v1/providers/{name}/verifications", wrap(svc.record_verification), methods=["POST"]),
-        Route("/v1/providers/{name}/clear", wrap(svc.clear_quarantine), methods=["POST"]),
+        Route("/v1/providers/{name}/verifications", wrap(svc.operation("record_verification", provider)),
+              methods=["POST"]),
+        Route("/v1/providers/{name}/clear", wrap(svc.operation("clear_quarantine", provider)), methods=["POST"]),
         Route("/v1/ledger/head", wrap(svc.head), methods=["GET"]),
         Route("/v1/ledger/heads", wrap(svc.heads), methods=["GET"]),
         Route("/v1/ledger/entries", wrap(svc.entries), methods=["GET"]),
@@ -674,12 +594,14 @@ def write_secret(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def open_store(db: str | None, *, key_file: str | os.PathLike[str] | None = None) -> CreditStore:
-    """Open (creating on first use) the credit database and its signing key."""
+def open_store(db: str | None, *, key_file: str | os.PathLike[str] | None = None,
+               reputation_floor: float = REPUTATION_FLOOR) -> CreditStore:
+    """Open (creating on first use) the credit database and its signing key; providers whose
+    reputation falls below ``reputation_floor`` are quarantined."""
     url = resolve_db_url(db)
     key_path = Path(key_file) if key_file else beside_db(url, ".ed25519.pem")
     key = load_or_create_signing_key(key_path)
-    store = CreditStore(url, signing_key=key)
+    store = CreditStore(url, signing_key=key, reputation_floor=reputation_floor)
     try:
         store.bind_public_key(public_key_raw(key).hex())
     except CreditsError:
@@ -717,19 +639,21 @@ def serve(
     rotate_operator_token: bool = False,
     access_log: bool = False,
     on_ready: Callable[[str, Path], None] | None = None,
+    reputation_floor: float = REPUTATION_FLOOR,
 ) -> None:
     """Run the credit service in the foreground until SIGINT/SIGTERM.
 
     Creates the database, the ed25519 key and the operator account (its token
     written to ``operator_token_file``, mode 600) on first start; calls
-    ``on_ready(url, token_file)`` once the socket listens.
+    ``on_ready(url, token_file)`` once the socket listens. A provider whose reputation falls
+    below ``reputation_floor`` is quarantined (0: never).
     """
     import uvicorn
 
     # The event loop and the writer thread hand the GIL back and forth for every
     # request; the default 5 ms switch interval would add up to that to each one.
     sys.setswitchinterval(float(os.environ.get("GPUNET_CREDITS_SWITCH_INTERVAL", "0.0005")))
-    store = open_store(db, key_file=key_file)
+    store = open_store(db, key_file=key_file, reputation_floor=reputation_floor)
     try:
         token_path = Path(operator_token_file) if operator_token_file else beside_db(store.url, ".operator-token")
         token = store.ensure_operator()

@@ -8,9 +8,10 @@ A provider's reputation is a smoothed share of good results::
 
 ``PRIOR`` good results are assumed before the first one, so a newcomer starts
 at 1.0 and one early mismatch does not sink it; each mismatch weighs ``PENALTY``
-times a valid result. A provider whose reputation falls below
-``REPUTATION_FLOOR`` is quarantined: it stays so (more valid results do not lift
-it) until an operator clears it, which forgives its mismatches.
+times a valid result. A provider whose reputation falls below the floor
+(``REPUTATION_FLOOR``, or ``serve(reputation_floor=...)``) is quarantined: it stays
+so (more valid results do not lift it) until an operator clears it, which forgives
+its mismatches.
 ``consecutive_valid`` (the valid results since the last mismatch or clearing)
 lets a scheduler verify long-reliable providers less often.
 
@@ -32,12 +33,13 @@ def reputation(valid: int, mismatches: int) -> float:
     return (valid + PRIOR) / (valid + PRIOR + PENALTY * mismatches)
 
 
-def quarantine_reason(valid: int, mismatches: int) -> str:
-    """Return why a provider with these counts is to be quarantined, or ``""`` if it is not."""
+def quarantine_reason(valid: int, mismatches: int, floor: float = REPUTATION_FLOOR) -> str:
+    """Return why a provider with these counts is to be quarantined below reputation ``floor``
+    (``serve(reputation_floor=...)``), or ``""`` if it is not."""
     score = reputation(valid, mismatches)
-    if score >= REPUTATION_FLOOR:
+    if score >= floor:
         return ""
-    return (f"reputation {score:.3f} fell below {REPUTATION_FLOOR} after {valid} valid result(s) and "
+    return (f"reputation {score:.3f} fell below {floor} after {valid} valid result(s) and "
             f"{mismatches} mismatch(es)")
 
 

@@ -227,7 +227,7 @@ def test_postgres_holds_paid_in_parts(pg_service):
 
 
 def test_postgres_stale_holds_are_listed_and_released(pg_service, capsys):
-    from gpunet.credits_cli import main
+    from gpunet.credits.cli import main
 
     svc, url, env, tmp_path = pg_service
     party = Party(svc)

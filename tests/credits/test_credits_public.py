@@ -27,10 +27,10 @@ def test_import_is_light():
 def test_every_public_function_has_a_docstring():
     import inspect
 
-    from gpunet.credits import _client, _ledger, _merkle, _process, _service, _store, _trust, _verify
+    from gpunet.credits import _audit, _book, _client, _db, _ledger, _merkle, _process, _service, _store, _trust, _writer
 
     missing = []
-    for mod in (_client, _ledger, _merkle, _process, _service, _store, _trust, _verify):
+    for mod in (_audit, _book, _client, _db, _ledger, _merkle, _process, _service, _store, _trust, _writer):
         for name, obj in vars(mod).items():
             if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
                 continue

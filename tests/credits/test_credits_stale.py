@@ -23,8 +23,8 @@ from gpunet.credits import (
     serve_in_background,
     verify_service,
 )
-from gpunet.credits._store import make_engine, parse_time, read_open_holds, resolve_db_url
-from gpunet.credits_cli import format_age, main
+from gpunet.credits._db import make_engine, parse_time, read_open_holds, resolve_db_url
+from gpunet.credits.cli import format_age, main
 
 WARNING = "that task will NOT be paid when it finishes"
 

@@ -17,11 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import os
+import sys
 import time
 import uuid
 from typing import Any
+
+from gpunet.clitools import run_command
+from gpunet.credits._audit import verify_database, verify_receipt_file, verify_service
+from gpunet.credits._client import CreditClient
+from gpunet.credits._errors import ConflictError, ForbiddenError, IdempotencyConflictError, InvalidRequestError
+from gpunet.credits._process import TOKEN_FILE_PREFIX, URL_PREFIX
+from gpunet.credits._trust import REPUTATION_FLOOR
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +42,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    "(mode 600; default: beside the database)")
     p.add_argument("--key-file", help="the ed25519 signing key (created on first start; default: beside "
                    "the database)")
-    p.add_argument("--reputation-floor", type=float, default=None, metavar="R",
-                   help="quarantine a provider whose reputation falls below R (default 0.5; 0 never quarantines)")
+    p.add_argument("--reputation-floor", type=float, default=REPUTATION_FLOOR, metavar="R",
+                   help=f"quarantine a provider whose reputation falls below R (default {REPUTATION_FLOOR}; 0 never "
+                   "quarantines)")
     p.add_argument("--rotate-operator-token", action="store_true",
                    help="issue a new operator token (the old one stops working) and write it to the token file")
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -135,8 +143,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _token(args: argparse.Namespace) -> str:
-    from gpunet.credits import InvalidRequestError
-
     if args.token_file:
         try:
             with open(args.token_file) as fh:
@@ -152,30 +158,25 @@ def _token(args: argparse.Namespace) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the credit service in the foreground; prints its URL and the operator token file."""
-    from gpunet.credits._process import TOKEN_FILE_PREFIX, URL_PREFIX
-    from gpunet.credits._service import serve
+    from gpunet.credits._service import serve  # Starlette, uvicorn, SQLAlchemy: loaded only to serve
 
-    if args.reputation_floor is not None:
-        from gpunet.credits import _trust
-
-        if not 0 <= args.reputation_floor <= 1:
-            print(f"gpunet credits serve: --reputation-floor must be between 0 and 1, got {args.reputation_floor}",
-                  file=sys.stderr)
-            return 2
-        _trust.REPUTATION_FLOOR = args.reputation_floor
+    if not 0 <= args.reputation_floor <= 1:
+        print(f"gpunet credits serve: --reputation-floor must be between 0 and 1, got {args.reputation_floor}",
+              file=sys.stderr)
+        return 2
 
     def ready(url: str, token_file: object) -> None:
         print(f"{URL_PREFIX}{url}", flush=True)
         print(f"{TOKEN_FILE_PREFIX}{token_file}", flush=True)
 
     serve(args.db, args.host, args.port, operator_token_file=args.operator_token_file, key_file=args.key_file,
-          rotate_operator_token=args.rotate_operator_token, access_log=args.access_log, on_ready=ready)
+          rotate_operator_token=args.rotate_operator_token, access_log=args.access_log, on_ready=ready,
+          reputation_floor=args.reputation_floor)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a receipt, a database or a running service; exit 0 when everything checks out."""
-    from gpunet.credits._verify import verify_database, verify_receipt_file, verify_service
 
     t0 = time.perf_counter()
     if args.receipt:
@@ -216,8 +217,6 @@ def cmd_receipt(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from gpunet.credits import CreditClient, InvalidRequestError
-
     if not args.url:
         raise InvalidRequestError("no service: pass --credits URL (or --url) or set GPUNET_CREDITS")
     return CreditClient(args.url, _token(args))
@@ -287,8 +286,6 @@ def cmd_clear_quarantine(args: argparse.Namespace) -> int:
 def cmd_release_stale(args: argparse.Namespace) -> int:
     """List the open holds placed at least ``--older-than`` seconds ago and, unless ``--dry-run``,
     release each (operator token; idempotency key ``release-stale-HOLD``); print each and the total."""
-    from gpunet.credits import ConflictError, ForbiddenError, IdempotencyConflictError
-
     if args.older_than < STALE_MIN_SECONDS and not args.force:
         print(f"gpunet credits release-stale: --older-than {args.older_than} is below {STALE_MIN_SECONDS} "
               "seconds: a hold that young most likely covers a task still running, which would then not be "
@@ -356,6 +353,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m gpunet.credits``; returns the exit code."""
-    from gpunet.cli import run_command
-
     return run_command(build_parser(), argv)

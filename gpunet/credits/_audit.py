@@ -1,4 +1,5 @@
-"""``gpunet ledger verify``: check a ledger in a database file, at a running service, or a receipt.
+"""The credit ledger's audit (``gpunet ledger verify``): check a ledger in a database file, at a
+running service, or a receipt. Unrelated to :mod:`gpunet.verify`, which checks job results.
 
 Reading is the cost at a million entries, so a database is read in index ranges
 of 100,000 rows through the driver's own cursor (stdlib ``sqlite3`` opened
@@ -11,10 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import gpunet
+from gpunet.credits._client import CreditClient
+from gpunet.credits._db import ENTRY_COLUMNS, open_engine, resolve_db_url, sqlite_path
 from gpunet.credits._errors import CreditsUnavailableError, LedgerVerificationError
 from gpunet.credits._ledger import (
     ZERO_HASH,
@@ -24,7 +31,6 @@ from gpunet.credits._ledger import (
     stitch_holds,
     verify_receipt,
 )
-from gpunet.credits._store import ENTRY_COLUMNS, resolve_db_url, sqlite_path
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +109,6 @@ def _connect(url: str) -> tuple[Any, Any]:
     if path is not None:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         return conn, conn.close
-    from gpunet.credits._store import open_engine
-
     engine = open_engine(url)
     raw = engine.raw_connection()
 
@@ -162,13 +166,7 @@ def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]
     Plain child processes rather than multiprocessing: nothing of the caller's
     ``__main__`` is re-run and no threads are forked.
     """
-    import pickle
-    import subprocess
-    import sys
-
-    import gpunet
-
-    code = "import sys; from gpunet.credits._verify import _scan_main; _scan_main()"
+    code = "import sys; from gpunet.credits._audit import _scan_main; _scan_main()"
     root = str(Path(gpunet.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     # The URL (it may hold a password) goes through stdin, not the command line.
@@ -195,9 +193,6 @@ def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]
 
 def _scan_main() -> None:
     """Entry point of a verify worker: ``_scan(url, start, end)`` pickled to stdout."""
-    import pickle
-    import sys
-
     url, lo, hi = sys.stdin.read(), int(sys.argv[1]), int(sys.argv[2])
     sys.stdout.buffer.write(pickle.dumps(_scan(url, lo, hi), protocol=pickle.HIGHEST_PROTOCOL))
     sys.stdout.buffer.flush()
@@ -233,8 +228,6 @@ def _stitch(parts: list[dict[str, Any]]) -> LedgerChecker:
 
 def verify_service(url: str, token: str, *, public_key: str | None = None, page: int = 100_000) -> dict[str, Any]:
     """Check the ledger of a running service (operator token): entries, heads, balances, current head."""
-    from gpunet.credits._client import CreditClient
-
     with CreditClient(url, token, timeout=(3.05, 300)) as client:
         pinned = public_key or client.health().get("public_key")
         head = client.head()
