@@ -17,12 +17,29 @@ what happened, the values involved, and what to do next::
     ├── CellTimeoutError        the cell ran past --timeout and was stopped
     ├── BudgetError             a job's hold cannot be placed: --max-credits, budget or balance too small
     ├── VerificationError       --verify cannot run here, or the copies did not agree
-    └── CreditsError            (gpunet.credits) the credit service refused or failed
+    └── CreditsError            the credit service refused or failed (re-exported by gpunet.credits)
+        ├── CreditsUnavailableError    the service cannot be reached, or answered 5xx (503)
+        ├── CreditsRequestError        the service refused the request; nothing moved
+        │   ├── InvalidRequestError    malformed JSON, unknown fields, bad values (400, 422)
+        │   ├── AuthError              missing or unknown bearer token (401)
+        │   ├── BudgetExceededError    the session's budget or the balance is too small (402; also a BudgetError)
+        │   ├── ForbiddenError         the token's role may not do this (403)
+        │   ├── NotFoundError          unknown account, session, hold or entry (404)
+        │   └── ConflictError          the request clashes with what exists (409)
+        │       └── IdempotencyConflictError   a key reused with a different body (409)
+        └── LedgerVerificationError    the ledger, a proof, a head or a receipt does not check out
+            └── ProofError             a Merkle inclusion or consistency proof fails
+
+Context travels as keyword-only attributes (``address`` of a ConnectError; ``status``,
+``code``, ``url``, ``details`` of a credit service's answer; ``index`` and
+``evidence`` of a failed ledger check).
 
 Errors of other libraries are translated at the boundary (``raise ... from exc``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class GpunetError(Exception):
@@ -120,4 +137,110 @@ class PolicyError(VerificationError, OptionError):
 
 
 class CreditsError(GpunetError):
-    """Base class of the credit service's errors (see ``gpunet.credits``)."""
+    """Base class of the credit service's errors (see ``gpunet.credits``); the HTTP
+    status the service answers with decides the class on the client side."""
+
+
+class CreditsUnavailableError(CreditsError):
+    """The credit service could not be reached or failed (HTTP 5xx or no answer)."""
+
+    status = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, *, url: str | None = None, status: int = 503) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class CreditsRequestError(CreditsError):
+    """The service refused a request (a 4xx answer); no credits moved."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        url: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.url = url
+        self.details = dict(details or {})
+
+
+class InvalidRequestError(CreditsRequestError):
+    """The request is malformed: bad JSON, unknown or missing fields, bad values."""
+
+    status = 422
+    code = "invalid_request"
+
+
+class AuthError(CreditsRequestError):
+    """The bearer token is missing or unknown (HTTP 401)."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class BudgetExceededError(CreditsRequestError, BudgetError):
+    """The hold does not fit the session's budget or the client's balance (HTTP 402);
+    a :class:`BudgetError` too, so ``except gpunet.BudgetError`` catches every refusal."""
+
+    status = 402
+    code = "budget_exhausted"
+
+
+class ForbiddenError(CreditsRequestError):
+    """The token is valid but its role or owner may not do this (HTTP 403)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFoundError(CreditsRequestError):
+    """An account, session, hold or ledger entry does not exist (HTTP 404)."""
+
+    status = 404
+    code = "not_found"
+
+
+class ConflictError(CreditsRequestError):
+    """The request clashes with the service's state (HTTP 409), e.g. a taken name."""
+
+    status = 409
+    code = "conflict"
+
+
+class IdempotencyConflictError(ConflictError):
+    """An idempotency key was reused with a different request body (HTTP 409)."""
+
+    code = "idempotency_conflict"
+
+
+class LedgerVerificationError(CreditsError):
+    """The ledger, a signed head or a receipt failed a check.
+
+    ``index`` names the first bad entry where one can be named (``None`` when the
+    fault is not in one entry, e.g. a bad signature); ``evidence`` holds the values
+    that disagree (hex digests, sizes, balances).
+    """
+
+    def __init__(
+        self, message: str, *, index: int | None = None, evidence: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.index = index
+        self.evidence = dict(evidence or {})
+
+
+class ProofError(LedgerVerificationError):
+    """A Merkle inclusion or consistency proof does not verify."""

@@ -138,3 +138,15 @@ def test_gpunet_itself_is_pip_installed_from_the_checkout(env):
         with open(target / "pyproject.toml", "rb") as f:
             known = set(tomllib.load(f)["project"]["optional-dependencies"])
         assert set(extras.strip("[]").split(",")) <= known, extras
+
+
+def test_every_package_folder_is_installed():
+    """A non-editable install (a wheel, conda's pip line without -e) carries exactly the
+    packages pyproject.toml lists: every folder of gpunet with an __init__.py is one."""
+    mapped = {"gpunet.kernels": ROOT / "kernels", "gpunet.extensions": ROOT / "extensions"}
+    folders = {".".join(("gpunet", *path.parent.relative_to(ROOT / "gpunet").parts))
+               for path in (ROOT / "gpunet").rglob("__init__.py")}
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    assert folders | set(mapped) == listed
+    assert all((folder / "__init__.py").exists() for folder in mapped.values())

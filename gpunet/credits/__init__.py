@@ -20,10 +20,10 @@ uvicorn, SQLAlchemy) loads only when used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 from gpunet.credits._client import CreditClient
-from gpunet.credits._errors import (
+from gpunet.errors import (
     AuthError,
     BudgetExceededError,
     ConflictError,
@@ -40,7 +40,7 @@ from gpunet.credits._errors import (
 from gpunet.credits._ledger import verify_head, verify_receipt
 from gpunet.credits._merkle import MerkleTree, leaf_hash, node_hash, verify_consistency, verify_inclusion
 
-if TYPE_CHECKING:  # pragma: no cover
+if _typing.TYPE_CHECKING:  # pragma: no cover
     from gpunet.credits._process import CreditServiceProcess, serve_in_background
     from gpunet.credits._service import serve
     from gpunet.credits._audit import verify_database, verify_service
@@ -82,7 +82,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     if name in _LAZY:
         import importlib
 

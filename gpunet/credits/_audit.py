@@ -22,7 +22,7 @@ from typing import Any
 import gpunet
 from gpunet.credits._client import CreditClient
 from gpunet.credits._db import ENTRY_COLUMNS, open_engine, resolve_db_url, sqlite_path
-from gpunet.credits._errors import CreditsUnavailableError, LedgerVerificationError
+from gpunet.errors import CreditsUnavailableError, LedgerVerificationError
 from gpunet.credits._ledger import (
     ZERO_HASH,
     LedgerChecker,

@@ -37,7 +37,7 @@ from dataclasses import astuple, dataclass
 from typing import Any, Callable
 
 from gpunet.credits._db import WriteConnection, columns, utcnow
-from gpunet.credits._errors import (
+from gpunet.errors import (
     BudgetExceededError,
     ConflictError,
     CreditsRequestError,

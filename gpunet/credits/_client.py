@@ -27,7 +27,8 @@ import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
-from gpunet.credits._errors import CreditsUnavailableError, error_for_status
+from gpunet.credits._errors import error_for_status
+from gpunet.errors import CreditsUnavailableError
 
 logger = logging.getLogger(__name__)
 

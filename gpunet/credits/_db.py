@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpunet.credits._errors import CreditsError, CreditsUnavailableError
+from gpunet.errors import CreditsError, CreditsUnavailableError
 from gpunet.paths import data_dir
 
 if TYPE_CHECKING:  # pragma: no cover

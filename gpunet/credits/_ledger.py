@@ -49,7 +49,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gpunet.credits._errors import LedgerVerificationError, ProofError
+from gpunet.errors import LedgerVerificationError, ProofError
 from gpunet.credits._merkle import MerkleTree, leaf_hash, roots_at_sizes, verify_inclusion
 
 logger = logging.getLogger(__name__)

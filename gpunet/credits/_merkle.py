@@ -19,7 +19,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 
-from gpunet.credits._errors import ProofError
+from gpunet.errors import ProofError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import gpunet
 from gpunet.credits._client import CreditClient
-from gpunet.credits._errors import CreditsUnavailableError
+from gpunet.errors import CreditsUnavailableError
 
 logger = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from gpunet.credits._errors import (
+from gpunet.errors import (
     AuthError,
     CreditsError,
     CreditsRequestError,

@@ -18,7 +18,7 @@ from typing import Any
 
 from gpunet.credits import _db
 from gpunet.credits._book import OPERATOR, Account, Book, Record, Request, Session, hash_token, new_token
-from gpunet.credits._errors import CreditsError, NotFoundError
+from gpunet.errors import CreditsError, NotFoundError
 from gpunet.credits._ledger import ESCROW
 from gpunet.credits._trust import REPUTATION_FLOOR
 from gpunet.credits._writer import Writer

@@ -27,7 +27,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-from gpunet.credits._errors import CreditsRequestError, CreditsUnavailableError
+from gpunet.errors import CreditsRequestError, CreditsUnavailableError
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 from gpunet.clitools import run_command
 from gpunet.credits._audit import verify_database, verify_receipt_file, verify_service
 from gpunet.credits._client import CreditClient
-from gpunet.credits._errors import ConflictError, ForbiddenError, IdempotencyConflictError, InvalidRequestError
+from gpunet.errors import ConflictError, ForbiddenError, IdempotencyConflictError, InvalidRequestError
 from gpunet.credits._process import TOKEN_FILE_PREFIX, URL_PREFIX
 from gpunet.credits._trust import REPUTATION_FLOOR
 
@@ -124,11 +124,8 @@ def _add_release_stale_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_release_stale)
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add the credit service's verbs to the ``gpunet`` parser."""
-    credits = subparsers.add_parser("credits", help="the credit service")
-    sub = credits.add_subparsers(dest="credits_command", metavar="SUBCOMMAND")
-    sub.required = True
+def _add_credit_verbs(sub: argparse._SubParsersAction) -> None:
+    """The verbs ``gpunet credits`` and ``python -m gpunet.credits`` share."""
     _add_serve_args(sub.add_parser("serve", help="run the credit service (HTTP JSON)"))
     _add_receipt_args(sub.add_parser("receipt", help="fetch a session's verifiable receipt"))
     _add_providers_args(sub.add_parser("providers", help="providers' trust records: reputation, quarantine"))
@@ -136,6 +133,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                                               "(operator)"))
     _add_release_stale_args(sub.add_parser("release-stale", help="release holds left open by a scheduler "
                                            "that died (operator)"))
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add the credit service's verbs to the ``gpunet`` parser."""
+    credits = subparsers.add_parser("credits", help="the credit service")
+    sub = credits.add_subparsers(dest="credits_command", metavar="SUBCOMMAND")
+    sub.required = True
+    _add_credit_verbs(sub)
     ledger = subparsers.add_parser("ledger", help="the credit ledger")
     lsub = ledger.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
     lsub.required = True
@@ -337,16 +342,12 @@ def cmd_release_stale(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``python -m gpunet.credits`` (serve, receipt, verify)."""
+    """The parser of ``python -m gpunet.credits`` (the credit verbs, and ``verify``)."""
     parser = argparse.ArgumentParser(prog="python -m gpunet.credits", description="gpunet's credit service")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_serve_args(sub.add_parser("serve", help="run the credit service"))
-    _add_receipt_args(sub.add_parser("receipt", help="fetch a session's receipt"))
-    _add_providers_args(sub.add_parser("providers", help="providers' trust records"))
-    _add_clear_quarantine_args(sub.add_parser("clear-quarantine", help="clear a provider's quarantine"))
-    _add_release_stale_args(sub.add_parser("release-stale", help="release holds left open by a dead scheduler"))
+    _add_credit_verbs(sub)
     _add_verify_args(sub.add_parser("verify", help="verify a ledger or a receipt"))
     return parser
 

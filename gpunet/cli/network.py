@@ -1,4 +1,5 @@
-"""``gpunet up`` and ``gpunet scheduler``: run a network in the foreground."""
+"""The network's verbs: ``gpunet up`` and ``gpunet scheduler`` run a network in the
+foreground; ``gpunet provide`` attaches this host's devices to one (and drains them on Ctrl-C)."""
 
 from __future__ import annotations
 

@@ -1,31 +1,31 @@
-"""The ``gpunet`` command line: ``up``, ``scheduler``, ``provide``, ``credits``,
-``ledger`` and ``reproduce``.
+"""The ``gpunet`` command line, one parser: ``up``, ``scheduler``, ``provide``
+(:mod:`gpunet.cli.network`), ``credits`` and ``ledger`` (:mod:`gpunet.credits.cli`,
+beside the credit service they drive).
 
-Each verb lives beside the part it drives; this module only wires them into one
-``argparse`` parser. A verb module exposes ``add_commands(subparsers)`` which adds
-its sub-parsers with ``set_defaults(func=...)``; ``func(args)`` returns the exit code.
+A verb module exposes ``add_commands(subparsers)``, which adds its sub-parsers with
+``set_defaults(func=...)``; ``func(args)`` returns the exit code, and
+:func:`gpunet.clitools.run_command` turns a :class:`~gpunet.errors.GpunetError`
+into one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
+from gpunet.cli import network
 from gpunet.clitools import run_command
+from gpunet.credits import cli as credits_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser for every ``gpunet`` verb."""
-    from gpunet import network_cli
-    from gpunet.credits import cli as credits_cli
-
     parser = argparse.ArgumentParser(
         prog="gpunet", description="A decentralized GPU network, Jupyter-native."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    network_cli.add_commands(subparsers)
+    network.add_commands(subparsers)
     credits_cli.add_commands(subparsers)
     return parser
 
@@ -33,7 +33,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``gpunet`` command line; returns the process exit code."""
     return run_command(build_parser(), argv)
-
-
-if __name__ == "__main__":  # pragma: no cover - python -m gpunet.cli
-    sys.exit(main())
