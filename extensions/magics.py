@@ -94,11 +94,11 @@ class GpunetMagics(Magics):
         args = parse_argstring(self.gpunet, line)
         shell = self.shell
         try:
-            shell.user_ns["_gpunet"] = current().run_cell(
+            current().run_cell(
                 cell, shell.user_ns, gpus=args.gpus, gpu_mem=args.gpu_mem, min_tflops=args.min_tflops,
                 inputs=args.inputs, outputs=args.outputs, map=args.map, verify=args.verify, rtol=args.rtol,
                 atol=args.atol, max_credits=args.max_credits, timeout=args.timeout, block=not args.no_block,
-                quiet=args.quiet, travels=self._travels)
+                quiet=args.quiet, travels=self._travels, handle="_gpunet")
         except OptionError as exc:
             raise UsageError(str(exc)) from None
         return None

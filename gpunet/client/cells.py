@@ -42,13 +42,15 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
              map: str | None = None, verify: str | Policy | None = None,  # noqa: A002 - the flag's name
              rtol: float | None = None, atol: float | None = None, max_credits: float | None = None,
              timeout: float | None = None, block: bool = True, quiet: bool = False,
-             travels: Callable[[str], bool] | None = None) -> CellRun:
+             travels: Callable[[str], bool] | None = None, handle: str | None = None) -> CellRun:
     """Run ``code`` on a worker of ``net`` with its inputs from ``namespace`` and land
     its outputs there; the options mean what the ``%%gpunet`` flags of the same names
     mean (``map="seed=range(8)"`` is ``--map``, ``block=False`` is ``--no-block``).
 
     Detected inputs that ``namespace`` lacks, or for which ``travels(name)`` is
-    false (IPython's own names, for the magic), do not travel. Returns the :class:`CellRun` (finished unless ``block=False``); raises the
+    false (IPython's own names, for the magic), do not travel. With ``handle`` the
+    :class:`CellRun` is put in ``namespace`` under that name as soon as the cell is
+    sent (the magic's ``_gpunet``), so that a cell still running can be reached. Returns the :class:`CellRun` (finished unless ``block=False``); raises the
     cell's remote error, :class:`~gpunet.errors.CellError` for a cell that cannot be
     sent, :class:`~gpunet.errors.OptionError` for an option that cannot be used.
     """
@@ -85,6 +87,8 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
                         timeout=timeout, verify=policy, tolerance=tolerance)
     progress = None if quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
     cell = CellRun(namespace, remote, analysis, progress, timeout=timeout)
+    if handle is not None:
+        namespace[handle] = cell
     if block:
         cell.run()
     else:

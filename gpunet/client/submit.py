@@ -155,6 +155,7 @@ class RemoteJob(JobHandle):
                                      [inputs] * len(blobs), key=keys, **options)
         remote._attach(futures)
         remote._kept = [f for f in (inputs, shared if blobs is not None else None) if f is not None]
+        network.sent()
         return remote
 
     def _attach(self, futures: list[Future]) -> None:
@@ -212,8 +213,11 @@ class RemoteJob(JobHandle):
         self._count(results)
         if progress is not None and not self.mapped:
             progress.ran_on(results[0].worker, results[0].device)
-        # Let Dask forget the results now: what came back is all there is.
-        self.futures, self._kept = [], []
+        # What came back is all there is: Dask may forget the results now, or, for a
+        # single small result (it came as an event), once the next job is out.
+        if not self.mapped and len(self.results) == self.count:
+            self.network.release_after_next_send(self.futures + self._kept)
+        self.futures, self._kept, self._unfinished = [], [], []
         self._drain(progress, echo)
         if echo:
             for result in results:
