@@ -16,9 +16,11 @@ reaches the plugin through the named scheduler handlers it registers
 (``client.scheduler.gpunet_metering_state()`` and so on).
 
 Providers: a worker started by ``gpunet provide`` registers over its own stream
-(a ``gpunet-register-provider`` message, which the scheduler attributes to the
-worker whose connection carried it, so nobody can register another's worker),
-presenting its provider's credit token and rate. The token must belong to a
+(a ``gpunet-register-provider`` message), presenting its provider's credit token
+and rate. Dask lets a message's own keys override the sender it adds, so anyone can
+name any worker there: the plugin believes a registration only once the named worker
+confirms the token's digest (``gpunet_confirm_provider``, asked on a connection the
+scheduler opens), and nothing an unconfirmed message says touches that worker. The token must belong to a
 ``provider`` account; a rate above ``max_rate`` and an address already registered
 to another account are refused; the token itself is not kept.
 
@@ -48,8 +50,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-#: How long a worker named in a registration has to confirm it.
+#: How long a worker named in a registration has to confirm it, and how often it is asked.
 CONFIRM_TIMEOUT_S = 10.0
+CONFIRM_ATTEMPTS = 3
 
 
 class GpunetMeteringPlugin(SchedulerPlugin):
@@ -198,12 +201,14 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             logger.error("gpunet metering: worker %s refused: %s", address, error)
             return {"error": error}
 
-        if not (isinstance(rate, (int, float)) and 0 < rate <= self.max_rate):
-            return refuse(f"a provider's rate must be in (0, {self.max_rate:g}] credits per second, got {rate!r}")
+        # Nothing an unconfirmed message says may touch the named worker's state: anyone
+        # can name any worker, so it is asked first.
         if not await self._confirmed(address, token):
             self.refused_registrations += 1
             return refuse(f"{address} did not confirm that it sent this registration (someone else named it?)",
                           give_up=False)
+        if not (isinstance(rate, (int, float)) and 0 < rate <= self.max_rate):
+            return refuse(f"a provider's rate must be in (0, {self.max_rate:g}] credits per second, got {rate!r}")
         try:
             account = await asyncio.to_thread(check)
         except CreditsError as exc:
@@ -223,16 +228,21 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     async def _confirmed(self, address: str, token: str) -> bool:
         """Whether the worker at ``address`` confirms that its provider token is ``token``
         (asked on a connection this scheduler opens to it, so the answer is the worker's)."""
-        if address not in self.scheduler.workers or not isinstance(token, str) or not token:
+        if not isinstance(token, str) or not token:
             return False
-        try:
-            answer = await asyncio.wait_for(
-                getattr(self.scheduler.rpc(address), wire.CONFIRM_PROVIDER)(digest=wire.token_digest(token)),
-                CONFIRM_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - no handler (not a gpunet provider), gone, or too slow
-            logger.warning("gpunet metering: worker %s could not confirm a registration: %s", address, exc)
-            return False
-        return answer is True
+        for attempt in range(CONFIRM_ATTEMPTS):  # a worker busy starting up may answer late
+            if address not in self.scheduler.workers:
+                return False
+            try:
+                answer = await asyncio.wait_for(
+                    getattr(self.scheduler.rpc(address), wire.CONFIRM_PROVIDER)(digest=wire.token_digest(token)),
+                    CONFIRM_TIMEOUT_S)
+                return answer is True
+            except Exception as exc:  # noqa: BLE001 - no handler (not a gpunet provider, or too old), gone, slow
+                logger.warning("gpunet metering: worker %s could not confirm a registration (attempt %d): %s",
+                               address, attempt + 1, exc)
+                await asyncio.sleep(0.5 * (attempt + 1))
+        return False
 
     def _is_quarantined(self, account: str) -> bool:
         """Whether the credit service has ``account`` quarantined (what this scheduler

@@ -67,8 +67,8 @@ class GpunetWorkerPlugin(WorkerPlugin):
         return hmac.compare_digest(str(digest), token_digest(self.provider_token or ""))
 
     async def _register_when_connected(self, worker: Worker, timeout: float = 120) -> None:
-        """Tell the scheduler whose worker this is, over the worker's own stream, so
-        that the scheduler knows which worker says it (nobody can speak for another)."""
+        """Tell the scheduler whose worker this is, over the worker's own stream; the
+        scheduler then asks this worker to confirm it (:meth:`confirm_provider`)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:

@@ -89,6 +89,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     cell = CellRun(namespace, remote, analysis, progress, timeout=timeout)
     if handle is not None:
         namespace[handle] = cell
+    net.sent()
     if block:
         cell.run()
     else:

@@ -75,8 +75,8 @@ class Connection(Protocol):
     def release_unsent(self, holds: list[str]) -> None:
         """Give back the holds of a job that was never sent."""
 
-    def release_after_next_send(self, futures: list[Any]) -> None:
-        """Let Dask forget a finished job's futures once the next job's tasks are out."""
+    def release_soon(self, futures: list[Any]) -> None:
+        """Let Dask forget a finished job's futures soon."""
 
     def sent(self) -> None:
         """A job's tasks were sent."""

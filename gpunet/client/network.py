@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for a scheduler before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5.0
+#: How long a finished job's small result stays wanted at most (see Network.release_soon).
+RELEASE_AFTER_S = 0.1
 
 
 _current: Network | None = None
@@ -87,6 +89,7 @@ class Network:
         self._workers_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
         self._rate_cache: tuple[float, float] = (0.0, 1.0)
         self._finished_futures: list[Any] = []
+        self._finished_generation = 0
         self.client.subscribe_topic(self.topic, self._on_event)
         self._closed = False
 
@@ -195,6 +198,7 @@ class Network:
         remote = self.submit(job, resources=placement.resources_for(gpus=gpus, gpu_mem=gpu_mem), workers=workers,
                              max_credits=max_credits, timeout=timeout, verify=verify,
                              tolerance=_tolerance(verify, fn, rtol, atol))
+        self.sent()
         return function_value(remote.wait(timeout=timeout)[0])
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *, gpus: int | None = None,
@@ -277,11 +281,20 @@ class Network:
             self._rate_cache = (time.monotonic(), rate)
         return rate
 
-    def release_after_next_send(self, futures: list[Any]) -> None:
-        """Keep a finished job's futures until the next job's tasks are sent. Freeing them
-        at once would send its worker a message just before the next job's task, which
-        Dask's batched stream to that worker then holds back (measured: about 5 ms a cell)."""
+    def release_soon(self, futures: list[Any]) -> None:
+        """Let Dask forget a finished job's futures soon: once the next job is sent, or
+        after :data:`RELEASE_AFTER_S` if none is. Forgetting them at once puts a message
+        on the worker's batched stream just before the next cell's task, which the stream
+        then holds back (measured: about 5 ms a cell); keeping them long would let Dask
+        run a finished cell again, unpaid, if the worker holding its result died."""
         self._finished_futures = futures
+        self._finished_generation += 1
+        generation = self._finished_generation  # the timer must not keep the futures alive itself
+        self.client.loop.add_callback(self.client.loop.call_later, RELEASE_AFTER_S, self._forget_finished, generation)
+
+    def _forget_finished(self, generation: int) -> None:
+        if generation == self._finished_generation:
+            self._finished_futures = []
 
     def sent(self) -> None:
         """A job's tasks were sent: the previous job's results may be forgotten now."""

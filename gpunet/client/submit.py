@@ -155,7 +155,6 @@ class RemoteJob(JobHandle):
                                      [inputs] * len(blobs), key=keys, **options)
         remote._attach(futures)
         remote._kept = [f for f in (inputs, shared if blobs is not None else None) if f is not None]
-        network.sent()
         return remote
 
     def _attach(self, futures: list[Future]) -> None:
@@ -214,9 +213,9 @@ class RemoteJob(JobHandle):
         if progress is not None and not self.mapped:
             progress.ran_on(results[0].worker, results[0].device)
         # What came back is all there is: Dask may forget the results now, or, for a
-        # single small result (it came as an event), once the next job is out.
+        # single small result (it came as an event), soon (see Network.release_soon).
         if not self.mapped and len(self.results) == self.count:
-            self.network.release_after_next_send(self.futures + self._kept)
+            self.network.release_soon(self.futures + self._kept)
         self.futures, self._kept, self._unfinished = [], [], []
         self._drain(progress, echo)
         if echo:

@@ -222,7 +222,8 @@ class Settlement:
         """A notebook's verdict on the copies of one unit of verified job ``job``:
         ``copies`` maps each copy's task key to whether it is in the agreeing quorum.
         Only a client that wants those tasks (``tasks``, from the scheduler) may
-        judge them; the memo names the providers seen to run them."""
+        judge them (``client`` is the id the caller gives); the memo names the
+        providers seen to run them."""
         if client is None or not copies:
             return
         judged: list[tuple[str, AwaitingCopy, bool]] = []
