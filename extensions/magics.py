@@ -24,6 +24,7 @@ from gpunet.client.network import connect, current
 from gpunet.errors import GpunetError, OptionError
 from gpunet.ui.status import NetworkStatus
 from gpunet.ui.usage import SessionUsage
+from gpunet.verify.quorum import Policy
 
 #: The names IPython defines in every namespace; they never travel.
 _NEVER_INPUTS = {"In", "Out", "get_ipython", "exit", "quit", "_gpunet"}
@@ -94,6 +95,7 @@ class GpunetMagics(Magics):
         args = parse_argstring(self.gpunet, line)
         shell = self.shell
         try:
+            Policy.parse(args.verify)  # a bad flag is a usage error, connected or not
             current().run_cell(
                 cell, shell.user_ns, gpus=args.gpus, gpu_mem=args.gpu_mem, min_tflops=args.min_tflops,
                 inputs=args.inputs, outputs=args.outputs, map=args.map, verify=args.verify, rtol=args.rtol,

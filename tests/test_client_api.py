@@ -58,6 +58,9 @@ def test_a_cell_sent_while_no_worker_is_connected_waits_for_one(detached):
         while own.scheduler_workers(fresh=True) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not own.scheduler_workers(fresh=True), "the worker should have left"
+        with pytest.raises(gpunet.CellTimeoutError, match="did not start within its timeout of 1 s .* no worker is "
+                                                          "connected now"):
+            own.run_cell("z = 1", {}, quiet=True, timeout=1)
         namespace = {"x": 20}
         cell = own.run_cell("y = x + 1", namespace, block=False, quiet=True, timeout=120)
         assert not cell.done()
@@ -69,3 +72,10 @@ def test_a_cell_sent_while_no_worker_is_connected_waits_for_one(detached):
 def test_a_cell_no_connected_worker_can_ever_run_fails_at_once(net):
     with pytest.raises(PlacementError, match="largest"):
         net.run_cell("x = 1", {}, gpus=4, quiet=True)
+
+
+def test_a_bad_flag_is_a_usage_error_even_when_not_connected(shell, detached):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="--verify must be"):
+        shell.run_cell_magic("gpunet", "--verify sometimes", "x = 1")

@@ -155,6 +155,12 @@ async def test_registration_over_the_workers_stream_pays_what_it_was_owed(c, s, 
         future = c.submit(work, 0.2, key=f"gpunet-cell-{uuid.uuid4().hex}", workers=[a.address])
     await future
     await until(lambda: a.address in plugin.settlement.owed, "the attempt to be owed to its worker")
+    # A stranger names this worker with a rate the scheduler refuses: unconfirmed, it
+    # must not make the worker's owed work be released.
+    serve_confirmation(a, service[1]["alice"])
+    c._send_to_scheduler({"op": wire.REGISTER_PROVIDER, "worker": a.address, "token": "forged", "rate": 0})
+    await until(lambda: plugin.refused_registrations == 1, "the forged registration to be refused")
+    assert a.address in plugin.settlement.owed
 
     await register(plugin, a, service[1]["alice"], 2.0)
     assert (await c.scheduler.gpunet_metering_state())["providers"] == {a.address: {"provider": "alice", "rate": 2.0}}

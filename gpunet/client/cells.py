@@ -27,13 +27,14 @@ from gpunet.cell import CellAnalysis, analyze
 from gpunet.client.handle import new_job_id, pickle_inputs
 from gpunet.client.placement import resources_for
 from gpunet.client.submit import raise_for_error
-from gpunet.errors import CellError, MissingOutputError, OptionError, PolicyError
+from gpunet.errors import CellError, MissingOutputError, OptionError
 from gpunet.ui.progress import JobProgress
-from gpunet.verify.quorum import Policy, tolerance_for
+from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import Job, JobResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.handle import Connection, JobHandle
+    from gpunet.verify.quorum import Policy
 
 
 def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int | None = None,
@@ -54,10 +55,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     cell's remote error, :class:`~gpunet.errors.CellError` for a cell that cannot be
     sent, :class:`~gpunet.errors.OptionError` for an option that cannot be used.
     """
-    policy = Policy.parse(verify)
-    if not policy.active and (rtol is not None or atol is not None):
-        raise PolicyError("--rtol / --atol are tolerances for comparing verified copies: give --verify too")
-    tolerance = tolerance_for(code, rtol=rtol, atol=atol) if policy.active else None
+    tolerance = tolerance_if_verified(verify, code, rtol=rtol, atol=atol)
     if max_credits is not None and net.meter is None:
         raise OptionError("--max-credits needs a metered network: %gpunet connect --credits URL --token TOKEN, "
                           "or %gpunet connect with no address for a local one")
@@ -84,7 +82,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
         announce=items is None and (not quiet or max_credits is not None),
     )
     remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
-                        timeout=timeout, verify=policy, tolerance=tolerance)
+                        timeout=timeout, verify=verify, tolerance=tolerance)
     progress = None if quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
     cell = CellRun(namespace, remote, analysis, progress, timeout=timeout)
     if handle is not None:
@@ -111,7 +109,8 @@ def _names(names: Iterable[str] | str | None) -> list[str] | None:
 
 
 def _map_items(spec: str | None, namespace: dict[str, Any]) -> tuple[str | None, list[Any] | None]:
-    """``"seed=range(8)"`` -> ("seed", [0, ..., 7]), EXPR evaluated in ``namespace``."""
+    """``"seed=range(8)"`` -> ("seed", [0, ..., 7]), EXPR evaluated in a copy of
+    ``namespace`` (so a name EXPR binds, ``xs:=...``, does not land in the notebook)."""
     if spec is None:
         return None, None
     name, sep, expression = spec.partition("=")

@@ -237,7 +237,14 @@ class JobHandle(ABC):
                 meter.count(result.worker, result.device, result.seconds)
 
     def _timed_out(self, timeout: float) -> None:
+        never_started = not self.workers_seen and not self.completed
+        why = self.network.waiting_reason(self.resources, self.allowed_workers) if never_started else ""
         self.stop("timeout")
+        if never_started:
+            raise CellTimeoutError(
+                f"the job did not start within its timeout of {timeout:g} s and was stopped: it was still "
+                f"{why}. Start or wait for workers (gpunet provide), or give it more time (--timeout)."
+            )
         where = f" on {self.workers_seen[-1][0]}" if self.workers_seen else ""
         raise CellTimeoutError(
             f"the job did not finish within its timeout of {timeout:g} s (queued and running){where} "

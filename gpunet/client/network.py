@@ -27,16 +27,17 @@ from gpunet.client.cells import CellRun, run_cell
 from gpunet.client.local import EmbeddedNetwork
 from gpunet.client.submit import function_job, function_value, submit
 from gpunet.credits import CreditClient
-from gpunet.errors import ConnectError, GpunetError, PlacementError, PolicyError
+from gpunet.errors import ConnectError, GpunetError, PlacementError
 from gpunet.kernels import weighted_chunks
 from gpunet.metering.meter import DEFAULT_RATE, Meter
-from gpunet.verify.quorum import Policy, tolerance_for
+from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import DEVICE_RESOURCE
 from gpunet.worker.device import device_info, measure_capability
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.handle import JobHandle
     from gpunet.kernels import Tolerance
+    from gpunet.verify.quorum import Policy
     from gpunet.wire import Job
 
 logger = logging.getLogger(__name__)
@@ -169,8 +170,12 @@ class Network:
         job is sent and waits for one, saying so, up to its timeout."""
         for fresh in (False, True):
             workers = self.scheduler_workers(fresh=fresh)
-            if not workers or placement.can_ever_run(resources, workers):
+            if workers and placement.can_ever_run(resources, workers):
                 return
+        if not workers:
+            logger.warning("gpunet: no worker is connected to %s now; the job waits for one (up to its "
+                           "--timeout)", self.address)
+            return
         raise PlacementError(placement.never_runs_message(resources, workers))
 
     def waiting_reason(self, resources: dict[str, float], workers: list[str] | None = None) -> str:
@@ -197,7 +202,7 @@ class Network:
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
         remote = self.submit(job, resources=placement.resources_for(gpus=gpus, gpu_mem=gpu_mem), workers=workers,
                              max_credits=max_credits, timeout=timeout, verify=verify,
-                             tolerance=_tolerance(verify, fn, rtol, atol))
+                             tolerance=tolerance_if_verified(verify, fn, rtol=rtol, atol=atol))
         self.sent()
         return function_value(remote.wait(timeout=timeout)[0])
 
@@ -219,7 +224,7 @@ class Network:
         resources = self.resources_for(gpus=gpus, gpu_mem=gpu_mem)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
         options = dict(resources=resources, items=items, max_credits=max_credits, timeout=timeout, verify=verify,
-                       tolerance=_tolerance(verify, fn, rtol, atol))
+                       tolerance=tolerance_if_verified(verify, fn, rtol=rtol, atol=atol))
         if placement == "capability":
             order = workers or list(self.capabilities())
             pinned = [[order[index % len(order)]] for index in range(len(items))]
@@ -340,24 +345,10 @@ class Network:
                     _current = None
 
 
-def _tolerance(verify: str | None, work: Any, rtol: float | None, atol: float | None) -> Tolerance | None:
-    """The tolerance for verifying ``work`` (None where nothing is verified)."""
-    if not Policy.parse(verify).active:
-        if rtol is not None or atol is not None:
-            raise PolicyError("rtol / atol are tolerances for comparing verified copies: give verify= too")
-        return None
-    return tolerance_for(work, rtol=rtol, atol=atol)
-
-
 def _metering_state(client: Client) -> dict[str, Any] | None:
-    """The metering plugin's state, None where the scheduler runs none (then it
-    serves no such handler, and Dask answers with an error naming it)."""
-    try:
-        return client.sync(getattr(client.scheduler, wire.METERING_STATE))
-    except Exception as exc:  # noqa: BLE001 - Dask re-raises the scheduler's error of its own type
-        if wire.METERING_STATE in str(exc):
-            return None
-        raise
+    """The metering plugin's state; None where the scheduler runs none (it then has no
+    such handler: Dask answers None, and logs that on the scheduler)."""
+    return client.sync(getattr(client.scheduler, wire.METERING_STATE))
 
 
 def _kernel_and_notebook() -> tuple[str, str]:

@@ -59,6 +59,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+#: How often a verdict is sent before the job goes on without it (its copies are then
+#: released unpaid when the scheduler forgets them).
+VERDICT_ATTEMPTS = 3
+
 # -- providers ------------------------------------------------------------------------------
 
 
@@ -462,8 +466,18 @@ class VerifiedJob(JobHandle):
                 if copy.result is not None:
                     record = self.pool.records.setdefault(copy.provider, {"consecutive_valid": 0})
                     record["consecutive_valid"] = record.get("consecutive_valid", 0) + 1 if copy in agreeing else 0
-        self.network.call_scheduler(wire.VERDICT, client=self.network.client.id, job=self.job.job_id,
-                                    copies=finished, method=str(self.policy), digest=digest, checked=checked)
+        for attempt in range(VERDICT_ATTEMPTS):
+            try:
+                self.network.call_scheduler(wire.VERDICT, client=self.network.client.id, job=self.job.job_id,
+                                            copies=finished, method=str(self.policy), digest=digest,
+                                            checked=checked)
+                return
+            except Exception as exc:  # noqa: BLE001 - the accepted result stands either way
+                logger.warning("gpunet: job %s: sending a verdict failed (attempt %d): %s", self.job.job_id,
+                               attempt + 1, exc)
+                time.sleep(0.2 * (attempt + 1))
+        logger.error("gpunet: job %s: its verdict could not be sent; the scheduler releases the copies unpaid "
+                     "once the job is forgotten", self.job.job_id)
 
     # -- stopping ----------------------------------------------------------------------
     def _cancel(self, copies: list[Copy], why: str = "cancelled: no longer needed") -> None:

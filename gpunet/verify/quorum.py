@@ -120,6 +120,18 @@ def tolerance_for(work: Any = None, *, rtol: float | None = None, atol: float | 
                          atol=base.atol if atol is None else float(atol))
 
 
+def tolerance_if_verified(verify: str | Policy | None, work: Any = None, *, rtol: float | None = None,
+                          atol: float | None = None) -> Tolerance | None:
+    """The tolerance for verifying ``work`` under ``verify``; None where nothing is
+    verified, and then ``rtol`` / ``atol`` are refused (they would mean nothing)."""
+    if Policy.parse(verify).active:
+        return tolerance_for(work, rtol=rtol, atol=atol)
+    if rtol is not None or atol is not None:
+        raise PolicyError("--rtol / --atol are tolerances for comparing verified copies: give --verify too "
+                          "(verify= in Python)")
+    return None
+
+
 def _kernels_used(work: Any) -> list[str]:
     """Names of the gpunet.kernels modules a function belongs to or a cell imports."""
     if callable(work):
