@@ -122,7 +122,7 @@ class JobHandle(ABC):
 
     The handle owns what every job shares: waiting with a deadline, the job's live
     events (where it started, its output text), progress, and stopping. A kind of
-    job supplies only what differs: :meth:`done`, :attr:`completed`, :meth:`_look`
+    job supplies only what differs: :attr:`completed`, :meth:`_look`
     (what finished since the last look), :meth:`_outcome` (the results once done),
     :meth:`stop`, and optionally :meth:`_limits` and :meth:`_shows`. A handle is
     registered with its network (which hands it the job's topic events) before its
@@ -154,10 +154,6 @@ class JobHandle(ABC):
         self.shown_seq: dict[int | None, int] = {}
 
     # -- what each kind of job supplies ------------------------------------------------
-    @abstractmethod
-    def done(self) -> bool:
-        """True once every unit of the job has an outcome."""
-
     @property
     @abstractmethod
     def completed(self) -> int:
@@ -183,6 +179,10 @@ class JobHandle(ABC):
         """Stop the job on its workers; ``reason`` says why ("interrupted", "timeout")."""
 
     # -- shared ------------------------------------------------------------------------
+    def done(self) -> bool:
+        """True once every unit of the job has an outcome."""
+        return self.completed >= self.count
+
     def on_event(self, message: dict[str, Any]) -> None:
         """A live event of the job (called on the client's event loop thread)."""
         self.events.put(message)
