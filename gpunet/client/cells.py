@@ -24,7 +24,7 @@ import cloudpickle
 from IPython.display import display
 
 from gpunet.cell import CellAnalysis, analyze
-from gpunet.client.handle import new_job_id, pickle_inputs
+from gpunet.client.handle import new_job_id, pickled
 from gpunet.client.placement import resources_for
 from gpunet.client.submit import raise_for_error
 from gpunet.errors import CellError, MissingOutputError, OptionError, PolicyError
@@ -77,8 +77,9 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
         name for name in analysis.outputs if name != map_name]
     resources = resources_for(gpus=gpus, gpu_mem=gpu_mem)
     workers = None if min_tflops is None else net.workers_with(min_tflops=min_tflops)
+    # Each input is pickled on its own, so that one that cannot travel is named.
     job = Job(
-        new_job_id(), code=code, inputs=pickle_inputs({name: namespace[name] for name in input_names}),
+        new_job_id(), code=code, inputs={name: pickled(namespace[name], f"input {name!r}", name=name) for name in input_names},
         outputs=tuple(output_names), strict_outputs=asked_outputs is not None,
         display_last_expression=analysis.displays_last_expression, map_name=map_name, topic=net.topic,
         announce=items is None and (not quiet or max_credits is not None),
