@@ -174,11 +174,7 @@ class Settlement:
         elif hold in self.closed:
             return []
         if finish in ("erred", "forgotten"):
-            if share is not None:
-                self._item_done(hold, key, None, 0)
-            else:
-                self.awaiting.pop(hold, None)
-                self._release(hold)
+            self._unpaid(hold, key, meta)
         if start != "processing" or finish != "memory":
             return []
         info = self._provider_of(worker)
@@ -208,10 +204,7 @@ class Settlement:
         """A worker that never registered a provider: release what it was owed."""
         for owed in self.owed.pop(worker, []):
             logger.error("gpunet metering: worker %s names no provider; its task %s is not paid", worker, owed.key)
-            if "tasks" in owed.meta:
-                self._item_done(owed.hold, owed.key, None, 0)
-            else:
-                self._release(owed.hold)  # closed when it was owed
+            self._unpaid(owed.hold, owed.key, owed.meta)
 
     def worker_left(self, worker: str) -> None:
         """Forget a worker that left: its address may be reused by someone else."""
@@ -329,6 +322,15 @@ class Settlement:
             self._release(hold)
         else:
             self._settle(hold, provider, amount)
+
+    def _unpaid(self, hold: str, key: Any, meta: dict[str, Any]) -> None:
+        """An attempt nobody is paid for: a map's item counts as done, any other task's
+        hold is released (a verified copy no longer awaits its verdict)."""
+        if "tasks" in meta:
+            self._item_done(hold, key, None, 0)
+        else:
+            self.awaiting.pop(hold, None)
+            self._release(hold)
 
     def _item_done(self, hold: str, key: Any, provider: str | None, amount: int) -> None:
         """One item of a map is done: add what it earned to its provider's next part,
