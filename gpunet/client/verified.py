@@ -86,13 +86,13 @@ class ProviderPool:
         workers: dict[str, list[str]] = {}
         for address, info in network.scheduler_workers(fresh=True).items():
             provider = owners.get(address, state.get("default_provider"))
-            if provider is None or (allowed is not None and address not in allowed):
-                continue
-            if satisfies(info.get("resources") or {}, resources):
+            if (provider is not None and (allowed is None or address in allowed)
+                    and satisfies(info.get("resources") or {}, resources)):
                 workers.setdefault(provider, []).append(address)
         records = {record["provider"]: record for record in network.meter.credits.provider_records()}
-        quarantined = sorted(p for p in workers if records.get(p, {}).get("quarantined"))
-        quarantined += [p for p in state.get("quarantined", ()) if p in workers and p not in quarantined]
+        # quarantined as the credit service's records say, or as the scheduler learned since
+        quarantined = sorted(p for p in workers
+                             if records.get(p, {}).get("quarantined") or p in state.get("quarantined", ()))
         for provider in quarantined:
             workers.pop(provider, None)
         return cls(workers, records, quarantined)
