@@ -208,19 +208,16 @@ class Network:
         items = list(items)
         if not items:
             return []
+        if placement not in ("any", "capability"):
+            raise GpunetError(f"placement must be 'any' or 'capability', got {placement!r}")
         job = function_job(fn, (), {}, topic=self.topic, announce=False)
         resources = self.resources_for(gpus=gpus, gpu_mem=gpu_mem)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
-        options = dict(resources=resources, items=items, max_credits=max_credits, timeout=timeout, verify=verify,
-                       tolerance=_tolerance(verify, fn, rtol, atol))
-        if placement == "capability":
+        if placement == "capability":  # item i pinned to the i-th worker
             order = workers or list(self.capabilities())
-            pinned = [[order[index % len(order)]] for index in range(len(items))]
-            remote = self.submit(job, workers=pinned, **options)
-        elif placement == "any":
-            remote = self.submit(job, workers=workers, **options)
-        else:
-            raise GpunetError(f"placement must be 'any' or 'capability', got {placement!r}")
+            workers = [[order[index % len(order)]] for index in range(len(items))]
+        remote = self.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
+                             timeout=timeout, verify=verify, tolerance=_tolerance(verify, fn, rtol, atol))
         return [function_value(result) for result in remote.wait(timeout=timeout)]
 
     def run_cell(self, code: str, namespace: dict[str, Any], **options: Any) -> CellRun:
