@@ -163,30 +163,14 @@ class CellRun:
 
     def run(self) -> None:
         """Wait in the foreground, showing output as it comes, then land the outputs."""
-        try:
-            results = self.remote.wait(self.timeout, progress=self.progress)
-            self._land(results)
-        except BaseException as exc:
-            if self.progress is not None:
-                self.progress.finish(ok=False, note=f" ({type(exc).__name__})")
-            raise
-        if self.progress is not None:
-            self.progress.finish(ok=True)
+        self._wait(foreground=True)
+        if self._error is not None:
+            raise self._error
 
     def start_background(self) -> None:
         """--no-block: wait in a thread; outputs land in the namespace when done."""
-        def wait() -> None:
-            try:
-                self._results = self.remote.wait(self.timeout, progress=self.progress, echo=False)
-                self.outputs = self._collect_outputs(self._results)
-                self.namespace.update(self.outputs)
-            except BaseException as exc:  # noqa: BLE001 - kept for result()
-                self._error = exc
-            if self.progress is not None:
-                note = f" ({type(self._error).__name__}: _gpunet.result() shows it)" if self._error else ""
-                self.progress.finish(ok=self._error is None, note=note)
-
-        self._thread = threading.Thread(target=wait, name=f"gpunet-{self.remote.job.job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._wait, args=(False,), name=f"gpunet-{self.remote.job.job_id}",
+                                        daemon=True)
         self._thread.start()
         print(f"gpunet: sent; outputs {', '.join(self.remote.job.outputs) or '(none)'} land when it is done "
               "(_gpunet.result() waits and shows its output)")
@@ -207,11 +191,23 @@ class CellRun:
             raise self._error
         return self.outputs
 
-    def _land(self, results: list[JobResult]) -> None:
-        for result in results:
-            _show(result)
-        self.outputs = self._collect_outputs(results)
-        self.namespace.update(self.outputs)
+    def _wait(self, foreground: bool) -> None:
+        """Wait for the cell and land its outputs; an error is kept for :meth:`run` or
+        :meth:`result`. In the foreground its output text and displays show at once,
+        in the background when :meth:`result` is called."""
+        try:
+            self._results = self.remote.wait(self.timeout, progress=self.progress, echo=foreground)
+            if foreground:
+                for result in self._results:
+                    _show(result)
+            self.outputs = self._collect_outputs(self._results)
+            self.namespace.update(self.outputs)
+        except BaseException as exc:  # noqa: BLE001 - raised by run() or result()
+            self._error = exc
+        if self.progress is not None:
+            hint = "" if foreground else ": _gpunet.result() shows it"
+            note = f" ({type(self._error).__name__}{hint})" if self._error else ""
+            self.progress.finish(ok=self._error is None, note=note)
 
     def _collect_outputs(self, results: list[JobResult]) -> dict[str, Any]:
         """Decode every output first, so that one bad output changes nothing."""
