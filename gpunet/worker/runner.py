@@ -266,12 +266,6 @@ def _current_worker() -> Any:
         return None
 
 
-def _device_label(worker: Any) -> str:
-    if worker is None:  # run outside a worker (tests, debugging)
-        return describe_this_device()["label"]
-    return device_info(worker)["label"]
-
-
 def run_job(
     job: Job, item: bytes | None = None, index: int | None = None, inputs: dict[str, bytes] | None = None
 ) -> JobResult:
@@ -286,7 +280,8 @@ def run_job(
     install_routers()
     worker = _current_worker()
     address = getattr(worker, "address", "local")
-    device = _device_label(worker)
+    # outside a worker (tests, debugging) this process's device
+    device = (describe_this_device() if worker is None else device_info(worker))["label"]
     context = _JobContext(job, index, worker)
     thread_id = threading.get_ident()
     running_key = job.job_id if index is None else f"{job.job_id}/{index}"
