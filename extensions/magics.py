@@ -37,17 +37,12 @@ LINE_USAGE = """\
 %gpunet disconnect                           close the connection (and the local network it started)"""
 
 
-def _connect_parser() -> MagicArgumentParser:
-    parser = MagicArgumentParser(prog="%gpunet connect", add_help=False)
-    parser.add_argument("scheduler", nargs="?", default=None)
-    parser.add_argument("--credits", default=None, metavar="URL")
-    parser.add_argument("--token", default=None)
-    parser.add_argument("--budget", type=float, default=None, metavar="CREDITS")
-    parser.add_argument("--workers", type=int, default=None, metavar="N", help="CPU workers of a local network")
-    return parser
-
-
-CONNECT_PARSER = _connect_parser()
+CONNECT_PARSER = MagicArgumentParser(prog="%gpunet connect", add_help=False)
+CONNECT_PARSER.add_argument("scheduler", nargs="?", default=None)
+CONNECT_PARSER.add_argument("--credits", default=None, metavar="URL")
+CONNECT_PARSER.add_argument("--token", default=None)
+CONNECT_PARSER.add_argument("--budget", type=float, default=None, metavar="CREDITS")
+CONNECT_PARSER.add_argument("--workers", type=int, default=None, metavar="N", help="CPU workers of a local network")
 
 
 @magics_class

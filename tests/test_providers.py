@@ -170,6 +170,12 @@ def test_reports_wait_for_a_stopped_credit_service(market, detached):
     with gpunet.connect(market["address"], credits=service.url, token=market["tokens"]["carol"],
                         budget=5_000) as net:
         net.client.wait_for_workers(2, timeout=60)
+        # Registering a provider asks the credit service too: wait until both are known,
+        # or an item on a worker still registering stays owed while the service is stopped.
+        deadline = time.monotonic() + 60
+        while len(net.metering_state()["providers"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(net.metering_state()["providers"]) == 2, "both providers should have registered"
         job = jobs.function_job(abs, (), {}, topic=net.topic, announce=False)
         remote = net.submit(job, resources=net.resources_for(), items=list(range(-100, 100)))
         os.kill(service.pid, signal.SIGSTOP)  # holds placed; now it stops answering

@@ -24,7 +24,7 @@ import cloudpickle
 from IPython.display import display
 
 from gpunet.cell import CellAnalysis, analyze
-from gpunet.client.handle import new_job_id, pickle_inputs
+from gpunet.client.handle import new_job_id, pickled
 from gpunet.client.placement import resources_for
 from gpunet.client.submit import raise_for_error
 from gpunet.errors import CellError, MissingOutputError, OptionError
@@ -75,8 +75,9 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
         name for name in analysis.outputs if name != map_name]
     resources = resources_for(gpus=gpus, gpu_mem=gpu_mem)
     workers = None if min_tflops is None else net.workers_with(min_tflops=min_tflops)
+    # Each input is pickled on its own, so that one that cannot travel is named.
     job = Job(
-        new_job_id(), code=code, inputs=pickle_inputs({name: namespace[name] for name in input_names}),
+        new_job_id(), code=code, inputs={name: pickled(namespace[name], f"input {name!r}", name=name) for name in input_names},
         outputs=tuple(output_names), strict_outputs=asked_outputs is not None,
         display_last_expression=analysis.displays_last_expression, map_name=map_name, topic=net.topic,
         announce=items is None and (not quiet or max_credits is not None),
@@ -162,30 +163,14 @@ class CellRun:
 
     def run(self) -> None:
         """Wait in the foreground, showing output as it comes, then land the outputs."""
-        try:
-            results = self.remote.wait(self.timeout, progress=self.progress)
-            self._land(results)
-        except BaseException as exc:
-            if self.progress is not None:
-                self.progress.finish(ok=False, note=f" ({type(exc).__name__})")
-            raise
-        if self.progress is not None:
-            self.progress.finish(ok=True)
+        self._wait(foreground=True)
+        if self._error is not None:
+            raise self._error
 
     def start_background(self) -> None:
         """--no-block: wait in a thread; outputs land in the namespace when done."""
-        def wait() -> None:
-            try:
-                self._results = self.remote.wait(self.timeout, progress=self.progress, echo=False)
-                self.outputs = self._collect_outputs(self._results)
-                self.namespace.update(self.outputs)
-            except BaseException as exc:  # noqa: BLE001 - kept for result()
-                self._error = exc
-            if self.progress is not None:
-                note = f" ({type(self._error).__name__}: _gpunet.result() shows it)" if self._error else ""
-                self.progress.finish(ok=self._error is None, note=note)
-
-        self._thread = threading.Thread(target=wait, name=f"gpunet-{self.remote.job.job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._wait, args=(False,), name=f"gpunet-{self.remote.job.job_id}",
+                                        daemon=True)
         self._thread.start()
         print(f"gpunet: sent; outputs {', '.join(self.remote.job.outputs) or '(none)'} land when it is done "
               "(_gpunet.result() waits and shows its output)")
@@ -206,11 +191,23 @@ class CellRun:
             raise self._error
         return self.outputs
 
-    def _land(self, results: list[JobResult]) -> None:
-        for result in results:
-            _show(result)
-        self.outputs = self._collect_outputs(results)
-        self.namespace.update(self.outputs)
+    def _wait(self, foreground: bool) -> None:
+        """Wait for the cell and land its outputs; an error is kept for :meth:`run` or
+        :meth:`result`. In the foreground its output text and displays show at once,
+        in the background when :meth:`result` is called."""
+        try:
+            self._results = self.remote.wait(self.timeout, progress=self.progress, echo=foreground)
+            if foreground:
+                for result in self._results:
+                    _show(result)
+            self.outputs = self._collect_outputs(self._results)
+            self.namespace.update(self.outputs)
+        except BaseException as exc:  # noqa: BLE001 - raised by run() or result()
+            self._error = exc
+        if self.progress is not None:
+            hint = "" if foreground else ": _gpunet.result() shows it"
+            note = f" ({type(self._error).__name__}{hint})" if self._error else ""
+            self.progress.finish(ok=self._error is None, note=note)
 
     def _collect_outputs(self, results: list[JobResult]) -> dict[str, Any]:
         """Decode every output first, so that one bad output changes nothing."""

@@ -39,50 +39,27 @@ logger = logging.getLogger(__name__)
 
 class Connection(Protocol):
     """What sending and following a job needs of its network (the arrows point one
-    way: :class:`gpunet.client.network.Network` is one, and no job module imports it)."""
+    way: :class:`gpunet.client.network.Network` is one, and no job module imports it;
+    each member is documented there)."""
 
     client: Client
     meter: Meter | None
     topic: str
 
-    def register_job(self, handle: Any) -> None:
-        """Hand ``handle`` its job's topic events from now on."""
+    def register_job(self, handle: Any) -> None: ...
+    def forget_job(self, job_id: str) -> None: ...
+    def call_scheduler(self, handler: str, **kwargs: Any) -> Any: ...
+    def metering_state(self) -> dict[str, Any] | None: ...
+    def scheduler_workers(self, *, fresh: bool = False) -> dict[str, dict[str, Any]]: ...
+    def check_placement(self, resources: dict[str, float]) -> None: ...
+    def waiting_reason(self, resources: dict[str, float], workers: list[str] | None = None) -> str: ...
+    def workers_with(self, *, min_tflops: float) -> list[str]: ...
+    def max_rate(self) -> float: ...
+    def release_unsent(self, holds: list[str]) -> None: ...
+    def release_soon(self, futures: list[Any]) -> None: ...
+    def sent(self) -> None: ...
+    def submit(self, job: Any, **options: Any) -> Any: ...
 
-    def forget_job(self, job_id: str) -> None:
-        """Stop handing a job its events."""
-
-    def call_scheduler(self, handler: str, **kwargs: Any) -> Any:
-        """Call a named handler of the scheduler plugin."""
-
-    def metering_state(self) -> dict[str, Any] | None:
-        """The scheduler plugin's state (None where it does not meter)."""
-
-    def scheduler_workers(self, *, fresh: bool = False) -> dict[str, dict[str, Any]]:
-        """The workers as the scheduler reports them."""
-
-    def check_placement(self, resources: dict[str, float]) -> None:
-        """Refuse a job that no connected worker can ever run."""
-
-    def waiting_reason(self, resources: dict[str, float], workers: list[str] | None = None) -> str:
-        """Why a job has not started yet."""
-
-    def workers_with(self, *, min_tflops: float) -> list[str]:
-        """Workers measured at least this fast."""
-
-    def max_rate(self) -> float:
-        """The highest rate a provider asks."""
-
-    def release_unsent(self, holds: list[str]) -> None:
-        """Give back the holds of a job that was never sent."""
-
-    def release_soon(self, futures: list[Any]) -> None:
-        """Let Dask forget a finished job's futures soon."""
-
-    def sent(self) -> None:
-        """A job's tasks were sent."""
-
-    def submit(self, job: Any, **options: Any) -> Any:
-        """Send a job and return its handle."""
 
 #: Inputs bigger than this travel scattered to the workers, not inside the task.
 SCATTER_THRESHOLD_BYTES = 256 * 1024
@@ -112,17 +89,12 @@ def pickled(value: Any, what: str, *, name: str | None = None) -> bytes:
         ) from None
 
 
-def pickle_inputs(values: dict[str, Any]) -> dict[str, bytes]:
-    """Pickle each input on its own, naming the one that cannot travel."""
-    return {name: pickled(value, f"input {name!r}", name=name) for name, value in values.items()}
-
-
 class JobHandle(ABC):
     """A job sent to the network, followed until its results are back.
 
     The handle owns what every job shares: waiting with a deadline, the job's live
     events (where it started, its output text), progress, and stopping. A kind of
-    job supplies only what differs: :meth:`done`, :attr:`completed`, :meth:`_look`
+    job supplies only what differs: :attr:`completed`, :meth:`_look`
     (what finished since the last look), :meth:`_outcome` (the results once done),
     :meth:`stop`, and optionally :meth:`_limits` and :meth:`_shows`. A handle is
     registered with its network (which hands it the job's topic events) before its
@@ -154,10 +126,6 @@ class JobHandle(ABC):
         self.shown_seq: dict[int | None, int] = {}
 
     # -- what each kind of job supplies ------------------------------------------------
-    @abstractmethod
-    def done(self) -> bool:
-        """True once every unit of the job has an outcome."""
-
     @property
     @abstractmethod
     def completed(self) -> int:
@@ -183,6 +151,10 @@ class JobHandle(ABC):
         """Stop the job on its workers; ``reason`` says why ("interrupted", "timeout")."""
 
     # -- shared ------------------------------------------------------------------------
+    def done(self) -> bool:
+        """True once every unit of the job has an outcome."""
+        return self.completed >= self.count
+
     def on_event(self, message: dict[str, Any]) -> None:
         """A live event of the job (called on the client's event loop thread)."""
         self.events.put(message)

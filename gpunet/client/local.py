@@ -97,7 +97,8 @@ class EmbeddedNetwork:
                 else:
                     why = "no NVIDIA GPU found"
                 n_workers = n_workers or 2
-                self.cluster = _local_cluster(n_workers, resources={DEVICE_RESOURCE: 1}, **common)
+                self.cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                            resources={DEVICE_RESOURCE: 1}, **common)
                 self.note = f"{why}: started {n_workers} CPU workers"
 
     def _start_credits(self, host: str, port: int) -> dict[str, Any]:
@@ -172,7 +173,3 @@ def _import_dask_cuda() -> Any:
     except ImportError:
         return None
     return dask_cuda
-
-
-def _local_cluster(n_workers: int, **kwargs: Any) -> Any:
-    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, **kwargs)

@@ -82,8 +82,10 @@ class Network:
         self.embedded = embedded
         self.meter = meter
         self.credits = meter.credits if meter is not None else None
-        self.session = meter.session if meter is not None else _session_id()
-        self._address = client.scheduler.address
+        # an unmetered session's id is this kernel's session id
+        self.session = meter.session if meter is not None else _kernel_and_notebook()[0]
+        #: the scheduler's address
+        self.address = client.scheduler.address
         self.topic = f"gpunet-events-{uuid.uuid4().hex[:12]}"
         self._jobs: dict[str, JobHandle] = {}
         self._jobs_lock = threading.Lock()
@@ -95,11 +97,6 @@ class Network:
         self._closed = False
 
     # -- identity ----------------------------------------------------------------------
-    @property
-    def address(self) -> str:
-        """The scheduler's address."""
-        return self._address
-
     @property
     def dashboard_link(self) -> str | None:
         """The Dask dashboard's URL, where the scheduler serves one."""
@@ -220,19 +217,16 @@ class Network:
         items = list(items)
         if not items:
             return []
+        if placement not in ("any", "capability"):
+            raise GpunetError(f"placement must be 'any' or 'capability', got {placement!r}")
         job = function_job(fn, (), {}, topic=self.topic, announce=False)
         resources = self.resources_for(gpus=gpus, gpu_mem=gpu_mem)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
-        options = dict(resources=resources, items=items, max_credits=max_credits, timeout=timeout, verify=verify,
-                       tolerance=tolerance_if_verified(verify, fn, rtol=rtol, atol=atol))
-        if placement == "capability":
+        if placement == "capability":  # item i pinned to the i-th worker
             order = workers or list(self.capabilities())
-            pinned = [[order[index % len(order)]] for index in range(len(items))]
-            remote = self.submit(job, workers=pinned, **options)
-        elif placement == "any":
-            remote = self.submit(job, workers=workers, **options)
-        else:
-            raise GpunetError(f"placement must be 'any' or 'capability', got {placement!r}")
+            workers = [[order[index % len(order)]] for index in range(len(items))]
+        remote = self.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
+                             timeout=timeout, verify=verify, tolerance=tolerance_if_verified(verify, fn, rtol=rtol, atol=atol))
         return [function_value(result) for result in remote.wait(timeout=timeout)]
 
     def run_cell(self, code: str, namespace: dict[str, Any], **options: Any) -> CellRun:
@@ -255,7 +249,8 @@ class Network:
                tolerance: Tolerance | None = None) -> JobHandle:
         """Send ``job`` (once, or once per item) and return its handle; see
         :func:`gpunet.client.submit.submit`."""
-        self._ensure_open()
+        if self._closed:
+            raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
         return submit(self, job, resources=resources, items=items, workers=workers, max_credits=max_credits,
                       timeout=timeout, verify=verify, tolerance=tolerance)
 
@@ -324,10 +319,6 @@ class Network:
         if remote is not None:
             remote.on_event(message)
 
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
-
     # -- shutting down -----------------------------------------------------------------
     def close(self) -> None:
         """Close the client, and stop the embedded network if this connection started it."""
@@ -364,11 +355,6 @@ def _kernel_and_notebook() -> tuple[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return kernel_session or uuid.uuid4().hex, os.environ.get("JPY_SESSION_NAME", "")
-
-
-def _session_id() -> str:
-    """An id for an unmetered notebook session."""
-    return _kernel_and_notebook()[0]
 
 
 #: The budget of a notebook session when connect() is given none.

@@ -68,12 +68,10 @@ def raise_for_error(result: JobResult, *, label: str = "") -> None:
         raise GpunetError(f"the job was stopped on {result.worker}{label}")
     remote_tb = error["traceback"]
     header = f"Remote traceback (worker {result.worker}, {result.device}{label}):\n"
-    exc: BaseException | None = None
-    if error.get("exception") is not None:
-        try:
-            exc = cloudpickle.loads(error["exception"])
-        except Exception:  # noqa: BLE001 - its class may not exist here
-            exc = None
+    try:
+        exc = cloudpickle.loads(error["exception"]) if error.get("exception") is not None else None
+    except Exception:  # noqa: BLE001 - its class may not exist here
+        exc = None
     if isinstance(exc, BaseException):
         lines = (header + remote_tb).rstrip("\n").split("\n")
         try:
@@ -122,40 +120,35 @@ class RemoteJob(JobHandle):
         list for all items, or one per item); ``annotations`` (the job's hold)
         travel with its tasks as the ``gpunet`` annotation."""
         with dask.annotate(**{wire.ANNOTATION: annotations}) if annotations else contextlib.nullcontext():
-            return cls._submit(network, job, resources=resources, items=items, workers=workers)
-
-    @classmethod
-    def _submit(cls, network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None,
-                workers: list[str] | list[list[str]] | None) -> RemoteJob:
-        client = network.client
-        blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
-        job.result_event = blobs is None
-        per_item = bool(workers) and isinstance(workers[0], list)
-        options = dict(resources=resources, pure=False, workers=None if per_item else workers,
-                       allow_other_workers=False)
-        inputs = None
-        if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
-            inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
-        remote = cls(network, job, items=None if blobs is None else len(blobs), resources=resources,
-                     allowed_workers=None if per_item else workers)
-        network.register_job(remote)
-        if blobs is None:
-            futures = [client.submit(run_job, job, None, None, inputs, key=f"gpunet-{job.job_id}", **options)]
-        else:
-            keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
-            # The job (code, function, inputs) goes to the workers once, as data the
-            # tasks depend on; each task then carries only its item.
-            shared = client.scatter(job, hash=False, broadcast=len(blobs) > 1)
-            if per_item:  # one submit per item, each pinned to its own workers
-                futures = [client.submit(run_job, shared, blob, index, inputs, key=key,
-                                         **{**options, "workers": where})
-                           for index, (blob, key, where) in enumerate(zip(blobs, keys, workers))]
+            client = network.client
+            blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
+            job.result_event = blobs is None
+            per_item = bool(workers) and isinstance(workers[0], list)
+            options = dict(resources=resources, pure=False, workers=None if per_item else workers,
+                           allow_other_workers=False)
+            inputs = None
+            if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
+                inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
+            remote = cls(network, job, items=None if blobs is None else len(blobs), resources=resources,
+                         allowed_workers=None if per_item else workers)
+            network.register_job(remote)
+            if blobs is None:
+                futures = [client.submit(run_job, job, None, None, inputs, key=f"gpunet-{job.job_id}", **options)]
             else:
-                futures = client.map(run_job, [shared] * len(blobs), blobs, range(len(blobs)),
-                                     [inputs] * len(blobs), key=keys, **options)
-        remote._attach(futures)
-        remote._kept = [f for f in (inputs, shared if blobs is not None else None) if f is not None]
-        return remote
+                keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
+                # The job (code, function, inputs) goes to the workers once, as data the
+                # tasks depend on; each task then carries only its item.
+                shared = client.scatter(job, hash=False, broadcast=len(blobs) > 1)
+                if per_item:  # one submit per item, each pinned to its own workers
+                    futures = [client.submit(run_job, shared, blob, index, inputs, key=key,
+                                             **{**options, "workers": where})
+                               for index, (blob, key, where) in enumerate(zip(blobs, keys, workers))]
+                else:
+                    futures = client.map(run_job, [shared] * len(blobs), blobs, range(len(blobs)),
+                                         [inputs] * len(blobs), key=keys, **options)
+            remote._attach(futures)
+            remote._kept = [f for f in (inputs, shared if blobs is not None else None) if f is not None]
+            return remote
 
     def _attach(self, futures: list[Future]) -> None:
         self.index_of = {future.key: (index if self.mapped else None) for index, future in enumerate(futures)}
@@ -195,14 +188,9 @@ class RemoteJob(JobHandle):
             self.finished.add(self.index_of[future.key])
         self.wake.set()
 
-    def done(self) -> bool:
-        """True once every item has a result or a finished future (well or not)."""
-        with self._lock:
-            return len(self.finished | self.results.keys()) >= self.count
-
     @property
     def completed(self) -> int:
-        """How many items are done."""
+        """How many items are done: they have a result or a finished future (well or not)."""
         with self._lock:
             return len(self.finished | self.results.keys())
 
@@ -318,10 +306,8 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         return RemoteJob.submit(network, job, resources=resources, items=items, workers=workers)
     count = 1 if items is None else len(items)
     plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
-    if items is None:
-        hold = meter.hold(job.job_id, count=1, amount=plan.amount)[0]
-    else:  # one hold for the whole map, paid out in parts as its items finish
-        hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount)
+    # one hold for the cell, or for the whole map, paid out in parts as its items finish
+    hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount)
     try:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
                                   annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else count))

@@ -90,13 +90,13 @@ class ProviderPool:
         workers: dict[str, list[str]] = {}
         for address, info in network.scheduler_workers(fresh=True).items():
             provider = owners.get(address, state.get("default_provider"))
-            if provider is None or (allowed is not None and address not in allowed):
-                continue
-            if satisfies(info.get("resources") or {}, resources):
+            if (provider is not None and (allowed is None or address in allowed)
+                    and satisfies(info.get("resources") or {}, resources)):
                 workers.setdefault(provider, []).append(address)
         records = {record["provider"]: record for record in network.meter.credits.provider_records()}
-        quarantined = sorted(p for p in workers if records.get(p, {}).get("quarantined"))
-        quarantined += [p for p in state.get("quarantined", ()) if p in workers and p not in quarantined]
+        # quarantined as the credit service's records say, or as the scheduler learned since
+        quarantined = sorted(p for p in workers
+                             if records.get(p, {}).get("quarantined") or p in state.get("quarantined", ()))
         for provider in quarantined:
             workers.pop(provider, None)
         return cls(workers, records, quarantined)
@@ -203,16 +203,13 @@ class VerifiedJob(JobHandle):
         job.topic = network.topic if items is None else None
         job.result_event, job.announce = False, items is None
         # With --max-credits every copy a unit may need (its first ones and the extra
-        # ones) holds an equal share, so that all of them together stay within it.
+        # ones) holds an equal share, so that all of them together stay within it;
+        # without it each copy holds what the task would hold unverified.
         units = 1 if items is None else len(items)
-        if max_credits is not None and max_credits < units * policy.max_copies:
-            what = ("the cell" if job.code is not None else "the call") if items is None else f"each of {units} items"
-            raise BudgetError(f"--max-credits {max_credits:g} cannot pay for the up to {policy.max_copies} copies "
-                              f"that --verify {policy} may run of {what} (every copy costs at least 1 credit): "
-                              f"give at least --max-credits {units * policy.max_copies}. Nothing was sent.")
-        # Without it each copy holds what the task would hold unverified.
+        what = ("the cell" if job.code is not None else "the call") if items is None else f"each of {units} items"
         plan = network.meter.plan(count=units if max_credits is None else units * policy.max_copies,
-                                  max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
+                                  max_credits=max_credits, timeout=timeout, max_rate=network.max_rate(),
+                                  what=f"the up to {policy.max_copies} copies that --verify {policy} may run of {what}")
         self = cls(network, job, policy, tolerance, pool, resources=resources, items=blobs, amount=plan.amount)
         planned = [(unit, provider) for unit in self.units for provider in self._first_providers(unit)]
         try:
@@ -270,12 +267,9 @@ class VerifiedJob(JobHandle):
         self._owner[key] = (unit, copy)
 
     # -- waiting ---------------------------------------------------------------------
-    def done(self) -> bool:
-        """True once every unit is accepted or failed."""
-        return all(unit.decided for unit in self.units)
-
     @property
     def completed(self) -> int:
+        """How many units are accepted or failed."""
         return sum(unit.decided for unit in self.units)
 
     def _shows(self, message: dict[str, Any]) -> bool:
@@ -314,15 +308,11 @@ class VerifiedJob(JobHandle):
         """Show the verified output: the rest of the copy shown live where it is one of
         the agreeing copies, else all of the accepted one's (saying so)."""
         shown_live = next((copy for copy in unit.agreeing if copy.result.worker == self._streamed_from), None)
-        result = (shown_live or unit.accepted).result
-        shown_seq = self.shown_seq.get(unit.index, 0)
-        shown = shown_seq if shown_live is not None else 0
-        if shown == 0 and shown_seq:
+        if shown_live is None and self.shown_seq.get(unit.index):
             write("stderr", f"[gpunet: the output above came from the copy on {self._streamed_from}, which was "
-                             f"not accepted; the accepted copy's, from {result.worker}, follows]\n")
-        for seq, name, text in result.streams:
-            if seq > shown:
-                write(name, text)
+                             f"not accepted; the accepted copy's, from {unit.accepted.result.worker}, follows]\n")
+            self.shown_seq[unit.index] = 0
+        self.echo_rest((shown_live or unit.accepted).result)
 
     def _judge_finished(self) -> None:
         """Fetch the copies that finished since the last look, and judge their units."""
@@ -382,7 +372,7 @@ class VerifiedJob(JobHandle):
                 copy.result = result if result is not None else future.result()
             except Exception as exc:  # noqa: BLE001 - a lost worker between finish and fetch
                 copy.failed = f"its result could not be fetched ({type(exc).__name__}: {exc})"
-            if copy.result is not None and copy.result.error and copy.result.error["ename"] == "JobInterrupted":
+            if copy.result is not None and copy.result.error and copy.result.error["ename"] == wire.INTERRUPTED:
                 copy.failed, copy.result = f"it was stopped on {copy.result.worker}", None
         elif future.status == "cancelled":
             copy.failed = "it was lost (cancelled by the scheduler)"

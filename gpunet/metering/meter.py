@@ -71,11 +71,13 @@ class Meter:
     tally: dict[str, WorkerTally] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def plan(self, *, count: int, max_credits: float | None, timeout: float | None, max_rate: float) -> Plan:
-        """How much to hold per task, and the time limit that --max-credits implies."""
+    def plan(self, *, count: int, max_credits: float | None, timeout: float | None, max_rate: float,
+             what: str | None = None) -> Plan:
+        """How much to hold per task, and the time limit that --max-credits implies
+        (``what`` names the ``count`` tasks in a refusal)."""
         if max_credits is not None:
             if max_credits < count:
-                what = "a task" if count == 1 else f"each of {count} items"
+                what = what or ("a task" if count == 1 else f"each of {count} items")
                 raise BudgetError(f"--max-credits {max_credits:g} cannot pay for {what} (every task costs at least "
                                   f"1 credit): give at least --max-credits {count}. Nothing was sent.")
             per_task = math.floor(max_credits / count)
@@ -98,10 +100,7 @@ class Meter:
         Raises :class:`BudgetError` (nothing held) when the session cannot cover them.
         """
         if count == 1:
-            try:
-                return [self.credits.hold(self.session, amount, key=f"hold-{job_id}")]
-            except BudgetExceededError as exc:
-                raise self._refusal(amount, 1, exc) from None
+            return [self.hold_shared(job_id, count=1, amount=amount)]
         # A map's holds go in one batch whose items succeed or fail one by one: check
         # the total first, so that a map too big for the budget holds nothing.
         usage = self.credits.usage(self.session)

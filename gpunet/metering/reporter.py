@@ -96,12 +96,11 @@ class Reporter:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
-            except CreditsError as exc:  # the whole request refused: keep it, but don't spin
-                logger.error("gpunet metering: the credit service refused a batch: %s", exc)
-                await asyncio.sleep(MAX_BACKOFF_S)
-                continue
-            except Exception:  # noqa: BLE001 - the reporter must outlive any surprise
-                logger.exception("gpunet metering: reporting failed; %d movements kept, retrying", len(queue))
+            except Exception as exc:  # noqa: BLE001 - the reporter must outlive any surprise
+                if isinstance(exc, CreditsError):  # the whole request refused: keep it, but don't spin
+                    logger.error("gpunet metering: the credit service refused a batch: %s", exc)
+                else:
+                    logger.exception("gpunet metering: reporting failed; %d movements kept, retrying", len(queue))
                 await asyncio.sleep(MAX_BACKOFF_S)
                 continue
             backoff = 0.2

@@ -174,11 +174,7 @@ class Settlement:
         elif hold in self.closed:
             return []
         if finish in ("erred", "forgotten"):
-            if share is not None:
-                self._item_done(hold, key, None, 0)
-            else:
-                self.awaiting.pop(hold, None)
-                self._close(hold, _release(hold))
+            self._unpaid(hold, key, meta)
         if start != "processing" or finish != "memory":
             return []
         info = self._provider_of(worker)
@@ -208,10 +204,7 @@ class Settlement:
         """A worker that never registered a provider: release what it was owed."""
         for owed in self.owed.pop(worker, []):
             logger.error("gpunet metering: worker %s names no provider; its task %s is not paid", worker, owed.key)
-            if "tasks" in owed.meta:
-                self._item_done(owed.hold, owed.key, None, 0)
-            else:
-                self.queue.append(_release(owed.hold))
+            self._unpaid(owed.hold, owed.key, owed.meta)
 
     def worker_left(self, worker: str) -> None:
         """Forget a worker that left: its address may be reused by someone else."""
@@ -243,9 +236,9 @@ class Settlement:
             memo["checked"] = False
         for hold, copy, agreed in judged:
             if agreed and copy.provider not in self.quarantined:
-                self._close(hold, _settle(hold, copy.provider, copy.amount, {**memo, "task": str(copy.key)}))
+                self._settle(hold, copy.provider, copy.amount, {**memo, "task": str(copy.key)})
             else:
-                self._close(hold, _release(hold))
+                self._release(hold)
             if checked and copy.provider not in self.quarantined:
                 self.queue.append({"op": "record_verification", "provider": copy.provider, "agreed": agreed,
                                    "key": f"verdict-{hold}"})
@@ -264,7 +257,7 @@ class Settlement:
         if info is None:
             return None
         amount = price(now - self.dispatched.get(key, now), info.rate, meta.get("amount", 1))
-        self._close(hold, _settle(hold, info.provider, amount))
+        self._settle(hold, info.provider, amount)
         return amount
 
     def release_holds(self, holds: Collection[str]) -> None:
@@ -275,7 +268,7 @@ class Settlement:
             if share is not None:
                 self._queue_parts(hold, share)
             if hold not in self.closed:
-                self._close(hold, _release(hold))
+                self._release(hold)
 
     def close_unknown(self, hold: str, keys: list[Any], live: Container[Any]) -> None:
         """The notebook saw tasks of ``hold`` cancelled that the scheduler may never
@@ -283,7 +276,7 @@ class Settlement:
         unpaid, so that the hold is closed."""
         if len(keys) == 1 and hold not in self.shared:  # a cell's own hold
             if keys[0] not in live and hold not in self.closed:
-                self._close(hold, _release(hold))
+                self._release(hold)
             return
         if hold in self.closed:
             return
@@ -322,14 +315,23 @@ class Settlement:
             self._item_done(hold, key, provider, amount)
         elif meta.get("verify"):
             if live is not None and key not in live:  # forgotten while its provider was being checked
-                self._close(hold, _release(hold))
+                self._release(hold)
                 return
             self.closed.discard(hold)
             self.awaiting[hold] = AwaitingCopy(key, provider, amount, meta["verify"])
         elif provider in self.quarantined:  # finished while its workers were being retired: not paid
-            self._close(hold, _release(hold))
+            self._release(hold)
         else:
-            self._close(hold, _settle(hold, provider, amount))
+            self._settle(hold, provider, amount)
+
+    def _unpaid(self, hold: str, key: Any, meta: dict[str, Any]) -> None:
+        """An attempt nobody is paid for: a map's item counts as done, any other task's
+        hold is released (a verified copy no longer awaits its verdict)."""
+        if "tasks" in meta:
+            self._item_done(hold, key, None, 0)
+        else:
+            self.awaiting.pop(hold, None)
+            self._release(hold)
 
     def _item_done(self, hold: str, key: Any, provider: str | None, amount: int) -> None:
         """One item of a map is done: add what it earned to its provider's next part,
@@ -347,7 +349,7 @@ class Settlement:
         if len(share.done) >= share.tasks:
             self._queue_parts(hold, share)
             del self.shared[hold]
-            self._close(hold, _release(hold))
+            self._release(hold)
 
     def _queue_parts(self, hold: str, share: SharedHold) -> None:
         for provider, part in share.parts.items():
@@ -357,23 +359,19 @@ class Settlement:
         share.parts.clear()
 
     def _provider_of(self, worker: str | None) -> ProviderInfo | None:
-        info = self.providers.get(worker) if worker is not None else None
-        if info is not None:
-            return info
+        if worker in self.providers:
+            return self.providers[worker]
         return None if self.default_provider is None else ProviderInfo(self.default_provider, self.default_rate)
 
-    def _close(self, hold: str, movement: Movement) -> None:
+    # -- movements: closing a hold, settled to a provider or released ------------------------
+    def _release(self, hold: str) -> None:
+        self.closed.add(hold)
+        self.queue.append({"op": "release", "hold": hold, "key": f"release-{hold}"})
+
+    def _settle(self, hold: str, provider: str, amount: int, memo: dict[str, Any] | None = None) -> None:
+        movement: Movement = {"op": "settle", "hold": hold, "provider": provider, "amount": amount,
+                              "key": f"settle-{hold}"}
+        if memo is not None:
+            movement["memo"] = memo
         self.closed.add(hold)
         self.queue.append(movement)
-
-
-def _release(hold: str) -> Movement:
-    return {"op": "release", "hold": hold, "key": f"release-{hold}"}
-
-
-def _settle(hold: str, provider: str, amount: int, memo: dict[str, Any] | None = None) -> Movement:
-    movement: Movement = {"op": "settle", "hold": hold, "provider": provider, "amount": amount,
-                          "key": f"settle-{hold}"}
-    if memo is not None:
-        movement["memo"] = memo
-    return movement

@@ -186,29 +186,26 @@ def install_routers() -> None:
             return
         sys.stdout = _ThreadRouter("stdout", sys.stdout)
         sys.stderr = _ThreadRouter("stderr", sys.stderr)
-        try:
-            import IPython.core.display_functions as display_functions
-            import IPython.display as ipython_display
-        except ImportError:  # pragma: no cover - IPython is a dependency
-            pass
-        else:
-            original = display_functions.display
+        import IPython.core.display_functions as display_functions
+        import IPython.display as ipython_display
 
-            @functools.wraps(original)
-            def display(*objs: Any, **kwargs: Any) -> Any:
-                context = _contexts.get(threading.get_ident())
-                if context is None:
-                    return original(*objs, **kwargs)
-                for obj in objs:
-                    if kwargs.get("raw"):
-                        context.displays.append((dict(obj), dict(kwargs.get("metadata") or {})))
-                    else:
-                        context.displays.append(mime_bundle(obj))
-                    context.displayed_ids.add(id(obj))
-                return None
+        original = display_functions.display
 
-            display_functions.display = display
-            ipython_display.display = display
+        @functools.wraps(original)
+        def display(*objs: Any, **kwargs: Any) -> Any:
+            context = _contexts.get(threading.get_ident())
+            if context is None:
+                return original(*objs, **kwargs)
+            for obj in objs:
+                if kwargs.get("raw"):
+                    context.displays.append((dict(obj), dict(kwargs.get("metadata") or {})))
+                else:
+                    context.displays.append(mime_bundle(obj))
+                context.displayed_ids.add(id(obj))
+            return None
+
+        display_functions.display = display
+        ipython_display.display = display
         _installed = True
 
 
@@ -254,8 +251,7 @@ def _compile_cell(code: str, filename: str, display_last: bool) -> tuple[Any, An
     tree = ast.parse(code, filename=filename, mode="exec")
     last = None
     if display_last and tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
-        last = compile(last, filename, "eval")
+        last = compile(ast.Expression(tree.body.pop().value), filename, "eval")
     body = compile(tree, filename, "exec")
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     return body, last
@@ -268,12 +264,6 @@ def _current_worker() -> Any:
         return get_worker()
     except (ImportError, ValueError):
         return None
-
-
-def _device_label(worker: Any) -> str:
-    if worker is None:  # run outside a worker (tests, debugging)
-        return describe_this_device()["label"]
-    return device_info(worker)["label"]
 
 
 def run_job(
@@ -290,7 +280,8 @@ def run_job(
     install_routers()
     worker = _current_worker()
     address = getattr(worker, "address", "local")
-    device = _device_label(worker)
+    # outside a worker (tests, debugging) this process's device
+    device = (describe_this_device() if worker is None else device_info(worker))["label"]
     context = _JobContext(job, index, worker)
     thread_id = threading.get_ident()
     running_key = job.job_id if index is None else f"{job.job_id}/{index}"
