@@ -332,13 +332,8 @@ class WriteConnection:
 
     def row(self, table: str, key: Any) -> tuple | None:
         """Return the row of ``table`` whose primary key is ``key`` (all columns), or None."""
-        t = get_table(table)
-        cur = self.raw.cursor()
-        cur.execute(f"SELECT {', '.join(columns(table))} FROM {table} WHERE {t.primary_key.columns[0].name} = "
-                    f"{self.p}", (key,))
-        row = cur.fetchone()
-        cur.close()
-        return None if row is None else tuple(row)
+        rows = self.rows_in(table, [key])
+        return rows[0] if rows else None
 
     def rows_in(self, table: str, keys: list[Any]) -> list[tuple]:
         """Return the rows of ``table`` whose primary key is one of ``keys``."""
