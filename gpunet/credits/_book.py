@@ -201,9 +201,7 @@ class Book:
 
     def begin(self, requests: list[Request]) -> Unit:
         """Return the unit of work of one writer transaction over ``requests`` (the writer's factory)."""
-        unit = Unit(self)
-        unit.prefetch_idempotency(requests)
-        return unit
+        return Unit(self, requests)
 
     def add_account(self, acct: Account) -> None:
         """Take in a committed account (loaded, or written directly before the writer runs)."""
@@ -226,7 +224,7 @@ class Unit:
     """The in-memory changes of one writer transaction, with an undo log; its methods named in
     :data:`OPERATIONS` are the bank's operations, each ``(actor, key, **params) -> answer``."""
 
-    def __init__(self, book: Book) -> None:
+    def __init__(self, book: Book, requests: list[Request]) -> None:
         self.b = book
         self.undo_log: list[tuple[Any, str, Any]] = []
         self.new_objects: list[tuple[dict, str]] = []
@@ -241,6 +239,7 @@ class Unit:
         self.next_index = book.next_index
         self.last_hash = book.last_hash
         self.now = utcnow()
+        self.prefetch_idempotency(requests)
 
     # -- helpers --
 

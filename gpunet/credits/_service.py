@@ -104,7 +104,7 @@ from gpunet.credits._book import (
     refusal,
     require_role,
 )
-from gpunet.credits._db import beside_db, format_time, resolve_db_url
+from gpunet.credits._db import beside_db, format_time, resolve_db_url, sqlite_path
 from gpunet.credits._store import CreditStore
 from gpunet.credits._trust import REPUTATION_FLOOR
 
@@ -273,7 +273,9 @@ class CreditService:
             extra = None if path is None else {path[1]: path[2](path[1], request.path_params[path[0]])}
             params = validate(name, body, extra=extra)
             key = params.pop("key", None)
-            return await _wait(self.store.submit(name, actor, params, key))
+            # The store's future is an asyncio one with the writer on this loop (wrap_future passes
+            # it through), a concurrent one with the writer on its thread.
+            return await asyncio.wrap_future(self.store.submit(name, actor, params, key))
         return handler
 
     def listing(self, field: str, read: Callable[[], Any], what: str | None = None) -> Callable:
@@ -348,7 +350,7 @@ class CreditService:
     async def receipt(self, request: Request) -> dict[str, Any]:
         """GET /v1/sessions/{sid}/receipt: entries with inclusion proofs and a signed head."""
         actor, role, usage = await self._readable_session(request)
-        head = await _wait(self.store.submit("sign_head", None, {}))
+        head = await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
         return await run_in_threadpool(self._build_receipt, usage, head)
 
     def _build_receipt(self, usage: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
@@ -419,7 +421,7 @@ class CreditService:
             except CreditsRequestError as exc:
                 results[i] = refusal(exc)
         if good:
-            done = await _wait(self.store.submit("batch", actor, {"items": list(good.values())}))
+            done = await asyncio.wrap_future(self.store.submit("batch", actor, {"items": list(good.values())}))
             results.update(zip(good, done))
         return {"results": [results[i] for i in range(len(items))]}
 
@@ -432,7 +434,7 @@ class CreditService:
     async def head(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/head: sign (and store) a tree head at the committed size."""
         self._auth(request)
-        return await _wait(self.store.submit("sign_head", None, {}))
+        return await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
 
     async def entries(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/entries?start=&limit=: raw entries for verifiers (operator)."""
@@ -470,13 +472,6 @@ class CreditService:
         second, proof, r1, r2 = self.store.proof_consistency(first, second)
         return {"first": first, "second": second, "first_root": r1.hex(), "second_root": r2.hex(),
                 "proof": [p.hex() for p in proof]}
-
-
-async def _wait(future: Any) -> Any:
-    """Await a store future: an asyncio one (writer on the loop) or a concurrent one (writer thread)."""
-    if isinstance(future, asyncio.Future):
-        return await future
-    return await asyncio.wrap_future(future)
 
 
 def _error_response(exc: CreditsError) -> Any:
@@ -542,7 +537,10 @@ def build_app(store: CreditStore) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
-        if store.prefers_loop:
+        # With SQLite the writer runs on this loop: its statements take microseconds, and on the
+        # loop thread they never wait for the GIL; only the commit (the fsync) goes to a thread.
+        # A server database keeps its writer thread.
+        if sqlite_path(store.url) is not None:
             store.writer.attach_loop()
         try:
             yield
@@ -638,7 +636,7 @@ def serve(
         token_path = Path(operator_token_file) if operator_token_file else beside_db(store.url, ".operator-token")
         token = store.ensure_operator()
         if token is None and rotate_operator_token:
-            token = store.rotate_token("operator")
+            token = store.call("rotate_token", None, {"account": "operator"})["token"]
         if token is not None:
             write_secret(token_path, token)
             logger.info("wrote the operator token to %s (mode 600)", token_path)

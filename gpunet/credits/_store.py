@@ -82,10 +82,6 @@ class CreditStore:
         logger.info("created the operator account")
         return token
 
-    def rotate_token(self, name: str) -> str:
-        """Give account ``name`` a new token (the old one stops working) and return it."""
-        return self.call("rotate_token", None, {"account": name}, None)["token"]
-
     # -- reads from memory --
 
     def authenticate(self, token: str) -> tuple[str, str] | None:
@@ -173,13 +169,6 @@ class CreditStore:
              timeout: float = 60) -> Any:
         """Run one operation and wait for its answer (raises its error)."""
         return self.submit(name, actor, params, key).result(timeout)
-
-    @property
-    def prefers_loop(self) -> bool:
-        """Whether the writer should run on the service's event loop: SQLite statements take
-        microseconds, and on the loop thread they never wait for the GIL; only the commit
-        (the fsync) goes to a thread. A server database keeps its writer thread."""
-        return _db.sqlite_path(self.url) is not None
 
     def close(self) -> None:
         """Finish queued operations, sign a last head, stop the writer and close connections."""
