@@ -330,7 +330,8 @@ class CreditService:
             raise NotFoundError(f"no account named {name!r}", details={"account": name})
         return acct
 
-    async def _readable_session(self, request: Request) -> tuple[str, str, dict[str, Any]]:
+    async def usage(self, request: Request) -> dict[str, Any]:
+        """GET /v1/sessions/{sid}: budget, held, spent and left (owner or operator)."""
         actor, role = self._auth(request)
         sid = _session_id("session", request.path_params["sid"])
         usage = self.store.cached_session(sid)
@@ -341,15 +342,11 @@ class CreditService:
         if usage["account"] != actor and role != "operator":
             raise ForbiddenError(f"account {actor!r} may not read session {sid!r}, which belongs to another "
                                  "account", details={"session": sid})
-        return actor, role, usage
-
-    async def usage(self, request: Request) -> dict[str, Any]:
-        """GET /v1/sessions/{sid}: budget, held, spent and left (owner or operator)."""
-        return (await self._readable_session(request))[2]
+        return usage
 
     async def receipt(self, request: Request) -> dict[str, Any]:
         """GET /v1/sessions/{sid}/receipt: entries with inclusion proofs and a signed head."""
-        actor, role, usage = await self._readable_session(request)
+        usage = await self.usage(request)  # who may read the session may have its receipt
         head = await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
         return await run_in_threadpool(self._build_receipt, usage, head)
 
