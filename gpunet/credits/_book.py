@@ -406,20 +406,14 @@ class Unit:
         return self._create(self.b.sessions, sid, Session(sid, actor or "", notebook, kernel, budget, 0, 0,
                                                           self.now)).usage()
 
-    def _owner_or_operator(self, actor: str | None, sess: Session, verb: str) -> None:
-        if actor == sess.account:
-            return
-        role = self.b.role_of(actor or "")
-        if role != "operator":
-            raise ForbiddenError(
-                f"account {actor!r} ({role}) may not {verb} session {sess.id!r}, which belongs to "
-                f"{sess.account!r}; only its owner or an operator may",
-                details={"session": sess.id})
-
     def hold(self, actor: str | None, key: str, *, session: str, amount: int) -> dict[str, Any]:
         """Hold ``amount`` of a session's budget: move it from its owner's balance to escrow."""
         sess = self._session(session)
-        self._owner_or_operator(actor, sess, "hold credits of")
+        role = self.b.role_of(actor or "")
+        if actor != sess.account and role != "operator":
+            raise ForbiddenError(
+                f"account {actor!r} ({role}) may not hold credits of session {session!r}, which belongs to "
+                f"{sess.account!r}; only its owner or an operator may", details={"session": session})
         left = sess.budget - sess.held - sess.spent
         if amount > left:
             raise BudgetExceededError(
