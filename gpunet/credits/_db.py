@@ -315,14 +315,6 @@ class WriteConnection:
                 f"{_PG_LOCK_KEY}); stop it first, or talk to it instead of starting a second one",
                 url=redact(self.url))
 
-    def commit(self) -> None:
-        """Commit the writer's transaction."""
-        self.raw.commit()
-
-    def rollback(self) -> None:
-        """Roll the writer's transaction back."""
-        self.raw.rollback()
-
     def close(self) -> None:
         """Close the connection and let another service take the writer's lock."""
         self.raw.close()

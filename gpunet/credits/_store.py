@@ -49,7 +49,7 @@ class CreditStore:
                          reputation_floor=reputation_floor)
         if ESCROW not in self.book.accounts:
             self._add_account(ESCROW, "system", None)
-        self.writer = Writer(conn, self.book.begin)
+        self.writer = Writer(conn.raw, self.book.begin)  # it commits and rolls back the DB-API connection
         self._closed = False
         logger.info("credit store %s: %d accounts, %d ledger entries", _db.redact(url), len(accounts),
                     self.size)
