@@ -325,7 +325,8 @@ class CreditService:
                                  "operator may")
         acct = self.store.cached_account(name)
         if acct is None:
-            acct = await run_in_threadpool(self.store.read_account, name)
+            found = await run_in_threadpool(self.store.read_accounts, name)  # [] or [that account]
+            acct = found[0] if found else None
         if acct is None:
             raise NotFoundError(f"no account named {name!r}", details={"account": name})
         return acct

@@ -130,11 +130,6 @@ class CreditStore:
             return functools.partial(getattr(_db, name), self.engine)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def read_account(self, name: str) -> dict[str, Any] | None:
-        """Return an account's committed name, role and balance, or None."""
-        found = _db.read_accounts(self.engine, name)
-        return found[0] if found else None
-
     def read_session(self, sid: str) -> dict[str, Any] | None:
         """Return a session's committed usage, or None."""
         row = _db.read_session(self.engine, sid)
