@@ -86,6 +86,11 @@ def require_role(role: str | None, allowed: frozenset[str], what: str, actor: st
                              f"{' or '.join(sorted(allowed))}", details={"role": role})
 
 
+def refusal(exc: CreditsRequestError) -> dict[str, Any]:
+    """The answer of a refused batch item: ``{"ok": False, "status", "error": {"code", "message", ...}}``."""
+    return {"ok": False, "status": exc.status, "error": {"code": exc.code, "message": str(exc), **exc.details}}
+
+
 # -- the bank's objects: a row of their table each, fields in the columns' order -----------
 
 
@@ -196,9 +201,7 @@ class Book:
 
     def begin(self, requests: list[Request]) -> Unit:
         """Return the unit of work of one writer transaction over ``requests`` (the writer's factory)."""
-        unit = Unit(self)
-        unit.prefetch_idempotency(requests)
-        return unit
+        return Unit(self, requests)
 
     def add_account(self, acct: Account) -> None:
         """Take in a committed account (loaded, or written directly before the writer runs)."""
@@ -212,12 +215,6 @@ class Book:
         acct = self.accounts.get(name)
         return acct.role if acct else None
 
-    def publish(self, sessions: list[Session], accounts: list[Account]) -> None:
-        """After a commit: let readers see the new committed values."""
-        for sess in sessions:
-            self.committed_sessions[sess.id] = astuple(sess)
-        for acct in accounts:
-            self.committed_balances[acct.name] = acct.balance
 
 
 TABLE_OF = {Account: "accounts", Session: "sessions", Hold: "holds", Record: "provider_records"}
@@ -227,7 +224,7 @@ class Unit:
     """The in-memory changes of one writer transaction, with an undo log; its methods named in
     :data:`OPERATIONS` are the bank's operations, each ``(actor, key, **params) -> answer``."""
 
-    def __init__(self, book: Book) -> None:
+    def __init__(self, book: Book, requests: list[Request]) -> None:
         self.b = book
         self.undo_log: list[tuple[Any, str, Any]] = []
         self.new_objects: list[tuple[dict, str]] = []
@@ -235,7 +232,6 @@ class Unit:
         self.new: dict[int, Any] = {}
         self.dirty: dict[int, Any] = {}
         self.entries: list[tuple] = []
-        self.new_leaves: list[bytes] = []
         self.idem_found: dict[str, tuple[str, str]] = {}
         self.idem_new: dict[str, tuple[str, str]] = {}
         self.heads: list[dict[str, Any]] = []
@@ -243,13 +239,15 @@ class Unit:
         self.next_index = book.next_index
         self.last_hash = book.last_hash
         self.now = utcnow()
-        self.closed_holds: list[str] = []
+        self.prefetch_idempotency(requests)
 
     # -- helpers --
 
-    def _set(self, obj: Any, attr: str, value: Any) -> None:
-        self.undo_log.append((obj, attr, getattr(obj, attr)))
-        setattr(obj, attr, value)
+    def _set(self, obj: Any, **changes: Any) -> None:
+        """Change fields of a book object through the undo log (it is updated on flush)."""
+        for attr, value in changes.items():
+            self.undo_log.append((obj, attr, getattr(obj, attr)))
+            setattr(obj, attr, value)
         self.dirty[id(obj)] = obj
 
     def _create(self, mapping: dict[str, Any], key: str, obj: Any) -> Any:
@@ -277,9 +275,8 @@ class Unit:
         for op in group:
             if op.name == "batch":
                 scopes.extend(f"{op.actor}/{it.get('key')}" for it in op.params["items"] if it.get("key"))
-        if scopes:
-            for scope, rh, resp in self.b.conn.rows_in("idempotency", scopes):
-                self.idem_found[scope] = (rh, resp)
+        for scope, rh, resp in self.b.conn.rows_in("idempotency", scopes):
+            self.idem_found[scope] = (rh, resp)
 
     def _account(self, name: str, what: str = "account") -> Account:
         acct = self.b.accounts.get(name)
@@ -288,62 +285,49 @@ class Unit:
                                 details={"account": name})
         return acct
 
+    def _stored(self, mapping: dict[str, Any], cls: type, key: str) -> Any:
+        """The book's object ``key`` of ``cls``, read from its table when not in memory yet (and
+        forgotten again if this write fails); None when there is none."""
+        obj = mapping.get(key)
+        if obj is None:
+            row = self.b.conn.row(TABLE_OF[cls], key)
+            if row is not None:
+                obj = mapping[key] = cls(*row)
+                self.new_objects.append((mapping, key))
+        return obj
+
     def _session(self, sid: str) -> Session:
-        sess = self.b.sessions.get(sid)
+        sess = self._stored(self.b.sessions, Session, sid)
         if sess is None:
-            row = self.b.conn.row("sessions", sid)
-            if row is None:
-                raise NotFoundError(f"no session {sid!r}; open one with open_session first",
-                                    details={"session": sid})
-            sess = Session(*row)
-            self.b.sessions[sid] = sess
-            self.b.committed_sessions[sid] = row
+            raise NotFoundError(f"no session {sid!r}; open one with open_session first", details={"session": sid})
         return sess
 
     def _hold(self, hid: str) -> Hold:
-        hold = self.b.holds.get(hid)
+        hold = self._stored(self.b.holds, Hold, hid)
         if hold is None:
-            row = self.b.conn.row("holds", hid)
-            if row is None:
-                raise NotFoundError(f"no hold {hid!r}; place it with hold() first", details={"hold": hid})
-            hold = Hold(*row)
-            self.b.holds[hid] = hold
+            raise NotFoundError(f"no hold {hid!r}; place it with hold() first", details={"hold": hid})
         return hold
 
     def _record(self, provider: str) -> Record:
-        acct = self._account(provider, "provider account")
-        if acct.role != "provider":
-            raise InvalidRequestError(f"account {provider!r} is a {acct.role}, not a provider; trust records are "
-                                      "kept for provider accounts", details={"account": provider})
-        rec = self.b.records.get(provider)
-        if rec is None:
-            row = self.b.conn.row("provider_records", provider)
-            if row is None:
-                return self._create(self.b.records, provider, Record(provider))
-            rec = self.b.records[provider] = Record(*row)
-            self.new_objects.append((self.b.records, provider))  # forgotten again if this write fails
-        return rec
+        self._provider(provider, "trust records are kept for provider accounts")
+        rec = self._stored(self.b.records, Record, provider)
+        return rec if rec is not None else self._create(self.b.records, provider, Record(provider))
 
     def _move(self, kind: str, src: Account | None, dst: Account, amount: int, session: str, hold: str,
               key: str, memo: str = "") -> int:
         if src is not None:
-            self._set(src, "balance", src.balance - amount)
-        self._set(dst, "balance", dst.balance + amount)
+            self._set(src, balance=src.balance - amount)
+        self._set(dst, balance=dst.balance + amount)
         index = self.next_index
         prev = self.last_hash
         src_name = src.name if src is not None else ""
         h = entry_hash(prev, index, self.now, kind, src_name, dst.name, amount, session, hold, key, memo)
         self.entries.append((index, self.now, kind, src_name, dst.name, amount, session, hold, key, prev, h, memo))
-        self.new_leaves.append(h)
         self.next_index = index + 1
         self.last_hash = h
         return index
 
     # -- operations --
-
-    def apply(self, op: Request) -> Any:
-        """Apply one request in memory: check who asks, replay or record its idempotency key, run it."""
-        return self._apply_one(op.name, op.actor, op.params, op.key)
 
     def batch(self, actor: str | None, key: str, *, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Apply many items (``{"op", "key", ...params}``), each answered ``{"ok": True, ...}`` or with
@@ -352,14 +336,15 @@ class Unit:
         for item in items:
             params = {k: v for k, v in item.items() if k not in ("op", "key")}
             try:
-                res = self._apply_one(item["op"], actor, params, item.get("key"))
+                res = self.apply(Request(item["op"], actor, params, item.get("key")))
                 out.append({"ok": True, **res})
             except CreditsRequestError as exc:
-                out.append({"ok": False, "status": exc.status,
-                            "error": {"code": exc.code, "message": str(exc), **exc.details}})
+                out.append(refusal(exc))
         return out
 
-    def _apply_one(self, name: str, actor: str | None, params: dict[str, Any], key: str | None) -> Any:
+    def apply(self, op: Request) -> Any:
+        """Apply one request in memory: check who asks, replay or record its idempotency key, run it."""
+        name, actor, params, key = op.name, op.actor, op.params, op.key
         operation = OPERATIONS[name]
         if operation.roles is not None:
             require_role(self.b.role_of(actor or ""), operation.roles, name.replace("_", " "), actor)
@@ -385,23 +370,23 @@ class Unit:
         if name in self.b.accounts:
             raise ConflictError(f"an account named {name!r} already exists; choose another name",
                                 details={"account": name})
-        token = new_token()
-        acct = self._create(self.b.accounts, name, Account(name, role, hash_token(token), 0, self.now))
-        self.b.tokens[acct.token_hash] = name
-        self.token_changes.append((None, acct.token_hash, name))
-        return {"account": name, "role": role, "token": token}
+        acct = self._create(self.b.accounts, name, Account(name, role, None, 0, self.now))
+        return {"account": name, "role": role, "token": self._new_token(acct)}
 
     def rotate_token(self, actor: str | None, key: str, *, account: str) -> dict[str, Any]:
         """Give ``account`` a new token (the old one stops working); the answer carries it."""
-        acct = self._account(account)
+        return {"account": account, "token": self._new_token(self._account(account))}
+
+    def _new_token(self, acct: Account) -> str:
+        """Give ``acct`` a fresh token (its old one stops working) and return it."""
         token = new_token()
         old = acct.token_hash
-        self._set(acct, "token_hash", hash_token(token))
+        self._set(acct, token_hash=hash_token(token))
         if old:
             self.b.tokens.pop(old, None)
-        self.b.tokens[acct.token_hash] = account
-        self.token_changes.append((old, acct.token_hash, account))
-        return {"account": account, "token": token}
+        self.b.tokens[acct.token_hash] = acct.name
+        self.token_changes.append((old, acct.token_hash, acct.name))
+        return token
 
     def mint(self, actor: str | None, key: str, *, account: str, amount: int) -> dict[str, Any]:
         """Create ``amount`` credits in ``account``: the only way the total grows."""
@@ -421,20 +406,14 @@ class Unit:
         return self._create(self.b.sessions, sid, Session(sid, actor or "", notebook, kernel, budget, 0, 0,
                                                           self.now)).usage()
 
-    def _owner_or_operator(self, actor: str | None, sess: Session, verb: str) -> None:
-        if actor == sess.account:
-            return
-        role = self.b.role_of(actor or "")
-        if role != "operator":
-            raise ForbiddenError(
-                f"account {actor!r} ({role}) may not {verb} session {sess.id!r}, which belongs to "
-                f"{sess.account!r}; only its owner or an operator may",
-                details={"session": sess.id})
-
     def hold(self, actor: str | None, key: str, *, session: str, amount: int) -> dict[str, Any]:
         """Hold ``amount`` of a session's budget: move it from its owner's balance to escrow."""
         sess = self._session(session)
-        self._owner_or_operator(actor, sess, "hold credits of")
+        role = self.b.role_of(actor or "")
+        if actor != sess.account and role != "operator":
+            raise ForbiddenError(
+                f"account {actor!r} ({role}) may not hold credits of session {session!r}, which belongs to "
+                f"{sess.account!r}; only its owner or an operator may", details={"session": session})
         left = sess.budget - sess.held - sess.spent
         if amount > left:
             raise BudgetExceededError(
@@ -452,7 +431,7 @@ class Unit:
         hid = "h_" + uuid.uuid4().hex
         index = self._move("hold", owner, self.b.accounts[ESCROW], amount, session, hid, key)
         self._create(self.b.holds, hid, Hold(hid, session, owner.name, amount, "held", "", 0, index, None))
-        self._set(sess, "held", sess.held + amount)
+        self._set(sess, held=sess.held + amount)
         return {"hold": hid, "session": session, "amount": amount, "entry": index, "left": left - amount}
 
     def _open_hold(self, hid: str, verb: str) -> tuple[Hold, Session]:
@@ -463,11 +442,12 @@ class Unit:
                 details={"hold": hid, "state": hold.state})
         return hold, self._session(hold.session)
 
-    def _provider(self, name: str) -> Account:
-        """The provider account ``name`` that a settlement pays (checked before anything moves)."""
+    def _provider(self, name: str, why: str = "settle pays providers") -> Account:
+        """The provider account ``name`` (a settlement pays it, a trust record is its): checked
+        before anything moves, refused with ``why`` when it is another role's."""
         prov = self._account(name, "provider account")
         if prov.role != "provider":
-            raise InvalidRequestError(f"account {name!r} is a {prov.role}, not a provider; settle pays providers",
+            raise InvalidRequestError(f"account {name!r} is a {prov.role}, not a provider; {why}",
                                       details={"account": name})
         return prov
 
@@ -490,13 +470,10 @@ class Unit:
         """Pay ``amount`` (>= 1) of an open hold to a provider: one ``settle`` entry; the hold's
         ``paid`` and the session's ``spent`` grow by it, the session's ``held`` shrinks by it."""
         index = self._move("settle", self.b.accounts[ESCROW], prov, amount, sess.id, h.id, key, memo_text)
-        self._set(h, "paid", h.paid + amount)
-        self._set(h, "provider", prov.name)
         # Until the hold closes, ``closed_entry`` names its latest payout, so a hold paid in full
         # by parts and then closed (no release entry) still names its last entry.
-        self._set(h, "closed_entry", index)
-        self._set(sess, "held", sess.held - amount)
-        self._set(sess, "spent", sess.spent + amount)
+        self._set(h, paid=h.paid + amount, provider=prov.name, closed_entry=index)
+        self._set(sess, held=sess.held - amount, spent=sess.spent + amount)
         return index
 
     def _close(self, h: Hold, sess: Session, state: str, key: str, memo_text: str = "") -> list[int]:
@@ -507,10 +484,9 @@ class Unit:
         if rest:
             entries.append(self._move("release", self.b.accounts[ESCROW], self._account(h.account), rest,
                                       sess.id, h.id, key, memo_text))
-            self._set(h, "closed_entry", entries[0])
-            self._set(sess, "held", sess.held - rest)
-        self._set(h, "state", state)
-        self.closed_holds.append(h.id)
+            self._set(h, closed_entry=entries[0])
+            self._set(sess, held=sess.held - rest)
+        self._set(h, state=state)
         return entries
 
     def settle_part(self, actor: str | None, key: str, *, hold: str, provider: str, amount: int,
@@ -535,7 +511,7 @@ class Unit:
         # A settlement that pays nothing writes only the release: the memo goes on it.
         entries += self._close(h, sess, "settled", key, "" if amount else memo_text)
         if not amount:
-            self._set(h, "provider", provider)
+            self._set(h, provider=provider)
         return {"hold": hold, "session": sess.id, "provider": provider, "paid": amount, "released": left - amount,
                 "total_paid": h.paid, "entries": entries}
 
@@ -551,28 +527,22 @@ class Unit:
         """Count a verified result of ``provider`` (agreed or a mismatch); quarantine it below the floor."""
         rec = self._record(provider)
         if agreed:
-            self._set(rec, "valid", rec.valid + 1)
-            self._set(rec, "consecutive_valid", rec.consecutive_valid + 1)
+            self._set(rec, valid=rec.valid + 1, consecutive_valid=rec.consecutive_valid + 1)
         else:
-            self._set(rec, "mismatches", rec.mismatches + 1)
-            self._set(rec, "consecutive_valid", 0)
+            self._set(rec, mismatches=rec.mismatches + 1, consecutive_valid=0)
         if not rec.quarantined:
             reason = quarantine_reason(rec.valid, rec.mismatches, self.b.reputation_floor)
             if reason:
-                self._set(rec, "quarantined", True)
-                self._set(rec, "quarantine_reason", reason)
+                self._set(rec, quarantined=True, quarantine_reason=reason)
                 logger.warning("provider %s is quarantined: %s", provider, reason)
-        self._set(rec, "updated", self.now)
+        self._set(rec, updated=self.now)
         return rec.to_json()
 
     def clear_quarantine(self, actor: str | None, key: str, *, provider: str) -> dict[str, Any]:
         """Lift ``provider``'s quarantine and forgive its mismatches."""
         rec = self._record(provider)
-        self._set(rec, "quarantined", False)
-        self._set(rec, "quarantine_reason", "")
-        self._set(rec, "mismatches", 0)
-        self._set(rec, "consecutive_valid", 0)
-        self._set(rec, "updated", self.now)
+        self._set(rec, quarantined=False, quarantine_reason="", mismatches=0, consecutive_valid=0,
+                  updated=self.now)
         logger.info("the quarantine of provider %s was cleared by %s", provider, actor)
         return rec.to_json()
 
@@ -607,16 +577,20 @@ class Unit:
     def committed(self) -> None:
         """After the commit: the book takes the new chain position and tree, readers see the new
         values, and closed holds are forgotten (memory keeps only open ones)."""
-        changed = [*self.new.values(), *self.dirty.values()]
-        self.b.publish([o for o in changed if type(o) is Session], [o for o in changed if type(o) is Account])
+        for obj in (*self.new.values(), *self.dirty.values()):
+            if type(obj) is Session:
+                self.b.committed_sessions[obj.id] = astuple(obj)
+            elif type(obj) is Account:
+                self.b.committed_balances[obj.name] = obj.balance
+            elif type(obj) is Hold and obj.state != "held":
+                self.b.holds.pop(obj.id, None)
         self.b.next_index = self.next_index
         self.b.last_hash = self.last_hash
         if self.heads:
             self.b.last_head_size = max(self.b.last_head_size, *(h["size"] for h in self.heads))
+        leaves = [entry[10] for entry in self.entries]  # each entry's hash
         with self.b.tree_lock:
-            self.b.tree.extend(self.new_leaves)
-        for hid in self.closed_holds:
-            self.b.holds.pop(hid, None)
+            self.b.tree.extend(leaves)
 
 
 @dataclass(frozen=True)

@@ -315,14 +315,6 @@ class WriteConnection:
                 f"{_PG_LOCK_KEY}); stop it first, or talk to it instead of starting a second one",
                 url=redact(self.url))
 
-    def commit(self) -> None:
-        """Commit the writer's transaction."""
-        self.raw.commit()
-
-    def rollback(self) -> None:
-        """Roll the writer's transaction back."""
-        self.raw.rollback()
-
     def close(self) -> None:
         """Close the connection and let another service take the writer's lock."""
         self.raw.close()
@@ -332,13 +324,8 @@ class WriteConnection:
 
     def row(self, table: str, key: Any) -> tuple | None:
         """Return the row of ``table`` whose primary key is ``key`` (all columns), or None."""
-        t = get_table(table)
-        cur = self.raw.cursor()
-        cur.execute(f"SELECT {', '.join(columns(table))} FROM {table} WHERE {t.primary_key.columns[0].name} = "
-                    f"{self.p}", (key,))
-        row = cur.fetchone()
-        cur.close()
-        return None if row is None else tuple(row)
+        rows = self.rows_in(table, [key])
+        return rows[0] if rows else None
 
     def rows_in(self, table: str, keys: list[Any]) -> list[tuple]:
         """Return the rows of ``table`` whose primary key is one of ``keys``."""

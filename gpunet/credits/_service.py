@@ -59,6 +59,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -100,9 +101,10 @@ from gpunet.credits._book import (
     OPERATIONS,
     OPERATOR_ONLY,
     ROLES,
+    refusal,
     require_role,
 )
-from gpunet.credits._db import beside_db, format_time, resolve_db_url
+from gpunet.credits._db import beside_db, format_time, resolve_db_url, sqlite_path
 from gpunet.credits._store import CreditStore
 from gpunet.credits._trust import REPUTATION_FLOOR
 
@@ -124,25 +126,20 @@ def _amount(field: str, v: Any, minimum: int = 1) -> int:
     return v
 
 
-def _name(field: str, v: Any) -> str:
-    if not isinstance(v, str) or not NAME_RE.match(v):
-        raise _bad(field, v, "an account name: 1-64 of letters, digits, '.', '_', '@', '-', starting "
-                   "with a letter or digit")
-    return v
-
-
-def _key(field: str, v: Any) -> str:
-    if not isinstance(v, str) or not KEY_RE.match(v):
-        raise _bad(field, v, "an idempotency key: 1-200 printable ASCII characters, no spaces")
-    return v
-
-
-def _id(prefix: str, what: str) -> Callable[[str, Any], str]:
+def _matching(pattern: re.Pattern[str], want: str, prefix: str = "") -> Callable[[str, Any], str]:
+    """A check of a string field: it matches ``pattern`` and starts with ``prefix``, else it must be ``want``."""
     def check(field: str, v: Any) -> str:
-        if not isinstance(v, str) or not ID_RE.match(v) or not v.startswith(prefix):
-            raise _bad(field, v, f"a {what} id like {prefix}0123…(32 hex digits)")
+        if not isinstance(v, str) or not pattern.match(v) or not v.startswith(prefix):
+            raise _bad(field, v, want)
         return v
     return check
+
+
+_name = _matching(NAME_RE, "an account name: 1-64 of letters, digits, '.', '_', '@', '-', starting with a letter "
+                  "or digit")
+_key = _matching(KEY_RE, "an idempotency key: 1-200 printable ASCII characters, no spaces")
+_session_id = _matching(ID_RE, "a session id like s_0123…(32 hex digits)", "s_")
+_hold_id = _matching(ID_RE, "a hold id like h_0123…(32 hex digits)", "h_")
 
 
 def _text(limit: int) -> Callable[[str, Any], str]:
@@ -184,9 +181,6 @@ def _role(field: str, v: Any) -> str:
         raise _bad(field, v, f"one of {', '.join(ROLES)}")
     return v
 
-
-_session_id = _id("s_", "session")
-_hold_id = _id("h_", "hold")
 
 SPECS: dict[str, dict[str, tuple[Callable[[str, Any], Any], bool]]] = {
     "create_account": {"name": (_name, True), "role": (_role, True)},
@@ -269,19 +263,29 @@ class CreditService:
                             "check GPUNET_TOKEN or the token file")
         return who
 
-    async def _op(self, name: str, actor: str, role: str, params: dict[str, Any]) -> Any:
-        """Submit operation ``name``; the book checks the actor's role (see ``OPERATIONS``)."""
-        key = params.pop("key", None)
-        return await _wait(self.store.submit(name, actor, params, key))
-
     def operation(self, name: str, path: tuple[str, str, Callable[[str, Any], Any]] | None = None) -> Callable:
         """Return the handler of ``POST`` operation ``name`` (see the routes): the body checked by
-        :func:`validate`, ``path`` = (path parameter, field, check) adding a field from the path."""
+        :func:`validate`, ``path`` = (path parameter, field, check) adding a field from the path. The
+        book checks the actor's role (see ``OPERATIONS``)."""
         async def handler(request: Request) -> Any:
-            actor, role = self._auth(request)
+            actor, _ = self._auth(request)
             body = await _json_body(request)
             extra = None if path is None else {path[1]: path[2](path[1], request.path_params[path[0]])}
-            return await self._op(name, actor, role, validate(name, body, extra=extra))
+            params = validate(name, body, extra=extra)
+            key = params.pop("key", None)
+            # The store's future is an asyncio one with the writer on this loop (wrap_future passes
+            # it through), a concurrent one with the writer on its thread.
+            return await asyncio.wrap_future(self.store.submit(name, actor, params, key))
+        return handler
+
+    def listing(self, field: str, read: Callable[[], Any], what: str | None = None) -> Callable:
+        """Return the handler of a ``GET`` answering ``{field: read()}`` (committed rows, read in a
+        thread): to any token or, with ``what`` (the refusal calls it so), to the operator only."""
+        async def handler(request: Request) -> dict[str, Any]:
+            actor, role = self._auth(request)
+            if what is not None:
+                require_role(role, OPERATOR_ONLY, what, actor)
+            return {field: await run_in_threadpool(read)}
         return handler
 
     @staticmethod
@@ -312,12 +316,6 @@ class CreditService:
         validate("ping", await _json_body(request))
         return {"ok": True, "account": actor}
 
-    async def list_accounts(self, request: Request) -> dict[str, Any]:
-        """GET /v1/accounts: every account with role and balance (operator)."""
-        actor, role = self._auth(request)
-        require_role(role, OPERATOR_ONLY, "listing accounts", actor)
-        return {"accounts": await run_in_threadpool(self.store.read_accounts)}
-
     async def get_account(self, request: Request) -> dict[str, Any]:
         """GET /v1/accounts/{name}: one account's committed balance (itself or operator)."""
         actor, role = self._auth(request)
@@ -327,12 +325,14 @@ class CreditService:
                                  "operator may")
         acct = self.store.cached_account(name)
         if acct is None:
-            acct = await run_in_threadpool(self.store.read_account, name)
+            found = await run_in_threadpool(self.store.read_accounts, name)  # [] or [that account]
+            acct = found[0] if found else None
         if acct is None:
             raise NotFoundError(f"no account named {name!r}", details={"account": name})
         return acct
 
-    async def _readable_session(self, request: Request) -> tuple[str, str, dict[str, Any]]:
+    async def usage(self, request: Request) -> dict[str, Any]:
+        """GET /v1/sessions/{sid}: budget, held, spent and left (owner or operator)."""
         actor, role = self._auth(request)
         sid = _session_id("session", request.path_params["sid"])
         usage = self.store.cached_session(sid)
@@ -343,21 +343,17 @@ class CreditService:
         if usage["account"] != actor and role != "operator":
             raise ForbiddenError(f"account {actor!r} may not read session {sid!r}, which belongs to another "
                                  "account", details={"session": sid})
-        return actor, role, usage
-
-    async def usage(self, request: Request) -> dict[str, Any]:
-        """GET /v1/sessions/{sid}: budget, held, spent and left (owner or operator)."""
-        return (await self._readable_session(request))[2]
+        return usage
 
     async def receipt(self, request: Request) -> dict[str, Any]:
         """GET /v1/sessions/{sid}/receipt: entries with inclusion proofs and a signed head."""
-        actor, role, usage = await self._readable_session(request)
-        head = await _wait(self.store.submit("sign_head", None, {}))
+        usage = await self.usage(request)  # who may read the session may have its receipt
+        head = await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
         return await run_in_threadpool(self._build_receipt, usage, head)
 
     def _build_receipt(self, usage: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
         size = head["size"]
-        rows = self.store.read_session_entries(usage["session"], size)
+        rows = self.store.read_entries(0, size, session=usage["session"])
         entries = []
         spent = held = 0
         for row in rows:
@@ -408,9 +404,8 @@ class CreditService:
         items = body["items"]
         if len(items) > MAX_BATCH:
             raise InvalidRequestError(f"a batch holds at most {MAX_BATCH} items, got {len(items)}; split it")
-        results: list[dict[str, Any] | None] = [None] * len(items)
-        good: list[dict[str, Any]] = []
-        where: list[int] = []
+        results: dict[int, dict[str, Any]] = {}
+        good: dict[int, dict[str, Any]] = {}  # the valid items, by their place in the batch
         for i, item in enumerate(items):
             try:
                 if not isinstance(item, dict):
@@ -420,18 +415,13 @@ class CreditService:
                     raise InvalidRequestError(f"batch item {i}: 'op' must be one of {', '.join(BATCH_OPS)}, "
                                               f"got {op!r:.40}")
                 require_role(role, OPERATIONS[op].roles, op, actor)
-                params = validate(op, {k: v for k, v in item.items() if k != "op"})
-                params["op"] = op
-                good.append(params)
-                where.append(i)
+                good[i] = {**validate(op, {k: v for k, v in item.items() if k != "op"}), "op": op}
             except CreditsRequestError as exc:
-                results[i] = {"ok": False, "status": exc.status,
-                              "error": {"code": exc.code, "message": str(exc), **exc.details}}
+                results[i] = refusal(exc)
         if good:
-            done = await _wait(self.store.submit("batch", actor, {"items": good}))
-            for i, res in zip(where, done):
-                results[i] = res
-        return {"results": results}
+            done = await asyncio.wrap_future(self.store.submit("batch", actor, {"items": list(good.values())}))
+            results.update(zip(good, done))
+        return {"results": [results[i] for i in range(len(items))]}
 
     async def provider_record(self, request: Request) -> dict[str, Any]:
         """GET /v1/providers/{name}: one provider's trust record (any token)."""
@@ -439,20 +429,10 @@ class CreditService:
         name = _name("provider", request.path_params["name"])
         return await run_in_threadpool(self.store.read_provider_record, name)
 
-    async def provider_records(self, request: Request) -> dict[str, Any]:
-        """GET /v1/providers: the trust record of every provider account (any token)."""
-        self._auth(request)
-        return {"providers": await run_in_threadpool(self.store.read_provider_records)}
-
     async def head(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/head: sign (and store) a tree head at the committed size."""
         self._auth(request)
-        return await _wait(self.store.submit("sign_head", None, {}))
-
-    async def heads(self, request: Request) -> dict[str, Any]:
-        """GET /v1/ledger/heads: every stored signed tree head."""
-        self._auth(request)
-        return {"heads": await run_in_threadpool(self.store.read_heads)}
+        return await asyncio.wrap_future(self.store.submit("sign_head", None, {}))
 
     async def entries(self, request: Request) -> dict[str, Any]:
         """GET /v1/ledger/entries?start=&limit=: raw entries for verifiers (operator)."""
@@ -492,13 +472,6 @@ class CreditService:
                 "proof": [p.hex() for p in proof]}
 
 
-async def _wait(future: Any) -> Any:
-    """Await a store future: an asyncio one (writer on the loop) or a concurrent one (writer thread)."""
-    if isinstance(future, asyncio.Future):
-        return await future
-    return await asyncio.wrap_future(future)
-
-
 def _error_response(exc: CreditsError) -> Any:
     status = getattr(exc, "status", 500)
     body = {"status": status, "code": getattr(exc, "code", "error"), "message": str(exc),
@@ -530,7 +503,7 @@ def build_app(store: CreditStore) -> Starlette:
         Route("/v1/health", wrap(svc.health), methods=["GET"]),
         Route("/v1/ping", wrap(svc.ping), methods=["POST"]),
         Route("/v1/accounts", wrap(svc.operation("create_account")), methods=["POST"]),
-        Route("/v1/accounts", wrap(svc.list_accounts), methods=["GET"]),
+        Route("/v1/accounts", wrap(svc.listing("accounts", store.read_accounts, "listing accounts")), methods=["GET"]),
         Route("/v1/accounts/{name}", wrap(svc.get_account), methods=["GET"]),
         Route("/v1/mint", wrap(svc.operation("mint")), methods=["POST"]),
         Route("/v1/sessions", wrap(svc.operation("open_session")), methods=["POST"]),
@@ -542,13 +515,13 @@ def build_app(store: CreditStore) -> Starlette:
         Route("/v1/holds/{hid}/settle_part", wrap(svc.operation("settle_part", hold)), methods=["POST"]),
         Route("/v1/holds/{hid}/release", wrap(svc.operation("release", hold)), methods=["POST"]),
         Route("/v1/batch", wrap(svc.batch), methods=["POST"]),
-        Route("/v1/providers", wrap(svc.provider_records), methods=["GET"]),
+        Route("/v1/providers", wrap(svc.listing("providers", store.read_provider_records)), methods=["GET"]),
         Route("/v1/providers/{name}", wrap(svc.provider_record), methods=["GET"]),
         Route("/v1/providers/{name}/verifications", wrap(svc.operation("record_verification", provider)),
               methods=["POST"]),
         Route("/v1/providers/{name}/clear", wrap(svc.operation("clear_quarantine", provider)), methods=["POST"]),
         Route("/v1/ledger/head", wrap(svc.head), methods=["GET"]),
-        Route("/v1/ledger/heads", wrap(svc.heads), methods=["GET"]),
+        Route("/v1/ledger/heads", wrap(svc.listing("heads", store.read_heads)), methods=["GET"]),
         Route("/v1/ledger/entries", wrap(svc.entries), methods=["GET"]),
         Route("/v1/ledger/proof/inclusion", wrap(svc.inclusion), methods=["GET"]),
         Route("/v1/ledger/proof/consistency", wrap(svc.consistency), methods=["GET"]),
@@ -562,12 +535,15 @@ def build_app(store: CreditStore) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
-        if store.prefers_loop:
-            store.attach_loop()
+        # With SQLite the writer runs on this loop: its statements take microseconds, and on the
+        # loop thread they never wait for the GIL; only the commit (the fsync) goes to a thread.
+        # A server database keeps its writer thread.
+        if sqlite_path(store.url) is not None:
+            store.writer.attach_loop()
         try:
             yield
         finally:
-            await store.detach_loop()
+            await store.writer.detach_loop()
 
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
 
@@ -658,7 +634,7 @@ def serve(
         token_path = Path(operator_token_file) if operator_token_file else beside_db(store.url, ".operator-token")
         token = store.ensure_operator()
         if token is None and rotate_operator_token:
-            token = store.rotate_token("operator")
+            token = store.call("rotate_token", None, {"account": "operator"})["token"]
         if token is not None:
             write_secret(token_path, token)
             logger.info("wrote the operator token to %s (mode 600)", token_path)

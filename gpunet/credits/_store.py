@@ -11,7 +11,7 @@ their own pooled connections, or the committed values the book keeps in memory.
 
 from __future__ import annotations
 
-import datetime as _dt
+import functools
 import logging
 from concurrent.futures import Future
 from typing import Any
@@ -49,7 +49,7 @@ class CreditStore:
                          reputation_floor=reputation_floor)
         if ESCROW not in self.book.accounts:
             self._add_account(ESCROW, "system", None)
-        self.writer = Writer(conn, self.book.begin)
+        self.writer = Writer(conn.raw, self.book.begin)  # it commits and rolls back the DB-API connection
         self._closed = False
         logger.info("credit store %s: %d accounts, %d ledger entries", _db.redact(url), len(accounts),
                     self.size)
@@ -81,10 +81,6 @@ class CreditStore:
         self._add_account(OPERATOR, "operator", hash_token(token))
         logger.info("created the operator account")
         return token
-
-    def rotate_token(self, name: str) -> str:
-        """Give account ``name`` a new token (the old one stops working) and return it."""
-        return self.call("rotate_token", None, {"account": name}, None)["token"]
 
     # -- reads from memory --
 
@@ -128,36 +124,16 @@ class CreditStore:
 
     # -- reads from the database (committed rows) --
 
-    def read_account(self, name: str) -> dict[str, Any] | None:
-        """Return an account's committed name, role and balance, or None."""
-        found = _db.read_accounts(self.engine, name)
-        return found[0] if found else None
-
-    def read_accounts(self) -> list[dict[str, Any]]:
-        """Return every account with its committed balance."""
-        return _db.read_accounts(self.engine)
+    def __getattr__(self, name: str) -> Any:
+        """``read_X(...)``, unless defined below, is :func:`_db.read_X` on this store's engine."""
+        if name.startswith("read_") and hasattr(_db, name):
+            return functools.partial(getattr(_db, name), self.engine)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def read_session(self, sid: str) -> dict[str, Any] | None:
         """Return a session's committed usage, or None."""
         row = _db.read_session(self.engine, sid)
         return None if row is None else Session(*row).usage()
-
-    def read_entries(self, start: int, end: int) -> list[tuple]:
-        """Return stored entry rows with ``start <= index < end`` in order."""
-        return _db.read_entries(self.engine, start, end)
-
-    def read_session_entries(self, sid: str, size: int) -> list[tuple]:
-        """Return the entry rows of session ``sid`` below index ``size``."""
-        return _db.read_entries(self.engine, 0, size, session=sid)
-
-    def read_heads(self) -> list[dict[str, Any]]:
-        """Return every stored signed tree head, oldest first."""
-        return _db.read_heads(self.engine)
-
-    def read_open_holds(self, *, older_than: float | None = None, account: str | None = None,
-                        now: _dt.datetime | None = None) -> list[dict[str, Any]]:
-        """Return the committed holds still open, oldest first; see :func:`_db.read_open_holds`."""
-        return _db.read_open_holds(self.engine, older_than=older_than, account=account, now=now)
 
     def read_provider_record(self, name: str) -> dict[str, Any]:
         """Return provider ``name``'s committed trust record (defaults when it has none yet).
@@ -188,21 +164,6 @@ class CreditStore:
              timeout: float = 60) -> Any:
         """Run one operation and wait for its answer (raises its error)."""
         return self.submit(name, actor, params, key).result(timeout)
-
-    @property
-    def prefers_loop(self) -> bool:
-        """Whether the writer should run on the service's event loop: SQLite statements take
-        microseconds, and on the loop thread they never wait for the GIL; only the commit
-        (the fsync) goes to a thread. A server database keeps its writer thread."""
-        return _db.sqlite_path(self.url) is not None
-
-    def attach_loop(self) -> None:
-        """Move the writer onto the running event loop (call from that loop)."""
-        self.writer.attach_loop()
-
-    async def detach_loop(self) -> None:
-        """Finish the queued operations and move the writer back to its own thread."""
-        await self.writer.detach_loop()
 
     def close(self) -> None:
         """Finish queued operations, sign a last head, stop the writer and close connections."""
