@@ -10,9 +10,11 @@ workers with their devices, the cells that ran remotely, and the time taken.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from gpunet.client.local import EmbeddedNetwork
@@ -51,6 +53,21 @@ def _spent(embedded: object) -> int | None:
         operator.close()
 
 
+@contextlib.contextmanager
+def _environment(settings: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then put back what was there."""
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -61,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpunet demo: {embedded.note}; scheduler {embedded.scheduler_address}", flush=True)
         with connect(embedded.scheduler_address) as net:
             workers = net.workers()
-        os.environ["GPUNET_SCHEDULER"] = embedded.scheduler_address
+        settings = {"GPUNET_SCHEDULER": embedded.scheduler_address}
         if embedded.credits_service is not None:  # the notebook's cells are metered too
-            os.environ["GPUNET_CREDITS"] = embedded.credits_url
-            os.environ["GPUNET_TOKEN"] = embedded.client_token
-        notebook, executed = run_notebook(path)
+            settings.update(GPUNET_CREDITS=embedded.credits_url, GPUNET_TOKEN=embedded.client_token)
+        with _environment(settings):  # the notebook's kernel inherits them; this process keeps its own
+            notebook, executed = run_notebook(path)
         spent = _spent(embedded)
     finally:
         embedded.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import nbformat
@@ -34,6 +36,9 @@ def test_make_demo_summary(tmp_path, capsys, monkeypatch, detached):
     for name in ("GPUNET_SCHEDULER", "GPUNET_CREDITS", "GPUNET_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     assert demo_main([str(copy)]) == 0
+    # The demo's network is gone: it must not stay in this process's environment, where
+    # a later gpunet.connect() would look for it.
+    assert not {"GPUNET_SCHEDULER", "GPUNET_CREDITS", "GPUNET_TOKEN"} & set(os.environ)
     out = capsys.readouterr().out
     assert "workers (2):" in out and "cpu:" in out
     assert "cells run remotely: 3" in out
