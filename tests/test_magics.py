@@ -19,6 +19,7 @@ from gpunet.errors import (
     PlacementError,
     UnpicklableInputError,
 )
+from network_probes import running_jobs, spy_on_sending, wait_until
 
 
 def run(ip, body, flags=""):
@@ -32,41 +33,7 @@ def sent(net, monkeypatch):
     """What reached Dask while the test ran: one name per call of the shared network's
     ``client.submit`` / ``map`` / ``scatter``, the only ways a job's tasks and inputs
     are sent (gpunet/client/submit.py, verified.py). Empty means nothing was sent."""
-    calls = []
-    for name in ("submit", "map", "scatter"):
-        original = getattr(net.client, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(net.client, name, spy)
-    return calls
-
-
-def running_jobs(net):
-    """The jobs each worker's runner has registered as running (gpunet.worker.runner._running,
-    keys "<job id>" or "<job id>/<item>"), asked through Client.run: it runs on the workers'
-    event loops, so it answers even while every worker thread is busy."""
-    def running_keys():  # nested, so that it travels by value: workers cannot import this module
-        from gpunet.worker import runner
-
-        with runner._registry_lock:
-            return sorted(runner._running)
-
-    return net.client.run(running_keys)
-
-
-def wait_until(condition, timeout, what):
-    """Poll ``condition()`` until it is true; fail saying ``what`` was awaited after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        time.sleep(0.05)
+    return spy_on_sending(monkeypatch, net)
 
 
 def test_inputs_travel_and_outputs_come_back(ip):

@@ -14,6 +14,7 @@ from gpunet.client import network as network_module
 from gpunet import wire
 from gpunet.client.local import EmbeddedNetwork
 from gpunet.credits import verify_service
+from network_probes import running_jobs, spy_on_sending
 
 
 def _settled(net, timeout=30.0):
@@ -52,28 +53,13 @@ def test_each_task_is_paid_once_and_holds_return(net):
     assert "spent" in str(usage) and "tcp://127.0.0.1" in str(usage)
 
 
-def _spy_on_sending(monkeypatch, net):
-    """Record each call of ``net.client.submit`` / ``map`` / ``scatter``: the only ways a
-    job's tasks and inputs reach Dask (gpunet/client/submit.py, verified.py)."""
-    calls = []
-    for name in ("submit", "map", "scatter"):
-        original = getattr(net.client, name)
-
-        def spy(*args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(net.client, name, spy)
-    return calls
-
-
 def test_a_map_bigger_than_the_budget_is_refused_before_it_is_sent(own, tmp_path, monkeypatch):
     marker = tmp_path / "ran"
 
     def touch(_):
         marker.touch()
 
-    sent = _spy_on_sending(monkeypatch, own)
+    sent = spy_on_sending(monkeypatch, own)
     with pytest.raises(gpunet.BudgetError) as caught:
         own.map(touch, range(300))  # 300 items x 10 credits each > 2,000
     message = str(caught.value)
@@ -91,7 +77,7 @@ def test_max_credits_stops_the_cell_and_charges_the_limit(own):
         own.run(_spin, max_credits=2)
     assert time.monotonic() - started < 10  # stopped at the limit (~2 s), not at some later point
     # Stopped: no worker still runs the endless loop.
-    assert all(keys == [] for keys in _running_jobs(own).values()), _running_jobs(own)
+    assert all(keys == [] for keys in running_jobs(own).values()), running_jobs(own)
     after = _settled(own)
     assert after["spent"] - before["spent"] in (1, 2), "charged for its time on the worker, at most the limit"
 
@@ -106,17 +92,6 @@ def test_a_map_whose_max_credits_cannot_pay_each_item_is_refused(own):
 def _spin():
     while True:
         pass
-
-
-def _running_jobs(net):
-    """The job ids each worker's runner has registered as running (gpunet.worker.runner._running)."""
-    def running_keys():  # nested, so that it travels by value: workers cannot import this module
-        from gpunet.worker import runner
-
-        with runner._registry_lock:
-            return sorted(runner._running)
-
-    return net.client.run(running_keys)
 
 
 def test_reports_survive_the_credit_service_pausing(own):

@@ -16,6 +16,7 @@ from gpunet.ui.status import NetworkStatus
 from gpunet.testing import local_market
 from gpunet.errors import VerificationError
 from gpunet.verify.quorum import Policy, result_digest, tolerance_for
+from network_probes import running_jobs, wait_until
 
 
 def _square_and_root(i):  # travels by value: the workers cannot import this test module
@@ -37,26 +38,6 @@ def _wait_reported(net, timeout=30):
             return state
         time.sleep(0.1)
     raise AssertionError(f"reports still queued: {state}")
-
-
-def _running_jobs(net):
-    """The job ids each worker's runner has registered as running (gpunet.worker.runner._running)."""
-    def running_keys():  # nested, so that it travels by value: workers cannot import this module
-        from gpunet.worker import runner
-
-        with runner._registry_lock:
-            return sorted(runner._running)
-
-    return net.client.run(running_keys)
-
-
-def _wait_until(condition, timeout, what):
-    """Poll ``condition()`` until it is true; fail saying ``what`` was awaited after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        time.sleep(0.05)
 
 
 # -- without a network ---------------------------------------------------------------------
@@ -255,7 +236,7 @@ def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
     with market.connect() as net:
         job = jobs.function_job(_square_and_root, (4,), {}, topic=None)
         remote = net.submit(job, resources=net.resources_for(), verify="replicate")
-        _wait_until(lambda: all(copy.future.status == "finished" for unit in remote.units for copy in unit.copies),
+        wait_until(lambda: all(copy.future.status == "finished" for unit in remote.units for copy in unit.copies),
                     60, "both copies to finish")
         keys = [copy.key for unit in remote.units for copy in unit.copies]
         verdicts = net.metering_state()["verdicts"]
@@ -288,18 +269,18 @@ def test_timeout_and_cancel_stop_every_copy_and_pay_nobody(honest_market, shell,
         with pytest.raises(CellTimeoutError, match="timeout of 1 s"):
             net.run(_sleeps, 30, verify="replicate", timeout=1)
         assert time.monotonic() - started < 10  # stopped at its timeout, not after its 30 s
-        _wait_until(lambda: not any(_running_jobs(net).values()), 30, "every copy to be stopped on its worker")
+        wait_until(lambda: not any(running_jobs(net).values()), 30, "every copy to be stopped on its worker")
 
         shell.run_cell_magic("gpunet", "--verify replicate --no-block --quiet", "import time\nfor _ in range(300):\n    time.sleep(0.1)\nx = 1")
         handle = shell.user_ns["_gpunet"]
         try:
             # Cancel once both copies run, each on its provider's worker.
-            _wait_until(lambda: sum(bool(keys) for keys in _running_jobs(net).values()) == 2, 30,
+            wait_until(lambda: sum(bool(keys) for keys in running_jobs(net).values()) == 2, 30,
                         "both copies to run")
             handle.cancel()
             with pytest.raises(gpunet_errors.GpunetError, match="cancelled before it was verified"):
                 handle.result(timeout=20)
-            _wait_until(lambda: not any(_running_jobs(net).values()), 30, "every copy to be stopped on its worker")
+            wait_until(lambda: not any(running_jobs(net).values()), 30, "every copy to be stopped on its worker")
         finally:
             if not handle.done():
                 handle.cancel()

@@ -1,0 +1,49 @@
+"""What the end-to-end tests ask a running network: what reached Dask, what the workers
+still run, and a bounded wait for a positive event (never a fixed sleep)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+
+def spy_on_sending(monkeypatch: Any, net: Any) -> list[str]:
+    """Record each call of ``net.client.submit`` / ``map`` / ``scatter``, the only ways a
+    job's tasks and inputs reach Dask (gpunet/client/submit.py, verified.py); an empty
+    list means nothing was sent."""
+    calls: list[str] = []
+    for name in ("submit", "map", "scatter"):
+        original = getattr(net.client, name)
+
+        def spy(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(net.client, name, spy)
+    return calls
+
+
+def running_jobs(net: Any) -> dict[str, list[str]]:
+    """The jobs each worker's runner has registered as running (gpunet.worker.runner._running,
+    keys "<job id>" or "<job id>/<item>"), asked through Client.run: it runs on the workers'
+    event loops, so it answers even while every worker thread is busy."""
+    def running_keys() -> list[str]:  # nested, so that it travels by value: workers cannot import this module
+        from gpunet.worker import runner
+
+        with runner._registry_lock:
+            return sorted(runner._running)
+
+    return net.client.run(running_keys)
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``condition()`` until it is true and return its value; fail saying ``what`` was
+    awaited after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        time.sleep(0.05)
