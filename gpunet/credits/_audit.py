@@ -9,7 +9,6 @@ both its chain link and its Merkle leaf.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -21,7 +20,9 @@ from typing import Any
 
 import gpunet
 from gpunet.credits._client import CreditClient
-from gpunet.credits._db import ENTRY_COLUMNS, open_engine, resolve_db_url, sqlite_path
+from gpunet.credits._db import ENTRY_COLUMNS, open_engine, redact, resolve_db_url, sqlite_path
+from gpunet.credits._merkle import MerkleTree, roots_at_sizes
+from gpunet.credits._witness import Witness
 from gpunet.errors import CreditsUnavailableError, LedgerVerificationError
 from gpunet.credits._ledger import (
     ZERO_HASH,
@@ -29,7 +30,6 @@ from gpunet.credits._ledger import (
     entry_memo_text,
     key_id,
     stitch_holds,
-    verify_receipt,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,14 +43,19 @@ def verify_database(
     public_key: str | None = None,
     workers: int | None = None,
     parallel_min: int = 200_000,
+    witness: Witness | None = None,
 ) -> dict[str, Any]:
     """Check the ledger stored in a credit database (a file path or a URL).
 
     Checks the hash chain, every entry's hash, the Merkle root at every stored
     signed head and its signature (with the key recorded in the database unless
-    ``public_key`` pins another), that every account's balance equals the sum
-    of its entries, and that no hold pays out (in one settlement, in parts, and
-    its release) more than was placed on it. Returns a summary; raises
+    ``public_key`` pins another), that a signed head covers the whole ledger (a
+    service signs one when it stops and whenever a head is asked of it), that every
+    account's balance equals the sum of its entries, and that no hold pays out (in
+    one settlement, in parts, and its release) more than was placed on it. With a
+    ``witness`` (``gpunet ledger verify`` passes the data dir's), every head seen of
+    this ledger before must match it, the database's key is pinned to it, and its
+    newest head is remembered. Returns a summary; raises
     :class:`LedgerVerificationError` naming the first bad entry.
 
     Ledgers of ``parallel_min`` entries or more are read and hashed by ``workers``
@@ -99,9 +104,47 @@ def verify_database(
                 f"not the ledger's key {key_id(bytes.fromhex(recorded))}",
                 evidence={"size": h["size"], "public_key": h["public_key"], "expected": recorded})
     summary = checker.finish(heads=heads, balances=balances, public_key=public_key)
+    what = f"the ledger in {path if path is not None else redact(url)}"
+    _require_covering_head(heads, checker.size, what,
+                           "A running service signs its newest entries when a head is asked of it: verify it with "
+                           "`gpunet ledger verify --url URL`, or stop it (it signs a last head) and verify again. "
+                           "A stopped service's database without one had its heads deleted")
     summary["public_key"] = public_key or recorded
     summary["workers"] = len(jobs)
+    if witness is not None and heads:
+        service = f"db:{path}" if path is not None else f"db:{redact(url)}"
+        summary.update(_witness_ledger(witness, checker, heads[-1], service, what))
     return summary
+
+
+def _require_covering_head(heads: list[dict[str, Any]], size: int, what: str, how: str) -> None:
+    """Raise unless a signed head covers all ``size`` entries: entries no head covers could
+    have been rewritten, with the heads that covered them deleted, by anyone who can write
+    to the database."""
+    covered = max((h["size"] for h in heads), default=0)
+    if covered < size:
+        newest = f"the newest signed head covers {covered}" if heads else "there is no signed head"
+        raise LedgerVerificationError(
+            f"{what} holds {size} entries but {newest}: entries {covered}..{size - 1} are covered by no signed head, "
+            f"so nothing shows they are what the service wrote. {how}",
+            index=covered, evidence={"size": size, "covered": covered})
+
+
+def _witness_ledger(witness: Witness, checker: LedgerChecker, head: dict[str, Any], service: str | None,
+                    what: str) -> dict[str, Any]:
+    """Check the heads seen before of this whole, verified ledger (their roots recomputed from
+    its entries), link them with proofs from it, and remember ``head`` (it covers the ledger)."""
+    tree: list[MerkleTree] = []
+
+    def proofs(first: int, second: int) -> list[bytes]:
+        if not tree:
+            tree.append(MerkleTree(checker.leaves))
+        return tree[0].consistency_proof(first, second)
+
+    seen = witness.check_ledger(head["public_key"], lambda sizes: roots_at_sizes(checker.leaves, sizes),
+                                checker.size, what=what)
+    note = witness.observe(head, service=service, proofs=proofs, latest=True, source=service or "")
+    return {"seen_heads": seen, "pinned_now": note["pinned_now"], "key_id": note["key_id"], "service": service}
 
 
 def _connect(url: str) -> tuple[Any, Any]:
@@ -226,43 +269,42 @@ def _stitch(parts: list[dict[str, Any]]) -> LedgerChecker:
     return whole
 
 
-def verify_service(url: str, token: str, *, public_key: str | None = None, page: int = 100_000) -> dict[str, Any]:
-    """Check the ledger of a running service (operator token): entries, heads, balances, current head."""
+def verify_service(url: str, token: str, *, public_key: str | None = None, page: int = 100_000,
+                   witness: Witness | None = None, service: str | None = None) -> dict[str, Any]:
+    """Check the ledger of a running service (operator token): entries, heads, balances.
+
+    The service signs a head first; the entries it covers are read and checked against it,
+    so the check covers the whole ledger as it was when it began. With a ``witness``, the
+    service (``service``, default ``url``) is pinned to its key on first contact, every head
+    seen of its ledger before must match it, and the new head is remembered.
+    """
+    service = service or url.rstrip("/")
     with CreditClient(url, token, timeout=(3.05, 300)) as client:
-        pinned = public_key or client.health().get("public_key")
         head = client.head()
+        pinned = public_key or (witness.pins().get(service, {}).get("public_key") if witness else None) \
+            or client.health().get("public_key")
         checker = LedgerChecker()
         start = 0
-        while True:
-            got = client.entries(start, page)["entries"]
+        while start < head["size"]:
+            got = client.entries(start, min(page, head["size"] - start))["entries"]
             rows = [(e["index"], e["time"], e["kind"], e["from"], e["to"], e["amount"], e["session"], e["hold"],
                      e["key"], bytes.fromhex(e["prev"]), bytes.fromhex(e["hash"]),
                      entry_memo_text(e, f"entry {e['index']}")) for e in got]
+            if not rows:
+                raise LedgerVerificationError(f"the service signed a head of {head['size']} entries but serves only "
+                                              f"{start}: entries {start}..{head['size'] - 1} are missing",
+                                              index=start)
             checker.feed(rows)
             start += len(rows)
-            if len(rows) < page:
-                break
-        heads = client.heads()
-        if not any(h["size"] == head["size"] for h in heads):
-            heads.append(head)
+        heads = [h for h in client.heads() if h["size"] <= head["size"] and h != head] + [head]
         accounts = client.accounts()
         size_after = client.health()["size"]
     # Balances are compared only when no movement happened while the entries were read.
     balances = {a["account"]: a["balance"] for a in accounts}
-    heads = [h for h in heads if h["size"] <= checker.size]
     still = size_after == checker.size
     summary = checker.finish(heads=heads, balances=balances if still else None, public_key=pinned)
     summary["public_key"] = pinned
     summary["balances_checked"] = still
+    if witness is not None:
+        summary.update(_witness_ledger(witness, checker, head, service, f"the ledger at {service}"))
     return summary
-
-
-def verify_receipt_file(path: str | os.PathLike[str], *, public_key: str | None = None) -> dict[str, Any]:
-    """Check a receipt JSON file offline; see :func:`gpunet.credits.verify_receipt`."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise LedgerVerificationError(f"cannot read receipt {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise LedgerVerificationError(f"receipt {path} is not valid JSON: {exc}") from exc
-    return verify_receipt(doc, public_key)
