@@ -179,8 +179,10 @@ class CreditStore:
         self.memory.check_ledger(self.public_key_hex, lambda sizes: {s: tree.root(s) for s in sizes}, tree.size,
                                  what=f"the credit database {_db.redact(self.url)}",
                                  why="The database was changed behind the service's back (by someone who can "
-                                 "write to it). Restore it from a backup taken before; the service does not "
-                                 "start on it")
+                                 "write to it), so the service does not start on it. Restore it from a backup "
+                                 "taken before; if you restored an older backup on purpose, move the folder "
+                                 f"{self.memory.root} away to start anyway (readers who saw the later heads will "
+                                 "report a fork)")
 
     def close(self, *, sign: bool = True) -> None:
         """Finish queued operations, sign a last head (unless ``sign`` is false) and remember it,

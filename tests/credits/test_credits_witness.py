@@ -334,3 +334,10 @@ def test_percent_gpunet_receipt_embeds_a_receipt_that_checks_offline(ip, tmp_pat
     bad = _notebook_with(tmp_path, "edited.ipynb", (tampered, metadata2))
     refused(ledger("verify", "--receipt", bad, data=tmp_path / "reader2"), f"entry {hold['index']}",
             "this entry was altered")
+
+
+def test_percent_gpunet_receipt_takes_no_arguments(ip):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="%gpunet receipt takes no arguments, got 'now'"):
+        ip.run_line_magic("gpunet", "receipt now")
