@@ -13,11 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import dask
-from distributed import Client, Nanny, Scheduler
-from distributed.utils import get_ip
-
-from gpunet.client.local import EMBEDDED_DASK_CONFIG, EmbeddedNetwork
 from gpunet.credits import CreditClient
 from gpunet.errors import GpunetError
 from gpunet.wire import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE, SCHEDULER_PRELOAD, WORKER_PRELOAD
@@ -82,6 +77,9 @@ def _wait_for_stop() -> None:
 
 
 def _up(args: Any) -> int:
+    # Dask loads only for the verbs that run it: `gpunet ledger verify` and the others start faster.
+    from gpunet.client.local import EmbeddedNetwork
+
     embedded = EmbeddedNetwork(n_workers=args.workers, host=args.host, port=args.port,
                                dashboard_port=args.dashboard_port, credits=not args.no_credits)
     try:
@@ -105,6 +103,11 @@ def _up(args: Any) -> int:
 
 
 def _scheduler(args: Any) -> int:
+    import dask
+    from distributed import Scheduler
+
+    from gpunet.client.local import EMBEDDED_DASK_CONFIG
+
     preload = _metering_preload(args)
 
     async def serve() -> None:
@@ -160,6 +163,9 @@ def _provide(args: Any) -> int:
 
 
 async def _run_provider(args: Any, account: str) -> int:
+    from distributed import Client, Nanny
+    from distributed.utils import get_ip
+
     name = args.name or account
     host = args.host or get_ip(args.scheduler.split("://")[-1].rsplit(":", 1)[0])
     gpus = local_gpus()

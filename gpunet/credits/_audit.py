@@ -21,7 +21,7 @@ from typing import Any
 import gpunet
 from gpunet.credits._client import CreditClient
 from gpunet.credits._db import ENTRY_COLUMNS, open_engine, redact, resolve_db_url, sqlite_path
-from gpunet.credits._merkle import MerkleTree, roots_at_sizes
+from gpunet.credits._merkle import MerkleTree, subtree_levels
 from gpunet.credits._witness import Witness
 from gpunet.errors import CreditsUnavailableError, LedgerVerificationError
 from gpunet.credits._ledger import (
@@ -35,6 +35,8 @@ from gpunet.credits._ledger import (
 logger = logging.getLogger(__name__)
 
 CHUNK = 100_000
+#: The Merkle levels each verify worker hashes over its range (ranges are aligned to 2**LEVELS).
+LEVELS = 16
 
 
 def verify_database(
@@ -88,13 +90,17 @@ def verify_database(
         close()
     if workers is None:
         workers = min(os.cpu_count() or 1, 4) if slots >= parallel_min else 1
-    bounds = [slots * i // workers for i in range(workers + 1)]
-    jobs = [(url, bounds[i], bounds[i + 1]) for i in range(workers) if bounds[i + 1] > bounds[i]] or [(url, 0, 0)]
+    # Ranges start at multiples of 2**LEVELS where they are long enough, so that each worker
+    # hashes the Merkle levels of its range too, and the parent only joins them.
+    step = 1 << LEVELS if slots // workers >= 1 << LEVELS else 1
+    bounds = sorted({0, slots, *(slots * i // workers // step * step for i in range(1, workers))})
+    height = min([LEVELS, *((lo & -lo).bit_length() - 1 for lo in bounds[1:-1])])
+    jobs = [(url, lo, hi, height) for lo, hi in zip(bounds, bounds[1:]) if hi > lo] or [(url, 0, 0, height)]
     if len(jobs) == 1:
         parts = [_scan(*jobs[0])]
     else:
         parts = _scan_in_processes(jobs)
-    checker = _stitch(parts)
+    checker = _stitch(parts, height)
     if checker.size != count:  # pragma: no cover - a gap is caught by the scans
         raise LedgerVerificationError(f"the ledger has {count} entries but its indexes run to {slots - 1}")
     for h in heads:
@@ -138,11 +144,10 @@ def _witness_ledger(witness: Witness, checker: LedgerChecker, head: dict[str, An
 
     def proofs(first: int, second: int) -> list[bytes]:
         if not tree:
-            tree.append(MerkleTree(checker.leaves))
+            tree.append(checker.tree())
         return tree[0].consistency_proof(first, second)
 
-    seen = witness.check_ledger(head["public_key"], lambda sizes: roots_at_sizes(checker.leaves, sizes),
-                                checker.size, what=what)
+    seen = witness.check_ledger(head["public_key"], checker.roots, checker.size, what=what)
     note = witness.observe(head, service=service, proofs=proofs, latest=True, source=service or "")
     return {"seen_heads": seen, "pinned_now": note["pinned_now"], "key_id": note["key_id"], "service": service}
 
@@ -175,8 +180,9 @@ def _entry_columns(cur: Any, sqlite: bool) -> str:
     return ENTRY_COLUMNS.replace(", memo", ", '' AS memo")
 
 
-def _scan(url: str, start: int, end: int) -> dict[str, Any]:
-    """Check entries ``start <= index < end`` (in a worker process); return what stitching needs."""
+def _scan(url: str, start: int, end: int, height: int = 0) -> dict[str, Any]:
+    """Check entries ``start <= index < end`` (in a worker process) and hash ``height`` Merkle
+    levels over them (``start`` is a multiple of ``2**height``); return what stitching needs."""
     sqlite = sqlite_path(url) is not None
     p = "?" if sqlite else "%s"
     conn, close = _connect(url)
@@ -199,11 +205,12 @@ def _scan(url: str, start: int, end: int) -> dict[str, Any]:
     finally:
         close()
     return {"start": start, "size": checker.size, "first_prev": checker.first_prev, "last": checker.last,
-            "leaves": b"".join(checker.leaves), "balances": checker.balances, "minted": checker.minted,
+            "levels": subtree_levels(b"".join(checker.leaves), height), "balances": checker.balances,
+            "minted": checker.minted,
             "holds": checker.holds, "lows": checker.lows, "error": error}
 
 
-def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+def _scan_in_processes(jobs: list[tuple[str, int, int, int]]) -> list[dict[str, Any]]:
     """Run :func:`_scan` over each range in its own ``python`` child; results come back pickled.
 
     Plain child processes rather than multiprocessing: nothing of the caller's
@@ -213,9 +220,9 @@ def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]
     root = str(Path(gpunet.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     # The URL (it may hold a password) goes through stdin, not the command line.
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(lo), str(hi)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _, lo, hi in jobs]
-    for proc, (url, _, _) in zip(procs, jobs):
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(lo), str(hi), str(height)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _, lo, hi, height in jobs]
+    for proc, (url, *_) in zip(procs, jobs):
         proc.stdin.write(url.encode())
         proc.stdin.close()
     parts = []
@@ -235,14 +242,17 @@ def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]
 
 
 def _scan_main() -> None:
-    """Entry point of a verify worker: ``_scan(url, start, end)`` pickled to stdout."""
-    url, lo, hi = sys.stdin.read(), int(sys.argv[1]), int(sys.argv[2])
-    sys.stdout.buffer.write(pickle.dumps(_scan(url, lo, hi), protocol=pickle.HIGHEST_PROTOCOL))
+    """Entry point of a verify worker: ``_scan(url, start, end, height)`` pickled to stdout."""
+    url, lo, hi, height = sys.stdin.read(), int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    sys.stdout.buffer.write(pickle.dumps(_scan(url, lo, hi, height), protocol=pickle.HIGHEST_PROTOCOL))
     sys.stdout.buffer.flush()
 
 
-def _stitch(parts: list[dict[str, Any]]) -> LedgerChecker:
+def _stitch(parts: list[dict[str, Any]], height: int) -> LedgerChecker:
+    """Join the checked ranges: chain links, holds, balances, and the Merkle levels the workers
+    hashed (up to ``height``; the parent hashes the levels above)."""
     whole = LedgerChecker()
+    levels: list[list[bytes]] = []
     for i, part in enumerate(parts):
         error = part["error"]
         if error is not None and error[1] == part["start"] and error[2].get("index") != error[2].get(
@@ -259,13 +269,17 @@ def _stitch(parts: list[dict[str, Any]]) -> LedgerChecker:
         stitch_holds(whole.holds, part["holds"], part["lows"])
         if error is not None:
             raise LedgerVerificationError(error[0], index=error[1], evidence=error[2])
-        buf = part["leaves"]
-        whole.leaves.extend(buf[j : j + 32] for j in range(0, len(buf), 32))
+        for level, nodes in enumerate(part["levels"]):
+            if level == len(levels):
+                levels.append([])
+            levels[level].append(nodes)
         for name, delta in part["balances"].items():
             whole.balances[name] = whole.balances.get(name, 0) + delta
         whole.minted += part["minted"]
         whole.size = part["size"]
         whole.last = part["last"]
+    joined = [b"".join(nodes) for nodes in levels[: height + 1]]
+    whole.levels = joined + subtree_levels(joined[-1])[1:]
     return whole
 
 
