@@ -12,6 +12,7 @@ import inspect
 import os
 import ssl
 import stat
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -23,13 +24,17 @@ import pytest
 from distributed import Client, Scheduler, Worker
 from distributed.core import rpc
 
+import gpunet
 from gpunet import certs, wire
+from gpunet.credits import verify_service
 from gpunet.errors import OptionError
 from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
 from gpunet.roles import EVENT_MAX_BYTES, WorkerDoor
-from gpunet_processes import credit_service_with_accounts
+from gpunet_processes import GPUNET, credit_service_with_accounts, expect, start, stop
 
 WAIT_S = 20.0
+#: How a request the peer's role does not allow comes back (gpunet.roles.RoleError).
+REFUSED = r"' refused: "
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +192,7 @@ async def test_a_provider_certificate_cannot_act_as_a_client_on_the_scheduler(ne
             "a huge event": scheduler.log_event(topic="mine", msg="x" * (EVENT_MAX_BYTES + 1)),
         }
         for name, call in attacks.items():
-            with pytest.raises(Exception, match="refused"):
+            with pytest.raises(Exception, match=REFUSED):
                 await call
     assert victim in net.s.workers and net.s.workers[victim].resources == {"device": 1}
     assert await net.gateway.get_events("gpunet-events-victim") == () and await net.gateway.get_events("mine") == ()
@@ -199,7 +204,7 @@ async def test_workers_answer_only_the_scheduler_and_the_gateway(net):
     async with net.as_("bob", net.alice.address) as worker:
         for call in (worker.run(function=b"", args=b"", kwargs=b""),
                      getattr(worker, "plugin-add")(plugin=b"", name="x"), worker.terminate()):
-            with pytest.raises(Exception, match="refused"):
+            with pytest.raises(Exception, match=REFUSED):
                 await call
     assert net.alice.status.name == "running"
     async with net.as_("gw", net.alice.address) as worker:  # the gateway may
@@ -242,3 +247,103 @@ def test_a_stranger_is_refused_at_the_tls_handshake(pki):
             await listener.wait_closed()
 
     asyncio.run(main())
+
+
+# -- every party its own process -----------------------------------------------------------
+
+
+@pytest.fixture
+def open_market(tmp_path):
+    """An open network of processes on 127.0.0.1: certificates from `gpunet certs`, a
+    credit service, `gpunet scheduler` over mutual TLS, `gpunet provide` for alice and
+    bob with their provider certificates (no token anywhere near their workers)."""
+    ca = tmp_path / "certs"
+    for args in (["init"], ["issue", "--role", "scheduler", "--name", "sched"],
+                 ["issue", "--role", "gateway", "--name", "gw"], ["issue", "--role", "provider", "--name", "alice"],
+                 ["issue", "--role", "provider", "--name", "bob"]):
+        done = subprocess.run([*GPUNET, "certs", *args, "--dir", str(ca)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    def tls(role: str, name: str) -> list[str]:
+        return ["--tls-ca-file", str(ca / "ca.pem"), "--tls-cert", str(ca / f"{role}-{name}.pem"),
+                "--tls-key", str(ca / f"{role}-{name}-key.pem")]
+
+    (tmp_path / "credits").mkdir()
+    service, tokens = credit_service_with_accounts(tmp_path / "credits")
+    processes = []
+    try:
+        scheduler = start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
+                           "--operator-token-file", str(service.operator_token_file), *tls("scheduler", "sched")])
+        processes.append(scheduler)
+        expect(scheduler, r"network: open")
+        address = expect(scheduler, r"scheduler: (tls://127\.0\.0\.1:\d+)").group(1)
+        providers = {}
+        for name in ("alice", "bob"):
+            provide = start(["provide", address, "--host", "127.0.0.1", *tls("provider", name)])
+            processes.append(provide)
+            providers[name] = expect(provide, rf"provider: {name}; workers: (tls://127\.0\.0\.1:\d+)").group(1)
+        gateway = {"distributed.comm.require-encryption": True, "distributed.comm.tls.ca-file": str(ca / "ca.pem"),
+                   "distributed.comm.tls.client.cert": str(ca / "gateway-gw.pem"),
+                   "distributed.comm.tls.client.key": str(ca / "gateway-gw-key.pem")}
+        yield {"service": service, "tokens": tokens, "address": address, "workers": providers, "ca": ca,
+               "gateway": gateway, "processes": processes,
+               "security": {name: certs.security(ca / "ca.pem", ca / f"{role}-{name}.pem", ca / f"{role}-{name}-key.pem")
+                            for role, name in (("provider", "bob"), ("gateway", "gw"))}}
+    finally:
+        for process in reversed(processes):
+            stop(process)
+        service.stop()
+
+
+def test_open_network_of_processes(open_market, detached):
+    """Through the gateway's certificate an honest notebook's cell runs and is paid to
+    the provider whose certificate its worker holds; a client without a certificate,
+    and a provider's certificate used as a client or against another provider's worker
+    and nanny, are refused, with nothing moved; the ledger verifies; Ctrl-C drains."""
+    market, service = open_market, open_market["service"]
+    with service.client() as operator:
+        before = {a["account"]: a["balance"] for a in operator.accounts()}
+    with dask.config.set(market["gateway"]):
+        with gpunet.connect(market["address"], credits=service.url, token=market["tokens"]["carol"],
+                            budget=500) as net:
+            net.client.wait_for_workers(2, timeout=60)
+            assert net.run(lambda: 6 * 7, timeout=120) == 42
+            nannies = {address: info["nanny"] for address, info in net.client.scheduler_info()["workers"].items()}
+            deadline = time.monotonic() + WAIT_S
+            while net.credits.usage(net.session)["held"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            spent = net.credits.usage(net.session)["spent"]
+            assert spent > 0
+            free = net.client.submit(time.sleep, 0, key=f"free-{uuid.uuid4().hex}", resources={"device": 1})
+            with pytest.raises(Exception, match="cancel|Cancel"):
+                free.result(timeout=WAIT_S)
+
+    async def attacks() -> None:
+        with pytest.raises(Exception):  # no certificate: refused at the handshake
+            async with Client(market["address"].replace("tls://", "tcp://"), asynchronous=True, timeout=5):
+                pass
+        with pytest.raises(Exception):  # a provider's certificate is no client's
+            async with Client(market["address"], asynchronous=True, timeout=10, security=market["security"]["bob"]):
+                pass
+        alice = market["workers"]["alice"]
+        bob_args = market["security"]["bob"].get_connection_args("client")
+        async with rpc(alice, connection_args=bob_args) as worker:
+            with pytest.raises(Exception, match=REFUSED):
+                await worker.run(function=b"", args=b"", kwargs=b"")
+        async with rpc(nannies[alice], connection_args=bob_args) as nanny:
+            for call in (nanny.kill(), nanny.restart(), nanny.plugin_add(plugin=b"", name="x")):
+                with pytest.raises(Exception, match=REFUSED):
+                    await call
+
+    asyncio.run(attacks())
+    with service.client() as operator:
+        after = {a["account"]: a["balance"] for a in operator.accounts()}
+    paid = after["alice"] + after["bob"] - before["alice"] - before["bob"]
+    assert paid == spent and after["carol"] == before["carol"] - spent
+    verify_service(service.url, service.operator_token)
+    with dask.config.set(market["gateway"]):  # the workers are still there, untouched
+        with Client(market["address"], timeout=30) as gateway:
+            assert set(gateway.scheduler_info()["workers"]) == set(market["workers"].values())
+    alice_provide = market["processes"][1]
+    output = stop(alice_provide)
+    assert "gpunet provide: stopped" in output, output
