@@ -76,14 +76,15 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     name = wire.METERING_PLUGIN
     idempotent = True
 
-    def __init__(self, credits_url: str, operator_token: str, *, default_provider: str | None = None,
+    def __init__(self, credits_url: str, token: str, *, default_provider: str | None = None,
                  default_rate: float = 1.0, max_rate: float = 100.0, open_network: bool = False) -> None:
         self.open_network = open_network
         self.door: SchedulerDoor | None = None
         #: tasks refused on an open network because they carried no hold
         self.refused_tasks = 0
         self.credits_url = credits_url
-        self.operator_token = operator_token
+        #: a meter account's token (the operator's on a private network): it may only pay and release holds
+        self.token = token
         self.max_rate = max_rate
         self.settlement = Settlement(default_provider, default_rate)
         self.scheduler: Scheduler | None = None
@@ -104,7 +105,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         if self.open_network:
             self.door = SchedulerDoor(scheduler, self._topics_on)
             self.door.install()
-        self._client = CreditClient(self.credits_url, self.operator_token)
+        self._client = CreditClient(self.credits_url, self.token)
         scheduler.stream_handlers[wire.REGISTER_PROVIDER] = self._on_register_message
         scheduler.handlers.update({
             wire.METERING_STATE: self.state,
@@ -246,9 +247,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         def check() -> str:
             with CreditClient(self.credits_url, token) as as_provider:
                 account = as_provider.ping()["account"]
-            roles = {a["account"]: a.get("role") for a in self._client.accounts()}
-            if roles.get(account) != "provider":
-                raise CreditsError(f"account {account!r} is a {roles.get(account)!r} account, not a provider")
+                role = as_provider.account(account).get("role")
+            if role != "provider":
+                raise CreditsError(f"account {account!r} is a {role!r} account, not a provider")
             return account
 
         # Nothing an unconfirmed message says may touch the named worker's state: anyone
@@ -341,15 +342,16 @@ def _compute_seconds(kwargs: dict[str, Any]) -> float:
 
 @click.command()
 @click.option("--credits", "credits_url", required=True, help="the credit service's URL")
-@click.option("--operator-token-file", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="the operator token written by `gpunet credits serve`")
+@click.option("--token-file", "--operator-token-file", "token_file", required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="the token the plugin reports with: a meter account's (or, on a private network, the operator's)")
 @click.option("--default-provider", default=None, help="who is paid for workers that name no provider")
-def dask_setup(scheduler: Scheduler, credits_url: str, operator_token_file: str, default_provider: str | None) -> None:
+def dask_setup(scheduler: Scheduler, credits_url: str, token_file: str, default_provider: str | None) -> None:
     """Entry point for ``--preload gpunet.extensions.scheduler_plugin`` with
     ``--preload-argv`` / ``preload_argv``: meter this scheduler's work against the
     credit service (``gpunet scheduler --credits`` and the embedded network do this).
     A scheduler whose own certificate binds the scheduler role runs an open network."""
-    with open(operator_token_file) as file:
+    with open(token_file) as file:
         token = file.read().strip()
     scheduler.add_plugin(GpunetMeteringPlugin(credits_url, token, default_provider=default_provider,
                                               open_network=is_open_network(scheduler)))

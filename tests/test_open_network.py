@@ -26,7 +26,7 @@ from distributed.core import rpc
 
 import gpunet
 from gpunet import certs, wire
-from gpunet.credits import verify_service
+from gpunet.credits import CreditsRequestError, ForbiddenError, verify_service
 from gpunet.errors import OptionError
 from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
 from gpunet.roles import EVENT_MAX_BYTES, WorkerDoor
@@ -68,7 +68,7 @@ def open_network(test: Callable[..., Any]) -> Callable[..., None]:
         async def main() -> None:
             async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0", protocol="tls",
                                  security=pki["sched"]) as s:
-                plugin = GpunetMeteringPlugin(service[0].url, service[0].operator_token, open_network=True)
+                plugin = GpunetMeteringPlugin(service[0].url, service[1]["meter"], open_network=True)
                 await s.register_scheduler_plugin(plugin, idempotent=True)
                 async with Worker(s.address, nthreads=1, security=pki["alice"], resources={"device": 1}) as a, \
                         Worker(s.address, nthreads=1, security=pki["bob"], resources={"device": 1}) as m, \
@@ -148,6 +148,25 @@ async def test_a_held_task_runs_and_pays_the_provider_its_certificate_names(net)
     assert net.balances()["alice"] > 0
 
 
+def test_a_meter_token_can_only_pay_and_release_holds(service):
+    """What an open network's scheduler holds instead of the operator's token."""
+    svc, tokens = service
+    with svc.client(tokens["meter"]) as meter, svc.client(tokens["carol"]) as carol:
+        for attempt in (lambda: meter.mint("meter", 10**15, key=f"mint-{uuid.uuid4().hex}"),
+                        lambda: meter.create_account(f"m{uuid.uuid4().hex[:8]}", "client"),
+                        lambda: meter.accounts(),
+                        lambda: meter.clear_quarantine("alice", key=f"clear-{uuid.uuid4().hex}")):
+            with pytest.raises(ForbiddenError):
+                attempt()
+        session = carol.open_session(100)
+        hold = carol.hold(session, 40, key=f"hold-{uuid.uuid4().hex}")
+        with pytest.raises(CreditsRequestError):  # never more than the hold holds
+            meter.settle(hold, "alice", 41, key=f"settle-{uuid.uuid4().hex}")
+        with pytest.raises(CreditsRequestError):  # only to a provider
+            meter.settle(hold, "meter", 10, key=f"settle-{uuid.uuid4().hex}")
+        assert meter.settle(hold, "alice", 40, key=f"settle-{uuid.uuid4().hex}")["paid"] == 40
+
+
 @open_network
 async def test_a_task_without_a_hold_is_refused_before_it_runs(net, tmp_path):
     ran = tmp_path / "ran"
@@ -163,7 +182,7 @@ def test_only_the_gateway_may_be_a_client(pki, service, who):
     async def main() -> None:
         async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0", protocol="tls",
                              security=pki["sched"]) as s:
-            plugin = GpunetMeteringPlugin(service[0].url, service[0].operator_token, open_network=True)
+            plugin = GpunetMeteringPlugin(service[0].url, service[1]["meter"], open_network=True)
             await s.register_scheduler_plugin(plugin, idempotent=True)
             security = pki[who] if who else None
             address = s.address if who else s.address.replace("tls://", "tcp://")
@@ -270,10 +289,16 @@ def open_market(tmp_path):
 
     (tmp_path / "credits").mkdir()
     service, tokens = credit_service_with_accounts(tmp_path / "credits")
+    meter_token_file = tmp_path / "meter-token"
+    meter_token_file.write_text(tokens["meter"])
     processes = []
     try:
+        refused = subprocess.run([*GPUNET, "scheduler", "--port", "0", "--credits", service.url, "--operator-token-file",
+                                  str(service.operator_token_file), *tls("scheduler", "sched")],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "meter account" in refused.stderr, refused.stderr
         scheduler = start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
-                           "--operator-token-file", str(service.operator_token_file), *tls("scheduler", "sched")])
+                           "--meter-token-file", str(meter_token_file), *tls("scheduler", "sched")])
         processes.append(scheduler)
         expect(scheduler, r"network: open")
         address = expect(scheduler, r"scheduler: (tls://127\.0\.0\.1:\d+)").group(1)

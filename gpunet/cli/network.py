@@ -64,9 +64,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                                 "and the workers)")
     _add_tls_arguments(scheduler, "scheduler")
     scheduler.add_argument("--credits", default=None, metavar="URL",
-                           help="meter work against this credit service (with --operator-token-file)")
+                           help="meter work against this credit service (with --meter-token-file)")
+    scheduler.add_argument("--meter-token-file", default=None, metavar="PATH",
+                           help="a file holding the token of a meter account (it may only pay and release holds)")
     scheduler.add_argument("--operator-token-file", default=None, metavar="PATH",
-                           help="the credit service's operator token (written by `gpunet credits serve`)")
+                           help="a private network only: the operator token (written by `gpunet credits serve`)")
     scheduler.set_defaults(func=_scheduler)
 
     provide = subparsers.add_parser(
@@ -160,10 +162,10 @@ def _scheduler(args: Any) -> int:
                           "is trusted")
     if security is not None and args.private:
         raise OptionError("--private runs plain Dask without certificates; drop it, or drop the --tls-* options")
-    preload = _metering_preload(args)
+    preload = _metering_preload(args, open_network=security is not None)
     if security is not None and not preload:
         raise OptionError("an open network runs only tasks that carry a hold: give --credits URL and "
-                          "--operator-token-file PATH")
+                          "--meter-token-file PATH")
     if security is not None:
         preload["security"] = security
         preload["protocol"] = "tls"
@@ -189,21 +191,36 @@ def _scheduler(args: Any) -> int:
     return 0
 
 
-def _metering_preload(args: Any) -> dict[str, Any]:
+def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
     """The scheduler arguments that load the metering plugin for `gpunet scheduler
-    --credits` (none without it), after checking the operator token with the service."""
-    if args.credits is None and args.operator_token_file is None:
+    --credits` (none without it), after checking its token with the service: a meter
+    account's, which may only pay and release holds; the operator's only on a private
+    network (an open one must not hold a token that can mint)."""
+    token_file = args.meter_token_file or args.operator_token_file
+    if args.credits is None and token_file is None:
         return {}
-    if args.credits is None or args.operator_token_file is None:
-        raise GpunetError("metering needs both --credits URL and --operator-token-file PATH")
+    if args.meter_token_file and args.operator_token_file:
+        raise OptionError("give one of --meter-token-file and --operator-token-file")
+    if args.credits is None or token_file is None:
+        raise OptionError("metering needs both --credits URL and --meter-token-file PATH (or, on a private network, "
+                          "--operator-token-file PATH)")
     try:
-        token = Path(args.operator_token_file).read_text().strip()
+        token = Path(token_file).read_text().strip()
     except OSError as exc:
-        raise GpunetError(f"cannot read the operator token file {args.operator_token_file}: {exc.strerror}") from None
-    with CreditClient(args.credits, token) as operator:
-        operator.accounts()  # raises a clear error for an unreachable service or a non-operator token
+        raise OptionError(f"cannot read the token file {token_file}: {exc.strerror}") from None
+    with CreditClient(args.credits, token) as me:  # a clear error for an unreachable service or a bad token
+        account = me.ping()["account"]
+        role = me.account(account).get("role")
+    if open_network and role != "meter":
+        raise OptionError(f"an open network's scheduler reports with a meter account's token, which can only pay "
+                          f"and release holds; {token_file} is a {role} account's. Create one (as the operator: "
+                          "CreditClient(URL, OPERATOR_TOKEN).create_account('meter', 'meter')) and pass its token "
+                          "with --meter-token-file")
+    if role not in ("meter", "operator"):
+        raise OptionError(f"{token_file} is the token of {role} account {account!r}; metering needs a meter "
+                          "account's (or the operator's, on a private network)")
     return {"preload": [SCHEDULER_PRELOAD],
-            "preload_argv": [["--credits", args.credits, "--operator-token-file", str(args.operator_token_file)]]}
+            "preload_argv": [["--credits", args.credits, "--token-file", str(token_file)]]}
 
 
 def _provide(args: Any) -> int:
