@@ -30,6 +30,7 @@ from gpunet.credits import CreditsRequestError, ForbiddenError, verify_service
 from gpunet.errors import OptionError
 from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
 from gpunet.roles import EVENT_MAX_BYTES, WorkerDoor
+from gpunet.ui.status import NetworkStatus
 from gpunet_processes import GPUNET, credit_service_with_accounts, expect, start, stop
 
 WAIT_S = 20.0
@@ -333,6 +334,7 @@ def test_open_network_of_processes(open_market, detached):
                             budget=500) as net:
             net.client.wait_for_workers(2, timeout=60)
             assert net.run(lambda: 6 * 7, timeout=120) == 42
+            assert "network: open" in str(NetworkStatus.of(net))
             nannies = {address: info["nanny"] for address, info in net.client.scheduler_info()["workers"].items()}
             deadline = time.monotonic() + WAIT_S
             while net.credits.usage(net.session)["held"] and time.monotonic() < deadline:

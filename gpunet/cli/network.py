@@ -82,9 +82,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                                            "network)")
     provide.add_argument("--credits", default=None, metavar="URL",
                          help="the credit service (or GPUNET_CREDITS); a private network's providers only")
-    provide.add_argument("--token", default=None, help="this provider's credit token (or GPUNET_TOKEN); a private "
-                                                       "network's providers only (an open one pays the account its "
-                                                       "certificate names)")
+    provide.add_argument("--token-file", default=None, metavar="PATH",
+                         help="a file holding this provider's credit token (or GPUNET_TOKEN); a private network's "
+                              "providers only (an open one pays the account its certificate names)")
+    provide.add_argument("--token", default=None, help=argparse.SUPPRESS)  # kept for old scripts: use --token-file
     _add_tls_arguments(provide, "provider")
     provide.add_argument("--gpus", default="all", help="'all' or how many GPUs to offer (default all)")
     provide.add_argument("--workers", type=int, default=1, help="CPU workers where there is no GPU (default 1)")
@@ -204,10 +205,9 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
     if args.credits is None or token_file is None:
         raise OptionError("metering needs both --credits URL and --meter-token-file PATH (or, on a private network, "
                           "--operator-token-file PATH)")
-    try:
-        token = Path(token_file).read_text().strip()
-    except OSError as exc:
-        raise OptionError(f"cannot read the token file {token_file}: {exc.strerror}") from None
+    token = _read_token_file(token_file)
+    if token is None:
+        raise OptionError(f"the token file {token_file} is empty")
     with CreditClient(args.credits, token) as me:  # a clear error for an unreachable service or a bad token
         account = me.ping()["account"]
         role = me.account(account).get("role")
@@ -229,20 +229,30 @@ def _provide(args: Any) -> int:
         raise GpunetError(f"--rate must be a positive number of credits per device-second, got {args.rate}")
     os.environ[PROVIDER_RATE_ENV] = str(args.rate)
     if security is not None:
-        if args.token or os.environ.get("GPUNET_TOKEN"):
-            raise OptionError("an open network pays the account the provider certificate names: drop --token "
+        if args.token or args.token_file or os.environ.get("GPUNET_TOKEN"):
+            raise OptionError("an open network pays the account the provider certificate names: drop --token-file "
                               "(and GPUNET_TOKEN), which would only travel to the workers for nothing")
         return asyncio.run(_run_provider(args, certs.identity_of_file(args.tls_cert).name, security))
     url = args.credits or os.environ.get("GPUNET_CREDITS")
-    token = args.token or os.environ.get("GPUNET_TOKEN")
+    token = args.token or _read_token_file(args.token_file) or os.environ.get("GPUNET_TOKEN")
     if not url or not token:
-        raise GpunetError("a provider is paid through the credit service: give --credits URL and --token TOKEN "
+        raise GpunetError("a provider is paid through the credit service: give --credits URL and --token-file PATH "
                           "(or GPUNET_CREDITS / GPUNET_TOKEN)")
     with CreditClient(url, token) as me:
         account = me.ping()["account"]  # a bad token or an unreachable service stops here, clearly
     # The worker processes inherit it and register with the scheduler as this provider's.
     os.environ[PROVIDER_TOKEN_ENV] = token
     return asyncio.run(_run_provider(args, account))
+
+
+def _read_token_file(path: str | None) -> str | None:
+    """The token in file ``path`` (None without one), with a clear error where it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError as exc:
+        raise OptionError(f"cannot read the token file {path}: {exc.strerror}") from None
 
 
 async def _run_provider(args: Any, account: str, security: Any = None) -> int:
