@@ -67,6 +67,14 @@ EVENT_BYTES_PER_S = 1024 * 1024
 CALL_BACK_TIMEOUT_S = 10.0
 
 
+#: Requests Dask sends without waiting for a reply (``reply=False``) but then reads an
+#: answer of their own shape: a refusal is written in that shape, or the peer would wait.
+REFUSAL_ANSWERS: dict[str, Callable[[str], Any]] = {
+    "register-worker": lambda text: {"status": "error", "message": text, "time": time.time()},
+    "register-client": lambda text: [{"op": "stream-start", "error": text}],
+}
+
+
 class RoleError(GpunetError, PermissionError):
     """A peer asked for something its certificate's role does not allow."""
 
@@ -100,7 +108,12 @@ class GuardedHandlers(dict):
                     self.on_refused()
                 who = f"{identity.role} {identity.name}" if identity else "a peer without a gpunet certificate"
                 logger.warning("gpunet: refused %r from %s at %s: %s", op, who, comm.peer_address, refusal)
-                raise RoleError(f"{op!r} refused: {refusal}")
+                text = f"{op!r} refused: {refusal}"
+                if op in REFUSAL_ANSWERS:
+                    await comm.write(REFUSAL_ANSWERS[op](text))
+                    await comm.close()
+                    return None
+                raise RoleError(text)
             if serializers is not None and has_keyword(handler, "serializers"):
                 msg["serializers"] = serializers
             result = handler(comm, **msg) if _expects_comm(handler) else handler(**msg)
@@ -177,7 +190,7 @@ class SchedulerDoor:
             return f"a {identity.role} certificate may not do this (only the gateway acts as a Dask client)"
         about = PROVIDER_SCHEDULER_OPS[op]
         if op == "register-worker":
-            return await self._check_registration(identity, str(msg.get("address", "")))
+            return await self._check_registration(identity, msg)
         if op == "log_event":
             return self.event_refusal(identity.name, None, msg.get("topic"), msg.get("msg"))
         if op == "retire_workers" and msg.get("names") is not None:
@@ -190,14 +203,28 @@ class SchedulerDoor:
                     return f"{address} is not one of provider {identity.name}'s workers"
         return None
 
-    async def _check_registration(self, identity: Identity, address: str) -> str | None:
+    async def _check_registration(self, identity: Identity, msg: dict[str, Any]) -> str | None:
+        """A provider registers only its own workers: the worker's address (and its
+        nanny's, which the scheduler will ask to restart it) must answer with the same
+        certificate, and its name must be its account's (``ACCOUNT`` or ``ACCOUNT-...``),
+        so that nobody takes the names another provider's workers use."""
+        try:
+            address = self.scheduler.coerce_address(str(msg.get("address", "")))
+        except Exception as exc:  # noqa: BLE001 - whatever Dask cannot parse is refused here
+            return f"a worker's address must be tls://HOST:PORT: {exc}"
         owner = self.owners.get(address)
         if owner is not None and owner != identity.name:
             return f"{address} is provider {owner}'s worker"
-        answered = await self._identity_at(address)
-        if answered != identity:
-            return (f"the worker at {address} did not present provider {identity.name}'s certificate "
-                    f"(it presented {answered.uri if answered else 'none'})")
+        name = msg.get("name")
+        if name not in (None, address) and not (str(name) == identity.name or str(name).startswith(f"{identity.name}-")):
+            return f"provider {identity.name}'s workers are named {identity.name} or {identity.name}-..., not {name!r}"
+        for what, at in (("worker", address), ("nanny", msg.get("nanny"))):
+            if what == "nanny" and not at:
+                continue
+            answered = await self._identity_at(str(at))
+            if answered != identity:
+                return (f"the {what} at {at} did not present provider {identity.name}'s certificate "
+                        f"(it presented {answered.uri if answered else 'none'})")
         self.owners[address] = identity.name
         return None
 

@@ -187,9 +187,11 @@ def test_only_the_gateway_may_be_a_client(pki, service, who):
             await s.register_scheduler_plugin(plugin, idempotent=True)
             security = pki[who] if who else None
             address = s.address if who else s.address.replace("tls://", "tcp://")
-            with pytest.raises(Exception):
+            with pytest.raises(Exception) as failed:
                 async with Client(address, asynchronous=True, security=security, timeout=5):
                     pass
+            if who == "bob":  # a certificate of the operator's CA, the wrong role: told why
+                assert "'register-client' refused" in str(failed.value)
             assert not s.clients or set(s.clients) == {"fire-and-forget"}
 
     asyncio.run(main())
@@ -374,3 +376,16 @@ def test_open_network_of_processes(open_market, detached):
     alice_provide = market["processes"][1]
     output = stop(alice_provide)
     assert "gpunet provide: stopped" in output, output
+
+
+@open_network
+async def test_a_provider_registers_only_its_own_workers_under_its_own_names(net):
+    refused = net.plugin.door.refused
+    with pytest.raises(Exception) as failed:
+        async with Worker(net.s.address, nthreads=1, security=net.pki["bob"], name="alice-0"):
+            pass
+    assert "named bob or bob-" in str(failed.value.__cause__)
+    assert net.plugin.door.refused == refused + 1
+    assert set(net.s.workers) == {net.alice.address, net.bob.address}
+    async with Worker(net.s.address, nthreads=1, security=net.pki["bob"], name="bob-2") as extra:
+        assert net.plugin.door.owners[extra.address] == "bob"

@@ -257,6 +257,8 @@ def _read_token_file(path: str | None) -> str | None:
 
 async def _run_provider(args: Any, account: str, security: Any = None) -> int:
     name = args.name or account
+    if security is not None and name != account and not name.startswith(f"{account}-"):
+        name = f"{account}-{name}"  # an open network's scheduler takes only names of the certificate's account
     host = args.host or get_ip(args.scheduler.split("://")[-1].rsplit(":", 1)[0])
     gpus = local_gpus()
     if args.gpus != "all":
