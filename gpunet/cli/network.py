@@ -272,10 +272,14 @@ async def _run_provider(args: Any, account: str, security: Any = None) -> int:
     if gpus and dask_cuda is not None:
         resources = {DEVICE_RESOURCE: 1, GPU_RESOURCE: 1, GPU_MEMORY_RESOURCE: min(g.memory_bytes for g in gpus)}
         visible = ",".join(str(g.index) for g in gpus)
-        worker = await dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name, resources=resources,
-                                            preload=preload, CUDA_VISIBLE_DEVICES=visible, security=security,
-                                            protocol="tls" if security is not None else None)
+        worker = dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name, resources=resources,
+                                      preload=preload, CUDA_VISIBLE_DEVICES=visible, security=security,
+                                      protocol="tls" if security is not None else None,
+                                      dashboard=security is None)  # an open network's workers serve no HTTP
         nannies = list(worker.nannies)
+        for nanny in nannies:  # guarded before they start listening
+            _guard_nanny(nanny, security)
+        await worker
         print(f"gpunet provide: {len(gpus)} dask-cuda worker(s), one per GPU ({gpus[0].name})", flush=True)
     else:
         why = "no NVIDIA GPU found" if not gpus else "dask-cuda is not installed (pip install 'gpunet[cuda]')"
