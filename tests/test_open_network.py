@@ -389,3 +389,31 @@ async def test_a_provider_registers_only_its_own_workers_under_its_own_names(net
     assert set(net.s.workers) == {net.alice.address, net.bob.address}
     async with Worker(net.s.address, nthreads=1, security=net.pki["bob"], name="bob-2") as extra:
         assert net.plugin.door.owners[extra.address] == "bob"
+
+
+def test_the_schedulers_rules_for_a_providers_events_and_stream_messages():
+    """SchedulerDoor's rules, as data: what a provider's worker may post and send."""
+    from gpunet.roles import EVENT_BURST_BYTES, SchedulerDoor
+
+    running = {"tls://w:1": {"gpunet-events-mine"}}
+    door = SchedulerDoor(scheduler=None, topics_of=lambda worker: running.get(worker, set()))
+    door.owners["tls://w:1"] = "alice"
+    assert door.event_refusal("alice", "tls://w:1", "gpunet-events-mine", {"text": "hi"}) is None
+    assert "only for the tasks" in door.event_refusal("alice", "tls://w:1", "gpunet-events-other", {"text": "x"})
+    assert "only for the tasks" in door.event_refusal("alice", None, ["gpunet-events-mine"], {"text": "x"})
+    assert "over the" in door.event_refusal("alice", "tls://w:1", "mine", "x" * (EVENT_MAX_BYTES + 1))
+    assert "must be a string" in door.event_refusal("alice", "tls://w:1", 7, {})
+    chunk = "x" * (EVENT_MAX_BYTES // 2)
+    posted = 0
+    while door.event_refusal("alice", "tls://w:1", "mine", chunk) is None:
+        posted += len(chunk)
+        assert posted <= 2 * EVENT_BURST_BYTES, "the rate limit never bit"
+    assert posted >= EVENT_BURST_BYTES // 2
+    assert door.event_refusal("bob", "tls://w:2", "mine", chunk) is None  # per provider
+
+    assert door.stream_refusal("tls://w:1", {"op": "task-finished", "key": "k"}) is None
+    assert door.stream_refusal("tls://w:1", {"op": "close-stream"}) is None
+    assert "not a worker's message" in door.stream_refusal("tls://w:1", {"op": "update-graph"})
+    assert "not a worker's message" in door.stream_refusal("tls://w:1", {"op": "cancel-keys", "keys": []})
+    assert "who sent it" in door.stream_refusal("tls://w:1", {"op": "task-erred", "worker": "tls://w:2"})
+    assert "who sent it" in door.stream_refusal("tls://w:1", {"op": "keep-alive", "client": "c"})
