@@ -25,7 +25,7 @@ def market(tmp_path):
     operator.mint("carol", 10_000, key="mint-carol")
     processes = []
     try:
-        scheduler = start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
+        scheduler = start(["scheduler", "--private", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
                             "--operator-token-file", str(tmp_path / "operator-token")])
         processes.append(scheduler)
         address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
