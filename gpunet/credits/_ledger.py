@@ -482,19 +482,6 @@ def stitch_holds(carry: dict[str, int], holds: Mapping[str, int],
             del carry[hold]
 
 
-def verify_entries(
-    rows: Iterable[Sequence[Any]],
-    *,
-    heads: Sequence[Mapping[str, Any]] = (),
-    balances: Mapping[str, int] | None = None,
-    public_key: str | None = None,
-) -> dict[str, Any]:
-    """Check a whole ledger given as rows in index order; see :class:`LedgerChecker`."""
-    checker = LedgerChecker()
-    checker.feed(rows)
-    return checker.finish(heads=heads, balances=balances, public_key=public_key)
-
-
 # -- receipts ---------------------------------------------------------------------------
 
 
