@@ -28,6 +28,7 @@ from gpunet.client.handle import new_job_id, pickled
 from gpunet.client.placement import resources_for
 from gpunet.client.submit import raise_for_error
 from gpunet.errors import CellError, MissingOutputError, OptionError
+from gpunet.provenance import Recorder, finish_record, show_record
 from gpunet.ui.progress import JobProgress
 from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import Job, JobResult
@@ -85,7 +86,13 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
                         timeout=timeout, verify=verify, tolerance=tolerance)
     progress = None if quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
-    cell = CellRun(namespace, remote, analysis, progress, timeout=timeout)
+    # the inputs' digests are taken while the cell runs
+    flags = dict(gpus=gpus, gpu_mem=gpu_mem, min_tflops=min_tflops, inputs=inputs, outputs=outputs, map=map,
+                 verify=None if verify is None else str(verify), rtol=rtol, atol=atol, max_credits=max_credits,
+                 timeout=timeout)
+    recorder = Recorder.start(Recorder.for_cell, code, {name: namespace[name] for name in input_names},
+                              map_name=map_name, items=items, flags=flags, tolerance=tolerance)
+    cell = CellRun(namespace, remote, analysis, progress, timeout=timeout, recorder=recorder)
     if handle is not None:
         namespace[handle] = cell
     net.sent()
@@ -137,8 +144,11 @@ class CellRun:
     """
 
     def __init__(self, namespace: dict[str, Any], remote: JobHandle, analysis: CellAnalysis,
-                 progress: JobProgress | None, *, timeout: float | None) -> None:
+                 progress: JobProgress | None, *, timeout: float | None, recorder: Recorder | None = None) -> None:
         self.namespace = namespace
+        self.recorder = recorder
+        #: the cell's provenance record (:mod:`gpunet.provenance`) once it finished well
+        self.provenance: dict[str, Any] | None = None
         self.remote = remote
         self.analysis = analysis
         self.progress = progress
@@ -187,6 +197,8 @@ class CellRun:
             for result in self._results:
                 self.remote.echo_rest(result)
                 _show(result)
+            if self.provenance is not None:
+                show_record(self.provenance)
         if self._error is not None:
             raise self._error
         return self.outputs
@@ -202,6 +214,7 @@ class CellRun:
                     _show(result)
             self.outputs = self._collect_outputs(self._results)
             self.namespace.update(self.outputs)
+            self.provenance = finish_record(self.recorder, self.remote, self._results, self.outputs, show=foreground)
         except BaseException as exc:  # noqa: BLE001 - raised by run() or result()
             self._error = exc
         if self.progress is not None:
