@@ -277,9 +277,11 @@ class Recorder:
         record = dict(self.record)
         record["seconds"] = round(time.monotonic() - self.started, 4)
         record["outputs"] = {name: describe_value(value, self.tolerance) for name, value in outputs.items()}
-        workers = _workers(network, sorted({result.worker for result in results}))
+        units = getattr(handle, "units", None)  # a verified job: every agreeing copy ran it
+        copies = [copy.result for unit in units for copy in unit.agreeing] if units is not None else results
+        workers = _workers(network, sorted({result.worker for result in copies}))
         ran: dict[str, dict[str, Any]] = {}
-        for result in results:
+        for result in copies:
             known = workers.get(result.worker, {})
             entry = ran.setdefault(result.worker, {
                 "worker": result.worker, "provider": known.get("provider"), "device": result.device,
@@ -366,8 +368,6 @@ def _payment(network: Connection, handle: JobHandle, ran: list[dict[str, Any]]) 
         cap = None
     estimate = sum(price(entry["seconds"] / max(entry["tasks"], 1), entry["rate"] or 1.0, cap or 10**9)
                    * entry["tasks"] for entry in ran)
-    if units is not None:
-        estimate *= max(1, min(len(unit.agreeing) for unit in units))
     return {"metered": True, "session": network.meter.session, "holds": holds, "credits_estimate": estimate}
 
 

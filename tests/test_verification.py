@@ -9,6 +9,7 @@ import time
 import pytest
 
 from gpunet import errors as gpunet_errors
+from gpunet import provenance
 from gpunet import wire
 from gpunet.client import submit as jobs
 from gpunet.credits import verify_service
@@ -226,6 +227,13 @@ def test_verified_cell_in_the_notebook(honest_market, shell, detached):
         settled = _settled(market, session=net.session)
         assert sorted(e["to"] for e in settled) == ["alice", "bob"]
         assert settled[0]["memo"]["digest"] == settled[1]["memo"]["digest"]
+        # its provenance record, in the cell's outputs, names the verdict and the holds that paid
+        (record,) = [output.data[provenance.MIME_TYPE] for output in captured.outputs
+                     if provenance.MIME_TYPE in output.data]
+        assert record is shell.user_ns["_gpunet"].provenance
+        assert record["verification"]["verdict"] == "verified" and record["verification"]["providers"] == ["alice", "bob"]
+        assert sorted(record["payment"]["holds"]) == sorted(e["hold"] for e in settled)
+        assert sorted(entry["provider"] for entry in record["ran"]) == ["alice", "bob"]
 
 
 def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
