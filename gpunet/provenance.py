@@ -39,6 +39,7 @@ import ast
 import base64
 import hashlib
 import inspect
+import json
 import logging
 import time
 import weakref
@@ -274,9 +275,17 @@ class Recorder:
         """The finished record: ``outputs`` by name, where and how it ran, how it was
         verified and paid for, and the record's own digest."""
         network = handle.network
-        record = dict(self.record)
+        record = dict(self.record, job=handle.job.job_id)
         record["seconds"] = round(time.monotonic() - self.started, 4)
         record["outputs"] = {name: describe_value(value, self.tolerance) for name, value in outputs.items()}
+        earlier = getattr(handle, "reused_from", None)
+        if earlier is not None:  # nothing ran: where it ran and how it was verified are the earlier run's
+            record["ran"] = earlier.get("ran") or []
+            record["verification"] = {**(earlier.get("verification") or {}), "reused_from": {
+                "job": earlier.get("job"), "record_digest": earlier.get("record_digest"),
+                "holds": (earlier.get("payment") or {}).get("holds") or []}}
+            record["payment"] = {"metered": network.meter is not None, "holds": [], "credits_estimate": 0}
+            return seal(record)
         units = getattr(handle, "units", None)  # a verified job: every agreeing copy ran it
         copies = [copy.result for unit in units for copy in unit.agreeing] if units is not None else results
         workers = _workers(network, sorted({result.worker for result in copies}))
@@ -313,8 +322,10 @@ def finish_record(recorder: Recorder | None, handle: JobHandle, results: list[Jo
 
 
 def seal(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with its ``record_digest`` (the codec digest of all the rest) set."""
-    body = {key: value for key, value in record.items() if key != "record_digest"}
+    """``record`` as it will read back from a notebook's JSON (tuples as lists), with
+    its ``record_digest`` (the codec digest of all the rest) set."""
+    body = json.loads(json.dumps({key: value for key, value in record.items() if key != "record_digest"},
+                                 default=str))
     return {**body, "record_digest": codec.digest(body)}
 
 
@@ -389,6 +400,9 @@ def summary_line(record: dict[str, Any]) -> str:
     verification = record.get("verification") or {}
     parts.append("not verified" if verification.get("policy") == "none" else
                  f"{verification.get('verdict')} by {verification.get('policy')}")
+    reused = verification.get("reused_from")
+    if reused:
+        parts[0] = f"gpunet: reused the verified result of job {reused.get('job')} (it ran on {where})"
     holds = payment.get("holds") or []
     tail = f" · hold{'s' * (len(holds) != 1)} {', '.join(h[:8] for h in holds[:3])}" if holds else ""
     return ", ".join(parts) + tail

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpunet.client.reused import REUSE_ENV
 from gpunet.credits import verify_receipt
 from gpunet.errors import GpunetError, LedgerVerificationError, ReproduceError
 from gpunet.kernels import Tolerance, compare
@@ -95,6 +96,7 @@ def execute(notebook: Any, *, directory: Path, connect: str | None = None, timeo
 
     executed = copy.deepcopy(notebook)
     env = {name: value for name, value in os.environ.items() if name != "GPUNET_SCHEDULER"}
+    env[REUSE_ENV] = "0"  # every cell computes again: a reused result would prove nothing
     if connect:
         env["GPUNET_SCHEDULER"] = connect
     client = NotebookClient(executed, timeout=timeout, kernel_name="python3", allow_errors=True,
