@@ -386,7 +386,8 @@ def _payment(network: Connection, handle: JobHandle, ran: list[dict[str, Any]]) 
 
 
 def summary_line(record: dict[str, Any]) -> str:
-    """The record's one discreet line (its ``text/plain``)."""
+    """The record's one discreet line (its ``text/plain``), with any control
+    characters a worker put in its device label or provider name removed."""
     ran = record.get("ran") or []
     providers = sorted({str(entry.get("provider") or entry.get("worker")) for entry in ran})
     devices = sorted({str(entry.get("device")) for entry in ran})
@@ -405,7 +406,7 @@ def summary_line(record: dict[str, Any]) -> str:
         parts[0] = f"gpunet: reused the verified result of job {reused.get('job')} (it ran on {where})"
     holds = payment.get("holds") or []
     tail = f" · hold{'s' * (len(holds) != 1)} {', '.join(h[:8] for h in holds[:3])}" if holds else ""
-    return ", ".join(parts) + tail
+    return codec.clean_text(", ".join(parts) + tail)  # names and labels come from workers
 
 
 def bundle(record: dict[str, Any]) -> dict[str, Any]:

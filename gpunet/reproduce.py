@@ -160,19 +160,29 @@ def compare_cell(index: int, label: str, recorded: list[dict[str, Any]], rerun: 
         outcome.details.append(f"the notebook has {len(recorded)} record(s) for this cell, the re-run made {len(rerun)}")
     for number, (old, new) in enumerate(zip(recorded, rerun)):
         prefix = f"call {number + 1}: " if len(recorded) > 1 else ""
-        if (old.get("code") or {}).get("digest") != (new.get("code") or {}).get("digest"):
-            outcome.details.append(f"{prefix}the code differs from the code that made the record")
-        changed = _changed_names(old.get("inputs") or {}, new.get("inputs") or {})
-        if changed:
-            outcome.details.append(f"{prefix}input{'s' * (len(changed) > 1)} {', '.join(changed)} differ from the "
-                                   "recorded ones")
-        old_out, new_out = old.get("outputs") or {}, new.get("outputs") or {}
-        for name in sorted(set(old_out) | set(new_out)):
-            status, difference = compare_output(f"{prefix}{name}", old_out.get(name), new_out.get(name))
-            if difference is not None:
-                outcome.differences.append(difference)
-            outcome.status = _worse(outcome.status, status)
+        try:
+            _compare_records(outcome, prefix, old, new)
+        except Exception as exc:  # noqa: BLE001 - a record edited into any shape
+            outcome.status = DIFFERENT
+            outcome.details.append(f"{prefix}the recorded record cannot be read ({type(exc).__name__}: {exc}); "
+                                   "gpunet reproduce --check-only says what is wrong with it")
     return outcome
+
+
+def _compare_records(outcome: CellOutcome, prefix: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Add what differs between one recorded record and its re-run to ``outcome``."""
+    if (old.get("code") or {}).get("digest") != (new.get("code") or {}).get("digest"):
+        outcome.details.append(f"{prefix}the code differs from the code that made the record")
+    changed = _changed_names(old.get("inputs") or {}, new.get("inputs") or {})
+    if changed:
+        outcome.details.append(f"{prefix}input{'s' * (len(changed) > 1)} {', '.join(changed)} differ from the "
+                               "recorded ones")
+    old_out, new_out = old.get("outputs") or {}, new.get("outputs") or {}
+    for name in sorted(set(old_out) | set(new_out)):
+        status, difference = compare_output(f"{prefix}{name}", old_out.get(name), new_out.get(name))
+        if difference is not None:
+            outcome.differences.append(difference)
+        outcome.status = _worse(outcome.status, status)
 
 
 def _changed_names(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

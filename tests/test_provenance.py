@@ -155,3 +155,11 @@ def test_net_run_and_map_from_a_notebook_leave_records(ip):
     assert provenance.bundle(run)["text/plain"].startswith("gpunet: ran on provider ")
     record = provenance.Recorder.for_call(lambda a: a + 1, {"args": [5], "kwargs": {}}, flags={}).record
     assert record["kind"] == "run" and record["inputs"]["args"]["digest"] == codec.digest([5])
+
+
+def test_a_record_edited_into_another_shape_is_different_not_a_crash():
+    broken = _record()
+    broken["outputs"]["y"]["tolerance"] = {"rtol": 1}  # no atol
+    broken["outputs"]["y"]["digest"] = "sha256:0"
+    outcome = compare_cell(0, "cell 1", [broken], [_record()])
+    assert outcome.status == DIFFERENT and "cannot be read" in outcome.details[0]
