@@ -18,8 +18,8 @@ names a scheduler) and compares each gpunet cell's new provenance records
 
 :func:`check_only` runs nothing: it checks each record's integrity
 (:func:`gpunet.provenance.check_record`) and every credit receipt the notebook
-holds (:func:`gpunet.credits.verify_receipt`), linking each record's holds to the
-ledger entries that paid them.
+holds (``%gpunet receipt``), as ``gpunet ledger verify --receipt`` does, linking each
+record's holds to the ledger entries that paid them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from gpunet.client.reused import REUSE_ENV
-from gpunet.credits import verify_receipt
+from gpunet.credits import Witness
+from gpunet.credits._receipts import check_receipt, read_documents
 from gpunet.errors import GpunetError, LedgerVerificationError, ReproduceError
 from gpunet.kernels import Tolerance, compare
 from gpunet.provenance import MIME_TYPE, check_record, kept_value, records_in
@@ -43,7 +44,6 @@ SAME, WITHIN, DIFFERENT, NOT_REPRODUCIBLE, CHECKED, BROKEN = (
 GOOD = (SAME, WITHIN, CHECKED)
 #: How a float output is compared when its record names no tolerance.
 EXACT = Tolerance(0.0, 0.0)
-RECEIPT_FORMAT = "gpunet-receipt-v1"
 
 
 @dataclass
@@ -303,9 +303,12 @@ def _shown(entry: dict[str, Any] | None, limit: int = 400) -> str:
 def check_only(path: str | os.PathLike[str], *, public_key: str | None = None) -> list[CellOutcome]:
     """Check every record and receipt in the notebook at ``path`` without running anything."""
     notebook = read_notebook(path)
-    receipts, receipt_problems = _receipts(notebook, public_key)
-    paid_by = {entry.get("hold"): entry.get("index") for receipt in receipts for entry in receipt["entries"]
-               if entry.get("kind") == "settle"}
+    receipts, receipt_problems = _receipts(path, public_key)
+    paid_by: dict[str, list[int]] = {}  # a map's shared hold is settled in parts
+    for receipt in receipts:
+        for entry in receipt["entries"]:
+            if entry.get("kind") == "settle":
+                paid_by.setdefault(entry.get("hold"), []).append(entry.get("index"))
     outcomes = []
     for index, cell in gpunet_cells(notebook):
         label = _label(index, cell)
@@ -322,7 +325,7 @@ def check_only(path: str | os.PathLike[str], *, public_key: str | None = None) -
                 outcome.status = BROKEN
                 outcome.details.extend(prefix + problem for problem in problems)
             holds = ((record.get("payment") or {}).get("holds") or []) if isinstance(record, dict) else []
-            entries = [paid_by[hold] for hold in holds if hold in paid_by]
+            entries = [index for hold in holds for index in paid_by.get(hold, [])]
             if entries:
                 outcome.details.append(f"{prefix}paid by ledger entr{'ies' if len(entries) > 1 else 'y'} "
                                        f"{', '.join(str(e) for e in entries)} (receipt verified)")
@@ -332,30 +335,31 @@ def check_only(path: str | os.PathLike[str], *, public_key: str | None = None) -
     if receipt_problems:
         outcomes.append(CellOutcome(-1, "receipts", BROKEN, receipt_problems))
     elif not receipts:
-        outcomes.append(CellOutcome(-1, "receipts", CHECKED, ["the notebook holds no credit receipt, so what the "
-                                                              "cells cost was not checked"]))
+        outcomes.append(CellOutcome(-1, "receipts", CHECKED, ["the notebook holds no credit receipt (%gpunet "
+                                                              "receipt keeps one), so what the cells cost was not "
+                                                              "checked"]))
     else:
         outcomes.append(CellOutcome(-1, "receipts", CHECKED, [f"{len(receipts)} receipt(s) verified"]))
     return outcomes
 
 
-def _receipts(notebook: Any, public_key: str | None) -> tuple[list[dict[str, Any]], list[str]]:
-    """The credit receipts a notebook holds (in its outputs or its metadata), verified."""
-    found = []
-    for cell in notebook.cells:
-        for output in cell.get("outputs", []):
-            for value in (output.get("data") or {}).values():
-                if isinstance(value, dict) and value.get("format") == RECEIPT_FORMAT:
-                    found.append(value)
-    meta = (notebook.metadata.get("gpunet") or {}).get("receipts") or []
-    found.extend(receipt for receipt in meta if isinstance(receipt, dict))
+def _receipts(path: str | os.PathLike[str], public_key: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The credit receipts a notebook holds (``%gpunet receipt`` outputs), each checked as
+    ``gpunet ledger verify --receipt`` checks it: entries, inclusion proofs, the signed
+    head, the service's pinned key, and the head against every head seen of its ledger."""
+    witness = Witness()
     good, problems = [], []
-    for receipt in found:
+    try:
+        items = [item for item in read_documents(path) if item["receipt"] is not None]
+    except (LedgerVerificationError, ValueError) as exc:
+        return [], [f"the notebook's receipts cannot be read: {exc}"]
+    for item in items:
         try:
-            verify_receipt(receipt, public_key)
-            good.append(receipt)
+            check_receipt(item["receipt"], witness=witness, service=item["service"], public_key=public_key,
+                          also=[item["ledger"]] if item["ledger"] else [], source=item["source"])
+            good.append(item["receipt"])
         except LedgerVerificationError as exc:
-            problems.append(f"a receipt does not verify: {exc}")
+            problems.append(f"the receipt in {item['source']} does not verify: {exc}")
     return good, problems
 
 

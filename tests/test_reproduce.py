@@ -20,6 +20,10 @@ CELLS = [
     "%%gpunet --map seed=range(3)\nimport numpy as np\nsample = float(np.random.default_rng(seed).normal())",
     "import gpunet\ntotal = gpunet.current().run(lambda a: float(a.sum()), z)",
     "print(y, total, sample)",
+    # the session's receipt, once the scheduler has reported every settlement
+    "import time\nnet, deadline = gpunet.current(), time.monotonic() + 60\n"
+    "while net.metering_state()['queued'] and time.monotonic() < deadline:\n    time.sleep(0.05)",
+    "%gpunet receipt",
     "%gpunet disconnect",
 ]
 
@@ -84,7 +88,9 @@ def test_a_changed_input_makes_its_cells_different(recorded, capsys):
 
 def test_check_only_passes_an_intact_notebook_and_catches_an_edited_digest(recorded, capsys):
     assert gpunet_main(["reproduce", str(recorded), "--check-only"]) == 0
-    assert "3 of 3 gpunet cells check out" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 of 3 gpunet cells check out" in out and "1 receipt(s) verified" in out
+    assert out.count("(receipt verified)") == 3, out  # each cell's holds, settled in the receipt's entries
 
     def forge(notebook):
         for output in notebook.cells[2].outputs:
@@ -97,6 +103,18 @@ def test_check_only_passes_an_intact_notebook_and_catches_an_edited_digest(recor
     assert gpunet_main(["reproduce", str(forged), "--check-only"]) == 1
     out = capsys.readouterr().out
     assert "record broken" in out and "output 'z'" in out and "does not match the value kept beside it" in out
+
+    def pay_less(notebook):  # an edited ledger entry in the receipt
+        for cell in notebook.cells:
+            for output in cell.outputs:
+                payload = output.get("data", {}).get("application/vnd.gpunet.receipt+json")
+                if payload:
+                    settle = next(e for e in payload["receipt"]["entries"] if e["kind"] == "settle")
+                    settle["amount"] += 1
+
+    assert gpunet_main(["reproduce", str(_copy(recorded, "receipt.ipynb", pay_less)), "--check-only"]) == 1
+    out = capsys.readouterr().out
+    assert "receipts" in out and "does not verify" in out and "was altered" in out
 
 
 def test_bad_uses_are_one_clear_error(tmp_path, capsys):
