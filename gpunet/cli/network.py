@@ -13,13 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import dask
-from distributed import Client, Nanny, Scheduler
-from distributed.core import rpc
-from distributed.utils import get_ip
-
 from gpunet import certs
-from gpunet.client.local import EMBEDDED_DASK_CONFIG, EmbeddedNetwork
 from gpunet.clitools import read_token_file
 from gpunet.credits import CreditClient
 from gpunet.errors import GpunetError, OptionError
@@ -135,6 +129,8 @@ def _wait_for_stop() -> None:
 
 
 def _up(args: Any) -> int:
+    from gpunet.client.local import EmbeddedNetwork
+
     embedded = EmbeddedNetwork(n_workers=args.workers, host=args.host, port=args.port,
                                dashboard_port=args.dashboard_port, credits=not args.no_credits)
     try:
@@ -160,6 +156,11 @@ def _up(args: Any) -> int:
 
 
 def _scheduler(args: Any) -> int:
+    import dask
+    from distributed import Scheduler
+
+    from gpunet.client.local import EMBEDDED_DASK_CONFIG
+
     security = _tls_security(args, certs.SCHEDULER)
     if security is None and not args.private:
         raise OptionError("choose the kind of network: an open one for strangers (--tls-ca-file, --tls-cert, "
@@ -248,6 +249,9 @@ def _provide(args: Any) -> int:
 
 
 async def _run_provider(args: Any, account: str, security: Any = None) -> int:
+    from distributed import Client, Nanny
+    from distributed.utils import get_ip
+
     name = args.name or account
     if security is not None and name != account and not name.startswith(f"{account}-"):
         name = f"{account}-{name}"  # an open network's scheduler takes only names of the certificate's account
@@ -318,6 +322,8 @@ async def _drain_open(scheduler_address: str, security: Any, addresses: list[str
     """:func:`_drain` on an open network, where a provider is no Dask client: it asks
     the scheduler, as the owner of these workers, to take their device slots away,
     waits until they execute nothing, then retires them."""
+    from distributed.core import rpc
+
     async with rpc(scheduler_address, connection_args=security.get_connection_args("worker")) as scheduler:
         for address in addresses:
             await scheduler.set_resources(worker=address, resources={DEVICE_RESOURCE: 0})

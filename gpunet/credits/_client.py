@@ -313,7 +313,10 @@ class CreditClient:
         """Return the session's receipt: its entries with inclusion proofs and a signed head.
 
         It verifies offline with :func:`gpunet.credits.verify_receipt` or
-        ``gpunet ledger verify --receipt FILE``.
+        ``gpunet ledger verify --receipt FILE``. Its ``service`` is the address it was
+        fetched from, for which a reader pins the key that signed it.
         """
-        return self._get(f"/v1/sessions/{session}/receipt")
+        receipt = self._get(f"/v1/sessions/{session}/receipt")
+        receipt["service"] = self.url.rstrip("/")
+        return receipt
 

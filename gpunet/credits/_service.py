@@ -107,6 +107,7 @@ from gpunet.credits._book import (
 from gpunet.credits._db import beside_db, format_time, resolve_db_url, sqlite_path
 from gpunet.credits._store import CreditStore
 from gpunet.credits._trust import REPUTATION_FLOOR
+from gpunet.credits._witness import Witness
 
 logger = logging.getLogger(__name__)
 
@@ -595,11 +596,13 @@ def open_store(db: str | None, *, key_file: str | os.PathLike[str] | None = None
     url = resolve_db_url(db)
     key_path = Path(key_file) if key_file else beside_db(url, ".ed25519.pem")
     key = load_or_create_signing_key(key_path)
-    store = CreditStore(url, signing_key=key, reputation_floor=reputation_floor)
+    memory = Witness(key_path.with_name(key_path.name + ".heads"))
+    store = CreditStore(url, signing_key=key, reputation_floor=reputation_floor, memory=memory)
     try:
         store.bind_public_key(public_key_raw(key).hex())
+        store.check_memory()
     except CreditsError:
-        store.close()
+        store.close(sign=False)
         raise
     return store
 
