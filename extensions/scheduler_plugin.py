@@ -97,6 +97,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.scheduler: Scheduler | None = None
         self.reporter: Reporter | None = None
         self._client: CreditClient | None = None
+        #: the meter account whose token this is (None for the operator's, on a private network):
+        #: notebooks name it on their holds, and only it may pay them
+        self.meter_account: str | None = None
         #: registrations that the worker they named did not confirm
         self.refused_registrations = 0
         #: verified results by reuse key (gpunet.reuse), and the result digests that
@@ -117,6 +120,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             self.door = SchedulerDoor(scheduler, self._topics_on)
             self.door.install()
         self._client = CreditClient(self.credits_url, self.token)
+        self.meter_account = await asyncio.to_thread(self._meter_account)
         scheduler.stream_handlers[wire.REGISTER_PROVIDER] = self._on_register_message
         scheduler.handlers.update({
             wire.METERING_STATE: self.state,
@@ -130,6 +134,16 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         })
         self.reporter = Reporter(self.settlement, self._client.batch, self._after)
         self.reporter.start()
+
+    def _meter_account(self) -> str | None:
+        """The meter account of this plugin's token (None for an operator's, or when the service
+        cannot say now: holds then name no meter, and only an operator may pay them)."""
+        try:
+            me = self._client.ping()
+        except CreditsError as exc:
+            logger.warning("gpunet metering: cannot ask the credit service who this token is (%s)", exc)
+            return None
+        return me["account"] if me.get("role") == "meter" else None
 
     async def before_close(self) -> None:
         """Try for a few seconds to send what is still queued: what maps' items earned,
@@ -264,7 +278,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 "refused_registrations": self.refused_registrations,
                 "network": "open" if self.open_network else "private", "refused_tasks": self.refused_tasks,
                 "refused_requests": self.door.refused if self.door is not None else 0,
-                "providers": self.providers}
+                "providers": self.providers, "meter": self.meter_account}
 
     # -- providers -----------------------------------------------------------------------
     def _on_register_message(self, worker: str = "", token: str = "", rate: float = 1.0, **kwargs: Any) -> None:

@@ -443,7 +443,8 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
 
 def _open_meter(client: Client, url: str, token: str, budget: int | None) -> Meter:
     """Check that the scheduler meters work, then open this notebook's session."""
-    if _metering_state(client) is None:
+    state = _metering_state(client)
+    if state is None:
         raise GpunetError(
             f"the scheduler at {client.scheduler.address} does not meter work, so credits at {url} would never be "
             "settled; start it with `gpunet scheduler --credits URL --operator-token-file FILE`, or connect "
@@ -452,7 +453,8 @@ def _open_meter(client: Client, url: str, token: str, budget: int | None) -> Met
     credits = CreditClient(url, token)
     kernel, notebook = _kernel_and_notebook()
     session = credits.open_session(int(budget or DEFAULT_BUDGET), notebook=notebook, kernel=kernel)
-    return Meter(credits, session)
+    # Holds name the scheduler's meter account: only it may pay them (None on a private network).
+    return Meter(credits, session, meter=state.get("meter"))
 
 
 def current() -> Network:

@@ -188,13 +188,15 @@ SPECS: dict[str, dict[str, tuple[Callable[[str, Any], Any], bool]]] = {
     "mint": {"account": (_name, True), "amount": (_amount, True), "key": (_key, True)},
     "open_session": {"budget": (lambda f, v: _amount(f, v, 0), True), "notebook": (_text(1024), False),
                      "kernel": (_text(256), False), "key": (_key, False)},
-    "hold": {"session": (_session_id, True), "amount": (_amount, True), "key": (_key, True)},
+    "hold": {"session": (_session_id, True), "amount": (_amount, True), "meter": (_name, False),
+             "key": (_key, True)},
     "settle": {"hold": (_hold_id, True), "provider": (_name, True),
                "amount": (lambda f, v: _amount(f, v, 0), True), "memo": (_memo, False), "key": (_key, True)},
     "settle_part": {"hold": (_hold_id, True), "provider": (_name, True), "amount": (_amount, True),
                     "memo": (_memo, False), "key": (_key, True)},
     "release": {"hold": (_hold_id, True), "key": (_key, True)},
-    "record_verification": {"provider": (_name, True), "agreed": (_bool, True), "key": (_key, True)},
+    "record_verification": {"provider": (_name, True), "agreed": (_bool, True), "hold": (_hold_id, False),
+                            "key": (_key, True)},
     "clear_quarantine": {"provider": (_name, True), "key": (_key, True)},
     "ping": {},
 }
@@ -333,7 +335,7 @@ class CreditService:
         """POST /v1/ping: a trivial authenticated JSON round trip (the benchmark's yardstick)."""
         actor, role = self._auth(request)
         validate("ping", await _json_body(request))
-        return {"ok": True, "account": actor}
+        return {"ok": True, "account": actor, "role": role}
 
     async def get_account(self, request: Request) -> dict[str, Any]:
         """GET /v1/accounts/{name}: one account's committed balance (itself or operator)."""

@@ -68,6 +68,9 @@ class Meter:
 
     credits: CreditClient
     session: str
+    #: the meter account of the scheduler the work goes to, named on every hold (None: no meter,
+    #: on a private network whose scheduler pays with the operator's token)
+    meter: str | None = None
     tally: dict[str, WorkerTally] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -90,7 +93,7 @@ class Meter:
         (each is paid at most ``amount`` from it); returns its id. Raises
         :class:`BudgetError` (nothing held) when the session cannot cover it."""
         try:
-            return self.credits.hold(self.session, count * amount, key=f"hold-{job_id}")
+            return self.credits.hold(self.session, count * amount, key=f"hold-{job_id}", meter=self.meter)
         except BudgetExceededError as exc:
             raise self._refusal(amount, count, exc) from None
 
@@ -106,8 +109,8 @@ class Meter:
         usage = self.credits.usage(self.session)
         if usage["left"] < count * amount:
             raise self._refusal(amount, count, "budget", usage=usage)
-        items = [{"op": "hold", "session": self.session, "amount": amount, "key": f"hold-{job_id}-{index}"}
-                 for index in range(count)]
+        items = [{"op": "hold", "session": self.session, "amount": amount, "key": f"hold-{job_id}-{index}",
+                  **({"meter": self.meter} if self.meter else {})} for index in range(count)]
         results = self.credits.batch(items)
         holds = [result.get("hold") for result in results]
         if all(result.get("ok") for result in results):
