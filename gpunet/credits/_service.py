@@ -250,15 +250,38 @@ async def read_capped_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: How deep a request body's arrays and objects may nest (a batch of memos needs 4 or 5).
+MAX_JSON_DEPTH = 32
+
+
+def _json_depth(value: Any) -> int:
+    """How deep ``value``'s lists and dicts nest (walked without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 async def _json_body(request: Request) -> Any:
     body = await read_capped_body(request, MAX_BODY)
     if not body:
         return {}
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"malformed JSON in the request body: {exc}", status=400,
                                   code="malformed_json") from exc
+    except RecursionError:  # the parser recurses per level: "[" x 200,000 overflows it
+        too_deep = True
+    else:
+        too_deep = _json_depth(value) > MAX_JSON_DEPTH
+    if too_deep:
+        raise InvalidRequestError(f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels; "
+                                  "send a flatter JSON body", status=400, code="malformed_json")
+    return value
 
 
 # -- the app ----------------------------------------------------------------------------
