@@ -32,12 +32,13 @@ from gpunet.credits._audit import verify_database, verify_service
 from gpunet.credits._client import CreditClient
 from gpunet.credits._ledger import key_id
 from gpunet.credits._receipts import check_receipt, heads_records, proofs_from, read_documents
-from gpunet.credits._witness import Witness, check_heads
+from gpunet.credits._witness import Witness, check_heads, one_key_per_service
 from gpunet.errors import (
     ConflictError,
     ForbiddenError,
     IdempotencyConflictError,
     InvalidRequestError,
+    LedgerKeyError,
     LedgerVerificationError,
 )
 from gpunet.credits._process import TOKEN_FILE_PREFIX, URL_PREFIX
@@ -288,11 +289,18 @@ def _verify_heads(args: argparse.Namespace, witness: Witness, t0: float) -> int:
     records = heads_records(items)
     if not records:
         raise LedgerVerificationError(f"no signed heads in {', '.join(args.heads)}")
-    for it in items:  # each service's key against its pin
+    named = []
+    for it in items:  # each service's key against its pin, and against the other files' heads
         head = it["head"] or (it["receipt"] or {}).get("head") or {}
         service = args.service or it["service"]
-        if service and head.get("public_key"):
-            witness.check_pin(service, head["public_key"])
+        named.append((service, str(head.get("public_key", "")), it["source"]))
+        if args.public_key and head.get("public_key", "").lower() != args.public_key.lower():
+            raise LedgerKeyError(f"{it['source']} is signed by key {head.get('key_id')}, not the --public-key given",
+                                 evidence={"public_key": head.get("public_key"), "expected": args.public_key})
+    one_key_per_service(named)
+    for service, public_key, _ in named:
+        if service and public_key:
+            witness.check_pin(service, public_key)
     keys = {str(doc.get("public_key", "")).lower() for _, doc in records}
     local = []
     for log in (witness.load(k) for k in sorted(keys)):

@@ -304,6 +304,43 @@ def test_trust_on_first_use_and_a_changed_key(paid, tmp_path):
             f"signs with key {fingerprint}", f"signed with key {new_id}", "gpunet ledger pin")
 
 
+def test_a_re_signed_receipt_that_names_no_service_or_two_keys_for_one_is_refused(paid, tmp_path):
+    """Review ledger1.py: a receipt re-signed with a key of one's own and ``"service": null``
+    passed on a machine that had pinned the real key; two files naming one service with two
+    keys passed ``--heads`` on a fresh auditor."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    svc, api, sid, _, receipt = paid
+    reader = tmp_path / "reader"
+    ledger("verify", "--receipt", tmp_path / "a.json", data=reader, check=0)  # pins the real key
+    head = receipt["head"]
+    forged = dict(copy.deepcopy(receipt), service=None)
+    forged["head"] = sign_head(Ed25519PrivateKey.generate(), head["size"], bytes.fromhex(head["root"]),
+                               head["timestamp"])
+    (tmp_path / "null.json").write_text(json.dumps(forged))
+    notebook = {"format": "gpunet-notebook-receipt-v1", "service": None, "receipt": forged}
+    (tmp_path / "nb.json").write_text(json.dumps(notebook))
+    for path in ("null.json", "nb.json"):
+        for data in (reader, tmp_path / "fresh"):
+            refused(ledger("verify", "--receipt", tmp_path / path, data=data), "names no credit service",
+                    f"key {forged['head']['key_id']} is pinned for no service")
+    # Given the real key by another channel, the forgery fails against it; the real receipt passes.
+    refused(ledger("verify", "--receipt", tmp_path / "null.json", "--public-key", head["public_key"],
+                   data=tmp_path / "fresh"), "not the expected key")
+    real_unnamed = dict(receipt, service=None)
+    (tmp_path / "real-null.json").write_text(json.dumps(real_unnamed))
+    ledger("verify", "--receipt", tmp_path / "real-null.json", data=reader, check=0)  # its key is pinned here
+
+    (tmp_path / "named.json").write_text(json.dumps(dict(forged, service=svc.url)))
+    for data in ("auditor", "auditor2"):
+        refused(ledger("verify", "--heads", tmp_path / "a.json", tmp_path / "named.json", data=tmp_path / data),
+                f"the heads of the credit service {svc.url} are signed by two keys", head["key_id"],
+                forged["head"]["key_id"])
+    refused(ledger("verify", "--heads", tmp_path / "null.json", "--public-key", head["public_key"],
+                   data=tmp_path / "auditor3"), "not the --public-key given")
+    assert not (tmp_path / "auditor" / "ledger" / "pins.json").exists()  # nothing pinned by a refusal
+
+
 def test_offline_receipt_names_what_was_tampered(paid, tmp_path):
     svc, api, sid, _, receipt = paid
     svc.stop()  # offline: no service at all
@@ -362,7 +399,11 @@ def test_percent_gpunet_receipt_embeds_a_receipt_that_checks_offline(ip, tmp_pat
     assert len(record["heads"]) == 2 and len(record["links"]) == 1
 
     notebook = _notebook_with(tmp_path, "analysis.ipynb", (data, metadata), (data2, metadata2))
-    ok = ledger("verify", "--receipt", notebook, data=tmp_path / "reader", check=0)
+    # The notebook's own network names no service: a reader elsewhere needs its key, by another channel.
+    refused(ledger("verify", "--receipt", notebook, data=tmp_path / "reader"), "names no credit service",
+            "--public-key")
+    ok = ledger("verify", "--receipt", notebook, "--public-key", receipt["head"]["public_key"],
+                data=tmp_path / "reader", check=0)
     assert ok.stdout.count("OK receipt") == 2 and "cell 2" in ok.stdout
     assert "not yet proven" not in ok.stdout  # the notebook carries the proof linking its heads
     heads = ledger("verify", "--heads", notebook, data=tmp_path / "other", check=0)
