@@ -75,6 +75,9 @@ def _add_auth_args(p: argparse.ArgumentParser) -> None:
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
     _add_auth_args(p)
     p.add_argument("--db", help="verify this database directly (SQLite file or URL) instead of a service")
+    p.add_argument("--service-memory", metavar="DIR", help="with --db: the folder of heads the service signed, "
+                   "kept beside its signing key (KEY_FILE.heads; found beside an SQLite database by default); a "
+                   "database cut back to an earlier head is caught against it")
     p.add_argument("--receipt", metavar="FILE", help="verify a receipt offline: a JSON file from `gpunet credits "
                    "receipt`, or a notebook with %%gpunet receipt outputs (with a token, consistency proofs are "
                    "fetched from --url)")
@@ -216,7 +219,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.heads:
         return _verify_heads(args, witness, t0)
     if args.db or not args.url:
-        summary = verify_database(args.db, public_key=args.public_key, witness=witness)
+        summary = verify_database(args.db, public_key=args.public_key, witness=witness,
+                                  service_memory=args.service_memory)
         what = f"ledger in {args.db or 'the default database'}"
     else:
         summary = verify_service(args.url, _token(args), public_key=args.public_key, witness=witness)
@@ -232,6 +236,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
           f" ({summary['seconds']} s)")
     if "key_id" in summary:
         print(_memory_line(summary, summary["seen_heads"], []))
+    if summary.get("service_heads"):
+        print(f"   consistent with the {summary['service_heads']} head(s) its service kept beside its key")
     return 0
 
 

@@ -175,6 +175,46 @@ def test_a_redirected_payment_with_its_heads_deleted_fails_verify(backend, tmp_p
         svc.stop()
 
 
+def test_a_database_cut_back_to_an_earlier_head_fails_verify_against_the_services_memory(backend, tmp_path):
+    """Review ledger2.py: write access to the database, no key: the newest payments and every head
+    above an earlier one deleted, balances recomputed. A fresh auditor's `ledger verify --db` found
+    a whole, signed ledger; with the heads the service keeps beside its key it finds the cut."""
+    svc = backend.serve()
+    try:
+        party, api, sid, gpu, _ = pay(svc)
+        earlier = api.head()["size"]  # a head covering the three payments
+        party.ops.settle(api.hold(sid, 200, key="h-late"), gpu, 200, key="s-late")
+    finally:
+        svc.stop()  # signs a last head, remembered beside its key
+    flags = [] if backend.kind == "sqlite" else ["--service-memory", backend.memory()]
+    ok = ledger("verify", "--db", backend.db, *flags, data=tmp_path / "auditor", check=0)
+    assert "head(s) its service kept beside its key" in ok.stdout
+    conn, p = backend.connect()
+    try:
+        conn.execute(f"DELETE FROM entries WHERE idx >= {p}", (earlier,))
+        conn.execute(f"DELETE FROM heads WHERE size > {p}", (earlier,))
+        for (name,) in conn.execute("SELECT name FROM accounts").fetchall():
+            (incoming,) = conn.execute(f"SELECT coalesce(sum(amount), 0) FROM entries WHERE dst = {p}",
+                                       (name,)).fetchone()
+            (outgoing,) = conn.execute(f"SELECT coalesce(sum(amount), 0) FROM entries WHERE src = {p}",
+                                       (name,)).fetchone()
+            conn.execute(f"UPDATE accounts SET balance = {p} WHERE name = {p}", (incoming - outgoing, name))
+        conn.commit()
+    finally:
+        conn.close()
+    # Without the service's memory the cut ledger is whole and signed: a fresh auditor cannot tell.
+    if backend.kind == "sqlite":
+        memory = Path(backend.memory())
+        hidden = memory.with_name("hidden")
+        memory.rename(hidden)
+        ledger("verify", "--db", backend.db, data=tmp_path / "fresh0", check=0)
+        hidden.rename(memory)
+    refused(ledger("verify", "--db", backend.db, *flags, data=tmp_path / "fresh"), "FORK",
+            f"holds {earlier} entries, but a head of it covering", "were removed", "kept in")
+    refused(ledger("verify", "--db", backend.db, "--service-memory", tmp_path / "nowhere", data=tmp_path / "fresh2"),
+            "no service memory at", "--service-memory")
+
+
 def test_entries_added_while_the_service_was_stopped_are_refused(backend, tmp_path):
     """Attack 1, appending: a mint to oneself, chained and hashed, after the service stopped."""
     svc = backend.serve()
