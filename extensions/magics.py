@@ -31,7 +31,9 @@ _NEVER_INPUTS = {"In", "Out", "get_ipython", "exit", "quit", "_gpunet"}
 
 LINE_USAGE = """\
 %gpunet connect [SCHEDULER] [--credits URL] [--token TOKEN] [--budget CREDITS] [--workers N]
-                                             join SCHEDULER (or GPUNET_SCHEDULER), else start a local network
+                [--trust-providers] [--max-result-bytes N]
+                                             join SCHEDULER (or GPUNET_SCHEDULER), else start a local network;
+                                             results come back as data, or pickled with --trust-providers
 %gpunet status                               workers, their devices and free slots
 %gpunet usage                                this session's credits: spent, held, left, tasks by worker
 %gpunet disconnect                           close the connection (and the local network it started)"""
@@ -43,6 +45,10 @@ CONNECT_PARSER.add_argument("--credits", default=None, metavar="URL")
 CONNECT_PARSER.add_argument("--token", default=None)
 CONNECT_PARSER.add_argument("--budget", type=float, default=None, metavar="CREDITS")
 CONNECT_PARSER.add_argument("--workers", type=int, default=None, metavar="N", help="CPU workers of a local network")
+CONNECT_PARSER.add_argument("--trust-providers", action="store_true",
+                            help="a private network whose providers you trust: results come back pickled (any object)")
+CONNECT_PARSER.add_argument("--max-result-bytes", type=int, default=None, metavar="N",
+                            help="largest result a job may bring back from providers not trusted (default 256 MiB)")
 
 
 @magics_class
@@ -81,6 +87,7 @@ class GpunetMagics(Magics):
         Line magic::
 
             %gpunet connect [SCHEDULER] [--credits URL] [--token TOKEN] [--budget CREDITS] [--workers N]
+                            [--trust-providers] [--max-result-bytes N]
             %gpunet status
             %gpunet usage
             %gpunet disconnect
@@ -109,10 +116,15 @@ class GpunetMagics(Magics):
         if command == "connect":
             args = CONNECT_PARSER.parse_argstring(rest)
             net = connect(args.scheduler, workers=args.workers, credits=args.credits, token=args.token,
-                          budget=args.budget)
+                          budget=args.budget, trust_providers=args.trust_providers,
+                          max_result_bytes=args.max_result_bytes)
             where = net.address if net.embedded is None else f"a local network at {net.address}"
             note = f" ({net.embedded.note})" if net.embedded is not None else ""
             print(f"gpunet: connected to {where}{note}; dashboard: {net.dashboard_link or 'none'}")
+            if net.embedded is None:
+                print("gpunet: results come back pickled: its providers are trusted (--trust-providers)"
+                      if net.trusts_providers else "gpunet: results come back as data only (values, arrays, "
+                      "data frames, figures), never as code: its providers are strangers")
             if net.meter is not None:
                 usage = net.credits.usage(net.session)
                 print(f"gpunet: session {net.session} has a budget of {usage['budget']} credits "

@@ -36,10 +36,7 @@ from typing import Any
 import msgpack
 
 from gpunet.errors import ProviderDataError, UnsupportedResultError
-
-#: How results travel: ``pickle`` on the embedded network (and a private one that
-#: trusts its providers), ``codec`` everywhere else.
-PICKLE, CODEC = "pickle", "codec"
+from gpunet.wire import PICKLE
 
 # msgpack extension type codes
 _TUPLE, _BIGINT, _COMPLEX, _NDARRAY, _NPSCALAR, _SERIES, _DATAFRAME, _FIGURE = range(1, 9)
@@ -76,6 +73,27 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
         raise
     except Exception as exc:  # noqa: BLE001 - anything a stranger's bytes can make msgpack or NumPy raise
         raise ProviderDataError(f"{what} could not be decoded ({type(exc).__name__}: {exc}); it was not loaded") from None
+
+
+def dump(value: Any, result_format: str, *, name: str) -> bytes:
+    """``value`` as it travels back in ``result_format``: codec bytes (:func:`encode`),
+    or cloudpickle where the notebook trusts its providers (``PICKLE``)."""
+    if result_format == PICKLE:
+        import cloudpickle
+
+        return cloudpickle.dumps(value)
+    return encode(value, name=name)
+
+
+def load(blob: bytes, result_format: str, *, what: str) -> Any:
+    """The value :func:`dump` made. Only ``PICKLE`` unpickles, and only the embedded
+    network and a private one that trusts its providers send it (the notebook says
+    which format it accepts, and a JobResult in another is refused on arrival)."""
+    if result_format == PICKLE:
+        import cloudpickle
+
+        return cloudpickle.loads(blob)
+    return decode(blob, what=what)
 
 
 def digest(obj: Any) -> str:

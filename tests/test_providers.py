@@ -12,37 +12,14 @@ import time
 import pytest
 
 import gpunet
-from gpunet.credits import serve_in_background, verify_service
-from gpunet_processes import expect, start, stop
+from gpunet.credits import verify_service
+from gpunet_processes import metered_network, start
 
 @pytest.fixture
 def market(tmp_path):
-    """Credit service, metered scheduler, two providers (alice, bob) and a client account."""
-    service = serve_in_background(tmp_path / "credits.sqlite3", operator_token_file=tmp_path / "operator-token")
-    operator = service.client()
-    tokens = {name: operator.create_account(name, role)["token"]
-              for name, role in (("alice", "provider"), ("bob", "provider"), ("carol", "client"))}
-    operator.mint("carol", 10_000, key="mint-carol")
-    processes = []
-    try:
-        scheduler = start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
-                            "--operator-token-file", str(tmp_path / "operator-token")])
-        processes.append(scheduler)
-        address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
-        providers = {}
-        for name in ("alice", "bob"):
-            provide = start(["provide", address, "--credits", service.url, "--token", tokens[name],
-                              "--host", "127.0.0.1"])
-            processes.append(provide)
-            expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
-            providers[name] = provide
-        yield {"service": service, "operator": operator, "address": address, "tokens": tokens,
-               "providers": providers}
-    finally:
-        for process in reversed(processes):
-            stop(process)
-        operator.close()
-        service.stop()
+    """Credit service, metered scheduler, two providers (alice, bob) and a client account (carol)."""
+    with metered_network(tmp_path, ["alice", "bob"], "carol") as network:
+        yield network
 
 
 def test_killed_provider_is_not_paid_and_the_cell_completes_elsewhere(market, tmp_path, detached):

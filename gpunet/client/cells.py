@@ -16,18 +16,20 @@ its displays. One bad output changes nothing in the namespace.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
 from IPython.display import display
 
+from gpunet import codec, wire
 from gpunet.cell import CellAnalysis, analyze
 from gpunet.client.handle import new_job_id, pickled
 from gpunet.client.placement import resources_for
+from gpunet.client.received import shown_display
 from gpunet.client.submit import raise_for_error
-from gpunet.errors import CellError, MissingOutputError, OptionError
+from gpunet.errors import CellError, GpunetError, MissingOutputError, OptionError
 from gpunet.ui.progress import JobProgress
 from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import Job, JobResult
@@ -224,8 +226,8 @@ class CellRun:
                     names=result.missing_outputs,
                 )
             for name, type_name, reason in result.unpicklable_outputs:
-                message = (f"output {name!r} ({type_name}) cannot be pickled to come back from {result.worker} "
-                           f"({reason})")
+                message = reason if result.result_format == wire.CODEC else (
+                    f"output {name!r} ({type_name}) cannot be pickled to come back from {result.worker} ({reason})")
                 if job.strict_outputs:
                     raise CellError(message + "; leave it out of --out. Nothing was changed in the notebook.")
                 print(f"gpunet: {message}; it stayed on the worker (choose outputs with --out)")
@@ -234,7 +236,10 @@ class CellRun:
             for name in job.outputs:
                 blob = result.outputs.get(name)
                 try:
-                    decoded[name].append(None if blob is None else cloudpickle.loads(blob))
+                    decoded[name].append(None if blob is None else codec.load(blob, result.result_format,
+                                                                              what=f"output {name!r}"))
+                except GpunetError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - e.g. a module the notebook lacks
                     raise CellError(
                         f"output {name!r} came back but cannot be unpickled here ({type(exc).__name__}: {exc}); "
@@ -247,6 +252,16 @@ class CellRun:
 
 
 def _show(result: JobResult) -> None:
-    """Display a result's MIME bundles (figures, HTML reprs) as they were made."""
+    """Display a result's MIME bundles (figures, HTML reprs): as they were made where
+    the notebook trusts its providers, else only what :func:`shown_display` lets
+    through (a note says what was dropped)."""
     for data, metadata in result.displays:
+        if result.result_format == wire.CODEC:
+            data, metadata, dropped = shown_display(data, metadata)
+            if dropped:
+                print(f"gpunet: dropped {', '.join(dropped)} from a display sent by {result.worker} (only text, "
+                      "images, and sanitized SVG and HTML come from providers this notebook does not trust)",
+                      file=sys.stderr)
+            if not data:
+                continue
         display(data, raw=True, metadata=metadata)

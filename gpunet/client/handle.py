@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
 
+from gpunet.client.received import live_event
 from gpunet.errors import CellTimeoutError, UnpicklableInputError
 from gpunet.worker.runner import stop_job
 
@@ -45,6 +46,9 @@ class Connection(Protocol):
     client: Client
     meter: Meter | None
     topic: str
+    result_format: str
+    max_result_bytes: int
+    max_stream_bytes_per_s: int
 
     def register_job(self, handle: Any) -> None: ...
     def forget_job(self, job_id: str) -> None: ...
@@ -113,6 +117,8 @@ class JobHandle(ABC):
         self.resources = resources or {}
         self.allowed_workers = allowed_workers
         self.submitted = time.monotonic()
+        #: the monotonic time the job must be done by, gathering included (set by wait())
+        self.deadline: float | None = None
         self.stopped_because: str | None = None
         #: the job's live events, handed over by the network (client event loop thread)
         self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
@@ -156,9 +162,33 @@ class JobHandle(ABC):
         return self.completed >= self.count
 
     def on_event(self, message: dict[str, Any]) -> None:
-        """A live event of the job (called on the client's event loop thread)."""
+        """A live event of the job (called on the client's event loop thread); one its
+        own worker did not sign is ignored and logged."""
+        accepted = live_event(self.job, message)
+        if accepted is not None:
+            self._on_live_event(accepted)
+
+    def _on_live_event(self, message: dict[str, Any]) -> None:
         self.events.put(message)
         self.wake.set()
+
+    def fetch(self, futures: list[Future]) -> list[Any]:
+        """Gather ``futures`` within what is left of the job's deadline (--timeout
+        covers gathering too): past it, :class:`CellTimeoutError`, nothing loaded."""
+        client = self.network.client
+        if self.deadline is None:
+            return client.gather(futures)
+        left = self.deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            return client.sync(client._gather, futures, callback_timeout=left)
+        except TimeoutError:
+            self.stop("timeout")
+            raise CellTimeoutError(
+                f"the job finished, but its results did not arrive within its timeout of "
+                f"{self.deadline - self.submitted:g} s and were not loaded; give it more time (--timeout) "
+                "or return less.") from None
 
     def wait(self, timeout: float | None = None, *, progress: JobProgress | None = None,
              echo: bool = True) -> list[JobResult]:
@@ -168,7 +198,7 @@ class JobHandle(ABC):
         still waits in the queue), and stops the job on its workers on Ctrl-C, after
         ``timeout`` seconds (counted from when it was sent), or on any error.
         """
-        deadline = None if timeout is None else self.submitted + timeout
+        deadline = self.deadline = None if timeout is None else self.submitted + timeout
         try:
             while True:
                 self.wake.clear()

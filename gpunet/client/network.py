@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from distributed import Client
 
 from gpunet import wire
-from gpunet.client import placement
+from gpunet.client import data_comm, placement
 from gpunet.client.cells import CellRun, run_cell
 from gpunet.client.local import EmbeddedNetwork
 from gpunet.client.submit import function_job, function_value, submit
@@ -77,15 +77,24 @@ class Network:
     """
 
     def __init__(self, client: Client, *, embedded: EmbeddedNetwork | None = None,
-                 meter: Meter | None = None) -> None:
+                 meter: Meter | None = None, result_format: str = wire.PICKLE,
+                 max_result_bytes: int = wire.DEFAULT_MAX_RESULT_BYTES,
+                 max_stream_bytes_per_s: int = wire.DEFAULT_MAX_STREAM_BYTES_PER_S,
+                 address: str | None = None) -> None:
         self.client = client
         self.embedded = embedded
         self.meter = meter
+        #: how results come back: wire.PICKLE from the embedded network or providers the
+        #: notebook trusts, wire.CODEC (data only, see gpunet.codec) from any other
+        self.result_format = result_format
+        #: a CODEC job's caps: its result, and its output text per second run
+        self.max_result_bytes = max_result_bytes
+        self.max_stream_bytes_per_s = max_stream_bytes_per_s
         self.credits = meter.credits if meter is not None else None
         # an unmetered session's id is this kernel's session id
         self.session = meter.session if meter is not None else _kernel_and_notebook()[0]
         #: the scheduler's address
-        self.address = client.scheduler.address
+        self.address = address or client.scheduler.address
         self.topic = f"gpunet-events-{uuid.uuid4().hex[:12]}"
         self._jobs: dict[str, JobHandle] = {}
         self._jobs_lock = threading.Lock()
@@ -108,7 +117,12 @@ class Network:
             return None
 
     def __repr__(self) -> str:
-        return f"<gpunet.Network {self.address} session={self.session}>"
+        return f"<gpunet.Network {self.address} session={self.session} results={self.result_format}>"
+
+    @property
+    def trusts_providers(self) -> bool:
+        """Whether results come back pickled (any object), not as data only."""
+        return self.result_format == wire.PICKLE
 
     def __enter__(self) -> Network:
         return self
@@ -363,7 +377,8 @@ DEFAULT_BUDGET = 10_000
 
 def connect(address: str | None = None, *, workers: int | None = None, credits: str | None = None,
             token: str | None = None, budget: int | None = None, metered: bool = True,
-            timeout: float = CONNECT_TIMEOUT_S) -> Network:
+            timeout: float = CONNECT_TIMEOUT_S, trust_providers: bool = False,
+            max_result_bytes: int | None = None, max_stream_bytes_per_s: int | None = None) -> Network:
     """Connect to a gpunet network and make it :func:`current`.
 
     ``address`` (or ``GPUNET_SCHEDULER``) joins that scheduler; with neither, an
@@ -374,6 +389,13 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     shared network; ``budget`` caps this notebook session (default
     :data:`DEFAULT_BUDGET` credits). Raises :class:`ConnectError` naming the address
     when the scheduler or the credit service cannot be reached.
+
+    From a scheduler given by address, results come back as data only
+    (:mod:`gpunet.codec`: values, arrays, data frames, figures; nothing that can run
+    code in this kernel), each job's within ``max_result_bytes`` (default 256 MiB)
+    and its output text within ``max_stream_bytes_per_s`` (default 1 MiB per second
+    run). ``trust_providers=True``, for a private network whose providers you
+    trust, brings back any object, pickled, as the embedded network does.
     """
     global _current
     address = address or os.environ.get("GPUNET_SCHEDULER") or None
@@ -387,14 +409,26 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     if (credits is None) != (token is None) and not (address is None and token is None):
         raise GpunetError("a credit service needs both its URL (--credits / GPUNET_CREDITS) and this notebook's "
                           "token (--token / GPUNET_TOKEN)")
+    caps = {"max_result_bytes": max_result_bytes or wire.DEFAULT_MAX_RESULT_BYTES,
+            "max_stream_bytes_per_s": max_stream_bytes_per_s or wire.DEFAULT_MAX_STREAM_BYTES_PER_S}
+    for name, value in caps.items():
+        if not (isinstance(value, int) and value > 0):
+            raise GpunetError(f"{name} must be a whole number of bytes above 0, got {value!r}")
     embedded = None
     if address is None:
         embedded = EmbeddedNetwork(n_workers=workers, credits=metered and credits is None)
         address = embedded.scheduler_address
         if embedded.credits_service is not None:
             credits, token = embedded.credits_url, embedded.client_token
+    result_format = wire.PICKLE if embedded is not None or trust_providers else wire.CODEC
+    options: dict[str, Any] = {}
+    dask_address = address
+    if result_format == wire.CODEC:  # Dask itself must not unpickle what providers send
+        dask_address = data_comm.data_only_address(address)
+        options["deserializers"] = list(data_comm.DATA_SERIALIZERS)
+        data_comm.max_message_bytes = caps["max_result_bytes"] + data_comm.MESSAGE_SLACK_BYTES
     try:
-        client = Client(address, timeout=timeout, set_as_default=False)
+        client = Client(dask_address, timeout=timeout, set_as_default=False, **options)
     except (OSError, TimeoutError) as exc:
         if embedded is not None:
             embedded.close()
@@ -406,7 +440,8 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
         ) from None
     try:
         meter = _open_meter(client, credits, token, budget) if credits is not None else None
-        network = Network(client, embedded=embedded, meter=meter)
+        network = Network(client, embedded=embedded, meter=meter, result_format=result_format, address=address,
+                          **caps)
     except BaseException:
         client.close()
         if embedded is not None:
