@@ -78,6 +78,7 @@ E2E_FIXTURES = {
     # module-local fixtures that start a network, a credit service or gpunet processes
     "own",            # test_metering.py: gpunet.connect(budget=...) - a LocalCluster
     "market",         # test_providers.py: credit service + `gpunet scheduler/provide` processes
+    "hostile",        # test_hostile_providers.py: the same, with a provider that attacks the notebook
     "liar_market",    # test_verification.py: gpunet.testing.local_market
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
