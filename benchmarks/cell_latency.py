@@ -75,7 +75,11 @@ def codec_against_pickle(repeats: int, items: int) -> None:
         print(f"\nresults as data (codec) against pickled, one network ({embedded.note}), unmetered")
         print(f"{'':34s} {'pickle':>10s} {'codec':>10s} {'codec/pickle':>13s}")
         for name, fn in (("1 MB NumPy array", megabyte_array), ("10k-row DataFrame", ten_thousand_rows)):
-            medians = {label: summary(timings(lambda: net.run(fn, 1), repeats))[0] for label, net in nets.items()}
+            samples: dict[str, list[float]] = {label: [] for label in nets}
+            for _ in range(5):  # interleaved rounds, so drift in the machine's load hits both alike
+                for label, net in nets.items():
+                    samples[label] += timings(lambda: net.run(fn, 1), max(repeats // 5, 1), warmup=2)
+            medians = {label: summary(values)[0] for label, values in samples.items()}
             print(f"{'net.run round trip, ' + name + ' (ms)':34s} {medians['pickle']:10.2f} {medians['codec']:10.2f} "
                   f"{medians['codec'] / medians['pickle']:13.2f}")
             rates = {label: 0.0 for label in nets}

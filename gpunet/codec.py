@@ -204,19 +204,21 @@ def _array_payload(array: Any) -> bytes:
     return _pack([contiguous.dtype.str, list(contiguous.shape), memoryview(contiguous.reshape(-1).view(np.uint8))])
 
 
-def _column(series: Any) -> bytes:
-    """A pandas column as an array payload; string columns as a NumPy str array."""
-    import numpy as np
-    import pandas as pd
+#: pandas dtypes a column of Python values comes back as (anything else: object)
+_LIST_DTYPES = ("str", "string", "object", "category")
 
+
+def _column(series: Any) -> list[Any]:
+    """A pandas column: an array payload, or (object, string and categorical columns)
+    its values as a list of what the codec carries."""
     values = series.to_numpy()
-    if values.dtype.kind == "O":
-        if pd.api.types.is_string_dtype(series.dtype) and not series.isna().any() and \
-                all(isinstance(v, str) for v in values):
-            values = values.astype(str)
-        else:
-            raise _Unsupported(series, f"its column {series.name!r} holds Python objects ({series.dtype})")
-    return _array_payload(np.asarray(values))
+    if values.dtype.kind != "O":
+        return ["array", _array_payload(values)]
+    try:
+        return ["list", str(series.dtype), _pack(series.tolist())]
+    except _Unsupported as exc:
+        raise _Unsupported(series, f"its column {series.name!r} ({series.dtype}) holds a "
+                                   f"{_type_name(exc.value)}") from None
 
 
 def _index_payload(index: Any) -> Any:
@@ -253,9 +255,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
         if code == _SERIES:
             name, index, values = _unpack(data)
-            return pd.Series(_array(values), index=_index(index), name=name)
+            return pd.Series(_column_values(values), index=_index(index), name=name)
         index, columns = _unpack(data)
-        return pd.DataFrame({name: _array(values) for name, values in columns}, index=_index(index),
+        return pd.DataFrame({name: _column_values(values) for name, values in columns}, index=_index(index),
                             columns=[name for name, _ in columns])
     if code == _FIGURE:
         from IPython.display import Image
@@ -289,7 +291,19 @@ def _index(payload: list[Any]) -> Any:
         _, start, stop, step, name = payload
         return pd.RangeIndex(int(start), int(stop), int(step), name=name)
     _, values, name = payload
-    return pd.Index(_array(values), name=name)
+    return pd.Index(_column_values(values), name=name)
+
+
+def _column_values(payload: list[Any]) -> Any:
+    import pandas as pd
+
+    if payload[0] == "array":
+        return _array(payload[1])
+    _, dtype, packed = payload
+    values = _unpack(packed)
+    if not isinstance(values, list):
+        raise ProviderDataError("a column's values are not a list")
+    return pd.array(values, dtype=dtype if dtype in _LIST_DTYPES else "object")
 
 
 # -- messages --------------------------------------------------------------------------

@@ -81,6 +81,8 @@ def test_pandas_frames_and_series_round_trip():
     pd.testing.assert_series_equal(round_trip(series), series)
     stepped = pd.DataFrame({"a": [1, 2]}, index=pd.RangeIndex(10, 14, 2))
     pd.testing.assert_frame_equal(round_trip(stepped), stepped)
+    mixed = pd.DataFrame({"c": pd.Categorical(["a", "b", "a"]), "o": [1, "x", None], "s": ["p", None, "q"]})
+    pd.testing.assert_frame_equal(round_trip(mixed), mixed)
 
 
 def test_matplotlib_figures_come_back_as_png():
@@ -103,7 +105,7 @@ class Model:
     (Model(), "is a test_codec.Model"),
     ({"model": [1, Model()]}, "holds at ['model'][1] a test_codec.Model"),
     (np.array([Model()], dtype=object), "dtype object"),
-    (pd.DataFrame({"o": [Model(), 1]}), "holds Python objects"),
+    (pd.DataFrame({"o": [Model(), 1]}), "column 'o' (object) holds a test_codec.Model"),
     ({1, 2}, "is a set"),
     (lambda: 1, "function"),
 ])

@@ -258,25 +258,10 @@ class RemoteJob(JobHandle):
                     "the network lost this job (its scheduler restarted or this client was disconnected); "
                     "run it again"
                 )
-        if missing and self.job.result_format == wire.CODEC:
-            self._refuse_oversized(missing)
         for future, raw in zip(missing, self.fetch(missing)):
             index = self.index_of[future.key]
             have[index] = accept(raw, self.job, index)
         return [have[self.index_of[future.key]] for future in self.futures]
-
-    def _refuse_oversized(self, futures: list[Future]) -> None:
-        """Refuse results the scheduler says are over the cap before fetching any (the
-        connection refuses a message over it too, should a worker misreport a size)."""
-        sizes = self.network.client.nbytes(keys=[future.key for future in futures], summary=False)
-        for future in futures:
-            size = sizes.get(future.key, 0)
-            if size > self.job.max_result_bytes:
-                index = self.index_of[future.key]
-                where = f"item {index} of this map" if self.mapped else "this job"
-                raise ResultTooLargeError(
-                    f"the result of {where} is {size:,} bytes, over its cap of {self.job.max_result_bytes:,} bytes; "
-                    "nothing of it was loaded (return less, or raise the cap: max_result_bytes= when connecting)")
 
     def _close_unknown_tasks(self) -> None:
         """Tasks the scheduler cancelled may never have existed there (their input was
