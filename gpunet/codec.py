@@ -143,8 +143,23 @@ class _Unsupported(Exception):
 
 
 def _pack(obj: Any) -> bytes:
-    # strict_types: a tuple, an int or float subclass (NumPy scalars) reaches _default
-    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True)
+    # strict_types: a tuple, an int or float subclass (NumPy scalars) reaches _default.
+    # A buffer sized for the large values up front: growing it copies them again.
+    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True,
+                         buf_size=256 * 1024 + _large_bytes(obj))
+
+
+def _large_bytes(obj: Any, depth: int = 3) -> int:
+    """About how many bytes ``obj``'s large values take (a few levels deep; cheap)."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return len(obj)
+    if hasattr(obj, "nbytes") and isinstance(getattr(obj, "nbytes"), int):
+        return obj.nbytes
+    if depth and isinstance(obj, dict):
+        return sum(_large_bytes(value, depth - 1) for value in obj.values())
+    if depth and isinstance(obj, (list, tuple)) and len(obj) < 64:
+        return sum(_large_bytes(value, depth - 1) for value in obj)
+    return 0
 
 
 def _default(obj: Any) -> Any:
@@ -201,7 +216,9 @@ def _array_payload(array: Any) -> bytes:
     if array.dtype.kind not in ARRAY_KINDS or array.dtype.fields is not None:
         raise _Unsupported(array, f"its dtype {array.dtype} is not one of numbers, bools, strings or datetimes")
     contiguous = array if array.flags.c_contiguous else np.array(array, order="C")  # keeps 0-d arrays 0-d
-    return _pack([contiguous.dtype.str, list(contiguous.shape), memoryview(contiguous.reshape(-1).view(np.uint8))])
+    # header length, header, raw buffer: joined in one allocation, and read back without copying the buffer
+    header = _pack([contiguous.dtype.str, list(contiguous.shape)])
+    return b"".join([struct.pack("<I", len(header)), header, memoryview(contiguous.reshape(-1).view(np.uint8))])
 
 
 #: pandas dtypes a column of Python values comes back as (anything else: object)
@@ -269,7 +286,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
 def _array(payload: bytes) -> Any:
     import numpy as np
 
-    dtype_text, shape, raw = _unpack(payload)
+    (length,) = struct.unpack_from("<I", payload)
+    dtype_text, shape = _unpack(payload[4:4 + length])
+    raw = memoryview(payload)[4 + length:]
     dtype = np.dtype(str(dtype_text))
     if dtype.kind not in ARRAY_KINDS or dtype.fields is not None:
         raise ProviderDataError(f"an array of dtype {dtype} does not travel in the codec")
@@ -281,7 +300,7 @@ def _array(payload: bytes) -> Any:
         count *= n
     if count * dtype.itemsize != len(raw):
         raise ProviderDataError(f"an array's {len(raw)} bytes do not fit its shape {shape} and dtype {dtype}")
-    return np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()  # the notebook's own, writable copy
 
 
 def _index(payload: list[Any]) -> Any:
