@@ -22,6 +22,7 @@ from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_ar
 
 from gpunet.client.network import connect, current
 from gpunet.errors import GpunetError, OptionError
+from gpunet.ui.receipt import SessionReceipt
 from gpunet.ui.status import NetworkStatus
 from gpunet.ui.usage import SessionUsage
 from gpunet.verify.quorum import Policy
@@ -36,6 +37,7 @@ LINE_USAGE = """\
                                              results come back as data, or pickled with --trust-providers
 %gpunet status                               workers, their devices and free slots
 %gpunet usage                                this session's credits: spent, held, left, tasks by worker
+%gpunet receipt                              keep this session's checked receipt in the notebook
 %gpunet disconnect                           close the connection (and the local network it started)"""
 
 
@@ -90,6 +92,7 @@ class GpunetMagics(Magics):
                             [--trust-providers] [--max-result-bytes N]
             %gpunet status
             %gpunet usage
+            %gpunet receipt
             %gpunet disconnect
         """
         if cell is None:
@@ -132,12 +135,14 @@ class GpunetMagics(Magics):
             else:
                 print("gpunet: this network does not meter work: no credits are held or paid")
             return None
-        if command in ("status", "usage", "disconnect") and rest.strip():
+        if command in ("status", "usage", "receipt", "disconnect") and rest.strip():
             raise UsageError(f"%gpunet {command} takes no arguments, got {rest.strip()!r}")
         if command == "status":
             return NetworkStatus.of(current())
         if command == "usage":
             return SessionUsage(current())
+        if command == "receipt":
+            return SessionReceipt(current())
         if command == "disconnect":
             try:
                 net = current()

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 GPUNET = [sys.executable, "-m", "gpunet.cli"]
 
@@ -52,7 +53,7 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 6
 
 @contextlib.contextmanager
 def metered_network(place: Path, providers: list[str], client: str, credits: int = 10_000) -> Iterator[dict]:
-    """A credit service, `gpunet scheduler --credits` and one `gpunet provide` process per
+    """A credit service, `gpunet scheduler --private --credits` and one `gpunet provide` process per
     provider account, on 127.0.0.1; ``client`` is a client account holding ``credits``.
     Yields {"service", "operator", "address", "tokens", "providers": {name: process}};
     stops every part on exit."""
@@ -65,13 +66,15 @@ def metered_network(place: Path, providers: list[str], client: str, credits: int
     operator.mint(client, credits, key=f"mint-{client}")
     processes = []
     try:
-        scheduler = start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
-                           "--operator-token-file", str(place / "operator-token")])
+        scheduler = start(["scheduler", "--private", "--port", "0", "--dashboard-port", "0", "--credits",
+                           service.url, "--operator-token-file", str(place / "operator-token")])
         processes.append(scheduler)
         address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
         running = {}
         for name in providers:
-            provide = start(["provide", address, "--credits", service.url, "--token", tokens[name],
+            token_file = place / f"{name}-token"
+            token_file.write_text(tokens[name])
+            provide = start(["provide", address, "--credits", service.url, "--token-file", str(token_file),
                              "--host", "127.0.0.1"])
             processes.append(provide)
             expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
@@ -82,3 +85,16 @@ def metered_network(place: Path, providers: list[str], client: str, credits: int
             stop(process)
         operator.close()
         service.stop()
+def credit_service_with_accounts(root: Any) -> tuple[Any, dict[str, str]]:
+    """A credit service process in ``root`` (nobody is ever quarantined) with provider
+    accounts alice and bob, client carol (1,000,000 credits) and a meter account (what a
+    scheduler reports with); returns (service, {name: token}). The caller stops it."""
+    from gpunet.credits import serve_in_background
+
+    svc = serve_in_background(root / "credits.sqlite3", operator_token_file=root / "operator-token",
+                              log_path=root / "service.log", extra_args=["--reputation-floor", "0"])
+    with svc.client() as operator:
+        tokens = {name: operator.create_account(name, role)["token"]
+                  for name, role in (("alice", "provider"), ("bob", "provider"), ("carol", "client"), ("meter", "meter"))}
+        operator.mint("carol", 1_000_000, key="mint-carol")
+    return svc, tokens

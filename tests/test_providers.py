@@ -77,8 +77,10 @@ def test_killed_provider_is_not_paid_and_the_cell_completes_elsewhere(market, tm
     verify_service(market["service"].url, market["service"].operator_token)
 
 
-def test_a_bad_provider_token_is_refused_clearly(market):
-    provide = start(["provide", market["address"], "--credits", market["service"].url, "--token", "not-a-token"])
+def test_a_bad_provider_token_is_refused_clearly(market, tmp_path):
+    (tmp_path / "bad-token").write_text("not-a-token")
+    provide = start(["provide", market["address"], "--credits", market["service"].url, "--token-file",
+                     str(tmp_path / "bad-token")])
     out = provide.communicate(timeout=60)[0]
     assert provide.returncode == 1
     assert "token" in out.lower() and market["service"].url in out
