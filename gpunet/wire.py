@@ -141,8 +141,9 @@ class JobResult:
 
 
 def result_to_event(result: JobResult) -> dict[str, Any]:
-    """A JobResult as a msgpack-friendly dict (see :func:`result_from_event`)."""
-    return dataclasses.asdict(result)
+    """A JobResult as a msgpack-friendly dict of its fields (see :func:`result_from_event`);
+    shallow, so that a large output is not copied."""
+    return {item.name: getattr(result, item.name) for item in dataclasses.fields(result)}
 
 
 def result_from_event(data: dict[str, Any]) -> JobResult:

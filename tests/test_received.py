@@ -16,7 +16,7 @@ from gpunet.client.received import accept, live_event, sanitized_html, shown_dis
 from gpunet.errors import ProviderDataError, RemoteCellError, ResultTooLargeError
 from gpunet.kernels import Tolerance
 from gpunet.verify.quorum import disagreement, result_digest
-from gpunet.wire import CODEC, TOO_LARGE, Job, JobResult, sign_event
+from gpunet.wire import CODEC, TOO_LARGE, Job, JobResult, result_to_event, sign_event
 from gpunet.worker import runner
 from gpunet.worker.runner import encode_result, run_job
 
@@ -72,7 +72,7 @@ def codec_job(**options):
 
 def encoded(job, **fields):
     result = JobResult("job1", None, "tcp://w:1", "cpu", 0.0, 1.0, result_format=CODEC)
-    return codec.encode(dataclasses.asdict(dataclasses.replace(result, **fields)))
+    return codec.encode(result_to_event(dataclasses.replace(result, **fields)))
 
 
 def test_a_result_is_decoded_and_its_text_cleaned():

@@ -347,13 +347,13 @@ def encode_result(result: JobResult, max_bytes: int) -> bytes:
             result.streams.append((len(result.streams) + 1, "stderr",
                                    f"[gpunet: a display of {sorted(bundle[0])} could not travel as data]\n"))
     result.displays = kept
-    blob = codec.encode(dataclasses.asdict(result))
+    blob = codec.encode(result_to_event(result))
     if len(blob) <= max_bytes:
         return blob
     too_large = dataclasses.replace(result, outputs={}, value=None, streams=[], displays=[], unpicklable_outputs=[],
                                     error={"ename": TOO_LARGE, "evalue": f"its result is {len(blob):,} bytes, over "
                                            f"its cap of {max_bytes:,} bytes", "traceback": "", "exception": None})
-    return codec.encode(dataclasses.asdict(too_large))
+    return codec.encode(result_to_event(too_large))
 
 
 def _unregister(thread_id: int, running_key: str) -> None:
