@@ -196,3 +196,14 @@ def test_copies_that_differ_only_in_a_display_disagree():
     assert disagreement(copy(plain), copy(plain, 1.0 + 1e-9), tolerance) is None
     assert result_digest(copy(plain)) != result_digest(copy(scripted))
     assert disagreement(copy(plain), copy(scripted), tolerance) == "their displays differ"
+
+
+def test_live_output_past_its_cap_is_not_shown(capsys):
+    from gpunet.client.submit import RemoteJob
+
+    handle = RemoteJob(None, Job("j", result_format=CODEC, max_stream_bytes_per_s=1000), items=None, resources={},
+                       allowed_workers=None)
+    assert handle._within_text_cap("x" * 900)
+    assert not handle._within_text_cap("x" * 200)
+    assert not handle._within_text_cap("x")
+    assert capsys.readouterr().err.count("over its cap of 1,000 bytes per second") == 1

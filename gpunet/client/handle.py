@@ -26,6 +26,7 @@ import cloudpickle
 
 from gpunet.client.received import live_event
 from gpunet.errors import CellTimeoutError, UnpicklableInputError
+from gpunet.wire import CODEC, stream_allowance
 from gpunet.worker.runner import stop_job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -130,6 +131,9 @@ class JobHandle(ABC):
         self.started_at: float | None = None
         #: the last output chunk shown, by item index (None for a single job)
         self.shown_seq: dict[int | None, int] = {}
+        #: live output text shown (a CODEC job's is capped), and whether the cap was reached
+        self.text_shown = 0
+        self.text_capped = False
 
     # -- what each kind of job supplies ------------------------------------------------
     @property
@@ -272,9 +276,24 @@ class JobHandle(ABC):
                     progress.running(worker, device, rerun_after=lost)
             elif kind == "stream" and echo:
                 index = message.get("index")
-                if message["seq"] > self.shown_seq.get(index, 0):
+                if message["seq"] > self.shown_seq.get(index, 0) and self._within_text_cap(message["text"]):
                     self.shown_seq[index] = message["seq"]
                     write(message["name"], message["text"])
+
+    def _within_text_cap(self, text: Any) -> bool:
+        """Whether live output text still fits the job's cap (CODEC jobs: a provider's
+        worker could flood the notebook); past it, one note and nothing more."""
+        if self.job.result_format != CODEC or not isinstance(text, str):
+            return isinstance(text, str)
+        self.text_shown += len(text)
+        allowance = stream_allowance(self.job, time.monotonic() - self.submitted)
+        if self.text_shown <= allowance:
+            return True
+        if not self.text_capped:
+            self.text_capped = True
+            write("stderr", f"[gpunet: live output over its cap of {self.job.max_stream_bytes_per_s:,} bytes per "
+                            "second; the rest is not shown]\n")
+        return False
 
     def echo_rest(self, result: JobResult) -> None:
         """Show the output text of ``result`` that was not shown live."""
