@@ -100,6 +100,11 @@ class OptionError(GpunetError, ValueError):
     cannot use; nothing was sent. The magic shows it as a usage error."""
 
 
+class ReproduceError(GpunetError):
+    """A notebook cannot be re-run or checked by ``gpunet reproduce`` (no such file,
+    not a notebook)."""
+
+
 class PlacementError(GpunetError):
     """No worker in the network can ever satisfy the requested resources."""
 

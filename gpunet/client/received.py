@@ -34,7 +34,7 @@ def accept(raw: Any, job: Job, index: int | None) -> JobResult:
         raise ResultTooLargeError(f"{where} is {len(raw):,} bytes, over its cap of {job.max_result_bytes:,} bytes; "
                                   "nothing of it was loaded (return less, or raise the cap: max_result_bytes=)")
     data = codec.decode(raw, what=where)
-    result = _result(data, where)
+    result = checked_result(data, where)
     if result.job_id != job.job_id or result.index != index:
         raise ProviderDataError(f"{where} names job {result.job_id!r} item {result.index!r}, not the one asked for; "
                                 "it was not loaded")
@@ -62,7 +62,10 @@ def live_event(job: Job, message: dict[str, Any]) -> dict[str, Any] | None:
 # -- checking a decoded result --------------------------------------------------------------
 
 
-def _result(data: Any, where: str) -> JobResult:
+def checked_result(data: Any, where: str) -> JobResult:
+    """A decoded result's fields as a CODEC :class:`JobResult`, every type checked and
+    every provider's text cleaned; :class:`ProviderDataError` when malformed. (Also for
+    a result the scheduler's reuse table hands back: it came from a provider too.)"""
     def need(ok: bool, field: str) -> None:
         if not ok:
             raise ProviderDataError(f"{where} is malformed (its {field}); it was not loaded")
@@ -80,15 +83,15 @@ def _result(data: Any, where: str) -> JobResult:
          "outputs")
     need(data.get("value") is None or isinstance(data.get("value"), bytes), "value")
     missing = data.get("missing_outputs")
-    need(isinstance(missing, list) and all(isinstance(name, str) for name in missing), "missing outputs")
+    need(isinstance(missing, (list, tuple)) and all(isinstance(name, str) for name in missing), "missing outputs")
     refused = data.get("unpicklable_outputs")
-    need(isinstance(refused, list) and all(_strings(entry, 3) for entry in refused), "refused outputs")
+    need(isinstance(refused, (list, tuple)) and all(_strings(entry, 3) for entry in refused), "refused outputs")
     streams = data.get("streams")
-    need(isinstance(streams, list) and all(isinstance(chunk, (list, tuple)) and len(chunk) == 3
+    need(isinstance(streams, (list, tuple)) and all(isinstance(chunk, (list, tuple)) and len(chunk) == 3
                                            and type(chunk[0]) is int and chunk[1] in ("stdout", "stderr")
                                            and isinstance(chunk[2], str) for chunk in streams), "output text")
     displays = data.get("displays")
-    need(isinstance(displays, list) and all(isinstance(bundle, (list, tuple)) and len(bundle) == 2
+    need(isinstance(displays, (list, tuple)) and all(isinstance(bundle, (list, tuple)) and len(bundle) == 2
                                             and isinstance(bundle[0], dict) and isinstance(bundle[1], dict)
                                             and all(isinstance(mime, str) for mime in bundle[0])
                                             for bundle in displays), "displays")
@@ -99,7 +102,7 @@ def _result(data: Any, where: str) -> JobResult:
     return JobResult(
         job_id=data["job_id"], index=data["index"], worker=text(data["worker"]), device=text(data["device"]),
         started=float(data["started"]), finished=float(data["finished"]), outputs=outputs, value=data["value"],
-        missing_outputs=missing, unpicklable_outputs=[tuple(text(part) for part in entry) for entry in refused],
+        missing_outputs=list(missing), unpicklable_outputs=[tuple(text(part) for part in entry) for entry in refused],
         streams=[(seq, name, text(chunk)) for seq, name, chunk in streams],
         displays=[(dict(bundle[0]), dict(bundle[1])) for bundle in displays],
         error=None if error is None else {"ename": text(error["ename"]), "evalue": text(error["evalue"]),
