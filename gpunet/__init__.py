@@ -32,6 +32,7 @@ from gpunet.errors import (
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.network import Network, connect, current, map, split
+    from gpunet.credits import CreditClient
     from gpunet.ui.usage import SessionUsage
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "CellSyntaxError",
     "CellTimeoutError",
     "ConnectError",
+    "CreditClient",
     "CreditsError",
     "GpunetError",
     "MissingOutputError",
@@ -68,6 +70,7 @@ _LAZY = {
     "map": "gpunet.client.network",
     "split": "gpunet.client.network",
     "SessionUsage": "gpunet.ui.usage",
+    "CreditClient": "gpunet.credits",
 }
 
 

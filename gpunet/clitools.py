@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 from gpunet.errors import GpunetError
 
@@ -18,7 +22,7 @@ logger = logging.getLogger(__name__)
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen verb: its errors become one line on stderr
     and exit code 1, Ctrl-C exit code 130."""
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -30,3 +34,71 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) 
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends every option taking a value with its default, unless the help
+    already says it (``(default 8786)``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.nargs != 0 and not action.required and "default" not in text
+                and action.default is not argparse.SUPPRESS):
+            shown = "none" if action.default is None else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+
+def every_parser(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every sub-parser under it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found += every_parser(sub)
+    return found
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` and its sub-parsers show each option's default in their help."""
+    for each in every_parser(parser):
+        each.formatter_class = DefaultsHelpFormatter
+    return parser
+
+
+def write_secret(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a token to a new file only its owner can read (mode 600); refuse to
+    overwrite one, which may be the only copy of another token."""
+    target = Path(path).expanduser()
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise GpunetError(f"{target} exists already; choose another file, or delete it if its token is no "
+                          "longer needed") from None
+    except OSError as exc:
+        raise GpunetError(f"cannot write the token file {target}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text + "\n")
+    return target
+
+
+def read_secret(path: str | os.PathLike[str], what: str = "token") -> str:
+    """The token in a file written by :func:`write_secret` (or by the credit service)."""
+    try:
+        text = Path(path).expanduser().read_text().strip()
+    except OSError as exc:
+        raise GpunetError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+    if not text:
+        raise GpunetError(f"the {what} file {path} is empty")
+    return text
+
+
+def wait_for(ready: Callable[[], bool], timeout: float, every: float = 0.2) -> bool:
+    """Call ``ready()`` until it is true (True) or ``timeout`` seconds passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+

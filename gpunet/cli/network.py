@@ -10,7 +10,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import dask
@@ -18,7 +17,9 @@ from distributed import Client, Nanny, Scheduler
 from distributed.utils import get_ip
 
 from gpunet.client.local import EMBEDDED_DASK_CONFIG, EmbeddedNetwork
+from gpunet.clitools import read_secret, write_secret
 from gpunet.credits import CreditClient
+from gpunet.credits.cli import SERVICE_WAIT_S, wait_for_service
 from gpunet.errors import GpunetError
 from gpunet.wire import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE, SCHEDULER_PRELOAD, WORKER_PRELOAD
 from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus
@@ -33,23 +34,39 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=8786, help="scheduler port (0 picks a free one; default 8786)")
-    up.add_argument("--dashboard-port", type=int, default=8787, help="dashboard port (0 picks a free one)")
+    up.add_argument("--dashboard-port", type=int, default=8787, help="dashboard port (0 picks a free one; default 8787)")
     up.add_argument("--workers", type=int, default=None, help="CPU workers where there is no GPU (default 2)")
     up.add_argument("--no-credits", action="store_true", help="do not start a credit service (work is not metered)")
     up.set_defaults(func=_up)
 
     scheduler = subparsers.add_parser(
         "scheduler", help="run only a gpunet scheduler in the foreground",
-        description="Run a Dask scheduler configured for gpunet. Providers join it with `gpunet provide ADDRESS`.",
+        description="Run a Dask scheduler configured for gpunet. Providers join it with `gpunet provide ADDRESS`. "
+                    "It listens on 127.0.0.1 unless --host says otherwise: --host 0.0.0.0 for providers and "
+                    "notebooks on other machines.",
     )
-    scheduler.add_argument("--host", default="127.0.0.1")
-    scheduler.add_argument("--port", type=int, default=8786)
-    scheduler.add_argument("--dashboard-port", type=int, default=8787)
+    scheduler.add_argument("--host", default="127.0.0.1",
+                           help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every "
+                                "interface)")
+    scheduler.add_argument("--port", type=int, default=8786, help="scheduler port (0 picks a free one; default 8786)")
+    scheduler.add_argument("--dashboard-port", type=int, default=8787,
+                           help="the Dask dashboard's port (0 picks a free one; default 8787)")
     scheduler.add_argument("--credits", default=None, metavar="URL",
                            help="meter work against this credit service (with --operator-token-file)")
     scheduler.add_argument("--operator-token-file", default=None, metavar="PATH",
                            help="the credit service's operator token (written by `gpunet credits serve`)")
     scheduler.set_defaults(func=_scheduler)
+
+    status = subparsers.add_parser(
+        "status", help="the workers a scheduler has, waiting for some to join",
+        description="Connect to SCHEDULER and list its workers (name, address, resources), after waiting for "
+                    "--wait-for workers to join (exit 1 if they do not within --timeout).",
+    )
+    status.add_argument("scheduler", help="the scheduler's address, tcp://HOST:PORT")
+    status.add_argument("--wait-for", type=int, default=0, metavar="N", help="wait until N workers have joined")
+    status.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the scheduler and the workers")
+    status.set_defaults(func=_status)
 
     provide = subparsers.add_parser(
         "provide", help="attach this host's GPUs (or CPU) to a gpunet network",
@@ -60,7 +77,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     provide.add_argument("scheduler", help="the scheduler's address, tcp://HOST:PORT")
     provide.add_argument("--credits", default=None, metavar="URL", help="the credit service (or GPUNET_CREDITS)")
-    provide.add_argument("--token", default=None, help="this provider's credit token (or GPUNET_TOKEN)")
+    provide.add_argument("--token-file", default=None, metavar="PATH",
+                         help="the file with this provider's credit token (from `gpunet credits account create NAME "
+                              "--role provider`; or GPUNET_TOKEN)")
+    provide.add_argument("--token", default=None, help="the token itself (or GPUNET_TOKEN); prefer --token-file: a "
+                         "token on a command line shows in `ps` and the shell's history")
     provide.add_argument("--gpus", default="all", help="'all' or how many GPUs to offer (default all)")
     provide.add_argument("--workers", type=int, default=1, help="CPU workers where there is no GPU (default 1)")
     provide.add_argument("--name", default=None, help="worker name prefix (default: the provider account)")
@@ -92,8 +113,9 @@ def _up(args: Any) -> int:
         if embedded.credits_service is not None:
             print(f"credits: {embedded.credits_url}", flush=True)
             print(f"operator token file: {embedded.credits_service.operator_token_file}", flush=True)
-            print(f"notebook token: {embedded.client_token}", flush=True)
-            connect += f" --credits {embedded.credits_url} --token {embedded.client_token}"
+            token_file = write_secret(embedded.credits_dir / "notebook-token", embedded.client_token)
+            print(f"notebook token file: {token_file}", flush=True)
+            connect += f" --credits {embedded.credits_url} --token-file {token_file}"
         print(f"connect from a notebook with:  {connect}", flush=True)
         print("Ctrl-C stops the network.", flush=True)
         _wait_for_stop()
@@ -114,7 +136,10 @@ def _scheduler(args: Any) -> int:
                 if preload:
                     print(f"metering: {args.credits}", flush=True)
                 print(f"scheduler: {scheduler.address}", flush=True)
-                print(f"providers join with:  gpunet provide {scheduler.address}", flush=True)
+                print(f"providers join with:  {_join_hint(scheduler.address, args)}", flush=True)
+                if args.host in ("127.0.0.1", "localhost"):
+                    print("listening on 127.0.0.1 only: providers and notebooks on other machines need "
+                          "--host 0.0.0.0 (or this machine's address)", flush=True)
                 loop = asyncio.get_running_loop()
                 stopped = asyncio.Event()
                 for signum in (signal.SIGINT, signal.SIGTERM):
@@ -126,6 +151,35 @@ def _scheduler(args: Any) -> int:
     return 0
 
 
+def _join_hint(address: str, args: Any) -> str:
+    """The whole `gpunet provide` line a provider runs to join this scheduler."""
+    if args.credits is None:
+        return f"gpunet provide {address}   (this scheduler does not meter: providers are not paid)"
+    return f"gpunet provide {address} --credits {args.credits} --token-file PROVIDER_TOKEN_FILE"
+
+
+def _status(args: Any) -> int:
+    try:
+        client = Client(args.scheduler, timeout=args.timeout, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise GpunetError(f"cannot reach the scheduler at {args.scheduler} within {args.timeout:g} s "
+                          f"({type(exc).__name__}); is `gpunet scheduler` running there?") from None
+    with client:
+        if args.wait_for:
+            try:
+                client.wait_for_workers(args.wait_for, timeout=args.timeout)
+            except TimeoutError:
+                raise GpunetError(f"{args.scheduler} has {len(client.scheduler_info()['workers'])} worker(s), "
+                                  f"not the {args.wait_for} waited for, after {args.timeout:g} s; are the "
+                                  "providers running (gpunet provide)?") from None
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        print(f"scheduler {client.scheduler.address}: {len(workers)} worker(s)")
+        for address, info in sorted(workers.items()):
+            resources = ", ".join(f"{k}={v:g}" for k, v in sorted((info.get("resources") or {}).items()))
+            print(f"  {info.get('name', address)}  {address}  {resources}")
+    return 0
+
+
 def _metering_preload(args: Any) -> dict[str, Any]:
     """The scheduler arguments that load the metering plugin for `gpunet scheduler
     --credits` (none without it), after checking the operator token with the service."""
@@ -133,10 +187,8 @@ def _metering_preload(args: Any) -> dict[str, Any]:
         return {}
     if args.credits is None or args.operator_token_file is None:
         raise GpunetError("metering needs both --credits URL and --operator-token-file PATH")
-    try:
-        token = Path(args.operator_token_file).read_text().strip()
-    except OSError as exc:
-        raise GpunetError(f"cannot read the operator token file {args.operator_token_file}: {exc.strerror}") from None
+    wait_for_service(args.credits, SERVICE_WAIT_S)
+    token = read_secret(args.operator_token_file, "operator token")
     with CreditClient(args.credits, token) as operator:
         operator.accounts()  # raises a clear error for an unreachable service or a non-operator token
     return {"preload": [SCHEDULER_PRELOAD],
@@ -145,12 +197,17 @@ def _metering_preload(args: Any) -> dict[str, Any]:
 
 def _provide(args: Any) -> int:
     url = args.credits or os.environ.get("GPUNET_CREDITS")
-    token = args.token or os.environ.get("GPUNET_TOKEN")
+    if args.token and args.token_file:
+        raise GpunetError("give --token-file or --token, not both")
+    token = read_secret(args.token_file, "provider token") if args.token_file else (
+        args.token or os.environ.get("GPUNET_TOKEN"))
     if not url or not token:
-        raise GpunetError("a provider is paid through the credit service: give --credits URL and --token TOKEN "
-                          "(or GPUNET_CREDITS / GPUNET_TOKEN)")
+        raise GpunetError("a provider is paid through the credit service: give --credits URL and --token-file "
+                          "PATH (or GPUNET_CREDITS / GPUNET_TOKEN); `gpunet credits account create NAME --role "
+                          "provider` writes the token file")
     if not args.rate > 0:
         raise GpunetError(f"--rate must be a positive number of credits per device-second, got {args.rate}")
+    wait_for_service(url, SERVICE_WAIT_S)
     with CreditClient(url, token) as me:
         account = me.ping()["account"]  # a bad token or an unreachable service stops here, clearly
     # The worker processes inherit these and register with the scheduler as this provider's.
