@@ -255,8 +255,12 @@ async def _run_provider(args: Any, account: str) -> int:
         raise GpunetError("the workers stopped by themselves (is the scheduler gone?)")
     print("gpunet provide: draining ...", flush=True)
     live = [n.worker_address for n in nannies if n.worker_address]  # a Nanny may have restarted its worker
-    async with Client(args.scheduler, asynchronous=True, timeout=10) as client:
-        await _drain(client, live)
+    try:
+        async with Client(args.scheduler, asynchronous=True, timeout=10) as client:
+            await _drain(client, live)
+    except (OSError, TimeoutError) as exc:  # the scheduler stopped first: nothing left to drain to
+        print(f"gpunet provide: the scheduler at {args.scheduler} cannot be reached ({type(exc).__name__}); "
+              "stopping without draining", flush=True)
     await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
     print("gpunet provide: stopped", flush=True)
     return 0
