@@ -51,11 +51,28 @@ def _flag(*names: str, help: str) -> Any:  # noqa: A002 - argparse's name
 
 
 def _tokens(line: str) -> list[str]:
-    """The words of a magic's line as a shell splits them, a trailing ``# comment`` dropped."""
+    """The words of a magic's line, split as IPython splits a magic's arguments (quotes
+    kept, so that ``--map s=['a','b']`` stays Python), a trailing ``# comment`` dropped."""
+    lexer = shlex.shlex(_without_comment(line), posix=False)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
     try:
-        return shlex.split(line, comments=True)
+        return list(lexer)
     except ValueError as exc:  # an unclosed quote
         raise UsageError(f"cannot read the flags {line.strip()!r}: {exc}") from None
+
+
+def _without_comment(line: str) -> str:
+    """``line`` up to a ``#`` that starts a word outside quotes (``--map x="a#b"`` keeps its ``#``)."""
+    quote = None
+    for index, char in enumerate(line):
+        if quote is not None:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return line[:index]
+    return line
 
 
 LINE_USAGE = """\

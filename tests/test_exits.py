@@ -12,21 +12,9 @@ import sys
 import textwrap
 
 from gpunet.client.local import KEEP_EMBEDDED_RUNS, prune_embedded_runs
-from network_probes import wait_until
-
-NOISE = ("Traceback", "RuntimeError", "not reported", "cannot schedule new futures")
+from network_probes import EXIT_NOISE, process_alive, wait_until
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def _script(tmp_path, body: str) -> subprocess.CompletedProcess:
@@ -47,6 +35,17 @@ def test_a_script_without_a_main_guard_is_named_before_anything_starts(tmp_path)
     assert result.returncode == 1
     assert "script.py, line 3" in result.stderr and 'if __name__ == "__main__":' in result.stderr, result.stderr
     assert not (tmp_path / "data" / "embedded").exists(), "refused before any network started"
+    through_a_function = _script(tmp_path, """\
+        import gpunet
+
+        def main():
+            with gpunet.connect() as net:
+                print(net.run(abs, -1))
+
+        main()
+    """)
+    assert through_a_function.returncode == 1 and "script.py, line 7" in through_a_function.stderr, \
+        through_a_function.stderr
 
 
 def test_a_script_that_exits_without_closing_is_quiet_and_leaves_no_process(tmp_path):
@@ -64,9 +63,9 @@ def test_a_script_that_exits_without_closing_is_quiet_and_leaves_no_process(tmp_
     """)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and result.stdout.strip() == "7", output
-    assert not [word for word in NOISE if word in output], output
+    assert not [word for word in EXIT_NOISE if word in output], output
     pids = json.loads((tmp_path / "pids.json").read_text())
-    wait_until(lambda: not any(_alive(pid) for pid in [pids["credits"], *pids["workers"]]), 30,
+    wait_until(lambda: not any(process_alive(pid) for pid in [pids["credits"], *pids["workers"]]), 30,
                "the credit service and the workers to end with the script")
 
 
@@ -82,11 +81,11 @@ def test_the_credit_service_stops_when_the_process_that_started_it_dies(tmp_path
         stdout=subprocess.PIPE, text=True)
     try:
         service_pid = int(parent.stdout.readline())
-        assert _alive(service_pid)
+        assert process_alive(service_pid)
     finally:
         parent.send_signal(signal.SIGKILL)  # no chance to stop its child
         parent.wait(timeout=30)
-    wait_until(lambda: not _alive(service_pid), 30, "the orphaned credit service to stop")
+    wait_until(lambda: not process_alive(service_pid), 30, "the orphaned credit service to stop")
 
 
 def test_only_the_newest_ended_embedded_runs_are_kept(tmp_path):

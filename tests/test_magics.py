@@ -20,7 +20,7 @@ from gpunet.errors import (
     PlacementError,
     UnpicklableInputError,
 )
-from network_probes import running_jobs, spy_on_sending, wait_until
+from network_probes import process_alive, running_jobs, spy_on_sending, wait_until
 
 
 def run(ip, body, flags=""):
@@ -369,9 +369,9 @@ def test_connect_and_disconnect_through_the_magic(ip, net):
             ip.run_line_magic("gpunet", "disconnect")
         assert "disconnected" in captured.stdout
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
+        while time.monotonic() < deadline and any(process_alive(pid) for pid in pids.values()):
             time.sleep(0.1)
-        assert not any(_alive(pid) for pid in pids.values()), "disconnect left worker processes running"
+        assert not any(process_alive(pid) for pid in pids.values()), "disconnect left worker processes running"
         with capture_output() as captured:
             ip.run_line_magic("gpunet", f"connect {net.address}")
         assert network_module.current().address == net.address
@@ -381,17 +381,6 @@ def test_connect_and_disconnect_through_the_magic(ip, net):
             joined.close()
         network_module._current = net
 
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (not yet reaped) is dead too
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_connect_to_an_unreachable_scheduler_through_the_magic(ip, net):
@@ -530,3 +519,11 @@ def test_python_connect_inside_the_magic_session_shares_its_network(ip, net):
     with pytest.raises(GpunetError, match="already connected"):
         gpunet.connect("tcp://127.0.0.1:9")
     assert gpunet.current() is net
+
+
+def test_a_hash_inside_quotes_or_a_word_is_not_a_comment():
+    from gpunet.extensions.magics import _tokens
+
+    assert _tokens("--map s=['a','#b']   # the items") == ["--map", "s=['a','#b']"]
+    assert _tokens("--map x=a#b") == ["--map", "x=a#b"]
+    assert _tokens("status# not a comment either") == ["status#", "not", "a", "comment", "either"]

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from network_probes import wait_until
+from network_probes import EXIT_NOISE, process_alive, wait_until
 from readme_blocks import RUNNABLE, blocks, write_session
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DRIVER = Path(__file__).resolve().parent / "readme_blocks.py"
-#: What a clean run never prints: tracebacks, or a network shut down badly at exit.
-NOISE = ("Traceback", "RuntimeError", "not reported", "cannot schedule new futures")
 
 
 def _session(name: str) -> list:
@@ -51,17 +49,6 @@ def _environment(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except OSError:
-        return False
-
 
 def test_the_notebook_blocks_run_and_leave_nothing_behind(tmp_path):
     """"In a notebook" and "From Python", in one IPython shell that then exits without
@@ -77,9 +64,9 @@ def test_the_notebook_blocks_run_and_leave_nothing_behind(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "1024" in output and "[2, 4, 6]" in output and "done" in output, output
-    assert not [word for word in NOISE if word in output], output
+    assert not [word for word in EXIT_NOISE if word in output], output
     pids = json.loads((tmp_path / "pids.json").read_text())
-    wait_until(lambda: not any(_alive(pid) for pid in [pids["credits"], *pids["workers"]]), 30,
+    wait_until(lambda: not any(process_alive(pid) for pid in [pids["credits"], *pids["workers"]]), 30,
                "the credit service and the workers to end with the shell")
 
 

@@ -495,14 +495,16 @@ def _refuse_unguarded_script() -> None:
     script = getattr(main, "__file__", None)
     if not script or not script.endswith(".py") or hasattr(sys, "ps1"):
         return
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_globals is not vars(main):
+    frame, top = sys._getframe(1), None
+    while frame is not None:  # the script's own top-level line that led here, through any functions
+        if frame.f_globals is vars(main) and frame.f_code.co_name == "<module>":
+            top = frame
         frame = frame.f_back
-    if frame is None or frame.f_code.co_name != "<module>":
-        return  # called from a function: whatever calls it is guarded or not, at its own line
-    if not _inside_main_guard(Path(script), frame.f_lineno):
+    if top is None:
+        return
+    if not _inside_main_guard(Path(script), top.f_lineno):
         raise GpunetError(
-            f"{script}, line {frame.f_lineno}: gpunet.connect() runs at the top level of the script, which the "
+            f"{script}, line {top.f_lineno}: gpunet.connect() runs at the top level of the script, which the "
             "network's worker processes import again when they start; put it (and the code that uses it) under "
             "`if __name__ == \"__main__\":`"
         )
