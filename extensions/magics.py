@@ -25,6 +25,7 @@ from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_ar
 from gpunet.client.network import connect, current
 from gpunet.errors import GpunetError, OptionError
 from gpunet.metering.meter import DEFAULT_HOLD_SECONDS, DEFAULT_ITEM_HOLD_SECONDS
+from gpunet.ui.receipt import SessionReceipt
 from gpunet.ui.status import NetworkStatus
 from gpunet.ui.usage import SessionUsage
 from gpunet.verify.quorum import Policy
@@ -82,6 +83,7 @@ LINE_USAGE = """\
                            then saved with the notebook)
 %gpunet status             workers, their devices and free slots, the defaults of a cell
 %gpunet usage              this session's credits: spent, held, left, tasks by worker
+%gpunet receipt            keep this session's checked receipt in the notebook
 %gpunet disconnect         close the connection (and the local network it started)
 %gpunet help               this text, and every flag of %%gpunet"""
 
@@ -140,6 +142,7 @@ class GpunetMagics(Magics):
             %gpunet connect [SCHEDULER] [--credits URL] [--token-file PATH] [--budget CREDITS] [--workers N]
             %gpunet status
             %gpunet usage
+            %gpunet receipt
             %gpunet disconnect
             %gpunet help
 
@@ -187,12 +190,14 @@ class GpunetMagics(Magics):
             else:
                 print("gpunet: this network does not meter work: no credits are held or paid")
             return None
-        if command in ("status", "usage", "disconnect") and rest:
+        if command in ("status", "usage", "receipt", "disconnect") and rest:
             raise UsageError(f"%gpunet {command} takes no arguments, got {' '.join(rest)!r}")
         if command == "status":
             return NetworkStatus.of(current())
         if command == "usage":
             return SessionUsage(current())
+        if command == "receipt":
+            return SessionReceipt(current())
         if command == "disconnect":
             try:
                 net = current()

@@ -82,17 +82,6 @@ def write_secret(path: str | os.PathLike[str], text: str) -> Path:
     return target
 
 
-def read_secret(path: str | os.PathLike[str], what: str = "token") -> str:
-    """The token in a file written by :func:`write_secret` (or by the credit service)."""
-    try:
-        text = Path(path).expanduser().read_text().strip()
-    except OSError as exc:
-        raise GpunetError(f"cannot read the {what} file {path}: {exc.strerror}") from None
-    if not text:
-        raise GpunetError(f"the {what} file {path} is empty")
-    return text
-
-
 def wait_for(ready: Callable[[], bool], timeout: float, every: float = 0.2) -> bool:
     """Call ``ready()`` until it is true (True) or ``timeout`` seconds passed (False)."""
     deadline = time.monotonic() + timeout

@@ -80,6 +80,7 @@ E2E_FIXTURES = {
     "market",         # test_providers.py: credit service + `gpunet scheduler/provide` processes
     "liar_market",    # test_verification.py: gpunet.testing.local_market
     "honest_market",  # test_verification.py: gpunet.testing.local_market
+    "open_market",    # test_open_network.py: certificates, credit service, `gpunet scheduler/provide` over TLS
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
     "ledger",         # credits/test_credits_tamper.py: serve_in_background
 }
@@ -89,6 +90,7 @@ E2E_FIXTURES = {
 E2E_TESTS = [
     "tests/test_cli.py",        # `gpunet up/provide/...` as subprocesses (gpunet_processes)
     "tests/test_notebooks.py",  # notebooks run through nbclient and an ipykernel
+    "tests/credits/test_credits_witness.py",  # credit services, `gpunet ledger` as subprocesses
     # the README's blocks: an IPython shell that starts a network, `gpunet ...` processes
     "tests/test_readme.py::test_the_notebook_blocks_run_and_leave_nothing_behind",
     "tests/test_readme.py::test_a_market_in_five_commands",

@@ -130,7 +130,7 @@ def test_a_market_in_five_commands(tmp_path):
     output = "\n".join(log.read_text() for log in logs)
     assert "verified" in output.lower() or "norm" in output, output
     assert "gpu-a: " in output and "OK ledger" in output, output
-    for name in ("alice", "gpu-a", "gpu-b"):
+    for name in ("alice", "gpu-a", "gpu-b", "meter"):
         token_file = tmp_path / f"{name}.token"
         assert token_file.stat().st_mode & 0o777 == 0o600
         assert token_file.read_text().strip() not in output, f"{name}'s token was printed"
