@@ -73,6 +73,8 @@ class GpunetMagics(Magics):
     @argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop the cell after this long")
     @argument("--no-block", action="store_true", help="return at once; outputs land when done (handle in _gpunet)")
     @argument("--quiet", action="store_true", help="no progress display")
+    @argument("--no-reuse", action="store_true",
+              help="run a --verify cell even when the network keeps a verified result of the same code and inputs")
     @line_cell_magic
     def gpunet(self, line: str, cell: str | None = None) -> Any:
         """Run the cell on a worker of the gpunet network (``%%gpunet [flags]``), or
@@ -102,7 +104,7 @@ class GpunetMagics(Magics):
                 cell, shell.user_ns, gpus=args.gpus, gpu_mem=args.gpu_mem, min_tflops=args.min_tflops,
                 inputs=args.inputs, outputs=args.outputs, map=args.map, verify=args.verify, rtol=args.rtol,
                 atol=args.atol, max_credits=args.max_credits, timeout=args.timeout, block=not args.no_block,
-                quiet=args.quiet, travels=self._travels, handle="_gpunet")
+                quiet=args.quiet, travels=self._travels, handle="_gpunet", reuse=not args.no_reuse)
         except OptionError as exc:
             raise UsageError(str(exc)) from None
         return None
