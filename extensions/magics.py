@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -23,6 +22,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments
 
 from gpunet.client.network import connect, current
+from gpunet.clitools import read_token_file
 from gpunet.errors import GpunetError, OptionError
 from gpunet.metering.meter import DEFAULT_HOLD_SECONDS, DEFAULT_ITEM_HOLD_SECONDS
 from gpunet.ui.receipt import SessionReceipt
@@ -92,7 +92,8 @@ CONNECT_PARSER = MagicArgumentParser(prog="%gpunet connect", add_help=False)
 CONNECT_PARSER.add_argument("scheduler", nargs="?", default=None)
 CONNECT_PARSER.add_argument("--credits", action=_Once, default=None, metavar="URL")
 CONNECT_PARSER.add_argument("--token", action=_Once, default=None)
-CONNECT_PARSER.add_argument("--token-file", action=_Once, default=None, metavar="PATH")
+CONNECT_PARSER.add_argument("--token-file", action=_Once, default=None, metavar="PATH",
+                            help="a file holding this notebook's credit token (keeps it out of the notebook)")
 CONNECT_PARSER.add_argument("--budget", action=_Once, type=int, default=None, metavar="CREDITS")
 CONNECT_PARSER.add_argument("--workers", action=_Once, type=int, default=None, metavar="N",
                             help="CPU workers of a local network")
@@ -127,6 +128,8 @@ class GpunetMagics(Magics):
                    f"{DEFAULT_ITEM_HOLD_SECONDS:g} s per --map item; with --max-credits, that many credits' time)")
     @_flag("--no-block", help="return at once; outputs land when done (handle in _gpunet)")
     @_flag("--quiet", help="no progress display")
+    @_flag("--no-reuse",
+           help="run a --verify cell even when the network keeps a verified result of the same code and inputs")
     @line_cell_magic
     def gpunet(self, line: str, cell: str | None = None) -> Any:
         """Run the cell on a worker of the gpunet network (``%%gpunet [flags]``), or
@@ -139,7 +142,8 @@ class GpunetMagics(Magics):
 
         Line magic (``%gpunet help`` shows this whole text)::
 
-            %gpunet connect [SCHEDULER] [--credits URL] [--token-file PATH] [--budget CREDITS] [--workers N]
+            %gpunet connect [SCHEDULER] [--credits URL] [--token-file F | --token T] [--budget CREDITS]
+                            [--workers N]
             %gpunet status
             %gpunet usage
             %gpunet receipt
@@ -162,7 +166,7 @@ class GpunetMagics(Magics):
                 cell, shell.user_ns, gpus=args.gpus, gpu_mem=args.gpu_mem, min_tflops=args.min_tflops,
                 inputs=args.inputs, outputs=args.outputs, map=args.map, verify=args.verify, rtol=args.rtol,
                 atol=args.atol, max_credits=args.max_credits, timeout=args.timeout, block=not args.no_block,
-                quiet=args.quiet, travels=self._travels, handle="_gpunet")
+                quiet=args.quiet, travels=self._travels, handle="_gpunet", reuse=not args.no_reuse)
         except OptionError as exc:
             raise UsageError(str(exc)) from None
         return None
@@ -178,8 +182,14 @@ class GpunetMagics(Magics):
             return None
         if command == "connect":
             args = CONNECT_PARSER.parse_args(rest)
-            net = connect(args.scheduler, workers=args.workers, credits=args.credits,
-                          token=_token(args.token, args.token_file), budget=args.budget, replace=True)
+            if args.token and args.token_file:
+                raise UsageError("give one of --token and --token-file")
+            try:
+                token = read_token_file(args.token_file) if args.token_file else args.token
+            except OptionError as exc:
+                raise UsageError(str(exc)) from None
+            net = connect(args.scheduler, workers=args.workers, credits=args.credits, token=token,
+                          budget=args.budget, replace=True)
             where = net.address if net.embedded is None else f"a local network at {net.address}"
             note = f" ({net.embedded.note})" if net.embedded is not None else ""
             print(f"gpunet: connected to {where}{note}; dashboard: {net.dashboard_link or 'none'}")
@@ -217,19 +227,6 @@ class GpunetMagics(Magics):
         if name in ("_", "__", "___") or (name.startswith("_") and name.lstrip("_i").isdigit()):
             return False
         return not (name in hidden and hidden[name] is user_ns[name])
-
-
-def _token(token: str | None, token_file: str | None) -> str | None:
-    """The notebook's credit token: --token, or read from --token-file (else GPUNET_TOKEN, in connect)."""
-    if token is not None and token_file is not None:
-        raise UsageError("give --token or --token-file, not both")
-    if token_file is None:
-        return token
-    try:
-        return Path(token_file).expanduser().read_text().strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read the token file {token_file}: {exc.strerror}; `gpunet credits account "
-                         "create NAME --role client --token-file PATH` writes one") from None
 
 
 def full_usage() -> str:

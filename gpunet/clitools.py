@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gpunet.errors import GpunetError
+from gpunet.errors import GpunetError, OptionError
 
 logger = logging.getLogger(__name__)
+
+
+def read_token_file(path: str | Path) -> str:
+    """The token in file ``path`` (tokens go in files or the environment, never on a
+    command line), with a clear error where it cannot be read or is empty."""
+    try:
+        token = Path(path).expanduser().read_text().strip()
+    except OSError as exc:
+        raise OptionError(f"cannot read the token file {path}: {exc.strerror}") from None
+    if not token:
+        raise OptionError(f"the token file {path} is empty")
+    return token
 
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
@@ -64,22 +75,6 @@ def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for each in every_parser(parser):
         each.formatter_class = DefaultsHelpFormatter
     return parser
-
-
-def write_secret(path: str | os.PathLike[str], text: str) -> Path:
-    """Write a token to a new file only its owner can read (mode 600); refuse to
-    overwrite one, which may be the only copy of another token."""
-    target = Path(path).expanduser()
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise GpunetError(f"{target} exists already; choose another file, or delete it if its token is no "
-                          "longer needed") from None
-    except OSError as exc:
-        raise GpunetError(f"cannot write the token file {target}: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
-    return target
 
 
 def wait_for(ready: Callable[[], bool], timeout: float, every: float = 0.2) -> bool:

@@ -91,6 +91,7 @@ E2E_TESTS = [
     "tests/test_cli.py",        # `gpunet up/provide/...` as subprocesses (gpunet_processes)
     "tests/test_notebooks.py",  # notebooks run through nbclient and an ipykernel
     "tests/credits/test_credits_witness.py",  # credit services, `gpunet ledger` as subprocesses
+    "tests/test_reproduce.py",  # the same, for `gpunet reproduce`
     # the README's blocks: an IPython shell that starts a network, `gpunet ...` processes
     "tests/test_readme.py::test_the_notebook_blocks_run_and_leave_nothing_behind",
     "tests/test_readme.py::test_a_market_in_five_commands",

@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from gpunet.clitools import run_command, wait_for, write_secret
+from gpunet.clitools import run_command, wait_for
 from gpunet.credits._audit import verify_database, verify_service
 from gpunet.credits._book import ROLES
 from gpunet.credits._client import CreditClient
@@ -48,6 +48,7 @@ from gpunet.errors import (
 )
 from gpunet.credits._process import PARENT_PID_ENV, TOKEN_FILE_PREFIX, URL_PREFIX, watch_parent
 from gpunet.credits._trust import REPUTATION_FLOOR
+from gpunet.paths import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -441,7 +442,7 @@ def cmd_account_create(args: argparse.Namespace) -> int:
     if target.exists():  # before the account exists: a refused file must not leave a token nobody has
         raise InvalidRequestError(f"{target} exists already; choose another file with -o, or delete it")
     created = _client(args).create_account(args.name, args.role)
-    write_secret(target, created["token"])
+    write_private(target, created["token"].encode() + b"\n")
     hint = {"client": f"; give it credits with `gpunet credits mint {args.name} AMOUNT`",
             "provider": f"; its workers join with `gpunet provide SCHEDULER --credits {args.url} --token-file "
                         f"{target}`",
