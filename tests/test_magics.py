@@ -410,12 +410,10 @@ def test_widget_progress_states():
     assert "done on tcp://127.0.0.1:1" in progress._html.value
 
 
-def test_worker_dying_during_a_cell_reruns_it_and_says_so(tmp_path, detached):
-    from IPython.core.interactiveshell import InteractiveShell
-
+def test_worker_dying_during_a_cell_reruns_it_and_says_so(tmp_path, shell, detached):
     import gpunet
 
-    ip = InteractiveShell.instance()
+    ip = shell  # with the extension loaded, also when this test runs alone
     ip.user_ns["marker"] = str(tmp_path / "first-attempt")
     with gpunet.connect():
         body = ("import os, time\ntime.sleep(0.5)\n"

@@ -146,12 +146,16 @@ class EmbeddedNetwork:
         except Exception:  # noqa: BLE001 - no bokeh, no dashboard
             return None
 
+    #: How long stopping the workers and the scheduler may take: on a loaded machine a
+    #: worker restarting after its process died can take longer than Dask's 10 s.
+    CLOSE_TIMEOUT_S = 60
+
     def close(self) -> None:
         """Stop the workers and the scheduler (which reports what it still has to the
         credit service), then the credit service."""
         try:
             if self.cluster is not None:
-                self.cluster.close(timeout=10)
+                self.cluster.close(timeout=self.CLOSE_TIMEOUT_S)
         finally:
             if self.credits_service is not None:
                 self.credits_service.stop()
