@@ -5,7 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gpunet-installed
 
-.PHONY: demo test bench clean
+KERNEL := gpunet
+
+.PHONY: demo kernel lab test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,9 +15,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench]"
 	touch $(STAMP)
 
+## make kernel: register .venv as the Jupyter kernel "Python (gpunet)", which the notebooks name
+kernel: $(STAMP)
+	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "Python (gpunet)"
+
 ## make demo: start the embedded network and run notebooks/quickstart.ipynb headless
-demo: $(STAMP)
+demo: kernel
 	$(BIN)/python -m gpunet.demo notebooks/quickstart.ipynb
+
+## make lab: JupyterLab (installed into .venv) on notebooks/, with the gpunet kernel
+lab: kernel
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[lab]"
+	$(BIN)/jupyter lab notebooks/
 
 ## make test: the whole suite (unit + end-to-end against real local servers)
 test: $(STAMP)

@@ -35,6 +35,7 @@ from gpunet.errors import (
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.network import Network, connect, current, map, split
+    from gpunet.credits import CreditClient
     from gpunet.ui.receipt import SessionReceipt
     from gpunet.ui.usage import SessionUsage
 
@@ -46,6 +47,7 @@ __all__ = [
     "CellSyntaxError",
     "CellTimeoutError",
     "ConnectError",
+    "CreditClient",
     "CreditsError",
     "GpunetError",
     "MissingOutputError",
@@ -76,6 +78,7 @@ _LAZY = {
     "map": "gpunet.client.network",
     "split": "gpunet.client.network",
     "SessionUsage": "gpunet.ui.usage",
+    "CreditClient": "gpunet.credits",
     "SessionReceipt": "gpunet.ui.receipt",
 }
 

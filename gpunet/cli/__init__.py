@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+import gpunet
 from gpunet.cli import certs, network, reproduce
 from gpunet.clitools import run_command
 from gpunet.credits import cli as credits_cli
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gpunet", description="A decentralized GPU network, Jupyter-native."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--version", action="version", version=f"gpunet {gpunet.__version__}",
+                        help="print gpunet's version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     network.add_commands(subparsers)

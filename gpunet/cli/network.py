@@ -16,6 +16,7 @@ from typing import Any
 from gpunet import certs
 from gpunet.clitools import read_token_file
 from gpunet.credits import CreditClient
+from gpunet.credits.cli import SERVICE_WAIT_S, wait_for_service
 from gpunet.errors import GpunetError, OptionError
 from gpunet.paths import write_private
 from gpunet.roles import WorkerDoor
@@ -39,7 +40,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=8786, help="scheduler port (0 picks a free one; default 8786)")
-    up.add_argument("--dashboard-port", type=int, default=8787, help="dashboard port (0 picks a free one)")
+    up.add_argument("--dashboard-port", type=int, default=8787, help="dashboard port (0 picks a free one; default 8787)")
     up.add_argument("--workers", type=int, default=None, help="CPU workers where there is no GPU (default 2)")
     up.add_argument("--no-credits", action="store_true", help="do not start a credit service (work is not metered)")
     up.set_defaults(func=_up)
@@ -51,8 +52,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "give --tls-ca-file, --tls-cert, --tls-key (and --credits: every task carries a hold). "
                     "--private runs a lab network where everyone is trusted (plain Dask, no certificates).",
     )
-    scheduler.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    scheduler.add_argument("--port", type=int, default=8786)
+    scheduler.add_argument("--host", default="127.0.0.1",
+                           help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every "
+                                "interface, for providers and notebooks on other machines)")
+    scheduler.add_argument("--port", type=int, default=8786, help="scheduler port (0 picks a free one; default 8786)")
     scheduler.add_argument("--dashboard-port", type=int, default=8787,
                            help="dashboard port; an open network's dashboard listens on 127.0.0.1 only")
     scheduler.add_argument("--private", action="store_true",
@@ -66,6 +69,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     scheduler.add_argument("--operator-token-file", default=None, metavar="PATH",
                            help="a private network only: the operator token (written by `gpunet credits serve`)")
     scheduler.set_defaults(func=_scheduler)
+
+    status = subparsers.add_parser(
+        "status", help="the workers a scheduler has, waiting for some to join",
+        description="Connect to SCHEDULER (a private network's) and list its workers (name, address, resources), "
+                    "after waiting for --wait-for workers to join (exit 1 if they do not within --timeout).",
+    )
+    status.add_argument("scheduler", help="the scheduler's address, tcp://HOST:PORT")
+    status.add_argument("--wait-for", type=int, default=0, metavar="N", help="wait until N workers have joined")
+    status.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the scheduler and the workers")
+    status.set_defaults(func=_status)
 
     provide = subparsers.add_parser(
         "provide", help="attach this host's GPUs (or CPU) to a gpunet network",
@@ -185,7 +199,11 @@ def _scheduler(args: Any) -> int:
                 if preload:
                     print(f"metering: {args.credits}", flush=True)
                 print(f"scheduler: {scheduler.address}", flush=True)
-                print(f"providers join with:  gpunet provide {scheduler.address}", flush=True)
+                print(f"providers join with:  {_join_hint(scheduler.address, args, open_network=security is not None)}",
+                      flush=True)
+                if args.host in ("127.0.0.1", "localhost"):
+                    print("listening on 127.0.0.1 only: providers and notebooks on other machines need "
+                          "--host 0.0.0.0 (or this machine's address)", flush=True)
                 loop = asyncio.get_running_loop()
                 stopped = asyncio.Event()
                 for signum in (signal.SIGINT, signal.SIGTERM):
@@ -194,6 +212,39 @@ def _scheduler(args: Any) -> int:
 
     asyncio.run(serve())
     print("gpunet: scheduler stopped", flush=True)
+    return 0
+
+
+def _join_hint(address: str, args: Any, *, open_network: bool) -> str:
+    """The whole `gpunet provide` line a provider runs to join this scheduler."""
+    if open_network:
+        return f"gpunet provide {address} --tls-ca-file CA.pem --tls-cert PROVIDER.pem --tls-key PROVIDER.key"
+    if args.credits is None:
+        return f"gpunet provide {address}   (this scheduler does not meter: providers are not paid)"
+    return f"gpunet provide {address} --credits {args.credits} --token-file PROVIDER_TOKEN_FILE"
+
+
+def _status(args: Any) -> int:
+    from distributed import Client
+
+    try:
+        client = Client(args.scheduler, timeout=args.timeout, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise GpunetError(f"cannot reach the scheduler at {args.scheduler} within {args.timeout:g} s "
+                          f"({type(exc).__name__}); is `gpunet scheduler` running there?") from None
+    with client:
+        if args.wait_for:
+            try:
+                client.wait_for_workers(args.wait_for, timeout=args.timeout)
+            except TimeoutError:
+                raise GpunetError(f"{args.scheduler} has {len(client.scheduler_info()['workers'])} worker(s), "
+                                  f"not the {args.wait_for} waited for, after {args.timeout:g} s; are the "
+                                  "providers running (gpunet provide)?") from None
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        print(f"scheduler {client.scheduler.address}: {len(workers)} worker(s)")
+        for address, info in sorted(workers.items()):
+            resources = ", ".join(f"{k}={v:g}" for k, v in sorted((info.get("resources") or {}).items()))
+            print(f"  {info.get('name', address)}  {address}  {resources}")
     return 0
 
 
@@ -211,6 +262,7 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
         raise OptionError("metering needs both --credits URL and --meter-token-file PATH (or, on a private network, "
                           "--operator-token-file PATH)")
     token = read_token_file(token_file)
+    wait_for_service(args.credits, SERVICE_WAIT_S)  # it may have been started a moment ago
     with CreditClient(args.credits, token) as me:  # a clear error for an unreachable service or a bad token
         account = me.ping()["account"]
         role = me.account(account).get("role")
@@ -240,7 +292,9 @@ def _provide(args: Any) -> int:
     token = args.token or (read_token_file(args.token_file) if args.token_file else os.environ.get("GPUNET_TOKEN"))
     if not url or not token:
         raise GpunetError("a provider is paid through the credit service: give --credits URL and --token-file PATH "
-                          "(or GPUNET_CREDITS / GPUNET_TOKEN)")
+                          "(or GPUNET_CREDITS / GPUNET_TOKEN); `gpunet credits account create NAME --role provider` "
+                          "writes the token file")
+    wait_for_service(url, SERVICE_WAIT_S)
     with CreditClient(url, token) as me:
         account = me.ping()["account"]  # a bad token or an unreachable service stops here, clearly
     # The worker processes inherit it and register with the scheduler as this provider's.
@@ -303,8 +357,12 @@ async def _run_provider(args: Any, account: str, security: Any = None) -> int:
     if security is not None:
         await _drain_open(args.scheduler, security, live)
     else:
-        async with Client(args.scheduler, asynchronous=True, timeout=10) as client:
-            await _drain(client, live)
+        try:
+            async with Client(args.scheduler, asynchronous=True, timeout=10) as client:
+                await _drain(client, live)
+        except (OSError, TimeoutError) as exc:  # the scheduler stopped first: nothing left to drain to
+            print(f"gpunet provide: the scheduler at {args.scheduler} cannot be reached ({type(exc).__name__}); "
+                  "stopping without draining", flush=True)
     await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
     print("gpunet provide: stopped", flush=True)
     return 0

@@ -60,6 +60,7 @@ class Connection(Protocol):
     def waiting_reason(self, resources: dict[str, float], workers: list[str] | None = None) -> str: ...
     def workers_with(self, *, min_tflops: float) -> list[str]: ...
     def max_rate(self) -> float: ...
+    def timeout_for(self, timeout: float | None, *, count: int = 1, max_credits: float | None = None) -> float: ...
     def release_unsent(self, holds: list[str]) -> None: ...
     def release_soon(self, futures: list[Any]) -> None: ...
     def sent(self) -> None: ...
@@ -134,6 +135,8 @@ class JobHandle(ABC):
         #: live output text shown (a CODEC job's is capped), and whether the cap was reached
         self.text_shown = 0
         self.text_capped = False
+        #: the credit holds the job placed (metered networks)
+        self.holds: list[str] = []
 
     # -- what each kind of job supplies ------------------------------------------------
     @property
@@ -233,7 +236,13 @@ class JobHandle(ABC):
             raise
         finally:
             self.network.forget_job(self.job.job_id)
+            if self.network.meter is not None:  # usage figures wait for the scheduler to close them
+                self.network.meter.finished(self.placed_holds())
         return self._outcome(progress, echo)
+
+    def placed_holds(self) -> list[str]:
+        """The credit holds this job placed (none on an unmetered network)."""
+        return list(self.holds)
 
     def _count(self, results: list[JobResult]) -> None:
         """Add what ran to the session's per-worker tally (metered networks)."""

@@ -10,13 +10,18 @@ handlers (:meth:`Network.call_scheduler`).
 
 from __future__ import annotations
 
+import ast
+import atexit
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from distributed import Client
@@ -27,9 +32,9 @@ from gpunet.client.cells import CellRun, run_cell
 from gpunet.client.local import EmbeddedNetwork
 from gpunet.client.submit import function_job, function_value, submit
 from gpunet.credits import CreditClient
-from gpunet.errors import ConnectError, GpunetError, PlacementError
+from gpunet.errors import ConnectError, GpunetError, OptionError, PlacementError
 from gpunet.kernels import weighted_chunks
-from gpunet.metering.meter import DEFAULT_RATE, Meter
+from gpunet.metering.meter import DEFAULT_RATE, Meter, default_timeout
 from gpunet.provenance import Recorder, finish_record, in_notebook
 from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import DEVICE_RESOURCE
@@ -50,7 +55,9 @@ RELEASE_AFTER_S = 0.1
 
 
 _current: Network | None = None
-_current_lock = threading.Lock()
+_current_lock = threading.RLock()
+#: every network not yet closed, closed quietly when the interpreter exits
+_open_networks: weakref.WeakSet[Network] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,9 @@ class Network:
         self._finished_generation = 0
         self.client.subscribe_topic(self.topic, self._on_event)
         self._closed = False
+        #: how many connect() calls handed this network out and have not closed it
+        self._users = 1
+        _open_networks.add(self)
 
     # -- identity ----------------------------------------------------------------------
     @property
@@ -198,19 +208,31 @@ class Network:
                                         workers)
 
     # -- running work ------------------------------------------------------------------
+    def timeout_for(self, timeout: float | None, *, count: int = 1, max_credits: float | None = None) -> float:
+        """``timeout``, or where none was given the device time the job's hold covers
+        (:func:`gpunet.metering.meter.default_timeout`): a cell 60 s, a map 10 s per item."""
+        if timeout is not None:
+            if not timeout > 0:
+                raise OptionError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+            return timeout
+        rate = self.max_rate() if max_credits is not None else DEFAULT_RATE
+        return default_timeout(count, max_credits=max_credits, max_rate=rate)
+
     def run(self, fn: Callable[..., Any], *args: Any, gpus: int | None = None, gpu_mem: int | str | None = None,
             min_tflops: float | None = None, timeout: float | None = None, max_credits: float | None = None,
             verify: str | None = None, rtol: float | None = None, atol: float | None = None, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker and return its result.
 
         ``gpus`` / ``gpu_mem`` / ``min_tflops`` restrict placement; ``timeout``
-        (seconds) stops the call on the worker when it runs longer. The worker's
+        (seconds, default: what the call's hold covers, 60 s) stops the call on the
+        worker when it runs longer. The worker's
         stdout is printed here as it runs; an exception is raised here with the
         remote traceback. ``verify`` ("replicate[:K]", "spot[:P]", "adaptive")
         runs it on distinct providers and returns what they agree on, within the
         kernel's tolerance or ``rtol`` / ``atol`` (see :mod:`gpunet.verify`).
         """
         job = function_job(fn, args, kwargs, topic=self.topic)
+        wait_s = self.timeout_for(timeout, max_credits=max_credits)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
         remote = self.submit(job, resources=placement.resources_for(gpus=gpus, gpu_mem=gpu_mem), workers=workers,
                              max_credits=max_credits, timeout=timeout, verify=verify,
@@ -219,7 +241,7 @@ class Network:
         recorder = self._recorder(fn, {"args": list(args), "kwargs": kwargs}, "run", gpus=gpus, gpu_mem=gpu_mem,
                                   min_tflops=min_tflops, timeout=timeout, max_credits=max_credits, verify=verify,
                                   rtol=rtol, atol=atol)
-        results = remote.wait(timeout=timeout)
+        results = remote.wait(timeout=wait_s)
         value = function_value(results[0])
         finish_record(recorder, remote, results, {"value": value}, show=True)
         return value
@@ -241,6 +263,7 @@ class Network:
         if placement not in ("any", "capability"):
             raise GpunetError(f"placement must be 'any' or 'capability', got {placement!r}")
         job = function_job(fn, (), {}, topic=self.topic, announce=False)
+        wait_s = self.timeout_for(timeout, count=len(items), max_credits=max_credits)
         resources = self.resources_for(gpus=gpus, gpu_mem=gpu_mem)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
         if placement == "capability":  # item i pinned to the i-th worker
@@ -251,7 +274,7 @@ class Network:
         recorder = self._recorder(fn, {"items": items}, "map", gpus=gpus, gpu_mem=gpu_mem, min_tflops=min_tflops,
                                   timeout=timeout, max_credits=max_credits, placement=placement, verify=verify,
                                   rtol=rtol, atol=atol)
-        results = remote.wait(timeout=timeout)
+        results = remote.wait(timeout=wait_s)
         values = [function_value(result) for result in results]
         finish_record(recorder, remote, results, {"value": values}, show=True)
         return values
@@ -356,20 +379,33 @@ class Network:
             remote.on_event(message)
 
     # -- shutting down -----------------------------------------------------------------
-    def close(self) -> None:
-        """Close the client, and stop the embedded network if this connection started it."""
+    def close(self, *, force: bool = False) -> None:
+        """Close the client, and stop the embedded network if this connection started it.
+
+        A network that :func:`connect` handed out again (``gpunet.connect()`` while
+        ``%gpunet connect`` is connected) closes only when its last user closes it,
+        so that a ``with gpunet.connect() as net:`` block never closes the magic's
+        connection; ``force=True`` (``%gpunet disconnect``) closes it at once."""
         global _current
-        if self._closed:
-            return
-        self._closed = True
+        with _current_lock:
+            if self._closed:
+                return
+            self._users = 0 if force else self._users - 1
+            if self._users > 0:
+                return
+            self._closed = True
+            if _current is self:
+                _current = None
         try:
             self.client.close(timeout=5)
         finally:
             if self.embedded is not None:
                 self.embedded.close()
-            with _current_lock:
-                if _current is self:
-                    _current = None
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed."""
+        return self._closed
 
 
 def _metering_state(client: Client) -> dict[str, Any] | None:
@@ -400,7 +436,8 @@ DEFAULT_BUDGET = 10_000
 def connect(address: str | None = None, *, workers: int | None = None, credits: str | None = None,
             token: str | None = None, budget: int | None = None, metered: bool = True,
             timeout: float = CONNECT_TIMEOUT_S, trust_providers: bool = False,
-            max_result_bytes: int | None = None, max_stream_bytes_per_s: int | None = None) -> Network:
+            max_result_bytes: int | None = None, max_stream_bytes_per_s: int | None = None,
+            replace: bool = False) -> Network:
     """Connect to a gpunet network and make it :func:`current`.
 
     ``address`` (or ``GPUNET_SCHEDULER``) joins that scheduler; with neither, an
@@ -418,11 +455,37 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     and its output text within ``max_stream_bytes_per_s`` (default 1 MiB per second
     run). ``trust_providers=True``, for a private network whose providers you
     trust, brings back any object, pickled, as the embedded network does.
+
+    While a network is connected (``%gpunet connect``), ``connect()`` with no
+    arguments, or naming the same scheduler, returns that same network (closing it
+    then closes only this use of it); asking for another network raises
+    :class:`GpunetError`, unless ``replace=True`` (what ``%gpunet connect`` does),
+    which closes the current one first. Every network still open when the
+    interpreter exits is closed then, quietly, its local network with it.
     """
     global _current
+    result_options = trust_providers or max_result_bytes is not None or max_stream_bytes_per_s is not None
+    explicit = (any(value is not None for value in (address, workers, credits, token, budget)) or not metered
+                or result_options)
     address = address or os.environ.get("GPUNET_SCHEDULER") or None
     credits = credits or os.environ.get("GPUNET_CREDITS") or None
     token = token or os.environ.get("GPUNET_TOKEN") or None
+    with _current_lock:
+        previous = _current if _current is not None and not _current.closed else None
+        if previous is not None:
+            same = not explicit or (address == previous.address and workers is None and budget is None
+                                    and not result_options
+                                    and credits in (None, previous.credits.url if previous.credits else None))
+            if same:
+                if not replace:
+                    previous._users += 1
+                return previous
+            if not replace:
+                raise GpunetError(
+                    f"already connected to {previous.address} (%gpunet connect or an earlier gpunet.connect()); "
+                    "gpunet.connect() with no arguments returns that network. To use another one, close it "
+                    "first (%gpunet disconnect, or gpunet.current().close()), or pass replace=True."
+                )
     if address is not None and workers is not None:
         raise GpunetError(f"workers={workers} only sizes a local network; {address} already has its own workers "
                           "(connect without --workers, or without an address)")
@@ -438,6 +501,7 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
             raise GpunetError(f"{name} must be a whole number of bytes above 0, got {value!r}")
     embedded = None
     if address is None:
+        _refuse_unguarded_script()
         embedded = EmbeddedNetwork(n_workers=workers, credits=metered and credits is None)
         address = embedded.scheduler_address
         if embedded.credits_service is not None:
@@ -469,11 +533,94 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
         if embedded is not None:
             embedded.close()
         raise
-    with _current_lock:
-        previous, _current = _current, network
     if previous is not None:
-        previous.close()
+        previous.close(force=True)
+    with _current_lock:
+        _current = network
+    _close_at_exit_once()
     return network
+
+
+def _refuse_unguarded_script() -> None:
+    """Starting a network spawns worker processes, which import the script that runs
+    as ``__main__`` again: code at its top level that connects must sit under
+    ``if __name__ == "__main__":``, or each worker would start a network of its own."""
+    import multiprocessing
+
+    main = sys.modules.get("__main__")
+    if multiprocessing.parent_process() is not None and getattr(main, "__name__", "") == "__mp_main__":
+        raise GpunetError(
+            f"gpunet.connect() ran again inside a worker process, which re-imported {getattr(main, '__file__', 'the script')}: "
+            "put the code that connects under `if __name__ == \"__main__\":`"
+        )
+    script = getattr(main, "__file__", None)
+    if not script or not script.endswith(".py") or hasattr(sys, "ps1"):
+        return
+    frame, top = sys._getframe(1), None
+    while frame is not None:  # the script's own top-level line that led here, through any functions
+        if frame.f_globals is vars(main) and frame.f_code.co_name == "<module>":
+            top = frame
+        frame = frame.f_back
+    if top is None:
+        return
+    if not _inside_main_guard(Path(script), top.f_lineno):
+        raise GpunetError(
+            f"{script}, line {top.f_lineno}: gpunet.connect() runs at the top level of the script, which the "
+            "network's worker processes import again when they start; put it (and the code that uses it) under "
+            "`if __name__ == \"__main__\":`"
+        )
+
+
+def _inside_main_guard(script: Path, line: int) -> bool:
+    """Whether ``line`` of ``script`` lies inside an ``if __name__ == "__main__":`` block."""
+    try:
+        tree = ast.parse(script.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return True  # cannot tell: let it be
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test):
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or line):
+                return True
+    return False
+
+
+_exit_hook_registered = False
+
+
+def _close_at_exit_once() -> None:
+    """Close every open network when the interpreter exits, before Python stops the
+    thread pools that Dask's event loop still needs (``threading._register_atexit``
+    runs before them; a plain ``atexit`` handler runs after, and closing then fails
+    with "cannot schedule new futures after interpreter shutdown")."""
+    global _exit_hook_registered
+    with _current_lock:
+        if _exit_hook_registered:
+            return
+        _exit_hook_registered = True
+    try:
+        threading._register_atexit(_close_all_quietly)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # not CPython, or already shutting down
+        atexit.register(_close_all_quietly)
+
+
+def _close_all_quietly() -> None:
+    """Close what is still open, with Dask's shutdown chatter kept out of the terminal."""
+    networks = [net for net in list(_open_networks) if not net.closed]
+    if not networks:
+        return
+    quiet = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [logger_.level for logger_ in quiet]
+    for logger_ in quiet:
+        logger_.setLevel(logging.CRITICAL)
+    try:
+        for net in networks:
+            try:
+                net.close(force=True)
+            except Exception as exc:  # noqa: BLE001 - exiting anyway: one line, not a traceback
+                print(f"gpunet: closing {net.address} at exit failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        for logger_, level in zip(quiet, levels):
+            logger_.setLevel(level)
 
 
 def _open_meter(client: Client, url: str, token: str, budget: int | None) -> Meter:

@@ -125,8 +125,7 @@ class RemoteJob(JobHandle):
         self.results: dict[int | None, JobResult] = {}
         #: indices whose future finished
         self.finished: set[int | None] = set()
-        #: the job's holds, and the device time its --max-credits allows (metered networks)
-        self.holds: list[str] = []
+        #: the device time its --max-credits allows (metered networks)
         self.credit_limit_s: float | None = None
         #: scattered data the tasks depend on, held until the job is done
         self._kept: list[Future] = []
@@ -285,7 +284,9 @@ class RemoteJob(JobHandle):
         """The job ran as long as its --max-credits pays for: the scheduler charges the
         provider's time on the worker (at most the limit), then the job is stopped."""
         charged = self.network.call_scheduler(wire.CHARGE_USED, key=self.futures[0].key)
-        worker = self.workers_seen[-1][0] if self.workers_seen else None
+        worker, device = self.workers_seen[-1] if self.workers_seen else (None, "")
+        if worker is not None and self.network.meter is not None:  # its time counts in %gpunet usage too
+            self.network.meter.count(worker, device, self.credit_limit_s or 0.0)
         self.stop("stopped at its --max-credits")
         raise BudgetError(
             f"the job reached its --max-credits after about {self.credit_limit_s:.1f} s on "
@@ -334,7 +335,7 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     count = 1 if items is None else len(items)
     plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
-    hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount)
+    hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount, plan=plan)
     try:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
                                   annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else count,

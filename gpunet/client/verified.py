@@ -189,6 +189,10 @@ class VerifiedJob(JobHandle):
         #: the worker of the copy whose live output is shown (the first to start or print)
         self._streamed_from: str | None = None
 
+    def placed_holds(self) -> list[str]:
+        """Every copy's hold."""
+        return [copy.hold for unit in self.units for copy in unit.copies if copy.hold]
+
     # -- sending ---------------------------------------------------------------------
     @classmethod
     def submit(cls, network: Connection, job: Job, policy: Policy, tolerance: Tolerance, *,

@@ -103,6 +103,13 @@ class JobProgress:
             self._text(f"{self.label}: running on {self.where or 'the network'} ...")
         self._render()
 
+    def cancelled(self, line: str) -> None:
+        """The job was stopped by Ctrl-C; ``line`` says after how long and what it cost."""
+        self.state = "cancelled"
+        self._render()
+        if not self.use_widget:
+            self._text(line)
+
     def finish(self, *, ok: bool, note: str = "") -> None:
         """The job ended; ``note`` adds e.g. the error's name."""
         self.state = "done" if ok else "failed"
@@ -133,7 +140,8 @@ class JobProgress:
     def _render(self) -> None:
         if not self.use_widget:
             return
-        colour = {"queued": "#777", "running": "#1f6feb", "done": "#1a7f37", "failed": "#cf222e"}[self.state]
+        colour = {"queued": "#777", "running": "#1f6feb", "done": "#1a7f37", "failed": "#cf222e",
+                  "cancelled": "#9a6700"}[self.state]
         self._html.value = (f'<span style="font-family:monospace;color:{colour}">'
                             f"{html.escape(self.summary())}</span>")
         if self.total > 1:

@@ -4,9 +4,11 @@ free slots, whose provider each belongs to, and the providers' trust records."""
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gpunet.metering.meter import DEFAULT_ITEM_HOLD_SECONDS, default_timeout
 from gpunet.worker.device import format_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,6 +32,8 @@ class NetworkStatus:
     trust: str | None = None
     #: which kind of network, and who is trusted on it (:data:`NETWORK_KINDS`)
     kind: str | None = None
+    #: one line on what a cell gets when it asks for nothing: its timeout and hold
+    defaults: str | None = None
 
     @classmethod
     def of(cls, net: Network) -> NetworkStatus:
@@ -44,7 +48,7 @@ class NetworkStatus:
         else:
             usage = "credits: not metered"
         return cls(net.address, net.dashboard_link, net.session, workers, note, usage, owners, trust,
-                   network_kind(net))
+                   network_kind(net), cell_defaults(net.max_rate() if net.meter is not None else None))
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row per worker: address, name, device, memory, free/total slots, resources."""
@@ -73,6 +77,8 @@ class NetworkStatus:
             lines.append(self.usage)
         if self.trust:
             lines.append(self.trust)
+        if self.defaults:
+            lines.append(self.defaults)
         table = [self.HEADER, *self.rows()]
         widths = [max(len(row[i]) for row in table) for i in range(len(self.HEADER))]
         for row in table:
@@ -91,7 +97,8 @@ class NetworkStatus:
                      if self.dashboard else "none")
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
-        note = "".join(f"<br>{html.escape(text)}" for text in (self.kind, self.note, self.usage, self.trust)
+        note = "".join(f"<br>{html.escape(text)}" for text in (self.kind, self.note, self.usage, self.trust,
+                                                                self.defaults)
                        if text)
         return (f"<div><b>gpunet</b> scheduler <code>{html.escape(self.scheduler)}</code> · dashboard {dashboard}"
                 f" · session <code>{html.escape(self.session)}</code>{note}"
@@ -116,6 +123,15 @@ def network_kind(net: Network) -> str:
         return NETWORK_KINDS["embedded"] + results
     state = net.metering_state() or {}
     return NETWORK_KINDS["open" if state.get("network") == "open" else "private"] + results
+
+
+def cell_defaults(max_rate: float | None) -> str:
+    """What a cell without --timeout or --max-credits gets: the time its hold covers."""
+    cell, item = default_timeout(1), DEFAULT_ITEM_HOLD_SECONDS
+    held = "" if max_rate is None else (f", holding {math.ceil(cell * max_rate)} credits at the highest provider "
+                                        f"rate, {max_rate:g} a device-second")
+    return (f"cells: --timeout defaults to {cell:g} s (a --map: {item:g} s per item), the device time a cell's "
+            f"hold covers{held}; give --timeout for longer cells")
 
 
 def _providers(net: Network, addresses: list[str]) -> tuple[dict[str, str], str | None]:

@@ -28,11 +28,16 @@ class SessionUsage:
                               "(connect with --credits URL --token TOKEN, or without an address)")
         self.numbers: dict[str, Any] = {}
         self.taken = 0.0
+        #: True when jobs that finished here were not yet settled by the scheduler
+        self.settling = False
         self.refresh()
 
     def refresh(self) -> SessionUsage:
-        """Read the session's numbers from the credit service now."""
+        """Read the session's numbers from the credit service, once the scheduler has
+        settled the jobs that finished here (waiting a few seconds at most; past that
+        the figures say "settling")."""
         meter = self.net.meter
+        self.settling = not meter.wait_settled()
         self.numbers = meter.credits.usage(meter.session)
         self.taken = time.time()
         return self
@@ -45,12 +50,15 @@ class SessionUsage:
     def __str__(self) -> str:
         n = self.numbers
         lines = [f"session {self.net.meter.session}: spent {n['spent']}, held {n['held']}, "
-                 f"left {n['left']} of {n['budget']} credits"]
+                 f"left {n['left']} of {n['budget']} credits{self._settling_note()}"]
         for worker, device, tasks, seconds in self.rows():
             lines.append(f"  {worker}  {device}  {tasks} task(s)  {seconds:.2f} device-s")
         return "\n".join(lines)
 
     __repr__ = __str__
+
+    def _settling_note(self) -> str:
+        return " (settling: finished jobs not yet paid; refresh() reads again)" if self.settling else ""
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(str(self))
@@ -63,7 +71,7 @@ class SessionUsage:
         )
         return (f"<div><b>gpunet session</b> <code>{html.escape(self.net.meter.session)}</code>: "
                 f"spent <b>{n['spent']}</b>, held <b>{n['held']}</b>, left <b>{n['left']}</b> "
-                f"of {n['budget']} credits"
+                f"of {n['budget']} credits{html.escape(self._settling_note())}"
                 f"<table><thead><tr><th>worker</th><th>device</th><th>tasks</th><th>device-s</th></tr></thead>"
                 f"<tbody>{body}</tbody></table></div>")
 
