@@ -10,7 +10,7 @@ STAMP := $(VENV)/.gpunet-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -U pip
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench,browser]"
 	touch $(STAMP)
 
 ## make demo: start the embedded network and run notebooks/quickstart.ipynb headless

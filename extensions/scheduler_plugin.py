@@ -175,7 +175,23 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 "default_provider": s.default_provider, "awaiting_verdict": len(s.awaiting),
                 "maps_open": len(s.shared), "verdicts": s.verdicts, "quarantined": sorted(s.quarantined),
                 "refused_registrations": self.refused_registrations,
-                "providers": self.providers}
+                "providers": self.providers, "running": self.running()}
+
+    def running(self) -> dict[str, list[dict[str, Any]]]:
+        """Worker address -> the metered tasks it runs now, each as ``{"kind", "held", "for_s"}``:
+        the kind of job (:func:`gpunet.wire.job_kind`), the credits its hold may pay for it, and the
+        seconds since it went there. What a provider's dashboard shows; never a task's data."""
+        now = time.time()
+        running: dict[str, list[dict[str, Any]]] = {}
+        for address, ws in self.scheduler.workers.items():
+            tasks = running[address] = []
+            for ts in ws.processing:
+                meta = (ts.annotations or {}).get(wire.ANNOTATION)
+                if meta and meta.get("hold"):
+                    since = self.settlement.dispatched.get(ts.key, now)
+                    tasks.append({"kind": wire.job_kind(meta), "held": int(meta.get("amount", 0)),
+                                  "for_s": round(now - since, 1)})
+        return running
 
     # -- providers -----------------------------------------------------------------------
     def _on_register_message(self, worker: str = "", token: str = "", rate: float = 1.0, **kwargs: Any) -> None:

@@ -32,6 +32,7 @@ from gpunet.errors import (
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.network import Network, connect, current, map, split
+    from gpunet.ui.dashboard import ProviderDashboard
     from gpunet.ui.usage import SessionUsage
 
 __version__ = "0.1.0"
@@ -47,6 +48,7 @@ __all__ = [
     "MissingOutputError",
     "Network",
     "PlacementError",
+    "ProviderDashboard",
     "RemoteCellError",
     "SessionUsage",
     "UnpicklableInputError",
@@ -68,6 +70,7 @@ _LAZY = {
     "map": "gpunet.client.network",
     "split": "gpunet.client.network",
     "SessionUsage": "gpunet.ui.usage",
+    "ProviderDashboard": "gpunet.ui.dashboard",
 }
 
 

@@ -82,6 +82,7 @@ E2E_FIXTURES = {
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
     "ledger",         # credits/test_credits_tamper.py: serve_in_background
+    "lab", "browser",  # test_browser.py: a JupyterLab server, Chromium (and the market beside them)
 }
 
 # Tests that start real processes in their own body (no fixture tells): a whole module,

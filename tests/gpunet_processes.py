@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 GPUNET = [sys.executable, "-m", "gpunet.cli"]
 
@@ -45,3 +48,37 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 6
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         return process.communicate()[0]
+
+
+@contextlib.contextmanager
+def metered_market(folder: Path) -> Iterator[dict]:
+    """A credit service, `gpunet scheduler --credits` and two `gpunet provide` processes
+    (alice, bob: one CPU worker each), a funded client account (carol); all stopped after.
+    Yields {"service", "operator", "address", "tokens", "providers"}."""
+    from gpunet.credits import serve_in_background
+
+    service = serve_in_background(folder / "credits.sqlite3", operator_token_file=folder / "operator-token")
+    operator = service.client()
+    tokens = {name: operator.create_account(name, role)["token"]
+              for name, role in (("alice", "provider"), ("bob", "provider"), ("carol", "client"))}
+    operator.mint("carol", 10_000, key="mint-carol")
+    processes = []
+    try:
+        scheduler = start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
+                           "--operator-token-file", str(folder / "operator-token")])
+        processes.append(scheduler)
+        address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
+        providers = {}
+        for name in ("alice", "bob"):
+            provide = start(["provide", address, "--credits", service.url, "--token", tokens[name],
+                             "--host", "127.0.0.1"])
+            processes.append(provide)
+            expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
+            providers[name] = provide
+        yield {"service": service, "operator": operator, "address": address, "tokens": tokens,
+               "providers": providers}
+    finally:
+        for process in reversed(processes):
+            stop(process)
+        operator.close()
+        service.stop()

@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from distributed import Client
@@ -30,6 +29,7 @@ from gpunet.credits import CreditClient
 from gpunet.errors import ConnectError, GpunetError, PlacementError
 from gpunet.kernels import weighted_chunks
 from gpunet.metering.meter import DEFAULT_RATE, Meter
+from gpunet.ui.status import NetworkStatus, WorkerInfo
 from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import DEVICE_RESOURCE
 from gpunet.worker.device import device_info, measure_capability
@@ -50,22 +50,6 @@ RELEASE_AFTER_S = 0.1
 
 _current: Network | None = None
 _current_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """One worker as ``%gpunet status`` shows it."""
-
-    address: str
-    name: str
-    device: dict[str, Any]
-    resources: dict[str, float]
-    slots: int
-    busy: int
-
-    @property
-    def free_slots(self) -> int:
-        return max(self.slots - self.busy, 0)
 
 
 class Network:
@@ -109,6 +93,11 @@ class Network:
 
     def __repr__(self) -> str:
         return f"<gpunet.Network {self.address} session={self.session}>"
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the scheduler, its dashboard link, the workers with their devices and
+        providers, and this session's credits (``%gpunet status``), as Dask's ``Client`` shows itself."""
+        return NetworkStatus.of(self)._repr_html_()
 
     def __enter__(self) -> Network:
         return self
