@@ -60,9 +60,18 @@ def test_an_interval_must_be_positive(net):
         gpunet.SessionUsage(net, interval=0)
 
 
-def test_the_network_shows_itself_in_html(net):
+def test_the_network_shows_itself_in_html_with_its_gpunet_page(net):
+    import requests
+
+    from gpunet.ui.status import gpunet_page
+
     html = net._repr_html_()
     assert net.address in html and "gpunet network" in html and "credits: spent" in html
+    page = gpunet_page(net.dashboard_link)
+    assert page in html
+    answer = requests.get(page, timeout=30)
+    assert answer.status_code == 200 and "local-provider" in answer.text
+    assert all(worker.address in answer.text for worker in net.workers())
 
 
 @pytest.fixture

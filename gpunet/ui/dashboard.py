@@ -87,10 +87,11 @@ class ProviderDashboard(LivePanel):
         #: (unix time, share of her workers busy) at each reading
         self.utilisation: list[tuple[float, float]] = []
         self.workers_error: str | None = None
-        self.refresh()
-        if self.error is not None:
+        try:
+            self.refresh(raise_errors=True)
+        except Exception:
             self.closed()
-            raise GpunetError(f"cannot read the figures of provider {self.account!r}: {self.error}")
+            raise
 
     # -- reading ----------------------------------------------------------------------------
     def fetch(self) -> None:

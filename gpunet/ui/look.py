@@ -178,7 +178,7 @@ class LivePanel:
         self.refreshes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._display_id: str | None = None
+        self._display_ids: list[str] = []
         self._widgets: dict[str, Any] = {}
         self._plot_key: Any = None
         self._lock = threading.Lock()
@@ -197,12 +197,15 @@ class LivePanel:
         return None, None
 
     # -- reading ------------------------------------------------------------------------
-    def refresh(self) -> LivePanel:
-        """Read the figures now; a failure is shown in the panel (and kept in :attr:`error`)."""
+    def refresh(self, *, raise_errors: bool = False) -> LivePanel:
+        """Read the figures now; a failure is shown in the panel (and kept in :attr:`error`),
+        or raised with ``raise_errors`` (a panel's first reading: nothing to show yet)."""
         try:
             self.fetch()
             self.error = None
         except Exception as exc:  # noqa: BLE001 - a live display says what failed and goes on
+            if raise_errors:
+                raise
             self.error = f"{type(exc).__name__}: {exc}"
         self.refreshed_at = time.time()
         self.refreshes += 1
@@ -232,7 +235,7 @@ class LivePanel:
             display(bundle(str(self), self._repr_html_()), raw=True)
             return
         self.start()
-        self._display_id = show(str(self), self._repr_html_(), self._widgets["box"])
+        self._display_ids.append(show(str(self), self._repr_html_(), self._widgets["box"]))
 
     def widget(self) -> Any:
         """The panel as an ipywidget (refreshing from now on), to place in a layout of one's own."""
@@ -288,9 +291,9 @@ class LivePanel:
         _live.discard(self)
         with self._lock:
             widgets, self._widgets = self._widgets, {}
-        if self._display_id is not None:
+        for display_id in self._display_ids:  # every place it was shown
             try:
-                replace(self._display_id, str(self), self._repr_html_())
+                replace(display_id, str(self), self._repr_html_())
             except Exception:  # noqa: BLE001 - at the kernel's exit there may be no one to tell
                 pass
         for widget in widgets.values():

@@ -26,6 +26,12 @@ class WorkerInfo:
         return max(self.slots - self.busy, 0)
 
 
+def gpunet_page(dashboard_link: str) -> str:
+    """The address of the metering plugin's ``/gpunet`` page beside a Dask dashboard's ``/status``."""
+    base = dashboard_link[: -len("/status")] if dashboard_link.endswith("/status") else dashboard_link.rstrip("/")
+    return base + "/gpunet"
+
+
 class Shown(Protocol):
     """What a status needs of its network (the arrows point one way:
     :class:`gpunet.client.network.Network` is one, and imports this module)."""
@@ -118,6 +124,10 @@ class NetworkStatus:
     def _repr_html_(self) -> str:
         dashboard = (f'<a href="{look.esc(self.dashboard)}" target="_blank">{look.esc(self.dashboard)}</a>'
                      if self.dashboard else "none")
+        if self.dashboard and self.owners is not None:  # a metered network: its /gpunet page
+            page = gpunet_page(self.dashboard)
+            dashboard += f' (<a href="{look.esc(page)}" target="_blank">gpunet page</a>)'
+
         notes = "".join(f"<div>{look.esc(text)}</div>" for text in (self.note, self.usage, self.trust) if text)
         free = sum(w.free_slots for w in self.workers)
         return look.panel("gpunet network", (

@@ -43,9 +43,7 @@ class SessionUsage(LivePanel):
         self.burn: list[tuple[float, int]] = []
         self._started = time.time()
         self.taken = 0.0
-        self.refresh()
-        if self.error is not None:
-            raise GpunetError(f"cannot read this session's credits: {self.error}")
+        self.refresh(raise_errors=True)
 
     def fetch(self) -> None:
         """Read the session's numbers from the credit service, and whose each worker is."""
