@@ -33,6 +33,7 @@ from gpunet.errors import (
 if _typing.TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.network import Network, connect, current, map, split
     from gpunet.ui.dashboard import ProviderDashboard
+    from gpunet.ui.receipt import SessionReceipt
     from gpunet.ui.usage import SessionUsage
 
 __version__ = "0.1.0"
@@ -50,6 +51,7 @@ __all__ = [
     "PlacementError",
     "ProviderDashboard",
     "RemoteCellError",
+    "SessionReceipt",
     "SessionUsage",
     "UnpicklableInputError",
     "VerificationError",
@@ -71,6 +73,7 @@ _LAZY = {
     "split": "gpunet.client.network",
     "SessionUsage": "gpunet.ui.usage",
     "ProviderDashboard": "gpunet.ui.dashboard",
+    "SessionReceipt": "gpunet.ui.receipt",
 }
 
 

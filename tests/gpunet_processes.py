@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 GPUNET = [sys.executable, "-m", "gpunet.cli"]
 
@@ -53,8 +54,8 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 6
 @contextlib.contextmanager
 def metered_market(folder: Path) -> Iterator[dict]:
     """A credit service, `gpunet scheduler --credits` and two `gpunet provide` processes
-    (alice, bob: one CPU worker each), a funded client account (carol); all stopped after.
-    Yields {"service", "operator", "address", "tokens", "providers"}."""
+    (alice, bob: one CPU worker each, their tokens in ``folder/NAME-token``), a funded client
+    account (carol); all stopped after. Yields {"service", "operator", "address", "tokens", "providers"}."""
     from gpunet.credits import serve_in_background
 
     service = serve_in_background(folder / "credits.sqlite3", operator_token_file=folder / "operator-token")
@@ -64,13 +65,16 @@ def metered_market(folder: Path) -> Iterator[dict]:
     operator.mint("carol", 10_000, key="mint-carol")
     processes = []
     try:
-        scheduler = start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
+        scheduler = start(["scheduler", "--private", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
                            "--operator-token-file", str(folder / "operator-token")])
         processes.append(scheduler)
         address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
         providers = {}
         for name in ("alice", "bob"):
-            provide = start(["provide", address, "--credits", service.url, "--token", tokens[name],
+            token_file = folder / f"{name}-token"
+            token_file.write_text(tokens[name])
+            token_file.chmod(0o600)
+            provide = start(["provide", address, "--credits", service.url, "--token-file", str(token_file),
                              "--host", "127.0.0.1"])
             processes.append(provide)
             expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
@@ -82,3 +86,18 @@ def metered_market(folder: Path) -> Iterator[dict]:
             stop(process)
         operator.close()
         service.stop()
+
+
+def credit_service_with_accounts(root: Any) -> tuple[Any, dict[str, str]]:
+    """A credit service process in ``root`` (nobody is ever quarantined) with provider
+    accounts alice and bob, client carol (1,000,000 credits) and a meter account (what a
+    scheduler reports with); returns (service, {name: token}). The caller stops it."""
+    from gpunet.credits import serve_in_background
+
+    svc = serve_in_background(root / "credits.sqlite3", operator_token_file=root / "operator-token",
+                              log_path=root / "service.log", extra_args=["--reputation-floor", "0"])
+    with svc.client() as operator:
+        tokens = {name: operator.create_account(name, role)["token"]
+                  for name, role in (("alice", "provider"), ("bob", "provider"), ("carol", "client"), ("meter", "meter"))}
+        operator.mint("carol", 1_000_000, key="mint-carol")
+    return svc, tokens

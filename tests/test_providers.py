@@ -78,8 +78,10 @@ def test_killed_provider_is_not_paid_and_the_cell_completes_elsewhere(market, tm
     verify_service(market["service"].url, market["service"].operator_token)
 
 
-def test_a_bad_provider_token_is_refused_clearly(market):
-    provide = start(["provide", market["address"], "--credits", market["service"].url, "--token", "not-a-token"])
+def test_a_bad_provider_token_is_refused_clearly(market, tmp_path):
+    (tmp_path / "bad-token").write_text("not-a-token")
+    provide = start(["provide", market["address"], "--credits", market["service"].url, "--token-file",
+                     str(tmp_path / "bad-token")])
     out = provide.communicate(timeout=60)[0]
     assert provide.returncode == 1
     assert "token" in out.lower() and market["service"].url in out
@@ -267,18 +269,16 @@ def _probe_registrations(net):
     return lambda: net.client.run_on_scheduler(read)
 
 
-def test_a_token_that_is_not_a_providers_is_refused_before_any_worker_starts(market):
-    for who in ("carol",):  # a client's token
+def test_a_token_that_is_not_a_providers_is_refused_before_any_worker_starts(market, tmp_path):
+    for who, token in (("carol", market["tokens"]["carol"]), ("operator", market["service"].operator_token)):
+        token_file = tmp_path / f"{who}-token"
+        token_file.write_text(token)
         provide = start(["provide", market["address"], "--credits", market["service"].url,
-                         "--token", market["tokens"][who]])
+                         "--token-file", str(token_file)])
         out = provide.communicate(timeout=60)[0]
         assert provide.returncode == 1, out
-        assert "'carol'" in out and "client account, not a provider's" in out, out
+        assert f"'{who}'" in out and "account, not a provider's" in out, out
         assert "worker" not in out.split("provider's")[0], out  # said before any worker started
-    operator = start(["provide", market["address"], "--credits", market["service"].url,
-                      "--token", market["service"].operator_token])
-    out = operator.communicate(timeout=60)[0]
-    assert operator.returncode == 1 and "operator account, not a provider's" in out, out
     assert market["operator"].balance("carol") == 10_000
 
 

@@ -310,7 +310,8 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount)
     try:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
-                                  annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else count))
+                                  annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else count,
+                                                              topic=job.topic))
     except BaseException:
         network.release_unsent([hold])
         raise

@@ -257,7 +257,8 @@ class VerifiedJob(JobHandle):
     def _send(self, unit: Unit, provider: str, hold: str) -> None:
         number = len(unit.copies)
         key = f"gpunet-{self.job.job_id}-{'c' if unit.index is None else unit.index}-{number}"
-        with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, self.amount, verify=self.job.job_id)}):
+        with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, self.amount, verify=self.job.job_id,
+                                                                     topic=self.job.topic)}):
             future = self.network.client.submit(
                 run_job, self._shared, unit.blob, unit.index, self._inputs, key=key, pure=False,
                 resources=self.resources, workers=self.pool.workers[provider], allow_other_workers=False)

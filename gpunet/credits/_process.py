@@ -76,13 +76,6 @@ class CreditServiceProcess:
             self.process.kill()
         self.process.wait()
 
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of the child's log (its stderr)."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
     def __enter__(self) -> CreditServiceProcess:
         return self
 

@@ -1,5 +1,5 @@
-"""``%gpunet status``: the network's workers, their devices and free slots, whose
-provider each belongs to, and the providers' trust records."""
+"""``%gpunet status``: which kind of network this is, its workers, their devices and
+free slots, whose provider each belongs to, and the providers' trust records."""
 
 from __future__ import annotations
 
@@ -72,6 +72,8 @@ class NetworkStatus:
     owners: dict[str, str] | None = None
     #: one line on the providers' trust records (metered networks)
     trust: str | None = None
+    #: which kind of network, and who is trusted on it (:data:`NETWORK_KINDS`)
+    kind: str | None = None
 
     @classmethod
     def of(cls, net: Shown) -> NetworkStatus:
@@ -85,7 +87,8 @@ class NetworkStatus:
             owners, trust = _providers(net, [worker.address for worker in workers])
         else:
             usage = "credits: not metered"
-        return cls(net.address, net.dashboard_link, net.session, workers, note, usage, owners, trust)
+        return cls(net.address, net.dashboard_link, net.session, workers, note, usage, owners, trust,
+                   network_kind(net))
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row per worker: address, name, device, memory, free/total slots, resources."""
@@ -102,6 +105,8 @@ class NetworkStatus:
 
     def __str__(self) -> str:
         lines = [f"scheduler {self.scheduler}   dashboard {self.dashboard or 'none'}   session {self.session}"]
+        if self.kind:
+            lines.append(self.kind)
         if self.note:
             lines.append(self.note)
         if self.usage:
@@ -128,13 +133,32 @@ class NetworkStatus:
             page = gpunet_page(self.dashboard)
             dashboard += f' (<a href="{look.esc(page)}" target="_blank">gpunet page</a>)'
 
-        notes = "".join(f"<div>{look.esc(text)}</div>" for text in (self.note, self.usage, self.trust) if text)
+        notes = "".join(f"<div>{look.esc(text)}</div>" for text in (self.kind, self.note, self.usage, self.trust)
+                        if text)
         free = sum(w.free_slots for w in self.workers)
         return look.panel("gpunet network", (
             f"<div>scheduler <code>{look.esc(self.scheduler)}</code> · dashboard {dashboard}"
             f" · session <code>{look.esc(self.session)}</code></div>{notes}"
             + look.table(self.HEADER, self.rows(), empty="no worker is connected")
             + f"<div>{len(self.workers)} worker(s), {free} free slot(s)</div>"))
+
+
+#: What ``%gpunet status`` says of each kind of network (README, "Security model").
+NETWORK_KINDS = {
+    "embedded": "network: embedded (your own processes on this machine)",
+    "private": "network: private (a lab: every Dask client on it is trusted, and can run code on the scheduler and "
+               "the workers)",
+    "open": "network: open (strangers: mutual TLS with the operator's certificates; only the gateway is a Dask "
+            "client; every task carries a hold)",
+}
+
+
+def network_kind(net: Shown) -> str:
+    """What ``%gpunet status`` says of the kind of network ``net`` is."""
+    if net.embedded is not None:
+        return NETWORK_KINDS["embedded"]
+    state = net.metering_state() or {}
+    return NETWORK_KINDS["open" if state.get("network") == "open" else "private"]
 
 
 def _providers(net: Shown, addresses: list[str]) -> tuple[dict[str, str], str | None]:
