@@ -217,7 +217,9 @@ def test_dashboard_in_jupyterlab_is_live_matches_the_service_and_reopens_clean(l
         "%%gpunet --map i=range(12)\nimport time\ntime.sleep(0.4)\nsquare = i * i",
         "6 * 7",
         "dash.close()\nsum(square)",
-        "gpunet.SessionUsage()",
+        "usage = gpunet.SessionUsage()\nusage",
+        "usage.close()",
+        "import ipywidgets\nipywidgets.Label('widgets render here')",
     ])
     _open(page, lab, name)
     _run(page, 0)
@@ -255,23 +257,54 @@ def test_dashboard_in_jupyterlab_is_live_matches_the_service_and_reopens_clean(l
     progress = _cell(page, 2).locator(".jp-OutputArea").inner_text()
     assert re.search(r"gpunet: done.* 12/12 · \d+\.\d s", progress), progress
 
-    page.keyboard.press("Control+s")
-    wait_until(lambda: not (lab["root"] / name).read_text().count('"outputs": []') == 6, 30, "the notebook to be saved")
-    wait_until(lambda: "gpunet session" in (lab["root"] / name).read_text(), 30, "the saved outputs")
-    page.goto("about:blank")
-    _shut_down_kernels(lab)
+    _save(page, lab, name)
 
-    # reopened, with a new kernel: the stored outputs are the final states
+    # closed and reopened, its kernel still running (JupyterLab's default): the live usage is
+    # still live, the finished displays are their final states
+    page.goto("about:blank")
     _open(page, lab, name)
     wait_until(lambda: re.search(r"gpunet: done.* 12/12", page.locator(".jp-Notebook").inner_text()), 30,
-           "the final progress line in the reopened notebook")
+               "the final progress line in the reopened notebook")
+    page.wait_for_selector(".gpunet-live [data-gpunet='spent']", timeout=30_000)
+    _no_widget_errors(page)
+    # A display's id lives in the page that showed it: shown again here, then stopped, it
+    # leaves its last state, static
+    _run(page, 5)
+    _ran(page, 5)
+    page.wait_for_selector(".gpunet-live [data-gpunet='spent']", timeout=30_000)
+    _run(page, 6)
+    _ran(page, 6)
+    wait_until(lambda: page.locator(".gpunet-live").count() == 0, 30, "the usage's widget to be replaced")
+    _save(page, lab, name)
+
+    # reopened with a new kernel: the stored outputs are the final states
+    page.goto("about:blank")
+    _shut_down_kernels(lab)
+    _open(page, lab, name)
+    wait_until(lambda: re.search(r"gpunet: done.* 12/12", page.locator(".jp-Notebook").inner_text()), 30,
+               "the final progress line in the reopened notebook")
+    _run(page, 7)  # a widget of the new kernel renders: the widget manager has restored what it could
+    page.wait_for_selector(".widget-label:has-text('widgets render here')", timeout=60_000)
+    text = _no_widget_errors(page)
+    assert "credits earned" in text and "gpunet session" in text  # the dashboard's and usage's last states
+    page.screenshot(path=str(tmp_path / "reopened.png"), full_page=True)
+    _saved_outputs_stand_alone(lab["root"] / name, tmp_path)
+
+
+def _save(page, lab, name: str) -> None:
+    """Ctrl+S, and wait until the file on disk has the page's last outputs."""
+    before = (lab["root"] / name).stat().st_mtime_ns
+    page.keyboard.press("Control+s")
+    wait_until(lambda: (lab["root"] / name).stat().st_mtime_ns != before, 30, "the notebook to be saved")
+
+
+def _no_widget_errors(page) -> str:
+    """The notebook's text, once it has none of the widget errors nor a widget's repr."""
     text = page.locator(".jp-Notebook").inner_text()
     for error in WIDGET_ERRORS:
         assert error not in text, f"{error!r} in the reopened notebook:\n{text}"
     assert "HBox(" not in text and "VBox(" not in text, text
-    assert "credits earned" in text  # the dashboard's last state
-    page.screenshot(path=str(tmp_path / "reopened.png"), full_page=True)
-    _saved_outputs_stand_alone(lab["root"] / name, tmp_path)
+    return text
 
 
 def _shut_down_kernels(lab) -> None:
