@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from gpunet import wire
+from gpunet.clitools import read_token_file
 from gpunet.credits import CreditClient
 from gpunet.credits._db import parse_time
 from gpunet.errors import GpunetError
@@ -40,14 +40,7 @@ def provider_token(token: str | None = None, token_file: str | os.PathLike[str] 
     if token_file is None and os.environ.get(TOKEN_ENV):
         return os.environ[TOKEN_ENV].strip()
     if path:
-        try:
-            text = Path(path).expanduser().read_text().strip()
-        except OSError as exc:
-            raise GpunetError(f"cannot read the token file {path}: {exc.strerror}; give the file that "
-                              "holds your provider token (the one `gpunet credits` printed for you)") from None
-        if not text:
-            raise GpunetError(f"the token file {path} is empty; it must hold your provider token")
-        return text
+        return read_token_file(path)
     raise GpunetError("the dashboard needs your provider token: give token=... or token_file=... "
                       f"(or set {TOKEN_ENV} or {TOKEN_FILE_ENV})")
 
