@@ -12,7 +12,7 @@ KERNEL := gpunet
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -U pip
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench,browser]"
 	touch $(STAMP)
 
 ## make kernel: register .venv as the Jupyter kernel "Python (gpunet)", which the notebooks name

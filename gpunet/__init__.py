@@ -36,6 +36,7 @@ from gpunet.errors import (
 if _typing.TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.network import Network, connect, current, map, split
     from gpunet.credits import CreditClient
+    from gpunet.ui.dashboard import ProviderDashboard
     from gpunet.ui.receipt import SessionReceipt
     from gpunet.ui.usage import SessionUsage
 
@@ -54,6 +55,7 @@ __all__ = [
     "Network",
     "PlacementError",
     "ProviderDataError",
+    "ProviderDashboard",
     "RemoteCellError",
     "ResultTooLargeError",
     "SessionReceipt",
@@ -79,6 +81,7 @@ _LAZY = {
     "split": "gpunet.client.network",
     "SessionUsage": "gpunet.ui.usage",
     "CreditClient": "gpunet.credits",
+    "ProviderDashboard": "gpunet.ui.dashboard",
     "SessionReceipt": "gpunet.ui.receipt",
 }
 

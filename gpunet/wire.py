@@ -189,6 +189,16 @@ def _json_bytes(value: Any) -> str:
     raise TypeError(f"{type(value).__name__} in an event")
 
 
+def job_kind(meta: dict[str, Any]) -> str:
+    """What kind of job a task's ``gpunet`` annotation says it belongs to: an item of a map,
+    a copy of a verified job, or a single job (a cell or a function)."""
+    if meta.get("verify"):
+        return "verified copy"
+    if "tasks" in meta:
+        return "map item"
+    return "single job"
+
+
 def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str | None = None,
                topic: str | None = None) -> dict[str, Any]:
     """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its

@@ -84,6 +84,7 @@ E2E_FIXTURES = {
     "open_market",    # test_open_network.py: certificates, credit service, `gpunet scheduler/provide` over TLS
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
     "ledger",         # credits/test_credits_tamper.py: serve_in_background
+    "lab", "browser",  # test_browser.py: a JupyterLab server, Chromium (and the market beside them)
 }
 
 # Tests that start real processes in their own body (no fixture tells): a whole module,

@@ -74,6 +74,7 @@ def metered_network(place: Path, providers: list[str], client: str, credits: int
         for name in providers:
             token_file = place / f"{name}-token"
             token_file.write_text(tokens[name])
+            token_file.chmod(0o600)
             provide = start(["provide", address, "--credits", service.url, "--token-file", str(token_file),
                              "--host", "127.0.0.1"])
             processes.append(provide)
@@ -85,6 +86,16 @@ def metered_network(place: Path, providers: list[str], client: str, credits: int
             stop(process)
         operator.close()
         service.stop()
+
+
+@contextlib.contextmanager
+def metered_market(folder: Path) -> Iterator[dict]:
+    """:func:`metered_network` with providers alice and bob and client carol (their tokens in
+    ``folder/NAME-token``)."""
+    with metered_network(folder, ["alice", "bob"], "carol") as market:
+        yield market
+
+
 def credit_service_with_accounts(root: Any) -> tuple[Any, dict[str, str]]:
     """A credit service process in ``root`` (nobody is ever quarantined) with provider
     accounts alice and bob, client carol (1,000,000 credits) and a meter account (what a

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -25,6 +27,7 @@ from gpunet.wire import (
     EXECUTING,
     GPU_MEMORY_RESOURCE,
     GPU_RESOURCE,
+    METERING_STATE,
     SCHEDULER_PRELOAD,
     WORKER_PRELOAD,
 )
@@ -103,6 +106,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     provide.add_argument("--rate", type=float, default=1.0, help="credits per device-second (default 1)")
     provide.add_argument("--host", default=None, help="interface the workers listen on (default: the one that "
                                                        "reaches the scheduler)")
+    provide.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                         help="show Dask's log lines (INFO) as well as the status line")
     provide.set_defaults(func=_provide)
 
 
@@ -296,15 +301,31 @@ def _provide(args: Any) -> int:
                           "writes the token file")
     wait_for_service(url, SERVICE_WAIT_S)
     with CreditClient(url, token) as me:
-        account = me.ping()["account"]  # a bad token or an unreachable service stops here, clearly
+        # a bad token, one that is not a provider's or an unreachable service stops here, clearly,
+        # before any worker starts
+        account = me.provider_account("gpunet provide")
     # The worker processes inherit it and register with the scheduler as this provider's.
     os.environ[PROVIDER_TOKEN_ENV] = token
-    return asyncio.run(_run_provider(args, account))
+    with CreditClient(url, token, retries=0) as me:
+        return asyncio.run(_run_provider(args, account, me=me))
 
 
-async def _run_provider(args: Any, account: str, security: Any = None) -> int:
+def _quiet_dask(args: Any) -> None:
+    """Dask's INFO lines only with --verbose: the status line says what matters."""
+    if getattr(args, "verbose", False):
+        return
+    import dask
+
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = "warning"  # the worker processes
+    dask.config.set({"logging.distributed": "warning"})
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+async def _run_provider(args: Any, account: str, security: Any = None, me: CreditClient | None = None) -> int:
     from distributed import Client, Nanny
     from distributed.utils import get_ip
+
+    _quiet_dask(args)
 
     name = args.name or account
     if security is not None and name != account and not name.startswith(f"{account}-"):
@@ -315,6 +336,10 @@ async def _run_provider(args: Any, account: str, security: Any = None) -> int:
         gpus = gpus[: int(args.gpus)]
     preload = [WORKER_PRELOAD]
     nannies: list[Any] = []
+    # The worker processes inherit an ignored SIGTERM (a service manager sends it to the whole
+    # group): this process drains them, and a worker's end at its signal would lose its task.
+    # Nannies still stop them (over a queue, then SIGKILL), and they end with this process.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         import dask_cuda
     except ImportError:
@@ -345,27 +370,80 @@ async def _run_provider(args: Any, account: str, security: Any = None) -> int:
     print(f"provider: {account}; workers: {' '.join(addresses)}", flush=True)
     print("Ctrl-C drains them: running tasks finish, then they leave.", flush=True)
     stopped = asyncio.Event()
+
+    def stop() -> None:
+        # A signal sent to the whole process group may have reached the workers too (SIGINT
+        # from a terminal's Ctrl-C): a worker that it ends is not started again.
+        for nanny in nannies:
+            nanny.close_gracefully(reason="gpunet-provide-stopping")
+        stopped.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopped.set)
-    finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
-    await asyncio.wait([finished, asyncio.ensure_future(stopped.wait())], return_when=asyncio.FIRST_COMPLETED)
-    if not stopped.is_set():
-        raise GpunetError("the workers stopped by themselves (is the scheduler gone?)")
-    print("gpunet provide: draining ...", flush=True)
-    live = [n.worker_address for n in nannies if n.worker_address]  # a Nanny may have restarted its worker
-    if security is not None:
-        await _drain_open(args.scheduler, security, live)
-    else:
-        try:
-            async with Client(args.scheduler, asynchronous=True, timeout=10) as client:
+        loop.add_signal_handler(signum, stop)
+    # On an open network a provider is no Dask client: no status line there.
+    client = None if security is not None else await Client(args.scheduler, asynchronous=True, timeout=10)
+    try:
+        status = (asyncio.ensure_future(_show_status(client, me, account, nannies, stopped))
+                  if client is not None and me is not None else None)
+        finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
+        await asyncio.wait([finished, asyncio.ensure_future(stopped.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if status is not None:
+            status.cancel()
+        if not stopped.is_set():
+            raise GpunetError("the workers stopped by themselves (is the scheduler gone?)")
+        print("\ngpunet provide: draining ...", flush=True)
+        started = time.monotonic()
+        live = [n.worker_address for n in nannies if n.worker_address and n.is_alive()]
+        if live and security is not None:
+            await _drain_open(args.scheduler, security, live)
+        elif live:
+            try:
                 await _drain(client, live)
-        except (OSError, TimeoutError) as exc:  # the scheduler stopped first: nothing left to drain to
-            print(f"gpunet provide: the scheduler at {args.scheduler} cannot be reached ({type(exc).__name__}); "
-                  "stopping without draining", flush=True)
-    await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
-    print("gpunet provide: stopped", flush=True)
+            except (OSError, TimeoutError) as exc:  # the scheduler stopped first: nothing left to drain to
+                print(f"gpunet provide: the scheduler at {args.scheduler} cannot be reached ({type(exc).__name__}); "
+                      "stopping without draining", flush=True)
+    finally:
+        if client is not None:
+            await client.close()
+    await asyncio.gather(*(n.close(timeout=5) for n in nannies), return_exceptions=True)
+    print(f"gpunet provide: stopped (drained in {time.monotonic() - started:.1f} s)", flush=True)
     return 0
+
+
+#: How often `gpunet provide` refreshes its status line.
+STATUS_EVERY_S = 2.0
+
+
+async def _show_status(client: Any, me: CreditClient, account: str, nannies: list[Any],
+                       stopped: asyncio.Event) -> None:
+    """The one-line live status: workers, tasks running, earned today, reputation. On a
+    terminal it is rewritten in place; elsewhere (a log) a line is written when it changes."""
+    tty = sys.stdout.isatty()
+    last = ""
+    while not stopped.is_set():
+        try:
+            mine = {n.worker_address for n in nannies if n.worker_address}
+            state = await getattr(client.scheduler, METERING_STATE)() or {}
+            running = sum(len(state.get("running", {}).get(address, ())) for address in mine)
+            earned = await asyncio.to_thread(me.earnings, account, 2**62)  # the totals, no series
+            record = earned["record"]
+            standing = ("QUARANTINED" if record["quarantined"]
+                        else f"reputation {record['reputation']:.2f} (quarantine below {earned['quarantine_below']:g})")
+            line = (f"gpunet provide: {len(mine)} worker(s), {running} running · earned today "
+                    f"{earned['today']['credits']} credits ({earned['today']['tasks']} tasks) · balance "
+                    f"{earned['balance']} · {standing}")
+        except Exception as exc:  # noqa: BLE001 - the status line says so and goes on
+            line = f"gpunet provide: status unavailable ({type(exc).__name__}: {exc})"
+        if tty:
+            print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(len(last)), end="", flush=True)
+        elif line != last:
+            print(line, flush=True)
+        last = line
+        try:
+            await asyncio.wait_for(stopped.wait(), STATUS_EVERY_S)
+        except asyncio.TimeoutError:
+            pass
 
 
 def _guard_nanny(nanny: Any, security: Any) -> None:
@@ -398,15 +476,16 @@ async def _drain(client: Any, addresses: list[str], timeout: float = 600) -> Non
     """Take the workers' device slots away (the scheduler then starts no gpunet task
     there: every one asks for a slot), wait for the tasks they are executing to
     finish, then retire them: their results move elsewhere, and tasks that were
-    queued there but never started go to other workers."""
-    await client.run(_close_device_slots, workers=addresses, on_error="return")
+    queued there but never started go to other workers. Each call is bounded: a worker
+    that does not answer is gone."""
+    await asyncio.wait_for(client.run(_close_device_slots, workers=addresses, on_error="return"), 10)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        executing = await client.run(_executing, workers=addresses, on_error="return")
+        executing = await asyncio.wait_for(client.run(_executing, workers=addresses, on_error="return"), 10)
         if not any(count for count in executing.values() if isinstance(count, int)):
             break
         await asyncio.sleep(0.2)
-    await client.retire_workers(workers=addresses, close_workers=False)
+    await asyncio.wait_for(client.retire_workers(workers=addresses, close_workers=False), 30)
 
 
 async def _close_device_slots(dask_worker: Any = None) -> None:

@@ -61,6 +61,7 @@ class EmbeddedNetwork:
         self.note: str
         self.credits_service: Any = None
         self.client_token: str | None = None
+        self.provider_token: str | None = None
         self.cluster: Any = None
         try:
             scheduler_kwargs = self._start_credits(host, credits_port) if credits else {}
@@ -121,7 +122,8 @@ class EmbeddedNetwork:
                                                    operator_token_file=place / "operator-token",
                                                    log_path=place / "credits.log")
         operator = self.credits_service.client()
-        operator.create_account(self.LOCAL_PROVIDER, "provider")
+        #: the token of the account the local workers are paid to (for gpunet.ProviderDashboard)
+        self.provider_token = operator.create_account(self.LOCAL_PROVIDER, "provider")["token"]
         self.client_token = operator.create_account("local-notebook", "client")["token"]
         operator.mint("local-notebook", self.LOCAL_CREDITS, key="mint-local-notebook")
         operator.close()

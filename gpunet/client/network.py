@@ -20,7 +20,6 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -36,6 +35,7 @@ from gpunet.errors import ConnectError, GpunetError, OptionError, PlacementError
 from gpunet.kernels import weighted_chunks
 from gpunet.metering.meter import DEFAULT_RATE, Meter, default_timeout
 from gpunet.provenance import Recorder, finish_record, in_notebook
+from gpunet.ui.status import NetworkStatus, WorkerInfo
 from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import DEVICE_RESOURCE
 from gpunet.worker.device import device_info, measure_capability
@@ -58,22 +58,6 @@ _current: Network | None = None
 _current_lock = threading.RLock()
 #: every network not yet closed, closed quietly when the interpreter exits
 _open_networks: weakref.WeakSet[Network] = weakref.WeakSet()
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """One worker as ``%gpunet status`` shows it."""
-
-    address: str
-    name: str
-    device: dict[str, Any]
-    resources: dict[str, float]
-    slots: int
-    busy: int
-
-    @property
-    def free_slots(self) -> int:
-        return max(self.slots - self.busy, 0)
 
 
 class Network:
@@ -134,6 +118,11 @@ class Network:
     def trusts_providers(self) -> bool:
         """Whether results come back pickled (any object), not as data only."""
         return self.result_format == wire.PICKLE
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the scheduler, its dashboard link, the workers with their devices and
+        providers, and this session's credits (``%gpunet status``), as Dask's ``Client`` shows itself."""
+        return NetworkStatus.of(self)._repr_html_()
 
     def __enter__(self) -> Network:
         return self

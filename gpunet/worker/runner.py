@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 
