@@ -214,7 +214,6 @@ def seeds_in(source: str) -> list[dict[str, Any]]:
 def function_source(fn: Any) -> tuple[str, dict[str, Any]]:
     """A function's source and the values it reads besides its arguments (closure
     variables and globals, modules left out): what its code digest and inputs cover."""
-    import inspect
 
     try:
         source = inspect.getsource(fn)
