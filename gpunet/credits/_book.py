@@ -477,7 +477,7 @@ class Unit:
 
     def _open_hold(self, actor: str | None, hid: str, verb: str) -> tuple[Hold, Session]:
         hold = self._hold(hid)
-        self._meters(actor, hold, verb)
+        self._meters(actor, hold, "pay or close")
         if hold.state != "held":
             raise ConflictError(
                 f"hold {hid} was already {hold.state} (entry {hold.closed_entry}); it cannot be {verb} again",
