@@ -80,6 +80,7 @@ E2E_FIXTURES = {
     "market",         # test_providers.py: credit service + `gpunet scheduler/provide` processes
     "liar_market",    # test_verification.py: gpunet.testing.local_market
     "honest_market",  # test_verification.py: gpunet.testing.local_market
+    "departing_market", "liar_market_to_quarantine",  # test_departures.py: gpunet.testing.local_market
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
     "ledger",         # credits/test_credits_tamper.py: serve_in_background
 }

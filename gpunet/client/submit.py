@@ -21,9 +21,24 @@ import dask
 from distributed.scheduler import KilledWorker
 
 from gpunet import wire
-from gpunet.client.handle import SCATTER_THRESHOLD_BYTES, JobHandle, new_job_id, pickled, stop_job_everywhere
+from gpunet.client.handle import (
+    SCATTER_THRESHOLD_BYTES,
+    JobHandle,
+    gather_within,
+    new_job_id,
+    pickled,
+    scatter_surviving,
+    stop_job_everywhere,
+)
 from gpunet.client.verified import VerifiedJob
-from gpunet.errors import BudgetError, GpunetError, RemoteCellError, VerificationError, WorkerLostError
+from gpunet.errors import (
+    BudgetError,
+    CellTimeoutError,
+    GpunetError,
+    RemoteCellError,
+    VerificationError,
+    WorkerLostError,
+)
 from gpunet.verify.quorum import Policy, tolerance_for
 from gpunet.wire import Job, JobResult, result_from_event
 from gpunet.worker.runner import run_job
@@ -115,10 +130,11 @@ class RemoteJob(JobHandle):
     @classmethod
     def submit(cls, network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
                workers: list[str] | list[list[str]] | None = None,
-               annotations: dict[str, Any] | None = None) -> RemoteJob:
+               annotations: dict[str, Any] | None = None, timeout: float | None = None) -> RemoteJob:
         """Send ``job`` to ``network`` with the given placement (``workers``: one
         list for all items, or one per item); ``annotations`` (the job's hold)
-        travel with its tasks as the ``gpunet`` annotation."""
+        travel with its tasks as the ``gpunet`` annotation; sending its data waits
+        at most ``timeout`` seconds."""
         with dask.annotate(**{wire.ANNOTATION: annotations}) if annotations else contextlib.nullcontext():
             client = network.client
             blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
@@ -128,7 +144,7 @@ class RemoteJob(JobHandle):
                            allow_other_workers=False)
             inputs = None
             if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
-                inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
+                inputs, job.inputs = scatter_surviving(client, job.inputs, timeout=timeout), {}
             remote = cls(network, job, items=None if blobs is None else len(blobs), resources=resources,
                          allowed_workers=None if per_item else workers)
             network.register_job(remote)
@@ -138,7 +154,7 @@ class RemoteJob(JobHandle):
                 keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
                 # The job (code, function, inputs) goes to the workers once, as data the
                 # tasks depend on; each task then carries only its item.
-                shared = client.scatter(job, hash=False, broadcast=len(blobs) > 1)
+                shared = scatter_surviving(client, job, timeout=timeout)
                 if per_item:  # one submit per item, each pinned to its own workers
                     futures = [client.submit(run_job, shared, blob, index, inputs, key=key,
                                              **{**options, "workers": where})
@@ -231,10 +247,21 @@ class RemoteJob(JobHandle):
             if future.status == "cancelled":
                 self._close_unknown_tasks()
                 raise WorkerLostError(
-                    "the network lost this job (its scheduler restarted or this client was disconnected); "
-                    "run it again"
+                    "the network lost this job (a worker holding its data left, its scheduler restarted, or "
+                    "this client was disconnected); run it again"
                 )
-        for result in self.network.client.gather(missing):
+        try:
+            fetched = gather_within(self.network.client, missing, self.time_left()) if missing else []
+        except TimeoutError:
+            self.stop("timeout")
+            raise CellTimeoutError(
+                f"{len(missing)} result(s) could not be fetched within the job's timeout of {self.timeout:g} s: "
+                "the workers holding them left, and the runs that replace them did not finish in time. "
+                "Run it again, or give it more time (--timeout).") from None
+        except Exception as exc:  # noqa: BLE001 - Dask's own errors, from a worker that left
+            raise WorkerLostError(f"the results could not be fetched: a worker holding them left "
+                                  f"({type(exc).__name__}: {exc}); run it again") from None
+        for result in fetched:
             have[result.index] = result
         return [have[self.index_of[future.key]] for future in self.futures]
 
@@ -303,14 +330,15 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         if max_credits is not None:
             raise GpunetError("--max-credits needs a metered network: connect with --credits URL --token TOKEN, "
                               "or without an address for a local one")
-        return RemoteJob.submit(network, job, resources=resources, items=items, workers=workers)
+        return RemoteJob.submit(network, job, resources=resources, items=items, workers=workers, timeout=timeout)
     count = 1 if items is None else len(items)
     plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
     hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount)
     try:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
-                                  annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else count))
+                                  annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else count),
+                                  timeout=timeout)
     except BaseException:
         network.release_unsent([hold])
         raise
