@@ -4,6 +4,7 @@ foreground; ``gpunet provide`` attaches this host's devices to one (and drains t
 from __future__ import annotations
 
 import argparse
+import logging
 import asyncio
 import os
 import signal
@@ -22,6 +23,8 @@ from gpunet.credits import CreditClient
 from gpunet.errors import GpunetError
 from gpunet.wire import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE, SCHEDULER_PRELOAD, WORKER_PRELOAD
 from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus
+
+logger = logging.getLogger(__name__)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -156,10 +159,37 @@ def _provide(args: Any) -> int:
     # The worker processes inherit these and register with the scheduler as this provider's.
     os.environ[PROVIDER_TOKEN_ENV] = token
     os.environ[PROVIDER_RATE_ENV] = str(args.rate)
-    return asyncio.run(_run_provider(args, account))
+
+    def own_record() -> dict[str, Any]:
+        with CreditClient(url, token) as me:
+            return me.provider_record(account)
+
+    return asyncio.run(_run_provider(args, account, own_record))
 
 
-async def _run_provider(args: Any, account: str) -> int:
+#: `gpunet provide`'s exit status when the provider's workers left because it is quarantined.
+EXIT_QUARANTINED = 3
+
+
+def quarantine_notice(record: dict[str, Any], credits_url: str | None = None) -> str:
+    """What a quarantined provider is told: why (its mismatches, its reputation and the
+    floor it fell below, as the credit service recorded them) and how to appeal."""
+    where = f" --credits {credits_url}" if credits_url else ""
+    reason = record.get("quarantine_reason") or (f"reputation {record.get('reputation', 0):.3f} fell below the "
+                                                 "credit service's --reputation-floor")
+    return (f"gpunet provide: provider {record['provider']} is QUARANTINED, so the scheduler retired its workers "
+            f"and gives it no more work.\n"
+            f"  why: {record.get('mismatches', 0)} of its verified results disagreed with other providers' "
+            f"(mismatches), against {record.get('valid', 0)} that agreed: {reason}.\n"
+            f"  appeal: ask the network's operator to check your device and run "
+            f"`gpunet credits clear-quarantine {record['provider']}{where}`, which forgives the mismatches; "
+            "then start `gpunet provide` again.")
+
+
+async def _run_provider(args: Any, account: str, own_record: Any = None) -> int:
+    """Run the provider's workers until Ctrl-C (drain, exit 0), the scheduler's end (an
+    error), or a quarantine (:data:`EXIT_QUARANTINED`, saying why and how to appeal).
+    ``own_record`` reads this provider's trust record from the credit service."""
     name = args.name or account
     host = args.host or get_ip(args.scheduler.split("://")[-1].rsplit(":", 1)[0])
     gpus = local_gpus()
@@ -195,6 +225,11 @@ async def _run_provider(args: Any, account: str) -> int:
     finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
     await asyncio.wait([finished, asyncio.ensure_future(stopped.wait())], return_when=asyncio.FIRST_COMPLETED)
     if not stopped.is_set():
+        record = await _record_if_reachable(own_record)
+        if record is not None and record.get("quarantined"):
+            print(quarantine_notice(record, getattr(args, "credits", None) or os.environ.get("GPUNET_CREDITS")),
+                  file=sys.stderr, flush=True)
+            return EXIT_QUARANTINED
         raise GpunetError("the workers stopped by themselves (is the scheduler gone?)")
     print("gpunet provide: draining ...", flush=True)
     live = [n.worker_address for n in nannies if n.worker_address]  # a Nanny may have restarted its worker
@@ -203,6 +238,17 @@ async def _run_provider(args: Any, account: str) -> int:
     await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
     print("gpunet provide: stopped", flush=True)
     return 0
+
+
+async def _record_if_reachable(own_record: Any) -> dict[str, Any] | None:
+    """The provider's trust record, or None where it cannot be read (no credit service)."""
+    if own_record is None:
+        return None
+    try:
+        return await asyncio.to_thread(own_record)
+    except Exception as exc:  # noqa: BLE001 - only used to explain why the workers left
+        logger.warning("gpunet provide: could not read this provider's trust record: %s", exc)
+        return None
 
 
 async def _drain(client: Any, addresses: list[str], timeout: float = 600) -> None:
