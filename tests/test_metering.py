@@ -61,13 +61,31 @@ def test_a_map_bigger_than_the_budget_is_refused_before_it_is_sent(own, tmp_path
 
     sent = spy_on_sending(monkeypatch, own)
     with pytest.raises(gpunet.BudgetError) as caught:
-        own.map(touch, range(300))  # 300 items x 10 credits each > 2,000
+        own.map(touch, range(2_500))  # 2,500 items cost at least a credit each > 2,000
     message = str(caught.value)
     assert "2000" in message and "left" in message and "nothing was sent" in message
     # Refused before any task existed: nothing reached Dask, so nothing can run later.
     assert sent == []
     assert not marker.exists()
     assert _settled(own)["held"] == 0
+
+
+def test_a_map_whose_worst_case_exceeds_the_budget_runs_in_slices_as_credits_come_back(own):
+    """300 items hold 10 credits each at worst (3,000 > the 2,000 budget) and cost
+    about 1 each: the map goes in slices, each held when credits come back, pausing
+    (and saying so) while none fits; every item is paid once and nothing stays held."""
+    before = _settled(own)
+
+    def slow_square(i):  # travels by value; long enough that the first slices are still running
+        import time
+
+        time.sleep(0.02)
+        return i * i
+
+    assert own.map(slow_square, range(300), timeout=300) == [i * i for i in range(300)]
+    after = _settled(own)
+    assert after["spent"] - before["spent"] == 300 and after["held"] == 0
+    assert after["spent"] <= after["budget"]
 
 
 def test_max_credits_stops_the_cell_and_charges_the_limit(own):
@@ -156,8 +174,11 @@ def test_reports_queue_retry_and_land_after_an_outage_longer_than_every_client_t
         assert own.metering_state()["queued"] > 0, "nothing can have landed while the service was stopped"
     finally:
         os.kill(service.pid, signal.SIGCONT)
+    # The refused map's hold request waited in the stopped service's socket, and was
+    # placed once it ran again: the next job gives it back.
+    assert own.map(abs, range(-1, 1)) == [1, 0]
     after = _settled(own, timeout=120)
-    assert after["spent"] - before["spent"] == 200, "every item paid exactly once, none lost, none twice"
+    assert after["spent"] - before["spent"] == 202, "every item paid exactly once, none lost, none twice"
     assert after["held"] == 0
     verify_service(service.url, service.operator_token)
 

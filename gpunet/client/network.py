@@ -326,6 +326,11 @@ class Network:
         if self._closed:
             return
         self._closed = True
+        if self.meter is not None and self.meter.doubtful:  # holds an outage left in doubt go back
+            try:
+                self.meter.resolve_doubtful(self.release_unsent)
+            except Exception as exc:  # noqa: BLE001 - closing goes on; release-stale finds them later
+                logger.warning("gpunet: could not give back holds left in doubt by an outage: %s", exc)
         try:
             self.client.close(timeout=5)
         finally:
