@@ -22,6 +22,7 @@ from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_ar
 
 from gpunet.client.network import connect, current
 from gpunet.errors import GpunetError, OptionError
+from gpunet.ui.receipt import SessionReceipt
 from gpunet.ui.status import NetworkStatus
 from gpunet.ui.usage import SessionUsage
 from gpunet.verify.quorum import Policy
@@ -34,6 +35,7 @@ LINE_USAGE = """\
                                              join SCHEDULER (or GPUNET_SCHEDULER), else start a local network
 %gpunet status                               workers, their devices and free slots
 %gpunet usage                                this session's credits: spent, held, left, tasks by worker
+%gpunet receipt                              keep this session's checked receipt in the notebook
 %gpunet disconnect                           close the connection (and the local network it started)"""
 
 
@@ -83,6 +85,7 @@ class GpunetMagics(Magics):
             %gpunet connect [SCHEDULER] [--credits URL] [--token TOKEN] [--budget CREDITS] [--workers N]
             %gpunet status
             %gpunet usage
+            %gpunet receipt
             %gpunet disconnect
         """
         if cell is None:
@@ -120,12 +123,14 @@ class GpunetMagics(Magics):
             else:
                 print("gpunet: this network does not meter work: no credits are held or paid")
             return None
-        if command in ("status", "usage", "disconnect") and rest.strip():
+        if command in ("status", "usage", "receipt", "disconnect") and rest.strip():
             raise UsageError(f"%gpunet {command} takes no arguments, got {rest.strip()!r}")
         if command == "status":
             return NetworkStatus.of(current())
         if command == "usage":
             return SessionUsage(current())
+        if command == "receipt":
+            return SessionReceipt(current())
         if command == "disconnect":
             try:
                 net = current()

@@ -24,9 +24,13 @@ scheduler opens), and nothing an unconfirmed message says touches that worker. T
 ``provider`` account; a rate above ``max_rate`` and an address already registered
 to another account are refused; the token itself is not kept.
 
-Known limit: Dask lets every client run code on the scheduler
-(``Client.run_on_scheduler``), so a scheduler that holds the operator token must
-only admit trusted notebooks (docs/architecture.md, "Three kinds of network").
+On an open network (the scheduler's own certificate binds the scheduler role,
+:mod:`gpunet.certs`) the plugin also guards the wire (:class:`gpunet.roles.SchedulerDoor`:
+only the gateway acts as a client, a provider only as its own workers), takes a
+worker's provider account from its certificate instead of a token, and refuses every
+task that carries no hold before it can run. A private network admits trusted
+notebooks only: any Dask client can run code on its scheduler
+(docs/architecture.md, "Three kinds of network").
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ import click
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from gpunet import wire
+from gpunet.certs import SCHEDULER, identity_of_file
 from gpunet.credits import CreditClient, CreditsError
 from gpunet.metering.reporter import Reporter
 from gpunet.metering.settlement import GiveUpLater, Owned, Request, Retire, Settlement
+from gpunet.roles import SchedulerDoor, holds_topics
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Scheduler
@@ -53,6 +59,9 @@ logger = logging.getLogger(__name__)
 #: How long a worker named in a registration has to confirm it, and how often it is asked.
 CONFIRM_TIMEOUT_S = 10.0
 CONFIRM_ATTEMPTS = 3
+#: A resource no worker has: what a task without a hold asks for on an open network,
+#: so that it waits, never runs, until it is cancelled.
+REFUSED_RESOURCE = "gpunet-refused-no-hold"
 
 
 class GpunetMeteringPlugin(SchedulerPlugin):
@@ -61,15 +70,21 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     :class:`~gpunet.metering.settlement.Settlement`, whose movements a
     :class:`~gpunet.metering.reporter.Reporter` sends. ``default_provider`` /
     ``default_rate`` apply to workers that did not say who they are (plain ``dask
-    worker`` processes). Loaded by :func:`dask_setup` (``--preload``)."""
+    worker`` processes). ``open_network`` guards the wire by certificate roles.
+    Loaded by :func:`dask_setup` (``--preload``)."""
 
     name = wire.METERING_PLUGIN
     idempotent = True
 
-    def __init__(self, credits_url: str, operator_token: str, *, default_provider: str | None = None,
-                 default_rate: float = 1.0, max_rate: float = 100.0) -> None:
+    def __init__(self, credits_url: str, token: str, *, default_provider: str | None = None,
+                 default_rate: float = 1.0, max_rate: float = 100.0, open_network: bool = False) -> None:
+        self.open_network = open_network
+        self.door: SchedulerDoor | None = None
+        #: tasks refused on an open network because they carried no hold
+        self.refused_tasks = 0
         self.credits_url = credits_url
-        self.operator_token = operator_token
+        #: a meter account's token (the operator's on a private network): it may only pay and release holds
+        self.token = token
         self.max_rate = max_rate
         self.settlement = Settlement(default_provider, default_rate)
         self.scheduler: Scheduler | None = None
@@ -87,7 +102,10 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         """Serve the named handlers and start the reporter."""
         self.scheduler = scheduler
-        self._client = CreditClient(self.credits_url, self.operator_token)
+        if self.open_network:
+            self.door = SchedulerDoor(scheduler, self._topics_on)
+            self.door.install()
+        self._client = CreditClient(self.credits_url, self.token)
         scheduler.stream_handlers[wire.REGISTER_PROVIDER] = self._on_register_message
         scheduler.handlers.update({
             wire.METERING_STATE: self.state,
@@ -95,6 +113,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             wire.CLOSE_UNKNOWN: self.close_unknown,
             wire.CHARGE_USED: self.charge_used,
             wire.VERDICT: self.verdict,
+            wire.EXECUTING: self.executing,
         })
         self.reporter = Reporter(self.settlement, self._client.batch, self._after)
         self.reporter.start()
@@ -125,7 +144,30 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         ts = self.scheduler.tasks.get(key)
         return (ts.annotations or {}).get(wire.ANNOTATION) if ts is not None else None
 
+    def _topics_on(self, worker: str) -> set[str]:
+        """The notebook topics of the tasks processing on ``worker`` (from their holds)."""
+        state = self.scheduler.workers.get(worker)
+        return holds_topics(self._annotation(ts.key) for ts in state.processing) if state is not None else set()
+
     # -- Dask hooks ----------------------------------------------------------------------
+    def update_graph(self, scheduler: Scheduler, *, client: str, tasks: list[Any], **kwargs: Any) -> None:
+        """On an open network, refuse the tasks that carry no hold before any can run:
+        they ask for a resource no worker has, and are cancelled for their client."""
+        if not self.open_network:
+            return
+        refused = [key for key in tasks if key in scheduler.tasks and scheduler.tasks[key].run_spec is not None
+                   and not wire.is_hold_annotation(self._annotation(key))]
+        if not refused:
+            return
+        for key in refused:
+            scheduler.tasks[key].resource_restrictions = {REFUSED_RESOURCE: 1}
+        self.refused_tasks += len(refused)
+        logger.warning("gpunet metering: refused %d task(s) of client %s that carry no hold", len(refused), client)
+        asyncio.get_running_loop().call_soon(
+            lambda: scheduler.stimulus_cancel(refused, client, force=True, reason="gpunet-no-hold",
+                                              msg="this open network runs only tasks that carry a hold "
+                                                  "(submit through the gateway)"))
+
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """Queue a settlement for a successful attempt, a release for a failed task."""
         if self.scheduler is None:
@@ -138,6 +180,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         """Forget a worker that left: its address may be reused by someone else."""
         self.settlement.worker_left(worker)
+        if self.door is not None:
+            self.door.worker_left(worker)
 
     # -- named handlers (gpunet.wire) ----------------------------------------------------
     def verdict(self, client: str | None = None, job: str = "", copies: dict[str, bool] | None = None,
@@ -158,6 +202,12 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self._after()
         return charged
 
+    def executing(self, workers: list[str]) -> dict[str, int]:
+        """Handler: how many tasks each of ``workers`` is processing (a provider
+        draining its workers on an open network, where it is no Dask client)."""
+        return {address: len(self.scheduler.workers[address].processing) if address in self.scheduler.workers else 0
+                for address in workers}
+
     def release_holds(self, holds: list[str]) -> None:
         """Handler: release holds whose tasks were never sent (the notebook's submit failed)."""
         self._after(self.settlement.release_holds(holds))
@@ -175,14 +225,21 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 "default_provider": s.default_provider, "awaiting_verdict": len(s.awaiting),
                 "maps_open": len(s.shared), "verdicts": s.verdicts, "quarantined": sorted(s.quarantined),
                 "refused_registrations": self.refused_registrations,
+                "network": "open" if self.open_network else "private", "refused_tasks": self.refused_tasks,
+                "refused_requests": self.door.refused if self.door is not None else 0,
                 "providers": self.providers}
 
     # -- providers -----------------------------------------------------------------------
     def _on_register_message(self, worker: str = "", token: str = "", rate: float = 1.0, **kwargs: Any) -> None:
         """Stream handler. Dask passes the sending worker's address as ``worker``, but a
         message's own keys win over it, so anyone may claim any worker here:
-        :meth:`register_provider` has the named worker confirm it first."""
-        asyncio.ensure_future(self.register_provider(worker, token, rate))
+        :meth:`register_provider` has the named worker confirm it first. On an open
+        network the worker's stream can no longer name another worker, and its
+        provider is the one its certificate binds (:meth:`register_certified`)."""
+        if self.door is not None:
+            asyncio.ensure_future(self.register_certified(worker, rate))
+        else:
+            asyncio.ensure_future(self.register_provider(worker, token, rate))
 
     async def register_provider(self, address: str, token: str, rate: float) -> dict[str, Any]:
         """Check a worker's provider token and rate, and pay that provider for the
@@ -190,37 +247,53 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         def check() -> str:
             with CreditClient(self.credits_url, token) as as_provider:
                 account = as_provider.ping()["account"]
-            roles = {a["account"]: a.get("role") for a in self._client.accounts()}
-            if roles.get(account) != "provider":
-                raise CreditsError(f"account {account!r} is a {roles.get(account)!r} account, not a provider")
+                role = as_provider.account(account).get("role")
+            if role != "provider":
+                raise CreditsError(f"account {account!r} is a {role!r} account, not a provider")
             return account
-
-        def refuse(error: str, give_up: bool = True) -> dict[str, Any]:
-            if give_up:  # what the worker was owed is released: nobody is paid for it
-                self._give_up_on(address)
-            logger.error("gpunet metering: worker %s refused: %s", address, error)
-            return {"error": error}
 
         # Nothing an unconfirmed message says may touch the named worker's state: anyone
         # can name any worker, so it is asked first.
         if not await self._confirmed(address, token):
             self.refused_registrations += 1
-            return refuse(f"{address} did not confirm that it sent this registration (someone else named it?)",
-                          give_up=False)
-        if not (isinstance(rate, (int, float)) and 0 < rate <= self.max_rate):
-            return refuse(f"a provider's rate must be in (0, {self.max_rate:g}] credits per second, got {rate!r}")
+            return self._refuse(address, f"{address} did not confirm that it sent this registration "
+                                         "(someone else named it?)", give_up=False)
         try:
             account = await asyncio.to_thread(check)
         except CreditsError as exc:
-            return refuse(f"the credit service at {self.credits_url} did not accept this provider's token: {exc}")
+            return self._refuse(address, f"the credit service at {self.credits_url} did not accept this provider's "
+                                         f"token: {exc}")
+        return await self._admit(address, account, rate)
+
+    async def register_certified(self, address: str, rate: float) -> dict[str, Any]:
+        """Pay the provider whose certificate registered worker ``address`` (open
+        network) for its tasks from now on, at ``rate``. Returns ``{"provider":
+        account}`` or ``{"error": ...}``."""
+        account = self.door.owners.get(address)
+        if account is None:
+            self.refused_registrations += 1
+            return self._refuse(address, f"{address} was not registered with a provider certificate", give_up=False)
+        return await self._admit(address, account, rate)
+
+    def _refuse(self, address: str, error: str, give_up: bool = True) -> dict[str, Any]:
+        if give_up:  # what the worker was owed is released: nobody is paid for it
+            self._give_up_on(address)
+        logger.error("gpunet metering: worker %s refused: %s", address, error)
+        return {"error": error}
+
+    async def _admit(self, address: str, account: str, rate: float) -> dict[str, Any]:
+        """The checks every provider's worker passes, whoever said who it is."""
+        if not (isinstance(rate, (int, float)) and 0 < rate <= self.max_rate):
+            return self._refuse(address, f"a provider's rate must be in (0, {self.max_rate:g}] credits per second, "
+                                         f"got {rate!r}")
         known = self.settlement.providers.get(address)
         if known is not None and known.provider != account:
-            return refuse(f"{address} already belongs to provider {known.provider}; {account} may not take it",
-                          give_up=False)
+            return self._refuse(address, f"{address} already belongs to provider {known.provider}; "
+                                         f"{account} may not take it", give_up=False)
         if await asyncio.to_thread(self._is_quarantined, account):
             await self._retire([address])
-            return refuse(f"provider {account} is quarantined until an operator clears it "
-                          "(gpunet credits clear-quarantine)")
+            return self._refuse(address, f"provider {account} is quarantined until an operator clears it "
+                                         "(gpunet credits clear-quarantine)")
         self._after(self.settlement.provider_registered(address, account, rate, self.scheduler.tasks))
         logger.info("gpunet metering: worker %s belongs to provider %s at %s credits/s", address, account, rate)
         return {"provider": account}
@@ -269,13 +342,28 @@ def _compute_seconds(kwargs: dict[str, Any]) -> float:
 
 @click.command()
 @click.option("--credits", "credits_url", required=True, help="the credit service's URL")
-@click.option("--operator-token-file", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="the operator token written by `gpunet credits serve`")
+@click.option("--token-file", "--operator-token-file", "token_file", required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="the token the plugin reports with: a meter account's (or, on a private network, the operator's)")
 @click.option("--default-provider", default=None, help="who is paid for workers that name no provider")
-def dask_setup(scheduler: Scheduler, credits_url: str, operator_token_file: str, default_provider: str | None) -> None:
+def dask_setup(scheduler: Scheduler, credits_url: str, token_file: str, default_provider: str | None) -> None:
     """Entry point for ``--preload gpunet.extensions.scheduler_plugin`` with
     ``--preload-argv`` / ``preload_argv``: meter this scheduler's work against the
-    credit service (``gpunet scheduler --credits`` and the embedded network do this)."""
-    with open(operator_token_file) as file:
+    credit service (``gpunet scheduler --credits`` and the embedded network do this).
+    A scheduler whose own certificate binds the scheduler role runs an open network."""
+    with open(token_file) as file:
         token = file.read().strip()
-    scheduler.add_plugin(GpunetMeteringPlugin(credits_url, token, default_provider=default_provider))
+    scheduler.add_plugin(GpunetMeteringPlugin(credits_url, token, default_provider=default_provider,
+                                              open_network=is_open_network(scheduler)))
+
+
+def is_open_network(scheduler: Scheduler) -> bool:
+    """Whether ``scheduler`` runs an open network: its certificate binds gpunet's
+    scheduler role. Such a scheduler must require encryption, or it is refused."""
+    cert = scheduler.security.tls_scheduler_cert
+    identity = identity_of_file(cert) if cert else None
+    if identity is None or identity.role != SCHEDULER:
+        return False
+    if not scheduler.security.require_encryption:
+        raise ValueError("an open network's scheduler must require TLS (Security(require_encryption=True))")
+    return True

@@ -6,6 +6,11 @@ real APIs (NVML, JAX; :mod:`gpunet.worker.device`) off the event loop, keeps it 
 ``worker.gpunet_device``, routes job threads' stdout/stderr
 (:mod:`gpunet.worker.runner`), and, given a provider token, registers the worker
 with the scheduler's metering as that provider's.
+
+On an open network (the worker's certificate binds the provider role,
+:mod:`gpunet.certs`) the worker answers only the scheduler and the gateway
+(:class:`gpunet.roles.WorkerDoor`), and registers with no token: the scheduler takes
+its provider account from its certificate.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from gpunet.certs import PROVIDER, own_identity
+from gpunet.roles import WorkerDoor
 from gpunet.wire import CONFIRM_PROVIDER, REGISTER_PROVIDER, token_digest
 from gpunet.worker.device import (
     PROVIDER_RATE_ENV,
@@ -44,9 +51,11 @@ class GpunetWorkerPlugin(WorkerPlugin):
     name = "gpunet-device"
     idempotent = True
 
-    def __init__(self, provider_token: str | None = None, rate: float = 1.0) -> None:
+    def __init__(self, provider_token: str | None = None, rate: float = 1.0, *, certified: bool = False) -> None:
         self.provider_token = provider_token
         self.rate = rate
+        #: on an open network: the scheduler knows the provider from the certificate
+        self.certified = certified
 
     async def setup(self, worker: Worker) -> None:
         """Describe this worker's device and keep it as ``worker.gpunet_device``;
@@ -57,6 +66,7 @@ class GpunetWorkerPlugin(WorkerPlugin):
         logger.info("gpunet worker %s offers %s", worker.address, worker.gpunet_device["label"])
         if self.provider_token:
             worker.handlers[CONFIRM_PROVIDER] = self.confirm_provider
+        if self.provider_token or self.certified:
             # Setup may run before the worker is connected; register once it is.
             self._registering = asyncio.ensure_future(self._register_when_connected(worker))
 
@@ -74,8 +84,10 @@ class GpunetWorkerPlugin(WorkerPlugin):
         while loop.time() < deadline:
             stream = worker.batched_stream
             if stream is not None and stream.comm is not None and not stream.comm.closed():
-                worker.batched_send({"op": REGISTER_PROVIDER, "token": self.provider_token,
-                                     "rate": self.rate})
+                message = {"op": REGISTER_PROVIDER, "rate": self.rate}
+                if not self.certified:
+                    message["token"] = self.provider_token
+                worker.batched_send(message)
                 return
             await asyncio.sleep(0.05)
         logger.error("gpunet worker %s never connected to its scheduler; it was not registered", worker.address)
@@ -83,13 +95,19 @@ class GpunetWorkerPlugin(WorkerPlugin):
 
 async def dask_setup(worker: Worker) -> None:
     """Entry point for ``dask worker --preload gpunet.extensions.worker_plugin``; the
-    provider's token and rate come from GPUNET_PROVIDER_TOKEN / GPUNET_PROVIDER_RATE."""
+    provider's token and rate come from GPUNET_PROVIDER_TOKEN / GPUNET_PROVIDER_RATE,
+    or, on an open network, the provider from the worker's certificate."""
     token = os.environ.pop(PROVIDER_TOKEN_ENV, None) or None  # not left for the tasks to read
-    if token and threading.current_thread() is threading.main_thread():
+    own = own_identity(worker.security, "worker")
+    certified = own is not None and own.role == PROVIDER
+    if certified:
+        WorkerDoor(own).install(worker)
+        token = None  # the certificate says who is paid; a token is never used
+    if (token or certified) and threading.current_thread() is threading.main_thread():
         # Ctrl-C in `gpunet provide`'s terminal reaches its worker processes too; the
         # provide process drains them first, so they must not die of it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    plugin = GpunetWorkerPlugin(token, float(os.environ.get(PROVIDER_RATE_ENV, "1.0")))
+    plugin = GpunetWorkerPlugin(token, float(os.environ.get(PROVIDER_RATE_ENV, "1.0")), certified=certified)
     await worker.plugin_add(plugin, name=GpunetWorkerPlugin.name)
 
 

@@ -32,6 +32,7 @@ from gpunet.errors import (
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.network import Network, connect, current, map, split
+    from gpunet.ui.receipt import SessionReceipt
     from gpunet.ui.usage import SessionUsage
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "Network",
     "PlacementError",
     "RemoteCellError",
+    "SessionReceipt",
     "SessionUsage",
     "UnpicklableInputError",
     "VerificationError",
@@ -68,6 +70,7 @@ _LAZY = {
     "map": "gpunet.client.network",
     "split": "gpunet.client.network",
     "SessionUsage": "gpunet.ui.usage",
+    "SessionReceipt": "gpunet.ui.receipt",
 }
 
 

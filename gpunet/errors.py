@@ -28,7 +28,9 @@ what happened, the values involved, and what to do next::
         │   └── ConflictError          the request clashes with what exists (409)
         │       └── IdempotencyConflictError   a key reused with a different body (409)
         └── LedgerVerificationError    the ledger, a proof, a head or a receipt does not check out
-            └── ProofError             a Merkle inclusion or consistency proof fails
+            ├── ProofError             a Merkle inclusion or consistency proof fails
+            ├── LedgerForkError        two signed heads of one ledger disagree: its history was rewritten
+            └── LedgerKeyError         a service signs with another key than the one pinned for it
 
 Context travels as keyword-only attributes (``address`` of a ConnectError; ``status``,
 ``code``, ``url``, ``details`` of a credit service's answer; ``index`` and
@@ -244,3 +246,16 @@ class LedgerVerificationError(CreditsError):
 
 class ProofError(LedgerVerificationError):
     """A Merkle inclusion or consistency proof does not verify."""
+
+
+class LedgerForkError(LedgerVerificationError):
+    """Two heads signed by one ledger's key cannot both be true: at one size they name
+    different roots, a later one does not extend an earlier one (its consistency proof
+    fails), or the ledger is now shorter than a head seen before. Both heads are signed,
+    so together they prove that the operator rewrote the history or shows readers
+    different ones; ``evidence`` holds both."""
+
+
+class LedgerKeyError(LedgerVerificationError):
+    """A service's heads are signed by another key than the one pinned for it on first
+    contact (trust on first use); ``evidence`` names both keys."""

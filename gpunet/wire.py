@@ -36,6 +36,7 @@ RELEASE_HOLDS = "gpunet_release_holds"  # (holds): holds of a job that was never
 CLOSE_UNKNOWN = "gpunet_close_unknown"  # (hold, keys): tasks the scheduler never created
 CHARGE_USED = "gpunet_charge_used"  # (key) -> credits: stop a cell at its --max-credits
 VERDICT = "gpunet_verdict"  # (client, job, copies, method, digest, checked): a verified unit's verdict
+EXECUTING = "gpunet_executing"  # (workers) -> {worker: tasks processing there}: a provider drains its own
 #: The name of the metering plugin on the scheduler.
 METERING_PLUGIN = "gpunet-metering"
 #: The modules Dask preloads into a gpunet scheduler / worker (``--preload``): gpunet's
@@ -130,13 +131,23 @@ def result_from_event(data: dict[str, Any]) -> JobResult:
     return result
 
 
-def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str | None = None) -> dict[str, Any]:
+def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str | None = None,
+               topic: str | None = None) -> dict[str, Any]:
     """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its
     hold and what one task may be paid from it; for a map, how many ``tasks``
-    share the hold; for a copy of a verified job, that job's id (``verify``)."""
+    share the hold; for a copy of a verified job, that job's id (``verify``); the
+    notebook's event ``topic``, on which the task's worker may then post."""
     meta: dict[str, Any] = {"hold": hold, "amount": amount}
     if tasks is not None:
         meta["tasks"] = tasks
     if verify is not None:
         meta["verify"] = verify
+    if topic is not None:
+        meta["topic"] = topic
     return meta
+
+
+def is_hold_annotation(meta: Any) -> bool:
+    """Whether ``meta`` is a ``gpunet`` annotation that names a hold and a positive amount."""
+    return (isinstance(meta, dict) and isinstance(meta.get("hold"), str) and bool(meta["hold"])
+            and isinstance(meta.get("amount"), int) and not isinstance(meta["amount"], bool) and meta["amount"] > 0)

@@ -81,6 +81,7 @@ E2E_FIXTURES = {
     "liar_market",    # test_verification.py: gpunet.testing.local_market
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "departing_market", "liar_market_to_quarantine",  # test_departures.py: gpunet.testing.local_market
+    "open_market",    # test_open_network.py: certificates, credit service, `gpunet scheduler/provide` over TLS
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
     "ledger",         # credits/test_credits_tamper.py: serve_in_background
 }
@@ -90,6 +91,7 @@ E2E_FIXTURES = {
 E2E_TESTS = [
     "tests/test_cli.py",        # `gpunet up/provide/...` as subprocesses (gpunet_processes)
     "tests/test_notebooks.py",  # notebooks run through nbclient and an ipykernel
+    "tests/credits/test_credits_witness.py",  # credit services, `gpunet ledger` as subprocesses
     # serve_in_background / `python -m gpunet.credits serve` (a credit service process):
     "tests/credits/test_credits_api.py::test_idempotent_calls_retry_across_a_restart_and_move_once",
     "tests/credits/test_credits_cli.py::test_serve_prints_url_and_token_file_and_creates_secrets",

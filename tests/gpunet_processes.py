@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 GPUNET = [sys.executable, "-m", "gpunet.cli"]
 
@@ -45,3 +46,18 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 6
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         return process.communicate()[0]
+
+
+def credit_service_with_accounts(root: Any) -> tuple[Any, dict[str, str]]:
+    """A credit service process in ``root`` (nobody is ever quarantined) with provider
+    accounts alice and bob, client carol (1,000,000 credits) and a meter account (what a
+    scheduler reports with); returns (service, {name: token}). The caller stops it."""
+    from gpunet.credits import serve_in_background
+
+    svc = serve_in_background(root / "credits.sqlite3", operator_token_file=root / "operator-token",
+                              log_path=root / "service.log", extra_args=["--reputation-floor", "0"])
+    with svc.client() as operator:
+        tokens = {name: operator.create_account(name, role)["token"]
+                  for name, role in (("alice", "provider"), ("bob", "provider"), ("carol", "client"), ("meter", "meter"))}
+        operator.mint("carol", 1_000_000, key="mint-carol")
+    return svc, tokens

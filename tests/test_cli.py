@@ -27,7 +27,7 @@ def test_up_serves_a_network_and_stops_on_ctrl_c(detached):
 
 
 def test_scheduler_accepts_workers_with_the_gpunet_preload(tmp_path, detached):
-    process = start(["scheduler", "--port", "0", "--dashboard-port", "0"])
+    process = start(["scheduler", "--private", "--port", "0", "--dashboard-port", "0"])
     worker = None
     try:
         address = expect(process, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)

@@ -303,6 +303,7 @@ def test_status_lists_workers_and_dashboard(ip):
         status = ip.run_line_magic("gpunet", "status")
     text = str(status)
     assert len(status.workers) == 2
+    assert "network: embedded" in text
     assert all(w.device["kind"] == "cpu" for w in status.workers)
     assert "http://127.0.0.1:" in text
     assert "free slots" in text and "credits: spent" in text

@@ -26,13 +26,15 @@ def market(tmp_path):
     operator.mint("carol", 10_000, key="mint-carol")
     processes = []
     try:
-        scheduler = start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
+        scheduler = start(["scheduler", "--private", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
                             "--operator-token-file", str(tmp_path / "operator-token")])
         processes.append(scheduler)
         address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
         providers = {}
         for name in ("alice", "bob"):
-            provide = start(["provide", address, "--credits", service.url, "--token", tokens[name],
+            token_file = tmp_path / f"{name}-token"
+            token_file.write_text(tokens[name])
+            provide = start(["provide", address, "--credits", service.url, "--token-file", str(token_file),
                               "--host", "127.0.0.1"])
             processes.append(provide)
             expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
@@ -101,8 +103,10 @@ def test_killed_provider_is_not_paid_and_the_cell_completes_elsewhere(market, tm
     verify_service(market["service"].url, market["service"].operator_token)
 
 
-def test_a_bad_provider_token_is_refused_clearly(market):
-    provide = start(["provide", market["address"], "--credits", market["service"].url, "--token", "not-a-token"])
+def test_a_bad_provider_token_is_refused_clearly(market, tmp_path):
+    (tmp_path / "bad-token").write_text("not-a-token")
+    provide = start(["provide", market["address"], "--credits", market["service"].url, "--token-file",
+                     str(tmp_path / "bad-token")])
     out = provide.communicate(timeout=60)[0]
     assert provide.returncode == 1
     assert "token" in out.lower() and market["service"].url in out
@@ -290,14 +294,15 @@ def _probe_registrations(net):
     return lambda: net.client.run_on_scheduler(read)
 
 
-def test_a_quarantined_provider_is_told_why_and_how_to_appeal(market):
+def test_a_quarantined_provider_is_told_why_and_how_to_appeal(market, tmp_path):
     operator = market["operator"]
-    token = operator.create_account("mallory", "provider")["token"]
+    token_file = tmp_path / "mallory-token"
+    token_file.write_text(operator.create_account("mallory", "provider")["token"])
     for number in range(3):  # three mismatches and no valid result: reputation 0.4, below the 0.5 floor
         operator.record_verification("mallory", agreed=False, key=f"lie-{number}")
     assert operator.provider_record("mallory")["quarantined"]
-    provide = start(["provide", market["address"], "--credits", market["service"].url, "--token", token,
-                     "--host", "127.0.0.1"])
+    provide = start(["provide", market["address"], "--credits", market["service"].url, "--token-file",
+                     str(token_file), "--host", "127.0.0.1"])
     try:
         out = provide.communicate(timeout=120)[0]
     finally:

@@ -18,9 +18,9 @@ import pytest
 from distributed import Client, Scheduler, Worker
 
 from gpunet import wire
-from gpunet.credits import serve_in_background
 from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
 from gpunet.extensions.worker_plugin import GpunetWorkerPlugin
+from gpunet_processes import credit_service_with_accounts
 
 WAIT_S = 20.0  # every wait below is bounded by this
 
@@ -50,13 +50,7 @@ def in_process_cluster(test: Callable[..., Any]) -> Callable[..., None]:
 def service(tmp_path_factory):
     """One credit service for the module (nobody is ever quarantined): providers alice
     and bob, client carol; yields (service, {name: token})."""
-    root = tmp_path_factory.mktemp("credits")
-    svc = serve_in_background(root / "credits.sqlite3", operator_token_file=root / "operator-token",
-                              log_path=root / "service.log", extra_args=["--reputation-floor", "0"])
-    with svc.client() as operator:
-        tokens = {name: operator.create_account(name, role)["token"]
-                  for name, role in (("alice", "provider"), ("bob", "provider"), ("carol", "client"))}
-        operator.mint("carol", 1_000_000, key="mint-carol")
+    svc, tokens = credit_service_with_accounts(tmp_path_factory.mktemp("credits"))
     yield svc, tokens
     svc.stop()
 

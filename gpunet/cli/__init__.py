@@ -1,5 +1,5 @@
 """The ``gpunet`` command line, one parser: ``up``, ``scheduler``, ``provide``
-(:mod:`gpunet.cli.network`), ``credits`` and ``ledger`` (:mod:`gpunet.credits.cli`,
+(:mod:`gpunet.cli.network`), ``certs`` (:mod:`gpunet.cli.certs`), ``credits`` and ``ledger`` (:mod:`gpunet.credits.cli`,
 beside the credit service they drive).
 
 A verb module exposes ``add_commands(subparsers)``, which adds its sub-parsers with
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpunet.cli import network
+from gpunet.cli import certs, network
 from gpunet.clitools import run_command
 from gpunet.credits import cli as credits_cli
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     network.add_commands(subparsers)
+    certs.add_commands(subparsers)
     credits_cli.add_commands(subparsers)
     return parser
 

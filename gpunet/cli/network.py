@@ -14,14 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import dask
-from distributed import Client, Nanny, Scheduler
-from distributed.utils import get_ip
-
-from gpunet.client.local import EMBEDDED_DASK_CONFIG, EmbeddedNetwork
+from gpunet import certs
 from gpunet.credits import CreditClient
-from gpunet.errors import GpunetError
-from gpunet.wire import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE, SCHEDULER_PRELOAD, WORKER_PRELOAD
+from gpunet.errors import GpunetError, OptionError
+from gpunet.roles import WorkerDoor
+from gpunet.wire import (
+    DEVICE_RESOURCE,
+    EXECUTING,
+    GPU_MEMORY_RESOURCE,
+    GPU_RESOURCE,
+    SCHEDULER_PRELOAD,
+    WORKER_PRELOAD,
+)
 from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus
 
 logger = logging.getLogger(__name__)
@@ -43,15 +47,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     scheduler = subparsers.add_parser(
         "scheduler", help="run only a gpunet scheduler in the foreground",
-        description="Run a Dask scheduler configured for gpunet. Providers join it with `gpunet provide ADDRESS`.",
+        description="Run a Dask scheduler configured for gpunet. Providers join it with `gpunet provide ADDRESS`. "
+                    "An open network (strangers) speaks mutual TLS only, with certificates from `gpunet certs`: "
+                    "give --tls-ca-file, --tls-cert, --tls-key (and --credits: every task carries a hold). "
+                    "--private runs a lab network where everyone is trusted (plain Dask, no certificates).",
     )
-    scheduler.add_argument("--host", default="127.0.0.1")
+    scheduler.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     scheduler.add_argument("--port", type=int, default=8786)
-    scheduler.add_argument("--dashboard-port", type=int, default=8787)
+    scheduler.add_argument("--dashboard-port", type=int, default=8787,
+                           help="dashboard port; an open network's dashboard listens on 127.0.0.1 only")
+    scheduler.add_argument("--private", action="store_true",
+                           help="a private network: every Dask client is trusted (it can run code on the scheduler "
+                                "and the workers)")
+    _add_tls_arguments(scheduler, "scheduler")
     scheduler.add_argument("--credits", default=None, metavar="URL",
-                           help="meter work against this credit service (with --operator-token-file)")
+                           help="meter work against this credit service (with --meter-token-file)")
+    scheduler.add_argument("--meter-token-file", default=None, metavar="PATH",
+                           help="a file holding the token of a meter account (it may only pay and release holds)")
     scheduler.add_argument("--operator-token-file", default=None, metavar="PATH",
-                           help="the credit service's operator token (written by `gpunet credits serve`)")
+                           help="a private network only: the operator token (written by `gpunet credits serve`)")
     scheduler.set_defaults(func=_scheduler)
 
     provide = subparsers.add_parser(
@@ -61,9 +75,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "scheduler's metering, to the provider account whose token is given. Ctrl-C drains: running "
                     "tasks finish, no new ones start, then the workers leave.",
     )
-    provide.add_argument("scheduler", help="the scheduler's address, tcp://HOST:PORT")
-    provide.add_argument("--credits", default=None, metavar="URL", help="the credit service (or GPUNET_CREDITS)")
-    provide.add_argument("--token", default=None, help="this provider's credit token (or GPUNET_TOKEN)")
+    provide.add_argument("scheduler", help="the scheduler's address, tcp://HOST:PORT (tls://HOST:PORT on an open "
+                                           "network)")
+    provide.add_argument("--credits", default=None, metavar="URL",
+                         help="the credit service (or GPUNET_CREDITS); a private network's providers only")
+    provide.add_argument("--token-file", default=None, metavar="PATH",
+                         help="a file holding this provider's credit token (or GPUNET_TOKEN); a private network's "
+                              "providers only (an open one pays the account its certificate names)")
+    provide.add_argument("--token", default=None, help=argparse.SUPPRESS)  # kept for old scripts: use --token-file
+    _add_tls_arguments(provide, "provider")
     provide.add_argument("--gpus", default="all", help="'all' or how many GPUs to offer (default all)")
     provide.add_argument("--workers", type=int, default=1, help="CPU workers where there is no GPU (default 1)")
     provide.add_argument("--name", default=None, help="worker name prefix (default: the provider account)")
@@ -71,6 +91,31 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     provide.add_argument("--host", default=None, help="interface the workers listen on (default: the one that "
                                                        "reaches the scheduler)")
     provide.set_defaults(func=_provide)
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.add_argument("--tls-ca-file", default=None, metavar="PATH", help="an open network: the operator's CA "
+                                                                             "certificate (ca.pem)")
+    parser.add_argument("--tls-cert", default=None, metavar="PATH",
+                        help=f"an open network: this {role}'s certificate (`gpunet certs issue --role {role}`)")
+    parser.add_argument("--tls-key", default=None, metavar="PATH", help="an open network: its key")
+
+
+def _tls_security(args: Any, role: str) -> Any:
+    """The Dask ``Security`` of an open network's party from --tls-* (None without
+    them); the certificate must bind ``role``."""
+    given = [args.tls_ca_file, args.tls_cert, args.tls_key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise OptionError("an open network needs all of --tls-ca-file, --tls-cert and --tls-key "
+                          "(from `gpunet certs init` / `gpunet certs issue`)")
+    security = certs.security(args.tls_ca_file, args.tls_cert, args.tls_key)
+    identity = certs.identity_of_file(args.tls_cert)
+    if identity.role != role:
+        raise OptionError(f"{args.tls_cert} is a {identity.role}'s certificate; this needs a {role}'s "
+                          f"(`gpunet certs issue --role {role} --name ...`)")
+    return security
 
 
 def _wait_for_stop() -> None:
@@ -85,6 +130,8 @@ def _wait_for_stop() -> None:
 
 
 def _up(args: Any) -> int:
+    from gpunet.client.local import EmbeddedNetwork
+
     embedded = EmbeddedNetwork(n_workers=args.workers, host=args.host, port=args.port,
                                dashboard_port=args.dashboard_port, credits=not args.no_credits)
     try:
@@ -108,12 +155,32 @@ def _up(args: Any) -> int:
 
 
 def _scheduler(args: Any) -> int:
-    preload = _metering_preload(args)
+    import dask
+    from distributed import Scheduler
+
+    from gpunet.client.local import EMBEDDED_DASK_CONFIG
+
+    security = _tls_security(args, certs.SCHEDULER)
+    if security is None and not args.private:
+        raise OptionError("choose the kind of network: an open one for strangers (--tls-ca-file, --tls-cert, "
+                          "--tls-key from `gpunet certs`, and --credits), or --private for a lab where everyone "
+                          "is trusted")
+    if security is not None and args.private:
+        raise OptionError("--private runs plain Dask without certificates; drop it, or drop the --tls-* options")
+    preload = _metering_preload(args, open_network=security is not None)
+    if security is not None and not preload:
+        raise OptionError("an open network runs only tasks that carry a hold: give --credits URL and "
+                          "--meter-token-file PATH")
+    if security is not None:
+        preload["security"] = security
+        preload["protocol"] = "tls"
+    dashboard_host = args.host if security is None else "127.0.0.1"
 
     async def serve() -> None:
         with dask.config.set(EMBEDDED_DASK_CONFIG):
-            async with Scheduler(host=args.host, port=args.port, dashboard_address=f"{args.host}:{args.dashboard_port}",
-                                 **preload) as scheduler:
+            async with Scheduler(host=args.host, port=args.port,
+                                 dashboard_address=f"{dashboard_host}:{args.dashboard_port}", **preload) as scheduler:
+                print(f"network: {'open (mutual TLS)' if security is not None else 'private'}", flush=True)
                 if preload:
                     print(f"metering: {args.credits}", flush=True)
                 print(f"scheduler: {scheduler.address}", flush=True)
@@ -129,42 +196,62 @@ def _scheduler(args: Any) -> int:
     return 0
 
 
-def _metering_preload(args: Any) -> dict[str, Any]:
+def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
     """The scheduler arguments that load the metering plugin for `gpunet scheduler
-    --credits` (none without it), after checking the operator token with the service."""
-    if args.credits is None and args.operator_token_file is None:
+    --credits` (none without it), after checking its token with the service: a meter
+    account's, which may only pay and release holds; the operator's only on a private
+    network (an open one must not hold a token that can mint)."""
+    token_file = args.meter_token_file or args.operator_token_file
+    if args.credits is None and token_file is None:
         return {}
-    if args.credits is None or args.operator_token_file is None:
-        raise GpunetError("metering needs both --credits URL and --operator-token-file PATH")
-    try:
-        token = Path(args.operator_token_file).read_text().strip()
-    except OSError as exc:
-        raise GpunetError(f"cannot read the operator token file {args.operator_token_file}: {exc.strerror}") from None
-    with CreditClient(args.credits, token) as operator:
-        operator.accounts()  # raises a clear error for an unreachable service or a non-operator token
+    if args.meter_token_file and args.operator_token_file:
+        raise OptionError("give one of --meter-token-file and --operator-token-file")
+    if args.credits is None or token_file is None:
+        raise OptionError("metering needs both --credits URL and --meter-token-file PATH (or, on a private network, "
+                          "--operator-token-file PATH)")
+    token = _read_token_file(token_file)
+    if token is None:
+        raise OptionError(f"the token file {token_file} is empty")
+    with CreditClient(args.credits, token) as me:  # a clear error for an unreachable service or a bad token
+        account = me.ping()["account"]
+        role = me.account(account).get("role")
+    if open_network and role != "meter":
+        raise OptionError(f"an open network's scheduler reports with a meter account's token, which can only pay "
+                          f"and release holds; {token_file} is a {role} account's. Create one (as the operator: "
+                          "CreditClient(URL, OPERATOR_TOKEN).create_account('meter', 'meter')) and pass its token "
+                          "with --meter-token-file")
+    if role not in ("meter", "operator"):
+        raise OptionError(f"{token_file} is the token of {role} account {account!r}; metering needs a meter "
+                          "account's (or the operator's, on a private network)")
     return {"preload": [SCHEDULER_PRELOAD],
-            "preload_argv": [["--credits", args.credits, "--operator-token-file", str(args.operator_token_file)]]}
+            "preload_argv": [["--credits", args.credits, "--token-file", str(token_file)]]}
 
 
 def _provide(args: Any) -> int:
-    url = args.credits or os.environ.get("GPUNET_CREDITS")
-    token = args.token or os.environ.get("GPUNET_TOKEN")
-    if not url or not token:
-        raise GpunetError("a provider is paid through the credit service: give --credits URL and --token TOKEN "
-                          "(or GPUNET_CREDITS / GPUNET_TOKEN)")
+    security = _tls_security(args, certs.PROVIDER)
     if not args.rate > 0:
         raise GpunetError(f"--rate must be a positive number of credits per device-second, got {args.rate}")
+    os.environ[PROVIDER_RATE_ENV] = str(args.rate)
+    if security is not None:
+        if args.token or args.token_file or os.environ.get("GPUNET_TOKEN"):
+            raise OptionError("an open network pays the account the provider certificate names: drop --token-file "
+                              "(and GPUNET_TOKEN), which would only travel to the workers for nothing")
+        return asyncio.run(_run_provider(args, certs.identity_of_file(args.tls_cert).name, security))
+    url = args.credits or os.environ.get("GPUNET_CREDITS")
+    token = args.token or _read_token_file(args.token_file) or os.environ.get("GPUNET_TOKEN")
+    if not url or not token:
+        raise GpunetError("a provider is paid through the credit service: give --credits URL and --token-file PATH "
+                          "(or GPUNET_CREDITS / GPUNET_TOKEN)")
     with CreditClient(url, token) as me:
         account = me.ping()["account"]  # a bad token or an unreachable service stops here, clearly
-    # The worker processes inherit these and register with the scheduler as this provider's.
+    # The worker processes inherit it and register with the scheduler as this provider's.
     os.environ[PROVIDER_TOKEN_ENV] = token
-    os.environ[PROVIDER_RATE_ENV] = str(args.rate)
 
     def own_record() -> dict[str, Any]:
         with CreditClient(url, token) as me:
             return me.provider_record(account)
 
-    return asyncio.run(_run_provider(args, account, own_record))
+    return asyncio.run(_run_provider(args, account, own_record=own_record))
 
 
 #: `gpunet provide`'s exit status when the provider's workers left because it is quarantined.
@@ -186,11 +273,28 @@ def quarantine_notice(record: dict[str, Any], credits_url: str | None = None) ->
             "then start `gpunet provide` again.")
 
 
-async def _run_provider(args: Any, account: str, own_record: Any = None) -> int:
+
+
+def _read_token_file(path: str | None) -> str | None:
+    """The token in file ``path`` (None without one), with a clear error where it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError as exc:
+        raise OptionError(f"cannot read the token file {path}: {exc.strerror}") from None
+
+
+async def _run_provider(args: Any, account: str, security: Any = None, *, own_record: Any = None) -> int:
     """Run the provider's workers until Ctrl-C (drain, exit 0), the scheduler's end (an
     error), or a quarantine (:data:`EXIT_QUARANTINED`, saying why and how to appeal).
     ``own_record`` reads this provider's trust record from the credit service."""
+    from distributed import Client, Nanny
+    from distributed.utils import get_ip
+
     name = args.name or account
+    if security is not None and name != account and not name.startswith(f"{account}-"):
+        name = f"{account}-{name}"  # an open network's scheduler takes only names of the certificate's account
     host = args.host or get_ip(args.scheduler.split("://")[-1].rsplit(":", 1)[0])
     gpus = local_gpus()
     if args.gpus != "all":
@@ -204,15 +308,23 @@ async def _run_provider(args: Any, account: str, own_record: Any = None) -> int:
     if gpus and dask_cuda is not None:
         resources = {DEVICE_RESOURCE: 1, GPU_RESOURCE: 1, GPU_MEMORY_RESOURCE: min(g.memory_bytes for g in gpus)}
         visible = ",".join(str(g.index) for g in gpus)
-        worker = await dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name, resources=resources,
-                                            preload=preload, CUDA_VISIBLE_DEVICES=visible)
+        worker = dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name, resources=resources,
+                                      preload=preload, CUDA_VISIBLE_DEVICES=visible, security=security,
+                                      protocol="tls" if security is not None else None,
+                                      dashboard=security is None)  # an open network's workers serve no HTTP
         nannies = list(worker.nannies)
+        for nanny in nannies:  # guarded before they start listening
+            _guard_nanny(nanny, security)
+        await worker
         print(f"gpunet provide: {len(gpus)} dask-cuda worker(s), one per GPU ({gpus[0].name})", flush=True)
     else:
         why = "no NVIDIA GPU found" if not gpus else "dask-cuda is not installed (pip install 'gpunet[cuda]')"
         for index in range(args.workers):
-            nannies.append(Nanny(args.scheduler, host=host, nthreads=1, name=f"{name}-{index}",
-                                 resources={DEVICE_RESOURCE: 1}, preload=preload, dashboard=False))
+            nanny = Nanny(args.scheduler, host=host, nthreads=1, name=f"{name}-{index}", resources={DEVICE_RESOURCE: 1},
+                          preload=preload, dashboard=False, security=security,
+                          protocol="tls" if security is not None else None)
+            _guard_nanny(nanny, security)
+            nannies.append(nanny)
         await asyncio.gather(*nannies)
         print(f"gpunet provide: {why}: {args.workers} CPU worker(s)", flush=True)
     addresses = [n.worker_address for n in nannies]
@@ -233,8 +345,11 @@ async def _run_provider(args: Any, account: str, own_record: Any = None) -> int:
         raise GpunetError("the workers stopped by themselves (is the scheduler gone?)")
     print("gpunet provide: draining ...", flush=True)
     live = [n.worker_address for n in nannies if n.worker_address]  # a Nanny may have restarted its worker
-    async with Client(args.scheduler, asynchronous=True, timeout=10) as client:
-        await _drain(client, live)
+    if security is not None:
+        await _drain_open(args.scheduler, security, live)
+    else:
+        async with Client(args.scheduler, asynchronous=True, timeout=10) as client:
+            await _drain(client, live)
     await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
     print("gpunet provide: stopped", flush=True)
     return 0
@@ -249,6 +364,32 @@ async def _record_if_reachable(own_record: Any) -> dict[str, Any] | None:
     except Exception as exc:  # noqa: BLE001 - only used to explain why the workers left
         logger.warning("gpunet provide: could not read this provider's trust record: %s", exc)
         return None
+
+
+def _guard_nanny(nanny: Any, security: Any) -> None:
+    """On an open network a provider's nanny answers only the scheduler and the
+    gateway (and its own worker asking to close)."""
+    own = certs.own_identity(security, "worker")
+    if own is not None:
+        WorkerDoor(own, nanny=True).install(nanny)
+
+
+async def _drain_open(scheduler_address: str, security: Any, addresses: list[str], timeout: float = 600) -> None:
+    """:func:`_drain` on an open network, where a provider is no Dask client: it asks
+    the scheduler, as the owner of these workers, to take their device slots away,
+    waits until they execute nothing, then retires them."""
+    from distributed.core import rpc
+
+    async with rpc(scheduler_address, connection_args=security.get_connection_args("worker")) as scheduler:
+        for address in addresses:
+            await scheduler.set_resources(worker=address, resources={DEVICE_RESOURCE: 0})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            executing = await getattr(scheduler, EXECUTING)(workers=addresses)
+            if not any(executing.values()):
+                break
+            await asyncio.sleep(0.2)
+        await scheduler.retire_workers(workers=addresses, close_workers=False)
 
 
 async def _drain(client: Any, addresses: list[str], timeout: float = 600) -> None:

@@ -208,7 +208,8 @@ class RemoteJob(JobHandle):
         slicing.paused = False
         shared, inputs, options = slicing.send
         start, stop = slicing.sent, slicing.sent + count
-        with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, slicing.amount, tasks=count)}):
+        with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, slicing.amount, tasks=count,
+                                                                       topic=self.job.topic)}):
             futures = self.network.client.map(
                 run_job, [shared] * count, slicing.blobs[start:stop], range(start, stop), [inputs] * count,
                 key=[f"gpunet-{self.job.job_id}-{index}" for index in range(start, stop)], **options)
@@ -437,7 +438,8 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     held = count if slicing is None else slicing.first
     try:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
-                                  annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else held),
+                                  annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else held,
+                                                              topic=job.topic),
                                   timeout=timeout, slicing=slicing)
     except BaseException:
         network.release_unsent([hold])

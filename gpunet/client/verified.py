@@ -273,7 +273,8 @@ class VerifiedJob(JobHandle):
         (and the trust records they move) come as early as they can."""
         number = len(unit.copies)
         key = f"gpunet-{self.job.job_id}-{'c' if unit.index is None else unit.index}-{number}"
-        with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, self.amount, verify=self.job.job_id)}):
+        with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, self.amount, verify=self.job.job_id,
+                                                                     topic=self.job.topic)}):
             future = self.network.client.submit(
                 run_job, self._shared, unit.blob, unit.index, self._inputs, key=key, pure=False, priority=priority,
                 resources=self.resources, workers=self.pool.workers[provider], allow_other_workers=False)

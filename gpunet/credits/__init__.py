@@ -5,6 +5,10 @@
   (Starlette on uvicorn; SQLite or PostgreSQL through SQLAlchemy Core).
 * :func:`verify_receipt`, :func:`verify_database`, :func:`verify_service` — checks
   anyone can run; the Merkle functions follow RFC 6962 / RFC 9162.
+* :class:`Witness` — what this machine has seen of each ledger (in the data dir): the
+  key pinned for each service on first contact, and every signed head, each new one
+  checked against the others by consistency proofs; a fork is :class:`LedgerForkError`,
+  another key :class:`LedgerKeyError`.
 * One hold may be paid out in parts (``settle_part``) to several providers as the
   tasks it covers finish, then closed by ``release`` or ``settle``.
 * Holds left open by a scheduler that died are listed by :meth:`CreditClient.holds`
@@ -33,11 +37,14 @@ from gpunet.errors import (
     ForbiddenError,
     IdempotencyConflictError,
     InvalidRequestError,
+    LedgerForkError,
+    LedgerKeyError,
     LedgerVerificationError,
     NotFoundError,
     ProofError,
 )
 from gpunet.credits._ledger import verify_head, verify_receipt
+from gpunet.credits._witness import Witness
 from gpunet.credits._merkle import MerkleTree, leaf_hash, node_hash, verify_consistency, verify_inclusion
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
@@ -57,10 +64,13 @@ __all__ = [
     "ForbiddenError",
     "IdempotencyConflictError",
     "InvalidRequestError",
+    "LedgerForkError",
+    "LedgerKeyError",
     "LedgerVerificationError",
     "MerkleTree",
     "NotFoundError",
     "ProofError",
+    "Witness",
     "leaf_hash",
     "node_hash",
     "serve",

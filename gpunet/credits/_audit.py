@@ -9,7 +9,6 @@ both its chain link and its Merkle leaf.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -21,7 +20,9 @@ from typing import Any
 
 import gpunet
 from gpunet.credits._client import CreditClient
-from gpunet.credits._db import ENTRY_COLUMNS, open_engine, resolve_db_url, sqlite_path
+from gpunet.credits._db import ENTRY_COLUMNS, open_engine, redact, resolve_db_url, sqlite_path
+from gpunet.credits._merkle import MerkleTree, subtree_levels
+from gpunet.credits._witness import Witness
 from gpunet.errors import CreditsUnavailableError, LedgerVerificationError
 from gpunet.credits._ledger import (
     ZERO_HASH,
@@ -29,12 +30,13 @@ from gpunet.credits._ledger import (
     entry_memo_text,
     key_id,
     stitch_holds,
-    verify_receipt,
 )
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 100_000
+#: The Merkle levels each verify worker hashes over its range (ranges are aligned to 2**LEVELS).
+LEVELS = 16
 
 
 def verify_database(
@@ -43,14 +45,19 @@ def verify_database(
     public_key: str | None = None,
     workers: int | None = None,
     parallel_min: int = 200_000,
+    witness: Witness | None = None,
 ) -> dict[str, Any]:
     """Check the ledger stored in a credit database (a file path or a URL).
 
     Checks the hash chain, every entry's hash, the Merkle root at every stored
     signed head and its signature (with the key recorded in the database unless
-    ``public_key`` pins another), that every account's balance equals the sum
-    of its entries, and that no hold pays out (in one settlement, in parts, and
-    its release) more than was placed on it. Returns a summary; raises
+    ``public_key`` pins another), that a signed head covers the whole ledger (a
+    service signs one when it stops and whenever a head is asked of it), that every
+    account's balance equals the sum of its entries, and that no hold pays out (in
+    one settlement, in parts, and its release) more than was placed on it. With a
+    ``witness`` (``gpunet ledger verify`` passes the data dir's), every head seen of
+    this ledger before must match it, the database's key is pinned to it, and its
+    newest head is remembered. Returns a summary; raises
     :class:`LedgerVerificationError` naming the first bad entry.
 
     Ledgers of ``parallel_min`` entries or more are read and hashed by ``workers``
@@ -83,13 +90,17 @@ def verify_database(
         close()
     if workers is None:
         workers = min(os.cpu_count() or 1, 4) if slots >= parallel_min else 1
-    bounds = [slots * i // workers for i in range(workers + 1)]
-    jobs = [(url, bounds[i], bounds[i + 1]) for i in range(workers) if bounds[i + 1] > bounds[i]] or [(url, 0, 0)]
+    # Ranges start at multiples of 2**LEVELS where they are long enough, so that each worker
+    # hashes the Merkle levels of its range too, and the parent only joins them.
+    step = 1 << LEVELS if slots // workers >= 1 << LEVELS else 1
+    bounds = sorted({0, slots, *(slots * i // workers // step * step for i in range(1, workers))})
+    height = min([LEVELS, *((lo & -lo).bit_length() - 1 for lo in bounds[1:-1])])
+    jobs = [(url, lo, hi, height) for lo, hi in zip(bounds, bounds[1:]) if hi > lo] or [(url, 0, 0, height)]
     if len(jobs) == 1:
         parts = [_scan(*jobs[0])]
     else:
         parts = _scan_in_processes(jobs)
-    checker = _stitch(parts)
+    checker = _stitch(parts, height)
     if checker.size != count:  # pragma: no cover - a gap is caught by the scans
         raise LedgerVerificationError(f"the ledger has {count} entries but its indexes run to {slots - 1}")
     for h in heads:
@@ -99,9 +110,46 @@ def verify_database(
                 f"not the ledger's key {key_id(bytes.fromhex(recorded))}",
                 evidence={"size": h["size"], "public_key": h["public_key"], "expected": recorded})
     summary = checker.finish(heads=heads, balances=balances, public_key=public_key)
+    what = f"the ledger in {path if path is not None else redact(url)}"
+    _require_covering_head(heads, checker.size, what,
+                           "A running service signs its newest entries when a head is asked of it: verify it with "
+                           "`gpunet ledger verify --url URL`, or stop it (it signs a last head) and verify again. "
+                           "A stopped service's database without one had its heads deleted")
     summary["public_key"] = public_key or recorded
     summary["workers"] = len(jobs)
+    if witness is not None and heads:
+        service = f"db:{path}" if path is not None else f"db:{redact(url)}"
+        summary.update(_witness_ledger(witness, checker, heads[-1], service, what))
     return summary
+
+
+def _require_covering_head(heads: list[dict[str, Any]], size: int, what: str, how: str) -> None:
+    """Raise unless a signed head covers all ``size`` entries: entries no head covers could
+    have been rewritten, with the heads that covered them deleted, by anyone who can write
+    to the database."""
+    covered = max((h["size"] for h in heads), default=0)
+    if covered < size:
+        newest = f"the newest signed head covers {covered}" if heads else "there is no signed head"
+        raise LedgerVerificationError(
+            f"{what} holds {size} entries but {newest}: entries {covered}..{size - 1} are covered by no signed head, "
+            f"so nothing shows they are what the service wrote. {how}",
+            index=covered, evidence={"size": size, "covered": covered})
+
+
+def _witness_ledger(witness: Witness, checker: LedgerChecker, head: dict[str, Any], service: str | None,
+                    what: str) -> dict[str, Any]:
+    """Check the heads seen before of this whole, verified ledger (their roots recomputed from
+    its entries), link them with proofs from it, and remember ``head`` (it covers the ledger)."""
+    tree: list[MerkleTree] = []
+
+    def proofs(first: int, second: int) -> list[bytes]:
+        if not tree:
+            tree.append(checker.tree())
+        return tree[0].consistency_proof(first, second)
+
+    seen = witness.check_ledger(head["public_key"], checker.roots, checker.size, what=what)
+    note = witness.observe(head, service=service, proofs=proofs, latest=True, source=service or "")
+    return {"seen_heads": seen, "pinned_now": note["pinned_now"], "key_id": note["key_id"], "service": service}
 
 
 def _connect(url: str) -> tuple[Any, Any]:
@@ -132,8 +180,9 @@ def _entry_columns(cur: Any, sqlite: bool) -> str:
     return ENTRY_COLUMNS.replace(", memo", ", '' AS memo")
 
 
-def _scan(url: str, start: int, end: int) -> dict[str, Any]:
-    """Check entries ``start <= index < end`` (in a worker process); return what stitching needs."""
+def _scan(url: str, start: int, end: int, height: int = 0) -> dict[str, Any]:
+    """Check entries ``start <= index < end`` (in a worker process) and hash ``height`` Merkle
+    levels over them (``start`` is a multiple of ``2**height``); return what stitching needs."""
     sqlite = sqlite_path(url) is not None
     p = "?" if sqlite else "%s"
     conn, close = _connect(url)
@@ -156,11 +205,12 @@ def _scan(url: str, start: int, end: int) -> dict[str, Any]:
     finally:
         close()
     return {"start": start, "size": checker.size, "first_prev": checker.first_prev, "last": checker.last,
-            "leaves": b"".join(checker.leaves), "balances": checker.balances, "minted": checker.minted,
+            "levels": subtree_levels(b"".join(checker.leaves), height), "balances": checker.balances,
+            "minted": checker.minted,
             "holds": checker.holds, "lows": checker.lows, "error": error}
 
 
-def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+def _scan_in_processes(jobs: list[tuple[str, int, int, int]]) -> list[dict[str, Any]]:
     """Run :func:`_scan` over each range in its own ``python`` child; results come back pickled.
 
     Plain child processes rather than multiprocessing: nothing of the caller's
@@ -170,9 +220,9 @@ def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]
     root = str(Path(gpunet.__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     # The URL (it may hold a password) goes through stdin, not the command line.
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(lo), str(hi)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _, lo, hi in jobs]
-    for proc, (url, _, _) in zip(procs, jobs):
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(lo), str(hi), str(height)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _, lo, hi, height in jobs]
+    for proc, (url, *_) in zip(procs, jobs):
         proc.stdin.write(url.encode())
         proc.stdin.close()
     parts = []
@@ -192,14 +242,17 @@ def _scan_in_processes(jobs: list[tuple[str, int, int]]) -> list[dict[str, Any]]
 
 
 def _scan_main() -> None:
-    """Entry point of a verify worker: ``_scan(url, start, end)`` pickled to stdout."""
-    url, lo, hi = sys.stdin.read(), int(sys.argv[1]), int(sys.argv[2])
-    sys.stdout.buffer.write(pickle.dumps(_scan(url, lo, hi), protocol=pickle.HIGHEST_PROTOCOL))
+    """Entry point of a verify worker: ``_scan(url, start, end, height)`` pickled to stdout."""
+    url, lo, hi, height = sys.stdin.read(), int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    sys.stdout.buffer.write(pickle.dumps(_scan(url, lo, hi, height), protocol=pickle.HIGHEST_PROTOCOL))
     sys.stdout.buffer.flush()
 
 
-def _stitch(parts: list[dict[str, Any]]) -> LedgerChecker:
+def _stitch(parts: list[dict[str, Any]], height: int) -> LedgerChecker:
+    """Join the checked ranges: chain links, holds, balances, and the Merkle levels the workers
+    hashed (up to ``height``; the parent hashes the levels above)."""
     whole = LedgerChecker()
+    levels: list[list[bytes]] = []
     for i, part in enumerate(parts):
         error = part["error"]
         if error is not None and error[1] == part["start"] and error[2].get("index") != error[2].get(
@@ -216,53 +269,56 @@ def _stitch(parts: list[dict[str, Any]]) -> LedgerChecker:
         stitch_holds(whole.holds, part["holds"], part["lows"])
         if error is not None:
             raise LedgerVerificationError(error[0], index=error[1], evidence=error[2])
-        buf = part["leaves"]
-        whole.leaves.extend(buf[j : j + 32] for j in range(0, len(buf), 32))
+        for level, nodes in enumerate(part["levels"]):
+            if level == len(levels):
+                levels.append([])
+            levels[level].append(nodes)
         for name, delta in part["balances"].items():
             whole.balances[name] = whole.balances.get(name, 0) + delta
         whole.minted += part["minted"]
         whole.size = part["size"]
         whole.last = part["last"]
+    joined = [b"".join(nodes) for nodes in levels[: height + 1]]
+    whole.levels = joined + subtree_levels(joined[-1])[1:]
     return whole
 
 
-def verify_service(url: str, token: str, *, public_key: str | None = None, page: int = 100_000) -> dict[str, Any]:
-    """Check the ledger of a running service (operator token): entries, heads, balances, current head."""
+def verify_service(url: str, token: str, *, public_key: str | None = None, page: int = 100_000,
+                   witness: Witness | None = None, service: str | None = None) -> dict[str, Any]:
+    """Check the ledger of a running service (operator token): entries, heads, balances.
+
+    The service signs a head first; the entries it covers are read and checked against it,
+    so the check covers the whole ledger as it was when it began. With a ``witness``, the
+    service (``service``, default ``url``) is pinned to its key on first contact, every head
+    seen of its ledger before must match it, and the new head is remembered.
+    """
+    service = service or url.rstrip("/")
     with CreditClient(url, token, timeout=(3.05, 300)) as client:
-        pinned = public_key or client.health().get("public_key")
         head = client.head()
+        pinned = public_key or (witness.pins().get(service, {}).get("public_key") if witness else None) \
+            or client.health().get("public_key")
         checker = LedgerChecker()
         start = 0
-        while True:
-            got = client.entries(start, page)["entries"]
+        while start < head["size"]:
+            got = client.entries(start, min(page, head["size"] - start))["entries"]
             rows = [(e["index"], e["time"], e["kind"], e["from"], e["to"], e["amount"], e["session"], e["hold"],
                      e["key"], bytes.fromhex(e["prev"]), bytes.fromhex(e["hash"]),
                      entry_memo_text(e, f"entry {e['index']}")) for e in got]
+            if not rows:
+                raise LedgerVerificationError(f"the service signed a head of {head['size']} entries but serves only "
+                                              f"{start}: entries {start}..{head['size'] - 1} are missing",
+                                              index=start)
             checker.feed(rows)
             start += len(rows)
-            if len(rows) < page:
-                break
-        heads = client.heads()
-        if not any(h["size"] == head["size"] for h in heads):
-            heads.append(head)
+        heads = [h for h in client.heads() if h["size"] <= head["size"] and h != head] + [head]
         accounts = client.accounts()
         size_after = client.health()["size"]
     # Balances are compared only when no movement happened while the entries were read.
     balances = {a["account"]: a["balance"] for a in accounts}
-    heads = [h for h in heads if h["size"] <= checker.size]
     still = size_after == checker.size
     summary = checker.finish(heads=heads, balances=balances if still else None, public_key=pinned)
     summary["public_key"] = pinned
     summary["balances_checked"] = still
+    if witness is not None:
+        summary.update(_witness_ledger(witness, checker, head, service, f"the ledger at {service}"))
     return summary
-
-
-def verify_receipt_file(path: str | os.PathLike[str], *, public_key: str | None = None) -> dict[str, Any]:
-    """Check a receipt JSON file offline; see :func:`gpunet.credits.verify_receipt`."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise LedgerVerificationError(f"cannot read receipt {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise LedgerVerificationError(f"receipt {path} is not valid JSON: {exc}") from exc
-    return verify_receipt(doc, public_key)

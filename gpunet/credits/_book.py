@@ -53,7 +53,10 @@ from gpunet.credits._trust import REPUTATION_FLOOR, quarantine_reason, record_js
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("client", "provider", "operator")
+#: ``meter``: a scheduler's metering, which may only pay open holds (at most what each
+#: still holds, to provider accounts), release them and record verifications: what
+#: an open network's scheduler holds instead of the operator's token.
+ROLES = ("client", "provider", "operator", "meter")
 OPERATOR = "operator"
 MAX_AMOUNT = 10**15
 MAX_BATCH = 5000
@@ -610,16 +613,17 @@ class Operation:
 
 OPERATOR_ONLY = frozenset({"operator"})
 _CLIENT = frozenset({"client", "operator"})
+_METER = frozenset({"meter", "operator"})
 
 OPERATIONS: dict[str, Operation] = {
     "create_account": Operation(Unit.create_account, OPERATOR_ONLY),
     "mint": Operation(Unit.mint, OPERATOR_ONLY),
     "open_session": Operation(Unit.open_session, _CLIENT),
     "hold": Operation(Unit.hold, _CLIENT),
-    "settle": Operation(Unit.settle, OPERATOR_ONLY),
-    "settle_part": Operation(Unit.settle_part, OPERATOR_ONLY),
-    "release": Operation(Unit.release, OPERATOR_ONLY),
-    "record_verification": Operation(Unit.record_verification, OPERATOR_ONLY),
+    "settle": Operation(Unit.settle, _METER),
+    "settle_part": Operation(Unit.settle_part, _METER),
+    "release": Operation(Unit.release, _METER),
+    "record_verification": Operation(Unit.record_verification, _METER),
     "clear_quarantine": Operation(Unit.clear_quarantine, OPERATOR_ONLY),
     "sign_head": Operation(Unit.sign_head),
     "rotate_token": Operation(Unit.rotate_token),

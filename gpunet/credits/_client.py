@@ -154,9 +154,13 @@ class CreditClient:
         """Return every account with role and balance (operator only)."""
         return self._get("/v1/accounts")["accounts"]
 
+    def account(self, name: str) -> dict[str, Any]:
+        """Return ``{"account", "role", "balance"}`` of account ``name`` (one's own, or any for an operator)."""
+        return self._get(f"/v1/accounts/{name}")
+
     def balance(self, account: str) -> int:
         """Return the balance of ``account`` (one's own, or any for an operator)."""
-        return int(self._get(f"/v1/accounts/{account}")["balance"])
+        return int(self.account(account)["balance"])
 
     def mint(self, account: str, amount: int, key: str) -> dict[str, Any]:
         """Mint ``amount`` credits into ``account`` (operator only); ``key`` makes it idempotent."""
@@ -309,7 +313,10 @@ class CreditClient:
         """Return the session's receipt: its entries with inclusion proofs and a signed head.
 
         It verifies offline with :func:`gpunet.credits.verify_receipt` or
-        ``gpunet ledger verify --receipt FILE``.
+        ``gpunet ledger verify --receipt FILE``. Its ``service`` is the address it was
+        fetched from, for which a reader pins the key that signed it.
         """
-        return self._get(f"/v1/sessions/{session}/receipt")
+        receipt = self._get(f"/v1/sessions/{session}/receipt")
+        receipt["service"] = self.url.rstrip("/")
+        return receipt
 

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gpunet.errors import LedgerVerificationError, ProofError
-from gpunet.credits._merkle import MerkleTree, leaf_hash, roots_at_sizes, verify_inclusion
+from gpunet.credits._merkle import MerkleTree, leaf_hash, roots_from_levels, subtree_levels, verify_inclusion
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +283,9 @@ class LedgerChecker:
         # :func:`stitch_holds` to judge once the earlier slices' holds are known.
         self.holds: dict[str, int] = {}
         self.lows: dict[str, list[tuple[int, int, str, int]]] = {}
+        #: the Merkle levels (:func:`subtree_levels`) when hashed elsewhere (by verify workers);
+        #: ``leaves`` is then not filled
+        self.levels: list[bytes] | None = None
 
     def feed(self, rows: Iterable[Sequence[Any]]) -> None:
         """Check the next rows; raises on the first bad one, naming its index."""
@@ -373,9 +376,22 @@ class LedgerChecker:
             ev["entry"]["memo"] = memo
         raise LedgerVerificationError(msg, index=expected, evidence=ev)
 
+    def leaf_hashes(self) -> list[bytes]:
+        """The entries' hashes (the Merkle leaves), in order."""
+        if self.levels is None:
+            return self.leaves
+        buf = self.levels[0]
+        return [buf[i : i + 32] for i in range(0, len(buf), 32)]
+
     def tree(self) -> MerkleTree:
         """Return the Merkle tree over the entries fed so far."""
-        return MerkleTree(self.leaves)
+        return MerkleTree(self.leaf_hashes())
+
+    def roots(self, sizes: Iterable[int]) -> dict[int, bytes]:
+        """The Merkle roots of the ledger at ``sizes`` (each at most its size)."""
+        if self.levels is None or len(self.levels[0]) != 32 * (self.size - self.start):
+            self.levels = subtree_levels(b"".join(self.leaves))
+        return roots_from_levels(self.levels, sizes)
 
     def finish(
         self,
@@ -389,7 +405,7 @@ class LedgerChecker:
         Returns a summary ``{"size", "root", "heads", "accounts", "minted"}``.
         """
         sizes = [h["size"] for h in heads if isinstance(h.get("size"), int) and 0 <= h["size"] <= self.size]
-        roots = roots_at_sizes(self.leaves, [*sizes, self.size])
+        roots = self.roots([*sizes, self.size])
         root = roots[self.size]
         for head in heads:
             verify_head(head, public_key)

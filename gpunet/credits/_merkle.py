@@ -66,24 +66,34 @@ def root_from_leaves(leaf_hashes: Sequence[bytes]) -> bytes:
     return level[0]
 
 
-def roots_at_sizes(leaf_hashes: Sequence[bytes], sizes: Iterable[int]) -> dict[int, bytes]:
-    """Return ``{size: root}`` for several sizes of one tree, hashing every node once.
+def subtree_levels(leaves: bytes, height: int | None = None) -> list[bytes]:
+    """Return the hashes of the complete subtrees over concatenated leaf hashes, level by level.
 
-    Builds the complete subtrees level by level (lists, fast), then folds each
-    size's perfect subtrees from the right, as RFC 6962's split does.
+    ``leaves`` holds 32-byte leaf hashes back to back; level ``h`` of the answer holds, back
+    to back, the hash of every complete subtree of ``2**h`` leaves, left to right (level 0
+    is ``leaves``). Up to level ``height``, or to the top. A slice of a larger tree gives
+    that tree's nodes when its first leaf's index is a multiple of ``2**height``, so that
+    slices hashed apart (in parallel) join level by level.
     """
+    levels = [bytes(leaves)]
+    sha = _sha256
+    prefix = NODE_PREFIX
+    pair = 2 * HASH_SIZE
+    while len(levels[-1]) >= pair and (height is None or len(levels) <= height):
+        buf = levels[-1]
+        levels.append(b"".join([sha(prefix + buf[i : i + pair]).digest() for i in range(0, len(buf) - pair + 1,
+                                                                                          pair)]))
+    return levels
+
+
+def roots_from_levels(levels: Sequence[bytes], sizes: Iterable[int]) -> dict[int, bytes]:
+    """Return ``{size: root}`` from :func:`subtree_levels` of a whole tree (RFC 6962's split:
+    each size's perfect subtrees folded from the right)."""
     sizes = sorted(set(sizes))
-    n = len(leaf_hashes)
+    n = len(levels[0]) // HASH_SIZE
     for size in sizes:
         if not 0 <= size <= n:
             raise ProofError(f"tree size {size} is outside 0..{n}", evidence={"size": size, "tree_size": n})
-    levels = [list(leaf_hashes)]
-    sha = _sha256
-    prefix = NODE_PREFIX
-    while len(levels[-1]) > 1:
-        lvl = levels[-1]
-        it = iter(lvl[: len(lvl) & ~1])
-        levels.append([sha(prefix + a + b).digest() for a, b in zip(it, it)])
     out: dict[int, bytes] = {}
     for size in sizes:
         if size == 0:
@@ -93,7 +103,8 @@ def roots_at_sizes(leaf_hashes: Sequence[bytes], sizes: Iterable[int]) -> dict[i
         offset = 0
         for level in range(size.bit_length() - 1, -1, -1):
             if size >> level & 1:
-                nodes.append(levels[level][offset >> level])
+                start = (offset >> level) * HASH_SIZE
+                nodes.append(levels[level][start : start + HASH_SIZE])
                 offset += 1 << level
         root = nodes[-1]
         for node in reversed(nodes[:-1]):

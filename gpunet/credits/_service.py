@@ -107,6 +107,7 @@ from gpunet.credits._book import (
 from gpunet.credits._db import beside_db, format_time, resolve_db_url, sqlite_path
 from gpunet.credits._store import CreditStore
 from gpunet.credits._trust import REPUTATION_FLOOR
+from gpunet.credits._witness import Witness
 
 logger = logging.getLogger(__name__)
 
@@ -227,10 +228,28 @@ def validate(op: str, body: Any, *, extra: dict[str, Any] | None = None) -> dict
     return out
 
 
+async def read_capped_body(request: Request, limit: int) -> bytes:
+    """The request's body, read as it streams in and refused (413, nothing kept) as
+    soon as it passes ``limit`` bytes, or at once where Content-Length says it will:
+    a huge body never sits in memory whole."""
+    def too_large(size: str) -> InvalidRequestError:
+        return InvalidRequestError(f"the request body is {size} bytes, over the limit of {limit}: send less "
+                                   "(split a batch)", status=413, code="body_too_large")
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"more than {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_body(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise InvalidRequestError(f"request body of {len(body)} bytes is over the limit of {MAX_BODY}")
+    body = await read_capped_body(request, MAX_BODY)
     if not body:
         return {}
     try:
@@ -577,11 +596,13 @@ def open_store(db: str | None, *, key_file: str | os.PathLike[str] | None = None
     url = resolve_db_url(db)
     key_path = Path(key_file) if key_file else beside_db(url, ".ed25519.pem")
     key = load_or_create_signing_key(key_path)
-    store = CreditStore(url, signing_key=key, reputation_floor=reputation_floor)
+    memory = Witness(key_path.with_name(key_path.name + ".heads"))
+    store = CreditStore(url, signing_key=key, reputation_floor=reputation_floor, memory=memory)
     try:
         store.bind_public_key(public_key_raw(key).hex())
+        store.check_memory()
     except CreditsError:
-        store.close()
+        store.close(sign=False)
         raise
     return store
 

@@ -21,6 +21,7 @@ from gpunet.credits._book import OPERATOR, Account, Book, Record, Request, Sessi
 from gpunet.errors import CreditsError, NotFoundError
 from gpunet.credits._ledger import ESCROW
 from gpunet.credits._trust import REPUTATION_FLOOR
+from gpunet.credits._witness import Witness
 from gpunet.credits._writer import Writer
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,11 @@ class CreditStore:
     ``concurrent.futures.Future`` answered after its transaction commits.
     """
 
-    def __init__(self, url: str, *, signing_key: Any = None, reputation_floor: float = REPUTATION_FLOOR) -> None:
+    def __init__(self, url: str, *, signing_key: Any = None, reputation_floor: float = REPUTATION_FLOOR,
+                 memory: Witness | None = None) -> None:
         self.url = url
+        #: the heads this service signed, kept beside its key, outside the database (see check_memory)
+        self.memory = memory
         self.engine = _db.open_engine(url)
         conn = _db.WriteConnection(self.engine, url)
         try:
@@ -165,15 +169,33 @@ class CreditStore:
         """Run one operation and wait for its answer (raises its error)."""
         return self.submit(name, actor, params, key).result(timeout)
 
-    def close(self) -> None:
-        """Finish queued operations, sign a last head, stop the writer and close connections."""
+    def check_memory(self) -> None:
+        """Check the database against the heads this service signed before (its memory, kept
+        outside the database): entries rewritten, or removed, since then raise
+        :class:`LedgerForkError`, and the service does not start on them."""
+        if self.memory is None or self.public_key_hex is None:
+            return
+        tree = self.book.tree
+        self.memory.check_ledger(self.public_key_hex, lambda sizes: {s: tree.root(s) for s in sizes}, tree.size,
+                                 what=f"the credit database {_db.redact(self.url)}",
+                                 why="The database was changed behind the service's back (by someone who can "
+                                 "write to it), so the service does not start on it. Restore it from a backup "
+                                 "taken before; if you restored an older backup on purpose, move the folder "
+                                 f"{self.memory.root} away to start anyway (readers who saw the later heads will "
+                                 "report a fork)")
+
+    def close(self, *, sign: bool = True) -> None:
+        """Finish queued operations, sign a last head (unless ``sign`` is false) and remember it,
+        stop the writer and close connections."""
         if self._closed:
             return
-        if self.book.signing_key is not None:
+        if self.book.signing_key is not None and sign:
             try:
-                self.call("sign_head", None, {}, None, timeout=30)
+                head = self.call("sign_head", None, {}, None, timeout=30)
+                if self.memory is not None:
+                    self.memory.observe(head, proofs=self.book.tree.consistency_proof, latest=True)
             except Exception:  # noqa: BLE001 - closing anyway
-                logger.exception("could not sign the last tree head on close")
+                logger.exception("could not sign (or remember) the last tree head on close")
         self._closed = True
         self.writer.close()
         self.book.conn.close()

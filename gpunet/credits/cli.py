@@ -6,7 +6,11 @@
 * ``gpunet credits clear-quarantine PROVIDER [--credits URL] [--token-file OPERATOR_TOKEN_FILE] [--key K]``
 * ``gpunet credits release-stale --older-than SECONDS [--dry-run] [--force] [--account A] [--credits URL]
   [--token-file OPERATOR_TOKEN_FILE] [--json]``
-* ``gpunet ledger verify [--db URL | --url URL --token-file F | --receipt FILE] [--public-key HEX]``
+* ``gpunet ledger verify [--db URL | --url URL --token-file F | --receipt FILE | --heads FILE...] [--public-key HEX]``
+* ``gpunet ledger pin [SERVICE PUBLIC_KEY]`` (list the pinned keys, or pin a service to a new one)
+
+Every ``ledger verify`` remembers the heads it sees and pins each service's key on first
+contact, in the data dir (see :mod:`gpunet.credits._witness`).
 
 ``--credits`` and ``--url`` are the same option. The same verbs run as
 ``python -m gpunet.credits serve|receipt|providers|clear-quarantine|release-stale|verify``.
@@ -24,9 +28,18 @@ import uuid
 from typing import Any
 
 from gpunet.clitools import run_command
-from gpunet.credits._audit import verify_database, verify_receipt_file, verify_service
+from gpunet.credits._audit import verify_database, verify_service
 from gpunet.credits._client import CreditClient
-from gpunet.errors import ConflictError, ForbiddenError, IdempotencyConflictError, InvalidRequestError
+from gpunet.credits._ledger import key_id
+from gpunet.credits._receipts import check_receipt, heads_records, proofs_from, read_documents
+from gpunet.credits._witness import Witness, check_heads
+from gpunet.errors import (
+    ConflictError,
+    ForbiddenError,
+    IdempotencyConflictError,
+    InvalidRequestError,
+    LedgerVerificationError,
+)
 from gpunet.credits._process import TOKEN_FILE_PREFIX, URL_PREFIX
 from gpunet.credits._trust import REPUTATION_FLOOR
 
@@ -61,10 +74,22 @@ def _add_auth_args(p: argparse.ArgumentParser) -> None:
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
     _add_auth_args(p)
     p.add_argument("--db", help="verify this database directly (SQLite file or URL) instead of a service")
-    p.add_argument("--receipt", help="verify a receipt JSON file offline")
+    p.add_argument("--receipt", metavar="FILE", help="verify a receipt offline: a JSON file from `gpunet credits "
+                   "receipt`, or a notebook with %%gpunet receipt outputs (with a token, consistency proofs are "
+                   "fetched from --url)")
+    p.add_argument("--heads", nargs="+", metavar="FILE", help="check heads gathered from notebooks, receipts or "
+                   "heads files for consistency (a fork fails); with a token, missing proofs come from --url")
+    p.add_argument("--service", help="the address a receipt comes from, when it names none (its key is pinned "
+                   "for it)")
     p.add_argument("--public-key", help="the service's ed25519 public key (hex) to pin")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_verify)
+
+
+def _add_pin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("service", nargs="?", help="the service's address, as receipts and --url name it")
+    p.add_argument("public_key", nargs="?", help="its new ed25519 public key (64 hex digits)")
+    p.set_defaults(func=cmd_pin)
 
 
 def _add_receipt_args(p: argparse.ArgumentParser) -> None:
@@ -145,6 +170,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     lsub = ledger.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
     lsub.required = True
     _add_verify_args(lsub.add_parser("verify", help="check chain, Merkle tree, signatures and balances"))
+    _add_pin_args(lsub.add_parser("pin", help="list the services' pinned keys, or pin one to a new key"))
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -181,30 +207,138 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Verify a receipt, a database or a running service; exit 0 when everything checks out."""
-
+    """Verify a receipt, heads, a database or a running service; exit 0 when everything checks out."""
     t0 = time.perf_counter()
+    witness = Witness()
     if args.receipt:
-        summary = verify_receipt_file(args.receipt, public_key=args.public_key)
-        what = f"receipt {args.receipt}"
-    elif args.db or not args.url:
-        summary = verify_database(args.db, public_key=args.public_key)
+        return _verify_receipts(args, witness, t0)
+    if args.heads:
+        return _verify_heads(args, witness, t0)
+    if args.db or not args.url:
+        summary = verify_database(args.db, public_key=args.public_key, witness=witness)
         what = f"ledger in {args.db or 'the default database'}"
     else:
-        summary = verify_service(args.url, _token(args), public_key=args.public_key)
+        summary = verify_service(args.url, _token(args), public_key=args.public_key, witness=witness)
         what = f"ledger at {args.url}"
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     if args.json:
         print(json.dumps(summary, indent=2))
-    elif args.receipt:
-        print(f"OK {what}: session {summary['session']}, {summary['entries']} entries, spent {summary['spent']}, "
-              f"held {summary['held']}; all included in the tree of {summary['size']} entries with root "
-              f"{summary['root']} signed by key {summary['key_id']} ({summary['seconds']} s)")
+        return 0
+    print(f"OK {what}: {summary['size']} entries, chain and hashes intact, root {summary['root']}, "
+          f"{summary['heads']} signed head(s) verified, the newest covering every entry, {summary['accounts']} "
+          f"account balances "
+          f"{'match their entries' if summary.get('balances_checked', True) else 'not compared (ledger grew)'}"
+          f" ({summary['seconds']} s)")
+    if "key_id" in summary:
+        print(_memory_line(summary, summary["seen_heads"], []))
+    return 0
+
+
+def _memory_line(summary: dict[str, Any], seen: int, unlinked: list[int]) -> str:
+    """What the check against this machine's ledger memory found, in words."""
+    service = summary.get("service")
+    if summary.get("pinned_now"):
+        pin = (f"first contact with {service}: pinned its key, fingerprint {summary['key_id']}; compare it with the "
+               "fingerprint its operator publishes")
+    elif service:
+        pin = f"key {summary['key_id']} is the one pinned for {service}"
     else:
-        print(f"OK {what}: {summary['size']} entries, chain and hashes intact, root {summary['root']}, "
-              f"{summary['heads']} signed head(s) verified, {summary['accounts']} account balances "
-              f"{'match their entries' if summary.get('balances_checked', True) else 'not compared (ledger grew)'}"
-              f" ({summary['seconds']} s)")
+        pin = f"key {summary['key_id']} (no service named, so no pin compared; --service names one)"
+    agree = (f"consistent with the {seen - 1} head(s) seen of this ledger before" if seen > 1
+             else "the first head seen of this ledger")
+    if unlinked:
+        agree += (f"; {len(unlinked)} of them at other sizes not yet proven consistent (offline): pass --url and a "
+                  "token to fetch the proofs")
+    return f"   {pin}; {agree}"
+
+
+def _online_proofs(args: argparse.Namespace) -> Any:
+    """Consistency proofs from ``--url`` where a token is at hand, else None (offline)."""
+    if not args.url or not (args.token or args.token_file or os.environ.get("GPUNET_TOKEN")):
+        return None
+    return proofs_from(CreditClient(args.url, _token(args)))
+
+
+def _verify_receipts(args: argparse.Namespace, witness: Witness, t0: float) -> int:
+    items = [it for it in read_documents(args.receipt) if it["receipt"] is not None]
+    if not items:
+        raise LedgerVerificationError(f"{args.receipt} holds no receipt: run %gpunet receipt in the notebook, or "
+                                      "`gpunet credits receipt SESSION -o FILE`")
+    proofs = _online_proofs(args)
+    summaries = []
+    for it in items:
+        summary = check_receipt(it["receipt"], witness=witness, service=args.service or it["service"],
+                                public_key=args.public_key, proofs=proofs,
+                                also=[it["ledger"]] if it["ledger"] else [], source=it["source"])
+        summary["key_id"] = key_id(bytes.fromhex(summary["public_key"]))
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        summaries.append(summary)
+        if not args.json:
+            print(f"OK receipt {it['source']}: session {summary['session']}, {summary['entries']} entries, spent "
+                  f"{summary['spent']}, held {summary['held']}; all included in the tree of {summary['size']} "
+                  f"entries with root {summary['root']} signed by key {summary['key_id']} ({summary['seconds']} s)")
+            print(_memory_line(summary, summary["seen_heads"], summary["unlinked"]))
+    if args.json:
+        print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
+    return 0
+
+
+def _verify_heads(args: argparse.Namespace, witness: Witness, t0: float) -> int:
+    items = [it for path in args.heads for it in read_documents(path)]
+    records = heads_records(items)
+    if not records:
+        raise LedgerVerificationError(f"no signed heads in {', '.join(args.heads)}")
+    for it in items:  # each service's key against its pin
+        head = it["head"] or (it["receipt"] or {}).get("head") or {}
+        service = args.service or it["service"]
+        if service and head.get("public_key"):
+            witness.check_pin(service, head["public_key"])
+    keys = {str(doc.get("public_key", "")).lower() for _, doc in records}
+    local = []
+    for log in (witness.load(k) for k in sorted(keys)):
+        if log.heads and not log.unlinked():  # what this machine has proven of that ledger
+            local.append(("this machine's ledger memory", log.to_json()))
+    client = None
+    if _online_proofs(args) is not None:
+        client = CreditClient(args.url, _token(args))
+        service_key = client.health().get("public_key")
+    ledgers = check_heads([*local, *records], proofs=lambda key: proofs_from(client)
+                          if client is not None and key == service_key else None)
+    for source, doc in records:
+        witness.remember(doc, source=source)
+    seconds = round(time.perf_counter() - t0, 3)
+    if args.json:
+        print(json.dumps({"ledgers": ledgers, "files": args.heads, "seconds": seconds}, indent=2))
+        return 0
+    for led in ledgers:
+        print(f"OK heads: {led['heads']} signed head(s) of the ledger with key {led['key_id']} from "
+              f"{len(args.heads)} file(s) and this machine's memory agree: {led['links']} consistency proof(s) "
+              f"link them to the largest, of {led['top']} entries ({seconds} s)")
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    """List the pinned keys, or pin a service to a new key (after checking its fingerprint with the operator)."""
+    witness = Witness()
+    if args.service is None:
+        pins = witness.pins()
+        if not pins:
+            print("no service pinned yet: the first receipt or `ledger verify` of a service pins its key")
+        for service, pin in sorted(pins.items()):
+            print(f"{service}  key {pin['key_id']}  pinned {pin['pinned']}  {pin['public_key']}")
+        return 0
+    if args.public_key is None:
+        raise InvalidRequestError("gpunet ledger pin SERVICE PUBLIC_KEY: give the new key (64 hex digits) too")
+    try:
+        if len(bytes.fromhex(args.public_key)) != 32:
+            raise ValueError
+    except ValueError:
+        raise InvalidRequestError(f"a public key is 64 hex digits (32 bytes), got {args.public_key!r:.80}") from None
+    old = witness.pins().get(args.service)
+    witness.pin(args.service, args.public_key, replace=True)
+    was = f"(was {old['key_id']}) " if old else ""
+    print(f"pinned {args.service} to key {key_id(bytes.fromhex(args.public_key))} {was}; the heads seen of its "
+          "ledgers stay remembered, and new heads must still agree with them")
     return 0
 
 

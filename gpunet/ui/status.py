@@ -1,5 +1,5 @@
-"""``%gpunet status``: the network's workers, their devices and free slots, whose
-provider each belongs to, and the providers' trust records."""
+"""``%gpunet status``: which kind of network this is, its workers, their devices and
+free slots, whose provider each belongs to, and the providers' trust records."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class NetworkStatus:
     owners: dict[str, str] | None = None
     #: one line on the providers' trust records (metered networks)
     trust: str | None = None
+    #: which kind of network, and who is trusted on it (:data:`NETWORK_KINDS`)
+    kind: str | None = None
 
     @classmethod
     def of(cls, net: Network) -> NetworkStatus:
@@ -41,7 +43,8 @@ class NetworkStatus:
             owners, trust = _providers(net, [worker.address for worker in workers])
         else:
             usage = "credits: not metered"
-        return cls(net.address, net.dashboard_link, net.session, workers, note, usage, owners, trust)
+        return cls(net.address, net.dashboard_link, net.session, workers, note, usage, owners, trust,
+                   network_kind(net))
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row per worker: address, name, device, memory, free/total slots, resources."""
@@ -62,6 +65,8 @@ class NetworkStatus:
 
     def __str__(self) -> str:
         lines = [f"scheduler {self.scheduler}   dashboard {self.dashboard or 'none'}   session {self.session}"]
+        if self.kind:
+            lines.append(self.kind)
         if self.note:
             lines.append(self.note)
         if self.usage:
@@ -86,10 +91,29 @@ class NetworkStatus:
                      if self.dashboard else "none")
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
-        note = "".join(f"<br>{html.escape(text)}" for text in (self.note, self.usage, self.trust) if text)
+        note = "".join(f"<br>{html.escape(text)}" for text in (self.kind, self.note, self.usage, self.trust)
+                       if text)
         return (f"<div><b>gpunet</b> scheduler <code>{html.escape(self.scheduler)}</code> · dashboard {dashboard}"
                 f" · session <code>{html.escape(self.session)}</code>{note}"
                 f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+#: What ``%gpunet status`` says of each kind of network (README, "Security model").
+NETWORK_KINDS = {
+    "embedded": "network: embedded (your own processes on this machine)",
+    "private": "network: private (a lab: every Dask client on it is trusted, and can run code on the scheduler and "
+               "the workers)",
+    "open": "network: open (strangers: mutual TLS with the operator's certificates; only the gateway is a Dask "
+            "client; every task carries a hold)",
+}
+
+
+def network_kind(net: Network) -> str:
+    """What ``%gpunet status`` says of the kind of network ``net`` is."""
+    if net.embedded is not None:
+        return NETWORK_KINDS["embedded"]
+    state = net.metering_state() or {}
+    return NETWORK_KINDS["open" if state.get("network") == "open" else "private"]
 
 
 def _providers(net: Network, addresses: list[str]) -> tuple[dict[str, str], str | None]:

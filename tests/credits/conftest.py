@@ -115,3 +115,10 @@ def postgres_db(postgres_server):
                 raise
             time.sleep(0.2)
     yield f"{postgres_server}/{name}"
+
+
+@pytest.fixture(autouse=True)
+def own_ledger_memory(tmp_path, monkeypatch):
+    """Each test its own ledger memory (pins and heads, in the data dir's ledger/): keys are
+    pinned by address, and another test's service may reuse a port with another key."""
+    monkeypatch.setenv("GPUNET_DATA_DIR", str(tmp_path / "data"))

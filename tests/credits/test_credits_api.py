@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 
 import pytest
@@ -239,3 +240,44 @@ def test_idempotent_calls_retry_across_a_restart_and_move_once(tmp_path):
         assert api.balance(name) == 90 and api.usage(sid)["held"] == 10
     finally:
         svc2.stop()
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def test_a_body_over_the_limit_is_refused_while_it_streams(service):
+    """A declared-too-long body is refused before it is read; a chunked one is cut off
+    as it streams: the service never holds it whole (issue 12: 1.5 GiB took it to 3.1 GB)."""
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(service.url).hostname, urlsplit(service.url).port
+    headers = {"Authorization": f"Bearer {service.operator_token}", "Content-Type": "application/json"}
+    declared = http.client.HTTPConnection(host, port, timeout=30)
+    declared.putrequest("POST", "/v1/ping")
+    for name, value in {**headers, "Content-Length": str(1 << 30)}.items():
+        declared.putheader(name, value)
+    declared.endheaders()
+    answer = declared.getresponse()
+    assert answer.status == 413 and b"over the limit" in answer.read()
+    declared.close()
+
+    before = _rss_bytes(service.pid)
+    chunked = http.client.HTTPConnection(host, port, timeout=30)
+    chunk = b" " * (1 << 20)
+    try:
+        chunked.putrequest("POST", "/v1/ping")
+        for name, value in {**headers, "Transfer-Encoding": "chunked"}.items():
+            chunked.putheader(name, value)
+        chunked.endheaders()
+        for _ in range(64):  # 64 MiB, far over the limit: the service stops reading at the limit
+            chunked.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    except OSError:
+        pass  # the service answered 413 and closed the connection while we were still sending
+    finally:
+        chunked.close()
+    assert _rss_bytes(service.pid) - before < 32 * (1 << 20)
+    assert requests.get(f"{service.url}/v1/health", timeout=10).ok

@@ -169,7 +169,7 @@ def test_only_the_operator_pays_parts(party: Party):
     gpu, gpu_api = party.account("provider")
     hold = me.hold(me.open_session(100), 10, key="h")
     for api in (me, gpu_api):
-        with pytest.raises(ForbiddenError, match="settle part needs role operator"):
+        with pytest.raises(ForbiddenError, match="settle part needs role meter or operator"):
             api.settle_part(hold, gpu, 1, key="mine")
     assert party.ops.balance(gpu) == 0
 

@@ -99,10 +99,15 @@ def _mutate(db, m):
     conn.close()
 
 
-@pytest.mark.parametrize("workers", [1, 3], ids=["one-process", "three-processes"])
+@pytest.mark.parametrize("workers,levels", [(1, 16), (3, 16), (3, 2)],
+                         ids=["one-process", "three-processes", "three-processes-hashing-levels"])
 @pytest.mark.parametrize("case", CASES, ids=[c["description"] for c in CASES])
-def test_tampered_ledger_is_caught(ledger, tmp_path, case, workers):
-    """With three processes the 16 entries split at 5 and 10, so range edges are tampered too."""
+def test_tampered_ledger_is_caught(ledger, tmp_path, case, workers, levels, monkeypatch):
+    """With three processes the 16 entries split at 5 and 10, so range edges are tampered too;
+    with ranges aligned to 2**2 entries (split at 4 and 8), each worker hashes two Merkle levels."""
+    import gpunet.credits._audit as audit
+
+    monkeypatch.setattr(audit, "LEVELS", levels)
     src, _ = ledger
     db = tmp_path / "copy.sqlite3"
     shutil.copy(src, db)

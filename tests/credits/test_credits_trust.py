@@ -94,7 +94,7 @@ def test_only_an_operator_records_or_clears(party: Party):
     gpu, gpu_api = party.account("provider")
     client, client_api = party.account("client")
     for api in (gpu_api, client_api):
-        with pytest.raises(ForbiddenError, match="record verification needs role operator"):
+        with pytest.raises(ForbiddenError, match="record verification needs role meter or operator"):
             api.record_verification(gpu, True, key="self-praise")
         with pytest.raises(ForbiddenError, match="clear quarantine needs role operator"):
             api.clear_quarantine(gpu, key="self-clear")
