@@ -67,6 +67,8 @@ VERDICT_ATTEMPTS = 3
 #: The longest wait for finished copies' results to be fetched; a copy whose worker
 #: left before its result was fetched is then lost, and replaced.
 FETCH_S = 10.0
+#: The least time one copy's fetch is given once a look's :data:`FETCH_S` is spent.
+FETCH_ONE_S = 0.5
 
 # -- providers ------------------------------------------------------------------------------
 
@@ -196,6 +198,8 @@ class VerifiedJob(JobHandle):
         #: task key -> its unit and copy
         self._owner: dict[str, tuple[Unit, Copy]] = {}
         self._quarantine_checked = time.monotonic()
+        #: until when the current look may fetch finished copies (see _judge_finished)
+        self._fetch_until = time.monotonic() + FETCH_S
         #: the worker of the copy whose live output is shown (the first to start or print)
         self._streamed_from: str | None = None
 
@@ -339,6 +343,9 @@ class VerifiedJob(JobHandle):
         finished = [future for future in running if future.status in ("finished", "error", "cancelled")]
         fetched = {}
         good = [future for future in finished if future.status == "finished"]
+        # one bound for this look's fetching, so that copies lost with their workers cost it once, not each
+        left = self.time_left()
+        self._fetch_until = time.monotonic() + (FETCH_S if left is None else max(FETCH_ONE_S, min(FETCH_S, left)))
         if good:
             try:
                 fetched = dict(zip((f.key for f in good), gather_within(self.network.client, good, self._fetch_s())))
@@ -348,9 +355,11 @@ class VerifiedJob(JobHandle):
             self._arrived(future, fetched.get(future.key))
 
     def _fetch_s(self) -> float:
-        """How long fetching finished copies may take: :data:`FETCH_S`, within the job's timeout."""
+        """How long fetching finished copies may still take in this look: :data:`FETCH_S`
+        from its start, within the job's timeout (at least :data:`FETCH_ONE_S`, for one copy)."""
         left = self.time_left()
-        return FETCH_S if left is None else max(0.1, min(FETCH_S, left))
+        bound = FETCH_S if left is None else min(FETCH_S, left)
+        return max(FETCH_ONE_S, min(bound, self._fetch_until - time.monotonic()))
 
     def _drop_quarantined(self) -> None:
         """A provider quarantined mid-job, or whose workers all left, gets no more
