@@ -24,14 +24,19 @@ from gpunet.errors import (
     GpunetError,
     MissingOutputError,
     PlacementError,
+    ProviderDataError,
     RemoteCellError,
+    ResultTooLargeError,
     UnpicklableInputError,
+    UnsupportedResultError,
     VerificationError,
     WorkerLostError,
 )
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.network import Network, connect, current, map, split
+    from gpunet.credits import CreditClient
+    from gpunet.ui.dashboard import ProviderDashboard
     from gpunet.ui.receipt import SessionReceipt
     from gpunet.ui.usage import SessionUsage
 
@@ -43,15 +48,20 @@ __all__ = [
     "CellSyntaxError",
     "CellTimeoutError",
     "ConnectError",
+    "CreditClient",
     "CreditsError",
     "GpunetError",
     "MissingOutputError",
     "Network",
     "PlacementError",
+    "ProviderDashboard",
+    "ProviderDataError",
     "RemoteCellError",
+    "ResultTooLargeError",
     "SessionReceipt",
     "SessionUsage",
     "UnpicklableInputError",
+    "UnsupportedResultError",
     "VerificationError",
     "WorkerLostError",
     "connect",
@@ -70,6 +80,8 @@ _LAZY = {
     "map": "gpunet.client.network",
     "split": "gpunet.client.network",
     "SessionUsage": "gpunet.ui.usage",
+    "CreditClient": "gpunet.credits",
+    "ProviderDashboard": "gpunet.ui.dashboard",
     "SessionReceipt": "gpunet.ui.receipt",
 }
 

@@ -22,23 +22,24 @@ import cloudpickle
 import dask
 from distributed.scheduler import KilledWorker
 
-from gpunet import wire
+from gpunet import codec, wire
 from gpunet.client.handle import (
     SCATTER_THRESHOLD_BYTES,
     JobHandle,
-    gather_within,
     new_job_id,
     pickled,
     scatter_surviving,
     stop_job_everywhere,
     write,
 )
+from gpunet.client.received import accept
 from gpunet.client.verified import VerifiedJob
 from gpunet.errors import (
     BudgetError,
-    CellTimeoutError,
     GpunetError,
     RemoteCellError,
+    ResultTooLargeError,
+    UnsupportedResultError,
     VerificationError,
     WorkerLostError,
 )
@@ -71,28 +72,39 @@ def function_value(result: JobResult) -> Any:
     raise_for_error(result)
     if result.unpicklable_outputs:
         name, type_name, reason = result.unpicklable_outputs[0]
+        if result.result_format == wire.CODEC:
+            raise UnsupportedResultError(reason, name=name, type_name=type_name)
         raise GpunetError(f"the {name} ({type_name}) cannot be pickled to come back from {result.worker}: {reason}")
-    return cloudpickle.loads(result.value) if result.value is not None else None
+    return codec.load(result.value, result.result_format, what="the return value") if result.value is not None else None
 
 
 def raise_for_error(result: JobResult, *, label: str = "") -> None:
     """Raise the job's remote exception here, with its remote traceback.
 
-    The original exception type is rebuilt where it can be (so ``except KeyError``
-    works in the notebook); IPython shows the remote traceback instead of gpunet's
-    own frames. Otherwise a :class:`RemoteCellError` carries the same text.
+    Where the notebook trusts its providers the original exception is unpickled
+    where it can be; elsewhere (and where it cannot be) a :class:`RemoteCellError`
+    carries its type name, message and traceback, and is also the built-in
+    exception type it names, so ``except KeyError`` works in the notebook either
+    way. IPython shows the remote traceback (its line numbers are the cell's)
+    instead of gpunet's own frames.
     """
     error = result.error
     if error is None:
         return
     if error["ename"] == wire.INTERRUPTED:
         raise GpunetError(f"the job was stopped on {result.worker}{label}")
+    if error["ename"] == wire.TOO_LARGE:
+        raise ResultTooLargeError(f"the job on {result.worker}{label} went over a cap: {error['evalue']}; nothing "
+                                  "of its result was loaded (return or print less, or raise the cap: "
+                                  "max_result_bytes= / max_stream_bytes_per_s= when connecting)")
     remote_tb = error["traceback"]
     header = f"Remote traceback (worker {result.worker}, {result.device}{label}):\n"
-    try:
-        exc = cloudpickle.loads(error["exception"]) if error.get("exception") is not None else None
-    except Exception:  # noqa: BLE001 - its class may not exist here
-        exc = None
+    exc = None
+    if result.result_format == wire.PICKLE and error.get("exception") is not None:
+        try:
+            exc = cloudpickle.loads(error["exception"])
+        except Exception:  # noqa: BLE001 - its class may not exist here
+            exc = None
     if isinstance(exc, BaseException):
         lines = (header + remote_tb).rstrip("\n").split("\n")
         try:
@@ -102,7 +114,7 @@ def raise_for_error(result: JobResult, *, label: str = "") -> None:
         except AttributeError:  # exceptions with __slots__
             exc = None
     if exc is None:
-        exc = RemoteCellError(error["ename"], error["evalue"], header + remote_tb)
+        exc = RemoteCellError.of(error["ename"], error["evalue"], header + remote_tb)
     raise exc
 
 
@@ -126,8 +138,7 @@ class RemoteJob(JobHandle):
         self.results: dict[int | None, JobResult] = {}
         #: indices whose future finished
         self.finished: set[int | None] = set()
-        #: the job's holds, and the device time its --max-credits allows (metered networks)
-        self.holds: list[str] = []
+        #: the device time its --max-credits allows (metered networks)
         self.credit_limit_s: float | None = None
         #: scattered data the tasks depend on, held until the job is done
         self._kept: list[Future] = []
@@ -149,7 +160,7 @@ class RemoteJob(JobHandle):
         with dask.annotate(**{wire.ANNOTATION: annotations}) if annotations else contextlib.nullcontext():
             client = network.client
             blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
-            job.result_event = blobs is None
+            job.result_event = blobs is None and job.result_format == wire.PICKLE
             per_item = bool(workers) and isinstance(workers[0], list)
             options = dict(resources=resources, pure=False, workers=None if per_item else workers,
                            allow_other_workers=False)
@@ -235,10 +246,14 @@ class RemoteJob(JobHandle):
         self._unfinished = still
 
     # -- callbacks from the client's event loop -------------------------------------------
-    def on_event(self, message: dict[str, Any]) -> None:
-        """A live event; a small result comes as one too, saving the gather."""
+    def _on_live_event(self, message: dict[str, Any]) -> None:
+        """A live event; a small result comes as one too, saving the gather (only where
+        results come pickled: a CODEC job's result comes only from its own future)."""
         if message.get("kind") != "result":
-            super().on_event(message)
+            super()._on_live_event(message)
+            return
+        if self.job.result_format != wire.PICKLE:
+            logger.warning("gpunet: ignored a result event for job %s: its result comes from its future", self.job.job_id)
             return
         with self._lock:
             self.results.setdefault(message.get("index"), result_from_event(message["result"]))
@@ -298,18 +313,15 @@ class RemoteJob(JobHandle):
                     "this client was disconnected); run it again"
                 )
         try:
-            fetched = gather_within(self.network.client, missing, self.time_left()) if missing else []
-        except TimeoutError:
-            self.stop("timeout")
-            raise CellTimeoutError(
-                f"{len(missing)} result(s) could not be fetched within the job's timeout of {self.timeout:g} s: "
-                "the workers holding them left, and the runs that replace them did not finish in time. "
-                "Run it again, or give it more time (--timeout).") from None
+            raws = self.fetch(missing) if missing else []
+        except GpunetError:
+            raise
         except Exception as exc:  # noqa: BLE001 - Dask's own errors, from a worker that left
             raise WorkerLostError(f"the results could not be fetched: a worker holding them left "
                                   f"({type(exc).__name__}: {exc}); run it again") from None
-        for result in fetched:
-            have[result.index] = result
+        for future, raw in zip(missing, raws):
+            index = self.index_of[future.key]
+            have[index] = accept(raw, self.job, index)
         return [have[self.index_of[future.key]] for future in self.futures]
 
     def _close_unknown_tasks(self) -> None:
@@ -334,7 +346,9 @@ class RemoteJob(JobHandle):
         """The job ran as long as its --max-credits pays for: the scheduler charges the
         provider's time on the worker (at most the limit), then the job is stopped."""
         charged = self.network.call_scheduler(wire.CHARGE_USED, key=self.futures[0].key)
-        worker = self.workers_seen[-1][0] if self.workers_seen else None
+        worker, device = self.workers_seen[-1] if self.workers_seen else (None, "")
+        if worker is not None and self.network.meter is not None:  # its time counts in %gpunet usage too
+            self.network.meter.count(worker, device, self.credit_limit_s or 0.0)
         self.stop("stopped at its --max-credits")
         raise BudgetError(
             f"the job reached its --max-credits after about {self.credit_limit_s:.1f} s on "
@@ -400,6 +414,8 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     """
     if items is not None and not items:
         raise GpunetError("nothing to send: the map has no items")
+    job.result_format = network.result_format
+    job.max_result_bytes, job.max_stream_bytes_per_s = network.max_result_bytes, network.max_stream_bytes_per_s
     policy = Policy.parse(verify)
     network.check_placement(resources)
     if policy.active:
@@ -422,7 +438,7 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
     slicing = None
     try:
-        hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount)
+        hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount, plan=plan)
     except BudgetError:
         # A map whose items' worst cases do not fit at once, though what they cost at the
         # least (a credit each) does, goes in slices, each held as credits come back.

@@ -36,6 +36,7 @@ from gpunet.client.handle import (
     write,
 )
 from gpunet.client.placement import satisfies
+from gpunet.client.received import accept
 from gpunet.errors import BudgetError, GpunetError, VerificationError
 from gpunet.verify.adaptive import TrustRecords
 from gpunet.verify.quorum import (
@@ -202,6 +203,10 @@ class VerifiedJob(JobHandle):
         self._fetch_until = time.monotonic() + FETCH_S
         #: the worker of the copy whose live output is shown (the first to start or print)
         self._streamed_from: str | None = None
+
+    def placed_holds(self) -> list[str]:
+        """Every copy's hold."""
+        return [copy.hold for unit in self.units for copy in unit.copies if copy.hold]
 
     # -- sending ---------------------------------------------------------------------
     @classmethod
@@ -400,13 +405,18 @@ class VerifiedJob(JobHandle):
             return
         if future.status == "finished":
             try:
-                copy.result = result if result is not None else future.result(timeout=self._fetch_s())
+                raw = result if result is not None else future.result(timeout=self._fetch_s())
             except Exception as exc:  # noqa: BLE001 - a lost worker between finish and fetch
                 if future.status != "finished":
                     return  # lost with its worker: Dask runs it again, or its provider is dropped
                 # its worker left before its result came: lost, and replaced (not an extra copy)
                 self._cancel([copy], why=f"its result could not be fetched ({type(exc).__name__}: {exc})")
                 unit.extra = max(0, unit.extra - 1)
+            else:
+                try:
+                    copy.result = accept(raw, self.job, unit.index)
+                except Exception as exc:  # noqa: BLE001 - a refused result
+                    copy.failed = f"its result could not be accepted ({type(exc).__name__}: {exc})"
             if copy.result is not None and copy.result.error and copy.result.error["ename"] == wire.INTERRUPTED:
                 copy.failed, copy.result = f"it was stopped on {copy.result.worker}", None
             if copy.result is not None:
