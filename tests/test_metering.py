@@ -64,8 +64,8 @@ def test_a_map_bigger_than_the_budget_is_refused_before_it_is_sent(own, tmp_path
         own.map(touch, range(2_500))  # 2,500 items cost at least a credit each > 2,000
     message = str(caught.value)
     assert "2000" in message and "left" in message and "nothing was sent" in message
-    # the real cause (the default hold per item) and the real fix, not a flag never given
-    assert "default hold of 10 s for each map item" in message and "--max-credits C" in message
+    # the real cause (more items than credits, at a credit each at least) and the real fix
+    assert "default hold of 10 s for each map item" in message and "send fewer, larger items" in message
     assert "lower --max-credits" not in message
     # Refused before any task existed: nothing reached Dask, so nothing can run later.
     assert sent == []
