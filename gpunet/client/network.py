@@ -385,6 +385,11 @@ class Network:
             self._closed = True
             if _current is self:
                 _current = None
+        if self.meter is not None and self.meter.doubtful:  # holds an outage left in doubt go back
+            try:
+                self.meter.resolve_doubtful(self.release_unsent)
+            except Exception as exc:  # noqa: BLE001 - closing goes on; release-stale finds them later
+                logger.warning("gpunet: could not give back holds left in doubt by an outage: %s", exc)
         try:
             self.client.close(timeout=5)
         finally:

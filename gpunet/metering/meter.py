@@ -33,9 +33,10 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gpunet.credits import BudgetExceededError
+from gpunet.credits import BudgetExceededError, CreditsUnavailableError
 from gpunet.errors import BudgetError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,6 +94,10 @@ class Meter:
     #: on a private network whose scheduler pays with the operator's token)
     meter: str | None = None
     tally: dict[str, WorkerTally] = field(default_factory=dict)
+    #: (key, amount) of holds whose request got no answer: the service may have placed
+    #: them after all (a stopped service answers what waited in its socket once it
+    #: runs again), so they are resolved later (:meth:`resolve_doubtful`)
+    doubtful: list[tuple[str, int]] = field(default_factory=list)
     #: holds of jobs that finished here and that the credit service may still show open
     unsettled: set[str] = field(default_factory=set)
     _account: str | None = None
@@ -172,6 +177,28 @@ class Meter:
             return self.credits.hold(self.session, count * amount, key=f"hold-{job_id}", meter=self.meter)
         except BudgetExceededError as exc:
             raise self._refusal(amount, count, exc, plan=plan) from None
+        except CreditsUnavailableError:
+            with self._lock:
+                self.doubtful.append((f"hold-{job_id}", count * amount))
+            raise
+
+    def resolve_doubtful(self, release: Callable[[list[str]], None]) -> None:
+        """Holds whose request got no answer may have been placed after all: ask for
+        each again under its idempotency key (the service answers with the hold it
+        made, or makes it now) and ``release`` it; those still without an answer wait
+        for the next call."""
+        with self._lock:
+            pending, self.doubtful = self.doubtful, []
+        for number, (key, amount) in enumerate(pending):
+            try:
+                hold = self.credits.hold(self.session, amount, key=key)
+            except BudgetExceededError:
+                continue  # it was never placed, and cannot be now: nothing to give back
+            except CreditsUnavailableError:
+                with self._lock:
+                    self.doubtful.extend(pending[number:])
+                return
+            release([hold])
 
     def hold(self, job_id: str, *, count: int, amount: int) -> list[str]:
         """Hold ``amount`` credits for each of ``count`` tasks; returns the hold ids.
