@@ -191,7 +191,7 @@ class Meter:
             pending, self.doubtful = self.doubtful, []
         for number, (key, amount) in enumerate(pending):
             try:
-                hold = self.credits.hold(self.session, amount, key=key)
+                hold = self.credits.hold(self.session, amount, key=key, meter=self.meter)
             except BudgetExceededError:
                 continue  # it was never placed, and cannot be now: nothing to give back
             except CreditsUnavailableError:
