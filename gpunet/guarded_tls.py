@@ -13,7 +13,10 @@ for a peer whose certificate binds the provider role (or none),
   reads (workers, clients), no serialized object but msgpack's.
 
 The scheduler's and the gateway's messages (which carry the gateway's graphs and the
-results it gathers) are read as Dask reads them.
+results it gathers) are read as Dask reads them. And a connection this process opens to
+an address it knows as its scheduler's (:func:`expect_scheduler_at`) must meet a
+certificate of the scheduler role: another certificate of the operator's CA (a
+provider's, where it can redirect traffic) is not the scheduler.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ SAFE_DESERIALIZERS = ("msgpack",)
 _PICKLED, _SERIALIZED = "__Pickled__", "__Serialized__"
 
 _CLASSES: dict[str, type] = {}
+#: Addresses this process knows as its scheduler's (``tls://HOST:PORT``).
+_SCHEDULERS: set[str] = set()
 
 
 class RefusedMessage(ConnectionError):
@@ -139,6 +144,13 @@ def guarded_tls_comm(incoming: bool) -> type:
     return GuardedTLS
 
 
+def expect_scheduler_at(address: str | None) -> None:
+    """From now on, a connection this process opens to ``address`` must meet a
+    certificate of the scheduler role (or it is closed before a byte is read)."""
+    if address and address.startswith("tls://"):
+        _SCHEDULERS.add(address)
+
+
 def use_guarded_tls(server: Any = None) -> None:
     """From now on, this process's TLS comms are guarded (Dask's ``tls`` backend is
     replaced); ``server``'s listeners, which may already be listening, too."""
@@ -148,6 +160,20 @@ def use_guarded_tls(server: Any = None) -> None:
     if not getattr(registry.backends.get("tls"), "gpunet_guarded", False):
         class GuardedConnector(TLSConnector):
             comm_class = guarded_tls_comm(incoming=False)
+
+            async def connect(self, address: str, deserialize: bool = True, **connection_args: Any) -> Any:
+                from distributed.comm.core import FatalCommClosedError
+
+                comm = await super().connect(address, deserialize, **connection_args)
+                if self.prefix + address in _SCHEDULERS:
+                    identity = identity_of_peer(comm.extra_info.get("peercert"))
+                    if identity is None or identity.role != SCHEDULER:
+                        comm.abort()
+                        who = identity.uri if identity else "no gpunet role"
+                        logger.error("gpunet: %s%s is not the scheduler: it presented %s", self.prefix, address, who)
+                        raise FatalCommClosedError(f"{self.prefix}{address} presented a certificate of {who}, not "
+                                                   "the scheduler's: not connecting (is the address right?)")
+                return comm
 
         class GuardedListener(TLSListener):
             comm_class = guarded_tls_comm(incoming=True)

@@ -34,7 +34,7 @@ from typing import Any
 
 from gpunet.certs import GATEWAY, PROVIDER, SCHEDULER, Identity, identity_of_peer, watch_revocations
 from gpunet.errors import GpunetError
-from gpunet.guarded_tls import SAFE_DESERIALIZERS, use_guarded_tls
+from gpunet.guarded_tls import SAFE_DESERIALIZERS, expect_scheduler_at, use_guarded_tls
 from gpunet.wire import EXECUTING, REGISTER_PROVIDER
 
 logger = logging.getLogger(__name__)
@@ -453,6 +453,8 @@ class WorkerDoor:
         """Guard ``server``'s (a Worker's or a Nanny's) handlers and listeners."""
         use_guarded_tls(server)
         watch_revocations(server.security.tls_ca_file)
+        scheduler = getattr(server, "scheduler", None)
+        expect_scheduler_at(getattr(server, "scheduler_addr", None) or getattr(scheduler, "address", None))
         if hasattr(server, "rpc") and not self.nanny:  # what it fetches from other workers: no pickle
             server.rpc.deserializers = list(SAFE_DESERIALIZERS)
         server.handlers = GuardedHandlers(server.handlers, self.check, self._count)

@@ -53,6 +53,17 @@ def pki(tmp_path_factory) -> dict[str, Any]:
     return {name: certs.security(i.ca, i.cert, i.key) for name, i in issued.items()}
 
 
+@pytest.fixture(autouse=True)
+def dasks_own_tls():
+    """The doors guard their process's TLS comms (gpunet.guarded_tls): each test here
+    starts with Dask's, as a gateway's or a provider's process does, and ends with it."""
+    from distributed.comm import registry
+
+    dasks = registry.backends["tls"]
+    yield
+    registry.backends["tls"] = dasks
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """A credit service: providers alice and bob (bob plays the attacker), client carol."""

@@ -30,7 +30,7 @@ from gpunet.errors import OptionError
 from gpunet.guarded_tls import PEER_MESSAGE_MAX_BYTES
 from gpunet.roles import HEARTBEAT_BURST, MAX_TOPICS_PER_PROVIDER, ProviderTaskError, RoleError, WorkerDoor
 from gpunet_processes import GPUNET, expect, start, stop
-from test_open_network import REFUSED, WAIT_S, open_network, pki, service  # noqa: F401 - fixtures
+from test_open_network import REFUSED, dasks_own_tls, open_network, pki, service  # noqa: F401 - fixtures
 
 #: Where the code a malicious pickle carries would leave its mark if anyone unpickled it.
 MARK = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpunet-unpickled-{os.getpid()}"
@@ -293,3 +293,21 @@ def test_a_provider_cannot_blow_up_a_real_schedulers_memory(tmp_path):
         if scheduler is not None:
             stop(scheduler)
         service.stop()
+
+
+@open_network
+async def test_a_worker_connects_only_to_a_scheduler_with_the_scheduler_role(net, caplog):
+    """Bob, who can redirect alice's traffic, listens as her scheduler with his own
+    certificate (of the operator's CA): her worker does not talk to it."""
+    from distributed import Scheduler
+
+    async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0", protocol="tls",
+                         security=net.pki["bob"]) as impostor:
+        worker = Worker(impostor.address, nthreads=1, security=net.pki["alice"], death_timeout=10)
+        WorkerDoor(certs.own_identity(worker.security, "worker")).install(worker)
+        with pytest.raises(Exception):  # it keeps trying until its death timeout
+            async with worker:
+                pass
+        assert not impostor.workers
+    assert any("is not the scheduler: it presented gpunet:role/provider/bob" in record.getMessage()
+               for record in caplog.records)
