@@ -117,6 +117,12 @@ class RemoteCellError(GpunetError):
         return self.remote_traceback.rstrip("\n").split("\n")
 
 
+class ProviderTaskError(GpunetError):
+    """A task failed on a provider's worker of an open network. The message is the
+    worker's text: the scheduler passes on no exception object a provider made (its
+    pickle could run code where it is loaded)."""
+
+
 class WorkerLostError(GpunetError):
     """The worker running a cell died and Dask gave up re-running it elsewhere."""
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpunet.certs import GATEWAY, PROVIDER, SCHEDULER, Identity, identity_of_peer, watch_revocations
-from gpunet.errors import GpunetError
+from gpunet.errors import GpunetError, ProviderTaskError
 from gpunet.guarded_tls import SAFE_DESERIALIZERS, expect_scheduler_at, use_guarded_tls
 from gpunet.wire import EXECUTING, REGISTER_PROVIDER
 
@@ -97,11 +97,6 @@ REFUSAL_ANSWERS: dict[str, Callable[[str], Any]] = {
 
 class RoleError(GpunetError, PermissionError):
     """A peer asked for something its certificate's role does not allow."""
-
-
-class ProviderTaskError(GpunetError):
-    """A task failed on a provider's worker; the message is the worker's text (the
-    scheduler passes on no exception object a provider made)."""
 
 
 Policy = Callable[[Identity | None, str, dict[str, Any]], Awaitable[str | None]]

@@ -10,9 +10,7 @@ import asyncio
 import math
 import os
 import pickle
-import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,9 +24,9 @@ from distributed.protocol import to_serialize
 from distributed.protocol.serialize import ToPickle
 
 from gpunet import certs, wire
-from gpunet.errors import OptionError
+from gpunet.errors import OptionError, ProviderTaskError
 from gpunet.guarded_tls import PEER_MESSAGE_MAX_BYTES
-from gpunet.roles import HEARTBEAT_BURST, MAX_TOPICS_PER_PROVIDER, ProviderTaskError, RoleError, WorkerDoor
+from gpunet.roles import HEARTBEAT_BURST, MAX_TOPICS_PER_PROVIDER, WorkerDoor
 from gpunet_processes import GPUNET, expect, start, stop
 from test_open_network import REFUSED, dasks_own_tls, open_network, pki, service  # noqa: F401 - fixtures
 
