@@ -21,6 +21,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments, parse_argstring
 
 from gpunet.client.network import connect, current
+from gpunet.clitools import read_token_file
 from gpunet.errors import GpunetError, OptionError
 from gpunet.ui.receipt import SessionReceipt
 from gpunet.ui.status import NetworkStatus
@@ -31,7 +32,7 @@ from gpunet.verify.quorum import Policy
 _NEVER_INPUTS = {"In", "Out", "get_ipython", "exit", "quit", "_gpunet"}
 
 LINE_USAGE = """\
-%gpunet connect [SCHEDULER] [--credits URL] [--token TOKEN] [--budget CREDITS] [--workers N]
+%gpunet connect [SCHEDULER] [--credits URL] [--token-file F] [--budget CREDITS] [--workers N]
                                              join SCHEDULER (or GPUNET_SCHEDULER), else start a local network
 %gpunet status                               workers, their devices and free slots
 %gpunet usage                                this session's credits: spent, held, left, tasks by worker
@@ -43,6 +44,8 @@ CONNECT_PARSER = MagicArgumentParser(prog="%gpunet connect", add_help=False)
 CONNECT_PARSER.add_argument("scheduler", nargs="?", default=None)
 CONNECT_PARSER.add_argument("--credits", default=None, metavar="URL")
 CONNECT_PARSER.add_argument("--token", default=None)
+CONNECT_PARSER.add_argument("--token-file", default=None, metavar="F",
+                            help="a file holding this notebook's credit token (keeps it out of the notebook)")
 CONNECT_PARSER.add_argument("--budget", type=float, default=None, metavar="CREDITS")
 CONNECT_PARSER.add_argument("--workers", type=int, default=None, metavar="N", help="CPU workers of a local network")
 
@@ -70,6 +73,8 @@ class GpunetMagics(Magics):
     @argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop the cell after this long")
     @argument("--no-block", action="store_true", help="return at once; outputs land when done (handle in _gpunet)")
     @argument("--quiet", action="store_true", help="no progress display")
+    @argument("--no-reuse", action="store_true",
+              help="run a --verify cell even when the network keeps a verified result of the same code and inputs")
     @line_cell_magic
     def gpunet(self, line: str, cell: str | None = None) -> Any:
         """Run the cell on a worker of the gpunet network (``%%gpunet [flags]``), or
@@ -82,7 +87,8 @@ class GpunetMagics(Magics):
 
         Line magic::
 
-            %gpunet connect [SCHEDULER] [--credits URL] [--token TOKEN] [--budget CREDITS] [--workers N]
+            %gpunet connect [SCHEDULER] [--credits URL] [--token-file F | --token T] [--budget CREDITS]
+                            [--workers N]
             %gpunet status
             %gpunet usage
             %gpunet receipt
@@ -98,7 +104,7 @@ class GpunetMagics(Magics):
                 cell, shell.user_ns, gpus=args.gpus, gpu_mem=args.gpu_mem, min_tflops=args.min_tflops,
                 inputs=args.inputs, outputs=args.outputs, map=args.map, verify=args.verify, rtol=args.rtol,
                 atol=args.atol, max_credits=args.max_credits, timeout=args.timeout, block=not args.no_block,
-                quiet=args.quiet, travels=self._travels, handle="_gpunet")
+                quiet=args.quiet, travels=self._travels, handle="_gpunet", reuse=not args.no_reuse)
         except OptionError as exc:
             raise UsageError(str(exc)) from None
         return None
@@ -111,7 +117,13 @@ class GpunetMagics(Magics):
         command, rest = words[0], line.split(None, 1)[1] if len(words) > 1 else ""
         if command == "connect":
             args = CONNECT_PARSER.parse_argstring(rest)
-            net = connect(args.scheduler, workers=args.workers, credits=args.credits, token=args.token,
+            if args.token and args.token_file:
+                raise UsageError("give one of --token and --token-file")
+            try:
+                token = read_token_file(args.token_file) if args.token_file else args.token
+            except OptionError as exc:
+                raise UsageError(str(exc)) from None
+            net = connect(args.scheduler, workers=args.workers, credits=args.credits, token=token,
                           budget=args.budget)
             where = net.address if net.embedded is None else f"a local network at {net.address}"
             note = f" ({net.embedded.note})" if net.embedded is not None else ""

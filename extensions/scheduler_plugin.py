@@ -39,6 +39,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -50,11 +51,17 @@ from gpunet.credits import CreditClient, CreditsError
 from gpunet.metering.reporter import Reporter
 from gpunet.metering.settlement import GiveUpLater, Owned, Request, Retire, Settlement
 from gpunet.roles import SchedulerDoor, holds_topics
+from gpunet.reuse import ReuseTable
+from gpunet.verify.quorum import result_digest
+from gpunet.wire import result_from_event
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Scheduler
 
 logger = logging.getLogger(__name__)
+
+#: Jobs whose checked verdicts the scheduler remembers, for keeping their results for reuse.
+CHECKED_JOBS_KEPT = 10_000
 
 #: How long a worker named in a registration has to confirm it, and how often it is asked.
 CONFIRM_TIMEOUT_S = 10.0
@@ -94,6 +101,10 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.refused_registrations = 0
         #: key -> when this scheduler sent the task to a worker (its own clock, for pay)
         self._dispatched: dict[Any, float] = {}
+        #: verified results by reuse key (gpunet.reuse), and the result digests that
+        #: checked verdicts accepted, by (client, job): only those may be kept
+        self.reusable = ReuseTable()
+        self._checked: OrderedDict[tuple[str | None, str], set[str]] = OrderedDict()
 
     @property
     def providers(self) -> dict[str, dict[str, Any]]:
@@ -116,6 +127,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             wire.CHARGE_USED: self.charge_used,
             wire.VERDICT: self.verdict,
             wire.EXECUTING: self.executing,
+            wire.REUSE_STORE: self.reuse_store,
+            wire.REUSE_LOOKUP: self.reuse_lookup,
         })
         self.reporter = Reporter(self.settlement, self._client.batch, self._after)
         self.reporter.start()
@@ -202,6 +215,30 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                  for key in copies or () if key in self.scheduler.tasks}
         self._after(self.settlement.verdict(client, job, copies or {}, tasks, method=method, digest=digest,
                                             checked=checked))
+        if checked and digest and sum(bool(agrees) for agrees in (copies or {}).values()) >= 2:
+            self._checked.setdefault((client, job), set()).add(digest)
+            self._checked.move_to_end((client, job))
+            while len(self._checked) > CHECKED_JOBS_KEPT:
+                self._checked.popitem(last=False)
+
+    def reuse_store(self, client: str | None = None, job: str = "", key: str = "",
+                    record: dict[str, Any] | None = None, results: list[dict[str, Any]] | None = None) -> bool:
+        """Handler: keep a verified result for reuse (gpunet.reuse). Kept only when
+        every one of its results is one that a checked verdict of this client on this
+        job accepted (its digest was the verdict's); returns whether it was kept."""
+        accepted = self._checked.get((client, job), set())
+        try:
+            rebuilt = [result_from_event(result) for result in results or ()]
+        except (TypeError, ValueError):
+            return False
+        if not rebuilt or not key or any(result_digest(result) not in accepted for result in rebuilt):
+            return False
+        size = sum(len(blob or b"") for result in rebuilt for blob in result.outputs.values())
+        return self.reusable.put(key, {"record": record or {}, "results": results}, size)
+
+    def reuse_lookup(self, key: str = "") -> dict[str, Any] | None:
+        """Handler: the verified result kept under ``key`` (``{record, results}``), or None."""
+        return self.reusable.get(key)
 
     def charge_used(self, key: Any) -> int | None:
         """Handler: the notebook stops task ``key`` at its --max-credits; returns the

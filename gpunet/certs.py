@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpunet.errors import OptionError
-from gpunet.paths import data_dir
+from gpunet.paths import data_dir, write_private
 
 #: The roles a certificate can bind.
 SCHEDULER, GATEWAY, PROVIDER = "scheduler", "gateway", "provider"
@@ -67,16 +66,6 @@ def certs_dir() -> Path:
     return data_dir() / "certs"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file only its owner can read (mode 600 from the start)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-
-
 def _key_pem(key: Any) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
@@ -110,7 +99,7 @@ def init_ca(directory: Path | None = None, *, force: bool = False) -> Issued:
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256()))
-    _write_private(key_path, _key_pem(key))
+    write_private(key_path, _key_pem(key))
     directory.mkdir(parents=True, exist_ok=True)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return Issued(cert_path, key_path, cert_path)
@@ -165,7 +154,7 @@ def issue(role: str, name: str, directory: Path | None = None, *, hosts: tuple[s
             .sign(ca_key, hashes.SHA256()))
     stem = f"{role}-{name}"
     key_path, cert_path = directory / f"{stem}-key.pem", directory / f"{stem}.pem"
-    _write_private(key_path, _key_pem(key))
+    write_private(key_path, _key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return Issued(cert_path, key_path, ca_cert_path)
 

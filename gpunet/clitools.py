@@ -10,9 +10,23 @@ import argparse
 import logging
 import sys
 
-from gpunet.errors import GpunetError
+from pathlib import Path
+
+from gpunet.errors import GpunetError, OptionError
 
 logger = logging.getLogger(__name__)
+
+
+def read_token_file(path: str | Path) -> str:
+    """The token in file ``path`` (tokens go in files or the environment, never on a
+    command line), with a clear error where it cannot be read or is empty."""
+    try:
+        token = Path(path).expanduser().read_text().strip()
+    except OSError as exc:
+        raise OptionError(f"cannot read the token file {path}: {exc.strerror}") from None
+    if not token:
+        raise OptionError(f"the token file {path} is empty")
+    return token
 
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

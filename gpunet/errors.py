@@ -12,7 +12,11 @@ what happened, the values involved, and what to do next::
     ├── OptionError             a flag or argument has a value gpunet cannot use (the magic: a usage error)
     │   └── PolicyError         --verify / --rtol / --atol cannot be used (also a VerificationError)
     ├── PlacementError          no worker can ever satisfy the requested resources
-    ├── RemoteCellError         the cell raised on the worker (remote traceback kept)
+    ├── RemoteCellError         the cell raised on the worker (remote traceback kept; a built-in
+    │                           exception type stays catchable: ``except KeyError`` works)
+    ├── UnsupportedResultError  an output the data codec cannot carry from an untrusted provider (also a TypeError)
+    ├── ProviderDataError       what a provider sent was refused: undecodable, pickled, forged
+    │   └── ResultTooLargeError     over its cap (results, displays, streams); nothing was loaded
     ├── WorkerLostError         the worker died and the cell could not be re-run
     ├── CellTimeoutError        the cell ran past --timeout and was stopped
     ├── BudgetError             a job's hold cannot be placed: --max-credits, budget or balance too small
@@ -95,6 +99,11 @@ class OptionError(GpunetError, ValueError):
     cannot use; nothing was sent. The magic shows it as a usage error."""
 
 
+class ReproduceError(GpunetError):
+    """A notebook cannot be re-run or checked by ``gpunet reproduce`` (no such file,
+    not a notebook)."""
+
+
 class PlacementError(GpunetError):
     """No worker in the network can ever satisfy the requested resources."""
 
@@ -121,6 +130,27 @@ class ProviderTaskError(GpunetError):
     """A task failed on a provider's worker of an open network. The message is the
     worker's text: the scheduler passes on no exception object a provider made (its
     pickle could run code where it is loaded)."""
+
+
+class UnsupportedResultError(GpunetError, TypeError):
+    """An output (or return value) is of a type the data codec does not carry, so it
+    cannot come back from a provider the notebook does not trust (:mod:`gpunet.codec`).
+    ``name`` says which output, ``type_name`` the type found."""
+
+    def __init__(self, message: str, *, name: str, type_name: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.type_name = type_name
+
+
+class ProviderDataError(GpunetError):
+    """What a provider sent was refused and nothing of it was loaded: bytes that do
+    not decode, a pickled payload on a network whose providers are not trusted, or
+    an event that did not come from the job's own worker."""
+
+
+class ResultTooLargeError(ProviderDataError):
+    """A job's result, displays or output text went over its cap; nothing was loaded."""
 
 
 class WorkerLostError(GpunetError):

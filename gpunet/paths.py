@@ -18,3 +18,14 @@ def data_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("gpunet", appauthor=False))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file only its owner can read (mode 600 from the start:
+    keys and tokens), replacing what was there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)

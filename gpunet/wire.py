@@ -37,6 +37,8 @@ CLOSE_UNKNOWN = "gpunet_close_unknown"  # (hold, keys): tasks the scheduler neve
 CHARGE_USED = "gpunet_charge_used"  # (key) -> credits: stop a cell at its --max-credits
 VERDICT = "gpunet_verdict"  # (client, job, copies, method, digest, checked): a verified unit's verdict
 EXECUTING = "gpunet_executing"  # (workers) -> {worker: tasks processing there}: a provider drains its own
+REUSE_STORE = "gpunet_reuse_store"  # (client, job, key, record, results) -> kept: a verified result, for reuse
+REUSE_LOOKUP = "gpunet_reuse_lookup"  # (key) -> {record, results} | None: a verified result with that key
 #: The name of the metering plugin on the scheduler.
 METERING_PLUGIN = "gpunet-metering"
 #: The modules Dask preloads into a gpunet scheduler / worker (``--preload``): gpunet's

@@ -91,6 +91,7 @@ E2E_TESTS = [
     "tests/test_cli.py",        # `gpunet up/provide/...` as subprocesses (gpunet_processes)
     "tests/test_notebooks.py",  # notebooks run through nbclient and an ipykernel
     "tests/credits/test_credits_witness.py",  # credit services, `gpunet ledger` as subprocesses
+    "tests/test_reproduce.py",  # the same, for `gpunet reproduce`
     # serve_in_background / `python -m gpunet.credits serve` (a credit service process):
     "tests/credits/test_credits_api.py::test_idempotent_calls_retry_across_a_restart_and_move_once",
     "tests/credits/test_credits_cli.py::test_serve_prints_url_and_token_file_and_creates_secrets",

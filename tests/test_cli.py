@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -16,6 +18,10 @@ def test_up_serves_a_network_and_stops_on_ctrl_c(detached):
     try:
         address = expect(process, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
         expect(process, r"dashboard: http://127\.0\.0\.1:\d+")
+        token_file = expect(process, r"notebook token file: (\S+)").group(1)
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        connect_line = expect(process, r"connect from a notebook with:  (.*)").group(1)
+        assert f"--token-file {token_file}" in connect_line and "--token " not in connect_line
         with gpunet.connect(address) as net:
             assert net.map(abs, [-1, -2]) == [1, 2]
             devices = [w.device["kind"] for w in net.workers()]

@@ -457,3 +457,26 @@ def test_a_waiting_cell_says_why(ip, net, tmp_path, monkeypatch):
     finally:
         release.touch()
         net.client.gather(blockers)
+
+
+def test_connect_reads_the_token_from_a_file(ip, net, tmp_path):
+    """The token stays out of the notebook: --token-file F, with a clear error for a bad file."""
+    from gpunet.client import network as network_module
+
+    token_file = tmp_path / "token"
+    token_file.write_text(net.embedded.client_token + "\n")
+    with pytest.raises(UsageError, match="cannot read the token file"):
+        ip.run_line_magic("gpunet", f"connect {net.address} --credits {net.credits.url} --token-file {tmp_path}/none")
+    with pytest.raises(UsageError, match="one of --token and --token-file"):
+        ip.run_line_magic("gpunet", f"connect {net.address} --credits {net.credits.url} --token t --token-file x")
+    network_module._current = None
+    try:
+        with capture_output() as captured:
+            ip.run_line_magic("gpunet", f"connect {net.address} --credits {net.credits.url} --token-file {token_file}")
+        assert f"at {net.credits.url}" in captured.stdout
+        assert network_module.current().credits.token == net.embedded.client_token
+    finally:
+        joined = network_module._current
+        if joined is not None and joined is not net:
+            joined.close()
+        network_module._current = net

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from gpunet import errors as gpunet_errors
+from gpunet import provenance
 from gpunet import wire
 from gpunet.client import submit as jobs
 from gpunet.credits import verify_service
@@ -226,6 +227,13 @@ def test_verified_cell_in_the_notebook(honest_market, shell, detached):
         settled = _settled(market, session=net.session)
         assert sorted(e["to"] for e in settled) == ["alice", "bob"]
         assert settled[0]["memo"]["digest"] == settled[1]["memo"]["digest"]
+        # its provenance record, in the cell's outputs, names the verdict and the holds that paid
+        (record,) = [output.data[provenance.MIME_TYPE] for output in captured.outputs
+                     if provenance.MIME_TYPE in output.data]
+        assert record is shell.user_ns["_gpunet"].provenance
+        assert record["verification"]["verdict"] == "verified" and record["verification"]["providers"] == ["alice", "bob"]
+        assert sorted(record["payment"]["holds"]) == sorted(e["hold"] for e in settled)
+        assert sorted(entry["provider"] for entry in record["ran"]) == ["alice", "bob"]
 
 
 def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
@@ -303,3 +311,39 @@ def test_max_credits_caps_every_copy_a_unit_may_need(honest_market, detached):
         assert net.run(_square_and_root, 3, verify="replicate", max_credits=40) == _square_and_root(3)
         _wait_reported(net)
         assert net.credits.usage(net.session)["spent"] <= 40
+
+
+def test_a_verified_result_is_reused_by_content_in_another_session(honest_market, shell, detached):
+    from IPython.utils.capture import capture_output
+
+    code = "total = sum(i * i for i in range(n))"
+    shell.user_ns["n"] = 1234
+    with honest_market.connect():
+        shell.run_cell_magic("gpunet", "--verify replicate --quiet", code)
+        made = shell.user_ns["_gpunet"].provenance
+        assert made["verification"]["verdict"] == "verified"
+    with honest_market.connect() as second:
+        del shell.user_ns["total"]
+        with capture_output() as captured:
+            shell.run_cell_magic("gpunet", "--verify replicate --quiet", code)
+        assert shell.user_ns["total"] == sum(i * i for i in range(1234))
+        assert f"reused verified result of job {made['job']} (verified by replicate:2), at no cost; --no-reuse to " \
+               "run again" in captured.stdout
+        record = shell.user_ns["_gpunet"].provenance
+        assert record["verification"]["reused_from"]["job"] == made["job"]
+        assert record["outputs"]["total"]["digest"] == made["outputs"]["total"]["digest"]
+        assert record["payment"]["holds"] == [], record["payment"]
+        assert record["ran"] == made["ran"], (record["ran"], made["ran"])
+        usage = second.credits.usage(second.session)
+        assert (usage["spent"], usage["held"]) == (0, 0)
+        # --no-reuse runs it again
+        shell.run_cell_magic("gpunet", "--verify replicate --quiet --no-reuse", code)
+        again = shell.user_ns["_gpunet"].provenance
+        assert "reused_from" not in again["verification"] and len(again["payment"]["holds"]) == 2
+        # a result nobody checked (a spot check that did not happen) is not kept for reuse
+        shell.user_ns["n"] = 99
+        for _ in range(2):
+            shell.run_cell_magic("gpunet", "--verify spot:1e-9 --quiet", code)
+            unchecked = shell.user_ns["_gpunet"].provenance
+            assert unchecked["verification"]["verdict"] == "accepted unchecked"
+            assert "reused_from" not in unchecked["verification"]

@@ -1,6 +1,6 @@
 """The ``gpunet`` command line, one parser: ``up``, ``scheduler``, ``provide``
 (:mod:`gpunet.cli.network`), ``certs`` (:mod:`gpunet.cli.certs`), ``credits`` and ``ledger`` (:mod:`gpunet.credits.cli`,
-beside the credit service they drive).
+beside the credit service they drive), ``reproduce`` (:mod:`gpunet.cli.reproduce`).
 
 A verb module exposes ``add_commands(subparsers)``, which adds its sub-parsers with
 ``set_defaults(func=...)``; ``func(args)`` returns the exit code, and
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpunet.cli import certs, network
+from gpunet.cli import certs, network, reproduce
 from gpunet.clitools import run_command
 from gpunet.credits import cli as credits_cli
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_commands(subparsers)
     certs.add_commands(subparsers)
     credits_cli.add_commands(subparsers)
+    reproduce.add_commands(subparsers)
     return parser
 
 

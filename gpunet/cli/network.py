@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from gpunet import certs
+from gpunet.clitools import read_token_file
 from gpunet.credits import CreditClient
 from gpunet.errors import GpunetError, OptionError
+from gpunet.paths import write_private
 from gpunet.roles import WORKER_NAME_SEPARATOR, WorkerDoor
 from gpunet.wire import (
     DEVICE_RESOURCE,
@@ -139,8 +141,10 @@ def _up(args: Any) -> int:
         if embedded.credits_service is not None:
             print(f"credits: {embedded.credits_url}", flush=True)
             print(f"operator token file: {embedded.credits_service.operator_token_file}", flush=True)
-            print(f"notebook token: {embedded.client_token}", flush=True)
-            connect += f" --credits {embedded.credits_url} --token {embedded.client_token}"
+            token_file = Path(embedded.credits_service.operator_token_file).with_name("notebook-token")
+            write_private(token_file, embedded.client_token.encode())
+            print(f"notebook token file: {token_file}", flush=True)
+            connect += f" --credits {embedded.credits_url} --token-file {token_file}"
         print(f"connect from a notebook with:  {connect}", flush=True)
         print("Ctrl-C stops the network.", flush=True)
         _wait_for_stop()
@@ -206,9 +210,7 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
     if args.credits is None or token_file is None:
         raise OptionError("metering needs both --credits URL and --meter-token-file PATH (or, on a private network, "
                           "--operator-token-file PATH)")
-    token = _read_token_file(token_file)
-    if token is None:
-        raise OptionError(f"the token file {token_file} is empty")
+    token = read_token_file(token_file)
     with CreditClient(args.credits, token) as me:  # a clear error for an unreachable service or a bad token
         account = me.ping()["account"]
         role = me.account(account).get("role")
@@ -235,7 +237,7 @@ def _provide(args: Any) -> int:
                               "(and GPUNET_TOKEN), which would only travel to the workers for nothing")
         return asyncio.run(_run_provider(args, certs.identity_of_file(args.tls_cert).name, security))
     url = args.credits or os.environ.get("GPUNET_CREDITS")
-    token = args.token or _read_token_file(args.token_file) or os.environ.get("GPUNET_TOKEN")
+    token = args.token or (read_token_file(args.token_file) if args.token_file else os.environ.get("GPUNET_TOKEN"))
     if not url or not token:
         raise GpunetError("a provider is paid through the credit service: give --credits URL and --token-file PATH "
                           "(or GPUNET_CREDITS / GPUNET_TOKEN)")
@@ -244,16 +246,6 @@ def _provide(args: Any) -> int:
     # The worker processes inherit it and register with the scheduler as this provider's.
     os.environ[PROVIDER_TOKEN_ENV] = token
     return asyncio.run(_run_provider(args, account))
-
-
-def _read_token_file(path: str | None) -> str | None:
-    """The token in file ``path`` (None without one), with a clear error where it cannot be read."""
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text().strip() or None
-    except OSError as exc:
-        raise OptionError(f"cannot read the token file {path}: {exc.strerror}") from None
 
 
 async def _run_provider(args: Any, account: str, security: Any = None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -26,8 +27,10 @@ from IPython.display import display
 from gpunet.cell import CellAnalysis, analyze
 from gpunet.client.handle import new_job_id, pickled
 from gpunet.client.placement import resources_for
+from gpunet.client.reused import offer_for_reuse, reused_result
 from gpunet.client.submit import raise_for_error
 from gpunet.errors import CellError, MissingOutputError, OptionError
+from gpunet.provenance import Recorder, finish_record, show_record
 from gpunet.ui.progress import JobProgress
 from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import Job, JobResult
@@ -43,10 +46,12 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
              map: str | None = None, verify: str | Policy | None = None,  # noqa: A002 - the flag's name
              rtol: float | None = None, atol: float | None = None, max_credits: float | None = None,
              timeout: float | None = None, block: bool = True, quiet: bool = False,
-             travels: Callable[[str], bool] | None = None, handle: str | None = None) -> CellRun:
+             travels: Callable[[str], bool] | None = None, handle: str | None = None, reuse: bool = True) -> CellRun:
     """Run ``code`` on a worker of ``net`` with its inputs from ``namespace`` and land
     its outputs there; the options mean what the ``%%gpunet`` flags of the same names
-    mean (``map="seed=range(8)"`` is ``--map``, ``block=False`` is ``--no-block``).
+    mean (``map="seed=range(8)"`` is ``--map``, ``block=False`` is ``--no-block``,
+    ``reuse=False`` is ``--no-reuse``: a ``verify`` cell whose code and inputs match a
+    verified result the network keeps gets that result at no cost, see :mod:`gpunet.reuse`).
 
     Detected inputs that ``namespace`` lacks, or for which ``travels(name)`` is
     false (IPython's own names, for the magic), do not travel. With ``handle`` the
@@ -82,10 +87,20 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
         display_last_expression=analysis.displays_last_expression, map_name=map_name, topic=net.topic,
         announce=items is None and (not quiet or max_credits is not None),
     )
-    remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
-                        timeout=timeout, verify=verify, tolerance=tolerance)
+    flags = dict(gpus=gpus, gpu_mem=gpu_mem, min_tflops=min_tflops, inputs=inputs, outputs=outputs, map=map,
+                 verify=None if verify is None else str(verify), rtol=rtol, atol=atol, max_credits=max_credits,
+                 timeout=timeout)
+    record = partial(Recorder.start, Recorder.for_cell, code, {name: namespace[name] for name in input_names},
+                     map_name=map_name, items=items, flags=flags, tolerance=tolerance)
+    # a verified result the network already has is reused (gpunet.reuse); its key needs the digests first
+    recorder = record() if reuse and tolerance is not None else None
+    remote = reused_result(net, job, recorder, mapped=items is not None) if recorder is not None else None
+    if remote is None:
+        remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
+                            timeout=timeout, verify=verify, tolerance=tolerance)
     progress = None if quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
-    cell = CellRun(namespace, remote, analysis, progress, timeout=timeout)
+    recorder = recorder or record()  # otherwise the inputs' digests are taken while the cell runs
+    cell = CellRun(namespace, remote, analysis, progress, timeout=timeout, recorder=recorder)
     if handle is not None:
         namespace[handle] = cell
     net.sent()
@@ -137,8 +152,11 @@ class CellRun:
     """
 
     def __init__(self, namespace: dict[str, Any], remote: JobHandle, analysis: CellAnalysis,
-                 progress: JobProgress | None, *, timeout: float | None) -> None:
+                 progress: JobProgress | None, *, timeout: float | None, recorder: Recorder | None = None) -> None:
         self.namespace = namespace
+        self.recorder = recorder
+        #: the cell's provenance record (:mod:`gpunet.provenance`) once it finished well
+        self.provenance: dict[str, Any] | None = None
         self.remote = remote
         self.analysis = analysis
         self.progress = progress
@@ -187,6 +205,8 @@ class CellRun:
             for result in self._results:
                 self.remote.echo_rest(result)
                 _show(result)
+            if self.provenance is not None:
+                show_record(self.provenance)
         if self._error is not None:
             raise self._error
         return self.outputs
@@ -202,6 +222,8 @@ class CellRun:
                     _show(result)
             self.outputs = self._collect_outputs(self._results)
             self.namespace.update(self.outputs)
+            self.provenance = finish_record(self.recorder, self.remote, self._results, self.outputs, show=foreground)
+            offer_for_reuse(self.remote.network, self.remote, self._results, self.provenance)
         except BaseException as exc:  # noqa: BLE001 - raised by run() or result()
             self._error = exc
         if self.progress is not None:

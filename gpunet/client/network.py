@@ -30,6 +30,7 @@ from gpunet.credits import CreditClient
 from gpunet.errors import ConnectError, GpunetError, PlacementError
 from gpunet.kernels import weighted_chunks
 from gpunet.metering.meter import DEFAULT_RATE, Meter
+from gpunet.provenance import Recorder, finish_record, in_notebook
 from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import DEVICE_RESOURCE
 from gpunet.worker.device import device_info, measure_capability
@@ -201,7 +202,13 @@ class Network:
                              max_credits=max_credits, timeout=timeout, verify=verify,
                              tolerance=tolerance_if_verified(verify, fn, rtol=rtol, atol=atol))
         self.sent()
-        return function_value(remote.wait(timeout=timeout)[0])
+        recorder = self._recorder(fn, {"args": list(args), "kwargs": kwargs}, "run", gpus=gpus, gpu_mem=gpu_mem,
+                                  min_tflops=min_tflops, timeout=timeout, max_credits=max_credits, verify=verify,
+                                  rtol=rtol, atol=atol)
+        results = remote.wait(timeout=timeout)
+        value = function_value(results[0])
+        finish_record(recorder, remote, results, {"value": value}, show=True)
+        return value
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *, gpus: int | None = None,
             gpu_mem: int | str | None = None, min_tflops: float | None = None, timeout: float | None = None,
@@ -227,7 +234,22 @@ class Network:
             workers = [[order[index % len(order)]] for index in range(len(items))]
         remote = self.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
                              timeout=timeout, verify=verify, tolerance=tolerance_if_verified(verify, fn, rtol=rtol, atol=atol))
-        return [function_value(result) for result in remote.wait(timeout=timeout)]
+        recorder = self._recorder(fn, {"items": items}, "map", gpus=gpus, gpu_mem=gpu_mem, min_tflops=min_tflops,
+                                  timeout=timeout, max_credits=max_credits, placement=placement, verify=verify,
+                                  rtol=rtol, atol=atol)
+        results = remote.wait(timeout=timeout)
+        values = [function_value(result) for result in results]
+        finish_record(recorder, remote, results, {"value": values}, show=True)
+        return values
+
+    @staticmethod
+    def _recorder(fn: Callable[..., Any], arguments: dict[str, Any], kind: str, **flags: Any) -> Recorder | None:
+        """The provenance recorder of a call made from a notebook (None elsewhere:
+        a script's calls leave no record to keep)."""
+        if not in_notebook():
+            return None
+        flags = {name: value for name, value in flags.items() if value not in (None, "any")}
+        return Recorder.start(Recorder.for_call, fn, arguments, flags=flags, kind=kind)
 
     def run_cell(self, code: str, namespace: dict[str, Any], **options: Any) -> CellRun:
         """Run a cell's ``code`` on a worker with its inputs from ``namespace`` and land

@@ -171,18 +171,32 @@ class CreditStore:
 
     def check_memory(self) -> None:
         """Check the database against the heads this service signed before (its memory, kept
-        outside the database): entries rewritten, or removed, since then raise
-        :class:`LedgerForkError`, and the service does not start on them."""
+        outside the database): entries rewritten or removed since then, or entries added while
+        it was stopped after a clean stop, raise :class:`LedgerForkError`, and the service does
+        not start on them."""
         if self.memory is None or self.public_key_hex is None:
             return
         tree = self.book.tree
+        why = ("The database was changed behind the service's back (by someone who can write to it), so the "
+               "service does not start on it. Restore it from a backup taken before; if you restored an older "
+               f"backup on purpose, move the folder {self.memory.root} away to start anyway (readers who saw the "
+               "later heads will report a fork)")
+        what = f"the credit database {_db.redact(self.url)}"
         self.memory.check_ledger(self.public_key_hex, lambda sizes: {s: tree.root(s) for s in sizes}, tree.size,
-                                 what=f"the credit database {_db.redact(self.url)}",
-                                 why="The database was changed behind the service's back (by someone who can "
-                                 "write to it), so the service does not start on it. Restore it from a backup "
-                                 "taken before; if you restored an older backup on purpose, move the folder "
-                                 f"{self.memory.root} away to start anyway (readers who saw the later heads will "
-                                 "report a fork)")
+                                 what=what, why=why)
+        running = self.memory.root / "running"
+        log = self.memory.load(self.public_key_hex)
+        top = log.top
+        if top is not None and tree.size > top["size"] and not running.exists():
+            # It stopped cleanly after signing a head of every entry: nobody else writes here.
+            log.fork(f"{what} holds {tree.size} entries, but the service stopped cleanly after signing a head of "
+                     f"{top['size']}: entries {top['size']}..{tree.size - 1} were added while it was stopped",
+                     top, {"size": tree.size}, why)
+        if top is not None and tree.size > top["size"]:
+            logger.warning("entries %d..%d of %s were written after the last head this service remembers (it did "
+                           "not stop cleanly); they are taken as its own", top["size"], tree.size - 1, what)
+        running.parent.mkdir(parents=True, exist_ok=True)
+        running.touch()
 
     def close(self, *, sign: bool = True) -> None:
         """Finish queued operations, sign a last head (unless ``sign`` is false) and remember it,
@@ -194,6 +208,7 @@ class CreditStore:
                 head = self.call("sign_head", None, {}, None, timeout=30)
                 if self.memory is not None:
                     self.memory.observe(head, proofs=self.book.tree.consistency_proof, latest=True)
+                    (self.memory.root / "running").unlink(missing_ok=True)  # a clean stop
             except Exception:  # noqa: BLE001 - closing anyway
                 logger.exception("could not sign (or remember) the last tree head on close")
         self._closed = True

@@ -99,8 +99,8 @@ def describe_this_device(memory_limit: int | None = None, *, gpu: bool = True) -
     ``GPU`` resource (a CPU worker started where dask-cuda is missing) offers none.
 
     Returns a msgpack-friendly dict: ``kind`` ("gpu" or "cpu"), ``name``,
-    ``memory_bytes``, ``count``, ``jax_platform`` (what JAX runs on here) and
-    ``label`` (e.g. "cpu: AMD EPYC 7B13, 11.2 GiB").
+    ``memory_bytes``, ``count``, ``jax_platform`` (what JAX runs on here),
+    ``software`` (:func:`software_versions`) and ``label`` (e.g. "cpu: AMD EPYC 7B13, 11.2 GiB").
     """
     gpus = local_gpus() if gpu else []
     jax_platform = _jax_platform()
@@ -116,8 +116,52 @@ def describe_this_device(memory_limit: int | None = None, *, gpu: bool = True) -
             memory_limit = psutil.virtual_memory().total
         info = {"kind": "cpu", "name": cpu_name(), "memory_bytes": int(memory_limit), "count": 1}
     info["jax_platform"] = jax_platform
+    info["software"] = software_versions()
     info["label"] = f"{info['kind']}: {info['name']}, {format_bytes(info['memory_bytes'])}"
     return info
+
+
+#: The packages whose versions a worker reports (what a notebook's provenance records).
+REPORTED_PACKAGES = ("jax", "jaxlib", "numpy", "gpunet")
+
+
+def software_versions() -> dict[str, str | None]:
+    """The versions a result depends on: Python, JAX, jaxlib, NumPy, gpunet (None
+    where one is not installed) and, where NVML answers, the CUDA driver."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in REPORTED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    driver = cuda_driver_version()
+    if driver is not None:
+        versions["cuda_driver"] = driver
+    return versions
+
+
+def cuda_driver_version() -> str | None:
+    """The NVIDIA driver version and the CUDA version it supports ("550.54.15 (CUDA
+    12.4)"), by NVML; None where there is no NVML or no driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - pynvml raises NVMLError subclasses; no driver is the CPU case
+        return None
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else str(driver)
+        return f"{driver} (CUDA {cuda // 1000}.{cuda % 1000 // 10})"
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def format_bytes(n: float) -> str:

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,6 +107,23 @@ class Backend:
             conn.close()
 
 
+    def append_mint(self, to, amount):
+        """A mint of ``amount`` to ``to`` appended after the last entry, chained and hashed as the
+        service would, the balance raised to match."""
+        conn, p = self.connect()
+        try:
+            index, prev = conn.execute("SELECT idx, hash FROM entries ORDER BY idx DESC LIMIT 1").fetchone()
+            when = "2026-01-01T00:00:00.000000Z"
+            row = (index + 1, when, "mint", "", to, amount, "", "", "forged")
+            digest = entry_hash(bytes(prev), *row)
+            conn.execute(f"INSERT INTO entries (idx, time, kind, src, dst, amount, session, hold, key, prev, hash, "
+                         f"memo) VALUES ({', '.join([p] * 11)}, '')", (*row, bytes(prev), digest))
+            conn.execute(f"UPDATE accounts SET balance = balance + {p} WHERE name = {p}", (amount, to))
+            conn.commit()
+        finally:
+            conn.close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def backend(request, tmp_path):
     return Backend(request.param, tmp_path, request)
@@ -155,6 +173,25 @@ def test_a_redirected_payment_with_its_heads_deleted_fails_verify(backend, tmp_p
         assert "entries up to" in line
     finally:
         svc.stop()
+
+
+def test_entries_added_while_the_service_was_stopped_are_refused(backend, tmp_path):
+    """Attack 1, appending: a mint to oneself, chained and hashed, after the service stopped."""
+    svc = backend.serve()
+    try:
+        _, _, _, _, mallory = pay(svc)
+    finally:
+        svc.stop()
+    backend.append_mint(mallory, 10**6)
+    refused(ledger("verify", "--db", backend.db, data=tmp_path / "stranger"), "covered by no signed head")
+    with pytest.raises(CreditsUnavailableError, match="were added while it was stopped"):
+        backend.serve()
+    # After a crash (the service's memory still says it runs) it cannot tell its own last entries
+    # from others': it starts, saying so.
+    (Path(backend.memory()) / "running").touch()
+    svc = backend.serve()
+    svc.stop()
+    assert "were written after the last head this service remembers" in (tmp_path / f"log{backend.starts}").read_text()
 
 
 def test_an_operator_who_re_signs_a_rewritten_history_is_caught(backend, tmp_path):

@@ -1,0 +1,169 @@
+"""The data codec: every type it carries round-trips; nothing else does, and hostile bytes never run code."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import msgpack
+import numpy as np
+import pandas as pd
+import pytest
+
+from gpunet import codec
+from gpunet.errors import ProviderDataError, UnsupportedResultError
+
+
+def round_trip(value):
+    return codec.decode(codec.encode(value))
+
+
+@pytest.mark.parametrize("value", [
+    None, True, False, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 2**200, -(2**130), 1.5, -0.0, math.inf, 1 + 2j,
+    "", "text é ✓", b"", b"\x00\xff", [], [1, "a", None], (), (1, (2, 3)), {"a": 1, 2: "b", (1, 2): [3]},
+    {"nested": {"deeper": [(1.0, b"x")]}},
+])
+def test_plain_values_round_trip_with_their_types(value):
+    back = round_trip(value)
+    assert back == value and type(back) is type(value)
+
+
+def test_nan_round_trips():
+    assert math.isnan(round_trip(float("nan")))
+
+
+def test_dict_order_is_kept():
+    assert list(round_trip({"b": 1, "a": 2})) == ["b", "a"]
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.int64).reshape(3, 4),
+    np.linspace(0, 1, 7, dtype=np.float32),
+    np.array([[True, False]]),
+    np.array([1 + 1j, 2 - 3j], dtype=np.complex128),
+    np.array(["a", "bcd"]),
+    np.array([b"x", b"yz"]),
+    np.array(["2024-01-01", "2025-06-30"], dtype="datetime64[ns]"),
+    np.array([1, 2], dtype="timedelta64[s]"),
+    np.arange(24, dtype=np.uint16).reshape(2, 3, 4)[:, ::2, 1:],  # not contiguous
+    np.zeros((0, 3)),
+    np.array(3.5),  # 0-d
+    np.arange(6, dtype=">i4"),  # big-endian
+])
+def test_numpy_arrays_round_trip_writable(array):
+    back = round_trip(array)
+    assert isinstance(back, np.ndarray) and back.dtype == array.dtype and back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+    if back.size:
+        back.flat[0] = back.flat[-1]  # the notebook may change what came back
+
+
+def test_numpy_scalars_round_trip():
+    for scalar in (np.float32(1.25), np.int8(-3), np.float64(2.5), np.bool_(True), np.datetime64("2020-01-01")):
+        back = round_trip(scalar)
+        assert back == scalar and type(back) is type(scalar)
+
+
+def test_jax_arrays_come_back_as_numpy():
+    jnp = pytest.importorskip("jax.numpy")
+    back = round_trip({"w": jnp.arange(4.0)})
+    assert isinstance(back["w"], np.ndarray)
+    np.testing.assert_array_equal(back["w"], np.arange(4.0, dtype=np.float32))
+
+
+def test_pandas_frames_and_series_round_trip():
+    frame = pd.DataFrame({"n": np.arange(5), "x": np.linspace(0, 1, 5), "s": list("abcde"),
+                          "t": pd.date_range("2024-01-01", periods=5), "b": [True, False] * 2 + [True]})
+    pd.testing.assert_frame_equal(round_trip(frame), frame)
+    indexed = frame.set_index("s")
+    pd.testing.assert_frame_equal(round_trip(indexed), indexed)
+    series = pd.Series([1.5, 2.5], index=pd.Index(["a", "b"], name="k"), name="v")
+    pd.testing.assert_series_equal(round_trip(series), series)
+    stepped = pd.DataFrame({"a": [1, 2]}, index=pd.RangeIndex(10, 14, 2))
+    pd.testing.assert_frame_equal(round_trip(stepped), stepped)
+
+
+def test_matplotlib_figures_come_back_as_png():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots()
+    axes.plot([1, 2, 3])
+    back = round_trip(figure)
+    plt.close(figure)
+    assert back.format == "png" and back.data.startswith(b"\x89PNG")
+
+
+class Model:
+    pass
+
+
+@pytest.mark.parametrize("value, where", [
+    (Model(), "is a test_codec.Model"),
+    ({"model": [1, Model()]}, "holds at ['model'][1] a test_codec.Model"),
+    (np.array([Model()], dtype=object), "dtype object"),
+    (pd.DataFrame({"o": [Model(), 1]}), "holds Python objects"),
+    ({1, 2}, "is a set"),
+    (lambda: 1, "function"),
+])
+def test_other_types_are_refused_naming_the_output_and_what_to_do(value, where):
+    with pytest.raises(UnsupportedResultError) as info:
+        codec.encode(value, name="output 'res'")
+    message = str(info.value)
+    assert message.startswith("output 'res'") and where in message
+    assert "Return its data instead" in message and "--trust-providers" in message
+    assert isinstance(info.value, TypeError)
+
+
+def test_decode_never_unpickles(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for hostile in (pickle.dumps(Evil()), msgpack.packb(msgpack.ExtType(4, pickle.dumps(Evil())))):
+        with pytest.raises(ProviderDataError):
+            codec.decode(hostile)
+    assert not marker.exists()
+
+
+def test_an_object_dtype_array_is_refused_when_decoding():
+    payload = msgpack.packb(["|O", [1], b"\x00" * 8])
+    with pytest.raises(ProviderDataError, match="dtype object"):
+        codec.decode(msgpack.packb(msgpack.ExtType(4, payload)))
+
+
+@pytest.mark.parametrize("payload", [
+    msgpack.packb(["<f8", [3], b"\x00" * 8]),  # too few bytes for the shape
+    msgpack.packb(["<f8", [-1], b""]),
+    msgpack.packb(["V8", [1], b"\x00" * 8]),
+    b"\xc1",
+])
+def test_malformed_arrays_are_refused(payload):
+    with pytest.raises(ProviderDataError):
+        codec.decode(msgpack.packb(msgpack.ExtType(4, payload)))
+
+
+def test_decode_refuses_over_its_cap_before_reading():
+    data = codec.encode(b"x" * 1000)
+    with pytest.raises(ProviderDataError, match="over its cap of 100 bytes"):
+        codec.decode(data, max_bytes=100, what="output 'y'")
+
+
+def test_unknown_extensions_and_garbage_are_refused():
+    for data in (msgpack.packb(msgpack.ExtType(99, b"")), b"\x92\x01", "not bytes"):
+        with pytest.raises(ProviderDataError):
+            codec.decode(data)
+
+
+def test_digest_is_canonical_over_dict_order_and_sensitive_to_values():
+    assert codec.digest({"a": 1, "b": [1, 2]}) == codec.digest({"b": [1, 2], "a": 1})
+    assert codec.digest({"a": 1}) != codec.digest({"a": 2})
+    assert codec.digest(np.arange(3)) != codec.digest(np.arange(3.0))
+
+
+def test_clean_text_strips_terminal_control_sequences():
+    hostile = "ok\x1b[2J\x1b[1;1Hfake\x1b]0;title\x07 prompt\x1b]8;;http://x\x1b\\link\x00\x07\tend\r\n"
+    assert codec.clean_text(hostile) == "okfake promptlink\tend\r\n"
