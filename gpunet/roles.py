@@ -182,13 +182,14 @@ class _Bucket:
 
     burst: float = EVENT_BURST_BYTES
     per_s: float = EVENT_BYTES_PER_S
-    tokens: float = -1.0
+    tokens: float = field(init=False)
     at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
 
     def take(self, amount: float) -> bool:
         now = time.monotonic()
-        if self.tokens < 0:
-            self.tokens = self.burst
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_s)
         self.at = now
         if amount > self.tokens:
