@@ -5,17 +5,28 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.gpunet-installed
 
-.PHONY: demo test bench clean
+KERNEL := gpunet
+
+.PHONY: demo kernel lab test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -U pip
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,bench,browser]"
 	touch $(STAMP)
 
+## make kernel: register .venv as the Jupyter kernel "Python (gpunet)", which the notebooks name
+kernel: $(STAMP)
+	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "Python (gpunet)"
+
 ## make demo: start the embedded network and run notebooks/quickstart.ipynb headless
-demo: $(STAMP)
+demo: kernel
 	$(BIN)/python -m gpunet.demo notebooks/quickstart.ipynb
+
+## make lab: JupyterLab (installed into .venv) on notebooks/, with the gpunet kernel
+lab: kernel
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[lab]"
+	$(BIN)/jupyter lab notebooks/
 
 ## make test: the whole suite (unit + end-to-end against real local servers)
 test: $(STAMP)

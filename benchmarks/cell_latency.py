@@ -1,7 +1,10 @@
 """Round trip of a trivial %%gpunet cell against client.submit and ipyparallel's %%px,
-and --map throughput against client.map, all on one embedded network in one run.
+and --map throughput against client.map, all on one embedded network in one run; then
+results as data (the codec, as from providers the notebook does not trust) against
+pickle, on one network in the same run: a 1 MB NumPy result and a 10k-row DataFrame.
 
     .venv/bin/python benchmarks/cell_latency.py [--repeats 200] [--items 2000] [--unmetered]
+                                                [--codec-repeats 50] [--codec-items 200]
 
 By default the embedded network meters work, as `%gpunet connect` does: every cell
 then also places a hold over HTTP before it is sent. --unmetered measures without.
@@ -40,12 +43,72 @@ def summary(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1e3, ordered[int(0.95 * (len(ordered) - 1))] * 1e3
 
 
+def megabyte_array(seed: int = 0):
+    """A 1 MB float64 NumPy array (what a cell's numeric result often is)."""
+    import numpy as np
+
+    return np.full(131_072, float(seed))
+
+
+def ten_thousand_rows(seed: int = 0):
+    """A 10,000-row DataFrame of an int, a float and a string column."""
+    import numpy as np
+    import pandas as pd
+
+    return pd.DataFrame({"n": np.arange(10_000) + seed, "x": np.linspace(0, 1, 10_000),
+                         "label": [f"row-{i % 100}" for i in range(10_000)]})
+
+
+def codec_against_pickle(repeats: int, items: int) -> None:
+    """net.run round trip and net.map throughput of the two results, as data and pickled,
+    on one unmetered network (its scheduler joined twice: trusting its providers, and not)."""
+    import gpunet
+    from gpunet.client import network as network_module
+    from gpunet.client.local import EmbeddedNetwork
+
+    embedded = EmbeddedNetwork(credits=False)
+    try:
+        nets = {}
+        for label, trust in (("pickle", True), ("codec", False)):
+            network_module._current = None  # keep the other connection open
+            nets[label] = gpunet.connect(embedded.scheduler_address, trust_providers=trust)
+        print(f"\nresults as data (codec) against pickled, one network ({embedded.note}), unmetered")
+        print(f"{'':34s} {'pickle':>10s} {'codec':>10s} {'codec/pickle':>13s}")
+        for name, fn in (("1 MB NumPy array", megabyte_array), ("10k-row DataFrame", ten_thousand_rows)):
+            samples: dict[str, list[float]] = {label: [] for label in nets}
+            for _ in range(5):  # interleaved rounds, so drift in the machine's load hits both alike
+                for label, net in nets.items():
+                    samples[label] += timings(lambda: net.run(fn, 1), max(repeats // 5, 1), warmup=2)
+            medians = {label: summary(values)[0] for label, values in samples.items()}
+            print(f"{'net.run round trip, ' + name + ' (ms)':34s} {medians['pickle']:10.2f} {medians['codec']:10.2f} "
+                  f"{medians['codec'] / medians['pickle']:13.2f}")
+            rates = {label: 0.0 for label in nets}
+            for _ in range(3):  # interleaved rounds, best of 3
+                for label, net in nets.items():
+                    started = time.perf_counter()
+                    net.map(fn, range(items))
+                    rates[label] = max(rates[label], items / (time.perf_counter() - started))
+            print(f"{'net.map, ' + name + ' (items/s)':34s} {rates['pickle']:10.0f} {rates['codec']:10.0f} "
+                  f"{rates['pickle'] / rates['codec']:13.2f}")
+        print("(aim: codec within 1.2x of pickle; the last column is codec time over pickle time)")
+        for net in nets.values():
+            net.close()
+    finally:
+        embedded.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--unmetered", action="store_true", help="start the embedded network without credits")
+    parser.add_argument("--codec-repeats", type=int, default=50, help="round trips per result kind, codec vs pickle")
+    parser.add_argument("--codec-items", type=int, default=200, help="map items per round, codec vs pickle")
+    parser.add_argument("--only-codec", action="store_true", help="measure only the codec against pickle")
     args = parser.parse_args()
+    if args.only_codec:
+        codec_against_pickle(args.codec_repeats, args.codec_items)
+        return
 
     import io
     import sys
@@ -128,6 +191,7 @@ def main() -> None:
     ratio = results["%%gpunet --map"] / results["client.map + gather"]
     print(f"ratio %%gpunet --map / client.map: {ratio:.2f}  (aim: >= 0.9)")
     net.close()
+    codec_against_pickle(args.codec_repeats, args.codec_items)
 
 
 if __name__ == "__main__":

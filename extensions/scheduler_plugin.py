@@ -13,7 +13,9 @@ Start a scheduler with ``--preload gpunet.extensions.scheduler_plugin`` and
 ``--preload-argv "--credits URL --operator-token-file F"`` (``gpunet scheduler
 --credits URL --operator-token-file F`` and the embedded network do). The notebook
 reaches the plugin through the named scheduler handlers it registers
-(``client.scheduler.gpunet_metering_state()`` and so on).
+(``client.scheduler.gpunet_metering_state()`` and so on). Beside the Dask dashboard it
+serves ``/gpunet``: the workers' providers and rates, what each runs now, and how far
+the reports have got.
 
 Providers: a worker started by ``gpunet provide`` registers over its own stream
 (a ``gpunet-register-provider`` message), presenting its provider's credit token
@@ -54,6 +56,7 @@ from gpunet.roles import SchedulerDoor, holds_topics
 from gpunet.reuse import ReuseTable
 from gpunet.verify.quorum import result_digest
 from gpunet.wire import result_from_event
+from gpunet.ui import look
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Scheduler
@@ -132,6 +135,49 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         })
         self.reporter = Reporter(self.settlement, self._client.batch, self._after)
         self.reporter.start()
+        if not self.open_network:  # an open network shows its parties no more than Dask's own door lets them
+            self._serve_page(scheduler)
+
+    def _serve_page(self, scheduler: Scheduler) -> None:
+        """Serve ``/gpunet`` beside the Dask dashboard (where it runs): gpunet's own context of
+        the network, the providers of the workers and what each runs now (never a task's data)."""
+        application = getattr(scheduler, "http_application", None)
+        if application is None:
+            return
+        from tornado import web
+
+        plugin = self
+
+        class MeteringPage(web.RequestHandler):
+            def get(self) -> None:
+                self.set_header("Content-Type", "text/html; charset=utf-8")
+                self.write(plugin.page_html())
+
+        application.add_handlers(r".*", [(r"/gpunet/?", MeteringPage)])
+
+    def page_html(self) -> str:
+        """The ``/gpunet`` page: what the metering knows, in gpunet's look."""
+        state = self.state()
+        running = state["running"]
+        rows = []
+        for address in sorted(self.scheduler.workers):
+            info = state["providers"].get(address)
+            provider = info["provider"] if info else (state["default_provider"] or "nobody (not metered)")
+            rate = info["rate"] if info else state["default_rate"]
+            now = "; ".join(f"{task['kind']} for {task['for_s']:.0f} s, {task['held']} credits held"
+                            for task in running.get(address, ())) or "idle"
+            rows.append((address, self.scheduler.workers[address].name, provider, f"{rate:g}/s", now))
+        body = (look.figures([("reported", "movements reported", state["reported"]),
+                              ("queued", "queued", state["queued"]), ("failed", "failed", state["failed"]),
+                              ("maps_open", "maps open", state["maps_open"]),
+                              ("awaiting", "copies awaiting a verdict", state["awaiting_verdict"]),
+                              ("verdicts", "verdicts", state["verdicts"])])
+                + f"<div>credit service <code>{look.esc(state['credits'])}</code>; quarantined: "
+                  f"{look.esc(', '.join(state['quarantined']) or 'none')}</div>"
+                + look.table(("worker", "name", "provider", "rate", "running now"), rows, empty="no worker"))
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>gpunet</title>"
+                f"<meta http-equiv='refresh' content='5'></head><body>{look.panel('gpunet network', body)}"
+                "</body></html>")
 
     async def before_close(self) -> None:
         """Try for a few seconds to send what is still queued: what maps' items earned,
@@ -274,7 +320,23 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 "refused_registrations": self.refused_registrations,
                 "network": "open" if self.open_network else "private", "refused_tasks": self.refused_tasks,
                 "refused_requests": self.door.refused if self.door is not None else 0,
-                "providers": self.providers}
+                "providers": self.providers, "running": self.running()}
+
+    def running(self) -> dict[str, list[dict[str, Any]]]:
+        """Worker address -> the metered tasks it runs now, each as ``{"kind", "held", "for_s"}``:
+        the kind of job (:func:`gpunet.wire.job_kind`), the credits its hold may pay for it, and the
+        seconds since it went there. What a provider's dashboard shows; never a task's data."""
+        now = time.time()
+        running: dict[str, list[dict[str, Any]]] = {}
+        for address, ws in self.scheduler.workers.items():
+            tasks = running[address] = []
+            for ts in ws.processing:
+                meta = (ts.annotations or {}).get(wire.ANNOTATION)
+                if meta and meta.get("hold"):
+                    since = self.settlement.dispatched.get(ts.key, now)
+                    tasks.append({"kind": wire.job_kind(meta), "held": int(meta.get("amount", 0)),
+                                  "for_s": round(now - since, 1)})
+        return running
 
     # -- providers -----------------------------------------------------------------------
     def _on_register_message(self, worker: str = "", token: str = "", rate: float = 1.0, **kwargs: Any) -> None:

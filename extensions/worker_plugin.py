@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from distributed.diagnostics.plugin import WorkerPlugin
 

@@ -24,15 +24,20 @@ from gpunet.errors import (
     GpunetError,
     MissingOutputError,
     PlacementError,
+    ProviderDataError,
     ProviderTaskError,
     RemoteCellError,
+    ResultTooLargeError,
     UnpicklableInputError,
+    UnsupportedResultError,
     VerificationError,
     WorkerLostError,
 )
 
 if _typing.TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.network import Network, connect, current, map, split
+    from gpunet.credits import CreditClient
+    from gpunet.ui.dashboard import ProviderDashboard
     from gpunet.ui.receipt import SessionReceipt
     from gpunet.ui.usage import SessionUsage
 
@@ -44,16 +49,21 @@ __all__ = [
     "CellSyntaxError",
     "CellTimeoutError",
     "ConnectError",
+    "CreditClient",
     "CreditsError",
     "GpunetError",
     "MissingOutputError",
     "Network",
     "PlacementError",
+    "ProviderDashboard",
+    "ProviderDataError",
     "ProviderTaskError",
     "RemoteCellError",
+    "ResultTooLargeError",
     "SessionReceipt",
     "SessionUsage",
     "UnpicklableInputError",
+    "UnsupportedResultError",
     "VerificationError",
     "WorkerLostError",
     "connect",
@@ -72,6 +82,8 @@ _LAZY = {
     "map": "gpunet.client.network",
     "split": "gpunet.client.network",
     "SessionUsage": "gpunet.ui.usage",
+    "CreditClient": "gpunet.credits",
+    "ProviderDashboard": "gpunet.ui.dashboard",
     "SessionReceipt": "gpunet.ui.receipt",
 }
 

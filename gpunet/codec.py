@@ -36,10 +36,7 @@ from typing import Any
 import msgpack
 
 from gpunet.errors import ProviderDataError, UnsupportedResultError
-
-#: How results travel: ``pickle`` on the embedded network (and a private one that
-#: trusts its providers), ``codec`` everywhere else.
-PICKLE, CODEC = "pickle", "codec"
+from gpunet.wire import PICKLE
 
 # msgpack extension type codes
 _TUPLE, _BIGINT, _COMPLEX, _NDARRAY, _NPSCALAR, _SERIES, _DATAFRAME, _FIGURE = range(1, 9)
@@ -52,11 +49,15 @@ SUPPORTED = ("None, bool, int, float, complex, str, bytes; lists, tuples and dic
              "of numbers, bools, strings or datetimes; pandas Series/DataFrames of such columns; matplotlib figures")
 
 
-def encode(obj: Any, *, name: str = "the result") -> bytes:
-    """``obj`` as codec bytes; :class:`UnsupportedResultError` naming ``name`` (e.g.
-    "output 'model'") and the first value inside it the codec cannot carry."""
+def encode(obj: Any, *, name: str = "the result") -> memoryview:
+    """``obj`` as codec bytes (a read-only view of the packer's own buffer: no copy of
+    a large result); :class:`UnsupportedResultError` naming ``name`` (e.g. "output
+    'model'") and the first value inside it the codec cannot carry."""
     try:
-        return _pack(obj)
+        packer = msgpack.Packer(default=_default, use_bin_type=True, strict_types=True, autoreset=False,
+                                buf_size=256 * 1024 + _large_bytes(obj))
+        packer.pack(obj)
+        return packer.getbuffer().toreadonly()
     except _Unsupported as exc:
         raise UnsupportedResultError(_unsupported_message(name, obj, exc.value, exc.reason),
                                      name=name, type_name=_type_name(exc.value)) from None
@@ -78,6 +79,27 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
         raise ProviderDataError(f"{what} could not be decoded ({type(exc).__name__}: {exc}); it was not loaded") from None
 
 
+def dump(value: Any, result_format: str, *, name: str) -> bytes:
+    """``value`` as it travels back in ``result_format``: codec bytes (:func:`encode`),
+    or cloudpickle where the notebook trusts its providers (``PICKLE``)."""
+    if result_format == PICKLE:
+        import cloudpickle
+
+        return cloudpickle.dumps(value)
+    return encode(value, name=name)
+
+
+def load(blob: bytes, result_format: str, *, what: str) -> Any:
+    """The value :func:`dump` made. Only ``PICKLE`` unpickles, and only the embedded
+    network and a private one that trusts its providers send it (the notebook says
+    which format it accepts, and a JobResult in another is refused on arrival)."""
+    if result_format == PICKLE:
+        import cloudpickle
+
+        return cloudpickle.loads(blob)
+    return decode(blob, what=what)
+
+
 def digest(obj: Any) -> str:
     """``sha256:...`` of ``obj``'s canonical encoding: equal data, equal digest,
     whatever the order its dicts were built in."""
@@ -91,7 +113,8 @@ def canonical_bytes(obj: Any) -> bytes:
 
 def _canonical(obj: Any) -> Any:
     if isinstance(obj, dict):
-        pairs = sorted(((encode(_canonical(key)), key, value) for key, value in obj.items()), key=lambda p: p[0])
+        pairs = sorted(((bytes(encode(_canonical(key))), key, value) for key, value in obj.items()),
+                       key=lambda p: p[0])
         return {key: _canonical(value) for _, key, value in pairs}
     if isinstance(obj, list):
         return [_canonical(item) for item in obj]
@@ -125,8 +148,23 @@ class _Unsupported(Exception):
 
 
 def _pack(obj: Any) -> bytes:
-    # strict_types: a tuple, an int or float subclass (NumPy scalars) reaches _default
-    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True)
+    # strict_types: a tuple, an int or float subclass (NumPy scalars) reaches _default.
+    # A buffer sized for the large values up front: growing it copies them again.
+    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True,
+                         buf_size=256 * 1024 + _large_bytes(obj))
+
+
+def _large_bytes(obj: Any, depth: int = 3) -> int:
+    """About how many bytes ``obj``'s large values take (a few levels deep; cheap)."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return len(obj)
+    if hasattr(obj, "nbytes") and isinstance(getattr(obj, "nbytes"), int):
+        return obj.nbytes
+    if depth and isinstance(obj, dict):
+        return sum(_large_bytes(value, depth - 1) for value in obj.values())
+    if depth and isinstance(obj, (list, tuple)) and len(obj) < 64:
+        return sum(_large_bytes(value, depth - 1) for value in obj)
+    return 0
 
 
 def _default(obj: Any) -> Any:
@@ -183,22 +221,26 @@ def _array_payload(array: Any) -> bytes:
     if array.dtype.kind not in ARRAY_KINDS or array.dtype.fields is not None:
         raise _Unsupported(array, f"its dtype {array.dtype} is not one of numbers, bools, strings or datetimes")
     contiguous = array if array.flags.c_contiguous else np.array(array, order="C")  # keeps 0-d arrays 0-d
-    return _pack([contiguous.dtype.str, list(contiguous.shape), memoryview(contiguous.reshape(-1).view(np.uint8))])
+    # header length, header, raw buffer: joined in one allocation, and read back without copying the buffer
+    header = _pack([contiguous.dtype.str, list(contiguous.shape)])
+    return b"".join([struct.pack("<I", len(header)), header, memoryview(contiguous.reshape(-1).view(np.uint8))])
 
 
-def _column(series: Any) -> bytes:
-    """A pandas column as an array payload; string columns as a NumPy str array."""
-    import numpy as np
-    import pandas as pd
+#: pandas dtypes a column of Python values comes back as (anything else: object)
+_LIST_DTYPES = ("str", "string", "object", "category")
 
+
+def _column(series: Any) -> list[Any]:
+    """A pandas column: an array payload, or (object, string and categorical columns)
+    its values as a list of what the codec carries."""
     values = series.to_numpy()
-    if values.dtype.kind == "O":
-        if pd.api.types.is_string_dtype(series.dtype) and not series.isna().any() and \
-                all(isinstance(v, str) for v in values):
-            values = values.astype(str)
-        else:
-            raise _Unsupported(series, f"its column {series.name!r} holds Python objects ({series.dtype})")
-    return _array_payload(np.asarray(values))
+    if values.dtype.kind != "O":
+        return ["array", _array_payload(values)]
+    try:
+        return ["list", str(series.dtype), _pack(series.tolist())]
+    except _Unsupported as exc:
+        raise _Unsupported(series, f"its column {series.name!r} ({series.dtype}) holds a "
+                                   f"{_type_name(exc.value)}") from None
 
 
 def _index_payload(index: Any) -> Any:
@@ -235,9 +277,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
         if code == _SERIES:
             name, index, values = _unpack(data)
-            return pd.Series(_array(values), index=_index(index), name=name)
+            return pd.Series(_column_values(values), index=_index(index), name=name)
         index, columns = _unpack(data)
-        return pd.DataFrame({name: _array(values) for name, values in columns}, index=_index(index),
+        return pd.DataFrame({name: _column_values(values) for name, values in columns}, index=_index(index),
                             columns=[name for name, _ in columns])
     if code == _FIGURE:
         from IPython.display import Image
@@ -249,7 +291,9 @@ def _ext_hook(code: int, data: bytes) -> Any:
 def _array(payload: bytes) -> Any:
     import numpy as np
 
-    dtype_text, shape, raw = _unpack(payload)
+    (length,) = struct.unpack_from("<I", payload)
+    dtype_text, shape = _unpack(payload[4:4 + length])
+    raw = memoryview(payload)[4 + length:]
     dtype = np.dtype(str(dtype_text))
     if dtype.kind not in ARRAY_KINDS or dtype.fields is not None:
         raise ProviderDataError(f"an array of dtype {dtype} does not travel in the codec")
@@ -261,7 +305,7 @@ def _array(payload: bytes) -> Any:
         count *= n
     if count * dtype.itemsize != len(raw):
         raise ProviderDataError(f"an array's {len(raw)} bytes do not fit its shape {shape} and dtype {dtype}")
-    return np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()  # the notebook's own, writable copy
 
 
 def _index(payload: list[Any]) -> Any:
@@ -271,7 +315,19 @@ def _index(payload: list[Any]) -> Any:
         _, start, stop, step, name = payload
         return pd.RangeIndex(int(start), int(stop), int(step), name=name)
     _, values, name = payload
-    return pd.Index(_array(values), name=name)
+    return pd.Index(_column_values(values), name=name)
+
+
+def _column_values(payload: list[Any]) -> Any:
+    import pandas as pd
+
+    if payload[0] == "array":
+        return _array(payload[1])
+    _, dtype, packed = payload
+    values = _unpack(packed)
+    if not isinstance(values, list):
+        raise ProviderDataError("a column's values are not a list")
+    return pd.array(values, dtype=dtype if dtype in _LIST_DTYPES else "object")
 
 
 # -- messages --------------------------------------------------------------------------

@@ -45,6 +45,7 @@ Errors of other libraries are translated at the boundary (``raise ... from exc``
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 
@@ -121,9 +122,36 @@ class RemoteCellError(GpunetError):
         self.evalue = evalue
         self.remote_traceback = remote_traceback
 
+    def __str__(self) -> str:  # KeyError's own __str__ would quote the message
+        return str(self.args[0]) if self.args else ""
+
     def _render_traceback_(self) -> list[str]:
         # IPython shows these lines instead of the local frames of gpunet itself.
         return self.remote_traceback.rstrip("\n").split("\n")
+
+    @classmethod
+    def of(cls, ename: str, evalue: str, remote_traceback: str) -> RemoteCellError:
+        """The error to raise for a remote exception known only by its type name,
+        message and traceback text: for a built-in exception type (``KeyError``,
+        ``ValueError``, ...) a RemoteCellError that is also one, so that
+        ``except KeyError`` keeps working; else a plain RemoteCellError."""
+        return _remote_class(ename)(ename, evalue, remote_traceback)
+
+
+_remote_classes: dict[str, type[RemoteCellError]] = {}
+
+
+def _remote_class(ename: str) -> type[RemoteCellError]:
+    builtin = getattr(builtins, ename, None)
+    if not (isinstance(builtin, type) and issubclass(builtin, Exception)) or builtin is Exception:
+        return RemoteCellError
+    if ename not in _remote_classes:
+        try:
+            _remote_classes[ename] = type(ename, (RemoteCellError, builtin), {
+                "__module__": __name__, "__doc__": f"A remote {ename}, raised in the notebook as a RemoteCellError."})
+        except TypeError:  # a built-in whose layout cannot be combined
+            _remote_classes[ename] = RemoteCellError
+    return _remote_classes[ename]
 
 
 class ProviderTaskError(GpunetError):

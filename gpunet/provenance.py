@@ -113,8 +113,24 @@ def kept_value(entry: dict[str, Any]) -> Any:
 
 def _small(value: Any) -> bool:
     """Whether a value may be small enough to keep, without encoding it to find out."""
+    return _size_hint(value, KEEP_VALUE_BYTES) <= KEEP_VALUE_BYTES
+
+
+def _size_hint(value: Any, limit: int) -> int:
+    """The bytes of the arrays in ``value`` (its containers walked until ``limit`` is passed)."""
     nbytes = getattr(value, "nbytes", None)
-    return nbytes is None or nbytes <= KEEP_VALUE_BYTES
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        total = 0
+        for item in value:
+            total += _size_hint(item, limit - total) + 1
+            if total > limit:
+                break
+        return total
+    return 0
 
 
 def _has_floats(value: Any, depth: int = 0) -> bool:
@@ -198,7 +214,6 @@ def seeds_in(source: str) -> list[dict[str, Any]]:
 def function_source(fn: Any) -> tuple[str, dict[str, Any]]:
     """A function's source and the values it reads besides its arguments (closure
     variables and globals, modules left out): what its code digest and inputs cover."""
-    import inspect
 
     try:
         source = inspect.getsource(fn)

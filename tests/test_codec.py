@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import struct
 
 import msgpack
 import numpy as np
@@ -81,6 +82,8 @@ def test_pandas_frames_and_series_round_trip():
     pd.testing.assert_series_equal(round_trip(series), series)
     stepped = pd.DataFrame({"a": [1, 2]}, index=pd.RangeIndex(10, 14, 2))
     pd.testing.assert_frame_equal(round_trip(stepped), stepped)
+    mixed = pd.DataFrame({"c": pd.Categorical(["a", "b", "a"]), "o": [1, "x", None], "s": ["p", None, "q"]})
+    pd.testing.assert_frame_equal(round_trip(mixed), mixed)
 
 
 def test_matplotlib_figures_come_back_as_png():
@@ -103,7 +106,7 @@ class Model:
     (Model(), "is a test_codec.Model"),
     ({"model": [1, Model()]}, "holds at ['model'][1] a test_codec.Model"),
     (np.array([Model()], dtype=object), "dtype object"),
-    (pd.DataFrame({"o": [Model(), 1]}), "holds Python objects"),
+    (pd.DataFrame({"o": [Model(), 1]}), "column 'o' (object) holds a test_codec.Model"),
     ({1, 2}, "is a set"),
     (lambda: 1, "function"),
 ])
@@ -129,16 +132,22 @@ def test_decode_never_unpickles(tmp_path):
     assert not marker.exists()
 
 
+def array_payload(dtype: str, shape: list, raw: bytes) -> bytes:
+    """An array extension's payload as a hostile provider would write it."""
+    header = msgpack.packb([dtype, shape])
+    return struct.pack("<I", len(header)) + header + raw
+
+
 def test_an_object_dtype_array_is_refused_when_decoding():
-    payload = msgpack.packb(["|O", [1], b"\x00" * 8])
     with pytest.raises(ProviderDataError, match="dtype object"):
-        codec.decode(msgpack.packb(msgpack.ExtType(4, payload)))
+        codec.decode(msgpack.packb(msgpack.ExtType(4, array_payload("|O", [1], b"\x00" * 8))))
 
 
 @pytest.mark.parametrize("payload", [
-    msgpack.packb(["<f8", [3], b"\x00" * 8]),  # too few bytes for the shape
-    msgpack.packb(["<f8", [-1], b""]),
-    msgpack.packb(["V8", [1], b"\x00" * 8]),
+    array_payload("<f8", [3], b"\x00" * 8),  # too few bytes for the shape
+    array_payload("<f8", [-1], b""),
+    array_payload("V8", [1], b"\x00" * 8),
+    struct.pack("<I", 1000) + b"\x91",  # a header longer than the payload
     b"\xc1",
 ])
 def test_malformed_arrays_are_refused(payload):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ from gpunet.errors import (
     PlacementError,
     UnpicklableInputError,
 )
-from network_probes import running_jobs, spy_on_sending, wait_until
+from network_probes import process_alive, running_jobs, spy_on_sending, wait_until
 
 
 def run(ip, body, flags=""):
@@ -180,7 +181,8 @@ def test_unpicklable_detected_output_stays_on_the_worker(ip):
 def test_gpus_that_no_worker_has_fail_at_once(ip, sent):
     with pytest.raises(PlacementError) as caught:
         run(ip, "x = 1", flags="--gpus 1")
-    assert "GPU=1" in str(caught.value) and "largest" in str(caught.value)
+    assert "GPU=1" in str(caught.value) and "no worker has a GPU" in str(caught.value)
+    assert "device=1 (1)" not in str(caught.value)
     # At once: refused before anything was sent (a sent job would wait for a worker
     # with a GPU, without --timeout for ever).
     assert sent == []
@@ -254,13 +256,23 @@ def test_interrupt_cancels_the_remote_task(ip, net, tmp_path):
     interrupter = threading.Thread(target=interrupt_once_it_runs, daemon=True)
     interrupter.start()
     body = "import time\nwhile True:\n    open(beacon_path, 'a').write('.')\n    time.sleep(0.05)"
+    # --timeout bounds the cell even if the signal were lost: the worker is free again
+    # after it, so one lost SIGINT fails this test, not the ones after it.
     try:
-        with pytest.raises(KeyboardInterrupt):
-            run(ip, body, flags="--quiet --timeout 120")
+        with pytest.raises(KeyboardInterrupt) as caught, capture_output() as captured:
+            ip.run_cell_magic("gpunet", "--quiet --timeout 30", body)
     finally:
         done.set()
         interrupter.join(timeout=10)
+        handle = ip.user_ns.get("_gpunet")
+        if handle is not None and not handle.done():
+            handle.cancel()
     assert beacon.exists(), "the cell never ran"
+    # One line says what happened and what it cost; the interrupt shows as one word.
+    lines = [line for line in captured.stdout.splitlines() if line.startswith("gpunet:")]
+    assert len(lines) == 1 and re.fullmatch(r"gpunet: cancelled after \d+\.\d s \(nothing charged\)", lines[0]), \
+        captured.stdout
+    assert caught.value._render_traceback_() == ["KeyboardInterrupt"]
     # The workers say the job's thread has left (run_job unregisters it only after
     # the cell's code ended), so the loop cannot write any more.
     wait_until(lambda: all(keys == [] for keys in running_jobs(net).values()), 30,
@@ -358,9 +370,9 @@ def test_connect_and_disconnect_through_the_magic(ip, net):
             ip.run_line_magic("gpunet", "disconnect")
         assert "disconnected" in captured.stdout
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids.values()):
+        while time.monotonic() < deadline and any(process_alive(pid) for pid in pids.values()):
             time.sleep(0.1)
-        assert not any(_alive(pid) for pid in pids.values()), "disconnect left worker processes running"
+        assert not any(process_alive(pid) for pid in pids.values()), "disconnect left worker processes running"
         with capture_output() as captured:
             ip.run_line_magic("gpunet", f"connect {net.address}")
         assert network_module.current().address == net.address
@@ -370,17 +382,6 @@ def test_connect_and_disconnect_through_the_magic(ip, net):
             joined.close()
         network_module._current = net
 
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (not yet reaped) is dead too
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_connect_to_an_unreachable_scheduler_through_the_magic(ip, net):
@@ -409,12 +410,10 @@ def test_widget_progress_states():
     assert "done on tcp://127.0.0.1:1" in progress._html.value
 
 
-def test_worker_dying_during_a_cell_reruns_it_and_says_so(tmp_path, detached):
-    from IPython.core.interactiveshell import InteractiveShell
-
+def test_worker_dying_during_a_cell_reruns_it_and_says_so(tmp_path, shell, detached):
     import gpunet
 
-    ip = InteractiveShell.instance()
+    ip = shell  # with the extension loaded, also when this test runs alone
     ip.user_ns["marker"] = str(tmp_path / "first-attempt")
     with gpunet.connect():
         body = ("import os, time\ntime.sleep(0.5)\n"
@@ -457,6 +456,76 @@ def test_a_waiting_cell_says_why(ip, net, tmp_path, monkeypatch):
     finally:
         release.touch()
         net.client.gather(blockers)
+
+
+CELL_FLAGS = ("--gpus", "--gpu-mem", "--min-tflops", "--in", "--out", "--map", "--verify", "--rtol", "--atol",
+              "--max-credits", "--timeout", "--no-block", "--quiet")
+
+
+def test_help_in_every_spelling_shows_every_command_and_flag(ip):
+    for how in (lambda: ip.run_line_magic("gpunet", "help"),
+                lambda: ip.run_cell_magic("gpunet", "--help", "x = 1"),
+                lambda: ip.run_cell("%gpunet?"),
+                lambda: ip.run_cell("%%gpunet?")):
+        with capture_output() as captured:
+            how()
+        for word in CELL_FLAGS + ("connect", "status", "usage", "disconnect", "--token-file", "--budget"):
+            assert word in captured.stdout, (word, captured.stdout)
+    assert "x" not in ip.user_ns, "--help runs nothing"
+
+
+def test_magic_lines_ignore_a_trailing_comment(ip):
+    with capture_output():
+        status = ip.run_line_magic("gpunet", "status          # workers and devices")
+    assert "worker(s)" in str(status)
+    run(ip, "w = 2", flags="--quiet   # a comment after the flags")
+    assert ip.user_ns["w"] == 2
+
+
+def test_a_flag_given_twice_is_a_usage_error(ip, sent):
+    with pytest.raises(UsageError, match="--map is given twice"):
+        run(ip, "y = i", flags="--map i=range(2) --map i=range(3)")
+    with pytest.raises(UsageError, match="--quiet is given twice"):
+        run(ip, "y = 1", flags="--quiet --quiet")
+    assert sent == []
+
+
+def test_status_shows_the_default_timeout_and_what_it_holds(ip):
+    with capture_output():
+        status = ip.run_line_magic("gpunet", "status")
+    assert "--timeout defaults to 60 s" in str(status) and "holding 60 credits" in str(status)
+
+
+def test_a_cell_without_timeout_stops_when_its_hold_runs_out(ip, net, monkeypatch):
+    from gpunet.metering import meter
+
+    monkeypatch.setattr(meter, "DEFAULT_HOLD_SECONDS", 1.0)  # the default hold, and so the default timeout
+    with pytest.raises(CellTimeoutError, match="timeout of 1 s"):
+        run(ip, "while True:\n    pass", flags="--quiet")
+    wait_until(lambda: all(keys == [] for keys in running_jobs(net).values()), 30, "the stopped cell to leave")
+
+
+def test_python_connect_inside_the_magic_session_shares_its_network(ip, net):
+    import gpunet
+    from gpunet.errors import GpunetError
+
+    with gpunet.connect() as shared:
+        assert shared is net
+        assert shared.run(abs, -3) == 3
+    assert gpunet.current() is net and not net.closed, "leaving the block closed the magic's connection"
+    run(ip, "v = 3", flags="--quiet")
+    assert ip.user_ns["v"] == 3
+    with pytest.raises(GpunetError, match="already connected"):
+        gpunet.connect("tcp://127.0.0.1:9")
+    assert gpunet.current() is net
+
+
+def test_a_hash_inside_quotes_or_a_word_is_not_a_comment():
+    from gpunet.extensions.magics import _tokens
+
+    assert _tokens("--map s=['a','#b']   # the items") == ["--map", "s=['a','#b']"]
+    assert _tokens("--map x=a#b") == ["--map", "x=a#b"]
+    assert _tokens("status# not a comment either") == ["status#", "not", "a", "comment", "either"]
 
 
 def test_connect_reads_the_token_from_a_file(ip, net, tmp_path):

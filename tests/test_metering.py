@@ -64,6 +64,9 @@ def test_a_map_bigger_than_the_budget_is_refused_before_it_is_sent(own, tmp_path
         own.map(touch, range(300))  # 300 items x 10 credits each > 2,000
     message = str(caught.value)
     assert "2000" in message and "left" in message and "nothing was sent" in message
+    # the real cause (the default hold per item) and the real fix, not a flag never given
+    assert "default hold of 10 s for each map item" in message and "--max-credits C" in message
+    assert "lower --max-credits" not in message
     # Refused before any task existed: nothing reached Dask, so nothing can run later.
     assert sent == []
     assert not marker.exists()
@@ -138,7 +141,7 @@ def test_usage_magic_and_budget_refusal_through_the_magic(ip, net):
     with capture_output():
         usage = ip.run_line_magic("gpunet", "usage")
     assert isinstance(usage, gpunet.SessionUsage)
-    assert "left" in str(usage) and "<table>" in usage._repr_html_()
+    assert "left" in str(usage) and "<table" in usage._repr_html_()
     left = usage.numbers["left"]
     with pytest.raises(gpunet.BudgetError, match="nothing was sent"):
         with capture_output():
@@ -146,6 +149,38 @@ def test_usage_magic_and_budget_refusal_through_the_magic(ip, net):
     with capture_output():
         ip.run_cell_magic("gpunet", "--max-credits 3 --quiet --map i=range(3)", "y = i")
     assert ip.user_ns["y"] == [0, 1, 2]
+
+
+def test_more_items_than_credits_says_each_task_costs_a_credit(own):
+    with pytest.raises(gpunet.BudgetError) as caught:
+        own.map(abs, range(2_500), max_credits=2_500)
+    assert "nothing was sent" in str(caught.value) and "2500 tasks need 2500 credits" in str(caught.value)
+
+
+def test_a_cell_that_raises_is_paid_and_a_stopped_one_is_not(ip, net):
+    """The pricing the README states: a cell that raises ran on the provider's device
+    and is paid; a cell stopped before its end (here by --timeout) is released."""
+    from IPython.utils.capture import capture_output
+
+    before = _settled(net)
+    with pytest.raises(ZeroDivisionError), capture_output():
+        ip.run_cell_magic("gpunet", "--quiet", "ratio = 1 / 0")
+    raised = _settled(net)
+    assert raised["spent"] - before["spent"] == 1, "a cell that raises is paid (1 credit: under a second)"
+    with pytest.raises(gpunet.CellTimeoutError), capture_output():
+        ip.run_cell_magic("gpunet", "--quiet --timeout 1", "while True:\n    pass")
+    stopped = _settled(net)
+    assert stopped["spent"] == raised["spent"], "a cell stopped before its end is not paid"
+
+
+def test_usage_right_after_a_cell_is_exact(ip, net):
+    from IPython.utils.capture import capture_output
+
+    _settled(net)
+    with capture_output():
+        ip.run_cell_magic("gpunet", "--quiet", "z = 1")
+        usage = ip.run_line_magic("gpunet", "usage")
+    assert usage.numbers["held"] == 0 and not usage.settling, str(usage)
 
 
 def test_an_empty_map_costs_nothing(net):

@@ -63,7 +63,7 @@ def test_unreachable_scheduler_fails_fast_naming_it():
     previous = network_module._current
     started = time.monotonic()
     with pytest.raises(ConnectError) as caught:
-        gpunet.connect(address, timeout=2)
+        gpunet.connect(address, timeout=2, replace=True)  # as %gpunet connect ADDRESS does
     assert address in str(caught.value)
     assert "within 2 s" in str(caught.value), "the timeout given is the one used"
     # Fast: well under Dask's own 30 s connect timeout (distributed.comm.timeouts.connect),

@@ -42,6 +42,12 @@ def test_a_large_float_array_keeps_a_summary_not_its_values():
     assert entry["summary"]["max"] == 1.0 and entry["digest"] == codec.digest(big)
 
 
+def test_a_list_of_large_arrays_is_not_encoded_twice_to_find_it_is_large():
+    parts = [np.zeros(provenance.KEEP_VALUE_BYTES // 8) for _ in range(3)]
+    entry = provenance.describe_value(parts, TOL)
+    assert "value" not in entry and entry["digest"] == codec.digest(parts)
+
+
 def test_a_value_the_codec_cannot_carry_has_no_digest_and_says_why():
     entry = provenance.describe_value(object())
     assert entry["digest"] is None and "does not carry a object" in entry["no_digest"]

@@ -12,39 +12,15 @@ import time
 import pytest
 
 import gpunet
-from gpunet.credits import serve_in_background, verify_service
-from gpunet_processes import expect, start, stop
+from gpunet.credits import verify_service
+from gpunet_processes import expect, metered_network, start, stop
+
 
 @pytest.fixture
 def market(tmp_path):
-    """Credit service, metered scheduler, two providers (alice, bob) and a client account."""
-    service = serve_in_background(tmp_path / "credits.sqlite3", operator_token_file=tmp_path / "operator-token")
-    operator = service.client()
-    tokens = {name: operator.create_account(name, role)["token"]
-              for name, role in (("alice", "provider"), ("bob", "provider"), ("carol", "client"))}
-    operator.mint("carol", 10_000, key="mint-carol")
-    processes = []
-    try:
-        scheduler = start(["scheduler", "--private", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
-                            "--operator-token-file", str(tmp_path / "operator-token")])
-        processes.append(scheduler)
-        address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
-        providers = {}
-        for name in ("alice", "bob"):
-            token_file = tmp_path / f"{name}-token"
-            token_file.write_text(tokens[name])
-            provide = start(["provide", address, "--credits", service.url, "--token-file", str(token_file),
-                              "--host", "127.0.0.1"])
-            processes.append(provide)
-            expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
-            providers[name] = provide
-        yield {"service": service, "operator": operator, "address": address, "tokens": tokens,
-               "providers": providers}
-    finally:
-        for process in reversed(processes):
-            stop(process)
-        operator.close()
-        service.stop()
+    """Credit service, metered scheduler, two providers (alice, bob) and a client account (carol)."""
+    with metered_network(tmp_path, ["alice", "bob"], "carol") as network:
+        yield network
 
 
 def test_killed_provider_is_not_paid_and_the_cell_completes_elsewhere(market, tmp_path, detached):
@@ -291,3 +267,27 @@ def _probe_registrations(net):
 
     net.client.run_on_scheduler(install)
     return lambda: net.client.run_on_scheduler(read)
+
+
+def test_a_token_that_is_not_a_providers_is_refused_before_any_worker_starts(market, tmp_path):
+    for who, token in (("carol", market["tokens"]["carol"]), ("operator", market["service"].operator_token)):
+        token_file = tmp_path / f"{who}-token"
+        token_file.write_text(token)
+        provide = start(["provide", market["address"], "--credits", market["service"].url,
+                         "--token-file", str(token_file)])
+        out = provide.communicate(timeout=60)[0]
+        assert provide.returncode == 1, out
+        assert f"'{who}'" in out and "account, not a provider's" in out, out
+        assert "worker" not in out.split("provider's")[0], out  # said before any worker started
+    assert market["operator"].balance("carol") == 10_000
+
+
+def test_an_idle_provider_drains_and_exits_within_10_s_on_sigterm(market):
+    bob = market["providers"]["bob"]
+    expect(bob, r"gpunet provide: 1 worker\(s\), 0 running · earned today 0 credits")  # the status line
+    started = time.monotonic()
+    out = stop(bob, signal.SIGTERM)
+    took = time.monotonic() - started
+    assert bob.returncode == 0 and "gpunet provide: stopped" in out, out
+    assert took < 10, f"an idle provider took {took:.1f} s to stop:\n{out}"
+    assert "INFO" not in out, "Dask's INFO lines only with --verbose"

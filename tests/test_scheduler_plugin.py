@@ -242,8 +242,10 @@ async def test_a_verdict_settles_the_agreeing_copy_and_releases_the_other(c, s, 
     await until(lambda: notebook.usage()["held"] == 0, "both copies' holds to be closed")
     [paid] = notebook.settlements(holds[0])
     assert paid["to"] == "alice"
+    seconds = paid["memo"].pop("seconds")
     assert paid["memo"] == {"verified": "replicate:2", "providers": ["alice"], "digest": "sha256:0",
-                    "task": str(copies[0].key)}
+                            "task": str(copies[0].key)}
+    assert 0 <= seconds < 60
     assert notebook.settlements(holds[1]) == []
     await until(lambda: notebook.operator.provider_record("bob")["mismatches"] == bob_before + 1,
                 "bob's mismatch to be recorded")

@@ -23,7 +23,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--force", action="store_true", help="replace an existing CA (its certificates stop working)")
     init.set_defaults(func=_init)
     issue = verbs.add_parser("issue", help="issue a certificate for a scheduler, a gateway or a provider")
-    issue.add_argument("--role", required=True, choices=certs.ROLES)
+    issue.add_argument("--role", required=True, choices=certs.ROLES,
+                       help="what the certificate lets its holder be on an open network")
     issue.add_argument("--name", required=True, metavar="NAME",
                        help="who it is for: a provider's credit account name, any name for the others")
     issue.add_argument("--host", action="append", default=[], metavar="HOST",

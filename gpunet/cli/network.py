@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -16,6 +18,7 @@ from typing import Any
 from gpunet import certs
 from gpunet.clitools import read_token_file
 from gpunet.credits import CreditClient
+from gpunet.credits.cli import SERVICE_WAIT_S, wait_for_service
 from gpunet.errors import GpunetError, OptionError
 from gpunet.paths import write_private
 from gpunet.roles import WORKER_NAME_SEPARATOR, WorkerDoor
@@ -24,6 +27,7 @@ from gpunet.wire import (
     EXECUTING,
     GPU_MEMORY_RESOURCE,
     GPU_RESOURCE,
+    METERING_STATE,
     SCHEDULER_PRELOAD,
     WORKER_PRELOAD,
 )
@@ -39,7 +43,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     up.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=8786, help="scheduler port (0 picks a free one; default 8786)")
-    up.add_argument("--dashboard-port", type=int, default=8787, help="dashboard port (0 picks a free one)")
+    up.add_argument("--dashboard-port", type=int, default=8787, help="dashboard port (0 picks a free one; default 8787)")
     up.add_argument("--workers", type=int, default=None, help="CPU workers where there is no GPU (default 2)")
     up.add_argument("--no-credits", action="store_true", help="do not start a credit service (work is not metered)")
     up.set_defaults(func=_up)
@@ -51,8 +55,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "give --tls-ca-file, --tls-cert, --tls-key (and --credits: every task carries a hold). "
                     "--private runs a lab network where everyone is trusted (plain Dask, no certificates).",
     )
-    scheduler.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    scheduler.add_argument("--port", type=int, default=8786)
+    scheduler.add_argument("--host", default="127.0.0.1",
+                           help="interface to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every "
+                                "interface, for providers and notebooks on other machines)")
+    scheduler.add_argument("--port", type=int, default=8786, help="scheduler port (0 picks a free one; default 8786)")
     scheduler.add_argument("--dashboard-port", type=int, default=8787,
                            help="dashboard port; an open network's dashboard listens on 127.0.0.1 only")
     scheduler.add_argument("--private", action="store_true",
@@ -66,6 +72,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     scheduler.add_argument("--operator-token-file", default=None, metavar="PATH",
                            help="a private network only: the operator token (written by `gpunet credits serve`)")
     scheduler.set_defaults(func=_scheduler)
+
+    status = subparsers.add_parser(
+        "status", help="the workers a scheduler has, waiting for some to join",
+        description="Connect to SCHEDULER (a private network's) and list its workers (name, address, resources), "
+                    "after waiting for --wait-for workers to join (exit 1 if they do not within --timeout).",
+    )
+    status.add_argument("scheduler", help="the scheduler's address, tcp://HOST:PORT")
+    status.add_argument("--wait-for", type=int, default=0, metavar="N", help="wait until N workers have joined")
+    status.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the scheduler and the workers")
+    status.set_defaults(func=_status)
 
     provide = subparsers.add_parser(
         "provide", help="attach this host's GPUs (or CPU) to a gpunet network",
@@ -89,6 +106,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     provide.add_argument("--rate", type=float, default=1.0, help="credits per device-second (default 1)")
     provide.add_argument("--host", default=None, help="interface the workers listen on (default: the one that "
                                                        "reaches the scheduler)")
+    provide.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                         help="show Dask's log lines (INFO) as well as the status line")
     provide.set_defaults(func=_provide)
 
 
@@ -185,7 +204,11 @@ def _scheduler(args: Any) -> int:
                 if preload:
                     print(f"metering: {args.credits}", flush=True)
                 print(f"scheduler: {scheduler.address}", flush=True)
-                print(f"providers join with:  gpunet provide {scheduler.address}", flush=True)
+                print(f"providers join with:  {_join_hint(scheduler.address, args, open_network=security is not None)}",
+                      flush=True)
+                if args.host in ("127.0.0.1", "localhost"):
+                    print("listening on 127.0.0.1 only: providers and notebooks on other machines need "
+                          "--host 0.0.0.0 (or this machine's address)", flush=True)
                 loop = asyncio.get_running_loop()
                 stopped = asyncio.Event()
                 for signum in (signal.SIGINT, signal.SIGTERM):
@@ -194,6 +217,39 @@ def _scheduler(args: Any) -> int:
 
     asyncio.run(serve())
     print("gpunet: scheduler stopped", flush=True)
+    return 0
+
+
+def _join_hint(address: str, args: Any, *, open_network: bool) -> str:
+    """The whole `gpunet provide` line a provider runs to join this scheduler."""
+    if open_network:
+        return f"gpunet provide {address} --tls-ca-file CA.pem --tls-cert PROVIDER.pem --tls-key PROVIDER.key"
+    if args.credits is None:
+        return f"gpunet provide {address}   (this scheduler does not meter: providers are not paid)"
+    return f"gpunet provide {address} --credits {args.credits} --token-file PROVIDER_TOKEN_FILE"
+
+
+def _status(args: Any) -> int:
+    from distributed import Client
+
+    try:
+        client = Client(args.scheduler, timeout=args.timeout, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise GpunetError(f"cannot reach the scheduler at {args.scheduler} within {args.timeout:g} s "
+                          f"({type(exc).__name__}); is `gpunet scheduler` running there?") from None
+    with client:
+        if args.wait_for:
+            try:
+                client.wait_for_workers(args.wait_for, timeout=args.timeout)
+            except TimeoutError:
+                raise GpunetError(f"{args.scheduler} has {len(client.scheduler_info()['workers'])} worker(s), "
+                                  f"not the {args.wait_for} waited for, after {args.timeout:g} s; are the "
+                                  "providers running (gpunet provide)?") from None
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        print(f"scheduler {client.scheduler.address}: {len(workers)} worker(s)")
+        for address, info in sorted(workers.items()):
+            resources = ", ".join(f"{k}={v:g}" for k, v in sorted((info.get("resources") or {}).items()))
+            print(f"  {info.get('name', address)}  {address}  {resources}")
     return 0
 
 
@@ -211,6 +267,7 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
         raise OptionError("metering needs both --credits URL and --meter-token-file PATH (or, on a private network, "
                           "--operator-token-file PATH)")
     token = read_token_file(token_file)
+    wait_for_service(args.credits, SERVICE_WAIT_S)  # it may have been started a moment ago
     with CreditClient(args.credits, token) as me:  # a clear error for an unreachable service or a bad token
         account = me.ping()["account"]
         role = me.account(account).get("role")
@@ -240,17 +297,35 @@ def _provide(args: Any) -> int:
     token = args.token or (read_token_file(args.token_file) if args.token_file else os.environ.get("GPUNET_TOKEN"))
     if not url or not token:
         raise GpunetError("a provider is paid through the credit service: give --credits URL and --token-file PATH "
-                          "(or GPUNET_CREDITS / GPUNET_TOKEN)")
+                          "(or GPUNET_CREDITS / GPUNET_TOKEN); `gpunet credits account create NAME --role provider` "
+                          "writes the token file")
+    wait_for_service(url, SERVICE_WAIT_S)
     with CreditClient(url, token) as me:
-        account = me.ping()["account"]  # a bad token or an unreachable service stops here, clearly
+        # a bad token, one that is not a provider's or an unreachable service stops here, clearly,
+        # before any worker starts
+        account = me.provider_account("gpunet provide")
     # The worker processes inherit it and register with the scheduler as this provider's.
     os.environ[PROVIDER_TOKEN_ENV] = token
-    return asyncio.run(_run_provider(args, account))
+    with CreditClient(url, token, retries=0) as me:
+        return asyncio.run(_run_provider(args, account, me=me))
 
 
-async def _run_provider(args: Any, account: str, security: Any = None) -> int:
+def _quiet_dask(args: Any) -> None:
+    """Dask's INFO lines only with --verbose: the status line says what matters."""
+    if getattr(args, "verbose", False):
+        return
+    import dask
+
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = "warning"  # the worker processes
+    dask.config.set({"logging.distributed": "warning"})
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+async def _run_provider(args: Any, account: str, security: Any = None, me: CreditClient | None = None) -> int:
     from distributed import Client, Nanny
     from distributed.utils import get_ip
+
+    _quiet_dask(args)
 
     name = args.name or account
     if security is not None:  # an open network's scheduler takes only names of the certificate's account
@@ -262,6 +337,10 @@ async def _run_provider(args: Any, account: str, security: Any = None) -> int:
         gpus = gpus[: int(args.gpus)]
     preload = [WORKER_PRELOAD]
     nannies: list[Any] = []
+    # The worker processes inherit an ignored SIGTERM (a service manager sends it to the whole
+    # group): this process drains them, and a worker's end at its signal would lose its task.
+    # Nannies still stop them (over a queue, then SIGKILL), and they end with this process.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         import dask_cuda
     except ImportError:
@@ -292,23 +371,80 @@ async def _run_provider(args: Any, account: str, security: Any = None) -> int:
     print(f"provider: {account}; workers: {' '.join(addresses)}", flush=True)
     print("Ctrl-C drains them: running tasks finish, then they leave.", flush=True)
     stopped = asyncio.Event()
+
+    def stop() -> None:
+        # A signal sent to the whole process group may have reached the workers too (SIGINT
+        # from a terminal's Ctrl-C): a worker that it ends is not started again.
+        for nanny in nannies:
+            nanny.close_gracefully(reason="gpunet-provide-stopping")
+        stopped.set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopped.set)
-    finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
-    await asyncio.wait([finished, asyncio.ensure_future(stopped.wait())], return_when=asyncio.FIRST_COMPLETED)
-    if not stopped.is_set():
-        raise GpunetError("the workers stopped by themselves (is the scheduler gone?)")
-    print("gpunet provide: draining ...", flush=True)
-    live = [n.worker_address for n in nannies if n.worker_address]  # a Nanny may have restarted its worker
-    if security is not None:
-        await _drain_open(args.scheduler, security, live)
-    else:
-        async with Client(args.scheduler, asynchronous=True, timeout=10) as client:
-            await _drain(client, live)
-    await asyncio.gather(*(n.close(timeout=10) for n in nannies), return_exceptions=True)
-    print("gpunet provide: stopped", flush=True)
+        loop.add_signal_handler(signum, stop)
+    # On an open network a provider is no Dask client: no status line there.
+    client = None if security is not None else await Client(args.scheduler, asynchronous=True, timeout=10)
+    try:
+        status = (asyncio.ensure_future(_show_status(client, me, account, nannies, stopped))
+                  if client is not None and me is not None else None)
+        finished = asyncio.ensure_future(asyncio.gather(*(n.finished() for n in nannies)))
+        await asyncio.wait([finished, asyncio.ensure_future(stopped.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if status is not None:
+            status.cancel()
+        if not stopped.is_set():
+            raise GpunetError("the workers stopped by themselves (is the scheduler gone?)")
+        print("\ngpunet provide: draining ...", flush=True)
+        started = time.monotonic()
+        live = [n.worker_address for n in nannies if n.worker_address and n.is_alive()]
+        if live and security is not None:
+            await _drain_open(args.scheduler, security, live)
+        elif live:
+            try:
+                await _drain(client, live)
+            except (OSError, TimeoutError) as exc:  # the scheduler stopped first: nothing left to drain to
+                print(f"gpunet provide: the scheduler at {args.scheduler} cannot be reached ({type(exc).__name__}); "
+                      "stopping without draining", flush=True)
+    finally:
+        if client is not None:
+            await client.close()
+    await asyncio.gather(*(n.close(timeout=5) for n in nannies), return_exceptions=True)
+    print(f"gpunet provide: stopped (drained in {time.monotonic() - started:.1f} s)", flush=True)
     return 0
+
+
+#: How often `gpunet provide` refreshes its status line.
+STATUS_EVERY_S = 2.0
+
+
+async def _show_status(client: Any, me: CreditClient, account: str, nannies: list[Any],
+                       stopped: asyncio.Event) -> None:
+    """The one-line live status: workers, tasks running, earned today, reputation. On a
+    terminal it is rewritten in place; elsewhere (a log) a line is written when it changes."""
+    tty = sys.stdout.isatty()
+    last = ""
+    while not stopped.is_set():
+        try:
+            mine = {n.worker_address for n in nannies if n.worker_address}
+            state = await getattr(client.scheduler, METERING_STATE)() or {}
+            running = sum(len(state.get("running", {}).get(address, ())) for address in mine)
+            earned = await asyncio.to_thread(me.earnings, account, 2**62)  # the totals, no series
+            record = earned["record"]
+            standing = ("QUARANTINED" if record["quarantined"]
+                        else f"reputation {record['reputation']:.2f} (quarantine below {earned['quarantine_below']:g})")
+            line = (f"gpunet provide: {len(mine)} worker(s), {running} running · earned today "
+                    f"{earned['today']['credits']} credits ({earned['today']['tasks']} tasks) · balance "
+                    f"{earned['balance']} · {standing}")
+        except Exception as exc:  # noqa: BLE001 - the status line says so and goes on
+            line = f"gpunet provide: status unavailable ({type(exc).__name__}: {exc})"
+        if tty:
+            print("\r" + line[: shutil.get_terminal_size().columns - 1].ljust(len(last)), end="", flush=True)
+        elif line != last:
+            print(line, flush=True)
+        last = line
+        try:
+            await asyncio.wait_for(stopped.wait(), STATUS_EVERY_S)
+        except asyncio.TimeoutError:
+            pass
 
 
 def _guard_nanny(nanny: Any, security: Any) -> None:
@@ -341,15 +477,16 @@ async def _drain(client: Any, addresses: list[str], timeout: float = 600) -> Non
     """Take the workers' device slots away (the scheduler then starts no gpunet task
     there: every one asks for a slot), wait for the tasks they are executing to
     finish, then retire them: their results move elsewhere, and tasks that were
-    queued there but never started go to other workers."""
-    await client.run(_close_device_slots, workers=addresses, on_error="return")
+    queued there but never started go to other workers. Each call is bounded: a worker
+    that does not answer is gone."""
+    await asyncio.wait_for(client.run(_close_device_slots, workers=addresses, on_error="return"), 10)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        executing = await client.run(_executing, workers=addresses, on_error="return")
+        executing = await asyncio.wait_for(client.run(_executing, workers=addresses, on_error="return"), 10)
         if not any(count for count in executing.values() if isinstance(count, int)):
             break
         await asyncio.sleep(0.2)
-    await client.retire_workers(workers=addresses, close_workers=False)
+    await asyncio.wait_for(client.retire_workers(workers=addresses, close_workers=False), 30)
 
 
 async def _close_device_slots(dask_worker: Any = None) -> None:

@@ -16,20 +16,23 @@ its displays. One bad output changes nothing in the namespace.
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
 from IPython.display import display
 
+from gpunet import codec, wire
 from gpunet.cell import CellAnalysis, analyze
 from gpunet.client.handle import new_job_id, pickled
 from gpunet.client.placement import resources_for
+from gpunet.client.received import shown_display
 from gpunet.client.reused import offer_for_reuse, reused_result
 from gpunet.client.submit import raise_for_error
-from gpunet.errors import CellError, MissingOutputError, OptionError
+from gpunet.errors import CellError, GpunetError, MissingOutputError, OptionError
 from gpunet.provenance import Recorder, finish_record, show_record
 from gpunet.ui.progress import JobProgress
 from gpunet.verify.quorum import tolerance_if_verified
@@ -79,6 +82,8 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     output_names = asked_outputs if asked_outputs is not None else [
         name for name in analysis.outputs if name != map_name]
     resources = resources_for(gpus=gpus, gpu_mem=gpu_mem)
+    # the job holds for its --timeout (or the default hold); it is stopped after it, or after the default
+    wait_s = net.timeout_for(timeout, count=1 if items is None else len(items), max_credits=max_credits)
     workers = None if min_tflops is None else net.workers_with(min_tflops=min_tflops)
     # Each input is pickled on its own, so that one that cannot travel is named.
     job = Job(
@@ -100,7 +105,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
                             timeout=timeout, verify=verify, tolerance=tolerance)
     progress = None if quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
     recorder = recorder or record()  # otherwise the inputs' digests are taken while the cell runs
-    cell = CellRun(namespace, remote, analysis, progress, timeout=timeout, recorder=recorder)
+    cell = CellRun(namespace, remote, analysis, progress, timeout=wait_s, recorder=recorder)
     if handle is not None:
         namespace[handle] = cell
     net.sent()
@@ -224,12 +229,33 @@ class CellRun:
             self.namespace.update(self.outputs)
             self.provenance = finish_record(self.recorder, self.remote, self._results, self.outputs, show=foreground)
             offer_for_reuse(self.remote.network, self.remote, self._results, self.provenance)
+        except KeyboardInterrupt:  # stopped on its workers by the handle: say so in one line
+            self._error = _interrupted()
+            line = f"gpunet: cancelled after {time.monotonic() - self.remote.submitted:.1f} s ({self._cost()})"
+            if self.progress is not None:
+                self.progress.cancelled(line)
+            else:
+                print(line, flush=True)
+            return
         except BaseException as exc:  # noqa: BLE001 - raised by run() or result()
             self._error = exc
         if self.progress is not None:
             hint = "" if foreground else ": _gpunet.result() shows it"
             note = f" ({type(self._error).__name__}{hint})" if self._error else ""
             self.progress.finish(ok=self._error is None, note=note)
+
+    def _cost(self) -> str:
+        """What a cell stopped by Ctrl-C was charged, once the scheduler closed its hold."""
+        meter = self.remote.network.meter
+        if meter is None:
+            return "not metered"
+        try:
+            charged = meter.charged(self.remote.placed_holds())
+        except Exception as exc:  # noqa: BLE001 - the line must come even so
+            return f"what it was charged is unknown: {type(exc).__name__}; %gpunet usage shows it"
+        if charged is None:
+            return "its hold is still settling; %gpunet usage shows what it cost"
+        return "nothing charged" if charged == 0 else f"charged {charged} credit{'s' if charged != 1 else ''}"
 
     def _collect_outputs(self, results: list[JobResult]) -> dict[str, Any]:
         """Decode every output first, so that one bad output changes nothing."""
@@ -246,8 +272,8 @@ class CellRun:
                     names=result.missing_outputs,
                 )
             for name, type_name, reason in result.unpicklable_outputs:
-                message = (f"output {name!r} ({type_name}) cannot be pickled to come back from {result.worker} "
-                           f"({reason})")
+                message = reason if result.result_format == wire.CODEC else (
+                    f"output {name!r} ({type_name}) cannot be pickled to come back from {result.worker} ({reason})")
                 if job.strict_outputs:
                     raise CellError(message + "; leave it out of --out. Nothing was changed in the notebook.")
                 print(f"gpunet: {message}; it stayed on the worker (choose outputs with --out)")
@@ -256,7 +282,10 @@ class CellRun:
             for name in job.outputs:
                 blob = result.outputs.get(name)
                 try:
-                    decoded[name].append(None if blob is None else cloudpickle.loads(blob))
+                    decoded[name].append(None if blob is None else codec.load(blob, result.result_format,
+                                                                              what=f"output {name!r}"))
+                except GpunetError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - e.g. a module the notebook lacks
                     raise CellError(
                         f"output {name!r} came back but cannot be unpickled here ({type(exc).__name__}: {exc}); "
@@ -268,7 +297,25 @@ class CellRun:
         return {name: values[0] for name, values in decoded.items() if name in results[0].outputs}
 
 
+def _interrupted() -> KeyboardInterrupt:
+    """The ``KeyboardInterrupt`` of a cell stopped by Ctrl-C, after the line that said
+    what it cost: IPython shows it as that one word, not a traceback through gpunet."""
+    interrupt = KeyboardInterrupt()
+    interrupt._render_traceback_ = lambda: ["KeyboardInterrupt"]  # type: ignore[attr-defined]
+    return interrupt
+
+
 def _show(result: JobResult) -> None:
-    """Display a result's MIME bundles (figures, HTML reprs) as they were made."""
+    """Display a result's MIME bundles (figures, HTML reprs): as they were made where
+    the notebook trusts its providers, else only what :func:`shown_display` lets
+    through (a note says what was dropped)."""
     for data, metadata in result.displays:
+        if result.result_format == wire.CODEC:
+            data, metadata, dropped = shown_display(data, metadata)
+            if dropped:
+                print(f"gpunet: dropped {', '.join(dropped)} from a display sent by {result.worker} (only text, "
+                      "images, and sanitized SVG and HTML come from providers this notebook does not trust)",
+                      file=sys.stderr)
+            if not data:
+                continue
         display(data, raw=True, metadata=metadata)

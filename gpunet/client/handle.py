@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import cloudpickle
 
+from gpunet.client.received import live_event
 from gpunet.errors import CellTimeoutError, UnpicklableInputError
+from gpunet.wire import CODEC, stream_allowance
 from gpunet.worker.runner import stop_job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,6 +47,9 @@ class Connection(Protocol):
     client: Client
     meter: Meter | None
     topic: str
+    result_format: str
+    max_result_bytes: int
+    max_stream_bytes_per_s: int
 
     def register_job(self, handle: Any) -> None: ...
     def forget_job(self, job_id: str) -> None: ...
@@ -55,6 +60,7 @@ class Connection(Protocol):
     def waiting_reason(self, resources: dict[str, float], workers: list[str] | None = None) -> str: ...
     def workers_with(self, *, min_tflops: float) -> list[str]: ...
     def max_rate(self) -> float: ...
+    def timeout_for(self, timeout: float | None, *, count: int = 1, max_credits: float | None = None) -> float: ...
     def release_unsent(self, holds: list[str]) -> None: ...
     def release_soon(self, futures: list[Any]) -> None: ...
     def sent(self) -> None: ...
@@ -113,6 +119,8 @@ class JobHandle(ABC):
         self.resources = resources or {}
         self.allowed_workers = allowed_workers
         self.submitted = time.monotonic()
+        #: the monotonic time the job must be done by, gathering included (set by wait())
+        self.deadline: float | None = None
         self.stopped_because: str | None = None
         #: the job's live events, handed over by the network (client event loop thread)
         self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
@@ -124,6 +132,11 @@ class JobHandle(ABC):
         self.started_at: float | None = None
         #: the last output chunk shown, by item index (None for a single job)
         self.shown_seq: dict[int | None, int] = {}
+        #: live output text shown (a CODEC job's is capped), and whether the cap was reached
+        self.text_shown = 0
+        self.text_capped = False
+        #: the credit holds the job placed (metered networks)
+        self.holds: list[str] = []
 
     # -- what each kind of job supplies ------------------------------------------------
     @property
@@ -156,9 +169,33 @@ class JobHandle(ABC):
         return self.completed >= self.count
 
     def on_event(self, message: dict[str, Any]) -> None:
-        """A live event of the job (called on the client's event loop thread)."""
+        """A live event of the job (called on the client's event loop thread); one its
+        own worker did not sign is ignored and logged."""
+        accepted = live_event(self.job, message)
+        if accepted is not None:
+            self._on_live_event(accepted)
+
+    def _on_live_event(self, message: dict[str, Any]) -> None:
         self.events.put(message)
         self.wake.set()
+
+    def fetch(self, futures: list[Future]) -> list[Any]:
+        """Gather ``futures`` within what is left of the job's deadline (--timeout
+        covers gathering too): past it, :class:`CellTimeoutError`, nothing loaded."""
+        client = self.network.client
+        if self.deadline is None:
+            return client.gather(futures)
+        left = self.deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            return client.sync(client._gather, futures, callback_timeout=left)
+        except TimeoutError:
+            self.stop("timeout")
+            raise CellTimeoutError(
+                f"the job finished, but its results did not arrive within its timeout of "
+                f"{self.deadline - self.submitted:g} s and were not loaded; give it more time (--timeout) "
+                "or return less.") from None
 
     def wait(self, timeout: float | None = None, *, progress: JobProgress | None = None,
              echo: bool = True) -> list[JobResult]:
@@ -168,7 +205,7 @@ class JobHandle(ABC):
         still waits in the queue), and stops the job on its workers on Ctrl-C, after
         ``timeout`` seconds (counted from when it was sent), or on any error.
         """
-        deadline = None if timeout is None else self.submitted + timeout
+        deadline = self.deadline = None if timeout is None else self.submitted + timeout
         try:
             while True:
                 self.wake.clear()
@@ -199,7 +236,13 @@ class JobHandle(ABC):
             raise
         finally:
             self.network.forget_job(self.job.job_id)
+            if self.network.meter is not None:  # usage figures wait for the scheduler to close them
+                self.network.meter.finished(self.placed_holds())
         return self._outcome(progress, echo)
+
+    def placed_holds(self) -> list[str]:
+        """The credit holds this job placed (none on an unmetered network)."""
+        return list(self.holds)
 
     def _count(self, results: list[JobResult]) -> None:
         """Add what ran to the session's per-worker tally (metered networks)."""
@@ -242,9 +285,24 @@ class JobHandle(ABC):
                     progress.running(worker, device, rerun_after=lost)
             elif kind == "stream" and echo:
                 index = message.get("index")
-                if message["seq"] > self.shown_seq.get(index, 0):
+                if message["seq"] > self.shown_seq.get(index, 0) and self._within_text_cap(message["text"]):
                     self.shown_seq[index] = message["seq"]
                     write(message["name"], message["text"])
+
+    def _within_text_cap(self, text: Any) -> bool:
+        """Whether live output text still fits the job's cap (CODEC jobs: a provider's
+        worker could flood the notebook); past it, one note and nothing more."""
+        if self.job.result_format != CODEC or not isinstance(text, str):
+            return isinstance(text, str)
+        self.text_shown += len(text)
+        allowance = stream_allowance(self.job, time.monotonic() - self.submitted)
+        if self.text_shown <= allowance:
+            return True
+        if not self.text_capped:
+            self.text_capped = True
+            write("stderr", f"[gpunet: live output over its cap of {self.job.max_stream_bytes_per_s:,} bytes per "
+                            "second; the rest is not shown]\n")
+        return False
 
     def echo_rest(self, result: JobResult) -> None:
         """Show the output text of ``result`` that was not shown live."""

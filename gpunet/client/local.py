@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -59,6 +61,7 @@ class EmbeddedNetwork:
         self.note: str
         self.credits_service: Any = None
         self.client_token: str | None = None
+        self.provider_token: str | None = None
         self.cluster: Any = None
         try:
             scheduler_kwargs = self._start_credits(host, credits_port) if credits else {}
@@ -105,6 +108,7 @@ class EmbeddedNetwork:
         """Start the credit service (SQLite in gpunet's data dir), a funded local
         client account and the provider account the local workers are paid to;
         returns the scheduler's arguments that load the metering plugin."""
+        prune_embedded_runs(data_dir() / "embedded")
         folder = data_dir() / "embedded" / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
         for attempt in range(100):
             place = folder.with_name(f"{folder.name}-{attempt}")
@@ -118,7 +122,8 @@ class EmbeddedNetwork:
                                                    operator_token_file=place / "operator-token",
                                                    log_path=place / "credits.log")
         operator = self.credits_service.client()
-        operator.create_account(self.LOCAL_PROVIDER, "provider")
+        #: the token of the account the local workers are paid to (for gpunet.ProviderDashboard)
+        self.provider_token = operator.create_account(self.LOCAL_PROVIDER, "provider")["token"]
         self.client_token = operator.create_account("local-notebook", "client")["token"]
         operator.mint("local-notebook", self.LOCAL_CREDITS, key="mint-local-notebook")
         operator.close()
@@ -143,15 +148,55 @@ class EmbeddedNetwork:
         except Exception:  # noqa: BLE001 - no bokeh, no dashboard
             return None
 
+    #: How long stopping the workers and the scheduler may take: on a loaded machine a
+    #: worker restarting after its process died can take longer than Dask's 10 s.
+    CLOSE_TIMEOUT_S = 60
+
     def close(self) -> None:
         """Stop the workers and the scheduler (which reports what it still has to the
         credit service), then the credit service."""
         try:
             if self.cluster is not None:
-                self.cluster.close(timeout=10)
+                self.cluster.close(timeout=self.CLOSE_TIMEOUT_S)
         finally:
             if self.credits_service is not None:
                 self.credits_service.stop()
+
+
+#: How many finished embedded networks' folders (their ledgers and logs) are kept.
+KEEP_EMBEDDED_RUNS = 5
+
+
+def prune_embedded_runs(folder: Path, keep: int = KEEP_EMBEDDED_RUNS) -> list[Path]:
+    """Remove the folders of embedded networks that have ended (``<time>-<pid>-<n>``,
+    whose process is gone), all but the ``keep`` newest; returns what was removed."""
+    try:
+        runs = sorted((run for run in folder.iterdir() if run.is_dir()), key=lambda run: run.name)
+    except OSError:
+        return []
+    ended = [run for run in runs if not _process_alive(_run_pid(run.name))]
+    removed = ended[:max(len(ended) - keep, 0)]
+    for run in removed:
+        shutil.rmtree(run, ignore_errors=True)
+    return removed
+
+
+def _run_pid(name: str) -> int | None:
+    """The pid in an embedded run folder's name, ``20261130-214500-4242-0``."""
+    parts = name.split("-")
+    return int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else None
+
+
+def _process_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

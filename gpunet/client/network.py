@@ -10,27 +10,32 @@ handlers (:meth:`Network.call_scheduler`).
 
 from __future__ import annotations
 
+import ast
+import atexit
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from distributed import Client
 
 from gpunet import wire
-from gpunet.client import placement
+from gpunet.client import data_comm, placement
 from gpunet.client.cells import CellRun, run_cell
 from gpunet.client.local import EmbeddedNetwork
 from gpunet.client.submit import function_job, function_value, submit
 from gpunet.credits import CreditClient
-from gpunet.errors import ConnectError, GpunetError, PlacementError
+from gpunet.errors import ConnectError, GpunetError, OptionError, PlacementError
 from gpunet.kernels import weighted_chunks
-from gpunet.metering.meter import DEFAULT_RATE, Meter
+from gpunet.metering.meter import DEFAULT_RATE, Meter, default_timeout
 from gpunet.provenance import Recorder, finish_record, in_notebook
+from gpunet.ui.status import NetworkStatus, WorkerInfo
 from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import DEVICE_RESOURCE
 from gpunet.worker.device import device_info, measure_capability
@@ -50,23 +55,9 @@ RELEASE_AFTER_S = 0.1
 
 
 _current: Network | None = None
-_current_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """One worker as ``%gpunet status`` shows it."""
-
-    address: str
-    name: str
-    device: dict[str, Any]
-    resources: dict[str, float]
-    slots: int
-    busy: int
-
-    @property
-    def free_slots(self) -> int:
-        return max(self.slots - self.busy, 0)
+_current_lock = threading.RLock()
+#: every network not yet closed, closed quietly when the interpreter exits
+_open_networks: weakref.WeakSet[Network] = weakref.WeakSet()
 
 
 class Network:
@@ -78,15 +69,24 @@ class Network:
     """
 
     def __init__(self, client: Client, *, embedded: EmbeddedNetwork | None = None,
-                 meter: Meter | None = None) -> None:
+                 meter: Meter | None = None, result_format: str = wire.PICKLE,
+                 max_result_bytes: int = wire.DEFAULT_MAX_RESULT_BYTES,
+                 max_stream_bytes_per_s: int = wire.DEFAULT_MAX_STREAM_BYTES_PER_S,
+                 address: str | None = None) -> None:
         self.client = client
         self.embedded = embedded
         self.meter = meter
+        #: how results come back: wire.PICKLE from the embedded network or providers the
+        #: notebook trusts, wire.CODEC (data only, see gpunet.codec) from any other
+        self.result_format = result_format
+        #: a CODEC job's caps: its result, and its output text per second run
+        self.max_result_bytes = max_result_bytes
+        self.max_stream_bytes_per_s = max_stream_bytes_per_s
         self.credits = meter.credits if meter is not None else None
         # an unmetered session's id is this kernel's session id
         self.session = meter.session if meter is not None else _kernel_and_notebook()[0]
         #: the scheduler's address
-        self.address = client.scheduler.address
+        self.address = address or client.scheduler.address
         self.topic = f"gpunet-events-{uuid.uuid4().hex[:12]}"
         self._jobs: dict[str, JobHandle] = {}
         self._jobs_lock = threading.Lock()
@@ -96,6 +96,9 @@ class Network:
         self._finished_generation = 0
         self.client.subscribe_topic(self.topic, self._on_event)
         self._closed = False
+        #: how many connect() calls handed this network out and have not closed it
+        self._users = 1
+        _open_networks.add(self)
 
     # -- identity ----------------------------------------------------------------------
     @property
@@ -109,7 +112,17 @@ class Network:
             return None
 
     def __repr__(self) -> str:
-        return f"<gpunet.Network {self.address} session={self.session}>"
+        return f"<gpunet.Network {self.address} session={self.session} results={self.result_format}>"
+
+    @property
+    def trusts_providers(self) -> bool:
+        """Whether results come back pickled (any object), not as data only."""
+        return self.result_format == wire.PICKLE
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the scheduler, its dashboard link, the workers with their devices and
+        providers, and this session's credits (``%gpunet status``), as Dask's ``Client`` shows itself."""
+        return NetworkStatus.of(self)._repr_html_()
 
     def __enter__(self) -> Network:
         return self
@@ -184,19 +197,31 @@ class Network:
                                         workers)
 
     # -- running work ------------------------------------------------------------------
+    def timeout_for(self, timeout: float | None, *, count: int = 1, max_credits: float | None = None) -> float:
+        """``timeout``, or where none was given the device time the job's hold covers
+        (:func:`gpunet.metering.meter.default_timeout`): a cell 60 s, a map 10 s per item."""
+        if timeout is not None:
+            if not timeout > 0:
+                raise OptionError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+            return timeout
+        rate = self.max_rate() if max_credits is not None else DEFAULT_RATE
+        return default_timeout(count, max_credits=max_credits, max_rate=rate)
+
     def run(self, fn: Callable[..., Any], *args: Any, gpus: int | None = None, gpu_mem: int | str | None = None,
             min_tflops: float | None = None, timeout: float | None = None, max_credits: float | None = None,
             verify: str | None = None, rtol: float | None = None, atol: float | None = None, **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker and return its result.
 
         ``gpus`` / ``gpu_mem`` / ``min_tflops`` restrict placement; ``timeout``
-        (seconds) stops the call on the worker when it runs longer. The worker's
+        (seconds, default: what the call's hold covers, 60 s) stops the call on the
+        worker when it runs longer. The worker's
         stdout is printed here as it runs; an exception is raised here with the
         remote traceback. ``verify`` ("replicate[:K]", "spot[:P]", "adaptive")
         runs it on distinct providers and returns what they agree on, within the
         kernel's tolerance or ``rtol`` / ``atol`` (see :mod:`gpunet.verify`).
         """
         job = function_job(fn, args, kwargs, topic=self.topic)
+        wait_s = self.timeout_for(timeout, max_credits=max_credits)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
         remote = self.submit(job, resources=placement.resources_for(gpus=gpus, gpu_mem=gpu_mem), workers=workers,
                              max_credits=max_credits, timeout=timeout, verify=verify,
@@ -205,7 +230,7 @@ class Network:
         recorder = self._recorder(fn, {"args": list(args), "kwargs": kwargs}, "run", gpus=gpus, gpu_mem=gpu_mem,
                                   min_tflops=min_tflops, timeout=timeout, max_credits=max_credits, verify=verify,
                                   rtol=rtol, atol=atol)
-        results = remote.wait(timeout=timeout)
+        results = remote.wait(timeout=wait_s)
         value = function_value(results[0])
         finish_record(recorder, remote, results, {"value": value}, show=True)
         return value
@@ -227,6 +252,7 @@ class Network:
         if placement not in ("any", "capability"):
             raise GpunetError(f"placement must be 'any' or 'capability', got {placement!r}")
         job = function_job(fn, (), {}, topic=self.topic, announce=False)
+        wait_s = self.timeout_for(timeout, count=len(items), max_credits=max_credits)
         resources = self.resources_for(gpus=gpus, gpu_mem=gpu_mem)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
         if placement == "capability":  # item i pinned to the i-th worker
@@ -237,7 +263,7 @@ class Network:
         recorder = self._recorder(fn, {"items": items}, "map", gpus=gpus, gpu_mem=gpu_mem, min_tflops=min_tflops,
                                   timeout=timeout, max_credits=max_credits, placement=placement, verify=verify,
                                   rtol=rtol, atol=atol)
-        results = remote.wait(timeout=timeout)
+        results = remote.wait(timeout=wait_s)
         values = [function_value(result) for result in results]
         finish_record(recorder, remote, results, {"value": values}, show=True)
         return values
@@ -342,20 +368,33 @@ class Network:
             remote.on_event(message)
 
     # -- shutting down -----------------------------------------------------------------
-    def close(self) -> None:
-        """Close the client, and stop the embedded network if this connection started it."""
+    def close(self, *, force: bool = False) -> None:
+        """Close the client, and stop the embedded network if this connection started it.
+
+        A network that :func:`connect` handed out again (``gpunet.connect()`` while
+        ``%gpunet connect`` is connected) closes only when its last user closes it,
+        so that a ``with gpunet.connect() as net:`` block never closes the magic's
+        connection; ``force=True`` (``%gpunet disconnect``) closes it at once."""
         global _current
-        if self._closed:
-            return
-        self._closed = True
+        with _current_lock:
+            if self._closed:
+                return
+            self._users = 0 if force else self._users - 1
+            if self._users > 0:
+                return
+            self._closed = True
+            if _current is self:
+                _current = None
         try:
             self.client.close(timeout=5)
         finally:
             if self.embedded is not None:
                 self.embedded.close()
-            with _current_lock:
-                if _current is self:
-                    _current = None
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed."""
+        return self._closed
 
 
 def _metering_state(client: Client) -> dict[str, Any] | None:
@@ -385,7 +424,9 @@ DEFAULT_BUDGET = 10_000
 
 def connect(address: str | None = None, *, workers: int | None = None, credits: str | None = None,
             token: str | None = None, budget: int | None = None, metered: bool = True,
-            timeout: float = CONNECT_TIMEOUT_S) -> Network:
+            timeout: float = CONNECT_TIMEOUT_S, trust_providers: bool = False,
+            max_result_bytes: int | None = None, max_stream_bytes_per_s: int | None = None,
+            replace: bool = False) -> Network:
     """Connect to a gpunet network and make it :func:`current`.
 
     ``address`` (or ``GPUNET_SCHEDULER``) joins that scheduler; with neither, an
@@ -396,11 +437,44 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     shared network; ``budget`` caps this notebook session (default
     :data:`DEFAULT_BUDGET` credits). Raises :class:`ConnectError` naming the address
     when the scheduler or the credit service cannot be reached.
+
+    From a scheduler given by address, results come back as data only
+    (:mod:`gpunet.codec`: values, arrays, data frames, figures; nothing that can run
+    code in this kernel), each job's within ``max_result_bytes`` (default 256 MiB)
+    and its output text within ``max_stream_bytes_per_s`` (default 1 MiB per second
+    run). ``trust_providers=True``, for a private network whose providers you
+    trust, brings back any object, pickled, as the embedded network does.
+
+    While a network is connected (``%gpunet connect``), ``connect()`` with no
+    arguments, or naming the same scheduler, returns that same network (closing it
+    then closes only this use of it); asking for another network raises
+    :class:`GpunetError`, unless ``replace=True`` (what ``%gpunet connect`` does),
+    which closes the current one first. Every network still open when the
+    interpreter exits is closed then, quietly, its local network with it.
     """
     global _current
+    result_options = trust_providers or max_result_bytes is not None or max_stream_bytes_per_s is not None
+    explicit = (any(value is not None for value in (address, workers, credits, token, budget)) or not metered
+                or result_options)
     address = address or os.environ.get("GPUNET_SCHEDULER") or None
     credits = credits or os.environ.get("GPUNET_CREDITS") or None
     token = token or os.environ.get("GPUNET_TOKEN") or None
+    with _current_lock:
+        previous = _current if _current is not None and not _current.closed else None
+        if previous is not None:
+            same = not explicit or (address == previous.address and workers is None and budget is None
+                                    and not result_options
+                                    and credits in (None, previous.credits.url if previous.credits else None))
+            if same:
+                if not replace:
+                    previous._users += 1
+                return previous
+            if not replace:
+                raise GpunetError(
+                    f"already connected to {previous.address} (%gpunet connect or an earlier gpunet.connect()); "
+                    "gpunet.connect() with no arguments returns that network. To use another one, close it "
+                    "first (%gpunet disconnect, or gpunet.current().close()), or pass replace=True."
+                )
     if address is not None and workers is not None:
         raise GpunetError(f"workers={workers} only sizes a local network; {address} already has its own workers "
                           "(connect without --workers, or without an address)")
@@ -409,14 +483,27 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     if (credits is None) != (token is None) and not (address is None and token is None):
         raise GpunetError("a credit service needs both its URL (--credits / GPUNET_CREDITS) and this notebook's "
                           "token (--token / GPUNET_TOKEN)")
+    caps = {"max_result_bytes": max_result_bytes or wire.DEFAULT_MAX_RESULT_BYTES,
+            "max_stream_bytes_per_s": max_stream_bytes_per_s or wire.DEFAULT_MAX_STREAM_BYTES_PER_S}
+    for name, value in caps.items():
+        if not (isinstance(value, int) and value > 0):
+            raise GpunetError(f"{name} must be a whole number of bytes above 0, got {value!r}")
     embedded = None
     if address is None:
+        _refuse_unguarded_script()
         embedded = EmbeddedNetwork(n_workers=workers, credits=metered and credits is None)
         address = embedded.scheduler_address
         if embedded.credits_service is not None:
             credits, token = embedded.credits_url, embedded.client_token
+    result_format = wire.PICKLE if embedded is not None or trust_providers else wire.CODEC
+    options: dict[str, Any] = {}
+    dask_address = address
+    if result_format == wire.CODEC:  # Dask itself must not unpickle what providers send
+        dask_address = data_comm.data_only_address(address)
+        options["deserializers"] = list(data_comm.DATA_SERIALIZERS)
+        data_comm.max_message_bytes = caps["max_result_bytes"] + data_comm.MESSAGE_SLACK_BYTES
     try:
-        client = Client(address, timeout=timeout, set_as_default=False)
+        client = Client(dask_address, timeout=timeout, set_as_default=False, **options)
     except (OSError, TimeoutError) as exc:
         if embedded is not None:
             embedded.close()
@@ -428,17 +515,101 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
         ) from None
     try:
         meter = _open_meter(client, credits, token, budget) if credits is not None else None
-        network = Network(client, embedded=embedded, meter=meter)
+        network = Network(client, embedded=embedded, meter=meter, result_format=result_format, address=address,
+                          **caps)
     except BaseException:
         client.close()
         if embedded is not None:
             embedded.close()
         raise
-    with _current_lock:
-        previous, _current = _current, network
     if previous is not None:
-        previous.close()
+        previous.close(force=True)
+    with _current_lock:
+        _current = network
+    _close_at_exit_once()
     return network
+
+
+def _refuse_unguarded_script() -> None:
+    """Starting a network spawns worker processes, which import the script that runs
+    as ``__main__`` again: code at its top level that connects must sit under
+    ``if __name__ == "__main__":``, or each worker would start a network of its own."""
+    import multiprocessing
+
+    main = sys.modules.get("__main__")
+    if multiprocessing.parent_process() is not None and getattr(main, "__name__", "") == "__mp_main__":
+        raise GpunetError(
+            f"gpunet.connect() ran again inside a worker process, which re-imported {getattr(main, '__file__', 'the script')}: "
+            "put the code that connects under `if __name__ == \"__main__\":`"
+        )
+    script = getattr(main, "__file__", None)
+    if not script or not script.endswith(".py") or hasattr(sys, "ps1"):
+        return
+    frame, top = sys._getframe(1), None
+    while frame is not None:  # the script's own top-level line that led here, through any functions
+        if frame.f_globals is vars(main) and frame.f_code.co_name == "<module>":
+            top = frame
+        frame = frame.f_back
+    if top is None:
+        return
+    if not _inside_main_guard(Path(script), top.f_lineno):
+        raise GpunetError(
+            f"{script}, line {top.f_lineno}: gpunet.connect() runs at the top level of the script, which the "
+            "network's worker processes import again when they start; put it (and the code that uses it) under "
+            "`if __name__ == \"__main__\":`"
+        )
+
+
+def _inside_main_guard(script: Path, line: int) -> bool:
+    """Whether ``line`` of ``script`` lies inside an ``if __name__ == "__main__":`` block."""
+    try:
+        tree = ast.parse(script.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return True  # cannot tell: let it be
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test):
+            if node.body[0].lineno <= line <= (node.body[-1].end_lineno or line):
+                return True
+    return False
+
+
+_exit_hook_registered = False
+
+
+def _close_at_exit_once() -> None:
+    """Close every open network when the interpreter exits, before Python stops the
+    thread pools that Dask's event loop still needs (``threading._register_atexit``
+    runs before them; a plain ``atexit`` handler runs after, and closing then fails
+    with "cannot schedule new futures after interpreter shutdown")."""
+    global _exit_hook_registered
+    with _current_lock:
+        if _exit_hook_registered:
+            return
+        _exit_hook_registered = True
+    try:
+        threading._register_atexit(_close_all_quietly)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # not CPython, or already shutting down
+        atexit.register(_close_all_quietly)
+
+
+def _close_all_quietly() -> None:
+    """Close what is still open, with Dask's shutdown chatter kept out of the terminal."""
+    networks = [net for net in list(_open_networks) if not net.closed]
+    if not networks:
+        return
+    quiet = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [logger_.level for logger_ in quiet]
+    for logger_ in quiet:
+        logger_.setLevel(logging.CRITICAL)
+    try:
+        for net in networks:
+            try:
+                net.close(force=True)
+            except Exception as exc:  # noqa: BLE001 - exiting anyway: one line, not a traceback
+                print(f"gpunet: closing {net.address} at exit failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    finally:
+        for logger_, level in zip(quiet, levels):
+            logger_.setLevel(level)
 
 
 def _open_meter(client: Client, url: str, token: str, budget: int | None) -> Meter:

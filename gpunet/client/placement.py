@@ -63,6 +63,12 @@ def show_resources(resources: dict[str, float]) -> str:
 
 def never_runs_message(asked: dict[str, float], workers: dict[str, WorkerView]) -> str:
     """Why no connected worker can ever run a job asking for ``asked`` (there are workers)."""
+    wants_gpu = asked.get(GPU_RESOURCE, 0) > 0 or asked.get(GPU_MEMORY_RESOURCE, 0) > 0
+    with_gpus = [info for info in workers.values() if (info.get("resources") or {}).get(GPU_RESOURCE, 0) > 0]
+    if wants_gpu and not with_gpus:
+        return (f"no worker has a GPU: this job asks for {show_resources(asked)}, and the {len(workers)} connected "
+                "worker(s) are CPU devices (%gpunet status lists them). Leave out --gpus / --gpu-mem to run it on "
+                "a CPU worker, or connect to a network whose providers offer GPUs (gpunet provide on a GPU host).")
     largest = max(workers.values(), key=lambda info: tuple(
         (info.get("resources") or {}).get(name, 0) for name in sorted(asked)))
     return (f"no worker can ever run this: it asks for {show_resources(asked)}, and the largest of the "

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpunet import wire
 from gpunet.client.handle import JobHandle
+from gpunet.client.received import checked_result
 from gpunet.reuse import reuse_key
 from gpunet.wire import result_from_event, result_to_event
 
@@ -36,7 +37,9 @@ class ReusedJob(JobHandle):
     """A job answered from the network's table of verified results: nothing runs."""
 
     def __init__(self, network: Connection, job: Job, found: dict[str, Any], *, mapped: bool) -> None:
-        self.results = [result_from_event(result) for result in found["results"]]
+        # what the table keeps came from providers: as data only, unless the notebook trusts them
+        self.results = [checked_result(result, "a reused result") if network.result_format == wire.CODEC
+                        else result_from_event(result) for result in found["results"]]
         super().__init__(network, job, count=len(self.results), mapped=mapped)
         #: the provenance record of the run whose result this is
         self.reused_from: dict[str, Any] = found.get("record") or {}

@@ -20,10 +20,19 @@ import cloudpickle
 import dask
 from distributed.scheduler import KilledWorker
 
-from gpunet import wire
+from gpunet import codec, wire
 from gpunet.client.handle import SCATTER_THRESHOLD_BYTES, JobHandle, new_job_id, pickled, stop_job_everywhere
+from gpunet.client.received import accept
 from gpunet.client.verified import VerifiedJob
-from gpunet.errors import BudgetError, GpunetError, RemoteCellError, VerificationError, WorkerLostError
+from gpunet.errors import (
+    BudgetError,
+    GpunetError,
+    RemoteCellError,
+    ResultTooLargeError,
+    UnsupportedResultError,
+    VerificationError,
+    WorkerLostError,
+)
 from gpunet.verify.quorum import Policy, tolerance_for
 from gpunet.wire import Job, JobResult, result_from_event
 from gpunet.worker.runner import run_job
@@ -50,28 +59,39 @@ def function_value(result: JobResult) -> Any:
     raise_for_error(result)
     if result.unpicklable_outputs:
         name, type_name, reason = result.unpicklable_outputs[0]
+        if result.result_format == wire.CODEC:
+            raise UnsupportedResultError(reason, name=name, type_name=type_name)
         raise GpunetError(f"the {name} ({type_name}) cannot be pickled to come back from {result.worker}: {reason}")
-    return cloudpickle.loads(result.value) if result.value is not None else None
+    return codec.load(result.value, result.result_format, what="the return value") if result.value is not None else None
 
 
 def raise_for_error(result: JobResult, *, label: str = "") -> None:
     """Raise the job's remote exception here, with its remote traceback.
 
-    The original exception type is rebuilt where it can be (so ``except KeyError``
-    works in the notebook); IPython shows the remote traceback instead of gpunet's
-    own frames. Otherwise a :class:`RemoteCellError` carries the same text.
+    Where the notebook trusts its providers the original exception is unpickled
+    where it can be; elsewhere (and where it cannot be) a :class:`RemoteCellError`
+    carries its type name, message and traceback, and is also the built-in
+    exception type it names, so ``except KeyError`` works in the notebook either
+    way. IPython shows the remote traceback (its line numbers are the cell's)
+    instead of gpunet's own frames.
     """
     error = result.error
     if error is None:
         return
     if error["ename"] == wire.INTERRUPTED:
         raise GpunetError(f"the job was stopped on {result.worker}{label}")
+    if error["ename"] == wire.TOO_LARGE:
+        raise ResultTooLargeError(f"the job on {result.worker}{label} went over a cap: {error['evalue']}; nothing "
+                                  "of its result was loaded (return or print less, or raise the cap: "
+                                  "max_result_bytes= / max_stream_bytes_per_s= when connecting)")
     remote_tb = error["traceback"]
     header = f"Remote traceback (worker {result.worker}, {result.device}{label}):\n"
-    try:
-        exc = cloudpickle.loads(error["exception"]) if error.get("exception") is not None else None
-    except Exception:  # noqa: BLE001 - its class may not exist here
-        exc = None
+    exc = None
+    if result.result_format == wire.PICKLE and error.get("exception") is not None:
+        try:
+            exc = cloudpickle.loads(error["exception"])
+        except Exception:  # noqa: BLE001 - its class may not exist here
+            exc = None
     if isinstance(exc, BaseException):
         lines = (header + remote_tb).rstrip("\n").split("\n")
         try:
@@ -81,7 +101,7 @@ def raise_for_error(result: JobResult, *, label: str = "") -> None:
         except AttributeError:  # exceptions with __slots__
             exc = None
     if exc is None:
-        exc = RemoteCellError(error["ename"], error["evalue"], header + remote_tb)
+        exc = RemoteCellError.of(error["ename"], error["evalue"], header + remote_tb)
     raise exc
 
 
@@ -105,8 +125,7 @@ class RemoteJob(JobHandle):
         self.results: dict[int | None, JobResult] = {}
         #: indices whose future finished
         self.finished: set[int | None] = set()
-        #: the job's holds, and the device time its --max-credits allows (metered networks)
-        self.holds: list[str] = []
+        #: the device time its --max-credits allows (metered networks)
         self.credit_limit_s: float | None = None
         #: scattered data the tasks depend on, held until the job is done
         self._kept: list[Future] = []
@@ -122,7 +141,7 @@ class RemoteJob(JobHandle):
         with dask.annotate(**{wire.ANNOTATION: annotations}) if annotations else contextlib.nullcontext():
             client = network.client
             blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
-            job.result_event = blobs is None
+            job.result_event = blobs is None and job.result_format == wire.PICKLE
             per_item = bool(workers) and isinstance(workers[0], list)
             options = dict(resources=resources, pure=False, workers=None if per_item else workers,
                            allow_other_workers=False)
@@ -172,10 +191,14 @@ class RemoteJob(JobHandle):
         self._unfinished = still
 
     # -- callbacks from the client's event loop -------------------------------------------
-    def on_event(self, message: dict[str, Any]) -> None:
-        """A live event; a small result comes as one too, saving the gather."""
+    def _on_live_event(self, message: dict[str, Any]) -> None:
+        """A live event; a small result comes as one too, saving the gather (only where
+        results come pickled: a CODEC job's result comes only from its own future)."""
         if message.get("kind") != "result":
-            super().on_event(message)
+            super()._on_live_event(message)
+            return
+        if self.job.result_format != wire.PICKLE:
+            logger.warning("gpunet: ignored a result event for job %s: its result comes from its future", self.job.job_id)
             return
         with self._lock:
             self.results.setdefault(message.get("index"), result_from_event(message["result"]))
@@ -234,8 +257,9 @@ class RemoteJob(JobHandle):
                     "the network lost this job (its scheduler restarted or this client was disconnected); "
                     "run it again"
                 )
-        for result in self.network.client.gather(missing):
-            have[result.index] = result
+        for future, raw in zip(missing, self.fetch(missing)):
+            index = self.index_of[future.key]
+            have[index] = accept(raw, self.job, index)
         return [have[self.index_of[future.key]] for future in self.futures]
 
     def _close_unknown_tasks(self) -> None:
@@ -260,7 +284,9 @@ class RemoteJob(JobHandle):
         """The job ran as long as its --max-credits pays for: the scheduler charges the
         provider's time on the worker (at most the limit), then the job is stopped."""
         charged = self.network.call_scheduler(wire.CHARGE_USED, key=self.futures[0].key)
-        worker = self.workers_seen[-1][0] if self.workers_seen else None
+        worker, device = self.workers_seen[-1] if self.workers_seen else (None, "")
+        if worker is not None and self.network.meter is not None:  # its time counts in %gpunet usage too
+            self.network.meter.count(worker, device, self.credit_limit_s or 0.0)
         self.stop("stopped at its --max-credits")
         raise BudgetError(
             f"the job reached its --max-credits after about {self.credit_limit_s:.1f} s on "
@@ -289,6 +315,8 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     """
     if items is not None and not items:
         raise GpunetError("nothing to send: the map has no items")
+    job.result_format = network.result_format
+    job.max_result_bytes, job.max_stream_bytes_per_s = network.max_result_bytes, network.max_stream_bytes_per_s
     policy = Policy.parse(verify)
     network.check_placement(resources)
     if policy.active:
@@ -307,7 +335,7 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     count = 1 if items is None else len(items)
     plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
-    hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount)
+    hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount, plan=plan)
     try:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
                                   annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else count,

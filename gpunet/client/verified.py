@@ -34,6 +34,7 @@ from gpunet.client.handle import (
     write,
 )
 from gpunet.client.placement import satisfies
+from gpunet.client.received import accept
 from gpunet.errors import BudgetError, GpunetError, VerificationError
 from gpunet.verify.quorum import (
     ACCEPT,
@@ -188,6 +189,10 @@ class VerifiedJob(JobHandle):
         #: the worker of the copy whose live output is shown (the first to start or print)
         self._streamed_from: str | None = None
 
+    def placed_holds(self) -> list[str]:
+        """Every copy's hold."""
+        return [copy.hold for unit in self.units for copy in unit.copies if copy.hold]
+
     # -- sending ---------------------------------------------------------------------
     @classmethod
     def submit(cls, network: Connection, job: Job, policy: Policy, tolerance: Tolerance, *,
@@ -325,7 +330,7 @@ class VerifiedJob(JobHandle):
         good = [future for future in finished if future.status == "finished"]
         if good:
             try:
-                fetched = dict(zip((f.key for f in good), self.network.client.gather(good)))
+                fetched = dict(zip((f.key for f in good), self.fetch(good)))
             except Exception as exc:  # noqa: BLE001 - judged one by one below
                 logger.warning("gpunet: fetching %d copies failed (%s); fetching them one by one", len(good), exc)
         for future in finished:
@@ -370,8 +375,8 @@ class VerifiedJob(JobHandle):
             return
         if future.status == "finished":
             try:
-                copy.result = result if result is not None else future.result()
-            except Exception as exc:  # noqa: BLE001 - a lost worker between finish and fetch
+                copy.result = accept(result if result is not None else future.result(), self.job, unit.index)
+            except Exception as exc:  # noqa: BLE001 - a lost worker between finish and fetch, a refused result
                 copy.failed = f"its result could not be fetched ({type(exc).__name__}: {exc})"
             if copy.result is not None and copy.result.error and copy.result.error["ename"] == wire.INTERRUPTED:
                 copy.failed, copy.result = f"it was stopped on {copy.result.worker}", None

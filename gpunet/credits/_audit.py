@@ -295,6 +295,8 @@ def verify_service(url: str, token: str, *, public_key: str | None = None, page:
     service = service or url.rstrip("/")
     with CreditClient(url, token, timeout=(3.05, 300)) as client:
         head = client.head()
+        if witness is not None and public_key is None:
+            witness.check_pin(service, head["public_key"])  # another key: both fingerprints, what to do
         pinned = public_key or (witness.pins().get(service, {}).get("public_key") if witness else None) \
             or client.health().get("public_key")
         checker = LedgerChecker()

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gpunet.credits._errors import error_for_status
-from gpunet.errors import CreditsUnavailableError
+from gpunet.errors import CreditsUnavailableError, GpunetError
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,30 @@ class CreditClient:
     def balance(self, account: str) -> int:
         """Return the balance of ``account`` (one's own, or any for an operator)."""
         return int(self.account(account)["balance"])
+
+    def provider_account(self, needed_for: str) -> str:
+        """Return the name of this token's account if it is a provider's; else raise
+        :class:`GpunetError` saying that ``needed_for`` needs a provider's token."""
+        name = self.ping()["account"]
+        role = self.account(name)["role"]
+        if role != "provider":
+            raise GpunetError(f"this token is account {name!r}'s, a {role} account, not a provider's: {needed_for} "
+                              "needs a provider's token: that of an account the credit service's operator created "
+                              "with role provider")
+        return name
+
+    def earnings(self, provider: str, after: int = -1) -> dict[str, Any]:
+        """Return what ``provider`` was paid (her own token, or an operator's).
+
+        ``{"account", "role", "balance", "size", "total", "today", "since", "after", "series", "record",
+        "quarantine_below"}``:
+        ``total`` and ``today`` (since ``since``, 00:00 UTC) are ``{"credits", "tasks", "seconds"}``
+        (device-seconds); ``series`` lists the settlements to her after ledger entry ``after``,
+        each ``[index, time, credits, tasks, seconds]``; ``record`` is her trust record and
+        ``quarantine_below`` the reputation under which she is quarantined. Nothing in it names a
+        client or a task.
+        """
+        return self._get(f"/v1/accounts/{provider}/earnings", after=after)
 
     def mint(self, account: str, amount: int, key: str) -> dict[str, Any]:
         """Mint ``amount`` credits into ``account`` (operator only); ``key`` makes it idempotent."""

@@ -418,6 +418,14 @@ def read_entries(engine: sa.Engine, start: int, end: int, session: str | None = 
         return [tuple(r) for r in conn.exec_driver_sql(sql + " ORDER BY idx", params)]
 
 
+def read_settlements_to(engine: sa.Engine, provider: str) -> list[tuple]:
+    """Return ``(index, time, amount, memo)`` of every settlement paid to ``provider``, in order."""
+    p = "?" if engine.url.get_backend_name() == "sqlite" else "%s"
+    sql = f"SELECT idx, time, amount, memo FROM entries WHERE kind = 'settle' AND dst = {p} ORDER BY idx"
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql(sql, (provider,))]
+
+
 def read_heads(engine: sa.Engine) -> list[dict[str, Any]]:
     """Return every signed tree head stored in a credit database, oldest first."""
     with engine.connect() as conn:

@@ -26,6 +26,24 @@ logger = logging.getLogger(__name__)
 
 URL_PREFIX = "credit service: "
 TOKEN_FILE_PREFIX = "operator token file: "
+#: Set in the child's environment: the pid whose death stops the service (see watch_parent).
+PARENT_PID_ENV = "GPUNET_CREDITS_PARENT_PID"
+
+
+def watch_parent(parent: int, every: float = 0.5) -> threading.Thread:
+    """Stop this process gracefully (SIGTERM to itself: finish requests, sign a last head)
+    once ``parent`` is gone, so that a service started for a notebook or a network never
+    outlives it, however that ended (SIGKILL, a crash, an interpreter that exited
+    without closing it). Returns the watching daemon thread."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        logger.warning("the process that started this credit service (pid %d) is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="credits-parent-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 class CreditServiceProcess:
@@ -128,6 +146,7 @@ def serve_in_background(
         log = Path(log_path)
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env[PARENT_PID_ENV] = str(os.getpid())  # the child stops when this process is gone
     # The child must import this very gpunet, installed or not.
     root = str(Path(gpunet.__file__).resolve().parent.parent)
     paths = child_env.get("PYTHONPATH", "").split(os.pathsep) if child_env.get("PYTHONPATH") else []

@@ -13,6 +13,7 @@ route                                        what                               
 ``POST /v1/accounts``                        create an account, returns its token    operator
 ``GET  /v1/accounts``                        every account with its balance          operator
 ``GET  /v1/accounts/{name}``                 one account's balance                   it, operator
+``GET  /v1/accounts/{name}/earnings``        a provider's earnings: totals, series   it, operator
 ``POST /v1/mint``                            mint credits into an account            operator
 ``POST /v1/sessions``                        open a session with a budget            client, operator
 ``GET  /v1/sessions/{id}``                   usage: budget, held, spent, left        owner, operator
@@ -49,6 +50,12 @@ oldest first, each with ``paid`` (by parts so far), ``left``, ``created`` (its l
 ``hold`` entry's time) and ``age`` in seconds at the answer's ``now``: an operator finds
 so the holds that a dead scheduler will never close (``gpunet credits release-stale``).
 Any account may list its own (``account=`` its name); every account's needs an operator.
+
+``GET /v1/accounts/NAME/earnings?after=INDEX`` answers a provider (or an operator) what she
+was paid: her balance, the credits, tasks and device-seconds of every settlement to her
+(in total and since 00:00 UTC today), and the settlements after ledger entry ``INDEX``
+(the last ``MAX_EARNINGS_SERIES``) as ``[index, time, credits, tasks, device-seconds]``, for a
+plot, with her trust record and the reputation below which she would be quarantined. Nothing in it names a client, a session or a task: only what she earned and when.
 """
 
 from __future__ import annotations
@@ -112,6 +119,8 @@ from gpunet.credits._witness import Witness
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
+#: The most settlements ``GET /v1/accounts/NAME/earnings`` lists (the latest).
+MAX_EARNINGS_SERIES = 1000
 
 # -- validation -------------------------------------------------------------------------
 
@@ -350,6 +359,29 @@ class CreditService:
             raise NotFoundError(f"no account named {name!r}", details={"account": name})
         return acct
 
+    async def earnings(self, request: Request) -> dict[str, Any]:
+        """GET /v1/accounts/{name}/earnings?after=INDEX: what a provider was paid (itself or operator)."""
+        account = await self.get_account(request)
+        if account["role"] != "provider":
+            raise NotFoundError(f"account {account['account']!r} is a {account['role']}, not a provider; "
+                                "earnings are kept for provider accounts", details={"account": account["account"]})
+        after = self._int_query(request, "after", -1, minimum=-1)
+        rows = await run_in_threadpool(self.store.read_settlements_to, account["account"])
+        today = format_time(dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0))
+        series = [_earned(row) for row in rows]
+        totals = {"credits": 0, "tasks": 0, "seconds": 0.0}
+        totals_today = dict(totals)
+        for (index, time, credits, tasks, seconds) in series:
+            for into in (totals, totals_today) if time >= today else (totals,):
+                into["credits"] += credits
+                into["tasks"] += tasks
+                into["seconds"] += seconds
+        later = [item for item in series if item[0] > after][-MAX_EARNINGS_SERIES:]
+        record = await run_in_threadpool(self.store.read_provider_record, account["account"])
+        return {**account, "size": self.store.size, "total": totals, "today": totals_today, "since": today,
+                "after": after, "series": later, "record": record,
+                "quarantine_below": self.store.book.reputation_floor}
+
     async def usage(self, request: Request) -> dict[str, Any]:
         """GET /v1/sessions/{sid}: budget, held, spent and left (owner or operator)."""
         actor, role = self._auth(request)
@@ -491,6 +523,21 @@ class CreditService:
                 "proof": [p.hex() for p in proof]}
 
 
+def _earned(row: tuple) -> list[Any]:
+    """``[index, time, credits, tasks, device-seconds]`` of a settlement row ``(index, time, amount,
+    memo)``: a part names its tasks in its memo (else one); the scheduler writes the seconds."""
+    index, time, amount, memo_text = row
+    try:
+        memo = json.loads(memo_text) if memo_text else {}
+    except ValueError:
+        memo = {}
+    memo = memo if isinstance(memo, dict) else {}
+    tasks, seconds = memo.get("tasks", 1), memo.get("seconds", 0.0)
+    tasks = tasks if type(tasks) is int and tasks >= 0 else 1
+    seconds = float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
+    return [index, time, amount, tasks, seconds]
+
+
 def _error_response(exc: CreditsError) -> Any:
     status = getattr(exc, "status", 500)
     body = {"status": status, "code": getattr(exc, "code", "error"), "message": str(exc),
@@ -524,6 +571,7 @@ def build_app(store: CreditStore) -> Starlette:
         Route("/v1/accounts", wrap(svc.operation("create_account")), methods=["POST"]),
         Route("/v1/accounts", wrap(svc.listing("accounts", store.read_accounts, "listing accounts")), methods=["GET"]),
         Route("/v1/accounts/{name}", wrap(svc.get_account), methods=["GET"]),
+        Route("/v1/accounts/{name}/earnings", wrap(svc.earnings), methods=["GET"]),
         Route("/v1/mint", wrap(svc.operation("mint")), methods=["POST"]),
         Route("/v1/sessions", wrap(svc.operation("open_session")), methods=["POST"]),
         Route("/v1/sessions/{sid}", wrap(svc.usage), methods=["GET"]),

@@ -131,7 +131,7 @@ class HeadLog:
         verify_head(head, self.public_key)
         size = head["size"]
         kept = {f: head[f] for f in HEAD_FIELDS if f in head}
-        kept.setdefault("key_id", self.key_id)
+        kept["key_id"] = self.key_id  # not signed: computed, never taken from the head
         if source:
             kept["seen_in"] = source
         known = self.heads.get(size)

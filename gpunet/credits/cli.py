@@ -1,6 +1,9 @@
 """``gpunet credits ...`` and ``gpunet ledger ...`` (the credit service's verbs).
 
 * ``gpunet credits serve [--db URL] [--host 127.0.0.1] [--port N] [--operator-token-file PATH]``
+* ``gpunet credits account create NAME --role client|provider|operator [-o TOKEN_FILE] [--token-file OPERATOR_TOKEN_FILE]``
+* ``gpunet credits mint ACCOUNT AMOUNT [--key K] [--token-file OPERATOR_TOKEN_FILE]``
+* ``gpunet credits balance [ACCOUNT] [--token-file F]``
 * ``gpunet credits receipt SESSION [--url URL] [--token T | --token-file F] [-o FILE]``
 * ``gpunet credits providers [--credits URL] [--token T | --token-file F] [--json]``
 * ``gpunet credits clear-quarantine PROVIDER [--credits URL] [--token-file OPERATOR_TOKEN_FILE] [--key K]``
@@ -25,23 +28,27 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
-from gpunet.clitools import run_command
+from gpunet.clitools import run_command, wait_for
 from gpunet.credits._audit import verify_database, verify_service
+from gpunet.credits._book import ROLES
 from gpunet.credits._client import CreditClient
 from gpunet.credits._ledger import key_id
 from gpunet.credits._receipts import check_receipt, heads_records, proofs_from, read_documents
 from gpunet.credits._witness import Witness, check_heads
 from gpunet.errors import (
     ConflictError,
+    CreditsUnavailableError,
     ForbiddenError,
     IdempotencyConflictError,
     InvalidRequestError,
     LedgerVerificationError,
 )
-from gpunet.credits._process import TOKEN_FILE_PREFIX, URL_PREFIX
+from gpunet.credits._process import PARENT_PID_ENV, TOKEN_FILE_PREFIX, URL_PREFIX, watch_parent
 from gpunet.credits._trust import REPUTATION_FLOOR
+from gpunet.paths import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +74,48 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 def _add_auth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", "--credits", dest="url", metavar="URL", default=os.environ.get("GPUNET_CREDITS"),
                    help="the credit service (default: $GPUNET_CREDITS)")
-    p.add_argument("--token", default=None, help="bearer token (default: $GPUNET_TOKEN)")
-    p.add_argument("--token-file", help="read the bearer token from this file (e.g. the operator token file)")
+    p.add_argument("--token-file", "--operator-token-file", dest="token_file", metavar="PATH",
+                   help="read the bearer token from this file (operator verbs: the operator token file that "
+                   "`gpunet credits serve` wrote; default: $GPUNET_TOKEN)")
+    p.add_argument("--token", default=None, help="the bearer token itself (default: $GPUNET_TOKEN); prefer "
+                   "--token-file: a token on a command line shows in `ps` and the shell's history")
+    p.add_argument("--wait", type=float, default=SERVICE_WAIT_S, metavar="SECONDS",
+                   help=f"wait this long for the service to answer, as it may be starting (default {SERVICE_WAIT_S:g})")
+
+
+#: How long a verb waits for a credit service that does not answer yet (it may be starting).
+SERVICE_WAIT_S = 30.0
+
+
+def _add_account_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="account_command", metavar="SUBCOMMAND")
+    sub.required = True
+    create = sub.add_parser("create", help="create an account and write its token to a file (operator)",
+                            description="Create an account on the credit service and write its token to a new "
+                            "file of mode 600 (the token is never printed). Clients spend credits (mint them some "
+                            "with `gpunet credits mint`), providers are paid for their workers' work.")
+    _add_auth_args(create)
+    create.add_argument("name", help="the account's name (letters, digits, . _ -)")
+    create.add_argument("--role", choices=ROLES, required=True, help="client (a notebook that spends), provider "
+                        "(paid for its workers' work), meter (a scheduler that may only pay and release holds) or "
+                        "operator")
+    create.add_argument("-o", "--output", metavar="PATH", help="write the token here, a new file of mode 600 "
+                        "(default: NAME.token in the current folder)")
+    create.set_defaults(func=cmd_account_create)
+
+
+def _add_mint_args(p: argparse.ArgumentParser) -> None:
+    _add_auth_args(p)
+    p.add_argument("account", help="the account to credit")
+    p.add_argument("amount", type=int, help="whole credits to create")
+    p.add_argument("--key", help="idempotency key: the same key mints once (default: a fresh one)")
+    p.set_defaults(func=cmd_mint)
+
+
+def _add_balance_args(p: argparse.ArgumentParser) -> None:
+    _add_auth_args(p)
+    p.add_argument("account", nargs="?", help="whose balance (default: the token's own account)")
+    p.set_defaults(func=cmd_balance)
 
 
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
@@ -152,6 +199,9 @@ def _add_release_stale_args(p: argparse.ArgumentParser) -> None:
 def _add_credit_verbs(sub: argparse._SubParsersAction) -> None:
     """The verbs ``gpunet credits`` and ``python -m gpunet.credits`` share."""
     _add_serve_args(sub.add_parser("serve", help="run the credit service (HTTP JSON)"))
+    _add_account_args(sub.add_parser("account", help="accounts and their tokens (operator)"))
+    _add_mint_args(sub.add_parser("mint", help="create credits in an account (operator)"))
+    _add_balance_args(sub.add_parser("balance", help="an account's balance"))
     _add_receipt_args(sub.add_parser("receipt", help="fetch a session's verifiable receipt"))
     _add_providers_args(sub.add_parser("providers", help="providers' trust records: reputation, quarantine"))
     _add_clear_quarantine_args(sub.add_parser("clear-quarantine", help="let a quarantined provider work again "
@@ -195,6 +245,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"gpunet credits serve: --reputation-floor must be between 0 and 1, got {args.reputation_floor}",
               file=sys.stderr)
         return 2
+
+    if os.environ.get(PARENT_PID_ENV, "").isdigit():  # started by serve_in_background: never outlive it
+        watch_parent(int(os.environ[PARENT_PID_ENV]))
 
     def ready(url: str, token_file: object) -> None:
         print(f"{URL_PREFIX}{url}", flush=True)
@@ -356,9 +409,63 @@ def cmd_receipt(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
+    """A client of the service named by the verb's options, once the service answers
+    (up to ``--wait`` seconds: it may have been started a moment ago)."""
     if not args.url:
         raise InvalidRequestError("no service: pass --credits URL (or --url) or set GPUNET_CREDITS")
+    wait_for_service(args.url, args.wait)
     return CreditClient(args.url, _token(args))
+
+
+def wait_for_service(url: str, timeout: float) -> None:
+    """Return once the credit service at ``url`` answers its health check; raise
+    :class:`CreditsUnavailableError` naming it after ``timeout`` seconds."""
+    probe = CreditClient(url, "", timeout=2.0, retries=0)
+
+    def answers() -> bool:
+        try:
+            return bool(probe.health().get("ok"))
+        except CreditsUnavailableError:
+            return False
+
+    try:
+        if not wait_for(answers, timeout):
+            raise CreditsUnavailableError(f"no credit service answers at {url} (waited {timeout:g} s): start one "
+                                          "with `gpunet credits serve`, or check --credits", url=url)
+    finally:
+        probe.close()
+
+
+def cmd_account_create(args: argparse.Namespace) -> int:
+    """Create an account and write its token to a new file of mode 600 (never printed)."""
+    target = Path(args.output or f"{args.name}.token").expanduser()
+    if target.exists():  # before the account exists: a refused file must not leave a token nobody has
+        raise InvalidRequestError(f"{target} exists already; choose another file with -o, or delete it")
+    created = _client(args).create_account(args.name, args.role)
+    write_private(target, created["token"].encode() + b"\n")
+    hint = {"client": f"; give it credits with `gpunet credits mint {args.name} AMOUNT`",
+            "provider": f"; its workers join with `gpunet provide SCHEDULER --credits {args.url} --token-file "
+                        f"{target}`",
+            "meter": f"; a scheduler reports with it: `gpunet scheduler --credits {args.url} --meter-token-file "
+                     f"{target} ...`"}.get(args.role, "")
+    print(f"created the {args.role} account {args.name}; its token is in {target} (mode 600){hint}")
+    return 0
+
+
+def cmd_mint(args: argparse.Namespace) -> int:
+    """Mint credits into an account (operator) and print its new balance."""
+    client = _client(args)
+    client.mint(args.account, args.amount, key=args.key or f"mint-{args.account}-{uuid.uuid4().hex}")
+    print(f"minted {args.amount} credits into {args.account}; its balance is {client.balance(args.account)}")
+    return 0
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    """Print an account's balance (the token's own account by default)."""
+    client = _client(args)
+    account = args.account or client.ping()["account"]
+    print(f"{account}: {client.balance(account)} credits")
+    return 0
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> str:

@@ -18,6 +18,10 @@ How much is held per task:
 - else the task's ``--timeout`` (or :data:`DEFAULT_HOLD_SECONDS`, per item
   :data:`DEFAULT_ITEM_HOLD_SECONDS` for a map) at the highest provider rate.
 
+A job given no ``--timeout`` gets :func:`default_timeout`: the device time its hold
+covers, so that a provider is never working past what it will be paid for, and a
+job nobody waits for any more (a lost Ctrl-C) frees its worker.
+
 A provider is paid ``ceil(compute seconds x its rate)``, at least 1 credit and never
 more than the hold; the rest of the hold goes back to the session.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,15 +47,31 @@ DEFAULT_HOLD_SECONDS = 60.0
 DEFAULT_ITEM_HOLD_SECONDS = 10.0
 #: Credits per device-second where no provider said otherwise.
 DEFAULT_RATE = 1.0
+#: How long usage figures wait for the scheduler to report the jobs that finished here.
+SETTLE_WAIT_S = 5.0
+
+
+def default_timeout(count: int = 1, *, max_credits: float | None = None, max_rate: float = DEFAULT_RATE) -> float:
+    """The ``--timeout`` of a job of ``count`` tasks given none: the device time its
+    hold covers, :data:`DEFAULT_HOLD_SECONDS` for a cell, :data:`DEFAULT_ITEM_HOLD_SECONDS`
+    per item of a map. With ``--max-credits`` the hold covers that many credits at
+    the highest rate (a cell is stopped there, counted from its start on a worker),
+    and a minute more is allowed for reaching a worker."""
+    if max_credits is not None:
+        return max_credits / max_rate + DEFAULT_HOLD_SECONDS
+    return DEFAULT_HOLD_SECONDS if count == 1 else DEFAULT_ITEM_HOLD_SECONDS * count
 
 
 @dataclass
 class Plan:
     """What a job holds: ``amount`` credits per task, and the device-time limit that
-    keeps it within ``--max-credits`` (None when no limit was asked for)."""
+    keeps it within ``--max-credits`` (None when no limit was asked for). ``basis``
+    says where the amount comes from and ``fix`` how to hold less, for a refusal."""
 
     amount: int
     limit_s: float | None
+    basis: str = ""
+    fix: str = ""
 
 
 @dataclass
@@ -69,7 +90,50 @@ class Meter:
     credits: CreditClient
     session: str
     tally: dict[str, WorkerTally] = field(default_factory=dict)
+    #: holds of jobs that finished here and that the credit service may still show open
+    unsettled: set[str] = field(default_factory=set)
+    _account: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def finished(self, holds: list[str]) -> None:
+        """The jobs of ``holds`` finished here: the scheduler settles or releases them soon."""
+        with self._lock:
+            self.unsettled.update(holds)
+
+    def wait_settled(self, holds: set[str] | None = None, timeout: float = SETTLE_WAIT_S) -> bool:
+        """Wait until the credit service shows ``holds`` (default: every job that finished
+        here) closed, settled or released; False when some are still open after
+        ``timeout`` seconds (the scheduler reports in batches, retried while the
+        service is away)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                waiting = set(self.unsettled if holds is None else holds & self.unsettled)
+            if not waiting:
+                return True
+            if self._account is None:
+                self._account = self.credits.ping()["account"]
+            still_open = waiting & {hold["hold"] for hold in self.credits.holds(account=self._account)}
+            with self._lock:
+                self.unsettled -= waiting - still_open
+            if not still_open:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+    def charged(self, holds: list[str], timeout: float = SETTLE_WAIT_S) -> int | None:
+        """What a stopped job of ``holds`` was charged once its holds are closed (the
+        session's spending meanwhile, after the jobs that finished before it were
+        settled); None when they are still open after ``timeout``."""
+        with self._lock:
+            earlier = self.unsettled - set(holds)
+        self.wait_settled(earlier, timeout)
+        spent = self.credits.usage(self.session)["spent"]
+        self.finished(holds)
+        if not self.wait_settled(set(holds), timeout):
+            return None
+        return self.credits.usage(self.session)["spent"] - spent
 
     def plan(self, *, count: int, max_credits: float | None, timeout: float | None, max_rate: float,
              what: str | None = None) -> Plan:
@@ -81,18 +145,30 @@ class Meter:
                 raise BudgetError(f"--max-credits {max_credits:g} cannot pay for {what} (every task costs at least "
                                   f"1 credit): give at least --max-credits {count}. Nothing was sent.")
             per_task = math.floor(max_credits / count)
-            return Plan(per_task, per_task / max_rate if count == 1 else None)
-        seconds = timeout or (DEFAULT_HOLD_SECONDS if count == 1 else DEFAULT_ITEM_HOLD_SECONDS)
-        return Plan(max(1, math.ceil(seconds * max_rate)), None)
+            return Plan(per_task, per_task / max_rate if count == 1 else None, basis=f"--max-credits {max_credits:g}",
+                        fix="lower --max-credits")
+        rate = f"at the highest provider rate, {max_rate:g} credits a device-second"
+        if timeout is not None:
+            per = "" if count == 1 else " for each item"
+            basis, fix = f"--timeout {timeout:g} s{per} {rate}", "lower --timeout, or cap the job with --max-credits C"
+            seconds = timeout
+        else:
+            seconds = DEFAULT_HOLD_SECONDS if count == 1 else DEFAULT_ITEM_HOLD_SECONDS
+            per = "a cell" if count == 1 else "each map item"
+            basis = f"the default hold of {seconds:g} s for {per} {rate}"
+            fix = ("cap the whole map with --max-credits C (it then holds C in all)" if count > 1
+                   else "cap the cell with --max-credits C, or a shorter --timeout")
+        return Plan(max(1, math.ceil(seconds * max_rate)), None, basis=basis, fix=fix)
 
-    def hold_shared(self, job_id: str, *, count: int, amount: int) -> str:
+    def hold_shared(self, job_id: str, *, count: int, amount: int, plan: Plan | None = None) -> str:
         """One hold of ``count x amount`` credits for the ``count`` tasks of a map
         (each is paid at most ``amount`` from it); returns its id. Raises
-        :class:`BudgetError` (nothing held) when the session cannot cover it."""
+        :class:`BudgetError` (nothing held) when the session cannot cover it,
+        saying why it holds that much (``plan``) and how to hold less."""
         try:
             return self.credits.hold(self.session, count * amount, key=f"hold-{job_id}")
         except BudgetExceededError as exc:
-            raise self._refusal(amount, count, exc) from None
+            raise self._refusal(amount, count, exc, plan=plan) from None
 
     def hold(self, job_id: str, *, count: int, amount: int) -> list[str]:
         """Hold ``amount`` credits for each of ``count`` tasks; returns the hold ids.
@@ -117,18 +193,26 @@ class Meter:
                             placed=[hold for hold in holds if hold])
 
     def _refusal(self, amount: int, count: int, cause: Any, *, placed: list[str] | None = None,
-                 usage: dict[str, Any] | None = None) -> BudgetError:
+                 usage: dict[str, Any] | None = None, plan: Plan | None = None) -> BudgetError:
+        left = None
         try:
             usage = usage or self.credits.usage(self.session)
+            left = usage["left"]
             numbers = (f"the session has {usage['left']} of its {usage['budget']} credits left "
                        f"({usage['spent']} spent, {usage['held']} held)")
         except Exception:  # noqa: BLE001 - the refusal itself is what matters
             numbers = f"the credit service refused it ({cause})"
+        if left is not None and "balance" in str(cause).lower() and count * amount <= left:
+            numbers += f", but the account's balance cannot cover it ({cause})"
         need = f"{amount} credits" if count == 1 else f"{count} x {amount} = {count * amount} credits"
-        error = BudgetError(
-            f"this job needs a hold of {need} and {numbers}; nothing was sent. "
-            "Lower --max-credits (or --timeout), or connect with a larger --budget."
-        )
+        basis = f" ({plan.basis})" if plan is not None and plan.basis else ""
+        fixes = [plan.fix] if plan is not None and plan.fix else ["lower --max-credits or --timeout"]
+        if left is not None and left < count:
+            fixes = [f"every task costs at least 1 credit, so {count} tasks need {count} credits: send fewer, "
+                     "larger items"]
+        fixes.append("connect with a larger --budget (%gpunet connect --budget N)")
+        error = BudgetError(f"this job needs a hold of {need}{basis} and {numbers}; nothing was sent. "
+                            f"To run it: {'; or '.join(fixes)}.")
         error.placed = placed or []  # type: ignore[attr-defined]
         return error
 

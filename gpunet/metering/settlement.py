@@ -50,6 +50,11 @@ def price(seconds: float, rate: float, cap: int) -> int:
     return max(1, min(int(cap), math.ceil(seconds * rate)))
 
 
+def _rounded(seconds: float) -> float:
+    """Device-seconds as a memo records them: to the millisecond."""
+    return round(max(0.0, seconds), 3)
+
+
 @dataclass(frozen=True)
 class ProviderInfo:
     """Who is paid for a worker's tasks, and at how many credits per device-second."""
@@ -76,6 +81,7 @@ class AwaitingCopy:
     provider: str
     amount: int
     job: str
+    seconds: float = 0.0
 
 
 @dataclass
@@ -84,6 +90,7 @@ class Part:
 
     credits: int = 0
     tasks: int = 0
+    seconds: float = 0.0
 
 
 @dataclass
@@ -188,7 +195,7 @@ class Settlement:
             first = worker not in self.owed  # one give-up settles all that is owed then
             self.owed.setdefault(worker, []).append(OwedAttempt(key, hold, seconds, meta))
             return [GiveUpLater(worker)] if first else []
-        self._paid(key, meta, info.provider, price(seconds, info.rate, meta.get("amount", 1)))
+        self._paid(key, meta, info.provider, price(seconds, info.rate, meta.get("amount", 1)), seconds)
         return []
 
     def provider_registered(self, worker: str, account: str, rate: float, live: Container[Any]) -> None:
@@ -198,7 +205,8 @@ class Settlement:
         self.quarantined.discard(account)  # an operator may have cleared it since
         self.providers[worker] = ProviderInfo(account, float(rate))
         for owed in self.owed.pop(worker, []):
-            self._paid(owed.key, owed.meta, account, price(owed.seconds, rate, owed.meta.get("amount", 1)), live)
+            self._paid(owed.key, owed.meta, account, price(owed.seconds, rate, owed.meta.get("amount", 1)),
+                       owed.seconds, live)
 
     def give_up(self, worker: str | None) -> None:
         """A worker that never registered a provider: release what it was owed."""
@@ -236,7 +244,8 @@ class Settlement:
             memo["checked"] = False
         for hold, copy, agreed in judged:
             if agreed and copy.provider not in self.quarantined:
-                self._settle(hold, copy.provider, copy.amount, {**memo, "task": str(copy.key)})
+                self._settle(hold, copy.provider, copy.amount,
+                             {**memo, "task": str(copy.key), "seconds": _rounded(copy.seconds)})
             else:
                 self._release(hold)
             if checked and copy.provider not in self.quarantined:
@@ -256,8 +265,9 @@ class Settlement:
         info = self._provider_of(worker)
         if info is None:
             return None
-        amount = price(now - self.dispatched.get(key, now), info.rate, meta.get("amount", 1))
-        self._settle(hold, info.provider, amount)
+        seconds = now - self.dispatched.get(key, now)
+        amount = price(seconds, info.rate, meta.get("amount", 1))
+        self._settle(hold, info.provider, amount, {"seconds": _rounded(seconds)})
         return amount
 
     def release_holds(self, holds: Collection[str]) -> None:
@@ -283,7 +293,7 @@ class Settlement:
         share = self.shared.setdefault(hold, SharedHold(len(keys)))
         for key in keys:
             if key not in live and key not in share.done and key not in share.owed:
-                self._item_done(hold, key, None, 0)
+                self._item_done(hold, key, None, 0, 0.0)
 
     def trust_record(self, record: Mapping[str, Any]) -> list[Request]:
         """A provider's trust record came back from the credit service: a newly
@@ -305,35 +315,36 @@ class Settlement:
         self._parts_pending = False
 
     # -- rules -----------------------------------------------------------------------------
-    def _paid(self, key: Any, meta: dict[str, Any], provider: str, amount: int,
+    def _paid(self, key: Any, meta: dict[str, Any], provider: str, amount: int, seconds: float,
               live: Container[Any] | None = None) -> None:
-        """Settle a successful attempt, or, for a copy of a verified job, keep it until
-        the verdict (a recomputed copy replaces its earlier attempt); an item of a map
-        adds to its shared hold's next part."""
+        """Settle a successful attempt of ``seconds`` on a device, or, for a copy of a
+        verified job, keep it until the verdict (a recomputed copy replaces its earlier
+        attempt); an item of a map adds to its shared hold's next part. The memo of each
+        settlement says the device-seconds it pays for (a provider's dashboard adds them up)."""
         hold = meta["hold"]
         if "tasks" in meta:
-            self._item_done(hold, key, provider, amount)
+            self._item_done(hold, key, provider, amount, seconds)
         elif meta.get("verify"):
             if live is not None and key not in live:  # forgotten while its provider was being checked
                 self._release(hold)
                 return
             self.closed.discard(hold)
-            self.awaiting[hold] = AwaitingCopy(key, provider, amount, meta["verify"])
+            self.awaiting[hold] = AwaitingCopy(key, provider, amount, meta["verify"], seconds)
         elif provider in self.quarantined:  # finished while its workers were being retired: not paid
             self._release(hold)
         else:
-            self._settle(hold, provider, amount)
+            self._settle(hold, provider, amount, {"seconds": _rounded(seconds)})
 
     def _unpaid(self, hold: str, key: Any, meta: dict[str, Any]) -> None:
         """An attempt nobody is paid for: a map's item counts as done, any other task's
         hold is released (a verified copy no longer awaits its verdict)."""
         if "tasks" in meta:
-            self._item_done(hold, key, None, 0)
+            self._item_done(hold, key, None, 0, 0.0)
         else:
             self.awaiting.pop(hold, None)
             self._release(hold)
 
-    def _item_done(self, hold: str, key: Any, provider: str | None, amount: int) -> None:
+    def _item_done(self, hold: str, key: Any, provider: str | None, amount: int, seconds: float) -> None:
         """One item of a map is done: add what it earned to its provider's next part,
         and close the hold once every item is done."""
         share = self.shared.get(hold)
@@ -345,6 +356,7 @@ class Settlement:
             part = share.parts.setdefault(provider, Part())
             part.credits += amount
             part.tasks += 1
+            part.seconds += seconds
             self._parts_pending = True
         if len(share.done) >= share.tasks:
             self._queue_parts(hold, share)
@@ -355,7 +367,7 @@ class Settlement:
         for provider, part in share.parts.items():
             share.sequence += 1
             self.queue.append({"op": "settle_part", "hold": hold, "provider": provider, "amount": part.credits,
-                               "memo": {"tasks": part.tasks}, "key": f"part-{hold}-{share.sequence}"})
+                               "memo": {"tasks": part.tasks, "seconds": _rounded(part.seconds)}, "key": f"part-{hold}-{share.sequence}"})
         share.parts.clear()
 
     def _provider_of(self, worker: str | None) -> ProviderInfo | None:

@@ -2,31 +2,19 @@
 
 The display moves queued -> running on WORKER (device) -> done, with the elapsed
 time; a map shows a bar of items done. It is only ever updated from the thread
-that waits for the job (the notebook's), never from Dask's event loop.
+that waits for the job (the notebook's), never from Dask's event loop. Once the job
+ends, the widget is replaced by its final line as static HTML (:mod:`gpunet.ui.look`),
+which is what a saved notebook keeps.
 """
 
 from __future__ import annotations
 
-import html
 import sys
 import time
 from typing import Any
 
-
-def widgets_can_render() -> bool:
-    """True inside a Jupyter kernel (where a front end can draw ipywidgets)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover
-        return False
-    shell = get_ipython()
-    if shell is None or getattr(shell, "kernel", None) is None:
-        return False
-    try:
-        import ipywidgets  # noqa: F401
-    except ImportError:  # pragma: no cover - a dependency
-        return False
-    return True
+from gpunet.ui import look
+from gpunet.ui.look import widgets_can_render
 
 
 class JobProgress:
@@ -50,9 +38,9 @@ class JobProgress:
         self._said_running = False
         self.use_widget = widgets_can_render() if widget is None else widget
         self._box: Any = None
+        self._display_id = ""
         if self.use_widget:
             import ipywidgets
-            from IPython.display import display
 
             self._html = ipywidgets.HTML()
             children = [self._html]
@@ -61,7 +49,7 @@ class JobProgress:
                 children.insert(0, self._bar)
             self._box = ipywidgets.HBox(children)
             self._render()
-            display(self._box)
+            self._display_id = look.show(self.summary(), self._line_html(), self._box)
 
     # -- state changes ---------------------------------------------------------------
     def running(self, worker: str, device: str, *, rerun_after: str | None = None) -> None:
@@ -103,12 +91,23 @@ class JobProgress:
             self._text(f"{self.label}: running on {self.where or 'the network'} ...")
         self._render()
 
+    def cancelled(self, line: str) -> None:
+        """The job was stopped by Ctrl-C; ``line`` says after how long and what it cost."""
+        self.state = "cancelled"
+        self._render()
+        if not self.use_widget:
+            self._text(line)
+
     def finish(self, *, ok: bool, note: str = "") -> None:
         """The job ended; ``note`` adds e.g. the error's name."""
         self.state = "done" if ok else "failed"
         self.done_count = self.total if ok else self.done_count
         self._render()
-        if not self.use_widget:
+        if self.use_widget:
+            # the final line, static: what stays in the notebook once the widget is gone
+            look.replace(self._display_id, self.summary(), self._line_html())
+            self._box.close()
+        else:
             where = f" on {self.where}" if self.where else ""
             items = f" {self.total} items" if self.total > 1 else ""
             self._text(f"{self.label}: {self.state}{items}{where} in {self.elapsed:.2f} s{note}")
@@ -130,12 +129,13 @@ class JobProgress:
         items = f" {self.done_count}/{self.total}" if self.total > 1 else ""
         return f"{self.label}: {state}{items} · {self.elapsed:.1f} s"
 
+    def _line_html(self) -> str:
+        return look.status_line(self.summary(), self.state)
+
     def _render(self) -> None:
         if not self.use_widget:
             return
-        colour = {"queued": "#777", "running": "#1f6feb", "done": "#1a7f37", "failed": "#cf222e"}[self.state]
-        self._html.value = (f'<span style="font-family:monospace;color:{colour}">'
-                            f"{html.escape(self.summary())}</span>")
+        self._html.value = self._line_html()
         if self.total > 1:
             self._bar.value = self.done_count
             self._bar.bar_style = {"done": "success", "failed": "danger"}.get(self.state, "")

@@ -3,14 +3,60 @@ free slots, whose provider each belongs to, and the providers' trust records."""
 
 from __future__ import annotations
 
-import html
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+from gpunet.metering.meter import DEFAULT_ITEM_HOLD_SECONDS, default_timeout
+from gpunet.ui import look
 from gpunet.worker.device import format_bytes
 
-if TYPE_CHECKING:  # pragma: no cover
-    from gpunet.client.network import Network, WorkerInfo
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker as ``%gpunet status`` shows it."""
+
+    address: str
+    name: str
+    device: dict[str, Any]
+    resources: dict[str, float]
+    slots: int
+    busy: int
+
+    @property
+    def free_slots(self) -> int:
+        return max(self.slots - self.busy, 0)
+
+
+def gpunet_page(dashboard_link: str) -> str:
+    """The address of the metering plugin's ``/gpunet`` page beside a Dask dashboard's ``/status``."""
+    base = dashboard_link[: -len("/status")] if dashboard_link.endswith("/status") else dashboard_link.rstrip("/")
+    return base + "/gpunet"
+
+
+class Shown(Protocol):
+    """What a status needs of its network (the arrows point one way:
+    :class:`gpunet.client.network.Network` is one, and imports this module)."""
+
+    address: str
+    dashboard_link: str | None
+    session: str
+    embedded: Any
+    meter: Any
+    credits: Any
+
+    def workers(self) -> list[WorkerInfo]: ...
+    def metering_state(self) -> dict[str, Any] | None: ...
+
+
+def device_columns(device: dict[str, Any] | None) -> tuple[str, str, str]:
+    """A worker's device as table columns: ``kind: name``, its memory, its measured TFLOP/s (float32)."""
+    device = device or {}
+    kind_name = f"{device.get('kind', '?')}: {device.get('name', 'unknown')}"
+    memory = format_bytes(device["memory_bytes"]) if device.get("memory_bytes") else "?"
+    capability = device.get("capability")
+    measured = f"{capability['tflops_f32']:.3f}" if capability else "not measured"
+    return kind_name, memory, measured
 
 
 @dataclass(frozen=True)
@@ -30,9 +76,11 @@ class NetworkStatus:
     trust: str | None = None
     #: which kind of network, and who is trusted on it (:data:`NETWORK_KINDS`)
     kind: str | None = None
+    #: one line on what a cell gets when it asks for nothing: its timeout and hold
+    defaults: str | None = None
 
     @classmethod
-    def of(cls, net: Network) -> NetworkStatus:
+    def of(cls, net: Shown) -> NetworkStatus:
         """Take a snapshot of ``net`` now."""
         note = net.embedded.note if net.embedded is not None else None
         usage = owners = trust = None
@@ -44,18 +92,14 @@ class NetworkStatus:
         else:
             usage = "credits: not metered"
         return cls(net.address, net.dashboard_link, net.session, workers, note, usage, owners, trust,
-                   network_kind(net))
+                   network_kind(net), cell_defaults(net.max_rate() if net.meter is not None else None))
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row per worker: address, name, device, memory, free/total slots, resources."""
         rows = []
         for worker in self.workers:
-            device = worker.device or {}
-            kind_name = f"{device.get('kind', '?')}: {device.get('name', 'unknown')}"
-            memory = format_bytes(device["memory_bytes"]) if device.get("memory_bytes") else "?"
+            kind_name, memory, measured = device_columns(worker.device)
             resources = ", ".join(f"{k}={v:g}" for k, v in sorted(worker.resources.items()))
-            capability = device.get("capability")
-            measured = f"{capability['tflops_f32']:.3f}" if capability else "not measured"
             provider = (self.owners or {}).get(worker.address, "-")
             rows.append((worker.address, worker.name, provider, kind_name, memory,
                          f"{worker.free_slots}/{worker.slots}", measured, resources))
@@ -73,6 +117,8 @@ class NetworkStatus:
             lines.append(self.usage)
         if self.trust:
             lines.append(self.trust)
+        if self.defaults:
+            lines.append(self.defaults)
         table = [self.HEADER, *self.rows()]
         widths = [max(len(row[i]) for row in table) for i in range(len(self.HEADER))]
         for row in table:
@@ -87,15 +133,20 @@ class NetworkStatus:
         printer.text(str(self))
 
     def _repr_html_(self) -> str:
-        dashboard = (f'<a href="{html.escape(self.dashboard)}" target="_blank">{html.escape(self.dashboard)}</a>'
+        dashboard = (f'<a href="{look.esc(self.dashboard)}" target="_blank">{look.esc(self.dashboard)}</a>'
                      if self.dashboard else "none")
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.HEADER)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
-        note = "".join(f"<br>{html.escape(text)}" for text in (self.kind, self.note, self.usage, self.trust)
-                       if text)
-        return (f"<div><b>gpunet</b> scheduler <code>{html.escape(self.scheduler)}</code> · dashboard {dashboard}"
-                f" · session <code>{html.escape(self.session)}</code>{note}"
-                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+        if self.dashboard and self.owners is not None:  # a metered network: its /gpunet page
+            page = gpunet_page(self.dashboard)
+            dashboard += f' (<a href="{look.esc(page)}" target="_blank">gpunet page</a>)'
+
+        notes = "".join(f"<div>{look.esc(text)}</div>" for text in (self.kind, self.note, self.usage, self.trust, self.defaults)
+                        if text)
+        free = sum(w.free_slots for w in self.workers)
+        return look.panel("gpunet network", (
+            f"<div>scheduler <code>{look.esc(self.scheduler)}</code> · dashboard {dashboard}"
+            f" · session <code>{look.esc(self.session)}</code></div>{notes}"
+            + look.table(self.HEADER, self.rows(), empty="no worker is connected")
+            + f"<div>{len(self.workers)} worker(s), {free} free slot(s)</div>"))
 
 
 #: What ``%gpunet status`` says of each kind of network (README, "Security model").
@@ -108,15 +159,26 @@ NETWORK_KINDS = {
 }
 
 
-def network_kind(net: Network) -> str:
+def network_kind(net: Shown) -> str:
     """What ``%gpunet status`` says of the kind of network ``net`` is."""
+    results = ("; results come back pickled (any object)" if net.trusts_providers
+               else "; results come back as data only (gpunet.codec), never as code")
     if net.embedded is not None:
-        return NETWORK_KINDS["embedded"]
+        return NETWORK_KINDS["embedded"] + results
     state = net.metering_state() or {}
-    return NETWORK_KINDS["open" if state.get("network") == "open" else "private"]
+    return NETWORK_KINDS["open" if state.get("network") == "open" else "private"] + results
 
 
-def _providers(net: Network, addresses: list[str]) -> tuple[dict[str, str], str | None]:
+def cell_defaults(max_rate: float | None) -> str:
+    """What a cell without --timeout or --max-credits gets: the time its hold covers."""
+    cell, item = default_timeout(1), DEFAULT_ITEM_HOLD_SECONDS
+    held = "" if max_rate is None else (f", holding {math.ceil(cell * max_rate)} credits at the highest provider "
+                                        f"rate, {max_rate:g} a device-second")
+    return (f"cells: --timeout defaults to {cell:g} s (a --map: {item:g} s per item), the device time a cell's "
+            f"hold covers{held}; give --timeout for longer cells")
+
+
+def _providers(net: Shown, addresses: list[str]) -> tuple[dict[str, str], str | None]:
     """Which provider each worker belongs to (as the scheduler's metering knows it),
     and a line on those providers' trust records in the credit service."""
     state = net.metering_state() or {}

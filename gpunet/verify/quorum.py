@@ -9,9 +9,11 @@ them). This room decides what the copies say:
   probability P), ``adaptive`` (replicated until the provider has
   :data:`TRUSTED_AFTER` verified results in a row, then with probability
   ``1 / consecutive_valid``, the adaptive replication of BOINC).
-- Two results agree when their digests (SHA-256 of the pickled outputs) are equal,
-  or when the decoded values agree within the tolerance: exactly for integers,
-  strings and bytes, within ``rtol``/``atol`` for floats. The tolerance is the
+- Two results agree when their digests are equal (SHA-256 over the codec's
+  canonical bytes of the decoded outputs and displays, or of the pickled outputs
+  where the notebook trusts its providers), or when the decoded values agree
+  within the tolerance: exactly for integers, strings, bytes and displays, within
+  ``rtol``/``atol`` for floats. Nothing a provider sent as codec data is unpickled. The tolerance is the
   kernel's (``gpunet.kernels.<name>.tolerance``), else NumPy's ``allclose``
   defaults; ``--rtol`` / ``--atol`` override it (:func:`tolerance_for`).
 - :func:`judge` groups the copies that agree and says what to do next: accept the
@@ -27,11 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
-
-from gpunet import kernels
+from gpunet import codec, kernels
 from gpunet.errors import PolicyError
 from gpunet.kernels import KERNELS, Tolerance, compare
+from gpunet.wire import CODEC
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpunet.kernels import Mismatch
@@ -161,26 +162,40 @@ def _kernels_used(work: Any) -> list[str]:
 
 
 def result_digest(result: JobResult) -> str:
-    """``sha256:...`` of what a copy returned: its error, its value, or its outputs by name."""
+    """``sha256:...`` of what a copy returned: its error, its value, or its outputs by
+    name; and its displays (a copy that adds a script to its output disagrees)."""
     h = hashlib.sha256()
     if result.error is not None:
         h.update(f"error\0{result.error['ename']}\0{result.error['evalue']}".encode())
+    elif result.result_format == CODEC:
+        h.update(codec.canonical_bytes(["value", _decoded(result)] if result.value is not None
+                                       else ["outputs", _decoded(result), sorted(result.missing_outputs)]))
     elif result.value is not None:
         h.update(b"value\0" + result.value)
     else:
         for name in sorted(result.outputs):
             h.update(f"output\0{name}\0{len(result.outputs[name])}\0".encode() + result.outputs[name])
         h.update("\0".join(sorted(result.missing_outputs)).encode())
+    h.update(b"displays\0" + _displays_digest(result).encode())
     return "sha256:" + h.hexdigest()
 
 
+def _displays_digest(result: JobResult) -> str:
+    try:
+        return codec.digest([[data, metadata] for data, metadata in result.displays])
+    except Exception:  # noqa: BLE001 - a trusted provider's display of something the codec does not carry
+        return hashlib.sha256(repr(result.displays).encode()).hexdigest()
+
+
 def _decoded(result: JobResult) -> Any:
-    """The comparable content of a copy's result."""
+    """The comparable content of a copy's result (unpickled only where the notebook
+    trusts its providers: ``result_format`` says so)."""
     if result.error is not None:
         return ("error", result.error["ename"], result.error["evalue"])
     if result.value is not None:
-        return cloudpickle.loads(result.value)
-    return {name: cloudpickle.loads(blob) for name, blob in result.outputs.items()}
+        return codec.load(result.value, result.result_format, what="a copy's return value")
+    return {name: codec.load(blob, result.result_format, what=f"a copy's output {name!r}")
+            for name, blob in result.outputs.items()}
 
 
 def disagreement(a: JobResult, b: JobResult, tolerance: Tolerance) -> Mismatch | str | None:
@@ -191,6 +206,8 @@ def disagreement(a: JobResult, b: JobResult, tolerance: Tolerance) -> Mismatch |
     if (a.error is None) != (b.error is None):
         failed = a if a.error is not None else b
         return f"one copy raised {failed.error['ename']}: {failed.error['evalue']}, the other did not"
+    if _displays_digest(a) != _displays_digest(b):
+        return "their displays differ"
     try:
         return compare(_decoded(a), _decoded(b), tolerance)
     except Exception as exc:  # noqa: BLE001 - arbitrary user objects

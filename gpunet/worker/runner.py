@@ -12,8 +12,13 @@ The client sends a :class:`Job` as an ordinary Dask task whose function is
   is busy) can raise :class:`JobInterrupted` inside it. ``future.cancel()`` alone
   would leave the thread running.
 
-The result is a :class:`JobResult` whose outputs are pickled one by one here, so an
-output that cannot travel is named instead of failing the whole transfer.
+The result is a :class:`JobResult` whose outputs are encoded one by one here, so an
+output that cannot travel is named instead of failing the whole transfer. A job
+for a notebook that does not trust its providers (``Job.result_format == CODEC``)
+comes back as codec bytes (:mod:`gpunet.codec`): values, exceptions (type name,
+message, traceback text), displays and output text as data, within the job's caps
+(its encoded result, and its output text per second run). Live events are signed
+with the job's ``event_key`` (:func:`gpunet.wire.sign_event`).
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 
+from gpunet import codec
 from gpunet.cell import cell_filename
-from gpunet.wire import Job, JobResult, result_to_event
+from gpunet.errors import UnsupportedResultError
+from gpunet.wire import CODEC, TOO_LARGE, Job, JobResult, result_to_event, sign_event, stream_allowance
 from gpunet.worker.device import describe_this_device, device_info
 
 logger = logging.getLogger(__name__)
@@ -68,6 +75,10 @@ class JobInterrupted(BaseException):
     so that a cell's ``except Exception`` does not swallow it)."""
 
 
+class OutputTooLarge(JobInterrupted):
+    """Raised in a CODEC job's thread when its output text goes over its cap."""
+
+
 # -- per-thread capture of stdout, stderr and display() --------------------------------------
 
 
@@ -86,10 +97,18 @@ class _JobContext:
         self.last_sent = 0.0
         self.timer: threading.Timer | None = None
         self.lock = threading.Lock()
+        self.started = time.monotonic()
+        self.text_bytes = 0
 
     def write(self, name: str, text: str) -> None:
         if not text:
             return
+        if self.job.result_format == CODEC:
+            self.text_bytes += len(text)
+            allowance = stream_allowance(self.job, time.monotonic() - self.started)
+            if self.text_bytes > allowance:
+                raise OutputTooLarge(f"its output text went over its cap of {self.job.max_stream_bytes_per_s:,} "
+                                     f"bytes per second run ({allowance:,} bytes so far)")
         with self.lock:
             if self.pending and self.pending[-1][0] == name:
                 self.pending[-1] = (name, self.pending[-1][1] + text)
@@ -129,7 +148,7 @@ class _JobContext:
                 event = {"job": self.job.job_id, "kind": "stream", "seq": self.seq, "name": name, "text": text}
                 if self.index is not None:
                     event["index"] = self.index
-                self.worker.log_event(self.job.topic, event)
+                self.worker.log_event(self.job.topic, sign_event(self.job.event_key, event))
         self.pending = []
         self.last_sent = time.monotonic()
 
@@ -297,17 +316,44 @@ def run_job(
             _run_cell(job, item, context, result)
         else:
             _run_function(job, item, result)
+    except OutputTooLarge as exc:
+        result.error = {"ename": TOO_LARGE, "evalue": str(exc), "traceback": "", "exception": None}
     except JobInterrupted as exc:
-        result.error = _error_info(exc, None)
+        result.error = _error_info(exc, None, job.result_format)
     finally:
         _unregister(thread_id, running_key)
     context.flush(send=False)
     result.streams = context.chunks
     result.displays = context.displays
     result.finished = time.time()
+    if job.result_format == CODEC:
+        return encode_result(result, job.max_result_bytes)
     if job.result_event and job.topic is not None and worker is not None:
-        _send_result_event(worker, job.topic, result)
+        _send_result_event(worker, job.topic, job.event_key, result)
     return result
+
+
+def encode_result(result: JobResult, max_bytes: int) -> bytes:
+    """A CODEC job's result as codec bytes: displays the codec cannot carry are left
+    out (saying so in its stderr); a result over ``max_bytes`` is replaced by its
+    TOO_LARGE error, so that nothing of it travels."""
+    result.result_format = CODEC
+    kept = []
+    for bundle in result.displays:
+        try:
+            codec.encode(bundle)
+            kept.append(bundle)
+        except UnsupportedResultError:
+            result.streams.append((len(result.streams) + 1, "stderr",
+                                   f"[gpunet: a display of {sorted(bundle[0])} could not travel as data]\n"))
+    result.displays = kept
+    blob = codec.encode(result_to_event(result))
+    if len(blob) <= max_bytes:
+        return blob
+    too_large = dataclasses.replace(result, outputs={}, value=None, streams=[], displays=[], unpicklable_outputs=[],
+                                    error={"ename": TOO_LARGE, "evalue": f"its result is {len(blob):,} bytes, over "
+                                           f"its cap of {max_bytes:,} bytes", "traceback": "", "exception": None})
+    return codec.encode(result_to_event(too_large))
 
 
 def _unregister(thread_id: int, running_key: str) -> None:
@@ -331,7 +377,8 @@ def _announce_later(job: Job, worker: Any, running_key: str, thread_id: int, dev
     """Say where the job runs, if it still runs after ANNOUNCE_AFTER_S."""
     if not job.announce or job.topic is None or worker is None:
         return
-    started_event = {"job": job.job_id, "kind": "started", "worker": worker.address, "device": device}
+    started_event = sign_event(job.event_key, {"job": job.job_id, "kind": "started", "worker": worker.address,
+                                               "device": device})
 
     def announce() -> None:
         if _running.get(running_key) == thread_id:
@@ -340,15 +387,15 @@ def _announce_later(job: Job, worker: Any, running_key: str, thread_id: int, dev
     worker.loop.add_callback(worker.loop.call_later, ANNOUNCE_AFTER_S, announce)
 
 
-def _send_result_event(worker: Any, topic: str, result: JobResult) -> None:
+def _send_result_event(worker: Any, topic: str, key: str, result: JobResult) -> None:
     size = sum(len(blob) for blob in result.outputs.values()) + len(result.value or b"")
     size += sum(len(text) for _, _, text in result.streams)
     size += sum(len(v) for data, _ in result.displays for v in data.values() if isinstance(v, (str, bytes)))
     if size > RESULT_EVENT_MAX_BYTES:
         return
     try:
-        worker.log_event(topic, {"job": result.job_id, "kind": "result", "index": result.index,
-                                 "result": result_to_event(result)})
+        worker.log_event(topic, sign_event(key, {"job": result.job_id, "kind": "result", "index": result.index,
+                                                 "result": result_to_event(result)}))
     except TypeError:  # something in it is not msgpack-able: the gather brings it
         pass
 
@@ -374,18 +421,30 @@ def _run_cell(job: Job, item: bytes | None, context: _JobContext, result: JobRes
     except JobInterrupted:
         raise
     except BaseException as exc:  # the cell's own error, SystemExit included
-        result.error = _error_info(exc, filename)
+        result.error = _error_info(exc, filename, job.result_format)
         return
     for name in job.outputs:
         if name not in namespace:
             if job.strict_outputs:
                 result.missing_outputs.append(name)
             continue
-        value = namespace[name]
-        try:
-            result.outputs[name] = cloudpickle.dumps(value)
-        except Exception as exc:  # noqa: BLE001 - any pickling failure is reported by name
-            result.unpicklable_outputs.append((name, type(value).__name__, f"{type(exc).__name__}: {exc}"))
+        _keep(result, job, name, f"output {name!r}", namespace[name])
+
+
+def _keep(result: JobResult, job: Job, name: str, what: str, value: Any) -> None:
+    """Encode one output (or the return value) for the trip back, or name why it cannot travel."""
+    try:
+        blob = codec.dump(value, job.result_format, name=what)
+    except UnsupportedResultError as exc:
+        result.unpicklable_outputs.append((name, type(value).__name__, str(exc)))
+        return
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is reported by name
+        result.unpicklable_outputs.append((name, type(value).__name__, f"{type(exc).__name__}: {exc}"))
+        return
+    if name == "return value":
+        result.value = blob
+    else:
+        result.outputs[name] = blob
 
 
 def _run_function(job: Job, item: bytes | None, result: JobResult) -> None:
@@ -398,16 +457,15 @@ def _run_function(job: Job, item: bytes | None, result: JobResult) -> None:
     except JobInterrupted:
         raise
     except BaseException as exc:
-        result.error = _error_info(exc, None, skip_runner_frames=True)
+        result.error = _error_info(exc, None, job.result_format, skip_runner_frames=True)
         return
-    try:
-        result.value = cloudpickle.dumps(value)
-    except Exception as exc:  # noqa: BLE001
-        result.unpicklable_outputs.append(("return value", type(value).__name__, f"{type(exc).__name__}: {exc}"))
+    _keep(result, job, "return value", "the return value", value)
 
 
-def _error_info(exc: BaseException, filename: str | None, *, skip_runner_frames: bool = False) -> dict[str, Any]:
-    """Describe ``exc`` with a traceback that starts at the cell (or function)."""
+def _error_info(exc: BaseException, filename: str | None, result_format: str, *,
+                skip_runner_frames: bool = False) -> dict[str, Any]:
+    """Describe ``exc`` with a traceback that starts at the cell (or function); the
+    exception itself travels pickled only where the notebook trusts its providers."""
     tb = exc.__traceback__
     if filename is not None:
         while tb is not None and tb.tb_frame.f_code.co_filename != filename:
@@ -416,6 +474,8 @@ def _error_info(exc: BaseException, filename: str | None, *, skip_runner_frames:
     elif skip_runner_frames and tb is not None:
         tb = tb.tb_next or tb  # drop _run_function's own frame
     text = "".join(traceback.format_exception(type(exc), exc, tb))
+    if result_format == CODEC:
+        return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text, "exception": None}
     try:
         pickled = cloudpickle.dumps(exc)
         cloudpickle.loads(pickled)

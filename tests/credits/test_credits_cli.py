@@ -173,3 +173,32 @@ def test_gpunet_cli_has_the_provider_verbs(service, capsys):
     assert any(line.startswith(gpu + " ") for line in capsys.readouterr().out.splitlines())
     assert main(["credits", "clear-quarantine", gpu, *auth, "--key", "cli-clear", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["provider"] == gpu
+
+
+def _gpunet(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gpunet.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120, env={k: v for k, v in os.environ.items() if k != "GPUNET_TOKEN"})
+
+
+def test_account_create_writes_the_token_to_a_mode_600_file_and_never_prints_it(service, tmp_path):
+    auth = ["--credits", service.url, "--operator-token-file", str(service.operator_token_file)]
+    made = _gpunet("credits", "account", "create", "carol", "--role", "client", *auth, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    token_file = tmp_path / "carol.token"
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert token not in made.stdout + made.stderr and "gpunet credits mint carol" in made.stdout
+    minted = _gpunet("credits", "mint", "carol", "250", *auth)
+    assert minted.returncode == 0 and "its balance is 250" in minted.stdout, minted.stderr
+    own = _gpunet("credits", "balance", "--credits", service.url, "--token-file", str(token_file))
+    assert own.returncode == 0 and own.stdout.strip() == "carol: 250 credits", own.stderr
+    # The same file again: refused before an account is made whose token nobody would have.
+    again = _gpunet("credits", "account", "create", "dave", "--role", "provider", *auth, "-o", str(token_file))
+    assert again.returncode == 1 and "exists already" in again.stderr
+    assert token_file.read_text().strip() == token
+    assert "dave" not in {a["account"] for a in service.client().accounts()}
+
+
+def test_credit_verbs_wait_a_bounded_time_for_a_service_that_does_not_answer(tmp_path):
+    result = _gpunet("credits", "balance", "--credits", "http://127.0.0.1:9", "--token-file", "x", "--wait", "1")
+    assert result.returncode == 1 and "no credit service answers at http://127.0.0.1:9" in result.stderr

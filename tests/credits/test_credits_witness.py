@@ -299,6 +299,9 @@ def test_trust_on_first_use_and_a_changed_key(paid, tmp_path):
     ledger("pin", svc.url, resigned["head"]["public_key"], data=reader, check=0)
     ledger("verify", "--receipt", tmp_path / "resigned.json", data=reader, check=0)
     refused(ledger("pin", svc.url, "abc", data=reader), "64 hex digits")
+    # The service itself, now that its address is pinned to the other key.
+    refused(ledger("verify", "--url", svc.url, "--token-file", svc.operator_token_file, data=reader),
+            f"signs with key {fingerprint}", f"signed with key {new_id}", "gpunet ledger pin")
 
 
 def test_offline_receipt_names_what_was_tampered(paid, tmp_path):

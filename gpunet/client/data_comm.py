@@ -1,0 +1,188 @@
+"""The notebook's Dask connection to a network whose providers it does not trust.
+
+Dask's wire may carry pickles: a ``Serialized`` payload whose serializer is
+``pickle`` (or ``dask``, whose header pickles the type), and a ``__Pickled__``
+payload that ``distributed.protocol.core.loads`` unpickles whatever deserializers
+the reader allows. A worker makes both (a task's exception on ``task-erred``, a
+``Client.run`` result, any payload it chooses), and the scheduler passes them on to
+the client untouched. ``Client(deserializers=...)`` restricts only the first kind,
+and not on the client's stream to the scheduler.
+
+So on such a network the notebook's client talks over ``gpunet-data://`` (and
+``gpunet-data-tls://``): Dask's TCP (TLS) comm whose :meth:`DataOnlyRead.read`
+
+- refuses a message over its cap before reading it (:data:`max_message_bytes`),
+  so a provider cannot make the notebook allocate a huge result;
+- decodes msgpack itself, loading ``Serialized`` payloads only through the
+  ``msgpack`` serializer (data) and turning every other payload, and every
+  ``__Pickled__`` one, into a :class:`RefusedPayload` that is never unpickled.
+
+The worker answers a request with the serializers the client asks for (Dask's
+``send_recv`` sends them along), so honest replies (a codec result's bytes, a
+``Client.run`` dict) travel as msgpack and still arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any
+
+import msgpack
+from distributed.comm.core import CommClosedError
+from distributed.comm.registry import backends
+from distributed.comm.tcp import (
+    TCP,
+    TLS,
+    TCPBackend,
+    TCPConnector,
+    TLSBackend,
+    TLSConnector,
+    convert_stream_closed_error,
+    read_bytes_rw,
+)
+from distributed.protocol.compression import decompress
+from distributed.protocol.core import msgpack_opts
+from distributed.protocol.serialize import merge_and_deserialize, msgpack_decode_default
+from distributed.protocol.utils import unpack_frames
+from tornado.iostream import StreamClosedError
+
+from gpunet.errors import ProviderDataError, ResultTooLargeError
+
+logger = logging.getLogger(__name__)
+
+#: The serializers whose payloads are loaded: msgpack (data) and Dask's "error"
+#: (which only raises a TypeError naming what could not be serialized).
+DATA_SERIALIZERS = ("msgpack", "error")
+#: scheme of Dask's comm -> scheme of the data-only one
+SCHEMES = {"tcp": "gpunet-data", "tls": "gpunet-data-tls"}
+#: What a message may carry besides a job's result (Dask's framing, the reply's keys).
+MESSAGE_SLACK_BYTES = 1024 * 1024
+#: The largest message the notebook reads on a data-only connection (connect() sets it
+#: from its max_result_bytes: the process has one, the last connection's).
+max_message_bytes = 256 * 1024 * 1024 + MESSAGE_SLACK_BYTES
+
+
+class RefusedPayload(ProviderDataError):
+    """Stands in for a payload a data-only connection refused to load (never raised by it)."""
+
+
+def data_only_address(address: str) -> str:
+    """``tcp://host:port`` -> ``gpunet-data://host:port``; a clear error for a scheme
+    the data-only connection cannot wrap."""
+    scheme, sep, location = address.partition("://")
+    if not sep:
+        scheme, location = "tcp", address
+    if scheme in SCHEMES.values():
+        return address
+    if scheme not in SCHEMES:
+        raise ProviderDataError(f"a notebook that does not trust its providers reaches a scheduler over tcp:// or "
+                                f"tls://, not {scheme}://; connect to its tcp:// address, or pass --trust-providers "
+                                "on a private network whose providers you trust")
+    return f"{SCHEMES[scheme]}://{location}"
+
+
+def _refused(what: str) -> RefusedPayload:
+    logger.warning("gpunet: refused a %s payload from the network; it was not loaded", what)
+    return RefusedPayload(f"the network sent a {what} payload, which this notebook does not load from providers "
+                          "it does not trust")
+
+
+def data_only_loads(frames: list[Any]) -> Any:
+    """``distributed.protocol.core.loads`` for a data-only connection (see the module docstring)."""
+
+    def decode_default(obj: dict[Any, Any]) -> Any:
+        offset = obj.get("__Serialized__", 0)
+        if offset > 0:
+            header = msgpack.loads(frames[offset], object_hook=msgpack_decode_default, use_list=False, **msgpack_opts)
+            sub_frames = frames[offset + 1: offset + 1 + header["num-sub-frames"]]
+            serializers = _serializers_of(header)
+            if not serializers <= set(DATA_SERIALIZERS):  # an empty collection names none, and is data
+                return _refused("/".join(sorted(str(s) for s in serializers)))
+            if "compression" in header:
+                sub_frames = decompress(header, sub_frames)
+            try:
+                return merge_and_deserialize(header, sub_frames, deserializers=DATA_SERIALIZERS)
+            except Exception as exc:  # noqa: BLE001 - "error" payloads raise; nothing runs
+                return RefusedPayload(f"a payload could not be loaded: {exc}")
+        if obj.get("__Pickled__", 0) > 0:
+            return _refused("pickled")
+        return msgpack_decode_default(obj)
+
+    return msgpack.loads(frames[0], object_hook=decode_default, use_list=False, **msgpack_opts)
+
+
+def _serializers_of(header: dict[str, Any]) -> set[Any]:
+    """Every serializer a (possibly nested, "is-collection") payload header names."""
+    if "is-collection" in header:
+        found: set[Any] = set()
+        for sub in header.get("sub-headers", ()):
+            found |= _serializers_of(sub) if isinstance(sub, dict) else {None}
+        return found
+    return {header.get("serializer")}
+
+
+class DataOnlyRead:
+    """The read side of a data-only comm (mixed into Dask's TCP and TLS comms)."""
+
+    async def read(self, deserializers: Any = None) -> Any:
+        """Read one message: refused over :data:`max_message_bytes`, decoded by
+        :func:`data_only_loads` (``deserializers`` is ignored: the set is fixed)."""
+        stream = self.stream
+        if stream is None:
+            raise CommClosedError()
+        try:
+            (nosplit_nbytes,) = struct.unpack("Q", await stream.read_bytes(8))
+            self._check_size(nosplit_nbytes)
+            frames, buffers_nbytes = unpack_frames(await read_bytes_rw(stream, nosplit_nbytes), partial=True)
+            self._check_size(nosplit_nbytes + sum(buffers_nbytes))
+            for nbytes in buffers_nbytes:
+                frames.append(await read_bytes_rw(stream, nbytes))
+        except StreamClosedError as exc:
+            self.stream = None
+            self._closed = True
+            convert_stream_closed_error(self, exc)
+        except BaseException:
+            self.abort()  # what was read is unknown: the stream cannot be used again
+            raise
+        try:
+            return data_only_loads(frames)
+        except EOFError:
+            self.abort()
+            raise CommClosedError("aborted stream on truncated data") from None
+
+    def _check_size(self, nbytes: int) -> None:
+        if nbytes > max_message_bytes:
+            raise ResultTooLargeError(
+                f"the network sent a message of {nbytes:,} bytes, over this notebook's cap of {max_message_bytes:,} "
+                "bytes; it was not read (raise the cap with max_result_bytes= when connecting)")
+
+
+class DataOnlyTCP(DataOnlyRead, TCP):
+    """Dask's TCP comm, reading data only."""
+
+
+class DataOnlyTLS(DataOnlyRead, TLS):
+    """Dask's TLS comm, reading data only."""
+
+
+class _TCPConnector(TCPConnector):
+    prefix = "gpunet-data://"
+    comm_class = DataOnlyTCP
+
+
+class _TLSConnector(TLSConnector):
+    prefix = "gpunet-data-tls://"
+    comm_class = DataOnlyTLS
+
+
+class _TCPBackend(TCPBackend):
+    _connector_class = _TCPConnector
+
+
+class _TLSBackend(TLSBackend):
+    _connector_class = _TLSConnector
+
+
+backends.setdefault(SCHEMES["tcp"], _TCPBackend())
+backends.setdefault(SCHEMES["tls"], _TLSBackend())

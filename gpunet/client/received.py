@@ -1,0 +1,170 @@
+"""What the notebook accepts from a provider, checked on arrival.
+
+On a network whose providers the notebook does not trust, a job's result comes
+back as codec bytes (:func:`gpunet.worker.runner.encode_result`). :func:`accept`
+decodes them within the job's cap, checks every field's type (a stranger's bytes
+may say anything), checks that the result is the one asked for (the job's id and
+item), and strips terminal control sequences from every text a provider wrote
+(output text, tracebacks, its worker's and device's names). Live events are
+accepted only when signed with the job's own key (:func:`live_event`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gpunet import codec
+from gpunet.errors import ProviderDataError, ResultTooLargeError
+from gpunet.wire import CODEC, PICKLE, Job, JobResult, event_is_signed, stream_allowance
+
+logger = logging.getLogger(__name__)
+
+
+def accept(raw: Any, job: Job, index: int | None) -> JobResult:
+    """The result of ``job`` (item ``index``) as the notebook may use it; raises
+    :class:`ProviderDataError` (:class:`ResultTooLargeError` over a cap) and loads
+    nothing when it is not acceptable."""
+    if job.result_format == PICKLE:
+        return raw  # the embedded network, or one whose providers the notebook trusts
+    where = "the job's result" if index is None else f"the result of item {index}"
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise ProviderDataError(f"{where} came back as {type(raw).__name__}, not as data; it was not loaded")
+    if len(raw) > job.max_result_bytes:
+        raise ResultTooLargeError(f"{where} is {len(raw):,} bytes, over its cap of {job.max_result_bytes:,} bytes; "
+                                  "nothing of it was loaded (return less, or raise the cap: max_result_bytes=)")
+    data = codec.decode(raw, what=where)
+    result = checked_result(data, where)
+    if result.job_id != job.job_id or result.index != index:
+        raise ProviderDataError(f"{where} names job {result.job_id!r} item {result.index!r}, not the one asked for; "
+                                "it was not loaded")
+    text = sum(len(chunk[2]) for chunk in result.streams)
+    allowance = stream_allowance(job, result.finished - result.started)
+    if text > allowance + 4096:
+        raise ResultTooLargeError(f"{where} carries {text:,} bytes of output text, over its cap of "
+                                  f"{job.max_stream_bytes_per_s:,} bytes per second run; nothing of it was loaded")
+    return result
+
+
+def live_event(job: Job, message: dict[str, Any]) -> dict[str, Any] | None:
+    """A live event of ``job`` as it may be shown, or None (logged) when it was not
+    signed by the job's own worker: anyone on the scheduler may post events naming
+    any job."""
+    if not event_is_signed(job.event_key, message):
+        logger.warning("gpunet: ignored a %r event naming job %s that its worker did not send (from %r)",
+                       codec.clean_text(message.get("kind")), job.job_id, codec.clean_text(message.get("worker")))
+        return None
+    if job.result_format == PICKLE:
+        return message
+    return {key: codec.clean_text(value) if isinstance(value, str) else value for key, value in message.items()}
+
+
+# -- checking a decoded result --------------------------------------------------------------
+
+
+def checked_result(data: Any, where: str) -> JobResult:
+    """A decoded result's fields as a CODEC :class:`JobResult`, every type checked and
+    every provider's text cleaned; :class:`ProviderDataError` when malformed. (Also for
+    a result the scheduler's reuse table hands back: it came from a provider too.)"""
+    def need(ok: bool, field: str) -> None:
+        if not ok:
+            raise ProviderDataError(f"{where} is malformed (its {field}); it was not loaded")
+
+    need(isinstance(data, dict), "shape")
+    text = codec.clean_text
+    need(isinstance(data.get("job_id"), str), "job id")
+    need(data.get("index") is None or type(data.get("index")) is int, "index")
+    for name in ("worker", "device"):
+        need(isinstance(data.get(name), str), name)
+    for name in ("started", "finished"):
+        need(type(data.get(name)) in (int, float), name)
+    outputs = data.get("outputs")
+    need(isinstance(outputs, dict) and all(isinstance(k, str) and isinstance(v, bytes) for k, v in outputs.items()),
+         "outputs")
+    need(data.get("value") is None or isinstance(data.get("value"), bytes), "value")
+    missing = data.get("missing_outputs")
+    need(isinstance(missing, (list, tuple)) and all(isinstance(name, str) for name in missing), "missing outputs")
+    refused = data.get("unpicklable_outputs")
+    need(isinstance(refused, (list, tuple)) and all(_strings(entry, 3) for entry in refused), "refused outputs")
+    streams = data.get("streams")
+    need(isinstance(streams, (list, tuple)) and all(isinstance(chunk, (list, tuple)) and len(chunk) == 3
+                                           and type(chunk[0]) is int and chunk[1] in ("stdout", "stderr")
+                                           and isinstance(chunk[2], str) for chunk in streams), "output text")
+    displays = data.get("displays")
+    need(isinstance(displays, (list, tuple)) and all(isinstance(bundle, (list, tuple)) and len(bundle) == 2
+                                            and isinstance(bundle[0], dict) and isinstance(bundle[1], dict)
+                                            and all(isinstance(mime, str) for mime in bundle[0])
+                                            for bundle in displays), "displays")
+    error = data.get("error")
+    need(error is None or (isinstance(error, dict)
+                           and all(isinstance(error.get(key), str) for key in ("ename", "evalue", "traceback"))),
+         "error")
+    return JobResult(
+        job_id=data["job_id"], index=data["index"], worker=text(data["worker"]), device=text(data["device"]),
+        started=float(data["started"]), finished=float(data["finished"]), outputs=outputs, value=data["value"],
+        missing_outputs=list(missing), unpicklable_outputs=[tuple(text(part) for part in entry) for entry in refused],
+        streams=[(seq, name, text(chunk)) for seq, name, chunk in streams],
+        displays=[(dict(bundle[0]), dict(bundle[1])) for bundle in displays],
+        error=None if error is None else {"ename": text(error["ename"]), "evalue": text(error["evalue"]),
+                                          "traceback": text(error["traceback"]), "exception": None},
+        result_format=CODEC,
+    )
+
+
+def _strings(entry: Any, count: int) -> bool:
+    return isinstance(entry, (list, tuple)) and len(entry) == count and all(isinstance(part, str) for part in entry)
+
+
+# -- displays -----------------------------------------------------------------------------
+
+#: MIME types a provider's display may carry into the notebook; SVG and HTML only
+#: after :func:`sanitized_html`. Everything else (JavaScript, widget messages,
+#: Markdown, unknown types) is dropped with a one-line note.
+SHOWN_MIME_TYPES = ("text/plain", "image/png", "image/jpeg", "image/svg+xml", "text/html")
+
+_SVG_TAGS = {"svg", "g", "path", "rect", "circle", "ellipse", "line", "polyline", "polygon", "text", "tspan",
+             "defs", "clipPath", "linearGradient", "radialGradient", "stop", "title", "desc"}
+_SVG_ATTRIBUTES = {"viewBox", "width", "height", "x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r", "rx", "ry",
+                   "d", "points", "fill", "fill-opacity", "fill-rule", "stroke", "stroke-width", "stroke-opacity",
+                   "stroke-linecap", "stroke-linejoin", "stroke-dasharray", "opacity", "transform", "font-size",
+                   "font-family", "text-anchor", "clip-path", "offset", "stop-color", "id", "xmlns", "version",
+                   "preserveAspectRatio", "gradientUnits", "dominant-baseline"}
+_HTML_ATTRIBUTES = {"colspan", "rowspan", "align", "title", "alt", "width", "height", "class", "border"}
+
+
+def sanitized_html(markup: str, *, svg: bool = False) -> str:
+    """``markup`` from a provider with nothing that runs or loads: no script, event
+    handler, iframe, form, style or external resource (an image only as a
+    ``data:image/`` URL); ``svg`` allows SVG drawing elements too."""
+    import nh3
+
+    tags = (set(nh3.ALLOWED_TAGS) - {"a", "area", "map"}) | (_SVG_TAGS if svg else set())
+    allowed = _HTML_ATTRIBUTES | (_SVG_ATTRIBUTES if svg else set())
+
+    def keep(element: str, attribute: str, value: str) -> str | None:
+        if attribute == "src":
+            return value if element == "img" and value.startswith("data:image/") else None
+        return value if attribute in allowed else None
+
+    return nh3.clean(markup, tags=tags, clean_content_tags={"script", "style"},
+                     attributes={"*": allowed | {"src"}}, attribute_filter=keep, url_schemes={"data"},
+                     strip_comments=True, link_rel=None)
+
+
+def shown_display(data: dict[str, Any], metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """A provider's display bundle as the notebook may show it: the MIME types of
+    :data:`SHOWN_MIME_TYPES` (text cleaned, SVG and HTML sanitized, images as
+    bytes or base64 text), and the types dropped."""
+    shown: dict[str, Any] = {}
+    for mime, value in data.items():
+        if mime not in SHOWN_MIME_TYPES or not isinstance(value, (str, bytes)):
+            continue
+        if mime.startswith("image/") and mime != "image/svg+xml":
+            shown[mime] = value
+        elif isinstance(value, str):
+            shown[mime] = (codec.clean_text(value) if mime == "text/plain"
+                           else sanitized_html(value, svg=mime == "image/svg+xml"))
+    dropped = sorted(mime for mime in data if mime not in shown)
+    sizes = {mime: {key: value for key, value in spec.items() if key in ("width", "height") and type(value) is int}
+             for mime, spec in metadata.items() if mime in shown and isinstance(spec, dict)}
+    return shown, {mime: spec for mime, spec in sizes.items() if spec}, dropped

@@ -1,0 +1,209 @@
+"""What the notebook accepts from providers it does not trust, piece by piece: the
+data-only Dask comm's reader, a result checked on arrival, signed live events,
+sanitized displays, the worker's caps, and verification over decoded data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from distributed.protocol import Serialized, dumps, serialize, to_serialize
+from distributed.protocol.serialize import ToPickle
+
+from gpunet import codec
+from gpunet.client import data_comm
+from gpunet.client.received import accept, live_event, sanitized_html, shown_display
+from gpunet.errors import ProviderDataError, RemoteCellError, ResultTooLargeError
+from gpunet.kernels import Tolerance
+from gpunet.verify.quorum import disagreement, result_digest
+from gpunet.wire import CODEC, TOO_LARGE, Job, JobResult, result_to_event, sign_event
+from gpunet.worker import runner
+from gpunet.worker.runner import encode_result, run_job
+
+
+class WritesMarker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+# -- the data-only comm's reader ------------------------------------------------------------
+
+
+def read(message):
+    return data_comm.data_only_loads(dumps(message))
+
+
+def test_msgpack_payloads_and_plain_messages_are_read():
+    message = {"op": "gather", "data": {"k": to_serialize(b"codec bytes")}, "n": [1, 2]}
+    header, frames = serialize(b"codec bytes", serializers=["msgpack"])
+    message["data"]["k"] = Serialized(header, frames)
+    assert read(message) == {"op": "gather", "data": {"k": b"codec bytes"}, "n": (1, 2)}
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda evil: Serialized(*serialize(evil, serializers=["pickle"])),
+    lambda evil: Serialized(*serialize(evil, serializers=["dask", "pickle"])),
+    lambda evil: ToPickle(evil),
+    lambda evil: Serialized(*serialize([evil, 1], serializers=["pickle", "msgpack"], iterate_collection=True)),
+])
+def test_pickled_payloads_are_refused_and_never_loaded(tmp_path, wrap):
+    marker = tmp_path / "ran"
+    got = read({"op": "task-erred", "exception": wrap(WritesMarker(marker))})
+    assert isinstance(got["exception"], data_comm.RefusedPayload)
+    assert not marker.exists()
+
+
+def test_data_only_addresses():
+    assert data_comm.data_only_address("tcp://10.0.0.1:8786") == "gpunet-data://10.0.0.1:8786"
+    assert data_comm.data_only_address("tls://h:1") == "gpunet-data-tls://h:1"
+    with pytest.raises(ProviderDataError, match="tcp:// or tls://"):
+        data_comm.data_only_address("ucx://h:1")
+
+
+# -- a result checked on arrival ---------------------------------------------------------------
+
+
+def codec_job(**options):
+    return Job("job1", code="pass", result_format=CODEC, **options)
+
+
+def encoded(job, **fields):
+    result = JobResult("job1", None, "tcp://w:1", "cpu", 0.0, 1.0, result_format=CODEC)
+    return codec.encode(result_to_event(dataclasses.replace(result, **fields)))
+
+
+def test_a_result_is_decoded_and_its_text_cleaned():
+    job = codec_job()
+    raw = encoded(job, worker="tcp://w:1\x1b[8m", streams=[(1, "stdout", "a\x1b[2Jb\n")],
+                  outputs={"y": codec.encode([1, 2])},
+                  error=None)
+    result = accept(raw, job, None)
+    assert result.worker == "tcp://w:1" and result.streams == [(1, "stdout", "ab\n")]
+    assert codec.load(result.outputs["y"], result.result_format, what="y") == [1, 2]
+
+
+@pytest.mark.parametrize("fields, why", [
+    ({"job_id": "another"}, "not the one asked for"),
+    ({"index": 3}, "not the one asked for"),
+    ({"outputs": {"y": "not bytes"}}, "outputs"),
+    ({"streams": [(1, "tty", "x")]}, "output text"),
+    ({"error": {"ename": 1}}, "error"),
+    ({"displays": [({1: "x"}, {})]}, "displays"),
+])
+def test_a_malformed_or_misdirected_result_is_refused(fields, why):
+    with pytest.raises(ProviderDataError, match=why):
+        accept(encoded(codec_job(), **fields), codec_job(), None)
+
+
+def test_a_pickled_or_oversized_result_is_refused():
+    job = codec_job(max_result_bytes=100)
+    with pytest.raises(ProviderDataError, match="not as data"):
+        accept(JobResult("job1", None, "w", "d", 0, 1), job, None)
+    with pytest.raises(ResultTooLargeError, match="over its cap of 100 bytes"):
+        accept(encoded(job, outputs={"y": bytes(1000)}), job, None)
+
+
+def test_output_text_over_its_rate_is_refused():
+    job = codec_job(max_stream_bytes_per_s=100)
+    with pytest.raises(ResultTooLargeError, match="100 bytes per second"):
+        accept(encoded(job, streams=[(1, "stdout", "x" * 10_000)]), job, None)
+
+
+def test_live_events_count_only_when_signed_with_the_jobs_key():
+    job = codec_job()
+    event = {"job": "job1", "kind": "stream", "seq": 1, "name": "stdout", "text": "hi\x1b[2J"}
+    assert live_event(job, dict(event)) is None
+    assert live_event(job, sign_event("guessed", dict(event))) is None
+    signed = sign_event(job.event_key, dict(event))
+    shown = live_event(job, {**signed, "worker": "tcp://stamped-by-the-scheduler"})
+    assert shown["text"] == "hi"
+    assert live_event(job, {**signed, "text": "changed"}) is None
+
+
+# -- displays -----------------------------------------------------------------------------------
+
+
+def test_html_and_svg_lose_everything_that_runs_or_loads():
+    html = sanitized_html('<table onclick="x()"><tr><td style="background:url(http://e)">1</td></tr></table>'
+                          '<script>alert(1)</script><img src="http://e/x.png" onerror="alert(1)">'
+                          '<img src="data:image/png;base64,AAAA"><iframe src="http://e"></iframe>'
+                          '<form action="http://e"><input></form><a href="javascript:alert(1)">link</a>')
+    for bad in ("script", "onclick", "onerror", "http://e", "iframe", "form", "input", "style", "javascript"):
+        assert bad not in html
+    assert "<td>1</td>" in html and 'src="data:image/png;base64,AAAA"' in html and "link" in html
+    svg = sanitized_html('<svg viewBox="0 0 1 1" onload="x()"><script>y()</script><path d="M0 0" fill="red"/>'
+                         '<foreignObject><div>z</div></foreignObject><image href="http://e/x.png"/></svg>', svg=True)
+    assert svg.startswith('<svg viewBox="0 0 1 1">') and '<path d="M0 0" fill="red">' in svg
+    for bad in ("onload", "script", "foreignObject", "http://e"):
+        assert bad not in svg
+
+
+def test_a_display_keeps_only_what_is_safe_and_says_what_it_dropped():
+    shown, metadata, dropped = shown_display(
+        {"text/plain": "a\x1b[2Jb", "image/png": b"\x89PNG", "application/javascript": "alert(1)",
+         "application/vnd.jupyter.widget-view+json": {"model_id": "x"}, "text/html": "<b onmouseover=x>hi</b>"},
+        {"image/png": {"width": 10, "onload": "x"}, "application/javascript": {"a": 1}})
+    assert shown == {"text/plain": "ab", "image/png": b"\x89PNG", "text/html": "<b>hi</b>"}
+    assert metadata == {"image/png": {"width": 10}}
+    assert dropped == ["application/javascript", "application/vnd.jupyter.widget-view+json"]
+
+
+# -- the worker's side: codec results within their caps -------------------------------------------
+
+
+def test_a_codec_job_returns_data_with_its_exception_as_text():
+    raw = run_job(Job("j", code="x = 1\nraise KeyError('k')", result_format=CODEC))
+    result = accept(raw, Job("j", result_format=CODEC), None)
+    assert result.error["ename"] == "KeyError" and result.error["exception"] is None
+    assert 'line 2' in result.error["traceback"]
+    error = RemoteCellError.of(result.error["ename"], result.error["evalue"], result.error["traceback"])
+    assert isinstance(error, KeyError)
+
+
+def test_a_codec_job_over_its_caps_sends_only_its_error():
+    job = Job("j", code="y = bytes(5000)", outputs=("y",), result_format=CODEC, max_result_bytes=1000)
+    result = JobResult(**codec.decode(run_job(job)))
+    assert result.error["ename"] == TOO_LARGE and "over its cap of 1,000 bytes" in result.error["evalue"]
+    assert result.outputs == {}
+    context = runner._JobContext(Job("j", result_format=CODEC, max_stream_bytes_per_s=1000), None, None)
+    context.write("stdout", "x" * 900)
+    with pytest.raises(runner.OutputTooLarge, match="1,000 bytes per second"):
+        context.write("stdout", "x" * 200)
+
+
+def test_a_display_the_codec_cannot_carry_is_left_out_with_a_note():
+    result = JobResult("j", None, "w", "d", 0.0, 1.0, displays=[({"text/plain": "ok"}, {}),
+                                                                 ({"application/x": object()}, {})])
+    decoded = JobResult(**codec.decode(encode_result(result, 10**6)))
+    assert decoded.displays == [({"text/plain": "ok"}, {})] or decoded.displays == [[{"text/plain": "ok"}, {}]]
+    assert "could not travel" in decoded.streams[-1][2]
+
+
+# -- verification compares decoded data, displays included ----------------------------------------
+
+
+def test_copies_that_differ_only_in_a_display_disagree():
+    def copy(displays, value=1.0):
+        return JobResult("j", None, "w", "d", 0.0, 1.0, value=codec.encode({"v": value, "k": [1]}),
+                         displays=displays, result_format=CODEC)
+
+    plain = [({"text/html": "<b>1</b>"}, {})]
+    scripted = [({"text/html": "<b>1</b><script>x()</script>"}, {})]
+    tolerance = Tolerance(1e-5, 1e-8)
+    assert disagreement(copy(plain), copy(plain, 1.0 + 1e-9), tolerance) is None
+    assert result_digest(copy(plain)) != result_digest(copy(scripted))
+    assert disagreement(copy(plain), copy(scripted), tolerance) == "their displays differ"
+
+
+def test_live_output_past_its_cap_is_not_shown(capsys):
+    from gpunet.client.submit import RemoteJob
+
+    handle = RemoteJob(None, Job("j", result_format=CODEC, max_stream_bytes_per_s=1000), items=None, resources={},
+                       allowed_workers=None)
+    assert handle._within_text_cap("x" * 900)
+    assert not handle._within_text_cap("x" * 200)
+    assert not handle._within_text_cap("x")
+    assert capsys.readouterr().err.count("over its cap of 1,000 bytes per second") == 1
