@@ -53,7 +53,7 @@ def fails() -> None:
 def held(net, amount: int = 100):
     """A hold of carol's and the annotation that carries it."""
     with net.service.client(net.tokens["carol"]) as carol:
-        hold = carol.hold(carol.open_session(10_000), amount, key=f"hold-{uuid.uuid4().hex}")
+        hold = carol.hold(carol.open_session(10_000), amount, key=f"hold-{uuid.uuid4().hex}", meter="meter")
     return dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, amount)})
 
 

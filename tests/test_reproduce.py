@@ -86,8 +86,23 @@ def test_a_changed_input_makes_its_cells_different(recorded, capsys):
     assert "y: " in out and "max abs difference 2" in out
 
 
+def _receipt_key(path):
+    """The public key of the receipt a notebook holds (what its reader gets from the operator)."""
+    for cell in nbformat.read(path, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            payload = output.get("data", {}).get("application/vnd.gpunet.receipt+json")
+            if payload:
+                return payload["receipt"]["head"]["public_key"]
+    raise AssertionError(f"no receipt in {path}")
+
+
 def test_check_only_passes_an_intact_notebook_and_catches_an_edited_digest(recorded, capsys):
-    assert gpunet_main(["reproduce", str(recorded), "--check-only"]) == 0
+    # An embedded network's receipt names no service and its key is pinned nowhere: a reader
+    # must be given the key (by the notebook's author), or the receipt proves nothing.
+    assert gpunet_main(["reproduce", str(recorded), "--check-only"]) == 1
+    assert "names no credit service" in capsys.readouterr().out
+    key = ["--public-key", _receipt_key(recorded)]
+    assert gpunet_main(["reproduce", str(recorded), "--check-only", *key]) == 0
     out = capsys.readouterr().out
     assert "3 of 3 gpunet cells check out" in out and "1 receipt(s) verified" in out
     assert out.count("(receipt verified)") == 3, out  # each cell's holds, settled in the receipt's entries
@@ -100,7 +115,7 @@ def test_check_only_passes_an_intact_notebook_and_catches_an_edited_digest(recor
                 output["data"][provenance.MIME_TYPE] = provenance.seal(json.loads(json.dumps(record)))
 
     forged = _copy(recorded, "forged.ipynb", forge)
-    assert gpunet_main(["reproduce", str(forged), "--check-only"]) == 1
+    assert gpunet_main(["reproduce", str(forged), "--check-only", *key]) == 1
     out = capsys.readouterr().out
     assert "record broken" in out and "output 'z'" in out and "does not match the value kept beside it" in out
 
@@ -112,7 +127,7 @@ def test_check_only_passes_an_intact_notebook_and_catches_an_edited_digest(recor
                     settle = next(e for e in payload["receipt"]["entries"] if e["kind"] == "settle")
                     settle["amount"] += 1
 
-    assert gpunet_main(["reproduce", str(_copy(recorded, "receipt.ipynb", pay_less)), "--check-only"]) == 1
+    assert gpunet_main(["reproduce", str(_copy(recorded, "receipt.ipynb", pay_less)), "--check-only", *key]) == 1
     out = capsys.readouterr().out
     assert "receipts" in out and "does not verify" in out and "was altered" in out
 
