@@ -56,6 +56,29 @@ def test_pickled_payloads_are_refused_and_never_loaded(tmp_path, wrap):
     assert not marker.exists()
 
 
+def test_a_compressed_payload_is_refused_before_it_is_decompressed():
+    import zlib
+
+    import msgpack
+
+    bomb = zlib.compress(msgpack.packb(bytes(100_000_000)), 9)  # ~100 KB on the wire, 100 MB decompressed
+    header = {"serializer": "msgpack", "compression": ("zlib",), "num-sub-frames": 1}
+    got = read({"op": "gather", "data": Serialized(header, [bomb]), "n": 1})
+    assert isinstance(got["data"], data_comm.RefusedPayload) and got["n"] == 1
+    assert "zlib-compressed" in str(got["data"]) and "that payload was not loaded (the rest" in str(got["data"])
+    plain = {"serializer": "msgpack", "compression": (None,), "num-sub-frames": 1}
+    assert read({"data": Serialized(plain, [msgpack.packb(b"ok")])}) == {"data": b"ok"}
+
+
+def test_refusals_carry_no_terminal_escapes(caplog):
+    error = {"serializer": "error", "num-sub-frames": 1}
+    named = {"serializer": "\x1b[31mevil\x1b[0m", "num-sub-frames": 0}
+    got = read({"exception": Serialized(error, [b"\x1b]0;pwned\x07\x1b[2Jfake"]), "x": Serialized(named, [])})
+    texts = [str(got["exception"]), str(got["x"]), caplog.text]
+    assert all("\x1b" not in text and "\x07" not in text for text in texts)
+    assert "fake" in texts[0] and "evil" in texts[1]
+
+
 def test_data_only_addresses():
     assert data_comm.data_only_address("tcp://10.0.0.1:8786") == "gpunet-data://10.0.0.1:8786"
     assert data_comm.data_only_address("tls://h:1") == "gpunet-data-tls://h:1"
@@ -207,3 +230,15 @@ def test_live_output_past_its_cap_is_not_shown(capsys):
     assert not handle._within_text_cap("x" * 200)
     assert not handle._within_text_cap("x")
     assert capsys.readouterr().err.count("over its cap of 1,000 bytes per second") == 1
+
+
+def test_a_provider_sends_uncompressed_frames_whatever_its_config_says(monkeypatch):
+    import dask
+
+    from gpunet.cli import network
+
+    monkeypatch.setenv("DASK_DISTRIBUTED__COMM__COMPRESSION", "zlib")
+    with dask.config.set({"distributed.comm.compression": "zlib"}):
+        network._uncompressed_comms()
+        assert dask.config.get("distributed.comm.compression") is False
+    assert network.os.environ["DASK_DISTRIBUTED__COMM__COMPRESSION"] == "False"

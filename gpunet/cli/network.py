@@ -321,11 +321,22 @@ def _quiet_dask(args: Any) -> None:
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
+def _uncompressed_comms() -> None:
+    """A provider sends its frames uncompressed (Dask's default, kept whatever the
+    provider's own Dask config says): a notebook that does not trust its providers
+    refuses compressed payloads, which could expand past its size cap."""
+    import dask
+
+    os.environ["DASK_DISTRIBUTED__COMM__COMPRESSION"] = "False"  # the worker processes
+    dask.config.set({"distributed.comm.compression": False})
+
+
 async def _run_provider(args: Any, account: str, security: Any = None, me: CreditClient | None = None) -> int:
     from distributed import Client, Nanny
     from distributed.utils import get_ip
 
     _quiet_dask(args)
+    _uncompressed_comms()
 
     name = args.name or account
     if security is not None and name != account and not name.startswith(f"{account}-"):
