@@ -242,3 +242,19 @@ def test_a_provider_sends_uncompressed_frames_whatever_its_config_says(monkeypat
         network._uncompressed_comms()
         assert dask.config.get("distributed.comm.compression") is False
     assert network.os.environ["DASK_DISTRIBUTED__COMM__COMPRESSION"] == "False"
+
+
+def test_a_providers_device_description_is_cleaned_and_type_checked():
+    from gpunet.ui.status import device_columns, provider_capability, provider_device
+
+    honest = {"tflops_f32": 12.5, "tflops_bf16": None, "bf16_native": False, "bandwidth_gbs": 300.0, "seconds": 1.0}
+    device = provider_device({"kind": "\x1b]0;pwned\x07\x1b[2Jgpu", "name": "H100\x1b[8m hidden", "memory_bytes": 2**30,
+                              "evil": object(), 7: "x", "software": {"torch": "2.4\x1b[31m"}, "capability": honest})
+    assert device == {"kind": "gpu", "name": "H100 hidden", "memory_bytes": 2**30, "software": {"torch": "2.4"},
+                      "capability": honest}
+    assert "\x1b" not in "".join(device_columns(device))
+    for lie in ({**honest, "tflops_f32": 9999.0}, {**honest, "tflops_f32": "fast"}, {**honest, "seconds": float("nan")},
+                {**honest, "tflops_f32": True}, {**honest, "bandwidth_gbs": -1.0}, "fast", {"tflops_f32": 1.0}):
+        assert provider_capability(lie) is None
+    assert device_columns(provider_device({"capability": {**honest, "tflops_f32": "1e9"}}))[2] == "not measured"
+    assert provider_device("not a dict") == {}
