@@ -174,6 +174,33 @@ def test_a_display_keeps_only_what_is_safe_and_says_what_it_dropped():
     assert dropped == ["application/javascript", "application/vnd.jupyter.widget-view+json"]
 
 
+def test_svg_and_html_load_nothing_from_elsewhere_and_borrow_no_notebook_styles():
+    svg = sanitized_html('<svg><defs><clipPath id="c1"><rect width="1" height="1"/></clipPath></defs>'
+                         '<rect width="10" height="10" fill="url(https://evil.example/p.svg#g)"/>'
+                         '<g clip-path="url(#c1)"><path d="M0 0" fill="url( #grad )"/></g></svg>', svg=True)
+    assert "evil" not in svg and 'clip-path="url(#c1)"' in svg and 'fill="url( #grad )"' in svg
+    html = sanitized_html('<div class="jp-Dialog">Session expired</div><img src="data:image/svg+xml,<svg>">'
+                          '<img src="data:image/png;base64,AAAA" width="99999999" height="10">')
+    assert "class" not in html and "svg" not in html and "99999999" not in html
+    assert '<img src="data:image/png;base64,AAAA" height="10">' in html
+
+
+def test_an_image_given_as_text_must_be_base64():
+    shown, metadata, dropped = shown_display({"image/png": '"><script>alert(1)</script>', "image/jpeg": "/9j/4A==\n"},
+                                             {"image/png": {"width": 10**9}, "image/jpeg": {"width": 10**9}})
+    assert shown == {"image/jpeg": "/9j/4A==\n"} and dropped == ["image/png"] and metadata == {}
+
+
+def test_a_copys_preview_carries_no_terminal_escapes():
+    import pandas as pd
+
+    from gpunet.verify.quorum import preview
+
+    frame = pd.DataFrame({"x": ["\x1b]0;pwned\x07\x1b[2Jhi"]})
+    result = JobResult("j", None, "w", "d", 0.0, 1.0, value=codec.encode(frame), result_format=CODEC)
+    assert "\x1b" not in preview(result) and "hi" in preview(result)
+
+
 # -- the worker's side: codec results within their caps -------------------------------------------
 
 
