@@ -100,6 +100,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.scheduler: Scheduler | None = None
         self.reporter: Reporter | None = None
         self._client: CreditClient | None = None
+        #: the meter account whose token this is (None for the operator's, on a private network):
+        #: notebooks name it on their holds, and only it may pay them
+        self.meter_account: str | None = None
         #: registrations that the worker they named did not confirm
         self.refused_registrations = 0
         #: verified results by reuse key (gpunet.reuse), and the result digests that
@@ -120,6 +123,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             self.door = SchedulerDoor(scheduler, self._topics_on)
             self.door.install()
         self._client = CreditClient(self.credits_url, self.token)
+        self.meter_account = await asyncio.to_thread(self._meter_account)
         scheduler.stream_handlers[wire.REGISTER_PROVIDER] = self._on_register_message
         scheduler.handlers.update({
             wire.METERING_STATE: self.state,
@@ -176,6 +180,16 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>gpunet</title>"
                 f"<meta http-equiv='refresh' content='5'></head><body>{look.panel('gpunet network', body)}"
                 "</body></html>")
+
+    def _meter_account(self) -> str | None:
+        """The meter account of this plugin's token (None for an operator's, or when the service
+        cannot say now: holds then name no meter, and only an operator may pay them)."""
+        try:
+            me = self._client.ping()
+        except CreditsError as exc:
+            logger.warning("gpunet metering: cannot ask the credit service who this token is (%s)", exc)
+            return None
+        return me["account"] if me.get("role") == "meter" else None
 
     async def before_close(self) -> None:
         """Try for a few seconds to send what is still queued: what maps' items earned,
@@ -310,7 +324,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 "refused_registrations": self.refused_registrations,
                 "network": "open" if self.open_network else "private", "refused_tasks": self.refused_tasks,
                 "refused_requests": self.door.refused if self.door is not None else 0,
-                "providers": self.providers, "running": self.running()}
+                "providers": self.providers, "running": self.running(), "meter": self.meter_account}
 
     def running(self) -> dict[str, list[dict[str, Any]]]:
         """Worker address -> the metered tasks it runs now, each as ``{"kind", "held", "for_s"}``:

@@ -490,6 +490,14 @@ def test_a_flag_given_twice_is_a_usage_error(ip, sent):
     assert sent == []
 
 
+def test_flags_that_mean_nothing_without_verify_are_usage_errors(ip, sent):
+    with pytest.raises(UsageError, match="--no-reuse matters only with --verify"):
+        run(ip, "y = 1", flags="--no-reuse")
+    with pytest.raises(UsageError, match="give --verify too"):
+        run(ip, "y = 1", flags="--rtol 1e-3")
+    assert sent == [] and "y" not in ip.user_ns
+
+
 def test_status_shows_the_default_timeout_and_what_it_holds(ip):
     with capture_output():
         status = ip.run_line_magic("gpunet", "status")

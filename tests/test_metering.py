@@ -14,7 +14,7 @@ from gpunet.client import network as network_module
 from gpunet import wire
 from gpunet.client.local import EmbeddedNetwork
 from gpunet.credits import verify_service
-from network_probes import running_jobs, spy_on_sending
+from network_probes import running_jobs, spy_on_sending, wait_until
 
 
 def _settled(net, timeout=30.0):
@@ -61,16 +61,34 @@ def test_a_map_bigger_than_the_budget_is_refused_before_it_is_sent(own, tmp_path
 
     sent = spy_on_sending(monkeypatch, own)
     with pytest.raises(gpunet.BudgetError) as caught:
-        own.map(touch, range(300))  # 300 items x 10 credits each > 2,000
+        own.map(touch, range(2_500))  # 2,500 items cost at least a credit each > 2,000
     message = str(caught.value)
     assert "2000" in message and "left" in message and "nothing was sent" in message
-    # the real cause (the default hold per item) and the real fix, not a flag never given
-    assert "default hold of 10 s for each map item" in message and "--max-credits C" in message
+    # the real cause (more items than credits, at a credit each at least) and the real fix
+    assert "default hold of 10 s for each map item" in message and "send fewer, larger items" in message
     assert "lower --max-credits" not in message
     # Refused before any task existed: nothing reached Dask, so nothing can run later.
     assert sent == []
     assert not marker.exists()
     assert _settled(own)["held"] == 0
+
+
+def test_a_map_whose_worst_case_exceeds_the_budget_runs_in_slices_as_credits_come_back(own):
+    """300 items hold 10 credits each at worst (3,000 > the 2,000 budget) and cost
+    about 1 each: the map goes in slices, each held when credits come back, pausing
+    (and saying so) while none fits; every item is paid once and nothing stays held."""
+    before = _settled(own)
+
+    def slow_square(i):  # travels by value; long enough that the first slices are still running
+        import time
+
+        time.sleep(0.02)
+        return i * i
+
+    assert own.map(slow_square, range(300), timeout=300) == [i * i for i in range(300)]
+    after = _settled(own)
+    assert after["spent"] - before["spent"] == 300 and after["held"] == 0
+    assert after["spent"] <= after["budget"]
 
 
 def test_max_credits_stops_the_cell_and_charges_the_limit(own):
@@ -123,6 +141,49 @@ def test_reports_survive_the_credit_service_pausing(own):
     after = _settled(own, timeout=60)
     assert after["spent"] - before["spent"] == 200
     assert time.monotonic() - job_started < 120
+
+
+#: How many times its clients' longest timeout the credit service stays away.
+OUTAGE_TIMEOUTS = 10
+
+
+def test_reports_queue_retry_and_land_after_an_outage_longer_than_every_client_timeout(own):
+    """The credit service stops answering (SIGSTOP) for :data:`OUTAGE_TIMEOUTS` times the
+    longest client timeout while a map runs: the map completes, a map sent meanwhile is
+    refused saying the service is unreachable (nothing sent), the scheduler's reports
+    time out, queue and retry, and once the service is back they land exactly once.
+    The clients' timeouts are shortened for the test (2 s read instead of 30 s), so
+    that the outage outlasts them all in 20 s instead of minutes."""
+    from gpunet.client import submit as jobs
+    from gpunet.errors import GpunetError
+
+    service = own.embedded.credits_service
+    plugin = own.embedded.cluster.scheduler.plugins[wire.METERING_PLUGIN]
+    short = (1.0, 2.0)
+    plugin._client.timeout = own.credits.timeout = short  # the scheduler's and the notebook's credit clients
+    outage_s = OUTAGE_TIMEOUTS * max(short)
+    before = _settled(own)
+    job = jobs.function_job(abs, (), {}, topic=own.topic, announce=False)
+    remote = own.submit(job, resources=own.resources_for(), items=list(range(-100, 100)))  # its hold is placed
+    os.kill(service.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        assert len(remote.wait(timeout=120)) == 200
+        with pytest.raises(GpunetError, match="unreachable"):
+            own.map(abs, range(3), timeout=30)
+        wait_until(lambda: own.metering_state()["queued"] > 0, 30, "the reports to queue")
+        # the outage goes on: the scheduler's requests time out again and again meanwhile
+        wait_until(lambda: time.monotonic() - stopped >= outage_s, outage_s + 10, "the outage to last")
+        assert own.metering_state()["queued"] > 0, "nothing can have landed while the service was stopped"
+    finally:
+        os.kill(service.pid, signal.SIGCONT)
+    # The refused map's hold request waited in the stopped service's socket, and was
+    # placed once it ran again: the next job gives it back.
+    assert own.map(abs, range(-1, 1)) == [1, 0]
+    after = _settled(own, timeout=120)
+    assert after["spent"] - before["spent"] == 202, "every item paid exactly once, none lost, none twice"
+    assert after["held"] == 0
+    verify_service(service.url, service.operator_token)
 
 
 def test_the_ledger_verifies_after_metered_work(net):

@@ -138,7 +138,7 @@ def test_certificates_bind_role_and_account_and_keys_are_private(tmp_path):
 async def test_a_held_task_runs_and_pays_the_provider_its_certificate_names(net):
     with net.service.client(net.tokens["carol"]) as carol:
         session = carol.open_session(10_000)
-        hold = carol.hold(session, 100, key=f"hold-{uuid.uuid4().hex}")
+        hold = carol.hold(session, 100, key=f"hold-{uuid.uuid4().hex}", meter="meter")
     with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, 100)}):
         future = net.gateway.submit(time.sleep, 0.05, key=f"gpunet-cell-{uuid.uuid4().hex}",
                                     workers=[net.alice.address], resources={"device": 1})
@@ -160,7 +160,7 @@ def test_a_meter_token_can_only_pay_and_release_holds(service):
             with pytest.raises(ForbiddenError):
                 attempt()
         session = carol.open_session(100)
-        hold = carol.hold(session, 40, key=f"hold-{uuid.uuid4().hex}")
+        hold = carol.hold(session, 40, key=f"hold-{uuid.uuid4().hex}", meter="meter")
         with pytest.raises(CreditsRequestError):  # never more than the hold holds
             meter.settle(hold, "alice", 41, key=f"settle-{uuid.uuid4().hex}")
         with pytest.raises(CreditsRequestError):  # only to a provider
@@ -337,6 +337,7 @@ def test_open_network_of_processes(open_market, detached):
             net.client.wait_for_workers(2, timeout=60)
             assert net.run(lambda: 6 * 7, timeout=120) == 42
             assert "network: open" in str(NetworkStatus.of(net))
+            assert net.meter.meter == "meter" == net.metering_state()["meter"]  # its holds name the meter
             nannies = {address: info["nanny"] for address, info in net.client.scheduler_info()["workers"].items()}
             deadline = time.monotonic() + WAIT_S
             while net.credits.usage(net.session)["held"] and time.monotonic() < deadline:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import gpunet
+from gpunet.cli.network import EXIT_QUARANTINED
 from gpunet.credits import verify_service
 from gpunet_processes import expect, metered_network, start, stop
 
@@ -267,6 +268,24 @@ def _probe_registrations(net):
 
     net.client.run_on_scheduler(install)
     return lambda: net.client.run_on_scheduler(read)
+
+
+def test_a_quarantined_provider_is_told_why_and_how_to_appeal(market, tmp_path):
+    operator = market["operator"]
+    token_file = tmp_path / "mallory-token"
+    token_file.write_text(operator.create_account("mallory", "provider")["token"])
+    for number in range(3):  # three mismatches and no valid result: reputation 0.4, below the 0.5 floor
+        operator.record_verification("mallory", agreed=False, key=f"lie-{number}")
+    assert operator.provider_record("mallory")["quarantined"]
+    provide = start(["provide", market["address"], "--credits", market["service"].url, "--token-file",
+                     str(token_file), "--host", "127.0.0.1"])
+    try:
+        out = provide.communicate(timeout=120)[0]
+    finally:
+        stop(provide)
+    assert provide.returncode == EXIT_QUARANTINED, out
+    assert "provider mallory is QUARANTINED" in out and "3 of its verified results disagreed" in out, out
+    assert "fell below 0.5" in out and f"gpunet credits clear-quarantine mallory --credits {market['service'].url}" in out
 
 
 def test_a_token_that_is_not_a_providers_is_refused_before_any_worker_starts(market, tmp_path):

@@ -246,7 +246,7 @@ async def test_a_verdict_settles_the_agreeing_copy_and_releases_the_other(c, s, 
     assert paid["memo"] == {"verified": "replicate:2", "providers": ["alice"], "digest": "sha256:0",
                             "task": str(copies[0].key)}
     assert 0 <= seconds < 60
-    assert notebook.settlements(holds[1]) == []
+    assert notebook.settlements(holds[1]) == []  # settled 0 to bob (a release entry): the verdict's hold
     await until(lambda: notebook.operator.provider_record("bob")["mismatches"] == bob_before + 1,
                 "bob's mismatch to be recorded")
     assert (await c.scheduler.gpunet_metering_state())["verdicts"] == 2

@@ -4,8 +4,8 @@ foreground; ``gpunet provide`` attaches this host's devices to one (and drains t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
+import asyncio
 import os
 import shutil
 import signal
@@ -32,6 +32,8 @@ from gpunet.wire import (
     WORKER_PRELOAD,
 )
 from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus
+
+logger = logging.getLogger(__name__)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -310,6 +312,25 @@ def _provide(args: Any) -> int:
         return asyncio.run(_run_provider(args, account, me=me))
 
 
+#: `gpunet provide`'s exit status when the provider's workers left because it is quarantined.
+EXIT_QUARANTINED = 3
+
+
+def quarantine_notice(record: dict[str, Any], credits_url: str | None = None) -> str:
+    """What a quarantined provider is told: why (its mismatches, its reputation and the
+    floor it fell below, as the credit service recorded them) and how to appeal."""
+    where = f" --credits {credits_url}" if credits_url else ""
+    reason = record.get("quarantine_reason") or (f"reputation {record.get('reputation', 0):.3f} fell below the "
+                                                 "credit service's --reputation-floor")
+    return (f"gpunet provide: provider {record['provider']} is QUARANTINED, so the scheduler retired its workers "
+            f"and gives it no more work.\n"
+            f"  why: {record.get('mismatches', 0)} of its verified results disagreed with other providers' "
+            f"(mismatches), against {record.get('valid', 0)} that agreed: {reason}.\n"
+            f"  appeal: ask the network's operator to check your device and run "
+            f"`gpunet credits clear-quarantine {record['provider']}{where}`, which forgives the mismatches; "
+            "then start `gpunet provide` again.")
+
+
 def _quiet_dask(args: Any) -> None:
     """Dask's INFO lines only with --verbose: the status line says what matters."""
     if getattr(args, "verbose", False):
@@ -332,6 +353,9 @@ def _uncompressed_comms() -> None:
 
 
 async def _run_provider(args: Any, account: str, security: Any = None, me: CreditClient | None = None) -> int:
+    """Run the provider's workers until Ctrl-C (drain, exit 0), the scheduler's end (an
+    error), or a quarantine (:data:`EXIT_QUARANTINED`, saying why and how to appeal);
+    ``me`` is the provider's credit client (its trust record, the status line)."""
     from distributed import Client, Nanny
     from distributed.utils import get_ip
 
@@ -402,6 +426,11 @@ async def _run_provider(args: Any, account: str, security: Any = None, me: Credi
         if status is not None:
             status.cancel()
         if not stopped.is_set():
+            record = await _record_if_reachable(me, account)
+            if record is not None and record.get("quarantined"):
+                print(quarantine_notice(record, getattr(args, "credits", None) or os.environ.get("GPUNET_CREDITS")),
+                      file=sys.stderr, flush=True)
+                return EXIT_QUARANTINED
             raise GpunetError("the workers stopped by themselves (is the scheduler gone?)")
         print("\ngpunet provide: draining ...", flush=True)
         started = time.monotonic()
@@ -455,6 +484,17 @@ async def _show_status(client: Any, me: CreditClient, account: str, nannies: lis
             await asyncio.wait_for(stopped.wait(), STATUS_EVERY_S)
         except asyncio.TimeoutError:
             pass
+
+
+async def _record_if_reachable(me: CreditClient | None, account: str) -> dict[str, Any] | None:
+    """The provider's trust record, or None where it cannot be read (no credit service)."""
+    if me is None:
+        return None
+    try:
+        return await asyncio.to_thread(me.provider_record, account)
+    except Exception as exc:  # noqa: BLE001 - only used to explain why the workers left
+        logger.warning("gpunet provide: could not read this provider's trust record: %s", exc)
+        return None
 
 
 def _guard_nanny(nanny: Any, security: Any) -> None:

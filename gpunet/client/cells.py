@@ -64,6 +64,9 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     sent, :class:`~gpunet.errors.OptionError` for an option that cannot be used.
     """
     tolerance = tolerance_if_verified(verify, code, rtol=rtol, atol=atol)
+    if not reuse and tolerance is None:
+        raise OptionError("--no-reuse matters only with --verify (only verified results are reused); drop it, "
+                          "or verify the cell")
     if max_credits is not None and net.meter is None:
         raise OptionError("--max-credits needs a metered network: %gpunet connect --credits URL --token TOKEN, "
                           "or %gpunet connect with no address for a local one")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import cloudpickle
 
 from gpunet.client.received import live_event
-from gpunet.errors import CellTimeoutError, UnpicklableInputError
+from gpunet.errors import CellTimeoutError, UnpicklableInputError, WorkerLostError
 from gpunet.wire import CODEC, stream_allowance
 from gpunet.worker.runner import stop_job
 
@@ -72,6 +72,38 @@ SCATTER_THRESHOLD_BYTES = 256 * 1024
 
 #: How long a stopped job's thread may take to leave before its worker is restarted.
 STOP_GRACE_S = 1.0
+
+#: How often a job's data is sent to the workers when workers leave while it travels.
+SCATTER_ATTEMPTS = 3
+
+
+def scatter_surviving(client: Client, data: Any, *, timeout: float | None) -> Any:
+    """``client.scatter(data)`` that survives workers leaving while it travels.
+
+    Never with ``broadcast``: Dask's broadcast replicates to the workers it chose and
+    raises a bare ``KeyError`` when one of them is gone, or retries a dead one for
+    minutes; sent to one worker, the data reaches the others as their tasks need it.
+    A send that fails as workers leave is tried again on those that remain, then
+    :class:`WorkerLostError` says what happened."""
+    options = {} if timeout is None else {"timeout": max(timeout, 1.0)}
+    for _ in range(SCATTER_ATTEMPTS):
+        try:
+            return client.scatter(data, hash=False, **options)
+        except (KeyError, OSError) as exc:  # CommClosedError and TimeoutError are OSErrors
+            logger.warning("gpunet: sending a job's data failed as workers left (%s: %s); trying again",
+                           type(exc).__name__, exc)
+            failure = exc
+    raise WorkerLostError(f"the job's data could not be sent to the workers: they kept leaving while it was sent "
+                          f"({type(failure).__name__}: {failure}). Nothing ran; run it again.") from None
+
+
+def gather_within(client: Client, futures: list[Future], timeout: float | None) -> list[Any]:
+    """``client.gather(futures)``, bounded by ``timeout`` seconds (None: unbounded):
+    a result whose worker died before it was fetched otherwise waits forever.
+    Raises :class:`TimeoutError` when the time is up."""
+    if timeout is None:
+        return client.gather(futures)
+    return client.sync(asyncio.wait_for, client._gather(futures), max(timeout, 0.001))
 
 
 def new_job_id() -> str:
@@ -122,6 +154,8 @@ class JobHandle(ABC):
         #: the monotonic time the job must be done by, gathering included (set by wait())
         self.deadline: float | None = None
         self.stopped_because: str | None = None
+        #: the timeout the waiter keeps (seconds from when the job was sent), for every wait
+        self.timeout: float | None = None
         #: the job's live events, handed over by the network (client event loop thread)
         self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         #: set whenever something happened that the waiter should look at
@@ -164,6 +198,10 @@ class JobHandle(ABC):
         """Stop the job on its workers; ``reason`` says why ("interrupted", "timeout")."""
 
     # -- shared ------------------------------------------------------------------------
+    def time_left(self) -> float | None:
+        """Seconds left of the job's timeout, counted from when it was sent (None: no limit)."""
+        return None if self.timeout is None else self.submitted + self.timeout - time.monotonic()
+
     def done(self) -> bool:
         """True once every unit of the job has an outcome."""
         return self.completed >= self.count
@@ -205,6 +243,7 @@ class JobHandle(ABC):
         still waits in the queue), and stops the job on its workers on Ctrl-C, after
         ``timeout`` seconds (counted from when it was sent), or on any error.
         """
+        self.timeout = timeout
         deadline = self.deadline = None if timeout is None else self.submitted + timeout
         try:
             while True:

@@ -391,6 +391,11 @@ class Network:
             self._closed = True
             if _current is self:
                 _current = None
+        if self.meter is not None and self.meter.doubtful:  # holds an outage left in doubt go back
+            try:
+                self.meter.resolve_doubtful(self.release_unsent)
+            except Exception as exc:  # noqa: BLE001 - closing goes on; release-stale finds them later
+                logger.warning("gpunet: could not give back holds left in doubt by an outage: %s", exc)
         try:
             self.client.close(timeout=5)
         finally:
@@ -620,7 +625,8 @@ def _close_all_quietly() -> None:
 
 def _open_meter(client: Client, url: str, token: str, budget: int | None) -> Meter:
     """Check that the scheduler meters work, then open this notebook's session."""
-    if _metering_state(client) is None:
+    state = _metering_state(client)
+    if state is None:
         raise GpunetError(
             f"the scheduler at {client.scheduler.address} does not meter work, so credits at {url} would never be "
             "settled; start it with `gpunet scheduler --credits URL --operator-token-file FILE`, or connect "
@@ -629,7 +635,8 @@ def _open_meter(client: Client, url: str, token: str, budget: int | None) -> Met
     credits = CreditClient(url, token)
     kernel, notebook = _kernel_and_notebook()
     session = credits.open_session(int(budget or DEFAULT_BUDGET), notebook=notebook, kernel=kernel)
-    return Meter(credits, session)
+    # Holds name the scheduler's meter account: only it may pay them (None on a private network).
+    return Meter(credits, session, meter=state.get("meter"))
 
 
 def current() -> Network:

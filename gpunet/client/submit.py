@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -21,7 +23,15 @@ import dask
 from distributed.scheduler import KilledWorker
 
 from gpunet import codec, wire
-from gpunet.client.handle import SCATTER_THRESHOLD_BYTES, JobHandle, new_job_id, pickled, stop_job_everywhere
+from gpunet.client.handle import (
+    SCATTER_THRESHOLD_BYTES,
+    JobHandle,
+    new_job_id,
+    pickled,
+    scatter_surviving,
+    stop_job_everywhere,
+    write,
+)
 from gpunet.client.received import accept
 from gpunet.client.verified import VerifiedJob
 from gpunet.errors import (
@@ -45,6 +55,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from gpunet.ui.progress import JobProgress
 
 logger = logging.getLogger(__name__)
+
+#: How often a paused map (see :class:`MapSlices`) tries again to hold for its next items.
+SLICE_RETRY_S = 0.5
 
 
 def function_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
@@ -129,15 +142,21 @@ class RemoteJob(JobHandle):
         self.credit_limit_s: float | None = None
         #: scattered data the tasks depend on, held until the job is done
         self._kept: list[Future] = []
+        #: a map sent in slices, as its holds can be placed (None: sent whole)
+        self.slicing: MapSlices | None = None
         self._lock = threading.Lock()
 
     @classmethod
     def submit(cls, network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
                workers: list[str] | list[list[str]] | None = None,
-               annotations: dict[str, Any] | None = None) -> RemoteJob:
+               annotations: dict[str, Any] | None = None, timeout: float | None = None,
+               slicing: MapSlices | None = None) -> RemoteJob:
         """Send ``job`` to ``network`` with the given placement (``workers``: one
         list for all items, or one per item); ``annotations`` (the job's hold)
-        travel with its tasks as the ``gpunet`` annotation."""
+        travel with its tasks as the ``gpunet`` annotation; sending its data waits
+        at most ``timeout`` seconds. With ``slicing`` only the map's first
+        ``slicing.first`` items are sent now (their hold is ``annotations``'), the
+        rest as holds for them can be placed (:meth:`_send_more`)."""
         with dask.annotate(**{wire.ANNOTATION: annotations}) if annotations else contextlib.nullcontext():
             client = network.client
             blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
@@ -147,7 +166,7 @@ class RemoteJob(JobHandle):
                            allow_other_workers=False)
             inputs = None
             if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
-                inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
+                inputs, job.inputs = scatter_surviving(client, job.inputs, timeout=timeout), {}
             remote = cls(network, job, items=None if blobs is None else len(blobs), resources=resources,
                          allowed_workers=None if per_item else workers)
             network.register_job(remote)
@@ -157,14 +176,18 @@ class RemoteJob(JobHandle):
                 keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
                 # The job (code, function, inputs) goes to the workers once, as data the
                 # tasks depend on; each task then carries only its item.
-                shared = client.scatter(job, hash=False, broadcast=len(blobs) > 1)
+                shared = scatter_surviving(client, job, timeout=timeout)
                 if per_item:  # one submit per item, each pinned to its own workers
                     futures = [client.submit(run_job, shared, blob, index, inputs, key=key,
                                              **{**options, "workers": where})
                                for index, (blob, key, where) in enumerate(zip(blobs, keys, workers))]
                 else:
-                    futures = client.map(run_job, [shared] * len(blobs), blobs, range(len(blobs)),
-                                         [inputs] * len(blobs), key=keys, **options)
+                    sent = len(blobs) if slicing is None else slicing.first
+                    futures = client.map(run_job, [shared] * sent, blobs[:sent], range(sent),
+                                         [inputs] * sent, key=keys[:sent], **options)
+                    if slicing is not None:
+                        slicing.blobs, slicing.send = blobs, (shared, inputs, options)
+                        remote.slicing = slicing
             remote._attach(futures)
             remote._kept = [f for f in (inputs, shared if blobs is not None else None) if f is not None]
             return remote
@@ -176,11 +199,43 @@ class RemoteJob(JobHandle):
         if not self.mapped:  # one callback is cheap; thousands would each wake the event loop
             futures[0].add_done_callback(self._on_done)
 
+    def _send_more(self) -> None:
+        """A map sent in slices: send its next items once a hold for them is placed;
+        while none can be (the session's credits are held by the items running), the
+        map pauses, saying so once."""
+        slicing = self.slicing
+        if slicing is None or slicing.sent >= len(slicing.blobs) or time.monotonic() < slicing.next_try:
+            return
+        placed = slicing.place(len(slicing.blobs) - slicing.sent)
+        if placed is None:
+            slicing.next_try = time.monotonic() + SLICE_RETRY_S
+            if not slicing.paused:
+                slicing.paused = True
+                write("stderr", f"[gpunet: the map paused after {slicing.sent} of {len(slicing.blobs)} items: the "
+                                f"session's credits are held by the items running; it goes on as they are paid "
+                                f"(a larger --budget avoids the wait)]\n")
+            return
+        hold, count = placed
+        slicing.paused = False
+        shared, inputs, options = slicing.send
+        start, stop = slicing.sent, slicing.sent + count
+        with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, slicing.amount, tasks=count,
+                                                                       topic=self.job.topic)}):
+            futures = self.network.client.map(
+                run_job, [shared] * count, slicing.blobs[start:stop], range(start, stop), [inputs] * count,
+                key=[f"gpunet-{self.job.job_id}-{index}" for index in range(start, stop)], **options)
+        slicing.sent = stop
+        self.holds.append(hold)
+        self.index_of.update({future.key: index for index, future in zip(range(start, stop), futures)})
+        self.futures = self.futures + futures
+        self._unfinished.extend(futures)
+
     def _look(self) -> None:
         """A map's items that failed in Dask, or whose results were too large to come
         as events, show only in their futures (a cell's future calls back instead)."""
         if not self.mapped:
             return
+        self._send_more()
         still = []
         for future in self._unfinished:
             if future.status == "pending":
@@ -254,10 +309,17 @@ class RemoteJob(JobHandle):
             if future.status == "cancelled":
                 self._close_unknown_tasks()
                 raise WorkerLostError(
-                    "the network lost this job (its scheduler restarted or this client was disconnected); "
-                    "run it again"
+                    "the network lost this job (a worker holding its data left, its scheduler restarted, or "
+                    "this client was disconnected); run it again"
                 )
-        for future, raw in zip(missing, self.fetch(missing)):
+        try:
+            raws = self.fetch(missing) if missing else []
+        except GpunetError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Dask's own errors, from a worker that left
+            raise WorkerLostError(f"the results could not be fetched: a worker holding them left "
+                                  f"({type(exc).__name__}: {exc}); run it again") from None
+        for future, raw in zip(missing, raws):
             index = self.index_of[future.key]
             have[index] = accept(raw, self.job, index)
         return [have[self.index_of[future.key]] for future in self.futures]
@@ -298,7 +360,44 @@ class RemoteJob(JobHandle):
     def stop(self, reason: str) -> None:
         """Cancel the job and stop its threads on the workers; restart a stuck worker."""
         self.stopped_because = reason
+        if self.slicing is not None:  # what was not sent never will be
+            self.slicing.blobs = self.slicing.blobs[: self.slicing.sent]
         stop_job_everywhere(self.network, self.job.job_id, self.futures, reason)
+
+
+@dataclass
+class MapSlices:
+    """A map whose items' holds do not fit in the session's credits at once: it is
+    sent in slices, each with its own shared hold, as credits come back from the
+    items already paid. ``place(n)`` holds for up to ``n`` more items and returns
+    ``(hold, how many)``, or None while no item fits."""
+
+    first: int
+    amount: int
+    place: Callable[[int], tuple[str, int] | None]
+    blobs: list[bytes] = field(default_factory=list)
+    send: tuple[Any, Any, dict[str, Any]] = (None, None, {})
+    sent: int = 0
+    paused: bool = False
+    next_try: float = 0.0
+
+
+def slice_placer(meter: Any, job_id: str, amount: int) -> Callable[[int], tuple[str, int] | None]:
+    """Holds for a map's next slice: half the session's credits left (at least one
+    item's), as many items as that covers; None while not even one item fits."""
+    number = iter(range(1, 1 << 30))
+
+    def place(wanted: int) -> tuple[str, int] | None:
+        left = meter.credits.usage(meter.session)["left"]
+        count = min(wanted, max(left // 2, min(left, amount)) // amount)
+        if count < 1:
+            return None
+        try:
+            return meter.hold_shared(f"{job_id}-slice{next(number)}", count=count, amount=amount), count
+        except BudgetError:  # another job took the credits meanwhile
+            return None
+
+    return place
 
 
 def submit(network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
@@ -331,15 +430,33 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         if max_credits is not None:
             raise GpunetError("--max-credits needs a metered network: connect with --credits URL --token TOKEN, "
                               "or without an address for a local one")
-        return RemoteJob.submit(network, job, resources=resources, items=items, workers=workers)
+        return RemoteJob.submit(network, job, resources=resources, items=items, workers=workers, timeout=timeout)
     count = 1 if items is None else len(items)
+    if meter.doubtful:  # holds an outage left in doubt: given back once the service answers again
+        meter.resolve_doubtful(network.release_unsent)
     plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
-    hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount, plan=plan)
+    slicing = None
+    try:
+        hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount, plan=plan)
+    except BudgetError:
+        # A map whose items' worst cases do not fit at once, though what they cost at the
+        # least (a credit each) does, goes in slices, each held as credits come back.
+        sliceable = items is not None and max_credits is None and not (workers and isinstance(workers[0], list))
+        if not sliceable or meter.credits.usage(meter.session)["left"] < count:
+            raise
+        place = slice_placer(meter, job.job_id, plan.amount)
+        placed = place(count)
+        if placed is None:
+            raise
+        hold, first = placed
+        slicing = MapSlices(first, plan.amount, place, sent=first)
+    held = count if slicing is None else slicing.first
     try:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
-                                  annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else count,
-                                                              topic=job.topic))
+                                  annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else held,
+                                                              topic=job.topic),
+                                  timeout=timeout, slicing=slicing)
     except BaseException:
         network.release_unsent([hold])
         raise

@@ -29,18 +29,20 @@ from gpunet.client.handle import (
     SCATTER_THRESHOLD_BYTES,
     STOP_GRACE_S,
     JobHandle,
+    gather_within,
     pickled,
+    scatter_surviving,
     stop_job_everywhere,
     write,
 )
 from gpunet.client.placement import satisfies
 from gpunet.client.received import accept
 from gpunet.errors import BudgetError, GpunetError, VerificationError
+from gpunet.verify.adaptive import TrustRecords
 from gpunet.verify.quorum import (
     ACCEPT,
     ANOTHER,
     MAX_EXTRA_COPIES,
-    TRUSTED_AFTER,
     WAIT,
     Policy,
     disagreement,
@@ -63,6 +65,11 @@ logger = logging.getLogger(__name__)
 #: How often a verdict is sent before the job goes on without it (its copies are then
 #: released unpaid when the scheduler forgets them).
 VERDICT_ATTEMPTS = 3
+#: The longest wait for finished copies' results to be fetched; a copy whose worker
+#: left before its result was fetched is then lost, and replaced.
+FETCH_S = 10.0
+#: The least time one copy's fetch is given once a look's :data:`FETCH_S` is spent.
+FETCH_ONE_S = 0.5
 
 # -- providers ------------------------------------------------------------------------------
 
@@ -77,6 +84,11 @@ class ProviderPool:
     quarantined: list[str] = field(default_factory=list)
     load: Counter = field(default_factory=Counter)
     rng: random.Random = field(default_factory=random.Random)
+    #: the records as this job's verdicts move them, for adaptive trust
+    trust: TrustRecords = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.trust = TrustRecords.of(self.records)
 
     @classmethod
     def of(cls, network: Connection, resources: dict[str, float], allowed: list[str] | None) -> ProviderPool:
@@ -114,9 +126,6 @@ class ProviderPool:
             f"{len(self.workers)}{': ' + have if have else ''}{quarantined}. Nothing was sent. Use --verify none, "
             "ask for less (--gpus, --gpu-mem), or connect to a network with more providers.")
 
-    def consecutive_valid(self, provider: str) -> int:
-        return int(self.records.get(provider, {}).get("consecutive_valid", 0))
-
     def choose(self, exclude: set[str], *, trusted: bool = False) -> str | None:
         """A provider not in ``exclude``: the least loaded (per worker), or, with
         ``trusted``, the one with the best record; None when none is left."""
@@ -127,7 +136,7 @@ class ProviderPool:
         def busy(p: str) -> float:
             return self.load[p] / len(self.workers[p])
         if trusted:
-            best = max(candidates, key=lambda p: (self.consecutive_valid(p), -busy(p)))
+            best = max(candidates, key=lambda p: (self.trust.run(p), -busy(p)))
         else:
             best = min(candidates, key=busy)
         self.load[best] += 1
@@ -147,6 +156,8 @@ class Copy:
     future: Future
     result: JobResult | None = None
     failed: str | None = None  # why the copy produced no result
+    #: its place among its provider's results in the job's trust records
+    token: int | None = None
 
 
 @dataclass(eq=False)
@@ -158,6 +169,8 @@ class Unit:
     copies: list[Copy] = field(default_factory=list)
     quorum: int = 1
     extra: int = 0
+    #: adaptive: whether the first result was already judged trusted or sent for a check
+    trust_decided: bool = False
     accepted: Copy | None = None
     #: the copies that agree with the accepted one (it among them)
     agreeing: list[Copy] = field(default_factory=list)
@@ -186,6 +199,8 @@ class VerifiedJob(JobHandle):
         #: task key -> its unit and copy
         self._owner: dict[str, tuple[Unit, Copy]] = {}
         self._quarantine_checked = time.monotonic()
+        #: until when the current look may fetch finished copies (see _judge_finished)
+        self._fetch_until = time.monotonic() + FETCH_S
         #: the worker of the copy whose live output is shown (the first to start or print)
         self._streamed_from: str | None = None
 
@@ -227,9 +242,9 @@ class VerifiedJob(JobHandle):
         network.register_job(self)
         try:
             if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
-                self._inputs, job.inputs = client.scatter(job.inputs, hash=False), {}
+                self._inputs, job.inputs = scatter_surviving(client, job.inputs, timeout=timeout), {}
             if self.mapped:
-                self._shared = client.scatter(job, hash=False, broadcast=True)
+                self._shared = scatter_surviving(client, job, timeout=timeout)
             for (unit, provider), hold in zip(planned, holds):
                 self._send(unit, provider, hold)
         except BaseException:
@@ -251,21 +266,26 @@ class VerifiedJob(JobHandle):
         first = pool.choose(set())
         if policy.mode == "spot":
             check = pool.rng.random() < policy.probability
-        else:  # adaptive
-            consecutive = pool.consecutive_valid(first)
-            check = consecutive < TRUSTED_AFTER or pool.rng.random() < 1.0 / consecutive
+        elif self.mapped:  # adaptive, decided per unit as its result arrives (see _judge)
+            return [first]
+        else:  # adaptive for one unit: its provider's record is as current now as it will be
+            check = pool.trust.needs_check(first, pool.rng.random())
+        unit.trust_decided = True
         if not check:
             return [first]
         unit.quorum = 2
         return [first, pool.choose({first}, trusted=True)]
 
-    def _send(self, unit: Unit, provider: str, hold: str) -> None:
+    def _send(self, unit: Unit, provider: str, hold: str, *, priority: int = 0) -> None:
+        """Send a copy of ``unit`` to ``provider``; a check or tie-breaker goes with a
+        higher ``priority``, ahead of the first copies still queued, so that verdicts
+        (and the trust records they move) come as early as they can."""
         number = len(unit.copies)
         key = f"gpunet-{self.job.job_id}-{'c' if unit.index is None else unit.index}-{number}"
         with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, self.amount, verify=self.job.job_id,
                                                                      topic=self.job.topic)}):
             future = self.network.client.submit(
-                run_job, self._shared, unit.blob, unit.index, self._inputs, key=key, pure=False,
+                run_job, self._shared, unit.blob, unit.index, self._inputs, key=key, pure=False, priority=priority,
                 resources=self.resources, workers=self.pool.workers[provider], allow_other_workers=False)
         future.add_done_callback(lambda _: self.wake.set())
         copy = Copy(key, provider, hold, future)
@@ -328,13 +348,23 @@ class VerifiedJob(JobHandle):
         finished = [future for future in running if future.status in ("finished", "error", "cancelled")]
         fetched = {}
         good = [future for future in finished if future.status == "finished"]
+        # one bound for this look's fetching, so that copies lost with their workers cost it once, not each
+        left = self.time_left()
+        self._fetch_until = time.monotonic() + (FETCH_S if left is None else max(FETCH_ONE_S, min(FETCH_S, left)))
         if good:
             try:
-                fetched = dict(zip((f.key for f in good), self.fetch(good)))
+                fetched = dict(zip((f.key for f in good), gather_within(self.network.client, good, self._fetch_s())))
             except Exception as exc:  # noqa: BLE001 - judged one by one below
                 logger.warning("gpunet: fetching %d copies failed (%s); fetching them one by one", len(good), exc)
         for future in finished:
             self._arrived(future, fetched.get(future.key))
+
+    def _fetch_s(self) -> float:
+        """How long fetching finished copies may still take in this look: :data:`FETCH_S`
+        from its start, within the job's timeout (at least :data:`FETCH_ONE_S`, for one copy)."""
+        left = self.time_left()
+        bound = FETCH_S if left is None else min(FETCH_S, left)
+        return max(FETCH_ONE_S, min(bound, self._fetch_until - time.monotonic()))
 
     def _drop_quarantined(self) -> None:
         """A provider quarantined mid-job, or whose workers all left, gets no more
@@ -375,11 +405,22 @@ class VerifiedJob(JobHandle):
             return
         if future.status == "finished":
             try:
-                copy.result = accept(result if result is not None else future.result(), self.job, unit.index)
-            except Exception as exc:  # noqa: BLE001 - a lost worker between finish and fetch, a refused result
-                copy.failed = f"its result could not be fetched ({type(exc).__name__}: {exc})"
+                raw = result if result is not None else future.result(timeout=self._fetch_s())
+            except Exception as exc:  # noqa: BLE001 - a lost worker between finish and fetch
+                if future.status != "finished":
+                    return  # lost with its worker: Dask runs it again, or its provider is dropped
+                # its worker left before its result came: lost, and replaced (not an extra copy)
+                self._cancel([copy], why=f"its result could not be fetched ({type(exc).__name__}: {exc})")
+                unit.extra = max(0, unit.extra - 1)
+            else:
+                try:
+                    copy.result = accept(raw, self.job, unit.index)
+                except Exception as exc:  # noqa: BLE001 - a refused result
+                    copy.failed = f"its result could not be accepted ({type(exc).__name__}: {exc})"
             if copy.result is not None and copy.result.error and copy.result.error["ename"] == wire.INTERRUPTED:
                 copy.failed, copy.result = f"it was stopped on {copy.result.worker}", None
+            if copy.result is not None:
+                copy.token = self.pool.trust.arrived(copy.provider)
         elif future.status == "cancelled":
             copy.failed = "it was lost (cancelled by the scheduler)"
         else:
@@ -396,6 +437,11 @@ class VerifiedJob(JobHandle):
         judgement = judge([copy.result for copy in finished], self.tolerance, unit.quorum, running=running,
                           extra_left=MAX_EXTRA_COPIES - unit.extra)
         groups = [[finished[index] for index in group] for group in judgement.groups]
+        if len(groups) > 1 and judgement.verdict != ACCEPT:  # one of them lied: none is trusted meanwhile
+            for copy in (copy for group in groups for copy in group if copy.token is not None):
+                self.pool.trust.dispute(copy.provider, copy.token)
+        if judgement.verdict == ACCEPT and self._checks(unit, groups[0][0]):
+            return
         if judgement.verdict == ACCEPT:
             winner = groups[0]
             unit.accepted, unit.agreeing = winner[0], winner
@@ -413,8 +459,25 @@ class VerifiedJob(JobHandle):
         unit.error = self._no_quorum(unit, groups)
         self._verdict(unit, [], checked=False)
 
-    def _send_extra(self, unit: Unit, provider: str) -> None:
-        unit.extra += 1
+    def _checks(self, unit: Unit, first: Copy) -> bool:
+        """Adaptive trust, decided as a unit's first result arrives: whether a second
+        provider checks it, by its provider's record as this job's verdicts left it."""
+        if self.policy.mode != "adaptive" or unit.trust_decided:
+            return False
+        unit.trust_decided = True
+        if not self.pool.trust.needs_check(first.provider, self.pool.rng.random()):
+            return False
+        checker = self.pool.choose({copy.provider for copy in unit.copies}, trusted=True)
+        if checker is None:
+            return False  # the checkers left mid-job: the unit goes unchecked, as a spot check would
+        unit.quorum = 2
+        self._send_extra(unit, checker, extra=False)  # or, where no check can be held, the unit fails
+        return True
+
+    def _send_extra(self, unit: Unit, provider: str, *, extra: bool = True) -> None:
+        """Send one more copy of ``unit`` to ``provider``: a tie-breaker (``extra``) or
+        an adaptive check."""
+        unit.extra += extra
         label = "c" if unit.index is None else unit.index
         try:
             # keyed by the copy's number, unique in its unit: a retried hold is the same hold
@@ -422,11 +485,12 @@ class VerifiedJob(JobHandle):
                                            amount=self.amount)[0]
         except BudgetError as exc:
             unit.extra = MAX_EXTRA_COPIES
-            unit.error = f"{self._where(unit)}: the copies disagree and no further copy could be held: {exc}"
+            why = "the copies disagree" if extra else f"its result from {unit.copies[0].provider} needs a check"
+            unit.error = f"{self._where(unit)}: {why} and no further copy could be held: {exc}"
             self._verdict(unit, [], checked=False)
             return
         try:
-            self._send(unit, provider, hold)
+            self._send(unit, provider, hold, priority=1)
         except BaseException:
             self.network.release_unsent([hold])
             raise
@@ -457,11 +521,9 @@ class VerifiedJob(JobHandle):
         if not finished:
             return
         digest = result_digest(agreeing[0].result) if agreeing else ""
-        if checked:  # keep this job's view of the records current, for choosing checkers
-            for copy in unit.copies:
-                if copy.result is not None:
-                    record = self.pool.records.setdefault(copy.provider, {"consecutive_valid": 0})
-                    record["consecutive_valid"] = record.get("consecutive_valid", 0) + 1 if copy in agreeing else 0
+        for copy in unit.copies:  # this job's view of the records moves at once: the next unit's choice uses it
+            if copy.token is not None:
+                self.pool.trust.settle(copy.provider, copy.token, (copy in agreeing) if checked else None)
         for attempt in range(VERDICT_ATTEMPTS):
             try:
                 self.network.call_scheduler(wire.VERDICT, client=self.network.client.id, job=self.job.job_id,

@@ -20,9 +20,9 @@ from typing import Any
 
 import gpunet
 from gpunet.credits._client import CreditClient
-from gpunet.credits._db import ENTRY_COLUMNS, open_engine, redact, resolve_db_url, sqlite_path
+from gpunet.credits._db import ENTRY_COLUMNS, beside_db, open_engine, redact, resolve_db_url, sqlite_path
 from gpunet.credits._merkle import MerkleTree, subtree_levels
-from gpunet.credits._witness import Witness
+from gpunet.credits._witness import REWRITTEN, Witness
 from gpunet.errors import CreditsUnavailableError, LedgerVerificationError
 from gpunet.credits._ledger import (
     ZERO_HASH,
@@ -46,6 +46,7 @@ def verify_database(
     workers: int | None = None,
     parallel_min: int = 200_000,
     witness: Witness | None = None,
+    service_memory: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Check the ledger stored in a credit database (a file path or a URL).
 
@@ -57,7 +58,10 @@ def verify_database(
     one settlement, in parts, and its release) more than was placed on it. With a
     ``witness`` (``gpunet ledger verify`` passes the data dir's), every head seen of
     this ledger before must match it, the database's key is pinned to it, and its
-    newest head is remembered. Returns a summary; raises
+    newest head is remembered. The heads the service signed, which it keeps beside its key
+    (``service_memory``; by default the folder beside an SQLite database's default key, when
+    there is one), must match the ledger too: a database cut back to an earlier head, with the
+    later heads deleted from it, is caught there. Returns a summary; raises
     :class:`LedgerVerificationError` naming the first bad entry.
 
     Ledgers of ``parallel_min`` entries or more are read and hashed by ``workers``
@@ -117,10 +121,31 @@ def verify_database(
                            "A stopped service's database without one had its heads deleted")
     summary["public_key"] = public_key or recorded
     summary["workers"] = len(jobs)
+    summary["service_heads"] = _check_service_memory(url, service_memory, public_key or recorded, checker, what)
     if witness is not None and heads:
         service = f"db:{path}" if path is not None else f"db:{redact(url)}"
         summary.update(_witness_ledger(witness, checker, heads[-1], service, what))
     return summary
+
+
+def _check_service_memory(url: str, given: str | os.PathLike[str] | None, public_key: str | None,
+                          checker: LedgerChecker, what: str) -> int:
+    """Check the ledger against the heads its service signed and keeps beside its key (read only);
+    returns how many were compared (0: no such folder, or no key to look them up by)."""
+    folder = Path(given) if given is not None else beside_db(url, ".ed25519.pem.heads")
+    if not folder.is_dir():
+        if given is not None:
+            raise CreditsUnavailableError(f"no service memory at {folder}: pass --service-memory with the folder "
+                                          "the service keeps beside its signing key (KEY_FILE.heads)", url=str(folder))
+        return 0
+    if public_key is None:
+        return 0
+    log = Witness(folder).load(public_key)
+    if log.heads:
+        size = checker.size
+        log.check_roots(checker.roots([s for s in log.heads if s <= size]), size,
+                        what=f"{what} (against the heads its service kept in {folder})", why=REWRITTEN)
+    return len(log.heads)
 
 
 def _require_covering_head(heads: list[dict[str, Any]], size: int, what: str, how: str) -> None:

@@ -54,9 +54,10 @@ from gpunet.credits._trust import REPUTATION_FLOOR, quarantine_reason, record_js
 
 logger = logging.getLogger(__name__)
 
-#: ``meter``: a scheduler's metering, which may only pay open holds (at most what each
-#: still holds, to provider accounts), release them and record verifications: what
-#: an open network's scheduler holds instead of the operator's token.
+#: ``meter``: a scheduler's metering, which may only pay the open holds placed for it (a hold
+#: names its meter; at most what each still holds, to provider accounts), release them, and
+#: record the verdict on a provider it settled one of those holds to: what an open network's
+#: scheduler holds instead of the operator's token.
 ROLES = ("client", "provider", "operator", "meter")
 OPERATOR = "operator"
 MAX_AMOUNT = 10**15
@@ -148,6 +149,8 @@ class Hold:
     paid: int
     entry: int
     closed_entry: int | None
+    meter: str = ""
+    verified: str = ""
 
 
 @dataclass(slots=True)
@@ -428,8 +431,10 @@ class Unit:
         return self._create(self.b.sessions, sid, Session(sid, actor or "", notebook, kernel, budget, 0, 0,
                                                           self.now)).usage()
 
-    def hold(self, actor: str | None, key: str, *, session: str, amount: int) -> dict[str, Any]:
-        """Hold ``amount`` of a session's budget: move it from its owner's balance to escrow."""
+    def hold(self, actor: str | None, key: str, *, session: str, amount: int, meter: str = "") -> dict[str, Any]:
+        """Hold ``amount`` of a session's budget: move it from its owner's balance to escrow. ``meter``
+        names the meter account (the scheduler the work goes to) that may pay and close it; without
+        one only an operator may."""
         sess = self._session(session)
         role = self.b.role_of(actor or "")
         if actor != sess.account and role != "operator":
@@ -444,6 +449,9 @@ class Unit:
                 "a larger budget or wait for running work to settle.",
                 details={"session": session, "budget": sess.budget, "spent": sess.spent, "held": sess.held,
                          "left": left, "amount": amount})
+        if meter and self._account(meter, "meter account").role != "meter":
+            raise InvalidRequestError(f"account {meter!r} is a {self.b.role_of(meter)}, not a meter; name the meter "
+                                      "account of the scheduler the work goes to, or none", details={"meter": meter})
         owner = self._account(sess.account)
         if amount > owner.balance:
             raise BudgetExceededError(
@@ -452,12 +460,24 @@ class Unit:
                 details={"account": owner.name, "balance": owner.balance, "amount": amount})
         hid = "h_" + uuid.uuid4().hex
         index = self._move("hold", owner, self.b.accounts[ESCROW], amount, session, hid, key)
-        self._create(self.b.holds, hid, Hold(hid, session, owner.name, amount, "held", "", 0, index, None))
+        self._create(self.b.holds, hid, Hold(hid, session, owner.name, amount, "held", "", 0, index, None,
+                                                      meter))
         self._set(sess, held=sess.held + amount)
-        return {"hold": hid, "session": session, "amount": amount, "entry": index, "left": left - amount}
+        answer = {"hold": hid, "session": session, "amount": amount, "entry": index, "left": left - amount}
+        if meter:
+            answer["meter"] = meter
+        return answer
 
-    def _open_hold(self, hid: str, verb: str) -> tuple[Hold, Session]:
+    def _meters(self, actor: str | None, hold: Hold, verb: str) -> None:
+        """Refuse a meter account ``actor`` acting on a hold placed for another meter (or for none)."""
+        if self.b.role_of(actor or "") == "meter" and hold.meter != actor:
+            whose = f"meter {hold.meter!r}" if hold.meter else "no meter (an operator closes it)"
+            raise ForbiddenError(f"meter {actor!r} may not {verb} hold {hold.id}: it was placed for {whose}; a meter "
+                                 "acts only on the holds its clients placed for it", details={"hold": hold.id})
+
+    def _open_hold(self, actor: str | None, hid: str, verb: str) -> tuple[Hold, Session]:
         hold = self._hold(hid)
+        self._meters(actor, hold, "pay or close")
         if hold.state != "held":
             raise ConflictError(
                 f"hold {hid} was already {hold.state} (entry {hold.closed_entry}); it cannot be {verb} again",
@@ -515,7 +535,7 @@ class Unit:
                     memo: dict[str, Any] | None = None) -> dict[str, Any]:
         """Pay ``amount`` (>= 1) of an open hold to ``provider``; the hold stays open."""
         memo_text = canonical_memo(memo)
-        h, sess = self._open_hold(hold, "paid from")
+        h, sess = self._open_hold(actor, hold, "paid from")
         prov = self._provider(provider)
         self._check_left(h, amount, "pay a part of")
         index = self._pay(h, sess, prov, amount, key, memo_text)
@@ -526,7 +546,7 @@ class Unit:
                memo: dict[str, Any] | None = None) -> dict[str, Any]:
         """Pay ``amount`` (>= 0) of an open hold to ``provider`` and release the rest; closes the hold."""
         memo_text = canonical_memo(memo)
-        h, sess = self._open_hold(hold, "settled")
+        h, sess = self._open_hold(actor, hold, "settled")
         prov = self._provider(provider)
         left = self._check_left(h, amount, "settle")
         entries = [self._pay(h, sess, prov, amount, key, memo_text)] if amount else []
@@ -539,15 +559,21 @@ class Unit:
 
     def release(self, actor: str | None, key: str, *, hold: str) -> dict[str, Any]:
         """Give what is left of an open hold back to its client; closes it (settled if it paid parts)."""
-        h, sess = self._open_hold(hold, "released")
+        h, sess = self._open_hold(actor, hold, "released")
         rest = h.amount - h.paid
         # A hold paid in parts ends settled, whoever closes it.
         entries = self._close(h, sess, "settled" if h.paid else "released", key)
         return {"hold": hold, "session": sess.id, "released": rest, "total_paid": h.paid, "entries": entries}
 
-    def record_verification(self, actor: str | None, key: str, *, provider: str, agreed: bool) -> dict[str, Any]:
-        """Count a verified result of ``provider`` (agreed or a mismatch); quarantine it below the floor."""
+    def record_verification(self, actor: str | None, key: str, *, provider: str, agreed: bool,
+                            hold: str = "") -> dict[str, Any]:
+        """Count a verified result of ``provider`` (agreed or a mismatch); quarantine it below the floor.
+        A meter names the ``hold`` of the verified task: one of its own, settled to ``provider`` (a
+        mismatch settles 0), not yet used for a verdict."""
+        judged = self._verdict_hold(actor, hold, provider) if hold or self.b.role_of(actor or "") == "meter" else None
         rec = self._record(provider)
+        if judged is not None:
+            self._set(judged, verified=provider)
         if agreed:
             self._set(rec, valid=rec.valid + 1, consecutive_valid=rec.consecutive_valid + 1)
         else:
@@ -559,6 +585,20 @@ class Unit:
                 logger.warning("provider %s is quarantined: %s", provider, reason)
         self._set(rec, updated=self.now)
         return rec.to_json()
+
+    def _verdict_hold(self, actor: str | None, hid: str, provider: str) -> Hold:
+        """Check the hold a verdict on ``provider`` is about (the caller marks it used)."""
+        if not hid:
+            raise InvalidRequestError("a meter records a verdict on the hold of the verified task: give 'hold'")
+        h = self._hold(hid)
+        self._meters(actor, h, "record a verdict with")
+        if h.state == "held" or h.provider != provider:
+            raise ForbiddenError(f"hold {hid} was not settled to provider {provider!r}; a verdict is recorded on "
+                                 "the provider a hold was settled to, after it is", details={"hold": hid})
+        if h.verified:
+            raise ConflictError(f"hold {hid} already carries a verdict on {h.verified!r}; one verdict per hold",
+                                details={"hold": hid})
+        return h
 
     def clear_quarantine(self, actor: str | None, key: str, *, provider: str) -> dict[str, Any]:
         """Lift ``provider``'s quarantine and forgive its mismatches."""

@@ -203,13 +203,18 @@ class CreditClient:
                                 "key": key or f"open-session-{uuid.uuid4().hex}"}
         return self._post("/v1/sessions", body)["session"]
 
-    def hold(self, session: str, amount: int, key: str) -> str:
+    def hold(self, session: str, amount: int, key: str, meter: str | None = None) -> str:
         """Hold ``amount`` credits of ``session`` (at dispatch); returns the hold id.
 
+        ``meter`` names the meter account of the scheduler the work goes to: the only
+        meter that may pay or close the hold (without one, only an operator may).
         Raises :class:`BudgetExceededError` (402) when the session's budget or the
         client's balance cannot cover it.
         """
-        return self._post("/v1/holds", {"session": session, "amount": amount, "key": key})["hold"]
+        body: dict[str, Any] = {"session": session, "amount": amount, "key": key}
+        if meter:
+            body["meter"] = meter
+        return self._post("/v1/holds", body)["hold"]
 
     def _pay(self, route: str, hold: str, provider: str, amount: int, key: str,
              memo: dict[str, Any] | None) -> dict[str, Any]:
@@ -290,14 +295,18 @@ class CreditClient:
 
     # -- providers' trust records --
 
-    def record_verification(self, provider: str, agreed: bool, key: str) -> dict[str, Any]:
-        """Record that a verified result of ``provider`` agreed (or not) with the others (operator only).
+    def record_verification(self, provider: str, agreed: bool, key: str, hold: str | None = None) -> dict[str, Any]:
+        """Record that a verified result of ``provider`` agreed (or not) with the others (operator,
+        or the meter of ``hold``: the verified task's hold, settled to ``provider``).
 
         Returns its trust record ``{"provider", "consecutive_valid", "valid", "mismatches",
         "reputation", "quarantined", "quarantine_reason", "updated"}``; a provider whose
         reputation falls below the floor comes back ``quarantined``. ``key`` makes it idempotent.
         """
-        return self._post(f"/v1/providers/{provider}/verifications", {"agreed": agreed, "key": key})
+        body: dict[str, Any] = {"agreed": agreed, "key": key}
+        if hold:
+            body["hold"] = hold
+        return self._post(f"/v1/providers/{provider}/verifications", body)
 
     def clear_quarantine(self, provider: str, key: str) -> dict[str, Any]:
         """Lift ``provider``'s quarantine and forgive its mismatches (operator only); returns its record."""

@@ -139,6 +139,11 @@ def metadata() -> sa.MetaData:
         sa.Column("entry", sa.BigInteger, nullable=False),
         # The entry that closed the hold; while it is open and paid in parts, its latest part.
         sa.Column("closed_entry", sa.BigInteger),
+        # The meter account (an open network's scheduler) that may pay and close the hold, named by
+        # its client when placing it; "" where only an operator may.
+        sa.Column("meter", sa.Text, nullable=False, server_default=""),
+        # The provider whose verified result this hold's verdict recorded ("" before one).
+        sa.Column("verified", sa.Text, nullable=False, server_default=""),
         sa.CheckConstraint("amount > 0 AND paid >= 0 AND paid <= amount", name="hold_amounts"),
     )
     sa.Table(

@@ -24,9 +24,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gpunet.credits._ledger import RECEIPT_FORMAT, verify_receipt
+from gpunet.credits._ledger import RECEIPT_FORMAT, key_id, verify_receipt
 from gpunet.credits._witness import HEADS_FORMAT, ProofSource, Witness
-from gpunet.errors import LedgerVerificationError
+from gpunet.errors import LedgerKeyError, LedgerVerificationError
 
 RECEIPT_MIME = "application/vnd.gpunet.receipt+json"
 NOTEBOOK_RECEIPT_FORMAT = "gpunet-notebook-receipt-v1"
@@ -43,11 +43,14 @@ def proofs_from(client: Any) -> ProofSource:
 
 def check_receipt(receipt: Mapping[str, Any], *, witness: Witness, service: str | None = None,
                   public_key: str | None = None, proofs: ProofSource | None = None,
-                  also: Iterable[Mapping[str, Any]] = (), source: str = "") -> dict[str, Any]:
+                  also: Iterable[Mapping[str, Any]] = (), source: str = "",
+                  unnamed_ok: bool = False) -> dict[str, Any]:
     """Check a receipt on its own (:func:`verify_receipt`), then against the reader's memory.
 
     ``service`` (default: the receipt's ``service``) must sign with the key pinned for it,
-    or is pinned to the receipt's key on first contact; ``public_key`` pins one explicitly.
+    or is pinned to the receipt's key on first contact; ``public_key`` pins one explicitly. A
+    receipt naming no service must be signed by a key pinned for some service, unless
+    ``public_key`` is given or ``unnamed_ok`` (the reader fetched it from the service itself).
     Its head must agree with every head seen of its ledger (and with ``also``, heads records
     met with it): at the same size offline, through consistency proofs with ``proofs``.
     Returns :func:`verify_receipt`'s summary with ``service``, ``pinned_now``, ``seen_heads``
@@ -58,10 +61,24 @@ def check_receipt(receipt: Mapping[str, Any], *, witness: Witness, service: str 
     service = service or receipt.get("service") or None
     if service and public_key is None:
         witness.check_pin(service, head["public_key"])
+    elif not service and public_key is None and not unnamed_ok:
+        _require_pinned_somewhere(witness, head, source)
     note = witness.observe(head, service=service, proofs=proofs, also=also, source=source)
     summary.update(service=service, pinned_now=note["pinned_now"], seen_heads=note["heads"],
                    unlinked=note["unlinked"], public_key=head["public_key"])
     return summary
+
+
+def _require_pinned_somewhere(witness: Witness, head: Mapping[str, Any], source: str) -> None:
+    """Refuse a head naming no service whose key no service is pinned to: anyone can sign one."""
+    key = str(head["public_key"]).lower()
+    if not any(pin.get("public_key", "").lower() == key for pin in witness.pins().values()):
+        raise LedgerKeyError(
+            f"the receipt{' in ' + source if source else ''} names no credit service, and its key "
+            f"{key_id(bytes.fromhex(key))} is pinned for no service on this machine, so nothing says whose it is "
+            "(anyone can sign a receipt with a key of their own). Pass the service's address with --service, or "
+            "its public key (from its operator, by another channel) with --public-key",
+            evidence={"public_key": key})
 
 
 def fetch_receipt(client: Any, session: str, *, witness: Witness,
@@ -75,7 +92,7 @@ def fetch_receipt(client: Any, session: str, *, witness: Witness,
     if service is None:
         receipt.pop("service", None)
     summary = check_receipt(receipt, witness=witness, service=service, proofs=proofs_from(client),
-                            source=f"session {session}")
+                            source=f"session {session}", unnamed_ok=True)
     log = witness.load(receipt["head"]["public_key"])
     sizes = sorted(s for s in log.heads if s <= receipt["head"]["size"])[-EMBEDDED_HEADS:]
     record = log.to_json(upto=receipt["head"]["size"], since=sizes[0] if sizes else 0)

@@ -197,13 +197,15 @@ SPECS: dict[str, dict[str, tuple[Callable[[str, Any], Any], bool]]] = {
     "mint": {"account": (_name, True), "amount": (_amount, True), "key": (_key, True)},
     "open_session": {"budget": (lambda f, v: _amount(f, v, 0), True), "notebook": (_text(1024), False),
                      "kernel": (_text(256), False), "key": (_key, False)},
-    "hold": {"session": (_session_id, True), "amount": (_amount, True), "key": (_key, True)},
+    "hold": {"session": (_session_id, True), "amount": (_amount, True), "meter": (_name, False),
+             "key": (_key, True)},
     "settle": {"hold": (_hold_id, True), "provider": (_name, True),
                "amount": (lambda f, v: _amount(f, v, 0), True), "memo": (_memo, False), "key": (_key, True)},
     "settle_part": {"hold": (_hold_id, True), "provider": (_name, True), "amount": (_amount, True),
                     "memo": (_memo, False), "key": (_key, True)},
     "release": {"hold": (_hold_id, True), "key": (_key, True)},
-    "record_verification": {"provider": (_name, True), "agreed": (_bool, True), "key": (_key, True)},
+    "record_verification": {"provider": (_name, True), "agreed": (_bool, True), "hold": (_hold_id, False),
+                            "key": (_key, True)},
     "clear_quarantine": {"provider": (_name, True), "key": (_key, True)},
     "ping": {},
 }
@@ -257,15 +259,38 @@ async def read_capped_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: How deep a request body's arrays and objects may nest (a batch of memos needs 4 or 5).
+MAX_JSON_DEPTH = 32
+
+
+def _json_depth(value: Any) -> int:
+    """How deep ``value``'s lists and dicts nest (walked without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 async def _json_body(request: Request) -> Any:
     body = await read_capped_body(request, MAX_BODY)
     if not body:
         return {}
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"malformed JSON in the request body: {exc}", status=400,
                                   code="malformed_json") from exc
+    except RecursionError:  # the parser recurses per level: "[" x 200,000 overflows it
+        too_deep = True
+    else:
+        too_deep = _json_depth(value) > MAX_JSON_DEPTH
+    if too_deep:
+        raise InvalidRequestError(f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels; "
+                                  "send a flatter JSON body", status=400, code="malformed_json")
+    return value
 
 
 # -- the app ----------------------------------------------------------------------------
@@ -342,7 +367,7 @@ class CreditService:
         """POST /v1/ping: a trivial authenticated JSON round trip (the benchmark's yardstick)."""
         actor, role = self._auth(request)
         validate("ping", await _json_body(request))
-        return {"ok": True, "account": actor}
+        return {"ok": True, "account": actor, "role": role}
 
     async def get_account(self, request: Request) -> dict[str, Any]:
         """GET /v1/accounts/{name}: one account's committed balance (itself or operator)."""

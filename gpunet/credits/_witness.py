@@ -368,6 +368,25 @@ class Witness:
         return len(log.heads)
 
 
+def one_key_per_service(heads: Iterable[tuple[str | None, str, str]]) -> None:
+    """Refuse (:class:`LedgerKeyError`) heads of one service signed by two keys: ``heads`` are
+    ``(service address or None, public key hex, source)``. A service has one signing key, so
+    two are a forgery by someone holding the other (a fresh reader has no pin to tell which)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for service, public_key, source in heads:
+        if not service or not public_key:
+            continue
+        key = public_key.lower()
+        first = seen.setdefault(service, (key, source))
+        if first[0] != key:
+            ids = [key_id(bytes.fromhex(k)) for k in (first[0], key)]
+            raise LedgerKeyError(
+                f"the heads of the credit service {service} are signed by two keys: {ids[0]} in {first[1]} and "
+                f"{ids[1]} in {source}. One of them was not signed by that service; ask its operator for its key's "
+                "fingerprint by another channel and pass it with --public-key (or `gpunet ledger pin`)",
+                evidence={"service": service, "public_keys": [first[0], key], "sources": [first[1], source]})
+
+
 def check_heads(records: Iterable[tuple[str, Mapping[str, Any]]], *,
                 proofs: Callable[[str], ProofSource | None] | None = None) -> list[dict[str, Any]]:
     """Check heads gathered from several places for consistency; returns one summary per ledger.

@@ -37,13 +37,14 @@ from gpunet.credits._book import ROLES
 from gpunet.credits._client import CreditClient
 from gpunet.credits._ledger import key_id
 from gpunet.credits._receipts import check_receipt, heads_records, proofs_from, read_documents
-from gpunet.credits._witness import Witness, check_heads
+from gpunet.credits._witness import Witness, check_heads, one_key_per_service
 from gpunet.errors import (
     ConflictError,
     CreditsUnavailableError,
     ForbiddenError,
     IdempotencyConflictError,
     InvalidRequestError,
+    LedgerKeyError,
     LedgerVerificationError,
 )
 from gpunet.credits._process import PARENT_PID_ENV, TOKEN_FILE_PREFIX, URL_PREFIX, watch_parent
@@ -121,6 +122,9 @@ def _add_balance_args(p: argparse.ArgumentParser) -> None:
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
     _add_auth_args(p)
     p.add_argument("--db", help="verify this database directly (SQLite file or URL) instead of a service")
+    p.add_argument("--service-memory", metavar="DIR", help="with --db: the folder of heads the service signed, "
+                   "kept beside its signing key (KEY_FILE.heads; found beside an SQLite database by default); a "
+                   "database cut back to an earlier head is caught against it")
     p.add_argument("--receipt", metavar="FILE", help="verify a receipt offline: a JSON file from `gpunet credits "
                    "receipt`, or a notebook with %%gpunet receipt outputs (with a token, consistency proofs are "
                    "fetched from --url)")
@@ -268,7 +272,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.heads:
         return _verify_heads(args, witness, t0)
     if args.db or not args.url:
-        summary = verify_database(args.db, public_key=args.public_key, witness=witness)
+        summary = verify_database(args.db, public_key=args.public_key, witness=witness,
+                                  service_memory=args.service_memory)
         what = f"ledger in {args.db or 'the default database'}"
     else:
         summary = verify_service(args.url, _token(args), public_key=args.public_key, witness=witness)
@@ -284,6 +289,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
           f" ({summary['seconds']} s)")
     if "key_id" in summary:
         print(_memory_line(summary, summary["seen_heads"], []))
+    if summary.get("service_heads"):
+        print(f"   consistent with the {summary['service_heads']} head(s) its service kept beside its key")
     return 0
 
 
@@ -341,11 +348,18 @@ def _verify_heads(args: argparse.Namespace, witness: Witness, t0: float) -> int:
     records = heads_records(items)
     if not records:
         raise LedgerVerificationError(f"no signed heads in {', '.join(args.heads)}")
-    for it in items:  # each service's key against its pin
+    named = []
+    for it in items:  # each service's key against its pin, and against the other files' heads
         head = it["head"] or (it["receipt"] or {}).get("head") or {}
         service = args.service or it["service"]
-        if service and head.get("public_key"):
-            witness.check_pin(service, head["public_key"])
+        named.append((service, str(head.get("public_key", "")), it["source"]))
+        if args.public_key and head.get("public_key", "").lower() != args.public_key.lower():
+            raise LedgerKeyError(f"{it['source']} is signed by key {head.get('key_id')}, not the --public-key given",
+                                 evidence={"public_key": head.get("public_key"), "expected": args.public_key})
+    one_key_per_service(named)
+    for service, public_key, _ in named:
+        if service and public_key:
+            witness.check_pin(service, public_key)
     keys = {str(doc.get("public_key", "")).lower() for _, doc in records}
     local = []
     for log in (witness.load(k) for k in sorted(keys)):

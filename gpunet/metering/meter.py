@@ -33,9 +33,10 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gpunet.credits import BudgetExceededError
+from gpunet.credits import BudgetExceededError, CreditsUnavailableError
 from gpunet.errors import BudgetError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,7 +90,14 @@ class Meter:
 
     credits: CreditClient
     session: str
+    #: the meter account of the scheduler the work goes to, named on every hold (None: no meter,
+    #: on a private network whose scheduler pays with the operator's token)
+    meter: str | None = None
     tally: dict[str, WorkerTally] = field(default_factory=dict)
+    #: (key, amount) of holds whose request got no answer: the service may have placed
+    #: them after all (a stopped service answers what waited in its socket once it
+    #: runs again), so they are resolved later (:meth:`resolve_doubtful`)
+    doubtful: list[tuple[str, int]] = field(default_factory=list)
     #: holds of jobs that finished here and that the credit service may still show open
     unsettled: set[str] = field(default_factory=set)
     _account: str | None = None
@@ -166,9 +174,31 @@ class Meter:
         :class:`BudgetError` (nothing held) when the session cannot cover it,
         saying why it holds that much (``plan``) and how to hold less."""
         try:
-            return self.credits.hold(self.session, count * amount, key=f"hold-{job_id}")
+            return self.credits.hold(self.session, count * amount, key=f"hold-{job_id}", meter=self.meter)
         except BudgetExceededError as exc:
             raise self._refusal(amount, count, exc, plan=plan) from None
+        except CreditsUnavailableError:
+            with self._lock:
+                self.doubtful.append((f"hold-{job_id}", count * amount))
+            raise
+
+    def resolve_doubtful(self, release: Callable[[list[str]], None]) -> None:
+        """Holds whose request got no answer may have been placed after all: ask for
+        each again under its idempotency key (the service answers with the hold it
+        made, or makes it now) and ``release`` it; those still without an answer wait
+        for the next call."""
+        with self._lock:
+            pending, self.doubtful = self.doubtful, []
+        for number, (key, amount) in enumerate(pending):
+            try:
+                hold = self.credits.hold(self.session, amount, key=key, meter=self.meter)
+            except BudgetExceededError:
+                continue  # it was never placed, and cannot be now: nothing to give back
+            except CreditsUnavailableError:
+                with self._lock:
+                    self.doubtful.extend(pending[number:])
+                return
+            release([hold])
 
     def hold(self, job_id: str, *, count: int, amount: int) -> list[str]:
         """Hold ``amount`` credits for each of ``count`` tasks; returns the hold ids.
@@ -182,8 +212,8 @@ class Meter:
         usage = self.credits.usage(self.session)
         if usage["left"] < count * amount:
             raise self._refusal(amount, count, "budget", usage=usage)
-        items = [{"op": "hold", "session": self.session, "amount": amount, "key": f"hold-{job_id}-{index}"}
-                 for index in range(count)]
+        items = [{"op": "hold", "session": self.session, "amount": amount, "key": f"hold-{job_id}-{index}",
+                  **({"meter": self.meter} if self.meter else {})} for index in range(count)]
         results = self.credits.batch(items)
         holds = [result.get("hold") for result in results]
         if all(result.get("ok") for result in results):

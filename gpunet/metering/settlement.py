@@ -243,14 +243,15 @@ class Settlement:
         if not checked:
             memo["checked"] = False
         for hold, copy, agreed in judged:
-            if agreed and copy.provider not in self.quarantined:
-                self._settle(hold, copy.provider, copy.amount,
-                             {**memo, "task": str(copy.key), "seconds": _rounded(copy.seconds)})
-            else:
+            if copy.provider in self.quarantined:
                 self._release(hold)
-            if checked and copy.provider not in self.quarantined:
+                continue
+            # A mismatch settles 0 to its provider: the hold names whom its verdict is about.
+            self._settle(hold, copy.provider, copy.amount if agreed else 0,
+                         {**memo, "task": str(copy.key), "seconds": _rounded(copy.seconds)})
+            if checked:
                 self.queue.append({"op": "record_verification", "provider": copy.provider, "agreed": agreed,
-                                   "key": f"verdict-{hold}"})
+                                   "hold": hold, "key": f"verdict-{hold}"})
         self.verdicts += 1
 
     def charge_used(self, key: Any, meta: dict[str, Any] | None, worker: str | None, now: float) -> int | None:

@@ -6,9 +6,8 @@ them). This room decides what the copies say:
 
 - :class:`Policy` parses ``--verify``: ``replicate[:K]`` (K copies, a result that
   ``K // 2 + 1`` agree on is accepted), ``spot[:P]`` (one copy, a second one with
-  probability P), ``adaptive`` (replicated until the provider has
-  :data:`TRUSTED_AFTER` verified results in a row, then with probability
-  ``1 / consecutive_valid``, the adaptive replication of BOINC).
+  probability P), ``adaptive`` (one copy, checked by a second provider as its
+  result arrives unless its provider has earned trust: :mod:`gpunet.verify.adaptive`).
 - Two results agree when their digests are equal (SHA-256 over the codec's
   canonical bytes of the decoded outputs and displays, or of the pickled outputs
   where the notebook trusts its providers), or when the decoded values agree
@@ -38,9 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from gpunet.kernels import Mismatch
     from gpunet.wire import JobResult
 
-#: Consecutive verified results after which ``adaptive`` replicates a provider's
-#: tasks only with probability 1 / consecutive_valid.
-TRUSTED_AFTER = 10
 #: Copies sent beyond the first ones when they disagree, per unit.
 MAX_EXTRA_COPIES = 2
 #: The tolerance where neither a kernel nor --rtol/--atol gives one (numpy.allclose's).

@@ -281,3 +281,19 @@ def test_a_body_over_the_limit_is_refused_while_it_streams(service):
         chunked.close()
     assert _rss_bytes(service.pid) - before < 32 * (1 << 20)
     assert requests.get(f"{service.url}/v1/health", timeout=10).ok
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/ping", b"[" * 200_000),                          # the parser's recursion overflows
+    ("/v1/batch", b'{"items":' + b"[" * 200_000),
+    ("/v1/batch", b'{"items":[' + b"[" * 40 + b"]" * 40 + b"]}"),  # parses, but deeper than allowed
+])
+def test_deeply_nested_json_is_a_400_not_a_500(service, path, body):
+    """Issue 12 review (svc1.py): "[" x 200,000 raised an uncaught RecursionError (500)."""
+    headers = {"Authorization": f"Bearer {service.operator_token}", "Content-Type": "application/json"}
+    size = requests.get(f"{service.url}/v1/ledger/head", headers=headers, timeout=10).json()["size"]
+    answer = requests.post(f"{service.url}{path}", data=body, headers=headers, timeout=30)
+    assert answer.status_code == 400, answer.text
+    assert "deeper than 32 levels" in answer.json()["error"]["message"]
+    assert requests.post(f"{service.url}/v1/ping", json={}, headers=headers, timeout=10).ok
+    assert requests.get(f"{service.url}/v1/ledger/head", headers=headers, timeout=10).json()["size"] == size

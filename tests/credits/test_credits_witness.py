@@ -175,6 +175,46 @@ def test_a_redirected_payment_with_its_heads_deleted_fails_verify(backend, tmp_p
         svc.stop()
 
 
+def test_a_database_cut_back_to_an_earlier_head_fails_verify_against_the_services_memory(backend, tmp_path):
+    """Review ledger2.py: write access to the database, no key: the newest payments and every head
+    above an earlier one deleted, balances recomputed. A fresh auditor's `ledger verify --db` found
+    a whole, signed ledger; with the heads the service keeps beside its key it finds the cut."""
+    svc = backend.serve()
+    try:
+        party, api, sid, gpu, _ = pay(svc)
+        earlier = api.head()["size"]  # a head covering the three payments
+        party.ops.settle(api.hold(sid, 200, key="h-late"), gpu, 200, key="s-late")
+    finally:
+        svc.stop()  # signs a last head, remembered beside its key
+    flags = [] if backend.kind == "sqlite" else ["--service-memory", backend.memory()]
+    ok = ledger("verify", "--db", backend.db, *flags, data=tmp_path / "auditor", check=0)
+    assert "head(s) its service kept beside its key" in ok.stdout
+    conn, p = backend.connect()
+    try:
+        conn.execute(f"DELETE FROM entries WHERE idx >= {p}", (earlier,))
+        conn.execute(f"DELETE FROM heads WHERE size > {p}", (earlier,))
+        for (name,) in conn.execute("SELECT name FROM accounts").fetchall():
+            (incoming,) = conn.execute(f"SELECT coalesce(sum(amount), 0) FROM entries WHERE dst = {p}",
+                                       (name,)).fetchone()
+            (outgoing,) = conn.execute(f"SELECT coalesce(sum(amount), 0) FROM entries WHERE src = {p}",
+                                       (name,)).fetchone()
+            conn.execute(f"UPDATE accounts SET balance = {p} WHERE name = {p}", (incoming - outgoing, name))
+        conn.commit()
+    finally:
+        conn.close()
+    # Without the service's memory the cut ledger is whole and signed: a fresh auditor cannot tell.
+    if backend.kind == "sqlite":
+        memory = Path(backend.memory())
+        hidden = memory.with_name("hidden")
+        memory.rename(hidden)
+        ledger("verify", "--db", backend.db, data=tmp_path / "fresh0", check=0)
+        hidden.rename(memory)
+    refused(ledger("verify", "--db", backend.db, *flags, data=tmp_path / "fresh"), "FORK",
+            f"holds {earlier} entries, but a head of it covering", "were removed", "kept in")
+    refused(ledger("verify", "--db", backend.db, "--service-memory", tmp_path / "nowhere", data=tmp_path / "fresh2"),
+            "no service memory at", "--service-memory")
+
+
 def test_entries_added_while_the_service_was_stopped_are_refused(backend, tmp_path):
     """Attack 1, appending: a mint to oneself, chained and hashed, after the service stopped."""
     svc = backend.serve()
@@ -304,6 +344,43 @@ def test_trust_on_first_use_and_a_changed_key(paid, tmp_path):
             f"signs with key {fingerprint}", f"signed with key {new_id}", "gpunet ledger pin")
 
 
+def test_a_re_signed_receipt_that_names_no_service_or_two_keys_for_one_is_refused(paid, tmp_path):
+    """Review ledger1.py: a receipt re-signed with a key of one's own and ``"service": null``
+    passed on a machine that had pinned the real key; two files naming one service with two
+    keys passed ``--heads`` on a fresh auditor."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    svc, api, sid, _, receipt = paid
+    reader = tmp_path / "reader"
+    ledger("verify", "--receipt", tmp_path / "a.json", data=reader, check=0)  # pins the real key
+    head = receipt["head"]
+    forged = dict(copy.deepcopy(receipt), service=None)
+    forged["head"] = sign_head(Ed25519PrivateKey.generate(), head["size"], bytes.fromhex(head["root"]),
+                               head["timestamp"])
+    (tmp_path / "null.json").write_text(json.dumps(forged))
+    notebook = {"format": "gpunet-notebook-receipt-v1", "service": None, "receipt": forged}
+    (tmp_path / "nb.json").write_text(json.dumps(notebook))
+    for path in ("null.json", "nb.json"):
+        for data in (reader, tmp_path / "fresh"):
+            refused(ledger("verify", "--receipt", tmp_path / path, data=data), "names no credit service",
+                    f"key {forged['head']['key_id']} is pinned for no service")
+    # Given the real key by another channel, the forgery fails against it; the real receipt passes.
+    refused(ledger("verify", "--receipt", tmp_path / "null.json", "--public-key", head["public_key"],
+                   data=tmp_path / "fresh"), "not the expected key")
+    real_unnamed = dict(receipt, service=None)
+    (tmp_path / "real-null.json").write_text(json.dumps(real_unnamed))
+    ledger("verify", "--receipt", tmp_path / "real-null.json", data=reader, check=0)  # its key is pinned here
+
+    (tmp_path / "named.json").write_text(json.dumps(dict(forged, service=svc.url)))
+    for data in ("auditor", "auditor2"):
+        refused(ledger("verify", "--heads", tmp_path / "a.json", tmp_path / "named.json", data=tmp_path / data),
+                f"the heads of the credit service {svc.url} are signed by two keys", head["key_id"],
+                forged["head"]["key_id"])
+    refused(ledger("verify", "--heads", tmp_path / "null.json", "--public-key", head["public_key"],
+                   data=tmp_path / "auditor3"), "not the --public-key given")
+    assert not (tmp_path / "auditor" / "ledger" / "pins.json").exists()  # nothing pinned by a refusal
+
+
 def test_offline_receipt_names_what_was_tampered(paid, tmp_path):
     svc, api, sid, _, receipt = paid
     svc.stop()  # offline: no service at all
@@ -362,7 +439,11 @@ def test_percent_gpunet_receipt_embeds_a_receipt_that_checks_offline(ip, tmp_pat
     assert len(record["heads"]) == 2 and len(record["links"]) == 1
 
     notebook = _notebook_with(tmp_path, "analysis.ipynb", (data, metadata), (data2, metadata2))
-    ok = ledger("verify", "--receipt", notebook, data=tmp_path / "reader", check=0)
+    # The notebook's own network names no service: a reader elsewhere needs its key, by another channel.
+    refused(ledger("verify", "--receipt", notebook, data=tmp_path / "reader"), "names no credit service",
+            "--public-key")
+    ok = ledger("verify", "--receipt", notebook, "--public-key", receipt["head"]["public_key"],
+                data=tmp_path / "reader", check=0)
     assert ok.stdout.count("OK receipt") == 2 and "cell 2" in ok.stdout
     assert "not yet proven" not in ok.stdout  # the notebook carries the proof linking its heads
     heads = ledger("verify", "--heads", notebook, data=tmp_path / "other", check=0)
