@@ -167,8 +167,11 @@ class Network:
             if refresh or devices[address].get("capability") is None:
                 measured = self.client.run(measure_capability, 1.0, refresh, workers=[address])[address]
                 devices[address] = provider_device(measured)
+        for address in sorted(address for address, device in devices.items() if device.get("capability") is None):
+            logger.warning("gpunet: worker %s reported a missing, malformed or implausible capability; it is "
+                           "counted as not measured", clean_text(address))
         return {address: device["capability"] for address, device in sorted(devices.items())
-                if device.get("capability") is not None}  # a figure a provider made up counts as none
+                if device.get("capability") is not None}
 
     def workers_with(self, *, min_tflops: float) -> list[str]:
         """Addresses of workers whose measured float32 matmul rate is at least
