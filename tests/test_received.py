@@ -285,3 +285,9 @@ def test_a_providers_device_description_is_cleaned_and_type_checked():
         assert provider_capability(lie) is None
     assert device_columns(provider_device({"capability": {**honest, "tflops_f32": "1e9"}}))[2] == "not measured"
     assert provider_device("not a dict") == {}
+
+
+def test_a_payload_the_comm_refused_says_why_on_arrival():
+    job = codec_job()
+    with pytest.raises(ProviderDataError, match="was refused on arrival: the network sent a zlib-compressed payload"):
+        accept(data_comm._refused("zlib-compressed", "which could expand past this notebook's size cap"), job, None)

@@ -29,6 +29,8 @@ def accept(raw: Any, job: Job, index: int | None) -> JobResult:
     if job.result_format == PICKLE:
         return raw  # the embedded network, or one whose providers the notebook trusts
     where = "the job's result" if index is None else f"the result of item {index}"
+    if isinstance(raw, ProviderDataError):  # the data-only comm refused the payload, and says why
+        raise ProviderDataError(f"{where} was refused on arrival: {raw}")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ProviderDataError(f"{where} came back as {type(raw).__name__}, not as data; it was not loaded")
     if len(raw) > job.max_result_bytes:
