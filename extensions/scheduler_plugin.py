@@ -105,6 +105,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self.meter_account: str | None = None
         #: registrations that the worker they named did not confirm
         self.refused_registrations = 0
+        #: key -> when this scheduler sent the task to a worker (its own clock, for pay)
+        self._dispatched: dict[Any, float] = {}
         #: verified results by reuse key (gpunet.reuse), and the result digests that
         #: checked verdicts accepted, by (client, job): only those may be kept
         self.reusable = ReuseTable()
@@ -242,13 +244,21 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                                                   "(submit through the gateway)"))
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        """Queue a settlement for a successful attempt, a release for a failed task."""
+        """Queue a settlement for a successful attempt, a release for a failed task.
+        An attempt is paid for the seconds between this scheduler sending it and
+        hearing it finished; the worker's own figure may only lower that."""
         if self.scheduler is None:
             return
         meta = self._annotation(key)
-        if meta:
-            self._after(self.settlement.transition(key, meta, start, finish, worker=kwargs.get("worker"),
-                                                   seconds=_compute_seconds(kwargs), now=time.time()))
+        if not meta:
+            return
+        now = time.time()
+        sent = self._dispatched.pop(key, now) if start == "processing" else None
+        if finish == "processing":
+            self._dispatched[key] = now
+        seconds = min(_compute_seconds(kwargs), now - sent) if sent is not None else _compute_seconds(kwargs)
+        self._after(self.settlement.transition(key, meta, start, finish, worker=kwargs.get("worker"),
+                                               seconds=max(0.0, seconds), now=now))
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         """Forget a worker that left: its address may be reused by someone else."""

@@ -32,6 +32,9 @@ ROLE_URI_PREFIX = "gpunet:role/"
 #: A certificate's name: the provider's credit account name (the credit service's rule).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
+#: Beside ``ca.pem``: the serial numbers (hex, one a line) of revoked certificates,
+#: which every party reading that CA file refuses (``gpunet certs revoke``).
+REVOKED_FILE = "revoked.txt"
 #: How long what ``gpunet certs`` issues is valid.
 CA_DAYS = 3650
 CERT_DAYS = 397
@@ -170,9 +173,10 @@ def identity_of_file(cert_path: str | Path) -> Identity | None:
 
 def identity_of_peer(peercert: dict[str, Any] | None) -> Identity | None:
     """The gpunet identity of a TLS peer, from :meth:`ssl.SSLSocket.getpeercert`'s
-    dict (a Dask comm's ``extra_info["peercert"]``); None without one. The TLS layer
-    has already checked that the operator's CA issued it."""
-    if not peercert:
+    dict (a Dask comm's ``extra_info["peercert"]``); None without one, or for a
+    revoked one (:func:`watch_revocations`). The TLS layer has already checked that
+    the operator's CA issued it."""
+    if not peercert or _REVOKED.has(peercert.get("serialNumber")):
         return None
     return _identity_from_uris(value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI")
 
@@ -185,6 +189,73 @@ def _identity_from_uris(uris: Any) -> Identity | None:
             if role in ROLES and NAME_RE.match(name):
                 found.add(Identity(role, name))
     return found.pop() if len(found) == 1 else None  # two roles in one certificate: neither
+
+
+def _serial(serial: str | int) -> str:
+    """A serial number as ``getpeercert()`` writes it: upper-case hex, no leading zeros."""
+    return f"{serial:X}" if isinstance(serial, int) else f"{int(str(serial).replace(':', ''), 16):X}"
+
+
+def serial_of_file(cert_path: str | Path) -> str:
+    """The serial number of a PEM certificate file, in hex (what ``revoke`` takes)."""
+    from cryptography import x509
+
+    return _serial(x509.load_pem_x509_certificate(Path(cert_path).read_bytes()).serial_number)
+
+
+def revoke(serial: str, directory: Path | None = None) -> Path:
+    """Revoke the certificate with ``serial`` (hex, or the path of its PEM file): add it
+    to ``revoked.txt`` in ``directory`` (default :func:`certs_dir`), which the scheduler
+    and the workers that read this directory's ``ca.pem`` check on every request.
+    Returns the file (copy it beside ``ca.pem`` wherever a party runs elsewhere)."""
+    directory = Path(directory or certs_dir())
+    try:
+        number = serial_of_file(serial) if Path(serial).is_file() else _serial(serial)
+    except ValueError:
+        raise OptionError(f"{serial!r} is neither a certificate file nor a hex serial number "
+                          "(`gpunet certs issue` prints each certificate's)") from None
+    path = directory / REVOKED_FILE
+    known = set(path.read_text().split()) if path.exists() else set()
+    if number not in known:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as file:
+            file.write(number + "\n")
+    return path
+
+
+class _RevocationList:
+    """The revoked serial numbers in one file, read again whenever it changes."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.serials: frozenset[str] = frozenset()
+        self._seen: tuple[int, int] | None = None
+
+    def has(self, serial: str | None) -> bool:
+        if self.path is None or serial is None:
+            return False
+        try:
+            stat = self.path.stat()
+            seen = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            seen = None
+        if seen != self._seen:
+            try:
+                self.serials = frozenset(_serial(line) for line in self.path.read_text().split())
+            except (OSError, ValueError):
+                self.serials = frozenset()
+            self._seen = seen
+        return _serial(serial) in self.serials
+
+
+_REVOKED = _RevocationList()
+
+
+def watch_revocations(ca_file: str | Path | None) -> None:
+    """From now on this process refuses peers whose certificate's serial number is in
+    ``revoked.txt`` beside ``ca_file`` (read again whenever it changes)."""
+    if ca_file:
+        _REVOKED.path = Path(ca_file).parent / REVOKED_FILE
 
 
 def own_identity(security: Any, part: str) -> Identity | None:

@@ -154,6 +154,12 @@ def _remote_class(ename: str) -> type[RemoteCellError]:
     return _remote_classes[ename]
 
 
+class ProviderTaskError(GpunetError):
+    """A task failed on a provider's worker of an open network. The message is the
+    worker's text: the scheduler passes on no exception object a provider made (its
+    pickle could run code where it is loaded)."""
+
+
 class UnsupportedResultError(GpunetError, TypeError):
     """An output (or return value) is of a type the data codec does not carry, so it
     cannot come back from a provider the notebook does not trust (:mod:`gpunet.codec`).

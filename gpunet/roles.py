@@ -7,14 +7,17 @@ comm is mutual TLS with a certificate the operator's CA issued (:mod:`gpunet.cer
 and the parties here check, for every request, what the certificate's role allows:
 
 - the scheduler (:class:`SchedulerDoor`): the gateway may do anything a Dask client
-  does; a provider only what a worker and a nanny need, for its own workers (whose
-  addresses it proved by presenting the same certificate when the scheduler called
-  back); its workers' streams carry only worker messages, and events on gpunet's
-  topics only for tasks they were given, size-capped and rate-limited.
+  does except run code on the scheduler; a provider only what a worker and a nanny
+  need, for its own workers (whose addresses it proved by presenting the same
+  certificate when the scheduler called back); its workers' streams carry only worker
+  messages about the tasks they were given (no claim to hold data they were not
+  assigned, no pickle of theirs passed on to a client), events on gpunet's topics only
+  for tasks they were given, size-capped and rate-limited; heartbeats rate-limited,
+  with only the figures the scheduler needs.
 - a provider's workers and nannies (:class:`WorkerDoor`): the scheduler and the
-  gateway may call anything; another provider's worker only ``get_data`` (workers
-  fetch their tasks' inputs from each other); its own worker may ask its nanny to
-  close it.
+  gateway may call anything; the provider's own other workers only ``get_data``
+  (another provider's bytes are never unpickled there); its own worker may ask its
+  nanny to close it.
 
 A refused request raises :class:`RoleError` back to the caller, and is counted.
 """
@@ -29,8 +32,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpunet.certs import GATEWAY, PROVIDER, SCHEDULER, Identity, identity_of_peer
-from gpunet.errors import GpunetError
+from gpunet.certs import GATEWAY, PROVIDER, SCHEDULER, Identity, identity_of_peer, watch_revocations
+from gpunet.errors import GpunetError, ProviderTaskError
+from gpunet.guarded_tls import SAFE_DESERIALIZERS, expect_scheduler_at, use_guarded_tls
 from gpunet.wire import EXECUTING, REGISTER_PROVIDER
 
 logger = logging.getLogger(__name__)
@@ -43,17 +47,25 @@ PROVIDER_SCHEDULER_OPS: dict[str, str | None] = {
     "unregister": "address",
     "set_resources": "worker",
     "retire_workers": "workers",    # a worker closing gracefully retires itself
-    "who_has": None,                # read-only: where a task's inputs are
     "log_event": None,              # checked like a stream's events
     "register_nanny": None,         # the nanny plugins, which only the gateway may register
     EXECUTING: "workers",           # `gpunet provide` drains its own workers
 }
 #: The messages a worker's own stream may carry (Scheduler's worker_handlers), and
 #: gpunet's own registration message.
+#: Not ``add-keys``: a worker claiming a replica of a key it was never given would be
+#: asked for it by the gateway and other workers, and answer with its own pickle.
 WORKER_STREAM_OPS = frozenset({
-    "task-finished", "task-erred", "release-worker-data", "add-keys", "long-running", "reschedule",
+    "task-finished", "task-erred", "release-worker-data", "long-running", "reschedule",
     "keep-alive", "log-event", "worker-status-change", "request-refresh-who-has", "close-stream",
 })
+#: What nobody may ask of an open network's scheduler, the gateway included: run code there.
+NOBODY_SCHEDULER_OPS = frozenset({"run_function", "register_scheduler_plugin", "unregister_scheduler_plugin"})
+#: A worker names its provider's account, then this, then anything: account names
+#: (:data:`gpunet.certs.NAME_RE`) cannot contain it, so no account's names are another's.
+WORKER_NAME_SEPARATOR = "/"
+#: What of a ``task-erred`` message is a pickle the worker made (the door replaces them).
+ERRED_OBJECTS = ("exception", "traceback")
 #: Keys a stream message may not carry: Dask lets them override who sent it.
 SENDER_KEYS = ("worker", "client")
 #: Topics gpunet's notebooks read; a provider posts there only for its tasks.
@@ -63,6 +75,14 @@ EVENT_MAX_BYTES = 256 * 1024
 #: Per provider: bytes of events it may post at once, and per second after that.
 EVENT_BURST_BYTES = 8 * 1024 * 1024
 EVENT_BYTES_PER_S = 1024 * 1024
+#: Per provider: how many topics outside gpunet's it may ever post to (each is kept).
+MAX_TOPICS_PER_PROVIDER = 64
+#: Per worker: heartbeats at once, and per second after that (Dask sends one every 0.5-5 s).
+HEARTBEAT_BURST = 10
+HEARTBEATS_PER_S = 4.0
+#: A heartbeat's figures the scheduler keeps from a provider: plain numbers, and small
+#: tables of them (the rest, such as its bandwidth estimate and metric names, is dropped).
+HEARTBEAT_TABLE_MAX = 32
 #: How long a provider's worker has to answer the scheduler's call-back at registration.
 CALL_BACK_TIMEOUT_S = 10.0
 
@@ -123,6 +143,32 @@ class GuardedHandlers(dict):
         return guarded
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def carries_serialized(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` (a message as the scheduler reads it, undecoded) holds a
+    serialized object anywhere, which the scheduler would hand on to a client."""
+    from distributed.protocol.serialize import Serialize, Serialized
+
+    if isinstance(value, (Serialized, Serialize)) or depth > 64:
+        return True
+    if isinstance(value, dict):
+        return any(carries_serialized(v, depth + 1) or carries_serialized(k, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(carries_serialized(v, depth + 1) for v in value)
+    return False
+
+
 def _encoded_size(value: Any) -> int:
     """About how many bytes ``value`` takes on the wire."""
     from dask.sizeof import sizeof
@@ -132,14 +178,19 @@ def _encoded_size(value: Any) -> int:
 
 @dataclass
 class _Bucket:
-    """A token bucket of event bytes."""
+    """A token bucket: ``burst`` at once, ``per_s`` a second after that."""
 
-    tokens: float = EVENT_BURST_BYTES
+    burst: float = EVENT_BURST_BYTES
+    per_s: float = EVENT_BYTES_PER_S
+    tokens: float = field(init=False)
     at: float = field(default_factory=time.monotonic)
 
-    def take(self, amount: int) -> bool:
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+
+    def take(self, amount: float) -> bool:
         now = time.monotonic()
-        self.tokens = min(EVENT_BURST_BYTES, self.tokens + (now - self.at) * EVENT_BYTES_PER_S)
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_s)
         self.at = now
         if amount > self.tokens:
             return False
@@ -159,10 +210,15 @@ class SchedulerDoor:
         self.owners: dict[str, str] = {}
         self.refused = 0
         self._buckets: dict[str, _Bucket] = {}
+        self._heartbeats: dict[str, _Bucket] = {}
+        #: provider account -> the topics outside gpunet's it has posted to
+        self._topics: dict[str, set[str]] = {}
 
     def install(self) -> None:
         """Guard the scheduler's handlers and its workers' streams."""
         scheduler = self.scheduler
+        use_guarded_tls(scheduler)
+        watch_revocations(scheduler.security.tls_ca_file)
         scheduler.handlers = GuardedHandlers(scheduler.handlers, self.check, self._count)
         handle_stream = scheduler.handle_stream
 
@@ -179,15 +235,20 @@ class SchedulerDoor:
     def worker_left(self, address: str) -> None:
         """Forget a worker that left: its address may later be another provider's."""
         self.owners.pop(address, None)
+        self._heartbeats.pop(address, None)
 
     async def check(self, identity: Identity | None, op: str, msg: dict[str, Any]) -> str | None:
         """The refusal of ``op`` for ``identity``, or None where it may go ahead."""
         if identity is None:
             return "this network admits only peers with a certificate from its operator's CA"
+        if op in NOBODY_SCHEDULER_OPS:
+            return "nobody runs code on an open network's scheduler"
         if identity.role == GATEWAY:
             return None
         if identity.role != PROVIDER or op not in PROVIDER_SCHEDULER_OPS:
             return f"a {identity.role} certificate may not do this (only the gateway acts as a Dask client)"
+        if carries_serialized(msg):
+            return "a provider sends no serialized objects to the scheduler (it would pass them on to clients)"
         about = PROVIDER_SCHEDULER_OPS[op]
         if op == "register-worker":
             return await self._check_registration(identity, msg)
@@ -201,12 +262,42 @@ class SchedulerDoor:
             for address in addresses:
                 if self.owners.get(address) != identity.name:
                     return f"{address} is not one of provider {identity.name}'s workers"
+        if op == "heartbeat_worker":
+            return self._heartbeat_refusal(msg)
+        return None
+
+    def _heartbeat_refusal(self, msg: dict[str, Any]) -> str | None:
+        """Rate-limit a provider's worker's heartbeats, and keep of ``msg`` only what
+        the scheduler needs (in place): its figures as plain numbers, the tasks it says
+        it is executing among those it was given; not its host information, extension
+        data, bandwidth estimate or metric names, which grow the scheduler's state."""
+        address = msg["address"]
+        if not self._heartbeats.setdefault(address, _Bucket(HEARTBEAT_BURST, HEARTBEATS_PER_S)).take(1):
+            return f"worker {address} sends heartbeats faster than {HEARTBEATS_PER_S:g} a second"
+        metrics = msg.get("metrics") if isinstance(msg.get("metrics"), dict) else {}
+        kept: dict[str, Any] = {name: value for name, value in metrics.items()
+                                if isinstance(name, str) and _is_number(value)}
+        for name, value in metrics.items():
+            if isinstance(name, str) and isinstance(value, dict) and len(value) <= HEARTBEAT_TABLE_MAX \
+                    and all(isinstance(k, str) and _is_number(v) for k, v in value.items()):
+                kept[name] = value
+        kept.setdefault("memory", 0)
+        kept.setdefault("managed_bytes", 0)
+        kept["spilled_bytes"] = {part: kept.get("spilled_bytes", {}).get(part, 0) for part in ("memory", "disk")}
+        kept["bandwidth"] = {"total": self.scheduler.bandwidth, "workers": {}, "types": {}}
+        kept["digests_total_since_heartbeat"] = {}
+        state = self.scheduler.workers.get(address)
+        processing = {ts.key for ts in state.processing} if state is not None else set()
+        executing = msg.get("executing") if isinstance(msg.get("executing"), dict) else {}
+        msg.update(metrics=kept, host_info={}, extensions={},
+                   executing={key: seconds for key, seconds in executing.items()
+                              if key in processing and _is_number(seconds)})
         return None
 
     async def _check_registration(self, identity: Identity, msg: dict[str, Any]) -> str | None:
         """A provider registers only its own workers: the worker's address (and its
         nanny's, which the scheduler will ask to restart it) must answer with the same
-        certificate, and its name must be its account's (``ACCOUNT`` or ``ACCOUNT-...``),
+        certificate, and its name must be its account's (``ACCOUNT`` or ``ACCOUNT/...``),
         so that nobody takes the names another provider's workers use."""
         try:
             address = self.scheduler.coerce_address(str(msg.get("address", "")))
@@ -216,8 +307,9 @@ class SchedulerDoor:
         if owner is not None and owner != identity.name:
             return f"{address} is provider {owner}'s worker"
         name = msg.get("name")
-        if name not in (None, address) and not (str(name) == identity.name or str(name).startswith(f"{identity.name}-")):
-            return f"provider {identity.name}'s workers are named {identity.name} or {identity.name}-..., not {name!r}"
+        own = f"{identity.name}{WORKER_NAME_SEPARATOR}"
+        if name not in (None, address) and not (str(name) == identity.name or str(name).startswith(own)):
+            return f"provider {identity.name}'s workers are named {identity.name} or {own}..., not {name!r}"
         for what, at in (("worker", address), ("nanny", msg.get("nanny"))):
             if what == "nanny" and not at:
                 continue
@@ -244,19 +336,27 @@ class SchedulerDoor:
             comm.abort()
 
     def event_refusal(self, account: str, worker: str | None, topic: Any, event: Any) -> str | None:
-        """Why provider ``account`` (from ``worker``) may not post ``event`` on ``topic``, or None."""
-        topics = topic if isinstance(topic, (list, tuple)) else [topic]
-        if not all(isinstance(t, str) for t in topics):
-            return "an event's topic must be a string"
-        size = _encoded_size(event)
+        """Why provider ``account`` (from ``worker``) may not post ``event`` on ``topic``,
+        or None. One string topic per event; the topic's length counts with the event's
+        size against the provider's rate; a provider keeps at most
+        :data:`MAX_TOPICS_PER_PROVIDER` topics of its own."""
+        if not isinstance(topic, str):
+            return "an event's topic must be one string"
+        size = len(topic) + _encoded_size(event)
         if size > EVENT_MAX_BYTES:
             return f"an event of {size} bytes is over the {EVENT_MAX_BYTES} bytes a provider may post"
-        if any(t.startswith(GPUNET_TOPIC_PREFIX) for t in topics):
+        if topic.startswith(GPUNET_TOPIC_PREFIX):
             allowed = self.topics_of(worker) if worker is not None else set()
-            if not set(topics) <= allowed:
+            if topic not in allowed:
                 return "a worker posts on a notebook's topic only for the tasks it is running for that notebook"
+        else:
+            own = self._topics.setdefault(account, set())
+            if topic not in own and len(own) >= MAX_TOPICS_PER_PROVIDER:
+                return f"provider {account} already posts on {MAX_TOPICS_PER_PROVIDER} topics of its own"
         if not self._buckets.setdefault(account, _Bucket()).take(size):
             return f"provider {account} posts events faster than {EVENT_BYTES_PER_S} bytes/s"
+        if not topic.startswith(GPUNET_TOPIC_PREFIX):
+            self._topics[account].add(topic)
         return None
 
     def stream_refusal(self, worker: str, msg: Any) -> str | None:
@@ -268,9 +368,39 @@ class SchedulerDoor:
             return f"{op!r} is not a worker's message"
         if any(key in msg for key in SENDER_KEYS):
             return "a worker's message may not say who sent it"
+        if carries_serialized({k: v for k, v in msg.items() if op != "task-erred" or k not in ERRED_OBJECTS}):
+            return "a worker's message carries no serialized objects (but an erred task's exception, replaced)"
         if op == "log-event":
             return self.event_refusal(self.owners.get(worker, worker), worker, msg.get("topic"), msg.get("msg"))
+        if op == "request-refresh-who-has":
+            return self._who_has_refusal(worker, msg.get("keys"))
         return None
+
+    def _who_has_refusal(self, worker: str, keys: Any) -> str | None:
+        """A worker asks where keys are only for the inputs of the tasks it was given."""
+        state = self.scheduler.workers.get(worker)
+        inputs = {dep.key for ts in state.processing for dep in ts.dependencies} if state is not None else set()
+        if not isinstance(keys, (list, tuple)) or not all(_hashable(key) and key in inputs for key in keys):
+            return "a worker asks where keys are only for the inputs of its own tasks"
+        return None
+
+    @staticmethod
+    def cleaned(msg: Any) -> Any:
+        """``msg`` (a worker's message the door let through) without the pickles a
+        provider made, which the scheduler would hand on to the gateway to unpickle:
+        a finished task's type, and an erred task's exception and traceback (replaced
+        by :class:`ProviderTaskError`, made here, with the worker's text)."""
+        from distributed.protocol import Serialize
+
+        if not isinstance(msg, dict):
+            return msg
+        if msg.get("op") == "task-finished":
+            msg["type"] = None
+        elif msg.get("op") == "task-erred":
+            text = msg.get("exception_text")
+            msg["exception"] = Serialize(ProviderTaskError(str(text)[:EVENT_MAX_BYTES] if text else "the task failed"))
+            msg["traceback"] = None
+        return msg
 
 
 class WorkerStream:
@@ -292,7 +422,7 @@ class WorkerStream:
         for msg in batch:
             refusal = self._door.stream_refusal(self._worker, msg)
             if refusal is None:
-                kept.append(msg)
+                kept.append(self._door.cleaned(msg))
             else:
                 self._door.refused += 1
                 logger.warning("gpunet: dropped a message from worker %s: %s", self._worker, refusal)
@@ -303,7 +433,9 @@ class WorkerDoor:
     """A provider's worker's or nanny's checks on an open network (see the module
     docstring); ``own`` is the provider's own identity."""
 
-    #: what another provider's worker may ask of a worker: the data of a finished task
+    #: what the provider's own other workers may ask of a worker: the data of a finished
+    #: task. Another provider's worker may not: it could read any user's results, and
+    #: answering it would have it unpickle this one's bytes (and this one, its).
     PEER_OPS = frozenset({"get_data"})
     #: what a provider's own worker may ask of its nanny
     OWN_NANNY_OPS = frozenset({"close_gracefully"})
@@ -314,7 +446,13 @@ class WorkerDoor:
         self.refused = 0
 
     def install(self, server: Any) -> None:
-        """Guard ``server``'s (a Worker's or a Nanny's) handlers."""
+        """Guard ``server``'s (a Worker's or a Nanny's) handlers and listeners."""
+        use_guarded_tls(server)
+        watch_revocations(server.security.tls_ca_file)
+        scheduler = getattr(server, "scheduler", None)
+        expect_scheduler_at(getattr(server, "scheduler_addr", None) or getattr(scheduler, "address", None))
+        if hasattr(server, "rpc") and not self.nanny:  # what it fetches from other workers: no pickle
+            server.rpc.deserializers = list(SAFE_DESERIALIZERS)
         server.handlers = GuardedHandlers(server.handlers, self.check, self._count)
 
     def _count(self) -> None:
@@ -326,13 +464,10 @@ class WorkerDoor:
             return "this worker answers only peers with a certificate from the network operator's CA"
         if identity.role in (SCHEDULER, GATEWAY):
             return None
-        if identity.role == PROVIDER:
-            if self.nanny:
-                if identity == self.own and op in self.OWN_NANNY_OPS:
-                    return None
-            elif op in self.PEER_OPS:
-                return None
-        return f"a {identity.role} certificate may not call {op!r} here (only the scheduler and the gateway may)"
+        if identity == self.own and op in (self.OWN_NANNY_OPS if self.nanny else self.PEER_OPS):
+            return None
+        return (f"a {identity.role} certificate ({identity.name}) may not call {op!r} here "
+                "(only the scheduler, the gateway and this provider's own workers may)")
 
 
 def holds_topics(annotations: Iterable[dict[str, Any] | None]) -> set[str]:

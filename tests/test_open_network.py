@@ -36,6 +36,9 @@ from gpunet_processes import GPUNET, credit_service_with_accounts, expect, start
 WAIT_S = 20.0
 #: How a request the peer's role does not allow comes back (gpunet.roles.RoleError).
 REFUSED = r"' refused: "
+#: ... or, for a message carrying what a provider may not send, the connection closed
+#: before it is decoded (gpunet.guarded_tls).
+REFUSED_OR_CLOSED = r"' refused: |[Ss]tream is closed|closed"
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,17 @@ def pki(tmp_path_factory) -> dict[str, Any]:
     certs.init_ca(root / "other")
     issued["stranger"] = certs.issue("gateway", "stranger", root / "other")
     return {name: certs.security(i.ca, i.cert, i.key) for name, i in issued.items()}
+
+
+@pytest.fixture(autouse=True)
+def dasks_own_tls():
+    """The doors guard their process's TLS comms (gpunet.guarded_tls): each test here
+    starts with Dask's, as a gateway's or a provider's process does, and ends with it."""
+    from distributed.comm import registry
+
+    dasks = registry.backends["tls"]
+    yield
+    registry.backends["tls"] = dasks
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +238,9 @@ async def test_a_provider_certificate_cannot_act_as_a_client_on_the_scheduler(ne
 @open_network
 async def test_workers_answer_only_the_scheduler_and_the_gateway(net):
     async with net.as_("bob", net.alice.address) as worker:
-        for call in (worker.run(function=b"", args=b"", kwargs=b""),
+        for call in (worker.run(function=b"", args=b"", kwargs=b""),  # serialized bytes: not even read
                      getattr(worker, "plugin-add")(plugin=b"", name="x"), worker.terminate()):
-            with pytest.raises(Exception, match=REFUSED):
+            with pytest.raises(Exception, match=REFUSED_OR_CLOSED):
                 await call
     assert net.alice.status.name == "running"
     async with net.as_("gw", net.alice.address) as worker:  # the gateway may
@@ -382,28 +396,36 @@ def test_open_network_of_processes(open_market, detached):
 @open_network
 async def test_a_provider_registers_only_its_own_workers_under_its_own_names(net):
     refused = net.plugin.door.refused
-    with pytest.raises(Exception) as failed:
-        async with Worker(net.s.address, nthreads=1, security=net.pki["bob"], name="alice-0"):
-            pass
-    assert "named bob or bob-" in str(failed.value.__cause__)
-    assert net.plugin.door.refused == refused + 1
+    # alice's names, and those of an account "bob-gpu" (whose names bob's prefix would cover)
+    for squatted in ("alice/0", "bob-gpu", "bob-gpu/0"):
+        with pytest.raises(Exception) as failed:
+            async with Worker(net.s.address, nthreads=1, security=net.pki["bob"], name=squatted):
+                pass
+        assert "named bob or bob/" in str(failed.value.__cause__)
+    assert net.plugin.door.refused == refused + 3
     assert set(net.s.workers) == {net.alice.address, net.bob.address}
-    async with Worker(net.s.address, nthreads=1, security=net.pki["bob"], name="bob-2") as extra:
+    async with Worker(net.s.address, nthreads=1, security=net.pki["bob"], name="bob/2") as extra:
         assert net.plugin.door.owners[extra.address] == "bob"
 
 
 def test_the_schedulers_rules_for_a_providers_events_and_stream_messages():
     """SchedulerDoor's rules, as data: what a provider's worker may post and send."""
-    from gpunet.roles import EVENT_BURST_BYTES, SchedulerDoor
+    from gpunet.roles import EVENT_BURST_BYTES, MAX_TOPICS_PER_PROVIDER, SchedulerDoor
 
     running = {"tls://w:1": {"gpunet-events-mine"}}
     door = SchedulerDoor(scheduler=None, topics_of=lambda worker: running.get(worker, set()))
     door.owners["tls://w:1"] = "alice"
     assert door.event_refusal("alice", "tls://w:1", "gpunet-events-mine", {"text": "hi"}) is None
     assert "only for the tasks" in door.event_refusal("alice", "tls://w:1", "gpunet-events-other", {"text": "x"})
-    assert "only for the tasks" in door.event_refusal("alice", None, ["gpunet-events-mine"], {"text": "x"})
+    assert "only for the tasks" in door.event_refusal("alice", None, "gpunet-events-mine", {"text": "x"})
     assert "over the" in door.event_refusal("alice", "tls://w:1", "mine", "x" * (EVENT_MAX_BYTES + 1))
-    assert "must be a string" in door.event_refusal("alice", "tls://w:1", 7, {})
+    assert "over the" in door.event_refusal("alice", "tls://w:1", "t" * EVENT_MAX_BYTES, "x")  # the topic counts
+    assert "must be one string" in door.event_refusal("alice", "tls://w:1", 7, {})
+    assert "must be one string" in door.event_refusal("alice", "tls://w:1", ["mine", "other"], "x")
+    for index in range(MAX_TOPICS_PER_PROVIDER):
+        assert door.event_refusal("carol", "tls://w:3", f"topic-{index}", "x") is None
+    assert "topics of its own" in door.event_refusal("carol", "tls://w:3", "one-more", "x")
+    assert door.event_refusal("carol", "tls://w:3", "topic-0", "x") is None  # its own topics still take events
     chunk = "x" * (EVENT_MAX_BYTES // 2)
     posted = 0
     while door.event_refusal("alice", "tls://w:1", "mine", chunk) is None:
@@ -416,5 +438,6 @@ def test_the_schedulers_rules_for_a_providers_events_and_stream_messages():
     assert door.stream_refusal("tls://w:1", {"op": "close-stream"}) is None
     assert "not a worker's message" in door.stream_refusal("tls://w:1", {"op": "update-graph"})
     assert "not a worker's message" in door.stream_refusal("tls://w:1", {"op": "cancel-keys", "keys": []})
+    assert "not a worker's message" in door.stream_refusal("tls://w:1", {"op": "add-keys", "keys": ["k"]})
     assert "who sent it" in door.stream_refusal("tls://w:1", {"op": "task-erred", "worker": "tls://w:2"})
     assert "who sent it" in door.stream_refusal("tls://w:1", {"op": "keep-alive", "client": "c"})

@@ -9,7 +9,7 @@ from gpunet import certs
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``certs init`` and ``certs issue`` to the ``gpunet`` parser."""
+    """Add ``certs init``, ``certs issue`` and ``certs revoke`` to the ``gpunet`` parser."""
     parser = subparsers.add_parser(
         "certs", help="the operator's certificate authority for an open network",
         description="An open network speaks Dask over mutual TLS with certificates from one CA, the operator's. "
@@ -31,6 +31,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="a host name or IP address clients reach it at (repeatable; for the gateway's HTTPS)")
     issue.add_argument("--dir", default=None, help=f"the CA's directory (default {certs.certs_dir()})")
     issue.set_defaults(func=_issue)
+    revoke = verbs.add_parser("revoke", help="revoke a certificate: every party reading this CA refuses it",
+                              description="Adds the serial number to revoked.txt beside ca.pem; the scheduler and "
+                                          "the workers read it again whenever it changes. Copy it beside ca.pem "
+                                          "wherever a party runs on another host.")
+    revoke.add_argument("serial", metavar="SERIAL", help="the certificate's serial number (hex, as `gpunet certs "
+                                                         "issue` prints it) or its PEM file")
+    revoke.add_argument("--dir", default=None, help=f"the CA's directory (default {certs.certs_dir()})")
+    revoke.set_defaults(func=_revoke)
 
 
 def _init(args: Any) -> int:
@@ -46,4 +54,11 @@ def _issue(args: Any) -> int:
     print(f"certificate: {made.cert}", flush=True)
     print(f"key (mode 600; hand it only to {args.name}): {made.key}", flush=True)
     print(f"CA certificate: {made.ca}", flush=True)
+    print(f"serial (to revoke it: gpunet certs revoke SERIAL): {certs.serial_of_file(made.cert)}", flush=True)
+    return 0
+
+
+def _revoke(args: Any) -> int:
+    path = certs.revoke(args.serial, args.dir)
+    print(f"revoked; the revocation list is {path} (copy it beside ca.pem on every host of the network)", flush=True)
     return 0

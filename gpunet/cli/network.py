@@ -21,7 +21,7 @@ from gpunet.credits import CreditClient
 from gpunet.credits.cli import SERVICE_WAIT_S, wait_for_service
 from gpunet.errors import GpunetError, OptionError
 from gpunet.paths import write_private
-from gpunet.roles import WorkerDoor
+from gpunet.roles import WORKER_NAME_SEPARATOR, WorkerDoor
 from gpunet.wire import (
     DEVICE_RESOURCE,
     EXECUTING,
@@ -363,8 +363,9 @@ async def _run_provider(args: Any, account: str, security: Any = None, me: Credi
     _uncompressed_comms()
 
     name = args.name or account
-    if security is not None and name != account and not name.startswith(f"{account}-"):
-        name = f"{account}-{name}"  # an open network's scheduler takes only names of the certificate's account
+    if security is not None:  # an open network's scheduler takes only names of the certificate's account
+        own = f"{account}{WORKER_NAME_SEPARATOR}"
+        name = name if name.startswith(own) else f"{own}{args.name or 'device'}"
     host = args.host or get_ip(args.scheduler.split("://")[-1].rsplit(":", 1)[0])
     gpus = local_gpus()
     if args.gpus != "all":
