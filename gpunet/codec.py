@@ -71,10 +71,11 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
     if max_bytes is not None and len(data) > max_bytes:
         raise ProviderDataError(f"{what} is {len(data):,} bytes, over its cap of {max_bytes:,} bytes; it was not "
                                 "loaded (raise the cap with --max-result-bytes, or return less)")
+    budget = (max_bytes if max_bytes is not None else len(data)) + DECODE_SLACK_BYTES
     try:
-        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True)
-    except ProviderDataError:
-        raise
+        return _Decoder(budget).unpack(data)
+    except ProviderDataError as exc:
+        raise ProviderDataError(f"{what} could not be decoded ({exc}); it was not loaded") from None
     except Exception as exc:  # noqa: BLE001 - anything a stranger's bytes can make msgpack or NumPy raise
         raise ProviderDataError(f"{what} could not be decoded ({type(exc).__name__}: {exc}); it was not loaded") from None
 
@@ -255,79 +256,120 @@ def _index_payload(index: Any) -> Any:
 
 # -- decoding --------------------------------------------------------------------------
 
+#: How deeply extension values (tuples, Series, ...) may nest in one another. Each
+#: level starts a fresh msgpack unpack on the C stack, so a few hundred crash the
+#: process; honest results nest a handful deep.
+MAX_EXT_DEPTH = 32
+#: What a decoded value may take beyond its encoded size where no cap is given
+#: (arrays of zero-size items, a RangeIndex without columns).
+DECODE_SLACK_BYTES = 64 * 1024 * 1024
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False, use_list=True)
 
+class _Decoder:
+    """One :func:`decode`: counts how deep extension values nest and charges what the
+    decoded arrays and indexes take against a byte budget, so neither a deep nest nor
+    a small payload that expands (a 0-d column under a huge RangeIndex, an array of
+    zero-size items) can crash the notebook or exhaust its memory."""
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == _TUPLE:
-        return tuple(_unpack(data))
-    if code == _BIGINT:
-        return int(data.decode("ascii"))
-    if code == _COMPLEX:
-        real, imag = struct.unpack("<dd", data)
-        return complex(real, imag)
-    if code == _NDARRAY:
-        return _array(data)
-    if code == _NPSCALAR:
-        return _array(data)[()]
-    if code in (_SERIES, _DATAFRAME):
+    def __init__(self, budget: int) -> None:
+        self.depth = 0
+        self.budget = budget
+
+    def unpack(self, data: bytes) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_EXT_DEPTH:
+                raise ProviderDataError(f"values nest more than {MAX_EXT_DEPTH} tuples, arrays or frames deep")
+            return msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=False, use_list=True)
+        finally:
+            self.depth -= 1
+
+    def charge(self, nbytes: int) -> None:
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise ProviderDataError("its decoded values would take more memory than its cap allows")
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == _TUPLE:
+            return tuple(self.unpack(data))
+        if code == _BIGINT:
+            return int(data.decode("ascii"))
+        if code == _COMPLEX:
+            real, imag = struct.unpack("<dd", data)
+            return complex(real, imag)
+        if code == _NDARRAY:
+            return self.array(data)
+        if code == _NPSCALAR:
+            return self.array(data)[()]
+        if code in (_SERIES, _DATAFRAME):
+            import pandas as pd
+
+            if code == _SERIES:
+                name, index, values = self.unpack(data)
+                column = self.column_values(values)
+                return pd.Series(column, index=self.index(index, len(column)), name=name)
+            index, columns = self.unpack(data)
+            values = {name: self.column_values(payload) for name, payload in columns}
+            lengths = {len(column) for column in values.values()}
+            if len(lengths) > 1:
+                raise ProviderDataError(f"a DataFrame's columns have different lengths {sorted(lengths)}")
+            return pd.DataFrame(values, index=self.index(index, lengths.pop() if lengths else None),
+                                columns=[name for name, _ in columns])
+        if code == _FIGURE:
+            from IPython.display import Image
+
+            return Image(data=bytes(data), format="png")
+        raise ProviderDataError(f"unknown codec extension type {code}")
+
+    def array(self, payload: bytes) -> Any:
+        import numpy as np
+
+        (length,) = struct.unpack_from("<I", payload)
+        dtype_text, shape = self.unpack(payload[4:4 + length])
+        raw = memoryview(payload)[4 + length:]
+        dtype = np.dtype(str(dtype_text))
+        if dtype.kind not in ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+            raise ProviderDataError(f"an array of dtype {dtype} does not travel in the codec")
+        shape = tuple(int(n) for n in shape)
+        count = 1
+        for n in shape:
+            if n < 0:
+                raise ProviderDataError(f"an array has a negative dimension in its shape {shape}")
+            count *= n
+        if count * dtype.itemsize != len(raw):
+            raise ProviderDataError(f"an array's {len(raw)} bytes do not fit its shape {shape} and dtype {dtype}")
+        self.charge(count * max(dtype.itemsize, 1))
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()  # the notebook's own, writable copy
+
+    def index(self, payload: list[Any], length: int | None) -> Any:
+        """A Series' or DataFrame's index; ``length``: its columns' (None: no columns)."""
         import pandas as pd
 
-        if code == _SERIES:
-            name, index, values = _unpack(data)
-            return pd.Series(_column_values(values), index=_index(index), name=name)
-        index, columns = _unpack(data)
-        return pd.DataFrame({name: _column_values(values) for name, values in columns}, index=_index(index),
-                            columns=[name for name, _ in columns])
-    if code == _FIGURE:
-        from IPython.display import Image
+        if payload[0] == "range":
+            _, start, stop, step, name = payload
+            index = pd.RangeIndex(int(start), int(stop), int(step), name=name)
+            if length is None:
+                self.charge(8 * len(index))
+        else:
+            _, values, name = payload
+            index = pd.Index(self.column_values(values), name=name)
+        if length is not None and len(index) != length:
+            raise ProviderDataError(f"an index of length {len(index):,} does not fit columns of length {length:,}")
+        return index
 
-        return Image(data=bytes(data), format="png")
-    raise ProviderDataError(f"unknown codec extension type {code}")
+    def column_values(self, payload: list[Any]) -> Any:
+        import pandas as pd
 
-
-def _array(payload: bytes) -> Any:
-    import numpy as np
-
-    (length,) = struct.unpack_from("<I", payload)
-    dtype_text, shape = _unpack(payload[4:4 + length])
-    raw = memoryview(payload)[4 + length:]
-    dtype = np.dtype(str(dtype_text))
-    if dtype.kind not in ARRAY_KINDS or dtype.fields is not None:
-        raise ProviderDataError(f"an array of dtype {dtype} does not travel in the codec")
-    shape = tuple(int(n) for n in shape)
-    count = 1
-    for n in shape:
-        if n < 0:
-            raise ProviderDataError(f"an array has a negative dimension in its shape {shape}")
-        count *= n
-    if count * dtype.itemsize != len(raw):
-        raise ProviderDataError(f"an array's {len(raw)} bytes do not fit its shape {shape} and dtype {dtype}")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()  # the notebook's own, writable copy
-
-
-def _index(payload: list[Any]) -> Any:
-    import pandas as pd
-
-    if payload[0] == "range":
-        _, start, stop, step, name = payload
-        return pd.RangeIndex(int(start), int(stop), int(step), name=name)
-    _, values, name = payload
-    return pd.Index(_column_values(values), name=name)
-
-
-def _column_values(payload: list[Any]) -> Any:
-    import pandas as pd
-
-    if payload[0] == "array":
-        return _array(payload[1])
-    _, dtype, packed = payload
-    values = _unpack(packed)
-    if not isinstance(values, list):
-        raise ProviderDataError("a column's values are not a list")
-    return pd.array(values, dtype=dtype if dtype in _LIST_DTYPES else "object")
+        if payload[0] == "array":
+            values = self.array(payload[1])
+            if values.ndim != 1:
+                raise ProviderDataError(f"a column's values are a {values.ndim}-dimensional array, not a 1-D one")
+            return values
+        _, dtype, packed = payload
+        values = self.unpack(packed)
+        if not isinstance(values, list):
+            raise ProviderDataError("a column's values are not a list")
+        return pd.array(values, dtype=dtype if dtype in _LIST_DTYPES else "object")
 
 
 # -- messages --------------------------------------------------------------------------

@@ -199,20 +199,17 @@ def compare(a: Any, b: Any, tol: Tolerance, *, path: str = "result") -> Mismatch
     """Compare two results (arrays, scalars, data frames, or tuples/lists/dicts of them).
 
     Returns ``None`` when they agree within ``tol``, else a :class:`Mismatch`
-    naming the first leaf that does not. Structures must match exactly.
+    naming the first leaf that does not. Structures must match exactly: container
+    types (tuple vs list), dict keys with their types (``1`` vs ``True``), pandas
+    indexes and names, dtype kinds (bool vs int, str vs bytes); complex numbers
+    compare as complex.
     """
     import numpy as np
 
-    if _is_frame(a) or _is_frame(b):
-        if not (_is_frame(a) and _is_frame(b)) or list(a.columns) != list(b.columns):
-            return Mismatch(path, 1, 1, float("inf"), "the frames have different columns")
-        for column in a.columns:
-            found = compare(a[column].to_numpy(), b[column].to_numpy(), tol, path=f"{path}[{column!r}]")
-            if found is not None:
-                return found
-        return None
+    if _is_pandas(a) or _is_pandas(b):
+        return _compare_pandas(a, b, tol, path)
     if isinstance(a, dict) or isinstance(b, dict):
-        if not (isinstance(a, dict) and isinstance(b, dict)) or set(a) != set(b):
+        if not (isinstance(a, dict) and isinstance(b, dict)) or _exact_keys(a) != _exact_keys(b):
             return Mismatch(path, 1, 1, float("inf"), "the results have different keys")
         for key in sorted(a, key=str):
             found = compare(a[key], b[key], tol, path=f"{path}[{key!r}]")
@@ -220,7 +217,8 @@ def compare(a: Any, b: Any, tol: Tolerance, *, path: str = "result") -> Mismatch
                 return found
         return None
     if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
-        if not (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list))) or len(a) != len(b):
+        if not (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list))) or len(a) != len(b) \
+                or isinstance(a, tuple) != isinstance(b, tuple):
             return Mismatch(path, 1, 1, float("inf"), "the results have different structure")
         fields = getattr(a, "_fields", None)
         for i, (x, y) in enumerate(zip(a, b)):
@@ -238,15 +236,19 @@ def compare(a: Any, b: Any, tol: Tolerance, *, path: str = "result") -> Mismatch
     if x.shape != y.shape:
         return Mismatch(path, x.size or 1, x.size or 1, float("inf"),
                         f"shapes differ: {x.shape} vs {y.shape}")
+    if x.dtype.kind != y.dtype.kind and {x.dtype.kind, y.dtype.kind} != {"i", "u"}:
+        return Mismatch(path, x.size or 1, x.size or 1, float("inf"),
+                        f"kinds differ: {x.dtype} vs {y.dtype}")
     if x.dtype.kind in "OUSMm" or y.dtype.kind in "OUSMm":
         bad = ~(x == y) if x.size else np.zeros(0, bool)
         diff = float("inf") if np.any(bad) else 0.0
     elif x.dtype.kind in "biu" and y.dtype.kind in "biu":
         bad = x != y
         diff = float(np.max(np.abs(x.astype(np.int64) - y.astype(np.int64)))) if x.size else 0.0
-    else:
-        x64 = x.astype(np.float64)
-        y64 = y.astype(np.float64)
+    else:  # floats, and complex numbers (real and imaginary parts both count)
+        wide = np.complex128 if "c" in (x.dtype.kind, y.dtype.kind) else np.float64
+        x64 = x.astype(wide)
+        y64 = y.astype(wide)
         both_nan = np.isnan(x64) & np.isnan(y64)
         with np.errstate(invalid="ignore"):
             err = np.abs(x64 - y64)
@@ -264,6 +266,44 @@ def compare(a: Any, b: Any, tol: Tolerance, *, path: str = "result") -> Mismatch
 
 def _is_frame(value: Any) -> bool:
     return hasattr(value, "columns") and hasattr(value, "to_numpy") and hasattr(value, "iloc")
+
+
+def _is_pandas(value: Any) -> bool:
+    """A DataFrame or a Series (anything with an index, values and positions)."""
+    return hasattr(value, "index") and hasattr(value, "to_numpy") and hasattr(value, "iloc")
+
+
+def _compare_pandas(a: Any, b: Any, tol: Tolerance, path: str) -> Mismatch | None:
+    """Frames and Series agree when their kind, index, names and columns are exactly
+    the same and their values agree within ``tol``."""
+    if not (_is_pandas(a) and _is_pandas(b)) or _is_frame(a) != _is_frame(b):
+        return Mismatch(path, 1, 1, float("inf"), "one result is a pandas object and the other is not the same kind")
+    if not (a.index.equals(b.index) and a.index.dtype == b.index.dtype
+            and _exact_key(a.index.name) == _exact_key(b.index.name)):
+        return Mismatch(path, 1, 1, float("inf"), "the results have different indexes")
+    if not _is_frame(a):
+        if _exact_key(a.name) != _exact_key(b.name):
+            return Mismatch(path, 1, 1, float("inf"), "the Series have different names")
+        return compare(a.to_numpy(), b.to_numpy(), tol, path=path)
+    if [_exact_key(column) for column in a.columns] != [_exact_key(column) for column in b.columns]:
+        return Mismatch(path, 1, 1, float("inf"), "the frames have different columns")
+    for position, column in enumerate(a.columns):
+        found = compare(a.iloc[:, position].to_numpy(), b.iloc[:, position].to_numpy(), tol,
+                        path=f"{path}[{column!r}]")
+        if found is not None:
+            return found
+    return None
+
+
+def _exact_key(key: Any) -> Any:
+    """``key`` with its type, so ``1``, ``1.0`` and ``True`` (equal as dict keys) differ."""
+    if isinstance(key, tuple):
+        return (type(key).__name__, tuple(_exact_key(item) for item in key))
+    return (type(key).__name__, key)
+
+
+def _exact_keys(mapping: dict[Any, Any]) -> set[Any]:
+    return {_exact_key(key) for key in mapping}
 
 
 def allclose(a: Any, b: Any, tol: Tolerance) -> bool:

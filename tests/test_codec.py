@@ -176,3 +176,51 @@ def test_digest_is_canonical_over_dict_order_and_sensitive_to_values():
 def test_clean_text_strips_terminal_control_sequences():
     hostile = "ok\x1b[2J\x1b[1;1Hfake\x1b]0;title\x07 prompt\x1b]8;;http://x\x1b\\link\x00\x07\tend\r\n"
     assert codec.clean_text(hostile) == "okfake promptlink\tend\r\n"
+
+
+def test_deeply_nested_extension_values_are_refused_without_crashing():
+    # each tuple level starts a fresh msgpack unpack on the C stack: 10,000 of them used to segfault,
+    # so the decode runs in a child process, and the test survives a crash to report it
+    import subprocess
+    import sys
+
+    script = ("import msgpack\nfrom gpunet import codec\nfrom gpunet.errors import ProviderDataError\n"
+              "data = msgpack.packb(None)\n"
+              "for _ in range(10_000):\n    data = msgpack.packb(msgpack.ExtType(1, b'\\x91' + data))\n"
+              "try:\n    codec.decode(data)\nexcept ProviderDataError as exc:\n    print('refused:', exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout and "nest more than 32" in done.stdout
+    assert round_trip(((((1,),),),)) == ((((1,),),),)
+
+
+def frame_payload(index, columns):
+    return msgpack.packb(msgpack.ExtType(7, msgpack.packb([index, columns], use_bin_type=True)), use_bin_type=True)
+
+
+def test_columns_that_would_expand_under_a_huge_index_are_refused():
+    scalar = ["array", array_payload("<f8", [], b"\x00" * 8)]
+    huge = ["range", 0, 2**28, 1, None]
+    series = msgpack.packb(msgpack.ExtType(6, msgpack.packb([None, huge, scalar], use_bin_type=True)),
+                           use_bin_type=True)
+    with pytest.raises(ProviderDataError, match="0-dimensional array, not a 1-D one"):
+        codec.decode(series)
+    with pytest.raises(ProviderDataError, match="0-dimensional"):
+        codec.decode(frame_payload(huge, [["a", scalar]]))
+    one = ["array", array_payload("<f8", [1], b"\x00" * 8)]
+    with pytest.raises(ProviderDataError, match="index of length 268,435,456 does not fit columns of length 1"):
+        codec.decode(frame_payload(huge, [["a", one]]))
+    with pytest.raises(ProviderDataError, match="more memory than its cap"):
+        codec.decode(frame_payload(["range", 0, 2**40, 1, None], []), max_bytes=1000)
+    assert codec.decode(frame_payload(["range", 0, 5, 1, None], [])).shape == (5, 0)  # honest empty frames load
+
+
+@pytest.mark.parametrize("dtype, shape", [("<U0", [2**40, 2**40]), ("|S0", [2**30])])
+def test_arrays_of_zero_size_items_cannot_claim_huge_shapes(dtype, shape):
+    with pytest.raises(ProviderDataError, match="more memory than its cap"):
+        codec.decode(msgpack.packb(msgpack.ExtType(4, array_payload(dtype, shape, b""))))
+
+
+def test_sub_array_dtypes_are_refused():
+    with pytest.raises(ProviderDataError, match="does not travel"):
+        codec.decode(msgpack.packb(msgpack.ExtType(4, array_payload("(1000000,)f8", [1], b""))))

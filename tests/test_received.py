@@ -56,6 +56,29 @@ def test_pickled_payloads_are_refused_and_never_loaded(tmp_path, wrap):
     assert not marker.exists()
 
 
+def test_a_compressed_payload_is_refused_before_it_is_decompressed():
+    import zlib
+
+    import msgpack
+
+    bomb = zlib.compress(msgpack.packb(bytes(100_000_000)), 9)  # ~100 KB on the wire, 100 MB decompressed
+    header = {"serializer": "msgpack", "compression": ("zlib",), "num-sub-frames": 1}
+    got = read({"op": "gather", "data": Serialized(header, [bomb]), "n": 1})
+    assert isinstance(got["data"], data_comm.RefusedPayload) and got["n"] == 1
+    assert "zlib-compressed" in str(got["data"]) and "that payload was not loaded (the rest" in str(got["data"])
+    plain = {"serializer": "msgpack", "compression": (None,), "num-sub-frames": 1}
+    assert read({"data": Serialized(plain, [msgpack.packb(b"ok")])}) == {"data": b"ok"}
+
+
+def test_refusals_carry_no_terminal_escapes(caplog):
+    error = {"serializer": "error", "num-sub-frames": 1}
+    named = {"serializer": "\x1b[31mevil\x1b[0m", "num-sub-frames": 0}
+    got = read({"exception": Serialized(error, [b"\x1b]0;pwned\x07\x1b[2Jfake"]), "x": Serialized(named, [])})
+    texts = [str(got["exception"]), str(got["x"]), caplog.text]
+    assert all("\x1b" not in text and "\x07" not in text for text in texts)
+    assert "fake" in texts[0] and "evil" in texts[1]
+
+
 def test_data_only_addresses():
     assert data_comm.data_only_address("tcp://10.0.0.1:8786") == "gpunet-data://10.0.0.1:8786"
     assert data_comm.data_only_address("tls://h:1") == "gpunet-data-tls://h:1"
@@ -151,6 +174,33 @@ def test_a_display_keeps_only_what_is_safe_and_says_what_it_dropped():
     assert dropped == ["application/javascript", "application/vnd.jupyter.widget-view+json"]
 
 
+def test_svg_and_html_load_nothing_from_elsewhere_and_borrow_no_notebook_styles():
+    svg = sanitized_html('<svg><defs><clipPath id="c1"><rect width="1" height="1"/></clipPath></defs>'
+                         '<rect width="10" height="10" fill="url(https://evil.example/p.svg#g)"/>'
+                         '<g clip-path="url(#c1)"><path d="M0 0" fill="url( #grad )"/></g></svg>', svg=True)
+    assert "evil" not in svg and 'clip-path="url(#c1)"' in svg and 'fill="url( #grad )"' in svg
+    html = sanitized_html('<div class="jp-Dialog">Session expired</div><img src="data:image/svg+xml,<svg>">'
+                          '<img src="data:image/png;base64,AAAA" width="99999999" height="10">')
+    assert "class" not in html and "svg" not in html and "99999999" not in html
+    assert '<img src="data:image/png;base64,AAAA" height="10">' in html
+
+
+def test_an_image_given_as_text_must_be_base64():
+    shown, metadata, dropped = shown_display({"image/png": '"><script>alert(1)</script>', "image/jpeg": "/9j/4A==\n"},
+                                             {"image/png": {"width": 10**9}, "image/jpeg": {"width": 10**9}})
+    assert shown == {"image/jpeg": "/9j/4A==\n"} and dropped == ["image/png"] and metadata == {}
+
+
+def test_a_copys_preview_carries_no_terminal_escapes():
+    import pandas as pd
+
+    from gpunet.verify.quorum import preview
+
+    frame = pd.DataFrame({"x": ["\x1b]0;pwned\x07\x1b[2Jhi"]})
+    result = JobResult("j", None, "w", "d", 0.0, 1.0, value=codec.encode(frame), result_format=CODEC)
+    assert "\x1b" not in preview(result) and "hi" in preview(result)
+
+
 # -- the worker's side: codec results within their caps -------------------------------------------
 
 
@@ -207,3 +257,37 @@ def test_live_output_past_its_cap_is_not_shown(capsys):
     assert not handle._within_text_cap("x" * 200)
     assert not handle._within_text_cap("x")
     assert capsys.readouterr().err.count("over its cap of 1,000 bytes per second") == 1
+
+
+def test_a_provider_sends_uncompressed_frames_whatever_its_config_says(monkeypatch):
+    import dask
+
+    from gpunet.cli import network
+
+    monkeypatch.setenv("DASK_DISTRIBUTED__COMM__COMPRESSION", "zlib")
+    with dask.config.set({"distributed.comm.compression": "zlib"}):
+        network._uncompressed_comms()
+        assert dask.config.get("distributed.comm.compression") is False
+    assert network.os.environ["DASK_DISTRIBUTED__COMM__COMPRESSION"] == "False"
+
+
+def test_a_providers_device_description_is_cleaned_and_type_checked():
+    from gpunet.ui.status import device_columns, provider_capability, provider_device
+
+    honest = {"tflops_f32": 12.5, "tflops_bf16": None, "bf16_native": False, "bandwidth_gbs": 300.0, "seconds": 1.0}
+    device = provider_device({"kind": "\x1b]0;pwned\x07\x1b[2Jgpu", "name": "H100\x1b[8m hidden", "memory_bytes": 2**30,
+                              "evil": object(), 7: "x", "software": {"torch": "2.4\x1b[31m"}, "capability": honest})
+    assert device == {"kind": "gpu", "name": "H100 hidden", "memory_bytes": 2**30, "software": {"torch": "2.4"},
+                      "capability": honest}
+    assert "\x1b" not in "".join(device_columns(device))
+    for lie in ({**honest, "tflops_f32": 9999.0}, {**honest, "tflops_f32": "fast"}, {**honest, "seconds": float("nan")},
+                {**honest, "tflops_f32": True}, {**honest, "bandwidth_gbs": -1.0}, "fast", {"tflops_f32": 1.0}):
+        assert provider_capability(lie) is None
+    assert device_columns(provider_device({"capability": {**honest, "tflops_f32": "1e9"}}))[2] == "not measured"
+    assert provider_device("not a dict") == {}
+
+
+def test_a_payload_the_comm_refused_says_why_on_arrival():
+    job = codec_job()
+    with pytest.raises(ProviderDataError, match="was refused on arrival: the network sent a zlib-compressed payload"):
+        accept(data_comm._refused("zlib-compressed", "which could expand past this notebook's size cap"), job, None)

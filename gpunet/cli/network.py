@@ -342,6 +342,16 @@ def _quiet_dask(args: Any) -> None:
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
+def _uncompressed_comms() -> None:
+    """A provider sends its frames uncompressed (Dask's default, kept whatever the
+    provider's own Dask config says): a notebook that does not trust its providers
+    refuses compressed payloads, which could expand past its size cap."""
+    import dask
+
+    os.environ["DASK_DISTRIBUTED__COMM__COMPRESSION"] = "False"  # the worker processes
+    dask.config.set({"distributed.comm.compression": False})
+
+
 async def _run_provider(args: Any, account: str, security: Any = None, me: CreditClient | None = None) -> int:
     """Run the provider's workers until Ctrl-C (drain, exit 0), the scheduler's end (an
     error), or a quarantine (:data:`EXIT_QUARANTINED`, saying why and how to appeal);
@@ -350,6 +360,7 @@ async def _run_provider(args: Any, account: str, security: Any = None, me: Credi
     from distributed.utils import get_ip
 
     _quiet_dask(args)
+    _uncompressed_comms()
 
     name = args.name or account
     if security is not None:  # an open network's scheduler takes only names of the certificate's account

@@ -13,6 +13,8 @@ So on such a network the notebook's client talks over ``gpunet-data://`` (and
 
 - refuses a message over its cap before reading it (:data:`max_message_bytes`),
   so a provider cannot make the notebook allocate a huge result;
+- refuses compressed payloads (a few bytes of zlib can decompress to gigabytes past
+  the cap; gpunet providers send frames uncompressed, Dask's default);
 - decodes msgpack itself, loading ``Serialized`` payloads only through the
   ``msgpack`` serializer (data) and turning every other payload, and every
   ``__Pickled__`` one, into a :class:`RefusedPayload` that is never unpickled.
@@ -41,12 +43,12 @@ from distributed.comm.tcp import (
     convert_stream_closed_error,
     read_bytes_rw,
 )
-from distributed.protocol.compression import decompress
 from distributed.protocol.core import msgpack_opts
 from distributed.protocol.serialize import merge_and_deserialize, msgpack_decode_default
 from distributed.protocol.utils import unpack_frames
 from tornado.iostream import StreamClosedError
 
+from gpunet.codec import clean_text
 from gpunet.errors import ProviderDataError, ResultTooLargeError
 
 logger = logging.getLogger(__name__)
@@ -82,10 +84,22 @@ def data_only_address(address: str) -> str:
     return f"{SCHEMES[scheme]}://{location}"
 
 
-def _refused(what: str) -> RefusedPayload:
-    logger.warning("gpunet: refused a %s payload from the network; it was not loaded", what)
-    return RefusedPayload(f"the network sent a {what} payload, which this notebook does not load from providers "
-                          "it does not trust")
+def _refused(what: str,
+             why: str = "which this notebook does not load from providers it does not trust") -> RefusedPayload:
+    what = clean_text(what)
+    logger.warning("gpunet: refused a %s payload from the network; that payload was not loaded", what)
+    return RefusedPayload(f"the network sent a {what} payload, {why}; that payload was not loaded (the rest of the "
+                          "message was)")
+
+
+def _compressed(header: dict[str, Any]) -> list[str]:
+    """The compressions a payload header names (none: an empty list)."""
+    named = header.get("compression")
+    if named is None or named is False:
+        return []
+    if not isinstance(named, (list, tuple)):
+        return [str(named)]
+    return [str(name) for name in named if name is not None and name is not False]
 
 
 def data_only_loads(frames: list[Any]) -> Any:
@@ -99,12 +113,16 @@ def data_only_loads(frames: list[Any]) -> Any:
             serializers = _serializers_of(header)
             if not serializers <= set(DATA_SERIALIZERS):  # an empty collection names none, and is data
                 return _refused("/".join(sorted(str(s) for s in serializers)))
-            if "compression" in header:
-                sub_frames = decompress(header, sub_frames)
+            compressed = _compressed(header)
+            if compressed:  # a few compressed bytes may decompress to gigabytes past the size cap
+                return _refused("/".join(sorted(set(compressed))) + "-compressed",
+                                "which could expand past this notebook's size cap (gpunet providers send "
+                                "uncompressed frames; a provider that compresses is not one)")
             try:
                 return merge_and_deserialize(header, sub_frames, deserializers=DATA_SERIALIZERS)
             except Exception as exc:  # noqa: BLE001 - "error" payloads raise; nothing runs
-                return RefusedPayload(f"a payload could not be loaded: {exc}")
+                return RefusedPayload(clean_text(f"a payload from the network could not be loaded ({exc}); that "
+                                                 "payload was not loaded (the rest of the message was)"))
         if obj.get("__Pickled__", 0) > 0:
             return _refused("pickled")
         return msgpack_decode_default(obj)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import atexit
 import logging
+import math
 import os
 import sys
 import threading
@@ -29,13 +30,14 @@ from gpunet import wire
 from gpunet.client import data_comm, placement
 from gpunet.client.cells import CellRun, run_cell
 from gpunet.client.local import EmbeddedNetwork
+from gpunet.codec import clean_text
 from gpunet.client.submit import function_job, function_value, submit
 from gpunet.credits import CreditClient
 from gpunet.errors import ConnectError, GpunetError, OptionError, PlacementError
 from gpunet.kernels import weighted_chunks
 from gpunet.metering.meter import DEFAULT_RATE, Meter, default_timeout
 from gpunet.provenance import Recorder, finish_record, in_notebook
-from gpunet.ui.status import NetworkStatus, WorkerInfo
+from gpunet.ui.status import NetworkStatus, WorkerInfo, provider_device
 from gpunet.verify.quorum import tolerance_if_verified
 from gpunet.wire import DEVICE_RESOURCE
 from gpunet.worker.device import device_info, measure_capability
@@ -149,8 +151,10 @@ class Network:
             resources = dict(info.get("resources") or {})
             slots = int(resources.get(DEVICE_RESOURCE, info.get("nthreads", 1)))
             busy = min(len(processing.get(address, ())), slots)
-            infos.append(WorkerInfo(address, str(info.get("name", address)), devices.get(address, {}),
-                                    resources, slots, busy))
+            resources = {clean_text(name)[:64]: value for name, value in resources.items()
+                         if isinstance(value, (int, float)) and math.isfinite(value)}
+            infos.append(WorkerInfo(clean_text(address)[:200], clean_text(info.get("name", address))[:200],
+                                    provider_device(devices.get(address)), resources, slots, busy))
         return infos
 
     def capabilities(self, *, refresh: bool = False) -> dict[str, dict[str, Any]]:
@@ -158,11 +162,16 @@ class Network:
         by address. Workers not yet measured run the probe now, one at a time, so
         that workers sharing a host do not slow each other's measurement (about a
         second each); the figures are kept on the workers."""
-        devices = self.client.run(device_info)
+        devices = {address: provider_device(device) for address, device in self.client.run(device_info).items()}
         for address in sorted(devices):
             if refresh or devices[address].get("capability") is None:
-                devices[address] = self.client.run(measure_capability, 1.0, refresh, workers=[address])[address]
-        return {address: device["capability"] for address, device in sorted(devices.items())}
+                measured = self.client.run(measure_capability, 1.0, refresh, workers=[address])[address]
+                devices[address] = provider_device(measured)
+        for address in sorted(address for address, device in devices.items() if device.get("capability") is None):
+            logger.warning("gpunet: worker %s reported a missing, malformed or implausible capability; it is "
+                           "counted as not measured", clean_text(address))
+        return {address: device["capability"] for address, device in sorted(devices.items())
+                if device.get("capability") is not None}
 
     def workers_with(self, *, min_tflops: float) -> list[str]:
         """Addresses of workers whose measured float32 matmul rate is at least

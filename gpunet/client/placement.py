@@ -103,7 +103,7 @@ def capable_workers(capabilities: dict[str, dict[str, Any]], *, min_tflops: floa
     if not capable:
         best = max(capabilities.items(), key=lambda item: item[1]["tflops_f32"], default=None)
         offer = (f"the best, {best[0]}, measures {best[1]['tflops_f32']:.3f} TFLOP/s" if best
-                 else "no worker is connected")
+                 else "no connected worker reported a believable measurement")
         raise PlacementError(f"no worker can ever run this: it asks for at least {min_tflops:g} TFLOP/s "
                              f"(float32 matmul) and {offer}. Ask for less with --min-tflops.")
     return capable

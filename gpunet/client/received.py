@@ -12,6 +12,7 @@ accepted only when signed with the job's own key (:func:`live_event`).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from gpunet import codec
@@ -28,6 +29,8 @@ def accept(raw: Any, job: Job, index: int | None) -> JobResult:
     if job.result_format == PICKLE:
         return raw  # the embedded network, or one whose providers the notebook trusts
     where = "the job's result" if index is None else f"the result of item {index}"
+    if isinstance(raw, ProviderDataError):  # the data-only comm refused the payload, and says why
+        raise ProviderDataError(f"{where} was refused on arrival: {raw}")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ProviderDataError(f"{where} came back as {type(raw).__name__}, not as data; it was not loaded")
     if len(raw) > job.max_result_bytes:
@@ -129,7 +132,15 @@ _SVG_ATTRIBUTES = {"viewBox", "width", "height", "x", "y", "x1", "y1", "x2", "y2
                    "stroke-linecap", "stroke-linejoin", "stroke-dasharray", "opacity", "transform", "font-size",
                    "font-family", "text-anchor", "clip-path", "offset", "stop-color", "id", "xmlns", "version",
                    "preserveAspectRatio", "gradientUnits", "dominant-baseline"}
-_HTML_ATTRIBUTES = {"colspan", "rowspan", "align", "title", "alt", "width", "height", "class", "border"}
+_HTML_ATTRIBUTES = {"colspan", "rowspan", "align", "title", "alt", "width", "height", "border"}
+#: The only url() an attribute may hold: a reference inside the same drawing (``url(#clip)``).
+_LOCAL_URL = re.compile(r"\s*url\(\s*#[A-Za-z_][\w.:-]*\s*\)\s*")
+#: The only image an <img> may show: inline PNG, JPEG, GIF or WebP.
+_DATA_IMAGE = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]*")
+#: A width or height a display may ask for: a plain size, not a page-covering one.
+_SIZE = re.compile(r"\d{1,4}(\.\d+)?(px|%|em|pt)?")
+#: The largest width or height (pixels) a display's metadata may ask for.
+MAX_DISPLAY_PIXELS = 10_000
 
 
 def sanitized_html(markup: str, *, svg: bool = False) -> str:
@@ -143,8 +154,12 @@ def sanitized_html(markup: str, *, svg: bool = False) -> str:
 
     def keep(element: str, attribute: str, value: str) -> str | None:
         if attribute == "src":
-            return value if element == "img" and value.startswith("data:image/") else None
-        return value if attribute in allowed else None
+            return value if element == "img" and _DATA_IMAGE.fullmatch(value) else None
+        if attribute not in allowed or ("url(" in value.lower() and not _LOCAL_URL.fullmatch(value)):
+            return None
+        if attribute in ("width", "height") and not _SIZE.fullmatch(value.strip()):
+            return None
+        return value
 
     return nh3.clean(markup, tags=tags, clean_content_tags={"script", "style"},
                      attributes={"*": allowed | {"src"}}, attribute_filter=keep, url_schemes={"data"},
@@ -160,11 +175,25 @@ def shown_display(data: dict[str, Any], metadata: dict[str, Any]) -> tuple[dict[
         if mime not in SHOWN_MIME_TYPES or not isinstance(value, (str, bytes)):
             continue
         if mime.startswith("image/") and mime != "image/svg+xml":
-            shown[mime] = value
+            if isinstance(value, bytes) or _is_base64(value):
+                shown[mime] = value
         elif isinstance(value, str):
             shown[mime] = (codec.clean_text(value) if mime == "text/plain"
                            else sanitized_html(value, svg=mime == "image/svg+xml"))
     dropped = sorted(mime for mime in data if mime not in shown)
-    sizes = {mime: {key: value for key, value in spec.items() if key in ("width", "height") and type(value) is int}
+    sizes = {mime: {key: value for key, value in spec.items()
+                    if key in ("width", "height") and type(value) is int and 0 < value <= MAX_DISPLAY_PIXELS}
              for mime, spec in metadata.items() if mime in shown and isinstance(spec, dict)}
     return shown, {mime: spec for mime, spec in sizes.items() if spec}, dropped
+
+
+def _is_base64(text: str) -> bool:
+    """True when ``text`` is base64 (an image as Jupyter carries it), not markup in disguise."""
+    import base64
+    import binascii
+
+    try:
+        base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True

@@ -18,12 +18,13 @@ from typing import Any
 
 from gpunet import wire
 from gpunet.clitools import read_token_file
+from gpunet.codec import clean_text
 from gpunet.credits import CreditClient
 from gpunet.credits._db import parse_time
 from gpunet.errors import GpunetError
 from gpunet.ui import look
 from gpunet.ui.look import LivePanel
-from gpunet.ui.status import device_columns
+from gpunet.ui.status import device_columns, provider_device
 
 WORKER_HEADER = ("worker", "device", "memory", "TFLOP/s f32", "rate", "running now")
 #: The environment variables the dashboard reads where no argument is given.
@@ -98,15 +99,17 @@ class ProviderDashboard(LivePanel):
                 self._read_workers()
                 self.workers_error = None
             except Exception as exc:  # noqa: BLE001 - the credits still show
-                self.workers_error = f"{type(exc).__name__}: {exc}"
+                self.workers_error = clean_text(f"{type(exc).__name__}: {exc}")
 
     def _read_workers(self) -> None:
         from distributed import Client
 
+        from gpunet.client import data_comm
         from gpunet.worker.device import device_info
 
-        if self._dask is None:
-            self._dask = Client(self.scheduler, timeout=10, set_as_default=False)
+        if self._dask is None:  # data only: what workers send back is never unpickled here
+            self._dask = Client(data_comm.data_only_address(self.scheduler), timeout=10, set_as_default=False,
+                                deserializers=list(data_comm.DATA_SERIALIZERS))
         client = self._dask
         state = client.sync(getattr(client.scheduler, wire.METERING_STATE)) or {}
         registered = state.get("providers", {})
@@ -119,8 +122,7 @@ class ProviderDashboard(LivePanel):
         running = state.get("running", {})
         rows, held, busy = [], 0, 0
         for address in sorted(mine):
-            device = devices.get(address)
-            kind_name, memory, measured = device_columns(device if isinstance(device, dict) else None)
+            kind_name, memory, measured = device_columns(provider_device(devices.get(address)))
             tasks = running.get(address, [])
             held += sum(task["held"] for task in tasks)
             busy += bool(tasks)

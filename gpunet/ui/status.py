@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gpunet.codec import clean_text
 from gpunet.metering.meter import DEFAULT_ITEM_HOLD_SECONDS, default_timeout
 from gpunet.ui import look
 from gpunet.worker.device import format_bytes
@@ -47,6 +48,53 @@ class Shown(Protocol):
 
     def workers(self) -> list[WorkerInfo]: ...
     def metering_state(self) -> dict[str, Any] | None: ...
+
+
+#: No device measures more than this (TFLOP/s, GB/s): a provider's figure above it is a lie.
+MAX_PLAUSIBLE_RATE = 5000.0
+#: A capability's figures (numbers; ``tflops_bf16`` may be None).
+CAPABILITY_FIGURES = ("tflops_f32", "tflops_bf16", "bandwidth_gbs", "seconds")
+
+
+def provider_device(raw: Any, depth: int = 2) -> dict[str, Any]:
+    """A worker's self-description (``device_info``) as a provider sent it, made safe to
+    show and use: text without terminal escapes and cut short, numbers finite, anything
+    else dropped; a capability with a missing, non-numeric or absurd figure becomes
+    None (not measured)."""
+    if not isinstance(raw, dict):
+        return {}
+    device: dict[str, Any] = {}
+    for key, value in list(raw.items())[:64]:
+        if not isinstance(key, str):
+            continue
+        key = clean_text(key)[:64]
+        if key == "capability":
+            device[key] = provider_capability(value)
+        elif value is None or isinstance(value, bool) or _finite_number(value):
+            device[key] = value
+        elif isinstance(value, str):
+            device[key] = clean_text(value)[:200]
+        elif isinstance(value, dict) and depth:  # e.g. the software versions
+            device[key] = provider_device(value, depth - 1)
+    return device
+
+
+def provider_capability(raw: Any) -> dict[str, Any] | None:
+    """A provider's measured capability, or None where a figure is missing, not a
+    finite number, negative or past :data:`MAX_PLAUSIBLE_RATE`."""
+    if not isinstance(raw, dict):
+        return None
+    figures = {name: raw.get(name) for name in CAPABILITY_FIGURES}
+    if figures["tflops_bf16"] is None:  # not measured on every device
+        figures.pop("tflops_bf16")
+    if not all(_finite_number(value) and 0 <= value <= MAX_PLAUSIBLE_RATE for value in figures.values()):
+        return None
+    return {"tflops_bf16": None, **{name: float(value) for name, value in figures.items()},
+            "bf16_native": raw.get("bf16_native") is True}
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def device_columns(device: dict[str, Any] | None) -> tuple[str, str, str]:

@@ -211,11 +211,12 @@ def disagreement(a: JobResult, b: JobResult, tolerance: Tolerance) -> Mismatch |
 
 
 def preview(result: JobResult, limit: int = 80) -> str:
-    """A short repr of what a copy returned, for messages."""
+    """A short repr of what a copy returned, for messages (a provider's text: terminal
+    escapes removed, as a DataFrame's repr keeps its strings' raw)."""
     try:
-        text = repr(_decoded(result))
+        text = codec.clean_text(repr(_decoded(result)))
     except Exception as exc:  # noqa: BLE001
-        text = f"<undecodable: {exc}>"
+        text = codec.clean_text(f"<undecodable: {exc}>")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -91,6 +91,34 @@ def test_compare_data_frames_by_column() -> None:
     assert compare(a, a[["v", "k"]], Tolerance(1.0, 1.0)) is not None
 
 
+@pytest.mark.parametrize("a, b", [
+    (np.array([1 + 1j, 2 + 2j]), np.array([1 - 5j, 2 + 9j])),  # the imaginary parts count
+    (np.array([True, False]), np.array([1, 0])),
+    ({1: "a"}, {True: "a"}),
+    ({(1, 2): "a"}, {(1.0, 2): "a"}),
+    ((1, 2), [1, 2]),
+    ("abc", b"abc"),
+])
+def test_compare_tells_apart_what_only_looks_equal(a, b) -> None:
+    assert compare(a, b, Tolerance(1e-3, 1e-3)) is not None
+
+
+def test_compare_series_and_frames_by_index_and_kind() -> None:
+    import pandas as pd
+
+    loose = Tolerance(1.0, 1.0)
+    a = pd.Series([1.0, 2.0], index=["alice", "bob"], name="score")
+    assert compare(a, a.copy(), loose) is None
+    assert compare(a, pd.Series([1.0, 2.0], index=["bob", "alice"], name="score"), loose) is not None
+    assert compare(a, a.rename("other"), loose) is not None
+    assert compare(a, a.to_frame(), loose) is not None
+    assert compare(np.array([1.0, 2.0]), a, loose) is not None
+    frame = pd.DataFrame({"x": [1, 2]}, index=["a", "b"])
+    assert compare(frame, pd.DataFrame({"x": [1, 2]}, index=["evil", "b"]), loose) is not None
+    assert compare(pd.DataFrame({1: [1]}), pd.DataFrame({True: [1]}), loose) is not None
+    assert compare(np.array([1 + 1j]), np.array([1 + 1.000001j]), Tolerance(1e-3, 0.0)) is None
+
+
 @pytest.mark.parametrize("weights", [[1.0], [1, 1, 3], [0.5, 2.0, 0.0, 1.5], [3, 1, 1, 1, 1, 1, 1]])
 @pytest.mark.parametrize("total", [0, 7, 1001])
 def test_weighted_chunks_are_proportional_and_cover(weights: list[float], total: int) -> None:
