@@ -4,6 +4,9 @@ for one instead of failing."""
 
 from __future__ import annotations
 
+import re
+import signal
+import threading
 import time
 
 import pytest
@@ -79,3 +82,38 @@ def test_a_bad_flag_is_a_usage_error_even_when_not_connected(shell, detached):
 
     with pytest.raises(UsageError, match="--verify must be"):
         shell.run_cell_magic("gpunet", "--verify sometimes", "x = 1")
+
+
+def _loop_writing(path: str) -> None:
+    """Write to ``path`` until stopped (what Ctrl-C stops)."""
+    while True:
+        with open(path, "a") as beacon:
+            beacon.write(".")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_in_net_run_says_one_line_and_raises_a_bare_interrupt(net, tmp_path, capsys):
+    beacon = tmp_path / "beacon"
+    main = threading.get_ident()
+    done = threading.Event()
+
+    def interrupt_once_it_runs():  # Ctrl-C while the function runs remotely (bounded)
+        deadline = time.monotonic() + 60
+        while not beacon.exists() and time.monotonic() < deadline and not done.is_set():
+            time.sleep(0.02)
+        if not done.is_set():
+            signal.pthread_kill(main, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_once_it_runs, daemon=True)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            net.run(_loop_writing, str(beacon), timeout=30)  # bounded even if the signal were lost
+    finally:
+        done.set()
+        interrupter.join(timeout=10)
+    assert beacon.exists(), "the function never ran"
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gpunet:")]
+    assert len(lines) == 1 and re.fullmatch(r"gpunet: cancelled after \d+\.\d s \(.+\)", lines[0]), lines
+    assert caught.value._render_traceback_() == ["KeyboardInterrupt"]
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__

@@ -234,7 +234,7 @@ class CellRun:
             offer_for_reuse(self.remote.network, self.remote, self._results, self.provenance)
         except KeyboardInterrupt:  # stopped on its workers by the handle: say so in one line
             self._error = _interrupted()
-            line = f"gpunet: cancelled after {time.monotonic() - self.remote.submitted:.1f} s ({self._cost()})"
+            line = cancelled_line(self.remote)
             if self.progress is not None:
                 self.progress.cancelled(line)
             else:
@@ -246,19 +246,6 @@ class CellRun:
             hint = "" if foreground else ": _gpunet.result() shows it"
             note = f" ({type(self._error).__name__}{hint})" if self._error else ""
             self.progress.finish(ok=self._error is None, note=note)
-
-    def _cost(self) -> str:
-        """What a cell stopped by Ctrl-C was charged, once the scheduler closed its hold."""
-        meter = self.remote.network.meter
-        if meter is None:
-            return "not metered"
-        try:
-            charged = meter.charged(self.remote.placed_holds())
-        except Exception as exc:  # noqa: BLE001 - the line must come even so
-            return f"what it was charged is unknown: {type(exc).__name__}; %gpunet usage shows it"
-        if charged is None:
-            return "its hold is still settling; %gpunet usage shows what it cost"
-        return "nothing charged" if charged == 0 else f"charged {charged} credit{'s' if charged != 1 else ''}"
 
     def _collect_outputs(self, results: list[JobResult]) -> dict[str, Any]:
         """Decode every output first, so that one bad output changes nothing."""
@@ -298,6 +285,33 @@ class CellRun:
         if mapped:
             return {name: values for name, values in decoded.items() if any(r.outputs.get(name) for r in results)}
         return {name: values[0] for name, values in decoded.items() if name in results[0].outputs}
+
+
+def cancelled_line(remote: JobHandle) -> str:
+    """The one line that says a job was stopped by Ctrl-C, after how long, and what it was
+    charged once the scheduler closed its hold."""
+    return f"gpunet: cancelled after {time.monotonic() - remote.submitted:.1f} s ({_cost(remote)})"
+
+
+def stopped_by_ctrl_c(remote: JobHandle) -> KeyboardInterrupt:
+    """Print :func:`cancelled_line` for a ``net.run`` / ``net.map`` job stopped by Ctrl-C and
+    return the bare ``KeyboardInterrupt`` to raise in its place (no traceback through gpunet)."""
+    print(cancelled_line(remote), flush=True)
+    return _interrupted()
+
+
+def _cost(remote: JobHandle) -> str:
+    """What a job stopped by Ctrl-C was charged, once the scheduler closed its hold."""
+    meter = remote.network.meter
+    if meter is None:
+        return "not metered"
+    try:
+        charged = meter.charged(remote.placed_holds())
+    except Exception as exc:  # noqa: BLE001 - the line must come even so
+        return f"what it was charged is unknown: {type(exc).__name__}; %gpunet usage shows it"
+    if charged is None:
+        return "its hold is still settling; %gpunet usage shows what it cost"
+    return "nothing charged" if charged == 0 else f"charged {charged} credit{'s' if charged != 1 else ''}"
 
 
 def _interrupted() -> KeyboardInterrupt:

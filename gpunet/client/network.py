@@ -28,7 +28,7 @@ from distributed import Client
 
 from gpunet import wire
 from gpunet.client import data_comm, placement
-from gpunet.client.cells import CellRun, run_cell
+from gpunet.client.cells import CellRun, run_cell, stopped_by_ctrl_c
 from gpunet.client.local import EmbeddedNetwork
 from gpunet.codec import clean_text
 from gpunet.client.submit import function_job, function_value, submit
@@ -239,7 +239,10 @@ class Network:
         recorder = self._recorder(fn, {"args": list(args), "kwargs": kwargs}, "run", gpus=gpus, gpu_mem=gpu_mem,
                                   min_tflops=min_tflops, timeout=timeout, max_credits=max_credits, verify=verify,
                                   rtol=rtol, atol=atol)
-        results = remote.wait(timeout=wait_s)
+        try:
+            results = remote.wait(timeout=wait_s)
+        except KeyboardInterrupt:  # stopped on its workers by the handle: one line, no traceback
+            raise stopped_by_ctrl_c(remote) from None
         value = function_value(results[0])
         finish_record(recorder, remote, results, {"value": value}, show=True)
         return value
@@ -272,7 +275,10 @@ class Network:
         recorder = self._recorder(fn, {"items": items}, "map", gpus=gpus, gpu_mem=gpu_mem, min_tflops=min_tflops,
                                   timeout=timeout, max_credits=max_credits, placement=placement, verify=verify,
                                   rtol=rtol, atol=atol)
-        results = remote.wait(timeout=wait_s)
+        try:
+            results = remote.wait(timeout=wait_s)
+        except KeyboardInterrupt:  # stopped on its workers by the handle: one line, no traceback
+            raise stopped_by_ctrl_c(remote) from None
         values = [function_value(result) for result in results]
         finish_record(recorder, remote, results, {"value": values}, show=True)
         return values
