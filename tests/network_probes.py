@@ -3,8 +3,13 @@ still run, and a bounded wait for a positive event (never a fixed sleep)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 #: What a clean exit never prints: tracebacks, or a network shut down badly at exit.
@@ -64,3 +69,26 @@ def process_alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def ctrl_c_once_it_runs(beacon: Path, within: float = 60) -> Iterator[None]:
+    """Send this thread a SIGINT (Ctrl-C) once the remote job writes ``beacon``, at most
+    ``within`` seconds from now; the signal is not sent after the block has ended."""
+    main = threading.get_ident()
+    done = threading.Event()
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + within
+        while not beacon.exists() and time.monotonic() < deadline and not done.is_set():
+            time.sleep(0.02)
+        if not done.is_set():
+            signal.pthread_kill(main, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt, daemon=True)
+    interrupter.start()
+    try:
+        yield
+    finally:
+        done.set()
+        interrupter.join(timeout=10)

@@ -5,8 +5,6 @@ for one instead of failing."""
 from __future__ import annotations
 
 import re
-import signal
-import threading
 import time
 
 import pytest
@@ -15,6 +13,7 @@ from IPython.utils.capture import capture_output
 import gpunet
 from gpunet.client import placement
 from gpunet.errors import CellError, OptionError, PlacementError
+from network_probes import ctrl_c_once_it_runs
 
 
 def test_run_cell_lands_outputs_in_a_plain_dict(net, capsys):
@@ -94,24 +93,8 @@ def _loop_writing(path: str) -> None:
 
 def test_ctrl_c_in_net_run_says_one_line_and_raises_a_bare_interrupt(net, tmp_path, capsys):
     beacon = tmp_path / "beacon"
-    main = threading.get_ident()
-    done = threading.Event()
-
-    def interrupt_once_it_runs():  # Ctrl-C while the function runs remotely (bounded)
-        deadline = time.monotonic() + 60
-        while not beacon.exists() and time.monotonic() < deadline and not done.is_set():
-            time.sleep(0.02)
-        if not done.is_set():
-            signal.pthread_kill(main, signal.SIGINT)
-
-    interrupter = threading.Thread(target=interrupt_once_it_runs, daemon=True)
-    interrupter.start()
-    try:
-        with pytest.raises(KeyboardInterrupt) as caught:
-            net.run(_loop_writing, str(beacon), timeout=30)  # bounded even if the signal were lost
-    finally:
-        done.set()
-        interrupter.join(timeout=10)
+    with pytest.raises(KeyboardInterrupt) as caught, ctrl_c_once_it_runs(beacon):
+        net.run(_loop_writing, str(beacon), timeout=30)  # bounded even if the signal were lost
     assert beacon.exists(), "the function never ran"
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gpunet:")]
     assert len(lines) == 1 and re.fullmatch(r"gpunet: cancelled after \d+\.\d s \(.+\)", lines[0]), lines

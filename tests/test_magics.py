@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ from gpunet.errors import (
     PlacementError,
     UnpicklableInputError,
 )
-from network_probes import process_alive, running_jobs, spy_on_sending, wait_until
+from network_probes import ctrl_c_once_it_runs, process_alive, running_jobs, spy_on_sending, wait_until
 
 
 def run(ip, body, flags=""):
@@ -243,27 +242,13 @@ def test_timeout_of_a_cell_stuck_in_c_restarts_its_worker(ip, net):
 def test_interrupt_cancels_the_remote_task(ip, net, tmp_path):
     beacon = tmp_path / "beacon"
     ip.user_ns["beacon_path"] = str(beacon)
-    main = threading.get_ident()
-    done = threading.Event()
-
-    def interrupt_once_it_runs():  # Ctrl-C while the remote loop runs (bounded)
-        deadline = time.monotonic() + 60
-        while not beacon.exists() and time.monotonic() < deadline and not done.is_set():
-            time.sleep(0.02)
-        if not done.is_set():
-            signal.pthread_kill(main, signal.SIGINT)
-
-    interrupter = threading.Thread(target=interrupt_once_it_runs, daemon=True)
-    interrupter.start()
     body = "import time\nwhile True:\n    open(beacon_path, 'a').write('.')\n    time.sleep(0.05)"
     # --timeout bounds the cell even if the signal were lost: the worker is free again
     # after it, so one lost SIGINT fails this test, not the ones after it.
     try:
-        with pytest.raises(KeyboardInterrupt) as caught, capture_output() as captured:
+        with pytest.raises(KeyboardInterrupt) as caught, capture_output() as captured, ctrl_c_once_it_runs(beacon):
             ip.run_cell_magic("gpunet", "--quiet --timeout 30", body)
     finally:
-        done.set()
-        interrupter.join(timeout=10)
         handle = ip.user_ns.get("_gpunet")
         if handle is not None and not handle.done():
             handle.cancel()
