@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 import weakref
+from abc import ABC, abstractmethod
 from typing import Any, Iterable, Sequence
 
 #: The colours of states, shared by every display.
@@ -154,7 +155,7 @@ def _close_live_panels() -> None:
         live.close()
 
 
-class LivePanel:
+class LivePanel(ABC):
     """A display that refreshes itself (see the module docstring).
 
     A subclass reads its figures in :meth:`fetch` (called from the refreshing thread),
@@ -184,13 +185,13 @@ class LivePanel:
         self._lock = threading.Lock()
 
     # -- what a subclass gives ------------------------------------------------------------
+    @abstractmethod
     def fetch(self) -> None:
         """Read the figures again (network calls: runs in the refreshing thread)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def body_html(self) -> str:
         """The panel's figures and tables as HTML."""
-        raise NotImplementedError
 
     def plot_png(self) -> tuple[Any, bytes | None]:
         """``(key, png)``: the plot, redrawn only when ``key`` changes; ``(None, None)``: none."""
