@@ -193,7 +193,10 @@ def test_gpu_memory_that_no_worker_has_fails_at_once(ip):
     assert "GPU_MEM" in str(caught.value)
 
 
-def test_map_spreads_items_and_gathers_in_order(ip):
+def test_map_spreads_items_and_gathers_in_order(ip, net):
+    # A worker killed by an earlier test may still be restarting on a loaded machine:
+    # spreading needs both connected first.
+    wait_until(lambda: len(net.scheduler_workers(fresh=True)) >= 2, 60, "both workers to be connected")
     ip.user_ns["scale"] = 10
     run(ip, "import time, os\ntime.sleep(0.2)\nvalue = item * scale\npid = os.getpid()", flags="--map item=range(8) --quiet")
     assert ip.user_ns["value"] == [i * 10 for i in range(8)]
