@@ -56,6 +56,15 @@ CONNECT_TIMEOUT_S = 5.0
 RELEASE_AFTER_S = 0.1
 
 
+def _wait_or_say_cancelled(remote: JobHandle, wait_s: float | None) -> list[Any]:
+    """Wait for a ``net.run`` / ``net.map`` job; Ctrl-C (which stops it on its workers)
+    becomes one line and a bare ``KeyboardInterrupt``, as in a cell."""
+    try:
+        return remote.wait(timeout=wait_s)
+    except KeyboardInterrupt:
+        raise stopped_by_ctrl_c(remote) from None
+
+
 _current: Network | None = None
 _current_lock = threading.RLock()
 #: every network not yet closed, closed quietly when the interpreter exits
@@ -239,10 +248,7 @@ class Network:
         recorder = self._recorder(fn, {"args": list(args), "kwargs": kwargs}, "run", gpus=gpus, gpu_mem=gpu_mem,
                                   min_tflops=min_tflops, timeout=timeout, max_credits=max_credits, verify=verify,
                                   rtol=rtol, atol=atol)
-        try:
-            results = remote.wait(timeout=wait_s)
-        except KeyboardInterrupt:  # stopped on its workers by the handle: one line, no traceback
-            raise stopped_by_ctrl_c(remote) from None
+        results = _wait_or_say_cancelled(remote, wait_s)
         value = function_value(results[0])
         finish_record(recorder, remote, results, {"value": value}, show=True)
         return value
@@ -275,10 +281,7 @@ class Network:
         recorder = self._recorder(fn, {"items": items}, "map", gpus=gpus, gpu_mem=gpu_mem, min_tflops=min_tflops,
                                   timeout=timeout, max_credits=max_credits, placement=placement, verify=verify,
                                   rtol=rtol, atol=atol)
-        try:
-            results = remote.wait(timeout=wait_s)
-        except KeyboardInterrupt:  # stopped on its workers by the handle: one line, no traceback
-            raise stopped_by_ctrl_c(remote) from None
+        results = _wait_or_say_cancelled(remote, wait_s)
         values = [function_value(result) for result in results]
         finish_record(recorder, remote, results, {"value": values}, show=True)
         return values
