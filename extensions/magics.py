@@ -26,6 +26,7 @@ from gpunet.clitools import read_token_file
 from gpunet.errors import GpunetError, OptionError
 from gpunet.metering.meter import DEFAULT_HOLD_SECONDS, DEFAULT_ITEM_HOLD_SECONDS
 from gpunet.ui.receipt import SessionReceipt
+from gpunet.ui.environment import SessionEnvironment
 from gpunet.ui.status import NetworkStatus
 from gpunet.ui.usage import SessionUsage
 from gpunet.verify.quorum import Policy
@@ -78,12 +79,14 @@ def _without_comment(line: str) -> str:
 
 LINE_USAGE = """\
 %gpunet connect [SCHEDULER] [--credits URL] [--token-file PATH] [--budget CREDITS] [--workers N]
-                [--trust-providers] [--max-result-bytes N]
+                [--trust-providers] [--max-result-bytes N] [--pip REQ ...]
                            join SCHEDULER (or GPUNET_SCHEDULER), else start a local network;
                            results come back as data, or pickled with --trust-providers;
                            the token comes from --token-file or GPUNET_TOKEN (--token TOKEN works, but is
                            then saved with the notebook)
 %gpunet status             workers, their devices and free slots, the defaults of a cell
+%gpunet env                the packages this session asks for (found from its cells' imports, and
+                           --pip) and, per worker, whether its provider has them or would install them
 %gpunet usage              this session's credits: spent, held, left, tasks by worker
 %gpunet receipt            keep this session's checked receipt in the notebook
 %gpunet disconnect         close the connection (and the local network it started)
@@ -103,6 +106,9 @@ CONNECT_PARSER.add_argument("--trust-providers", action=_Once, nargs=0, const=Tr
                             help="a private network whose providers you trust: results come back pickled (any object)")
 CONNECT_PARSER.add_argument("--max-result-bytes", action=_Once, type=int, default=None, metavar="N",
                             help="largest result a job may bring back from providers not trusted (default 256 MiB)")
+CONNECT_PARSER.add_argument("--pip", action="append", default=None, metavar="REQ",
+                            help='a package every cell of the session asks for, e.g. --pip "tinycss2==1.4.0" '
+                                 "(repeatable; adds to or overrides what the cells' imports find)")
 
 
 @magics_class
@@ -132,6 +138,9 @@ class GpunetMagics(Magics):
     @argument("--timeout", action=_Once, type=float, default=None, metavar="SECONDS",
               help=f"stop the cell after this long (default: what its hold covers, {DEFAULT_HOLD_SECONDS:g} s; "
                    f"{DEFAULT_ITEM_HOLD_SECONDS:g} s per --map item; with --max-credits, that many credits' time)")
+    @argument("--pip", action="append", default=None, metavar="REQ",
+              help='a package the cell asks for, e.g. --pip "tinycss2==1.4.0" (repeatable; adds to or overrides '
+                   "the versions found from its imports)")
     @_flag("--no-block", help="return at once; outputs land when done (handle in _gpunet)")
     @_flag("--quiet", help="no progress display")
     @_flag("--no-reuse",
@@ -172,7 +181,8 @@ class GpunetMagics(Magics):
                 cell, shell.user_ns, gpus=args.gpus, gpu_mem=args.gpu_mem, min_tflops=args.min_tflops,
                 inputs=args.inputs, outputs=args.outputs, map=args.map, verify=args.verify, rtol=args.rtol,
                 atol=args.atol, max_credits=args.max_credits, timeout=args.timeout, block=not args.no_block,
-                quiet=args.quiet, travels=self._travels, handle="_gpunet", reuse=not args.no_reuse)
+                quiet=args.quiet, travels=self._travels, handle="_gpunet", reuse=not args.no_reuse,
+                pip=[_unquoted(req) for req in args.pip or ()])
         except OptionError as exc:
             raise UsageError(str(exc)) from None
         return None
@@ -194,9 +204,13 @@ class GpunetMagics(Magics):
                 token = read_token_file(args.token_file) if args.token_file else args.token
             except OptionError as exc:
                 raise UsageError(str(exc)) from None
-            net = connect(args.scheduler, workers=args.workers, credits=args.credits, token=token,
-                          budget=args.budget, trust_providers=args.trust_providers,
-                          max_result_bytes=args.max_result_bytes, replace=True)
+            try:
+                net = connect(args.scheduler, workers=args.workers, credits=args.credits, token=token,
+                              budget=args.budget, trust_providers=args.trust_providers,
+                              max_result_bytes=args.max_result_bytes, replace=True,
+                              pip=[_unquoted(req) for req in args.pip] if args.pip else None)
+            except OptionError as exc:
+                raise UsageError(str(exc)) from None
             where = net.address if net.embedded is None else f"a local network at {net.address}"
             note = f" ({net.embedded.note})" if net.embedded is not None else ""
             print(f"gpunet: connected to {where}{note}; dashboard: {net.dashboard_link or 'none'}")
@@ -211,12 +225,14 @@ class GpunetMagics(Magics):
             else:
                 print("gpunet: this network does not meter work: no credits are held or paid")
             return None
-        if command in ("status", "usage", "receipt", "disconnect") and rest:
+        if command in ("status", "usage", "receipt", "disconnect", "env") and rest:
             raise UsageError(f"%gpunet {command} takes no arguments, got {' '.join(rest)!r}")
         if command == "status":
             return NetworkStatus.of(current())
         if command == "usage":
             return SessionUsage(current())
+        if command == "env":
+            return SessionEnvironment(current())
         if command == "receipt":
             return SessionReceipt(current())
         if command == "disconnect":
@@ -238,6 +254,11 @@ class GpunetMagics(Magics):
         if name in ("_", "__", "___") or (name.startswith("_") and name.lstrip("_i").isdigit()):
             return False
         return not (name in hidden and hidden[name] is user_ns[name])
+
+
+def _unquoted(text: str) -> str:
+    """``"tinycss2==1.4.0"`` (quotes kept by the magic's word splitting) -> ``tinycss2==1.4.0``."""
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
 
 
 def full_usage() -> str:

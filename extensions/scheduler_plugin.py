@@ -111,6 +111,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         #: checked verdicts accepted, by (client, job): only those may be kept
         self.reusable = ReuseTable()
         self._checked: OrderedDict[tuple[str | None, str], set[str]] = OrderedDict()
+        #: worker address -> what its provider says is installed there (gpunet.worker.environment):
+        #: a claim the provider makes, kept only for workers registered to a provider
+        self.environments: dict[str, dict[str, Any]] = {}
 
     @property
     def providers(self) -> dict[str, dict[str, Any]]:
@@ -127,6 +130,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         self._client = CreditClient(self.credits_url, self.token)
         self.meter_account = await asyncio.to_thread(self._meter_account)
         scheduler.stream_handlers[wire.REGISTER_PROVIDER] = self._on_register_message
+        scheduler.stream_handlers[wire.ENVIRONMENT_CHANGED] = self._on_environment_message
         scheduler.handlers.update({
             wire.METERING_STATE: self.state,
             wire.RELEASE_HOLDS: self.release_holds,
@@ -136,6 +140,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             wire.EXECUTING: self.executing,
             wire.REUSE_STORE: self.reuse_store,
             wire.REUSE_LOOKUP: self.reuse_lookup,
+            wire.ENVIRONMENTS: self.environments_of_workers,
         })
         self.reporter = Reporter(self.settlement, self._client.batch, self._after)
         self.reporter.start()
@@ -263,6 +268,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         """Forget a worker that left: its address may be reused by someone else."""
         self.settlement.worker_left(worker)
+        self.environments.pop(worker, None)
         if self.door is not None:
             self.door.worker_left(worker)
 
@@ -299,6 +305,27 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     def reuse_lookup(self, key: str = "") -> dict[str, Any] | None:
         """Handler: the verified result kept under ``key`` (``{record, results}``), or None."""
         return self.reusable.get(key)
+
+    def environments_of_workers(self) -> dict[str, dict[str, Any]]:
+        """Handler: each provider's worker -> what its provider says is installed there,
+        whether it installs more for a session, and whose it is (``provider``)."""
+        return {address: {**report, "provider": self.settlement.providers[address].provider}
+                for address, report in self.environments.items() if address in self.settlement.providers}
+
+    def _on_environment_message(self, worker: str = "", environment: Any = None, **kwargs: Any) -> None:
+        """Stream handler: a provider's worker says its installed distributions changed.
+        Kept only for a worker already registered to a provider (on a private network
+        any trusted party could send it; on an open one only the worker's own stream)."""
+        if worker in self.settlement.providers:
+            self._keep_environment(worker, environment)
+
+    def _keep_environment(self, address: str, environment: Any) -> None:
+        report = checked_environment(environment)
+        if report is None:
+            logger.warning("gpunet metering: worker %s sent a malformed environment report; it is ignored", address)
+            self.environments.pop(address, None)
+        else:
+            self.environments[address] = report
 
     def charge_used(self, key: Any) -> int | None:
         """Handler: the notebook stops task ``key`` at its --max-credits; returns the
@@ -353,18 +380,20 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         return running
 
     # -- providers -----------------------------------------------------------------------
-    def _on_register_message(self, worker: str = "", token: str = "", rate: float = 1.0, **kwargs: Any) -> None:
+    def _on_register_message(self, worker: str = "", token: str = "", rate: float = 1.0, environment: Any = None,
+                             **kwargs: Any) -> None:
         """Stream handler. Dask passes the sending worker's address as ``worker``, but a
         message's own keys win over it, so anyone may claim any worker here:
         :meth:`register_provider` has the named worker confirm it first. On an open
         network the worker's stream can no longer name another worker, and its
         provider is the one its certificate binds (:meth:`register_certified`)."""
         if self.door is not None:
-            asyncio.ensure_future(self.register_certified(worker, rate))
+            asyncio.ensure_future(self.register_certified(worker, rate, environment))
         else:
-            asyncio.ensure_future(self.register_provider(worker, token, rate))
+            asyncio.ensure_future(self.register_provider(worker, token, rate, environment))
 
-    async def register_provider(self, address: str, token: str, rate: float) -> dict[str, Any]:
+    async def register_provider(self, address: str, token: str, rate: float,
+                                environment: Any = None) -> dict[str, Any]:
         """Check a worker's provider token and rate, and pay that provider for the
         worker's tasks from now on. Returns ``{"provider": account}`` or ``{"error": ...}``."""
         def check() -> str:
@@ -386,9 +415,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         except CreditsError as exc:
             return self._refuse(address, f"the credit service at {self.credits_url} did not accept this provider's "
                                          f"token: {exc}")
-        return await self._admit(address, account, rate)
+        return await self._admit(address, account, rate, environment)
 
-    async def register_certified(self, address: str, rate: float) -> dict[str, Any]:
+    async def register_certified(self, address: str, rate: float, environment: Any = None) -> dict[str, Any]:
         """Pay the provider whose certificate registered worker ``address`` (open
         network) for its tasks from now on, at ``rate``. Returns ``{"provider":
         account}`` or ``{"error": ...}``."""
@@ -396,7 +425,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         if account is None:
             self.refused_registrations += 1
             return self._refuse(address, f"{address} was not registered with a provider certificate", give_up=False)
-        return await self._admit(address, account, rate)
+        return await self._admit(address, account, rate, environment)
 
     def _refuse(self, address: str, error: str, give_up: bool = True) -> dict[str, Any]:
         if give_up:  # what the worker was owed is released: nobody is paid for it
@@ -404,7 +433,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         logger.error("gpunet metering: worker %s refused: %s", address, error)
         return {"error": error}
 
-    async def _admit(self, address: str, account: str, rate: float) -> dict[str, Any]:
+    async def _admit(self, address: str, account: str, rate: float, environment: Any = None) -> dict[str, Any]:
         """The checks every provider's worker passes, whoever said who it is."""
         if not (isinstance(rate, (int, float)) and 0 < rate <= self.max_rate):
             return self._refuse(address, f"a provider's rate must be in (0, {self.max_rate:g}] credits per second, "
@@ -418,6 +447,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             return self._refuse(address, f"provider {account} is quarantined until an operator clears it "
                                          "(gpunet credits clear-quarantine)")
         self._after(self.settlement.provider_registered(address, account, rate, self.scheduler.tasks))
+        if environment is not None:
+            self._keep_environment(address, environment)
         logger.info("gpunet metering: worker %s belongs to provider %s at %s credits/s", address, account, rate)
         return {"provider": account}
 
@@ -456,6 +487,31 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                                                     stimulus_id=f"gpunet-quarantine-{time.time()}")
             except Exception:  # noqa: BLE001 - a worker that is already gone is fine
                 logger.exception("gpunet metering: could not retire %s", workers)
+
+
+#: Most distributions an environment report may list, and the longest name or version kept.
+MAX_REPORTED_PACKAGES = 5000
+MAX_PACKAGE_TEXT = 200
+
+
+def checked_environment(report: Any) -> dict[str, Any] | None:
+    """A provider's environment report as the scheduler keeps it (only the expected
+    fields, each of its type, sizes capped), or None when it is malformed."""
+    if not isinstance(report, dict):
+        return None
+    packages = report.get("packages")
+    installs = report.get("installs")
+    if (not isinstance(packages, dict) or len(packages) > MAX_REPORTED_PACKAGES
+            or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_PACKAGE_TEXT
+                       and len(v) <= MAX_PACKAGE_TEXT for k, v in packages.items())):
+        return None
+    if installs is not None and not (isinstance(installs, dict) and all(
+            type(installs.get(key)) in kinds for key, kinds in
+            (("max_bytes", (int,)), ("max_seconds", (int, float)), ("builds", (bool,))))):
+        return None
+    return {"packages": dict(packages), "installs": dict(installs) if installs is not None else None,
+            "gpu": report.get("gpu") is True, "python": str(report.get("python", ""))[:16],
+            "platform": str(report.get("platform", ""))[:64]}
 
 
 def _compute_seconds(kwargs: dict[str, Any]) -> float:

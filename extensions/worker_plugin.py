@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from gpunet.certs import PROVIDER, own_identity
+from gpunet.paths import data_dir
 from gpunet.roles import WorkerDoor
-from gpunet.wire import CONFIRM_PROVIDER, REGISTER_PROVIDER, token_digest
+from gpunet.wire import CONFIRM_PROVIDER, ENVIRONMENT_CHANGED, REGISTER_PROVIDER, token_digest
 from gpunet.worker.device import (
     PROVIDER_RATE_ENV,
     PROVIDER_TOKEN_ENV,
@@ -35,6 +36,7 @@ from gpunet.worker.device import (
     has_gpu_resource,
     memory_limit,
 )
+from gpunet.worker.environment import InstallPolicy, SessionEnvironments, environment_report, path_fingerprint
 from gpunet.worker.runner import install_routers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,6 +52,8 @@ class GpunetWorkerPlugin(WorkerPlugin):
 
     name = "gpunet-device"
     idempotent = True
+    #: How often a provider's worker looks whether its installed distributions changed.
+    ENVIRONMENT_CHECK_S = 10.0
 
     def __init__(self, provider_token: str | None = None, rate: float = 1.0, *, certified: bool = False) -> None:
         self.provider_token = provider_token
@@ -67,8 +71,17 @@ class GpunetWorkerPlugin(WorkerPlugin):
         if self.provider_token:
             worker.handlers[CONFIRM_PROVIDER] = self.confirm_provider
         if self.provider_token or self.certified:
+            # A provider's machine is not the notebook's: it says what it has installed (and
+            # whether it installs more for a session), when it joins and when that changes.
+            policy = InstallPolicy.from_env()
+            worker.gpunet_environment = await asyncio.to_thread(
+                environment_report, gpu=worker.gpunet_device["kind"] == "gpu", policy=policy)
+            if policy is not None:
+                worker.gpunet_environments = SessionEnvironments(
+                    data_dir() / "environments" / f"worker-{os.getpid()}", data_dir() / "wheels", policy)
             # Setup may run before the worker is connected; register once it is.
             self._registering = asyncio.ensure_future(self._register_when_connected(worker))
+            self._watching = asyncio.ensure_future(self._watch_environment(worker))
 
     def confirm_provider(self, digest: str = "") -> bool:
         """Handler: whether this worker's provider token has ``digest``. The scheduler
@@ -84,13 +97,37 @@ class GpunetWorkerPlugin(WorkerPlugin):
         while loop.time() < deadline:
             stream = worker.batched_stream
             if stream is not None and stream.comm is not None and not stream.comm.closed():
-                message = {"op": REGISTER_PROVIDER, "rate": self.rate}
+                message = {"op": REGISTER_PROVIDER, "rate": self.rate, "environment": worker.gpunet_environment}
                 if not self.certified:
                     message["token"] = self.provider_token
                 worker.batched_send(message)
                 return
             await asyncio.sleep(0.05)
         logger.error("gpunet worker %s never connected to its scheduler; it was not registered", worker.address)
+
+    async def _watch_environment(self, worker: Worker) -> None:
+        """Tell the scheduler again what is installed when the folders on ``sys.path`` change."""
+        seen = path_fingerprint()
+        while worker.status.name not in ("closing", "closed", "failed"):
+            await asyncio.sleep(self.ENVIRONMENT_CHECK_S)
+            now = path_fingerprint()
+            if now == seen:
+                continue
+            seen = now
+            report = await asyncio.to_thread(environment_report, gpu=worker.gpunet_device["kind"] == "gpu",
+                                             policy=InstallPolicy.from_env())
+            if report["packages"] != worker.gpunet_environment["packages"]:
+                worker.gpunet_environment = report
+                worker.batched_send({"op": ENVIRONMENT_CHANGED, "environment": report})
+
+    async def teardown(self, worker: Worker) -> None:
+        """Stop watching the environment."""
+        watching = getattr(self, "_watching", None)
+        if watching is not None:
+            watching.cancel()
+        environments = getattr(worker, "gpunet_environments", None)
+        if environments is not None:
+            await asyncio.to_thread(environments.close)
 
 
 async def dask_setup(worker: Worker) -> None:

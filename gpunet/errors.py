@@ -12,6 +12,7 @@ what happened, the values involved, and what to do next::
     ├── OptionError             a flag or argument has a value gpunet cannot use (the magic: a usage error)
     │   └── PolicyError         --verify / --rtol / --atol cannot be used (also a VerificationError)
     ├── PlacementError          no worker can ever satisfy the requested resources
+    │   └── PackageError        no provider has (or may install) the packages a cell needs, or an install failed
     ├── RemoteCellError         the cell raised on the worker (remote traceback kept; a built-in
     │                           exception type stays catchable: ``except KeyError`` works)
     ├── UnsupportedResultError  an output the data codec cannot carry from an untrusted provider (also a TypeError)
@@ -107,6 +108,13 @@ class ReproduceError(GpunetError):
 
 class PlacementError(GpunetError):
     """No worker in the network can ever satisfy the requested resources."""
+
+
+class PackageError(PlacementError):
+    """The packages a cell needs: no provider has them at the versions asked (nor may
+    install them), or an install on a provider failed (no wheel for its platform, a cap
+    exceeded); raised before the cell runs, saying which package, which versions and
+    which providers could run it."""
 
 
 class RemoteCellError(GpunetError):

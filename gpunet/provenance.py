@@ -20,7 +20,11 @@ A record holds:
 - ``flags``, ``seeds`` (the PRNG seeds the code passes as literals or names to
   ``jax.random.key`` and friends, found in its source), ``ran`` (each worker: its
   provider, device, measured capability, and the versions of Python, JAX, jaxlib,
-  NumPy, gpunet and the CUDA driver it reported), ``verification`` (policy, the
+  NumPy, gpunet and the CUDA driver it reported, and, where the job asked for packages,
+  the ``environment`` it ran in: the provider's own or a session's, each package's
+  version, the SHA-256 of each wheel installed), ``environment`` (the requirements the
+  job asked for, :mod:`gpunet.packages`; what ``gpunet reproduce`` asks for again),
+  ``verification`` (policy, the
   agreeing providers), ``payment`` (the holds that paid for it; the ledger entries
   are found from them in the session's receipt);
 - ``record_digest``: the codec digest of everything else in the record.
@@ -311,9 +315,13 @@ class Recorder:
                 "worker": result.worker, "provider": known.get("provider"), "device": result.device,
                 "capability": known.get("capability"), "software": known.get("software"),
                 "tasks": 0, "seconds": 0.0, "rate": known.get("rate")})
+            if result.environment is not None:  # what the provider says it ran with (gpunet.worker.environment)
+                entry["environment"] = result.environment
             entry["tasks"] += 1
             entry["seconds"] = round(entry["seconds"] + result.seconds, 4)
         record["ran"] = list(ran.values())
+        if handle.job.requirements:
+            record["environment"] = {"requirements": dict(sorted(handle.job.requirements.items()))}
         record["verification"] = _verification(handle)
         record["payment"] = _payment(network, handle, record["ran"])
         return seal(record)

@@ -97,12 +97,37 @@ def execute(notebook: Any, *, directory: Path, connect: str | None = None, timeo
     executed = copy.deepcopy(notebook)
     env = {name: value for name, value in os.environ.items() if name != "GPUNET_SCHEDULER"}
     env[REUSE_ENV] = "0"  # every cell computes again: a reused result would prove nothing
+    asked = recorded_requirements(notebook)
+    if asked:  # the re-run asks for the packages the records name, at their versions
+        env["GPUNET_PIP"] = " ".join(f"{name}{spec}" for name, spec in sorted(asked.items()))
     if connect:
         env["GPUNET_SCHEDULER"] = connect
     client = NotebookClient(executed, timeout=timeout, kernel_name="python3", allow_errors=True,
                             resources={"metadata": {"path": str(directory)}})
     client.execute(env=env)
     return executed
+
+
+def recorded_requirements(notebook: Any) -> dict[str, str]:
+    """The packages the notebook's provenance records say its jobs asked for
+    (``{name: specifier}``; where two records disagree, the later wins)."""
+    asked: dict[str, str] = {}
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        for record in records_in(cell.get("outputs", [])):
+            requirements = (record.get("environment") or {}).get("requirements") or {}
+            if isinstance(requirements, dict):
+                asked.update({str(name): str(spec) for name, spec in requirements.items()
+                              if _plain_requirement(str(name), str(spec))})
+    return asked
+
+
+def _plain_requirement(name: str, spec: str) -> bool:
+    """A name and a version specifier only: what a record may ask a re-run for (the
+    notebook may come from anyone; nothing else reaches the kernel's environment)."""
+    return (name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+            and all(part.isalnum() or part in "=<>!~.,*+" for part in spec))
 
 
 def gpunet_cells(notebook: Any) -> list[tuple[int, Any]]:

@@ -35,7 +35,7 @@ from typing import Any
 from gpunet.certs import GATEWAY, PROVIDER, SCHEDULER, Identity, identity_of_peer, watch_revocations
 from gpunet.errors import GpunetError, ProviderTaskError
 from gpunet.guarded_tls import SAFE_DESERIALIZERS, expect_scheduler_at, use_guarded_tls
-from gpunet.wire import EXECUTING, REGISTER_PROVIDER
+from gpunet.wire import ENVIRONMENT_CHANGED, EXECUTING, REGISTER_PROVIDER
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ PROVIDER_SCHEDULER_OPS: dict[str, str | None] = {
     EXECUTING: "workers",           # `gpunet provide` drains its own workers
 }
 #: The messages a worker's own stream may carry (Scheduler's worker_handlers), and
-#: gpunet's own registration message.
+#: gpunet's own registration and environment messages.
 #: Not ``add-keys``: a worker claiming a replica of a key it was never given would be
 #: asked for it by the gateway and other workers, and answer with its own pickle.
 WORKER_STREAM_OPS = frozenset({
@@ -364,7 +364,7 @@ class SchedulerDoor:
         if not isinstance(msg, dict):
             return None  # Dask's "OK" and the like
         op = msg.get("op")
-        if op not in WORKER_STREAM_OPS and op != REGISTER_PROVIDER:
+        if op not in WORKER_STREAM_OPS and op not in (REGISTER_PROVIDER, ENVIRONMENT_CHANGED):
             return f"{op!r} is not a worker's message"
         if any(key in msg for key in SENDER_KEYS):
             return "a worker's message may not say who sent it"

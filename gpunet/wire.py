@@ -27,6 +27,8 @@ ANNOTATION = "gpunet"
 INTERRUPTED = "JobInterrupted"
 #: The ``ename`` of a job whose encoded result went over its cap on the worker.
 TOO_LARGE = "ResultTooLarge"
+#: The ``ename`` of a job whose packages the worker could not provide (nothing of the cell ran).
+PACKAGES = "PackagesUnmet"
 
 #: How results travel (see gpunet.codec): pickled on the embedded network and on a
 #: private one that trusts its providers, as codec data everywhere else.
@@ -51,6 +53,7 @@ VERDICT = "gpunet_verdict"  # (client, job, copies, method, digest, checked): a 
 EXECUTING = "gpunet_executing"  # (workers) -> {worker: tasks processing there}: a provider drains its own
 REUSE_STORE = "gpunet_reuse_store"  # (client, job, key, record, results) -> kept: a verified result, for reuse
 REUSE_LOOKUP = "gpunet_reuse_lookup"  # (key) -> {record, results} | None: a verified result with that key
+ENVIRONMENTS = "gpunet_environments"  # () -> {worker: its provider's environment report}
 #: The name of the metering plugin on the scheduler.
 METERING_PLUGIN = "gpunet-metering"
 #: The modules Dask preloads into a gpunet scheduler / worker (``--preload``): gpunet's
@@ -64,6 +67,8 @@ REGISTER_PROVIDER = "gpunet-register-provider"
 #: Dask lets a message's own keys override the sender the scheduler adds, so anyone
 #: could send a registration that names another's worker; only the worker can confirm.
 CONFIRM_PROVIDER = "gpunet_confirm_provider"
+#: The stream message a provider's worker sends when its installed distributions changed.
+ENVIRONMENT_CHANGED = "gpunet-environment-changed"
 
 
 def token_digest(token: str) -> str:
@@ -107,6 +112,11 @@ class Job:
     #: travels only inside the task, so no other party can make an event the
     #: notebook accepts for this job
     event_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    #: the distributions the job needs ({name: specifier}, gpunet.packages); empty: the
+    #: worker's own environment is taken as it is
+    requirements: dict[str, str] = field(default_factory=dict)
+    #: the notebook session: a worker builds one environment per session and requirements
+    session: str = ""
 
 
 @dataclass
@@ -136,6 +146,9 @@ class JobResult:
     error: dict[str, Any] | None = None
     #: how ``outputs`` and ``value`` are encoded: PICKLE or CODEC
     result_format: str = PICKLE
+    #: the environment it ran in, where it asked for packages: ``{"kind": "base" | "session",
+    #: "packages": {name: version}, ...}`` (gpunet.worker.environment)
+    environment: dict[str, Any] | None = None
 
     @property
     def seconds(self) -> float:

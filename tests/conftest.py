@@ -80,6 +80,7 @@ E2E_FIXTURES = {
     "market",         # test_providers.py: credit service + `gpunet scheduler/provide` processes
     "hostile",        # test_hostile_providers.py: the same, with a provider that attacks the notebook
     "liar_market",    # test_verification.py: gpunet.testing.local_market
+    "package_site", "package_market",  # test_packages.py: pip from the registry, gpunet.testing.local_market
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "departing_market", "liar_market_to_quarantine",  # test_departures.py: gpunet.testing.local_market
     "open_market",    # test_open_network.py: certificates, credit service, `gpunet scheduler/provide` over TLS

@@ -16,9 +16,10 @@ from typing import Any
 GPUNET = [sys.executable, "-m", "gpunet.cli"]
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    """Start `gpunet ARGS` in its own process group (so Ctrl-C can reach all of it)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `gpunet ARGS` in its own process group (so Ctrl-C can reach all of it), with
+    ``env`` added to this process's environment."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.Popen(GPUNET + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
 
@@ -52,9 +53,12 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 6
 
 
 @contextlib.contextmanager
-def metered_network(place: Path, providers: list[str], client: str, credits: int = 10_000) -> Iterator[dict]:
+def metered_network(place: Path, providers: list[str], client: str, credits: int = 10_000, *,
+                    provider_args: dict[str, list[str]] | None = None,
+                    provider_env: dict[str, dict[str, str]] | None = None) -> Iterator[dict]:
     """A credit service, `gpunet scheduler --private --credits` and one `gpunet provide` process per
-    provider account, on 127.0.0.1; ``client`` is a client account holding ``credits``.
+    provider account (with ``provider_args[name]`` and ``provider_env[name]``), on 127.0.0.1;
+    ``client`` is a client account holding ``credits``.
     Yields {"service", "operator", "address", "tokens", "providers": {name: process}};
     stops every part on exit."""
     from gpunet.credits import serve_in_background
@@ -76,7 +80,8 @@ def metered_network(place: Path, providers: list[str], client: str, credits: int
             token_file.write_text(tokens[name])
             token_file.chmod(0o600)
             provide = start(["provide", address, "--credits", service.url, "--token-file", str(token_file),
-                             "--host", "127.0.0.1"])
+                             "--host", "127.0.0.1", *(provider_args or {}).get(name, [])],
+                            env=(provider_env or {}).get(name))
             processes.append(provide)
             expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
             running[name] = provide

@@ -32,6 +32,12 @@ from gpunet.wire import (
     WORKER_PRELOAD,
 )
 from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus
+from gpunet.worker.environment import (
+    DEFAULT_MAX_INSTALL_BYTES,
+    DEFAULT_MAX_INSTALL_SECONDS,
+    INSTALLS_ENV,
+    InstallPolicy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +112,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     provide.add_argument("--workers", type=int, default=1, help="CPU workers where there is no GPU (default 1)")
     provide.add_argument("--name", default=None, help="worker name prefix (default: the provider account)")
     provide.add_argument("--rate", type=float, default=1.0, help="credits per device-second (default 1)")
+    provide.add_argument("--allow-installs", action="store_true",
+                         help="build a session its own virtual environment, over this host's Python, with the "
+                              "packages its cells need that this host lacks (binary wheels from the registry, PIP_INDEX_URL "
+                              "if set; off by default)")
+    provide.add_argument("--install-max-mb", type=float, default=DEFAULT_MAX_INSTALL_BYTES / 1e6, metavar="MB",
+                         help="most megabytes one session's install may download "
+                              f"(default {DEFAULT_MAX_INSTALL_BYTES / 1e6:.0f})")
+    provide.add_argument("--install-max-seconds", type=float, default=DEFAULT_MAX_INSTALL_SECONDS, metavar="S",
+                         help=f"longest one session's install may take (default {DEFAULT_MAX_INSTALL_SECONDS:g})")
+    provide.add_argument("--allow-builds", action="store_true",
+                         help="with --allow-installs: also build source distributions (this runs their build code "
+                              "on this host; off by default: binary wheels only)")
     provide.add_argument("--host", default=None, help="interface the workers listen on (default: the one that "
                                                        "reaches the scheduler)")
     provide.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
@@ -290,6 +308,7 @@ def _provide(args: Any) -> int:
     if not args.rate > 0:
         raise GpunetError(f"--rate must be a positive number of credits per device-second, got {args.rate}")
     os.environ[PROVIDER_RATE_ENV] = str(args.rate)
+    _install_policy(args)
     if security is not None:
         if args.token or args.token_file or os.environ.get("GPUNET_TOKEN"):
             raise OptionError("an open network pays the account the provider certificate names: drop --token-file "
@@ -310,6 +329,20 @@ def _provide(args: Any) -> int:
     os.environ[PROVIDER_TOKEN_ENV] = token
     with CreditClient(url, token, retries=0) as me:
         return asyncio.run(_run_provider(args, account, me=me))
+
+
+def _install_policy(args: Any) -> None:
+    """Tell the worker processes whether and within which caps they install a session's packages."""
+    if not args.allow_installs:
+        if args.allow_builds:
+            raise OptionError("--allow-builds only matters with --allow-installs: add it, or drop --allow-builds")
+        os.environ.pop(INSTALLS_ENV, None)
+        return
+    if not (args.install_max_mb > 0 and args.install_max_seconds > 0):
+        raise OptionError(f"--install-max-mb and --install-max-seconds must be above 0, got {args.install_max_mb:g} "
+                          f"and {args.install_max_seconds:g}")
+    policy = InstallPolicy(int(args.install_max_mb * 1e6), args.install_max_seconds, args.allow_builds)
+    os.environ[INSTALLS_ENV] = policy.to_env()
 
 
 #: `gpunet provide`'s exit status when the provider's workers left because it is quarantined.

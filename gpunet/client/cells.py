@@ -49,12 +49,15 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
              map: str | None = None, verify: str | Policy | None = None,  # noqa: A002 - the flag's name
              rtol: float | None = None, atol: float | None = None, max_credits: float | None = None,
              timeout: float | None = None, block: bool = True, quiet: bool = False,
-             travels: Callable[[str], bool] | None = None, handle: str | None = None, reuse: bool = True) -> CellRun:
+             travels: Callable[[str], bool] | None = None, handle: str | None = None, reuse: bool = True,
+             pip: Iterable[str] | str | None = None) -> CellRun:
     """Run ``code`` on a worker of ``net`` with its inputs from ``namespace`` and land
     its outputs there; the options mean what the ``%%gpunet`` flags of the same names
     mean (``map="seed=range(8)"`` is ``--map``, ``block=False`` is ``--no-block``,
     ``reuse=False`` is ``--no-reuse``: a ``verify`` cell whose code and inputs match a
-    verified result the network keeps gets that result at no cost, see :mod:`gpunet.reuse`).
+    verified result the network keeps gets that result at no cost, see :mod:`gpunet.reuse`;
+    ``pip=["pkg==1.2"]`` is ``--pip``: requirements added to, or overriding, those found
+    from the cell's imports, see :mod:`gpunet.packages`).
 
     Detected inputs that ``namespace`` lacks, or for which ``travels(name)`` is
     false (IPython's own names, for the magic), do not travel. With ``handle`` the
@@ -71,6 +74,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
         raise OptionError("--max-credits needs a metered network: %gpunet connect --credits URL --token TOKEN, "
                           "or %gpunet connect with no address for a local one")
     analysis = analyze(code)
+    pip = [pip] if isinstance(pip, str) else list(pip or ())
     map_name, items = _map_items(map, namespace)
     asked_inputs, asked_outputs = _names(inputs), _names(outputs)
     if asked_inputs is not None:
@@ -97,7 +101,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     )
     flags = dict(gpus=gpus, gpu_mem=gpu_mem, min_tflops=min_tflops, inputs=inputs, outputs=outputs, map=map,
                  verify=None if verify is None else str(verify), rtol=rtol, atol=atol, max_credits=max_credits,
-                 timeout=timeout)
+                 timeout=timeout, pip=pip or None)
     record = partial(Recorder.start, Recorder.for_cell, code, {name: namespace[name] for name in input_names},
                      map_name=map_name, items=items, flags=flags, tolerance=tolerance)
     # a verified result the network already has is reused (gpunet.reuse); its key needs the digests first
@@ -105,7 +109,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     remote = reused_result(net, job, recorder, mapped=items is not None) if recorder is not None else None
     if remote is None:
         remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
-                            timeout=timeout, verify=verify, tolerance=tolerance)
+                            timeout=timeout, verify=verify, tolerance=tolerance, pip=pip)
     progress = None if quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
     recorder = recorder or record()  # otherwise the inputs' digests are taken while the cell runs
     cell = CellRun(namespace, remote, analysis, progress, timeout=wait_s, recorder=recorder)

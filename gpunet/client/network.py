@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from distributed import Client
 
-from gpunet import wire
+from gpunet import packages, wire
 from gpunet.client import data_comm, placement
 from gpunet.client.cells import CellRun, run_cell, stopped_by_ctrl_c
 from gpunet.client.local import EmbeddedNetwork
@@ -83,8 +83,15 @@ class Network:
                  meter: Meter | None = None, result_format: str = wire.PICKLE,
                  max_result_bytes: int = wire.DEFAULT_MAX_RESULT_BYTES,
                  max_stream_bytes_per_s: int = wire.DEFAULT_MAX_STREAM_BYTES_PER_S,
-                 address: str | None = None) -> None:
+                 address: str | None = None, pip: Iterable[str] = ()) -> None:
         self.client = client
+        #: ``--pip`` requirements every job of this session asks for (gpunet.packages)
+        self.pins = list(pip)
+        for pin in self.pins:
+            packages.parse_pin(pin)  # a bad one is an OptionError now, not at the first cell
+        #: what this session's jobs asked of providers' environments, by name (``%gpunet env``)
+        self.sent_requirements: dict[str, str] = {}
+        self._environments_cache: tuple[float, dict[str, dict[str, Any]] | None] = (0.0, None)
         self.embedded = embedded
         self.meter = meter
         #: how results come back: wire.PICKLE from the embedded network or providers the
@@ -207,6 +214,60 @@ class Network:
             return
         raise PlacementError(placement.never_runs_message(resources, workers))
 
+    def environment_reports(self, *, fresh: bool = False) -> dict[str, dict[str, Any]] | None:
+        """Each provider's worker -> what its provider says is installed there (a claim:
+        see :mod:`gpunet.packages`); None where the scheduler keeps no reports (no gpunet
+        scheduler plugin: its workers share the notebook's environment). Cached for a second."""
+        stamp, reports = self._environments_cache
+        if fresh or time.monotonic() - stamp > 1.0:
+            try:
+                reports = self.call_scheduler(wire.ENVIRONMENTS)
+            except Exception as exc:  # noqa: BLE001 - a scheduler without gpunet's plugin has no such handler
+                logger.debug("gpunet: the scheduler keeps no environment reports (%s)", exc)
+                reports = None
+            self._environments_cache = (time.monotonic(), reports)
+        return reports
+
+    def environment_of(self, job: Job, pip: Iterable[str] = ()) -> packages.CellEnvironment:
+        """What ``job`` asks of a worker's environment: its imports at this notebook's
+        versions, with this session's and ``pip``'s requirements."""
+        pins = [*self.pins, *pip]
+        if job.code is not None:
+            return packages.for_code(job.code, pins)
+        return packages.for_function(job.function, pins) if job.function is not None else packages.resolve((), pins)
+
+    def place_packages(self, job: Job, resources: dict[str, float], workers: list[str] | list[list[str]] | None,
+                       pip: Iterable[str] = ()) -> list[str] | list[list[str]] | None:
+        """Restrict ``workers`` to those whose environment meets ``job``'s packages (or
+        that install them), set ``job.requirements`` for them, and return the new
+        restriction; :class:`~gpunet.errors.PackageError` before anything is sent when
+        no provider can. Where no worker reports an environment (the embedded network, a
+        private one's plain workers) nothing changes: they share the notebook's."""
+        reports = self.environment_reports()
+        pip = list(pip)
+        if not reports and not pip:
+            return workers
+        environment = self.environment_of(job, pip)
+        if not reports:
+            return workers
+        per_item = bool(workers) and isinstance(workers[0], list)
+        allowed = None if workers is None or per_item else set(workers)
+        candidates = [address for address, info in self.scheduler_workers().items()
+                      if placement.satisfies(info.get("resources") or {}, resources)
+                      and (allowed is None or address in allowed)]
+        chosen = packages.place(environment, reports, candidates)
+        job.requirements, job.session = dict(environment.requirements), self.session
+        self.sent_requirements.update(environment.requirements)
+        if chosen.workers is None:
+            return workers
+        if per_item:
+            narrowed = [[address for address in item if address in chosen.workers] for item in workers]
+            if not all(narrowed):
+                raise PlacementError("placement='capability' pins items to workers whose providers lack the packages "
+                                     f"the function needs; {packages.refusal(environment, reports, candidates)}")
+            return narrowed
+        return chosen.workers
+
     def waiting_reason(self, resources: dict[str, float], workers: list[str] | None = None) -> str:
         """Why a job asking for ``resources`` has not started: which workers could run
         it and how many of them are busy."""
@@ -312,13 +373,13 @@ class Network:
     def submit(self, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
                workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
                timeout: float | None = None, verify: str | Policy | None = None,
-               tolerance: Tolerance | None = None) -> JobHandle:
+               tolerance: Tolerance | None = None, pip: Iterable[str] = ()) -> JobHandle:
         """Send ``job`` (once, or once per item) and return its handle; see
         :func:`gpunet.client.submit.submit`."""
         if self._closed:
             raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
         return submit(self, job, resources=resources, items=items, workers=workers, max_credits=max_credits,
-                      timeout=timeout, verify=verify, tolerance=tolerance)
+                      timeout=timeout, verify=verify, tolerance=tolerance, pip=pip)
 
     # -- the scheduler plugin's named handlers ----------------------------------------------
     def call_scheduler(self, handler: str, **kwargs: Any) -> Any:
@@ -449,7 +510,7 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
             token: str | None = None, budget: int | None = None, metered: bool = True,
             timeout: float = CONNECT_TIMEOUT_S, trust_providers: bool = False,
             max_result_bytes: int | None = None, max_stream_bytes_per_s: int | None = None,
-            replace: bool = False) -> Network:
+            replace: bool = False, pip: Iterable[str] | None = None) -> Network:
     """Connect to a gpunet network and make it :func:`current`.
 
     ``address`` (or ``GPUNET_SCHEDULER``) joins that scheduler; with neither, an
@@ -468,6 +529,10 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     run). ``trust_providers=True``, for a private network whose providers you
     trust, brings back any object, pickled, as the embedded network does.
 
+    ``pip`` (``["pkg==1.2", ...]``, also ``GPUNET_PIP``, requirements separated by
+    spaces) adds requirements to, or overrides those found in, every job of the session
+    (:mod:`gpunet.packages`: a job's packages are found from its imports).
+
     While a network is connected (``%gpunet connect``), ``connect()`` with no
     arguments, or naming the same scheduler, returns that same network (closing it
     then closes only this use of it); asking for another network raises
@@ -477,8 +542,9 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     """
     global _current
     result_options = trust_providers or max_result_bytes is not None or max_stream_bytes_per_s is not None
-    explicit = (any(value is not None for value in (address, workers, credits, token, budget)) or not metered
+    explicit = (any(value is not None for value in (address, workers, credits, token, budget, pip)) or not metered
                 or result_options)
+    pip = list(pip) if pip is not None else os.environ.get("GPUNET_PIP", "").split()
     address = address or os.environ.get("GPUNET_SCHEDULER") or None
     credits = credits or os.environ.get("GPUNET_CREDITS") or None
     token = token or os.environ.get("GPUNET_TOKEN") or None
@@ -539,7 +605,7 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     try:
         meter = _open_meter(client, credits, token, budget) if credits is not None else None
         network = Network(client, embedded=embedded, meter=meter, result_format=result_format, address=address,
-                          **caps)
+                          pip=pip, **caps)
     except BaseException:
         client.close()
         if embedded is not None:

@@ -102,6 +102,8 @@ def checked_result(data: Any, where: str) -> JobResult:
     need(error is None or (isinstance(error, dict)
                            and all(isinstance(error.get(key), str) for key in ("ename", "evalue", "traceback"))),
          "error")
+    environment = data.get("environment")
+    need(environment is None or _environment_ok(environment), "environment")
     return JobResult(
         job_id=data["job_id"], index=data["index"], worker=text(data["worker"]), device=text(data["device"]),
         started=float(data["started"]), finished=float(data["finished"]), outputs=outputs, value=data["value"],
@@ -111,7 +113,31 @@ def checked_result(data: Any, where: str) -> JobResult:
         error=None if error is None else {"ename": text(error["ename"]), "evalue": text(error["evalue"]),
                                           "traceback": text(error["traceback"]), "exception": None},
         result_format=CODEC,
+        environment=None if environment is None else _clean_environment(environment),
     )
+
+
+def _environment_ok(environment: Any) -> bool:
+    """Whether a provider's account of the environment a job ran in has the expected shape:
+    string keys, and only strings, numbers and {str: str} maps as values."""
+    if not isinstance(environment, dict) or len(environment) > 32:
+        return False
+    for key, value in environment.items():
+        if not isinstance(key, str):
+            return False
+        if isinstance(value, dict):
+            if len(value) > 5000 or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                return False
+        elif not (value is None or isinstance(value, (str, int, float, bool))):
+            return False
+    return True
+
+
+def _clean_environment(environment: dict[str, Any]) -> dict[str, Any]:
+    text = codec.clean_text
+    return {text(key): ({text(k)[:200]: text(v)[:200] for k, v in value.items()} if isinstance(value, dict)
+                        else text(value)[:200] if isinstance(value, str) else value)
+            for key, value in environment.items()}
 
 
 def _strings(entry: Any, count: int) -> bool:

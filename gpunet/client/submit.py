@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ from gpunet.client.verified import VerifiedJob
 from gpunet.errors import (
     BudgetError,
     GpunetError,
+    PackageError,
     RemoteCellError,
     ResultTooLargeError,
     UnsupportedResultError,
@@ -93,6 +94,9 @@ def raise_for_error(result: JobResult, *, label: str = "") -> None:
         return
     if error["ename"] == wire.INTERRUPTED:
         raise GpunetError(f"the job was stopped on {result.worker}{label}")
+    if error["ename"] == wire.PACKAGES:
+        raise PackageError(f"{error['evalue']}{label}. Nothing of the job ran there; %gpunet env shows which "
+                           "providers have which packages.")
     if error["ename"] == wire.TOO_LARGE:
         raise ResultTooLargeError(f"the job on {result.worker}{label} went over a cap: {error['evalue']}; nothing "
                                   "of its result was loaded (return or print less, or raise the cap: "
@@ -403,7 +407,7 @@ def slice_placer(meter: Any, job_id: str, amount: int) -> Callable[[int], tuple[
 def submit(network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
            workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
            timeout: float | None = None, verify: str | Policy | None = None,
-           tolerance: Tolerance | None = None) -> RemoteJob | VerifiedJob:
+           tolerance: Tolerance | None = None, pip: Iterable[str] = ()) -> RemoteJob | VerifiedJob:
     """Send ``job`` (once, or once per item) to ``network`` and return its handle:
     a :class:`RemoteJob`, or a :class:`~gpunet.client.verified.VerifiedJob` with ``verify``.
 
@@ -411,6 +415,8 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     item (``placement="capability"``). On a metered network the job's hold is placed
     first (see :mod:`gpunet.metering.meter`): one hold for a cell, one shared by a
     map's items; a hold that cannot be placed refuses the job before anything is sent.
+    Only workers whose providers' environments meet the job's packages (or that install
+    them) may run it (:meth:`Network.place_packages`, with the ``pip`` requirements).
     """
     if items is not None and not items:
         raise GpunetError("nothing to send: the map has no items")
@@ -418,6 +424,7 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     job.max_result_bytes, job.max_stream_bytes_per_s = network.max_result_bytes, network.max_stream_bytes_per_s
     policy = Policy.parse(verify)
     network.check_placement(resources)
+    workers = network.place_packages(job, resources, workers, pip)
     if policy.active:
         if workers and isinstance(workers[0], list):
             raise VerificationError("placement='capability' pins items to workers, and verification needs "

@@ -61,6 +61,13 @@ class JobProgress:
             self._text(f"{self.label}: {rerun_after} was lost; re-running on {self.where}")
         self._render()
 
+    def installing(self, text: str) -> None:
+        """The worker installs the job's packages first ("installing 3 packages (12 MB) on P")."""
+        self.state = "installing"
+        self.reason = text
+        self._text(f"{self.label}: {text}")
+        self._render()
+
     def wants_reason(self) -> bool:
         """True when the job has waited long enough in the queue to say why (again)."""
         return (self.state == "queued" and self.elapsed > self.REASON_AFTER_S
@@ -124,7 +131,7 @@ class JobProgress:
             state = f"running on {self.where}"
         elif state == "done" and self.where:
             state = f"done on {self.where}"
-        elif state == "queued" and self.reason:
+        elif state in ("queued", "installing") and self.reason:
             state = self.reason
         items = f" {self.done_count}/{self.total}" if self.total > 1 else ""
         return f"{self.label}: {state}{items} · {self.elapsed:.1f} s"

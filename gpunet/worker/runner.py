@@ -44,9 +44,10 @@ import cloudpickle
 
 from gpunet import codec
 from gpunet.cell import cell_filename
-from gpunet.errors import UnsupportedResultError
-from gpunet.wire import CODEC, TOO_LARGE, Job, JobResult, result_to_event, sign_event, stream_allowance
+from gpunet.errors import PackageError, UnsupportedResultError
+from gpunet.wire import CODEC, PACKAGES, TOO_LARGE, Job, JobResult, result_to_event, sign_event, stream_allowance
 from gpunet.worker.device import describe_this_device, device_info
+from gpunet.worker.environment import PreparedEnvironment, installed_distributions, layered, unmet
 
 logger = logging.getLogger(__name__)
 
@@ -312,10 +313,13 @@ def run_job(
             _contexts[thread_id] = context
             _running[running_key] = thread_id
         _announce_later(job, worker, running_key, thread_id, device)
-        if job.code is not None:
-            _run_cell(job, item, context, result)
-        else:
-            _run_function(job, item, result)
+        with layered(_environment_for(job, worker, result)):
+            if job.code is not None:
+                _run_cell(job, item, context, result)
+            else:
+                _run_function(job, item, result)
+    except PackageError as exc:  # nothing of the cell ran
+        result.error = {"ename": PACKAGES, "evalue": str(exc), "traceback": "", "exception": None}
     except OutputTooLarge as exc:
         result.error = {"ename": TOO_LARGE, "evalue": str(exc), "traceback": "", "exception": None}
     except JobInterrupted as exc:
@@ -354,6 +358,40 @@ def encode_result(result: JobResult, max_bytes: int) -> bytes:
                                     error={"ename": TOO_LARGE, "evalue": f"its result is {len(blob):,} bytes, over "
                                            f"its cap of {max_bytes:,} bytes", "traceback": "", "exception": None})
     return codec.encode(result_to_event(too_large))
+
+
+def _environment_for(job: Job, worker: Any, result: JobResult) -> PreparedEnvironment | None:
+    """The environment ``job`` runs in: None for the worker's own (it meets the job's
+    requirements, or the job has none), else the session's, built now or reused
+    (:class:`~gpunet.worker.environment.SessionEnvironments`, where the provider allows
+    installs). Says which in ``result.environment``; :class:`PackageError` when the
+    requirements cannot be met here, before anything of the cell runs."""
+    if not job.requirements:
+        return None
+    report = getattr(worker, "gpunet_environment", None)
+    base = report["packages"] if report is not None else installed_distributions()
+    missing = unmet(job.requirements, base)
+    ran_with = {name: base[name] for name in sorted(job.requirements) if name in base}
+    if not missing:
+        result.environment = {"kind": "base", "packages": ran_with}
+        return None
+    environments = getattr(worker, "gpunet_environments", None)
+    lacking = ", ".join(f"{name}{job.requirements[name]} (has {have or 'none'})" for name, have in missing.items())
+    if environments is None:
+        raise PackageError(f"{result.worker} lacks {lacking} and its provider allows no installs")
+
+    def announce(count: int, size: int) -> None:
+        if job.topic is not None and worker is not None:
+            text = f"installing {count} package{'s' * (count != 1)} ({size / 1e6:.1f} MB) on {result.worker}"
+            worker.log_event(job.topic, sign_event(job.event_key, {"job": job.job_id, "kind": "installing",
+                                                                   "text": text}))
+
+    try:
+        prepared = environments.prepare(job.session, job.requirements, announce)
+    except PackageError as exc:
+        raise PackageError(f"{result.worker} could not install {lacking}: {exc}") from None
+    result.environment = {**prepared.describe(), "packages": {**ran_with, **prepared.installed}}
+    return prepared
 
 
 def _unregister(thread_id: int, running_key: str) -> None:

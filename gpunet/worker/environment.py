@@ -1,0 +1,403 @@
+"""A session's Python environment on a provider's worker: what the provider has installed,
+whether that satisfies a cell, and, where the provider allows installs, a virtual
+environment of the session's own built from the package registry.
+
+A cell travels with its *requirements* (``{distribution: specifier}``, e.g.
+``{"tinycss2": "==1.4.0"}``, found in the notebook: :mod:`gpunet.packages`). A worker
+whose own (base) environment satisfies them runs the cell there. Otherwise, where the
+provider started with ``gpunet provide --allow-installs``, :class:`SessionEnvironments`
+builds a virtual environment layered over the base (``python -m venv
+--system-site-packages``: only what the base lacks goes into it), once per session and
+requirements digest, and keeps it while the worker lives (at most
+:data:`ENVIRONMENTS_KEPT`, the least recently used removed first):
+
+1. pip resolves what the venv lacks (``--dry-run --report``: names, versions, URLs and
+   the registry's SHA-256 of each file), binary wheels only unless the provider
+   allows builds;
+2. each file not yet in the wheel cache that every session of this worker shares is
+   downloaded, its size counted against the provider's cap as it comes and its SHA-256
+   checked against the registry's;
+3. pip installs those files, and nothing else (``--no-index --no-deps``), within the
+   provider's time cap.
+
+:meth:`SessionEnvironments.prepare` returns a :class:`PreparedEnvironment`: the Python
+executable of the session (what a per-session sandbox process is started with) and
+its ``site-packages`` (what :func:`layered` puts first on ``sys.path`` when the cell runs
+in the worker process itself). Nothing here runs a cell.
+
+What an install lets a stranger do: choose packages from the registry that the
+provider's machine downloads and unpacks. A wheel runs no code when it is installed
+(an sdist's build would: refused unless the provider passes ``--allow-builds``); its
+code runs when the cell imports it, which is the cell running anyway. The size and time
+caps bound the disk and the minutes a client can take, and the environments kept bound
+how many a client can leave behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from gpunet.errors import PackageError
+from gpunet.worker.device import format_bytes
+
+#: How `gpunet provide --allow-installs` tells its worker processes its install policy (JSON).
+INSTALLS_ENV = "GPUNET_ALLOW_INSTALLS"
+#: Default caps of one session's install: bytes downloaded, seconds taken.
+DEFAULT_MAX_INSTALL_BYTES = 200 * 1024 * 1024
+DEFAULT_MAX_INSTALL_SECONDS = 300.0
+#: Session environments a worker keeps (the least recently used beyond this are removed).
+ENVIRONMENTS_KEPT = 8
+#: Most distributions a report may list (a provider's claim is capped like any message).
+MAX_REPORTED = 5000
+
+
+def canonical(name: str) -> str:
+    """A distribution's name as the registry compares it (PEP 503): ``Foo_Bar`` -> ``foo-bar``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_distributions(paths: list[str] | None = None) -> dict[str, str]:
+    """``{canonical name: version}`` of every distribution importable from ``paths``
+    (default ``sys.path``); where two carry one name, the first on the path wins, as
+    ``import`` does."""
+    found: dict[str, str] = {}
+    for distribution in metadata.distributions(path=paths if paths is not None else sys.path):
+        name = distribution.metadata["Name"] if distribution.metadata else None
+        if name:
+            found.setdefault(canonical(name), distribution.version)
+    return found
+
+
+def unmet(requirements: dict[str, str], installed: dict[str, str]) -> dict[str, str | None]:
+    """The requirements ``installed`` does not satisfy: ``{name: the version it has, or None}``."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion
+
+    missing: dict[str, str | None] = {}
+    for name, specifier in requirements.items():
+        have = installed.get(canonical(name))
+        try:
+            if have is not None and SpecifierSet(specifier).contains(have, prereleases=True):
+                continue
+        except (InvalidSpecifier, InvalidVersion):
+            pass
+        missing[name] = have
+    return missing
+
+
+def requirements_digest(requirements: dict[str, str]) -> str:
+    """The SHA-256 of a set of requirements, independent of their order."""
+    text = json.dumps({canonical(name): spec for name, spec in requirements.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def pip_lines(requirements: dict[str, str]) -> list[str]:
+    """``{"a": "==1", "b": ""}`` -> ``["a==1", "b"]``."""
+    return [f"{name}{spec}" for name, spec in sorted(requirements.items())]
+
+
+@dataclass(frozen=True)
+class InstallPolicy:
+    """What a provider lets a session install (``gpunet provide --allow-installs``)."""
+
+    max_bytes: int = DEFAULT_MAX_INSTALL_BYTES
+    max_seconds: float = DEFAULT_MAX_INSTALL_SECONDS
+    #: whether source distributions may be built (runs their build code on the provider)
+    builds: bool = False
+
+    def to_env(self) -> str:
+        """The policy as the worker processes read it (:data:`INSTALLS_ENV`)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> InstallPolicy | None:
+        """The policy :data:`INSTALLS_ENV` holds, or None (installs not allowed)."""
+        text = os.environ.get(INSTALLS_ENV)
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(int(data["max_bytes"]), float(data["max_seconds"]), bool(data.get("builds", False)))
+
+
+def environment_report(*, gpu: bool, policy: InstallPolicy | None) -> dict[str, Any]:
+    """What a provider's worker tells the scheduler about its environment (a claim, on an
+    open network: nothing checks it): its distributions, Python, platform, whether it
+    offers a GPU, and its install policy (None: no installs)."""
+    return {"packages": installed_distributions(), "python": "%d.%d" % sys.version_info[:2],
+            "platform": sysconfig.get_platform(), "gpu": gpu,
+            "installs": asdict(policy) if policy is not None else None}
+
+
+def path_fingerprint() -> tuple[tuple[str, float], ...]:
+    """The modification times of the folders on ``sys.path``: what changes when a
+    distribution is installed or removed there (cheap to take every few seconds)."""
+    stamps = []
+    for entry in sys.path:
+        try:
+            stamps.append((entry, os.stat(entry or ".").st_mtime))
+        except OSError:
+            continue
+    return tuple(stamps)
+
+
+# -- session environments --------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedEnvironment:
+    """A session's environment on this worker, ready for a cell."""
+
+    path: Path
+    #: the Python executable of the session: a sandbox process is started with it
+    python: Path
+    #: its own site-packages, put first on sys.path when the cell runs in the worker process
+    site_packages: Path
+    #: what it installed over the provider's base: {name: version}
+    installed: dict[str, str]
+    #: SHA-256 of each wheel installed, by file name
+    wheels: dict[str, str]
+    #: whether this call built it (False: reused)
+    built_now: bool = False
+    #: seconds the build took; wheels found in / missing from the shared cache
+    seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    downloaded_bytes: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    def describe(self) -> dict[str, Any]:
+        """What a result says about it (msgpack-friendly)."""
+        return {"kind": "session", "installed": dict(self.installed), "wheels": dict(self.wheels),
+                "built_now": self.built_now, "seconds": round(self.seconds, 3), "cache_hits": self.cache_hits,
+                "cache_misses": self.cache_misses, "downloaded_bytes": self.downloaded_bytes}
+
+
+class SessionEnvironments:
+    """The session environments of one worker, under ``root``, built within ``policy``'s
+    caps from the wheel cache ``wheels`` (which every worker of the machine may share)."""
+
+    def __init__(self, root: Path, wheels: Path, policy: InstallPolicy, *, python: str = sys.executable) -> None:
+        self.root = Path(root)
+        self.policy = policy
+        self.python = python
+        self.wheels = Path(wheels)
+        self._kept: OrderedDict[str, PreparedEnvironment] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def prepare(self, session: str, requirements: dict[str, str],
+                announce: Callable[[int, int], None] | None = None) -> PreparedEnvironment:
+        """The environment of ``session`` with ``requirements`` over the base, built now
+        (``announce(count, bytes)`` is called once the wheels are here, before pip
+        installs them) or reused; :class:`PackageError` saying which package and why
+        when it cannot be built within the policy (nothing of it is kept then)."""
+        key = hashlib.sha256(f"{session}\0{requirements_digest(requirements)}".encode()).hexdigest()[:24]
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is not None and kept.python.exists():
+                self._kept.move_to_end(key)
+                kept.built_now, kept.last_used = False, time.monotonic()
+                return kept
+            prepared = self._build(key, requirements, announce)
+            self._kept[key] = prepared
+            while len(self._kept) > ENVIRONMENTS_KEPT:
+                _, old = self._kept.popitem(last=False)
+                shutil.rmtree(old.path, ignore_errors=True)
+            return prepared
+
+    def close(self) -> None:
+        """Remove every environment kept (the wheel cache stays)."""
+        with self._lock:
+            self._kept.clear()
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _build(self, key: str, requirements: dict[str, str],
+               announce: Callable[[int, int], None] | None) -> PreparedEnvironment:
+        started = time.monotonic()
+        deadline = started + self.policy.max_seconds
+        path = self.root / key
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.wheels.mkdir(parents=True, exist_ok=True)
+        try:
+            self._run([self.python, "-m", "venv", "--system-site-packages", "--without-pip", str(path)],
+                      deadline, "making the session's virtual environment")
+            python = path / "bin" / "python"
+            plan = self._resolve(python, requirements, deadline)
+            files, hits, misses, fetched = self._fetch(plan, deadline)
+            if announce is not None:
+                announce(len(files), sum(file.stat().st_size for file in files))
+            if files:
+                self._run([self.python, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps",
+                           "--no-warn-script-location", "--disable-pip-version-check", "--quiet",
+                           *map(str, files)], deadline, "installing the wheels")
+            site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                       capture_output=True, text=True, check=True).stdout.strip())
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return PreparedEnvironment(
+            path, python, site, {entry["name"]: entry["version"] for entry in plan},
+            {file.name: entry["sha256"] for file, entry in zip(files, plan)}, built_now=True,
+            seconds=time.monotonic() - started, cache_hits=hits, cache_misses=misses, downloaded_bytes=fetched)
+
+    def _run(self, command: list[str], deadline: float, doing: str) -> str:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PackageError(f"the provider's install time cap of {self.policy.max_seconds:g} s ran out before "
+                               f"{doing}")
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=left,
+                                  env={**os.environ, "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+        except subprocess.TimeoutExpired:
+            raise PackageError(f"{doing} went over the provider's install time cap of "
+                               f"{self.policy.max_seconds:g} s") from None
+        if done.returncode != 0:
+            raise PackageError(f"{doing} failed: {_pip_reason(done.stderr)}")
+        return done.stdout
+
+    def _resolve(self, python: Path, requirements: dict[str, str], deadline: float) -> list[dict[str, Any]]:
+        """What pip would install into the venv for ``requirements`` (over the base):
+        ``[{name, version, url, sha256}]``, found without installing anything."""
+        binary = [] if self.policy.builds else ["--only-binary", ":all:"]
+        lines = pip_lines(requirements)
+        try:
+            out = self._run([self.python, "-m", "pip", "--python", str(python), "install", "--dry-run", "--quiet",
+                             "--report", "-", "--find-links", str(self.wheels), *binary, *lines], deadline,
+                            f"resolving {', '.join(lines)}")
+        except PackageError as exc:
+            wheel_note = "" if self.policy.builds else " (binary wheels only: this provider builds no sdists)"
+            raise PackageError(f"{exc}{wheel_note}") from None
+        plan = []
+        for item in json.loads(out or "{}").get("install", []):
+            info = item.get("download_info") or {}
+            hashes = (info.get("archive_info") or {}).get("hashes") or {}
+            plan.append({"name": canonical(item["metadata"]["name"]), "version": item["metadata"]["version"],
+                         "url": info.get("url", ""), "sha256": hashes.get("sha256", "")})
+        return plan
+
+    def _fetch(self, plan: list[dict[str, Any]], deadline: float) -> tuple[list[Path], int, int, int]:
+        """The files of ``plan`` in the shared wheel cache, downloading those it lacks
+        (size counted against the cap as they come, SHA-256 checked):
+        (files, cache hits, cache misses, bytes downloaded)."""
+        import requests
+
+        files, hits, misses, fetched = [], 0, 0, 0
+        for entry in plan:
+            url = entry["url"]
+            name = unquote(urlparse(url).path.rsplit("/", 1)[-1])
+            if not name:
+                raise PackageError(f"{entry['name']} {entry['version']} has no file to download")
+            target = self.wheels / name
+            if url.startswith("file:"):
+                target = Path(unquote(urlparse(url).path))
+            if target.exists() and (not entry["sha256"] or _sha256(target) == entry["sha256"]):
+                hits += 1
+                files.append(target)
+                continue
+            misses += 1
+            partial = target.with_name(target.name + f".part{os.getpid()}")
+            digest = hashlib.sha256()
+            try:
+                with requests.get(url, stream=True, timeout=max(1.0, deadline - time.monotonic())) as response:
+                    response.raise_for_status()
+                    with open(partial, "wb") as out:
+                        for chunk in response.iter_content(1 << 16):
+                            fetched += len(chunk)
+                            if fetched > self.policy.max_bytes:
+                                raise PackageError(
+                                    f"{entry['name']} {entry['version']} went over the provider's size cap of "
+                                    f"{format_bytes(self.policy.max_bytes)} for a session's install")
+                            if time.monotonic() > deadline:
+                                raise PackageError(f"downloading {entry['name']} went over the provider's install "
+                                                   f"time cap of {self.policy.max_seconds:g} s")
+                            digest.update(chunk)
+                            out.write(chunk)
+                if entry["sha256"] and digest.hexdigest() != entry["sha256"]:
+                    raise PackageError(f"{name} did not match the SHA-256 the registry lists for it; not installed")
+                partial.replace(target)
+            except requests.RequestException as exc:
+                raise PackageError(f"downloading {entry['name']} {entry['version']} failed: {exc}") from None
+            finally:
+                partial.unlink(missing_ok=True)
+            files.append(target)
+        return files, hits, misses, fetched
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pip_reason(stderr: str) -> str:
+    """pip's own reason, in a line or two (its ERROR lines, else its last line)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR:")]
+    return "; ".join(errors[:2]) or (lines[-1] if lines else "no reason given")
+
+
+@contextmanager
+def layered(prepared: PreparedEnvironment | None) -> Iterator[None]:
+    """Run the body with the session's ``site-packages`` first on ``sys.path`` (the cell
+    runs in this worker process: one cell at a time, as a worker has one device slot),
+    and forget the modules imported from it afterwards, so that the next session
+    imports its own. A module the process already holds from the base cannot be
+    replaced in place: :class:`PackageError` names it (a per-session sandbox, a process
+    started with the session's Python, has no such limit)."""
+    if prepared is None:
+        yield
+        return
+    import importlib
+
+    site = str(prepared.site_packages)
+    stale = [name for name in _top_level_modules(prepared.site_packages)
+             if name in sys.modules and not _module_file(name).startswith(site)]
+    if stale:
+        raise PackageError(f"the session's environment has its own {', '.join(sorted(stale))}, which this worker "
+                           "process had already imported from the provider's base; it cannot be replaced in a "
+                           "running process (the sandboxed runner starts a fresh process with the session's Python)")
+    sys.path.insert(0, site)
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if site in sys.path:
+            sys.path.remove(site)
+        for name, module in list(sys.modules.items()):
+            if (getattr(module, "__file__", None) or "").startswith(site):
+                del sys.modules[name]
+        importlib.invalidate_caches()
+
+
+def _module_file(name: str) -> str:
+    return getattr(sys.modules.get(name), "__file__", None) or ""
+
+
+def _top_level_modules(site: Path) -> list[str]:
+    """The importable top-level names a site-packages folder holds."""
+    names = []
+    for entry in site.iterdir() if site.exists() else ():
+        if entry.name.endswith((".dist-info", ".egg-info", ".pth")) or entry.name.startswith(("_", ".")):
+            continue
+        if entry.is_dir() or entry.suffix in (".py", ".so"):
+            names.append(entry.name.split(".")[0])
+    return names

@@ -1,0 +1,267 @@
+"""The cell's packages on a stranger's GPU (gpunet.packages, gpunet.worker.environment).
+
+The unit tier checks, from data, what a cell asks for and where it may run. The end-to-end
+tests start a market with two providers as processes: ``has`` has a small pure-Python
+package from the registry (tabulate, not in gpunet's install) on its workers' path, ``installs``
+lacks it and runs ``gpunet provide --allow-installs``'s policy. The notebook (this test
+process) has the package too, on its own path, so that the cell's import finds it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from gpunet_processes import metered_network, stop
+
+import gpunet
+from gpunet import packages
+from gpunet.errors import OptionError, PackageError
+from gpunet.extensions.scheduler_plugin import checked_environment
+from gpunet.worker.environment import INSTALLS_ENV, InstallPolicy, canonical, unmet
+
+PACKAGE, VERSION = "tabulate", "0.9.0"
+#: a version of it the registry has only as a source distribution: no wheel for any platform
+SDIST_ONLY = "0.8.2"
+#: a wheel larger than the installing provider's cap (100 kB; humanize's is about 127 kB)
+OVER_CAP = "humanize==4.9.0"
+
+
+# -- unit tier: what a cell asks for -------------------------------------------------------------------
+
+
+def test_imports_are_found_at_top_level_inside_functions_and_from_imports():
+    code = "import numpy as np\nfrom pandas import DataFrame\nfrom . import mine\ndef f():\n    import jax.numpy\n"
+    assert packages.modules_in_code(code) == ["numpy", "pandas", "jax"]
+
+
+def test_the_notebook_versions_are_asked_for_and_stdlib_and_gpunet_are_not():
+    import numpy
+
+    environment = packages.for_code("import os, json, numpy, gpunet\nimport not_a_module_anywhere\n")
+    assert environment.requirements == {"numpy": f"=={numpy.__version__}"}
+    assert environment.sources == {"numpy": "import numpy"}
+
+
+def test_pip_adds_and_overrides_and_a_bad_one_says_how_to_write_it():
+    environment = packages.for_code("import numpy\n", ["numpy>=1", "tabulate==0.9.0"])
+    assert environment.requirements == {"numpy": ">=1", "tabulate": "==0.9.0"}
+    assert environment.sources["numpy"] == "--pip"
+    for bad in ("tabulate===", "tabulate @ https://evil.example/x.whl", "tabulate[extra]==1"):
+        with pytest.raises(OptionError, match="--pip"):
+            packages.parse_pin(bad)
+
+
+def test_a_function_asks_for_its_module_and_the_modules_it_reads():
+    import numpy as np
+
+    def uses_numpy(n):
+        return np.arange(n).sum()
+
+    environment = packages.for_function(uses_numpy)
+    assert environment.requirements == {"numpy": f"=={np.__version__}"}
+
+
+def test_unmet_names_what_is_missing_and_what_is_there():
+    assert unmet({"tabulate": "==0.9.0", "numpy": ">=1"}, {"numpy": "2.0"}) == {"tabulate": None}
+    assert unmet({"tabulate": "==0.9.0"}, {"tabulate": "0.8.10"}) == {"tabulate": "0.8.10"}
+    assert canonical("Foo_Bar.baz") == "foo-bar-baz"
+
+
+# -- unit tier: where a cell may run ---------------------------------------------------------------------
+
+REPORTS = {
+    "tcp://a": {"provider": "alice", "packages": {"tabulate": "0.9.0"}, "installs": None, "gpu": False},
+    "tcp://b": {"provider": "bob", "packages": {"tabulate": "0.8.10"}, "installs": None, "gpu": False},
+    "tcp://c": {"provider": "carol", "packages": {}, "installs": {"max_bytes": 1, "max_seconds": 1.0,
+                                                                  "builds": False}, "gpu": True},
+}
+
+
+def test_placement_prefers_the_providers_that_have_the_packages():
+    environment = packages.CellEnvironment({"tabulate": "==0.9.0"})
+    chosen = packages.place(environment, REPORTS, list(REPORTS))
+    assert chosen.workers == ["tcp://a"] and chosen.installs == []
+
+
+def test_placement_falls_back_to_providers_that_install():
+    environment = packages.CellEnvironment({"tabulate": "==0.7.0"})
+    chosen = packages.place(environment, REPORTS, list(REPORTS))
+    assert chosen.workers == ["tcp://c"] and chosen.installs == ["tcp://c"]
+
+
+def test_a_version_no_provider_has_is_refused_naming_the_package_the_versions_and_the_providers():
+    environment = packages.CellEnvironment({"tabulate": "==0.7.0"}, {"tabulate": "import tabulate"})
+    with pytest.raises(PackageError) as caught:
+        packages.place(environment, REPORTS, ["tcp://a", "tcp://b"])
+    message = str(caught.value)
+    assert "tabulate==0.7.0 (import tabulate)" in message
+    assert "0.8.10 on bob" in message and "0.9.0 on alice" in message
+    assert "Nothing was sent" in message and "--allow-installs" in message
+
+
+def test_a_gpu_build_goes_to_a_gpu_provider_or_is_refused():
+    environment = packages.CellEnvironment({"tabulate": "==0.9.0"}, gpu_build=True)
+    assert packages.place(environment, REPORTS, list(REPORTS)).workers == ["tcp://c"]
+    with pytest.raises(PackageError, match="providers with a GPU: none"):
+        packages.place(environment, REPORTS, ["tcp://a", "tcp://b"])
+
+
+def test_workers_that_report_nothing_share_the_notebooks_environment():
+    environment = packages.CellEnvironment({"tabulate": "==9"})
+    assert packages.place(environment, None, ["tcp://x"]).workers is None
+    assert packages.place(environment, {}, ["tcp://x"]).workers is None
+
+
+def test_the_scheduler_keeps_only_a_well_formed_report():
+    good = {"packages": {"tabulate": "0.9.0"}, "installs": None, "gpu": True, "python": "3.12", "extra": "x" * 10}
+    assert checked_environment(good) == {"packages": {"tabulate": "0.9.0"}, "installs": None, "gpu": True,
+                                         "python": "3.12", "platform": ""}
+    assert checked_environment({"packages": {"a": 1}}) is None
+    assert checked_environment({"packages": {}, "installs": {"max_bytes": "lots"}}) is None
+    assert checked_environment({"packages": {f"p{i}": "1" for i in range(6000)}}) is None
+
+
+def test_the_install_policy_travels_to_the_workers_as_json(monkeypatch):
+    monkeypatch.setenv(INSTALLS_ENV, InstallPolicy(1000, 5.0).to_env())
+    assert InstallPolicy.from_env() == InstallPolicy(1000, 5.0, False)
+    monkeypatch.delenv(INSTALLS_ENV)
+    assert InstallPolicy.from_env() is None
+
+
+# -- end to end: two providers as processes ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def package_site(tmp_path_factory):
+    """The package installed into a folder of its own, from the registry (skipped,
+    saying why, where the registry cannot be reached)."""
+    place = tmp_path_factory.mktemp("package-site")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary", ":all:",
+                           "--target", str(place), f"{PACKAGE}=={VERSION}"], capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode != 0:
+        pytest.skip(f"cannot install {PACKAGE} from the registry here: {done.stderr.strip()[-300:]}")
+    return place
+
+
+@pytest.fixture(scope="module")
+def package_market(package_site, tmp_path_factory):
+    """`gpunet scheduler --private` with a credit service, and two `gpunet provide` processes:
+    ``has`` with the package on its path, ``installs`` without it but with
+    ``--allow-installs --install-max-mb 0.1`` (its own data dir: its wheel cache and
+    session environments). The notebook (this process) has the package too."""
+    place = tmp_path_factory.mktemp("package-market")
+    data = place / "installs-data"
+    with metered_network(place, ["has", "installs"], "scientist", credits=100_000,
+                         provider_args={"installs": ["--allow-installs", "--install-max-mb", "0.1"]},
+                         provider_env={"has": {"PYTHONPATH": str(package_site)},
+                                       "installs": {"GPUNET_DATA_DIR": str(data)}}) as market:
+        sys.path.insert(0, str(package_site))
+        try:
+            yield market, data
+        finally:
+            sys.path.remove(str(package_site))
+            for name in [name for name in sys.modules if name == PACKAGE or name.startswith(PACKAGE + ".")]:
+                del sys.modules[name]
+
+
+def _connect(market):
+    return gpunet.connect(market["address"], credits=market["service"].url, token=market["tokens"]["scientist"],
+                          budget=5_000)
+
+
+def _workers_of(net, provider, timeout=60):
+    """The addresses of ``provider``'s workers, once the scheduler has its report."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [address for address, report in (net.environment_reports(fresh=True) or {}).items()
+                 if report["provider"] == provider]
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"provider {provider}'s workers never reported their environment")
+
+
+def _ran(namespace, code, net, **options):
+    return net.run_cell(code, namespace, quiet=True, timeout=180, **options)
+
+
+def test_packages_place_install_reuse_and_refuse(package_market, tmp_path, detached):
+    market, data = package_market
+    net = _connect(market)
+    try:
+        has, installs = _workers_of(net, "has")[0], _workers_of(net, "installs")[0]
+        reports = net.environment_reports(fresh=True)
+        assert reports[has]["packages"][PACKAGE] == VERSION and PACKAGE not in reports[installs]["packages"]
+        assert reports[installs]["installs"]["max_bytes"] == 100_000 and reports[has]["installs"] is None
+
+        # 1. placed on the provider that has it
+        namespace: dict = {}
+        cell = _ran(namespace, f"import {PACKAGE}\nversion = {PACKAGE}.__version__\n", net)
+        assert namespace["version"] == VERSION
+        assert cell._results[0].worker == has
+        assert cell._results[0].environment == {"kind": "base", "packages": {PACKAGE: VERSION}}
+        record = cell.provenance
+        assert record["environment"] == {"requirements": {PACKAGE: f"=={VERSION}"}}
+        assert record["ran"][0]["environment"]["packages"] == {PACKAGE: VERSION}
+
+        # 2. a version with no wheel, and one over the provider's size cap: explained before
+        #    anything of the cell runs
+        with pytest.raises(PackageError, match="humanize 4.9.0 went over the provider's size cap of 97.7 KiB"):
+            _ran({}, f"import {PACKAGE}\n", net, pip=[f"{OVER_CAP}"])
+        marker = tmp_path / "ran"
+        with pytest.raises(PackageError) as caught:
+            _ran({"marker": str(marker)}, f"open(marker, 'w').close()\nimport {PACKAGE}\n", net,
+                 pip=[f"{PACKAGE}=={SDIST_ONLY}"])
+        message = str(caught.value)
+        assert f"{PACKAGE}=={SDIST_ONLY}" in message and "binary wheels only" in message
+        assert "Nothing of the job ran" in message and not marker.exists()
+
+        # 3. the provider that has it leaves: the other installs it, once per session
+        stop(market["providers"]["has"])  # Ctrl-C: it drains and leaves
+        deadline = time.monotonic() + 60
+        while has in (net.environment_reports(fresh=True) or {}):
+            assert time.monotonic() < deadline, "the retired worker stayed in the scheduler's reports"
+            time.sleep(0.1)
+        started = time.monotonic()
+        first = _ran(namespace, f"import {PACKAGE}\nwhere = {PACKAGE}.__file__\n", net)
+        first_s = time.monotonic() - started
+        environment = first._results[0].environment
+        assert first._results[0].worker == installs and environment["kind"] == "session"
+        assert environment["built_now"] is True and environment["installed"] == {PACKAGE: VERSION}
+        assert list(environment["wheels"]) == [f"{PACKAGE}-{VERSION}-py3-none-any.whl"]
+        assert str(data) in namespace["where"]  # imported from the session's environment
+        started = time.monotonic()
+        second = _ran(namespace, f"import {PACKAGE}\nagain = {PACKAGE}.__version__\n", net)
+        second_s = time.monotonic() - started
+        assert namespace["again"] == VERSION and second._results[0].environment["built_now"] is False
+        assert second.provenance["ran"][0]["environment"]["wheels"] == environment["wheels"]
+        print(f"\nfirst cell (one install) {first_s:.2f} s, second cell (reused) {second_s:.2f} s")
+
+    finally:
+        net.close()
+
+
+def test_a_version_no_provider_has_is_refused_before_it_is_sent(package_site, tmp_path, detached):
+    with metered_network(tmp_path, ["has"], "scientist", provider_env={"has": {"PYTHONPATH": str(package_site)}}) \
+            as market:
+        sys.path.insert(0, str(package_site))
+        try:
+            net = _connect(market)
+            _workers_of(net, "has")
+            try:
+                marker = tmp_path / "ran"
+                with pytest.raises(PackageError) as caught:
+                    _ran({"marker": str(marker)}, f"open(marker, 'w').close()\nimport {PACKAGE}\n", net,
+                         pip=[f"{PACKAGE}==0.8.10"])
+                message = str(caught.value)
+                assert f"{PACKAGE}==0.8.10 (--pip): providers have {VERSION} on has" in message
+                assert "Nothing was sent" in message and not marker.exists()
+                assert not any(net.client.processing().values())
+            finally:
+                net.close()
+        finally:
+            sys.path.remove(str(package_site))
