@@ -108,15 +108,17 @@ class Job:
     #: caps of a CODEC job: its encoded result, and its output text per second run
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     max_stream_bytes_per_s: int = DEFAULT_MAX_STREAM_BYTES_PER_S
+    #: the distributions the job needs ({name: specifier}, gpunet.packages; a worker builds
+    #: one environment per session and requirements); empty: the worker's own is taken as it is
+    requirements: dict[str, str] = field(default_factory=dict)
     #: the secret the job's own worker signs its live events with (sign_event): it
     #: travels only inside the task, so no other party can make an event the
     #: notebook accepts for this job
     event_key: str = field(default_factory=lambda: secrets.token_hex(16))
-    #: the distributions the job needs ({name: specifier}, gpunet.packages); empty: the
-    #: worker's own environment is taken as it is
-    requirements: dict[str, str] = field(default_factory=dict)
-    #: the notebook session: a worker builds one environment per session and requirements
-    session: str = ""
+    #: the secret of the notebook session that sent the job: a provider's worker runs the
+    #: session's jobs in one sandbox of its own (gpunet.worker.sandbox), never shared with
+    #: another session; None gets a sandbox for the job alone
+    session: str | None = None
 
 
 @dataclass

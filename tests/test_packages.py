@@ -265,3 +265,28 @@ def test_a_version_no_provider_has_is_refused_before_it_is_sent(package_site, tm
                 net.close()
         finally:
             sys.path.remove(str(package_site))
+
+
+# -- the embedded network: workers share the notebook's environment ---------------------------------------
+
+
+def test_the_embedded_network_needs_nothing_and_env_says_so(ip):
+    import numpy
+
+    ip.run_cell_magic("gpunet", '--pip "numpy>=1" --quiet', "import numpy\nn = int(numpy.ones(3).sum())\n")
+    assert ip.user_ns["n"] == 3
+    shown = repr(ip.run_line_magic("gpunet", "env"))
+    assert "numpy>=1" in shown and "share this notebook's" in shown
+    assert "shares the notebook's environment" in shown  # every worker, one line each
+    assert ip.user_ns["_gpunet"].provenance["flags"]["pip"] == ["numpy>=1"]
+    assert "environment" not in ip.user_ns["_gpunet"].provenance  # nothing was asked of a worker
+    del numpy
+
+
+def test_a_bad_pip_is_a_usage_error_on_a_cell_and_on_connect(ip):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="only a name and versions"):
+        ip.run_cell_magic("gpunet", '--pip "tabulate @ https://evil.example/t.whl"', "x = 1\n")
+    with pytest.raises(UsageError, match="is not a requirement"):
+        ip.run_line_magic("gpunet", 'connect tcp://127.0.0.1:9 --pip "=="')

@@ -87,8 +87,6 @@ class Network:
         self.client = client
         #: ``--pip`` requirements every job of this session asks for (gpunet.packages)
         self.pins = list(pip)
-        for pin in self.pins:
-            packages.parse_pin(pin)  # a bad one is an OptionError now, not at the first cell
         #: what this session's jobs asked of providers' environments, by name (``%gpunet env``)
         self.sent_requirements: dict[str, str] = {}
         self._environments_cache: tuple[float, dict[str, dict[str, Any]] | None] = (0.0, None)
@@ -243,11 +241,9 @@ class Network:
         restriction; :class:`~gpunet.errors.PackageError` before anything is sent when
         no provider can. Where no worker reports an environment (the embedded network, a
         private one's plain workers) nothing changes: they share the notebook's."""
-        reports = self.environment_reports()
-        pip = list(pip)
-        if not reports and not pip:
-            return workers
         environment = self.environment_of(job, pip)
+        self.sent_requirements.update(environment.requirements)
+        reports = self.environment_reports()
         if not reports:
             return workers
         per_item = bool(workers) and isinstance(workers[0], list)
@@ -256,8 +252,8 @@ class Network:
                       if placement.satisfies(info.get("resources") or {}, resources)
                       and (allowed is None or address in allowed)]
         chosen = packages.place(environment, reports, candidates)
-        job.requirements, job.session = dict(environment.requirements), self.session
-        self.sent_requirements.update(environment.requirements)
+        job.requirements = dict(environment.requirements)
+        job.session = job.session or self.session  # one environment per session on each worker
         if chosen.workers is None:
             return workers
         if per_item:
@@ -545,6 +541,8 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     explicit = (any(value is not None for value in (address, workers, credits, token, budget, pip)) or not metered
                 or result_options)
     pip = list(pip) if pip is not None else os.environ.get("GPUNET_PIP", "").split()
+    for pin in pip:
+        packages.parse_pin(pin)  # a bad one is an OptionError now, before anything connects
     address = address or os.environ.get("GPUNET_SCHEDULER") or None
     credits = credits or os.environ.get("GPUNET_CREDITS") or None
     token = token or os.environ.get("GPUNET_TOKEN") or None

@@ -201,13 +201,13 @@ class SessionEnvironments:
         self._kept: OrderedDict[str, PreparedEnvironment] = OrderedDict()
         self._lock = threading.Lock()
 
-    def prepare(self, session: str, requirements: dict[str, str],
+    def prepare(self, session: str | None, requirements: dict[str, str],
                 announce: Callable[[int, int], None] | None = None) -> PreparedEnvironment:
         """The environment of ``session`` with ``requirements`` over the base, built now
         (``announce(count, bytes)`` is called once the wheels are here, before pip
         installs them) or reused; :class:`PackageError` saying which package and why
         when it cannot be built within the policy (nothing of it is kept then)."""
-        key = hashlib.sha256(f"{session}\0{requirements_digest(requirements)}".encode()).hexdigest()[:24]
+        key = hashlib.sha256(f"{session or ''}\0{requirements_digest(requirements)}".encode()).hexdigest()[:24]
         with self._lock:
             kept = self._kept.get(key)
             if kept is not None and kept.python.exists():
