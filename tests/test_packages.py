@@ -124,6 +124,27 @@ def test_the_scheduler_keeps_only_a_well_formed_report():
     assert checked_environment({"packages": {f"p{i}": "1" for i in range(6000)}}) is None
 
 
+def test_a_gpu_build_is_the_cuda_companion_of_a_package():
+    installed = {"jax": "0.4.30", "jax-cuda12-plugin": "0.4.30", "jax-cuda12-pjrt": "0.4.30", "jaxlib": "0.4.30"}
+    assert packages._gpu_companions("jax", installed) == ["jax-cuda12-pjrt", "jax-cuda12-plugin"]
+    assert packages._gpu_companions("numpy", installed) == []
+
+
+def test_provide_refuses_builds_without_installs_and_writes_the_policy(monkeypatch):
+    import argparse
+
+    from gpunet.cli.network import _install_policy
+
+    monkeypatch.setenv(INSTALLS_ENV, "")  # restored (to unset) after the test: the policy is written here
+    arguments = dict(allow_installs=False, allow_builds=True, install_max_mb=200.0, install_max_seconds=300.0)
+    with pytest.raises(OptionError, match="--allow-builds only matters with --allow-installs"):
+        _install_policy(argparse.Namespace(**arguments))
+    with pytest.raises(OptionError, match="must be above 0"):
+        _install_policy(argparse.Namespace(**{**arguments, "allow_installs": True, "install_max_mb": 0.0}))
+    _install_policy(argparse.Namespace(**{**arguments, "allow_installs": True, "install_max_mb": 0.1}))
+    assert InstallPolicy.from_env() == InstallPolicy(100_000, 300.0, True)
+
+
 def test_the_install_policy_travels_to_the_workers_as_json(monkeypatch):
     monkeypatch.setenv(INSTALLS_ENV, InstallPolicy(1000, 5.0).to_env())
     assert InstallPolicy.from_env() == InstallPolicy(1000, 5.0, False)
@@ -189,7 +210,7 @@ def _ran(namespace, code, net, **options):
     return net.run_cell(code, namespace, quiet=True, timeout=180, **options)
 
 
-def test_packages_place_install_reuse_and_refuse(package_market, tmp_path, detached):
+def test_packages_place_install_reuse_and_refuse(package_market, package_site, tmp_path, detached):
     market, data = package_market
     net = _connect(market)
     try:
@@ -219,6 +240,15 @@ def test_packages_place_install_reuse_and_refuse(package_market, tmp_path, detac
         message = str(caught.value)
         assert f"{PACKAGE}=={SDIST_ONLY}" in message and "binary wheels only" in message
         assert "Nothing of the job ran" in message and not marker.exists()
+
+        # 2b. a provider whose installs change says so (its workers look every few seconds)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary", ":all:",
+                        "--target", str(package_site), "humanize==4.8.0"], check=True, capture_output=True,
+                       timeout=120)
+        deadline = time.monotonic() + 60
+        while (net.environment_reports(fresh=True) or {})[has]["packages"].get("humanize") != "4.8.0":
+            assert time.monotonic() < deadline, "the provider never reported what was installed on it"
+            time.sleep(0.2)
 
         # 3. the provider that has it leaves: the other installs it, once per session
         stop(market["providers"]["has"])  # Ctrl-C: it drains and leaves
