@@ -4,8 +4,8 @@ Nothing to declare for the common case: a cell's imports (top level and inside i
 functions, found with ``ast``) and, for ``net.run`` / ``net.map``, the function's module
 and imports are mapped to distributions (``importlib.metadata.packages_distributions``)
 and resolved to the exact versions installed in the notebook's own environment. The
-standard library, gpunet itself and modules no distribution provides (the notebook's
-own files) are left out. ``--pip "pkg==1.2"`` (repeatable, on a cell or on
+standard library, gpunet itself and modules no installed distribution provides (the
+notebook's own files, editable installs) are left out. ``--pip "pkg==1.2"`` (repeatable, on a cell or on
 ``%gpunet connect`` / ``gpunet.connect(pip=...)``) adds a requirement or overrides one.
 
 A notebook built with a GPU build of a package (``jax[cuda12]``: the
@@ -139,7 +139,7 @@ def resolve(modules: Iterable[str], pins: Iterable[str] = ()) -> CellEnvironment
     sources: dict[str, str] = {}
     stdlib = getattr(sys, "stdlib_module_names", frozenset())
     for module in modules:
-        if module in stdlib or module in sys.builtin_module_names:
+        if module in stdlib or module in sys.builtin_module_names or not _installed_module(module):
             continue
         for distribution in by_module.get(module, ()):
             name = canonical(distribution)
@@ -160,6 +160,15 @@ def resolve(modules: Iterable[str], pins: Iterable[str] = ()) -> CellEnvironment
         requirements[name] = specifier
         sources[name] = "--pip"
     return CellEnvironment(requirements, sources, gpu_build)
+
+
+def _installed_module(name: str) -> bool:
+    """Whether module ``name`` (where this notebook has imported it) comes from an installed
+    distribution, not from the notebook's own files or an editable install, whose name a
+    distribution on the registry may share (``tests``, ``utils``)."""
+    module = sys.modules.get(name)
+    where = getattr(module, "__file__", None) if module is not None else None
+    return where is None or "site-packages" in where or "dist-packages" in where
 
 
 def _gpu_companions(name: str, installed: dict[str, str]) -> list[str]:

@@ -34,9 +34,10 @@ from typing import Any
 from gpunet.client.reused import REUSE_ENV
 from gpunet.credits import Witness
 from gpunet.credits._receipts import check_receipt, read_documents
-from gpunet.errors import GpunetError, LedgerVerificationError, ReproduceError
+from gpunet.errors import GpunetError, LedgerVerificationError, PackageError, ReproduceError
 from gpunet.kernels import Tolerance, compare
 from gpunet.provenance import check_record, kept_value, records_in
+from gpunet.worker.environment import checked_requirements
 
 SAME, WITHIN, DIFFERENT, NOT_REPRODUCIBLE, CHECKED, BROKEN = (
     "same", "within tolerance", "different", "not reproducible", "record intact", "record broken")
@@ -126,8 +127,11 @@ def recorded_requirements(notebook: Any) -> dict[str, str]:
 def _plain_requirement(name: str, spec: str) -> bool:
     """A name and a version specifier only: what a record may ask a re-run for (the
     notebook may come from anyone; nothing else reaches the kernel's environment)."""
-    return (name.replace("-", "").replace("_", "").replace(".", "").isalnum()
-            and all(part.isalnum() or part in "=<>!~.,*+" for part in spec))
+    try:
+        checked_requirements({name: spec})
+    except PackageError:
+        return False
+    return True
 
 
 def gpunet_cells(notebook: Any) -> list[tuple[int, Any]]:

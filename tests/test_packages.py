@@ -320,3 +320,49 @@ def test_a_bad_pip_is_a_usage_error_on_a_cell_and_on_connect(ip):
         ip.run_cell_magic("gpunet", '--pip "tabulate @ https://evil.example/t.whl"', "x = 1\n")
     with pytest.raises(UsageError, match="is not a requirement"):
         ip.run_line_magic("gpunet", 'connect tcp://127.0.0.1:9 --pip "=="')
+
+
+def test_reproduce_asks_for_the_recorded_packages_and_only_plain_requirements():
+    import nbformat
+
+    from gpunet.provenance import MIME_TYPE
+    from gpunet.reproduce import recorded_requirements
+
+    def cell(record):
+        code = nbformat.v4.new_code_cell("%%gpunet\nimport tabulate\n")
+        code.outputs = [nbformat.v4.new_output("display_data", data={MIME_TYPE: record, "text/plain": "gpunet"})]
+        return code
+
+    notebook = nbformat.v4.new_notebook(cells=[
+        cell({"environment": {"requirements": {"tabulate": "==0.9.0", "evil": "==1; rm -rf /"}}}),
+        cell({"environment": {"requirements": {"numpy": ">=1,<3", "--index-url": "==1"}}}),
+        cell({"ran": []}),
+    ])
+    assert recorded_requirements(notebook) == {"tabulate": "==0.9.0", "numpy": ">=1,<3"}
+
+
+def test_a_workers_requirements_are_names_and_versions_never_pip_options():
+    from gpunet.worker.environment import checked_requirements, pip_lines
+
+    assert pip_lines({"Tabulate": "==0.9.0", "numpy": ">=1,<3", "six": ""}) == [
+        "numpy<3,>=1", "six", "tabulate==0.9.0"]
+    for bad in ({"--index-url": "==1"}, {"-r": "/etc/shadow"}, {"x": "==1 --extra-index-url=http://evil"},
+                {"../../x": ""}, {f"p{i}": "" for i in range(300)}, ["tabulate"]):
+        with pytest.raises(PackageError):
+            checked_requirements(bad)
+
+
+def test_the_wheel_cache_stays_within_its_cap(tmp_path):
+    import os
+
+    from gpunet.worker.environment import WHEEL_CACHE_INSTALLS, SessionEnvironments
+
+    environments = SessionEnvironments(tmp_path / "envs", tmp_path / "wheels", InstallPolicy(max_bytes=100))
+    environments.wheels.mkdir()
+    for number in range(WHEEL_CACHE_INSTALLS * 2):
+        wheel = environments.wheels / f"p{number}-1-py3-none-any.whl"
+        wheel.write_bytes(b"x" * 100)
+        os.utime(wheel, (number, number))
+    environments._prune_wheels()
+    kept = sorted(int(path.name.split("-")[0][1:]) for path in environments.wheels.iterdir())
+    assert kept == list(range(WHEEL_CACHE_INSTALLS, WHEEL_CACHE_INSTALLS * 2))  # the most recently used

@@ -64,6 +64,9 @@ DEFAULT_MAX_INSTALL_BYTES = 200 * 1024 * 1024
 DEFAULT_MAX_INSTALL_SECONDS = 300.0
 #: Session environments a worker keeps (the least recently used beyond this are removed).
 ENVIRONMENTS_KEPT = 8
+#: The wheel cache holds at most this many sessions' installs at the cap (least recently used
+#: wheels removed first), so that clients cannot fill the provider's disk through it.
+WHEEL_CACHE_INSTALLS = 10
 #: Most distributions a report may list (a provider's claim is capped like any message).
 MAX_REPORTED = 5000
 
@@ -108,9 +111,35 @@ def requirements_digest(requirements: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+#: A distribution's name (PEP 508): what a requirement from a notebook may name, nothing that
+#: pip could read as an option (``--index-url``, ``-r FILE``) or a path.
+NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+#: At most this many requirements per job (a stranger's job: bounded like any message).
+MAX_REQUIREMENTS = 200
+
+
+def checked_requirements(requirements: Any) -> dict[str, str]:
+    """A job's requirements as a worker accepts them: at most :data:`MAX_REQUIREMENTS`, each
+    a distribution name and a version specifier (``==1.2``, ``>=2,<3``, or none), never an
+    option, a URL or a path; :class:`PackageError` naming the first that is not."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    if not isinstance(requirements, dict) or len(requirements) > MAX_REQUIREMENTS:
+        raise PackageError(f"a job's requirements must be at most {MAX_REQUIREMENTS} names with versions")
+    checked = {}
+    for name, spec in requirements.items():
+        if not (isinstance(name, str) and NAME_RE.match(name) and isinstance(spec, str) and len(spec) <= 200):
+            raise PackageError(f"{str(name)[:80]!r} is not a distribution's name with a version specifier")
+        try:
+            checked[canonical(name)] = str(SpecifierSet(spec))
+        except InvalidSpecifier:
+            raise PackageError(f"{spec[:80]!r} is not a version specifier (for {name})") from None
+    return checked
+
+
 def pip_lines(requirements: dict[str, str]) -> list[str]:
-    """``{"a": "==1", "b": ""}`` -> ``["a==1", "b"]``."""
-    return [f"{name}{spec}" for name, spec in sorted(requirements.items())]
+    """``{"a": "==1", "b": ""}`` -> ``["a==1", "b"]`` (requirements :func:`checked_requirements` passed)."""
+    return [f"{name}{spec}" for name, spec in sorted(checked_requirements(requirements).items())]
 
 
 @dataclass(frozen=True)
@@ -216,10 +245,23 @@ class SessionEnvironments:
                 return kept
             prepared = self._build(key, requirements, announce)
             self._kept[key] = prepared
+            self._prune_wheels()
             while len(self._kept) > ENVIRONMENTS_KEPT:
                 _, old = self._kept.popitem(last=False)
                 shutil.rmtree(old.path, ignore_errors=True)
             return prepared
+
+    def _prune_wheels(self) -> None:
+        """Keep the wheel cache within :data:`WHEEL_CACHE_INSTALLS` installs at the size cap,
+        removing the least recently used wheels first (a hit touches its wheel)."""
+        files = sorted((entry.stat().st_mtime, entry.stat().st_size, entry) for entry in self.wheels.glob("*")
+                       if entry.is_file() and ".part" not in entry.name)
+        total = sum(size for _, size, _ in files)
+        for _, size, entry in files:
+            if total <= WHEEL_CACHE_INSTALLS * self.policy.max_bytes:
+                break
+            entry.unlink(missing_ok=True)
+            total -= size
 
     def close(self) -> None:
         """Remove every environment kept (the wheel cache stays)."""
@@ -308,6 +350,7 @@ class SessionEnvironments:
             if url.startswith("file:"):
                 target = Path(unquote(urlparse(url).path))
             if target.exists() and (not entry["sha256"] or _sha256(target) == entry["sha256"]):
+                target.touch()  # recently used: the cache keeps it longest
                 hits += 1
                 files.append(target)
                 continue

@@ -47,7 +47,13 @@ from gpunet.cell import cell_filename
 from gpunet.errors import PackageError, UnsupportedResultError
 from gpunet.wire import CODEC, PACKAGES, TOO_LARGE, Job, JobResult, result_to_event, sign_event, stream_allowance
 from gpunet.worker.device import describe_this_device, device_info
-from gpunet.worker.environment import PreparedEnvironment, installed_distributions, layered, unmet
+from gpunet.worker.environment import (
+    PreparedEnvironment,
+    checked_requirements,
+    installed_distributions,
+    layered,
+    unmet,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -368,15 +374,16 @@ def _environment_for(job: Job, worker: Any, result: JobResult) -> PreparedEnviro
     requirements cannot be met here, before anything of the cell runs."""
     if not job.requirements:
         return None
+    requirements = checked_requirements(job.requirements)  # a stranger's: never a pip option
     report = getattr(worker, "gpunet_environment", None)
     base = report["packages"] if report is not None else installed_distributions()
-    missing = unmet(job.requirements, base)
-    ran_with = {name: base[name] for name in sorted(job.requirements) if name in base}
+    missing = unmet(requirements, base)
+    ran_with = {name: base[name] for name in sorted(requirements) if name in base}
     if not missing:
         result.environment = {"kind": "base", "packages": ran_with}
         return None
     environments = getattr(worker, "gpunet_environments", None)
-    lacking = ", ".join(f"{name}{job.requirements[name]} (has {have or 'none'})" for name, have in missing.items())
+    lacking = ", ".join(f"{name}{requirements[name]} (has {have or 'none'})" for name, have in missing.items())
     if environments is None:
         raise PackageError(f"{result.worker} lacks {lacking} and its provider allows no installs")
 
@@ -387,7 +394,7 @@ def _environment_for(job: Job, worker: Any, result: JobResult) -> PreparedEnviro
                                                                    "text": text}))
 
     try:
-        prepared = environments.prepare(job.session, job.requirements, announce)
+        prepared = environments.prepare(job.session, requirements, announce)
     except PackageError as exc:
         raise PackageError(f"{result.worker} could not install {lacking}: {exc}") from None
     result.environment = {**prepared.describe(), "packages": {**ran_with, **prepared.installed}}
