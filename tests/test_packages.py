@@ -20,6 +20,7 @@ import gpunet
 from gpunet import packages
 from gpunet.errors import OptionError, PackageError
 from gpunet.extensions.scheduler_plugin import checked_environment
+from gpunet.ui.environment import SessionEnvironment
 from gpunet.worker.environment import INSTALLS_ENV, InstallPolicy, canonical, unmet
 
 PACKAGE, VERSION = "tabulate", "0.9.0"
@@ -229,6 +230,11 @@ def test_packages_place_install_reuse_and_refuse(package_market, package_site, t
         assert record["environment"] == {"requirements": {PACKAGE: f"=={VERSION}"}}
         assert record["ran"][0]["environment"]["packages"] == {PACKAGE: VERSION}
 
+        shown = repr(SessionEnvironment(net))
+        assert f"asks for {PACKAGE}=={VERSION}" in shown
+        assert f"{has}  has  has every package" in shown
+        assert f"{installs}  installs  would install {PACKAGE}=={VERSION}" in shown
+
         # 2. a version with no wheel, and one over the provider's size cap: explained before
         #    anything of the cell runs
         with pytest.raises(PackageError, match="humanize 4.9.0 went over the provider's size cap of 97.7 KiB"):
@@ -366,3 +372,21 @@ def test_the_wheel_cache_stays_within_its_cap(tmp_path):
     environments._prune_wheels()
     kept = sorted(int(path.name.split("-")[0][1:]) for path in environments.wheels.iterdir())
     assert kept == list(range(WHEEL_CACHE_INSTALLS, WHEEL_CACHE_INSTALLS * 2))  # the most recently used
+
+
+def test_a_session_environment_is_layered_first_and_forgotten_after(tmp_path):
+    from gpunet.worker.environment import PreparedEnvironment, layered
+
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "gpunet_layered_probe.py").write_text("WHERE = 'session'\n")
+    prepared = PreparedEnvironment(tmp_path, tmp_path / "bin" / "python", site, {}, {})
+    with layered(prepared):
+        import gpunet_layered_probe
+
+        assert gpunet_layered_probe.WHERE == "session"
+    assert "gpunet_layered_probe" not in sys.modules and str(site) not in sys.path
+    (site / "json").mkdir()  # the worker process already holds the base's json
+    with pytest.raises(PackageError, match="already imported from the provider's base"):
+        with layered(prepared):
+            pass
