@@ -66,7 +66,6 @@ MAX_BALANCE = 2**62
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 KEY_RE = re.compile(r"[\x21-\x7e]{1,200}\Z")
 ID_RE = re.compile(r"[a-z]_[0-9a-f]{32}\Z")
-HEAD_FIELDS = columns("heads")
 
 
 def hash_token(token: str) -> str:
@@ -640,7 +639,7 @@ class Unit:
             w.update(table, columns(table)[1:], changed[cls])
         w.insert("entries", self.entries)
         w.insert("idempotency", [(scope, rh, resp) for scope, (rh, resp) in self.idem_new.items()])
-        w.insert("heads", [tuple(h[c] for c in HEAD_FIELDS) for h in self.heads])
+        w.insert("heads", [tuple(h[c] for c in columns("heads")) for h in self.heads])
 
     def committed(self) -> None:
         """After the commit: the book takes the new chain position and tree, readers see the new
