@@ -32,7 +32,6 @@ import logging
 import re
 import secrets
 import threading
-import uuid
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable
@@ -426,7 +425,7 @@ class Unit:
     def open_session(self, actor: str | None, key: str, *, budget: int, notebook: str = "",
                      kernel: str = "") -> dict[str, Any]:
         """Open a session of ``actor`` that may hold and spend at most ``budget``; moves nothing."""
-        sid = "s_" + uuid.uuid4().hex
+        sid = "s_" + secrets.token_hex(16)
         return self._create(self.b.sessions, sid, Session(sid, actor or "", notebook, kernel, budget, 0, 0,
                                                           self.now)).usage()
 
@@ -457,7 +456,7 @@ class Unit:
                 f"insufficient balance: account {owner.name!r} has {owner.balance} credits, a hold of "
                 f"{amount} needs more; ask the operator to mint credits to it.",
                 details={"account": owner.name, "balance": owner.balance, "amount": amount})
-        hid = "h_" + uuid.uuid4().hex
+        hid = "h_" + secrets.token_hex(16)
         index = self._move("hold", owner, self.b.accounts[ESCROW], amount, session, hid, key)
         self._create(self.b.holds, hid, Hold(hid, session, owner.name, amount, "held", "", 0, index, None,
                                                       meter))

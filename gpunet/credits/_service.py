@@ -265,14 +265,13 @@ MAX_JSON_DEPTH = 32
 
 
 def _json_depth(value: Any) -> int:
-    """How deep ``value``'s lists and dicts nest (walked without recursion)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, (list, dict)):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return deepest
+    """How deep ``value``'s lists and dicts nest (walked level by level, without recursion)."""
+    depth, level = 0, [value] if isinstance(value, (list, dict)) else []
+    while level:
+        depth += 1
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (list, dict))]
+    return depth
 
 
 async def _json_body(request: Request) -> Any:
