@@ -211,7 +211,7 @@ def _ran(namespace, code, net, **options):
     return net.run_cell(code, namespace, quiet=True, timeout=180, **options)
 
 
-def test_packages_place_install_reuse_and_refuse(package_market, package_site, tmp_path, detached):
+def test_packages_place_install_reuse_and_refuse(package_market, package_site, tmp_path, detached, capsys):
     market, data = package_market
     net = _connect(market)
     try:
@@ -263,8 +263,10 @@ def test_packages_place_install_reuse_and_refuse(package_market, package_site, t
             assert time.monotonic() < deadline, "the retired worker stayed in the scheduler's reports"
             time.sleep(0.1)
         started = time.monotonic()
-        first = _ran(namespace, f"import {PACKAGE}\nwhere = {PACKAGE}.__file__\n", net)
+        capsys.readouterr()
+        first = net.run_cell(f"import {PACKAGE}\nwhere = {PACKAGE}.__file__\n", namespace, timeout=180)
         first_s = time.monotonic() - started
+        assert f"gpunet: installing 1 package (0.0 MB) on {installs}" in capsys.readouterr().err
         environment = first._results[0].environment
         assert first._results[0].worker == installs and environment["kind"] == "session"
         assert environment["built_now"] is True and environment["installed"] == {PACKAGE: VERSION}
@@ -390,3 +392,16 @@ def test_a_session_environment_is_layered_first_and_forgotten_after(tmp_path):
     with pytest.raises(PackageError, match="already imported from the provider's base"):
         with layered(prepared):
             pass
+
+
+def test_a_providers_account_of_the_environment_is_checked_on_arrival():
+    from gpunet.client.received import checked_result
+    from gpunet.errors import ProviderDataError
+    from gpunet.wire import JobResult, result_to_event
+
+    fields = result_to_event(JobResult("job", None, "tcp://w", "cpu", 0.0, 1.0))
+    fine = checked_result({**fields, "environment": {"kind": "base", "packages": {PACKAGE: "0.9.0\x1b[2J"}}}, "it")
+    assert fine.environment == {"kind": "base", "packages": {PACKAGE: "0.9.0"}}  # escapes cleaned
+    for bad in ({"packages": {PACKAGE: 1}}, {"kind": ["x"]}, "base", {str(i): i for i in range(40)}):
+        with pytest.raises(ProviderDataError, match="environment"):
+            checked_result({**fields, "environment": bad}, "it")
