@@ -319,7 +319,8 @@ def run_job(
             _contexts[thread_id] = context
             _running[running_key] = thread_id
         _announce_later(job, worker, running_key, thread_id, device)
-        with layered(_environment_for(job, worker, result)):
+        prepared, result.environment = prepare_environment(job, worker, address)
+        with layered(prepared):
             if job.code is not None:
                 _run_cell(job, item, context, result)
             else:
@@ -366,39 +367,41 @@ def encode_result(result: JobResult, max_bytes: int) -> bytes:
     return codec.encode(result_to_event(too_large))
 
 
-def _environment_for(job: Job, worker: Any, result: JobResult) -> PreparedEnvironment | None:
-    """The environment ``job`` runs in: None for the worker's own (it meets the job's
-    requirements, or the job has none), else the session's, built now or reused
-    (:class:`~gpunet.worker.environment.SessionEnvironments`, where the provider allows
-    installs). Says which in ``result.environment``; :class:`PackageError` when the
-    requirements cannot be met here, before anything of the cell runs."""
+def prepare_environment(job: Job, worker: Any,
+                        address: str) -> tuple[PreparedEnvironment | None, dict[str, Any] | None]:
+    """The environment ``job`` runs in on this worker (``address``), and what its result
+    says of it: (None, its account) for the worker's own, which meets the job's
+    requirements; (the session's, its account) where it does not and the provider allows
+    installs (:class:`~gpunet.worker.environment.SessionEnvironments`: built now or
+    reused); (None, None) for a job that asks for nothing. :class:`PackageError` when the
+    requirements cannot be met here, before anything of the job runs. Runs in the worker
+    (it needs the provider's policy and wheel cache): a sandbox is started with the
+    prepared environment's Python."""
     if not job.requirements:
-        return None
+        return None, None
     requirements = checked_requirements(job.requirements)  # a stranger's: never a pip option
     report = getattr(worker, "gpunet_environment", None)
     base = report["packages"] if report is not None else installed_distributions()
     missing = unmet(requirements, base)
     ran_with = {name: base[name] for name in sorted(requirements) if name in base}
     if not missing:
-        result.environment = {"kind": "base", "packages": ran_with}
-        return None
+        return None, {"kind": "base", "packages": ran_with}
     environments = getattr(worker, "gpunet_environments", None)
     lacking = ", ".join(f"{name}{requirements[name]} (has {have or 'none'})" for name, have in missing.items())
     if environments is None:
-        raise PackageError(f"{result.worker} lacks {lacking} and its provider allows no installs")
+        raise PackageError(f"{address} lacks {lacking} and its provider allows no installs")
 
     def announce(count: int, size: int) -> None:
         if job.topic is not None and worker is not None:
-            text = f"installing {count} package{'s' * (count != 1)} ({size / 1e6:.1f} MB) on {result.worker}"
+            text = f"installing {count} package{'s' * (count != 1)} ({size / 1e6:.1f} MB) on {address}"
             worker.log_event(job.topic, sign_event(job.event_key, {"job": job.job_id, "kind": "installing",
                                                                    "text": text}))
 
     try:
         prepared = environments.prepare(job.session, requirements, announce)
     except PackageError as exc:
-        raise PackageError(f"{result.worker} could not install {lacking}: {exc}") from None
-    result.environment = {**prepared.describe(), "packages": {**ran_with, **prepared.installed}}
-    return prepared
+        raise PackageError(f"{address} could not install {lacking}: {exc}") from None
+    return prepared, {**prepared.describe(), "packages": {**ran_with, **prepared.installed}}
 
 
 def _unregister(thread_id: int, running_key: str) -> None:
