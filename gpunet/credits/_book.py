@@ -32,7 +32,6 @@ import logging
 import re
 import secrets
 import threading
-import uuid
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable
@@ -72,7 +71,6 @@ MAX_BALANCE = 2**62
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 KEY_RE = re.compile(r"[\x21-\x7e]{1,200}\Z")
 ID_RE = re.compile(r"[a-z]_[0-9a-f]{32}\Z")
-HEAD_FIELDS = columns("heads")
 
 
 def hash_token(token: str) -> str:
@@ -438,7 +436,7 @@ class Unit:
     def open_session(self, actor: str | None, key: str, *, budget: int, notebook: str = "",
                      kernel: str = "") -> dict[str, Any]:
         """Open a session of ``actor`` that may hold and spend at most ``budget``; moves nothing."""
-        sid = "s_" + uuid.uuid4().hex
+        sid = "s_" + secrets.token_hex(16)
         return self._create(self.b.sessions, sid, Session(sid, actor or "", notebook, kernel, budget, 0, 0,
                                                           self.now)).usage()
 
@@ -469,7 +467,7 @@ class Unit:
                 f"insufficient balance: account {owner.name!r} has {owner.balance} credits, a hold of "
                 f"{amount} needs more; ask the operator to mint credits to it.",
                 details={"account": owner.name, "balance": owner.balance, "amount": amount})
-        hid = "h_" + uuid.uuid4().hex
+        hid = "h_" + secrets.token_hex(16)
         index = self._move("hold", owner, self.b.accounts[ESCROW], amount, session, hid, key)
         self._create(self.b.holds, hid, Hold(hid, session, owner.name, amount, "held", "", 0, index, None,
                                                       meter))
@@ -661,7 +659,7 @@ class Unit:
             w.update(table, columns(table)[1:], changed[cls])
         w.insert("entries", self.entries)
         w.insert("idempotency", [(scope, rh, resp) for scope, (rh, resp) in self.idem_new.items()])
-        w.insert("heads", [tuple(h[c] for c in HEAD_FIELDS) for h in self.heads])
+        w.insert("heads", [tuple(h[c] for c in columns("heads")) for h in self.heads])
 
     def committed(self) -> None:
         """After the commit: the book takes the new chain position and tree, readers see the new

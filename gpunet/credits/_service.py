@@ -115,6 +115,7 @@ from gpunet.credits._db import beside_db, format_time, resolve_db_url, sqlite_pa
 from gpunet.credits._store import CreditStore
 from gpunet.credits._trust import MISMATCHES_PER_CLIENT_DAY, REPUTATION_FLOOR
 from gpunet.credits._witness import Witness
+from gpunet.paths import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -264,14 +265,13 @@ MAX_JSON_DEPTH = 32
 
 
 def _json_depth(value: Any) -> int:
-    """How deep ``value``'s lists and dicts nest (walked without recursion)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, (list, dict)):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return deepest
+    """How deep ``value``'s lists and dicts nest (walked level by level, without recursion)."""
+    depth, level = 0, [value] if isinstance(value, (list, dict)) else []
+    while level:
+        depth += 1
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (list, dict))]
+    return depth
 
 
 async def _json_body(request: Request) -> Any:
@@ -651,17 +651,6 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop()
 
 
-def write_secret(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by its owner only (mode 600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
 def open_store(db: str | None, *, key_file: str | os.PathLike[str] | None = None,
                reputation_floor: float = REPUTATION_FLOOR,
                mismatches_per_client_day: int = MISMATCHES_PER_CLIENT_DAY) -> CreditStore:
@@ -736,7 +725,7 @@ def serve(
         if token is None and rotate_operator_token:
             token = store.call("rotate_token", None, {"account": "operator"})["token"]
         if token is not None:
-            write_secret(token_path, token)
+            write_private(token_path, f"{token}\n".encode())
             logger.info("wrote the operator token to %s (mode 600)", token_path)
         elif not token_path.exists():
             logger.warning("the operator account exists but its token file %s is missing; restart with "
