@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -407,7 +407,7 @@ def slice_placer(meter: Any, job_id: str, amount: int) -> Callable[[int], tuple[
 def submit(network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
            workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
            timeout: float | None = None, verify: str | Policy | None = None,
-           tolerance: Tolerance | None = None, pip: Iterable[str] = ()) -> RemoteJob | VerifiedJob:
+           tolerance: Tolerance | None = None, max_rate: float | None = None) -> RemoteJob | VerifiedJob:
     """Send ``job`` (once, or once per item) to ``network`` and return its handle:
     a :class:`RemoteJob`, or a :class:`~gpunet.client.verified.VerifiedJob` with ``verify``.
 
@@ -415,23 +415,23 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     item (``placement="capability"``). On a metered network the job's hold is placed
     first (see :mod:`gpunet.metering.meter`): one hold for a cell, one shared by a
     map's items; a hold that cannot be placed refuses the job before anything is sent.
-    Only workers whose providers' environments meet the job's packages (or that install
-    them) may run it (:meth:`Network.place_packages`, with the ``pip`` requirements).
+    Holds are priced at ``max_rate`` credits per device-second (``network.hold_rate()``:
+    the job's price limit), never at the most expensive provider's rate.
     """
+    rate = network.hold_rate(max_rate)
     if items is not None and not items:
         raise GpunetError("nothing to send: the map has no items")
     job.result_format = network.result_format
     job.max_result_bytes, job.max_stream_bytes_per_s = network.max_result_bytes, network.max_stream_bytes_per_s
     policy = Policy.parse(verify)
     network.check_placement(resources)
-    workers = network.place_packages(job, resources, workers, pip)
     if policy.active:
         if workers and isinstance(workers[0], list):
             raise VerificationError("placement='capability' pins items to workers, and verification needs "
                                     "copies on other providers' workers: use one or the other")
         return VerifiedJob.submit(network, job, policy, tolerance or tolerance_for(job.code or job.function),
                                   resources=resources, items=items, workers=workers, max_credits=max_credits,
-                                  timeout=timeout)
+                                  timeout=timeout, max_rate=rate)
     meter = network.meter
     if meter is None:
         if max_credits is not None:
@@ -441,7 +441,7 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     count = 1 if items is None else len(items)
     if meter.doubtful:  # holds an outage left in doubt: given back once the service answers again
         meter.resolve_doubtful(network.release_unsent)
-    plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
+    plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=rate)
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
     slicing = None
     try:
