@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from gpunet.clitools import run_command, wait_for
+from gpunet.clitools import read_token_file, run_command, wait_for
 from gpunet.credits._audit import verify_database, verify_service
 from gpunet.credits._book import ROLES
 from gpunet.credits._client import CreditClient
@@ -229,11 +229,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _token(args: argparse.Namespace) -> str:
     if args.token_file:
-        try:
-            with open(args.token_file) as fh:
-                return fh.read().strip()
-        except OSError as exc:
-            raise InvalidRequestError(f"cannot read token file {args.token_file}: {exc.strerror}") from exc
+        return read_token_file(args.token_file)
     token = args.token or os.environ.get("GPUNET_TOKEN")
     if not token:
         raise InvalidRequestError("no token: pass --token, --token-file (operator verbs: the operator token file "
