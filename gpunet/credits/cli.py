@@ -50,6 +50,7 @@ from gpunet.errors import (
 from gpunet.credits._process import PARENT_PID_ENV, TOKEN_FILE_PREFIX, URL_PREFIX, watch_parent
 from gpunet.credits._trust import REPUTATION_FLOOR
 from gpunet.paths import write_private
+from gpunet.ui.look import text_table
 
 logger = logging.getLogger(__name__)
 
@@ -480,13 +481,8 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> str:
     """Return a text table: the first ``left`` columns flush left, the others flush right but the
-    last, which is left as it is (free text)."""
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
-    lines = []
-    for row in (header, *rows):
-        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row[:-1], widths))]
-        lines.append("  ".join([*cells, row[-1]]))
-    return "\n".join(lines)
+    last (free text)."""
+    return "\n".join(text_table(header, rows, indent="", right=range(left, len(header) - 1)))
 
 
 def format_records(records: list[dict[str, Any]]) -> str:
