@@ -49,7 +49,13 @@ from gpunet.errors import (
 from gpunet.credits._ledger import ESCROW, ZERO_HASH, canonical_memo, entry_hash
 from gpunet.credits._ledger import sign_head as sign_tree_head
 from gpunet.credits._merkle import MerkleTree
-from gpunet.credits._trust import REPUTATION_FLOOR, quarantine_reason, record_json
+from gpunet.credits._trust import (
+    MISMATCHES_PER_CLIENT_DAY,
+    REPUTATION_FLOOR,
+    counts_today,
+    quarantine_reason,
+    record_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -200,10 +206,15 @@ class Book:
     """The bank's state in the writer's memory, and the factory of its units of work."""
 
     def __init__(self, conn: WriteConnection, accounts: list[tuple], hashes: list[bytes], last_head: int | None,
-                 *, signing_key: Any = None, reputation_floor: float = REPUTATION_FLOOR) -> None:
+                 *, signing_key: Any = None, reputation_floor: float = REPUTATION_FLOOR,
+                 mismatches_per_client_day: int = MISMATCHES_PER_CLIENT_DAY) -> None:
         self.conn = conn
         self.signing_key = signing_key
         self.reputation_floor = reputation_floor
+        self.mismatches_per_client_day = mismatches_per_client_day
+        #: (client account, provider, UTC day) -> mismatches that client's verdicts counted
+        #: against that provider that day (kept in memory: counted since the service started)
+        self.mismatches_by_client: dict[tuple[str, str, str], int] = {}
         self.accounts: dict[str, Account] = {}
         self.tokens: dict[str, str] = {}
         self.sessions: dict[str, Session] = {}
@@ -582,6 +593,16 @@ class Unit:
         rec = self._record(provider)
         if judged is not None:
             self._set(judged, verified=provider)
+        if not agreed and judged is not None:  # a client's verdict: at most so many a day against one provider
+            day = (judged.account, provider, self.now[:10])
+            counted = self.b.mismatches_by_client.get(day, 0)
+            if not counts_today(counted, self.b.mismatches_per_client_day):
+                logger.warning("a mismatch of provider %s on hold %s is not counted: client %s already counted %d "
+                               "today", provider, hold, judged.account, counted)
+                return {**rec.to_json(), "counted": False}
+            if len(self.b.mismatches_by_client) > 100_000:  # only today's counts matter
+                self.b.mismatches_by_client = {k: n for k, n in self.b.mismatches_by_client.items() if k[2] == day[2]}
+            self.b.mismatches_by_client[day] = counted + 1
         if agreed:
             self._set(rec, valid=rec.valid + 1, consecutive_valid=rec.consecutive_valid + 1)
         else:

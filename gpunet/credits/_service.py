@@ -113,7 +113,7 @@ from gpunet.credits._book import (
 )
 from gpunet.credits._db import beside_db, format_time, resolve_db_url, sqlite_path
 from gpunet.credits._store import CreditStore
-from gpunet.credits._trust import REPUTATION_FLOOR
+from gpunet.credits._trust import MISMATCHES_PER_CLIENT_DAY, REPUTATION_FLOOR
 from gpunet.credits._witness import Witness
 from gpunet.paths import write_private
 
@@ -652,14 +652,17 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 
 def open_store(db: str | None, *, key_file: str | os.PathLike[str] | None = None,
-               reputation_floor: float = REPUTATION_FLOOR) -> CreditStore:
+               reputation_floor: float = REPUTATION_FLOOR,
+               mismatches_per_client_day: int = MISMATCHES_PER_CLIENT_DAY) -> CreditStore:
     """Open (creating on first use) the credit database and its signing key; providers whose
-    reputation falls below ``reputation_floor`` are quarantined."""
+    reputation falls below ``reputation_floor`` are quarantined; one client's verdicts count
+    at most ``mismatches_per_client_day`` mismatches against a provider a day."""
     url = resolve_db_url(db)
     key_path = Path(key_file) if key_file else beside_db(url, ".ed25519.pem")
     key = load_or_create_signing_key(key_path)
     memory = Witness(key_path.with_name(key_path.name + ".heads"))
-    store = CreditStore(url, signing_key=key, reputation_floor=reputation_floor, memory=memory)
+    store = CreditStore(url, signing_key=key, reputation_floor=reputation_floor, memory=memory,
+                        mismatches_per_client_day=mismatches_per_client_day)
     try:
         store.bind_public_key(public_key_raw(key).hex())
         store.check_memory()
@@ -699,20 +702,23 @@ def serve(
     access_log: bool = False,
     on_ready: Callable[[str, Path], None] | None = None,
     reputation_floor: float = REPUTATION_FLOOR,
+    mismatches_per_client_day: int = MISMATCHES_PER_CLIENT_DAY,
 ) -> None:
     """Run the credit service in the foreground until SIGINT/SIGTERM.
 
     Creates the database, the ed25519 key and the operator account (its token
     written to ``operator_token_file``, mode 600) on first start; calls
     ``on_ready(url, token_file)`` once the socket listens. A provider whose reputation falls
-    below ``reputation_floor`` is quarantined (0: never).
+    below ``reputation_floor`` is quarantined (0: never); one client account's verdicts count
+    at most ``mismatches_per_client_day`` mismatches against one provider a day (-1: no limit).
     """
     import uvicorn
 
     # The event loop and the writer thread hand the GIL back and forth for every
     # request; the default 5 ms switch interval would add up to that to each one.
     sys.setswitchinterval(float(os.environ.get("GPUNET_CREDITS_SWITCH_INTERVAL", "0.0005")))
-    store = open_store(db, key_file=key_file, reputation_floor=reputation_floor)
+    store = open_store(db, key_file=key_file, reputation_floor=reputation_floor,
+                       mismatches_per_client_day=mismatches_per_client_day)
     try:
         token_path = Path(operator_token_file) if operator_token_file else beside_db(store.url, ".operator-token")
         token = store.ensure_operator()
