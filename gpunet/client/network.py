@@ -107,6 +107,9 @@ class Network:
         self._finished_generation = 0
         self.client.subscribe_topic(self.topic, self._on_event)
         self._closed = False
+        if meter is not None:  # the session's pre-authorized hold, placed now and refilled in the background
+            meter.preauthorize()
+            meter.start_refilling(self.release_unsent, self.preauth_state)
         #: how many connect() calls handed this network out and have not closed it
         self._users = 1
         _open_networks.add(self)
@@ -337,6 +340,11 @@ class Network:
         except Exception as exc:  # noqa: BLE001
             logger.warning("gpunet: could not release holds %s of an unsent job: %s", holds, exc)
 
+    def preauth_state(self, holds: list[str], jobs: list[str]) -> dict[str, Any]:
+        """What the scheduler paid so far from the session's pre-authorized ``holds``, in all
+        and for each of ``jobs`` (see :meth:`gpunet.metering.meter.Meter.look_at_paid`)."""
+        return self.call_scheduler(wire.PREAUTH_STATE, holds=holds, jobs=jobs)
+
     def max_rate(self) -> float:
         """The highest rate (credits per device-second) any provider asks (cached)."""
         stamp, rate = self._rate_cache
@@ -403,6 +411,8 @@ class Network:
             self._closed = True
             if _current is self:
                 _current = None
+        if self.meter is not None:  # the session's pre-authorized holds go back
+            self.meter.stop_refilling(self.release_unsent)
         if self.meter is not None and self.meter.doubtful:  # holds an outage left in doubt go back
             try:
                 self.meter.resolve_doubtful(self.release_unsent)
