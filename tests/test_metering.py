@@ -149,7 +149,34 @@ def test_reports_survive_the_credit_service_pausing(own):
 OUTAGE_TIMEOUTS = 10
 
 
-def test_reports_queue_retry_and_land_after_an_outage_longer_than_every_client_timeout(own):
+@pytest.fixture
+def short_timeouts(monkeypatch):
+    """A metered embedded network whose credit clients (the notebook's and the
+    scheduler's) time out after 1 s connecting and 2 s reading (``GPUNET_CREDITS_TIMEOUT``)."""
+    monkeypatch.setenv("GPUNET_CREDITS_TIMEOUT", "1,2")
+    previous, network_module._current = network_module._current, None
+    try:
+        net = gpunet.connect(budget=2_000)
+        try:
+            yield net
+        finally:
+            net.close()
+    finally:
+        network_module._current = previous
+
+
+def test_a_bad_credits_timeout_says_what_to_give(monkeypatch):
+    from gpunet.credits import CreditClient
+    from gpunet.errors import GpunetError
+
+    monkeypatch.setenv("GPUNET_CREDITS_TIMEOUT", "soon")
+    with pytest.raises(GpunetError, match="READ or CONNECT,READ seconds"):
+        CreditClient("http://127.0.0.1:1", "t")
+    monkeypatch.setenv("GPUNET_CREDITS_TIMEOUT", "7")
+    assert CreditClient("http://127.0.0.1:1", "t").timeout == (3.05, 7.0)
+
+
+def test_reports_queue_retry_and_land_after_an_outage_longer_than_every_client_timeout(short_timeouts):
     """The credit service stops answering (SIGSTOP) for :data:`OUTAGE_TIMEOUTS` times the
     longest client timeout while a map runs: the map completes, a map sent meanwhile runs
     on the session's pre-authorized hold (no request to the service on its path), a map
@@ -161,10 +188,11 @@ def test_reports_queue_retry_and_land_after_an_outage_longer_than_every_client_t
     from gpunet.client import submit as jobs
     from gpunet.errors import GpunetError
 
+    own = short_timeouts
     service = own.embedded.credits_service
     plugin = own.embedded.cluster.scheduler.plugins[wire.METERING_PLUGIN]
     short = (1.0, 2.0)
-    plugin._client.timeout = own.credits.timeout = short  # the scheduler's and the notebook's credit clients
+    assert plugin._client.timeout == own.credits.timeout == short  # the scheduler's and the notebook's
     outage_s = OUTAGE_TIMEOUTS * max(short)
     before = _settled(own)
     job = jobs.function_job(abs, (), {}, topic=own.topic, announce=False)
