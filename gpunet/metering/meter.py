@@ -360,6 +360,13 @@ class Meter:
             self.preauth, self.retiring = None, []
         if holds:
             release(holds)
+            with self._lock:
+                self.unsettled.update(holds)
+            try:  # the account's balance is whole again once the session is closed
+                self.wait_settled(set(holds))
+            except CreditsUnavailableError:
+                logger.warning("gpunet metering: the credit service is away; the pre-authorized holds %s are "
+                               "released once the scheduler reaches it", holds)
 
     def finished(self, holds: list[str]) -> None:
         """The jobs of ``holds`` finished here: the scheduler settles or releases them soon."""
@@ -392,6 +399,20 @@ class Meter:
                 return True
             if time.monotonic() > deadline:
                 return False
+            time.sleep(0.05)
+
+    def charged_from(self, hold: str, job_id: str, tasks: int = 1, timeout: float = SETTLE_WAIT_S) -> int | None:
+        """What job ``job_id`` (of ``tasks`` tasks) was paid from pre-authorized hold ``hold``,
+        once the scheduler counted its tasks; None when it has not after ``timeout``."""
+        if self._ask is None:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            tally = ((self._ask([hold], [job_id]) or {}).get(hold) or {}).get("jobs", {}).get(job_id)
+            if tally is not None and int(tally["done"]) >= tasks:
+                return int(tally["paid"])
+            if time.monotonic() > deadline:
+                return None
             time.sleep(0.05)
 
     def _paid_by_scheduler(self) -> dict[str, int]:
