@@ -230,17 +230,20 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     # -- Dask hooks ----------------------------------------------------------------------
     def update_graph(self, scheduler: Scheduler, *, client: str, tasks: list[Any], **kwargs: Any) -> None:
         """Refuse, before any can run, the tasks that draw on another client's
-        pre-authorized hold (the first client to draw on one owns it), and on an open
+        pre-authorized hold, or name it to pay their overflow (the first client to name
+        one owns it), and on an open
         network those that carry no hold: they ask for a resource no worker has, and are
         cancelled for their client."""
         created = [key for key in tasks if key in scheduler.tasks and scheduler.tasks[key].run_spec is not None]
         foreign = []
         for key in created:
             meta = self._annotation(key)
-            if isinstance(meta, dict) and "preauth" in meta and isinstance(meta.get("hold"), str):
-                owner = self.preauth_owners.setdefault(meta["hold"], client)
-                if owner != client:
-                    foreign.append(key)
+            if not isinstance(meta, dict):
+                continue
+            # a pre-authorized hold drawn on, or named to pay what a map's items earn beyond its own
+            drawn = meta.get("hold") if "preauth" in meta else meta.get("overflow")
+            if isinstance(drawn, str) and self.preauth_owners.setdefault(drawn, client) != client:
+                foreign.append(key)
         self._refuse_tasks(scheduler, foreign, client, "gpunet-foreign-hold",
                            "these tasks draw on a pre-authorized hold of another session")
         if not self.open_network:

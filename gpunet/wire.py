@@ -202,11 +202,13 @@ def job_kind(meta: dict[str, Any]) -> str:
 
 def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str | None = None,
                topic: str | None = None, held: int | None = None, preauth: int | None = None,
-               job: str | None = None) -> dict[str, Any]:
+               job: str | None = None, overflow: tuple[str, int] | None = None) -> dict[str, Any]:
     """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its
     hold and what one task may be paid from it; for a map, how many ``tasks``
     share the hold and what it ``held`` in all; for a job drawing on the session's
-    pre-authorized hold, that hold's size (``preauth``) and the ``job``'s id; for a
+    pre-authorized hold, that hold's size (``preauth``) and the ``job``'s id; for a map
+    with its own hold, the session's pre-authorized hold and its size (``overflow``) that
+    pay what its items earn beyond it; for a
     copy of a verified job, that job's id (``verify``); the notebook's event
     ``topic``, on which the task's worker may then post."""
     meta: dict[str, Any] = {"hold": hold, "amount": amount}
@@ -216,6 +218,8 @@ def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str 
         meta["held"] = held
     if preauth is not None:
         meta["preauth"], meta["job"] = preauth, job
+    if overflow is not None:
+        meta["overflow"], meta["overflow_held"], meta["job"] = *overflow, job
     if verify is not None:
         meta["verify"] = verify
     if topic is not None:

@@ -294,3 +294,71 @@ def test_a_hold_whose_tasks_never_reached_the_scheduler_is_released(net):
                        keys=["gpunet-never-sent-0", "gpunet-never-sent-1", "gpunet-never-sent-2"])
     after = _settled(net)
     assert after["held_for_jobs"] == 0 and after["spent"] == before["spent"]
+
+
+def test_the_embedded_defaults_run_a_2000_item_trivial_map_in_one_go(capfd):
+    """The issue's newcomer: the default budget (10,000) and `net.map(f, range(2000))`.
+    Its hold is what the items are expected to cost (3,000), not 2,000 x 10 at worst: it
+    is sent whole (no pause), and each item is paid once."""
+    previous, network_module._current = network_module._current, None
+    try:
+        net = gpunet.connect()
+        try:
+            before = _settled(net)
+            assert before["budget"] == network_module.DEFAULT_BUDGET
+            assert net.map(abs, range(2000)) == list(range(2000))
+            after = _settled(net)
+            assert after["spent"] - before["spent"] == 2000 and after["held_for_jobs"] == 0
+            assert "paused" not in capfd.readouterr().err
+        finally:
+            net.close()
+    finally:
+        network_module._current = previous
+
+
+def test_a_map_whose_items_run_longer_than_expected_is_paid_from_the_preauthorized_hold(own):
+    """A map held at its expected price (4 items x 1 s x 1.5 = 6 credits) whose items take
+    about 1.6 s each (2 credits): what they earn beyond its hold is paid from the
+    session's pre-authorized hold, so every item is paid its price (8 in all), and the
+    ledger verifies."""
+    before = _settled(own)
+    free = own.meter.preauth.free()
+    # a reservation that leaves the pre-authorized hold too small for the map (it never
+    # finishes here, so nothing waits for the scheduler to count it)
+    assert own.meter.draw("filler", free - 3) is not None
+
+    def slow(i):
+        import time
+
+        time.sleep(1.6)
+        return i
+
+    assert own.map(slow, range(4), timeout=120) == [0, 1, 2, 3]
+    after = _settled(own)
+    assert after["spent"] - before["spent"] == 8, "each item paid its price, 2 credits"
+    plugin = own.embedded.cluster.scheduler.plugins[wire.METERING_PLUGIN]
+    assert plugin.reporter.failed == [], "no part exceeded what was left of a hold"
+    verify_service(own.embedded.credits_service.url, own.embedded.credits_service.operator_token)
+
+
+def test_another_client_cannot_draw_on_a_sessions_preauthorized_hold(net, tmp_path):
+    """A stranger who names this session's pre-authorized hold on her own tasks has them
+    refused by the scheduler before they run: only the client that drew on it first may."""
+    import dask
+    from distributed import Client
+
+    assert net.run(abs, -1) == 1  # this session draws on its pre-authorized hold
+    hold, size = net.meter.preauth.hold, net.meter.preauth.amount
+    marker = tmp_path / "ran"
+
+    def touch():
+        marker.touch()
+
+    before = _settled(net)
+    with Client(net.address, timeout=30) as stranger:
+        with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, 60, preauth=size, job="stolen")}):
+            future = stranger.submit(touch, pure=False)
+        with pytest.raises(Exception, match="(?i)cancel"):
+            future.result(timeout=30)
+    assert not marker.exists()
+    assert _settled(net)["spent"] == before["spent"]

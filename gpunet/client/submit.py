@@ -481,10 +481,13 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
                                   annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else held,
                                                               held=None if items is None or slicing else need,
-                                                              topic=job.topic),
+                                                              overflow=None if items is None or slicing
+                                                              else meter.overflow(job.job_id, count),
+                                                              job=job.job_id, topic=job.topic),
                                   timeout=timeout, slicing=slicing)
     except BaseException:
         network.release_unsent([hold])
+        meter.job_done(job.job_id)  # a map's watch on the pre-authorized hold, if it had one
         raise
     remote.holds, remote.credit_limit_s = [hold], plan.limit_s
     return remote

@@ -265,6 +265,17 @@ class Meter:
                 self._wake.set()
             return current.hold, current.amount
 
+    def overflow(self, job_id: str, tasks: int) -> tuple[str, int] | None:
+        """The pre-authorized hold (and its size) that pays what map ``job_id`` (of ``tasks``
+        items), with its own hold sized by their expected price, earns beyond it; None when
+        there is none. What it pays there is counted as the map's draw on it (of 0 reserved)."""
+        with self._lock:
+            current = self.preauth
+            if current is None:
+                return None
+            current.draws[job_id] = Draw(0, tasks)
+            return current.hold, current.amount
+
     def job_done(self, job_id: str) -> None:
         """Job ``job_id`` is done here: it counts until the scheduler counted its tasks."""
         with self._lock:

@@ -119,14 +119,15 @@ class SharedHold:
     by_job: dict[str, list[int]] = field(default_factory=dict)
     #: credits that tasks earned after the hold was spent (not paid)
     short: int = 0
+    #: the session's pre-authorized hold that pays what a map's items earn beyond this hold
+    overflow: str | None = None
+    overflow_held: int = 0
 
     def payable(self, amount: int) -> int:
         """What of ``amount`` this hold can still pay: at most what is left of it."""
         if self.capacity is None:
             return amount
-        payable = max(0, min(amount, self.capacity - self.paid))
-        self.short += amount - payable
-        return payable
+        return max(0, min(amount, self.capacity - self.paid))
 
 
 def _shared_by(meta: Mapping[str, Any]) -> bool:
@@ -139,7 +140,10 @@ def _new_share(meta: Mapping[str, Any]) -> SharedHold:
     ``preauth`` credits, or a map's of ``tasks`` items (``held`` credits, if it says)."""
     if "preauth" in meta:
         return SharedHold(None, capacity=_whole(meta["preauth"]))
-    return SharedHold(_whole(meta["tasks"]), capacity=_whole(meta["held"]) if "held" in meta else None)
+    overflow = meta.get("overflow")
+    return SharedHold(_whole(meta["tasks"]), capacity=_whole(meta["held"]) if "held" in meta else None,
+                      overflow=overflow if isinstance(overflow, str) and "overflow_held" in meta else None,
+                      overflow_held=_whole(meta.get("overflow_held", 0)))
 
 
 def _whole(value: Any) -> int:
@@ -408,23 +412,39 @@ class Settlement:
         paid = 0
         tally = share.by_job.setdefault(job, [0, 0]) if isinstance(job, str) else [0, 0]
         tally[1] += 1
+        spill = None  # the pre-authorized hold that pays a map's items beyond its own hold
+        if share.overflow and share.overflow not in self.closed:
+            spill = self.shared.setdefault(share.overflow, SharedHold(None, capacity=share.overflow_held))
+        spilled = spill.by_job.setdefault(job, [0, 0]) if spill is not None and isinstance(job, str) else [0, 0]
+        spilled[1] += 1
         if provider is not None and provider not in self.quarantined:
-            paid = share.payable(amount)
+            paid = self._pay_part(share, provider, share.payable(amount), seconds)
+            if paid < amount and spill is not None and spill.tasks is None:
+                # the map's items ran longer than expected: the rest comes from the session's
+                # pre-authorized hold, while anything is left of it
+                extra = self._pay_part(spill, provider, spill.payable(amount - paid), 0.0 if paid else seconds)
+                spilled[0] += extra
+                paid += extra
             if paid < amount:
+                share.short += amount - paid
                 logger.error("gpunet metering: hold %s is spent; task %s earned %d credits and is paid %d",
                              hold, key, amount, paid)
-            share.paid += paid
-            if paid:
-                part = share.parts.setdefault(provider, Part())
-                part.credits += paid
-                part.tasks += 1
-                part.seconds += seconds
-                self._parts_pending = True
         tally[0] += paid
         if share.tasks is not None and len(share.done) >= share.tasks:
             self._queue_parts(hold, share)
             del self.shared[hold]
             self._release(hold)
+        return paid
+
+    def _pay_part(self, share: SharedHold, provider: str, paid: int, seconds: float) -> int:
+        """Add ``paid`` credits for one task to ``provider``'s next part of ``share``."""
+        share.paid += paid
+        if paid:
+            part = share.parts.setdefault(provider, Part())
+            part.credits += paid
+            part.tasks += 1
+            part.seconds += seconds
+            self._parts_pending = True
         return paid
 
     def preauth_state(self, holds: Collection[str], jobs: Collection[str] = ()) -> dict[str, dict[str, Any]]:
