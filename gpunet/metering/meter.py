@@ -200,6 +200,8 @@ class Meter:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _preauth_number: int = 0
+    #: pre-authorized holds released here that the service may still show open
+    letting_go: set[str] = field(default_factory=set)
     #: releases holds through the scheduler (set by :meth:`start_refilling`)
     _release: Callable[[list[str]], None] | None = None
     #: asks the scheduler what it paid from pre-authorized holds (set by :meth:`start_refilling`)
@@ -217,10 +219,12 @@ class Meter:
         credits pre-authorized now (``preauthorized``, part of ``held``) and the rest held
         for jobs (``held_for_jobs``)."""
         with self._lock:
-            mine = {p.hold for p in self._preauths()}
+            mine = {p.hold for p in self._preauths()} | self.letting_go
         usage = self.credits.usage(self.session)
         open_holds = self.credits.holds(account=self._owner()) if mine else []
         preauthorized = sum(hold["amount"] - hold.get("paid", 0) for hold in open_holds if hold["hold"] in mine)
+        with self._lock:  # released ones the service shows closed are gone for good
+            self.letting_go &= {hold["hold"] for hold in open_holds}
         return {**usage, "preauthorized": preauthorized, "held_for_jobs": usage["held"] - preauthorized}
 
     def _preauths(self) -> list[Preauthorized]:
@@ -342,6 +346,8 @@ class Meter:
                 self.preauth = current = None
             low = current is not None and current.free() < REFILL_BELOW * current.amount
         if done:
+            with self._lock:
+                self.letting_go.update(p.hold for p in done)
             release([p.hold for p in done])
         if low or (current is None and wanted and not idle):
             self.preauthorize()
