@@ -509,13 +509,13 @@ def _error_info(exc: BaseException, filename: str | None, result_format: str, *,
 # -- stopping a job (runs on the worker's event loop through Client.run) ----------------------
 
 
-def end_session(digest: str, dask_worker: Any = None) -> bool:
+async def end_session(digest: str, dask_worker: Any = None) -> bool:
     """End the sandbox of the notebook session whose digest is ``digest``
     (:func:`gpunet.worker.sandbox.session_digest`) on this worker, if it has one; sent
     with ``Client.run`` when a notebook closes its connection."""
     if _job_host is None:
         return False
-    return bool(_job_host.end_session(str(digest)))
+    return bool(await asyncio.to_thread(_job_host.end_session, str(digest)))
 
 
 def was_stopped(job_id: str) -> bool:

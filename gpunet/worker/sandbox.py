@@ -153,6 +153,9 @@ class SandboxSettings:
         memory = "the worker's memory limit" if self.memory_bytes is None else f"{self.memory_bytes / 2**30:.1f} GiB"
         limits = (f"limits: memory {memory}, {self.processes} processes, {self.open_files} open files, files up "
                   f"to {self.file_bytes / 2**30:.1f} GiB, CPU {self.cpu_seconds} s, no core dumps")
+        if os.geteuid() == 0 and not own_uid_possible(self):
+            limits += (f"; WARNING: as root, with {self.python or sys.executable} in a folder other users cannot "
+                       "read, cells run as root (no process limit): install bubblewrap")
         if self.isolation == BUBBLEWRAP:
             network = "network allowed" if self.allow_network else "no network"
             return (f"cells run in a sandbox per session: bubblewrap (read-only system, no view of your home or "
@@ -172,6 +175,22 @@ def bubblewrap_works() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return trial.returncode == 0
+
+
+def own_uid_possible(settings: SandboxSettings) -> bool:
+    """Whether this provider (root) can give each sandbox a uid of its own: with
+    bubblewrap (which shows the Python's folders to it), or where every folder on the
+    way to the Python and its libraries lets other users in."""
+    if os.geteuid() != 0:
+        return False
+    if settings.isolation == BUBBLEWRAP:
+        return True
+    python = os.path.realpath(settings.python or sys.executable)
+    for path in (python, sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(runner.__file__))):
+        for folder in [Path(path), *Path(path).parents]:
+            if folder.is_dir() and not folder.stat().st_mode & 0o001:
+                return False
+    return True
 
 
 def make_non_dumpable() -> None:
@@ -239,7 +258,8 @@ class Sandbox:
     def __init__(self, settings: SandboxSettings, slot: int, device_env: dict[str, str]) -> None:
         self.settings = settings
         self.slot = slot
-        self.uid = ROOT_SANDBOX_UID_BASE + os.getpid() * MOST_SANDBOXES + slot if os.geteuid() == 0 else None
+        self.uid = (ROOT_SANDBOX_UID_BASE + os.getpid() * MOST_SANDBOXES + slot
+                    if own_uid_possible(settings) else None)
         self.scratch = tempfile.mkdtemp(prefix="gpunet-sandbox-")
         if self.uid is not None:
             os.chown(self.scratch, self.uid, self.uid)
@@ -595,11 +615,12 @@ def bubblewrap_arguments(settings: SandboxSettings, scratch: str, python: str, d
     seen_again = [os.path.dirname(os.path.dirname(os.path.realpath(python))), sys.prefix, sys.base_prefix,
                   *(entry for entry in [*settings.path_prefix, *sys.path] if entry)]
     made: set[str] = set()
+    exposed = []
     for path in dict.fromkeys(os.path.realpath(path) for path in seen_again):
-        under = [folder for folder in map(os.path.realpath, hidden)
-                 if path == folder or path.startswith(folder.rstrip("/") + "/")]
+        under = [folder for folder in map(os.path.realpath, hidden) if _inside(path, folder)]
         if not os.path.exists(path) or not under:
             continue
+        exposed.append(path)
         # the folders on the way, which bwrap would make 0700: readable by a sandbox's own uid
         way = Path(path).parent
         for folder in sorted((p for p in [way, *way.parents] if len(str(p)) > len(min(under, key=len))), key=str):
@@ -607,12 +628,18 @@ def bubblewrap_arguments(settings: SandboxSettings, scratch: str, python: str, d
                 made.add(str(folder))
                 arguments += ["--perms", "0755", "--dir", str(folder)]
         arguments += ["--ro-bind", path, path]
-    for path in hidden_files:
-        arguments += ["--ro-bind", "/dev/null", path]
+    for path in hidden_files:  # out of view already, unless in a folder seen again
+        if any(_inside(path, folder) for folder in exposed) or not any(
+                _inside(path, os.path.realpath(folder)) for folder in hidden if os.path.isdir(folder)):
+            arguments += ["--ro-bind", "/dev/null", path]
     arguments += ["--bind", scratch, scratch, "--chdir", scratch]
     for node in gpu_device_nodes(device_env.get("CUDA_VISIBLE_DEVICES")):
         arguments += ["--dev-bind", node, node]
     return arguments
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def gpu_device_nodes(visible: str | None) -> list[str]:
@@ -690,8 +717,12 @@ def serve(config: dict[str, Any]) -> None:
 def _run_one(channel: _Channel, key: str, blob: bytes, config: dict[str, Any],
              running: dict[str, threading.Thread]) -> None:
     job, item, index, address, device = cloudpickle.loads(blob)
+    started = time.time()
     try:
         result = runner.execute_job(job, item, index, _Relay(channel, key, address), address, device)
+    except BaseException as exc:  # noqa: BLE001 - a cell that broke the runner itself: say so, not hang
+        result = _error_result(job, index, address, device, started, type(exc).__name__,
+                               f"the sandbox's runner failed: {exc}")
     finally:
         running.pop(key, None)
         if not running:
