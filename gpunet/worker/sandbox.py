@@ -64,6 +64,7 @@ import cloudpickle
 import msgpack
 
 from gpunet.errors import GpunetError
+from gpunet.paths import data_dir
 from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, result_from_event, result_to_event, session_digest,
                          stream_allowance)
 from gpunet.worker import runner
@@ -598,8 +599,6 @@ def bubblewrap_arguments(settings: SandboxSettings, scratch: str, python: str, d
     """bwrap's arguments: a read-only system, private /tmp and /dev, the provider's home,
     data dir and hidden paths out of view (the Python's own folders seen again, read-only),
     the scratch directory writable, its own process namespace, and no network unless allowed."""
-    from gpunet.paths import data_dir
-
     arguments = [shutil.which("bwrap") or "bwrap", "--die-with-parent", "--new-session", "--unshare-pid",
                  "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if not settings.allow_network:
