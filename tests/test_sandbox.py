@@ -220,9 +220,17 @@ def test_a_timeout_kills_the_sandboxs_work_and_the_worker_lives(market, detached
 
         time.sleep(600)  # no exception reaches C code: only ending the sandbox stops it
 
+    def spinning():
+        while True:  # Python code: the stop reaches it inside the sandbox
+            pass
+
     worker = worker_process(market)
     with connect(market) as net:
+        first, _ = net.run(identity_cell(), timeout=120)
+        with pytest.raises(CellTimeoutError):
+            net.run(spinning, timeout=3)
         before, where = net.run(identity_cell(), timeout=120)
+        assert before == first, "a cell stopped in Python code leaves its session's sandbox warm"
         started = time.monotonic()
         with pytest.raises(CellTimeoutError):
             net.run(stuck_in_c, timeout=3)

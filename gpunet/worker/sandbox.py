@@ -353,6 +353,10 @@ class Sandbox:
             subprocess.run(["kill", "-KILL", "-1"], user=self.uid, group=self.uid, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, check=False)
         self.process.wait()
+        try:  # wakes the reader even where a stray still holds the other end
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.channel.sock.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
 
@@ -529,6 +533,8 @@ class SandboxPool:
                 return sandbox
             spare, self.spare = self.spare, None
             evicted = self._make_room_locked()
+            if sandbox is not None:  # it ended by itself (a limit): the session starts afresh
+                evicted.append(self.sessions.pop(digest))
         for old in evicted:
             self._end(old, "the worker needed room for another session")
         sandbox = spare.result() if spare is not None else None
