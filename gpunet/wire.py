@@ -67,6 +67,13 @@ REGISTER_PROVIDER = "gpunet-register-provider"
 CONFIRM_PROVIDER = "gpunet_confirm_provider"
 
 
+def session_digest(session: str) -> str:
+    """The name a notebook session's sandbox has on a worker: the SHA-256 of the session's
+    secret (``Job.session``), so that ending a session, which every worker hears of,
+    reveals no secret."""
+    return hashlib.sha256(session.encode()).hexdigest()
+
+
 def token_digest(token: str) -> str:
     """The SHA-256 of a provider token, which the scheduler asks a worker to confirm."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -108,6 +115,10 @@ class Job:
     #: travels only inside the task, so no other party can make an event the
     #: notebook accepts for this job
     event_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    #: the secret of the notebook session that sent the job: a provider's worker runs the
+    #: session's jobs in one sandbox of its own (gpunet.worker.sandbox), never shared with
+    #: another session; None gets a sandbox for the job alone
+    session: str | None = None
 
 
 @dataclass
