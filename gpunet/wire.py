@@ -132,6 +132,8 @@ def pickle_value(value: Any) -> bytes | Pickled:
     stream = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     if not buffers and len(stream) <= OUT_OF_BAND_BYTES:
         return stream
+    if len(stream) + sum(memoryview(buffer).nbytes for buffer in buffers) <= OUT_OF_BAND_BYTES:
+        return cloudpickle.dumps(value, protocol=5)  # small: one blob (a small result also travels as an event)
     return Pickled(stream, list(buffers))
 
 
@@ -139,6 +141,16 @@ def unpickle_value(blob: bytes | Pickled) -> Any:
     """The value :func:`pickle_value` made (only ever of the notebook's own values, or
     of results from providers it trusts)."""
     return blob.load() if isinstance(blob, Pickled) else cloudpickle.loads(blob)
+
+
+def flat_result(result: JobResult) -> JobResult:
+    """``result`` with every pickled value as one bytes blob, as msgpack carries it (for
+    the scheduler's reuse table); values with buffers kept apart are pickled again."""
+    def flat(blob: Any) -> Any:
+        return cloudpickle.dumps(blob.load()) if isinstance(blob, Pickled) else blob
+
+    return dataclasses.replace(result, value=flat(result.value),
+                               outputs={name: flat(blob) for name, blob in result.outputs.items()})
 
 
 def pickled_parts(blob: bytes | Pickled) -> Iterator[Any]:

@@ -119,3 +119,20 @@ def test_a_large_cell_input_and_output_travel(ip):
     ip.run_cell_magic("gpunet", "--quiet", "doubled = big * 2")
     assert np.array_equal(ip.user_ns["doubled"], np.arange(3_000_000, dtype=np.float64) * 2)
     assert ip.user_ns["doubled"].flags.writeable
+
+
+def test_a_result_kept_for_reuse_is_flat_msgpack_data():
+    import msgpack
+
+    from gpunet.wire import flat_result, result_from_event, result_to_event
+
+    result = JobResult("job", None, "w", "cpu", 0.0, 1.0, value=pickle_value(np.arange(100_000)),
+                       outputs={"small": pickle_value(3)})
+    packed = msgpack.packb(result_to_event(flat_result(result)), use_bin_type=True)
+    back = result_from_event(msgpack.unpackb(packed, raw=False))
+    assert np.array_equal(unpickle_value(back.value), np.arange(100_000)) and unpickle_value(back.outputs["small"]) == 3
+
+
+def test_a_small_array_stays_one_blob_so_that_it_can_come_back_as_an_event():
+    blob = pickle_value(np.arange(10))
+    assert isinstance(blob, bytes) and np.array_equal(unpickle_value(blob), np.arange(10))
