@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.serialize import Serialized, deserialize
 
-from gpunet import wire
+from gpunet import codec, wire
 from gpunet.certs import SCHEDULER, identity_of_file
 from gpunet.credits import CreditClient, CreditsError
 from gpunet.metering.reporter import Reporter
@@ -72,6 +73,10 @@ CONFIRM_ATTEMPTS = 3
 #: A resource no worker has: what a task without a hold asks for on an open network,
 #: so that it waits, never runs, until it is cancelled.
 REFUSED_RESOURCE = "gpunet-refused-no-hold"
+#: The largest copy the scheduler fetches to compare a disputed verdict's digests itself,
+#: and how long it waits for the copies.
+DIGEST_FETCH_MAX_BYTES = 16 * 1024 * 1024
+DIGEST_FETCH_S = 10.0
 
 
 class GpunetMeteringPlugin(SchedulerPlugin):
@@ -81,13 +86,15 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     :class:`~gpunet.metering.reporter.Reporter` sends. ``default_provider`` /
     ``default_rate`` apply to workers that did not say who they are (plain ``dask
     worker`` processes). ``open_network`` guards the wire by certificate roles.
-    Loaded by :func:`dask_setup` (``--preload``)."""
+    ``max_rate`` is the most a provider may ask, ``default_max_rate`` the price limit of a
+    notebook that sets none. Loaded by :func:`dask_setup` (``--preload``)."""
 
     name = wire.METERING_PLUGIN
     idempotent = True
 
     def __init__(self, credits_url: str, token: str, *, default_provider: str | None = None,
-                 default_rate: float = 1.0, max_rate: float = 100.0, open_network: bool = False) -> None:
+                 default_rate: float = 1.0, max_rate: float = 100.0, open_network: bool = False,
+                 default_max_rate: float = 1.0) -> None:
         self.open_network = open_network
         self.door: SchedulerDoor | None = None
         #: tasks refused on an open network because they carried no hold
@@ -96,6 +103,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         #: a meter account's token (the operator's on a private network): it may only pay and release holds
         self.token = token
         self.max_rate = max_rate
+        #: the price limit a notebook gets when it sets none (``--default-max-rate``): what a
+        #: rate is an offer against, and what its holds are priced at
+        self.default_max_rate = default_max_rate
         self.settlement = Settlement(default_provider, default_rate)
         self.scheduler: Scheduler | None = None
         self.reporter: Reporter | None = None
@@ -267,19 +277,40 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             self.door.worker_left(worker)
 
     # -- named handlers (gpunet.wire) ----------------------------------------------------
-    def verdict(self, client: str | None = None, job: str = "", copies: dict[str, bool] | None = None,
-                method: str = "", digest: str = "", checked: bool = True, **kwargs: Any) -> None:
+    async def verdict(self, client: str | None = None, job: str = "", copies: dict[str, bool] | None = None,
+                      method: str = "", digest: str = "", checked: bool = True, **kwargs: Any) -> None:
         """Handler: a notebook's verdict on the copies of one unit of a verified job
-        (:meth:`Settlement.verdict`, told which clients want each judged task)."""
+        (:meth:`Settlement.verdict`, told which clients want each judged task). Where
+        the notebook calls a copy a mismatch, the scheduler fetches the judged copies
+        itself and compares their digests: the notebook's word alone does not make one."""
         tasks = {key: Owned(self._annotation(key), {cs.client_key for cs in self.scheduler.tasks[key].who_wants})
                  for key in copies or () if key in self.scheduler.tasks}
+        disputed = checked and any(not agreed for agreed in (copies or {}).values())
+        digests = await self._digests([key for key in tasks if tasks[key].meta]) if disputed else {}
         self._after(self.settlement.verdict(client, job, copies or {}, tasks, method=method, digest=digest,
-                                            checked=checked))
+                                            checked=checked, digests=digests))
         if checked and digest and sum(bool(agrees) for agrees in (copies or {}).values()) >= 2:
             self._checked.setdefault((client, job), set()).add(digest)
             self._checked.move_to_end((client, job))
             while len(self._checked) > CHECKED_JOBS_KEPT:
                 self._checked.popitem(last=False)
+
+    async def _digests(self, keys: list[Any]) -> dict[Any, str]:
+        """The result digests of tasks ``keys``, fetched from their workers by this scheduler
+        (each at most :data:`DIGEST_FETCH_MAX_BYTES`; those it cannot fetch in time are left out)."""
+        small = [key for key in keys if key in self.scheduler.tasks and self.scheduler.tasks[key].state == "memory"
+                 and 0 <= self.scheduler.tasks[key].get_nbytes() <= DIGEST_FETCH_MAX_BYTES]
+        if not small:
+            return {}
+        try:
+            # asked as msgpack: a data-only job's result is bytes, and nothing else is loaded here
+            answer = await asyncio.wait_for(self.scheduler.gather(keys=small, serializers=["msgpack"]),
+                                            DIGEST_FETCH_S)
+        except Exception as exc:  # noqa: BLE001 - workers gone or slow: the verdict goes on without digests
+            logger.warning("gpunet metering: could not fetch copies %s to compare them: %s", small, exc)
+            return {}
+        fetched = answer.get("data") or {} if isinstance(answer, dict) else {}
+        return await asyncio.to_thread(_digests_of, fetched)
 
     def reuse_store(self, client: str | None = None, job: str = "", key: str = "",
                     record: dict[str, Any] | None = None, results: list[dict[str, Any]] | None = None) -> bool:
@@ -329,8 +360,10 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         s = self.settlement
         return {"credits": self.credits_url, "queued": len(s.queue), "reported": self.reporter.reported,
                 "failed": len(self.reporter.failed), "default_rate": s.default_rate, "max_rate": self.max_rate,
+                "default_max_rate": self.default_max_rate,
                 "default_provider": s.default_provider, "awaiting_verdict": len(s.awaiting),
-                "maps_open": len(s.shared), "verdicts": s.verdicts, "quarantined": sorted(s.quarantined),
+                "maps_open": len(s.shared), "verdicts": s.verdicts,
+                "overruled": s.overruled, "unblamed": s.unblamed, "quarantined": sorted(s.quarantined),
                 "refused_registrations": self.refused_registrations,
                 "network": "open" if self.open_network else "private", "refused_tasks": self.refused_tasks,
                 "refused_requests": self.door.refused if self.door is not None else 0,
@@ -458,6 +491,25 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 logger.exception("gpunet metering: could not retire %s", workers)
 
 
+def _digests_of(results: dict[Any, Any]) -> dict[Any, str]:
+    """The digests (:func:`gpunet.verify.quorum.result_digest`) of results as workers sent
+    them: a data-only job's encoded bytes (as msgpack: no other payload is loaded, never a
+    pickle); what is not that, or cannot be decoded, has none (a trusted network's pickled
+    results are compared by the notebook only)."""
+    digests = {}
+    for key, data in results.items():
+        try:
+            if isinstance(data, Serialized):
+                data = deserialize(data.header, data.frames, deserializers=("msgpack",))
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                data = result_from_event(codec.decode(bytes(data), what="a copy's result"))
+            if isinstance(data, wire.JobResult):
+                digests[key] = result_digest(data)
+        except Exception as exc:  # noqa: BLE001 - a copy that cannot be read is compared by the notebook only
+            logger.warning("gpunet metering: could not digest copy %s: %s", key, exc)
+    return digests
+
+
 def _compute_seconds(kwargs: dict[str, Any]) -> float:
     """Seconds the attempt computed, from a ``processing -> memory`` transition's startstops."""
     return sum(ss["stop"] - ss["start"] for ss in kwargs.get("startstops", ()) if ss.get("action") == "compute")
@@ -469,7 +521,12 @@ def _compute_seconds(kwargs: dict[str, Any]) -> float:
               type=click.Path(exists=True, dir_okay=False),
               help="the token the plugin reports with: a meter account's (or, on a private network, the operator's)")
 @click.option("--default-provider", default=None, help="who is paid for workers that name no provider")
-def dask_setup(scheduler: Scheduler, credits_url: str, token_file: str, default_provider: str | None) -> None:
+@click.option("--default-max-rate", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="the price limit (credits per device-second) of a notebook that sets none")
+@click.option("--max-rate", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
+              help="the most a provider may ask (credits per device-second)")
+def dask_setup(scheduler: Scheduler, credits_url: str, token_file: str, default_provider: str | None,
+               default_max_rate: float, max_rate: float) -> None:
     """Entry point for ``--preload gpunet.extensions.scheduler_plugin`` with
     ``--preload-argv`` / ``preload_argv``: meter this scheduler's work against the
     credit service (``gpunet scheduler --credits`` and the embedded network do this).
@@ -477,7 +534,8 @@ def dask_setup(scheduler: Scheduler, credits_url: str, token_file: str, default_
     with open(token_file) as file:
         token = file.read().strip()
     scheduler.add_plugin(GpunetMeteringPlugin(credits_url, token, default_provider=default_provider,
-                                              open_network=is_open_network(scheduler)))
+                                              open_network=is_open_network(scheduler), max_rate=max_rate,
+                                              default_max_rate=default_max_rate))
 
 
 def is_open_network(scheduler: Scheduler) -> bool:

@@ -73,6 +73,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                            help="a file holding the token of a meter account (it may only pay and release holds)")
     scheduler.add_argument("--operator-token-file", default=None, metavar="PATH",
                            help="a private network only: the operator token (written by `gpunet credits serve`)")
+    scheduler.add_argument("--default-max-rate", type=float, default=None, metavar="R",
+                           help="the price limit of a notebook that sets none (%%gpunet connect --max-rate), credits "
+                                "per device-second: only providers at or below it run its cells (default 1)")
+    scheduler.add_argument("--max-rate", type=float, default=None, metavar="R",
+                           help="the most a provider may ask with `gpunet provide --rate` (default 100)")
     scheduler.set_defaults(func=_scheduler)
 
     status = subparsers.add_parser(
@@ -261,7 +266,16 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
     account's, which may only pay and release holds; the operator's only on a private
     network (an open one must not hold a token that can mint)."""
     token_file = args.meter_token_file or args.operator_token_file
+    prices = []
+    for flag, value in (("--default-max-rate", args.default_max_rate), ("--max-rate", args.max_rate)):
+        if value is not None:
+            if not 0 < value < float("inf"):
+                raise OptionError(f"{flag} must be a positive number of credits per device-second, got {value:g}")
+            prices += [flag, repr(float(value))]
     if args.credits is None and token_file is None:
+        if prices:
+            raise OptionError("--default-max-rate and --max-rate are prices: they need a metered network "
+                              "(--credits URL and --meter-token-file PATH)")
         return {}
     if args.meter_token_file and args.operator_token_file:
         raise OptionError("give one of --meter-token-file and --operator-token-file")
@@ -282,7 +296,7 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
         raise OptionError(f"{token_file} is the token of {role} account {account!r}; metering needs a meter "
                           "account's (or the operator's, on a private network)")
     return {"preload": [SCHEDULER_PRELOAD],
-            "preload_argv": [["--credits", args.credits, "--token-file", str(token_file)]]}
+            "preload_argv": [["--credits", args.credits, "--token-file", str(token_file), *prices]]}
 
 
 def _provide(args: Any) -> int:

@@ -412,7 +412,7 @@ def slice_placer(meter: Any, job_id: str, amount: int) -> Callable[[int], tuple[
 def submit(network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
            workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
            timeout: float | None = None, verify: str | Policy | None = None,
-           tolerance: Tolerance | None = None) -> RemoteJob | VerifiedJob:
+           tolerance: Tolerance | None = None, max_rate: float | None = None) -> RemoteJob | VerifiedJob:
     """Send ``job`` (once, or once per item) to ``network`` and return its handle:
     a :class:`RemoteJob`, or a :class:`~gpunet.client.verified.VerifiedJob` with ``verify``.
 
@@ -420,7 +420,10 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     item (``placement="capability"``). On a metered network the job's hold is placed
     first (see :mod:`gpunet.metering.meter`): one hold for a cell, one shared by a
     map's items; a hold that cannot be placed refuses the job before anything is sent.
+    Holds are priced at ``max_rate`` credits per device-second (``network.hold_rate()``:
+    the job's price limit), never at the most expensive provider's rate.
     """
+    rate = network.hold_rate(max_rate)
     if items is not None and not items:
         raise GpunetError("nothing to send: the map has no items")
     job.result_format = network.result_format
@@ -433,7 +436,7 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
                                     "copies on other providers' workers: use one or the other")
         return VerifiedJob.submit(network, job, policy, tolerance or tolerance_for(job.code or job.function),
                                   resources=resources, items=items, workers=workers, max_credits=max_credits,
-                                  timeout=timeout)
+                                  timeout=timeout, max_rate=rate)
     meter = network.meter
     if meter is None:
         if max_credits is not None:
@@ -443,7 +446,7 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     count = 1 if items is None else len(items)
     if meter.doubtful:  # holds an outage left in doubt: given back once the service answers again
         meter.resolve_doubtful(network.release_unsent)
-    plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
+    plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=rate)
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
     slicing = None
     try:

@@ -35,8 +35,9 @@ from gpunet.credits._ledger import (
 logger = logging.getLogger(__name__)
 
 CHUNK = 100_000
-#: The Merkle levels each verify worker hashes over its range (ranges are aligned to 2**LEVELS).
-LEVELS = 16
+#: The Merkle levels each verify worker hashes over its range (ranges are aligned to 2**LEVELS, a
+#: step small enough to split a ledger evenly; the parent hashes the few nodes above).
+LEVELS = 12
 
 
 def verify_database(
@@ -97,7 +98,7 @@ def verify_database(
     # Ranges start at multiples of 2**LEVELS where they are long enough, so that each worker
     # hashes the Merkle levels of its range too, and the parent only joins them.
     step = 1 << LEVELS if slots // workers >= 1 << LEVELS else 1
-    bounds = sorted({0, slots, *(slots * i // workers // step * step for i in range(1, workers))})
+    bounds = sorted({0, slots, *((slots * i // workers + step // 2) // step * step for i in range(1, workers))})
     height = min([LEVELS, *((lo & -lo).bit_length() - 1 for lo in bounds[1:-1])])
     jobs = [(url, lo, hi, height) for lo, hi in zip(bounds, bounds[1:]) if hi > lo] or [(url, 0, 0, height)]
     if len(jobs) == 1:

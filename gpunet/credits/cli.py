@@ -48,7 +48,7 @@ from gpunet.errors import (
     LedgerVerificationError,
 )
 from gpunet.credits._process import PARENT_PID_ENV, TOKEN_FILE_PREFIX, URL_PREFIX, watch_parent
-from gpunet.credits._trust import REPUTATION_FLOOR
+from gpunet.credits._trust import MISMATCHES_PER_CLIENT_DAY, REPUTATION_FLOOR
 from gpunet.paths import write_private
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reputation-floor", type=float, default=REPUTATION_FLOOR, metavar="R",
                    help=f"quarantine a provider whose reputation falls below R (default {REPUTATION_FLOOR}; 0 never "
                    "quarantines)")
+    p.add_argument("--mismatches-per-client-day", type=int, default=MISMATCHES_PER_CLIENT_DAY, metavar="N",
+                   help=f"count at most N mismatches from one client account against one provider a day (default "
+                   f"{MISMATCHES_PER_CLIENT_DAY}: fewer than it takes to quarantine a clean record; -1: no limit)")
     p.add_argument("--rotate-operator-token", action="store_true",
                    help="issue a new operator token (the old one stops working) and write it to the token file")
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -259,7 +262,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.db, args.host, args.port, operator_token_file=args.operator_token_file, key_file=args.key_file,
           rotate_operator_token=args.rotate_operator_token, access_log=args.access_log, on_ready=ready,
-          reputation_floor=args.reputation_floor)
+          reputation_floor=args.reputation_floor, mismatches_per_client_day=args.mismatches_per_client_day)
     return 0
 
 

@@ -13,10 +13,13 @@ How much is held per task:
 
 - with ``--max-credits C``: ``C`` for a cell, ``floor(C / items)`` per item of a map
   (so a map never costs more than ``C``); a cell is stopped when, counted from its
-  start on a worker, its time at the highest provider rate would pass ``C``, and is
+  start on a worker, its time at the notebook's price limit would pass ``C``, and is
   then charged its time on the worker at that worker's rate, at most ``C``;
 - else the task's ``--timeout`` (or :data:`DEFAULT_HOLD_SECONDS`, per item
-  :data:`DEFAULT_ITEM_HOLD_SECONDS` for a map) at the highest provider rate.
+  :data:`DEFAULT_ITEM_HOLD_SECONDS` for a map) at the notebook's price limit
+  (``--max-rate``, :meth:`gpunet.client.network.Network.hold_rate`), never at the
+  rate of the most expensive provider on the network: only providers at or below
+  the limit run the job.
 
 A job given no ``--timeout`` gets :func:`default_timeout`: the device time its hold
 covers, so that a provider is never working past what it will be paid for, and a
@@ -56,7 +59,7 @@ def default_timeout(count: int = 1, *, max_credits: float | None = None, max_rat
     """The ``--timeout`` of a job of ``count`` tasks given none: the device time its
     hold covers, :data:`DEFAULT_HOLD_SECONDS` for a cell, :data:`DEFAULT_ITEM_HOLD_SECONDS`
     per item of a map. With ``--max-credits`` the hold covers that many credits at
-    the highest rate (a cell is stopped there, counted from its start on a worker),
+    the price limit (a cell is stopped there, counted from its start on a worker),
     and a minute more is allowed for reaching a worker."""
     if max_credits is not None:
         return max_credits / max_rate + DEFAULT_HOLD_SECONDS
@@ -155,7 +158,7 @@ class Meter:
             per_task = math.floor(max_credits / count)
             return Plan(per_task, per_task / max_rate if count == 1 else None, basis=f"--max-credits {max_credits:g}",
                         fix="lower --max-credits")
-        rate = f"at the highest provider rate, {max_rate:g} credits a device-second"
+        rate = f"at your price limit, {max_rate:g} credits a device-second (--max-rate)"
         if timeout is not None:
             per = "" if count == 1 else " for each item"
             basis, fix = f"--timeout {timeout:g} s{per} {rate}", "lower --timeout, or cap the job with --max-credits C"

@@ -19,7 +19,13 @@ reads a clock, touches Dask or the network. The rules:
   registers, or released when the adapter gives up on it (:class:`GiveUpLater`);
 - a copy of a verified job waits for the notebook's verdict: the agreeing copies
   are settled with a memo, the others released, and each verdict is recorded to
-  the provider's trust record (``verdict-<hold>``);
+  the provider's trust record (``verdict-<hold>``). The notebook's word is not all:
+  where the scheduler fetched the copies and their digests are equal, they agree,
+  whatever the notebook says (:func:`overruled`); and a mismatch counts against a
+  provider only when the copies it disagreed with came from at least
+  :data:`MIN_OTHER_PROVIDERS` other providers (:func:`blamed`), so one client with
+  one accomplice cannot frame anyone (the credit service caps, per day, the
+  mismatches one client account can count against a provider);
 - a quarantined provider is not paid, and its workers are retired (:class:`Retire`).
 
 Movements go to :attr:`Settlement.queue` as the credit service's batch items;
@@ -42,6 +48,26 @@ logger = logging.getLogger(__name__)
 REGISTRATION_WAIT_S = 60.0
 
 Movement = dict[str, Any]  # one credit-service batch item: {"op", "key", ...}
+
+#: How many other providers a copy must have disagreed with for the mismatch to count
+#: against its provider's trust record.
+MIN_OTHER_PROVIDERS = 2
+
+
+def blamed(provider: str, agreeing: Collection[str]) -> bool:
+    """Whether a copy of ``provider`` that disagreed with copies of the ``agreeing``
+    providers counts against its trust record: only when at least
+    :data:`MIN_OTHER_PROVIDERS` other providers agreed with each other against it."""
+    return len(set(agreeing) - {provider}) >= MIN_OTHER_PROVIDERS
+
+
+def overruled(copies: Mapping[Any, bool], digests: Mapping[Any, str]) -> dict[Any, bool]:
+    """The notebook's verdict ``copies`` (task key -> in the agreeing quorum) with the
+    scheduler's own comparison over it: a copy whose result digest (``digests``, what the
+    scheduler fetched and digested itself) equals an agreeing copy's agrees, whatever
+    the notebook said (equal canonical bytes are equal within any tolerance)."""
+    accepted = {digests[key] for key, agreed in copies.items() if agreed and key in digests}
+    return {key: bool(agreed) or (key in digests and digests[key] in accepted) for key, agreed in copies.items()}
 
 
 def price(seconds: float, rate: float, cap: int) -> int:
@@ -150,6 +176,10 @@ class Settlement:
         self.shared: dict[str, SharedHold] = {}  # maps' holds still open
         self.quarantined: set[str] = set()  # as learned from the credit service
         self.verdicts = 0
+        #: copies a notebook called a mismatch whose digest equalled an agreeing copy's
+        self.overruled = 0
+        #: mismatches not counted against a provider: too few other providers disagreed with it
+        self.unblamed = 0
         self._parts_pending = False
 
     @property
@@ -219,14 +249,25 @@ class Settlement:
         self.providers.pop(worker, None)
 
     def verdict(self, client: str | None, job: str, copies: Mapping[Any, bool], tasks: Mapping[Any, Owned], *,
-                method: str = "", digest: str = "", checked: bool = True) -> None:
+                method: str = "", digest: str = "", checked: bool = True,
+                digests: Mapping[Any, str] | None = None) -> None:
         """A notebook's verdict on the copies of one unit of verified job ``job``:
         ``copies`` maps each copy's task key to whether it is in the agreeing quorum.
         Only a client that wants those tasks (``tasks``, from the scheduler) may
         judge them (``client`` is the id the caller gives); the memo names the
-        providers seen to run them."""
+        providers seen to run them. ``digests`` are the copies' result digests as
+        the scheduler computed them itself: a copy equal to an agreeing one agrees
+        (:func:`overruled`), and a mismatch is recorded against a provider only when
+        :func:`blamed`."""
         if client is None or not copies:
             return
+        corrected = overruled(copies, digests or {})
+        if corrected != dict(copies):
+            wrong = sorted(str(key) for key in corrected if corrected[key] != bool(copies[key]))
+            logger.warning("gpunet metering: client %s called copies %s of job %s mismatches, but their results "
+                           "are equal to an agreeing copy's: they agree", client, wrong, job)
+            self.overruled += len(wrong)
+            copies = corrected
         judged: list[tuple[str, AwaitingCopy, bool]] = []
         for key, agreed in copies.items():
             meta, owners = tasks.get(key) or (None, ())
@@ -249,7 +290,9 @@ class Settlement:
             # A mismatch settles 0 to its provider: the hold names whom its verdict is about.
             self._settle(hold, copy.provider, copy.amount if agreed else 0,
                          {**memo, "task": str(copy.key), "seconds": _rounded(copy.seconds)})
-            if checked:
+            if checked and not agreed and not blamed(copy.provider, agreeing):
+                self.unblamed += 1  # it was not accepted (not paid), but it is no evidence against its provider
+            elif checked:
                 self.queue.append({"op": "record_verification", "provider": copy.provider, "agreed": agreed,
                                    "hold": hold, "key": f"verdict-{hold}"})
         self.verdicts += 1
