@@ -26,6 +26,7 @@ from gpunet import codec, wire
 from gpunet.client.handle import (
     SCATTER_THRESHOLD_BYTES,
     JobHandle,
+    failure_of,
     new_job_id,
     pickled,
     scatter_surviving,
@@ -123,16 +124,19 @@ class RemoteJob(JobHandle):
     """A plain or metered job: the Dask futures of one cell, one function call, or
     every item of a map. Make one with :meth:`submit`."""
 
-    #: How often a map's waiter looks at its futures for items that failed in Dask or
-    #: whose results were too large to come as events.
-    MAP_POLL_S = 0.05
+    #: How often a map's waiter looks at its futures (for items done, failed in Dask, or
+    #: lost): every MAP_POLL_S_PER_ITEM per item, within MAP_POLL_S_RANGE, so that a small
+    #: map is seen done within milliseconds and a look at 20,000 items stays rare.
+    MAP_POLL_S_PER_ITEM = 2.5e-6
+    MAP_POLL_S_RANGE = (0.005, 0.05)
 
     def __init__(self, network: Connection, job: Job, *, items: int | None, resources: dict[str, float],
                  allowed_workers: list[str] | None) -> None:
         super().__init__(network, job, count=1 if items is None else items, mapped=items is not None,
                          resources=resources, allowed_workers=allowed_workers)
         if self.mapped:
-            self.POLL_S = self.MAP_POLL_S
+            low, high = self.MAP_POLL_S_RANGE
+            self.POLL_S = min(high, max(low, self.count * self.MAP_POLL_S_PER_ITEM))
         self.futures: list[Future] = []
         self.index_of: dict[str, int | None] = {}
         #: results that came as events, by item index (None for a single job)
@@ -173,8 +177,13 @@ class RemoteJob(JobHandle):
             remote = cls(network, job, items=None if blobs is None else len(blobs), resources=resources,
                          allowed_workers=None if per_item else workers)
             network.register_job(remote)
+            shared = None
             if blobs is None:
-                futures = [client.submit(run_job, job, None, None, inputs, key=f"gpunet-{job.job_id}", **options)]
+                # large arguments travel scattered, once, as a cell's large inputs do
+                if len(job.arguments) > SCATTER_THRESHOLD_BYTES:
+                    shared = scatter_surviving(client, job, timeout=timeout)
+                futures = [client.submit(run_job, shared or job, None, None, inputs, key=f"gpunet-{job.job_id}",
+                                         **options)]
             else:
                 keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
                 # The job (code, function, inputs) goes to the workers once, as data the
@@ -192,7 +201,7 @@ class RemoteJob(JobHandle):
                         slicing.blobs, slicing.send = blobs, (shared, inputs, options)
                         remote.slicing = slicing
             remote._attach(futures)
-            remote._kept = [f for f in (inputs, shared if blobs is not None else None) if f is not None]
+            remote._kept = [f for f in (inputs, shared) if f is not None]
             return remote
 
     def _attach(self, futures: list[Future]) -> None:
@@ -299,8 +308,8 @@ class RemoteJob(JobHandle):
         for future in missing:
             index = self.index_of[future.key]
             where = f"item {index} of this map" if self.mapped else "this job"
-            if future.status == "error":
-                exc = future.exception()
+            exc = failure_of(future)
+            if exc is not None:
                 if isinstance(exc, KilledWorker):
                     raise WorkerLostError(
                         f"the workers running {where} died, each time it was tried ({exc}); it was not re-run "
