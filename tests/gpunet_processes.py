@@ -53,13 +53,16 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 6
 
 
 @contextlib.contextmanager
-def metered_network(place: Path, providers: list[str], client: str, credits: int = 10_000, *,
-                    provider_args: dict[str, list[str]] | None = None,
-                    provider_env: dict[str, dict[str, str]] | None = None) -> Iterator[dict]:
+def metered_network(place: Path, providers: list[str], client: str, credits: int = 10_000,
+                    provide_args: tuple[str, ...] = (), provide_env: dict[str, str] | None = None,
+                    token_folder: Path | None = None, *, args_of: dict[str, list[str]] | None = None,
+                    env_of: dict[str, dict[str, str]] | None = None) -> Iterator[dict]:
     """A credit service, `gpunet scheduler --private --credits` and one `gpunet provide` process per
-    provider account (with ``provider_args[name]`` and ``provider_env[name]``), on 127.0.0.1;
+    provider account (with ``provide_args`` and then ``args_of[name]``, ``provide_env`` updated by
+    ``env_of[name]``, its token file in ``token_folder``, default ``place``), on 127.0.0.1;
     ``client`` is a client account holding ``credits``.
-    Yields {"service", "operator", "address", "tokens", "providers": {name: process}};
+    Yields {"service", "operator", "address", "tokens", "providers": {name: process},
+    "workers": {worker address: provider name}, "outputs": {name: what its provide said first}};
     stops every part on exit."""
     from gpunet.credits import serve_in_background
 
@@ -74,18 +77,21 @@ def metered_network(place: Path, providers: list[str], client: str, credits: int
                            service.url, "--operator-token-file", str(place / "operator-token")])
         processes.append(scheduler)
         address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
-        running = {}
+        running, workers, outputs = {}, {}, {}
         for name in providers:
-            token_file = place / f"{name}-token"
+            token_file = (token_folder or place) / f"{name}-token"
             token_file.write_text(tokens[name])
             token_file.chmod(0o600)
             provide = start(["provide", address, "--credits", service.url, "--token-file", str(token_file),
-                             "--host", "127.0.0.1", *(provider_args or {}).get(name, [])],
-                            env=(provider_env or {}).get(name))
+                             "--host", "127.0.0.1", *provide_args, *(args_of or {}).get(name, [])],
+                            env={**(provide_env or {}), **(env_of or {}).get(name, {})})
             processes.append(provide)
-            expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
+            outputs[name] = expect(provide, r"gpunet provide: cells run in a sandbox.*").group(0)
+            worker = expect(provide, rf"provider: {name}; workers: (tcp://127\.0\.0\.1:\d+)").group(1)
             running[name] = provide
-        yield {"service": service, "operator": operator, "address": address, "tokens": tokens, "providers": running}
+            workers[worker] = name
+        yield {"service": service, "operator": operator, "address": address, "tokens": tokens, "providers": running,
+               "workers": workers, "outputs": outputs}
     finally:
         for process in reversed(processes):
             stop(process)

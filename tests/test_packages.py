@@ -161,6 +161,7 @@ def package_site(tmp_path_factory):
     """The package installed into a folder of its own, from the registry (skipped,
     saying why, where the registry cannot be reached)."""
     place = tmp_path_factory.mktemp("package-site")
+    place.chmod(0o755)  # a root provider's sandboxes run as uids of their own: they read it as others do
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary", ":all:",
                            "--target", str(place), f"{PACKAGE}=={VERSION}"], capture_output=True, text=True,
                           timeout=120)
@@ -178,9 +179,9 @@ def package_market(package_site, tmp_path_factory):
     place = tmp_path_factory.mktemp("package-market")
     data = place / "installs-data"
     with metered_network(place, ["has", "installs"], "scientist", credits=100_000,
-                         provider_args={"installs": ["--allow-installs", "--install-max-mb", "0.1"]},
-                         provider_env={"has": {"PYTHONPATH": str(package_site)},
-                                       "installs": {"GPUNET_DATA_DIR": str(data)}}) as market:
+                         args_of={"installs": ["--allow-installs", "--install-max-mb", "0.1"]},
+                         env_of={"has": {"PYTHONPATH": str(package_site)},
+                                 "installs": {"GPUNET_DATA_DIR": str(data)}}) as market:
         sys.path.insert(0, str(package_site))
         try:
             yield market, data
@@ -284,7 +285,7 @@ def test_packages_place_install_reuse_and_refuse(package_market, package_site, t
 
 
 def test_a_version_no_provider_has_is_refused_before_it_is_sent(package_site, tmp_path, detached):
-    with metered_network(tmp_path, ["has"], "scientist", provider_env={"has": {"PYTHONPATH": str(package_site)}}) \
+    with metered_network(tmp_path, ["has"], "scientist", env_of={"has": {"PYTHONPATH": str(package_site)}}) \
             as market:
         sys.path.insert(0, str(package_site))
         try:

@@ -38,14 +38,24 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
 from gpunet import codec
 from gpunet.cell import cell_filename
 from gpunet.errors import PackageError, UnsupportedResultError
-from gpunet.wire import CODEC, PACKAGES, TOO_LARGE, Job, JobResult, result_to_event, sign_event, stream_allowance
+from gpunet.wire import (
+    CODEC,
+    PACKAGES,
+    TOO_LARGE,
+    Job,
+    JobResult,
+    result_to_event,
+    sign_event,
+    stream_allowance,
+    unpickle_value,
+)
 from gpunet.worker.device import describe_this_device, device_info
 from gpunet.worker.environment import (
     PreparedEnvironment,
@@ -203,6 +213,18 @@ class _ThreadRouter(io.TextIOBase):
 _install_lock = threading.Lock()
 _installed = False
 
+#: Where this process's jobs run instead of its own threads (a provider's worker: the
+#: sessions' sandboxes, :mod:`gpunet.worker.sandbox`); None runs them here.
+_job_host: Any = None
+
+
+def set_job_host(host: Any) -> None:
+    """Run this worker's jobs through ``host`` (``host.run(job, item, index, worker,
+    address, device)`` returns what :func:`run_job` returns; ``host.stop(job_id, reason,
+    grace)`` stops them), or in this process again with None."""
+    global _job_host
+    _job_host = host
+
 
 def install_routers() -> None:
     """Route sys.stdout/sys.stderr and IPython's display() per thread (once a process)."""
@@ -294,7 +316,7 @@ def _current_worker() -> Any:
 
 def run_job(
     job: Job, item: bytes | None = None, index: int | None = None, inputs: dict[str, bytes] | None = None
-) -> JobResult:
+) -> JobResult | bytes:
     """Run ``job`` in this worker thread and return its result (never raises for
     the job's own errors: they travel back in ``JobResult.error``).
 
@@ -303,11 +325,40 @@ def run_job(
     """
     if inputs is not None:
         job = dataclasses.replace(job, inputs=inputs)
-    install_routers()
     worker = _current_worker()
     address = getattr(worker, "address", "local")
     # outside a worker (tests, debugging) this process's device
     device = (describe_this_device() if worker is None else device_info(worker))["label"]
+    if _job_host is None:
+        return execute_job(job, item, index, worker, address, device)
+    # a provider's worker: it prepares the job's environment (its policy and wheel cache
+    # stay here), and the session's sandbox, started with that environment, runs the job
+    started = time.time()
+    try:
+        prepared, environment = prepare_environment(job, worker, address)
+    except PackageError as exc:  # nothing of the cell ran
+        return error_result(job, index, address, device, started, PACKAGES, str(exc))
+    return _job_host.run(job, item, index, worker, address, device, prepared, environment)
+
+
+def error_result(job: Job, index: int | None, address: str, device: str, started: float, ename: str,
+                 evalue: str) -> JobResult | bytes:
+    """The result of ``job`` that did not run (``ename``: why), as :func:`run_job` returns it."""
+    result = JobResult(job.job_id, index, address, device, started, time.time(),
+                       error={"ename": ename, "evalue": evalue, "traceback": "", "exception": None})
+    if job.result_format == CODEC:
+        return encode_result(result, job.max_result_bytes)
+    return result
+
+
+def execute_job(job: Job, item: bytes | None, index: int | None, worker: Any, address: str, device: str,
+                environment: dict[str, Any] | None = None) -> JobResult | bytes:
+    """Run ``job`` in this thread (of a worker, or of a sandbox whose ``worker`` relays
+    its events) and return its result: a :class:`JobResult`, or codec bytes for a
+    CODEC job. ``address`` and ``device`` name where it ran. ``environment``: the account
+    of the environment the worker prepared for it (a sandbox runs with it already);
+    None: this process prepares it (:func:`prepare_environment`)."""
+    install_routers()
     context = _JobContext(job, index, worker)
     thread_id = threading.get_ident()
     running_key = job.job_id if index is None else f"{job.job_id}/{index}"
@@ -318,8 +369,9 @@ def run_job(
                 raise JobInterrupted("stopped before it started")
             _contexts[thread_id] = context
             _running[running_key] = thread_id
-        _announce_later(job, worker, running_key, thread_id, device)
-        prepared, result.environment = prepare_environment(job, worker, address)
+        announce_later(job, worker, lambda: _running.get(running_key) == thread_id, device)
+        prepared, result.environment = prepare_environment(job, worker, address) if environment is None \
+            else (None, environment)
         with layered(prepared):
             if job.code is not None:
                 _run_cell(job, item, context, result)
@@ -421,15 +473,16 @@ def _unregister(thread_id: int, running_key: str) -> None:
             continue
 
 
-def _announce_later(job: Job, worker: Any, running_key: str, thread_id: int, device: str) -> None:
-    """Say where the job runs, if it still runs after ANNOUNCE_AFTER_S."""
+def announce_later(job: Job, worker: Any, still_running: Callable[[], bool], device: str) -> None:
+    """Say where the job runs (a "started" event from ``worker``), if ``still_running()``
+    after ANNOUNCE_AFTER_S."""
     if not job.announce or job.topic is None or worker is None:
         return
     started_event = sign_event(job.event_key, {"job": job.job_id, "kind": "started", "worker": worker.address,
                                                "device": device})
 
     def announce() -> None:
-        if _running.get(running_key) == thread_id:
+        if still_running():
             worker.log_event(job.topic, started_event)
 
     worker.loop.add_callback(worker.loop.call_later, ANNOUNCE_AFTER_S, announce)
@@ -453,9 +506,9 @@ def _run_cell(job: Job, item: bytes | None, context: _JobContext, result: JobRes
     body, last = _compile_cell(job.code or "", filename, job.display_last_expression)
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     for name, blob in job.inputs.items():
-        namespace[name] = cloudpickle.loads(blob)
+        namespace[name] = unpickle_value(blob)
     if job.map_name is not None and item is not None:
-        namespace[job.map_name] = cloudpickle.loads(item)
+        namespace[job.map_name] = unpickle_value(item)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*non-interactive.*")
@@ -496,9 +549,9 @@ def _keep(result: JobResult, job: Job, name: str, what: str, value: Any) -> None
 
 
 def _run_function(job: Job, item: bytes | None, result: JobResult) -> None:
-    args, kwargs = cloudpickle.loads(job.arguments) if job.arguments else ((), {})
+    args, kwargs = unpickle_value(job.arguments) if job.arguments else ((), {})
     if item is not None:
-        args = (cloudpickle.loads(item), *args)
+        args = (unpickle_value(item), *args)
     assert job.function is not None
     try:
         value = job.function(*args, **kwargs)
@@ -535,8 +588,25 @@ def _error_info(exc: BaseException, filename: str | None, result_format: str, *,
 # -- stopping a job (runs on the worker's event loop through Client.run) ----------------------
 
 
+async def end_session(digest: str, dask_worker: Any = None) -> bool:
+    """End the sandbox of the notebook session whose digest is ``digest``
+    (:func:`gpunet.worker.sandbox.session_digest`) on this worker, if it has one; sent
+    with ``Client.run`` when a notebook closes its connection."""
+    if _job_host is None:
+        return False
+    return bool(await asyncio.to_thread(_job_host.end_session, str(digest)))
+
+
+def was_stopped(job_id: str) -> bool:
+    """Whether :func:`stop_job` was asked to stop ``job_id`` (one of the last STOPPED_KEPT)."""
+    with _registry_lock:
+        return job_id in _stopped
+
+
 async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0, dask_worker: Any = None) -> str:
-    """Raise JobInterrupted in the threads running ``job_id`` (and its map items).
+    """Raise JobInterrupted in the threads running ``job_id`` (and its map items); on a
+    worker whose jobs run in sandboxes, stop them there (ending a sandbox whose job
+    does not stop within ``grace``, never the worker).
 
     Returns ``"stopped"`` when they left within ``grace`` seconds, or
     ``"not-running"``. A thread still there after ``grace`` is blocked in C code
@@ -549,6 +619,9 @@ async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0,
         _stopped[job_id] = None
         while len(_stopped) > STOPPED_KEPT:
             del _stopped[next(iter(_stopped))]
+    if _job_host is not None:  # its sandbox stops it, or is ended: never this worker
+        return await asyncio.to_thread(_job_host.stop, job_id, reason, grace)
+    with _registry_lock:
         threads = {key: tid for key, tid in _running.items() if key == job_id or key.startswith(job_id + "/")}
         for tid in threads.values():
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(JobInterrupted))
