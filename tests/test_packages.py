@@ -278,6 +278,10 @@ def test_packages_place_install_reuse_and_refuse(package_market, package_site, t
         second_s = time.monotonic() - started
         assert namespace["again"] == VERSION and second._results[0].environment["built_now"] is False
         assert second.provenance["ran"][0]["environment"]["wheels"] == environment["wheels"]
+        # the session's sandbox sees its environment read-only: a cell cannot plant code in it
+        _ran(namespace, f"import os, {PACKAGE}\ntry:\n    open(os.path.join(os.path.dirname({PACKAGE}.__file__), "
+                        "'planted.py'), 'w').close()\n    planted = True\nexcept OSError:\n    planted = False\n", net)
+        assert namespace["planted"] is False and not list(data.rglob("planted.py"))
         print(f"\nfirst cell (one install) {first_s:.2f} s, second cell (reused) {second_s:.2f} s")
 
     finally:

@@ -68,6 +68,23 @@ def test_bubblewrap_hides_the_home_and_the_token_and_shows_python_again(monkeypa
         SandboxSettings(isolation=BUBBLEWRAP, allow_network=True), str(tmp_path), "/usr/bin/python3", {})
 
 
+def test_a_session_environment_under_tmp_is_seen_read_only_and_the_workers_scratch_is_not(monkeypatch, tmp_path):
+    """/tmp is private in bubblewrap: a session's site-packages (or a folder on the provider's
+    PYTHONPATH) there is mounted again, read-only; the worker's own sys.path entries there
+    (Dask's scratch space, which holds other sessions' spilled data) are not."""
+    session_site = tmp_path / "environments" / "abc" / "site-packages"
+    scratch_space = tmp_path / "dask-scratch-space"
+    session_site.mkdir(parents=True)
+    scratch_space.mkdir()
+    monkeypatch.setattr(sandbox.sys, "path", [*sandbox.sys.path, str(scratch_space)])
+    settings = SandboxSettings(isolation=BUBBLEWRAP, path_prefix=(str(session_site),))
+    text = " ".join(sandbox.bubblewrap_arguments(settings, str(tmp_path / "scratch"), "/usr/bin/python3", {}))
+    assert "--tmpfs /tmp" in text
+    if str(tmp_path).startswith("/tmp/"):
+        assert f"--ro-bind {session_site} {session_site}" in text
+    assert str(scratch_space) not in text
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("sandbox_memory", "lots", "--sandbox-memory: cannot read 'lots' as a size"),
     ("sandbox_processes", 0, "--sandbox-processes must be a positive number"),

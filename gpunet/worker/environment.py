@@ -21,9 +21,9 @@ requirements digest, and keeps it while the worker lives (at most
    provider's time cap.
 
 :meth:`SessionEnvironments.prepare` returns a :class:`PreparedEnvironment`: the Python
-executable of the session (what a per-session sandbox process is started with) and
-its ``site-packages`` (what :func:`layered` puts first on ``sys.path`` when the cell runs
-in the worker process itself). Nothing here runs a cell.
+executable of the session and its ``site-packages``: what the session's sandbox
+(:class:`gpunet.worker.sandbox.SandboxPool`) puts first on its ``sys.path``, or
+:func:`layered` when the cell runs in the worker process itself. Nothing here runs a cell.
 
 What an install lets a stranger do: choose packages from the registry that the
 provider's machine downloads and unpacks. A wheel runs no code when it is installed
@@ -194,9 +194,10 @@ class PreparedEnvironment:
     """A session's environment on this worker, ready for a cell."""
 
     path: Path
-    #: the Python executable of the session: a sandbox process is started with it
+    #: the Python executable of the session (its venv's)
     python: Path
-    #: its own site-packages, put first on sys.path when the cell runs in the worker process
+    #: its own site-packages, put first on sys.path of the session's sandbox (or of the
+    #: worker process, where cells run there)
     site_packages: Path
     #: what it installed over the provider's base: {name: version}
     installed: dict[str, str]
@@ -405,7 +406,7 @@ def layered(prepared: PreparedEnvironment | None) -> Iterator[None]:
     and forget the modules imported from it afterwards, so that the next session
     imports its own. A module the process already holds from the base cannot be
     replaced in place: :class:`PackageError` names it (a per-session sandbox, a process
-    started with the session's Python, has no such limit)."""
+    started with the session's site-packages first on its path, has no such limit)."""
     if prepared is None:
         yield
         return
@@ -417,7 +418,8 @@ def layered(prepared: PreparedEnvironment | None) -> Iterator[None]:
     if stale:
         raise PackageError(f"the session's environment has its own {', '.join(sorted(stale))}, which this worker "
                            "process had already imported from the provider's base; it cannot be replaced in a "
-                           "running process (the sandboxed runner starts a fresh process with the session's Python)")
+                           "running process (a provider's worker, `gpunet provide`, runs cells in a fresh sandbox "
+                           "process per session, which has no such limit)")
     sys.path.insert(0, site)
     importlib.invalidate_caches()
     try:

@@ -477,11 +477,13 @@ class SandboxPool:
         """Run ``job`` in its session's sandbox (a fresh one for a job with no session).
         ``prepared``: the session's own environment (the worker built it), whose
         ``site-packages`` the sandbox puts before the worker's; a session's sandbox that
-        runs with another is replaced. ``environment``: its account, for the result."""
+        runs with another is replaced; a job that asks for no packages (no ``environment``)
+        takes the session's sandbox as it is. ``environment``: its account, for the result."""
         if runner.was_stopped(job.job_id):
             return runner.error_result(job, index, address, device, time.time(), INTERRUPTED, "stopped before it started")
         digest = None if job.session is None else session_digest(job.session)
-        path_prefix = self.settings.path_prefix + (() if prepared is None else (str(prepared.site_packages),))
+        path_prefix = None if environment is None else \
+            self.settings.path_prefix + (() if prepared is None else (str(prepared.site_packages),))
         sandbox, kept = self._sandbox_for(digest, path_prefix)
         try:
             return sandbox.run(job, item, index, worker, address, device, environment)
@@ -523,18 +525,19 @@ class SandboxPool:
         with self.lock:
             self.in_use.discard(sandbox)
 
-    def _sandbox_for(self, digest: str | None, path_prefix: tuple[str, ...]) -> tuple[Sandbox, bool]:
+    def _sandbox_for(self, digest: str | None, path_prefix: tuple[str, ...] | None) -> tuple[Sandbox, bool]:
         """The sandbox for a job of the session ``digest`` whose ``sys.path`` starts with
-        ``path_prefix``, and whether it is kept for the session (False: it ends with the job)."""
+        ``path_prefix`` (None: any), and whether it is kept for the session (False: it ends
+        with the job)."""
         with self.lock:
             sandbox = self.sessions.get(digest) if digest is not None else None
-            if sandbox is not None and sandbox.ended is None and sandbox.settings.path_prefix == path_prefix:
+            if sandbox is not None and sandbox.ended is None and path_prefix in (None, sandbox.settings.path_prefix):
                 sandbox.last_used = time.monotonic()
                 return sandbox, True
             if sandbox is not None and sandbox.ended is None and sandbox.busy:
                 digest = None  # another environment while a cell runs there: a sandbox for this job alone
             spare = None
-            if path_prefix == self.settings.path_prefix:  # the spare runs with the worker's own
+            if path_prefix in (None, self.settings.path_prefix):  # the spare runs with the worker's own
                 spare, self.spare = self.spare, None
             evicted = self._make_room_locked()
             if digest is not None and digest in self.sessions:  # it ended (a limit) or has another environment
@@ -626,9 +629,12 @@ def bubblewrap_arguments(settings: SandboxSettings, scratch: str, python: str, d
                   *(entry for entry in [*settings.path_prefix, *sys.path] if entry)]
     made: set[str] = set()
     exposed = []
+    prefix = {os.path.realpath(entry) for entry in settings.path_prefix}
     for path in dict.fromkeys(os.path.realpath(path) for path in seen_again):
-        # out of view: under a hidden folder, or under /tmp (a private one)
-        under = [folder for folder in map(os.path.realpath, [*hidden, "/tmp"]) if _inside(path, folder)]
+        # out of view: under a hidden folder, or (only what the provider put on the path, never
+        # the worker's own scratch space) under /tmp, a private one here
+        covering = [*hidden, "/tmp"] if path in prefix else hidden
+        under = [folder for folder in map(os.path.realpath, covering) if _inside(path, folder)]
         if not os.path.exists(path) or not under:
             continue
         exposed.append(path)
