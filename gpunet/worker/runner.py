@@ -220,7 +220,8 @@ _job_host: Any = None
 
 def set_job_host(host: Any) -> None:
     """Run this worker's jobs through ``host`` (``host.run(job, item, index, worker,
-    address, device)`` returns what :func:`run_job` returns; ``host.stop(job_id, reason,
+    address, device, prepared, environment)`` returns what :func:`run_job` returns, with
+    the environment the worker prepared and its account; ``host.stop(job_id, reason,
     grace)`` stops them), or in this process again with None."""
     global _job_host
     _job_host = host
