@@ -305,9 +305,10 @@ class Sandbox:
                 return _error_result(job, index, address, device, waiting.started, SANDBOX_ENDED,
                                      f"its sandbox did not start: {self.ended or 'it took too long'}")
             blob = cloudpickle.dumps((dataclasses.replace(job, announce=False), item, index, address, device))
-            self.channel.send(cloudpickle.dumps(("run", key)), blob)
-            runner.announce_later(job, worker, lambda: key in self.waiting, device)
-            kind, answer = waiting.answers.get()
+            with runner.registered_as_running(key):
+                self.channel.send(cloudpickle.dumps(("run", key)), blob)
+                runner.announce_later(job, worker, lambda: key in self.waiting, device)
+                kind, answer = waiting.answers.get()
             if kind == "result":
                 return answer
             if kind == "failed":
