@@ -56,12 +56,13 @@ def test_killed_provider_is_not_paid_and_the_cell_completes_elsewhere(market, tm
 
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            usage = net.credits.usage(net.session)
-            if usage["held"] == 0:
+            usage = net.meter.usage()
+            if net.meter.wait_settled() and usage["held_for_jobs"] == 0:
                 break
             time.sleep(0.2)
+        usage = net.meter.usage()
         operator = market["operator"]
-        assert usage["held"] == 0
+        assert usage["held_for_jobs"] == 0
         assert 3 <= usage["spent"] <= 5, usage  # one paid attempt of about 3 device-seconds
         assert operator.balance(victim) == 0, "the killed provider must not be paid for the lost attempt"
         assert operator.balance(survivor) == usage["spent"], "charged once, paid once"
@@ -164,11 +165,12 @@ def test_reports_wait_for_a_stopped_credit_service(market, detached):
         finally:
             os.kill(service.pid, signal.SIGCONT)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and net.credits.usage(net.session)["held"]:
+        while time.monotonic() < deadline and not (net.meter.wait_settled()
+                                                   and net.meter.usage()["held_for_jobs"] == 0):
             time.sleep(0.2)
-        usage = net.credits.usage(net.session)
+        usage = net.meter.usage()
         operator = market["operator"]
-        assert usage["held"] == 0 and usage["spent"] == 200
+        assert usage["held_for_jobs"] == 0 and usage["spent"] == 200
         assert operator.balance("alice") + operator.balance("bob") == 200
     verify_service(service.url, service.operator_token)
 

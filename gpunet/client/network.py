@@ -111,6 +111,9 @@ class Network:
         self._finished_generation = 0
         self.client.subscribe_topic(self.topic, self._on_event)
         self._closed = False
+        if meter is not None:  # the session's pre-authorized hold, placed now and refilled in the background
+            meter.preauthorize()
+            meter.start_refilling(self.release_unsent, self.preauth_state)
         #: how many connect() calls handed this network out and have not closed it
         self._users = 1
         #: this session's price limit, credits per device-second: only providers at or below it
@@ -360,6 +363,11 @@ class Network:
         except Exception as exc:  # noqa: BLE001
             logger.warning("gpunet: could not release holds %s of an unsent job: %s", holds, exc)
 
+    def preauth_state(self, holds: list[str], jobs: list[str]) -> dict[str, Any]:
+        """What the scheduler paid so far from the session's pre-authorized ``holds``, in all
+        and for each of ``jobs`` (see :meth:`gpunet.metering.meter.Meter.look_at_paid`)."""
+        return self.call_scheduler(wire.PREAUTH_STATE, holds=holds, jobs=jobs)
+
     def hold_rate(self, max_rate: float | None = None) -> float:
         """The price per device-second a hold uses: the notebook's limit (the job's
         ``max_rate`` / ``--max-rate``, else this session's :attr:`rate_limit`), never the
@@ -484,6 +492,8 @@ class Network:
             self._closed = True
             if _current is self:
                 _current = None
+        if self.meter is not None:  # the session's pre-authorized holds go back
+            self.meter.stop_refilling(self.release_unsent)
         if self.meter is not None and self.meter.doubtful:  # holds an outage left in doubt go back
             try:
                 self.meter.resolve_doubtful(self.release_unsent)

@@ -46,7 +46,16 @@ import cloudpickle
 from gpunet import codec
 from gpunet.cell import cell_filename
 from gpunet.errors import UnsupportedResultError
-from gpunet.wire import CODEC, TOO_LARGE, Job, JobResult, result_to_event, sign_event, stream_allowance
+from gpunet.wire import (
+    CODEC,
+    TOO_LARGE,
+    Job,
+    JobResult,
+    result_to_event,
+    sign_event,
+    stream_allowance,
+    unpickle_value,
+)
 from gpunet.worker.device import describe_this_device, device_info
 
 logger = logging.getLogger(__name__)
@@ -428,9 +437,9 @@ def _run_cell(job: Job, item: bytes | None, context: _JobContext, result: JobRes
     body, last = _compile_cell(job.code or "", filename, job.display_last_expression)
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     for name, blob in job.inputs.items():
-        namespace[name] = cloudpickle.loads(blob)
+        namespace[name] = unpickle_value(blob)
     if job.map_name is not None and item is not None:
-        namespace[job.map_name] = cloudpickle.loads(item)
+        namespace[job.map_name] = unpickle_value(item)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*non-interactive.*")
@@ -471,9 +480,9 @@ def _keep(result: JobResult, job: Job, name: str, what: str, value: Any) -> None
 
 
 def _run_function(job: Job, item: bytes | None, result: JobResult) -> None:
-    args, kwargs = cloudpickle.loads(job.arguments) if job.arguments else ((), {})
+    args, kwargs = unpickle_value(job.arguments) if job.arguments else ((), {})
     if item is not None:
-        args = (cloudpickle.loads(item), *args)
+        args = (unpickle_value(item), *args)
     assert job.function is not None
     try:
         value = job.function(*args, **kwargs)

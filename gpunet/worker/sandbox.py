@@ -66,8 +66,8 @@ import msgpack
 
 from gpunet.errors import GpunetError
 from gpunet.paths import data_dir
-from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, result_from_event, result_to_event, session_digest,
-                         stream_allowance)
+from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, flat_result, result_from_event, result_to_event,
+                         session_digest, stream_allowance)
 from gpunet.worker import runner
 
 logger = logging.getLogger(__name__)
@@ -765,12 +765,19 @@ def _run_one(channel: _Channel, key: str, blob: bytes, config: dict[str, Any],
     if isinstance(result, (bytes, bytearray, memoryview)):
         channel.send(msgpack.packb(["result", key, CODEC]), result)
         return
-    channel.send(msgpack.packb(["result", key, "fields"]), _fields(result))
+    try:
+        fields = _fields(result)
+    except Exception as exc:  # noqa: BLE001 - say why rather than leave the worker waiting
+        channel.send(msgpack.packb(["failed", key, f"its result could not leave the sandbox: {type(exc).__name__}: "
+                                                   f"{exc}"]))
+        return
+    channel.send(msgpack.packb(["result", key, "fields"]), fields)
 
 
 def _fields(result: JobResult) -> bytes:
-    """A trusted job's result as msgpack of its fields; displays msgpack cannot carry are
-    left out, saying so in its stderr."""
+    """A trusted job's result as msgpack of its fields (its pickled values as one blob
+    each); displays msgpack cannot carry are left out, saying so in its stderr."""
+    result = flat_result(result)
     try:
         return msgpack.packb(result_to_event(result), use_bin_type=True)
     except (TypeError, ValueError):
