@@ -76,6 +76,8 @@ def session_digest(session: str) -> str:
     secret (``Job.session``), so that ending a session, which every worker hears of,
     reveals no secret."""
     return hashlib.sha256(session.encode()).hexdigest()
+
+
 #: A pickle stream longer than this travels as a Dask frame of its own too, not copied
 #: into the frame of the task or result that carries it.
 OUT_OF_BAND_BYTES = 64 * 1024

@@ -79,10 +79,10 @@ def test_a_bad_preference_is_refused_naming_the_choices():
 # -- price limits: a provider asking 100 credits a second ------------------------------------
 
 
-def _where(_):  # travels by value; runs in the session's sandbox, which names its worker
+def _where(_):  # travels by value
     import os
 
-    return os.environ["GPUNET_WORKER"]
+    return os.environ["GPUNET_WORKER"]  # the worker the provider's sandbox belongs to
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_one_client_counts_fewer_mismatches_a_day_than_a_quarantine_takes():
 def _frames(target):  # travels by value: a different answer on one provider's worker only
     import os
 
-    return int(os.environ["GPUNET_WORKER"] == target)
+    return int(os.environ["GPUNET_WORKER"] == target)  # the worker the provider's sandbox belongs to
 
 
 def _honest(i):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import builtins
 import ctypes
@@ -38,7 +39,7 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cloudpickle
 
@@ -525,6 +526,21 @@ async def end_session(digest: str, dask_worker: Any = None) -> bool:
     if _job_host is None:
         return False
     return bool(await asyncio.to_thread(_job_host.end_session, str(digest)))
+
+
+@contextlib.contextmanager
+def registered_as_running(running_key: str) -> Iterator[None]:
+    """Count this thread's job (run elsewhere: its sandbox) as running here meanwhile, as
+    a job run in this process is (``_running``, which probes of running jobs read)."""
+    thread_id = threading.get_ident()
+    with _registry_lock:
+        _running[running_key] = thread_id
+    try:
+        yield
+    finally:
+        with _registry_lock:
+            if _running.get(running_key) == thread_id:
+                del _running[running_key]
 
 
 def was_stopped(job_id: str) -> bool:
