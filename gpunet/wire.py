@@ -55,6 +55,7 @@ VERDICT = "gpunet_verdict"  # (client, job, copies, method, digest, checked): a 
 EXECUTING = "gpunet_executing"  # (workers) -> {worker: tasks processing there}: a provider drains its own
 REUSE_STORE = "gpunet_reuse_store"  # (client, job, key, record, results) -> kept: a verified result, for reuse
 REUSE_LOOKUP = "gpunet_reuse_lookup"  # (key) -> {record, results} | None: a verified result with that key
+PREAUTH_STATE = "gpunet_preauth_state"  # (holds, jobs) -> {hold: {paid, short, jobs}}: what shared holds paid
 #: The name of the metering plugin on the scheduler.
 METERING_PLUGIN = "gpunet-metering"
 #: The modules Dask preloads into a gpunet scheduler / worker (``--preload``): gpunet's
@@ -70,6 +71,11 @@ REGISTER_PROVIDER = "gpunet-register-provider"
 CONFIRM_PROVIDER = "gpunet_confirm_provider"
 
 
+def session_digest(session: str) -> str:
+    """The name a notebook session's sandbox has on a worker: the SHA-256 of the session's
+    secret (``Job.session``), so that ending a session, which every worker hears of,
+    reveals no secret."""
+    return hashlib.sha256(session.encode()).hexdigest()
 #: A pickle stream longer than this travels as a Dask frame of its own too, not copied
 #: into the frame of the task or result that carries it.
 OUT_OF_BAND_BYTES = 64 * 1024
@@ -202,6 +208,10 @@ class Job:
     #: travels only inside the task, so no other party can make an event the
     #: notebook accepts for this job
     event_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    #: the secret of the notebook session that sent the job: a provider's worker runs the
+    #: session's jobs in one sandbox of its own (gpunet.worker.sandbox), never shared with
+    #: another session; None gets a sandbox for the job alone
+    session: str | None = None
 
 
 @dataclass
@@ -295,14 +305,25 @@ def job_kind(meta: dict[str, Any]) -> str:
 
 
 def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str | None = None,
-               topic: str | None = None) -> dict[str, Any]:
+               topic: str | None = None, held: int | None = None, preauth: int | None = None,
+               job: str | None = None, overflow: tuple[str, int] | None = None) -> dict[str, Any]:
     """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its
     hold and what one task may be paid from it; for a map, how many ``tasks``
-    share the hold; for a copy of a verified job, that job's id (``verify``); the
-    notebook's event ``topic``, on which the task's worker may then post."""
+    share the hold and what it ``held`` in all; for a job drawing on the session's
+    pre-authorized hold, that hold's size (``preauth``) and the ``job``'s id; for a map
+    with its own hold, the session's pre-authorized hold and its size (``overflow``) that
+    pay what its items earn beyond it; for a
+    copy of a verified job, that job's id (``verify``); the notebook's event
+    ``topic``, on which the task's worker may then post."""
     meta: dict[str, Any] = {"hold": hold, "amount": amount}
     if tasks is not None:
         meta["tasks"] = tasks
+    if held is not None:
+        meta["held"] = held
+    if preauth is not None:
+        meta["preauth"], meta["job"] = preauth, job
+    if overflow is not None:
+        meta["overflow"], meta["overflow_held"], meta["job"] = *overflow, job
     if verify is not None:
         meta["verify"] = verify
     if topic is not None:

@@ -334,6 +334,7 @@ class JobHandle(ABC):
             self.network.forget_job(self.job.job_id)
             if self.network.meter is not None:  # usage figures wait for the scheduler to close them
                 self.network.meter.finished(self.placed_holds())
+                self.network.meter.job_done(self.job.job_id)
         return self._outcome(progress, echo)
 
     def placed_holds(self) -> list[str]:

@@ -35,6 +35,7 @@ from gpunet.client.handle import (
 )
 from gpunet.client.received import accept
 from gpunet.client.verified import VerifiedJob
+from gpunet.metering.meter import EXPECTED_ITEM_SECONDS, EXPECTED_MARGIN, expected_hold
 from gpunet.errors import (
     BudgetError,
     GpunetError,
@@ -148,6 +149,8 @@ class RemoteJob(JobHandle):
         self._kept: list[Future] = []
         #: a map sent in slices, as its holds can be placed (None: sent whole)
         self.slicing: MapSlices | None = None
+        #: the session's pre-authorized hold this job draws on (None: it placed its own)
+        self.drew_on: str | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -447,14 +450,37 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     if meter.doubtful:  # holds an outage left in doubt: given back once the service answers again
         meter.resolve_doubtful(network.release_unsent)
     plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=rate)
+    per_item = bool(workers) and isinstance(workers[0], list)
+    # A cell holds its worst case; a map what its items are expected to cost, with a margin
+    # (--max-credits: that many credits in all).
+    need = plan.amount if items is None else (
+        count * plan.amount if max_credits is not None
+        else expected_hold(count, plan.amount, rate))
+    if items is not None and max_credits is None:
+        plan.basis = (f"what {count} items are expected to cost, {EXPECTED_ITEM_SECONDS:g} s each at your price "
+                      f"limit, {rate:g} credits a device-second (--max-rate), with a {EXPECTED_MARGIN:g}x margin; "
+                      f"each item may be paid up to {plan.amount}")
+    drawn = meter.draw(job.job_id, need, count)
+    if drawn is not None:  # on the session's pre-authorized hold: no request to the credit service
+        hold, size = drawn
+        try:
+            remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
+                                      annotations=wire.annotation(hold, plan.amount, topic=job.topic, preauth=size,
+                                                                  job=job.job_id),
+                                      timeout=timeout)
+        except BaseException:
+            meter.job_done(job.job_id)
+            raise
+        remote.credit_limit_s, remote.drew_on = plan.limit_s, hold
+        return remote
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
     slicing = None
     try:
-        hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount, plan=plan)
+        hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount, plan=plan, total=need)
     except BudgetError:
-        # A map whose items' worst cases do not fit at once, though what they cost at the
-        # least (a credit each) does, goes in slices, each held as credits come back.
-        sliceable = items is not None and max_credits is None and not (workers and isinstance(workers[0], list))
+        # A map whose items' expected price does not fit at once, though what they cost
+        # at the least (a credit each) does, goes in slices, each held as credits come back.
+        sliceable = items is not None and max_credits is None and not per_item
         if not sliceable or meter.credits.usage(meter.session)["left"] < count:
             raise
         place = slice_placer(meter, job.job_id, plan.amount)
@@ -467,10 +493,14 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     try:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
                                   annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else held,
-                                                              topic=job.topic),
+                                                              held=None if items is None or slicing else need,
+                                                              overflow=None if items is None or slicing
+                                                              else meter.overflow(job.job_id, count),
+                                                              job=job.job_id, topic=job.topic),
                                   timeout=timeout, slicing=slicing)
     except BaseException:
         network.release_unsent([hold])
+        meter.job_done(job.job_id)  # a map's watch on the pre-authorized hold, if it had one
         raise
     remote.holds, remote.credit_limit_s = [hold], plan.limit_s
     return remote
