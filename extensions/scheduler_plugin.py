@@ -123,6 +123,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         #: checked verdicts accepted, by (client, job): only those may be kept
         self.reusable = ReuseTable()
         self._checked: OrderedDict[tuple[str | None, str], set[str]] = OrderedDict()
+        #: pre-authorized hold -> the client that drew on it first (only it may draw on it)
+        self.preauth_owners: dict[str, str] = {}
 
     @property
     def providers(self) -> dict[str, dict[str, Any]]:
@@ -148,6 +150,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             wire.EXECUTING: self.executing,
             wire.REUSE_STORE: self.reuse_store,
             wire.REUSE_LOOKUP: self.reuse_lookup,
+            wire.PREAUTH_STATE: self.preauth_state,
         })
         self.reporter = Reporter(self.settlement, self._client.batch, self._after)
         self.reporter.start()
@@ -238,22 +241,48 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
     # -- Dask hooks ----------------------------------------------------------------------
     def update_graph(self, scheduler: Scheduler, *, client: str, tasks: list[Any], **kwargs: Any) -> None:
-        """On an open network, refuse the tasks that carry no hold before any can run:
-        they ask for a resource no worker has, and are cancelled for their client."""
+        """Refuse, before any can run, the tasks that draw on another client's
+        pre-authorized hold, or name it to pay their overflow (the first client to name
+        one owns it), and on an open
+        network those that carry no hold: they ask for a resource no worker has, and are
+        cancelled for their client."""
+        created = [key for key in tasks if key in scheduler.tasks and scheduler.tasks[key].run_spec is not None]
+        foreign = []
+        for key in created:
+            meta = self._annotation(key)
+            if not isinstance(meta, dict):
+                continue
+            # a pre-authorized hold drawn on, or named to pay what a map's items earn beyond its own
+            drawn = meta.get("hold") if "preauth" in meta else meta.get("overflow")
+            if isinstance(drawn, str) and self.preauth_owners.setdefault(drawn, client) != client:
+                foreign.append(key)
+        self._refuse_tasks(scheduler, foreign, client, "gpunet-foreign-hold",
+                           "these tasks draw on a pre-authorized hold of another session")
         if not self.open_network:
             return
-        refused = [key for key in tasks if key in scheduler.tasks and scheduler.tasks[key].run_spec is not None
-                   and not wire.is_hold_annotation(self._annotation(key))]
+        refused = [key for key in created if not wire.is_hold_annotation(self._annotation(key))]
+        self._refuse_tasks(scheduler, refused, client, "gpunet-no-hold",
+                           "this open network runs only tasks that carry a hold (submit through the gateway)")
+
+    def _refuse_tasks(self, scheduler: Scheduler, refused: list[Any], client: str, reason: str, msg: str) -> None:
+        """Keep ``refused`` tasks from running (a resource no worker has) and cancel them for ``client``."""
         if not refused:
             return
         for key in refused:
             scheduler.tasks[key].resource_restrictions = {REFUSED_RESOURCE: 1}
         self.refused_tasks += len(refused)
-        logger.warning("gpunet metering: refused %d task(s) of client %s that carry no hold", len(refused), client)
+        logger.warning("gpunet metering: refused %d task(s) of client %s: %s", len(refused), client, msg)
         asyncio.get_running_loop().call_soon(
-            lambda: scheduler.stimulus_cancel(refused, client, force=True, reason="gpunet-no-hold",
-                                              msg="this open network runs only tasks that carry a hold "
-                                                  "(submit through the gateway)"))
+            lambda: scheduler.stimulus_cancel(refused, client, force=True, reason=reason, msg=msg))
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        """A notebook left: release the pre-authorized holds it drew on (what their tasks
+        earned is paid first)."""
+        holds = [hold for hold, owner in self.preauth_owners.items() if owner == client]
+        for hold in holds:
+            del self.preauth_owners[hold]
+        if holds:
+            self._after(self.settlement.release_holds(holds))
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """Queue a settlement for a successful attempt, a release for a failed task.
@@ -352,8 +381,16 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 for address in workers}
 
     def release_holds(self, holds: list[str]) -> None:
-        """Handler: release holds whose tasks were never sent (the notebook's submit failed)."""
+        """Handler: release holds whose tasks were never sent (the notebook's submit failed),
+        or a session's pre-authorized holds (it closes, idles or refilled)."""
+        for hold in holds:
+            self.preauth_owners.pop(hold, None)
         self._after(self.settlement.release_holds(holds))
+
+    def preauth_state(self, holds: list[str] | None = None, jobs: list[str] | None = None) -> dict[str, Any]:
+        """Handler: what was paid so far from each of ``holds``, in all and per job
+        (:meth:`Settlement.preauth_state`); the notebook sizes its draws by it."""
+        return self.settlement.preauth_state(list(holds or ())[:100], list(jobs or ())[:10_000])
 
     def close_unknown(self, hold: str, keys: list[Any]) -> None:
         """Handler: tasks of ``hold`` the notebook saw cancelled, which this scheduler
@@ -367,7 +404,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 "failed": len(self.reporter.failed), "default_rate": s.default_rate, "max_rate": self.max_rate,
                 "default_max_rate": self.default_max_rate,
                 "default_provider": s.default_provider, "awaiting_verdict": len(s.awaiting),
-                "maps_open": len(s.shared), "verdicts": s.verdicts,
+                "maps_open": sum(share.tasks is not None for share in s.shared.values()),
+                "preauthorized_open": sum(share.tasks is None for share in s.shared.values()), "verdicts": s.verdicts,
                 "overruled": s.overruled, "unblamed": s.unblamed, "quarantined": sorted(s.quarantined),
                 "refused_registrations": self.refused_registrations,
                 "network": "open" if self.open_network else "private", "refused_tasks": self.refused_tasks,

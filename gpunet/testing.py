@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import dask
 from distributed import Nanny, Scheduler, SpecCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -199,6 +200,10 @@ def local_market(providers: dict[str, float], *, workers_per_provider: int = 1, 
             "host": "127.0.0.1", "port": 0, "dashboard_address": ":0", "preload": [SCHEDULER_PRELOAD],
             "preload_argv": [["--credits", service.url, "--operator-token-file", str(place / "operator-token"),
                               *prices]]}}
+        # A provider's Nanny restarts its worker however long that takes, as `gpunet provide`'s
+        # does; Dask's SpecCluster would close a Nanny whose worker is not back within 15 s
+        # (a loaded machine takes longer), and that provider would be gone for good.
+        stack.enter_context(dask.config.set({"distributed.deploy.lost-worker-timeout": "1 hour"}))
         cluster = stack.enter_context(SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING))
         metering = cluster.scheduler.plugins[METERING_PLUGIN]
         deadline = time.monotonic() + 60

@@ -106,7 +106,10 @@ def test_one_expensive_provider_does_not_price_every_notebook_out(priced_market,
         assert usage["spent"] <= 8 and usage["budget"] == 5000
         holds = [entry for entry in priced_market.operator.entries(0, 100_000)["entries"]
                  if entry["kind"] == "hold" and entry["session"] == net.session]
-        assert holds and {entry["amount"] for entry in holds} == {120}  # 60 s at the limit of 2, not at 100
+        # the cells drew on the session's pre-authorized hold (a fifth of its budget), each
+        # reserving 60 s at the limit of 2, not at 100
+        assert holds and {entry["amount"] for entry in holds} == {1000}
+        assert net.meter.plan(count=1, max_credits=None, timeout=None, max_rate=net.hold_rate()).amount == 120
         # a map spreads over every provider within the limit, never mallory
         assert set(net.map(_where, range(6))) <= set(priced_market.workers_of["alice"] + priced_market.workers_of["bob"])
 
@@ -123,7 +126,8 @@ def test_a_cell_limit_below_every_offer_gets_one_clear_message(priced_market, de
             net.run(_where, 0, max_rate=0.5, verify="replicate")
         # asking for mallory's price reaches her, and holds that much (a short cell)
         assert net.run(_where, 0, max_rate=100, timeout=5) in (priced_market.workers_of["alice"])
-        assert net.credits.usage(net.session)["left"] > 4000
+        usage = net.meter.usage()  # what jobs hold and spent, the pre-authorized hold aside
+        assert usage["budget"] - usage["spent"] - usage["held_for_jobs"] > 4000
 
 
 def test_status_shows_each_providers_rate_and_the_sessions_limit(priced_market, detached):
@@ -332,7 +336,7 @@ def test_a_verified_job_on_one_host_says_it_cannot_get_distinct_hosts(one_host_o
         message = str(refused.value)
         assert "2 distinct hosts" in message and "alice (127.0.0.5), bob (127.0.0.5)" in message
         assert "Nothing was sent" in message
-        assert net.credits.usage(net.session)["held"] == 0
+        assert net.meter.usage()["held_for_jobs"] == 0
         assert net.run(_square, 3) == 9
 
 

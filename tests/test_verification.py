@@ -284,12 +284,12 @@ def test_timeout_and_cancel_stop_every_copy_and_pay_nobody(honest_market, shell,
         finally:
             if not handle.done():
                 handle.cancel()
-        usage = net.credits.usage(net.session)
+        usage = net.meter.usage()
         deadline = time.monotonic() + 30
-        while usage["held"] and time.monotonic() < deadline:
+        while usage["held_for_jobs"] and time.monotonic() < deadline:
             time.sleep(0.1)
-            usage = net.credits.usage(net.session)
-        assert usage["held"] == 0 and usage["spent"] == 0
+            usage = net.meter.usage()
+        assert usage["held_for_jobs"] == 0 and usage["spent"] == 0
         # The workers are free again: a verified call runs at once.
         assert net.run(_square_and_root, 3, verify="replicate", timeout=20) == _square_and_root(3)
 
@@ -326,8 +326,8 @@ def test_a_verified_result_is_reused_by_content_in_another_session(honest_market
         assert record["outputs"]["total"]["digest"] == made["outputs"]["total"]["digest"]
         assert record["payment"]["holds"] == [], record["payment"]
         assert record["ran"] == made["ran"], (record["ran"], made["ran"])
-        usage = second.credits.usage(second.session)
-        assert (usage["spent"], usage["held"]) == (0, 0)
+        usage = second.meter.usage()
+        assert (usage["spent"], usage["held_for_jobs"]) == (0, 0)
         # --no-reuse runs it again
         shell.run_cell_magic("gpunet", "--verify replicate --quiet --no-reuse", code)
         again = shell.user_ns["_gpunet"].provenance

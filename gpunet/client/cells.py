@@ -310,7 +310,9 @@ def _cost(remote: JobHandle) -> str:
     if meter is None:
         return "not metered"
     try:
-        charged = meter.charged(remote.placed_holds())
+        drew_on = getattr(remote, "drew_on", None)
+        charged = (meter.charged_from(drew_on, remote.job.job_id, remote.count) if drew_on
+                   else meter.charged(remote.placed_holds()))
     except Exception as exc:  # noqa: BLE001 - the line must come even so
         return f"what it was charged is unknown: {type(exc).__name__}; %gpunet usage shows it"
     if charged is None:

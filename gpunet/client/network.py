@@ -15,6 +15,7 @@ import atexit
 import logging
 import math
 import os
+import secrets
 import sys
 import threading
 import time
@@ -39,8 +40,9 @@ from gpunet.metering.meter import DEFAULT_RATE, Meter, default_timeout
 from gpunet.provenance import Recorder, finish_record, in_notebook
 from gpunet.ui.status import NetworkStatus, WorkerInfo, provider_device
 from gpunet.verify.quorum import Policy, tolerance_if_verified
-from gpunet.wire import DEVICE_RESOURCE
+from gpunet.wire import DEVICE_RESOURCE, session_digest
 from gpunet.worker.device import device_info, measure_capability
+from gpunet.worker.runner import end_session
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.handle import JobHandle
@@ -100,6 +102,9 @@ class Network:
         #: the scheduler's address
         self.address = address or client.scheduler.address
         self.topic = f"gpunet-events-{uuid.uuid4().hex[:12]}"
+        #: names this connection's sandbox on each provider's worker (Job.session); secret,
+        #: so that no other notebook can send cells into it
+        self.session_secret = secrets.token_hex(16)
         self._jobs: dict[str, JobHandle] = {}
         self._jobs_lock = threading.Lock()
         self._workers_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
@@ -108,6 +113,9 @@ class Network:
         self._finished_generation = 0
         self.client.subscribe_topic(self.topic, self._on_event)
         self._closed = False
+        if meter is not None:  # the session's pre-authorized hold, placed now and refilled in the background
+            meter.preauthorize()
+            meter.start_refilling(self.release_unsent, self.preauth_state)
         #: how many connect() calls handed this network out and have not closed it
         self._users = 1
         #: this session's price limit, credits per device-second: only providers at or below it
@@ -333,6 +341,7 @@ class Network:
         a single task on the ``prefer``-red one of those free now (:meth:`priced_workers`)."""
         if self._closed:
             raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
+        job.session = self.session_secret
         self.check_placement(resources)
         workers = self.priced_workers(resources, workers, single=items is None and not Policy.parse(verify).active,
                                       max_rate=max_rate, prefer=prefer)
@@ -355,6 +364,11 @@ class Network:
             self.call_scheduler(wire.RELEASE_HOLDS, holds=holds)
         except Exception as exc:  # noqa: BLE001
             logger.warning("gpunet: could not release holds %s of an unsent job: %s", holds, exc)
+
+    def preauth_state(self, holds: list[str], jobs: list[str]) -> dict[str, Any]:
+        """What the scheduler paid so far from the session's pre-authorized ``holds``, in all
+        and for each of ``jobs`` (see :meth:`gpunet.metering.meter.Meter.look_at_paid`)."""
+        return self.call_scheduler(wire.PREAUTH_STATE, holds=holds, jobs=jobs)
 
     def hold_rate(self, max_rate: float | None = None) -> float:
         """The price per device-second a hold uses: the notebook's limit (the job's
@@ -486,16 +500,28 @@ class Network:
             self._closed = True
             if _current is self:
                 _current = None
+        if self.meter is not None:  # the session's pre-authorized holds go back
+            self.meter.stop_refilling(self.release_unsent)
         if self.meter is not None and self.meter.doubtful:  # holds an outage left in doubt go back
             try:
                 self.meter.resolve_doubtful(self.release_unsent)
             except Exception as exc:  # noqa: BLE001 - closing goes on; release-stale finds them later
                 logger.warning("gpunet: could not give back holds left in doubt by an outage: %s", exc)
         try:
+            self._end_sandboxes()
             self.client.close(timeout=5)
         finally:
             if self.embedded is not None:
                 self.embedded.close()
+
+    def _end_sandboxes(self) -> None:
+        """Tell the workers that this session's sandboxes may end (they also end when idle)."""
+        if self.embedded is not None or self.client.status != "running":
+            return
+        try:
+            self.client.run(end_session, session_digest(self.session_secret), wait=False)
+        except Exception as exc:  # noqa: BLE001 - closing goes on; idle sandboxes end by themselves
+            logger.debug("gpunet: could not end this session's sandboxes: %s", exc)
 
     @property
     def closed(self) -> bool:

@@ -29,12 +29,13 @@ import dask
 from gpunet import wire
 from gpunet.client.handle import (
     SCATTER_THRESHOLD_BYTES,
-    STOP_GRACE_S,
     JobHandle,
+    failure_of,
     gather_within,
     pickled,
     scatter_surviving,
     stop_job_everywhere,
+    stop_on_workers_soon,
     write,
 )
 from gpunet.client.placement import host_groups, host_of, satisfies
@@ -52,7 +53,7 @@ from gpunet.verify.quorum import (
     preview,
     result_digest,
 )
-from gpunet.worker.runner import run_job, stop_job
+from gpunet.worker.runner import run_job
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Future
@@ -264,7 +265,7 @@ class VerifiedJob(JobHandle):
         try:
             if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
                 self._inputs, job.inputs = scatter_surviving(client, job.inputs, timeout=timeout), {}
-            if self.mapped:
+            if self.mapped or len(job.arguments) > SCATTER_THRESHOLD_BYTES:  # sent once, not with every copy
                 self._shared = scatter_surviving(client, job, timeout=timeout)
             for (unit, provider), hold in zip(planned, holds):
                 self._send(unit, provider, hold)
@@ -424,7 +425,8 @@ class VerifiedJob(JobHandle):
         unit, copy = found
         if unit.decided or copy.failed is not None or copy.result is not None:
             return
-        if future.status == "finished":
+        status = future.status  # read once: a copy lost with its worker goes back to pending meanwhile
+        if status == "finished":
             try:
                 raw = result if result is not None else future.result(timeout=self._fetch_s())
             except Exception as exc:  # noqa: BLE001 - a lost worker between finish and fetch
@@ -442,10 +444,12 @@ class VerifiedJob(JobHandle):
                 copy.failed, copy.result = f"it was stopped on {copy.result.worker}", None
             if copy.result is not None:
                 copy.token = self.pool.trust.arrived(copy.provider)
-        elif future.status == "cancelled":
+        elif status == "cancelled":
             copy.failed = "it was lost (cancelled by the scheduler)"
         else:
-            exc = future.exception()
+            exc = failure_of(future)
+            if exc is None:
+                return  # lost with its worker since it was listed: Dask runs it again
             copy.failed = f"it failed in Dask: {type(exc).__name__}: {exc}"
         self._judge(unit)
 
@@ -573,8 +577,7 @@ class VerifiedJob(JobHandle):
             running = self.job.job_id if unit.index is None else f"{self.job.job_id}/{unit.index}"
             workers = self.pool.workers.get(copy.provider)
             if workers:
-                client.run(stop_job, running, "no longer needed", STOP_GRACE_S, workers=workers, wait=False,
-                           on_error="ignore")
+                stop_on_workers_soon(client, running, "no longer needed", workers)
 
     def _release_futures(self) -> None:
         for unit in self.units:

@@ -83,15 +83,25 @@ def new_token() -> str:
     return "gpn_" + secrets.token_urlsafe(32)
 
 
-# Built once (json.dumps with options builds an encoder per call), and without the check for
-# circular references: what they encode are requests' parameters and answers, plain trees.
-_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), check_circular=False)
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+def _json_writer(*, sort_keys: bool = False) -> Callable[[Any], str]:
+    """``JSONEncoder(sort_keys, separators=(",", ":")).encode``, with the C encoder built once
+    (``encode`` builds it again on every call: a third of the writer's JSON time) and no check
+    for circular references: what it encodes are requests' parameters and answers, plain trees."""
+    encoder = json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":"), check_circular=False)
+    make = json.encoder.c_make_encoder
+    if make is None:  # pragma: no cover - an interpreter without the C accelerator
+        return encoder.encode
+    chunks = make(None, encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",", sort_keys, False, True)
+    return lambda value: "".join(chunks(value, 0))
+
+
+_CANONICAL_JSON = _json_writer(sort_keys=True)
+_COMPACT_JSON = _json_writer()
 
 
 def request_hash(name: str, params: dict[str, Any]) -> str:
     """Return the digest that ties an idempotency key to one request body."""
-    return hashlib.sha256(_CANONICAL_JSON.encode([name, params]).encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL_JSON([name, params]).encode()).hexdigest()
 
 
 def require_role(role: str | None, allowed: frozenset[str], what: str, actor: str | None) -> None:
@@ -396,7 +406,7 @@ class Unit:
                 return json.loads(seen[1])
         result = operation.run(self, actor, key or "", **params)
         if scope is not None:
-            self.idem_new[scope] = (rh, _COMPACT_JSON.encode(result))
+            self.idem_new[scope] = (rh, _COMPACT_JSON(result))
         return result
 
     def create_account(self, actor: str | None, key: str, *, name: str, role: str) -> dict[str, Any]:

@@ -376,16 +376,10 @@ class LedgerChecker:
             ev["entry"]["memo"] = memo
         raise LedgerVerificationError(msg, index=expected, evidence=ev)
 
-    def leaf_hashes(self) -> list[bytes]:
-        """The entries' hashes (the Merkle leaves), in order."""
-        if self.levels is None:
-            return self.leaves
-        buf = self.levels[0]
-        return [buf[i : i + 32] for i in range(0, len(buf), 32)]
-
     def tree(self) -> MerkleTree:
-        """Return the Merkle tree over the entries fed so far."""
-        return MerkleTree(self.leaf_hashes())
+        """Return the Merkle tree over the entries fed so far (from the levels hashed for the roots)."""
+        self.roots(())
+        return MerkleTree.from_levels(self.levels)
 
     def roots(self, sizes: Iterable[int]) -> dict[int, bytes]:
         """The Merkle roots of the ledger at ``sizes`` (each at most its size)."""

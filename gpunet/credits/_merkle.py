@@ -105,6 +105,15 @@ class MerkleTree:
         self._size = 0
         self.extend(leaf_hashes)
 
+    @classmethod
+    def from_levels(cls, levels: Sequence[bytes]) -> MerkleTree:
+        """Return the tree whose complete subtrees are ``levels`` (as :func:`subtree_levels` gives
+        them for a whole tree): the same layout, nothing hashed again."""
+        tree = cls()
+        tree._levels = [bytearray(level) for level in levels] or [bytearray()]
+        tree._size = len(tree._levels[0]) // HASH_SIZE
+        return tree
+
     @property
     def size(self) -> int:
         """The number of leaves."""

@@ -221,8 +221,8 @@ def validate(op: str, body: Any, *, extra: dict[str, Any] | None = None) -> dict
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     spec = SPECS[op]
-    unknown = sorted(set(body) - set(spec))
-    if unknown:
+    if not body.keys() <= spec.keys():
+        unknown = sorted(set(body) - set(spec))
         raise InvalidRequestError(
             f"unknown field(s) {', '.join(map(repr, unknown))} for {op}; allowed: {', '.join(spec) or 'none'}",
             details={"fields": unknown})

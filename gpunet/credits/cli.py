@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from gpunet.clitools import run_command, wait_for
+from gpunet.clitools import read_token_file, run_command, wait_for
 from gpunet.credits._audit import verify_database, verify_service
 from gpunet.credits._book import ROLES
 from gpunet.credits._client import CreditClient
@@ -50,6 +50,7 @@ from gpunet.errors import (
 from gpunet.credits._process import PARENT_PID_ENV, TOKEN_FILE_PREFIX, URL_PREFIX, watch_parent
 from gpunet.credits._trust import MISMATCHES_PER_CLIENT_DAY, REPUTATION_FLOOR
 from gpunet.paths import write_private
+from gpunet.ui.look import text_table
 
 logger = logging.getLogger(__name__)
 
@@ -232,11 +233,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _token(args: argparse.Namespace) -> str:
     if args.token_file:
-        try:
-            with open(args.token_file) as fh:
-                return fh.read().strip()
-        except OSError as exc:
-            raise InvalidRequestError(f"cannot read token file {args.token_file}: {exc.strerror}") from exc
+        return read_token_file(args.token_file)
     token = args.token or os.environ.get("GPUNET_TOKEN")
     if not token:
         raise InvalidRequestError("no token: pass --token, --token-file (operator verbs: the operator token file "
@@ -487,13 +484,8 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> str:
     """Return a text table: the first ``left`` columns flush left, the others flush right but the
-    last, which is left as it is (free text)."""
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
-    lines = []
-    for row in (header, *rows):
-        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row[:-1], widths))]
-        lines.append("  ".join([*cells, row[-1]]))
-    return "\n".join(lines)
+    last (free text)."""
+    return "\n".join(text_table(header, rows, indent="", right=range(left, len(header) - 1)))
 
 
 def format_records(records: list[dict[str, Any]]) -> str:

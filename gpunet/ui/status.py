@@ -161,24 +161,14 @@ class NetworkStatus:
 
     HEADER = ("worker", "name", "provider", "rate", "device", "memory", "free slots", "TFLOP/s f32", "resources")
 
+    def notes(self) -> list[str]:
+        """The lines above the table: the kind of network, its note, credits, trust, cell defaults."""
+        return [text for text in (self.kind, self.note, self.usage, self.trust, self.defaults) if text]
+
     def __str__(self) -> str:
-        lines = [f"scheduler {self.scheduler}   dashboard {self.dashboard or 'none'}   session {self.session}"]
-        if self.kind:
-            lines.append(self.kind)
-        if self.note:
-            lines.append(self.note)
-        if self.usage:
-            lines.append(self.usage)
-        if self.trust:
-            lines.append(self.trust)
-        if self.defaults:
-            lines.append(self.defaults)
-        table = [self.HEADER, *self.rows()]
-        widths = [max(len(row[i]) for row in table) for i in range(len(self.HEADER))]
-        for row in table:
-            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-        lines.append(f"{len(self.workers)} worker(s), {sum(w.free_slots for w in self.workers)} free slot(s)")
-        return "\n".join(lines)
+        return "\n".join([f"scheduler {self.scheduler}   dashboard {self.dashboard or 'none'}   session {self.session}",
+                          *self.notes(), *look.text_table(self.HEADER, self.rows(), indent=""),
+                          f"{len(self.workers)} worker(s), {sum(w.free_slots for w in self.workers)} free slot(s)"])
 
     def __repr__(self) -> str:
         return str(self)
@@ -193,8 +183,7 @@ class NetworkStatus:
             page = gpunet_page(self.dashboard)
             dashboard += f' (<a href="{look.esc(page)}" target="_blank">gpunet page</a>)'
 
-        notes = "".join(f"<div>{look.esc(text)}</div>" for text in (self.kind, self.note, self.usage, self.trust, self.defaults)
-                        if text)
+        notes = "".join(f"<div>{look.esc(text)}</div>" for text in self.notes())
         free = sum(w.free_slots for w in self.workers)
         return look.panel("gpunet network", (
             f"<div>scheduler <code>{look.esc(self.scheduler)}</code> · dashboard {dashboard}"

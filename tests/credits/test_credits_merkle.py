@@ -9,7 +9,7 @@ import pytest
 
 from credits_helpers import DATA
 from gpunet.credits import MerkleTree, ProofError, leaf_hash, node_hash, verify_consistency, verify_inclusion
-from gpunet.credits._merkle import EMPTY_ROOT
+from gpunet.credits._merkle import EMPTY_ROOT, subtree_levels
 
 VECTORS = json.loads((DATA / "rfc6962_vectors.json").read_text())
 LEAVES = [leaf_hash(bytes.fromhex(x)) for x in VECTORS["leaf_inputs"]]
@@ -85,6 +85,17 @@ def test_extending_in_chunks_of_any_size_gives_the_same_tree(chunks):
         done += n
         assert tree.size == done and tree.root() == root_from_leaves(leaves[:done])
     assert all(tree.root(size) == root_from_leaves(leaves[:size]) for size in range(0, done + 1, 7))
+
+
+def test_a_tree_made_from_hashed_levels_is_the_tree_of_its_leaves():
+    leaves = [leaf_hash(str(i).encode()) for i in range(41)]
+    for size in range(len(leaves)):
+        made = MerkleTree.from_levels(subtree_levels(b"".join(leaves[:size])))
+        whole = MerkleTree(leaves[:size])
+        assert made.size == size and made.root() == whole.root()
+        assert all(made.consistency_proof(first) == whole.consistency_proof(first) for first in range(size + 1))
+        made.extend(leaves[size:])  # it grows like any other
+        assert made.root() == MerkleTree(leaves).root()
 
 
 def test_a_leaf_hash_of_the_wrong_length_is_refused():
