@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for a scheduler before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5.0
+#: How long placement waits for workers still registering their provider's price.
+PRICE_WAIT_S = 10.0
 #: How long a finished job's small result stays wanted at most (see Network.release_soon).
 RELEASE_AFTER_S = 0.1
 
@@ -406,12 +408,18 @@ class Network:
         limit = self.hold_rate(max_rate)
         if self.meter is None:
             return workers
-        for fresh in (False, True):
+        deadline, fresh = time.monotonic() + PRICE_WAIT_S, False
+        while True:  # a provider that joined a moment ago may still be registering its price
             infos = self.scheduler_workers(fresh=fresh)
             state, rates = self.worker_rates(fresh=fresh)
             eligible = placement.within_limit(infos, rates, resources, limit)
-            if eligible or not infos:
+            registering = [address for address, info in infos.items() if address not in rates
+                           and placement.satisfies(info.get("resources") or {}, resources)]
+            if eligible or not infos or (fresh and not registering) or time.monotonic() > deadline:
                 break
+            if fresh:
+                time.sleep(0.1)
+            fresh = True
         if not infos:
             return workers  # none connected: the job waits for one (check_placement said so)
         per_item = bool(workers) and isinstance(workers[0], list)
