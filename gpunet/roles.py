@@ -177,7 +177,7 @@ def _encoded_size(value: Any) -> int:
 
 
 @dataclass
-class _Bucket:
+class TokenBucket:
     """A token bucket: ``burst`` at once, ``per_s`` a second after that."""
 
     burst: float = EVENT_BURST_BYTES
@@ -209,8 +209,8 @@ class SchedulerDoor:
         #: worker address -> the provider account whose certificate registered it
         self.owners: dict[str, str] = {}
         self.refused = 0
-        self._buckets: dict[str, _Bucket] = {}
-        self._heartbeats: dict[str, _Bucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._heartbeats: dict[str, TokenBucket] = {}
         #: provider account -> the topics outside gpunet's it has posted to
         self._topics: dict[str, set[str]] = {}
 
@@ -272,7 +272,7 @@ class SchedulerDoor:
         it is executing among those it was given; not its host information, extension
         data, bandwidth estimate or metric names, which grow the scheduler's state."""
         address = msg["address"]
-        if not self._heartbeats.setdefault(address, _Bucket(HEARTBEAT_BURST, HEARTBEATS_PER_S)).take(1):
+        if not self._heartbeats.setdefault(address, TokenBucket(HEARTBEAT_BURST, HEARTBEATS_PER_S)).take(1):
             return f"worker {address} sends heartbeats faster than {HEARTBEATS_PER_S:g} a second"
         metrics = msg.get("metrics") if isinstance(msg.get("metrics"), dict) else {}
         kept: dict[str, Any] = {name: value for name, value in metrics.items()
@@ -353,7 +353,7 @@ class SchedulerDoor:
             own = self._topics.setdefault(account, set())
             if topic not in own and len(own) >= MAX_TOPICS_PER_PROVIDER:
                 return f"provider {account} already posts on {MAX_TOPICS_PER_PROVIDER} topics of its own"
-        if not self._buckets.setdefault(account, _Bucket()).take(size):
+        if not self._buckets.setdefault(account, TokenBucket()).take(size):
             return f"provider {account} posts events faster than {EVENT_BYTES_PER_S} bytes/s"
         if not topic.startswith(GPUNET_TOPIC_PREFIX):
             self._topics[account].add(topic)

@@ -71,6 +71,12 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class Pickled(bytes):
+    """Bytes a notebook pickled (an input, a map item, a function and its arguments),
+    carried unopened: the gateway passes them on as they are, and only the worker
+    that runs the job loads them."""
+
+
 @dataclass
 class Job:
     """One unit of remote work: a cell body or a pickled function, and its inputs."""
@@ -78,8 +84,9 @@ class Job:
     job_id: str
     #: source of a %%gpunet cell; None for a function job
     code: str | None = None
-    #: the function of a function job (Dask pickles it with cloudpickle)
-    function: Callable[..., Any] | None = None
+    #: the function of a function job (Dask pickles it with cloudpickle), or its
+    #: cloudpickle bytes, loaded only on the worker (a job that came through the gateway)
+    function: Callable[..., Any] | bytes | None = None
     #: {name: cloudpickle bytes} of a cell's inputs (pickled one by one on the client,
     #: so that one that cannot be pickled is named there)
     inputs: dict[str, bytes] = field(default_factory=dict)

@@ -82,6 +82,7 @@ E2E_FIXTURES = {
     "liar_market",    # test_verification.py: gpunet.testing.local_market
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "departing_market", "liar_market_to_quarantine",  # test_departures.py: gpunet.testing.local_market
+    "gateway_market",  # test_gateway.py: the open market with `gpunet gateway` in front
     "open_market",    # test_open_network.py: certificates, credit service, `gpunet scheduler/provide` over TLS
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
     "ledger",         # credits/test_credits_tamper.py: serve_in_background

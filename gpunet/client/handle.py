@@ -26,7 +26,7 @@ import cloudpickle
 
 from gpunet.client.received import live_event
 from gpunet.errors import CellTimeoutError, UnpicklableInputError, WorkerLostError
-from gpunet.wire import CODEC, stream_allowance
+from gpunet.wire import CODEC, Pickled, stream_allowance
 from gpunet.worker.runner import stop_job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,6 +50,8 @@ class Connection(Protocol):
     result_format: str
     max_result_bytes: int
     max_stream_bytes_per_s: int
+    metered: bool
+    reuses_results: bool
 
     def register_job(self, handle: Any) -> None: ...
     def forget_job(self, job_id: str) -> None: ...
@@ -113,7 +115,10 @@ def new_job_id() -> str:
 
 def pickled(value: Any, what: str, *, name: str | None = None) -> bytes:
     """cloudpickle ``value``, or raise :class:`UnpicklableInputError` naming ``what``
-    (an input's name, "map item 3") and its type."""
+    (an input's name, "map item 3") and its type. :class:`~gpunet.wire.Pickled` bytes
+    (what a notebook pickled, passed on by the gateway) are already the pickle."""
+    if isinstance(value, Pickled):
+        return bytes(value)
     try:
         return cloudpickle.dumps(value)
     except Exception as exc:  # noqa: BLE001 - pickling fails in many ways

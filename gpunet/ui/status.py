@@ -45,6 +45,8 @@ class Shown(Protocol):
     embedded: Any
     meter: Any
     credits: Any
+    metered: bool
+    gateway: str | None
 
     def workers(self) -> list[WorkerInfo]: ...
     def metering_state(self) -> dict[str, Any] | None: ...
@@ -133,14 +135,14 @@ class NetworkStatus:
         note = net.embedded.note if net.embedded is not None else None
         usage = owners = trust = None
         workers = net.workers()
-        if net.meter is not None:
+        if net.metered:
             n = net.credits.usage(net.session)
             usage = f"credits: spent {n['spent']}, held {n['held']}, left {n['left']} of {n['budget']}"
             owners, trust = _providers(net, [worker.address for worker in workers])
         else:
             usage = "credits: not metered"
         return cls(net.address, net.dashboard_link, net.session, workers, note, usage, owners, trust,
-                   network_kind(net), cell_defaults(net.max_rate() if net.meter is not None else None))
+                   network_kind(net), cell_defaults(net.max_rate() if net.metered else None))
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row per worker: address, name, device, memory, free/total slots, resources."""
@@ -204,6 +206,8 @@ NETWORK_KINDS = {
                "the workers)",
     "open": "network: open (strangers: mutual TLS with the operator's certificates; only the gateway is a Dask "
             "client; every task carries a hold)",
+    "gateway": "network: open, through the gateway {gateway} (strangers: this notebook is no Dask client; the "
+               "gateway checks its credit token, holds credits for each job and sends it; every task carries a hold)",
 }
 
 
@@ -213,6 +217,8 @@ def network_kind(net: Shown) -> str:
                else "; results come back as data only (gpunet.codec), never as code")
     if net.embedded is not None:
         return NETWORK_KINDS["embedded"] + results
+    if net.gateway is not None:
+        return NETWORK_KINDS["gateway"].format(gateway=net.gateway) + results
     state = net.metering_state() or {}
     return NETWORK_KINDS["open" if state.get("network") == "open" else "private"] + results
 

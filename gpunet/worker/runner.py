@@ -448,12 +448,13 @@ def _keep(result: JobResult, job: Job, name: str, what: str, value: Any) -> None
 
 
 def _run_function(job: Job, item: bytes | None, result: JobResult) -> None:
-    args, kwargs = cloudpickle.loads(job.arguments) if job.arguments else ((), {})
-    if item is not None:
-        args = (cloudpickle.loads(item), *args)
     assert job.function is not None
     try:
-        value = job.function(*args, **kwargs)
+        function = cloudpickle.loads(job.function) if isinstance(job.function, bytes) else job.function
+        args, kwargs = cloudpickle.loads(job.arguments) if job.arguments else ((), {})
+        if item is not None:
+            args = (cloudpickle.loads(item), *args)
+        value = function(*args, **kwargs)
     except JobInterrupted:
         raise
     except BaseException as exc:
