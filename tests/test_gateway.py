@@ -9,6 +9,7 @@ unpickle something are each refused with one clear message."""
 from __future__ import annotations
 
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -44,16 +45,20 @@ class Evil:
 def gateway_market(open_market, tmp_path):  # noqa: F811 - the fixture imported above
     """The open market of test_open_network.py, with `gpunet gateway` in front of it."""
     ca = open_market["ca"]
+    for process in open_market["processes"]:  # read what they log, or a full pipe would stop them
+        threading.Thread(target=process.stdout.read, daemon=True).start()
     gateway = start(["gateway", open_market["address"], "--credits", open_market["service"].url, "--port", "0",
                      "--tls-ca-file", str(ca / "ca.pem"), "--tls-cert", str(ca / "gateway-gw.pem"),
                      "--tls-key", str(ca / "gateway-gw-key.pem"), "--max-job-bytes", str(MAX_JOB_BYTES),
                      "--max-body-bytes", str(MAX_BODY_BYTES), "--submit-burst", "40", "--submits-per-second", "0.1"])
+    said: list[str] = []
     try:
         url = expect(gateway, r"gateway: (https://127\.0\.0\.1:\d+)").group(1)
+        threading.Thread(target=lambda: said.extend(gateway.stdout), daemon=True).start()
         yield {**open_market, "url": url, "gateway": gateway, "ca_file": str(ca / "ca.pem")}
     finally:
-        output = stop(gateway)
-        assert "Traceback" not in output, output
+        stop(gateway)
+        assert "Traceback" not in "".join(said), "".join(said)
 
 
 def balances(service) -> dict[str, int]:
