@@ -339,7 +339,7 @@ class Gateway:
         session = self.session_of(request, account, token)
         self._take_submission(account)
         spec = await self._body(request)
-        job, options = job_from(spec, session.network, self.limits)
+        job, options = job_from(spec, session.network.topic, self.limits)
         relay = Relay(asyncio.get_running_loop())
         session.network.relays[job.job_id] = relay
         thread = threading.Thread(target=self._run, args=(session, job, options, relay), daemon=True,
@@ -449,8 +449,8 @@ def _flag(body: dict[str, Any], name: str) -> bool:
     return value
 
 
-def job_from(spec: dict[str, Any], network: Network, limits: GatewayLimits) -> tuple[Job, dict[str, Any]]:
-    """The :class:`Job` (with a fresh id, the gateway's topic and event key) and the
+def job_from(spec: dict[str, Any], topic: str, limits: GatewayLimits) -> tuple[Job, dict[str, Any]]:
+    """The :class:`Job` (with a fresh id, the gateway's ``topic`` and a fresh event key) and the
     submission options a notebook's request asks for; :class:`GatewayError` naming
     the first field that is wrong, or the job's bytes over ``limits.max_job_bytes``."""
     code, function = spec.get("code"), spec.get("function")
@@ -504,7 +504,7 @@ def job_from(spec: dict[str, Any], network: Network, limits: GatewayLimits) -> t
     job = Job(new_job_id(), code=code, function=function, inputs=dict(inputs), arguments=arguments,
               outputs=tuple(_names(spec, "outputs")), strict_outputs=_flag(spec, "strict_outputs"),
               display_last_expression=_flag(spec, "display_last_expression"), map_name=map_name,
-              topic=network.topic, announce=_flag(spec, "announce"))
+              topic=topic, announce=_flag(spec, "announce"))
     options = {"resources": {name: float(value) for name, value in resources.items()},
                "items": None if items is None else [Pickled(item) for item in items], "workers": workers,
                "max_credits": _number(spec, "max_credits", 10.0**15), "timeout": _number(spec, "timeout", MAX_TIMEOUT_S),
