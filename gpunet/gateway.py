@@ -63,6 +63,9 @@ DEFAULT_SUBMIT_BURST = 20
 DEFAULT_SUBMITS_PER_S = 5.0
 #: Per account: sessions open at once (each is a Dask client on the gateway).
 DEFAULT_MAX_SESSIONS = 4
+#: A session with no job running and no request for this long is closed (its holds go
+#: back) when its account opens another: a kernel that died leaves one behind.
+SESSION_IDLE_S = 15 * 60.0
 #: How long a checked token is believed before the credit service is asked again.
 TOKEN_TTL_S = 30.0
 #: The most items a map may have, and the longest cell, through the gateway.
@@ -92,7 +95,11 @@ class GatewayLimits:
 
 class ServedNetwork(Network):
     """A notebook's network on the gateway: a :class:`Network` whose jobs' live events
-    (those its handles accept as their workers') also go to the job's relay."""
+    (those its handles accept as their workers') also go to the job's relay. A job's data
+    travels inside its tasks: an open network's workers fetch nothing from another
+    provider's workers (:class:`gpunet.roles.WorkerDoor`)."""
+
+    scatters = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -263,9 +270,14 @@ class Gateway:
         account, token = await self.account_of(request)
         body = await self._body(request)
         mine = [s for s in self.sessions.values() if s.account == account]
+        for idle in [s for s in mine if not s.jobs and time.monotonic() - s.last_used > SESSION_IDLE_S]:
+            self.sessions.pop(idle.session_id, None)
+            mine.remove(idle)
+            await asyncio.to_thread(idle.network.close, force=True)
         if len(mine) >= self.limits.max_sessions:
             raise GatewayError(f"account {account} already has {len(mine)} sessions open on this gateway, the most "
-                               "it may; disconnect one (%gpunet disconnect) first", status=429, code="too_many_sessions")
+                               f"it may; disconnect one (%gpunet disconnect), or wait: one idle for "
+                               f"{SESSION_IDLE_S / 60:g} minutes is closed then", status=429, code="too_many_sessions")
         budget = _integer(body, "budget", 1, 10**15)
         caps = {name: _integer(body, name, 1, wire.DEFAULT_MAX_RESULT_BYTES if name == "max_result_bytes"
                                else 64 * wire.DEFAULT_MAX_STREAM_BYTES_PER_S)

@@ -73,7 +73,7 @@ def settled(net) -> dict:
     return usage
 
 
-def test_an_honest_notebook_runs_through_the_gateway(gateway_market, detached, capsys):
+def test_an_honest_notebook_runs_through_the_gateway(gateway_market, detached, shell, capsys, tmp_path):
     market, service = gateway_market, gateway_market["service"]
     before = balances(service)
     add_one = lambda x: x + 1  # noqa: E731 - pickled by value (the workers cannot import this module)
@@ -101,6 +101,19 @@ def test_an_honest_notebook_runs_through_the_gateway(gateway_market, detached, c
     paid = after["alice"] + after["bob"] - before["alice"] - before["bob"]
     assert paid == usage["spent"] == before["carol"] - after["carol"]
     verify_service(service.url, service.operator_token)
+    # The magics, as a notebook uses them: the token from a file, the operator's CA.
+    token_file = tmp_path / "carol.token"
+    token_file.write_text(market["tokens"]["carol"])
+    shell.run_line_magic("gpunet", f"connect {market['url']} --token-file {token_file} --ca {market['ca_file']} "
+                                   "--budget 500")
+    shell.user_ns["x"] = 5
+    shell.run_cell_magic("gpunet", "--quiet --timeout 120", "w = x * 3\nprint('w is', w)")
+    assert shell.user_ns["w"] == 15
+    shell.run_line_magic("gpunet", "status")
+    said = capsys.readouterr().out
+    assert "w is 15" in said and f"through the gateway {market['url']}" in said and "budget of 500" in said
+    shell.run_line_magic("gpunet", "disconnect")
+    verify_service(service.url, service.operator_token)
 
 
 def test_the_gateway_refuses_strangers_with_one_clear_message(gateway_market, detached, tmp_path, monkeypatch):
@@ -114,6 +127,16 @@ def test_the_gateway_refuses_strangers_with_one_clear_message(gateway_market, de
     assert wrong.value.status == 403
     anonymous = requests.post(f"{url}/v1/sessions", verify=ca, timeout=WAIT_S)
     assert anonymous.status_code == 401 and "send your credit token" in unpack(anonymous.content)["error"]["message"]
+    headers = {"Authorization": f"Bearer {tokens['carol']}"}
+    opened = [requests.post(f"{url}/v1/sessions", data=pack({"budget": 10, "max_result_bytes": 10**6,
+                                                             "max_stream_bytes_per_s": 10**6}),
+                            headers=headers, verify=ca, timeout=WAIT_S) for _ in range(5)]
+    assert [answer.status_code for answer in opened] == [200] * 4 + [429]
+    assert "sessions open on this gateway, the most it may" in unpack(opened[-1].content)["error"]["message"]
+    for answer in opened[:4]:
+        closing = requests.delete(f"{url}/v1/sessions/{unpack(answer.content)['session_id']}", headers=headers,
+                                  verify=ca, timeout=WAIT_S)
+        assert closing.status_code == 200
     certs.init_ca(tmp_path / "other")
     with pytest.raises(ConnectError, match="did not present a certificate from the operator's CA"):
         gpunet.connect(url, token=tokens["carol"], ca=str(tmp_path / "other" / "ca.pem"))

@@ -52,6 +52,9 @@ class Connection(Protocol):
     max_stream_bytes_per_s: int
     metered: bool
     reuses_results: bool
+    #: whether a job's data may be scattered to one worker, for the others to fetch (not on
+    #: an open network, whose providers' workers fetch nothing from each other)
+    scatters: bool
 
     def register_job(self, handle: Any) -> None: ...
     def forget_job(self, job_id: str) -> None: ...

@@ -135,6 +135,9 @@ class Network:
 
     #: whether the scheduler's table of verified results is asked (not through a gateway)
     reuses_results = True
+    #: whether a job's data is scattered for the workers to fetch from each other (see
+    #: gpunet.client.handle.Connection)
+    scatters = True
     #: the gateway this network is reached through (None: a Dask client of its own)
     gateway: str | None = None
 
