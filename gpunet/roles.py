@@ -58,6 +58,7 @@ PROVIDER_SCHEDULER_OPS: dict[str, str | None] = {
 WORKER_STREAM_OPS = frozenset({
     "task-finished", "task-erred", "release-worker-data", "long-running", "reschedule",
     "keep-alive", "log-event", "worker-status-change", "request-refresh-who-has", "close-stream",
+    "steal-response",  # only for a task processing on that worker (the victim the scheduler asked)
 })
 #: What nobody may ask of an open network's scheduler, the gateway included: run code there.
 NOBODY_SCHEDULER_OPS = frozenset({"run_function", "register_scheduler_plugin", "unregister_scheduler_plugin"})
@@ -374,6 +375,17 @@ class SchedulerDoor:
             return self.event_refusal(self.owners.get(worker, worker), worker, msg.get("topic"), msg.get("msg"))
         if op == "request-refresh-who-has":
             return self._who_has_refusal(worker, msg.get("keys"))
+        if op == "steal-response":
+            return self._steal_refusal(worker, msg.get("key"))
+        return None
+
+    def _steal_refusal(self, worker: str, key: Any) -> str | None:
+        """A worker answers the scheduler's work stealing only for a task processing on
+        it (without its answer the stolen task would stay in flight for ever)."""
+        task = self.scheduler.tasks.get(key) if _hashable(key) else None
+        where = getattr(task, "processing_on", None)
+        if where is None or where.address != worker:
+            return "a worker answers a steal request only for a task it was given"
         return None
 
     def _who_has_refusal(self, worker: str, keys: Any) -> str | None:

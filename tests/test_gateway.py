@@ -109,9 +109,9 @@ def test_an_honest_notebook_runs_through_the_gateway(gateway_market, detached, s
     shell.user_ns["x"] = 5
     shell.run_cell_magic("gpunet", "--quiet --timeout 120", "w = x * 3\nprint('w is', w)")
     assert shell.user_ns["w"] == 15
-    shell.run_line_magic("gpunet", "status")
+    status = str(shell.run_line_magic("gpunet", "status"))
     said = capsys.readouterr().out
-    assert "w is 15" in said and f"through the gateway {market['url']}" in said and "budget of 500" in said
+    assert "w is 15" in said and "budget of 500" in said and f"through the gateway {market['url']}" in status
     shell.run_line_magic("gpunet", "disconnect")
     verify_service(service.url, service.operator_token)
 
