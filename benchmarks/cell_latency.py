@@ -1,10 +1,13 @@
 """Round trip of a trivial %%gpunet cell against client.submit and ipyparallel's %%px,
 and --map throughput against client.map, all on one embedded network in one run; then
 results as data (the codec, as from providers the notebook does not trust) against
-pickle, on one network in the same run: a 1 MB NumPy result and a 10k-row DataFrame.
+pickle, on one network in the same run: a 1 MB NumPy result and a 10k-row DataFrame;
+then data: net.run with a 10 MB and a 100 MB NumPy array input against client.submit with
+the same array, and a 200-item net.map against client.map, in the same run.
 
     .venv/bin/python benchmarks/cell_latency.py [--repeats 200] [--items 2000] [--unmetered]
                                                 [--codec-repeats 50] [--codec-items 200]
+                                                [--only-codec] [--only-data] [--data-repeats 10]
     .venv/bin/python benchmarks/cell_latency.py --open [--repeats 200] [--items 2000]
 
 --open measures an open network instead, every party its own process on 127.0.0.1
@@ -248,6 +251,53 @@ def open_network_figures(repeats: int, items: int) -> None:
                 print(f"{label:40s} {rate:8.0f}")
             print(f"ratio %%gpunet --map through the gateway / client.map: "
                   f"{rates['%%gpunet --map through the gateway'] / rates['client.map + gather, held']:.2f}  (aim: >= 0.7)")
+def first_value(array) -> float:
+    """What the data benchmark runs: reads one number of its (large) input."""
+    return float(array[0])
+
+
+def data_against_dask(repeats: int, metered: bool, map_items: int = 200) -> None:
+    """net.run(first_value, a) against client.submit(first_value, a).result() with the
+    same NumPy array, at 10 MB and 100 MB, and a map over ``map_items`` items against
+    client.map, on one embedded network, rounds interleaved."""
+    import numpy as np
+
+    import gpunet
+
+    net = gpunet.connect(metered=metered, budget=10_000_000)
+    client = net.client
+    try:
+        print(f"\ndata against Dask's own, one network ({net.embedded.note}), "
+              + ("metered" if metered else "unmetered"))
+        print(f"{'':44s} {'Dask':>10s} {'gpunet':>10s} {'gpunet/Dask':>12s}")
+        for megabytes in (10, 100):
+            array = np.random.default_rng(megabytes).random(megabytes * 1024 * 1024 // 8)
+            contenders = {"Dask": lambda: client.submit(first_value, array, pure=False).result(),
+                          "gpunet": lambda: net.run(first_value, array)}
+            samples: dict[str, list[float]] = {label: [] for label in contenders}
+            for _ in range(5):  # interleaved rounds, so drift in the machine's load hits both alike
+                for label, fn in contenders.items():
+                    samples[label] += timings(fn, max(repeats // 5, 1), warmup=1)
+            medians = {label: summary(values)[0] for label, values in samples.items()}
+            print(f"{f'{megabytes} MB array input, round trip (ms)':44s} {medians['Dask']:10.1f} "
+                  f"{medians['gpunet']:10.1f} {medians['gpunet'] / medians['Dask']:12.2f}")
+        items = list(range(map_items))
+
+        def client_map() -> None:
+            client.gather(client.map(trivial, items, key=[f"bench-{uuid.uuid4().hex}-{i}" for i in items]))
+
+        maps = {"Dask": client_map, "gpunet": lambda: net.map(trivial, items)}
+        best = {label: float("inf") for label in maps}
+        for _ in range(5):  # interleaved rounds, best of 5
+            for label, fn in maps.items():
+                started = time.perf_counter()
+                fn()
+                best[label] = min(best[label], time.perf_counter() - started)
+        print(f"{f'{map_items}-item map (items/s)':44s} {map_items / best['Dask']:10.0f} "
+              f"{map_items / best['gpunet']:10.0f} {best['Dask'] / best['gpunet']:12.2f}")
+        print("(aims: array inputs within 1.2x of client.submit; the map at least 0.8x client.map, its last "
+              "column being Dask's time over gpunet's)")
+    finally:
         net.close()
 
 
@@ -260,12 +310,17 @@ def main() -> None:
     parser.add_argument("--codec-items", type=int, default=200, help="map items per round, codec vs pickle")
     parser.add_argument("--only-codec", action="store_true", help="measure only the codec against pickle")
     parser.add_argument("--open", action="store_true", help="measure an open network through its gateway instead")
+    parser.add_argument("--data-repeats", type=int, default=10, help="round trips per array size, gpunet vs Dask")
+    parser.add_argument("--only-data", action="store_true", help="measure only array inputs and a 200-item map")
     args = parser.parse_args()
     if args.open:
         open_network_figures(args.repeats, args.items)
         return
     if args.only_codec:
         codec_against_pickle(args.codec_repeats, args.codec_items)
+        return
+    if args.only_data:
+        data_against_dask(args.data_repeats, metered=not args.unmetered)
         return
 
     import io
@@ -350,6 +405,7 @@ def main() -> None:
     print(f"ratio %%gpunet --map / client.map: {ratio:.2f}  (aim: >= 0.9)")
     net.close()
     codec_against_pickle(args.codec_repeats, args.codec_items)
+    data_against_dask(args.data_repeats, metered=not args.unmetered)
 
 
 if __name__ == "__main__":

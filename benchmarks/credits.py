@@ -173,10 +173,11 @@ def bench_appends(workdir: Path, n: int) -> None:
 def make_ledger(path: Path, entries: int) -> None:
     """Write a ledger of ``entries`` entries in the service's format (mint, then hold/settle/release
     cycles), with matching balances and a signed head, as the service would leave it."""
-    from gpunet.credits._service import open_store, write_secret
+    from gpunet.credits._service import open_store
+    from gpunet.paths import write_private
 
     store = open_store(str(path), key_file=path.with_name(path.name + ".ed25519.pem"))
-    write_secret(path.with_name(path.name + ".operator-token"), store.ensure_operator())
+    write_private(path.with_name(path.name + ".operator-token"), store.ensure_operator().encode())
     for name, role in (("alice", "client"), ("bob", "client"), ("gpu-1", "provider"), ("gpu-2", "provider")):
         store.call("create_account", "operator", {"name": name, "role": role})
     store.close()

@@ -75,13 +75,15 @@ def main() -> None:
     deadline = time.monotonic() + 60
     while net.metering_state()["queued"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    usage = net.credits.usage(net.session)
+    net.meter.wait_settled(timeout=60)  # what the scheduler paid from the pre-authorized hold, landed
+    usage = net.meter.usage()
     print(f"\nthroughput over {args.items} trivial tasks (best of 3, tasks/s)")
     for label, rate in rates.items():
         print(f"  {label:36s} {rate:8.0f}")
     ratio = rates["net.map, metered"] / rates["client.map + gather (no metering)"]
     print(f"  ratio metered / plain: {ratio:.2f}  (aim: >= 0.8)")
     print(f"  session after the runs: spent {usage['spent']}, held {usage['held']} "
+          f"({usage['preauthorized']} of it pre-authorized) "
           f"(every task paid once: {usage['spent']} credits for {4 * args.items} tasks)")
     net.close()
 

@@ -22,6 +22,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments
 
 from gpunet.client.network import connect, current
+from gpunet.client.placement import check_max_rate, check_prefer
 from gpunet.clitools import read_token_file
 from gpunet.errors import GpunetError, OptionError
 from gpunet.metering.meter import DEFAULT_HOLD_SECONDS, DEFAULT_ITEM_HOLD_SECONDS
@@ -78,10 +79,12 @@ def _without_comment(line: str) -> str:
 
 LINE_USAGE = """\
 %gpunet connect [SCHEDULER] [--credits URL] [--token-file PATH] [--budget CREDITS] [--workers N]
-                [--trust-providers] [--max-result-bytes N] [--ca FILE]
+                [--trust-providers] [--max-result-bytes N] [--max-rate R] [--ca FILE]
                            join SCHEDULER (or GPUNET_SCHEDULER), else start a local network;
                            https://GATEWAY: an open network's gateway, checked against the operator's
                            CA (--ca FILE or GPUNET_GATEWAY_CA), with --token-file only;
+                           --max-rate: the most credits per device-second this session pays (only
+                           providers at or below it run its cells; default: the operator's);
                            results come back as data, or pickled with --trust-providers;
                            the token comes from --token-file or GPUNET_TOKEN (--token TOKEN works, but is
                            then saved with the notebook)
@@ -108,6 +111,8 @@ CONNECT_PARSER.add_argument("--trust-providers", action=_Once, nargs=0, const=Tr
                             help="a private network whose providers you trust: results come back pickled (any object)")
 CONNECT_PARSER.add_argument("--max-result-bytes", action=_Once, type=int, default=None, metavar="N",
                             help="largest result a job may bring back from providers not trusted (default 256 MiB)")
+CONNECT_PARSER.add_argument("--max-rate", action=_Once, type=float, default=None, metavar="R",
+                            help="this session's price limit, credits per device-second (default: the operator's)")
 
 
 @magics_class
@@ -132,6 +137,11 @@ class GpunetMagics(Magics):
               help="relative tolerance for comparing verified floats (default: the kernel's)")
     @argument("--atol", action=_Once, type=float, default=None, metavar="X",
               help="absolute tolerance for comparing verified floats (default: the kernel's)")
+    @argument("--max-rate", action=_Once, type=float, default=None, metavar="R",
+              help="this cell's price limit, credits per device-second: only providers at or below it run it, "
+                   "and its hold is priced at it (default: the session's, %%gpunet connect --max-rate)")
+    @argument("--prefer", action=_Once, default="cheapest", metavar="cheapest|fastest",
+              help="which free provider within the price limit runs the cell first (default cheapest)")
     @argument("--max-credits", action=_Once, type=float, default=None, metavar="C",
               help="most credits the cell may cost (default: what its --timeout holds)")
     @argument("--timeout", action=_Once, type=float, default=None, metavar="SECONDS",
@@ -154,7 +164,7 @@ class GpunetMagics(Magics):
         Line magic (``%gpunet help`` shows this whole text)::
 
             %gpunet connect [SCHEDULER] [--credits URL] [--token-file F | --token T] [--budget CREDITS]
-                            [--workers N] [--trust-providers] [--max-result-bytes N]
+                            [--workers N] [--trust-providers] [--max-result-bytes N] [--max-rate R]
             %gpunet status
             %gpunet usage
             %gpunet receipt
@@ -173,11 +183,15 @@ class GpunetMagics(Magics):
         shell = self.shell
         try:
             Policy.parse(args.verify)  # a bad flag is a usage error, connected or not
+            check_prefer(args.prefer)
+            if args.max_rate is not None:
+                check_max_rate(args.max_rate)
             current().run_cell(
                 cell, shell.user_ns, gpus=args.gpus, gpu_mem=args.gpu_mem, min_tflops=args.min_tflops,
                 inputs=args.inputs, outputs=args.outputs, map=args.map, verify=args.verify, rtol=args.rtol,
                 atol=args.atol, max_credits=args.max_credits, timeout=args.timeout, block=not args.no_block,
-                quiet=args.quiet, travels=self._travels, handle="_gpunet", reuse=not args.no_reuse)
+                quiet=args.quiet, travels=self._travels, handle="_gpunet", reuse=not args.no_reuse,
+                max_rate=args.max_rate, prefer=args.prefer)
         except OptionError as exc:
             raise UsageError(str(exc)) from None
         return None
@@ -199,9 +213,13 @@ class GpunetMagics(Magics):
                 token = read_token_file(args.token_file) if args.token_file else args.token
             except OptionError as exc:
                 raise UsageError(str(exc)) from None
-            net = connect(args.scheduler, workers=args.workers, credits=args.credits, token=token,
-                          budget=args.budget, trust_providers=args.trust_providers,
-                          max_result_bytes=args.max_result_bytes, replace=True, ca=args.ca)
+            try:
+                net = connect(args.scheduler, workers=args.workers, credits=args.credits, token=token,
+                              budget=args.budget, trust_providers=args.trust_providers,
+                              max_result_bytes=args.max_result_bytes, replace=True, max_rate=args.max_rate,
+                              ca=args.ca)
+            except OptionError as exc:
+                raise UsageError(str(exc)) from None
             where = net.address if net.embedded is None else f"a local network at {net.address}"
             note = f" ({net.embedded.note})" if net.embedded is not None else ""
             print(f"gpunet: connected to {where}{note}; dashboard: {net.dashboard_link or 'none'}")
@@ -212,7 +230,8 @@ class GpunetMagics(Magics):
             if net.metered:
                 usage = net.credits.usage(net.session)
                 print(f"gpunet: session {net.session} has a budget of {usage['budget']} credits "
-                      f"at {net.credits.url} (%gpunet usage shows what it spent)")
+                      f"at {net.credits.url} (%gpunet usage shows what it spent); it pays at most "
+                      f"{net.rate_limit:g} credits per device-second (--max-rate)")
             else:
                 print("gpunet: this network does not meter work: no credits are held or paid")
             return None

@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.serialize import Serialized, deserialize
 
-from gpunet import wire
+from gpunet import codec, wire
 from gpunet.certs import SCHEDULER, identity_of_file
 from gpunet.credits import CreditClient, CreditsError
 from gpunet.metering.reporter import Reporter
@@ -72,6 +73,10 @@ CONFIRM_ATTEMPTS = 3
 #: A resource no worker has: what a task without a hold asks for on an open network,
 #: so that it waits, never runs, until it is cancelled.
 REFUSED_RESOURCE = "gpunet-refused-no-hold"
+#: The largest copy the scheduler fetches to compare a disputed verdict's digests itself,
+#: and how long it waits for the copies.
+DIGEST_FETCH_MAX_BYTES = 16 * 1024 * 1024
+DIGEST_FETCH_S = 10.0
 
 
 class GpunetMeteringPlugin(SchedulerPlugin):
@@ -81,13 +86,15 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     :class:`~gpunet.metering.reporter.Reporter` sends. ``default_provider`` /
     ``default_rate`` apply to workers that did not say who they are (plain ``dask
     worker`` processes). ``open_network`` guards the wire by certificate roles.
-    Loaded by :func:`dask_setup` (``--preload``)."""
+    ``max_rate`` is the most a provider may ask, ``default_max_rate`` the price limit of a
+    notebook that sets none. Loaded by :func:`dask_setup` (``--preload``)."""
 
     name = wire.METERING_PLUGIN
     idempotent = True
 
     def __init__(self, credits_url: str, token: str, *, default_provider: str | None = None,
-                 default_rate: float = 1.0, max_rate: float = 100.0, open_network: bool = False) -> None:
+                 default_rate: float = 1.0, max_rate: float = 100.0, open_network: bool = False,
+                 default_max_rate: float = 1.0) -> None:
         self.open_network = open_network
         self.door: SchedulerDoor | None = None
         #: tasks refused on an open network because they carried no hold
@@ -96,6 +103,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         #: a meter account's token (the operator's on a private network): it may only pay and release holds
         self.token = token
         self.max_rate = max_rate
+        #: the price limit a notebook gets when it sets none (``--default-max-rate``): what a
+        #: rate is an offer against, and what its holds are priced at
+        self.default_max_rate = default_max_rate
         self.settlement = Settlement(default_provider, default_rate)
         self.scheduler: Scheduler | None = None
         self.reporter: Reporter | None = None
@@ -111,6 +121,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         #: checked verdicts accepted, by (client, job): only those may be kept
         self.reusable = ReuseTable()
         self._checked: OrderedDict[tuple[str | None, str], set[str]] = OrderedDict()
+        #: pre-authorized hold -> the client that drew on it first (only it may draw on it)
+        self.preauth_owners: dict[str, str] = {}
 
     @property
     def providers(self) -> dict[str, dict[str, Any]]:
@@ -136,6 +148,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             wire.EXECUTING: self.executing,
             wire.REUSE_STORE: self.reuse_store,
             wire.REUSE_LOOKUP: self.reuse_lookup,
+            wire.PREAUTH_STATE: self.preauth_state,
         })
         self.reporter = Reporter(self.settlement, self._client.batch, self._after)
         self.reporter.start()
@@ -226,22 +239,48 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
     # -- Dask hooks ----------------------------------------------------------------------
     def update_graph(self, scheduler: Scheduler, *, client: str, tasks: list[Any], **kwargs: Any) -> None:
-        """On an open network, refuse the tasks that carry no hold before any can run:
-        they ask for a resource no worker has, and are cancelled for their client."""
+        """Refuse, before any can run, the tasks that draw on another client's
+        pre-authorized hold, or name it to pay their overflow (the first client to name
+        one owns it), and on an open
+        network those that carry no hold: they ask for a resource no worker has, and are
+        cancelled for their client."""
+        created = [key for key in tasks if key in scheduler.tasks and scheduler.tasks[key].run_spec is not None]
+        foreign = []
+        for key in created:
+            meta = self._annotation(key)
+            if not isinstance(meta, dict):
+                continue
+            # a pre-authorized hold drawn on, or named to pay what a map's items earn beyond its own
+            drawn = meta.get("hold") if "preauth" in meta else meta.get("overflow")
+            if isinstance(drawn, str) and self.preauth_owners.setdefault(drawn, client) != client:
+                foreign.append(key)
+        self._refuse_tasks(scheduler, foreign, client, "gpunet-foreign-hold",
+                           "these tasks draw on a pre-authorized hold of another session")
         if not self.open_network:
             return
-        refused = [key for key in tasks if key in scheduler.tasks and scheduler.tasks[key].run_spec is not None
-                   and not wire.is_hold_annotation(self._annotation(key))]
+        refused = [key for key in created if not wire.is_hold_annotation(self._annotation(key))]
+        self._refuse_tasks(scheduler, refused, client, "gpunet-no-hold",
+                           "this open network runs only tasks that carry a hold (submit through the gateway)")
+
+    def _refuse_tasks(self, scheduler: Scheduler, refused: list[Any], client: str, reason: str, msg: str) -> None:
+        """Keep ``refused`` tasks from running (a resource no worker has) and cancel them for ``client``."""
         if not refused:
             return
         for key in refused:
             scheduler.tasks[key].resource_restrictions = {REFUSED_RESOURCE: 1}
         self.refused_tasks += len(refused)
-        logger.warning("gpunet metering: refused %d task(s) of client %s that carry no hold", len(refused), client)
+        logger.warning("gpunet metering: refused %d task(s) of client %s: %s", len(refused), client, msg)
         asyncio.get_running_loop().call_soon(
-            lambda: scheduler.stimulus_cancel(refused, client, force=True, reason="gpunet-no-hold",
-                                              msg="this open network runs only tasks that carry a hold "
-                                                  "(submit through the gateway)"))
+            lambda: scheduler.stimulus_cancel(refused, client, force=True, reason=reason, msg=msg))
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        """A notebook left: release the pre-authorized holds it drew on (what their tasks
+        earned is paid first)."""
+        holds = [hold for hold, owner in self.preauth_owners.items() if owner == client]
+        for hold in holds:
+            del self.preauth_owners[hold]
+        if holds:
+            self._after(self.settlement.release_holds(holds))
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """Queue a settlement for a successful attempt, a release for a failed task.
@@ -267,19 +306,40 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             self.door.worker_left(worker)
 
     # -- named handlers (gpunet.wire) ----------------------------------------------------
-    def verdict(self, client: str | None = None, job: str = "", copies: dict[str, bool] | None = None,
-                method: str = "", digest: str = "", checked: bool = True, **kwargs: Any) -> None:
+    async def verdict(self, client: str | None = None, job: str = "", copies: dict[str, bool] | None = None,
+                      method: str = "", digest: str = "", checked: bool = True, **kwargs: Any) -> None:
         """Handler: a notebook's verdict on the copies of one unit of a verified job
-        (:meth:`Settlement.verdict`, told which clients want each judged task)."""
+        (:meth:`Settlement.verdict`, told which clients want each judged task). Where
+        the notebook calls a copy a mismatch, the scheduler fetches the judged copies
+        itself and compares their digests: the notebook's word alone does not make one."""
         tasks = {key: Owned(self._annotation(key), {cs.client_key for cs in self.scheduler.tasks[key].who_wants})
                  for key in copies or () if key in self.scheduler.tasks}
+        disputed = checked and any(not agreed for agreed in (copies or {}).values())
+        digests = await self._digests([key for key in tasks if tasks[key].meta]) if disputed else {}
         self._after(self.settlement.verdict(client, job, copies or {}, tasks, method=method, digest=digest,
-                                            checked=checked))
+                                            checked=checked, digests=digests))
         if checked and digest and sum(bool(agrees) for agrees in (copies or {}).values()) >= 2:
             self._checked.setdefault((client, job), set()).add(digest)
             self._checked.move_to_end((client, job))
             while len(self._checked) > CHECKED_JOBS_KEPT:
                 self._checked.popitem(last=False)
+
+    async def _digests(self, keys: list[Any]) -> dict[Any, str]:
+        """The result digests of tasks ``keys``, fetched from their workers by this scheduler
+        (each at most :data:`DIGEST_FETCH_MAX_BYTES`; those it cannot fetch in time are left out)."""
+        small = [key for key in keys if key in self.scheduler.tasks and self.scheduler.tasks[key].state == "memory"
+                 and 0 <= self.scheduler.tasks[key].get_nbytes() <= DIGEST_FETCH_MAX_BYTES]
+        if not small:
+            return {}
+        try:
+            # asked as msgpack: a data-only job's result is bytes, and nothing else is loaded here
+            answer = await asyncio.wait_for(self.scheduler.gather(keys=small, serializers=["msgpack"]),
+                                            DIGEST_FETCH_S)
+        except Exception as exc:  # noqa: BLE001 - workers gone or slow: the verdict goes on without digests
+            logger.warning("gpunet metering: could not fetch copies %s to compare them: %s", small, exc)
+            return {}
+        fetched = answer.get("data") or {} if isinstance(answer, dict) else {}
+        return await asyncio.to_thread(_digests_of, fetched)
 
     def reuse_store(self, client: str | None = None, job: str = "", key: str = "",
                     record: dict[str, Any] | None = None, results: list[dict[str, Any]] | None = None) -> bool:
@@ -316,8 +376,16 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 for address in workers}
 
     def release_holds(self, holds: list[str]) -> None:
-        """Handler: release holds whose tasks were never sent (the notebook's submit failed)."""
+        """Handler: release holds whose tasks were never sent (the notebook's submit failed),
+        or a session's pre-authorized holds (it closes, idles or refilled)."""
+        for hold in holds:
+            self.preauth_owners.pop(hold, None)
         self._after(self.settlement.release_holds(holds))
+
+    def preauth_state(self, holds: list[str] | None = None, jobs: list[str] | None = None) -> dict[str, Any]:
+        """Handler: what was paid so far from each of ``holds``, in all and per job
+        (:meth:`Settlement.preauth_state`); the notebook sizes its draws by it."""
+        return self.settlement.preauth_state(list(holds or ())[:100], list(jobs or ())[:10_000])
 
     def close_unknown(self, hold: str, keys: list[Any]) -> None:
         """Handler: tasks of ``hold`` the notebook saw cancelled, which this scheduler
@@ -329,8 +397,11 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         s = self.settlement
         return {"credits": self.credits_url, "queued": len(s.queue), "reported": self.reporter.reported,
                 "failed": len(self.reporter.failed), "default_rate": s.default_rate, "max_rate": self.max_rate,
+                "default_max_rate": self.default_max_rate,
                 "default_provider": s.default_provider, "awaiting_verdict": len(s.awaiting),
-                "maps_open": len(s.shared), "verdicts": s.verdicts, "quarantined": sorted(s.quarantined),
+                "maps_open": sum(share.tasks is not None for share in s.shared.values()),
+                "preauthorized_open": sum(share.tasks is None for share in s.shared.values()), "verdicts": s.verdicts,
+                "overruled": s.overruled, "unblamed": s.unblamed, "quarantined": sorted(s.quarantined),
                 "refused_registrations": self.refused_registrations,
                 "network": "open" if self.open_network else "private", "refused_tasks": self.refused_tasks,
                 "refused_requests": self.door.refused if self.door is not None else 0,
@@ -458,6 +529,25 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 logger.exception("gpunet metering: could not retire %s", workers)
 
 
+def _digests_of(results: dict[Any, Any]) -> dict[Any, str]:
+    """The digests (:func:`gpunet.verify.quorum.result_digest`) of results as workers sent
+    them: a data-only job's encoded bytes (as msgpack: no other payload is loaded, never a
+    pickle); what is not that, or cannot be decoded, has none (a trusted network's pickled
+    results are compared by the notebook only)."""
+    digests = {}
+    for key, data in results.items():
+        try:
+            if isinstance(data, Serialized):
+                data = deserialize(data.header, data.frames, deserializers=("msgpack",))
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                data = result_from_event(codec.decode(bytes(data), what="a copy's result"))
+            if isinstance(data, wire.JobResult):
+                digests[key] = result_digest(data)
+        except Exception as exc:  # noqa: BLE001 - a copy that cannot be read is compared by the notebook only
+            logger.warning("gpunet metering: could not digest copy %s: %s", key, exc)
+    return digests
+
+
 def _compute_seconds(kwargs: dict[str, Any]) -> float:
     """Seconds the attempt computed, from a ``processing -> memory`` transition's startstops."""
     return sum(ss["stop"] - ss["start"] for ss in kwargs.get("startstops", ()) if ss.get("action") == "compute")
@@ -469,7 +559,12 @@ def _compute_seconds(kwargs: dict[str, Any]) -> float:
               type=click.Path(exists=True, dir_okay=False),
               help="the token the plugin reports with: a meter account's (or, on a private network, the operator's)")
 @click.option("--default-provider", default=None, help="who is paid for workers that name no provider")
-def dask_setup(scheduler: Scheduler, credits_url: str, token_file: str, default_provider: str | None) -> None:
+@click.option("--default-max-rate", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="the price limit (credits per device-second) of a notebook that sets none")
+@click.option("--max-rate", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
+              help="the most a provider may ask (credits per device-second)")
+def dask_setup(scheduler: Scheduler, credits_url: str, token_file: str, default_provider: str | None,
+               default_max_rate: float, max_rate: float) -> None:
     """Entry point for ``--preload gpunet.extensions.scheduler_plugin`` with
     ``--preload-argv`` / ``preload_argv``: meter this scheduler's work against the
     credit service (``gpunet scheduler --credits`` and the embedded network do this).
@@ -477,7 +572,8 @@ def dask_setup(scheduler: Scheduler, credits_url: str, token_file: str, default_
     with open(token_file) as file:
         token = file.read().strip()
     scheduler.add_plugin(GpunetMeteringPlugin(credits_url, token, default_provider=default_provider,
-                                              open_network=is_open_network(scheduler)))
+                                              open_network=is_open_network(scheduler), max_rate=max_rate,
+                                              default_max_rate=default_max_rate))
 
 
 def is_open_network(scheduler: Scheduler) -> bool:

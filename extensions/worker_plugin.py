@@ -16,6 +16,7 @@ its provider account from its certificate.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
@@ -35,7 +36,18 @@ from gpunet.worker.device import (
     has_gpu_resource,
     memory_limit,
 )
-from gpunet.worker.runner import install_routers
+from gpunet.worker.runner import install_routers, set_job_host
+from gpunet.worker.sandbox import (
+    BUBBLEWRAP,
+    PROCESS,
+    SANDBOX_ENV,
+    WORKER_ADDRESS_ENV,
+    SandboxPool,
+    SandboxSettings,
+    bubblewrap_works,
+    device_environment,
+    make_non_dumpable,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Worker
@@ -51,11 +63,15 @@ class GpunetWorkerPlugin(WorkerPlugin):
     name = "gpunet-device"
     idempotent = True
 
-    def __init__(self, provider_token: str | None = None, rate: float = 1.0, *, certified: bool = False) -> None:
+    def __init__(self, provider_token: str | None = None, rate: float = 1.0, *, certified: bool = False,
+                 sandbox: SandboxSettings | None = None) -> None:
         self.provider_token = provider_token
         self.rate = rate
         #: on an open network: the scheduler knows the provider from the certificate
         self.certified = certified
+        #: how the worker confines its cells (a provider's always does); None runs them in this process
+        self.sandbox = sandbox
+        self._pool: SandboxPool | None = None
 
     async def setup(self, worker: Worker) -> None:
         """Describe this worker's device and keep it as ``worker.gpunet_device``;
@@ -64,11 +80,24 @@ class GpunetWorkerPlugin(WorkerPlugin):
         worker.gpunet_device = await asyncio.to_thread(describe_this_device, memory_limit(worker),
                                                        gpu=has_gpu_resource(worker))
         logger.info("gpunet worker %s offers %s", worker.address, worker.gpunet_device["label"])
+        if self.sandbox is not None:
+            make_non_dumpable()  # a sandbox of this user cannot read this process's environment or memory
+            settings = self.sandbox
+            if settings.memory_bytes is None:
+                settings = dataclasses.replace(settings, memory_bytes=memory_limit(worker))
+            self._pool = SandboxPool(settings, {**device_environment(), WORKER_ADDRESS_ENV: worker.address})
+            set_job_host(self._pool)
         if self.provider_token:
             worker.handlers[CONFIRM_PROVIDER] = self.confirm_provider
         if self.provider_token or self.certified:
             # Setup may run before the worker is connected; register once it is.
             self._registering = asyncio.ensure_future(self._register_when_connected(worker))
+
+    async def teardown(self, worker: Worker) -> None:
+        """End the worker's sandboxes."""
+        if self._pool is not None:
+            set_job_host(None)
+            await asyncio.to_thread(self._pool.close)
 
     def confirm_provider(self, digest: str = "") -> bool:
         """Handler: whether this worker's provider token has ``digest``. The scheduler
@@ -107,7 +136,13 @@ async def dask_setup(worker: Worker) -> None:
         # Ctrl-C in `gpunet provide`'s terminal reaches its worker processes too; the
         # provide process drains them first, so they must not die of it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    plugin = GpunetWorkerPlugin(token, float(os.environ.get(PROVIDER_RATE_ENV, "1.0")), certified=certified)
+    # A provider's worker runs strangers' cells: always in sandboxes (`gpunet provide` says how)
+    sandbox = os.environ.get(SANDBOX_ENV)
+    settings = SandboxSettings.from_env(sandbox) if sandbox else None
+    if settings is None and (token or certified):
+        settings = SandboxSettings(isolation=BUBBLEWRAP if bubblewrap_works() else PROCESS)
+    plugin = GpunetWorkerPlugin(token, float(os.environ.get(PROVIDER_RATE_ENV, "1.0")), certified=certified,
+                                sandbox=settings)
     await worker.plugin_add(plugin, name=GpunetWorkerPlugin.name)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import msgpack
 
 from gpunet.errors import ProviderDataError, UnsupportedResultError
-from gpunet.wire import PICKLE
+from gpunet.wire import PICKLE, pickle_value, unpickle_value
 
 # msgpack extension type codes
 _TUPLE, _BIGINT, _COMPLEX, _NDARRAY, _NPSCALAR, _SERIES, _DATAFRAME, _FIGURE = range(1, 9)
@@ -80,24 +80,21 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
         raise ProviderDataError(f"{what} could not be decoded ({type(exc).__name__}: {exc}); it was not loaded") from None
 
 
-def dump(value: Any, result_format: str, *, name: str) -> bytes:
+def dump(value: Any, result_format: str, *, name: str) -> Any:
     """``value`` as it travels back in ``result_format``: codec bytes (:func:`encode`),
-    or cloudpickle where the notebook trusts its providers (``PICKLE``)."""
+    or where the notebook trusts its providers (``PICKLE``) pickled once, its large
+    buffers kept apart to travel as Dask frames (:func:`gpunet.wire.pickle_value`)."""
     if result_format == PICKLE:
-        import cloudpickle
-
-        return cloudpickle.dumps(value)
+        return pickle_value(value)
     return encode(value, name=name)
 
 
-def load(blob: bytes, result_format: str, *, what: str) -> Any:
+def load(blob: Any, result_format: str, *, what: str) -> Any:
     """The value :func:`dump` made. Only ``PICKLE`` unpickles, and only the embedded
     network and a private one that trusts its providers send it (the notebook says
     which format it accepts, and a JobResult in another is refused on arrival)."""
     if result_format == PICKLE:
-        import cloudpickle
-
-        return cloudpickle.loads(blob)
+        return unpickle_value(blob)
     return decode(blob, what=what)
 
 

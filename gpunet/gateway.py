@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunet import certs, wire
-from gpunet.client.gateway_link import pack, sse_frame, unpack
+from gpunet.client.gateway_link import blob_in, pack, sse_frame, unpack
 from gpunet.client.handle import JobHandle, new_job_id
 from gpunet.client.network import Network, join
 from gpunet.credits import CreditClient
@@ -50,7 +50,7 @@ from gpunet.guarded_tls import expect_scheduler_at, use_guarded_tls
 from gpunet.provenance import run_facts
 from gpunet.roles import TokenBucket
 from gpunet.verify.quorum import Policy
-from gpunet.wire import Job, Pickled, result_to_event
+from gpunet.wire import Job, PassedOn, result_to_event
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +374,8 @@ class Gateway:
         network = session.network
         try:
             count = len(options["items"]) if options["items"] is not None else 1
-            wait_s = network.timeout_for(options["timeout"], count=count, max_credits=options["max_credits"])
+            wait_s = network.timeout_for(options["timeout"], count=count, max_credits=options["max_credits"],
+                                         max_rate=options["max_rate"])
             remote = network.submit(job, **options)
             session.jobs[job.job_id] = remote
             network.sent()
@@ -470,19 +471,21 @@ def job_from(spec: dict[str, Any], topic: str, limits: GatewayLimits) -> tuple[J
         raise _bad("code or function", "exactly one of a cell's code and a pickled function")
     if code is not None and (not isinstance(code, str) or len(code) > MAX_CODE_CHARS):
         raise _bad("code", f"text of at most {MAX_CODE_CHARS} characters")
-    if function is not None and not isinstance(function, bytes):
-        raise _bad("function", "the function's pickle (bytes)")
-    arguments = spec.get("arguments") or b""
-    if not isinstance(arguments, bytes):
-        raise _bad("arguments", "the arguments' pickle (bytes)")
-    inputs = spec.get("inputs") or {}
-    if not isinstance(inputs, dict) or not all(isinstance(k, str) and k.isidentifier() and isinstance(v, bytes)
-                                               for k, v in inputs.items()):
-        raise _bad("inputs", "a map of Python names to pickles (bytes)")
+    if function is not None and (function := blob_in(function)) is None:
+        raise _bad("function", "the function's pickle")
+    arguments = blob_in(spec.get("arguments") or b"")
+    if arguments is None:
+        raise _bad("arguments", "the arguments' pickle")
+    raw_inputs = spec.get("inputs") or {}
+    inputs = {name: blob_in(blob) for name, blob in raw_inputs.items()} if isinstance(raw_inputs, dict) else None
+    if inputs is None or not all(isinstance(name, str) and name.isidentifier() and blob is not None
+                                 for name, blob in inputs.items()):
+        raise _bad("inputs", "a map of Python names to pickles")
     items = spec.get("items")
-    if items is not None and (not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS
-                              or not all(isinstance(item, bytes) for item in items)):
-        raise _bad("items", f"a list of 1 to {MAX_ITEMS} pickles (bytes)")
+    if items is not None:
+        items = [blob_in(item) for item in items] if isinstance(items, list) and 0 < len(items) <= MAX_ITEMS else None
+        if items is None or any(item is None for item in items):
+            raise _bad("items", f"a list of 1 to {MAX_ITEMS} pickles")
     size = len(function or b"") + len(arguments) + sum(map(len, inputs.values())) + sum(map(len, items or []))
     if size > limits.max_job_bytes:
         raise GatewayError(f"the job's inputs take {size} bytes, over this gateway's cap of {limits.max_job_bytes}: "
@@ -518,9 +521,10 @@ def job_from(spec: dict[str, Any], topic: str, limits: GatewayLimits) -> tuple[J
               display_last_expression=_flag(spec, "display_last_expression"), map_name=map_name,
               topic=topic, announce=_flag(spec, "announce"))
     options = {"resources": {name: float(value) for name, value in resources.items()},
-               "items": None if items is None else [Pickled(item) for item in items], "workers": workers,
+               "items": None if items is None else [PassedOn(item) for item in items], "workers": workers,
                "max_credits": _number(spec, "max_credits", 10.0**15), "timeout": _number(spec, "timeout", MAX_TIMEOUT_S),
-               "verify": verify, "tolerance": tolerance}
+               "verify": verify, "tolerance": tolerance, "max_rate": _number(spec, "max_rate", 10.0**9),
+               "prefer": _text(spec, "prefer", 20) or "cheapest"}
     return job, options
 
 

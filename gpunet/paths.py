@@ -21,11 +21,12 @@ def data_dir() -> Path:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file only its owner can read (mode 600 from the start:
-    keys and tokens), replacing what was there."""
+    """Write ``data`` to a file only its owner can read (mode 600 from the start: keys and
+    tokens), replacing what was there at once (a new file renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
+    os.replace(tmp, path)

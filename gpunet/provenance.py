@@ -399,7 +399,9 @@ def _payment(network: Connection, handle: JobHandle, ran: list[dict[str, Any]]) 
         holds = [copy.hold for unit in units for copy in unit.agreeing if copy.hold]
         cap = getattr(handle, "amount", None)
     else:
-        holds = list(getattr(handle, "holds", []))
+        # a job that drew on the session's pre-authorized hold was paid in parts of it
+        drew_on = getattr(handle, "drew_on", None)
+        holds = list(getattr(handle, "holds", [])) or ([drew_on] if drew_on else [])
         cap = None
     estimate = sum(price(entry["seconds"] / max(entry["tasks"], 1), entry["rate"] or 1.0, cap or 10**9)
                    * entry["tasks"] for entry in ran)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import dask
 from distributed import Nanny, Scheduler, SpecCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -31,7 +32,7 @@ from gpunet import codec
 from gpunet.client.network import connect
 from gpunet.credits import serve_in_background
 from gpunet.wire import DEVICE_RESOURCE, METERING_PLUGIN, SCHEDULER_PRELOAD, WORKER_PRELOAD, JobResult, result_to_event
-from gpunet.worker.device import PROVIDER_TOKEN_ENV
+from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -149,21 +150,31 @@ class Market:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def connect(self, budget: int = 100_000) -> Any:
-        """A :class:`gpunet.Network` on this market, as its client account."""
-        return connect(self.scheduler, credits=self.credits_url, token=self.client_token, budget=budget)
+    def connect(self, budget: int = 100_000, **options: Any) -> Any:
+        """A :class:`gpunet.Network` on this market, as its client account (``options``
+        go to :func:`gpunet.connect`, e.g. ``max_rate``)."""
+        return connect(self.scheduler, credits=self.credits_url, token=self.client_token, budget=budget, **options)
 
 
 @contextlib.contextmanager
 def local_market(providers: dict[str, float], *, workers_per_provider: int = 1, client_credits: int = 10_000_000,
                  directory: str | Path | None = None, seed: int = 0,
-                 reputation_floor: float | None = None) -> Iterator[Market]:
+                 reputation_floor: float | None = None, rates: dict[str, float] | None = None,
+                 hosts: dict[str, str] | None = None, default_max_rate: float | None = None,
+                 mismatches_per_client_day: int | None = None) -> Iterator[Market]:
     """Start a market whose ``providers`` map provider names to how often each lies
     (0 for an honest one); stop every part on exit. ``reputation_floor`` is the
-    credit service's (0: nobody is ever quarantined)."""
+    credit service's (0: nobody is ever quarantined). ``rates`` are the providers'
+    (``gpunet provide --rate``, default 1), ``default_max_rate`` the scheduler's
+    (``gpunet scheduler --default-max-rate``), ``mismatches_per_client_day`` the credit
+    service's (``gpunet credits serve --mismatches-per-client-day``; -1: no limit). Each provider's workers listen on a
+    loopback address of their own (127.0.0.2, 127.0.0.3, ...: a host of their own, as
+    replication needs), or on ``hosts[name]`` (two providers on one host)."""
     with contextlib.ExitStack() as stack:
         place = Path(directory) if directory else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         floor = [] if reputation_floor is None else ["--reputation-floor", str(reputation_floor)]
+        if mismatches_per_client_day is not None:
+            floor += ["--mismatches-per-client-day", str(mismatches_per_client_day)]
         service = serve_in_background(place / "credits.sqlite3", operator_token_file=place / "operator-token",
                                       extra_args=floor)
         stack.callback(service.stop)
@@ -174,18 +185,25 @@ def local_market(providers: dict[str, float], *, workers_per_provider: int = 1, 
         operator.mint("scientist", client_credits, key="mint-scientist")
         logs = {name: place / f"{name}-results.jsonl" for name, rate in providers.items() if rate > 0}
         workers = {}
-        for name, rate in providers.items():
+        for place_number, (name, lie_rate) in enumerate(providers.items()):
             # gpunet's worker plugin, loaded as `gpunet provide` loads it: it registers
             # the worker as the provider whose token it finds in its environment
-            plugins = {LiarPlugin(rate, str(logs[name]), seed=seed)} if rate > 0 else set()
+            plugins = {LiarPlugin(lie_rate, str(logs[name]), seed=seed)} if lie_rate > 0 else set()
+            host = (hosts or {}).get(name, f"127.0.0.{place_number + 2}")
+            env = {PROVIDER_TOKEN_ENV: tokens[name], PROVIDER_RATE_ENV: str((rates or {}).get(name, 1.0))}
             for number in range(workers_per_provider):
                 workers[f"{name}-{number}"] = {"cls": Nanny, "options": {
-                    "nthreads": 1, "host": "127.0.0.1", "resources": {DEVICE_RESOURCE: 1}, "plugins": plugins,
-                    "preload": [WORKER_PRELOAD], "env": {PROVIDER_TOKEN_ENV: tokens[name]},
-                    "dashboard_address": None}}
+                    "nthreads": 1, "host": host, "resources": {DEVICE_RESOURCE: 1}, "plugins": plugins,
+                    "preload": [WORKER_PRELOAD], "env": env, "dashboard_address": None}}
+        prices = [] if default_max_rate is None else ["--default-max-rate", str(default_max_rate)]
         scheduler = {"cls": Scheduler, "options": {
             "host": "127.0.0.1", "port": 0, "dashboard_address": ":0", "preload": [SCHEDULER_PRELOAD],
-            "preload_argv": [["--credits", service.url, "--operator-token-file", str(place / "operator-token")]]}}
+            "preload_argv": [["--credits", service.url, "--operator-token-file", str(place / "operator-token"),
+                              *prices]]}}
+        # A provider's Nanny restarts its worker however long that takes, as `gpunet provide`'s
+        # does; Dask's SpecCluster would close a Nanny whose worker is not back within 15 s
+        # (a loaded machine takes longer), and that provider would be gone for good.
+        stack.enter_context(dask.config.set({"distributed.deploy.lost-worker-timeout": "1 hour"}))
         cluster = stack.enter_context(SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING))
         metering = cluster.scheduler.plugins[METERING_PLUGIN]
         deadline = time.monotonic() + 60

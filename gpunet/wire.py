@@ -17,9 +17,13 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import pickle
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import cloudpickle
 
 #: The annotation under which a job's tasks carry their hold.
 ANNOTATION = "gpunet"
@@ -51,6 +55,7 @@ VERDICT = "gpunet_verdict"  # (client, job, copies, method, digest, checked): a 
 EXECUTING = "gpunet_executing"  # (workers) -> {worker: tasks processing there}: a provider drains its own
 REUSE_STORE = "gpunet_reuse_store"  # (client, job, key, record, results) -> kept: a verified result, for reuse
 REUSE_LOOKUP = "gpunet_reuse_lookup"  # (key) -> {record, results} | None: a verified result with that key
+PREAUTH_STATE = "gpunet_preauth_state"  # (holds, jobs) -> {hold: {paid, short, jobs}}: what shared holds paid
 #: The name of the metering plugin on the scheduler.
 METERING_PLUGIN = "gpunet-metering"
 #: The modules Dask preloads into a gpunet scheduler / worker (``--preload``): gpunet's
@@ -66,15 +71,116 @@ REGISTER_PROVIDER = "gpunet-register-provider"
 CONFIRM_PROVIDER = "gpunet_confirm_provider"
 
 
+def session_digest(session: str) -> str:
+    """The name a notebook session's sandbox has on a worker: the SHA-256 of the session's
+    secret (``Job.session``), so that ending a session, which every worker hears of,
+    reveals no secret."""
+    return hashlib.sha256(session.encode()).hexdigest()
+#: A pickle stream longer than this travels as a Dask frame of its own too, not copied
+#: into the frame of the task or result that carries it.
+OUT_OF_BAND_BYTES = 64 * 1024
+
+
+class Pickled:
+    """A value pickled once, where it was made (cloudpickle, protocol 5): its pickle
+    stream and, kept out of it, its large buffers (NumPy arrays, pandas columns).
+
+    Dask pickles what it sends with protocol 5 and sends every out-of-band buffer as
+    a frame of its own, so an input, map item or result held here travels as Dask's
+    own ``client.submit`` would send the value: no copy into one bytes blob, and none
+    into the task's frame. :meth:`load` rebuilds the value on the buffers as they
+    arrived (copying only a buffer that arrived read-only and was writable where it
+    was made, as Dask does). Only the notebook's own values and results from trusted
+    providers are ever pickled: results from providers the notebook does not trust
+    travel as codec data (:mod:`gpunet.codec`)."""
+
+    __slots__ = ("stream", "buffers", "writable")
+
+    def __init__(self, stream: bytes | memoryview, buffers: list[Any], writable: tuple[bool, ...] = ()) -> None:
+        self.stream = stream
+        self.buffers = buffers
+        self.writable = writable or tuple(not memoryview(buffer).readonly for buffer in buffers)
+
+    def load(self) -> Any:
+        """The value, rebuilt on its buffers."""
+        buffers = [bytearray(buffer) if writable and memoryview(buffer).readonly else buffer
+                   for buffer, writable in zip(self.buffers, self.writable)]
+        return pickle.loads(self.stream, buffers=buffers)
+
+    def parts(self) -> Iterator[Any]:
+        """The stream and then each buffer, as bytes-like objects (for hashing)."""
+        yield self.stream
+        for buffer in self.buffers:
+            yield buffer.raw() if isinstance(buffer, pickle.PickleBuffer) else buffer
+
+    def __len__(self) -> int:
+        return len(self.stream) + sum(memoryview(buffer).nbytes for buffer in self.buffers)
+
+    def __sizeof__(self) -> int:  # what Dask counts in a worker's memory
+        return len(self)
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+        if protocol < 5:  # no out-of-band buffers: plain copies
+            return Pickled, (bytes(self.stream), [bytes(memoryview(buffer)) for buffer in self.buffers], self.writable)
+        stream = pickle.PickleBuffer(self.stream) if len(self.stream) > OUT_OF_BAND_BYTES else self.stream
+        return _rebuilt_pickled, (stream, self.writable, *(pickle.PickleBuffer(buffer) for buffer in self.buffers))
+
+
+def _rebuilt_pickled(stream: Any, writable: tuple[bool, ...], *buffers: Any) -> Pickled:
+    return Pickled(stream, list(buffers), tuple(writable))
+
+
+def pickle_value(value: Any) -> bytes | Pickled:
+    """``value`` pickled once (cloudpickle, protocol 5): plain bytes when small, a
+    :class:`Pickled` whose buffers travel as Dask frames when it holds large buffers
+    (or its stream is long). Raises whatever pickling raises."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    if not buffers and len(stream) <= OUT_OF_BAND_BYTES:
+        return stream
+    if len(stream) + sum(memoryview(buffer).nbytes for buffer in buffers) <= OUT_OF_BAND_BYTES:
+        return cloudpickle.dumps(value, protocol=5)  # small: one blob (a small result also travels as an event)
+    return Pickled(stream, list(buffers))
+
+
+def unpickle_value(blob: bytes | Pickled) -> Any:
+    """The value :func:`pickle_value` made (only ever of the notebook's own values, or
+    of results from providers it trusts)."""
+    return blob.load() if isinstance(blob, Pickled) else cloudpickle.loads(blob)
+
+
+def flat_result(result: JobResult) -> JobResult:
+    """``result`` with every pickled value as one bytes blob, as msgpack carries it (for
+    the scheduler's reuse table); values with buffers kept apart are pickled again."""
+    def flat(blob: Any) -> Any:
+        return cloudpickle.dumps(blob.load()) if isinstance(blob, Pickled) else blob
+
+    return dataclasses.replace(result, value=flat(result.value),
+                               outputs={name: flat(blob) for name, blob in result.outputs.items()})
+
+
+def pickled_parts(blob: bytes | Pickled) -> Iterator[Any]:
+    """The bytes-like parts of what :func:`pickle_value` made, in order (for hashing)."""
+    if isinstance(blob, Pickled):
+        yield from blob.parts()
+    else:
+        yield blob
+
+
 def token_digest(token: str) -> str:
     """The SHA-256 of a provider token, which the scheduler asks a worker to confirm."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class Pickled(bytes):
-    """Bytes a notebook pickled (an input, a map item, a function and its arguments),
-    carried unopened: the gateway passes them on as they are, and only the worker
-    that runs the job loads them."""
+class PassedOn:
+    """What a notebook pickled (a map item; :func:`pickle_value`'s bytes or
+    :class:`Pickled`), carried unopened: the gateway passes it on as it is, and only
+    the worker that runs the job loads it."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes | Pickled) -> None:
+        self.blob = blob
 
 
 @dataclass
@@ -84,14 +190,14 @@ class Job:
     job_id: str
     #: source of a %%gpunet cell; None for a function job
     code: str | None = None
-    #: the function of a function job (Dask pickles it with cloudpickle), or its
-    #: cloudpickle bytes, loaded only on the worker (a job that came through the gateway)
-    function: Callable[..., Any] | bytes | None = None
-    #: {name: cloudpickle bytes} of a cell's inputs (pickled one by one on the client,
-    #: so that one that cannot be pickled is named there)
-    inputs: dict[str, bytes] = field(default_factory=dict)
-    #: cloudpickle of (args, kwargs) for a function job
-    arguments: bytes = b""
+    #: the function of a function job (Dask pickles it with cloudpickle), or its pickle
+    #: (:func:`pickle_value`), loaded only on the worker (a job that came through the gateway)
+    function: Callable[..., Any] | bytes | Pickled | None = None
+    #: {name: pickled value} of a cell's inputs (:func:`pickle_value`: pickled one by
+    #: one on the client, so that one that cannot be pickled is named there)
+    inputs: dict[str, bytes | Pickled] = field(default_factory=dict)
+    #: (args, kwargs) of a function job, pickled (:func:`pickle_value`)
+    arguments: bytes | Pickled = b""
     outputs: tuple[str, ...] = ()
     #: outputs named with --out: a missing or unpicklable one is an error
     strict_outputs: bool = False
@@ -114,6 +220,10 @@ class Job:
     #: travels only inside the task, so no other party can make an event the
     #: notebook accepts for this job
     event_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    #: the secret of the notebook session that sent the job: a provider's worker runs the
+    #: session's jobs in one sandbox of its own (gpunet.worker.sandbox), never shared with
+    #: another session; None gets a sandbox for the job alone
+    session: str | None = None
 
 
 @dataclass
@@ -126,10 +236,10 @@ class JobResult:
     device: str
     started: float
     finished: float
-    #: {name: cloudpickle bytes} of a cell's outputs
-    outputs: dict[str, bytes] = field(default_factory=dict)
-    #: the pickled return value of a function job
-    value: bytes | None = None
+    #: {name: encoded value} of a cell's outputs: codec bytes, or pickled (:func:`pickle_value`)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    #: the encoded return value of a function job (as ``outputs``)
+    value: Any = None
     #: names asked for (strictly) that the cell never assigned
     missing_outputs: list[str] = field(default_factory=list)
     #: (name, type name, reason) of outputs that could not be pickled
@@ -207,14 +317,25 @@ def job_kind(meta: dict[str, Any]) -> str:
 
 
 def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str | None = None,
-               topic: str | None = None) -> dict[str, Any]:
+               topic: str | None = None, held: int | None = None, preauth: int | None = None,
+               job: str | None = None, overflow: tuple[str, int] | None = None) -> dict[str, Any]:
     """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its
     hold and what one task may be paid from it; for a map, how many ``tasks``
-    share the hold; for a copy of a verified job, that job's id (``verify``); the
-    notebook's event ``topic``, on which the task's worker may then post."""
+    share the hold and what it ``held`` in all; for a job drawing on the session's
+    pre-authorized hold, that hold's size (``preauth``) and the ``job``'s id; for a map
+    with its own hold, the session's pre-authorized hold and its size (``overflow``) that
+    pay what its items earn beyond it; for a
+    copy of a verified job, that job's id (``verify``); the notebook's event
+    ``topic``, on which the task's worker may then post."""
     meta: dict[str, Any] = {"hold": hold, "amount": amount}
     if tasks is not None:
         meta["tasks"] = tasks
+    if held is not None:
+        meta["held"] = held
+    if preauth is not None:
+        meta["preauth"], meta["job"] = preauth, job
+    if overflow is not None:
+        meta["overflow"], meta["overflow_held"], meta["job"] = *overflow, job
     if verify is not None:
         meta["verify"] = verify
     if topic is not None:

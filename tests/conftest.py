@@ -77,12 +77,14 @@ E2E_FIXTURES = {
     "service", "fresh_service", "postgres_server",
     # module-local fixtures that start a network, a credit service or gpunet processes
     "own",            # test_metering.py: gpunet.connect(budget=...) - a LocalCluster
+    "short_timeouts",  # test_metering.py: the same, with GPUNET_CREDITS_TIMEOUT set
     "market",         # test_providers.py: credit service + `gpunet scheduler/provide` processes
     "hostile",        # test_hostile_providers.py: the same, with a provider that attacks the notebook
     "liar_market",    # test_verification.py: gpunet.testing.local_market
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "departing_market", "liar_market_to_quarantine",  # test_departures.py: gpunet.testing.local_market
     "gateway_market",  # test_gateway.py: the open market with `gpunet gateway` in front
+    "priced_market", "judged_market", "one_host_market", "one_host_only",  # test_fairness.py: gpunet.testing.local_market
     "open_market",    # test_open_network.py: certificates, credit service, `gpunet scheduler/provide` over TLS
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
     "ledger",         # credits/test_credits_tamper.py: serve_in_background
@@ -96,6 +98,8 @@ E2E_TESTS = [
     "tests/test_notebooks.py",  # notebooks run through nbclient and an ipykernel
     "tests/credits/test_credits_witness.py",  # credit services, `gpunet ledger` as subprocesses
     "tests/test_reproduce.py",  # the same, for `gpunet reproduce`
+    # an embedded network with the defaults (gpunet.connect())
+    "tests/test_metering.py::test_the_embedded_defaults_run_a_2000_item_trivial_map_in_one_go",
     # the README's blocks: an IPython shell that starts a network, `gpunet ...` processes
     "tests/test_readme.py::test_the_notebook_blocks_run_and_leave_nothing_behind",
     "tests/test_readme.py::test_a_market_in_five_commands",

@@ -16,9 +16,10 @@ from typing import Any
 GPUNET = [sys.executable, "-m", "gpunet.cli"]
 
 
-def start(args: list[str]) -> subprocess.Popen:
-    """Start `gpunet ARGS` in its own process group (so Ctrl-C can reach all of it)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `gpunet ARGS` in its own process group (so Ctrl-C can reach all of it), with
+    ``env`` added to this process's environment."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.Popen(GPUNET + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
 
@@ -52,10 +53,14 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 6
 
 
 @contextlib.contextmanager
-def metered_network(place: Path, providers: list[str], client: str, credits: int = 10_000) -> Iterator[dict]:
+def metered_network(place: Path, providers: list[str], client: str, credits: int = 10_000,
+                    provide_args: tuple[str, ...] = (), provide_env: dict[str, str] | None = None,
+                    token_folder: Path | None = None) -> Iterator[dict]:
     """A credit service, `gpunet scheduler --private --credits` and one `gpunet provide` process per
-    provider account, on 127.0.0.1; ``client`` is a client account holding ``credits``.
-    Yields {"service", "operator", "address", "tokens", "providers": {name: process}};
+    provider account (with ``provide_args``, ``provide_env``, its token file in ``token_folder``,
+    default ``place``), on 127.0.0.1; ``client`` is a client account holding ``credits``.
+    Yields {"service", "operator", "address", "tokens", "providers": {name: process},
+    "workers": {worker address: provider name}, "outputs": {name: what its provide said first}};
     stops every part on exit."""
     from gpunet.credits import serve_in_background
 
@@ -70,17 +75,20 @@ def metered_network(place: Path, providers: list[str], client: str, credits: int
                            service.url, "--operator-token-file", str(place / "operator-token")])
         processes.append(scheduler)
         address = expect(scheduler, r"scheduler: (tcp://127\.0\.0\.1:\d+)").group(1)
-        running = {}
+        running, workers, outputs = {}, {}, {}
         for name in providers:
-            token_file = place / f"{name}-token"
+            token_file = (token_folder or place) / f"{name}-token"
             token_file.write_text(tokens[name])
             token_file.chmod(0o600)
             provide = start(["provide", address, "--credits", service.url, "--token-file", str(token_file),
-                             "--host", "127.0.0.1"])
+                             "--host", "127.0.0.1", *provide_args], env=provide_env)
             processes.append(provide)
-            expect(provide, rf"provider: {name}; workers: tcp://127\.0\.0\.1:\d+")
+            outputs[name] = expect(provide, r"gpunet provide: cells run in a sandbox.*").group(0)
+            worker = expect(provide, rf"provider: {name}; workers: (tcp://127\.0\.0\.1:\d+)").group(1)
             running[name] = provide
-        yield {"service": service, "operator": operator, "address": address, "tokens": tokens, "providers": running}
+            workers[worker] = name
+        yield {"service": service, "operator": operator, "address": address, "tokens": tokens, "providers": running,
+               "workers": workers, "outputs": outputs}
     finally:
         for process in reversed(processes):
             stop(process)

@@ -92,3 +92,14 @@ def ctrl_c_once_it_runs(beacon: Path, within: float = 60) -> Iterator[None]:
     finally:
         done.set()
         interrupter.join(timeout=10)
+
+
+def wait_reported(net, timeout=30):
+    """Until the scheduler has sent every settlement and verdict to the credit service."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = net.metering_state()
+        if state["queued"] == 0 and state["awaiting_verdict"] == 0:
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"reports still queued: {state}")

@@ -82,7 +82,8 @@ def local_provider(net):
 
 def test_the_provider_dashboard_shows_her_figures_and_workers(net, local_provider):
     net.run(lambda: sum(range(1000)))  # paid to the local provider, once the scheduler has reported it
-    wait_until(lambda: net.credits.usage(net.session)["held"] == 0 and net.metering_state()["queued"] == 0, 30,
+    wait_until(lambda: net.meter.wait_settled() and net.meter.usage()["held_for_jobs"] == 0
+               and net.metering_state()["queued"] == 0, 30,
                "the settlement to be reported")
     dash = gpunet.ProviderDashboard(local_provider["token"], credits=local_provider["credits"],
                                     scheduler=local_provider["scheduler"], interval=0.05)

@@ -13,7 +13,7 @@ from gpunet.client import network as network_module
 from gpunet.client.gateway_link import error_from, job_request, sse_events, sse_frame
 from gpunet.errors import BudgetError, CellTimeoutError, GatewayError, GpunetError, PolicyError
 from gpunet.gateway import GatewayLimits, job_from
-from gpunet.wire import Job, Pickled
+from gpunet.wire import Job, PassedOn
 
 
 class Evil:
@@ -33,7 +33,7 @@ def test_a_job_is_data_and_its_pickles_stay_bytes():
     job, options = job_from({"function": evil, "arguments": evil, "items": [evil, evil], "inputs": {"x": evil}},
                             "gpunet-events-mine", GatewayLimits())
     assert job.function == evil and job.arguments == evil and job.inputs == {"x": evil}
-    assert all(isinstance(item, Pickled) and item == evil for item in options["items"])
+    assert all(isinstance(item, PassedOn) and item.blob == evil for item in options["items"])
     assert job.topic == "gpunet-events-mine" and job.code is None
     other, _ = job_from(cell_spec(), "t", GatewayLimits())
     assert other.job_id != job.job_id and other.event_key != job.event_key  # the gateway's, never the notebook's

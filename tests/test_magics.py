@@ -447,7 +447,7 @@ def test_a_waiting_cell_says_why(ip, net, tmp_path, monkeypatch):
 
 
 CELL_FLAGS = ("--gpus", "--gpu-mem", "--min-tflops", "--in", "--out", "--map", "--verify", "--rtol", "--atol",
-              "--max-credits", "--timeout", "--no-block", "--quiet")
+              "--max-credits", "--max-rate", "--prefer", "--timeout", "--no-block", "--quiet")
 
 
 def test_help_in_every_spelling_shows_every_command_and_flag(ip):

@@ -18,12 +18,14 @@ from network_probes import running_jobs, spy_on_sending, wait_until
 
 
 def _settled(net, timeout=30.0):
-    """Wait until the scheduler has reported everything; return the session's usage."""
+    """Wait until the scheduler has reported everything; return the session's usage
+    (``held`` then is what is pre-authorized: jobs hold nothing more)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        net.meter.wait_settled(timeout=timeout)  # what the scheduler paid from pre-authorized holds, landed
         state = net.metering_state()
-        usage = net.credits.usage(net.session)
-        if state["queued"] == 0 and usage["held"] == 0:
+        usage = net.meter.usage()
+        if state["queued"] == 0 and usage["held_for_jobs"] == 0:
             return usage
         time.sleep(0.1)
     raise AssertionError(f"reports still pending: {state}, {usage}")
@@ -48,7 +50,7 @@ def test_each_task_is_paid_once_and_holds_return(net):
     assert net.map(abs, range(-5, 5)) == [5, 4, 3, 2, 1, 0, 1, 2, 3, 4]
     after = _settled(net)
     assert after["spent"] - before["spent"] == 10, "ten trivial tasks cost one credit each"
-    assert after["left"] == after["budget"] - after["spent"]
+    assert after["left"] == after["budget"] - after["spent"] - after["preauthorized"]
     usage = gpunet.SessionUsage(net)
     assert "spent" in str(usage) and "tcp://127.0.0.1" in str(usage)
 
@@ -65,12 +67,12 @@ def test_a_map_bigger_than_the_budget_is_refused_before_it_is_sent(own, tmp_path
     message = str(caught.value)
     assert "2000" in message and "left" in message and "nothing was sent" in message
     # the real cause (more items than credits, at a credit each at least) and the real fix
-    assert "default hold of 10 s for each map item" in message and "send fewer, larger items" in message
+    assert "what 2500 items are expected to cost" in message and "send fewer, larger items" in message
     assert "lower --max-credits" not in message
     # Refused before any task existed: nothing reached Dask, so nothing can run later.
     assert sent == []
     assert not marker.exists()
-    assert _settled(own)["held"] == 0
+    assert _settled(own)["held_for_jobs"] == 0
 
 
 def test_a_map_whose_worst_case_exceeds_the_budget_runs_in_slices_as_credits_come_back(own):
@@ -87,7 +89,7 @@ def test_a_map_whose_worst_case_exceeds_the_budget_runs_in_slices_as_credits_com
 
     assert own.map(slow_square, range(300), timeout=300) == [i * i for i in range(300)]
     after = _settled(own)
-    assert after["spent"] - before["spent"] == 300 and after["held"] == 0
+    assert after["spent"] - before["spent"] == 300 and after["held_for_jobs"] == 0
     assert after["spent"] <= after["budget"]
 
 
@@ -147,30 +149,61 @@ def test_reports_survive_the_credit_service_pausing(own):
 OUTAGE_TIMEOUTS = 10
 
 
-def test_reports_queue_retry_and_land_after_an_outage_longer_than_every_client_timeout(own):
+@pytest.fixture
+def short_timeouts(monkeypatch):
+    """A metered embedded network whose credit clients (the notebook's and the
+    scheduler's) time out after 1 s connecting and 2 s reading (``GPUNET_CREDITS_TIMEOUT``)."""
+    monkeypatch.setenv("GPUNET_CREDITS_TIMEOUT", "1,2")
+    previous, network_module._current = network_module._current, None
+    try:
+        net = gpunet.connect(budget=2_000)
+        try:
+            yield net
+        finally:
+            net.close()
+    finally:
+        network_module._current = previous
+
+
+def test_a_bad_credits_timeout_says_what_to_give(monkeypatch):
+    from gpunet.credits import CreditClient
+    from gpunet.errors import GpunetError
+
+    monkeypatch.setenv("GPUNET_CREDITS_TIMEOUT", "soon")
+    with pytest.raises(GpunetError, match="READ or CONNECT,READ seconds"):
+        CreditClient("http://127.0.0.1:1", "t")
+    monkeypatch.setenv("GPUNET_CREDITS_TIMEOUT", "7")
+    assert CreditClient("http://127.0.0.1:1", "t").timeout == (3.05, 7.0)
+
+
+def test_reports_queue_retry_and_land_after_an_outage_longer_than_every_client_timeout(short_timeouts):
     """The credit service stops answering (SIGSTOP) for :data:`OUTAGE_TIMEOUTS` times the
-    longest client timeout while a map runs: the map completes, a map sent meanwhile is
-    refused saying the service is unreachable (nothing sent), the scheduler's reports
-    time out, queue and retry, and once the service is back they land exactly once.
-    The clients' timeouts are shortened for the test (2 s read instead of 30 s), so
-    that the outage outlasts them all in 20 s instead of minutes."""
+    longest client timeout while a map runs: the map completes, a map sent meanwhile runs
+    on the session's pre-authorized hold (no request to the service on its path), a map
+    too big for that hold is refused saying the service is unreachable (nothing sent),
+    the scheduler's reports time out, queue and retry, and once the service is back they
+    land exactly once. The clients' timeouts are shortened for the test (2 s read instead
+    of 30 s, as ``GPUNET_CREDITS_TIMEOUT`` sets them), so that the outage outlasts them
+    all in 20 s instead of minutes."""
     from gpunet.client import submit as jobs
     from gpunet.errors import GpunetError
 
+    own = short_timeouts
     service = own.embedded.credits_service
     plugin = own.embedded.cluster.scheduler.plugins[wire.METERING_PLUGIN]
     short = (1.0, 2.0)
-    plugin._client.timeout = own.credits.timeout = short  # the scheduler's and the notebook's credit clients
+    assert plugin._client.timeout == own.credits.timeout == short  # the scheduler's and the notebook's
     outage_s = OUTAGE_TIMEOUTS * max(short)
     before = _settled(own)
     job = jobs.function_job(abs, (), {}, topic=own.topic, announce=False)
-    remote = own.submit(job, resources=own.resources_for(), items=list(range(-100, 100)))  # its hold is placed
+    remote = own.submit(job, resources=own.resources_for(), items=list(range(-100, 100)))  # drawn before the stop
     os.kill(service.pid, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
         assert len(remote.wait(timeout=120)) == 200
+        assert own.map(abs, range(3), timeout=30) == [0, 1, 2], "drawn on the pre-authorized hold"
         with pytest.raises(GpunetError, match="unreachable"):
-            own.map(abs, range(3), timeout=30)
+            own.map(abs, range(1_000), timeout=30)  # expected to cost 1,500: more than is pre-authorized
         wait_until(lambda: own.metering_state()["queued"] > 0, 30, "the reports to queue")
         # the outage goes on: the scheduler's requests time out again and again meanwhile
         wait_until(lambda: time.monotonic() - stopped >= outage_s, outage_s + 10, "the outage to last")
@@ -181,8 +214,8 @@ def test_reports_queue_retry_and_land_after_an_outage_longer_than_every_client_t
     # placed once it ran again: the next job gives it back.
     assert own.map(abs, range(-1, 1)) == [1, 0]
     after = _settled(own, timeout=120)
-    assert after["spent"] - before["spent"] == 202, "every item paid exactly once, none lost, none twice"
-    assert after["held"] == 0
+    assert after["spent"] - before["spent"] == 205, "every item paid exactly once, none lost, none twice"
+    assert after["held_for_jobs"] == 0
     verify_service(service.url, service.operator_token)
 
 
@@ -191,8 +224,8 @@ def test_the_ledger_verifies_after_metered_work(net):
     _settled(net)
     service = net.embedded.credits_service
     report = verify_service(service.url, service.operator_token)  # raises on any bad entry
-    # The map's 20 items share one hold: the mint, the hold, its parts paid, the rest released.
-    assert report["size"] >= 4 and report["balances_checked"]
+    # The map's 20 items draw on the session's pre-authorized hold: the mint, the hold, its parts paid.
+    assert report["size"] >= 3 and report["balances_checked"]
     assert report["minted"] == EmbeddedNetwork.LOCAL_CREDITS
 
 
@@ -203,7 +236,7 @@ def test_usage_magic_and_budget_refusal_through_the_magic(ip, net):
         usage = ip.run_line_magic("gpunet", "usage")
     assert isinstance(usage, gpunet.SessionUsage)
     assert "left" in str(usage) and "<table" in usage._repr_html_()
-    left = usage.numbers["left"]
+    left = usage.numbers["left"] + usage.numbers["preauthorized"]  # an idle pre-authorization is given back first
     with pytest.raises(gpunet.BudgetError, match="nothing was sent"):
         with capture_output():
             ip.run_cell_magic("gpunet", f"--max-credits {left + 1} --quiet", "x = 1")
@@ -241,7 +274,8 @@ def test_usage_right_after_a_cell_is_exact(ip, net):
     with capture_output():
         ip.run_cell_magic("gpunet", "--quiet", "z = 1")
         usage = ip.run_line_magic("gpunet", "usage")
-    assert usage.numbers["held"] == 0 and not usage.settling, str(usage)
+    assert usage.numbers["held_for_jobs"] == 0 and not usage.settling, str(usage)
+    assert usage.numbers["preauthorized"] > 0 and "pre-authorized" in str(usage)
 
 
 def test_an_empty_map_costs_nothing(net):
@@ -259,4 +293,72 @@ def test_a_hold_whose_tasks_never_reached_the_scheduler_is_released(net):
     net.call_scheduler(wire.CLOSE_UNKNOWN, hold=hold,
                        keys=["gpunet-never-sent-0", "gpunet-never-sent-1", "gpunet-never-sent-2"])
     after = _settled(net)
-    assert after["held"] == 0 and after["spent"] == before["spent"]
+    assert after["held_for_jobs"] == 0 and after["spent"] == before["spent"]
+
+
+def test_the_embedded_defaults_run_a_2000_item_trivial_map_in_one_go(capfd):
+    """The issue's newcomer: the default budget (10,000) and `net.map(f, range(2000))`.
+    Its hold is what the items are expected to cost (3,000), not 2,000 x 10 at worst: it
+    is sent whole (no pause), and each item is paid once."""
+    previous, network_module._current = network_module._current, None
+    try:
+        net = gpunet.connect()
+        try:
+            before = _settled(net)
+            assert before["budget"] == network_module.DEFAULT_BUDGET
+            assert net.map(abs, range(2000)) == list(range(2000))
+            after = _settled(net)
+            assert after["spent"] - before["spent"] == 2000 and after["held_for_jobs"] == 0
+            assert "paused" not in capfd.readouterr().err
+        finally:
+            net.close()
+    finally:
+        network_module._current = previous
+
+
+def test_a_map_whose_items_run_longer_than_expected_is_paid_from_the_preauthorized_hold(own):
+    """A map held at its expected price (4 items x 1 s x 1.5 = 6 credits) whose items take
+    about 1.6 s each (2 credits): what they earn beyond its hold is paid from the
+    session's pre-authorized hold, so every item is paid its price (8 in all), and the
+    ledger verifies."""
+    before = _settled(own)
+    free = own.meter.preauth.free()
+    # a reservation that leaves the pre-authorized hold too small for the map (it never
+    # finishes here, so nothing waits for the scheduler to count it)
+    assert own.meter.draw("filler", free - 3) is not None
+
+    def slow(i):
+        import time
+
+        time.sleep(1.6)
+        return i
+
+    assert own.map(slow, range(4), timeout=120) == [0, 1, 2, 3]
+    after = _settled(own)
+    assert after["spent"] - before["spent"] == 8, "each item paid its price, 2 credits"
+    plugin = own.embedded.cluster.scheduler.plugins[wire.METERING_PLUGIN]
+    assert plugin.reporter.failed == [], "no part exceeded what was left of a hold"
+    verify_service(own.embedded.credits_service.url, own.embedded.credits_service.operator_token)
+
+
+def test_another_client_cannot_draw_on_a_sessions_preauthorized_hold(net, tmp_path):
+    """A stranger who names this session's pre-authorized hold on her own tasks has them
+    refused by the scheduler before they run: only the client that drew on it first may."""
+    import dask
+    from distributed import Client
+
+    assert net.run(abs, -1) == 1  # this session draws on its pre-authorized hold
+    hold, size = net.meter.preauth.hold, net.meter.preauth.amount
+    marker = tmp_path / "ran"
+
+    def touch():
+        marker.touch()
+
+    before = _settled(net)
+    with Client(net.address, timeout=30) as stranger:
+        with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, 60, preauth=size, job="stolen")}):
+            future = stranger.submit(touch, pure=False)
+        with pytest.raises(Exception, match="(?i)cancel"):
+            future.result(timeout=30)
+    assert not marker.exists()
+    assert _settled(net)["spent"] == before["spent"]

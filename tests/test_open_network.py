@@ -354,7 +354,8 @@ def test_open_network_of_processes(open_market, detached):
             assert net.meter.meter == "meter" == net.metering_state()["meter"]  # its holds name the meter
             nannies = {address: info["nanny"] for address, info in net.client.scheduler_info()["workers"].items()}
             deadline = time.monotonic() + WAIT_S
-            while net.credits.usage(net.session)["held"] and time.monotonic() < deadline:
+            while not (net.meter.wait_settled() and net.meter.usage()["held_for_jobs"] == 0) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.1)
             spent = net.credits.usage(net.session)["spent"]
             assert spent > 0

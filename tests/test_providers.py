@@ -25,54 +25,44 @@ def market(tmp_path):
 
 
 def test_killed_provider_is_not_paid_and_the_cell_completes_elsewhere(market, tmp_path, detached):
-    marker = tmp_path / "running-on"
-
-    def _runs_then_reports_parent(path, seconds):  # defined here, so that it travels by value
+    def _naps_then_reports_worker(seconds):  # defined here, so that it travels by value
         import os
         import time
 
-        if not os.path.exists(path):
-            # The first attempt says where it runs (the worker's Nanny lives in the `gpunet
-            # provide` process), whole, and waits to be killed: however slow the machine,
-            # its provider is killed while it runs. At most 60 s, then it returns its own
-            # provider, which the test refuses.
-            with open(path + ".tmp", "w") as out:
-                out.write(str(os.getppid()))
-            os.replace(path + ".tmp", path)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                time.sleep(0.05)
-            return os.getppid()
         time.sleep(seconds)  # the attempt that is paid: about `seconds` device-seconds
-        return os.getppid()
+        return os.environ["GPUNET_WORKER"]  # the worker its sandbox belongs to
 
     with gpunet.connect(market["address"], credits=market["service"].url, token=market["tokens"]["carol"],
                         budget=500) as net:
         net.client.wait_for_workers(2, timeout=60)
         outcome = {}
         runner = threading.Thread(target=lambda: outcome.update(
-            ppid=net.run(_runs_then_reports_parent, str(marker), 3.0, timeout=120)), daemon=True)
+            worker=net.run(_naps_then_reports_worker, 3.0, timeout=120)), daemon=True)
         runner.start()
+        # The cell's sandbox can write nowhere the test reads: the scheduler says where it
+        # runs, and that provider is killed long before its 3 s nap ends.
         deadline = time.monotonic() + 60
-        while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), "the cell never started"
-        victim_pid = int(marker.read_text())
-        victim = next(name for name, p in market["providers"].items() if p.pid == victim_pid)
+        busy = []
+        while not busy and time.monotonic() < deadline:
+            busy = [worker for worker, keys in net.client.processing().items() if keys]
+            time.sleep(0.02)
+        assert busy, "the cell never started"
+        victim = market["workers"][busy[0]]
         survivor = "bob" if victim == "alice" else "alice"
-        os.killpg(victim_pid, signal.SIGKILL)
+        os.killpg(market["providers"][victim].pid, signal.SIGKILL)
         runner.join(timeout=120)
         assert not runner.is_alive(), "the cell did not complete within 120 s"
-        assert outcome["ppid"] == market["providers"][survivor].pid
+        assert market["workers"][outcome["worker"]] == survivor
 
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            usage = net.credits.usage(net.session)
-            if usage["held"] == 0:
+            usage = net.meter.usage()
+            if net.meter.wait_settled() and usage["held_for_jobs"] == 0:
                 break
             time.sleep(0.2)
+        usage = net.meter.usage()
         operator = market["operator"]
-        assert usage["held"] == 0
+        assert usage["held_for_jobs"] == 0
         assert 3 <= usage["spent"] <= 5, usage  # one paid attempt of about 3 device-seconds
         assert operator.balance(victim) == 0, "the killed provider must not be paid for the lost attempt"
         assert operator.balance(survivor) == usage["spent"], "charged once, paid once"
@@ -175,11 +165,12 @@ def test_reports_wait_for_a_stopped_credit_service(market, detached):
         finally:
             os.kill(service.pid, signal.SIGCONT)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and net.credits.usage(net.session)["held"]:
+        while time.monotonic() < deadline and not (net.meter.wait_settled()
+                                                   and net.meter.usage()["held_for_jobs"] == 0):
             time.sleep(0.2)
-        usage = net.credits.usage(net.session)
+        usage = net.meter.usage()
         operator = market["operator"]
-        assert usage["held"] == 0 and usage["spent"] == 200
+        assert usage["held_for_jobs"] == 0 and usage["spent"] == 200
         assert operator.balance("alice") + operator.balance("bob") == 200
     verify_service(service.url, service.operator_token)
 

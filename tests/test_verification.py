@@ -17,7 +17,7 @@ from gpunet.ui.status import NetworkStatus
 from gpunet.testing import local_market
 from gpunet.errors import VerificationError
 from gpunet.verify.quorum import Policy, result_digest, tolerance_for
-from network_probes import running_jobs, wait_until
+from network_probes import running_jobs, wait_reported, wait_until
 
 
 def _square_and_root(i):  # travels by value: the workers cannot import this test module
@@ -28,17 +28,6 @@ def _settled(market, provider=None, session=None):
     entries = market.operator.entries(0, 100_000)["entries"]
     return [e for e in entries if e["kind"] == "settle" and (provider is None or e["to"] == provider)
             and (session is None or e["session"] == session)]
-
-
-def _wait_reported(net, timeout=30):
-    """Until the scheduler has sent every settlement and verdict to the credit service."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = net.metering_state()
-        if state["queued"] == 0 and state["awaiting_verdict"] == 0:
-            return state
-        time.sleep(0.1)
-    raise AssertionError(f"reports still queued: {state}")
 
 
 # -- without a network ---------------------------------------------------------------------
@@ -99,8 +88,11 @@ def test_magic_refuses_a_bad_policy_and_tolerances_without_verify(ip):
 
 @pytest.fixture
 def liar_market(tmp_path):
-    """alice and bob are honest; mallory falsifies 30% of her results."""
-    with local_market({"alice": 0.0, "bob": 0.0, "mallory": 0.3}, directory=tmp_path, seed=1) as market:
+    """alice and bob are honest; mallory falsifies 30% of her results. One client is to
+    quarantine her here, so the credit service counts every mismatch of that client
+    (by default one client account counts at most 2 a day: tests/test_fairness.py)."""
+    with local_market({"alice": 0.0, "bob": 0.0, "mallory": 0.3}, directory=tmp_path, seed=1,
+                      mismatches_per_client_day=-1) as market:
         yield market
 
 
@@ -116,7 +108,7 @@ def test_replicate_detects_every_lie_pays_none_and_quarantines_the_liar(liar_mar
             if record["quarantined"] or rounds == 6:
                 break
         assert record["quarantined"], f"mallory was not quarantined after {rounds} rounds: {record}"
-        _wait_reported(net)
+        wait_reported(net)
         log = market.lies("mallory")
         lies = [line for line in log if line["lied"]]
         assert lies, "the liar never lied: the test proves nothing"
@@ -147,7 +139,7 @@ def test_spot_checks_catch_lies_at_their_rate(tmp_path, detached):
     with local_market({"alice": 0.0, "bob": 0.0, "mallory": 0.5}, directory=tmp_path, seed=2,
                       reputation_floor=0) as market, market.connect() as net:
         results = net.map(_square_and_root, range(500), verify="spot:0.2")
-        _wait_reported(net)
+        wait_reported(net)
         first_copy_lies = [line for line in market.lies("mallory") if line["lied"] and line["key"].endswith("-0")]
         wrong = sum(result != _square_and_root(i) for i, result in enumerate(results))
         caught = len(first_copy_lies) - wrong
@@ -181,7 +173,7 @@ def test_floats_within_tolerance_agree_and_the_ledger_records_how(tmp_path, deta
         assert total == pytest.approx(sum(values), rel=1e-12)
 
         # Exact comparison: the three summation orders disagree, so no quorum exists.
-        _wait_reported(net)
+        wait_reported(net)
         first = _settled(market)
         before = net.credits.usage(net.session)["spent"]
         with pytest.raises(VerificationError) as caught:
@@ -190,7 +182,7 @@ def test_floats_within_tolerance_agree_and_the_ledger_records_how(tmp_path, deta
         assert "no 2 of 3 copies on distinct providers agree" in message and "nobody was paid" in message
         for provider in ("alice", "bob", "carol"):
             assert provider in message
-        state = _wait_reported(net)
+        state = wait_reported(net)
         assert net.credits.usage(net.session)["spent"] == before  # nobody paid for the disagreement
         assert not state["quarantined"]  # without a majority nobody is blamed
         # The first run: two or three agreeing copies paid (a third still running when
@@ -223,7 +215,7 @@ def test_verified_cell_in_the_notebook(honest_market, shell, detached):
         # One copy's output, shown once (live from the first copy to speak).
         lines = captured.stdout.splitlines()
         assert lines.count("hello from 12") == 1 and lines.count("bye") == 1, captured.stdout
-        _wait_reported(net)
+        wait_reported(net)
         settled = _settled(market, session=net.session)
         assert sorted(e["to"] for e in settled) == ["alice", "bob"]
         assert settled[0]["memo"]["digest"] == settled[1]["memo"]["digest"]
@@ -257,7 +249,7 @@ def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
         assert state["verdicts"] == verdicts + 1, "the scheduler should have handled the forged verdict"
         assert state["awaiting_verdict"] == 2
         assert remote.wait()[0] and result_digest(remote.units[0].accepted.result)
-        _wait_reported(net)
+        wait_reported(net)
         assert len(_settled(market, session=net.session)) == 2
 
 
@@ -292,12 +284,12 @@ def test_timeout_and_cancel_stop_every_copy_and_pay_nobody(honest_market, shell,
         finally:
             if not handle.done():
                 handle.cancel()
-        usage = net.credits.usage(net.session)
+        usage = net.meter.usage()
         deadline = time.monotonic() + 30
-        while usage["held"] and time.monotonic() < deadline:
+        while usage["held_for_jobs"] and time.monotonic() < deadline:
             time.sleep(0.1)
-            usage = net.credits.usage(net.session)
-        assert usage["held"] == 0 and usage["spent"] == 0
+            usage = net.meter.usage()
+        assert usage["held_for_jobs"] == 0 and usage["spent"] == 0
         # The workers are free again: a verified call runs at once.
         assert net.run(_square_and_root, 3, verify="replicate", timeout=20) == _square_and_root(3)
 
@@ -309,7 +301,7 @@ def test_max_credits_caps_every_copy_a_unit_may_need(honest_market, detached):
         with pytest.raises(BudgetError, match=r"up to 4 copies .* give at least --max-credits 4\. Nothing was sent"):
             net.run(_square_and_root, 3, verify="replicate", max_credits=3)
         assert net.run(_square_and_root, 3, verify="replicate", max_credits=40) == _square_and_root(3)
-        _wait_reported(net)
+        wait_reported(net)
         assert net.credits.usage(net.session)["spent"] <= 40
 
 
@@ -334,8 +326,8 @@ def test_a_verified_result_is_reused_by_content_in_another_session(honest_market
         assert record["outputs"]["total"]["digest"] == made["outputs"]["total"]["digest"]
         assert record["payment"]["holds"] == [], record["payment"]
         assert record["ran"] == made["ran"], (record["ran"], made["ran"])
-        usage = second.credits.usage(second.session)
-        assert (usage["spent"], usage["held"]) == (0, 0)
+        usage = second.meter.usage()
+        assert (usage["spent"], usage["held_for_jobs"]) == (0, 0)
         # --no-reuse runs it again
         shell.run_cell_magic("gpunet", "--verify replicate --quiet --no-reuse", code)
         again = shell.user_ns["_gpunet"].provenance

@@ -31,7 +31,8 @@ from gpunet.wire import (
     SCHEDULER_PRELOAD,
     WORKER_PRELOAD,
 )
-from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus
+from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus, parse_size
+from gpunet.worker.sandbox import BUBBLEWRAP, PROCESS, SANDBOX_ENV, SandboxSettings, bubblewrap_works, make_non_dumpable
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                            help="a file holding the token of a meter account (it may only pay and release holds)")
     scheduler.add_argument("--operator-token-file", default=None, metavar="PATH",
                            help="a private network only: the operator token (written by `gpunet credits serve`)")
+    scheduler.add_argument("--default-max-rate", type=float, default=None, metavar="R",
+                           help="the price limit of a notebook that sets none (%%gpunet connect --max-rate), credits "
+                                "per device-second: only providers at or below it run its cells (default 1)")
+    scheduler.add_argument("--max-rate", type=float, default=None, metavar="R",
+                           help="the most a provider may ask with `gpunet provide --rate` (default 100)")
     scheduler.set_defaults(func=_scheduler)
 
     status = subparsers.add_parser(
@@ -108,6 +114,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     provide.add_argument("--rate", type=float, default=1.0, help="credits per device-second (default 1)")
     provide.add_argument("--host", default=None, help="interface the workers listen on (default: the one that "
                                                        "reaches the scheduler)")
+    provide.add_argument("--allow-network", action="store_true",
+                         help="let cells reach the network (with bubblewrap they have none by default)")
+    provide.add_argument("--sandbox-memory", default=None, metavar="SIZE",
+                         help="memory a session's sandbox may use (default: the worker's memory limit)")
+    provide.add_argument("--sandbox-processes", type=int, default=SandboxSettings.processes, metavar="N",
+                         help=f"processes and threads a sandbox may have (default {SandboxSettings.processes})")
+    provide.add_argument("--sandbox-file-size", default="4GiB", metavar="SIZE",
+                         help="the largest file a cell may write (default 4GiB)")
+    provide.add_argument("--sandbox-cpu-seconds", type=int, default=SandboxSettings.cpu_seconds, metavar="S",
+                         help=f"CPU seconds a session's sandbox may use in all (default {SandboxSettings.cpu_seconds})")
+    provide.add_argument("--sandbox-idle", type=float, default=SandboxSettings.idle_seconds, metavar="SECONDS",
+                         help="a session's sandbox with no cell for this long ends (default "
+                              f"{SandboxSettings.idle_seconds:.0f})")
     provide.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
                          help="show Dask's log lines (INFO) as well as the status line")
     provide.set_defaults(func=_provide)
@@ -261,7 +280,16 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
     account's, which may only pay and release holds; the operator's only on a private
     network (an open one must not hold a token that can mint)."""
     token_file = args.meter_token_file or args.operator_token_file
+    prices = []
+    for flag, value in (("--default-max-rate", args.default_max_rate), ("--max-rate", args.max_rate)):
+        if value is not None:
+            if not 0 < value < float("inf"):
+                raise OptionError(f"{flag} must be a positive number of credits per device-second, got {value:g}")
+            prices += [flag, repr(float(value))]
     if args.credits is None and token_file is None:
+        if prices:
+            raise OptionError("--default-max-rate and --max-rate are prices: they need a metered network "
+                              "(--credits URL and --meter-token-file PATH)")
         return {}
     if args.meter_token_file and args.operator_token_file:
         raise OptionError("give one of --meter-token-file and --operator-token-file")
@@ -282,7 +310,7 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
         raise OptionError(f"{token_file} is the token of {role} account {account!r}; metering needs a meter "
                           "account's (or the operator's, on a private network)")
     return {"preload": [SCHEDULER_PRELOAD],
-            "preload_argv": [["--credits", args.credits, "--token-file", str(token_file)]]}
+            "preload_argv": [["--credits", args.credits, "--token-file", str(token_file), *prices]]}
 
 
 def _provide(args: Any) -> int:
@@ -290,6 +318,9 @@ def _provide(args: Any) -> int:
     if not args.rate > 0:
         raise GpunetError(f"--rate must be a positive number of credits per device-second, got {args.rate}")
     os.environ[PROVIDER_RATE_ENV] = str(args.rate)
+    sandbox = _sandbox_settings(args)
+    os.environ[SANDBOX_ENV] = sandbox.to_env()  # the worker processes inherit it
+    make_non_dumpable()  # a cell of this user cannot read this process's environment or memory
     if security is not None:
         if args.token or args.token_file or os.environ.get("GPUNET_TOKEN"):
             raise OptionError("an open network pays the account the provider certificate names: drop --token-file "
@@ -310,6 +341,28 @@ def _provide(args: Any) -> int:
     os.environ[PROVIDER_TOKEN_ENV] = token
     with CreditClient(url, token, retries=0) as me:
         return asyncio.run(_run_provider(args, account, me=me))
+
+
+def _sandbox_settings(args: Any) -> SandboxSettings:
+    """How this provider's workers confine cells: bubblewrap where it works, with the limits given."""
+    for flag, value in (("--sandbox-processes", args.sandbox_processes), ("--sandbox-cpu-seconds", args.sandbox_cpu_seconds),
+                        ("--sandbox-idle", args.sandbox_idle)):
+        if not value > 0:
+            raise OptionError(f"{flag} must be a positive number, got {value}")
+    hidden = tuple(os.path.abspath(path) for path in (args.token_file, args.tls_key) if path)
+    return SandboxSettings(
+        isolation=BUBBLEWRAP if bubblewrap_works() else PROCESS, allow_network=args.allow_network,
+        memory_bytes=None if args.sandbox_memory is None else _size(args.sandbox_memory, "--sandbox-memory"),
+        cpu_seconds=args.sandbox_cpu_seconds, processes=args.sandbox_processes,
+        file_bytes=_size(args.sandbox_file_size, "--sandbox-file-size"), idle_seconds=args.sandbox_idle,
+        hidden_paths=hidden)
+
+
+def _size(text: str, flag: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise OptionError(f"{flag}: {exc}") from None
 
 
 #: `gpunet provide`'s exit status when the provider's workers left because it is quarantined.
@@ -361,6 +414,7 @@ async def _run_provider(args: Any, account: str, security: Any = None, me: Credi
 
     _quiet_dask(args)
     _uncompressed_comms()
+    print(f"gpunet provide: {SandboxSettings.from_env(os.environ[SANDBOX_ENV]).describe()}", flush=True)
 
     name = args.name or account
     if security is not None:  # an open network's scheduler takes only names of the certificate's account

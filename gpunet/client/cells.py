@@ -28,7 +28,7 @@ from IPython.display import display
 from gpunet import codec, wire
 from gpunet.cell import CellAnalysis, analyze
 from gpunet.client.handle import new_job_id, pickled
-from gpunet.client.placement import resources_for
+from gpunet.client.placement import check_prefer, resources_for
 from gpunet.client.received import shown_display
 from gpunet.client.reused import offer_for_reuse, reused_result
 from gpunet.client.submit import raise_for_error
@@ -49,12 +49,14 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
              map: str | None = None, verify: str | Policy | None = None,  # noqa: A002 - the flag's name
              rtol: float | None = None, atol: float | None = None, max_credits: float | None = None,
              timeout: float | None = None, block: bool = True, quiet: bool = False,
-             travels: Callable[[str], bool] | None = None, handle: str | None = None, reuse: bool = True) -> CellRun:
+             travels: Callable[[str], bool] | None = None, handle: str | None = None, reuse: bool = True,
+             max_rate: float | None = None, prefer: str = "cheapest") -> CellRun:
     """Run ``code`` on a worker of ``net`` with its inputs from ``namespace`` and land
     its outputs there; the options mean what the ``%%gpunet`` flags of the same names
     mean (``map="seed=range(8)"`` is ``--map``, ``block=False`` is ``--no-block``,
     ``reuse=False`` is ``--no-reuse``: a ``verify`` cell whose code and inputs match a
-    verified result the network keeps gets that result at no cost, see :mod:`gpunet.reuse`).
+    verified result the network keeps gets that result at no cost, see :mod:`gpunet.reuse`;
+    ``max_rate`` is ``--max-rate``, the cell's price limit, and ``prefer`` ``--prefer``).
 
     Detected inputs that ``namespace`` lacks, or for which ``travels(name)`` is
     false (IPython's own names, for the magic), do not travel. With ``handle`` the
@@ -64,6 +66,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     sent, :class:`~gpunet.errors.OptionError` for an option that cannot be used.
     """
     tolerance = tolerance_if_verified(verify, code, rtol=rtol, atol=atol)
+    check_prefer(prefer)
     if not reuse and tolerance is None:
         raise OptionError("--no-reuse matters only with --verify (only verified results are reused); drop it, "
                           "or verify the cell")
@@ -86,7 +89,8 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
         name for name in analysis.outputs if name != map_name]
     resources = resources_for(gpus=gpus, gpu_mem=gpu_mem)
     # the job holds for its --timeout (or the default hold); it is stopped after it, or after the default
-    wait_s = net.timeout_for(timeout, count=1 if items is None else len(items), max_credits=max_credits)
+    wait_s = net.timeout_for(timeout, count=1 if items is None else len(items), max_credits=max_credits,
+                             max_rate=max_rate)
     workers = None if min_tflops is None else net.workers_with(min_tflops=min_tflops)
     # Each input is pickled on its own, so that one that cannot travel is named.
     job = Job(
@@ -97,7 +101,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     )
     flags = dict(gpus=gpus, gpu_mem=gpu_mem, min_tflops=min_tflops, inputs=inputs, outputs=outputs, map=map,
                  verify=None if verify is None else str(verify), rtol=rtol, atol=atol, max_credits=max_credits,
-                 timeout=timeout)
+                 timeout=timeout, max_rate=max_rate)
     record = partial(Recorder.start, Recorder.for_cell, code, {name: namespace[name] for name in input_names},
                      map_name=map_name, items=items, flags=flags, tolerance=tolerance)
     # a verified result the network already has is reused (gpunet.reuse); its key needs the digests first
@@ -105,7 +109,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     remote = reused_result(net, job, recorder, mapped=items is not None) if recorder is not None else None
     if remote is None:
         remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
-                            timeout=timeout, verify=verify, tolerance=tolerance)
+                            timeout=timeout, verify=verify, tolerance=tolerance, max_rate=max_rate, prefer=prefer)
     progress = None if quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
     recorder = recorder or record()  # otherwise the inputs' digests are taken while the cell runs
     cell = CellRun(namespace, remote, analysis, progress, timeout=wait_s, recorder=recorder)
@@ -306,7 +310,9 @@ def _cost(remote: JobHandle) -> str:
     if meter is None:  # through a gateway the gateway's meter knows: the session's usage says
         return "%gpunet status shows what the session spent" if remote.network.metered else "not metered"
     try:
-        charged = meter.charged(remote.placed_holds())
+        drew_on = getattr(remote, "drew_on", None)
+        charged = (meter.charged_from(drew_on, remote.job.job_id, remote.count) if drew_on
+                   else meter.charged(remote.placed_holds()))
     except Exception as exc:  # noqa: BLE001 - the line must come even so
         return f"what it was charged is unknown: {type(exc).__name__}; %gpunet usage shows it"
     if charged is None:

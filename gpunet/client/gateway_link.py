@@ -30,7 +30,7 @@ from gpunet import errors, wire
 from gpunet.client.handle import JobHandle, pickled
 from gpunet.client.received import checked_result
 from gpunet.errors import ConnectError, GatewayError, GpunetError
-from gpunet.wire import Job, JobResult
+from gpunet.wire import Job, JobResult, Pickled
 
 logger = logging.getLogger(__name__)
 
@@ -161,16 +161,39 @@ def error_from(data: dict[str, Any]) -> GpunetError:
     return GpunetError(message)
 
 
+def blob_out(blob: bytes | Pickled) -> bytes | dict[str, Any]:
+    """A pickle (:func:`gpunet.wire.pickle_value`'s) as msgpack carries it: its bytes,
+    or its stream and out-of-band buffers."""
+    if isinstance(blob, Pickled):
+        return {"stream": bytes(blob.stream), "buffers": [bytes(memoryview(buffer)) for buffer in blob.buffers],
+                "writable": list(blob.writable)}
+    return bytes(blob)
+
+
+def blob_in(data: Any) -> bytes | Pickled | None:
+    """What :func:`blob_out` made, as the pickle it was (never loaded); None when malformed."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("stream"), bytes) and isinstance(data.get("buffers"), list) \
+            and all(isinstance(buffer, bytes) for buffer in data["buffers"]) \
+            and isinstance(data.get("writable"), list) and len(data["writable"]) == len(data["buffers"]) \
+            and all(isinstance(flag, bool) for flag in data["writable"]):
+        return Pickled(data["stream"], list(data["buffers"]), tuple(data["writable"]))
+    return None
+
+
 def job_request(job: Job, *, items: list[Any] | None, resources: dict[str, float],
                 workers: list[str] | list[list[str]] | None, max_credits: float | None, timeout: float | None,
-                verify: Any, tolerance: Any) -> dict[str, Any]:
+                verify: Any, tolerance: Any, max_rate: float | None = None, prefer: str = "cheapest") -> dict[str, Any]:
     """``job`` as the gateway takes it: data, and the notebook's pickles as opaque bytes."""
     function = None
     if job.function is not None:
-        function = pickled(job.function, f"the function {getattr(job.function, '__name__', job.function)!r}")
+        function = blob_out(pickled(job.function, f"the function {getattr(job.function, '__name__', job.function)!r}"))
     return {
-        "code": job.code, "function": function, "arguments": job.arguments, "inputs": dict(job.inputs),
-        "items": None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)],
+        "code": job.code, "function": function, "arguments": blob_out(job.arguments) if job.arguments else b"",
+        "inputs": {name: blob_out(blob) for name, blob in job.inputs.items()}, "max_rate": max_rate, "prefer": prefer,
+        "items": None if items is None else [blob_out(pickled(item, f"map item {index}"))
+                                             for index, item in enumerate(items)],
         "outputs": list(job.outputs), "strict_outputs": job.strict_outputs,
         "display_last_expression": job.display_last_expression, "map_name": job.map_name,
         "announce": job.announce, "resources": dict(resources), "workers": workers, "max_credits": max_credits,

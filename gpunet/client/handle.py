@@ -22,11 +22,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import cloudpickle
-
 from gpunet.client.received import live_event
 from gpunet.errors import CellTimeoutError, UnpicklableInputError, WorkerLostError
-from gpunet.wire import CODEC, Pickled, stream_allowance
+from gpunet.wire import CODEC, PassedOn, Pickled, pickle_value, stream_allowance
 from gpunet.worker.runner import stop_job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,8 +62,9 @@ class Connection(Protocol):
     def check_placement(self, resources: dict[str, float]) -> None: ...
     def waiting_reason(self, resources: dict[str, float], workers: list[str] | None = None) -> str: ...
     def workers_with(self, *, min_tflops: float) -> list[str]: ...
-    def max_rate(self) -> float: ...
-    def timeout_for(self, timeout: float | None, *, count: int = 1, max_credits: float | None = None) -> float: ...
+    def hold_rate(self, max_rate: float | None = None) -> float: ...
+    def timeout_for(self, timeout: float | None, *, count: int = 1, max_credits: float | None = None,
+                    max_rate: float | None = None) -> float: ...
     def release_unsent(self, holds: list[str]) -> None: ...
     def release_soon(self, futures: list[Any]) -> None: ...
     def sent(self) -> None: ...
@@ -78,28 +77,73 @@ SCATTER_THRESHOLD_BYTES = 256 * 1024
 #: How long a stopped job's thread may take to leave before its worker is restarted.
 STOP_GRACE_S = 1.0
 
+#: How long reading the exception of a task already in error may take.
+FAILURE_WAIT_S = 1.0
+
 #: How often a job's data is sent to the workers when workers leave while it travels.
 SCATTER_ATTEMPTS = 3
 
 
-def scatter_surviving(client: Client, data: Any, *, timeout: float | None) -> Any:
-    """``client.scatter(data)`` that survives workers leaving while it travels.
+def scatter_surviving(client: Client, data: Any, *, timeout: float | None) -> Future:
+    """``client.scatter(data)`` that survives workers leaving while it travels, within
+    ``timeout`` seconds in all (None: each try as long as Dask takes).
 
     Never with ``broadcast``: Dask's broadcast replicates to the workers it chose and
     raises a bare ``KeyError`` when one of them is gone, or retries a dead one for
     minutes; sent to one worker, the data reaches the others as their tasks need it.
-    A send that fails as workers leave is tried again on those that remain, then
-    :class:`WorkerLostError` says what happened."""
-    options = {} if timeout is None else {"timeout": max(timeout, 1.0)}
+    A send to a worker that died but is not yet known gone waits for Dask's connect
+    timeout (30 s), so each try is cut off at the time left. A send that fails as
+    workers leave is tried again on those that remain, then :class:`WorkerLostError`
+    (or :class:`CellTimeoutError`, when the time ran out) says what happened."""
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 1.0)
+    failure: BaseException | None = None
     for _ in range(SCATTER_ATTEMPTS):
+        key = f"gpunet-data-{uuid.uuid4().hex}"  # ours, so that a send cut off can be released
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
         try:
-            return client.scatter(data, hash=False, **options)
+            if left is None:
+                return client.scatter({key: data}, hash=False)[key]
+            return client.sync(asyncio.wait_for, client._scatter({key: data}, hash=False, timeout=left), left)[key]
         except (KeyError, OSError) as exc:  # CommClosedError and TimeoutError are OSErrors
             logger.warning("gpunet: sending a job's data failed as workers left (%s: %s); trying again",
                            type(exc).__name__, exc)
             failure = exc
+            forget_keys(client, [key])
+    if timeout is not None and (failure is None or isinstance(failure, TimeoutError)):
+        raise CellTimeoutError(f"the job's data could not be sent to the workers within its timeout of {timeout:g} s "
+                               "(workers kept leaving while it was sent). Nothing ran; run it again, or give it "
+                               "more time (--timeout).")
     raise WorkerLostError(f"the job's data could not be sent to the workers: they kept leaving while it was sent "
                           f"({type(failure).__name__}: {failure}). Nothing ran; run it again.") from None
+
+
+def forget_keys(client: Client, keys: list[str]) -> None:
+    """Tell the scheduler this client no longer wants ``keys`` (data of a send that was
+    cut off: the scheduler may hold it although no future here names it)."""
+    from distributed import Future
+
+    try:
+        client.cancel([Future(key, client, inform=False) for key in keys])
+    except Exception as exc:  # noqa: BLE001 - a closed client holds nothing
+        logger.debug("gpunet: could not release %s: %s", keys, exc)
+
+
+def stop_on_workers_soon(client: Client, running: str, reason: str, workers: list[str]) -> None:
+    """Ask ``workers`` to stop the threads of ``running`` (a job id, or ``job/index``)
+    without waiting for them: a worker that died but is not yet known gone would hold
+    a waiting caller for Dask's connect timeout (30 s), past the job's own timeout."""
+    async def send() -> None:
+        try:
+            await client._run(stop_job, running, reason, STOP_GRACE_S, workers=workers, on_error="ignore")
+        except Exception as exc:  # noqa: BLE001 - the worker is gone, or the client closed: nothing to stop
+            logger.debug("gpunet: could not stop %s on %s: %s", running, workers, exc)
+
+    try:
+        client.loop.add_callback(send)
+    except Exception as exc:  # noqa: BLE001 - a closed client's loop
+        logger.debug("gpunet: could not stop %s: %s", running, exc)
 
 
 def gather_within(client: Client, futures: list[Future], timeout: float | None) -> list[Any]:
@@ -111,19 +155,32 @@ def gather_within(client: Client, futures: list[Future], timeout: float | None) 
     return client.sync(asyncio.wait_for, client._gather(futures), max(timeout, 0.001))
 
 
+def failure_of(future: Future) -> BaseException | None:
+    """The exception of ``future`` if it is in error now, without waiting: None when it
+    is not (a task lost with its worker goes back to pending while Dask runs it again,
+    and ``future.exception()`` would then wait for that run, maybe forever)."""
+    if future.status != "error":
+        return None
+    try:
+        return future.exception(timeout=FAILURE_WAIT_S)  # already here: the task is in error
+    except Exception:  # noqa: BLE001 - it left the error state meanwhile
+        return None
+
+
 def new_job_id() -> str:
     """A fresh job id (also the prefix of its Dask keys)."""
     return uuid.uuid4().hex[:16]
 
 
-def pickled(value: Any, what: str, *, name: str | None = None) -> bytes:
-    """cloudpickle ``value``, or raise :class:`UnpicklableInputError` naming ``what``
-    (an input's name, "map item 3") and its type. :class:`~gpunet.wire.Pickled` bytes
-    (what a notebook pickled, passed on by the gateway) are already the pickle."""
-    if isinstance(value, Pickled):
-        return bytes(value)
+def pickled(value: Any, what: str, *, name: str | None = None) -> bytes | Pickled:
+    """``value`` pickled once, its large buffers kept apart to travel as Dask frames
+    (:func:`gpunet.wire.pickle_value`), or :class:`UnpicklableInputError` naming
+    ``what`` (an input's name, "map item 3") and its type. A :class:`~gpunet.wire.PassedOn`
+    (what a notebook pickled, passed on by the gateway) is already the pickle."""
+    if isinstance(value, PassedOn):
+        return value.blob
     try:
-        return cloudpickle.dumps(value)
+        return pickle_value(value)
     except Exception as exc:  # noqa: BLE001 - pickling fails in many ways
         type_name = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
         raise UnpicklableInputError(
@@ -285,6 +342,7 @@ class JobHandle(ABC):
             self.network.forget_job(self.job.job_id)
             if self.network.meter is not None:  # usage figures wait for the scheduler to close them
                 self.network.meter.finished(self.placed_holds())
+                self.network.meter.job_done(self.job.job_id)
         return self._outcome(progress, echo)
 
     def placed_holds(self) -> list[str]:

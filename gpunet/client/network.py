@@ -15,6 +15,7 @@ import atexit
 import logging
 import math
 import os
+import secrets
 import sys
 import threading
 import time
@@ -46,14 +47,14 @@ from gpunet.kernels import weighted_chunks
 from gpunet.metering.meter import DEFAULT_RATE, Meter, default_timeout
 from gpunet.provenance import Recorder, finish_record, in_notebook
 from gpunet.ui.status import NetworkStatus, WorkerInfo, provider_device
-from gpunet.verify.quorum import tolerance_if_verified
-from gpunet.wire import DEVICE_RESOURCE
+from gpunet.verify.quorum import Policy, tolerance_if_verified
+from gpunet.wire import DEVICE_RESOURCE, session_digest
 from gpunet.worker.device import device_info, measure_capability
+from gpunet.worker.runner import end_session
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.handle import JobHandle
     from gpunet.kernels import Tolerance
-    from gpunet.verify.quorum import Policy
     from gpunet.wire import Job
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class Network:
                  meter: Meter | None = None, result_format: str = wire.PICKLE,
                  max_result_bytes: int = wire.DEFAULT_MAX_RESULT_BYTES,
                  max_stream_bytes_per_s: int = wire.DEFAULT_MAX_STREAM_BYTES_PER_S,
-                 address: str | None = None) -> None:
+                 address: str | None = None, max_rate: float | None = None) -> None:
         self.client = client
         self.embedded = embedded
         self.meter = meter
@@ -107,16 +108,26 @@ class Network:
         #: the scheduler's address
         self.address = address or client.scheduler.address
         self.topic = f"gpunet-events-{uuid.uuid4().hex[:12]}"
+        #: names this connection's sandbox on each provider's worker (Job.session); secret,
+        #: so that no other notebook can send cells into it
+        self.session_secret = secrets.token_hex(16)
         self._jobs: dict[str, JobHandle] = {}
         self._jobs_lock = threading.Lock()
         self._workers_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
-        self._rate_cache: tuple[float, float] = (0.0, 1.0)
+        self._rates_cache: tuple[float, dict[str, Any], dict[str, float]] = (0.0, {}, {})
         self._finished_futures: list[Any] = []
         self._finished_generation = 0
         self.client.subscribe_topic(self.topic, self._on_event)
         self._closed = False
+        if meter is not None:  # the session's pre-authorized hold, placed now and refilled in the background
+            meter.preauthorize()
+            meter.start_refilling(self.release_unsent, self.preauth_state)
         #: how many connect() calls handed this network out and have not closed it
         self._users = 1
+        #: this session's price limit, credits per device-second: only providers at or below it
+        #: run its jobs, and holds are priced at it (a job's max_rate= / --max-rate overrides it);
+        #: by default the one the operator configured (`gpunet scheduler --default-max-rate`)
+        self.rate_limit = placement.check_max_rate(max_rate) if max_rate is not None else self._default_rate_limit()
         _open_networks.add(self)
 
     # -- identity ----------------------------------------------------------------------
@@ -236,19 +247,21 @@ class Network:
                                         workers)
 
     # -- running work ------------------------------------------------------------------
-    def timeout_for(self, timeout: float | None, *, count: int = 1, max_credits: float | None = None) -> float:
+    def timeout_for(self, timeout: float | None, *, count: int = 1, max_credits: float | None = None,
+                    max_rate: float | None = None) -> float:
         """``timeout``, or where none was given the device time the job's hold covers
-        (:func:`gpunet.metering.meter.default_timeout`): a cell 60 s, a map 10 s per item."""
+        (:func:`gpunet.metering.meter.default_timeout`): a cell 60 s, a map 10 s per item;
+        with ``max_credits``, that many credits' time at the job's price limit."""
         if timeout is not None:
             if not timeout > 0:
                 raise OptionError(f"--timeout must be a positive number of seconds, got {timeout:g}")
             return timeout
-        rate = self.max_rate() if max_credits is not None else DEFAULT_RATE
-        return default_timeout(count, max_credits=max_credits, max_rate=rate)
+        return default_timeout(count, max_credits=max_credits, max_rate=self.hold_rate(max_rate))
 
     def run(self, fn: Callable[..., Any], *args: Any, gpus: int | None = None, gpu_mem: int | str | None = None,
             min_tflops: float | None = None, timeout: float | None = None, max_credits: float | None = None,
-            verify: str | None = None, rtol: float | None = None, atol: float | None = None, **kwargs: Any) -> Any:
+            verify: str | None = None, rtol: float | None = None, atol: float | None = None,
+            max_rate: float | None = None, prefer: str = "cheapest", **kwargs: Any) -> Any:
         """Run ``fn(*args, **kwargs)`` on a worker and return its result.
 
         ``gpus`` / ``gpu_mem`` / ``min_tflops`` restrict placement; ``timeout``
@@ -258,17 +271,21 @@ class Network:
         remote traceback. ``verify`` ("replicate[:K]", "spot[:P]", "adaptive")
         runs it on distinct providers and returns what they agree on, within the
         kernel's tolerance or ``rtol`` / ``atol`` (see :mod:`gpunet.verify`).
+        ``max_rate`` (credits per device-second) is this call's price limit instead of
+        the session's: only providers at or below it run it, and its hold is priced at
+        it; ``prefer`` ("cheapest", the default, or "fastest") picks among those free.
         """
         job = function_job(fn, args, kwargs, topic=self.topic)
-        wait_s = self.timeout_for(timeout, max_credits=max_credits)
+        wait_s = self.timeout_for(timeout, max_credits=max_credits, max_rate=max_rate)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
         remote = self.submit(job, resources=placement.resources_for(gpus=gpus, gpu_mem=gpu_mem), workers=workers,
                              max_credits=max_credits, timeout=timeout, verify=verify,
-                             tolerance=tolerance_if_verified(verify, fn, rtol=rtol, atol=atol))
+                             tolerance=tolerance_if_verified(verify, fn, rtol=rtol, atol=atol), max_rate=max_rate,
+                             prefer=prefer)
         self.sent()
         recorder = self._recorder(fn, {"args": list(args), "kwargs": kwargs}, "run", gpus=gpus, gpu_mem=gpu_mem,
                                   min_tflops=min_tflops, timeout=timeout, max_credits=max_credits, verify=verify,
-                                  rtol=rtol, atol=atol)
+                                  rtol=rtol, atol=atol, max_rate=max_rate)
         results = _wait_or_say_cancelled(remote, wait_s)
         value = function_value(results[0])
         finish_record(recorder, remote, results, {"value": value}, show=True)
@@ -277,13 +294,14 @@ class Network:
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *, gpus: int | None = None,
             gpu_mem: int | str | None = None, min_tflops: float | None = None, timeout: float | None = None,
             max_credits: float | None = None, placement: str = "any", verify: str | None = None,
-            rtol: float | None = None, atol: float | None = None) -> list[Any]:
+            rtol: float | None = None, atol: float | None = None, max_rate: float | None = None) -> list[Any]:
         """Run ``fn(item)`` for every item, spread over the workers; results in item order.
 
         ``placement="capability"`` pins item i to the i-th worker of :func:`split`'s
         order (wrapping around), so chunks sized by ``gpunet.split(total, net)``
         finish together on fast and slow workers. ``verify`` / ``rtol`` / ``atol``
-        as in :meth:`run`, for every item.
+        / ``max_rate`` as in :meth:`run`, for every item (items spread over every
+        provider within the price limit).
         """
         items = list(items)
         if not items:
@@ -291,17 +309,18 @@ class Network:
         if placement not in ("any", "capability"):
             raise GpunetError(f"placement must be 'any' or 'capability', got {placement!r}")
         job = function_job(fn, (), {}, topic=self.topic, announce=False)
-        wait_s = self.timeout_for(timeout, count=len(items), max_credits=max_credits)
+        wait_s = self.timeout_for(timeout, count=len(items), max_credits=max_credits, max_rate=max_rate)
         resources = self.resources_for(gpus=gpus, gpu_mem=gpu_mem)
         workers = None if min_tflops is None else self.workers_with(min_tflops=min_tflops)
         if placement == "capability":  # item i pinned to the i-th worker
             order = workers or list(self.capabilities())
             workers = [[order[index % len(order)]] for index in range(len(items))]
         remote = self.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
-                             timeout=timeout, verify=verify, tolerance=tolerance_if_verified(verify, fn, rtol=rtol, atol=atol))
+                             timeout=timeout, verify=verify, tolerance=tolerance_if_verified(verify, fn, rtol=rtol, atol=atol),
+                             max_rate=max_rate)
         recorder = self._recorder(fn, {"items": items}, "map", gpus=gpus, gpu_mem=gpu_mem, min_tflops=min_tflops,
                                   timeout=timeout, max_credits=max_credits, placement=placement, verify=verify,
-                                  rtol=rtol, atol=atol)
+                                  rtol=rtol, atol=atol, max_rate=max_rate)
         results = _wait_or_say_cancelled(remote, wait_s)
         values = [function_value(result) for result in results]
         finish_record(recorder, remote, results, {"value": values}, show=True)
@@ -333,13 +352,20 @@ class Network:
     def submit(self, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
                workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
                timeout: float | None = None, verify: str | Policy | None = None,
-               tolerance: Tolerance | None = None) -> JobHandle:
+               tolerance: Tolerance | None = None, max_rate: float | None = None,
+               prefer: str = "cheapest") -> JobHandle:
         """Send ``job`` (once, or once per item) and return its handle; see
-        :func:`gpunet.client.submit.submit`."""
+        :func:`gpunet.client.submit.submit`. On a metered network it runs only on
+        providers at or below its price limit (``max_rate``, else the session's),
+        a single task on the ``prefer``-red one of those free now (:meth:`priced_workers`)."""
         if self._closed:
             raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
+        job.session = self.session_secret
+        self.check_placement(resources)
+        workers = self.priced_workers(resources, workers, single=items is None and not Policy.parse(verify).active,
+                                      max_rate=max_rate, prefer=prefer)
         return submit(self, job, resources=resources, items=items, workers=workers, max_credits=max_credits,
-                      timeout=timeout, verify=verify, tolerance=tolerance)
+                      timeout=timeout, verify=verify, tolerance=tolerance, max_rate=self.hold_rate(max_rate))
 
     # -- the scheduler plugin's named handlers ----------------------------------------------
     def call_scheduler(self, handler: str, **kwargs: Any) -> Any:
@@ -358,15 +384,78 @@ class Network:
         except Exception as exc:  # noqa: BLE001
             logger.warning("gpunet: could not release holds %s of an unsent job: %s", holds, exc)
 
-    def max_rate(self) -> float:
-        """The highest rate (credits per device-second) any provider asks (cached)."""
-        stamp, rate = self._rate_cache
-        if time.monotonic() - stamp > 5.0:
+    def preauth_state(self, holds: list[str], jobs: list[str]) -> dict[str, Any]:
+        """What the scheduler paid so far from the session's pre-authorized ``holds``, in all
+        and for each of ``jobs`` (see :meth:`gpunet.metering.meter.Meter.look_at_paid`)."""
+        return self.call_scheduler(wire.PREAUTH_STATE, holds=holds, jobs=jobs)
+
+    def hold_rate(self, max_rate: float | None = None) -> float:
+        """The price per device-second a hold uses: the notebook's limit (the job's
+        ``max_rate`` / ``--max-rate``, else this session's :attr:`rate_limit`), never the
+        rate of the most expensive provider on the network: only providers at or below
+        the limit run the job, so it never costs more than that a second."""
+        return placement.check_max_rate(max_rate) if max_rate is not None else self.rate_limit
+
+    def _default_rate_limit(self) -> float:
+        """The price limit the operator configured for notebooks (:data:`DEFAULT_RATE`
+        where the scheduler says none, or does not meter)."""
+        state = self.metering_state() if self.meter is not None else None
+        limit = (state or {}).get("default_max_rate", DEFAULT_RATE)
+        return float(limit) if isinstance(limit, (int, float)) and 0 < limit < math.inf else DEFAULT_RATE
+
+    def worker_rates(self, *, fresh: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
+        """The scheduler's metering state and the rate each worker's provider asks
+        (:func:`gpunet.client.placement.worker_rates`), cached for 5 s (cells are hot)."""
+        stamp, state, rates = self._rates_cache
+        if fresh or time.monotonic() - stamp > 5.0:
             state = self.metering_state() or {}
-            rates = [info["rate"] for info in state.get("providers", {}).values()]
-            rate = max(rates + [state.get("default_rate", DEFAULT_RATE)])
-            self._rate_cache = (time.monotonic(), rate)
-        return rate
+            rates = placement.worker_rates(self.scheduler_workers(fresh=fresh), state)
+            self._rates_cache = (time.monotonic(), state, rates)
+        return state, rates
+
+    def priced_workers(self, resources: dict[str, float], workers: list[str] | list[list[str]] | None, *,
+                       single: bool, max_rate: float | None = None,
+                       prefer: str = "cheapest") -> list[str] | list[list[str]] | None:
+        """Where a job may run on a metered network: the workers that can run it whose
+        provider asks at most its price limit (among ``workers``: one list for all items,
+        or one per item); for a ``single`` task, only the cheapest (``prefer="fastest"``:
+        the fastest measured) of those free now, when several are. Where no worker asks
+        more than the limit and no preference narrows it, ``workers`` as given (unpinned). Raises
+        :class:`PlacementError` saying which rates exist and what to set when none is
+        within the limit. An unmetered network pays nobody: ``workers`` as given."""
+        placement.check_prefer(prefer)
+        limit = self.hold_rate(max_rate)
+        if self.meter is None:
+            return workers
+        for fresh in (False, True):
+            infos = self.scheduler_workers(fresh=fresh)
+            state, rates = self.worker_rates(fresh=fresh)
+            eligible = placement.within_limit(infos, rates, resources, limit)
+            if eligible or not infos:
+                break
+        if not infos:
+            return workers  # none connected: the job waits for one (check_placement said so)
+        per_item = bool(workers) and isinstance(workers[0], list)
+        if per_item:
+            pinned = [[address for address in where if address in eligible] for where in workers]
+            if all(pinned):
+                return pinned
+        elif workers is not None:
+            eligible = [address for address in eligible if address in workers]
+        if not eligible:
+            owners = {address: info["provider"] for address, info in (state.get("providers") or {}).items()}
+            allowed = infos if workers is None or per_item else {a: infos[a] for a in workers if a in infos}
+            raise PlacementError(placement.over_limit_message(allowed, rates, resources, limit, owners))
+        same_price = len({rates[address] for address in eligible}) == 1 and prefer == "cheapest"
+        if per_item or not single or same_price:
+            # Where no worker asks more than the limit, the job is not pinned: a worker that
+            # leaves (or one still registering its provider) does not strand it.
+            over = any(rate > limit for rate in rates.values())
+            return eligible if over or workers is not None else workers
+        free = placement.free_workers({a: infos[a] for a in eligible}, self.client.processing(eligible))
+        speeds = ({address: cap["tflops_f32"] for address, cap in self.capabilities().items()}
+                  if prefer == "fastest" else None)
+        return placement.preferred_workers(eligible, rates, free, prefer, speeds)
 
     def release_soon(self, futures: list[Any]) -> None:
         """Let Dask forget a finished job's futures soon: once the next job is sent, or
@@ -424,16 +513,28 @@ class Network:
             self._closed = True
             if _current is self:
                 _current = None
+        if self.meter is not None:  # the session's pre-authorized holds go back
+            self.meter.stop_refilling(self.release_unsent)
         if self.meter is not None and self.meter.doubtful:  # holds an outage left in doubt go back
             try:
                 self.meter.resolve_doubtful(self.release_unsent)
             except Exception as exc:  # noqa: BLE001 - closing goes on; release-stale finds them later
                 logger.warning("gpunet: could not give back holds left in doubt by an outage: %s", exc)
         try:
+            self._end_sandboxes()
             self.client.close(timeout=5)
         finally:
             if self.embedded is not None:
                 self.embedded.close()
+
+    def _end_sandboxes(self) -> None:
+        """Tell the workers that this session's sandboxes may end (they also end when idle)."""
+        if self.embedded is not None or self.client.status != "running":
+            return
+        try:
+            self.client.run(end_session, session_digest(self.session_secret), wait=False)
+        except Exception as exc:  # noqa: BLE001 - closing goes on; idle sandboxes end by themselves
+            logger.debug("gpunet: could not end this session's sandboxes: %s", exc)
 
     @property
     def closed(self) -> bool:
@@ -467,6 +568,7 @@ class GatewayNetwork(Network):
         self._jobs: dict[str, JobHandle] = {}
         self._jobs_lock = threading.Lock()
         self._state_cache: tuple[float, dict[str, Any]] = (0.0, {})
+        self._rates_cache: tuple[float, dict[str, Any], dict[str, float]] = (0.0, {}, {})
         self._closed = False
         self._users = 1
         self._reason = ""
@@ -474,7 +576,7 @@ class GatewayNetwork(Network):
 
     @classmethod
     def open(cls, url: str, token: str, ca: str, *, budget: int | None, timeout: float, max_result_bytes: int,
-             max_stream_bytes_per_s: int) -> GatewayNetwork:
+             max_stream_bytes_per_s: int, max_rate: float | None = None) -> GatewayNetwork:
         """Open this notebook's session on the gateway at ``url``."""
         link = GatewayLink(url, token, ca, timeout=max(timeout, REQUEST_TIMEOUT_S))
         kernel, notebook = _kernel_and_notebook()
@@ -485,7 +587,13 @@ class GatewayNetwork(Network):
         except BaseException:
             link.close()
             raise
-        return cls(link, opened, max_result_bytes=max_result_bytes, max_stream_bytes_per_s=max_stream_bytes_per_s)
+        network = cls(link, opened, max_result_bytes=max_result_bytes, max_stream_bytes_per_s=max_stream_bytes_per_s)
+        state = network.metering_state() or {}
+        limit = state.get("default_max_rate", DEFAULT_RATE)
+        #: this session's price limit (see Network.rate_limit); the gateway places by it
+        network.rate_limit = placement.check_max_rate(max_rate) if max_rate is not None else (
+            float(limit) if isinstance(limit, (int, float)) and 0 < limit < math.inf else DEFAULT_RATE)
+        return network
 
     @property
     def metered(self) -> bool:
@@ -530,12 +638,6 @@ class GatewayNetwork(Network):
         """The scheduler's metering state, as the gateway sees it."""
         return self._state()["metering"]
 
-    def max_rate(self) -> float:
-        """The highest rate any provider asks."""
-        state = self.metering_state() or {}
-        rates = [info["rate"] for info in state.get("providers", {}).values()]
-        return max(rates + [state.get("default_rate", DEFAULT_RATE)])
-
     def call_scheduler(self, handler: str, **kwargs: Any) -> Any:
         """Refused: through a gateway only the gateway calls the scheduler."""
         raise GpunetError(f"{handler} is the gateway's to call; through a gateway the notebook never reaches the "
@@ -553,15 +655,20 @@ class GatewayNetwork(Network):
     def submit(self, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
                workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
                timeout: float | None = None, verify: str | Policy | None = None,
-               tolerance: Tolerance | None = None) -> JobHandle:
+               tolerance: Tolerance | None = None, max_rate: float | None = None,
+               prefer: str = "cheapest") -> JobHandle:
         """Send ``job`` through the gateway and return its handle, once the gateway
-        has placed its hold and sent it (its refusal is raised here, nothing sent)."""
+        has placed its hold and sent it (its refusal is raised here, nothing sent).
+        The gateway places it among the providers within ``max_rate`` (else this
+        session's limit), ``prefer``-ring the cheapest or the fastest."""
         if self._closed:
             raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
         if items is not None and not items:
             raise GpunetError("nothing to send: the map has no items")
+        placement.check_prefer(prefer)
         body = job_request(job, items=items, resources=resources, workers=workers, max_credits=max_credits,
-                           timeout=timeout, verify=verify, tolerance=tolerance)
+                           timeout=timeout, verify=verify, tolerance=tolerance, max_rate=self.hold_rate(max_rate),
+                           prefer=prefer)
         answer = self.link.request("POST", f"/sessions/{self.gateway_session}/jobs", body, stream=True,
                                    timeout=None if timeout is None else timeout + REQUEST_TIMEOUT_S)
         events, sent = first_event(answer)
@@ -635,7 +742,7 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
             token: str | None = None, budget: int | None = None, metered: bool = True,
             timeout: float = CONNECT_TIMEOUT_S, trust_providers: bool = False,
             max_result_bytes: int | None = None, max_stream_bytes_per_s: int | None = None,
-            replace: bool = False, ca: str | None = None) -> Network:
+            replace: bool = False, max_rate: float | None = None, ca: str | None = None) -> Network:
     """Connect to a gpunet network and make it :func:`current`.
 
     ``address`` (or ``GPUNET_SCHEDULER``) joins that scheduler; with neither, an
@@ -644,7 +751,10 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     unless ``metered=False``. ``credits`` / ``token`` (or ``GPUNET_CREDITS`` /
     ``GPUNET_TOKEN``) name the credit service and this notebook's account on a
     shared network; ``budget`` caps this notebook session (default
-    :data:`DEFAULT_BUDGET` credits). Raises :class:`ConnectError` naming the address
+    :data:`DEFAULT_BUDGET` credits). ``max_rate`` is the session's price limit in
+    credits per device-second (default: the operator's, ``gpunet scheduler
+    --default-max-rate``): only providers asking at most that run its jobs, and its
+    holds are priced at it. Raises :class:`ConnectError` naming the address
     when the scheduler or the credit service cannot be reached.
 
     From a scheduler given by address, results come back as data only
@@ -668,8 +778,8 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     """
     global _current
     result_options = trust_providers or max_result_bytes is not None or max_stream_bytes_per_s is not None
-    explicit = (any(value is not None for value in (address, workers, credits, token, budget)) or not metered
-                or result_options)
+    explicit = (any(value is not None for value in (address, workers, credits, token, budget, max_rate))
+                or not metered or result_options)
     address = address or os.environ.get("GPUNET_SCHEDULER") or None
     credits = credits or os.environ.get("GPUNET_CREDITS") or None
     token = token or os.environ.get("GPUNET_TOKEN") or None
@@ -677,7 +787,7 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
         previous = _current if _current is not None and not _current.closed else None
         if previous is not None:
             same = not explicit or (address == previous.address and workers is None and budget is None
-                                    and not result_options
+                                    and not result_options and max_rate is None
                                     and credits in (None, previous.credits.url if previous.credits else None))
             if same:
                 if not replace:
@@ -703,6 +813,8 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     if address is not None and workers is not None:
         raise GpunetError(f"workers={workers} only sizes a local network; {address} already has its own workers "
                           "(connect without --workers, or without an address)")
+    if max_rate is not None:
+        placement.check_max_rate(max_rate)
     if budget is not None and budget < 1:
         raise GpunetError(f"a session's budget must be at least 1 credit, got {budget}")
     if (credits is None) != (token is None) and not (address is None and token is None) and not gateway:
@@ -723,10 +835,11 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     result_format = wire.PICKLE if embedded is not None or trust_providers else wire.CODEC
     try:
         if gateway:
-            network: Network = GatewayNetwork.open(address, token, ca, budget=budget, timeout=timeout, **caps)
+            network: Network = GatewayNetwork.open(address, token, ca, budget=budget, timeout=timeout,
+                                                   max_rate=max_rate, **caps)
         else:
             network = join(address, credits=credits, token=token, budget=budget, timeout=timeout,
-                           result_format=result_format, embedded=embedded, **caps)
+                           result_format=result_format, embedded=embedded, max_rate=max_rate, **caps)
     except BaseException:
         if embedded is not None:
             embedded.close()
@@ -742,7 +855,7 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
 def join(address: str, *, credits: str | None, token: str | None, budget: int | None, timeout: float,
          result_format: str, max_result_bytes: int, max_stream_bytes_per_s: int,
          embedded: EmbeddedNetwork | None = None, notebook: tuple[str, str] | None = None,
-         network_class: type[Network] | None = None) -> Network:
+         network_class: type[Network] | None = None, max_rate: float | None = None) -> Network:
     """A :class:`Network` on the scheduler at ``address`` as a Dask client (what
     :func:`connect` makes, and what the gateway makes for each notebook it serves):
     with ``result_format`` CODEC over the data-only comm, metered with ``token``'s
@@ -765,8 +878,9 @@ def join(address: str, *, credits: str | None, token: str | None, budget: int | 
         ) from None
     try:
         meter = _open_meter(client, credits, token, budget, notebook) if credits is not None and token else None
-        return (network_class or Network)(client, embedded=embedded, meter=meter, result_format=result_format, address=address,
-                       max_result_bytes=max_result_bytes, max_stream_bytes_per_s=max_stream_bytes_per_s)
+        return (network_class or Network)(client, embedded=embedded, meter=meter, result_format=result_format,
+                                          address=address, max_result_bytes=max_result_bytes,
+                                          max_stream_bytes_per_s=max_stream_bytes_per_s, max_rate=max_rate)
     except BaseException:
         client.close()
         raise

@@ -9,6 +9,7 @@ has no GPU.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from gpunet.errors import OptionError, PlacementError
@@ -82,8 +83,8 @@ def waiting_reason(resources: dict[str, float], workers: dict[str, WorkerView],
     it (among ``allowed``) and how many of them are busy (``processing``: tasks per worker)."""
     fit = [address for address, info in workers.items()
            if satisfies(info.get("resources") or {}, resources) and (allowed is None or address in allowed)]
-    busy = [address for address in fit
-            if len(processing.get(address, ())) >= (workers[address].get("resources") or {}).get(DEVICE_RESOURCE, 1)]
+    free = free_workers(workers, processing)
+    busy = [address for address in fit if address not in free]
     wanted = show_resources(resources)
     if not workers:
         return (f"waiting for a worker with {wanted}: no worker is connected now (a provider reconnecting, "
@@ -107,3 +108,136 @@ def capable_workers(capabilities: dict[str, dict[str, Any]], *, min_tflops: floa
         raise PlacementError(f"no worker can ever run this: it asks for at least {min_tflops:g} TFLOP/s "
                              f"(float32 matmul) and {offer}. Ask for less with --min-tflops.")
     return capable
+
+
+# -- price: a rate is an offer, the notebook sets its limit ------------------------------------
+
+#: What ``--prefer`` may name: which free worker within the price limit a job goes to first.
+PREFERENCES = ("cheapest", "fastest")
+
+
+def check_max_rate(max_rate: float) -> float:
+    """``max_rate`` as a float; :class:`OptionError` for one that is not a positive number."""
+    if isinstance(max_rate, bool) or not isinstance(max_rate, (int, float)) or not 0 < max_rate < float("inf"):
+        raise OptionError(f"--max-rate must be a positive number of credits per device-second, got {max_rate!r}")
+    return float(max_rate)
+
+
+def check_prefer(prefer: str) -> str:
+    """``prefer`` when it is one of :data:`PREFERENCES`; :class:`OptionError` naming them otherwise."""
+    if prefer not in PREFERENCES:
+        raise OptionError(f"--prefer must be {' or '.join(PREFERENCES)}, got {prefer!r}")
+    return prefer
+
+
+def worker_rates(workers: dict[str, WorkerView], state: dict[str, Any]) -> dict[str, float]:
+    """The rate each worker's provider asks (credits per device-second), from the scheduler's
+    metering state: a registered provider's rate, or the network's default rate where it pays
+    a default provider; a worker whose provider is not known yet has no price, and is left out."""
+    known = state.get("providers") or {}
+    default = state.get("default_rate") if state.get("default_provider") is not None else None
+    rates = {}
+    for address in workers:
+        rate = (known.get(address) or {}).get("rate", default)
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+            rates[address] = float(rate)
+    return rates
+
+
+def within_limit(workers: dict[str, WorkerView], rates: dict[str, float], resources: dict[str, float],
+                 max_rate: float) -> list[str]:
+    """Addresses of workers that can run a job asking for ``resources`` and whose rate is at
+    or below ``max_rate`` (the notebook's price limit)."""
+    return sorted(address for address, info in workers.items()
+                  if address in rates and rates[address] <= max_rate
+                  and satisfies(info.get("resources") or {}, resources))
+
+
+def over_limit_message(workers: dict[str, WorkerView], rates: dict[str, float], resources: dict[str, float],
+                       max_rate: float, owners: dict[str, str] | None = None) -> str:
+    """Why no worker may run a job asking for ``resources`` within the price limit ``max_rate``:
+    which rates the workers able to run it ask, and what to set to run it."""
+    owners = owners or {}
+    able = {address: rates[address] for address, info in workers.items()
+            if address in rates and satisfies(info.get("resources") or {}, resources)}
+    if not able:
+        return (f"no worker whose provider has a price can run a job asking for {show_resources(resources)} now "
+                "(providers still registering?); try again in a moment, or see %gpunet status")
+    asked: dict[float, set[str]] = {}
+    for address, rate in able.items():
+        asked.setdefault(rate, set()).add(owners.get(address, address))
+    offers = "; ".join(f"{rate:g} ({', '.join(sorted(names))})" for rate, names in sorted(asked.items()))
+    cheapest = min(asked)
+    return (f"no provider at or below your price limit of {max_rate:g} credits per device-second can run this "
+            f"(it asks for {show_resources(resources)}); the providers that can ask: {offers}. Nothing was sent. "
+            f"To run it, raise the limit to at least {cheapest:g}: on this cell with --max-rate {cheapest:g} "
+            f"(net.run(..., max_rate={cheapest:g})), or for the session with %gpunet connect --max-rate {cheapest:g} "
+            f"(gpunet.connect(..., max_rate={cheapest:g})). Holds are priced at the limit.")
+
+
+def preferred_workers(eligible: list[str], rates: dict[str, float], free: set[str], prefer: str = "cheapest",
+                      speeds: dict[str, float] | None = None) -> list[str]:
+    """Where a single job may go among ``eligible`` workers (all within the price limit):
+    when some are ``free``, only the best of those by ``prefer`` (the lowest rate, or the
+    highest measured ``speeds``; ties all kept); when none is, every eligible worker (it
+    waits for the first to free up)."""
+    candidates = [address for address in eligible if address in free]
+    if not candidates:
+        return list(eligible)
+    if prefer == "fastest":
+        speeds = speeds or {}
+        best = max(speeds.get(address, 0.0) for address in candidates)
+        return [address for address in candidates if speeds.get(address, 0.0) == best]
+    best = min(rates[address] for address in candidates)
+    return [address for address in candidates if rates[address] == best]
+
+
+def free_workers(workers: dict[str, WorkerView], processing: dict[str, Any]) -> set[str]:
+    """Workers with a device slot free now (``processing``: tasks per worker)."""
+    return {address for address, info in workers.items()
+            if len(processing.get(address, ())) < (info.get("resources") or {}).get(DEVICE_RESOURCE, 1)}
+
+
+# -- distinct hosts: copies of a verified job -----------------------------------------------
+
+
+def host_of(address: str) -> str:
+    """The host a worker's address names: its IPv4 address or name, or for IPv6 its /64
+    network (one machine is commonly given a whole /64)."""
+    location = address.split("://", 1)[-1]
+    if location.startswith("["):  # [IPv6]:port
+        host = location[1:].split("]", 1)[0]
+    else:
+        host = location.rsplit(":", 1)[0] if location.count(":") == 1 else location
+    try:
+        parsed = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()
+    if parsed.version == 6:
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
+def host_groups(workers: dict[str, list[str]]) -> dict[str, int]:
+    """Providers (with their workers' addresses) grouped by the hosts they share: two
+    providers with a worker on one host are in one group, as are the providers joined to
+    them that way; copies that must come from distinct hosts come from distinct groups.
+    Returns provider -> its group's number."""
+    group: dict[str, int] = {}
+    owner_of_host: dict[str, str] = {}
+    parent: dict[str, str] = {provider: provider for provider in workers}
+
+    def root(provider: str) -> str:
+        while parent[provider] != provider:
+            parent[provider] = parent[parent[provider]]
+            provider = parent[provider]
+        return provider
+
+    for provider, addresses in sorted(workers.items()):
+        for host in {host_of(address) for address in addresses}:
+            other = owner_of_host.setdefault(host, provider)
+            parent[root(other)] = root(provider)
+    roots = sorted({root(provider) for provider in workers})
+    for provider in workers:
+        group[provider] = roots.index(root(provider))
+    return group

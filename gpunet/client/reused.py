@@ -18,7 +18,7 @@ from gpunet import wire
 from gpunet.client.handle import JobHandle
 from gpunet.client.received import checked_result
 from gpunet.reuse import reuse_key
-from gpunet.wire import result_from_event, result_to_event
+from gpunet.wire import flat_result, result_from_event, result_to_event
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpunet.client.handle import Connection
@@ -93,6 +93,6 @@ def offer_for_reuse(network: Connection, handle: JobHandle, results: list[JobRes
         return
     try:
         network.call_scheduler(wire.REUSE_STORE, client=network.client.id, job=handle.job.job_id, key=key,
-                               record=record, results=[result_to_event(result) for result in results])
+                               record=record, results=[result_to_event(flat_result(result)) for result in results])
     except Exception as exc:  # noqa: BLE001 - the result stands; it is only not kept for others
         logger.warning("gpunet: could not offer job %s's verified result for reuse: %s", handle.job.job_id, exc)

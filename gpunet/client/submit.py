@@ -26,6 +26,7 @@ from gpunet import codec, wire
 from gpunet.client.handle import (
     SCATTER_THRESHOLD_BYTES,
     JobHandle,
+    failure_of,
     new_job_id,
     pickled,
     scatter_surviving,
@@ -34,6 +35,7 @@ from gpunet.client.handle import (
 )
 from gpunet.client.received import accept
 from gpunet.client.verified import VerifiedJob
+from gpunet.metering.meter import EXPECTED_ITEM_SECONDS, EXPECTED_MARGIN, expected_hold
 from gpunet.errors import (
     BudgetError,
     GpunetError,
@@ -122,16 +124,19 @@ class RemoteJob(JobHandle):
     """A plain or metered job: the Dask futures of one cell, one function call, or
     every item of a map. Make one with :meth:`submit`."""
 
-    #: How often a map's waiter looks at its futures for items that failed in Dask or
-    #: whose results were too large to come as events.
-    MAP_POLL_S = 0.05
+    #: How often a map's waiter looks at its futures (for items done, failed in Dask, or
+    #: lost): every MAP_POLL_S_PER_ITEM per item, within MAP_POLL_S_RANGE, so that a small
+    #: map is seen done within milliseconds and a look at 20,000 items stays rare.
+    MAP_POLL_S_PER_ITEM = 2.5e-6
+    MAP_POLL_S_RANGE = (0.005, 0.05)
 
     def __init__(self, network: Connection, job: Job, *, items: int | None, resources: dict[str, float],
                  allowed_workers: list[str] | None) -> None:
         super().__init__(network, job, count=1 if items is None else items, mapped=items is not None,
                          resources=resources, allowed_workers=allowed_workers)
         if self.mapped:
-            self.POLL_S = self.MAP_POLL_S
+            low, high = self.MAP_POLL_S_RANGE
+            self.POLL_S = min(high, max(low, self.count * self.MAP_POLL_S_PER_ITEM))
         self.futures: list[Future] = []
         self.index_of: dict[str, int | None] = {}
         #: results that came as events, by item index (None for a single job)
@@ -144,6 +149,8 @@ class RemoteJob(JobHandle):
         self._kept: list[Future] = []
         #: a map sent in slices, as its holds can be placed (None: sent whole)
         self.slicing: MapSlices | None = None
+        #: the session's pre-authorized hold this job draws on (None: it placed its own)
+        self.drew_on: str | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -170,8 +177,13 @@ class RemoteJob(JobHandle):
             remote = cls(network, job, items=None if blobs is None else len(blobs), resources=resources,
                          allowed_workers=None if per_item else workers)
             network.register_job(remote)
+            shared = None
             if blobs is None:
-                futures = [client.submit(run_job, job, None, None, inputs, key=f"gpunet-{job.job_id}", **options)]
+                # large arguments travel scattered, once, as a cell's large inputs do
+                if network.scatters and len(job.arguments) > SCATTER_THRESHOLD_BYTES:
+                    shared = scatter_surviving(client, job, timeout=timeout)
+                futures = [client.submit(run_job, shared or job, None, None, inputs, key=f"gpunet-{job.job_id}",
+                                         **options)]
             else:
                 keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
                 # The job (code, function, inputs) goes to the workers once, as data the
@@ -190,7 +202,7 @@ class RemoteJob(JobHandle):
                         slicing.blobs, slicing.send = blobs, (shared, inputs, options)
                         remote.slicing = slicing
             remote._attach(futures)
-            remote._kept = [f for f in (inputs, shared if blobs is not None and network.scatters else None) if f is not None]
+            remote._kept = [f for f in (inputs, shared if network.scatters else None) if f is not None]
             return remote
 
     def _attach(self, futures: list[Future]) -> None:
@@ -297,8 +309,8 @@ class RemoteJob(JobHandle):
         for future in missing:
             index = self.index_of[future.key]
             where = f"item {index} of this map" if self.mapped else "this job"
-            if future.status == "error":
-                exc = future.exception()
+            exc = failure_of(future)
+            if exc is not None:
                 if isinstance(exc, KilledWorker):
                     raise WorkerLostError(
                         f"the workers running {where} died, each time it was tried ({exc}); it was not re-run "
@@ -404,7 +416,7 @@ def slice_placer(meter: Any, job_id: str, amount: int) -> Callable[[int], tuple[
 def submit(network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
            workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
            timeout: float | None = None, verify: str | Policy | None = None,
-           tolerance: Tolerance | None = None) -> RemoteJob | VerifiedJob:
+           tolerance: Tolerance | None = None, max_rate: float | None = None) -> RemoteJob | VerifiedJob:
     """Send ``job`` (once, or once per item) to ``network`` and return its handle:
     a :class:`RemoteJob`, or a :class:`~gpunet.client.verified.VerifiedJob` with ``verify``.
 
@@ -412,7 +424,10 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     item (``placement="capability"``). On a metered network the job's hold is placed
     first (see :mod:`gpunet.metering.meter`): one hold for a cell, one shared by a
     map's items; a hold that cannot be placed refuses the job before anything is sent.
+    Holds are priced at ``max_rate`` credits per device-second (``network.hold_rate()``:
+    the job's price limit), never at the most expensive provider's rate.
     """
+    rate = network.hold_rate(max_rate)
     if items is not None and not items:
         raise GpunetError("nothing to send: the map has no items")
     job.result_format = network.result_format
@@ -425,7 +440,7 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
                                     "copies on other providers' workers: use one or the other")
         return VerifiedJob.submit(network, job, policy, tolerance or tolerance_for(job.code or job.function),
                                   resources=resources, items=items, workers=workers, max_credits=max_credits,
-                                  timeout=timeout)
+                                  timeout=timeout, max_rate=rate)
     meter = network.meter
     if meter is None:
         if max_credits is not None:
@@ -435,15 +450,38 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     count = 1 if items is None else len(items)
     if meter.doubtful:  # holds an outage left in doubt: given back once the service answers again
         meter.resolve_doubtful(network.release_unsent)
-    plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=network.max_rate())
+    plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=rate)
+    per_item = bool(workers) and isinstance(workers[0], list)
+    # A cell holds its worst case; a map what its items are expected to cost, with a margin
+    # (--max-credits: that many credits in all).
+    need = plan.amount if items is None else (
+        count * plan.amount if max_credits is not None
+        else expected_hold(count, plan.amount, rate))
+    if items is not None and max_credits is None:
+        plan.basis = (f"what {count} items are expected to cost, {EXPECTED_ITEM_SECONDS:g} s each at your price "
+                      f"limit, {rate:g} credits a device-second (--max-rate), with a {EXPECTED_MARGIN:g}x margin; "
+                      f"each item may be paid up to {plan.amount}")
+    drawn = meter.draw(job.job_id, need, count)
+    if drawn is not None:  # on the session's pre-authorized hold: no request to the credit service
+        hold, size = drawn
+        try:
+            remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
+                                      annotations=wire.annotation(hold, plan.amount, topic=job.topic, preauth=size,
+                                                                  job=job.job_id),
+                                      timeout=timeout)
+        except BaseException:
+            meter.job_done(job.job_id)
+            raise
+        remote.credit_limit_s, remote.drew_on = plan.limit_s, hold
+        return remote
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
     slicing = None
     try:
-        hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount, plan=plan)
+        hold = meter.hold_shared(job.job_id, count=count, amount=plan.amount, plan=plan, total=need)
     except BudgetError:
-        # A map whose items' worst cases do not fit at once, though what they cost at the
-        # least (a credit each) does, goes in slices, each held as credits come back.
-        sliceable = items is not None and max_credits is None and not (workers and isinstance(workers[0], list))
+        # A map whose items' expected price does not fit at once, though what they cost
+        # at the least (a credit each) does, goes in slices, each held as credits come back.
+        sliceable = items is not None and max_credits is None and not per_item
         if not sliceable or meter.credits.usage(meter.session)["left"] < count:
             raise
         place = slice_placer(meter, job.job_id, plan.amount)
@@ -456,10 +494,14 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
     try:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
                                   annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else held,
-                                                              topic=job.topic),
+                                                              held=None if items is None or slicing else need,
+                                                              overflow=None if items is None or slicing
+                                                              else meter.overflow(job.job_id, count),
+                                                              job=job.job_id, topic=job.topic),
                                   timeout=timeout, slicing=slicing)
     except BaseException:
         network.release_unsent([hold])
+        meter.job_done(job.job_id)  # a map's watch on the pre-authorized hold, if it had one
         raise
     remote.holds, remote.credit_limit_s = [hold], plan.limit_s
     return remote

@@ -2,8 +2,10 @@
 
 Providers are strangers: a GPU may be faulty, an owner may cheat. With
 ``--verify`` (``verify=`` in the Python API) every unit of a job (the cell, or each
-item of a map) runs as copies on distinct providers (provider accounts, not just
-workers), and the notebook, which owns the work as a volunteer-computing project
+item of a map) runs as copies on distinct providers on distinct hosts (provider
+accounts, not just workers; hosts by their workers' addresses,
+:func:`gpunet.client.placement.host_groups`: two accounts with workers on one host
+never both run a unit), and the notebook, which owns the work as a volunteer-computing project
 owns its work units, judges what came back (:mod:`gpunet.verify.quorum`). Once a
 quorum exists, copies still running are cancelled (their holds released).
 
@@ -27,15 +29,16 @@ import dask
 from gpunet import wire
 from gpunet.client.handle import (
     SCATTER_THRESHOLD_BYTES,
-    STOP_GRACE_S,
     JobHandle,
+    failure_of,
     gather_within,
     pickled,
     scatter_surviving,
     stop_job_everywhere,
+    stop_on_workers_soon,
     write,
 )
-from gpunet.client.placement import satisfies
+from gpunet.client.placement import host_groups, host_of, satisfies
 from gpunet.client.received import accept
 from gpunet.errors import BudgetError, GpunetError, VerificationError
 from gpunet.verify.adaptive import TrustRecords
@@ -50,7 +53,7 @@ from gpunet.verify.quorum import (
     preview,
     result_digest,
 )
-from gpunet.worker.runner import run_job, stop_job
+from gpunet.worker.runner import run_job
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Future
@@ -86,9 +89,13 @@ class ProviderPool:
     rng: random.Random = field(default_factory=random.Random)
     #: the records as this job's verdicts move them, for adaptive trust
     trust: TrustRecords = field(init=False)
+    #: provider -> its host group: providers sharing a host are one group, and a unit's
+    #: copies go to distinct groups (:func:`gpunet.client.placement.host_groups`)
+    hosts: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.trust = TrustRecords.of(self.records)
+        self.hosts = host_groups(self.workers)
 
     @classmethod
     def of(cls, network: Connection, resources: dict[str, float], allowed: list[str] | None) -> ProviderPool:
@@ -117,19 +124,32 @@ class ProviderPool:
     def require(self, policy: Policy) -> None:
         """Refuse, before anything is sent, a policy this network cannot honour."""
         need = policy.providers_needed
-        if len(self.workers) >= need:
+        groups = len(set(self.hosts.values()))
+        if len(self.workers) >= need and groups >= need:
             return
         have = ", ".join(f"{p} ({len(w)} worker{'s' * (len(w) != 1)})" for p, w in sorted(self.workers.items()))
         quarantined = f"; quarantined, so left out: {', '.join(self.quarantined)}" if self.quarantined else ""
+        if len(self.workers) >= need:
+            shared = "; ".join(
+                ", ".join(f"{p} ({', '.join(sorted({host_of(a) for a in self.workers[p]}))})"
+                          for p in sorted(self.workers) if self.hosts[p] == group)
+                for group in sorted(set(self.hosts.values())))
+            raise VerificationError(
+                f"--verify {policy} needs {need} distinct providers on {need} distinct hosts, and the providers that "
+                f"can run this job are on {groups} host{'s' * (groups != 1)} (by their workers' addresses): "
+                f"{shared}. Copies from one host may be one person's, so they do not check each other. Nothing was "
+                "sent. Use --verify none, or connect to a network with providers on more hosts.")
         raise VerificationError(
             f"--verify {policy} needs {need} distinct providers that can run this job, and this network has "
             f"{len(self.workers)}{': ' + have if have else ''}{quarantined}. Nothing was sent. Use --verify none, "
             "ask for less (--gpus, --gpu-mem), or connect to a network with more providers.")
 
     def choose(self, exclude: set[str], *, trusted: bool = False) -> str | None:
-        """A provider not in ``exclude``: the least loaded (per worker), or, with
-        ``trusted``, the one with the best record; None when none is left."""
-        candidates = [p for p in self.workers if p not in exclude]
+        """A provider on another host than those in ``exclude`` (the providers of a
+        unit's copies so far): the least loaded (per worker), or, with ``trusted``, the
+        one with the best record; None when none is left."""
+        taken = {self.hosts.get(p) for p in exclude}
+        candidates = [p for p in self.workers if p not in exclude and self.hosts.get(p) not in taken]
         if not candidates:
             return None
         self.rng.shuffle(candidates)  # ties go to a random provider
@@ -212,9 +232,11 @@ class VerifiedJob(JobHandle):
     @classmethod
     def submit(cls, network: Connection, job: Job, policy: Policy, tolerance: Tolerance, *,
                resources: dict[str, float], items: list[Any] | None = None, workers: list[str] | None = None,
-               max_credits: float | None = None, timeout: float | None = None) -> VerifiedJob:
+               max_credits: float | None = None, timeout: float | None = None,
+               max_rate: float | None = None) -> VerifiedJob:
         """Choose each unit's providers, hold credits for every copy, and send them.
-        Refuses (nothing held, nothing sent) when too few providers can run it."""
+        Refuses (nothing held, nothing sent) when too few providers can run it. Every
+        copy's hold is priced at ``max_rate`` (the job's price limit, by default the session's)."""
         pool = ProviderPool.of(network, resources, workers)
         pool.require(policy)
         blobs = None if items is None else [pickled(item, f"map item {i}") for i, item in enumerate(items)]
@@ -228,7 +250,7 @@ class VerifiedJob(JobHandle):
         units = 1 if items is None else len(items)
         what = ("the cell" if job.code is not None else "the call") if items is None else f"each of {units} items"
         plan = network.meter.plan(count=units if max_credits is None else units * policy.max_copies,
-                                  max_credits=max_credits, timeout=timeout, max_rate=network.max_rate(),
+                                  max_credits=max_credits, timeout=timeout, max_rate=network.hold_rate(max_rate),
                                   what=f"the up to {policy.max_copies} copies that --verify {policy} may run of {what}")
         self = cls(network, job, policy, tolerance, pool, resources=resources, items=blobs, amount=plan.amount)
         planned = [(unit, provider) for unit in self.units for provider in self._first_providers(unit)]
@@ -243,8 +265,8 @@ class VerifiedJob(JobHandle):
         try:
             if network.scatters and sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
                 self._inputs, job.inputs = scatter_surviving(client, job.inputs, timeout=timeout), {}
-            if self.mapped:
-                self._shared = scatter_surviving(client, job, timeout=timeout) if network.scatters else job
+            if network.scatters and (self.mapped or len(job.arguments) > SCATTER_THRESHOLD_BYTES):
+                self._shared = scatter_surviving(client, job, timeout=timeout)  # sent once, not with every copy
             for (unit, provider), hold in zip(planned, holds):
                 self._send(unit, provider, hold)
         except BaseException:
@@ -403,7 +425,8 @@ class VerifiedJob(JobHandle):
         unit, copy = found
         if unit.decided or copy.failed is not None or copy.result is not None:
             return
-        if future.status == "finished":
+        status = future.status  # read once: a copy lost with its worker goes back to pending meanwhile
+        if status == "finished":
             try:
                 raw = result if result is not None else future.result(timeout=self._fetch_s())
             except Exception as exc:  # noqa: BLE001 - a lost worker between finish and fetch
@@ -421,10 +444,12 @@ class VerifiedJob(JobHandle):
                 copy.failed, copy.result = f"it was stopped on {copy.result.worker}", None
             if copy.result is not None:
                 copy.token = self.pool.trust.arrived(copy.provider)
-        elif future.status == "cancelled":
+        elif status == "cancelled":
             copy.failed = "it was lost (cancelled by the scheduler)"
         else:
-            exc = future.exception()
+            exc = failure_of(future)
+            if exc is None:
+                return  # lost with its worker since it was listed: Dask runs it again
             copy.failed = f"it failed in Dask: {type(exc).__name__}: {exc}"
         self._judge(unit)
 
@@ -552,8 +577,7 @@ class VerifiedJob(JobHandle):
             running = self.job.job_id if unit.index is None else f"{self.job.job_id}/{unit.index}"
             workers = self.pool.workers.get(copy.provider)
             if workers:
-                client.run(stop_job, running, "no longer needed", STOP_GRACE_S, workers=workers, wait=False,
-                           on_error="ignore")
+                stop_on_workers_soon(client, running, "no longer needed", workers)
 
     def _release_futures(self) -> None:
         for unit in self.units:

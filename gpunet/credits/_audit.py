@@ -35,8 +35,9 @@ from gpunet.credits._ledger import (
 logger = logging.getLogger(__name__)
 
 CHUNK = 100_000
-#: The Merkle levels each verify worker hashes over its range (ranges are aligned to 2**LEVELS).
-LEVELS = 16
+#: The Merkle levels each verify worker hashes over its range (ranges are aligned to 2**LEVELS, a
+#: step small enough to split a ledger evenly; the parent hashes the few nodes above).
+LEVELS = 12
 
 
 def verify_database(
@@ -82,8 +83,11 @@ def verify_database(
             raise LedgerVerificationError(f"this database holds no gpunet ledger ({exc})") from exc
         row = cur.fetchone()
         recorded = row[0] if row else None
-        cur.execute("SELECT count(*), max(idx) FROM entries")
-        count, top = cur.fetchone()
+        # Apart: SQLite answers each from an index, both in one query by scanning the table.
+        cur.execute("SELECT count(*) FROM entries")
+        (count,) = cur.fetchone()
+        cur.execute("SELECT max(idx) FROM entries")
+        (top,) = cur.fetchone()
         slots = 0 if top is None else int(top) + 1
         cur.execute("SELECT name, balance FROM accounts")
         balances = {name: bal for name, bal in cur.fetchall()}
@@ -97,13 +101,10 @@ def verify_database(
     # Ranges start at multiples of 2**LEVELS where they are long enough, so that each worker
     # hashes the Merkle levels of its range too, and the parent only joins them.
     step = 1 << LEVELS if slots // workers >= 1 << LEVELS else 1
-    bounds = sorted({0, slots, *(slots * i // workers // step * step for i in range(1, workers))})
+    bounds = sorted({0, slots, *((slots * i // workers + step // 2) // step * step for i in range(1, workers))})
     height = min([LEVELS, *((lo & -lo).bit_length() - 1 for lo in bounds[1:-1])])
     jobs = [(url, lo, hi, height) for lo, hi in zip(bounds, bounds[1:]) if hi > lo] or [(url, 0, 0, height)]
-    if len(jobs) == 1:
-        parts = [_scan(*jobs[0])]
-    else:
-        parts = _scan_in_processes(jobs)
+    parts = _scan_in_processes(jobs)
     checker = _stitch(parts, height)
     if checker.size != count:  # pragma: no cover - a gap is caught by the scans
         raise LedgerVerificationError(f"the ledger has {count} entries but its indexes run to {slots - 1}")
@@ -236,7 +237,8 @@ def _scan(url: str, start: int, end: int, height: int = 0) -> dict[str, Any]:
 
 
 def _scan_in_processes(jobs: list[tuple[str, int, int, int]]) -> list[dict[str, Any]]:
-    """Run :func:`_scan` over each range in its own ``python`` child; results come back pickled.
+    """Run :func:`_scan` over the first range here and over each other one in its own ``python``
+    child (started first, so that they run meanwhile); their results come back pickled.
 
     Plain child processes rather than multiprocessing: nothing of the caller's
     ``__main__`` is re-run and no threads are forked.
@@ -246,23 +248,26 @@ def _scan_in_processes(jobs: list[tuple[str, int, int, int]]) -> list[dict[str, 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     # The URL (it may hold a password) goes through stdin, not the command line.
     procs = [subprocess.Popen([sys.executable, "-c", code, str(lo), str(hi), str(height)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _, lo, hi, height in jobs]
-    for proc, (url, *_) in zip(procs, jobs):
-        proc.stdin.write(url.encode())
-        proc.stdin.close()
-    parts = []
-    for proc, job in zip(procs, jobs):
-        out = proc.stdout.read()
-        err = proc.stderr.read()
-        proc.wait()
-        if proc.returncode != 0:
-            for other in procs:
-                if other.poll() is None:
-                    other.kill()
-            raise LedgerVerificationError(
-                f"the verify worker for entries {job[1]}..{job[2] - 1} failed (exit {proc.returncode}): "
-                f"{err.decode(errors='replace').strip().splitlines()[-1:] or ''}")
-        parts.append(pickle.loads(out))
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for _, lo, hi, height in jobs[1:]]
+    try:
+        for proc, (url, *_) in zip(procs, jobs[1:]):
+            proc.stdin.write(url.encode())
+            proc.stdin.close()
+        parts = [_scan(*jobs[0])]
+        for proc, job in zip(procs, jobs[1:]):
+            out, err = proc.stdout.read(), proc.stderr.read()
+            proc.wait()
+            if proc.returncode != 0:
+                raise LedgerVerificationError(
+                    f"the verify worker for entries {job[1]}..{job[2] - 1} failed (exit {proc.returncode}): "
+                    f"{err.decode(errors='replace').strip().splitlines()[-1:] or ''}")
+            parts.append(pickle.loads(out))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return parts
 
 

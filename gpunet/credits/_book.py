@@ -32,7 +32,6 @@ import logging
 import re
 import secrets
 import threading
-import uuid
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable
@@ -50,7 +49,13 @@ from gpunet.errors import (
 from gpunet.credits._ledger import ESCROW, ZERO_HASH, canonical_memo, entry_hash
 from gpunet.credits._ledger import sign_head as sign_tree_head
 from gpunet.credits._merkle import MerkleTree
-from gpunet.credits._trust import REPUTATION_FLOOR, quarantine_reason, record_json
+from gpunet.credits._trust import (
+    MISMATCHES_PER_CLIENT_DAY,
+    REPUTATION_FLOOR,
+    counts_today,
+    quarantine_reason,
+    record_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +71,6 @@ MAX_BALANCE = 2**62
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 KEY_RE = re.compile(r"[\x21-\x7e]{1,200}\Z")
 ID_RE = re.compile(r"[a-z]_[0-9a-f]{32}\Z")
-HEAD_FIELDS = columns("heads")
 
 
 def hash_token(token: str) -> str:
@@ -79,15 +83,25 @@ def new_token() -> str:
     return "gpn_" + secrets.token_urlsafe(32)
 
 
-# Built once (json.dumps with options builds an encoder per call), and without the check for
-# circular references: what they encode are requests' parameters and answers, plain trees.
-_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), check_circular=False)
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+def _json_writer(*, sort_keys: bool = False) -> Callable[[Any], str]:
+    """``JSONEncoder(sort_keys, separators=(",", ":")).encode``, with the C encoder built once
+    (``encode`` builds it again on every call: a third of the writer's JSON time) and no check
+    for circular references: what it encodes are requests' parameters and answers, plain trees."""
+    encoder = json.JSONEncoder(sort_keys=sort_keys, separators=(",", ":"), check_circular=False)
+    make = json.encoder.c_make_encoder
+    if make is None:  # pragma: no cover - an interpreter without the C accelerator
+        return encoder.encode
+    chunks = make(None, encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",", sort_keys, False, True)
+    return lambda value: "".join(chunks(value, 0))
+
+
+_CANONICAL_JSON = _json_writer(sort_keys=True)
+_COMPACT_JSON = _json_writer()
 
 
 def request_hash(name: str, params: dict[str, Any]) -> str:
     """Return the digest that ties an idempotency key to one request body."""
-    return hashlib.sha256(_CANONICAL_JSON.encode([name, params]).encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL_JSON([name, params]).encode()).hexdigest()
 
 
 def require_role(role: str | None, allowed: frozenset[str], what: str, actor: str | None) -> None:
@@ -192,10 +206,15 @@ class Book:
     """The bank's state in the writer's memory, and the factory of its units of work."""
 
     def __init__(self, conn: WriteConnection, accounts: list[tuple], hashes: list[bytes], last_head: int | None,
-                 *, signing_key: Any = None, reputation_floor: float = REPUTATION_FLOOR) -> None:
+                 *, signing_key: Any = None, reputation_floor: float = REPUTATION_FLOOR,
+                 mismatches_per_client_day: int = MISMATCHES_PER_CLIENT_DAY) -> None:
         self.conn = conn
         self.signing_key = signing_key
         self.reputation_floor = reputation_floor
+        self.mismatches_per_client_day = mismatches_per_client_day
+        #: (client account, provider, UTC day) -> mismatches that client's verdicts counted
+        #: against that provider that day (kept in memory: counted since the service started)
+        self.mismatches_by_client: dict[tuple[str, str, str], int] = {}
         self.accounts: dict[str, Account] = {}
         self.tokens: dict[str, str] = {}
         self.sessions: dict[str, Session] = {}
@@ -387,7 +406,7 @@ class Unit:
                 return json.loads(seen[1])
         result = operation.run(self, actor, key or "", **params)
         if scope is not None:
-            self.idem_new[scope] = (rh, _COMPACT_JSON.encode(result))
+            self.idem_new[scope] = (rh, _COMPACT_JSON(result))
         return result
 
     def create_account(self, actor: str | None, key: str, *, name: str, role: str) -> dict[str, Any]:
@@ -427,7 +446,7 @@ class Unit:
     def open_session(self, actor: str | None, key: str, *, budget: int, notebook: str = "",
                      kernel: str = "") -> dict[str, Any]:
         """Open a session of ``actor`` that may hold and spend at most ``budget``; moves nothing."""
-        sid = "s_" + uuid.uuid4().hex
+        sid = "s_" + secrets.token_hex(16)
         return self._create(self.b.sessions, sid, Session(sid, actor or "", notebook, kernel, budget, 0, 0,
                                                           self.now)).usage()
 
@@ -458,7 +477,7 @@ class Unit:
                 f"insufficient balance: account {owner.name!r} has {owner.balance} credits, a hold of "
                 f"{amount} needs more; ask the operator to mint credits to it.",
                 details={"account": owner.name, "balance": owner.balance, "amount": amount})
-        hid = "h_" + uuid.uuid4().hex
+        hid = "h_" + secrets.token_hex(16)
         index = self._move("hold", owner, self.b.accounts[ESCROW], amount, session, hid, key)
         self._create(self.b.holds, hid, Hold(hid, session, owner.name, amount, "held", "", 0, index, None,
                                                       meter))
@@ -574,6 +593,16 @@ class Unit:
         rec = self._record(provider)
         if judged is not None:
             self._set(judged, verified=provider)
+        if not agreed and judged is not None:  # a client's verdict: at most so many a day against one provider
+            day = (judged.account, provider, self.now[:10])
+            counted = self.b.mismatches_by_client.get(day, 0)
+            if not counts_today(counted, self.b.mismatches_per_client_day):
+                logger.warning("a mismatch of provider %s on hold %s is not counted: client %s already counted %d "
+                               "today", provider, hold, judged.account, counted)
+                return {**rec.to_json(), "counted": False}
+            if len(self.b.mismatches_by_client) > 100_000:  # only today's counts matter
+                self.b.mismatches_by_client = {k: n for k, n in self.b.mismatches_by_client.items() if k[2] == day[2]}
+            self.b.mismatches_by_client[day] = counted + 1
         if agreed:
             self._set(rec, valid=rec.valid + 1, consecutive_valid=rec.consecutive_valid + 1)
         else:
@@ -640,7 +669,7 @@ class Unit:
             w.update(table, columns(table)[1:], changed[cls])
         w.insert("entries", self.entries)
         w.insert("idempotency", [(scope, rh, resp) for scope, (rh, resp) in self.idem_new.items()])
-        w.insert("heads", [tuple(h[c] for c in HEAD_FIELDS) for h in self.heads])
+        w.insert("heads", [tuple(h[c] for c in columns("heads")) for h in self.heads])
 
     def committed(self) -> None:
         """After the commit: the book takes the new chain position and tree, readers see the new

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -33,6 +34,24 @@ from gpunet.errors import CreditsUnavailableError, GpunetError
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = (3.05, 30.0)
+#: Sets the clients' timeouts: ``READ`` or ``CONNECT,READ`` seconds (default 3.05,30).
+TIMEOUT_ENV = "GPUNET_CREDITS_TIMEOUT"
+
+
+def timeout_from_env() -> tuple[float, float]:
+    """The credit clients' ``(connect, read)`` timeouts: ``GPUNET_CREDITS_TIMEOUT`` where set
+    (``READ`` or ``CONNECT,READ`` seconds), else :data:`DEFAULT_TIMEOUT`."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT
+    try:
+        numbers = [float(part) for part in text.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or not all(0 < number < 3600 for number in numbers):
+        raise GpunetError(f"{TIMEOUT_ENV} must be READ or CONNECT,READ seconds (each above 0 and under 3600), "
+                          f"got {text!r:.40}; unset it for the defaults ({DEFAULT_TIMEOUT[0]:g},{DEFAULT_TIMEOUT[1]:g})")
+    return (numbers[0], numbers[-1]) if len(numbers) == 2 else (DEFAULT_TIMEOUT[0], numbers[0])
 _RETRY_STATUS = {502, 503, 504}
 
 
@@ -49,18 +68,19 @@ def _is_loopback(url: str) -> bool:
 class CreditClient:
     """A client of the credit service at ``url`` acting as the account behind ``token``.
 
-    ``timeout`` is passed to ``requests`` (seconds, or ``(connect, read)``);
+    ``timeout`` is passed to ``requests`` (seconds, or ``(connect, read)``; default
+    :func:`timeout_from_env`);
     ``retries`` is how many times an idempotent call is tried again after a
     connection error or a 502/503/504, with exponential backoff from ``backoff``.
     """
 
-    def __init__(self, url: str, token: str, *, timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+    def __init__(self, url: str, token: str, *, timeout: float | tuple[float, float] | None = None,
                  retries: int = 3, backoff: float = 0.1) -> None:
         import requests
 
         self.url = url.rstrip("/")
         self.token = token
-        self.timeout = timeout
+        self.timeout = timeout_from_env() if timeout is None else timeout
         self.retries = retries
         self.backoff = backoff
         self._http = requests.Session()

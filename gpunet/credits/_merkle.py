@@ -46,26 +46,6 @@ def _split(n: int) -> int:
     return 1 << ((n - 1).bit_length() - 1)
 
 
-def root_from_leaves(leaf_hashes: Sequence[bytes]) -> bytes:
-    """Return the Merkle tree hash (RFC 6962 MTH) over already-hashed leaves.
-
-    Works level by level; an odd node at the end of a level moves up unchanged,
-    which gives the same root as RFC 6962's split at the largest power of two.
-    """
-    level = list(leaf_hashes)
-    if not level:
-        return EMPTY_ROOT
-    sha = _sha256
-    prefix = NODE_PREFIX
-    while len(level) > 1:
-        odd = level[-1] if len(level) & 1 else None
-        it = iter(level)
-        level = [sha(prefix + a + b).digest() for a, b in zip(it, it)]
-        if odd is not None:
-            level.append(odd)
-    return level[0]
-
-
 def subtree_levels(leaves: bytes, height: int | None = None) -> list[bytes]:
     """Return the hashes of the complete subtrees over concatenated leaf hashes, level by level.
 
@@ -125,6 +105,15 @@ class MerkleTree:
         self._size = 0
         self.extend(leaf_hashes)
 
+    @classmethod
+    def from_levels(cls, levels: Sequence[bytes]) -> MerkleTree:
+        """Return the tree whose complete subtrees are ``levels`` (as :func:`subtree_levels` gives
+        them for a whole tree): the same layout, nothing hashed again."""
+        tree = cls()
+        tree._levels = [bytearray(level) for level in levels] or [bytearray()]
+        tree._size = len(tree._levels[0]) // HASH_SIZE
+        return tree
+
     @property
     def size(self) -> int:
         """The number of leaves."""
@@ -136,58 +125,28 @@ class MerkleTree:
 
     def append(self, leaf: bytes) -> None:
         """Append one leaf hash (already hashed with :func:`leaf_hash`)."""
-        if len(leaf) != HASH_SIZE:
-            raise ValueError(f"a leaf hash has {HASH_SIZE} bytes, got {len(leaf)}")
-        levels = self._levels
-        levels[0] += leaf
-        self._size += 1
-        index = self._size - 1
-        level = 0
-        while index & 1:
-            parent = node_hash(self._node(level, index - 1), self._node(level, index))
-            level += 1
-            if len(levels) == level:
-                levels.append(bytearray())
-            levels[level] += parent
-            index >>= 1
+        self.extend([leaf])
 
     def extend(self, leaf_hashes: Iterable[bytes]) -> None:
-        """Append many leaf hashes in order."""
-        leaves = list(leaf_hashes)
-        if not leaves:
-            return
-        if self._size & 1 == 0 and all(len(x) == HASH_SIZE for x in leaves) and len(leaves) > 64:
-            # Bulk path: append level by level with list comprehensions.
-            self._bulk_extend(leaves)
-            return
-        for leaf in leaves:
-            self.append(leaf)
-
-    def _bulk_extend(self, leaves: list[bytes]) -> None:
-        sha = _sha256
-        prefix = NODE_PREFIX
+        """Append leaf hashes in order, level by level: each level takes the new nodes, then
+        hashes the pairs they complete (the first may pair with a node already there)."""
+        carry = list(leaf_hashes)
+        for leaf in carry:
+            if len(leaf) != HASH_SIZE:
+                raise ValueError(f"a leaf hash has {HASH_SIZE} bytes, got {len(leaf)}")
+        self._size += len(carry)
+        sha, prefix, pair = _sha256, NODE_PREFIX, 2 * HASH_SIZE
         level = 0
-        carry = leaves  # new complete nodes at this level, in order
         while carry:
             if len(self._levels) == level:
                 self._levels.append(bytearray())
             buf = self._levels[level]
             before = len(buf) // HASH_SIZE
             buf += b"".join(carry)
-            after = before + len(carry)
-            # Parents completed by this extension: pairs (2j, 2j+1) with 2j+1 in [before, after).
-            first_pair = before // 2
-            last_pair = after // 2  # exclusive
-            if last_pair <= first_pair:
-                break
-            start = first_pair * 2 * HASH_SIZE
-            chunk = bytes(buf[start : last_pair * 2 * HASH_SIZE])
-            carry = [
-                sha(prefix + chunk[i : i + 2 * HASH_SIZE]).digest()
-                for i in range(0, len(chunk), 2 * HASH_SIZE)
-            ]
+            # Pairs (2j, 2j+1) completed now: 2j+1 in [before, before + len(carry)).
+            chunk = bytes(buf[before // 2 * pair : (before + len(carry)) // 2 * pair])
+            carry = [sha(prefix + chunk[i : i + pair]).digest() for i in range(0, len(chunk), pair)]
             level += 1
-        self._size += len(leaves)
 
     def leaf(self, index: int) -> bytes:
         """Return the leaf hash at ``index``."""

@@ -113,8 +113,9 @@ from gpunet.credits._book import (
 )
 from gpunet.credits._db import beside_db, format_time, resolve_db_url, sqlite_path
 from gpunet.credits._store import CreditStore
-from gpunet.credits._trust import REPUTATION_FLOOR
+from gpunet.credits._trust import MISMATCHES_PER_CLIENT_DAY, REPUTATION_FLOOR
 from gpunet.credits._witness import Witness
+from gpunet.paths import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +221,8 @@ def validate(op: str, body: Any, *, extra: dict[str, Any] | None = None) -> dict
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     spec = SPECS[op]
-    unknown = sorted(set(body) - set(spec))
-    if unknown:
+    if not body.keys() <= spec.keys():
+        unknown = sorted(set(body) - set(spec))
         raise InvalidRequestError(
             f"unknown field(s) {', '.join(map(repr, unknown))} for {op}; allowed: {', '.join(spec) or 'none'}",
             details={"fields": unknown})
@@ -264,14 +265,13 @@ MAX_JSON_DEPTH = 32
 
 
 def _json_depth(value: Any) -> int:
-    """How deep ``value``'s lists and dicts nest (walked without recursion)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, (list, dict)):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
-    return deepest
+    """How deep ``value``'s lists and dicts nest (walked level by level, without recursion)."""
+    depth, level = 0, [value] if isinstance(value, (list, dict)) else []
+    while level:
+        depth += 1
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (list, dict))]
+    return depth
 
 
 async def _json_body(request: Request) -> Any:
@@ -651,26 +651,18 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop()
 
 
-def write_secret(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by its owner only (mode 600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
 def open_store(db: str | None, *, key_file: str | os.PathLike[str] | None = None,
-               reputation_floor: float = REPUTATION_FLOOR) -> CreditStore:
+               reputation_floor: float = REPUTATION_FLOOR,
+               mismatches_per_client_day: int = MISMATCHES_PER_CLIENT_DAY) -> CreditStore:
     """Open (creating on first use) the credit database and its signing key; providers whose
-    reputation falls below ``reputation_floor`` are quarantined."""
+    reputation falls below ``reputation_floor`` are quarantined; one client's verdicts count
+    at most ``mismatches_per_client_day`` mismatches against a provider a day."""
     url = resolve_db_url(db)
     key_path = Path(key_file) if key_file else beside_db(url, ".ed25519.pem")
     key = load_or_create_signing_key(key_path)
     memory = Witness(key_path.with_name(key_path.name + ".heads"))
-    store = CreditStore(url, signing_key=key, reputation_floor=reputation_floor, memory=memory)
+    store = CreditStore(url, signing_key=key, reputation_floor=reputation_floor, memory=memory,
+                        mismatches_per_client_day=mismatches_per_client_day)
     try:
         store.bind_public_key(public_key_raw(key).hex())
         store.check_memory()
@@ -710,27 +702,30 @@ def serve(
     access_log: bool = False,
     on_ready: Callable[[str, Path], None] | None = None,
     reputation_floor: float = REPUTATION_FLOOR,
+    mismatches_per_client_day: int = MISMATCHES_PER_CLIENT_DAY,
 ) -> None:
     """Run the credit service in the foreground until SIGINT/SIGTERM.
 
     Creates the database, the ed25519 key and the operator account (its token
     written to ``operator_token_file``, mode 600) on first start; calls
     ``on_ready(url, token_file)`` once the socket listens. A provider whose reputation falls
-    below ``reputation_floor`` is quarantined (0: never).
+    below ``reputation_floor`` is quarantined (0: never); one client account's verdicts count
+    at most ``mismatches_per_client_day`` mismatches against one provider a day (-1: no limit).
     """
     import uvicorn
 
     # The event loop and the writer thread hand the GIL back and forth for every
     # request; the default 5 ms switch interval would add up to that to each one.
     sys.setswitchinterval(float(os.environ.get("GPUNET_CREDITS_SWITCH_INTERVAL", "0.0005")))
-    store = open_store(db, key_file=key_file, reputation_floor=reputation_floor)
+    store = open_store(db, key_file=key_file, reputation_floor=reputation_floor,
+                       mismatches_per_client_day=mismatches_per_client_day)
     try:
         token_path = Path(operator_token_file) if operator_token_file else beside_db(store.url, ".operator-token")
         token = store.ensure_operator()
         if token is None and rotate_operator_token:
             token = store.call("rotate_token", None, {"account": "operator"})["token"]
         if token is not None:
-            write_secret(token_path, token)
+            write_private(token_path, f"{token}\n".encode())
             logger.info("wrote the operator token to %s (mode 600)", token_path)
         elif not token_path.exists():
             logger.warning("the operator account exists but its token file %s is missing; restart with "

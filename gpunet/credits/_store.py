@@ -20,7 +20,7 @@ from gpunet.credits import _db
 from gpunet.credits._book import OPERATOR, Account, Book, Record, Request, Session, hash_token, new_token
 from gpunet.errors import CreditsError, NotFoundError
 from gpunet.credits._ledger import ESCROW
-from gpunet.credits._trust import REPUTATION_FLOOR
+from gpunet.credits._trust import MISMATCHES_PER_CLIENT_DAY, REPUTATION_FLOOR
 from gpunet.credits._witness import Witness
 from gpunet.credits._writer import Writer
 
@@ -35,7 +35,7 @@ class CreditStore:
     """
 
     def __init__(self, url: str, *, signing_key: Any = None, reputation_floor: float = REPUTATION_FLOOR,
-                 memory: Witness | None = None) -> None:
+                 memory: Witness | None = None, mismatches_per_client_day: int = MISMATCHES_PER_CLIENT_DAY) -> None:
         self.url = url
         #: the heads this service signed, kept beside its key, outside the database (see check_memory)
         self.memory = memory
@@ -50,7 +50,7 @@ class CreditStore:
             raise
         accounts, hashes, last_head, self.public_key_hex = _db.read_setup(self.engine)
         self.book = Book(conn, accounts, hashes, last_head, signing_key=signing_key,
-                         reputation_floor=reputation_floor)
+                         reputation_floor=reputation_floor, mismatches_per_client_day=mismatches_per_client_day)
         if ESCROW not in self.book.accounts:
             self._add_account(ESCROW, "system", None)
         self.writer = Writer(conn.raw, self.book.begin)  # it commits and rolls back the DB-API connection

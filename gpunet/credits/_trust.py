@@ -8,7 +8,11 @@ A provider's reputation is a smoothed share of good results::
 
 ``PRIOR`` good results are assumed before the first one, so a newcomer starts
 at 1.0 and one early mismatch does not sink it; each mismatch weighs ``PENALTY``
-times a valid result. A provider whose reputation falls below the floor
+times a valid result. A mismatch reported on a client's hold counts only while that client account has
+counted fewer than ``MISMATCHES_PER_CLIENT_DAY`` against the same provider that UTC
+day (the scheduler records one only when at least two other providers agreed against
+it, :func:`gpunet.metering.settlement.blamed`).
+A provider whose reputation falls below the floor
 (``REPUTATION_FLOOR``, or ``serve(reputation_floor=...)``) is quarantined: it stays
 so (more valid results do not lift it) until an operator clears it, which forgives
 its mismatches.
@@ -26,6 +30,17 @@ from typing import Any
 PRIOR = 10
 PENALTY = 5
 REPUTATION_FLOOR = 0.5
+#: The mismatches one client account's verdicts may count against one provider in a UTC
+#: day (``gpunet credits serve --mismatches-per-client-day``): fewer than it takes to
+#: quarantine a provider with a clean record (3: reputation 10 / 25 = 0.4), so that no
+#: single client can quarantine anyone on its own word in a day.
+MISMATCHES_PER_CLIENT_DAY = 2
+
+
+def counts_today(counted: int, cap: int = MISMATCHES_PER_CLIENT_DAY) -> bool:
+    """Whether one more mismatch from a client whose verdicts already ``counted`` that many
+    against a provider today counts (at most ``cap`` a day; a negative cap: no limit)."""
+    return cap < 0 or counted < cap
 
 
 def reputation(valid: int, mismatches: int) -> float:

@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from gpunet.clitools import run_command, wait_for
+from gpunet.clitools import read_token_file, run_command, wait_for
 from gpunet.credits._audit import verify_database, verify_service
 from gpunet.credits._book import ROLES
 from gpunet.credits._client import CreditClient
@@ -48,8 +48,9 @@ from gpunet.errors import (
     LedgerVerificationError,
 )
 from gpunet.credits._process import PARENT_PID_ENV, TOKEN_FILE_PREFIX, URL_PREFIX, watch_parent
-from gpunet.credits._trust import REPUTATION_FLOOR
+from gpunet.credits._trust import MISMATCHES_PER_CLIENT_DAY, REPUTATION_FLOOR
 from gpunet.paths import write_private
+from gpunet.ui.look import text_table
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reputation-floor", type=float, default=REPUTATION_FLOOR, metavar="R",
                    help=f"quarantine a provider whose reputation falls below R (default {REPUTATION_FLOOR}; 0 never "
                    "quarantines)")
+    p.add_argument("--mismatches-per-client-day", type=int, default=MISMATCHES_PER_CLIENT_DAY, metavar="N",
+                   help=f"count at most N mismatches from one client account against one provider a day (default "
+                   f"{MISMATCHES_PER_CLIENT_DAY}: fewer than it takes to quarantine a clean record; -1: no limit)")
     p.add_argument("--rotate-operator-token", action="store_true",
                    help="issue a new operator token (the old one stops working) and write it to the token file")
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -229,11 +233,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def _token(args: argparse.Namespace) -> str:
     if args.token_file:
-        try:
-            with open(args.token_file) as fh:
-                return fh.read().strip()
-        except OSError as exc:
-            raise InvalidRequestError(f"cannot read token file {args.token_file}: {exc.strerror}") from exc
+        return read_token_file(args.token_file)
     token = args.token or os.environ.get("GPUNET_TOKEN")
     if not token:
         raise InvalidRequestError("no token: pass --token, --token-file (operator verbs: the operator token file "
@@ -259,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.db, args.host, args.port, operator_token_file=args.operator_token_file, key_file=args.key_file,
           rotate_operator_token=args.rotate_operator_token, access_log=args.access_log, on_ready=ready,
-          reputation_floor=args.reputation_floor)
+          reputation_floor=args.reputation_floor, mismatches_per_client_day=args.mismatches_per_client_day)
     return 0
 
 
@@ -484,13 +484,8 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> str:
     """Return a text table: the first ``left`` columns flush left, the others flush right but the
-    last, which is left as it is (free text)."""
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
-    lines = []
-    for row in (header, *rows):
-        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row[:-1], widths))]
-        lines.append("  ".join([*cells, row[-1]]))
-    return "\n".join(lines)
+    last (free text)."""
+    return "\n".join(text_table(header, rows, indent="", right=range(left, len(header) - 1)))
 
 
 def format_records(records: list[dict[str, Any]]) -> str:

@@ -15,11 +15,24 @@ reads a clock, touches Dask or the network. The rules:
   in parts (``part-<hold>-<n>``, one per provider per report, so 2,000 items cost a
   handful of requests), the rest released once every item is done; an item is
   never paid twice;
+- a notebook session's pre-authorized hold (annotation ``preauth``: the hold's size)
+  is shared the same way by every task of every job that draws on it, but stays
+  open when they are done: it is released when the notebook asks (it closes or
+  idles) or leaves;
+- a shared hold never pays out more than it holds: an item that finishes once the
+  hold is spent is paid what is left (the shortfall is counted and logged), so no
+  part is ever refused for exceeding the hold;
 - an attempt on a worker whose provider is not known yet is owed until the worker
   registers, or released when the adapter gives up on it (:class:`GiveUpLater`);
 - a copy of a verified job waits for the notebook's verdict: the agreeing copies
   are settled with a memo, the others released, and each verdict is recorded to
-  the provider's trust record (``verdict-<hold>``);
+  the provider's trust record (``verdict-<hold>``). The notebook's word is not all:
+  where the scheduler fetched the copies and their digests are equal, they agree,
+  whatever the notebook says (:func:`overruled`); and a mismatch counts against a
+  provider only when the copies it disagreed with came from at least
+  :data:`MIN_OTHER_PROVIDERS` other providers (:func:`blamed`), so one client with
+  one accomplice cannot frame anyone (the credit service caps, per day, the
+  mismatches one client account can count against a provider);
 - a quarantined provider is not paid, and its workers are retired (:class:`Retire`).
 
 Movements go to :attr:`Settlement.queue` as the credit service's batch items;
@@ -42,6 +55,26 @@ logger = logging.getLogger(__name__)
 REGISTRATION_WAIT_S = 60.0
 
 Movement = dict[str, Any]  # one credit-service batch item: {"op", "key", ...}
+
+#: How many other providers a copy must have disagreed with for the mismatch to count
+#: against its provider's trust record.
+MIN_OTHER_PROVIDERS = 2
+
+
+def blamed(provider: str, agreeing: Collection[str]) -> bool:
+    """Whether a copy of ``provider`` that disagreed with copies of the ``agreeing``
+    providers counts against its trust record: only when at least
+    :data:`MIN_OTHER_PROVIDERS` other providers agreed with each other against it."""
+    return len(set(agreeing) - {provider}) >= MIN_OTHER_PROVIDERS
+
+
+def overruled(copies: Mapping[Any, bool], digests: Mapping[Any, str]) -> dict[Any, bool]:
+    """The notebook's verdict ``copies`` (task key -> in the agreeing quorum) with the
+    scheduler's own comparison over it: a copy whose result digest (``digests``, what the
+    scheduler fetched and digested itself) equals an agreeing copy's agrees, whatever
+    the notebook said (equal canonical bytes are equal within any tolerance)."""
+    accepted = {digests[key] for key, agreed in copies.items() if agreed and key in digests}
+    return {key: bool(agreed) or (key in digests and digests[key] in accepted) for key, agreed in copies.items()}
 
 
 def price(seconds: float, rate: float, cap: int) -> int:
@@ -95,14 +128,56 @@ class Part:
 
 @dataclass
 class SharedHold:
-    """A map's hold, shared by its ``tasks`` items: which are done, which wait for
-    their worker's provider, and what each provider earned since the last part."""
+    """A hold shared by many tasks: a map's (``tasks`` items; closed once all are
+    done) or a session's pre-authorized hold (``tasks`` None; open until released).
+    Which tasks are done, which wait for their worker's provider, what each provider
+    earned since the last part, and what was paid from it in all (``paid``, never
+    beyond ``capacity``) and per job."""
 
-    tasks: int
+    tasks: int | None
+    capacity: int | None = None
     done: set[Any] = field(default_factory=set)
     owed: set[Any] = field(default_factory=set)
     parts: dict[str, Part] = field(default_factory=dict)
     sequence: int = 0
+    paid: int = 0
+    #: job id -> [credits paid, tasks done] (jobs drawing on a pre-authorized hold)
+    by_job: dict[str, list[int]] = field(default_factory=dict)
+    #: credits that tasks earned after the hold was spent (not paid)
+    short: int = 0
+    #: the session's pre-authorized hold that pays what a map's items earn beyond this hold
+    overflow: str | None = None
+    overflow_held: int = 0
+
+    def payable(self, amount: int) -> int:
+        """What of ``amount`` this hold can still pay: at most what is left of it."""
+        if self.capacity is None:
+            return amount
+        return max(0, min(amount, self.capacity - self.paid))
+
+
+def _shared_by(meta: Mapping[str, Any]) -> bool:
+    """Whether a task's annotation names a hold shared by many tasks (a map's or a session's)."""
+    return "tasks" in meta or "preauth" in meta
+
+
+def _new_share(meta: Mapping[str, Any]) -> SharedHold:
+    """The shared hold a task's annotation describes: a session's pre-authorized hold of
+    ``preauth`` credits, or a map's of ``tasks`` items (``held`` credits, if it says)."""
+    if "preauth" in meta:
+        return SharedHold(None, capacity=_whole(meta["preauth"]))
+    overflow = meta.get("overflow")
+    return SharedHold(_whole(meta["tasks"]), capacity=_whole(meta["held"]) if "held" in meta else None,
+                      overflow=overflow if isinstance(overflow, str) and "overflow_held" in meta else None,
+                      overflow_held=_whole(meta.get("overflow_held", 0)))
+
+
+def _whole(value: Any) -> int:
+    """A count or an amount from an annotation, as a non-negative int (bad values count as 0)."""
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
 
 
 class Owned(NamedTuple):
@@ -150,6 +225,10 @@ class Settlement:
         self.shared: dict[str, SharedHold] = {}  # maps' holds still open
         self.quarantined: set[str] = set()  # as learned from the credit service
         self.verdicts = 0
+        #: copies a notebook called a mismatch whose digest equalled an agreeing copy's
+        self.overruled = 0
+        #: mismatches not counted against a provider: too few other providers disagreed with it
+        self.unblamed = 0
         self._parts_pending = False
 
     @property
@@ -172,10 +251,10 @@ class Settlement:
         else:
             self.dispatched.pop(key, None)
         share = None
-        if "tasks" in meta:
+        if _shared_by(meta):
             share = self.shared.get(hold)
             if share is None and hold not in self.closed:
-                share = self.shared[hold] = SharedHold(int(meta["tasks"]))
+                share = self.shared[hold] = _new_share(meta)
             if share is None or key in share.done or key in share.owed:
                 return []  # closed, or paid or refused already: a re-run after its result was lost is not paid again
         elif hold in self.closed:
@@ -219,14 +298,25 @@ class Settlement:
         self.providers.pop(worker, None)
 
     def verdict(self, client: str | None, job: str, copies: Mapping[Any, bool], tasks: Mapping[Any, Owned], *,
-                method: str = "", digest: str = "", checked: bool = True) -> None:
+                method: str = "", digest: str = "", checked: bool = True,
+                digests: Mapping[Any, str] | None = None) -> None:
         """A notebook's verdict on the copies of one unit of verified job ``job``:
         ``copies`` maps each copy's task key to whether it is in the agreeing quorum.
         Only a client that wants those tasks (``tasks``, from the scheduler) may
         judge them (``client`` is the id the caller gives); the memo names the
-        providers seen to run them."""
+        providers seen to run them. ``digests`` are the copies' result digests as
+        the scheduler computed them itself: a copy equal to an agreeing one agrees
+        (:func:`overruled`), and a mismatch is recorded against a provider only when
+        :func:`blamed`."""
         if client is None or not copies:
             return
+        corrected = overruled(copies, digests or {})
+        if corrected != dict(copies):
+            wrong = sorted(str(key) for key in corrected if corrected[key] != bool(copies[key]))
+            logger.warning("gpunet metering: client %s called copies %s of job %s mismatches, but their results "
+                           "are equal to an agreeing copy's: they agree", client, wrong, job)
+            self.overruled += len(wrong)
+            copies = corrected
         judged: list[tuple[str, AwaitingCopy, bool]] = []
         for key, agreed in copies.items():
             meta, owners = tasks.get(key) or (None, ())
@@ -249,7 +339,9 @@ class Settlement:
             # A mismatch settles 0 to its provider: the hold names whom its verdict is about.
             self._settle(hold, copy.provider, copy.amount if agreed else 0,
                          {**memo, "task": str(copy.key), "seconds": _rounded(copy.seconds)})
-            if checked:
+            if checked and not agreed and not blamed(copy.provider, agreeing):
+                self.unblamed += 1  # it was not accepted (not paid), but it is no evidence against its provider
+            elif checked:
                 self.queue.append({"op": "record_verification", "provider": copy.provider, "agreed": agreed,
                                    "hold": hold, "key": f"verdict-{hold}"})
         self.verdicts += 1
@@ -268,6 +360,11 @@ class Settlement:
             return None
         seconds = now - self.dispatched.get(key, now)
         amount = price(seconds, info.rate, meta.get("amount", 1))
+        if "preauth" in meta:  # a part of the session's hold, which stays open
+            share = self.shared.setdefault(hold, _new_share(meta))
+            if key in share.done:
+                return None
+            return self._item_done(hold, key, info.provider, amount, seconds, meta.get("job"))
         self._settle(hold, info.provider, amount, {"seconds": _rounded(seconds)})
         return amount
 
@@ -323,8 +420,8 @@ class Settlement:
         attempt); an item of a map adds to its shared hold's next part. The memo of each
         settlement says the device-seconds it pays for (a provider's dashboard adds them up)."""
         hold = meta["hold"]
-        if "tasks" in meta:
-            self._item_done(hold, key, provider, amount, seconds)
+        if _shared_by(meta):
+            self._item_done(hold, key, provider, amount, seconds, meta.get("job"))
         elif meta.get("verify"):
             if live is not None and key not in live:  # forgotten while its provider was being checked
                 self._release(hold)
@@ -339,30 +436,72 @@ class Settlement:
     def _unpaid(self, hold: str, key: Any, meta: dict[str, Any]) -> None:
         """An attempt nobody is paid for: a map's item counts as done, any other task's
         hold is released (a verified copy no longer awaits its verdict)."""
-        if "tasks" in meta:
-            self._item_done(hold, key, None, 0, 0.0)
+        if _shared_by(meta):
+            self._item_done(hold, key, None, 0, 0.0, meta.get("job"))
         else:
             self.awaiting.pop(hold, None)
             self._release(hold)
 
-    def _item_done(self, hold: str, key: Any, provider: str | None, amount: int, seconds: float) -> None:
-        """One item of a map is done: add what it earned to its provider's next part,
-        and close the hold once every item is done."""
+    def _item_done(self, hold: str, key: Any, provider: str | None, amount: int, seconds: float,
+                   job: Any = None) -> int:
+        """One task of a shared hold is done: add what it earned (at most what is left of
+        the hold) to its provider's next part, and close a map's hold once every item is
+        done. Returns the credits it is paid."""
         share = self.shared.get(hold)
         if share is None:
-            return
+            return 0
         share.owed.discard(key)
         share.done.add(key)
+        paid = 0
+        tally = share.by_job.setdefault(job, [0, 0]) if isinstance(job, str) else [0, 0]
+        tally[1] += 1
+        spill = None  # the pre-authorized hold that pays a map's items beyond its own hold
+        if share.overflow and share.overflow not in self.closed:
+            spill = self.shared.setdefault(share.overflow, SharedHold(None, capacity=share.overflow_held))
+        spilled = spill.by_job.setdefault(job, [0, 0]) if spill is not None and isinstance(job, str) else [0, 0]
+        spilled[1] += 1
         if provider is not None and provider not in self.quarantined:
-            part = share.parts.setdefault(provider, Part())
-            part.credits += amount
-            part.tasks += 1
-            part.seconds += seconds
-            self._parts_pending = True
-        if len(share.done) >= share.tasks:
+            paid = self._pay_part(share, provider, share.payable(amount), seconds)
+            if paid < amount and spill is not None and spill.tasks is None:
+                # the map's items ran longer than expected: the rest comes from the session's
+                # pre-authorized hold, while anything is left of it
+                extra = self._pay_part(spill, provider, spill.payable(amount - paid), 0.0 if paid else seconds)
+                spilled[0] += extra
+                paid += extra
+            if paid < amount:
+                share.short += amount - paid
+                logger.error("gpunet metering: hold %s is spent; task %s earned %d credits and is paid %d",
+                             hold, key, amount, paid)
+        tally[0] += paid
+        if share.tasks is not None and len(share.done) >= share.tasks:
             self._queue_parts(hold, share)
             del self.shared[hold]
             self._release(hold)
+        return paid
+
+    def _pay_part(self, share: SharedHold, provider: str, paid: int, seconds: float) -> int:
+        """Add ``paid`` credits for one task to ``provider``'s next part of ``share``."""
+        share.paid += paid
+        if paid:
+            part = share.parts.setdefault(provider, Part())
+            part.credits += paid
+            part.tasks += 1
+            part.seconds += seconds
+            self._parts_pending = True
+        return paid
+
+    def preauth_state(self, holds: Collection[str], jobs: Collection[str] = ()) -> dict[str, dict[str, Any]]:
+        """What was paid so far from each of ``holds`` (pre-authorized or a map's), in all
+        and for each of ``jobs`` (``{"paid", "done"}``: credits, and tasks done paid or
+        not); a hold no task of which finished here is missing from the answer."""
+        state = {}
+        for hold in holds:
+            share = self.shared.get(hold)
+            if share is not None:
+                state[hold] = {"paid": share.paid, "short": share.short,
+                               "jobs": {job: dict(zip(("paid", "done"), share.by_job[job]))
+                                        for job in jobs if job in share.by_job}}
+        return state
 
     def _queue_parts(self, hold: str, share: SharedHold) -> None:
         for provider, part in share.parts.items():

@@ -23,7 +23,7 @@ import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
-from typing import Any, Iterable, Sequence
+from typing import Any, Container, Iterable, Sequence
 
 #: The colours of states, shared by every display.
 COLOURS = {"queued": "#6e7781", "running": "#0969da", "done": "#1a7f37", "failed": "#cf222e",
@@ -81,11 +81,13 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, empty: str = 
     return f'<table style="border-collapse:collapse"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def text_table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, indent: str = "  ") -> list[str]:
-    """The plain-text lines of a table, columns padded."""
+def text_table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, indent: str = "  ",
+               right: Container[int] = ()) -> list[str]:
+    """The plain-text lines of a table, columns padded (those numbered in ``right`` flush right)."""
     table_rows = [tuple(map(str, header)), *(tuple(map(str, row)) for row in rows)]
     widths = [max(len(row[i]) for row in table_rows) for i in range(len(header))]
-    return [indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table_rows]
+    return [indent + "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in table_rows]
 
 
 def panel(title: str, body: str, *, note: str = "") -> str:

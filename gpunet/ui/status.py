@@ -50,6 +50,8 @@ class Shown(Protocol):
 
     def workers(self) -> list[WorkerInfo]: ...
     def metering_state(self) -> dict[str, Any] | None: ...
+    def hold_rate(self, max_rate: float | None = None) -> float: ...
+    def worker_rates(self, *, fresh: bool = False) -> tuple[dict[str, Any], dict[str, float]]: ...
 
 
 #: No device measures more than this (TFLOP/s, GB/s): a provider's figure above it is a lie.
@@ -128,21 +130,24 @@ class NetworkStatus:
     kind: str | None = None
     #: one line on what a cell gets when it asks for nothing: its timeout and hold
     defaults: str | None = None
+    #: worker address -> the rate its provider asks, credits per device-second (metered networks)
+    rates: dict[str, float] | None = None
 
     @classmethod
     def of(cls, net: Shown) -> NetworkStatus:
         """Take a snapshot of ``net`` now."""
         note = net.embedded.note if net.embedded is not None else None
-        usage = owners = trust = None
+        usage = owners = trust = rates = None
         workers = net.workers()
         if net.metered:
             n = net.credits.usage(net.session)
             usage = f"credits: spent {n['spent']}, held {n['held']}, left {n['left']} of {n['budget']}"
             owners, trust = _providers(net, [worker.address for worker in workers])
+            rates = net.worker_rates(fresh=True)[1]
         else:
             usage = "credits: not metered"
         return cls(net.address, net.dashboard_link, net.session, workers, note, usage, owners, trust,
-                   network_kind(net), cell_defaults(net.max_rate() if net.metered else None))
+                   network_kind(net), cell_defaults(net.hold_rate() if net.metered else None), rates)
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row per worker: address, name, device, memory, free/total slots, resources."""
@@ -151,30 +156,21 @@ class NetworkStatus:
             kind_name, memory, measured = device_columns(worker.device)
             resources = ", ".join(f"{k}={v:g}" for k, v in sorted(worker.resources.items()))
             provider = (self.owners or {}).get(worker.address, "-")
-            rows.append((worker.address, worker.name, provider, kind_name, memory,
+            rate = (self.rates or {}).get(worker.address)
+            rows.append((worker.address, worker.name, provider, "-" if rate is None else f"{rate:g}/s", kind_name, memory,
                          f"{worker.free_slots}/{worker.slots}", measured, resources))
         return rows
 
-    HEADER = ("worker", "name", "provider", "device", "memory", "free slots", "TFLOP/s f32", "resources")
+    HEADER = ("worker", "name", "provider", "rate", "device", "memory", "free slots", "TFLOP/s f32", "resources")
+
+    def notes(self) -> list[str]:
+        """The lines above the table: the kind of network, its note, credits, trust, cell defaults."""
+        return [text for text in (self.kind, self.note, self.usage, self.trust, self.defaults) if text]
 
     def __str__(self) -> str:
-        lines = [f"scheduler {self.scheduler}   dashboard {self.dashboard or 'none'}   session {self.session}"]
-        if self.kind:
-            lines.append(self.kind)
-        if self.note:
-            lines.append(self.note)
-        if self.usage:
-            lines.append(self.usage)
-        if self.trust:
-            lines.append(self.trust)
-        if self.defaults:
-            lines.append(self.defaults)
-        table = [self.HEADER, *self.rows()]
-        widths = [max(len(row[i]) for row in table) for i in range(len(self.HEADER))]
-        for row in table:
-            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-        lines.append(f"{len(self.workers)} worker(s), {sum(w.free_slots for w in self.workers)} free slot(s)")
-        return "\n".join(lines)
+        return "\n".join([f"scheduler {self.scheduler}   dashboard {self.dashboard or 'none'}   session {self.session}",
+                          *self.notes(), *look.text_table(self.HEADER, self.rows(), indent=""),
+                          f"{len(self.workers)} worker(s), {sum(w.free_slots for w in self.workers)} free slot(s)"])
 
     def __repr__(self) -> str:
         return str(self)
@@ -189,8 +185,7 @@ class NetworkStatus:
             page = gpunet_page(self.dashboard)
             dashboard += f' (<a href="{look.esc(page)}" target="_blank">gpunet page</a>)'
 
-        notes = "".join(f"<div>{look.esc(text)}</div>" for text in (self.kind, self.note, self.usage, self.trust, self.defaults)
-                        if text)
+        notes = "".join(f"<div>{look.esc(text)}</div>" for text in self.notes())
         free = sum(w.free_slots for w in self.workers)
         return look.panel("gpunet network", (
             f"<div>scheduler <code>{look.esc(self.scheduler)}</code> · dashboard {dashboard}"
@@ -224,10 +219,12 @@ def network_kind(net: Shown) -> str:
 
 
 def cell_defaults(max_rate: float | None) -> str:
-    """What a cell without --timeout or --max-credits gets: the time its hold covers."""
+    """What a cell without --timeout or --max-credits gets: the time its hold covers, and
+    (metered) what it holds at the session's price limit ``max_rate``."""
     cell, item = default_timeout(1), DEFAULT_ITEM_HOLD_SECONDS
-    held = "" if max_rate is None else (f", holding {math.ceil(cell * max_rate)} credits at the highest provider "
-                                        f"rate, {max_rate:g} a device-second")
+    held = "" if max_rate is None else (f", holding {math.ceil(cell * max_rate)} credits at your price limit, "
+                                        f"{max_rate:g} a device-second (only providers at or below it run your "
+                                        "cells; --max-rate R raises it)")
     return (f"cells: --timeout defaults to {cell:g} s (a --map: {item:g} s per item), the device time a cell's "
             f"hold covers{held}; give --timeout for longer cells")
 

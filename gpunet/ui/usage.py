@@ -56,7 +56,7 @@ class SessionUsage(LivePanel):
         # The figures are exact once the scheduler settled the jobs that finished here (a few
         # seconds at most; past that the headline says "settling").
         self.settling = not meter.wait_settled()
-        numbers = meter.credits.usage(meter.session)
+        numbers = meter.usage()
         state = self.net.metering_state() or {}
         self.owners = {address: info["provider"] for address, info in state.get("providers", {}).items()}
         self.default_owner = state.get("default_provider")
@@ -76,7 +76,9 @@ class SessionUsage(LivePanel):
         """One line: spent, held and left of the budget."""
         n = self.numbers
         settling = " (settling: finished jobs not yet paid; refresh() reads again)" if self.settling else ""
-        return f"spent {n['spent']}, held {n['held']}, left {n['left']} of {n['budget']} credits{settling}"
+        preauth = f" ({n['preauthorized']} of them pre-authorized)" if n.get("preauthorized") else ""
+        return (f"spent {n['spent']}, held {n['held']}{preauth}, left {n['left']} of {n['budget']} "
+                f"credits{settling}")
 
     def __str__(self) -> str:
         lines = [f"session {self.net.meter.session}: {self.headline()}"]
@@ -91,6 +93,7 @@ class SessionUsage(LivePanel):
         n = self.numbers
         return (f'<div>session <code>{look.esc(self.net.meter.session)}</code></div>'
                 + look.figures([("spent", "spent", n["spent"]), ("held", "held", n["held"]),
+                                ("preauthorized", "pre-authorized", n.get("preauthorized", 0)),
                                 ("left", "left", n["left"]), ("budget", "budget", n["budget"])])
                 + look.table(HEADER, self.rows(), empty="no task has run in this session yet"))
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from gpunet import codec, kernels
 from gpunet.errors import PolicyError
 from gpunet.kernels import KERNELS, Tolerance, compare
-from gpunet.wire import CODEC
+from gpunet.wire import CODEC, pickled_parts
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpunet.kernels import Mismatch
@@ -167,13 +167,24 @@ def result_digest(result: JobResult) -> str:
         h.update(codec.canonical_bytes(["value", _decoded(result)] if result.value is not None
                                        else ["outputs", _decoded(result), sorted(result.missing_outputs)]))
     elif result.value is not None:
-        h.update(b"value\0" + result.value)
+        h.update(b"value\0")
+        _hash_pickled(h, result.value)
     else:
         for name in sorted(result.outputs):
-            h.update(f"output\0{name}\0{len(result.outputs[name])}\0".encode() + result.outputs[name])
+            h.update(f"output\0{name}\0".encode())
+            _hash_pickled(h, result.outputs[name])
         h.update("\0".join(sorted(result.missing_outputs)).encode())
     h.update(b"displays\0" + _displays_digest(result).encode())
     return "sha256:" + h.hexdigest()
+
+
+def _hash_pickled(h: Any, blob: Any) -> None:
+    """Hash a pickled value's parts (its stream, then its out-of-band buffers), each
+    after its length, so that where one part ends is part of what is hashed."""
+    for part in pickled_parts(blob):
+        view = memoryview(part)
+        h.update(f"{view.nbytes}\0".encode())
+        h.update(view)
 
 
 def _displays_digest(result: JobResult) -> str:

@@ -38,14 +38,23 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
 from gpunet import codec
 from gpunet.cell import cell_filename
 from gpunet.errors import UnsupportedResultError
-from gpunet.wire import CODEC, TOO_LARGE, Job, JobResult, result_to_event, sign_event, stream_allowance
+from gpunet.wire import (
+    CODEC,
+    TOO_LARGE,
+    Job,
+    JobResult,
+    result_to_event,
+    sign_event,
+    stream_allowance,
+    unpickle_value,
+)
 from gpunet.worker.device import describe_this_device, device_info
 
 logger = logging.getLogger(__name__)
@@ -196,6 +205,18 @@ class _ThreadRouter(io.TextIOBase):
 _install_lock = threading.Lock()
 _installed = False
 
+#: Where this process's jobs run instead of its own threads (a provider's worker: the
+#: sessions' sandboxes, :mod:`gpunet.worker.sandbox`); None runs them here.
+_job_host: Any = None
+
+
+def set_job_host(host: Any) -> None:
+    """Run this worker's jobs through ``host`` (``host.run(job, item, index, worker,
+    address, device)`` returns what :func:`run_job` returns; ``host.stop(job_id, reason,
+    grace)`` stops them), or in this process again with None."""
+    global _job_host
+    _job_host = host
+
 
 def install_routers() -> None:
     """Route sys.stdout/sys.stderr and IPython's display() per thread (once a process)."""
@@ -287,7 +308,7 @@ def _current_worker() -> Any:
 
 def run_job(
     job: Job, item: bytes | None = None, index: int | None = None, inputs: dict[str, bytes] | None = None
-) -> JobResult:
+) -> JobResult | bytes:
     """Run ``job`` in this worker thread and return its result (never raises for
     the job's own errors: they travel back in ``JobResult.error``).
 
@@ -296,11 +317,20 @@ def run_job(
     """
     if inputs is not None:
         job = dataclasses.replace(job, inputs=inputs)
-    install_routers()
     worker = _current_worker()
     address = getattr(worker, "address", "local")
     # outside a worker (tests, debugging) this process's device
     device = (describe_this_device() if worker is None else device_info(worker))["label"]
+    if _job_host is not None:  # a provider's worker: the session's sandbox runs it
+        return _job_host.run(job, item, index, worker, address, device)
+    return execute_job(job, item, index, worker, address, device)
+
+
+def execute_job(job: Job, item: bytes | None, index: int | None, worker: Any, address: str, device: str) -> JobResult | bytes:
+    """Run ``job`` in this thread (of a worker, or of a sandbox whose ``worker`` relays
+    its events) and return its result: a :class:`JobResult`, or codec bytes for a
+    CODEC job. ``address`` and ``device`` name where it ran."""
+    install_routers()
     context = _JobContext(job, index, worker)
     thread_id = threading.get_ident()
     running_key = job.job_id if index is None else f"{job.job_id}/{index}"
@@ -311,7 +341,7 @@ def run_job(
                 raise JobInterrupted("stopped before it started")
             _contexts[thread_id] = context
             _running[running_key] = thread_id
-        _announce_later(job, worker, running_key, thread_id, device)
+        announce_later(job, worker, lambda: _running.get(running_key) == thread_id, device)
         if job.code is not None:
             _run_cell(job, item, context, result)
         else:
@@ -373,15 +403,16 @@ def _unregister(thread_id: int, running_key: str) -> None:
             continue
 
 
-def _announce_later(job: Job, worker: Any, running_key: str, thread_id: int, device: str) -> None:
-    """Say where the job runs, if it still runs after ANNOUNCE_AFTER_S."""
+def announce_later(job: Job, worker: Any, still_running: Callable[[], bool], device: str) -> None:
+    """Say where the job runs (a "started" event from ``worker``), if ``still_running()``
+    after ANNOUNCE_AFTER_S."""
     if not job.announce or job.topic is None or worker is None:
         return
     started_event = sign_event(job.event_key, {"job": job.job_id, "kind": "started", "worker": worker.address,
                                                "device": device})
 
     def announce() -> None:
-        if _running.get(running_key) == thread_id:
+        if still_running():
             worker.log_event(job.topic, started_event)
 
     worker.loop.add_callback(worker.loop.call_later, ANNOUNCE_AFTER_S, announce)
@@ -405,9 +436,9 @@ def _run_cell(job: Job, item: bytes | None, context: _JobContext, result: JobRes
     body, last = _compile_cell(job.code or "", filename, job.display_last_expression)
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     for name, blob in job.inputs.items():
-        namespace[name] = cloudpickle.loads(blob)
+        namespace[name] = unpickle_value(blob)
     if job.map_name is not None and item is not None:
-        namespace[job.map_name] = cloudpickle.loads(item)
+        namespace[job.map_name] = unpickle_value(item)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*non-interactive.*")
@@ -450,10 +481,10 @@ def _keep(result: JobResult, job: Job, name: str, what: str, value: Any) -> None
 def _run_function(job: Job, item: bytes | None, result: JobResult) -> None:
     assert job.function is not None
     try:
-        function = cloudpickle.loads(job.function) if isinstance(job.function, bytes) else job.function
-        args, kwargs = cloudpickle.loads(job.arguments) if job.arguments else ((), {})
+        function = unpickle_value(job.function) if isinstance(job.function, (bytes, Pickled)) else job.function
+        args, kwargs = unpickle_value(job.arguments) if job.arguments else ((), {})
         if item is not None:
-            args = (cloudpickle.loads(item), *args)
+            args = (unpickle_value(item), *args)
         value = function(*args, **kwargs)
     except JobInterrupted:
         raise
@@ -488,8 +519,25 @@ def _error_info(exc: BaseException, filename: str | None, result_format: str, *,
 # -- stopping a job (runs on the worker's event loop through Client.run) ----------------------
 
 
+async def end_session(digest: str, dask_worker: Any = None) -> bool:
+    """End the sandbox of the notebook session whose digest is ``digest``
+    (:func:`gpunet.worker.sandbox.session_digest`) on this worker, if it has one; sent
+    with ``Client.run`` when a notebook closes its connection."""
+    if _job_host is None:
+        return False
+    return bool(await asyncio.to_thread(_job_host.end_session, str(digest)))
+
+
+def was_stopped(job_id: str) -> bool:
+    """Whether :func:`stop_job` was asked to stop ``job_id`` (one of the last STOPPED_KEPT)."""
+    with _registry_lock:
+        return job_id in _stopped
+
+
 async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0, dask_worker: Any = None) -> str:
-    """Raise JobInterrupted in the threads running ``job_id`` (and its map items).
+    """Raise JobInterrupted in the threads running ``job_id`` (and its map items); on a
+    worker whose jobs run in sandboxes, stop them there (ending a sandbox whose job
+    does not stop within ``grace``, never the worker).
 
     Returns ``"stopped"`` when they left within ``grace`` seconds, or
     ``"not-running"``. A thread still there after ``grace`` is blocked in C code
@@ -502,6 +550,9 @@ async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0,
         _stopped[job_id] = None
         while len(_stopped) > STOPPED_KEPT:
             del _stopped[next(iter(_stopped))]
+    if _job_host is not None:  # its sandbox stops it, or is ended: never this worker
+        return await asyncio.to_thread(_job_host.stop, job_id, reason, grace)
+    with _registry_lock:
         threads = {key: tid for key, tid in _running.items() if key == job_id or key.startswith(job_id + "/")}
         for tid in threads.values():
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(JobInterrupted))

@@ -9,7 +9,7 @@ import pytest
 
 from credits_helpers import DATA
 from gpunet.credits import MerkleTree, ProofError, leaf_hash, node_hash, verify_consistency, verify_inclusion
-from gpunet.credits._merkle import EMPTY_ROOT, root_from_leaves
+from gpunet.credits._merkle import EMPTY_ROOT, subtree_levels
 
 VECTORS = json.loads((DATA / "rfc6962_vectors.json").read_text())
 LEAVES = [leaf_hash(bytes.fromhex(x)) for x in VECTORS["leaf_inputs"]]
@@ -17,6 +17,17 @@ LEAVES = [leaf_hash(bytes.fromhex(x)) for x in VECTORS["leaf_inputs"]]
 
 def h(x: str) -> bytes:
     return bytes.fromhex(x)
+
+
+def root_from_leaves(leaves: list[bytes]) -> bytes:
+    """RFC 6962's MTH as the RFC writes it (split at the largest power of two below n): the
+    reference the tree's level-by-level hashing is checked against."""
+    if not leaves:
+        return EMPTY_ROOT
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return node_hash(root_from_leaves(leaves[:k]), root_from_leaves(leaves[k:]))
 
 
 def test_leaf_and_node_prefixes_differ():
@@ -63,6 +74,33 @@ def test_every_proof_of_every_small_tree_verifies():
             verify_inclusion(index, size, leaves[index], tree.inclusion_proof(index, size), root)
         for first in range(size + 1):
             verify_consistency(first, size, tree.root(first), root, tree.consistency_proof(first, size))
+
+
+@pytest.mark.parametrize("chunks", [(1, 2, 3, 70, 5, 100), (65, 65, 1, 1, 130), (3, 200, 0, 7)])
+def test_extending_in_chunks_of_any_size_gives_the_same_tree(chunks):
+    leaves = [leaf_hash(str(i).encode()) for i in range(sum(chunks))]
+    tree, done = MerkleTree(), 0
+    for n in chunks:
+        tree.extend(leaves[done : done + n])
+        done += n
+        assert tree.size == done and tree.root() == root_from_leaves(leaves[:done])
+    assert all(tree.root(size) == root_from_leaves(leaves[:size]) for size in range(0, done + 1, 7))
+
+
+def test_a_tree_made_from_hashed_levels_is_the_tree_of_its_leaves():
+    leaves = [leaf_hash(str(i).encode()) for i in range(41)]
+    for size in range(len(leaves)):
+        made = MerkleTree.from_levels(subtree_levels(b"".join(leaves[:size])))
+        whole = MerkleTree(leaves[:size])
+        assert made.size == size and made.root() == whole.root()
+        assert all(made.consistency_proof(first) == whole.consistency_proof(first) for first in range(size + 1))
+        made.extend(leaves[size:])  # it grows like any other
+        assert made.root() == MerkleTree(leaves).root()
+
+
+def test_a_leaf_hash_of_the_wrong_length_is_refused():
+    with pytest.raises(ValueError, match="a leaf hash has 32 bytes"):
+        MerkleTree().append(b"short")
 
 
 def _flip(b: bytes, bit: int = 0) -> bytes:
