@@ -50,6 +50,7 @@ from gpunet.wire import (
     TOO_LARGE,
     Job,
     JobResult,
+    Pickled,
     result_to_event,
     sign_event,
     stream_allowance,
