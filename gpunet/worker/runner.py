@@ -51,6 +51,7 @@ from gpunet.wire import (
     TOO_LARGE,
     Job,
     JobResult,
+    Pickled,
     result_to_event,
     sign_event,
     stream_allowance,
@@ -480,12 +481,13 @@ def _keep(result: JobResult, job: Job, name: str, what: str, value: Any) -> None
 
 
 def _run_function(job: Job, item: bytes | None, result: JobResult) -> None:
-    args, kwargs = unpickle_value(job.arguments) if job.arguments else ((), {})
-    if item is not None:
-        args = (unpickle_value(item), *args)
     assert job.function is not None
     try:
-        value = job.function(*args, **kwargs)
+        function = unpickle_value(job.function) if isinstance(job.function, (bytes, Pickled)) else job.function
+        args, kwargs = unpickle_value(job.arguments) if job.arguments else ((), {})
+        if item is not None:
+            args = (unpickle_value(item), *args)
+        value = function(*args, **kwargs)
     except JobInterrupted:
         raise
     except BaseException as exc:
