@@ -98,6 +98,7 @@ E2E_TESTS = [
     "tests/test_notebooks.py",  # notebooks run through nbclient and an ipykernel
     "tests/credits/test_credits_witness.py",  # credit services, `gpunet ledger` as subprocesses
     "tests/test_reproduce.py",  # the same, for `gpunet reproduce`
+    "tests/test_sandbox_channel.py",  # sandbox processes of a SandboxPool
     # an embedded network with the defaults (gpunet.connect())
     "tests/test_metering.py::test_the_embedded_defaults_run_a_2000_item_trivial_map_in_one_go",
     # the README's blocks: an IPython shell that starts a network, `gpunet ...` processes

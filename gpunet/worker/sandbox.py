@@ -411,7 +411,11 @@ class Sandbox:
         if waiting is None:
             raise ValueError("a result for no job of its own")
         trusted = waiting.job.result_format != CODEC
-        payload = self.channel.receive(TRUSTED_FRAME_MAX_BYTES if trusted else waiting.job.max_result_bytes + 1024)
+        # the job's cap is the notebook's to choose (the cell's author): the worker's own
+        # ceiling is what the sandbox could have built within its memory limit
+        ceiling = min(TRUSTED_FRAME_MAX_BYTES, self.settings.memory_bytes or TRUSTED_FRAME_MAX_BYTES)
+        payload = self.channel.receive(min(ceiling, TRUSTED_FRAME_MAX_BYTES if trusted
+                                           else waiting.job.max_result_bytes + 1024))
         if payload is None:
             raise ValueError("a result cut short")
         if result_format == CODEC and not trusted:
