@@ -42,6 +42,7 @@ from gpunet.worker.sandbox import (
     PROCESS,
     SANDBOX_ENV,
     WORKER_ADDRESS_ENV,
+    WORKER_NAME_ENV,
     SandboxPool,
     SandboxSettings,
     bubblewrap_works,
@@ -85,7 +86,8 @@ class GpunetWorkerPlugin(WorkerPlugin):
             settings = self.sandbox
             if settings.memory_bytes is None:
                 settings = dataclasses.replace(settings, memory_bytes=memory_limit(worker))
-            self._pool = SandboxPool(settings, {**device_environment(), WORKER_ADDRESS_ENV: worker.address})
+            self._pool = SandboxPool(settings, {**device_environment(), WORKER_ADDRESS_ENV: worker.address,
+                                                WORKER_NAME_ENV: str(worker.name)})
             set_job_host(self._pool)
         if self.provider_token:
             worker.handlers[CONFIRM_PROVIDER] = self.confirm_provider

@@ -33,7 +33,8 @@ relayed only to the job's own topic, within the job's output-text cap.
   worker.
 
 ``SandboxSettings.python`` and ``path_prefix`` start sandboxes with another Python
-executable and extra ``sys.path`` entries (per-session environments).
+executable and extra ``sys.path`` entries; :meth:`SandboxPool.settings_for` chooses a
+session's settings at its first job (per-session environments override it).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ import msgpack
 
 from gpunet.errors import GpunetError
 from gpunet.paths import data_dir
-from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, result_from_event, result_to_event, session_digest,
-                         stream_allowance)
+from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, flat_result, result_from_event, result_to_event,
+                         session_digest, stream_allowance)
 from gpunet.worker import runner
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,10 @@ logger = logging.getLogger(__name__)
 #: sandbox settings (JSON of :class:`SandboxSettings`); a worker without it runs jobs
 #: in its own process (the embedded network).
 SANDBOX_ENV = "GPUNET_SANDBOX"
-#: Inside a sandbox: the address of the worker it belongs to (where its cells run).
+#: Inside a sandbox: the address and the name of the worker it belongs to (where its
+#: cells run; ``distributed.get_worker()`` has no worker there).
 WORKER_ADDRESS_ENV = "GPUNET_WORKER"
+WORKER_NAME_ENV = "GPUNET_WORKER_NAME"
 #: Isolation kinds: bubblewrap namespaces on top of the process's own limits, or the
 #: process's limits alone.
 BUBBLEWRAP, PROCESS = "bubblewrap", "process"
@@ -302,11 +305,14 @@ class Sandbox:
                 return _error_result(job, index, address, device, waiting.started, SANDBOX_ENDED,
                                      f"its sandbox did not start: {self.ended or 'it took too long'}")
             blob = cloudpickle.dumps((dataclasses.replace(job, announce=False), item, index, address, device))
-            self.channel.send(cloudpickle.dumps(("run", key)), blob)
-            runner.announce_later(job, worker, lambda: key in self.waiting, device)
-            kind, answer = waiting.answers.get()
+            with runner.registered_as_running(key):
+                self.channel.send(cloudpickle.dumps(("run", key)), blob)
+                runner.announce_later(job, worker, lambda: key in self.waiting, device)
+                kind, answer = waiting.answers.get()
             if kind == "result":
                 return answer
+            if kind == "failed":
+                return _error_result(job, index, address, device, waiting.started, SANDBOX_ENDED, answer)
             if runner.was_stopped(job.job_id):
                 return _error_result(job, index, address, device, waiting.started, INTERRUPTED,
                                      f"stopped: {answer}")
@@ -382,6 +388,10 @@ class Sandbox:
                     self._relay(str(message[1]), message[2], message[3], len(frame))
                 elif kind == "result":
                     self._result(str(message[1]), str(message[2]))
+                elif kind == "failed":
+                    waiting = self.waiting.get(str(message[1]))
+                    if waiting is not None:
+                        waiting.answers.put(("failed", str(message[2])[:4096]))
                 else:
                     raise ValueError(f"an unknown message {kind!r}")
         except (ValueError, TypeError, IndexError, KeyError, msgpack.UnpackException) as exc:
@@ -493,7 +503,7 @@ class SandboxPool:
         if runner.was_stopped(job.job_id):
             return _error_result(job, index, address, device, time.time(), INTERRUPTED, "stopped before it started")
         digest = None if job.session is None else session_digest(job.session)
-        sandbox = self._sandbox_for(digest)
+        sandbox = self._sandbox_for(digest, self.settings_for(job))
         try:
             return sandbox.run(job, item, index, worker, address, device)
         finally:
@@ -534,21 +544,31 @@ class SandboxPool:
         with self.lock:
             self.in_use.discard(sandbox)
 
-    def _sandbox_for(self, digest: str | None) -> Sandbox:
+    def settings_for(self, job: Job) -> SandboxSettings:
+        """The settings a session's sandbox starts with (at its first job): the pool's. A
+        per-session environment overrides this (another ``python``, a ``path_prefix``)."""
+        return self.settings
+
+    def _sandbox_for(self, digest: str | None, settings: SandboxSettings) -> Sandbox:
         with self.lock:
             sandbox = self.sessions.get(digest) if digest is not None else None
             if sandbox is not None and sandbox.ended is None:
                 sandbox.last_used = time.monotonic()
                 return sandbox
-            spare, self.spare = self.spare, None
+            spare = None
+            if settings == self.settings:  # the spare was started with the pool's settings
+                spare, self.spare = self.spare, None
             evicted = self._make_room_locked()
             if sandbox is not None:  # it ended by itself (a limit): the session starts afresh
-                evicted.append(self.sessions.pop(digest))
+                self.sessions.pop(digest)
+                self.in_use.discard(sandbox)
         for old in evicted:
             self._end(old, "the worker needed room for another session")
         sandbox = spare.result() if spare is not None else None
         if sandbox is None or sandbox.ended is not None:
-            sandbox = self.starter.submit(self._new_sandbox).result()
+            if sandbox is not None:
+                sandbox.end(sandbox.ended or "ended")
+            sandbox = self.starter.submit(self._new_sandbox, settings).result()
         with self.lock:
             self.in_use.add(sandbox)
             if digest is not None:
@@ -571,13 +591,13 @@ class SandboxPool:
             if self.spare is None and not self.closed.is_set():
                 self.spare = self.starter.submit(self._new_sandbox)
 
-    def _new_sandbox(self) -> Sandbox:
+    def _new_sandbox(self, settings: SandboxSettings | None = None) -> Sandbox:
         with self.lock:
             used = {sandbox.slot for sandbox in self.in_use}
             if self.spare is not None and self.spare.done() and self.spare.exception() is None:
                 used.add(self.spare.result().slot)
         slot = next(index for index in range(MOST_SANDBOXES) if index not in used)
-        return Sandbox(self.settings, slot, self.device_env)
+        return Sandbox(settings or self.settings, slot, self.device_env)
 
     def _reap(self) -> None:
         """End sandboxes idle for ``idle_seconds``, and those that ended by themselves."""
@@ -601,9 +621,13 @@ def sandbox_command(settings: SandboxSettings, scratch: str, fd: int, uid: int |
               "limits": {"memory": settings.memory_bytes, "cpu": settings.cpu_seconds,
                          "processes": settings.processes, "open_files": settings.open_files,
                          "file_size": settings.file_bytes}}
-    bootstrap = ("import json, sys; config = json.loads(sys.argv[1]); sys.path[:0] = config['path_prefix']; "
+    # its own Python's path, after the prefix, then what the worker can import too (a
+    # function pickled by reference to a module of the worker's path loads there)
+    bootstrap = ("import json, sys; config = json.loads(sys.argv[1]); "
+                 "sys.path[:] = list(dict.fromkeys(config['path_prefix'] + sys.path + config['worker_path'])); "
                  "from gpunet.worker.sandbox import serve; serve(config)")
     config["path_prefix"] = list(settings.path_prefix)
+    config["worker_path"] = [entry for entry in sys.path if entry and os.path.isabs(entry)]
     command = [python, "-I", "-c", bootstrap, json.dumps(config)]
     if settings.isolation != BUBBLEWRAP:
         return command
@@ -730,7 +754,13 @@ def serve(config: dict[str, Any]) -> None:
 
 def _run_one(channel: _Channel, key: str, blob: bytes, config: dict[str, Any],
              running: dict[str, threading.Thread]) -> None:
-    job, item, index, address, device = cloudpickle.loads(blob)
+    try:
+        job, item, index, address, device = cloudpickle.loads(blob)
+    except BaseException as exc:  # noqa: BLE001 - e.g. a function of a module it cannot import
+        running.pop(key, None)
+        channel.send(msgpack.packb(["failed", key, f"the job could not be loaded in its sandbox: "
+                                                   f"{type(exc).__name__}: {exc}"]))
+        return
     started = time.time()
     try:
         result = runner.execute_job(job, item, index, _Relay(channel, key, address), address, device)
@@ -744,12 +774,19 @@ def _run_one(channel: _Channel, key: str, blob: bytes, config: dict[str, Any],
     if isinstance(result, (bytes, bytearray, memoryview)):
         channel.send(msgpack.packb(["result", key, CODEC]), result)
         return
-    channel.send(msgpack.packb(["result", key, "fields"]), _fields(result))
+    try:
+        fields = _fields(result)
+    except Exception as exc:  # noqa: BLE001 - say why rather than leave the worker waiting
+        channel.send(msgpack.packb(["failed", key, f"its result could not leave the sandbox: {type(exc).__name__}: "
+                                                   f"{exc}"]))
+        return
+    channel.send(msgpack.packb(["result", key, "fields"]), fields)
 
 
 def _fields(result: JobResult) -> bytes:
-    """A trusted job's result as msgpack of its fields; displays msgpack cannot carry are
-    left out, saying so in its stderr."""
+    """A trusted job's result as msgpack of its fields (its pickled values as one blob
+    each); displays msgpack cannot carry are left out, saying so in its stderr."""
+    result = flat_result(result)
     try:
         return msgpack.packb(result_to_event(result), use_bin_type=True)
     except (TypeError, ValueError):
