@@ -851,12 +851,30 @@ def _end_strays(config: dict[str, Any]) -> None:
             os.kill(-1, signal.SIGKILL)  # never the caller itself, nor a namespace's init
         except (ProcessLookupError, PermissionError):
             pass
-        return
-    for pid in _descendants(os.getpid()):
+    else:
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    _reap_children()
+
+
+def _reap_children(within_s: float = 5.0) -> None:
+    """Wait for this process's killed children (its own, and the strays it adopted as a
+    subreaper): until reaped, each stays a zombie that counts against the sandbox's
+    process limit, and a fork bomb's zombies would leave it unable to start the thread
+    of its next cell."""
+    deadline = time.monotonic() + within_s
+    while True:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # none left
+        if pid == 0:  # some still dying
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
 
 def _descendants(root: int) -> list[int]:
