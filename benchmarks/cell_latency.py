@@ -8,6 +8,14 @@ the same array, and a 200-item net.map against client.map, in the same run.
     .venv/bin/python benchmarks/cell_latency.py [--repeats 200] [--items 2000] [--unmetered]
                                                 [--codec-repeats 50] [--codec-items 200]
                                                 [--only-codec] [--only-data] [--data-repeats 10]
+    .venv/bin/python benchmarks/cell_latency.py --open [--repeats 200] [--items 2000]
+
+--open measures an open network instead, every party its own process on 127.0.0.1
+(certificates from `gpunet certs`, a credit service, `gpunet scheduler` over mutual
+TLS, two `gpunet provide` processes, `gpunet gateway`): the trivial cell's round trip
+through the gateway (HTTPS, metered) against `client.submit` with the gateway's
+certificate on the same cluster, and `--map` of the items through the gateway
+against `client.map`, the Dask tasks carrying a hold as every task there must.
 
 By default the embedded network meters work, as `%gpunet connect` does: every cell
 then also places a hold over HTTP before it is sent. --unmetered measures without.
@@ -18,10 +26,19 @@ Prints figures; never fails on a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import uuid
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 
 def trivial(x: int = 1) -> int:
@@ -100,6 +117,140 @@ def codec_against_pickle(repeats: int, items: int) -> None:
         embedded.close()
 
 
+GPUNET = [sys.executable, "-m", "gpunet.cli"]
+
+
+@contextlib.contextmanager
+def open_network(folder: Path) -> Iterator[dict]:
+    """An open network of processes on 127.0.0.1 (see the module docstring)."""
+    from gpunet.credits import serve_in_background
+
+    ca = folder / "certs"
+    for args in (["init"], ["issue", "--role", "scheduler", "--name", "sched"],
+                 ["issue", "--role", "gateway", "--name", "gw"], ["issue", "--role", "provider", "--name", "alice"],
+                 ["issue", "--role", "provider", "--name", "bob"]):
+        subprocess.run([*GPUNET, "certs", *args, "--dir", str(ca)], check=True, capture_output=True)
+
+    def tls(role: str, name: str) -> list[str]:
+        return ["--tls-ca-file", str(ca / "ca.pem"), "--tls-cert", str(ca / f"{role}-{name}.pem"),
+                "--tls-key", str(ca / f"{role}-{name}-key.pem")]
+
+    processes: list[subprocess.Popen] = []
+
+    def start(args: list[str], pattern: str) -> str:
+        process = subprocess.Popen(GPUNET + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        processes.append(process)
+        for line in process.stdout:
+            if match := re.search(pattern, line):
+                threading.Thread(target=process.stdout.read, daemon=True).start()  # keep its pipe flowing
+                return match.group(1)
+        raise RuntimeError(f"`gpunet {' '.join(args)}` ended before it said {pattern!r}")
+
+    (folder / "credits").mkdir()
+    service = serve_in_background(folder / "credits" / "credits.sqlite3", log_path=folder / "credits" / "log",
+                                  operator_token_file=folder / "credits" / "operator-token")
+    try:
+        with service.client() as operator:
+            tokens = {name: operator.create_account(name, role)["token"]
+                      for name, role in (("alice", "provider"), ("bob", "provider"), ("carol", "client"),
+                                         ("meter", "meter"))}
+            operator.mint("carol", 10**9, key="mint-carol")
+        (folder / "meter-token").write_text(tokens["meter"])
+        address = start(["scheduler", "--port", "0", "--dashboard-port", "0", "--credits", service.url,
+                         "--meter-token-file", str(folder / "meter-token"), *tls("scheduler", "sched")],
+                        r"scheduler: (tls://127\.0\.0\.1:\d+)")
+        for name in ("alice", "bob"):
+            start(["provide", address, "--host", "127.0.0.1", *tls("provider", name)], rf"provider: {name}(;)")
+        url = start(["gateway", address, "--credits", service.url, "--port", "0", "--submit-burst", "100000",
+                     "--submits-per-second", "100000", *tls("gateway", "gw")], r"gateway: (https://\S+)")
+        yield {"address": address, "url": url, "ca": ca, "service": service, "tokens": tokens}
+    finally:
+        for process in reversed(processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        service.stop()
+
+
+def open_network_figures(repeats: int, items: int) -> None:
+    """The gateway's round trip and --map throughput against the Dask client's on one open network."""
+    import io
+
+    import dask
+    from distributed import Client
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import gpunet
+    from gpunet import certs, wire
+
+    with tempfile.TemporaryDirectory() as folder, open_network(Path(folder)) as market:
+        ca = market["ca"]
+        security = certs.security(ca / "ca.pem", ca / "gateway-gw.pem", ca / "gateway-gw-key.pem")
+        net = gpunet.connect(market["url"], token=market["tokens"]["carol"], ca=str(ca / "ca.pem"),
+                             budget=10**8)
+        shell = InteractiveShell.instance()
+        shell.run_line_magic("load_ext", "gpunet")
+        shell.user_ns.update(x=1, items=list(range(items)))
+        with Client(market["address"], security=security, timeout=60) as client, \
+                market["service"].client(market["tokens"]["carol"]) as carol:
+            client.wait_for_workers(2, timeout=120)
+            session = carol.open_session(10**8)
+
+            def held(tasks: int):  # every task on an open network carries a hold: one shared by `tasks`
+                hold = carol.hold(session, 10 * tasks, key=f"bench-{uuid.uuid4().hex}", meter="meter")
+                return dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, 10, tasks=tasks)})
+
+            with held(repeats + 10):
+                submit = summary(timings(lambda: client.submit(trivial, 1, pure=False,
+                                                               resources={"device": 1}).result(), repeats))
+
+            def cell() -> None:
+                saved, sys.stderr = sys.stderr, io.StringIO()
+                try:
+                    shell.run_cell_magic("gpunet", "--quiet", "y = x + 1")
+                finally:
+                    sys.stderr = saved
+
+            rows = [("client.submit(f).result(), held", submit),
+                    ("net.run(f) through the gateway", summary(timings(lambda: net.run(trivial, 1), repeats))),
+                    ("%%gpunet --quiet through the gateway", summary(timings(cell, repeats)))]
+            print(f"\nopen network: round trip of a trivial cell, {repeats} repeats (ms)")
+            print(f"{'':40s} {'median':>8s} {'p95':>8s}")
+            for name, (median, p95) in rows:
+                print(f"{name:40s} {median:8.2f} {p95:8.2f}")
+            print(f"ratio %%gpunet --quiet through the gateway / client.submit (median): "
+                  f"{rows[2][1][0] / submit[0]:.2f}  (aim: <= 2)")
+            keys = list(range(items))
+
+            def client_map() -> None:
+                with held(items):
+                    futures = client.map(trivial, keys, key=[f"bench-{uuid.uuid4().hex}-{i}" for i in keys],
+                                         resources={"device": 1})
+                client.gather(futures)
+
+            def gateway_map() -> None:
+                shell.run_cell_magic("gpunet", "--map i=items --quiet", "y = i + 1")
+
+            contenders = (("client.map + gather, held", client_map), ("%%gpunet --map through the gateway", gateway_map),
+                          ("net.map through the gateway", lambda: net.map(trivial, keys)))
+            for _, fn in contenders:
+                fn()  # warm-up
+            best = {label: float("inf") for label, _ in contenders}
+            for _ in range(3):
+                for label, fn in contenders:
+                    started = time.perf_counter()
+                    fn()
+                    best[label] = min(best[label], time.perf_counter() - started)
+            rates = {label: items / seconds for label, seconds in best.items()}
+            print(f"\nopen network: throughput over {items} trivial items (best of 3, items/s)")
+            for label, rate in rates.items():
+                print(f"{label:40s} {rate:8.0f}")
+            print(f"ratio %%gpunet --map through the gateway / client.map: "
+                  f"{rates['%%gpunet --map through the gateway'] / rates['client.map + gather, held']:.2f}  (aim: >= 0.7)")
 def first_value(array) -> float:
     """What the data benchmark runs: reads one number of its (large) input."""
     return float(array[0])
@@ -158,9 +309,13 @@ def main() -> None:
     parser.add_argument("--codec-repeats", type=int, default=50, help="round trips per result kind, codec vs pickle")
     parser.add_argument("--codec-items", type=int, default=200, help="map items per round, codec vs pickle")
     parser.add_argument("--only-codec", action="store_true", help="measure only the codec against pickle")
+    parser.add_argument("--open", action="store_true", help="measure an open network through its gateway instead")
     parser.add_argument("--data-repeats", type=int, default=10, help="round trips per array size, gpunet vs Dask")
     parser.add_argument("--only-data", action="store_true", help="measure only array inputs and a 200-item map")
     args = parser.parse_args()
+    if args.open:
+        open_network_figures(args.repeats, args.items)
+        return
     if args.only_codec:
         codec_against_pickle(args.codec_repeats, args.codec_items)
         return

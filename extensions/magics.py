@@ -80,8 +80,10 @@ def _without_comment(line: str) -> str:
 
 LINE_USAGE = """\
 %gpunet connect [SCHEDULER] [--credits URL] [--token-file PATH] [--budget CREDITS] [--workers N]
-                [--trust-providers] [--max-result-bytes N] [--max-rate R] [--pip REQ ...]
+                [--trust-providers] [--max-result-bytes N] [--max-rate R] [--ca FILE] [--pip REQ ...]
                            join SCHEDULER (or GPUNET_SCHEDULER), else start a local network;
+                           https://GATEWAY: an open network's gateway, checked against the operator's
+                           CA (--ca FILE or GPUNET_GATEWAY_CA), with --token-file only;
                            --max-rate: the most credits per device-second this session pays (only
                            providers at or below it run its cells; default: the operator's);
                            results come back as data, or pickled with --trust-providers;
@@ -102,6 +104,9 @@ CONNECT_PARSER.add_argument("--credits", action=_Once, default=None, metavar="UR
 CONNECT_PARSER.add_argument("--token", action=_Once, default=None)
 CONNECT_PARSER.add_argument("--token-file", action=_Once, default=None, metavar="PATH",
                             help="a file holding this notebook's credit token (keeps it out of the notebook)")
+CONNECT_PARSER.add_argument("--ca", action=_Once, default=None, metavar="FILE",
+                            help="the operator's CA certificate (ca.pem) an https:// gateway's certificate must come "
+                                 "from (or GPUNET_GATEWAY_CA)")
 CONNECT_PARSER.add_argument("--budget", action=_Once, type=int, default=None, metavar="CREDITS")
 CONNECT_PARSER.add_argument("--workers", action=_Once, type=int, default=None, metavar="N",
                             help="CPU workers of a local network")
@@ -221,7 +226,7 @@ class GpunetMagics(Magics):
                 net = connect(args.scheduler, workers=args.workers, credits=args.credits, token=token,
                               budget=args.budget, trust_providers=args.trust_providers,
                               max_result_bytes=args.max_result_bytes, replace=True, max_rate=args.max_rate,
-                              pip=[_unquoted(req) for req in args.pip] if args.pip else None)
+                              ca=args.ca, pip=[_unquoted(req) for req in args.pip] if args.pip else None)
             except OptionError as exc:
                 raise UsageError(str(exc)) from None
             where = net.address if net.embedded is None else f"a local network at {net.address}"
@@ -231,7 +236,7 @@ class GpunetMagics(Magics):
                 print("gpunet: results come back pickled: its providers are trusted (--trust-providers)"
                       if net.trusts_providers else "gpunet: results come back as data only (values, arrays, "
                       "data frames, figures), never as code: its providers are strangers")
-            if net.meter is not None:
+            if net.metered:
                 usage = net.credits.usage(net.session)
                 print(f"gpunet: session {net.session} has a budget of {usage['budget']} credits "
                       f"at {net.credits.url} (%gpunet usage shows what it spent); it pays at most "

@@ -77,6 +77,8 @@ REFUSED_RESOURCE = "gpunet-refused-no-hold"
 #: and how long it waits for the copies.
 DIGEST_FETCH_MAX_BYTES = 16 * 1024 * 1024
 DIGEST_FETCH_S = 10.0
+#: The most copies of one verdict the scheduler fetches (a unit has at most replicate:K's K + 2).
+DIGEST_FETCH_MAX_COPIES = 16
 
 
 class GpunetMeteringPlugin(SchedulerPlugin):
@@ -321,7 +323,10 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         tasks = {key: Owned(self._annotation(key), {cs.client_key for cs in self.scheduler.tasks[key].who_wants})
                  for key in copies or () if key in self.scheduler.tasks}
         disputed = checked and any(not agreed for agreed in (copies or {}).values())
-        digests = await self._digests([key for key in tasks if tasks[key].meta]) if disputed else {}
+        # only this client's own copies of this job, and no more than a unit ever has
+        judged = [key for key, owned in tasks.items()
+                  if owned.meta and owned.meta.get("verify") == job and client in owned.owners]
+        digests = await self._digests(judged[:DIGEST_FETCH_MAX_COPIES]) if disputed else {}
         self._after(self.settlement.verdict(client, job, copies or {}, tasks, method=method, digest=digest,
                                             checked=checked, digests=digests))
         if checked and digest and sum(bool(agrees) for agrees in (copies or {}).values()) >= 2:

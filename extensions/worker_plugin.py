@@ -44,6 +44,7 @@ from gpunet.worker.sandbox import (
     PROCESS,
     SANDBOX_ENV,
     WORKER_ADDRESS_ENV,
+    WORKER_NAME_ENV,
     SandboxPool,
     SandboxSettings,
     bubblewrap_works,
@@ -93,7 +94,8 @@ class GpunetWorkerPlugin(WorkerPlugin):
             # folders the provider put on PYTHONPATH too, which `python -I` leaves out
             on_path = tuple(entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry)
             settings = dataclasses.replace(settings, path_prefix=settings.path_prefix + on_path)
-            self._pool = SandboxPool(settings, {**device_environment(), WORKER_ADDRESS_ENV: worker.address})
+            self._pool = SandboxPool(settings, {**device_environment(), WORKER_ADDRESS_ENV: worker.address,
+                                                WORKER_NAME_ENV: str(worker.name)})
             set_job_host(self._pool)
         if self.provider_token:
             worker.handlers[CONFIRM_PROVIDER] = self.confirm_provider

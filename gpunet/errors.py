@@ -5,6 +5,7 @@ what happened, the values involved, and what to do next::
 
     GpunetError
     ├── ConnectError            a scheduler or service cannot be reached
+    ├── GatewayError            an open network's gateway refused a request (bad token, too big, too many)
     ├── CellError               a %%gpunet cell is wrong before anything is sent
     │   ├── CellSyntaxError     the cell does not parse (reported with its line)
     │   ├── UnpicklableInputError   an input cannot travel (names the variable)
@@ -65,6 +66,16 @@ class ConnectError(GpunetError):
     def __init__(self, message: str, *, address: str | None = None) -> None:
         super().__init__(message)
         self.address = address
+
+
+class GatewayError(GpunetError):
+    """An open network's gateway refused a request: the token (401, 403), a body or a
+    job's inputs over a cap (413), too many submissions (429); nothing was sent."""
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "refused") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 class CellError(GpunetError):

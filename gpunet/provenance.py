@@ -305,26 +305,35 @@ class Recorder:
                 "holds": (earlier.get("payment") or {}).get("holds") or []}}
             record["payment"] = {"metered": network.meter is not None, "holds": [], "credits_estimate": 0}
             return seal(record)
-        units = getattr(handle, "units", None)  # a verified job: every agreeing copy ran it
-        copies = [copy.result for unit in units for copy in unit.agreeing] if units is not None else results
-        workers = _workers(network, sorted({result.worker for result in copies}))
-        ran: dict[str, dict[str, Any]] = {}
-        for result in copies:
-            known = workers.get(result.worker, {})
-            entry = ran.setdefault(result.worker, {
-                "worker": result.worker, "provider": known.get("provider"), "device": result.device,
-                "capability": known.get("capability"), "software": known.get("software"),
-                "tasks": 0, "seconds": 0.0, "rate": known.get("rate")})
-            if result.environment is not None:  # what the provider says it ran with (gpunet.worker.environment)
-                entry["environment"] = result.environment
-            entry["tasks"] += 1
-            entry["seconds"] = round(entry["seconds"] + result.seconds, 4)
-        record["ran"] = list(ran.values())
+        facts = getattr(handle, "facts", None)  # a job run through a gateway: the gateway saw it run
+        record.update(facts if facts is not None else run_facts(handle, results))
         if handle.job.requirements:
             record["environment"] = {"requirements": dict(sorted(handle.job.requirements.items()))}
-        record["verification"] = _verification(handle)
-        record["payment"] = _payment(network, handle, record["ran"])
         return seal(record)
+
+
+def run_facts(handle: JobHandle, results: list[JobResult]) -> dict[str, Any]:
+    """What a provenance record says of how a finished job ran (``ran``: where, on
+    what, for how long), was verified (``verification``) and paid for (``payment``),
+    as the side that sent it to the workers saw it (the notebook, or the gateway)."""
+    network = handle.network
+    units = getattr(handle, "units", None)  # a verified job: every agreeing copy ran it
+    copies = [copy.result for unit in units for copy in unit.agreeing] if units is not None else results
+    workers = _workers(network, sorted({result.worker for result in copies}))
+    ran: dict[str, dict[str, Any]] = {}
+    for result in copies:
+        known = workers.get(result.worker, {})
+        entry = ran.setdefault(result.worker, {
+            "worker": result.worker, "provider": known.get("provider"), "device": result.device,
+            "capability": known.get("capability"), "software": known.get("software"),
+            "tasks": 0, "seconds": 0.0, "rate": known.get("rate")})
+        if result.environment is not None:  # what the provider says it ran with (gpunet.worker.environment)
+            entry["environment"] = result.environment
+        entry["tasks"] += 1
+        entry["seconds"] = round(entry["seconds"] + result.seconds, 4)
+    facts = {"ran": list(ran.values()), "verification": _verification(handle)}
+    facts["payment"] = _payment(network, handle, facts["ran"])
+    return facts
 
 
 def finish_record(recorder: Recorder | None, handle: JobHandle, results: list[JobResult], outputs: dict[str, Any],

@@ -58,6 +58,7 @@ PROVIDER_SCHEDULER_OPS: dict[str, str | None] = {
 WORKER_STREAM_OPS = frozenset({
     "task-finished", "task-erred", "release-worker-data", "long-running", "reschedule",
     "keep-alive", "log-event", "worker-status-change", "request-refresh-who-has", "close-stream",
+    "steal-response",  # only for a task processing on that worker (the victim the scheduler asked)
 })
 #: What nobody may ask of an open network's scheduler, the gateway included: run code there.
 NOBODY_SCHEDULER_OPS = frozenset({"run_function", "register_scheduler_plugin", "unregister_scheduler_plugin"})
@@ -177,7 +178,7 @@ def _encoded_size(value: Any) -> int:
 
 
 @dataclass
-class _Bucket:
+class TokenBucket:
     """A token bucket: ``burst`` at once, ``per_s`` a second after that."""
 
     burst: float = EVENT_BURST_BYTES
@@ -209,8 +210,8 @@ class SchedulerDoor:
         #: worker address -> the provider account whose certificate registered it
         self.owners: dict[str, str] = {}
         self.refused = 0
-        self._buckets: dict[str, _Bucket] = {}
-        self._heartbeats: dict[str, _Bucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._heartbeats: dict[str, TokenBucket] = {}
         #: provider account -> the topics outside gpunet's it has posted to
         self._topics: dict[str, set[str]] = {}
 
@@ -272,7 +273,7 @@ class SchedulerDoor:
         it is executing among those it was given; not its host information, extension
         data, bandwidth estimate or metric names, which grow the scheduler's state."""
         address = msg["address"]
-        if not self._heartbeats.setdefault(address, _Bucket(HEARTBEAT_BURST, HEARTBEATS_PER_S)).take(1):
+        if not self._heartbeats.setdefault(address, TokenBucket(HEARTBEAT_BURST, HEARTBEATS_PER_S)).take(1):
             return f"worker {address} sends heartbeats faster than {HEARTBEATS_PER_S:g} a second"
         metrics = msg.get("metrics") if isinstance(msg.get("metrics"), dict) else {}
         kept: dict[str, Any] = {name: value for name, value in metrics.items()
@@ -353,7 +354,7 @@ class SchedulerDoor:
             own = self._topics.setdefault(account, set())
             if topic not in own and len(own) >= MAX_TOPICS_PER_PROVIDER:
                 return f"provider {account} already posts on {MAX_TOPICS_PER_PROVIDER} topics of its own"
-        if not self._buckets.setdefault(account, _Bucket()).take(size):
+        if not self._buckets.setdefault(account, TokenBucket()).take(size):
             return f"provider {account} posts events faster than {EVENT_BYTES_PER_S} bytes/s"
         if not topic.startswith(GPUNET_TOPIC_PREFIX):
             self._topics[account].add(topic)
@@ -374,6 +375,17 @@ class SchedulerDoor:
             return self.event_refusal(self.owners.get(worker, worker), worker, msg.get("topic"), msg.get("msg"))
         if op == "request-refresh-who-has":
             return self._who_has_refusal(worker, msg.get("keys"))
+        if op == "steal-response":
+            return self._steal_refusal(worker, msg.get("key"))
+        return None
+
+    def _steal_refusal(self, worker: str, key: Any) -> str | None:
+        """A worker answers the scheduler's work stealing only for a task processing on
+        it (without its answer the stolen task would stay in flight for ever)."""
+        task = self.scheduler.tasks.get(key) if _hashable(key) else None
+        where = getattr(task, "processing_on", None)
+        if where is None or where.address != worker:
+            return "a worker answers a steal request only for a task it was given"
         return None
 
     def _who_has_refusal(self, worker: str, keys: Any) -> str | None:

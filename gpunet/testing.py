@@ -101,7 +101,9 @@ class LiarPlugin(WorkerPlugin):
         encoded = isinstance(result, (bytes, memoryview))  # a CODEC job's result (gpunet.worker.runner.encode_result)
         if encoded:
             result = JobResult(**codec.decode(result))
-        if self.rng.random() < self.rate and hasattr(result, "job_id"):
+        if not isinstance(result, JobResult):  # a job's scattered input, not its result
+            return
+        if self.rng.random() < self.rate:
             wrong = _falsified(result)
             if wrong is not None:
                 self.worker.data[key] = codec.encode(result_to_event(wrong)) if encoded else wrong

@@ -179,6 +179,17 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class PassedOn:
+    """What a notebook pickled (a map item; :func:`pickle_value`'s bytes or
+    :class:`Pickled`), carried unopened: the gateway passes it on as it is, and only
+    the worker that runs the job loads it."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes | Pickled) -> None:
+        self.blob = blob
+
+
 @dataclass
 class Job:
     """One unit of remote work: a cell body or a pickled function, and its inputs."""
@@ -186,8 +197,9 @@ class Job:
     job_id: str
     #: source of a %%gpunet cell; None for a function job
     code: str | None = None
-    #: the function of a function job (Dask pickles it with cloudpickle)
-    function: Callable[..., Any] | None = None
+    #: the function of a function job (Dask pickles it with cloudpickle), or its pickle
+    #: (:func:`pickle_value`), loaded only on the worker (a job that came through the gateway)
+    function: Callable[..., Any] | bytes | Pickled | None = None
     #: {name: pickled value} of a cell's inputs (:func:`pickle_value`: pickled one by
     #: one on the client, so that one that cannot be pickled is named there)
     inputs: dict[str, bytes | Pickled] = field(default_factory=dict)

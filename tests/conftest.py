@@ -84,6 +84,7 @@ E2E_FIXTURES = {
     "package_site", "package_market",  # test_packages.py: pip from the registry, gpunet.testing.local_market
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "departing_market", "liar_market_to_quarantine",  # test_departures.py: gpunet.testing.local_market
+    "gateway_market",  # test_gateway.py: the open market with `gpunet gateway` in front
     "priced_market", "judged_market", "one_host_market", "one_host_only",  # test_fairness.py: gpunet.testing.local_market
     "open_market",    # test_open_network.py: certificates, credit service, `gpunet scheduler/provide` over TLS
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
@@ -98,6 +99,7 @@ E2E_TESTS = [
     "tests/test_notebooks.py",  # notebooks run through nbclient and an ipykernel
     "tests/credits/test_credits_witness.py",  # credit services, `gpunet ledger` as subprocesses
     "tests/test_reproduce.py",  # the same, for `gpunet reproduce`
+    "tests/test_sandbox_channel.py",  # sandbox processes of a SandboxPool
     # an embedded network with the defaults (gpunet.connect())
     "tests/test_metering.py::test_the_embedded_defaults_run_a_2000_item_trivial_map_in_one_go",
     # the README's blocks: an IPython shell that starts a network, `gpunet ...` processes

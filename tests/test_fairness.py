@@ -15,7 +15,7 @@ from gpunet.client import placement
 from gpunet.errors import OptionError, PlacementError
 from gpunet.testing import local_market
 from gpunet.ui.status import NetworkStatus
-from network_probes import wait_reported
+from network_probes import wait_reported, wait_until
 
 # -- price limits: pure -------------------------------------------------------------------
 
@@ -79,9 +79,9 @@ def test_a_bad_preference_is_refused_naming_the_choices():
 
 
 def _where(_):  # travels by value
-    from distributed import get_worker
+    import os
 
-    return get_worker().address
+    return os.environ["GPUNET_WORKER"]  # the worker the provider's sandbox belongs to
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +149,8 @@ def test_the_magics_take_max_rate_and_prefer(priced_market, shell, detached):
         assert "pays at most 1 credits per device-second" in captured.stdout
         assert gpunet.current().rate_limit == 1.0
         with capture_output():
-            shell.run_cell_magic("gpunet", "--quiet --prefer fastest --max-rate 2", "from distributed import get_worker\n"
-                                                                                    "w = get_worker().address")
+            shell.run_cell_magic("gpunet", "--quiet --prefer fastest --max-rate 2", "import os\n"
+                                                                                    "w = os.environ['GPUNET_WORKER']")
         assert shell.user_ns["w"] in market.workers_of["alice"] + market.workers_of["bob"]
         with pytest.raises(UsageError, match="--prefer must be cheapest or fastest"):
             shell.run_cell_magic("gpunet", "--prefer quickest", "x = 1")
@@ -195,9 +195,9 @@ def test_one_client_counts_fewer_mismatches_a_day_than_a_quarantine_takes():
 
 
 def _frames(target):  # travels by value: a different answer on one provider's worker only
-    from distributed import get_worker
+    import os
 
-    return int(get_worker().address == target)
+    return int(os.environ["GPUNET_WORKER"] == target)  # the worker the provider's sandbox belongs to
 
 
 def _honest(i):
@@ -232,6 +232,8 @@ def _copies_on_every_provider(net, market, job_id, fn, argument):
             futures[provider] = net.client.submit(run_job, job, None, None, None, key=f"gpunet-{job_id}-{provider}",
                                                   pure=False, workers=market.workers_of[provider],
                                                   allow_other_workers=False)
+    # bounded: a lost copy fails the test, never hangs it (distributed.wait needs a default client)
+    wait_until(lambda: all(future.done() for future in futures.values()), 120, "the copies to finish")
     net.client.gather(list(futures.values()))
     return futures
 

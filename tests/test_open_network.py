@@ -321,9 +321,11 @@ def open_market(tmp_path):
         address = expect(scheduler, r"scheduler: (tls://127\.0\.0\.1:\d+)").group(1)
         providers = {}
         for name in ("alice", "bob"):
-            provide = start(["provide", address, "--host", "127.0.0.1", *tls("provider", name)])
+            # each provider on a loopback address of its own: a host of its own (verified copies need two)
+            host = {"alice": "127.0.0.2", "bob": "127.0.0.3"}[name]
+            provide = start(["provide", address, "--host", host, *tls("provider", name)])
             processes.append(provide)
-            providers[name] = expect(provide, rf"provider: {name}; workers: (tls://127\.0\.0\.1:\d+)").group(1)
+            providers[name] = expect(provide, rf"provider: {name}; workers: (tls://127\.0\.0\.\d+:\d+)").group(1)
         gateway = {"distributed.comm.require-encryption": True, "distributed.comm.tls.ca-file": str(ca / "ca.pem"),
                    "distributed.comm.tls.client.cert": str(ca / "gateway-gw.pem"),
                    "distributed.comm.tls.client.key": str(ca / "gateway-gw-key.pem")}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import gpunet
-from gpunet.cli import certs, dashboard, network, reproduce
+from gpunet.cli import certs, dashboard, gateway, network, reproduce
 from gpunet.clitools import run_command
 from gpunet.credits import cli as credits_cli
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     network.add_commands(subparsers)
     certs.add_commands(subparsers)
+    gateway.add_commands(subparsers)
     dashboard.add_commands(subparsers)
     credits_cli.add_commands(subparsers)
     reproduce.add_commands(subparsers)

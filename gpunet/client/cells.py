@@ -73,7 +73,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     if not reuse and tolerance is None:
         raise OptionError("--no-reuse matters only with --verify (only verified results are reused); drop it, "
                           "or verify the cell")
-    if max_credits is not None and net.meter is None:
+    if max_credits is not None and not net.metered:
         raise OptionError("--max-credits needs a metered network: %gpunet connect --credits URL --token TOKEN, "
                           "or %gpunet connect with no address for a local one")
     analysis = analyze(code)
@@ -109,7 +109,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     record = partial(Recorder.start, Recorder.for_cell, code, {name: namespace[name] for name in input_names},
                      map_name=map_name, items=items, flags=flags, tolerance=tolerance)
     # a verified result the network already has is reused (gpunet.reuse); its key needs the digests first
-    recorder = record() if reuse and tolerance is not None else None
+    recorder = record() if reuse and tolerance is not None and net.reuses_results else None
     remote = reused_result(net, job, recorder, mapped=items is not None) if recorder is not None else None
     if remote is None:
         remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
@@ -312,8 +312,8 @@ def stopped_by_ctrl_c(remote: JobHandle) -> KeyboardInterrupt:
 def _cost(remote: JobHandle) -> str:
     """What a job stopped by Ctrl-C was charged, once the scheduler closed its hold."""
     meter = remote.network.meter
-    if meter is None:
-        return "not metered"
+    if meter is None:  # through a gateway the gateway's meter knows: the session's usage says
+        return "%gpunet status shows what the session spent" if remote.network.metered else "not metered"
     try:
         drew_on = getattr(remote, "drew_on", None)
         charged = (meter.charged_from(drew_on, remote.job.job_id, remote.count) if drew_on

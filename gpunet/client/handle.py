@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gpunet.client.received import live_event
 from gpunet.errors import CellTimeoutError, UnpicklableInputError, WorkerLostError
-from gpunet.wire import CODEC, Pickled, pickle_value, stream_allowance
+from gpunet.wire import CODEC, PassedOn, Pickled, pickle_value, stream_allowance
 from gpunet.worker.runner import stop_job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,6 +48,11 @@ class Connection(Protocol):
     result_format: str
     max_result_bytes: int
     max_stream_bytes_per_s: int
+    metered: bool
+    reuses_results: bool
+    #: whether a job's data may be scattered to one worker, for the others to fetch (not on
+    #: an open network, whose providers' workers fetch nothing from each other)
+    scatters: bool
 
     def register_job(self, handle: Any) -> None: ...
     def forget_job(self, job_id: str) -> None: ...
@@ -170,7 +175,10 @@ def new_job_id() -> str:
 def pickled(value: Any, what: str, *, name: str | None = None) -> bytes | Pickled:
     """``value`` pickled once, its large buffers kept apart to travel as Dask frames
     (:func:`gpunet.wire.pickle_value`), or :class:`UnpicklableInputError` naming
-    ``what`` (an input's name, "map item 3") and its type."""
+    ``what`` (an input's name, "map item 3") and its type. A :class:`~gpunet.wire.PassedOn`
+    (what a notebook pickled, passed on by the gateway) is already the pickle."""
+    if isinstance(value, PassedOn):
+        return value.blob
     try:
         return pickle_value(value)
     except Exception as exc:  # noqa: BLE001 - pickling fails in many ways

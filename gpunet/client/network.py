@@ -30,6 +30,14 @@ from distributed import Client
 from gpunet import packages, wire
 from gpunet.client import data_comm, placement
 from gpunet.client.cells import CellRun, run_cell, stopped_by_ctrl_c
+from gpunet.client.gateway_link import (
+    REQUEST_TIMEOUT_S,
+    GatewayJob,
+    GatewayLink,
+    first_event,
+    gateway_ca,
+    job_request,
+)
 from gpunet.client.local import EmbeddedNetwork
 from gpunet.codec import clean_text
 from gpunet.client.submit import function_job, function_value, submit
@@ -53,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds to wait for a scheduler before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5.0
+#: How long placement waits for workers still registering their provider's price.
+PRICE_WAIT_S = 10.0
 #: How long a finished job's small result stays wanted at most (see Network.release_soon).
 RELEASE_AFTER_S = 0.1
 
@@ -140,6 +150,19 @@ class Network:
 
     def __repr__(self) -> str:
         return f"<gpunet.Network {self.address} session={self.session} results={self.result_format}>"
+
+    #: whether the scheduler's table of verified results is asked (not through a gateway)
+    reuses_results = True
+    #: whether a job's data is scattered for the workers to fetch from each other (see
+    #: gpunet.client.handle.Connection)
+    scatters = True
+    #: the gateway this network is reached through (None: a Dask client of its own)
+    gateway: str | None = None
+
+    @property
+    def metered(self) -> bool:
+        """Whether this network's jobs are paid for from a credit session."""
+        return self.meter is not None
 
     @property
     def trusts_providers(self) -> bool:
@@ -467,12 +490,18 @@ class Network:
         limit = self.hold_rate(max_rate)
         if self.meter is None:
             return workers
-        for fresh in (False, True):
+        deadline, fresh = time.monotonic() + PRICE_WAIT_S, False
+        while True:  # a provider that joined a moment ago may still be registering its price
             infos = self.scheduler_workers(fresh=fresh)
             state, rates = self.worker_rates(fresh=fresh)
             eligible = placement.within_limit(infos, rates, resources, limit)
-            if eligible or not infos:
+            registering = [address for address, info in infos.items() if address not in rates
+                           and placement.satisfies(info.get("resources") or {}, resources)]
+            if eligible or not infos or (fresh and not registering) or time.monotonic() > deadline:
                 break
+            if fresh:
+                time.sleep(0.1)
+            fresh = True
         if not infos:
             return workers  # none connected: the job waits for one (check_placement said so)
         per_item = bool(workers) and isinstance(workers[0], list)
@@ -582,6 +611,177 @@ class Network:
         return self._closed
 
 
+class GatewayNetwork(Network):
+    """An open network reached through its gateway (``https://``, :mod:`gpunet.gateway`):
+    the same API as :class:`Network`, but no Dask client in the notebook. The gateway
+    holds this notebook's session (its holds, metered submission, verified jobs) and
+    streams each job's events back (:mod:`gpunet.client.gateway_link`)."""
+
+    reuses_results = False
+
+    def __init__(self, link: GatewayLink, opened: dict[str, Any], *, max_result_bytes: int,
+                 max_stream_bytes_per_s: int) -> None:
+        self.link = link
+        self.client = None  # type: ignore[assignment]
+        self.embedded = None
+        self.meter = None
+        self.credits = GatewayCredits(link, str(opened["session_id"]), str(opened.get("credits") or link.url))
+        self.result_format = wire.CODEC
+        self.max_result_bytes, self.max_stream_bytes_per_s = max_result_bytes, max_stream_bytes_per_s
+        #: the gateway's id of this notebook's session there; the credit session's id
+        self.gateway_session = str(opened["session_id"])
+        self.session = str(opened["credit_session"])
+        self.account = str(opened["account"])
+        self.address = self.gateway = link.url
+        self.topic = None  # type: ignore[assignment]  # the gateway gives each job its topic
+        self._jobs: dict[str, JobHandle] = {}
+        self._jobs_lock = threading.Lock()
+        self._state_cache: tuple[float, dict[str, Any]] = (0.0, {})
+        self._rates_cache: tuple[float, dict[str, Any], dict[str, float]] = (0.0, {}, {})
+        self._closed = False
+        self._users = 1
+        self._reason = ""
+        _open_networks.add(self)
+
+    @classmethod
+    def open(cls, url: str, token: str, ca: str, *, budget: int | None, timeout: float, max_result_bytes: int,
+             max_stream_bytes_per_s: int, max_rate: float | None = None) -> GatewayNetwork:
+        """Open this notebook's session on the gateway at ``url``."""
+        link = GatewayLink(url, token, ca, timeout=max(timeout, REQUEST_TIMEOUT_S))
+        kernel, notebook = _kernel_and_notebook()
+        try:
+            opened = link.call("POST", "/sessions", {
+                "budget": int(budget or DEFAULT_BUDGET), "kernel": kernel, "notebook": notebook,
+                "max_result_bytes": max_result_bytes, "max_stream_bytes_per_s": max_stream_bytes_per_s})
+        except BaseException:
+            link.close()
+            raise
+        network = cls(link, opened, max_result_bytes=max_result_bytes, max_stream_bytes_per_s=max_stream_bytes_per_s)
+        state = network.metering_state() or {}
+        limit = state.get("default_max_rate", DEFAULT_RATE)
+        #: this session's price limit (see Network.rate_limit); the gateway places by it
+        network.rate_limit = placement.check_max_rate(max_rate) if max_rate is not None else (
+            float(limit) if isinstance(limit, (int, float)) and 0 < limit < math.inf else DEFAULT_RATE)
+        return network
+
+    @property
+    def metered(self) -> bool:
+        """Always: an open network's every task carries a hold."""
+        return True
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """None: an open network's dashboard is its operator's."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<gpunet.Network gateway {self.address} account={self.account} session={self.session} results=codec>"
+
+    def _state(self, *, fresh: bool = False) -> dict[str, Any]:
+        stamp, state = self._state_cache
+        if fresh or time.monotonic() - stamp > 1.0:
+            state = self.link.call("GET", f"/sessions/{self.gateway_session}/state")
+            self._state_cache = (time.monotonic(), state)
+        return state
+
+    def scheduler_workers(self, *, fresh: bool = False) -> dict[str, dict[str, Any]]:
+        """The workers as the gateway reports them (cached for a second)."""
+        return {info["address"]: info for info in self._state(fresh=fresh)["workers"]}
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker with its device, resources and free slots (the gateway asks them)."""
+        return [WorkerInfo(**info) for info in self._state(fresh=True)["workers"]]
+
+    def capabilities(self, *, refresh: bool = False) -> dict[str, dict[str, Any]]:
+        """Each worker's measured capability, measured by the gateway where not yet."""
+        return self.link.call("POST", f"/sessions/{self.gateway_session}/capabilities", {"refresh": refresh})
+
+    def check_placement(self, resources: dict[str, float]) -> None:
+        """The gateway checks placement when the job is sent (its refusal is raised then)."""
+
+    def waiting_reason(self, resources: dict[str, float], workers: list[str] | None = None) -> str:
+        """Why the job still waits, as the gateway last said."""
+        return self._reason or "waiting for a worker"
+
+    def metering_state(self) -> dict[str, Any] | None:
+        """The scheduler's metering state, as the gateway sees it."""
+        return self._state()["metering"]
+
+    def call_scheduler(self, handler: str, **kwargs: Any) -> Any:
+        """Refused: through a gateway only the gateway calls the scheduler."""
+        raise GpunetError(f"{handler} is the gateway's to call; through a gateway the notebook never reaches the "
+                          "scheduler")
+
+    def release_unsent(self, holds: list[str]) -> None:
+        """Nothing: the gateway gives back the holds of a job it could not send."""
+
+    def release_soon(self, futures: list[Any]) -> None:
+        """Nothing: the gateway keeps the futures."""
+
+    def sent(self) -> None:
+        """Nothing: the gateway keeps the futures."""
+
+    def submit(self, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
+               workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
+               timeout: float | None = None, verify: str | Policy | None = None,
+               tolerance: Tolerance | None = None, max_rate: float | None = None,
+               prefer: str = "cheapest") -> JobHandle:
+        """Send ``job`` through the gateway and return its handle, once the gateway
+        has placed its hold and sent it (its refusal is raised here, nothing sent).
+        The gateway places it among the providers within ``max_rate`` (else this
+        session's limit), ``prefer``-ring the cheapest or the fastest."""
+        if self._closed:
+            raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
+        if items is not None and not items:
+            raise GpunetError("nothing to send: the map has no items")
+        placement.check_prefer(prefer)
+        body = job_request(job, items=items, resources=resources, workers=workers, max_credits=max_credits,
+                           timeout=timeout, verify=verify, tolerance=tolerance, max_rate=self.hold_rate(max_rate),
+                           prefer=prefer)
+        answer = self.link.request("POST", f"/sessions/{self.gateway_session}/jobs", body, stream=True,
+                                   timeout=None if timeout is None else timeout + REQUEST_TIMEOUT_S)
+        events, sent = first_event(answer)
+        per_item = bool(workers) and isinstance(workers[0], list)
+        handle = GatewayJob(self, job, items=None if items is None else len(items), resources=resources,
+                            allowed_workers=None if per_item else workers, answer=answer, events=events, sent=sent)
+        return handle
+
+    def close(self, *, force: bool = False) -> None:
+        """Close this notebook's session on the gateway (its unspent holds go back)."""
+        global _current
+        with _current_lock:
+            if self._closed:
+                return
+            self._users = 0 if force else self._users - 1
+            if self._users > 0:
+                return
+            self._closed = True
+            if _current is self:
+                _current = None
+        try:
+            self.link.call("DELETE", f"/sessions/{self.gateway_session}")
+        except GpunetError as exc:
+            logger.warning("gpunet: could not close the session on the gateway: %s", exc)
+        finally:
+            self.link.close()
+
+
+class GatewayCredits:
+    """What the notebook reads of its credit session through the gateway (the status
+    and ``%gpunet usage``): the gateway asks the credit service with this notebook's token."""
+
+    def __init__(self, link: GatewayLink, session_id: str, url: str) -> None:
+        self.link, self.session_id, self.url = link, session_id, url
+
+    def usage(self, session: str) -> dict[str, Any]:
+        """The session's budget, spent, held and left credits."""
+        return self.link.call("GET", f"/sessions/{self.session_id}/usage")
+
+    def provider_records(self) -> list[dict[str, Any]]:
+        """The providers' trust records."""
+        return self.link.call("GET", f"/sessions/{self.session_id}/providers")
+
+
 def _metering_state(client: Client) -> dict[str, Any] | None:
     """The metering plugin's state; None where the scheduler runs none (it then has no
     such handler: Dask answers None, and logs that on the scheduler)."""
@@ -611,7 +811,8 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
             token: str | None = None, budget: int | None = None, metered: bool = True,
             timeout: float = CONNECT_TIMEOUT_S, trust_providers: bool = False,
             max_result_bytes: int | None = None, max_stream_bytes_per_s: int | None = None,
-            replace: bool = False, max_rate: float | None = None, pip: Iterable[str] | None = None) -> Network:
+            replace: bool = False, max_rate: float | None = None, ca: str | None = None,
+            pip: Iterable[str] | None = None) -> Network:
     """Connect to a gpunet network and make it :func:`current`.
 
     ``address`` (or ``GPUNET_SCHEDULER``) joins that scheduler; with neither, an
@@ -643,6 +844,11 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     :class:`GpunetError`, unless ``replace=True`` (what ``%gpunet connect`` does),
     which closes the current one first. Every network still open when the
     interpreter exits is closed then, quietly, its local network with it.
+
+    An ``https://`` address is an open network's gateway (``gpunet gateway``): the
+    notebook speaks HTTPS to it with ``token`` (no ``credits``: the gateway knows its
+    credit service), checking its certificate against the operator's CA file ``ca``
+    (or ``GPUNET_GATEWAY_CA``); results come back as data only.
     """
     global _current
     result_options = trust_providers or max_result_bytes is not None or max_stream_bytes_per_s is not None
@@ -670,6 +876,17 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
                     "gpunet.connect() with no arguments returns that network. To use another one, close it "
                     "first (%gpunet disconnect, or gpunet.current().close()), or pass replace=True."
                 )
+    gateway = address is not None and address.startswith("https://")
+    if gateway:
+        if credits is not None or trust_providers:
+            raise GpunetError(f"{address} is a gateway: it knows its credit service and never trusts providers; "
+                              "connect with only --token-file (or GPUNET_TOKEN), --ca and --budget")
+        if token is None:
+            raise GpunetError(f"the gateway at {address} admits notebooks by their credit token: pass --token-file "
+                              "FILE (or set GPUNET_TOKEN); the operator of the credit service issues it")
+        ca = gateway_ca(ca)
+    elif ca is not None:
+        raise GpunetError("--ca checks a gateway's certificate; it applies only to an https:// address")
     if address is not None and workers is not None:
         raise GpunetError(f"workers={workers} only sizes a local network; {address} already has its own workers "
                           "(connect without --workers, or without an address)")
@@ -677,7 +894,7 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
         placement.check_max_rate(max_rate)
     if budget is not None and budget < 1:
         raise GpunetError(f"a session's budget must be at least 1 credit, got {budget}")
-    if (credits is None) != (token is None) and not (address is None and token is None):
+    if (credits is None) != (token is None) and not (address is None and token is None) and not gateway:
         raise GpunetError("a credit service needs both its URL (--credits / GPUNET_CREDITS) and this notebook's "
                           "token (--token / GPUNET_TOKEN)")
     caps = {"max_result_bytes": max_result_bytes or wire.DEFAULT_MAX_RESULT_BYTES,
@@ -693,29 +910,17 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
         if embedded.credits_service is not None:
             credits, token = embedded.credits_url, embedded.client_token
     result_format = wire.PICKLE if embedded is not None or trust_providers else wire.CODEC
-    options: dict[str, Any] = {}
-    dask_address = address
-    if result_format == wire.CODEC:  # Dask itself must not unpickle what providers send
-        dask_address = data_comm.data_only_address(address)
-        options["deserializers"] = list(data_comm.DATA_SERIALIZERS)
-        data_comm.max_message_bytes = caps["max_result_bytes"] + data_comm.MESSAGE_SLACK_BYTES
     try:
-        client = Client(dask_address, timeout=timeout, set_as_default=False, **options)
-    except (OSError, TimeoutError) as exc:
-        if embedded is not None:
-            embedded.close()
-        raise ConnectError(
-            f"cannot reach the scheduler at {address} within {timeout:g} s ({exc.__class__.__name__}). "
-            "Check the address and that `gpunet up` or `gpunet scheduler` runs there; "
-            "with no address, `%gpunet connect` starts a local network.",
-            address=address,
-        ) from None
-    try:
-        meter = _open_meter(client, credits, token, budget) if credits is not None else None
-        network = Network(client, embedded=embedded, meter=meter, result_format=result_format, address=address,
-                          max_rate=max_rate, pip=pip, **caps)
+        if gateway:
+            if pip:
+                raise OptionError("--pip / pip= is not available through a gateway yet: name the packages in "
+                                  "the cell's imports, or connect to a scheduler directly")
+            network: Network = GatewayNetwork.open(address, token, ca, budget=budget, timeout=timeout,
+                                                   max_rate=max_rate, **caps)
+        else:
+            network = join(address, credits=credits, token=token, budget=budget, timeout=timeout,
+                           result_format=result_format, embedded=embedded, max_rate=max_rate, pip=pip, **caps)
     except BaseException:
-        client.close()
         if embedded is not None:
             embedded.close()
         raise
@@ -725,6 +930,42 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
         _current = network
     _close_at_exit_once()
     return network
+
+
+def join(address: str, *, credits: str | None, token: str | None, budget: int | None, timeout: float,
+         result_format: str, max_result_bytes: int, max_stream_bytes_per_s: int,
+         embedded: EmbeddedNetwork | None = None, notebook: tuple[str, str] | None = None,
+         network_class: type[Network] | None = None, max_rate: float | None = None,
+         pip: Iterable[str] | None = None) -> Network:
+    """A :class:`Network` on the scheduler at ``address`` as a Dask client (what
+    :func:`connect` makes, and what the gateway makes for each notebook it serves):
+    with ``result_format`` CODEC over the data-only comm, metered with ``token``'s
+    account when ``credits`` is given (``notebook``: the session's kernel and notebook);
+    ``network_class``: a subclass of :class:`Network` to make (the gateway's)."""
+    options: dict[str, Any] = {}
+    dask_address = address
+    if result_format == wire.CODEC:  # Dask itself must not unpickle what providers send
+        dask_address = data_comm.data_only_address(address)
+        options["deserializers"] = list(data_comm.DATA_SERIALIZERS)
+        data_comm.max_message_bytes = max_result_bytes + data_comm.MESSAGE_SLACK_BYTES
+    try:
+        client = Client(dask_address, timeout=timeout, set_as_default=False, **options)
+    except (OSError, TimeoutError) as exc:
+        raise ConnectError(
+            f"cannot reach the scheduler at {address} within {timeout:g} s ({exc.__class__.__name__}). "
+            "Check the address and that `gpunet up` or `gpunet scheduler` runs there; "
+            "with no address, `%gpunet connect` starts a local network.",
+            address=address,
+        ) from None
+    try:
+        meter = _open_meter(client, credits, token, budget, notebook) if credits is not None and token else None
+        return (network_class or Network)(client, embedded=embedded, meter=meter, result_format=result_format,
+                                          address=address, max_result_bytes=max_result_bytes,
+                                          max_stream_bytes_per_s=max_stream_bytes_per_s, max_rate=max_rate,
+                                          pip=pip)
+    except BaseException:
+        client.close()
+        raise
 
 
 def _refuse_unguarded_script() -> None:
@@ -809,7 +1050,8 @@ def _close_all_quietly() -> None:
             logger_.setLevel(level)
 
 
-def _open_meter(client: Client, url: str, token: str, budget: int | None) -> Meter:
+def _open_meter(client: Client, url: str, token: str, budget: int | None,
+                notebook: tuple[str, str] | None = None) -> Meter:
     """Check that the scheduler meters work, then open this notebook's session."""
     state = _metering_state(client)
     if state is None:
@@ -819,7 +1061,7 @@ def _open_meter(client: Client, url: str, token: str, budget: int | None) -> Met
             "without --credits"
         )
     credits = CreditClient(url, token)
-    kernel, notebook = _kernel_and_notebook()
+    kernel, notebook = notebook or _kernel_and_notebook()
     session = credits.open_session(int(budget or DEFAULT_BUDGET), notebook=notebook, kernel=kernel)
     # Holds name the scheduler's meter account: only it may pay them (None on a private network).
     return Meter(credits, session, meter=state.get("meter"))

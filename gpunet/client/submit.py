@@ -176,7 +176,7 @@ class RemoteJob(JobHandle):
             options = dict(resources=resources, pure=False, workers=None if per_item else workers,
                            allow_other_workers=False)
             inputs = None
-            if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
+            if network.scatters and sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
                 inputs, job.inputs = scatter_surviving(client, job.inputs, timeout=timeout), {}
             remote = cls(network, job, items=None if blobs is None else len(blobs), resources=resources,
                          allowed_workers=None if per_item else workers)
@@ -184,15 +184,16 @@ class RemoteJob(JobHandle):
             shared = None
             if blobs is None:
                 # large arguments travel scattered, once, as a cell's large inputs do
-                if len(job.arguments) > SCATTER_THRESHOLD_BYTES:
+                if network.scatters and len(job.arguments) > SCATTER_THRESHOLD_BYTES:
                     shared = scatter_surviving(client, job, timeout=timeout)
                 futures = [client.submit(run_job, shared or job, None, None, inputs, key=f"gpunet-{job.job_id}",
                                          **options)]
             else:
                 keys = [f"gpunet-{job.job_id}-{index}" for index in range(len(blobs))]
                 # The job (code, function, inputs) goes to the workers once, as data the
-                # tasks depend on; each task then carries only its item.
-                shared = scatter_surviving(client, job, timeout=timeout)
+                # tasks depend on; each task then carries only its item (where workers may
+                # fetch it from each other: see Connection.scatters).
+                shared = scatter_surviving(client, job, timeout=timeout) if network.scatters else job
                 if per_item:  # one submit per item, each pinned to its own workers
                     futures = [client.submit(run_job, shared, blob, index, inputs, key=key,
                                              **{**options, "workers": where})
@@ -205,7 +206,7 @@ class RemoteJob(JobHandle):
                         slicing.blobs, slicing.send = blobs, (shared, inputs, options)
                         remote.slicing = slicing
             remote._attach(futures)
-            remote._kept = [f for f in (inputs, shared) if f is not None]
+            remote._kept = [f for f in (inputs, shared if network.scatters else None) if f is not None]
             return remote
 
     def _attach(self, futures: list[Future]) -> None:

@@ -263,10 +263,10 @@ class VerifiedJob(JobHandle):
         client = network.client
         network.register_job(self)
         try:
-            if sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
+            if network.scatters and sum(len(blob) for blob in job.inputs.values()) > SCATTER_THRESHOLD_BYTES:
                 self._inputs, job.inputs = scatter_surviving(client, job.inputs, timeout=timeout), {}
-            if self.mapped or len(job.arguments) > SCATTER_THRESHOLD_BYTES:  # sent once, not with every copy
-                self._shared = scatter_surviving(client, job, timeout=timeout)
+            if network.scatters and (self.mapped or len(job.arguments) > SCATTER_THRESHOLD_BYTES):
+                self._shared = scatter_surviving(client, job, timeout=timeout)  # sent once, not with every copy
             for (unit, provider), hold in zip(planned, holds):
                 self._send(unit, provider, hold)
         except BaseException:

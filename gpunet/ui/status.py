@@ -45,6 +45,8 @@ class Shown(Protocol):
     embedded: Any
     meter: Any
     credits: Any
+    metered: bool
+    gateway: str | None
 
     def workers(self) -> list[WorkerInfo]: ...
     def metering_state(self) -> dict[str, Any] | None: ...
@@ -137,7 +139,7 @@ class NetworkStatus:
         note = net.embedded.note if net.embedded is not None else None
         usage = owners = trust = rates = None
         workers = net.workers()
-        if net.meter is not None:
+        if net.metered:
             n = net.credits.usage(net.session)
             usage = f"credits: spent {n['spent']}, held {n['held']}, left {n['left']} of {n['budget']}"
             owners, trust = _providers(net, [worker.address for worker in workers])
@@ -145,7 +147,7 @@ class NetworkStatus:
         else:
             usage = "credits: not metered"
         return cls(net.address, net.dashboard_link, net.session, workers, note, usage, owners, trust,
-                   network_kind(net), cell_defaults(net.hold_rate() if net.meter is not None else None), rates)
+                   network_kind(net), cell_defaults(net.hold_rate() if net.metered else None), rates)
 
     def rows(self) -> list[tuple[str, ...]]:
         """One row per worker: address, name, device, memory, free/total slots, resources."""
@@ -199,6 +201,8 @@ NETWORK_KINDS = {
                "the workers)",
     "open": "network: open (strangers: mutual TLS with the operator's certificates; only the gateway is a Dask "
             "client; every task carries a hold)",
+    "gateway": "network: open, through the gateway {gateway} (strangers: this notebook is no Dask client; the "
+               "gateway checks its credit token, holds credits for each job and sends it; every task carries a hold)",
 }
 
 
@@ -208,6 +212,8 @@ def network_kind(net: Shown) -> str:
                else "; results come back as data only (gpunet.codec), never as code")
     if net.embedded is not None:
         return NETWORK_KINDS["embedded"] + results
+    if net.gateway is not None:
+        return NETWORK_KINDS["gateway"].format(gateway=net.gateway) + results
     state = net.metering_state() or {}
     return NETWORK_KINDS["open" if state.get("network") == "open" else "private"] + results
 

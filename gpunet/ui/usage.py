@@ -34,6 +34,9 @@ class SessionUsage(LivePanel):
     def __init__(self, net: Network | None = None, *, interval: float | None = None) -> None:
         super().__init__(interval=interval)
         self.net = net or current()
+        if self.net.meter is None and self.net.metered:
+            raise GpunetError("through a gateway the session's meter is the gateway's: %gpunet status shows what "
+                              "this session spent, held and has left")
         if self.net.meter is None:
             raise GpunetError("this connection has no credit service, so its session is not metered "
                               "(connect with --credits URL --token TOKEN, or without an address)")

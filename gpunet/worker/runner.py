@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import builtins
 import ctypes
@@ -38,7 +39,7 @@ import threading
 import time
 import traceback
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import cloudpickle
 
@@ -51,6 +52,7 @@ from gpunet.wire import (
     TOO_LARGE,
     Job,
     JobResult,
+    Pickled,
     result_to_event,
     sign_event,
     stream_allowance,
@@ -550,12 +552,13 @@ def _keep(result: JobResult, job: Job, name: str, what: str, value: Any) -> None
 
 
 def _run_function(job: Job, item: bytes | None, result: JobResult) -> None:
-    args, kwargs = unpickle_value(job.arguments) if job.arguments else ((), {})
-    if item is not None:
-        args = (unpickle_value(item), *args)
     assert job.function is not None
     try:
-        value = job.function(*args, **kwargs)
+        function = unpickle_value(job.function) if isinstance(job.function, (bytes, Pickled)) else job.function
+        args, kwargs = unpickle_value(job.arguments) if job.arguments else ((), {})
+        if item is not None:
+            args = (unpickle_value(item), *args)
+        value = function(*args, **kwargs)
     except JobInterrupted:
         raise
     except BaseException as exc:
@@ -596,6 +599,21 @@ async def end_session(digest: str, dask_worker: Any = None) -> bool:
     if _job_host is None:
         return False
     return bool(await asyncio.to_thread(_job_host.end_session, str(digest)))
+
+
+@contextlib.contextmanager
+def registered_as_running(running_key: str) -> Iterator[None]:
+    """Count this thread's job (run elsewhere: its sandbox) as running here meanwhile, as
+    a job run in this process is (``_running``, which probes of running jobs read)."""
+    thread_id = threading.get_ident()
+    with _registry_lock:
+        _running[running_key] = thread_id
+    try:
+        yield
+    finally:
+        with _registry_lock:
+            if _running.get(running_key) == thread_id:
+                del _running[running_key]
 
 
 def was_stopped(job_id: str) -> bool:

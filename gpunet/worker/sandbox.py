@@ -33,7 +33,8 @@ relayed only to the job's own topic, within the job's output-text cap.
   worker.
 
 ``SandboxSettings.python`` and ``path_prefix`` start sandboxes with another Python
-executable and extra ``sys.path`` entries (per-session environments).
+executable and extra ``sys.path`` entries; :meth:`SandboxPool.settings_for` chooses a
+session's settings at its first job (per-session environments override it).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ import msgpack
 
 from gpunet.errors import GpunetError
 from gpunet.paths import data_dir
-from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, result_from_event, result_to_event, session_digest,
-                         stream_allowance)
+from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, flat_result, result_from_event, result_to_event,
+                         session_digest, stream_allowance)
 from gpunet.worker import runner
 from gpunet.worker.environment import PreparedEnvironment
 
@@ -76,8 +77,10 @@ logger = logging.getLogger(__name__)
 #: sandbox settings (JSON of :class:`SandboxSettings`); a worker without it runs jobs
 #: in its own process (the embedded network).
 SANDBOX_ENV = "GPUNET_SANDBOX"
-#: Inside a sandbox: the address of the worker it belongs to (where its cells run).
+#: Inside a sandbox: the address and the name of the worker it belongs to (where its
+#: cells run; ``distributed.get_worker()`` has no worker there).
 WORKER_ADDRESS_ENV = "GPUNET_WORKER"
+WORKER_NAME_ENV = "GPUNET_WORKER_NAME"
 #: Isolation kinds: bubblewrap namespaces on top of the process's own limits, or the
 #: process's limits alone.
 BUBBLEWRAP, PROCESS = "bubblewrap", "process"
@@ -102,7 +105,7 @@ TRUSTED_FRAME_MAX_BYTES = 2**32 - 1
 START_TIMEOUT_S = 120.0
 
 _FRAME_HEADER = struct.Struct(">I")
-_PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 4, 38
+_PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 4, 36, 38
 
 
 @dataclass(frozen=True)
@@ -305,11 +308,14 @@ class Sandbox:
                                      f"its sandbox did not start: {self.ended or 'it took too long'}")
             blob = cloudpickle.dumps((dataclasses.replace(job, announce=False), item, index, address, device,
                                       environment))
-            self.channel.send(cloudpickle.dumps(("run", key)), blob)
-            runner.announce_later(job, worker, lambda: key in self.waiting, device)
-            kind, answer = waiting.answers.get()
+            with runner.registered_as_running(key):
+                self.channel.send(cloudpickle.dumps(("run", key)), blob)
+                runner.announce_later(job, worker, lambda: key in self.waiting, device)
+                kind, answer = waiting.answers.get()
             if kind == "result":
                 return answer
+            if kind == "failed":
+                return runner.error_result(job, index, address, device, waiting.started, SANDBOX_ENDED, answer)
             if runner.was_stopped(job.job_id):
                 return runner.error_result(job, index, address, device, waiting.started, INTERRUPTED,
                                      f"stopped: {answer}")
@@ -348,6 +354,11 @@ class Sandbox:
             if self.ended is None:
                 self.ended = why
         if self.process.poll() is None:
+            for pid in _descendants(self.process.pid):  # those a cell detached, before their reaper ends
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -380,6 +391,10 @@ class Sandbox:
                     self._relay(str(message[1]), message[2], message[3], len(frame))
                 elif kind == "result":
                     self._result(str(message[1]), str(message[2]))
+                elif kind == "failed":
+                    waiting = self.waiting.get(str(message[1]))
+                    if waiting is not None:
+                        waiting.answers.put(("failed", str(message[2])[:4096]))
                 else:
                     raise ValueError(f"an unknown message {kind!r}")
         except (ValueError, TypeError, IndexError, KeyError, msgpack.UnpackException) as exc:
@@ -404,7 +419,11 @@ class Sandbox:
         if waiting is None:
             raise ValueError("a result for no job of its own")
         trusted = waiting.job.result_format != CODEC
-        payload = self.channel.receive(TRUSTED_FRAME_MAX_BYTES if trusted else waiting.job.max_result_bytes + 1024)
+        # the job's cap is the notebook's to choose (the cell's author): the worker's own
+        # ceiling is what the sandbox could have built within its memory limit
+        ceiling = min(TRUSTED_FRAME_MAX_BYTES, self.settings.memory_bytes or TRUSTED_FRAME_MAX_BYTES)
+        payload = self.channel.receive(min(ceiling, TRUSTED_FRAME_MAX_BYTES if trusted
+                                           else waiting.job.max_result_bytes + 1024))
         if payload is None:
             raise ValueError("a result cut short")
         if result_format == CODEC and not trusted:
@@ -482,9 +501,7 @@ class SandboxPool:
         if runner.was_stopped(job.job_id):
             return runner.error_result(job, index, address, device, time.time(), INTERRUPTED, "stopped before it started")
         digest = None if job.session is None else session_digest(job.session)
-        path_prefix = None if environment is None else \
-            self.settings.path_prefix + (() if prepared is None else (str(prepared.site_packages),))
-        sandbox, kept = self._sandbox_for(digest, path_prefix)
+        sandbox, kept = self._sandbox_for(digest, self.settings_for(prepared, environment))
         try:
             return sandbox.run(job, item, index, worker, address, device, environment)
         finally:
@@ -525,19 +542,30 @@ class SandboxPool:
         with self.lock:
             self.in_use.discard(sandbox)
 
-    def _sandbox_for(self, digest: str | None, path_prefix: tuple[str, ...] | None) -> tuple[Sandbox, bool]:
-        """The sandbox for a job of the session ``digest`` whose ``sys.path`` starts with
-        ``path_prefix`` (None: any), and whether it is kept for the session (False: it ends
-        with the job)."""
+    def settings_for(self, prepared: PreparedEnvironment | None,
+                     environment: dict[str, Any] | None) -> SandboxSettings | None:
+        """The settings a session's sandbox runs with for a job: the pool's, with the
+        session's own ``site-packages`` (``prepared``) first on its path; None (any of the
+        session's) for a job that asks for no packages (no ``environment``)."""
+        if environment is None:
+            return None
+        if prepared is None:
+            return self.settings
+        return dataclasses.replace(self.settings, path_prefix=(*self.settings.path_prefix,
+                                                               str(prepared.site_packages)))
+
+    def _sandbox_for(self, digest: str | None, settings: SandboxSettings | None) -> tuple[Sandbox, bool]:
+        """The sandbox for a job of the session ``digest`` that runs with ``settings``
+        (None: any), and whether it is kept for the session (False: it ends with the job)."""
         with self.lock:
             sandbox = self.sessions.get(digest) if digest is not None else None
-            if sandbox is not None and sandbox.ended is None and path_prefix in (None, sandbox.settings.path_prefix):
+            if sandbox is not None and sandbox.ended is None and settings in (None, sandbox.settings):
                 sandbox.last_used = time.monotonic()
                 return sandbox, True
             if sandbox is not None and sandbox.ended is None and sandbox.busy:
                 digest = None  # another environment while a cell runs there: a sandbox for this job alone
             spare = None
-            if path_prefix in (None, self.settings.path_prefix):  # the spare runs with the worker's own
+            if settings in (None, self.settings):  # the spare was started with the pool's settings
                 spare, self.spare = self.spare, None
             evicted = self._make_room_locked()
             if digest is not None and digest in self.sessions:  # it ended (a limit) or has another environment
@@ -546,7 +574,9 @@ class SandboxPool:
             self._end(old, "the worker needed room for another session")
         sandbox = spare.result() if spare is not None else None
         if sandbox is None or sandbox.ended is not None:
-            sandbox = self.starter.submit(self._new_sandbox, path_prefix).result()
+            if sandbox is not None:
+                sandbox.end(sandbox.ended or "ended")
+            sandbox = self.starter.submit(self._new_sandbox, settings).result()
         with self.lock:
             self.in_use.add(sandbox)
             if digest is not None:
@@ -569,14 +599,13 @@ class SandboxPool:
             if self.spare is None and not self.closed.is_set():
                 self.spare = self.starter.submit(self._new_sandbox)
 
-    def _new_sandbox(self, path_prefix: tuple[str, ...] | None = None) -> Sandbox:
+    def _new_sandbox(self, settings: SandboxSettings | None = None) -> Sandbox:
         with self.lock:
             used = {sandbox.slot for sandbox in self.in_use}
             if self.spare is not None and self.spare.done() and self.spare.exception() is None:
                 used.add(self.spare.result().slot)
         slot = next(index for index in range(MOST_SANDBOXES) if index not in used)
-        settings = self.settings if path_prefix is None else dataclasses.replace(self.settings, path_prefix=path_prefix)
-        return Sandbox(settings, slot, self.device_env)
+        return Sandbox(settings or self.settings, slot, self.device_env)
 
     def _reap(self) -> None:
         """End sandboxes idle for ``idle_seconds``, and those that ended by themselves."""
@@ -600,9 +629,13 @@ def sandbox_command(settings: SandboxSettings, scratch: str, fd: int, uid: int |
               "limits": {"memory": settings.memory_bytes, "cpu": settings.cpu_seconds,
                          "processes": settings.processes, "open_files": settings.open_files,
                          "file_size": settings.file_bytes}}
-    bootstrap = ("import json, sys; config = json.loads(sys.argv[1]); sys.path[:0] = config['path_prefix']; "
+    # its own Python's path, after the prefix, then what the worker can import too (a
+    # function pickled by reference to a module of the worker's path loads there)
+    bootstrap = ("import json, sys; config = json.loads(sys.argv[1]); "
+                 "sys.path[:] = list(dict.fromkeys(config['path_prefix'] + sys.path + config['worker_path'])); "
                  "from gpunet.worker.sandbox import serve; serve(config)")
     config["path_prefix"] = list(settings.path_prefix)
+    config["worker_path"] = [entry for entry in sys.path if entry and os.path.isabs(entry)]
     command = [python, "-I", "-c", bootstrap, json.dumps(config)]
     if settings.isolation != BUBBLEWRAP:
         return command
@@ -733,7 +766,13 @@ def serve(config: dict[str, Any]) -> None:
 
 def _run_one(channel: _Channel, key: str, blob: bytes, config: dict[str, Any],
              running: dict[str, threading.Thread]) -> None:
-    job, item, index, address, device, environment = cloudpickle.loads(blob)
+    try:
+        job, item, index, address, device, environment = cloudpickle.loads(blob)
+    except BaseException as exc:  # noqa: BLE001 - e.g. a function of a module it cannot import
+        running.pop(key, None)
+        channel.send(msgpack.packb(["failed", key, f"the job could not be loaded in its sandbox: "
+                                                   f"{type(exc).__name__}: {exc}"]))
+        return
     started = time.time()
     try:
         result = runner.execute_job(job, item, index, _Relay(channel, key, address), address, device, environment)
@@ -747,12 +786,19 @@ def _run_one(channel: _Channel, key: str, blob: bytes, config: dict[str, Any],
     if isinstance(result, (bytes, bytearray, memoryview)):
         channel.send(msgpack.packb(["result", key, CODEC]), result)
         return
-    channel.send(msgpack.packb(["result", key, "fields"]), _fields(result))
+    try:
+        fields = _fields(result)
+    except Exception as exc:  # noqa: BLE001 - say why rather than leave the worker waiting
+        channel.send(msgpack.packb(["failed", key, f"its result could not leave the sandbox: {type(exc).__name__}: "
+                                                   f"{exc}"]))
+        return
+    channel.send(msgpack.packb(["result", key, "fields"]), fields)
 
 
 def _fields(result: JobResult) -> bytes:
-    """A trusted job's result as msgpack of its fields; displays msgpack cannot carry are
-    left out, saying so in its stderr."""
+    """A trusted job's result as msgpack of its fields (its pickled values as one blob
+    each); displays msgpack cannot carry are left out, saying so in its stderr."""
+    result = flat_result(result)
     try:
         return msgpack.packb(result_to_event(result), use_bin_type=True)
     except (TypeError, ValueError):
@@ -779,6 +825,8 @@ def _confine(config: dict[str, Any]) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    # processes a cell detaches (fork, setsid, fork) stay its descendants, for _end_strays
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     limits = config["limits"]
     # RLIMIT_NPROC counts every process of the uid: a sandbox's own uid has only its own
     processes = limits["processes"] + (0 if uid is not None else _tasks_of_my_user())
@@ -815,12 +863,30 @@ def _end_strays(config: dict[str, Any]) -> None:
             os.kill(-1, signal.SIGKILL)  # never the caller itself, nor a namespace's init
         except (ProcessLookupError, PermissionError):
             pass
-        return
-    for pid in _descendants(os.getpid()):
+    else:
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    _reap_children()
+
+
+def _reap_children(within_s: float = 5.0) -> None:
+    """Wait for this process's killed children (its own, and the strays it adopted as a
+    subreaper): until reaped, each stays a zombie that counts against the sandbox's
+    process limit, and a fork bomb's zombies would leave it unable to start the thread
+    of its next cell."""
+    deadline = time.monotonic() + within_s
+    while True:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # none left
+        if pid == 0:  # some still dying
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
 
 def _descendants(root: int) -> list[int]:

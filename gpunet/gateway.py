@@ -1,0 +1,631 @@
+"""``gpunet gateway``: an open network's front door for notebooks (HTTPS, Starlette on uvicorn).
+
+On an open network the gateway is the only Dask client (its certificate has the
+gateway role, :mod:`gpunet.roles`). Notebooks speak HTTPS to it
+(:mod:`gpunet.client.gateway_link`) with their credit token, which the gateway
+checks with the credit service (a client account's, or the request is refused). For
+each notebook session it runs gpunet's own notebook-side machinery, a
+:class:`gpunet.client.network.Network` over the data-only comm opened with that
+notebook's token: placement, holds on that notebook's account, metered and verified
+submission, verdicts.
+
+What a notebook sends is never unpickled here: a job's code, names and flags are
+data (msgpack, checked field by field); what the notebook pickled (inputs, map
+items, a function and its arguments) stays opaque bytes that travel inside a task
+whose function is gpunet's own runner (:func:`gpunet.worker.runner.run_job`), and
+only the worker loads them. Each job's live output and progress stream back as
+server-sent events, then its results as codec data (:mod:`gpunet.codec`).
+
+Limits: a request body is capped while it streams in (413), a job's pickled bytes
+are capped (413), submissions are rate-limited per account (429), and an account
+holds at most a few sessions at once (429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpunet import certs, wire
+from gpunet.client.gateway_link import blob_in, pack, sse_frame, unpack
+from gpunet.client.handle import JobHandle, new_job_id
+from gpunet.client.network import Network, join
+from gpunet.credits import CreditClient
+from gpunet.credits._service import bind_socket, read_capped_body
+from gpunet.errors import AuthError, CreditsError, CreditsRequestError, GatewayError, GpunetError, OptionError
+from gpunet.kernels import Tolerance
+from gpunet.guarded_tls import expect_scheduler_at, use_guarded_tls
+from gpunet.provenance import run_facts
+from gpunet.roles import TokenBucket
+from gpunet.verify.quorum import Policy
+from gpunet.wire import Job, PassedOn, result_to_event
+
+logger = logging.getLogger(__name__)
+
+#: The largest request body the gateway reads (a job with its pickled inputs).
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: The most bytes a job's pickles (inputs, items, function, arguments) may take together.
+DEFAULT_MAX_JOB_BYTES = 32 * 1024 * 1024
+#: Per account: submissions at once, and per second after that.
+DEFAULT_SUBMIT_BURST = 20
+DEFAULT_SUBMITS_PER_S = 5.0
+#: Per account: sessions open at once (each is a Dask client on the gateway).
+DEFAULT_MAX_SESSIONS = 4
+#: A session with no job running and no request for this long is closed (its holds go
+#: back) when its account opens another: a kernel that died leaves one behind.
+SESSION_IDLE_S = 15 * 60.0
+#: How long a checked token is believed before the credit service is asked again.
+TOKEN_TTL_S = 30.0
+#: The most items a map may have, and the longest cell, through the gateway.
+MAX_ITEMS = 100_000
+MAX_CODE_CHARS = 1024 * 1024
+#: The longest --timeout a job may ask for (seconds).
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+#: How often a job's progress is sent while nothing else happens.
+PROGRESS_EVERY_S = 1.0
+#: The Dask resources a job may ask for.
+RESOURCES = (wire.DEVICE_RESOURCE, wire.GPU_RESOURCE, wire.GPU_MEMORY_RESOURCE)
+#: The message of a request without a token.
+NO_TOKEN = ("send your credit token: %gpunet connect https://GATEWAY --token-file FILE (or GPUNET_TOKEN); the "
+            "operator of the credit service issues it")
+
+
+@dataclass
+class GatewayLimits:
+    """What the gateway caps (see the module docstring)."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
+    submit_burst: int = DEFAULT_SUBMIT_BURST
+    submits_per_s: float = DEFAULT_SUBMITS_PER_S
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+
+
+class ServedNetwork(Network):
+    """A notebook's network on the gateway: a :class:`Network` whose jobs' live events
+    (those its handles accept as their workers') also go to the job's relay. A job's data
+    travels inside its tasks: an open network's workers fetch nothing from another
+    provider's workers (:class:`gpunet.roles.WorkerDoor`)."""
+
+    scatters = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relays: dict[str, Relay] = {}
+
+    def register_job(self, handle: JobHandle) -> None:
+        """Hand ``handle`` its events, and its relay the events it shows."""
+        relay = self.relays.get(handle.job.job_id)
+        if relay is not None:
+            shown = handle._on_live_event
+
+            def relayed(message: dict[str, Any]) -> None:
+                shown(message)
+                if handle._shows(message) and message.get("kind") in ("started", "stream"):
+                    relay.put("live", {name: value for name, value in message.items() if name != "mac"})
+
+            handle._on_live_event = relayed  # type: ignore[method-assign]
+        super().register_job(handle)
+
+
+class Relay:
+    """A job's events on their way to its notebook: put from any thread, read as
+    server-sent events on the gateway's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.over = False
+
+    def put(self, event: str, data: Any) -> None:
+        """Send ``event`` with ``data`` (msgpack-able) to the notebook."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, sse_frame(event, data))
+
+    def end(self) -> None:
+        """No more events."""
+        self.over = True
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+
+class RelayProgress:
+    """The progress a job's handle reports (:class:`gpunet.ui.progress.JobProgress`'s
+    calls), sent to the notebook, which shows it with its own widget."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.done = 0
+        self.asked = 0.0
+        self.started = False
+
+    def running(self, worker: str, device: str, *, rerun_after: str | None = None) -> None:
+        """The job started (the notebook sees the worker's own event)."""
+        self.started = True
+
+    def wants_reason(self) -> bool:
+        """Whether to say why the job still waits (about once a second, before it starts)."""
+        if self.started or time.monotonic() - self.asked < PROGRESS_EVERY_S:
+            return False
+        self.asked = time.monotonic()
+        return True
+
+    def waiting(self, reason: str) -> None:
+        """Say why the job still waits."""
+        self.relay.put("progress", {"done": self.done, "waiting": reason})
+
+    def tick(self, done: int | None = None) -> None:
+        """Say how many units finished, when that changed."""
+        if done is not None and done != self.done:
+            self.done = done
+            self.relay.put("progress", {"done": done})
+
+    def ran_on(self, worker: str, device: str) -> None:
+        """Nothing: the results say where each unit ran."""
+
+
+@dataclass
+class ClientSession:
+    """One notebook's session on the gateway."""
+
+    session_id: str
+    account: str
+    token_digest: str
+    network: ServedNetwork
+    jobs: dict[str, JobHandle] = field(default_factory=dict)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def refusal(message: str, status: int, code: str) -> Any:
+    """The gateway's answer refusing a request: one clear message."""
+    from starlette.responses import Response
+
+    return Response(pack({"error": {"status": status, "code": code, "message": message}}), status_code=status,
+                    media_type="application/msgpack")
+
+
+def answer(data: Any) -> Any:
+    """A msgpack answer."""
+    from starlette.responses import Response
+
+    return Response(pack(data), media_type="application/msgpack")
+
+
+class Gateway:
+    """The gateway's state: the notebooks' sessions, checked tokens, rate limits."""
+
+    def __init__(self, scheduler: str, credits_url: str, limits: GatewayLimits | None = None) -> None:
+        self.scheduler = scheduler
+        self.credits_url = credits_url
+        self.limits = limits or GatewayLimits()
+        self.sessions: dict[str, ClientSession] = {}
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
+
+    # -- who is asking ---------------------------------------------------------------
+    async def account_of(self, request: Any) -> tuple[str, str]:
+        """(account, token) of the request's bearer token, a client account's."""
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not token:
+            raise GatewayError(NO_TOKEN, status=401, code="no_token")
+        digest = _digest(token)
+        known = self._tokens.get(digest)
+        if known is not None and known[1] > time.monotonic():
+            return known[0], token
+        account = await asyncio.to_thread(self._check_token, token)
+        self._tokens[digest] = (account, time.monotonic() + TOKEN_TTL_S)
+        return account, token
+
+    def _check_token(self, token: str) -> str:
+        try:
+            with CreditClient(self.credits_url, token) as credits:
+                account = credits.ping()["account"]
+                role = credits.account(account)["role"]
+        except AuthError:
+            raise GatewayError("the credit service does not know this token: check the file given with "
+                               "--token-file (or GPUNET_TOKEN), or ask the operator for a client account's token",
+                               status=401, code="bad_token") from None
+        if role != "client":
+            raise GatewayError(f"this is a {role} account's token; notebooks use a client account's token "
+                               "(the operator makes one with `gpunet credits create-account NAME --role client`)",
+                               status=403, code="wrong_role")
+        return account
+
+    def session_of(self, request: Any, account: str, token: str) -> ClientSession:
+        """The request's session, which must be this token's."""
+        session = self.sessions.get(request.path_params["sid"])
+        if session is None or session.token_digest != _digest(token):
+            raise GatewayError("no such session of yours on this gateway (it was closed, or the gateway restarted): "
+                               "connect again (%gpunet connect)", status=404, code="no_session")
+        session.last_used = time.monotonic()
+        return session
+
+    def _take_submission(self, account: str) -> None:
+        limits = self.limits
+        bucket = self._buckets.setdefault(account, TokenBucket(limits.submit_burst, limits.submits_per_s))
+        if not bucket.take(1):
+            raise GatewayError(f"too many submissions: this gateway takes at most {limits.submits_per_s:g} jobs a "
+                               f"second from one account (bursts of {limits.submit_burst}); wait a moment and send "
+                               "it again, or send many items as one --map", status=429, code="rate_limited")
+
+    # -- the endpoints -----------------------------------------------------------------
+    async def open_session(self, request: Any) -> Any:
+        """POST /v1/sessions: open this notebook's credit session and its Dask client."""
+        account, token = await self.account_of(request)
+        body = await self._body(request)
+        mine = [s for s in self.sessions.values() if s.account == account]
+        for idle in [s for s in mine if not s.jobs and time.monotonic() - s.last_used > SESSION_IDLE_S]:
+            self.sessions.pop(idle.session_id, None)
+            mine.remove(idle)
+            await asyncio.to_thread(idle.network.close, force=True)
+        if len(mine) >= self.limits.max_sessions:
+            raise GatewayError(f"account {account} already has {len(mine)} sessions open on this gateway, the most "
+                               f"it may; disconnect one (%gpunet disconnect), or wait: one idle for "
+                               f"{SESSION_IDLE_S / 60:g} minutes is closed then", status=429, code="too_many_sessions")
+        budget = _integer(body, "budget", 1, 10**15)
+        caps = {name: _integer(body, name, 1, wire.DEFAULT_MAX_RESULT_BYTES if name == "max_result_bytes"
+                               else 64 * wire.DEFAULT_MAX_STREAM_BYTES_PER_S)
+                for name in ("max_result_bytes", "max_stream_bytes_per_s")}
+        notebook = (_text(body, "kernel", 200), _text(body, "notebook", 1000))
+        network = await asyncio.to_thread(join, self.scheduler, credits=self.credits_url, token=token, budget=budget,
+                                          timeout=30.0, result_format=wire.CODEC, notebook=notebook,
+                                          network_class=ServedNetwork, **caps)
+        session = ClientSession(secrets.token_urlsafe(24), account, _digest(token), network)  # type: ignore[arg-type]
+        self.sessions[session.session_id] = session
+        logger.info("gateway: account %s opened session %s", account, session.session_id[:8])
+        return answer({"session_id": session.session_id, "credit_session": network.session, "account": account,
+                       "credits": self.credits_url})
+
+    async def close_session(self, request: Any) -> Any:
+        """DELETE /v1/sessions/{sid}: stop its jobs, give back its holds, close its client."""
+        account, token = await self.account_of(request)
+        session = self.session_of(request, account, token)
+        self.sessions.pop(session.session_id, None)
+        for handle in list(session.jobs.values()):
+            await asyncio.to_thread(handle.stop, "the notebook disconnected")
+        await asyncio.to_thread(session.network.close, force=True)
+        return answer({"closed": True})
+
+    async def state(self, request: Any) -> Any:
+        """GET /v1/sessions/{sid}/state: the workers and the scheduler's metering state."""
+        account, token = await self.account_of(request)
+        network = self.session_of(request, account, token).network
+
+        def read() -> dict[str, Any]:
+            return {"workers": [dataclasses.asdict(info) for info in network.workers()],
+                    "metering": network.metering_state()}
+
+        return answer(await asyncio.to_thread(read))
+
+    async def capabilities(self, request: Any) -> Any:
+        """POST /v1/sessions/{sid}/capabilities: each worker's measured capability."""
+        account, token = await self.account_of(request)
+        network = self.session_of(request, account, token).network
+        self._take_submission(account)  # measuring runs work on every worker: it counts as a submission
+        body = await self._body(request)
+        return answer(await asyncio.to_thread(network.capabilities, refresh=bool(body.get("refresh"))))
+
+    async def usage(self, request: Any) -> Any:
+        """GET /v1/sessions/{sid}/usage: the credit session's figures."""
+        account, token = await self.account_of(request)
+        network = self.session_of(request, account, token).network
+        return answer(await asyncio.to_thread(network.credits.usage, network.session))
+
+    async def providers(self, request: Any) -> Any:
+        """GET /v1/sessions/{sid}/providers: the providers' trust records."""
+        account, token = await self.account_of(request)
+        network = self.session_of(request, account, token).network
+        return answer(await asyncio.to_thread(network.credits.provider_records))
+
+    async def stop_job(self, request: Any) -> Any:
+        """POST /v1/sessions/{sid}/jobs/{job}/stop: stop one of this session's jobs."""
+        account, token = await self.account_of(request)
+        session = self.session_of(request, account, token)
+        body = await self._body(request)
+        handle = session.jobs.get(request.path_params["job"])
+        if handle is not None:
+            await asyncio.to_thread(handle.stop, _text(body, "reason", 200) or "stopped by the notebook")
+        return answer({"stopped": handle is not None})
+
+    async def submit(self, request: Any) -> Any:
+        """POST /v1/sessions/{sid}/jobs: send a job; the answer is its event stream."""
+        from starlette.responses import StreamingResponse
+
+        account, token = await self.account_of(request)
+        session = self.session_of(request, account, token)
+        self._take_submission(account)
+        spec = await self._body(request)
+        job, options = job_from(spec, session.network.topic, self.limits)
+        relay = Relay(asyncio.get_running_loop())
+        session.network.relays[job.job_id] = relay
+        thread = threading.Thread(target=self._run, args=(session, job, options, relay), daemon=True,
+                                  name=f"gpunet-gateway-{job.job_id}")
+        thread.start()
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                while (frame := await relay.queue.get()) is not None:
+                    yield frame
+            finally:
+                if not relay.over and job.job_id in session.jobs:  # the notebook went away: stop it
+                    handle = session.jobs[job.job_id]
+                    threading.Thread(target=handle.stop, args=("the notebook went away",), daemon=True).start()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    def _run(self, session: ClientSession, job: Job, options: dict[str, Any], relay: Relay) -> None:
+        """Send ``job`` for ``session``, wait for it, relay how it went (a thread)."""
+        network = session.network
+        try:
+            count = len(options["items"]) if options["items"] is not None else 1
+            wait_s = network.timeout_for(options["timeout"], count=count, max_credits=options["max_credits"],
+                                         max_rate=options["max_rate"])
+            remote = network.submit(job, **options)
+            session.jobs[job.job_id] = remote
+            network.sent()
+            relay.put("sent", {"job": job.job_id, "holds": remote.placed_holds()})
+            results = remote.wait(wait_s, progress=RelayProgress(relay), echo=False)
+            relay.put("results", {"results": [result_to_event(result) for result in results],
+                                  "facts": run_facts(remote, results)})
+        except GpunetError as exc:
+            relay.put("error", {"type": type(exc).__name__, "message": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - the notebook hears of it; the gateway goes on
+            logger.exception("gateway: job %s failed", job.job_id)
+            relay.put("error", {"type": "GpunetError", "message": f"the gateway could not run the job "
+                                f"({type(exc).__name__}: {exc}); see the gateway's log"})
+        finally:
+            session.jobs.pop(job.job_id, None)
+            network.relays.pop(job.job_id, None)
+            relay.end()
+
+    async def _body(self, request: Any) -> dict[str, Any]:
+        body = await read_capped_body(request, self.limits.max_body_bytes)
+        if not body:
+            return {}
+        try:
+            value = unpack(body, max_bytes=self.limits.max_body_bytes)
+        except Exception as exc:  # noqa: BLE001 - whatever is not msgpack
+            raise GatewayError(f"the request body is not msgpack ({type(exc).__name__}); send what gpunet's "
+                               "notebook side sends", status=400, code="malformed") from None
+        if not isinstance(value, dict):
+            raise GatewayError("the request body must be a msgpack map", status=400, code="malformed")
+        return value
+
+    def close(self) -> None:
+        """Close every session (their holds go back)."""
+        for session in list(self.sessions.values()):
+            self.sessions.pop(session.session_id, None)
+            try:
+                session.network.close(force=True)
+            except Exception as exc:  # noqa: BLE001 - closing goes on
+                logger.warning("gateway: could not close session %s: %s", session.session_id[:8], exc)
+
+
+# -- a job from a request, checked field by field -------------------------------------
+
+
+def _bad(name: str, want: str) -> GatewayError:
+    return GatewayError(f"the job's {name} must be {want}", status=422, code="invalid")
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = body.get(name)
+    if type(value) is not int or not low <= value <= high:
+        raise _bad(name, f"a whole number from {low} to {high}")
+    return value
+
+
+def _number(body: dict[str, Any], name: str, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0 < value <= high:
+        raise _bad(name, f"a number above 0 and at most {high:g}")
+    return float(value)
+
+
+def _text(body: dict[str, Any], name: str, limit: int) -> str:
+    value = body.get(name) or ""
+    if not isinstance(value, str) or len(value) > limit:
+        raise _bad(name, f"text of at most {limit} characters")
+    return value
+
+
+def _names(body: dict[str, Any], name: str) -> list[str]:
+    value = body.get(name) or []
+    if not isinstance(value, list) or len(value) > 10_000 or not all(
+            isinstance(item, str) and item.isidentifier() for item in value):
+        raise _bad(name, "a list of Python names")
+    return value
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise _bad(name, "true or false")
+    return value
+
+
+def job_from(spec: dict[str, Any], topic: str, limits: GatewayLimits) -> tuple[Job, dict[str, Any]]:
+    """The :class:`Job` (with a fresh id, the gateway's ``topic`` and a fresh event key) and the
+    submission options a notebook's request asks for; :class:`GatewayError` naming
+    the first field that is wrong, or the job's bytes over ``limits.max_job_bytes``."""
+    code, function = spec.get("code"), spec.get("function")
+    if (code is None) == (function is None):
+        raise _bad("code or function", "exactly one of a cell's code and a pickled function")
+    if code is not None and (not isinstance(code, str) or len(code) > MAX_CODE_CHARS):
+        raise _bad("code", f"text of at most {MAX_CODE_CHARS} characters")
+    if function is not None and (function := blob_in(function)) is None:
+        raise _bad("function", "the function's pickle")
+    arguments = blob_in(spec.get("arguments") or b"")
+    if arguments is None:
+        raise _bad("arguments", "the arguments' pickle")
+    raw_inputs = spec.get("inputs") or {}
+    inputs = {name: blob_in(blob) for name, blob in raw_inputs.items()} if isinstance(raw_inputs, dict) else None
+    if inputs is None or not all(isinstance(name, str) and name.isidentifier() and blob is not None
+                                 for name, blob in inputs.items()):
+        raise _bad("inputs", "a map of Python names to pickles")
+    items = spec.get("items")
+    if items is not None:
+        items = [blob_in(item) for item in items] if isinstance(items, list) and 0 < len(items) <= MAX_ITEMS else None
+        if items is None or any(item is None for item in items):
+            raise _bad("items", f"a list of 1 to {MAX_ITEMS} pickles")
+    size = len(function or b"") + len(arguments) + sum(map(len, inputs.values())) + sum(map(len, items or []))
+    if size > limits.max_job_bytes:
+        raise GatewayError(f"the job's inputs take {size} bytes, over this gateway's cap of {limits.max_job_bytes}: "
+                           "send less (load large data on the worker, inside the cell), or split the job",
+                           status=413, code="job_too_large")
+    resources = spec.get("resources") or {}
+    if not isinstance(resources, dict) or not all(
+            name in RESOURCES and type(value) in (int, float) and 0 <= value < 2**53
+            for name, value in resources.items()):
+        raise _bad("resources", f"a map of {', '.join(RESOURCES)} to numbers")
+    workers = spec.get("workers")
+    flat = [w for group in workers for w in (group if isinstance(group, list) else [group])] if isinstance(
+        workers, list) else []
+    if workers is not None and (not isinstance(workers, list) or not all(isinstance(w, str) and len(w) < 300
+                                                                          for w in flat)):
+        raise _bad("workers", "a list of worker addresses, or one such list per item")
+    verify = spec.get("verify")
+    if verify is not None:
+        if not isinstance(verify, str):
+            raise _bad("verify", "a policy such as replicate:2")
+        Policy.parse(verify)  # a policy that does not parse is refused with its own message
+    tolerance = spec.get("tolerance")
+    if tolerance is not None:
+        if not isinstance(tolerance, list) or not 2 <= len(tolerance) <= 3 or not all(
+                type(value) in (int, float) and value >= 0 for value in tolerance):
+            raise _bad("tolerance", "[rtol, atol] or [rtol, atol, max_mismatch], numbers of at least 0")
+        tolerance = Tolerance(*map(float, tolerance))
+    map_name = spec.get("map_name")
+    if map_name is not None and not (isinstance(map_name, str) and map_name.isidentifier()):
+        raise _bad("map_name", "a Python name")
+    job = Job(new_job_id(), code=code, function=function, inputs=dict(inputs), arguments=arguments,
+              outputs=tuple(_names(spec, "outputs")), strict_outputs=_flag(spec, "strict_outputs"),
+              display_last_expression=_flag(spec, "display_last_expression"), map_name=map_name,
+              topic=topic, announce=_flag(spec, "announce"))
+    options = {"resources": {name: float(value) for name, value in resources.items()},
+               "items": None if items is None else [PassedOn(item) for item in items], "workers": workers,
+               "max_credits": _number(spec, "max_credits", 10.0**15), "timeout": _number(spec, "timeout", MAX_TIMEOUT_S),
+               "verify": verify, "tolerance": tolerance, "max_rate": _number(spec, "max_rate", 10.0**9),
+               "prefer": _text(spec, "prefer", 20) or "cheapest"}
+    return job, options
+
+
+# -- the app -----------------------------------------------------------------------------
+
+
+def build_app(gateway: Gateway) -> Any:
+    """The Starlette application serving ``gateway``."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    def wrap(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        async def endpoint(request: Any) -> Any:
+            try:
+                return await handler(request)
+            except GatewayError as exc:
+                return refusal(str(exc), exc.status, exc.code)
+            except CreditsRequestError as exc:  # the request's body (413) or the credit service's answer
+                return refusal(str(exc), getattr(exc, "status", 400) or 400, getattr(exc, "code", "refused"))
+            except (CreditsError, GpunetError) as exc:
+                return refusal(str(exc), 503 if isinstance(exc, CreditsError) else 400, type(exc).__name__)
+            except Exception:  # noqa: BLE001 - answer, log, keep serving
+                logger.exception("gateway: unexpected error in %s %s", request.method, request.url.path)
+                return refusal("internal error in the gateway; see its log", 500, "internal")
+        return endpoint
+
+    async def health(request: Any) -> Any:
+        return answer({"ok": True, "sessions": len(gateway.sessions)})
+
+    session = "/v1/sessions/{sid}"
+    routes = [
+        Route("/v1/health", health, methods=["GET"]),
+        Route("/v1/sessions", wrap(gateway.open_session), methods=["POST"]),
+        Route(session, wrap(gateway.close_session), methods=["DELETE"]),
+        Route(f"{session}/state", wrap(gateway.state), methods=["GET"]),
+        Route(f"{session}/capabilities", wrap(gateway.capabilities), methods=["POST"]),
+        Route(f"{session}/usage", wrap(gateway.usage), methods=["GET"]),
+        Route(f"{session}/providers", wrap(gateway.providers), methods=["GET"]),
+        Route(f"{session}/jobs", wrap(gateway.submit), methods=["POST"]),
+        Route(f"{session}/jobs/{{job}}/stop", wrap(gateway.stop_job), methods=["POST"]),
+    ]
+
+    async def not_found(request: Any, exc: Any) -> Any:
+        status = getattr(exc, "status_code", 404)
+        return refusal(f"no such route: {request.method} {request.url.path} (gpunet's notebook side knows the API)",
+                       status, "no_route")
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+
+
+def use_certificate(scheduler: str, ca_file: str | Path, cert_file: str | Path, key_file: str | Path) -> None:
+    """Make this process the open network's gateway on the Dask wire: its Dask clients
+    present ``cert_file`` (which must bind the gateway role), over guarded TLS, to a
+    ``scheduler`` that must present the scheduler role."""
+    import dask
+
+    certs.security(ca_file, cert_file, key_file)  # a clear error for a missing file or a roleless certificate
+    identity = certs.identity_of_file(cert_file)
+    if identity is None or identity.role != certs.GATEWAY:
+        raise OptionError(f"{cert_file} is a {identity.role if identity else 'roleless'} certificate; the gateway "
+                          "needs one of the gateway role: gpunet certs issue --role gateway --name NAME --host HOST")
+    dask.config.set({"distributed.comm.require-encryption": True, "distributed.comm.tls.ca-file": str(ca_file),
+                     "distributed.comm.tls.client.cert": str(cert_file),
+                     "distributed.comm.tls.client.key": str(key_file)})
+    use_guarded_tls()
+    certs.watch_revocations(ca_file)
+    expect_scheduler_at(scheduler)
+
+
+def serve(scheduler: str, credits_url: str, *, ca_file: str | Path, cert_file: str | Path, key_file: str | Path,
+          host: str = "127.0.0.1", port: int = 0, https_cert: str | Path | None = None,
+          https_key: str | Path | None = None, limits: GatewayLimits | None = None,
+          on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the gateway in the foreground until SIGINT/SIGTERM: HTTPS on ``host:port``
+    (with ``https_cert`` / ``https_key``, else the gateway certificate), the only Dask
+    client of the open network at ``scheduler`` with the gateway certificate."""
+    import uvicorn
+
+    if not scheduler.startswith("tls://"):
+        raise OptionError(f"the gateway serves an open network, whose scheduler speaks tls://, not {scheduler}")
+    use_certificate(scheduler, ca_file, cert_file, key_file)
+    for path in (https_cert, https_key):
+        if path is not None and not os.path.isfile(path):
+            raise OptionError(f"the file {path} does not exist (give the HTTPS certificate and key the operator issued)")
+    gateway = Gateway(scheduler, credits_url, limits)
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()
+    url = f"https://{f'[{bound[0]}]' if sock.family == socket.AF_INET6 else bound[0]}:{bound[1]}"
+    config = uvicorn.Config(build_app(gateway), log_level="warning", access_log=False, lifespan="off",
+                            timeout_keep_alive=60, ssl_certfile=str(https_cert or cert_file),
+                            ssl_keyfile=str(https_key or key_file))
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        on_ready(url)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        gateway.close()
+        logger.info("gateway stopped")

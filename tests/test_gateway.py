@@ -1,0 +1,195 @@
+"""An open network's front door, every party its own process on 127.0.0.1: the
+scheduler and alice's and bob's workers over mutual TLS with the operator's
+certificates, the credit service, and `gpunet gateway`. An honest notebook's cells
+run through the gateway (HTTPS, its credit token), are metered, verified, and the
+ledger verifies; bad tokens, a gateway certificate from another CA, an unreachable
+gateway, a job too big, too many submissions, and a job built to make the gateway
+unpickle something are each refused with one clear message."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import gpunet
+from gpunet import certs
+from gpunet.client.gateway_link import pack, unpack
+from gpunet.credits import verify_service
+from gpunet.errors import ConnectError, GatewayError, GpunetError, RemoteCellError
+from gpunet.ui.status import NetworkStatus
+from gpunet_processes import expect, start, stop
+from test_open_network import open_market  # noqa: F401 - the fixture
+
+WAIT_S = 30.0
+#: The gateway's caps in these tests.
+MAX_JOB_BYTES = 1_000_000
+MAX_BODY_BYTES = 2_000_000
+
+
+class Evil:
+    """Unpickling this runs code: it leaves a file named after the process that did."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        return (exec, (f"import os, pathlib; pathlib.Path({self.folder!r}, str(os.getpid())).write_text('ran')",))
+
+
+@pytest.fixture
+def gateway_market(open_market, tmp_path):  # noqa: F811 - the fixture imported above
+    """The open market of test_open_network.py, with `gpunet gateway` in front of it."""
+    ca = open_market["ca"]
+    for process in open_market["processes"]:  # read what they log, or a full pipe would stop them
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+    gateway = start(["gateway", open_market["address"], "--credits", open_market["service"].url, "--port", "0",
+                     "--tls-ca-file", str(ca / "ca.pem"), "--tls-cert", str(ca / "gateway-gw.pem"),
+                     "--tls-key", str(ca / "gateway-gw-key.pem"), "--max-job-bytes", str(MAX_JOB_BYTES),
+                     "--max-body-bytes", str(MAX_BODY_BYTES), "--submit-burst", "40", "--submits-per-second", "0.1"])
+    said: list[str] = []
+    try:
+        url = expect(gateway, r"gateway: (https://127\.0\.0\.1:\d+)").group(1)
+        threading.Thread(target=lambda: said.extend(gateway.stdout), daemon=True).start()
+        yield {**open_market, "url": url, "gateway": gateway, "ca_file": str(ca / "ca.pem")}
+    finally:
+        stop(gateway)
+        assert "Traceback" not in "".join(said), "".join(said)
+
+
+def balances(service) -> dict[str, int]:
+    with service.client() as operator:
+        return {a["account"]: a["balance"] for a in operator.accounts()}
+
+
+def settled(credits, session: str) -> dict:
+    """The session's usage once nothing is held any more (within WAIT_S)."""
+    deadline = time.monotonic() + WAIT_S
+    while (usage := credits.usage(session))["held"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return usage
+
+
+def test_an_honest_notebook_runs_through_the_gateway(gateway_market, detached, shell, capsys, tmp_path):
+    market, service = gateway_market, gateway_market["service"]
+    before = balances(service)
+    add_one = lambda x: x + 1  # noqa: E731 - pickled by value (the workers cannot import this module)
+    with gpunet.connect(market["url"], token=market["tokens"]["carol"], ca=market["ca_file"], budget=5_000) as net:
+        assert net.run(lambda: 6 * 7, timeout=120) == 42
+        namespace = {"x": 20}
+        cell = net.run_cell("y = x + 1\nprint('y is', y)", namespace, timeout=120)
+        assert namespace["y"] == 21 and "y is 21" in capsys.readouterr().out  # live output came back
+        record = cell.provenance
+        assert record["payment"]["metered"] and record["payment"]["holds"]
+        assert {entry["provider"] for entry in record["ran"]} <= {"alice", "bob"}
+        assert net.map(add_one, range(50), timeout=120) == list(range(1, 51))
+        assert net.run(add_one, 1, verify="replicate:2", timeout=120) == 2  # alice and bob both ran it
+        mapped = {}
+        net.run_cell("z = seed * 2", mapped, map="seed=range(4)", timeout=120)
+        assert mapped["z"] == [0, 2, 4, 6]
+        with pytest.raises(RemoteCellError) as failed:
+            net.run_cell("raise KeyError('nope')", {}, timeout=120)
+        assert isinstance(failed.value, KeyError)
+        status = str(NetworkStatus.of(net))
+        assert f"through the gateway {market['url']}" in status and "alice" in status
+        session = net.session
+    with service.client() as operator:  # closed: the pre-authorized hold is back, every task's part paid
+        usage = settled(operator, session)
+    assert usage["spent"] > 0 and usage["held"] == 0
+    after = balances(service)
+    paid = after["alice"] + after["bob"] - before["alice"] - before["bob"]
+    assert paid == usage["spent"] == before["carol"] - after["carol"]
+    verify_service(service.url, service.operator_token)
+    # The magics, as a notebook uses them: the token from a file, the operator's CA.
+    token_file = tmp_path / "carol.token"
+    token_file.write_text(market["tokens"]["carol"])
+    shell.run_line_magic("gpunet", f"connect {market['url']} --token-file {token_file} --ca {market['ca_file']} "
+                                   "--budget 500")
+    shell.user_ns["x"] = 5
+    shell.run_cell_magic("gpunet", "--quiet --timeout 120", "w = x * 3\nprint('w is', w)")
+    assert shell.user_ns["w"] == 15
+    status = str(shell.run_line_magic("gpunet", "status"))
+    said = capsys.readouterr().out
+    assert "w is 15" in said and "budget of 500" in said and f"through the gateway {market['url']}" in status
+    shell.run_line_magic("gpunet", "disconnect")
+    verify_service(service.url, service.operator_token)
+
+
+def test_the_gateway_refuses_strangers_with_one_clear_message(gateway_market, detached, tmp_path, monkeypatch):
+    market = gateway_market
+    url, ca, tokens = market["url"], market["ca_file"], market["tokens"]
+    with pytest.raises(GatewayError, match="does not know this token") as bad:
+        gpunet.connect(url, token="not-a-token", ca=ca)
+    assert bad.value.status == 401
+    with pytest.raises(GatewayError, match="provider account's token") as wrong:
+        gpunet.connect(url, token=tokens["alice"], ca=ca)
+    assert wrong.value.status == 403
+    anonymous = requests.post(f"{url}/v1/sessions", verify=ca, timeout=WAIT_S)
+    assert anonymous.status_code == 401 and "send your credit token" in unpack(anonymous.content)["error"]["message"]
+    headers = {"Authorization": f"Bearer {tokens['carol']}"}
+    opened = [requests.post(f"{url}/v1/sessions", data=pack({"budget": 10, "max_result_bytes": 10**6,
+                                                             "max_stream_bytes_per_s": 10**6}),
+                            headers=headers, verify=ca, timeout=WAIT_S) for _ in range(5)]
+    assert [answer.status_code for answer in opened] == [200] * 4 + [429]
+    assert "sessions open on this gateway, the most it may" in unpack(opened[-1].content)["error"]["message"]
+    for answer in opened[:4]:
+        closing = requests.delete(f"{url}/v1/sessions/{unpack(answer.content)['session_id']}", headers=headers,
+                                  verify=ca, timeout=WAIT_S)
+        assert closing.status_code == 200
+    certs.init_ca(tmp_path / "other")
+    with pytest.raises(ConnectError, match="did not present a certificate from the operator's CA"):
+        gpunet.connect(url, token=tokens["carol"], ca=str(tmp_path / "other" / "ca.pem"))
+    monkeypatch.delenv("GPUNET_GATEWAY_CA", raising=False)
+    with pytest.raises(GpunetError, match="needs its operator's CA certificate"):
+        gpunet.connect(url, token=tokens["carol"])
+    with pytest.raises(ConnectError, match="cannot reach the gateway"):
+        gpunet.connect("https://127.0.0.1:9", token=tokens["carol"], ca=ca)
+
+
+def test_the_gateway_caps_bodies_and_jobs_and_never_unpickles_what_a_notebook_sends(gateway_market, detached,
+                                                                                     tmp_path):
+    market = gateway_market
+    marks = tmp_path / "unpickled"
+    marks.mkdir()
+    evil = pickle.dumps(Evil(marks))
+    with gpunet.connect(market["url"], token=market["tokens"]["carol"], ca=market["ca_file"], budget=5_000) as net:
+        with pytest.raises(GatewayError, match="over this gateway's cap") as big:
+            net.run_cell("n = len(blob)", {"blob": b"x" * (MAX_JOB_BYTES + 1)}, timeout=60)
+        assert big.value.status == 413
+        session = f"{market['url']}/v1/sessions/{net.gateway_session}/jobs"
+        headers = {"Authorization": f"Bearer {market['tokens']['carol']}"}
+
+        def chunks():  # a body without Content-Length, streamed past the cap
+            for _ in range(MAX_BODY_BYTES // 65536 + 2):
+                yield b"\0" * 65536
+
+        answer = requests.post(session, data=chunks(), headers=headers, verify=market["ca_file"], timeout=WAIT_S)
+        assert answer.status_code == 413
+        # A pickle that runs code wherever it is loaded, as every field the gateway reads or passes on.
+        body = {"code": None, "function": evil, "arguments": evil, "inputs": {"x": evil}, "items": [evil],
+                "outputs": [], "resources": {"device": 1}, "timeout": 60.0}
+        for extra in ({}, {"verify": "replicate:2", "tolerance": [0.0, 0.0]}):
+            answer = requests.post(session, data=pack({**body, **extra}), headers=headers, verify=market["ca_file"],
+                                   timeout=WAIT_S, stream=True)
+            assert answer.status_code == 200
+            text = answer.content.decode()  # the whole event stream, to the job's end
+            assert "event: results" in text or "event: error" in text, text
+        unpickled_by = {int(path.name) for path in marks.iterdir()}
+        assert market["gateway"].pid not in unpickled_by  # the gateway never loaded it
+        pickle.loads(evil)  # and the payload is live: loading it here leaves this process's mark
+        assert (marks / str(os.getpid())).exists()
+        assert net.run(lambda: "still serving", timeout=120) == "still serving"
+        # Submissions are rate-limited per account: the burst runs out, then 429 says so.
+        for _ in range(60):
+            refused = requests.post(session, data=b"", headers=headers, verify=market["ca_file"], timeout=WAIT_S)
+            if refused.status_code == 429:
+                break
+        assert refused.status_code == 429
+        with pytest.raises(GatewayError, match="too many submissions") as limited:
+            net.run(lambda: 1, timeout=60)
+        assert limited.value.status == 429

@@ -1,0 +1,112 @@
+"""The gateway's protocol as data, no servers: a job checked field by field before
+anything is sent, server-sent events both ways, errors carried by name, and the
+notebook's connect() refusing what cannot work with a gateway."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import gpunet
+from gpunet.client import network as network_module
+from gpunet.client.gateway_link import error_from, job_request, sse_events, sse_frame
+from gpunet.errors import BudgetError, CellTimeoutError, GatewayError, GpunetError, PolicyError
+from gpunet.gateway import GatewayLimits, job_from
+from gpunet.wire import Job, PassedOn
+
+
+class Evil:
+    """Unpickling this would raise here: a test that unpickled it would fail loudly."""
+
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('unpickled!')",))
+
+
+def cell_spec(**changes):
+    return {"code": "y = x + 1", "inputs": {"x": pickle.dumps(1)}, "outputs": ["y"], "resources": {"device": 1},
+            **changes}
+
+
+def test_a_job_is_data_and_its_pickles_stay_bytes():
+    evil = pickle.dumps(Evil())
+    job, options = job_from({"function": evil, "arguments": evil, "items": [evil, evil], "inputs": {"x": evil}},
+                            "gpunet-events-mine", GatewayLimits())
+    assert job.function == evil and job.arguments == evil and job.inputs == {"x": evil}
+    assert all(isinstance(item, PassedOn) and item.blob == evil for item in options["items"])
+    assert job.topic == "gpunet-events-mine" and job.code is None
+    other, _ = job_from(cell_spec(), "t", GatewayLimits())
+    assert other.job_id != job.job_id and other.event_key != job.event_key  # the gateway's, never the notebook's
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"code": None}, "exactly one of"),
+    ({"function": b"f"}, "exactly one of"),
+    ({"code": 7}, "job's code must be text"),
+    ({"inputs": {"not a name": b""}}, "a map of Python names"),
+    ({"inputs": {"x": "text"}}, "a map of Python names"),
+    ({"items": []}, "a list of 1 to"),
+    ({"resources": {"cpu": 1}}, "resources must be"),
+    ({"outputs": ["a b"]}, "Python names"),
+    ({"timeout": -1}, "timeout must be a number above 0"),
+    ({"verify": 3}, "a policy"),
+    ({"tolerance": [1]}, "rtol, atol"),
+    ({"map_name": "1x"}, "a Python name"),
+    ({"announce": "yes"}, "true or false"),
+    ({"workers": [1]}, "worker addresses"),
+])
+def test_a_wrong_field_is_named(change, message):
+    with pytest.raises(GatewayError, match=message) as refused:
+        job_from(cell_spec(**change), "t", GatewayLimits())
+    assert refused.value.status == 422
+
+
+def test_a_policy_that_does_not_parse_says_why():
+    with pytest.raises(PolicyError):
+        job_from(cell_spec(verify="sometimes"), "t", GatewayLimits())
+
+
+def test_a_jobs_bytes_are_capped():
+    limits = GatewayLimits(max_job_bytes=100)
+    job_from(cell_spec(inputs={"x": b"x" * 50}, items=[b"y" * 50]), "t", limits)
+    with pytest.raises(GatewayError, match="over this gateway's cap of 100") as refused:
+        job_from(cell_spec(inputs={"x": b"x" * 50}, items=[b"y" * 51]), "t", limits)
+    assert refused.value.status == 413
+
+
+def test_what_the_notebook_sends_is_what_the_gateway_takes():
+    job = Job("j", function=lambda x: x + 1, arguments=pickle.dumps(((), {})))
+    body = job_request(job, items=[1, 2], resources={"device": 1}, workers=None, max_credits=None, timeout=5.0,
+                       verify=None, tolerance=None)
+    taken, options = job_from(body, "t", GatewayLimits())
+    assert isinstance(taken.function, bytes) and len(options["items"]) == 2 and options["timeout"] == 5.0
+
+
+def test_server_sent_events_carry_bytes_and_end_at_a_blank_line():
+    frames = sse_frame("live", {"text": "hi\n", "blob": b"\0\1"}) + sse_frame("results", {"results": []})
+    events = list(sse_events(frames.decode().split("\n")))
+    assert events == [("live", {"text": "hi\n", "blob": b"\0\1"}), ("results", {"results": []})]
+
+
+def test_errors_travel_by_name_and_only_as_gpunet_errors():
+    assert isinstance(error_from({"type": "CellTimeoutError", "message": "late"}), CellTimeoutError)
+    assert isinstance(error_from({"type": "BudgetError", "message": "poor"}), BudgetError)
+    for name in ("SystemExit", "os", "ConnectError_", None):
+        error = error_from({"type": name, "message": "m"})
+        assert type(error) is GpunetError and str(error) == "m"
+
+
+def test_connecting_to_a_gateway_needs_a_token_and_its_ca(monkeypatch, tmp_path):
+    monkeypatch.setattr(network_module, "_current", None)  # connected elsewhere or not, these are refused first
+    for name in ("GPUNET_TOKEN", "GPUNET_GATEWAY_CA", "GPUNET_CREDITS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(GpunetError, match="admits notebooks by their credit token"):
+        gpunet.connect("https://gw.example:8788")
+    with pytest.raises(GpunetError, match="needs its operator's CA certificate"):
+        gpunet.connect("https://gw.example:8788", token="t")
+    with pytest.raises(GpunetError, match="does not exist"):
+        gpunet.connect("https://gw.example:8788", token="t", ca=str(tmp_path / "nowhere.pem"))
+    with pytest.raises(GpunetError, match="is a gateway"):
+        gpunet.connect("https://gw.example:8788", token="t", credits="http://127.0.0.1:1")
+    with pytest.raises(GpunetError, match="only to an https:// address"):
+        gpunet.connect("tcp://127.0.0.1:1", ca=str(tmp_path / "ca.pem"))

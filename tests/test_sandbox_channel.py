@@ -1,0 +1,131 @@
+"""A real SandboxPool's sandbox processes (no network): what a cell can send its worker
+over its sandbox's channel (no more than the sandbox could have built), and the
+processes it detaches (they end with the cell, or with the sandbox)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+
+import pytest
+
+from gpunet import codec
+from gpunet.wire import CODEC, PICKLE, Job, pickle_value, result_from_event, session_digest, unpickle_value
+from gpunet.worker.sandbox import BUBBLEWRAP, PROCESS, SandboxPool, SandboxSettings, bubblewrap_works
+
+MEMORY_BYTES = 32 * 2**20
+
+# A cell that writes on its sandbox's channel, as the runner would, a result frame
+# twice the sandbox's memory limit, built a MiB at a time.
+FORGED_RESULT = f"""
+import struct, sys, msgpack
+frame = sys._getframe()
+while 'key' not in frame.f_locals:
+    frame = frame.f_back
+key, channel = frame.f_locals['key'], frame.f_locals['channel']
+with channel.send_lock:
+    head = msgpack.packb(['result', key, 'fields'])
+    channel.sock.sendall(struct.pack('>I', len(head)) + head + struct.pack('>I', {2 * MEMORY_BYTES}))
+    for _ in range({2 * MEMORY_BYTES // 2**20}):
+        channel.sock.sendall(bytes(2**20))
+"""
+
+
+@pytest.fixture
+def pool():
+    isolation = BUBBLEWRAP if bubblewrap_works() else PROCESS
+    sandboxes = SandboxPool(SandboxSettings(isolation=isolation, memory_bytes=MEMORY_BYTES, idle_seconds=60))
+    try:
+        yield sandboxes
+    finally:
+        sandboxes.close()
+
+
+@pytest.mark.parametrize("result_format", [PICKLE, CODEC])
+def test_a_result_frame_over_the_sandbox_memory_is_refused_unread(pool, result_format):
+    # the notebook (the cell's author) sets the job's own cap as high as it likes
+    job = Job(job_id=uuid.uuid4().hex, code=FORGED_RESULT, result_format=result_format, session=uuid.uuid4().hex,
+              max_result_bytes=2**31)
+    result = pool.run(job, None, None, None, "local", "cpu")
+    if result_format == CODEC:
+        result = result_from_event(codec.decode(result))
+    assert result.error["ename"] == "SandboxEnded", result.error
+    assert f"over {MEMORY_BYTES:,}" in result.error["evalue"], result.error
+    # the worker serves the next session unharmed
+    after = pool.run(Job(job_id=uuid.uuid4().hex, code="x = 1", outputs=("x",), session=uuid.uuid4().hex),
+                     None, None, None, "local", "cpu")
+    assert after.error is None and after.outputs
+
+
+# A cell that detaches a process from its sandbox's tree (fork, setsid, fork) and
+# returns its pid; the cell keeps running for `linger` seconds when told.
+DETACHING = """
+import os, subprocess, time
+reader, writer = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    os.write(writer, str(subprocess.Popen(['sleep', '600'], start_new_session=True).pid).encode())
+    os._exit(0)
+os.wait()
+stray = int(os.read(reader, 32))
+time.sleep(linger)
+"""
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def process_pool():
+    return SandboxPool(SandboxSettings(isolation=PROCESS, memory_bytes=MEMORY_BYTES, idle_seconds=60))
+
+
+def test_a_process_a_cell_detaches_ends_with_the_cell():
+    pool = process_pool()
+    try:
+        job = Job(job_id=uuid.uuid4().hex, code=DETACHING, outputs=("stray",), inputs={"linger": pickle_value(0)},
+                  session=uuid.uuid4().hex)
+        result = pool.run(job, None, None, None, "local", "cpu")
+        assert result.error is None, result.error
+        stray = unpickle_value(result.outputs["stray"])
+        assert gone_within(stray, 30), f"process {stray}, detached by a cell, outlived it"
+    finally:
+        pool.close()
+
+
+def test_a_process_a_cell_detaches_ends_with_its_sandbox():
+    pool = process_pool()
+    background = ThreadPoolExecutor(1)
+    session = uuid.uuid4().hex
+    try:
+        job = Job(job_id=uuid.uuid4().hex, code=DETACHING, session=session, inputs={"linger": pickle_value(600)})
+        running = background.submit(pool.run, job, None, None, None, "local", "cpu")
+        deadline = time.monotonic() + 60
+        sandbox = None
+        while time.monotonic() < deadline and sandbox is None:
+            sandbox = pool.sessions.get(session_digest(session))
+            time.sleep(0.05)
+        assert sandbox is not None and sandbox.ready.wait(60)
+        strays: list[int] = []
+        while time.monotonic() < deadline and not strays:
+            strays = [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "600"]
+                      and sandbox.process.pid in [a.pid for a in p.parents()]]
+            time.sleep(0.05)
+        assert strays, "the cell's detached process is not the sandbox's descendant"
+        pool.end_session(session_digest(session))
+        assert running.result(timeout=60).error["ename"] == "SandboxEnded"
+        assert all(gone_within(pid, 30) for pid in strays), f"processes {strays} outlived their sandbox"
+    finally:
+        pool.close()
+        background.shutdown(wait=False)
