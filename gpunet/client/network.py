@@ -884,6 +884,9 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
         if token is None:
             raise GpunetError(f"the gateway at {address} admits notebooks by their credit token: pass --token-file "
                               "FILE (or set GPUNET_TOKEN); the operator of the credit service issues it")
+        if pip:
+            raise OptionError("--pip / pip= (or GPUNET_PIP) is not available through a gateway yet: drop it (unset "
+                              "GPUNET_PIP), or connect to a scheduler directly to ask for packages")
         ca = gateway_ca(ca)
     elif ca is not None:
         raise GpunetError("--ca checks a gateway's certificate; it applies only to an https:// address")
@@ -912,9 +915,6 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     result_format = wire.PICKLE if embedded is not None or trust_providers else wire.CODEC
     try:
         if gateway:
-            if pip:
-                raise OptionError("--pip / pip= is not available through a gateway yet: name the packages in "
-                                  "the cell's imports, or connect to a scheduler directly")
             network: Network = GatewayNetwork.open(address, token, ca, budget=budget, timeout=timeout,
                                                    max_rate=max_rate, **caps)
         else:
