@@ -94,10 +94,10 @@ class Network:
                  meter: Meter | None = None, result_format: str = wire.PICKLE,
                  max_result_bytes: int = wire.DEFAULT_MAX_RESULT_BYTES,
                  max_stream_bytes_per_s: int = wire.DEFAULT_MAX_STREAM_BYTES_PER_S,
-                 address: str | None = None, max_rate: float | None = None, pip: Iterable[str] = ()) -> None:
+                 address: str | None = None, max_rate: float | None = None, pip: Iterable[str] | None = ()) -> None:
         self.client = client
         #: ``--pip`` requirements every job of this session asks for (gpunet.packages)
-        self.pins = list(pip)
+        self.pins = list(pip or ())
         #: what this session's jobs asked of providers' environments, by name (``%gpunet env``)
         self.sent_requirements: dict[str, str] = {}
         self._environments_cache: tuple[float, dict[str, dict[str, Any]] | None] = (0.0, None)
@@ -725,11 +725,15 @@ class GatewayNetwork(Network):
                workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
                timeout: float | None = None, verify: str | Policy | None = None,
                tolerance: Tolerance | None = None, max_rate: float | None = None,
-               prefer: str = "cheapest") -> JobHandle:
+               prefer: str = "cheapest", pip: Iterable[str] = ()) -> JobHandle:
         """Send ``job`` through the gateway and return its handle, once the gateway
         has placed its hold and sent it (its refusal is raised here, nothing sent).
         The gateway places it among the providers within ``max_rate`` (else this
-        session's limit), ``prefer``-ring the cheapest or the fastest."""
+        session's limit), ``prefer``-ring the cheapest or the fastest. ``pip`` (a cell's
+        ``--pip``) is refused: the gateway does not place jobs by packages yet."""
+        if pip:
+            raise OptionError("--pip is not available through a gateway yet: drop it, or connect to a scheduler "
+                              "directly to ask for packages")
         if self._closed:
             raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
         if items is not None and not items:
