@@ -11,6 +11,7 @@ import pytest
 from gpunet.cli import network as network_cli
 from gpunet.errors import GpunetError, OptionError
 from gpunet.worker import sandbox
+from gpunet.worker.cgroups import SandboxCgroup, cgroup_home
 from gpunet.worker.sandbox import BUBBLEWRAP, PROCESS, SandboxSettings
 
 
@@ -22,6 +23,21 @@ def test_settings_travel_through_the_environment_and_a_bad_value_says_what_to_do
         SandboxSettings.from_env("{not json")
     with pytest.raises(GpunetError, match="isolation must be 'bubblewrap' or 'process'"):
         SandboxSettings.from_env('{"isolation": "chroot"}')
+
+
+@pytest.mark.skipif(cgroup_home() is None, reason="no cgroup can be made here (neither cgroup v2 with memory and "
+                    "pids delegated to this process's cgroup nor writable cgroup v1 memory and pids hierarchies)")
+def test_a_sandbox_cgroup_has_its_limits_and_goes_entirely():
+    home = cgroup_home()
+    made = SandboxCgroup(home, f"gpunet-test-{os.getpid()}", 96 * 2**20, 33)
+    try:
+        memory_file = "memory.max" if home.version == "v2" else "memory.limit_in_bytes"
+        assert (home.memory / made.memory_folder.name / memory_file).read_text().strip() == str(96 * 2**20)
+        assert (home.pids / made.memory_folder.name / "pids.max").read_text().strip() == "33"
+        assert not made.killed_for_memory()
+    finally:
+        made.remove()
+    assert made.folders and not any(folder.exists() for folder in made.folders)
 
 
 def test_the_provider_is_told_which_isolation_it_has():

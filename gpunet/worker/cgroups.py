@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,18 +42,22 @@ class SandboxCgroup:
 
     def __init__(self, home: CgroupHome, name: str, memory_bytes: int | None, processes: int) -> None:
         self.home = home
-        self.folders = list(dict.fromkeys((home.memory / name, home.pids / name)))
-        for folder in self.folders:
-            folder.mkdir()
-        v2 = home.version == "v2"
-        memory_file = "memory.max" if v2 else "memory.limit_in_bytes"
-        required = {home.pids / name / "pids.max": processes}
-        if memory_bytes:
-            required[home.memory / name / memory_file] = memory_bytes
-        # where the kernel has them: no swapping around the limit; v2 kills the whole sandbox
-        optional = ({home.memory / name / "memory.swap.max": 0, home.memory / name / "memory.oom.group": 1} if v2
-                    else {home.memory / name / "memory.memsw.limit_in_bytes": memory_bytes} if memory_bytes else {})
+        memory, pids = home.memory / name, home.pids / name
+        self.memory_folder = memory
+        self.folders: list[Path] = []  # those made (one for v2), removed at the end
+        required = {pids / "pids.max": processes}
+        optional = {}  # where the kernel has them: no swapping around the limit; v2 ends the whole sandbox
+        if home.version == "v2":
+            optional = {memory / "memory.swap.max": 0, memory / "memory.oom.group": 1}
+            if memory_bytes:
+                required[memory / "memory.max"] = memory_bytes
+        elif memory_bytes:
+            required[memory / "memory.limit_in_bytes"] = memory_bytes
+            optional[memory / "memory.memsw.limit_in_bytes"] = memory_bytes
         try:
+            for folder in dict.fromkeys((memory, pids)):
+                folder.mkdir()
+                self.folders.append(folder)
             for path, value in required.items():
                 path.write_text(str(value))
         except OSError:
@@ -73,7 +78,7 @@ class SandboxCgroup:
 
     def killed_for_memory(self) -> bool:
         """Whether the kernel killed a process here for going over the memory limit."""
-        events = self.folders[0] / ("memory.events" if self.home.version == "v2" else "memory.oom_control")
+        events = self.memory_folder / ("memory.events" if self.home.version == "v2" else "memory.oom_control")
         try:
             counts = dict(line.split() for line in events.read_text().splitlines() if len(line.split()) == 2)
         except OSError:
@@ -104,17 +109,24 @@ def cgroup_home() -> CgroupHome | None:
     where it cannot (then sandboxes have setrlimit limits only)."""
     for home in _candidates():
         try:
-            SandboxCgroup(home, f"gpunet-trial-{os.getpid()}", 64 * 1024**2, 8).remove()
+            trial = SandboxCgroup(home, f"gpunet-trial-{os.getpid()}", 64 * 1024**2, 8)
         except OSError:
             continue
-        return home
+        try:  # a process must be able to join it, as each sandbox does
+            joined = subprocess.run(trial.command(["true"]), capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            joined = False
+        trial.remove()
+        if joined:
+            return home
     return None
 
 
 def _candidates() -> list[CgroupHome]:
     """cgroup v2 (at /sys/fs/cgroup or /sys/fs/cgroup/unified) below this process's own
-    cgroup, where memory and pids are, or can be, enabled for its children; then v1's
-    memory and pids hierarchies below this process's cgroups in them."""
+    cgroup, where memory and pids are, or can be, enabled for its children, or beside it
+    (a delegated parent, as systemd gives a user's session); then v1's memory and pids
+    hierarchies below this process's cgroups in them."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -127,19 +139,25 @@ def _candidates() -> list[CgroupHome]:
     found = []
     for mount in (CGROUP_ROOT, CGROUP_ROOT / "unified"):
         own = mount / mine.get("v2", "")
-        if "v2" in mine and (mount / "cgroup.controllers").exists() and _delegated(own):
+        if "v2" not in mine or not (mount / "cgroup.controllers").exists():
+            continue
+        if _delegated(own, enable=True):
             found.append(CgroupHome("v2", own, own))
+        if own != mount and _delegated(own.parent, enable=False):
+            found.append(CgroupHome("v2", own.parent, own.parent))
     if "memory" in mine and "pids" in mine:
         found.append(CgroupHome("v1", CGROUP_ROOT / "memory" / mine["memory"], CGROUP_ROOT / "pids" / mine["pids"]))
     return found
 
 
-def _delegated(folder: Path) -> bool:
+def _delegated(folder: Path, enable: bool) -> bool:
     """Whether ``folder``'s children get the memory and pids controllers (enabling them
-    where it may: a cgroup v2 with processes of its own refuses, unless it is the root)."""
+    where asked and it may: a cgroup v2 with processes of its own refuses, unless it is the root)."""
     try:
         enabled = (folder / "cgroup.subtree_control").read_text().split()
         wanted = [name for name in ("memory", "pids") if name not in enabled]
+        if wanted and not enable:
+            return False
         if wanted:
             (folder / "cgroup.subtree_control").write_text(" ".join(f"+{name}" for name in wanted))
     except OSError:
