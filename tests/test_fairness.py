@@ -6,7 +6,6 @@ loopback address of its own); the rules are also tested as pure functions."""
 
 from __future__ import annotations
 
-import distributed
 import pytest
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
@@ -16,7 +15,7 @@ from gpunet.client import placement
 from gpunet.errors import OptionError, PlacementError
 from gpunet.testing import local_market
 from gpunet.ui.status import NetworkStatus
-from network_probes import wait_reported
+from network_probes import wait_reported, wait_until
 
 # -- price limits: pure -------------------------------------------------------------------
 
@@ -233,7 +232,8 @@ def _copies_on_every_provider(net, market, job_id, fn, argument):
             futures[provider] = net.client.submit(run_job, job, None, None, None, key=f"gpunet-{job_id}-{provider}",
                                                   pure=False, workers=market.workers_of[provider],
                                                   allow_other_workers=False)
-    distributed.wait(list(futures.values()), timeout=120)  # bounded: a lost copy fails the test, never hangs it
+    # bounded: a lost copy fails the test, never hangs it (distributed.wait needs a default client)
+    wait_until(lambda: all(future.done() for future in futures.values()), 120, "the copies to finish")
     net.client.gather(list(futures.values()))
     return futures
 

@@ -1,14 +1,19 @@
-"""What a cell can send its worker over its sandbox's channel (a real sandbox process,
-no network): the worker holds no more of it than the sandbox could have built."""
+"""A real SandboxPool's sandbox processes (no network): what a cell can send its worker
+over its sandbox's channel (no more than the sandbox could have built), and the
+processes it detaches (they end with the cell, or with the sandbox)."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
 
 import pytest
 
 from gpunet import codec
-from gpunet.wire import CODEC, PICKLE, Job, result_from_event
+from gpunet.wire import CODEC, PICKLE, Job, pickle_value, result_from_event, session_digest, unpickle_value
 from gpunet.worker.sandbox import BUBBLEWRAP, PROCESS, SandboxPool, SandboxSettings, bubblewrap_works
 
 MEMORY_BYTES = 32 * 2**20
@@ -53,3 +58,74 @@ def test_a_result_frame_over_the_sandbox_memory_is_refused_unread(pool, result_f
     after = pool.run(Job(job_id=uuid.uuid4().hex, code="x = 1", outputs=("x",), session=uuid.uuid4().hex),
                      None, None, None, "local", "cpu")
     assert after.error is None and after.outputs
+
+
+# A cell that detaches a process from its sandbox's tree (fork, setsid, fork) and
+# returns its pid; the cell keeps running for `linger` seconds when told.
+DETACHING = """
+import os, subprocess, time
+reader, writer = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    os.write(writer, str(subprocess.Popen(['sleep', '600'], start_new_session=True).pid).encode())
+    os._exit(0)
+os.wait()
+stray = int(os.read(reader, 32))
+time.sleep(linger)
+"""
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def process_pool():
+    return SandboxPool(SandboxSettings(isolation=PROCESS, memory_bytes=MEMORY_BYTES, idle_seconds=60))
+
+
+def test_a_process_a_cell_detaches_ends_with_the_cell():
+    pool = process_pool()
+    try:
+        job = Job(job_id=uuid.uuid4().hex, code=DETACHING, outputs=("stray",), inputs={"linger": pickle_value(0)},
+                  session=uuid.uuid4().hex)
+        result = pool.run(job, None, None, None, "local", "cpu")
+        assert result.error is None, result.error
+        stray = unpickle_value(result.outputs["stray"])
+        assert gone_within(stray, 30), f"process {stray}, detached by a cell, outlived it"
+    finally:
+        pool.close()
+
+
+def test_a_process_a_cell_detaches_ends_with_its_sandbox():
+    pool = process_pool()
+    background = ThreadPoolExecutor(1)
+    session = uuid.uuid4().hex
+    try:
+        job = Job(job_id=uuid.uuid4().hex, code=DETACHING, session=session, inputs={"linger": pickle_value(600)})
+        running = background.submit(pool.run, job, None, None, None, "local", "cpu")
+        deadline = time.monotonic() + 60
+        sandbox = None
+        while time.monotonic() < deadline and sandbox is None:
+            sandbox = pool.sessions.get(session_digest(session))
+            time.sleep(0.05)
+        assert sandbox is not None and sandbox.ready.wait(60)
+        strays: list[int] = []
+        while time.monotonic() < deadline and not strays:
+            strays = [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "600"]
+                      and sandbox.process.pid in [a.pid for a in p.parents()]]
+            time.sleep(0.05)
+        assert strays, "the cell's detached process is not the sandbox's descendant"
+        pool.end_session(session_digest(session))
+        assert running.result(timeout=60).error["ename"] == "SandboxEnded"
+        assert all(gone_within(pid, 30) for pid in strays), f"processes {strays} outlived their sandbox"
+    finally:
+        pool.close()
+        background.shutdown(wait=False)

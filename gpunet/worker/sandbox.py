@@ -104,7 +104,7 @@ TRUSTED_FRAME_MAX_BYTES = 2**32 - 1
 START_TIMEOUT_S = 120.0
 
 _FRAME_HEADER = struct.Struct(">I")
-_PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 4, 38
+_PR_SET_DUMPABLE, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 4, 36, 38
 
 
 @dataclass(frozen=True)
@@ -351,6 +351,11 @@ class Sandbox:
             if self.ended is None:
                 self.ended = why
         if self.process.poll() is None:
+            for pid in _descendants(self.process.pid):  # those a cell detached, before their reaper ends
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -808,6 +813,8 @@ def _confine(config: dict[str, Any]) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    # processes a cell detaches (fork, setsid, fork) stay its descendants, for _end_strays
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     limits = config["limits"]
     # RLIMIT_NPROC counts every process of the uid: a sandbox's own uid has only its own
     processes = limits["processes"] + (0 if uid is not None else _tasks_of_my_user())
@@ -844,12 +851,30 @@ def _end_strays(config: dict[str, Any]) -> None:
             os.kill(-1, signal.SIGKILL)  # never the caller itself, nor a namespace's init
         except (ProcessLookupError, PermissionError):
             pass
-        return
-    for pid in _descendants(os.getpid()):
+    else:
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    _reap_children()
+
+
+def _reap_children(within_s: float = 5.0) -> None:
+    """Wait for this process's killed children (its own, and the strays it adopted as a
+    subreaper): until reaped, each stays a zombie that counts against the sandbox's
+    process limit, and a fork bomb's zombies would leave it unable to start the thread
+    of its next cell."""
+    deadline = time.monotonic() + within_s
+    while True:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # none left
+        if pid == 0:  # some still dying
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
 
 def _descendants(root: int) -> list[int]:
