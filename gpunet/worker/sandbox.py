@@ -276,11 +276,10 @@ class Sandbox:
             os.chown(self.scratch, self.uid, self.uid)
         ours, theirs = socket.socketpair()
         command = sandbox_command(settings, self.scratch, theirs.fileno(), self.uid, device_env)
-        home = cgroup_home()
+        home = cgroup_home()  # its own cgroup, which it joins before anything of it runs
         self.cgroup = (None if home is None else
                        SandboxCgroup(home, os.path.basename(self.scratch), settings.memory_bytes, settings.processes))
-        if self.cgroup is not None:
-            command = self.cgroup.command(command)
+        command = command if self.cgroup is None else self.cgroup.command(command)
         self.log_path = Path(self.scratch) / "sandbox.log"
         with open(self.log_path, "wb") as log:
             if self.uid is not None:
@@ -472,7 +471,6 @@ class Sandbox:
         if self.cgroup is not None and self.cgroup.killed_for_memory():
             limit = f"{limits.memory_bytes / 2**20:.0f} MiB" if limits.memory_bytes else "the worker's"
             return f"its sandbox went over its memory limit ({limit}, shared memory included) and was ended"
-
         if code == -signal.SIGXCPU:
             return f"its sandbox used up its CPU time ({limits.cpu_seconds} s) and was ended"
         if code == -signal.SIGKILL:
