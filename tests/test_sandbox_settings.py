@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from pathlib import Path
+
 import pytest
 
 from gpunet.cli import network as network_cli
@@ -82,6 +84,18 @@ def test_bubblewrap_hides_the_home_and_the_token_and_shows_python_again(monkeypa
     assert f"--bind {tmp_path / 'scratch'}" in text
     assert "--unshare-net" not in sandbox.bubblewrap_arguments(
         SandboxSettings(isolation=BUBBLEWRAP, allow_network=True), str(tmp_path), "/usr/bin/python3", {})
+
+
+def test_a_python_under_tmp_is_seen_again_inside_the_private_tmp(tmp_path):
+    """A checkout's .venv under /tmp (as CI's clean clone may be) stays visible, read-only,
+    under the sandbox's private /tmp: else the sandbox has no Python to start."""
+    venv = tmp_path / "venv"  # pytest's tmp_path lies under /tmp
+    venv.mkdir()
+    assert str(venv.resolve()).startswith("/tmp/")
+    settings = SandboxSettings(isolation=BUBBLEWRAP, path_prefix=(str(venv),))
+    text = " ".join(sandbox.bubblewrap_arguments(settings, str(tmp_path / "scratch"), "/usr/bin/python3", {}))
+    assert f"--ro-bind {venv} {venv}" in text
+    assert text.index("--tmpfs /tmp") < text.index(f"--ro-bind {venv}")
 
 
 @pytest.mark.parametrize("flag, value, message", [

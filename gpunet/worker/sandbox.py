@@ -675,8 +675,9 @@ def bubblewrap_arguments(settings: SandboxSettings, scratch: str, python: str, d
                   *(entry for entry in [*settings.path_prefix, *sys.path] if entry)]
     made: set[str] = set()
     exposed = []
+    covered = [*hidden, "/tmp"]  # a Python (a checkout's .venv) may live under the private /tmp too
     for path in dict.fromkeys(os.path.realpath(path) for path in seen_again):
-        under = [folder for folder in map(os.path.realpath, hidden) if _inside(path, folder)]
+        under = [folder for folder in map(os.path.realpath, covered) if _inside(path, folder)]
         if not os.path.exists(path) or not under:
             continue
         exposed.append(path)
