@@ -91,7 +91,8 @@ def test_a_python_under_tmp_is_seen_again_inside_the_private_tmp(tmp_path):
     under the sandbox's private /tmp: else the sandbox has no Python to start."""
     venv = tmp_path / "venv"  # pytest's tmp_path lies under /tmp
     venv.mkdir()
-    assert str(venv.resolve()).startswith("/tmp/")
+    if not str(venv.resolve()).startswith("/tmp/"):
+        pytest.skip("pytest's temporary folder is not under /tmp here (TMPDIR is set)")
     settings = SandboxSettings(isolation=BUBBLEWRAP, path_prefix=(str(venv),))
     text = " ".join(sandbox.bubblewrap_arguments(settings, str(tmp_path / "scratch"), "/usr/bin/python3", {}))
     assert f"--ro-bind {venv} {venv}" in text
