@@ -71,9 +71,9 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
     if max_bytes is not None and len(data) > max_bytes:
         raise ProviderDataError(f"{what} is {len(data):,} bytes, over its cap of {max_bytes:,} bytes; it was not "
                                 "loaded (raise the cap with --max-result-bytes, or return less)")
-    budget = (max_bytes if max_bytes is not None else len(data)) + DECODE_SLACK_BYTES
+    size = max_bytes if max_bytes is not None else len(data)
     try:
-        return _Decoder(budget).unpack(data)
+        return _Decoder(size + DECODE_SLACK_BYTES, SLOT_BYTES * size + DECODE_SLACK_BYTES).unpack(data)
     except ProviderDataError as exc:
         raise ProviderDataError(f"{what} could not be decoded ({exc}); it was not loaded") from None
     except Exception as exc:  # noqa: BLE001 - anything a stranger's bytes can make msgpack or NumPy raise
@@ -260,6 +260,23 @@ MAX_EXT_DEPTH = 32
 #: What a decoded value may take beyond its encoded size where no cap is given
 #: (arrays of zero-size items, a RangeIndex without columns).
 DECODE_SLACK_BYTES = 64 * 1024 * 1024
+#: What a decoded list or map is charged: a fixed part (an empty one's header) and a part
+#: per slot. An encoded byte may make a whole empty list (64x its size in memory), while
+#: honest data (a list of small ints) takes at most SLOT_BYTES per encoded byte.
+CONTAINER_BYTES = 64
+SLOT_BYTES = 8
+
+
+def unpack_plain(data: bytes | bytearray | memoryview, *, budget: int) -> Any:
+    """msgpack ``data`` as plain Python data (no codec extension decoded), its lists and
+    maps charged against ``budget`` bytes (:data:`CONTAINER_BYTES`, :data:`SLOT_BYTES`):
+    :class:`ProviderDataError` past it, before much of it is built."""
+    try:
+        return _Decoder(0, budget, extensions=False).unpack(data)
+    except ValueError as exc:  # msgpack's own refusal of a list or map longer than the budget allows
+        if "exceeds max_" not in str(exc):
+            raise
+        raise ProviderDataError("its lists and maps would take more memory than its size allows") from None
 
 
 class _Decoder:
@@ -268,18 +285,31 @@ class _Decoder:
     a small payload that expands (a 0-d column under a huge RangeIndex, an array of
     zero-size items) can crash the notebook or exhaust its memory."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, containers: int, *, extensions: bool = True) -> None:
         self.depth = 0
         self.budget = budget
+        #: what lists and maps may still take (see CONTAINER_BYTES)
+        self.containers = containers
+        self.extensions = extensions
 
     def unpack(self, data: bytes) -> Any:
         self.depth += 1
         try:
             if self.depth > MAX_EXT_DEPTH:
                 raise ProviderDataError(f"values nest more than {MAX_EXT_DEPTH} tuples, arrays or frames deep")
-            return msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=False, use_list=True)
+            slots = max(self.containers, 0) // SLOT_BYTES  # a longer list or map is refused before it is made
+            return msgpack.unpackb(data, ext_hook=self.ext_hook if self.extensions else msgpack.ExtType, raw=False,
+                                   strict_map_key=False, use_list=True, list_hook=self.container,
+                                   object_hook=self.container, max_array_len=slots, max_map_len=slots // 2)
         finally:
             self.depth -= 1
+
+    def container(self, value: Any) -> Any:
+        """Charge a decoded list or map (msgpack's hook) and return it."""
+        self.containers -= CONTAINER_BYTES + SLOT_BYTES * len(value) * (2 if isinstance(value, dict) else 1)
+        if self.containers < 0:
+            raise ProviderDataError("its lists and maps would take more memory than its size allows")
+        return value
 
     def charge(self, nbytes: int) -> None:
         self.budget -= nbytes

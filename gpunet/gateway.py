@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpunet import certs, wire
-from gpunet.client.gateway_link import blob_in, pack, sse_frame, unpack
+from gpunet import certs, codec, wire
+from gpunet.client.gateway_link import blob_in, pack, sse_frame
 from gpunet.client.handle import JobHandle, new_job_id
 from gpunet.client.network import Network, join
 from gpunet.credits import CreditClient
 from gpunet.credits._service import bind_socket, read_capped_body
-from gpunet.errors import AuthError, CreditsError, CreditsRequestError, GatewayError, GpunetError, OptionError
+from gpunet.errors import (AuthError, CreditsError, CreditsRequestError, GatewayError, GpunetError, OptionError,
+                           ProviderDataError)
 from gpunet.kernels import Tolerance
 from gpunet.guarded_tls import expect_scheduler_at, use_guarded_tls
 from gpunet.provenance import run_facts
@@ -56,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 #: The largest request body the gateway reads (a job with its pickled inputs).
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: What a request body's decoded lists and maps may take (gpunet.codec.CONTAINER_BYTES): a
+#: job of MAX_ITEMS pickled items takes about a third of it.
+MAX_BODY_CONTAINER_BYTES = 64 * 1024 * 1024
 #: The most bytes a job's pickles (inputs, items, function, arguments) may take together.
 DEFAULT_MAX_JOB_BYTES = 32 * 1024 * 1024
 #: Per account: submissions at once, and per second after that.
@@ -215,6 +219,8 @@ class Gateway:
         self.sessions: dict[str, ClientSession] = {}
         self._tokens: dict[str, tuple[str, float]] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        #: sessions being opened (connecting to the scheduler), by account
+        self._opening: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # -- who is asking ---------------------------------------------------------------
@@ -274,18 +280,24 @@ class Gateway:
             self.sessions.pop(idle.session_id, None)
             mine.remove(idle)
             await asyncio.to_thread(idle.network.close, force=True)
-        if len(mine) >= self.limits.max_sessions:
-            raise GatewayError(f"account {account} already has {len(mine)} sessions open on this gateway, the most "
-                               f"it may; disconnect one (%gpunet disconnect), or wait: one idle for "
+        opening = self._opening.get(account, 0)  # sessions of this account being opened right now count too
+        count = opening + sum(1 for s in self.sessions.values() if s.account == account)
+        if count >= self.limits.max_sessions:
+            raise GatewayError(f"account {account} already has {count} sessions open on this gateway, "
+                               f"the most it may; disconnect one (%gpunet disconnect), or wait: one idle for "
                                f"{SESSION_IDLE_S / 60:g} minutes is closed then", status=429, code="too_many_sessions")
         budget = _integer(body, "budget", 1, 10**15)
         caps = {name: _integer(body, name, 1, wire.DEFAULT_MAX_RESULT_BYTES if name == "max_result_bytes"
                                else 64 * wire.DEFAULT_MAX_STREAM_BYTES_PER_S)
                 for name in ("max_result_bytes", "max_stream_bytes_per_s")}
         notebook = (_text(body, "kernel", 200), _text(body, "notebook", 1000))
-        network = await asyncio.to_thread(join, self.scheduler, credits=self.credits_url, token=token, budget=budget,
-                                          timeout=30.0, result_format=wire.CODEC, notebook=notebook,
-                                          network_class=ServedNetwork, **caps)
+        self._opening[account] = opening + 1
+        try:
+            network = await asyncio.to_thread(join, self.scheduler, credits=self.credits_url, token=token,
+                                              budget=budget, timeout=30.0, result_format=wire.CODEC,
+                                              notebook=notebook, network_class=ServedNetwork, **caps)
+        finally:
+            self._opening[account] -= 1
         session = ClientSession(secrets.token_urlsafe(24), account, _digest(token), network)  # type: ignore[arg-type]
         self.sessions[session.session_id] = session
         logger.info("gateway: account %s opened session %s", account, session.session_id[:8])
@@ -398,8 +410,12 @@ class Gateway:
         body = await read_capped_body(request, self.limits.max_body_bytes)
         if not body:
             return {}
-        try:
-            value = unpack(body, max_bytes=self.limits.max_body_bytes)
+        try:  # off the event loop; its lists and maps charged, so a small body cannot expand 64-fold
+            value = await asyncio.to_thread(codec.unpack_plain, body, budget=MAX_BODY_CONTAINER_BYTES)
+        except ProviderDataError:
+            raise GatewayError(f"the request body's lists and maps would take more than {MAX_BODY_CONTAINER_BYTES} "
+                               "bytes of the gateway's memory; send what gpunet's notebook side sends (or split the "
+                               "job)", status=413, code="too_many_values") from None
         except Exception as exc:  # noqa: BLE001 - whatever is not msgpack
             raise GatewayError(f"the request body is not msgpack ({type(exc).__name__}); send what gpunet's "
                                "notebook side sends", status=400, code="malformed") from None

@@ -224,3 +224,27 @@ def test_arrays_of_zero_size_items_cannot_claim_huge_shapes(dtype, shape):
 def test_sub_array_dtypes_are_refused():
     with pytest.raises(ProviderDataError, match="does not travel"):
         codec.decode(msgpack.packb(msgpack.ExtType(4, array_payload("(1000000,)f8", [1], b""))))
+
+
+def empty_lists(count):
+    """msgpack of a list of ``count`` empty lists: one byte each, 64 bytes each once decoded."""
+    return b"\xdd" + count.to_bytes(4, "big") + b"\x90" * count
+
+
+def test_lists_and_maps_cannot_expand_far_beyond_their_bytes():
+    bomb = empty_lists(2_000_000)  # 2 MB that would take 128 MB
+    with pytest.raises(ProviderDataError, match="lists and maps would take more memory"):
+        codec.decode(bomb)
+    with pytest.raises(ProviderDataError, match="lists and maps would take more memory"):
+        codec.decode(codec.encode((1, {"a": [[]] * 2_000_000})))  # inside a tuple (an extension) too
+    honest = list(range(100)) * 20_000  # 2 MB of small ints: 8 bytes a slot, as honest data takes
+    assert codec.decode(codec.encode(honest)) == honest
+
+
+def test_plain_msgpack_is_unpacked_within_its_budget():
+    assert codec.unpack_plain(msgpack.packb({"items": [b"x"] * 1000, "n": [[1, 2]] * 10}), budget=100_000)["n"][0] \
+        == [1, 2]
+    for bomb in (empty_lists(10_000), msgpack.packb([None] * 100_000)):  # nested, and flat: refused before it is made
+        with pytest.raises(ProviderDataError, match="lists and maps would take more memory"):
+            codec.unpack_plain(bomb, budget=100_000)
+    assert isinstance(codec.unpack_plain(msgpack.packb(msgpack.ExtType(4, b"")), budget=100), msgpack.ExtType)

@@ -12,6 +12,7 @@ import os
 import pickle
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -132,10 +133,19 @@ def test_the_gateway_refuses_strangers_with_one_clear_message(gateway_market, de
     anonymous = requests.post(f"{url}/v1/sessions", verify=ca, timeout=WAIT_S)
     assert anonymous.status_code == 401 and "send your credit token" in unpack(anonymous.content)["error"]["message"]
     headers = {"Authorization": f"Bearer {tokens['carol']}"}
-    opened = [requests.post(f"{url}/v1/sessions", data=pack({"budget": 10, "max_result_bytes": 10**6,
-                                                             "max_stream_bytes_per_s": 10**6}),
-                            headers=headers, verify=ca, timeout=WAIT_S) for _ in range(5)]
-    assert [answer.status_code for answer in opened] == [200] * 4 + [429]
+    # A body of 1-byte empty lists would take 64 times its size once unpacked: refused within a budget.
+    bomb = b"\xdd" + (1_500_000).to_bytes(4, "big") + b"\x90" * 1_500_000
+    refused = requests.post(f"{url}/v1/sessions", data=bomb, headers=headers, verify=ca, timeout=WAIT_S)
+    assert refused.status_code == 413 and "lists and maps" in unpack(refused.content)["error"]["message"]
+
+    def open_one(_):
+        return requests.post(f"{url}/v1/sessions", data=pack({"budget": 10, "max_result_bytes": 10**6,
+                                                              "max_stream_bytes_per_s": 10**6}),
+                             headers=headers, verify=ca, timeout=WAIT_S)
+
+    with ThreadPoolExecutor(7) as pool:  # at once: sessions still connecting count against the cap too
+        opened = sorted(pool.map(open_one, range(7)), key=lambda answer: answer.status_code)
+    assert [answer.status_code for answer in opened] == [200] * 4 + [429] * 3
     assert "sessions open on this gateway, the most it may" in unpack(opened[-1].content)["error"]["message"]
     for answer in opened[:4]:
         closing = requests.delete(f"{url}/v1/sessions/{unpack(answer.content)['session_id']}", headers=headers,

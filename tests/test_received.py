@@ -146,6 +146,19 @@ def test_live_events_count_only_when_signed_with_the_jobs_key():
     assert live_event(job, {**signed, "text": "changed"}) is None
 
 
+@pytest.mark.parametrize("change", [{"seq": "1"}, {"seq": True}, {"text": ["hi"]}, {"name": None}, {"index": "0"},
+                                    {"kind": "other"}, {"kind": "started"}])
+def test_a_signed_live_event_of_the_wrong_shape_is_ignored(change):
+    """A provider's worker signs what it likes: a stream event whose seq is text made the
+    notebook's wait fail with a TypeError (through the gateway too)."""
+    job = codec_job()
+    event = {"job": "job1", "kind": "stream", "seq": 1, "name": "stdout", "text": "hi", "index": None}
+    assert live_event(job, sign_event(job.event_key, dict(event)))["text"] == "hi"
+    assert live_event(job, sign_event(job.event_key, {**event, **change})) is None
+    started = {"job": "job1", "kind": "started", "worker": "tls://w", "device": "cpu"}
+    assert live_event(job, sign_event(job.event_key, started))["device"] == "cpu"
+
+
 # -- displays -----------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import pytest
 
 import gpunet
 from gpunet.errors import CellTimeoutError, GpunetError
+from gpunet.worker.cgroups import cgroup_home
 from gpunet.worker.sandbox import bubblewrap_works
 from gpunet_processes import metered_network
 
@@ -80,6 +81,8 @@ def worker_process(market):
 def test_provide_says_which_isolation_it_has(market):
     line = market["outputs"]["alice"]
     assert "bubblewrap" in line and "no network" in line and f"{PROCESSES} processes" in line, line
+    home = cgroup_home()
+    assert (f"cgroup {home.version} per sandbox" if home else "no cgroup could be made here") in line, line
 
 
 OTHER_NOTEBOOK = """
@@ -212,6 +215,52 @@ def test_a_fork_bomb_a_memory_hog_and_a_file_hog_are_contained(market, detached)
         assert error == "OSError" and size <= FILE_BYTES, (error, size)
     with connect(market) as next_session:
         assert next_session.run(identity_cell(), timeout=120)[1] in market["workers"]
+
+
+def sandbox_cgroup_cell():
+    """A function to run in a sandbox, returning the name of its cgroup: that of its scratch
+    directory (its own cgroup namespace shows it only "/")."""
+
+    def cgroup_name():
+        import os
+
+        return os.path.basename(os.getcwd())
+
+    return cgroup_name
+
+
+def wait_until_gone(folder, within_s=60.0):
+    deadline = time.monotonic() + within_s
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not folder.exists()
+
+
+@pytest.mark.skipif(cgroup_home() is None, reason="no cgroup can be made here (neither cgroup v2 with memory and "
+                    "pids delegated to this process's cgroup nor writable cgroup v1 memory and pids hierarchies): "
+                    "sandboxes have setrlimit limits only")
+def test_memory_in_memfds_is_contained_by_the_sandboxs_cgroup_which_goes_with_it(market, detached):
+    def memfd_hog():
+        import os
+
+        files, chunk = [], b"\1" * 2**20
+        while len(files) * 8 < 2 * 1024:  # 2 GiB in 8 MiB memfds (the file size limit): twice the memory limit
+            files.append(os.memfd_create("hog"))
+            for _ in range(8):
+                os.write(files[-1], chunk)
+        return f"held {len(files) * 8} MiB"
+
+    home = cgroup_home()
+    with connect(market) as attacker:
+        name = attacker.run(sandbox_cgroup_cell(), timeout=120)
+        assert (home.memory / name / "cgroup.procs").read_text().split(), f"the sandbox is not in its cgroup {name}"
+        with pytest.raises(GpunetError, match="memory limit"):
+            attacker.run(memfd_hog, timeout=120)
+    with connect(market) as next_session:
+        other = next_session.run(sandbox_cgroup_cell(), timeout=120)
+        assert other != name and (home.pids / other / "cgroup.procs").read_text().split()
+    assert wait_until_gone(home.memory / name) and wait_until_gone(home.pids / name), "the hog's cgroup was removed"
+    assert wait_until_gone(home.memory / other), "a closed session's cgroup was removed"
 
 
 def test_a_timeout_kills_the_sandboxs_work_and_the_worker_lives(market, detached):

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import os
 
+from pathlib import Path
+
 import pytest
 
 from gpunet.cli import network as network_cli
 from gpunet.errors import GpunetError, OptionError
 from gpunet.worker import sandbox
+from gpunet.worker.cgroups import SandboxCgroup, cgroup_home
 from gpunet.worker.sandbox import BUBBLEWRAP, PROCESS, SandboxSettings
 
 
@@ -22,6 +25,21 @@ def test_settings_travel_through_the_environment_and_a_bad_value_says_what_to_do
         SandboxSettings.from_env("{not json")
     with pytest.raises(GpunetError, match="isolation must be 'bubblewrap' or 'process'"):
         SandboxSettings.from_env('{"isolation": "chroot"}')
+
+
+@pytest.mark.skipif(cgroup_home() is None, reason="no cgroup can be made here (neither cgroup v2 with memory and "
+                    "pids delegated to this process's cgroup nor writable cgroup v1 memory and pids hierarchies)")
+def test_a_sandbox_cgroup_has_its_limits_and_goes_entirely():
+    home = cgroup_home()
+    made = SandboxCgroup(home, f"gpunet-test-{os.getpid()}", 96 * 2**20, 33)
+    try:
+        memory_file = "memory.max" if home.version == "v2" else "memory.limit_in_bytes"
+        assert (home.memory / made.memory_folder.name / memory_file).read_text().strip() == str(96 * 2**20)
+        assert (home.pids / made.memory_folder.name / "pids.max").read_text().strip() == "33"
+        assert not made.killed_for_memory()
+    finally:
+        made.remove()
+    assert made.folders and not any(folder.exists() for folder in made.folders)
 
 
 def test_the_provider_is_told_which_isolation_it_has():
@@ -66,6 +84,19 @@ def test_bubblewrap_hides_the_home_and_the_token_and_shows_python_again(monkeypa
     assert f"--bind {tmp_path / 'scratch'}" in text
     assert "--unshare-net" not in sandbox.bubblewrap_arguments(
         SandboxSettings(isolation=BUBBLEWRAP, allow_network=True), str(tmp_path), "/usr/bin/python3", {})
+
+
+def test_a_python_under_tmp_is_seen_again_inside_the_private_tmp(tmp_path):
+    """A checkout's .venv under /tmp (as CI's clean clone may be) stays visible, read-only,
+    under the sandbox's private /tmp: else the sandbox has no Python to start."""
+    venv = tmp_path / "venv"  # pytest's tmp_path lies under /tmp
+    venv.mkdir()
+    if not str(venv.resolve()).startswith("/tmp/"):
+        pytest.skip("pytest's temporary folder is not under /tmp here (TMPDIR is set)")
+    settings = SandboxSettings(isolation=BUBBLEWRAP, path_prefix=(str(venv),))
+    text = " ".join(sandbox.bubblewrap_arguments(settings, str(tmp_path / "scratch"), "/usr/bin/python3", {}))
+    assert f"--ro-bind {venv} {venv}" in text
+    assert text.index("--tmpfs /tmp") < text.index(f"--ro-bind {venv}")
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -59,7 +59,26 @@ def live_event(job: Job, message: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if job.result_format == PICKLE:
         return message
+    if not _well_formed_event(message):  # signed by the job's worker, but a provider's worker may say anything
+        logger.warning("gpunet: ignored a malformed %r event of job %s from its worker %r",
+                       codec.clean_text(message.get("kind")), job.job_id, codec.clean_text(message.get("worker")))
+        return None
     return {key: codec.clean_text(value) if isinstance(value, str) else value for key, value in message.items()}
+
+
+#: The fields of each kind of live event gpunet's runner sends, and their types.
+_EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "started": {"worker": (str,), "device": (str,)},
+    "stream": {"seq": (int,), "name": (str,), "text": (str,)},
+    "result": {"result": (dict,)},
+}
+
+
+def _well_formed_event(message: dict[str, Any]) -> bool:
+    fields = _EVENT_FIELDS.get(message.get("kind"))  # type: ignore[arg-type]
+    return fields is not None and type(message.get("index")) in (int, type(None)) and all(
+        isinstance(message.get(name), types) and not isinstance(message.get(name), bool)
+        for name, types in fields.items())
 
 
 # -- checking a decoded result --------------------------------------------------------------

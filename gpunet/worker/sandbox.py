@@ -20,6 +20,9 @@ relayed only to the job's own topic, within the job's output-text cap.
   home and working directory are its own scratch directory, and it has resource limits
   (setrlimit: memory, CPU time, processes, open files, file size, no core dumps). It
   sees only the GPU its worker was placed on (``CUDA_VISIBLE_DEVICES``).
+- Where the provider's process can make cgroups (:mod:`gpunet.worker.cgroups`), each
+  sandbox has its own, with the memory and process limits: memfd and tmpfs pages count
+  there; it is removed, with whatever is left in it, when the sandbox ends.
 - A provider running as root gives each sandbox a uid of its own (no capabilities, so
   it reads none of root's files nor any other process's memory); the worker process is
   made non-dumpable, so that a sandbox of the same user cannot read its environment or
@@ -69,6 +72,7 @@ from gpunet.paths import data_dir
 from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, flat_result, result_from_event, result_to_event,
                          session_digest, stream_allowance)
 from gpunet.worker import runner
+from gpunet.worker.cgroups import SandboxCgroup, cgroup_home
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +161,9 @@ class SandboxSettings:
         memory = "the worker's memory limit" if self.memory_bytes is None else f"{self.memory_bytes / 2**30:.1f} GiB"
         limits = (f"limits: memory {memory}, {self.processes} processes, {self.open_files} open files, files up "
                   f"to {self.file_bytes / 2**30:.1f} GiB, CPU {self.cpu_seconds} s, no core dumps")
+        home = cgroup_home()
+        limits += (f"; {home.describe()}" if home is not None else
+                   "; no cgroup could be made here, so shared memory (memfd, tmpfs) is not counted")
         if os.geteuid() == 0 and not own_uid_possible(self):
             limits += (f"; WARNING: as root, with {self.python or sys.executable} in a folder other users cannot "
                        "read, cells run as root (no process limit): install bubblewrap")
@@ -269,13 +276,22 @@ class Sandbox:
             os.chown(self.scratch, self.uid, self.uid)
         ours, theirs = socket.socketpair()
         command = sandbox_command(settings, self.scratch, theirs.fileno(), self.uid, device_env)
+        home = cgroup_home()  # its own cgroup, which it joins before anything of it runs
+        self.cgroup = (None if home is None else
+                       SandboxCgroup(home, os.path.basename(self.scratch), settings.memory_bytes, settings.processes))
+        command = command if self.cgroup is None else self.cgroup.command(command)
         self.log_path = Path(self.scratch) / "sandbox.log"
         with open(self.log_path, "wb") as log:
             if self.uid is not None:
                 os.chown(self.log_path, self.uid, self.uid)
-            self.process = subprocess.Popen(command, env=scrubbed_environment(self.scratch, device_env),
-                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=log, cwd=self.scratch, start_new_session=True)
+            try:
+                self.process = subprocess.Popen(command, env=scrubbed_environment(self.scratch, device_env),
+                                                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=log,
+                                                stderr=log, cwd=self.scratch, start_new_session=True)
+            except OSError:
+                if self.cgroup is not None:
+                    self.cgroup.remove()
+                raise
         theirs.close()
         self.channel = _Channel(ours)
         self.ready = threading.Event()
@@ -364,6 +380,8 @@ class Sandbox:
             subprocess.run(["kill", "-KILL", "-1"], user=self.uid, group=self.uid, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, check=False)
         self.process.wait()
+        if self.cgroup is not None:  # whatever is left in it, and the cgroup itself
+            self.cgroup.remove()
         try:  # wakes the reader even where a stray still holds the other end
             self.channel.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -450,6 +468,9 @@ class Sandbox:
 
     def _why_ended(self, code: int | None) -> str:
         limits = self.settings
+        if self.cgroup is not None and self.cgroup.killed_for_memory():
+            limit = f"{limits.memory_bytes / 2**20:.0f} MiB" if limits.memory_bytes else "the worker's"
+            return f"its sandbox went over its memory limit ({limit}, shared memory included) and was ended"
         if code == -signal.SIGXCPU:
             return f"its sandbox used up its CPU time ({limits.cpu_seconds} s) and was ended"
         if code == -signal.SIGKILL:
@@ -654,8 +675,9 @@ def bubblewrap_arguments(settings: SandboxSettings, scratch: str, python: str, d
                   *(entry for entry in [*settings.path_prefix, *sys.path] if entry)]
     made: set[str] = set()
     exposed = []
+    covered = [*hidden, "/tmp"]  # a Python (a checkout's .venv) may live under the private /tmp too
     for path in dict.fromkeys(os.path.realpath(path) for path in seen_again):
-        under = [folder for folder in map(os.path.realpath, hidden) if _inside(path, folder)]
+        under = [folder for folder in map(os.path.realpath, covered) if _inside(path, folder)]
         if not os.path.exists(path) or not under:
             continue
         exposed.append(path)
