@@ -156,12 +156,20 @@ def _hashable(value: Any) -> bool:
     return True
 
 
+#: Types whose values hold no other value (checked by exact type: a subclass is looked into).
+_PLAIN_TYPES = frozenset({str, bytes, int, float, bool, type(None)})
+
+
 def carries_serialized(value: Any, depth: int = 0) -> bool:
     """Whether ``value`` (a message as the scheduler reads it, undecoded) holds a
     serialized object anywhere, which the scheduler would hand on to a client."""
     from distributed.protocol.serialize import Serialize, Serialized
 
-    if isinstance(value, (Serialized, Serialize)) or depth > 64:
+    if depth > 64:
+        return True
+    if type(value) in _PLAIN_TYPES:  # most of a message: nothing inside to look at
+        return False
+    if isinstance(value, (Serialized, Serialize)):
         return True
     if isinstance(value, dict):
         return any(carries_serialized(v, depth + 1) or carries_serialized(k, depth + 1) for k, v in value.items())

@@ -24,6 +24,23 @@ def test_run_and_map(net):
     assert net.map(lambda v: v * v, range(6)) == [0, 1, 4, 9, 16, 25]
 
 
+def test_a_maps_finished_items_are_fetched_while_the_rest_run(net, monkeypatch):
+    from gpunet.client.submit import RemoteJob
+
+    fetched_early = []
+    fetch_early = RemoteJob._fetch_early
+
+    def counted(self):
+        fetch_early(self)
+        fetched_early.append(len(self.results))
+
+    monkeypatch.setattr(RemoteJob, "EARLY_FETCH_ITEMS", 2)
+    monkeypatch.setattr(RemoteJob, "_fetch_early", counted)
+    slow_after_four = lambda v: (time.sleep(0.3) if v >= 4 else None) or v * v  # noqa: E731
+    assert net.map(slow_after_four, range(10)) == [v * v for v in range(10)]
+    assert fetched_early and max(fetched_early) >= 2  # fetched before the last items finished
+
+
 def test_gpunet_map_uses_the_current_network(net):
     network_module._current = net
     assert gpunet.current() is net

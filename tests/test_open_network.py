@@ -444,3 +444,16 @@ def test_the_schedulers_rules_for_a_providers_events_and_stream_messages():
     assert "not a worker's message" in door.stream_refusal("tls://w:1", {"op": "add-keys", "keys": ["k"]})
     assert "who sent it" in door.stream_refusal("tls://w:1", {"op": "task-erred", "worker": "tls://w:2"})
     assert "who sent it" in door.stream_refusal("tls://w:1", {"op": "keep-alive", "client": "c"})
+    from distributed.protocol.serialize import Serialize, Serialized
+
+    hidden = Serialized({"serializer": "pickle"}, [b"x"])
+    nested = {"op": "task-finished", "key": "k", "metadata": {"a": [1, 2.0, None, b"b", ("c", {"d": hidden})]}}
+    assert "no serialized objects" in door.stream_refusal("tls://w:1", nested)
+    assert "no serialized objects" in door.stream_refusal("tls://w:1", {"op": "task-finished", "k": {Serialize(1)}})
+
+    class Text(str, Serialize):  # a serialized object passing for text is still looked at
+        pass
+
+    assert "no serialized objects" in door.stream_refusal("tls://w:1", {"op": "task-finished", "key": Text("k")})
+    plain = {"op": "task-finished", "key": "k", "metadata": {"a": [1, 2.0, None, b"b", True, ("c", {"d": "e"})]}}
+    assert door.stream_refusal("tls://w:1", plain) is None

@@ -133,6 +133,9 @@ class RemoteJob(JobHandle):
     #: map is seen done within milliseconds and a look at 20,000 items stays rare.
     MAP_POLL_S_PER_ITEM = 2.5e-6
     MAP_POLL_S_RANGE = (0.005, 0.05)
+    #: A map's finished items are fetched while the rest still run, this many at a time,
+    #: so that at the end only the last few are left to fetch.
+    EARLY_FETCH_ITEMS = 250
 
     def __init__(self, network: Connection, job: Job, *, items: int | None, resources: dict[str, float],
                  allowed_workers: list[str] | None) -> None:
@@ -151,6 +154,8 @@ class RemoteJob(JobHandle):
         self.credit_limit_s: float | None = None
         #: scattered data the tasks depend on, held until the job is done
         self._kept: list[Future] = []
+        #: a map's items that finished well and are not fetched yet
+        self._finished_unfetched: list[Future] = []
         #: a map sent in slices, as its holds can be placed (None: sent whole)
         self.slicing: MapSlices | None = None
         #: the session's pre-authorized hold this job draws on (None: it placed its own)
@@ -260,7 +265,30 @@ class RemoteJob(JobHandle):
             else:
                 with self._lock:
                     self.finished.add(self.index_of[future.key])
+                if future.status == "finished":
+                    self._finished_unfetched.append(future)
         self._unfinished = still
+        if still and len(self._finished_unfetched) >= self.EARLY_FETCH_ITEMS:
+            self._fetch_early()
+
+    def _fetch_early(self) -> None:
+        """Fetch and check the results of the map's items that finished while others
+        still run (:meth:`_gather` then fetches only the rest); a fetch Dask fails is
+        left to :meth:`_gather`, which says why."""
+        batch, self._finished_unfetched = self._finished_unfetched, []
+        with self._lock:
+            batch = [future for future in batch if self.index_of[future.key] not in self.results]
+        try:
+            raws = self.fetch(batch) if batch else []
+        except GpunetError:
+            raise
+        except Exception:  # noqa: BLE001 - a worker holding them left: _gather tells
+            return
+        for future, raw in zip(batch, raws):
+            index = self.index_of[future.key]
+            result = accept(raw, self.job, index)
+            with self._lock:
+                self.results.setdefault(index, result)
 
     # -- callbacks from the client's event loop -------------------------------------------
     def _on_live_event(self, message: dict[str, Any]) -> None:
@@ -299,7 +327,7 @@ class RemoteJob(JobHandle):
         # single small result (it came as an event), soon (see Network.release_soon).
         if not self.mapped and len(self.results) == self.count:
             self.network.release_soon(self.futures + self._kept)
-        self.futures, self._kept, self._unfinished = [], [], []
+        self.futures, self._kept, self._unfinished, self._finished_unfetched = [], [], [], []
         self._drain(progress, echo)
         if echo:
             for result in results:
