@@ -31,6 +31,9 @@ class SessionReceipt:
                               "(connect with --credits URL --token TOKEN, or without an address)")
         # The embedded network's service is this notebook's own, with a fresh key each time: nothing to pin.
         service = None if self.net.embedded is not None else self.net.credits.url
+        # the scheduler pays a pre-authorized hold in parts, in batches: what it paid for the
+        # cells so far lands in the ledger before the receipt is taken (bounded)
+        self.net.meter.wait_settled()
         self.payload, self.metadata, self.summary = fetch_receipt(
             self.net.credits, self.net.meter.session, witness=witness or Witness(), service=service)
 
