@@ -687,6 +687,10 @@ def bubblewrap_arguments(settings: SandboxSettings, scratch: str, python: str, d
     # provider put on the path (a session's site-packages), never the worker's other sys.path
     # entries there (Dask's scratch space holds other sessions' spilled data)
     own = {os.path.realpath(entry) for entry in [*seen_again[:3], *settings.path_prefix]}
+    # and where gpunet itself is imported from (an editable install: the checkout)
+    gpunet_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    seen_again.append(gpunet_root)
+    own.add(gpunet_root)
     for path in dict.fromkeys(os.path.realpath(path) for path in seen_again):
         covering = [*hidden, "/tmp"] if path in own else hidden
         under = [folder for folder in map(os.path.realpath, covering) if _inside(path, folder)]
