@@ -78,6 +78,24 @@ def _wait_or_say_cancelled(remote: JobHandle, wait_s: float | None) -> list[Any]
 
 _current: Network | None = None
 _current_lock = threading.RLock()
+
+
+def _last_user_leaves(net: Any, force: bool) -> bool:
+    """Count one user of ``net`` out (every user with ``force``); True when the network
+    should close now (its last user left), after which it is no longer the current one."""
+    global _current
+    with _current_lock:
+        if net._closed:
+            return False
+        net._users = 0 if force else net._users - 1
+        if net._users > 0:
+            return False
+        net._closed = True
+        if _current is net:
+            _current = None
+    return True
+
+
 #: every network not yet closed, closed quietly when the interpreter exits
 _open_networks: weakref.WeakSet[Network] = weakref.WeakSet()
 
@@ -572,16 +590,8 @@ class Network:
         ``%gpunet connect`` is connected) closes only when its last user closes it,
         so that a ``with gpunet.connect() as net:`` block never closes the magic's
         connection; ``force=True`` (``%gpunet disconnect``) closes it at once."""
-        global _current
-        with _current_lock:
-            if self._closed:
-                return
-            self._users = 0 if force else self._users - 1
-            if self._users > 0:
-                return
-            self._closed = True
-            if _current is self:
-                _current = None
+        if not _last_user_leaves(self, force):
+            return
         if self.meter is not None:  # the session's pre-authorized holds go back
             self.meter.stop_refilling(self.release_unsent)
         if self.meter is not None and self.meter.doubtful:  # holds an outage left in doubt go back
@@ -752,16 +762,8 @@ class GatewayNetwork(Network):
 
     def close(self, *, force: bool = False) -> None:
         """Close this notebook's session on the gateway (its unspent holds go back)."""
-        global _current
-        with _current_lock:
-            if self._closed:
-                return
-            self._users = 0 if force else self._users - 1
-            if self._users > 0:
-                return
-            self._closed = True
-            if _current is self:
-                _current = None
+        if not _last_user_leaves(self, force):
+            return
         try:
             self.link.call("DELETE", f"/sessions/{self.gateway_session}")
         except GpunetError as exc:
