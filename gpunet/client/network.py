@@ -866,6 +866,9 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     address = address or os.environ.get("GPUNET_SCHEDULER") or None
     credits = credits or os.environ.get("GPUNET_CREDITS") or None
     token = token or os.environ.get("GPUNET_TOKEN") or None
+    if pip and address is not None and address.startswith("https://"):  # a gateway: said before anything else
+        raise OptionError("--pip / pip= (or GPUNET_PIP) is not available through a gateway yet: drop it (unset "
+                          "GPUNET_PIP), or connect to a scheduler directly to ask for packages")
     with _current_lock:
         previous = _current if _current is not None and not _current.closed else None
         if previous is not None:
@@ -890,9 +893,6 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
         if token is None:
             raise GpunetError(f"the gateway at {address} admits notebooks by their credit token: pass --token-file "
                               "FILE (or set GPUNET_TOKEN); the operator of the credit service issues it")
-        if pip:
-            raise OptionError("--pip / pip= (or GPUNET_PIP) is not available through a gateway yet: drop it (unset "
-                              "GPUNET_PIP), or connect to a scheduler directly to ask for packages")
         ca = gateway_ca(ca)
     elif ca is not None:
         raise GpunetError("--ca checks a gateway's certificate; it applies only to an https:// address")
