@@ -31,9 +31,9 @@ def _settled(net, timeout=30.0):
     raise AssertionError(f"reports still pending: {state}, {usage}")
 
 
-@pytest.fixture
-def own():
-    """A metered embedded network of its own (tests here stop its credit service)."""
+def _network_of_its_own():
+    """A metered embedded network that is not the shared one; the shared one is current
+    again after it closes."""
     previous, network_module._current = network_module._current, None
     try:
         net = gpunet.connect(budget=2_000)
@@ -43,6 +43,12 @@ def own():
             net.close()
     finally:
         network_module._current = previous
+
+
+@pytest.fixture
+def own():
+    """A metered embedded network of its own (tests here stop its credit service)."""
+    yield from _network_of_its_own()
 
 
 def test_each_task_is_paid_once_and_holds_return(net):
@@ -154,15 +160,7 @@ def short_timeouts(monkeypatch):
     """A metered embedded network whose credit clients (the notebook's and the
     scheduler's) time out after 1 s connecting and 2 s reading (``GPUNET_CREDITS_TIMEOUT``)."""
     monkeypatch.setenv("GPUNET_CREDITS_TIMEOUT", "1,2")
-    previous, network_module._current = network_module._current, None
-    try:
-        net = gpunet.connect(budget=2_000)
-        try:
-            yield net
-        finally:
-            net.close()
-    finally:
-        network_module._current = previous
+    yield from _network_of_its_own()
 
 
 def test_a_bad_credits_timeout_says_what_to_give(monkeypatch):
