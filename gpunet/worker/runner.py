@@ -319,7 +319,7 @@ def _current_worker() -> Any:
 
 def run_job(
     job: Job, item: bytes | None = None, index: int | None = None, inputs: dict[str, bytes] | None = None
-) -> JobResult | bytes:
+) -> JobResult | codec.Frames:
     """Run ``job`` in this worker thread and return its result (never raises for
     the job's own errors: they travel back in ``JobResult.error``).
 
@@ -329,6 +329,8 @@ def run_job(
     if inputs is not None:
         job = dataclasses.replace(job, inputs=inputs)
     worker = _current_worker()
+    if worker is not None and job.result_format == CODEC:
+        codec.register_with_dask()  # its result leaves this worker as Dask frames (not in a sandbox: no Dask there)
     address = getattr(worker, "address", "local")
     # outside a worker (tests, debugging) this process's device
     device = (describe_this_device() if worker is None else device_info(worker))["label"]
@@ -399,8 +401,9 @@ def execute_job(job: Job, item: bytes | None, index: int | None, worker: Any, ad
     return result
 
 
-def encode_result(result: JobResult, max_bytes: int) -> bytes:
-    """A CODEC job's result as codec bytes: displays the codec cannot carry are left
+def encode_result(result: JobResult, max_bytes: int) -> codec.Frames:
+    """A CODEC job's result as codec frames (its outputs' arrays travel as frames of
+    their own, never copied into one blob): displays the codec cannot carry are left
     out (saying so in its stderr); a result over ``max_bytes`` is replaced by its
     TOO_LARGE error, so that nothing of it travels."""
     result.result_format = CODEC
@@ -413,13 +416,14 @@ def encode_result(result: JobResult, max_bytes: int) -> bytes:
             result.streams.append((len(result.streams) + 1, "stderr",
                                    f"[gpunet: a display of {sorted(bundle[0])} could not travel as data]\n"))
     result.displays = kept
-    blob = codec.encode(result_to_event(result))
-    if len(blob) <= max_bytes:
-        return blob
+    frames = codec.encode_frames(result_to_event(result))
+    size = frames.nbytes
+    if size <= max_bytes:
+        return frames
     too_large = dataclasses.replace(result, outputs={}, value=None, streams=[], displays=[], unpicklable_outputs=[],
-                                    error={"ename": TOO_LARGE, "evalue": f"its result is {len(blob):,} bytes, over "
+                                    error={"ename": TOO_LARGE, "evalue": f"its result is {size:,} bytes, over "
                                            f"its cap of {max_bytes:,} bytes", "traceback": "", "exception": None})
-    return codec.encode(result_to_event(too_large))
+    return codec.encode_frames(result_to_event(too_large))
 
 
 def prepare_environment(job: Job, worker: Any,
