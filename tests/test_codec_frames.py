@@ -131,3 +131,55 @@ def test_frames_that_are_not_the_receivers_own_are_copied():
     shared = bytearray(memoryview(frames[1]))
     back = codec.decode(codec.Frames([view[0], shared]))
     assert not np.shares_memory(back, np.frombuffer(shared, dtype=np.uint8)) and back.flags.writeable
+
+
+# -- the data-only comm reads each large frame into a buffer of its own --------------------------
+
+
+async def _over_a_socket_pair(send):
+    """What the notebook's data-only comm reads of what ``send(writer, raw_socket)`` writes."""
+    import socket
+
+    from distributed.comm.tcp import TCP
+    from tornado.iostream import IOStream
+
+    from gpunet.client import data_comm
+
+    ours, theirs = socket.socketpair()
+    reader = data_comm.DataOnlyTCP(IOStream(ours), "local", "peer")
+    writer = TCP(IOStream(theirs), "peer", "local")
+    try:
+        await send(writer, theirs)
+        return await reader.read()
+    finally:
+        reader.abort()
+        writer.abort()
+
+
+def test_the_data_only_comm_lands_a_frame_as_a_writable_aligned_view():
+    import asyncio
+
+    from distributed.protocol import to_serialize
+
+    from gpunet.client import data_comm
+
+    async def send(writer, _):
+        await writer.write({"data": to_serialize(codec.encode_frames(MEGABYTE))},
+                           serializers=list(data_comm.DATA_SERIALIZERS))
+
+    arrived = asyncio.run(_over_a_socket_pair(send))["data"]
+    assert isinstance(arrived, codec.Frames) and arrived.owned
+    back = codec.decode(arrived)
+    assert np.array_equal(back, MEGABYTE) and back.flags.writeable and back.flags.aligned
+    assert not back.flags.owndata  # a view of the buffer the comm read into: no copy
+
+
+def test_the_data_only_comm_refuses_a_prelude_that_does_not_fit_its_size():
+    import asyncio
+    import struct
+
+    async def send(_, raw):
+        raw.sendall(struct.pack("QQ", 16, 10**6))  # a million frames in 16 bytes
+
+    with pytest.raises(ProviderDataError, match="1,000,000 frames in 16 bytes"):
+        asyncio.run(_over_a_socket_pair(send))
