@@ -98,7 +98,8 @@ class LiarPlugin(WorkerPlugin):
             return
         result = self.worker.data.get(key)
         lied = False
-        encoded = isinstance(result, (bytes, memoryview, codec.Frames))  # a CODEC job's result (gpunet.worker.runner.encode_result)
+        # a CODEC job's result (gpunet.worker.runner.encode_result)
+        encoded = isinstance(result, (bytes, memoryview, codec.Frames))
         if encoded:
             result = JobResult(**codec.decode(result))
         if not isinstance(result, JobResult):  # a job's scattered input, not its result
