@@ -79,7 +79,7 @@ def alternate(market, name: str, rounds: int) -> None:
     """Cells of one session that switch between the package's environment and the
     provider's own: seconds per cell, and how many of them found a fresh sandbox."""
     with market.connect() as net:
-        net.run_cell(f"import {name}\n", {}, quiet=True, timeout=300)  # its environment, built once
+        net.run_cell(f"import {name}\n{COUNTED}", {}, quiet=True, timeout=300)  # its environment, built once
         times, fresh = [], 0
         for _ in range(rounds):
             for code in (f"import {name}\n{COUNTED}", f"import numpy\n{COUNTED}"):
