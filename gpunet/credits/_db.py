@@ -246,7 +246,7 @@ def _rebuild_if_old(engine: sa.Engine, table: sa.Table) -> None:
     old = f"{table.name}_before_rebuild"
     steps = [f"ALTER TABLE {table.name} RENAME TO {old}",
              # The indexes went with the old table; they are made again on the new one.
-             *(f"DROP INDEX {index.name}" for index in table.indexes),
+             *(f"DROP INDEX IF EXISTS {index.name}" for index in table.indexes),
              str(sa.schema.CreateTable(table).compile(dialect=engine.dialect)),
              *(str(sa.schema.CreateIndex(index).compile(dialect=engine.dialect)) for index in table.indexes),
              f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {old}",

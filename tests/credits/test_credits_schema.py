@@ -40,8 +40,9 @@ def _make_ledger(db):
     return sid
 
 
-def _to_old_form(db):
-    """Store the entries table as an earlier version did, the rows unchanged."""
+def _to_old_form(db, by_session=True):
+    """Store the entries table as an earlier version did, the rows unchanged (``by_session``: with
+    the index of entries by session, which the first versions did not have)."""
     conn = sqlite3.connect(db)
     conn.executescript(f"""
         BEGIN;
@@ -50,7 +51,7 @@ def _to_old_form(db):
         {OLD_ENTRIES};
         INSERT INTO entries SELECT * FROM entries_new;
         DROP TABLE entries_new;
-        CREATE INDEX entries_by_session ON entries (session);
+        {"CREATE INDEX entries_by_session ON entries (session);" if by_session else ""}
         COMMIT;""")
     conn.close()
 
@@ -135,3 +136,14 @@ def test_an_old_ledger_whose_index_is_not_a_number_is_refused_unchanged_and_name
     assert _entries_form(db)[2] == rows and _entries_form(db)[1] == 1
     with pytest.raises(LedgerVerificationError, match="entry 2 is missing"):
         verify_database(db, workers=1)
+
+
+def test_an_old_ledger_without_the_index_by_session_gets_it(tmp_path):
+    db = tmp_path / "credits.sqlite3"
+    _make_ledger(db)
+    _to_old_form(db, by_session=False)
+    _, own_index, rows, by_session = _entries_form(db)
+    assert own_index == 1 and by_session == 0
+    open_store(str(db)).close()
+    assert _entries_form(db)[1:] == (0, rows, 1)
+    assert verify_database(db, workers=1)["size"] == 6
