@@ -391,7 +391,7 @@ class Gateway:
 
     async def capabilities(self, request: Any) -> Any:
         """POST /v1/sessions/{sid}/capabilities: each worker's measured capability."""
-        account, token = await self.account_of(request)
+        account, token = await self.account_of(request, fresh=True)
         network = self.session_of(request, account, token).network
         self._take_submission(account)  # measuring runs work on every worker: it counts as a submission
         body = await self._body(request)
