@@ -51,7 +51,7 @@ from gpunet.credits._service import bind_socket, read_capped_body
 from gpunet.errors import (AuthError, CreditsError, CreditsRequestError, GatewayError, GpunetError, OptionError,
                            ProviderDataError)
 from gpunet.kernels import Tolerance
-from gpunet.gateway_guard import ConnectionCounts, Relay, UnreadResults, guarded_protocol
+from gpunet.gateway_guard import ConnectionCounts, Relay, UnreadResults, guarded_protocol, guarded_server
 from gpunet.guarded_tls import expect_scheduler_at, use_guarded_tls
 from gpunet.provenance import run_facts
 from gpunet.roles import TokenBucket
@@ -714,7 +714,7 @@ def serve(scheduler: str, credits_url: str, *, ca_file: str | Path, cert_file: s
     config = uvicorn.Config(build_app(gateway), log_level="warning", access_log=False, lifespan="off",
                             http=protocol, timeout_keep_alive=60, ssl_certfile=str(https_cert or cert_file),
                             ssl_keyfile=str(https_key or key_file))
-    server = uvicorn.Server(config)
+    server = guarded_server(config, limits.headers_s)
     if on_ready is not None:
         on_ready(url)
     previous = None

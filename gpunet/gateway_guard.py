@@ -10,7 +10,8 @@ connections it holds open or results it never reads.
 - :func:`guarded_protocol`: uvicorn's HTTP/1.1 protocol with a cap on the connections
   open from one address, and deadlines for a request's headers and for its body: a
   connection that sends nothing, or a request a byte at a time, is answered 408 and
-  closed; one over the cap is answered 429 and closed.
+  closed; one over the cap is answered 429 and closed. :func:`guarded_server` closes a
+  connection whose TLS handshake does not finish within the headers' deadline.
 """
 
 from __future__ import annotations
@@ -315,3 +316,30 @@ def guarded_protocol(counts: ConnectionCounts, headers_s: float, body_s: float) 
             self.transport.close()
 
     return GuardedH11Protocol
+
+
+def guarded_server(config: Any, handshake_s: float) -> Any:
+    """A uvicorn server for ``config`` whose listening sockets close a connection that has
+    not finished its TLS handshake within ``handshake_s`` (asyncio's default: 60 s)."""
+    import uvicorn
+
+    class GuardedServer(uvicorn.Server):
+        """uvicorn's Server, its given sockets served with a TLS handshake deadline."""
+
+        async def startup(self, sockets: list[Any] | None = None) -> None:  # noqa: D102 - uvicorn's
+            if not sockets or config.ssl is None:
+                await super().startup(sockets)
+                return
+            await self.lifespan.startup()
+            loop = asyncio.get_running_loop()
+
+            def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+                return config.http_protocol_class(config=config, server_state=self.server_state,
+                                                  app_state=self.lifespan.state, _loop=_loop)
+
+            self.servers = [await loop.create_server(create_protocol, sock=sock, ssl=config.ssl,
+                                                     backlog=config.backlog, ssl_handshake_timeout=handshake_s)
+                            for sock in sockets]
+            self.started = True
+
+    return GuardedServer(config)

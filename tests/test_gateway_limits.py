@@ -159,6 +159,12 @@ def test_idle_and_slow_connections_are_capped_and_closed(limited_market, detache
         assert f"waits at most {DEADLINE_S} s for a request's" in unpack(said.split(b"\r\n\r\n", 1)[1])["error"][
             "message"]
         connection.close()
+    # A connection that never starts its TLS handshake is closed too (asyncio alone would wait 60 s).
+    silent = socket.create_connection((urlsplit(url).hostname, urlsplit(url).port), timeout=WAIT_S,
+                                      source_address=(STRANGER, 0))
+    started = time.monotonic()
+    assert silent.recv(1) == b"" and time.monotonic() - started < WAIT_S
+    silent.close()
     # Their places are free again.
     wait_for(lambda: requests.get(f"{url}/v1/health", verify=ca, timeout=WAIT_S).ok, "health")
     fresh = https_from(url, ca)
