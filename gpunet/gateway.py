@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunet import certs, codec, wire
-from gpunet.client.gateway_link import blob_in, pack, sse_frame
+from gpunet.client.gateway_link import blob_in, pack
 from gpunet.client.handle import JobHandle, new_job_id
 from gpunet.client.network import Network, join
 from gpunet.credits import CreditClient
@@ -270,8 +270,8 @@ class Gateway:
         return account, token
 
     def _close_sessions_of(self, digest: str) -> None:
-        """Close (in the background) the sessions opened with the token of ``digest``: their jobs stop, their holds
-        go back."""
+        """Close (in the background) the sessions opened with the token of ``digest``:
+        their jobs stop, their holds go back."""
         for session in [s for s in self.sessions.values() if s.token_digest == digest]:
             self.sessions.pop(session.session_id, None)
             logger.warning("gateway: closing session %s of account %s: its token was revoked", session.session_id[:8],
@@ -426,9 +426,9 @@ class Gateway:
         account, token = await self.account_of(request, fresh=True)
         session = self.session_of(request, account, token)
         self._take_submission(account)
-        self._take_job_slot(account)
         spec = await self._body(request)
         job, options = job_from(spec, session.network.topic, self.limits)
+        self._take_job_slot(account)  # no await from here until the relay counts: concurrent ones see it
         relay = self._relay_for(session, job.job_id)
         session.network.relays[job.job_id] = relay
         thread = threading.Thread(target=self._run, args=(session, job, options, relay), daemon=True,
