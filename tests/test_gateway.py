@@ -8,6 +8,7 @@ unpickle something are each refused with one clear message."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import threading
@@ -43,24 +44,32 @@ class Evil:
         return (exec, (f"import os, pathlib; pathlib.Path({self.folder!r}, str(os.getpid())).write_text('ran')",))
 
 
-@pytest.fixture
-def gateway_market(open_market, tmp_path):  # noqa: F811 - the fixture imported above
-    """The open market of test_open_network.py, with `gpunet gateway` in front of it."""
+@contextlib.contextmanager
+def gateway_in_front(open_market, *flags: str):  # noqa: F811 - the fixture imported above
+    """`gpunet gateway FLAGS` in front of the open market of test_open_network.py; what it
+    says is in the answer's "said" (a list its lines are added to)."""
     ca = open_market["ca"]
     for process in open_market["processes"]:  # read what they log, or a full pipe would stop them
         threading.Thread(target=process.stdout.read, daemon=True).start()
     gateway = start(["gateway", open_market["address"], "--credits", open_market["service"].url, "--port", "0",
                      "--tls-ca-file", str(ca / "ca.pem"), "--tls-cert", str(ca / "gateway-gw.pem"),
-                     "--tls-key", str(ca / "gateway-gw-key.pem"), "--max-job-bytes", str(MAX_JOB_BYTES),
-                     "--max-body-bytes", str(MAX_BODY_BYTES), "--submit-burst", "40", "--submits-per-second", "0.1"])
+                     "--tls-key", str(ca / "gateway-gw-key.pem"), *flags])
     said: list[str] = []
     try:
         url = expect(gateway, r"gateway: (https://127\.0\.0\.1:\d+)").group(1)
         threading.Thread(target=lambda: said.extend(gateway.stdout), daemon=True).start()
-        yield {**open_market, "url": url, "gateway": gateway, "ca_file": str(ca / "ca.pem")}
+        yield {**open_market, "url": url, "gateway": gateway, "ca_file": str(ca / "ca.pem"), "said": said}
     finally:
         stop(gateway)
         assert "Traceback" not in "".join(said), "".join(said)
+
+
+@pytest.fixture
+def gateway_market(open_market):  # noqa: F811 - the fixture imported above
+    """The open market of test_open_network.py, with `gpunet gateway` in front of it."""
+    with gateway_in_front(open_market, "--max-job-bytes", str(MAX_JOB_BYTES), "--max-body-bytes",
+                          str(MAX_BODY_BYTES), "--submit-burst", "40", "--submits-per-second", "0.1") as market:
+        yield market
 
 
 def balances(service) -> dict[str, int]:
