@@ -429,8 +429,13 @@ class Unit:
         return {"account": name, "role": role, "token": self._new_token(acct)}
 
     def rotate_token(self, actor: str | None, key: str, *, account: str) -> dict[str, Any]:
-        """Give ``account`` a new token (the old one stops working); the answer carries it."""
-        return {"account": account, "token": self._new_token(self._account(account))}
+        """Give ``account`` a new token (the old one stops working); the answer carries it. The
+        system account (escrow) has no token and never gets one: nobody may act as it."""
+        acct = self._account(account)
+        if acct.role == "system":
+            raise InvalidRequestError(f"{account!r} is the system's account and has no token to revoke; revoke a "
+                                      "client's, provider's, meter's or operator's")
+        return {"account": account, "token": self._new_token(acct)}
 
     def _new_token(self, acct: Account) -> str:
         """Give ``acct`` a fresh token (its old one stops working) and return it."""

@@ -16,6 +16,7 @@ from gpunet.credits import (
     CreditsUnavailableError,
     ForbiddenError,
     IdempotencyConflictError,
+    InvalidRequestError,
     NotFoundError,
     verify_receipt,
 )
@@ -178,6 +179,22 @@ def test_client_errors_name_what_happened(service, party: Party):
         me.mint(alice, 5, key="self-mint")
     with pytest.raises(NotFoundError, match="no session"):
         me.usage("s_" + "0" * 32)
+
+
+def test_only_the_operator_revokes_a_token_and_the_escrow_never_gets_one(service, party: Party):
+    alice, me = party.account("client", credits=10)
+    bob, provider = party.account("provider")
+    for stranger in (me, provider):  # neither may revoke anyone's token, their own or the operator's
+        for name in (alice, bob, "operator"):
+            with pytest.raises(ForbiddenError, match="revoking a token needs role operator"):
+                stranger.revoke_token(name)
+    assert me.balance(alice) == 10 and party.ops.ping()["role"] == "operator"
+    with pytest.raises(InvalidRequestError, match="'escrow' is the system's account and has no token"):
+        party.ops.revoke_token("escrow")
+    fresh = party.ops.revoke_token(alice)["token"]
+    with pytest.raises(AuthError, match="unknown bearer token"):
+        me.balance(alice)
+    assert CreditClient(service.url, fresh).balance(alice) == 10
 
 
 def test_unreachable_service_is_a_503_naming_the_url():
