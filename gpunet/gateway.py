@@ -22,7 +22,8 @@ most a few sessions (429) and jobs in flight (429) at once; the job events nobod
 are capped per job and gateway-wide, and a reader that stays too slow is dropped; one
 address holds at most so many connections, and a request's headers and body are due
 within deadlines (:mod:`gpunet.gateway_guard`). Every job takes a device slot, and a
-revoked token stops at the next submission.
+revoked token stops at the next submission, or within :data:`REVOCATION_CHECK_S` when its
+notebook sends nothing more (the open sessions' tokens are asked about that often).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ SESSION_IDLE_S = 15 * 60.0
 #: How long a checked token is believed before the credit service is asked again, for
 #: reads; a submission and a session's opening always ask (a revoked token stops at once).
 TOKEN_TTL_S = 5.0
+#: How often the tokens of the open sessions are asked about, so that a revoked one's
+#: running jobs stop even if its notebook never sends another request.
+REVOCATION_CHECK_S = 10.0
 #: Per account: jobs in flight at once (sent and not yet read to their end).
 DEFAULT_MAX_JOBS_IN_FLIGHT = 32
 #: Bytes of job events the notebooks have not read yet: per job stream, and gateway-wide
@@ -247,6 +251,7 @@ class Gateway:
         self._in_flight: dict[str, set[Relay]] = {}
         #: the role of each token checked, by digest (a role never changes)
         self._roles: dict[str, tuple[str, str]] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- who is asking ---------------------------------------------------------------
     async def account_of(self, request: Any, *, fresh: bool = False) -> tuple[str, str]:
@@ -277,6 +282,24 @@ class Gateway:
             logger.warning("gateway: closing session %s of account %s: its token was revoked", session.session_id[:8],
                            session.account)
             threading.Thread(target=shut, args=(session, "the notebook's token was revoked"), daemon=True).start()
+
+    def _watch_revocations(self) -> None:
+        """Keep asking about the open sessions' tokens while there are any (on the event loop)."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._ask_while_any())
+
+    async def _ask_while_any(self) -> None:
+        while self.sessions:
+            await asyncio.sleep(REVOCATION_CHECK_S)
+            tokens = {s.token_digest: s.network.credits.token for s in list(self.sessions.values())}
+            for digest, token in tokens.items():
+                try:
+                    await asyncio.to_thread(self._check_token, token)
+                except GatewayError as exc:
+                    if exc.code == "bad_token":
+                        self._close_sessions_of(digest)
+                except Exception as exc:  # noqa: BLE001 - the credit service away: ask again next round
+                    logger.warning("gateway: could not check a session's token: %s", exc)
 
     def _check_token(self, token: str) -> str:
         digest = _digest(token)
@@ -366,6 +389,7 @@ class Gateway:
             self._opening[account] -= 1
         session = ClientSession(secrets.token_urlsafe(24), account, _digest(token), network)  # type: ignore[arg-type]
         self.sessions[session.session_id] = session
+        self._watch_revocations()
         logger.info("gateway: account %s opened session %s", account, session.session_id[:8])
         return answer({"session_id": session.session_id, "credit_session": network.session, "account": account,
                        "credits": self.credits_url})
@@ -714,7 +738,8 @@ def serve(scheduler: str, credits_url: str, *, ca_file: str | Path, cert_file: s
     config = uvicorn.Config(build_app(gateway), log_level="warning", access_log=False, lifespan="off",
                             http=protocol, timeout_keep_alive=60, ssl_certfile=str(https_cert or cert_file),
                             ssl_keyfile=str(https_key or key_file))
-    server = guarded_server(config, limits.headers_s)
+    # a connection in its TLS handshake is not yet the protocol's: the listener counts those too, up to twice
+    server = guarded_server(config, limits.headers_s, 2 * limits.max_connections_per_address)
     if on_ready is not None:
         on_ready(url)
     previous = None

@@ -17,7 +17,9 @@ connections it holds open or results it never reads.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -155,7 +157,7 @@ class UnreadResults:
                        "they come (gpunet's notebook side does), and run it again")
             return False
         if self.total + size > self.total_cap:
-            self._drop_stalled(self.total + size - self.total_cap, but=relay)
+            self._make_room(self.total + size - self.total_cap, size, but=relay)
         if self.total + size > self.total_cap:
             relay.drop(f"this gateway holds {self.total} bytes of results its notebooks have not read, its cap is "
                        f"{self.total_cap}: the job was stopped. Run it again in a moment")
@@ -170,18 +172,26 @@ class UnreadResults:
         """``relay`` holds nothing any more."""
         self.relays.discard(relay)
 
-    def _drop_stalled(self, needed: int, *, but: Relay) -> None:
-        """Drop the readers that read nothing for longest until ``needed`` bytes are free."""
+    def _make_room(self, needed: int, size: int, *, but: Relay) -> None:
+        """Drop readers until ``needed`` bytes are free: those of the account holding the most
+        unread bytes first, each account's longest stalled first, and only of accounts holding
+        at least as much as ``but``'s would with its ``size`` more. A stranger reading a trickle to
+        keep the gateway full is the biggest holder: an honest reader that paused is not."""
         now = time.monotonic()
-        stalled = sorted((r for r in self.relays if r is not but and r.waiting_bytes and now - r.last_read > 1.0),
-                         key=lambda r: r.last_read)
-        for relay in stalled:
+        held: dict[str, int] = {}
+        for relay in self.relays:
+            held[relay.account] = held.get(relay.account, 0) + relay.waiting_bytes
+        mine = held.get(but.account, 0) + size
+        eligible = sorted((r for r in self.relays if r is not but and r.waiting_bytes and held[r.account] >= mine),
+                          key=lambda r: (-held[r.account], r.last_read))
+        for relay in eligible:
             if needed <= 0:
                 break
             needed -= relay.waiting_bytes
-            relay.drop(f"this gateway ran short of room for unread results and its notebook had read nothing of "
-                       f"this job's stream for {now - relay.last_read:.0f} s: the job was stopped. Read a job's "
-                       "events as they come (gpunet's notebook side does), and run it again")
+            relay.drop(f"this gateway ran short of room for unread results and this job's account held the most "
+                       f"of them ({held[relay.account]} bytes), its notebook last read {now - relay.last_read:.0f} s "
+                       "ago: the job was stopped. Read a job's events as they come (gpunet's notebook side does), "
+                       "and run it again")
 
     def sweep(self) -> None:
         """Drop every reader that read nothing for ``slow_reader_s`` while bytes waited for it."""
@@ -210,8 +220,23 @@ def _refusal_bytes(status: int, reason: str, code: str, message: str) -> bytes:
             "connection: close\r\n\r\n").encode() + body
 
 
+def holder_of(address: str) -> str:
+    """Who an address counts as: an IPv4 address itself (an IPv4-mapped IPv6 one too), an
+    IPv6 address its /64 (one subscriber's network: a stranger given one picks from 2**64)."""
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
 class ConnectionCounts:
-    """How many connections each address holds open, at most ``per_address``."""
+    """How many connections each address (an IPv6 one: its /64, :func:`holder_of`) holds
+    open, at most ``per_address``."""
 
     def __init__(self, per_address: int) -> None:
         self.per_address = per_address
@@ -219,6 +244,7 @@ class ConnectionCounts:
 
     def take(self, address: str) -> bool:
         """Count one more connection from ``address``, or False where it holds the most it may."""
+        address = holder_of(address)
         if self.open.get(address, 0) >= self.per_address:
             return False
         self.open[address] = self.open.get(address, 0) + 1
@@ -226,6 +252,7 @@ class ConnectionCounts:
 
     def give_back(self, address: str) -> None:
         """One connection from ``address`` closed."""
+        address = holder_of(address)
         left = self.open.get(address, 0) - 1
         if left > 0:
             self.open[address] = left
@@ -286,8 +313,12 @@ def guarded_protocol(counts: ConnectionCounts, headers_s: float, body_s: float) 
                 self._await("headers", headers_s)  # the first bytes of the next request
 
         def on_response_complete(self) -> None:  # noqa: D102 - uvicorn's
-            super().on_response_complete()
+            finished = self.cycle
+            super().on_response_complete()  # a pipelined request waiting starts here, not in data_received
             self._disarm()
+            cycle = self.cycle
+            if cycle is not finished and cycle is not None and not cycle.response_complete and cycle.more_body:
+                self._await("body", body_s)
 
         def _await(self, phase: str, seconds: float) -> None:
             self._disarm()
@@ -318,9 +349,52 @@ def guarded_protocol(counts: ConnectionCounts, headers_s: float, body_s: float) 
     return GuardedH11Protocol
 
 
-def guarded_server(config: Any, handshake_s: float) -> Any:
+class _CountedConnection(socket.socket):
+    """An accepted connection that gives its address's place back when it closes."""
+
+    counts: ConnectionCounts | None = None
+    address = ""
+
+    def close(self) -> None:  # noqa: D102 - socket's
+        if self.counts is not None:
+            self.counts.give_back(self.address)
+            self.counts = None
+        super().close()
+
+
+class _CountingListener(socket.socket):
+    """A listening socket that accepts at most ``counts.per_address`` connections from one
+    address, counted from the moment they are accepted (before their TLS handshake: the
+    protocol's own cap sees a connection only once its handshake is done)."""
+
+    counts: ConnectionCounts
+
+    def accept(self) -> tuple[socket.socket, Any]:  # noqa: D102 - socket's
+        fd, address = self._accept()  # type: ignore[attr-defined]
+        connection = _CountedConnection(self.family, self.type, self.proto, fileno=fd)
+        host = address[0] if isinstance(address, tuple) else "?"
+        if not self.counts.take(host):
+            connection.close()
+            logger.warning("gateway: refused a connection from %s: it holds %d open, counting those in their TLS "
+                           "handshake", host, self.counts.per_address)
+            raise ConnectionAbortedError(f"{host} holds too many connections")  # asyncio's loop skips it
+        connection.counts, connection.address = self.counts, host
+        return connection, address
+
+
+def counting_listener(sock: socket.socket, per_address: int) -> socket.socket:
+    """``sock`` (listening) as a socket that refuses an address's connection past
+    ``per_address`` open at once, those still in their TLS handshake included."""
+    listener = _CountingListener(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    listener.counts = ConnectionCounts(per_address)
+    return listener
+
+
+def guarded_server(config: Any, handshake_s: float, sockets_per_address: int | None = None) -> Any:
     """A uvicorn server for ``config`` whose listening sockets close a connection that has
-    not finished its TLS handshake within ``handshake_s`` (asyncio's default: 60 s)."""
+    not finished its TLS handshake within ``handshake_s`` (asyncio's default: 60 s) and,
+    with ``sockets_per_address``, hold at most that many connections from one address,
+    those in their handshake included."""
     import uvicorn
 
     class GuardedServer(uvicorn.Server):
@@ -337,6 +411,8 @@ def guarded_server(config: Any, handshake_s: float) -> Any:
                 return config.http_protocol_class(config=config, server_state=self.server_state,
                                                   app_state=self.lifespan.state, _loop=_loop)
 
+            if sockets_per_address is not None:
+                sockets = [counting_listener(sock, sockets_per_address) for sock in sockets]
             self.servers = [await loop.create_server(create_protocol, sock=sock, ssl=config.ssl,
                                                      backlog=config.backlog, ssl_handshake_timeout=handshake_s)
                             for sock in sockets]

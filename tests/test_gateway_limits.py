@@ -213,3 +213,77 @@ def test_a_revoked_token_stops_at_once_and_every_job_takes_a_device(limited_mark
         assert refused.value.status == 401
     refused = requests.post(jobs, data=no_resources, headers=headers, verify=ca, timeout=WAIT_S)
     assert refused.status_code == 401
+
+
+def test_connections_in_their_tls_handshake_count_against_the_address(limited_market, detached):
+    """A stranger opens TCP connections and never starts TLS: uvicorn's protocol sees a
+    connection only once its handshake is done, so without a count at accept one address
+    could hold the gateway's every file descriptor for the handshake's deadline."""
+    market, ca, url = limited_market, limited_market["ca_file"], limited_market["url"]
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    silent = [socket.create_connection((host, port), timeout=WAIT_S, source_address=(STRANGER, 0))
+              for _ in range(2 * CONNECTIONS_PER_ADDRESS)]
+    try:
+        with pytest.raises((ssl.SSLError, OSError)):  # the next one is closed before its handshake
+            over = https_from(url, ca)
+            over.request("GET", "/v1/health")
+            over.getresponse()
+        assert "counting those in their TLS handshake" in "".join(market["said"])
+        # An honest notebook from its own address gets through meanwhile.
+        assert requests.get(f"{url}/v1/health", verify=ca, timeout=WAIT_S).ok
+    finally:
+        for connection in silent:
+            connection.close()
+    # Their places are free again once they close.
+    wait_for(lambda: _health_from_stranger(url, ca) == 200, "the stranger's places back")
+
+
+def _health_from_stranger(url: str, ca: str) -> int | None:
+    try:
+        connection = https_from(url, ca)
+        connection.request("GET", "/v1/health")
+        return connection.getresponse().status
+    except (ssl.SSLError, OSError):
+        return None
+
+
+def test_a_revoked_tokens_running_job_stops_without_another_request(limited_market, detached):
+    """The operator revokes a client's token while its long job runs; the notebook never
+    sends another request: the gateway still stops the job and gives its holds back."""
+    market, ca = limited_market, limited_market["ca_file"]
+    token = market["tokens"]["dave"]
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"}
+    session, credit_session = open_session(market, token)
+    long_job = pack({"code": "import time\ntime.sleep(600)", "timeout": 900.0})
+    with requests.post(f"{market['url']}/v1/sessions/{session}/jobs", data=long_job, headers=headers, verify=ca,
+                       timeout=4 * WAIT_S, stream=True) as answer:
+        lines = answer.iter_lines()
+        said = []
+        for line in lines:  # until the job was sent (its holds placed)
+            said.append(line)
+            if line.startswith(b"event: sent"):
+                break
+        with market["service"].client() as operator:
+            operator.revoke_token("dave")
+            said.extend(lines)  # the stream ends (the read would time out while the job ran on)
+            events = events_of(b"\n".join(said) + b"\n")
+            assert events[-1][0] == "error" and "token was revoked" in events[-1][1]["message"], events[-1]
+            assert settled(operator, credit_session)["held"] == 0
+    assert "its token was revoked" in "".join(market["said"])
+
+
+def test_a_pipelined_requests_body_is_due_too(limited_market, detached):
+    """A second request sent with the first (HTTP pipelining) starts when the first's
+    answer ends, not when bytes arrive: its body is due within the deadline all the same."""
+    market, ca, url = limited_market, limited_market["ca_file"], limited_market["url"]
+    connection = tls_socket(url, ca)
+    connection.sendall(b"GET /v1/health HTTP/1.1\r\nHost: gateway\r\n\r\n"
+                       b"POST /v1/sessions HTTP/1.1\r\nHost: gateway\r\nContent-Length: 1000\r\nAuthorization: "
+                       b"Bearer " + market["tokens"]["mallory"].encode() + b"\r\n\r\n0123456789")
+    said = b""
+    while chunk := connection.recv(65536):  # the gateway closes it (a socket timeout here: it waited on)
+        said += chunk
+    connection.close()
+    assert said.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in said, said[:500]
+    assert f"waits at most {DEADLINE_S} s for a request's body" in unpack(said.rsplit(b"\r\n\r\n", 1)[1])["error"][
+        "message"]

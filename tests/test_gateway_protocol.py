@@ -14,7 +14,7 @@ from gpunet.client import network as network_module
 from gpunet.client.gateway_link import error_from, job_request, sse_events, sse_frame
 from gpunet.errors import BudgetError, CellTimeoutError, GatewayError, GpunetError, PolicyError
 from gpunet.gateway import GatewayLimits, job_from
-from gpunet.gateway_guard import CUT_MARK, PIECE_BYTES, Relay, UnreadResults
+from gpunet.gateway_guard import CUT_MARK, PIECE_BYTES, ConnectionCounts, Relay, UnreadResults
 from gpunet.wire import Job, PassedOn
 
 
@@ -194,3 +194,39 @@ def test_a_stalled_reader_makes_room_for_one_that_reads():
         assert late.dropped and "read nothing of this job's stream" in late.dropped
 
     asyncio.run(run())
+
+
+def test_a_stranger_reading_a_trickle_cannot_keep_the_gateway_full():
+    """mallory keeps the gateway's room for unread results full and reads a piece now and
+    then (never stalled); carol's notebook paused a moment: mallory, the biggest holder,
+    makes room, not carol."""
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        unread = UnreadResults(per_job=1_000_000, total_cap=1_500_000, slow_reader_s=60)
+        trickles = [Relay(loop, unread, account="mallory", job_id=f"m{i}") for i in range(2)]
+        for relay in trickles:
+            relay.put("results", {"blob": b"\0" * 500_000})
+        paused = Relay(loop, unread, account="carol", job_id="c1")
+        paused.put("live", {"text": "x" * 100_000})
+        await asyncio.sleep(0)
+        paused.last_read -= 5  # carol's notebook was busy for 5 s; mallory read a piece just now
+        arriving = Relay(loop, unread, account="carol", job_id="c2")
+        arriving.put("results", {"blob": b"\0" * 300_000})
+        await asyncio.sleep(0)
+        assert arriving.dropped is None and paused.dropped is None
+        assert any(relay.dropped and "held the most of them" in relay.dropped for relay in trickles)
+        assert unread.total <= unread.total_cap
+
+    asyncio.run(run())
+
+
+def test_an_ipv6_stranger_cannot_pass_the_cap_with_the_addresses_of_its_network():
+    """A subscriber gets a /64: each of its 2**64 addresses must not hold a cap of its own."""
+    counts = ConnectionCounts(per_address=2)
+    assert counts.take("2001:db8:1:2::1") and counts.take("2001:db8:1:2:ffff::9")
+    assert not counts.take("2001:db8:1:2:abcd::77") and not counts.take("2001:db8:1:2::1%eth0")
+    assert counts.take("2001:db8:1:3::1")  # the next network is someone else
+    assert counts.take("::ffff:192.0.2.7") and counts.take("192.0.2.7") and not counts.take("::ffff:192.0.2.7")
+    counts.give_back("2001:db8:1:2::1")
+    assert counts.take("2001:db8:1:2:5::5")
+    assert counts.open == {"2001:db8:1:2::/64": 2, "2001:db8:1:3::/64": 1, "192.0.2.7": 2}
