@@ -62,6 +62,9 @@ DATA_SERIALIZERS = (codec.DASK_SERIALIZER, "msgpack", "error")
 SCHEMES = {"tcp": "gpunet-data", "tls": "gpunet-data-tls"}
 #: What a message may carry besides a job's result (Dask's framing, the reply's keys).
 MESSAGE_SLACK_BYTES = 1024 * 1024
+#: What each frame of a message is charged against its cap: about what the notebook keeps
+#: per frame (its length, a view of it), however few bytes it has on the wire.
+FRAME_CHARGE_BYTES = 256
 #: The largest message the notebook reads on a data-only connection (connect() sets it
 #: from its max_result_bytes: the process has one, the last connection's).
 max_message_bytes = 256 * 1024 * 1024 + MESSAGE_SLACK_BYTES
@@ -107,14 +110,26 @@ def _compressed(header: dict[str, Any]) -> list[str]:
 def data_only_loads(frames: list[Any]) -> Any:
     """``distributed.protocol.core.loads`` for a data-only connection (see the module docstring)."""
 
+    taken: set[int] = set()  # frames a payload took: each is one payload's alone
+
     def decode_default(obj: dict[Any, Any]) -> Any:
         offset = obj.get("__Serialized__", 0)
         if offset > 0:
             header = msgpack.loads(frames[offset], object_hook=msgpack_decode_default, use_list=False, **msgpack_opts)
-            sub_frames = frames[offset + 1: offset + 1 + header["num-sub-frames"]]
+            count = header.get("num-sub-frames")
+            if type(count) is not int or count < 0:
+                return _refused("malformed", "whose header does not say how many frames it takes")
+            named = set(range(offset, offset + 1 + count))
+            if named & taken:  # two payloads would be views of one buffer
+                return _refused("second", "which names frames another payload of the message took")
+            taken.update(named)
+            sub_frames = frames[offset + 1: offset + 1 + count]
             serializers = _serializers_of(header)
             if not serializers <= set(DATA_SERIALIZERS):  # an empty collection names none, and is data
                 return _refused("/".join(sorted(str(s) for s in serializers)))
+            problem = _layout_problem(header, len(sub_frames))
+            if problem is not None:
+                return _refused("forged", f"whose frames {problem}")
             compressed = _compressed(header)
             if compressed:  # a few compressed bytes may decompress to gigabytes past the size cap
                 return _refused("/".join(sorted(set(compressed))) + "-compressed",
@@ -130,6 +145,40 @@ def data_only_loads(frames: list[Any]) -> Any:
         return msgpack_decode_default(obj)
 
     return msgpack.loads(frames[0], object_hook=decode_default, use_list=False, **msgpack_opts)
+
+
+def _layout_problem(header: dict[str, Any], count: int) -> str | None:
+    """Why the layout a payload header gives its ``count`` frames is not one Dask makes
+    (each frame merged once, in order: ``serialize_and_split``; a collection's parts one
+    after another), else None. Dask merges and slices frames as the header says, so a
+    forged one could hand two outputs one buffer, or copy a message many times over."""
+    if "split-num-sub-frames" in header:
+        sizes, offsets = header.get("split-num-sub-frames"), header.get("split-offsets")
+        if not _counts(sizes, least=1) or not _counts(offsets, least=0) or sum(sizes) != count \
+                or list(offsets) != [sum(sizes[:i]) for i in range(len(sizes))]:
+            return "are merged in a layout Dask never makes (a frame twice, or out of order)"
+        count = len(sizes)
+    return _parts_problem(header, count)
+
+
+def _parts_problem(header: dict[str, Any], count: int) -> str | None:
+    """Why a collection header's parts do not take its ``count`` frames one after another."""
+    if "is-collection" not in header:
+        return None
+    lengths, parts = header.get("frame-lengths"), header.get("sub-headers")
+    if not _counts(lengths, least=0) or not isinstance(parts, (list, tuple)) or len(parts) != len(lengths) \
+            or sum(lengths) != count:
+        return "are shared out among a collection's parts in a layout Dask never makes"
+    for part, length in zip(parts, lengths):
+        problem = _parts_problem(part, length) if isinstance(part, dict) else None
+        if problem is not None:
+            return problem
+    return None
+
+
+def _counts(values: Any, *, least: int) -> bool:
+    """Whether ``values`` is a list or tuple of ints of at least ``least``."""
+    return isinstance(values, (list, tuple)) and all(type(v) is int and v >= least for v in values)
 
 
 def _serializers_of(header: dict[str, Any]) -> set[Any]:
@@ -158,6 +207,7 @@ class DataOnlyRead:
             if 8 * (count + 1) > nosplit_nbytes:
                 raise ProviderDataError(f"the network sent a message of {count:,} frames in {nosplit_nbytes:,} "
                                         "bytes; it was not read")
+            self._check_frames(count)
             lengths = struct.unpack(f"{count}Q", await stream.read_bytes(8 * count)) if count else ()
             self._check_size(8 * (count + 1) + sum(lengths))
             if 8 * (count + 1) + sum(lengths) < nosplit_nbytes:
@@ -176,6 +226,15 @@ class DataOnlyRead:
         except EOFError:
             self.abort()
             raise CommClosedError("aborted stream on truncated data") from None
+
+    def _check_frames(self, count: int) -> None:
+        """Refuse a message of more frames than the cap allows at :data:`FRAME_CHARGE_BYTES`
+        each (an empty frame is free on the wire, not in the notebook)."""
+        if count * FRAME_CHARGE_BYTES > max_message_bytes:
+            raise ResultTooLargeError(
+                f"the network sent a message of {count:,} frames, over the {max_message_bytes // FRAME_CHARGE_BYTES:,} "
+                f"this notebook's cap of {max_message_bytes:,} bytes allows ({FRAME_CHARGE_BYTES} bytes a frame); it "
+                "was not read (raise the cap with max_result_bytes= when connecting)")
 
     def _check_size(self, nbytes: int) -> None:
         if nbytes > max_message_bytes:
