@@ -651,3 +651,52 @@ def test_a_stop_during_an_install_on_a_provider_ends_it_and_the_session_then_swi
             sys.path.remove(str(package_site))
             for name in [name for name in sys.modules if name == PACKAGE or name.startswith(PACKAGE + ".")]:
                 del sys.modules[name]
+
+
+# -- a client's package runs nothing on its provider outside the sandbox -----------------------------
+
+
+def _wheel(folder: Path, name: str, version: str, files: dict[str, str]) -> Path:
+    """A pure-Python wheel of ``files`` (its path -> text), as anyone may publish one."""
+    import base64
+    import hashlib
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{info}/RECORD,,")
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in {**files, f"{info}/RECORD": "\n".join(record) + "\n"}.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_a_packages_pth_file_never_runs_outside_the_sandbox(tmp_path, monkeypatch):
+    """A wheel may carry a ``.pth`` file, whose ``import`` lines every Python that starts on
+    that site-packages runs. The provider builds the session's environment outside the
+    sandbox: nothing of the client's package may run there (with the worker's files and
+    environment); it runs only in the session's sandbox, as the client's cells do."""
+    from gpunet.worker.environment import SessionEnvironments
+
+    marker = tmp_path / "ran-on-the-provider"
+    _wheel(tmp_path / "index-wheels", "sneaky_pth", "1.0", {
+        "sneaky_pth/__init__.py": "",
+        "sneaky_pth.pth": f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"})
+    index = HeldIndex(tmp_path / "index-wheels", tmp_path / "index-asked")
+    index.release()
+    try:
+        for name, value in index_environment(index, tmp_path).items():
+            monkeypatch.setenv(name, value)
+        environments = SessionEnvironments(tmp_path / "envs", tmp_path / "wheels", InstallPolicy())
+        prepared = environments.prepare("session", {"sneaky-pth": "==1.0"})
+    finally:
+        index.close()
+    assert prepared.installed == {"sneaky-pth": "1.0"} and (prepared.site_packages / "sneaky_pth.pth").is_file()
+    assert not marker.exists(), "the package's .pth file ran on the provider, outside the sandbox"

@@ -82,6 +82,12 @@ MAX_REPORTED = 5000
 STOP_POLL_S = 0.05
 
 
+#: Where a venv made at ``sys.argv[1]`` keeps its packages, as the Python that made it lays
+#: one out (run with -I -S: no site-packages of anyone's is read).
+_VENV_PURELIB = ("import sys, sysconfig; print(sysconfig.get_path('purelib', 'posix_prefix', "
+                 "vars={'base': sys.argv[1], 'platbase': sys.argv[1]}))")
+
+
 class InstallStopped(BaseException):
     """The job whose install this was was stopped (Ctrl-C, its timeout): the installer's
     processes are killed and the half-built environment removed. A BaseException, as
@@ -323,8 +329,12 @@ class SessionEnvironments:
                 self._run([self.python, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps",
                            "--no-warn-script-location", "--disable-pip-version-check", "--quiet",
                            *map(str, files)], deadline, "installing the wheels", stopped)
-            site = Path(self._run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                  deadline, "finding the environment's site-packages", stopped).strip())
+            # asked of the provider's own Python, never the venv's: a wheel's .pth file runs in
+            # every Python that starts on the venv's site-packages (the sandbox's alone)
+            site = Path(self._run([self.python, "-I", "-S", "-c", _VENV_PURELIB, str(path)], deadline,
+                                  "finding the environment's site-packages", stopped).strip())
+            if not site.is_dir():
+                raise PackageError(f"the session's environment has no site-packages at {site}")
         except BaseException:  # a failure, or a stop: nothing half-built is kept
             shutil.rmtree(path, ignore_errors=True)
             raise
