@@ -672,7 +672,7 @@ def _wheel(folder: Path, name: str, version: str, files: dict[str, str]) -> Path
     record.append(f"{info}/RECORD,,")
     folder.mkdir(parents=True, exist_ok=True)
     wheel = folder / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
         for path, text in {**files, f"{info}/RECORD": "\n".join(record) + "\n"}.items():
             archive.writestr(path, text)
     return wheel
@@ -700,3 +700,26 @@ def test_a_packages_pth_file_never_runs_outside_the_sandbox(tmp_path, monkeypatc
         index.close()
     assert prepared.installed == {"sneaky-pth": "1.0"} and (prepared.site_packages / "sneaky_pth.pth").is_file()
     assert not marker.exists(), "the package's .pth file ran on the provider, outside the sandbox"
+
+
+def test_a_wheel_that_unpacks_far_past_the_cap_is_refused_before_it_is_installed(tmp_path, monkeypatch):
+    """The size cap counts what is downloaded; a wheel is a zip, and a few kilobytes of it
+    may unpack to gigabytes on the provider's disk (eight kept environments of them). What
+    the wheels unpack to is capped too, read from their own listing before pip runs."""
+    from gpunet.worker.environment import UNPACKED_PER_DOWNLOADED, SessionEnvironments
+
+    policy = InstallPolicy(max_bytes=1024 * 1024)
+    _wheel(tmp_path / "index-wheels", "roomy", "1.0", {"roomy/__init__.py": "",
+                                                       "roomy/zeros.txt": "0" * (UNPACKED_PER_DOWNLOADED * 2 << 20)})
+    assert (tmp_path / "index-wheels" / "roomy-1.0-py3-none-any.whl").stat().st_size < policy.max_bytes
+    index = HeldIndex(tmp_path / "index-wheels", tmp_path / "index-asked")
+    index.release()
+    try:
+        for name, value in index_environment(index, tmp_path).items():
+            monkeypatch.setenv(name, value)
+        environments = SessionEnvironments(tmp_path / "envs", tmp_path / "wheels", policy)
+        with pytest.raises(PackageError, match=r"roomy-1.0-py3-none-any.whl unpacks to 20.0 MiB in 5 files, over the .* cap"):
+            environments.prepare("session", {"roomy": "==1.0"})
+    finally:
+        index.close()
+    assert list((tmp_path / "envs").iterdir()) == []  # nothing of it was installed

@@ -76,6 +76,10 @@ ENVIRONMENTS_PER_SESSION = 4
 #: The wheel cache holds at most this many sessions' installs at the cap (least recently used
 #: wheels removed first), so that clients cannot fill the provider's disk through it.
 WHEEL_CACHE_INSTALLS = 10
+#: What a session's wheels may unpack to, in multiples of the download cap (a wheel is a zip:
+#: a few kilobytes of it may unpack to gigabytes), and in files.
+UNPACKED_PER_DOWNLOADED = 10
+MAX_UNPACKED_FILES = 200_000
 #: Most distributions a report may list (a provider's claim is capped like any message).
 MAX_REPORTED = 5000
 #: How often an install looks whether its job was stopped (seconds).
@@ -323,6 +327,7 @@ class SessionEnvironments:
             python = path / "bin" / "python"
             plan = self._resolve(python, requirements, deadline, stopped)
             files, hits, misses, fetched = self._fetch(plan, deadline, stopped)
+            self._check_unpacked(files)
             if announce is not None:
                 announce(len(files), sum(file.stat().st_size for file in files))
             if files:
@@ -342,6 +347,30 @@ class SessionEnvironments:
             path, python, site, {entry["name"]: entry["version"] for entry in plan},
             {file.name: entry["sha256"] for file, entry in zip(files, plan)}, built_now=True,
             seconds=time.monotonic() - started, cache_hits=hits, cache_misses=misses, downloaded_bytes=fetched)
+
+    def _check_unpacked(self, files: list[Path]) -> None:
+        """Refuse wheels that together unpack past :data:`UNPACKED_PER_DOWNLOADED` times the
+        size cap, or to more than :data:`MAX_UNPACKED_FILES` files, as their zip listing says
+        (pip's extraction writes no more than it lists), before pip writes any of them."""
+        import zipfile
+
+        cap, total, count = UNPACKED_PER_DOWNLOADED * self.policy.max_bytes, 0, 0
+        for file in files:
+            if file.suffix != ".whl":  # an sdist, where the provider allows builds (and so their code)
+                continue
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    listing = archive.infolist()
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise PackageError(f"{file.name} is not a wheel that can be read ({exc}); not installed") from None
+            size = sum(info.file_size for info in listing)
+            total, count = total + size, count + len(listing)
+            if total > cap or count > MAX_UNPACKED_FILES:
+                raise PackageError(
+                    f"{file.name} unpacks to {format_bytes(size)} in {len(listing):,} files, over the provider's cap "
+                    f"of {format_bytes(cap)} and {MAX_UNPACKED_FILES:,} files for what a session's install unpacks "
+                    f"to ({UNPACKED_PER_DOWNLOADED}x its download cap); not installed: ask for a smaller package, "
+                    "or use a provider with a larger --install-max-mb")
 
     def _run(self, command: list[str], deadline: float, doing: str, stopped: threading.Event) -> str:
         """``command``'s output, run in a process group of its own that is killed, with
