@@ -382,6 +382,15 @@ CONTAINER_BYTES = 64
 SLOT_BYTES = 8
 
 
+def charge_container(value: Any, budget: int) -> int:
+    """What is left of ``budget`` once the decoded list or map ``value`` is charged to it
+    (:data:`CONTAINER_BYTES`, :data:`SLOT_BYTES`); :class:`ProviderDataError` past it."""
+    budget -= CONTAINER_BYTES + SLOT_BYTES * len(value) * (2 if isinstance(value, dict) else 1)
+    if budget < 0:
+        raise ProviderDataError("its lists and maps would take more memory than its size allows")
+    return budget
+
+
 def unpack_plain(data: bytes | bytearray | memoryview, *, budget: int) -> Any:
     """msgpack ``data`` as plain Python data (no codec extension decoded), its lists and
     maps charged against ``budget`` bytes (:data:`CONTAINER_BYTES`, :data:`SLOT_BYTES`):
@@ -425,9 +434,7 @@ class _Decoder:
 
     def container(self, value: Any) -> Any:
         """Charge a decoded list or map (msgpack's hook) and return it."""
-        self.containers -= CONTAINER_BYTES + SLOT_BYTES * len(value) * (2 if isinstance(value, dict) else 1)
-        if self.containers < 0:
-            raise ProviderDataError("its lists and maps would take more memory than its size allows")
+        self.containers = charge_container(value, self.containers)
         return value
 
     def charge(self, nbytes: int) -> None:

@@ -272,3 +272,42 @@ def test_the_data_only_comm_refuses_a_message_of_countless_empty_frames(monkeypa
 
     with pytest.raises(ProviderDataError, match="300,000 frames"):
         asyncio.run(_over_a_socket_pair(send))
+
+
+def _empty_maps(count):
+    """msgpack of a list of ``count`` empty maps: one byte each on the wire, 64 in memory."""
+    import struct
+
+    return b"\xdd" + struct.pack(">I", count) + b"\x80" * count
+
+
+@pytest.mark.parametrize("where", ["the message itself", "a msgpack payload"])
+def test_a_small_message_that_decodes_to_countless_containers_is_refused(where, monkeypatch):
+    """Dask decodes a message and its msgpack payloads with msgpack: 2,000,000 empty maps
+    take 2 MB on the wire and ~140 MB in the notebook (64x; a 256 MB message, 16 GB).
+    Lists and maps are charged as the codec charges them, and refused past that."""
+    import asyncio
+    import struct
+
+    from distributed.protocol.utils import pack_frames
+
+    from gpunet.client import data_comm
+    from gpunet.client.data_comm import RefusedPayload
+
+    monkeypatch.setattr(data_comm, "max_message_bytes", 4 * 1024 * 1024)
+    maps = _empty_maps(2_000_000)
+    if where == "the message itself":
+        frames = [b"\x81\xa4data" + maps]  # {"data": [{}, {}, ...]}
+    else:
+        frames = [msgpack.packb({"data": {"__Serialized__": 1}}), msgpack.packb({"serializer": "msgpack", "num-sub-frames": 1}), maps]
+
+    async def send(writer, _):
+        packed = pack_frames(frames)
+        writer.stream.write(struct.pack("Q", len(packed)) + packed)
+
+    try:
+        arrived = asyncio.run(_over_a_socket_pair(send))
+    except ProviderDataError as exc:
+        assert where == "the message itself" and "lists and maps" in str(exc)
+    else:
+        assert isinstance(arrived["data"], RefusedPayload) and "lists and maps" in str(arrived["data"]), where

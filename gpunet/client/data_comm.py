@@ -115,7 +115,7 @@ def data_only_loads(frames: list[Any]) -> Any:
     def decode_default(obj: dict[Any, Any]) -> Any:
         offset = obj.get("__Serialized__", 0)
         if offset > 0:
-            header = msgpack.loads(frames[offset], object_hook=msgpack_decode_default, use_list=False, **msgpack_opts)
+            header = msgpack_within(frames[offset], msgpack_decode_default)
             count = header.get("num-sub-frames")
             if type(count) is not int or count < 0:
                 return _refused("malformed", "whose header does not say how many frames it takes")
@@ -136,6 +136,8 @@ def data_only_loads(frames: list[Any]) -> Any:
                                 "which could expand past this notebook's size cap (gpunet providers send "
                                 "uncompressed frames; a provider that compresses is not one)")
             try:
+                if "msgpack" in serializers:  # Dask's msgpack loads charges nothing: checked within the budget first
+                    _check_msgpack_parts(header, _merged(header, sub_frames))
                 return merge_and_deserialize(header, sub_frames, deserializers=DATA_SERIALIZERS)
             except Exception as exc:  # noqa: BLE001 - "error" payloads raise; nothing runs
                 return RefusedPayload(clean_text(f"a payload from the network could not be loaded ({exc}); that "
@@ -144,7 +146,43 @@ def data_only_loads(frames: list[Any]) -> Any:
             return _refused("pickled")
         return msgpack_decode_default(obj)
 
-    return msgpack.loads(frames[0], object_hook=decode_default, use_list=False, **msgpack_opts)
+    return msgpack_within(frames[0], decode_default)
+
+
+def msgpack_within(data: Any, object_hook: Any = None) -> Any:
+    """``msgpack.loads`` of ``data`` as Dask's comm decodes it (tuples, Dask's options),
+    its lists and maps charged as :func:`gpunet.codec.decode` charges them:
+    :class:`ProviderDataError` past that, before much of it is built (an empty map is one
+    byte on the wire and 64 in memory)."""
+    budget = codec.SLOT_BYTES * memoryview(data).nbytes + codec.DECODE_SLACK_BYTES
+
+    def charged(value: Any) -> Any:
+        nonlocal budget
+        budget = codec.charge_container(value, budget)
+        return value
+
+    hook = charged if object_hook is None else (lambda value: object_hook(charged(value)))
+    return msgpack.loads(data, object_hook=hook, list_hook=charged, use_list=False, **msgpack_opts)
+
+
+def _merged(header: dict[str, Any], frames: list[Any]) -> list[Any]:
+    """``frames`` merged as the header says (a layout :func:`_layout_problem` passed)."""
+    if "split-num-sub-frames" not in header:
+        return list(frames)
+    return [b"".join(frames[offset:offset + n])
+            for n, offset in zip(header["split-num-sub-frames"], header["split-offsets"])]
+
+
+def _check_msgpack_parts(header: dict[str, Any], frames: list[Any]) -> None:
+    """Decode, within the budget, every msgpack part of a payload (of a layout checked)."""
+    if "is-collection" in header:
+        start = 0
+        for part, length in zip(header["sub-headers"], header["frame-lengths"]):
+            if isinstance(part, dict):
+                _check_msgpack_parts(part, frames[start:start + length])
+            start += length
+    elif header.get("serializer") == "msgpack":
+        msgpack_within(b"".join(frames))
 
 
 def _layout_problem(header: dict[str, Any], count: int) -> str | None:
