@@ -53,6 +53,8 @@ class Connection(Protocol):
     #: whether a job's data may be scattered to one worker, for the others to fetch (not on
     #: an open network, whose providers' workers fetch nothing from each other)
     scatters: bool
+    #: whether a map's items travel several to a task (:func:`gpunet.client.submit.map_chunks`)
+    chunks_maps: bool
 
     def register_job(self, handle: Any) -> None: ...
     def forget_job(self, job_id: str) -> None: ...
@@ -213,6 +215,8 @@ class JobHandle(ABC):
         self.job = job
         self.count = count
         self.mapped = mapped
+        #: how many tasks its units travel as (fewer than ``count`` for a map sent in chunks)
+        self.tasks = count
         self.resources = resources or {}
         self.allowed_workers = allowed_workers
         self.submitted = time.monotonic()
