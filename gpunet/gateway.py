@@ -104,9 +104,6 @@ class ServedNetwork(Network):
     provider's workers (:class:`gpunet.roles.WorkerDoor`)."""
 
     scatters = False
-    #: a map's items travel several to a task (gpunet.client.submit.map_chunks): the
-    #: scheduler's and the gateway's work per item is what limits a map here
-    chunks_maps = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -53,8 +53,6 @@ class Connection(Protocol):
     #: whether a job's data may be scattered to one worker, for the others to fetch (not on
     #: an open network, whose providers' workers fetch nothing from each other)
     scatters: bool
-    #: whether a map's items travel several to a task (:func:`gpunet.client.submit.map_chunks`)
-    chunks_maps: bool
 
     def register_job(self, handle: Any) -> None: ...
     def forget_job(self, job_id: str) -> None: ...

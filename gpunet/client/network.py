@@ -174,8 +174,6 @@ class Network:
     #: whether a job's data is scattered for the workers to fetch from each other (see
     #: gpunet.client.handle.Connection)
     scatters = True
-    #: a map's items go an item a task (a gateway's sessions send several a task)
-    chunks_maps = False
     #: the gateway this network is reached through (None: a Dask client of its own)
     gateway: str | None = None
 

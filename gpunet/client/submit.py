@@ -62,18 +62,31 @@ logger = logging.getLogger(__name__)
 #: How often a paused map (see :class:`MapSlices`) tries again to hold for its next items.
 SLICE_RETRY_S = 0.5
 
-#: A map sent in chunks (:attr:`Connection.chunks_maps`) runs at most this many items in
-#: one task, and keeps at least MAP_TASKS_PER_WORKER tasks per worker so that the items
-#: still spread over every worker (a map of few long items is sent an item a task).
+#: A map's items travel in chunks, at most this many items a task (what the scheduler,
+#: and a gateway, spend per task is then shared by them), while every worker's slot still
+#: gets at least MAP_TASKS_PER_SLOT tasks, so that the items spread over every worker (a
+#: map of a few long items goes an item a task).
 MAP_CHUNK_ITEMS = 16
-MAP_TASKS_PER_WORKER = 16
+MAP_TASKS_PER_SLOT = 16
 
 
-def map_chunks(count: int, workers: int) -> list[range]:
-    """A map of ``count`` items on a network of ``workers`` workers, as the runs of items
-    that travel as one task each (:func:`gpunet.worker.runner.run_chunk`), in order."""
-    size = max(1, min(MAP_CHUNK_ITEMS, count // (MAP_TASKS_PER_WORKER * max(1, workers))))
-    return [range(start, min(count, start + size)) for start in range(0, count, size)]
+def map_chunks(count: int, slots: int) -> list[range]:
+    """A map of ``count`` items on workers with ``slots`` slots in all, as the runs of
+    items that travel as one task each (:func:`gpunet.worker.runner.run_chunk`), in
+    order, their lengths differing by one at most."""
+    size = max(1, min(MAP_CHUNK_ITEMS, count // (MAP_TASKS_PER_SLOT * max(1, slots))))
+    tasks = -(-count // size)
+    length, longer = divmod(count, tasks)
+    starts = [number * length + min(number, longer) for number in range(tasks + 1)]
+    return [range(start, stop) for start, stop in zip(starts, starts[1:])]
+
+
+def worker_slots(network: Connection, workers: list[str] | None) -> int:
+    """How many tasks the network's workers (those in ``workers``, if given) run at once."""
+    infos = network.scheduler_workers()
+    chosen = infos.values() if not workers else [infos[address] for address in workers if address in infos]
+    return sum(max(1, int((info.get("resources") or {}).get(wire.DEVICE_RESOURCE, info.get("nthreads", 1))))
+               for info in chosen)
 
 
 def function_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
@@ -220,10 +233,15 @@ class RemoteJob(JobHandle):
                                              **{**options, "workers": where})
                                for index, (blob, key, where) in enumerate(zip(blobs, keys, workers))]
                 elif chunks is not None:
-                    futures = client.map(run_chunk, [shared] * len(chunks), [blobs[run.start:run.stop] for run in chunks],
-                                         [run.start for run in chunks], [inputs] * len(chunks),
-                                         key=[f"gpunet-{job.job_id}-{run.start}-{run.stop - 1}" for run in chunks],
-                                         **options)
+                    futures = []
+                    for length in sorted({len(run) for run in chunks}, reverse=True):  # the longer come first
+                        runs = [run for run in chunks if len(run) == length]
+                        with dask.annotate(**{wire.ANNOTATION: {**annotations, "items": length}}) if annotations \
+                                else contextlib.nullcontext():  # each paid at least a credit an item
+                            futures += client.map(
+                                run_chunk, [shared] * len(runs), [blobs[run.start:run.stop] for run in runs],
+                                [run.start for run in runs], [inputs] * len(runs),
+                                key=[f"gpunet-{job.job_id}-{run.start}-{run.stop - 1}" for run in runs], **options)
                     remote.items_of = {future.key: run for future, run in zip(futures, chunks)}
                     remote.tasks = len(chunks)
                 else:
@@ -509,9 +527,9 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
                                   resources=resources, items=items, workers=workers, max_credits=max_credits,
                                   timeout=timeout, max_rate=rate)
     meter = network.meter
-    chunks = None  # several items a task, where the network wants it (not pinned per item)
-    if network.chunks_maps and items is not None and not (workers and isinstance(workers[0], list)):
-        chunks = map_chunks(len(items), len(workers) if workers else len(network.scheduler_workers()))
+    chunks = None  # several items a task, unless they are pinned to workers one by one
+    if items is not None and not (workers and isinstance(workers[0], list)):
+        chunks = map_chunks(len(items), worker_slots(network, workers))
         if len(chunks) == len(items):
             chunks = None
     if meter is None:
