@@ -148,7 +148,8 @@ def decode(data: bytes | bytearray | memoryview | Frames, *, max_bytes: int | No
     """The value :func:`encode` (or :func:`encode_frames`) made of ``data``. Never runs
     code: malformed or hostile input, or input over ``max_bytes``, raises
     :class:`ProviderDataError`. Arrays are the caller's own: writable copies, or
-    writable views of frames the caller owns (:attr:`Frames.owned`)."""
+    writable views of frames the caller owns (:attr:`Frames.owned`), the first time only:
+    decoded again, they are copies (no two values share a buffer)."""
     frames = frames_of(data)
     if frames is None and not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProviderDataError(f"{what} came back as {_type_name(data)}, not as codec bytes; it was not loaded")
@@ -159,7 +160,11 @@ def decode(data: bytes | bytearray | memoryview | Frames, *, max_bytes: int | No
     size = max_bytes if max_bytes is not None else length
     try:
         decoder = _Decoder(size + DECODE_SLACK_BYTES, SLOT_BYTES * size + DECODE_SLACK_BYTES, frames=frames)
-        return decoder.unpack(frames[0] if frames is not None else data)
+        try:
+            return decoder.unpack(frames[0] if frames is not None else data)
+        finally:
+            if frames is not None:  # its buffers are handed out once: a second decode copies them
+                frames.owned = False
     except ProviderDataError as exc:
         raise ProviderDataError(f"{what} could not be decoded ({exc}); it was not loaded") from None
     except Exception as exc:  # noqa: BLE001 - anything a stranger's bytes can make msgpack or NumPy raise

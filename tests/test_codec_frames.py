@@ -311,3 +311,17 @@ def test_a_small_message_that_decodes_to_countless_containers_is_refused(where, 
         assert where == "the message itself" and "lists and maps" in str(exc)
     else:
         assert isinstance(arrived["data"], RefusedPayload) and "lists and maps" in str(arrived["data"]), where
+
+
+def test_frames_decoded_twice_never_hand_out_one_buffer_twice():
+    """A result the notebook decodes twice (a copy compared for verification, then taken;
+    ``.result()`` asked again) must not give two values one buffer: the frames are the
+    notebook's once, and a second decode copies (nested outputs too)."""
+    frames = owned(codec.encode_frames({"x": MEGABYTE}))
+    first, second = codec.decode(frames)["x"], codec.decode(frames)["x"]
+    assert not first.flags.owndata and not np.shares_memory(first, second)
+    nested = owned(codec.encode_frames({"out": codec.encode_frames(MEGABYTE)}))
+    outputs = [codec.decode(codec.decode(nested)["out"]) for _ in range(2)]
+    assert not np.shares_memory(*outputs)
+    output = codec.decode(nested)["out"]
+    assert not np.shares_memory(codec.decode(output), codec.decode(output))
