@@ -723,3 +723,16 @@ def test_a_wheel_that_unpacks_far_past_the_cap_is_refused_before_it_is_installed
     finally:
         index.close()
     assert list((tmp_path / "envs").iterdir()) == []  # nothing of it was installed
+
+
+def test_a_download_is_cached_under_a_plain_file_name_never_a_path():
+    from gpunet.worker.environment import download_file_name
+
+    entry = {"name": "tabulate", "version": "0.9.0"}
+    url = "https://files.example/packages/ab/tabulate-0.9.0-py3-none-any.whl"
+    assert download_file_name({**entry, "url": url}) == "tabulate-0.9.0-py3-none-any.whl"
+    assert download_file_name({**entry, "url": "https://files.example/tabulate-0.9.0.tar.gz"}) == "tabulate-0.9.0.tar.gz"
+    for hostile in ("https://files.example/..%2F..%2Fetc%2Fcron.d%2Fx.whl", "https://files.example/%2Ftmp%2Fx.whl",
+                    "https://files.example/..", "https://files.example/", "https://files.example/tabulate.sh"):
+        with pytest.raises(PackageError, match="no file to download"):
+            download_file_name({**entry, "url": hostile})

@@ -142,6 +142,23 @@ def requirements_digest(requirements: dict[str, str]) -> str:
 #: A distribution's name (PEP 508): what a requirement from a notebook may name, nothing that
 #: pip could read as an option (``--index-url``, ``-r FILE``) or a path.
 NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+
+#: What a downloaded file's name may be in the shared cache: one plain name of a wheel (or an
+#: sdist, where the provider allows builds), never a path.
+DOWNLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.(whl|tar\.gz|zip)$")
+
+
+def download_file_name(entry: dict[str, Any]) -> str:
+    """The cache file name of a planned download (``entry['url']``'s last part, unquoted);
+    :class:`PackageError` when it is no plain file name: an index that served ``%2F`` or
+    ``..`` in a name must not make the worker write outside its wheel cache."""
+    name = unquote(urlparse(entry["url"]).path.rsplit("/", 1)[-1])
+    if not DOWNLOAD_NAME_RE.match(name) or ".." in name:
+        raise PackageError(f"{entry['name']} {entry['version']} has no file to download "
+                           f"(the index named it {name!r}); not installed")
+    return name
+
+
 #: At most this many requirements per job (a stranger's job: bounded like any message).
 MAX_REQUIREMENTS = 200
 
@@ -430,9 +447,7 @@ class SessionEnvironments:
         files, hits, misses, fetched = [], 0, 0, 0
         for entry in plan:
             url = entry["url"]
-            name = unquote(urlparse(url).path.rsplit("/", 1)[-1])
-            if not name:
-                raise PackageError(f"{entry['name']} {entry['version']} has no file to download")
+            name = download_file_name(entry)
             target = self.wheels / name
             if url.startswith("file:"):
                 target = Path(unquote(urlparse(url).path))
