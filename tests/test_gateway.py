@@ -8,10 +8,12 @@ unpickle something are each refused with one clear message."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,18 +48,26 @@ class Evil:
 @pytest.fixture
 def gateway_market(open_market, tmp_path):  # noqa: F811 - the fixture imported above
     """The open market of test_open_network.py, with `gpunet gateway` in front of it."""
-    ca = open_market["ca"]
-    for process in open_market["processes"]:  # read what they log, or a full pipe would stop them
+    with gateway_in_front(open_market, "--max-job-bytes", str(MAX_JOB_BYTES), "--max-body-bytes",
+                          str(MAX_BODY_BYTES), "--submit-burst", "40", "--submits-per-second", "0.1") as market:
+        yield market
+
+
+@contextlib.contextmanager
+def gateway_in_front(market: dict, *args: str) -> Iterator[dict]:
+    """`gpunet gateway ARGS` in front of an open market (test_open_network.py's), stopped
+    after; the market with its ``url``, ``gateway`` process and ``ca_file``."""
+    ca = market["ca"]
+    for process in market["processes"]:  # read what they log, or a full pipe would stop them
         threading.Thread(target=process.stdout.read, daemon=True).start()
-    gateway = start(["gateway", open_market["address"], "--credits", open_market["service"].url, "--port", "0",
+    gateway = start(["gateway", market["address"], "--credits", market["service"].url, "--port", "0",
                      "--tls-ca-file", str(ca / "ca.pem"), "--tls-cert", str(ca / "gateway-gw.pem"),
-                     "--tls-key", str(ca / "gateway-gw-key.pem"), "--max-job-bytes", str(MAX_JOB_BYTES),
-                     "--max-body-bytes", str(MAX_BODY_BYTES), "--submit-burst", "40", "--submits-per-second", "0.1"])
+                     "--tls-key", str(ca / "gateway-gw-key.pem"), *args])
     said: list[str] = []
     try:
         url = expect(gateway, r"gateway: (https://127\.0\.0\.1:\d+)").group(1)
         threading.Thread(target=lambda: said.extend(gateway.stdout), daemon=True).start()
-        yield {**open_market, "url": url, "gateway": gateway, "ca_file": str(ca / "ca.pem")}
+        yield {**market, "url": url, "gateway": gateway, "ca_file": str(ca / "ca.pem")}
     finally:
         stop(gateway)
         assert "Traceback" not in "".join(said), "".join(said)

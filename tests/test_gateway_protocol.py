@@ -110,3 +110,37 @@ def test_connecting_to_a_gateway_needs_a_token_and_its_ca(monkeypatch, tmp_path)
         gpunet.connect("https://gw.example:8788", token="t", credits="http://127.0.0.1:1")
     with pytest.raises(GpunetError, match="only to an https:// address"):
         gpunet.connect("tcp://127.0.0.1:1", ca=str(tmp_path / "ca.pem"))
+
+
+def test_a_jobs_packages_are_names_and_versions_checked_as_a_worker_checks_them():
+    from gpunet.gateway import environment_from
+
+    sent = environment_from({"environment": {"requirements": {"Tabulate": "==0.9.0"}, "gpu_build": True,
+                                             "sources": {"tabulate": "import tabulate", "other": "x"}}})
+    assert sent.requirements == {"tabulate": "==0.9.0"} and sent.gpu_build
+    assert sent.sources == {"tabulate": "import tabulate"}
+    assert environment_from({}).requirements == {}
+    for bad, message in (({"requirements": {"--index-url": "==1"}}, "is not a distribution's name"),
+                         ({"requirements": {"x": "==1 --extra-index-url=http://evil"}}, "is not a version specifier"),
+                         ({"requirements": {}, "gpu_build": "yes"}, "gpu_build must be true or false"),
+                         ({"requirements": {}, "sources": {"x": 1}}, "sources must be"), ("numpy", "environment")):
+        with pytest.raises(GatewayError, match=message) as refused:
+            environment_from({"environment": bad})
+        assert refused.value.status == 422
+
+
+def test_the_gateways_reuse_key_is_the_accounts_and_the_bytes_it_received():
+    from gpunet.reuse import gateway_reuse_key
+    from gpunet.wire import Pickled
+
+    job, options = job_from(cell_spec(), "t", GatewayLimits())
+    same, _ = job_from(cell_spec(), "t", GatewayLimits())
+    key = gateway_reuse_key("carol", job, None, {})
+    assert key == gateway_reuse_key("carol", same, None, {})  # another job id, the same code and bytes
+    assert key != gateway_reuse_key("dave", job, None, {})  # another account never finds carol's
+    assert key != gateway_reuse_key("carol", job, None, {"tabulate": "==0.9.0"})
+    other, _ = job_from(cell_spec(inputs={"x": pickle.dumps(2)}), "t", GatewayLimits())
+    assert key != gateway_reuse_key("carol", other, None, {})
+    assert gateway_reuse_key("carol", job, [b"ab", b"c"], {}) != gateway_reuse_key("carol", job, [b"a", b"bc"], {})
+    split = Pickled(b"a", [b"bc"], (False,))
+    assert gateway_reuse_key("carol", job, [split], {}) != gateway_reuse_key("carol", job, [b"abc"], {})
