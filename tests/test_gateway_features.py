@@ -56,6 +56,27 @@ def _connect(market, who="carol", **options):
     return gpunet.connect(market["url"], token=market["tokens"][who], ca=market["ca_file"], budget=5_000, **options)
 
 
+def test_the_magics_through_the_gateway(packaged_gateway, detached, shell, tmp_path, capsys):
+    market = packaged_gateway
+    token_file = tmp_path / "carol.token"
+    token_file.write_text(market["tokens"]["carol"])
+    shell.run_line_magic("gpunet", f"connect {market['url']} --token-file {token_file} --ca {market['ca_file']} "
+                                   f'--budget 500 --pip "{PACKAGE}=={VERSION}"')
+    try:
+        shell.run_cell_magic("gpunet", "--quiet --timeout 120", f"import {PACKAGE}\nv = {PACKAGE}.__version__\n")
+        assert shell.user_ns["v"] == VERSION
+        usage = shell.run_line_magic("gpunet", "usage")
+        try:
+            assert "spent" in str(usage) and "alice" in str(usage)  # the provider that has the package ran it
+        finally:
+            usage.close()
+        receipt = shell.run_line_magic("gpunet", "receipt")
+        assert receipt.receipt["session"]["session"] == gpunet.current().session
+        assert f"asks for {PACKAGE}=={VERSION}" in repr(shell.run_line_magic("gpunet", "env"))
+    finally:
+        shell.run_line_magic("gpunet", "disconnect")
+
+
 def test_usage_and_receipt_through_the_gateway_are_the_notebooks_own(packaged_gateway, detached):
     market = packaged_gateway
     with _connect(market) as net:
