@@ -113,7 +113,7 @@ class ServedNetwork(Network):
         self.relays: dict[str, Relay] = {}
         #: each job's packages as its notebook resolved them (the gateway's own environment is not the notebook's)
         self.environments: dict[str, packages.CellEnvironment] = {}
-        #: jobs whose notebook lets a verified result be reused (gpunet.reuse: --verify without --no-reuse)
+        #: verified cells whose notebook lets a kept result answer them (gpunet.reuse: not --no-reuse)
         self.reuse_asked: set[str] = set()
 
     def environment_of(self, job: Job, pip: Any = ()) -> packages.CellEnvironment:
@@ -473,7 +473,7 @@ class Gateway:
             wait_s = network.timeout_for(options["timeout"], count=count, max_credits=options["max_credits"],
                                          max_rate=options["max_rate"])
             key = reuse_key_for(session, job, options)
-            if key is not None and answered_from_reuse(network, job, key, relay):
+            if key is not None and job.job_id in network.reuse_asked and answered_from_reuse(network, job, key, relay):
                 return
             remote = network.submit(job, **options)
             session.jobs[job.job_id] = remote
@@ -658,14 +658,14 @@ def environment_from(spec: dict[str, Any]) -> packages.CellEnvironment:
 
 
 def reuse_key_for(session: ClientSession, job: Job, options: dict[str, Any]) -> str | None:
-    """The reuse key of a verified job whose notebook lets it be reused (None otherwise):
-    computed here from what the notebook sent (:func:`gpunet.reuse.gateway_reuse_key`), for
-    this session's account only."""
-    network = session.network
-    if job.job_id not in network.reuse_asked:
+    """The reuse key of a verified cell (None for any other job): computed here from what
+    the notebook sent (:func:`gpunet.reuse.gateway_reuse_key`), for this session's account
+    only. Its verified result is kept under it, and looked up where the notebook lets it be
+    reused (not ``--no-reuse``), as a direct network's notebook does."""
+    if job.code is None or not Policy.parse(options["verify"]).active:
         return None
     items = None if options["items"] is None else [item.blob for item in options["items"]]
-    return gateway_reuse_key(session.account, job, items, network.environment_of(job).requirements)
+    return gateway_reuse_key(session.account, job, items, session.network.environment_of(job).requirements)
 
 
 def answered_from_reuse(network: ServedNetwork, job: Job, key: str, relay: Relay) -> bool:

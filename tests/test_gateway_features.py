@@ -133,6 +133,8 @@ def test_a_verified_result_is_reused_for_the_same_account_only(packaged_gateway,
         fresh: dict = {"n": 1000}  # --no-reuse: computed again
         net.run_cell(code, fresh, verify="replicate:2", timeout=120, quiet=True, reuse=False)
         assert "reused" not in capsys.readouterr().out
+        assert net.run(lambda n: sum(range(n)) * 3, 1000, verify="replicate:2", timeout=120) == 1498500
+        assert "reused" not in capsys.readouterr().out  # net.run is never answered from the table
     with _connect(market, "dave") as his:  # the same code and inputs from another account: computed
         theirs: dict = {"n": 1000}
         record = his.run_cell(code, theirs, verify="replicate:2", timeout=120, quiet=True).provenance
