@@ -80,6 +80,8 @@ MAX_ITEMS = 100_000
 MAX_CODE_CHARS = 1024 * 1024
 #: The longest --timeout a job may ask for (seconds).
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+#: Per session: reads that wait for its settlements (usage, receipt) at once.
+WAITING_READS = 2
 #: How often a job's progress is sent while nothing else happens.
 PROGRESS_EVERY_S = 1.0
 #: The Dask resources a job may ask for.
@@ -236,8 +238,8 @@ class Gateway:
         self._buckets: dict[str, TokenBucket] = {}
         #: sessions being opened (connecting to the scheduler), by account
         self._opening: dict[str, int] = {}
-        #: sessions with a read that waits for settlements in flight (one each)
-        self._waiting: set[str] = set()
+        #: reads that wait for settlements in flight, by session
+        self._waiting: dict[str, int] = {}
         self._lock = threading.Lock()
 
     # -- who is asking ---------------------------------------------------------------
@@ -408,17 +410,20 @@ class Gateway:
         return answer(await asyncio.to_thread(network.environment_reports, fresh=True))
 
     async def _waiting_once(self, request: Any, read: Callable[[], Any]) -> Any:
-        """``read()`` off the event loop, at most one at a time per session: each may wait
-        seconds for settlements, so a notebook asking many at once gets 429."""
+        """``read()`` off the event loop, at most :data:`WAITING_READS` at a time per session
+        (a live ``%gpunet usage`` and a ``%gpunet receipt``): each may wait seconds for
+        settlements, so a notebook asking many at once gets 429."""
         sid = request.path_params["sid"]
-        if sid in self._waiting:
-            raise GatewayError("this session already waits for its settlements (%gpunet usage or receipt); ask "
-                               "again when that answered", status=429, code="busy")
-        self._waiting.add(sid)
+        if self._waiting.get(sid, 0) >= WAITING_READS:
+            raise GatewayError(f"this session already waits for its settlements {WAITING_READS} times (%gpunet usage "
+                               "or receipt); ask again when those answered", status=429, code="busy")
+        self._waiting[sid] = self._waiting.get(sid, 0) + 1
         try:
             return await asyncio.to_thread(read)
         finally:
-            self._waiting.discard(sid)
+            self._waiting[sid] -= 1
+            if not self._waiting[sid]:
+                del self._waiting[sid]
 
     async def providers(self, request: Any) -> Any:
         """GET /v1/sessions/{sid}/providers: the providers' trust records."""

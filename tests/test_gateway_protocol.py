@@ -144,3 +144,30 @@ def test_the_gateways_reuse_key_is_the_accounts_and_the_bytes_it_received():
     assert gateway_reuse_key("carol", job, [b"ab", b"c"], {}) != gateway_reuse_key("carol", job, [b"a", b"bc"], {})
     split = Pickled(b"a", [b"bc"], (False,))
     assert gateway_reuse_key("carol", job, [split], {}) != gateway_reuse_key("carol", job, [b"abc"], {})
+
+
+def test_reads_that_wait_for_settlements_are_bounded_per_session():
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from gpunet.gateway import WAITING_READS, Gateway
+
+    gateway = Gateway("tls://127.0.0.1:1", "http://127.0.0.1:1")
+    request = SimpleNamespace(path_params={"sid": "s"})
+    release = threading.Event()
+
+    async def ask_many():
+        reads = [asyncio.create_task(gateway._waiting_once(request, lambda: release.wait(30))) for _ in
+                 range(WAITING_READS)]
+        while gateway._waiting.get("s", 0) < WAITING_READS:
+            await asyncio.sleep(0.01)
+        with pytest.raises(GatewayError, match="already waits for its settlements") as busy:
+            await gateway._waiting_once(request, lambda: True)
+        other = await gateway._waiting_once(SimpleNamespace(path_params={"sid": "t"}), lambda: "another session")
+        release.set()
+        return busy.value.status, other, await asyncio.gather(*reads)
+
+    status, other, answered = asyncio.run(ask_many())
+    assert status == 429 and other == "another session" and answered == [True] * WAITING_READS
+    assert gateway._waiting == {}
