@@ -654,12 +654,14 @@ def environment_from(spec: dict[str, Any]) -> packages.CellEnvironment:
     except PackageError as exc:
         raise GatewayError(f"the job's environment: {exc}; send what gpunet's notebook side sends (--pip "
                            "\"name==version\")", status=422, code="invalid") from None
-    sources = sent.get("sources") or {}
-    if not isinstance(sources, dict) or not all(isinstance(name, str) and isinstance(text, str) and len(text) <= 200
-                                                for name, text in sources.items()):
-        raise _bad("environment's sources", "a map of names to short texts")
+    sources, gpu_packages = sent.get("sources") or {}, sent.get("gpu_packages") or {}
+    for name, value in (("sources", sources), ("gpu_packages", gpu_packages)):
+        if not isinstance(value, dict) or len(value) > 1000 or not all(
+                isinstance(key, str) and isinstance(text, str) and len(key) <= 200 and len(text) <= 200
+                for key, text in value.items()):
+            raise _bad(f"environment's {name}", "a map of names to short texts")
     return packages.CellEnvironment(requirements, {name: sources[name] for name in requirements if name in sources},
-                                    _flag(sent, "gpu_build"))
+                                    _flag(sent, "gpu_build") or bool(gpu_packages), dict(gpu_packages))
 
 
 def reuse_key_for(session: ClientSession, job: Job, options: dict[str, Any]) -> str | None:

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 import gpunet
-from gpunet.client.gateway_link import sse_events, unpack
+from gpunet.client.gateway_link import unpack
 from gpunet.credits import ForbiddenError, verify_service
 from gpunet.errors import GatewayError, PackageError
 from gpunet.ui.environment import SessionEnvironment
@@ -164,13 +164,8 @@ def test_a_cells_packages_place_it_through_the_gateway(packaged_gateway, detache
                           {"code": "x = 1", "environment": {"requirements": {"--index-url": "==1"}}})
         assert bad.value.status == 422
         # a GPU build where no provider has a GPU: refused before anything is sent, saying so
-        answer = net.link.request("POST", f"/sessions/{net.gateway_session}/jobs", {
-            "code": "x = 1", "environment": {"requirements": {PACKAGE: f"=={VERSION}"}, "gpu_build": True}},
-            stream=True)
-        event, data = next(sse_events(answer.iter_lines(chunk_size=None)))
-        answer.close()
-        assert event == "error" and data["type"] == "PackageError"
-        assert "providers with a GPU: none" in data["message"] and "Nothing was sent" in data["message"]
+        with pytest.raises(PackageError, match=r"no provider with a GPU can run it(.|\n)*Nothing was sent"):
+            net.run_cell("x = 1\n", {}, timeout=180, quiet=True, pip=["jax[cuda12]"])
         # alice leaves: bob installs it for this session, once, then reuses it
         stop(next(p for p in market["processes"] if "alice" in " ".join(p.args)))
         deadline = time.monotonic() + WAIT_S

@@ -119,11 +119,14 @@ def test_a_jobs_packages_are_names_and_versions_checked_as_a_worker_checks_them(
                                              "sources": {"tabulate": "import tabulate", "other": "x"}}})
     assert sent.requirements == {"tabulate": "==0.9.0"} and sent.gpu_build
     assert sent.sources == {"tabulate": "import tabulate"}
+    gpu = environment_from({"environment": {"requirements": {"jax": ""}, "gpu_packages": {"jax[cuda12]": "--pip"}}})
+    assert gpu.gpu_build and gpu.gpu_packages == {"jax[cuda12]": "--pip"}
     assert environment_from({}).requirements == {}
     for bad, message in (({"requirements": {"--index-url": "==1"}}, "is not a distribution's name"),
                          ({"requirements": {"x": "==1 --extra-index-url=http://evil"}}, "is not a version specifier"),
                          ({"requirements": {}, "gpu_build": "yes"}, "gpu_build must be true or false"),
-                         ({"requirements": {}, "sources": {"x": 1}}, "sources must be"), ("numpy", "environment")):
+                         ({"requirements": {}, "sources": {"x": 1}}, "sources must be"),
+                         ({"requirements": {}, "gpu_packages": ["jax"]}, "gpu_packages must be"), ("numpy", "environment")):
         with pytest.raises(GatewayError, match=message) as refused:
             environment_from({"environment": bad})
         assert refused.value.status == 422

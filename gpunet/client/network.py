@@ -785,7 +785,7 @@ class GatewayNetwork(Network):
         self.sent_requirements.update(environment.requirements)
         job.requirements = dict(environment.requirements)  # what its provenance record says it asked for
         body["environment"] = {"requirements": environment.requirements, "sources": environment.sources,
-                               "gpu_build": environment.gpu_build}
+                               "gpu_build": environment.gpu_build, "gpu_packages": environment.gpu_packages}
         body["reuse"] = reuse and reuse_allowed()
         answer = self.link.request("POST", f"/sessions/{self.gateway_session}/jobs", body, stream=True,
                                    timeout=None if timeout is None else timeout + REQUEST_TIMEOUT_S)

@@ -10,9 +10,12 @@ result's fields (whose outputs stay pickles only the notebook opens); live event
 relayed only to the job's own topic, within the job's output-text cap.
 
 - One sandbox per notebook session (``Job.session``, a secret of the notebook's
-  connection; the pool keys sandboxes by its SHA-256), never shared between sessions;
-  it stays warm between the session's cells (modules such as JAX are imported once)
-  and ends when the session closes (:func:`gpunet.worker.runner.end_session`), after
+  connection; the pool keys sandboxes by its SHA-256) and environment it runs with (the
+  session's own ``site-packages``, :mod:`gpunet.worker.environment`; at most
+  :data:`SANDBOXES_PER_SESSION`), never shared between sessions; it stays warm between
+  the session's cells (modules such as JAX are imported once; cells that alternate
+  between environments switch between the session's warm sandboxes) and ends when the
+  session closes (:func:`gpunet.worker.runner.end_session`), after
   ``idle_seconds`` without a cell, or when the worker ends. A job with no session gets
   a sandbox of its own. A warm spare is started ahead, so a session's first cell does
   not wait for a process to start.
@@ -101,6 +104,10 @@ KEPT_ENV_PREFIXES = ("LC_", "JAX_", "XLA_", "TF_CPP_", "NVIDIA_DRIVER_", "CUDA_M
 ROOT_SANDBOX_UID_BASE = 100_000
 #: Sandboxes a worker keeps at once, at most (the hard cap; settings may lower it).
 MOST_SANDBOXES = 64
+#: Warm sandboxes one session keeps, one per environment its cells ran with (the least
+#: recently used beyond this ends): cells that alternate between environments switch
+#: sandboxes instead of starting one.
+SANDBOXES_PER_SESSION = 3
 #: One live event a sandbox relays, at most (output chunks and small results are far below).
 EVENT_MAX_BYTES = 256 * 1024
 #: A frame from a sandbox of a job that trusts its providers (PICKLE), at most.
@@ -499,7 +506,9 @@ class SandboxPool:
     def __init__(self, settings: SandboxSettings, device_env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.device_env = dict(device_env or {})
+        #: each session's current sandbox, and its others (of other environments), kept warm
         self.sessions: dict[str, Sandbox] = {}
+        self.others: dict[str, list[Sandbox]] = {}
         #: every sandbox in use: the sessions' and those of jobs with no session
         self.in_use: set[Sandbox] = set()
         self.lock = threading.Lock()
@@ -516,9 +525,10 @@ class SandboxPool:
             prepared: PreparedEnvironment | None = None, environment: dict[str, Any] | None = None) -> JobResult | bytes:
         """Run ``job`` in its session's sandbox (a fresh one for a job with no session).
         ``prepared``: the session's own environment (the worker built it), whose
-        ``site-packages`` the sandbox puts before the worker's; a session's sandbox that
-        runs with another is replaced; a job that asks for no packages (no ``environment``)
-        takes the session's sandbox as it is. ``environment``: its account, for the result."""
+        ``site-packages`` the sandbox puts before the worker's; a session keeps a warm
+        sandbox per environment (at most :data:`SANDBOXES_PER_SESSION`); a job that asks
+        for no packages (no ``environment``) takes the session's current sandbox as it is.
+        ``environment``: its account, for the result."""
         if runner.was_stopped(job.job_id):
             return runner.error_result(job, index, address, device, time.time(), INTERRUPTED, "stopped before it started")
         digest = None if job.session is None else session_digest(job.session)
@@ -539,11 +549,11 @@ class SandboxPool:
     def end_session(self, digest: str) -> bool:
         """End the sandbox of the session whose digest is ``digest`` (its notebook closed)."""
         with self.lock:
-            sandbox = self.sessions.pop(digest, None)
-        if sandbox is None:
-            return False
-        self._end(sandbox, "its session closed")
-        return True
+            sandboxes = [*([self.sessions.pop(digest)] if digest in self.sessions else []),
+                         *self.others.pop(digest, [])]
+        for sandbox in sandboxes:
+            self._end(sandbox, "its session closed")
+        return bool(sandboxes)
 
     def close(self) -> None:
         """End every sandbox (the worker is closing)."""
@@ -551,6 +561,7 @@ class SandboxPool:
         with self.lock:
             sandboxes = list(self.in_use)
             self.sessions.clear()
+            self.others.clear()
             spare, self.spare = self.spare, None
         if spare is not None:
             sandboxes.append(spare.result())
@@ -577,20 +588,35 @@ class SandboxPool:
 
     def _sandbox_for(self, digest: str | None, settings: SandboxSettings | None) -> tuple[Sandbox, bool]:
         """The sandbox for a job of the session ``digest`` that runs with ``settings``
-        (None: any), and whether it is kept for the session (False: it ends with the job)."""
+        (None: any), and whether it is kept for the session (False: it ends with the job).
+        A session's sandbox of other settings, idle, is set aside warm (its cells may
+        come back to it), at most :data:`SANDBOXES_PER_SESSION` per session."""
+        evicted: list[Sandbox] = []
         with self.lock:
             sandbox = self.sessions.get(digest) if digest is not None else None
             if sandbox is not None and sandbox.ended is None and settings in (None, sandbox.settings):
                 sandbox.last_used = time.monotonic()
                 return sandbox, True
+            aside = self.others.get(digest, []) if digest is not None else []
+            warm = next((other for other in aside if other.ended is None and other.settings == settings), None)
             if sandbox is not None and sandbox.ended is None and sandbox.busy:
                 digest = None  # another environment while a cell runs there: a sandbox for this job alone
+            elif warm is not None:  # the session's sandbox of this environment: no start
+                aside.remove(warm)
+                evicted += self._set_aside_locked(digest, self.sessions.pop(digest, None))
+                self.sessions[digest] = warm
+                warm.last_used = time.monotonic()
+        if warm is not None and digest is not None:
+            for old in evicted:
+                self._end(old, "its session keeps its more recently used environments")
+            return warm, True
+        with self.lock:
             spare = None
             if settings in (None, self.settings):  # the spare was started with the pool's settings
                 spare, self.spare = self.spare, None
-            evicted = self._make_room_locked()
             if digest is not None and digest in self.sessions:  # it ended (a limit) or has another environment
-                evicted.append(self.sessions.pop(digest))
+                evicted += self._set_aside_locked(digest, self.sessions.pop(digest))
+            evicted += self._make_room_locked()
         for old in evicted:
             self._end(old, "the worker needed room for another session")
         sandbox = spare.result() if spare is not None else None
@@ -605,11 +631,34 @@ class SandboxPool:
         self._start_spare()
         return sandbox, digest is not None
 
+    def _set_aside_locked(self, digest: str, sandbox: Sandbox | None) -> list[Sandbox]:
+        """Keep ``sandbox`` (the session's, of other settings) warm beside the session's
+        current one; those to end: an ended one, and the least recently used beyond
+        :data:`SANDBOXES_PER_SESSION`."""
+        if sandbox is None:
+            return []
+        if sandbox.ended is not None:
+            return [sandbox]
+        aside = self.others.setdefault(digest, [])
+        aside.append(sandbox)
+        aside.sort(key=lambda other: other.last_used)
+        ending = aside[:max(0, len(aside) - (SANDBOXES_PER_SESSION - 1))]
+        del aside[:len(ending)]
+        return ending
+
     def _make_room_locked(self) -> list[Sandbox]:
+        """End idle sandboxes, the least recently used first (set-aside ones before any
+        session's current one), until there is room for one more."""
         most = min(self.settings.most_sandboxes, MOST_SANDBOXES - 2)
         evicted = []
+        kept = len(self.sessions) + sum(map(len, self.others.values()))
+        for digest, aside in list(self.others.items()):
+            while aside and kept - len(evicted) >= most:
+                evicted.append(aside.pop(0))
+            if not aside:
+                del self.others[digest]
         for digest, sandbox in sorted(self.sessions.items(), key=lambda entry: entry[1].last_used):
-            if len(self.sessions) < most:
+            if kept - len(evicted) < most:
                 break
             if sandbox.ended is not None or not sandbox.busy:
                 evicted.append(self.sessions.pop(digest))
@@ -637,6 +686,12 @@ class SandboxPool:
                 idle = [digest for digest, sandbox in self.sessions.items() if sandbox.ended is not None
                         or (not sandbox.busy and now - sandbox.last_used > self.settings.idle_seconds)]
                 ending = [self.sessions.pop(digest) for digest in idle]
+                for digest, aside in list(self.others.items()):
+                    ending += [sandbox for sandbox in aside if sandbox.ended is not None
+                               or now - sandbox.last_used > self.settings.idle_seconds]
+                    aside[:] = [sandbox for sandbox in aside if sandbox not in ending]
+                    if not aside:
+                        del self.others[digest]
             for sandbox in ending:
                 self._end(sandbox, "idle")
 
