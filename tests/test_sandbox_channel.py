@@ -131,6 +131,40 @@ def test_a_process_a_cell_detaches_ends_with_its_sandbox():
         background.shutdown(wait=False)
 
 
+def test_a_codec_result_leaves_the_sandbox_in_frames_its_array_unjoined():
+    isolation = BUBBLEWRAP if bubblewrap_works() else PROCESS
+    sandboxes = SandboxPool(SandboxSettings(isolation=isolation, memory_bytes=1024 * 2**20, idle_seconds=60))
+    try:
+        job = Job(job_id=uuid.uuid4().hex, code="import numpy as np\nx = np.arange(250_000.0)", outputs=("x",),
+                  result_format=CODEC, session=uuid.uuid4().hex)
+        result = sandboxes.run(job, None, None, None, "local", "cpu")
+        assert isinstance(result, codec.Frames) and 2_000_000 in [memoryview(f).nbytes for f in result]
+        back = result_from_event(codec.decode(result))
+        assert back.error is None, back.error
+        assert codec.load(back.outputs["x"], CODEC, what="output 'x'").sum() == sum(range(250_000))
+    finally:
+        sandboxes.close()
+
+
+# A cell that says, on its sandbox's channel, that its result comes in more frames than any may.
+FORGED_FRAME_COUNT = """
+import struct, sys, msgpack
+frame = sys._getframe()
+while 'key' not in frame.f_locals:
+    frame = frame.f_back
+key, channel = frame.f_locals['key'], frame.f_locals['channel']
+with channel.send_lock:
+    head = msgpack.packb(['result', key, 'codec', 10**9])
+    channel.sock.sendall(struct.pack('>I', len(head)) + head)
+"""
+
+
+def test_a_result_in_more_frames_than_allowed_is_refused(pool):
+    job = Job(job_id=uuid.uuid4().hex, code=FORGED_FRAME_COUNT, result_format=CODEC, session=uuid.uuid4().hex)
+    result = result_from_event(codec.decode(pool.run(job, None, None, None, "local", "cpu")))
+    assert result.error["ename"] == "SandboxEnded" and "1000000000 frames" in result.error["evalue"], result.error
+
+
 def test_cells_that_alternate_between_environments_switch_warm_sandboxes(pool, tmp_path):
     from gpunet.worker.environment import PreparedEnvironment
     from gpunet.worker.sandbox import SANDBOXES_PER_SESSION

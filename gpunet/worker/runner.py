@@ -322,7 +322,7 @@ def _current_worker() -> Any:
 
 def run_job(
     job: Job, item: bytes | None = None, index: int | None = None, inputs: dict[str, bytes] | None = None
-) -> JobResult | bytes:
+) -> JobResult | codec.Frames:
     """Run ``job`` in this worker thread and return its result (never raises for
     the job's own errors: they travel back in ``JobResult.error``).
 
@@ -332,6 +332,8 @@ def run_job(
     if inputs is not None:
         job = dataclasses.replace(job, inputs=inputs)
     worker = _current_worker()
+    if worker is not None and job.result_format == CODEC:
+        codec.register_with_dask()  # its result leaves this worker as Dask frames (not in a sandbox: no Dask there)
     address = getattr(worker, "address", "local")
     # outside a worker (tests, debugging) this process's device
     device = (describe_this_device() if worker is None else device_info(worker))["label"]
@@ -347,6 +349,21 @@ def run_job(
     except InstallStopped as exc:
         return error_result(job, index, address, device, started, INTERRUPTED, str(exc))
     return _job_host.run(job, item, index, worker, address, device, prepared, environment)
+
+
+def run_chunk(job: Job, items: list[bytes], start: int,
+              inputs: dict[str, bytes] | None = None) -> list[JobResult | bytes] | bytes:
+    """Run items ``start``, ``start + 1``, ... (``items``) of a mapped job one after another
+    in this worker thread: one Dask task for several items, each run as :func:`run_job`
+    runs one (its own index, output, error and stop). Their results in order: a list, or
+    for a CODEC job the codec bytes of the list of each item's codec bytes, which the
+    notebook checks item by item (:func:`gpunet.client.received.accept_chunk`)."""
+    if inputs is not None:
+        job = dataclasses.replace(job, inputs=inputs)
+    results = [run_job(job, item, start + offset) for offset, item in enumerate(items)]
+    if job.result_format == CODEC:
+        return codec.encode(results, name="the results of a map's chunk")
+    return results
 
 
 def error_result(job: Job, index: int | None, address: str, device: str, started: float, ename: str,
@@ -406,8 +423,9 @@ def execute_job(job: Job, item: bytes | None, index: int | None, worker: Any, ad
     return result
 
 
-def encode_result(result: JobResult, max_bytes: int) -> bytes:
-    """A CODEC job's result as codec bytes: displays the codec cannot carry are left
+def encode_result(result: JobResult, max_bytes: int) -> codec.Frames:
+    """A CODEC job's result as codec frames (its outputs' arrays travel as frames of
+    their own, never copied into one blob): displays the codec cannot carry are left
     out (saying so in its stderr); a result over ``max_bytes`` is replaced by its
     TOO_LARGE error, so that nothing of it travels."""
     result.result_format = CODEC
@@ -420,13 +438,14 @@ def encode_result(result: JobResult, max_bytes: int) -> bytes:
             result.streams.append((len(result.streams) + 1, "stderr",
                                    f"[gpunet: a display of {sorted(bundle[0])} could not travel as data]\n"))
     result.displays = kept
-    blob = codec.encode(result_to_event(result))
-    if len(blob) <= max_bytes:
-        return blob
+    frames = codec.encode_frames(result_to_event(result))
+    size = frames.nbytes
+    if size <= max_bytes:
+        return frames
     too_large = dataclasses.replace(result, outputs={}, value=None, streams=[], displays=[], unpicklable_outputs=[],
-                                    error={"ename": TOO_LARGE, "evalue": f"its result is {len(blob):,} bytes, over "
+                                    error={"ename": TOO_LARGE, "evalue": f"its result is {size:,} bytes, over "
                                            f"its cap of {max_bytes:,} bytes", "traceback": "", "exception": None})
-    return codec.encode(result_to_event(too_large))
+    return codec.encode_frames(result_to_event(too_large))
 
 
 def prepare_environment(job: Job, worker: Any,

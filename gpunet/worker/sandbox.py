@@ -70,6 +70,7 @@ from typing import Any
 import cloudpickle
 import msgpack
 
+from gpunet import codec
 from gpunet.errors import GpunetError
 from gpunet.paths import data_dir
 from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, flat_result, result_from_event, result_to_event,
@@ -112,6 +113,9 @@ SANDBOXES_PER_SESSION = 3
 EVENT_MAX_BYTES = 256 * 1024
 #: A frame from a sandbox of a job that trusts its providers (PICKLE), at most.
 TRUSTED_FRAME_MAX_BYTES = 2**32 - 1
+#: The most frames a CODEC result may come out of the sandbox in (its head, then one per
+#: large array: :func:`gpunet.codec.encode_frames`).
+MAX_RESULT_FRAMES = 100_000
 #: How long a sandbox may take to start (import gpunet's runner) before it counts as failed.
 START_TIMEOUT_S = 120.0
 
@@ -237,7 +241,7 @@ class _Channel:
                 self.sock.sendall(_FRAME_HEADER.pack(len(frame)))
                 self.sock.sendall(frame)
 
-    def receive(self, max_bytes: int) -> bytes | None:
+    def receive(self, max_bytes: int) -> bytearray | None:
         """The next frame, None at the end; ValueError for one over ``max_bytes``."""
         header = self._exactly(_FRAME_HEADER.size)
         if header is None:
@@ -247,8 +251,8 @@ class _Channel:
             raise ValueError(f"a frame of {size:,} bytes, over {max_bytes:,}")
         return self._exactly(size)
 
-    def _exactly(self, size: int) -> bytes | None:
-        buffer = bytearray(size)
+    def _exactly(self, size: int) -> bytearray | None:
+        buffer = bytearray(size)  # returned as it is: a result's frame is not copied again
         view = memoryview(buffer)
         got = 0
         while got < size:
@@ -256,7 +260,7 @@ class _Channel:
             if count == 0:
                 return None
             got += count
-        return bytes(buffer)
+        return buffer
 
 
 # -- the worker's side -------------------------------------------------------------------------
@@ -415,7 +419,7 @@ class Sandbox:
                 elif kind == "event":
                     self._relay(str(message[1]), message[2], message[3], len(frame))
                 elif kind == "result":
-                    self._result(str(message[1]), str(message[2]))
+                    self._result(str(message[1]), str(message[2]), message[3] if len(message) > 3 else 1)
                 elif kind == "failed":
                     waiting = self.waiting.get(str(message[1]))
                     if waiting is not None:
@@ -439,7 +443,7 @@ class Sandbox:
         if waiting.worker is not None:
             waiting.worker.log_event(topic, event)
 
-    def _result(self, key: str, result_format: str) -> None:
+    def _result(self, key: str, result_format: str, count: Any) -> None:
         waiting = self.waiting.get(key)
         if waiting is None:
             raise ValueError("a result for no job of its own")
@@ -447,13 +451,20 @@ class Sandbox:
         # the job's cap is the notebook's to choose (the cell's author): the worker's own
         # ceiling is what the sandbox could have built within its memory limit
         ceiling = min(TRUSTED_FRAME_MAX_BYTES, self.settings.memory_bytes or TRUSTED_FRAME_MAX_BYTES)
-        payload = self.channel.receive(min(ceiling, TRUSTED_FRAME_MAX_BYTES if trusted
-                                           else waiting.job.max_result_bytes + 1024))
-        if payload is None:
-            raise ValueError("a result cut short")
+        allowed = min(ceiling, TRUSTED_FRAME_MAX_BYTES if trusted else waiting.job.max_result_bytes + 1024)
+        if type(count) is not int or not 1 <= count <= (MAX_RESULT_FRAMES if result_format == CODEC else 1):
+            raise ValueError(f"a result in {count!r} frames")
+        frames = []
+        for _ in range(count):  # all of them within the one cap
+            payload = self.channel.receive(allowed)
+            if payload is None:
+                raise ValueError("a result cut short")
+            allowed -= len(payload)
+            frames.append(payload)
         if result_format == CODEC and not trusted:
-            waiting.answers.put(("result", payload))  # passed on as it came: the notebook decodes it
+            waiting.answers.put(("result", codec.Frames(frames)))  # passed on as it came: the notebook decodes it
             return
+        payload = frames[0]
         if result_format != "fields" or not trusted:
             raise ValueError(f"a result as {result_format!r}")
         waiting.answers.put(("result", result_from_event(msgpack.unpackb(payload, raw=False))))
@@ -864,8 +875,8 @@ def _run_one(channel: _Channel, key: str, blob: bytes, config: dict[str, Any],
         running.pop(key, None)
         if not running:
             _end_strays(config)  # processes a cell started end with it
-    if isinstance(result, (bytes, bytearray, memoryview)):
-        channel.send(msgpack.packb(["result", key, CODEC]), result)
+    if isinstance(result, codec.Frames):  # each of its frames as a frame of the channel: no join
+        channel.send(msgpack.packb(["result", key, CODEC, len(result)]), *result)
         return
     try:
         fields = _fields(result)
