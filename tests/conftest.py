@@ -85,6 +85,7 @@ E2E_FIXTURES = {
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "departing_market", "liar_market_to_quarantine",  # test_departures.py: gpunet.testing.local_market
     "gateway_market",  # test_gateway.py: the open market with `gpunet gateway` in front
+    "packaged_gateway",  # test_gateway_features.py: the same, one provider with a package, one that installs
     "priced_market", "judged_market", "one_host_market", "one_host_only",  # test_fairness.py: gpunet.testing.local_market
     "open_market",    # test_open_network.py: certificates, credit service, `gpunet scheduler/provide` over TLS
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background

@@ -60,9 +60,9 @@ def test_pip_adds_and_overrides_and_a_bad_one_says_how_to_write_it():
             packages.parse_pin(bad)
 
 
-def test_pip_through_a_gateway_is_refused_saying_what_to_do():
-    with pytest.raises(OptionError, match="not available through a gateway yet"):
-        gpunet.connect("https://127.0.0.1:1", token="t", pip=["tabulate==0.9.0"], timeout=5)
+def test_a_bad_pip_for_a_gateway_is_refused_before_anything_connects():
+    with pytest.raises(OptionError, match="only a name and versions"):
+        gpunet.connect("https://127.0.0.1:1", token="t", pip=["tabulate @ https://evil.example/t.whl"], timeout=5)
 
 
 def test_a_function_asks_for_its_module_and_the_modules_it_reads():
