@@ -316,16 +316,30 @@ def verified_figures(repeats: int) -> None:
     with local_market({"alice": 0.0, "bob": 0.0}) as market:
         with market.connect(budget=1_000_000) as net:
             client = net.client
-            rows = [("client.submit(f).result()",
-                     summary(timings(lambda: client.submit(trivial, 1, pure=False).result(), repeats)))]
-            verified = lambda: net.run(trivial, 1, verify="replicate")  # noqa: E731
-            rows.append(("net.run(f, verify='replicate')", summary(timings(verified, repeats))))
             meter = net.meter
             take, records = meter.take_copy_holds, meter.provider_records
-            meter.take_copy_holds = lambda count, amount: None  # every copy's hold placed on its path
-            meter.provider_records = meter.credits.provider_records  # the records asked on its path
-            rows.append(("  the same, holds asked on its path", summary(timings(verified, repeats))))
-            meter.take_copy_holds, meter.provider_records = take, records
+
+            def ahead(on: bool) -> None:
+                if on:
+                    meter.take_copy_holds, meter.provider_records = take, records
+                else:  # every copy's hold placed, and the records asked, on the job's path
+                    meter.take_copy_holds = lambda count, amount: None
+                    meter.provider_records = meter.credits.provider_records
+
+            contenders = [("client.submit(f).result()", lambda: client.submit(trivial, 1, pure=False).result(), True),
+                          ("net.run(f, verify='replicate')", lambda: net.run(trivial, 1, verify="replicate"), True),
+                          ("  the same, holds asked on its path", lambda: net.run(trivial, 1, verify="replicate"),
+                           False)]
+            samples: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+            for name, fn, on in contenders:  # warm-up (and the copy holds placed ahead a first time)
+                ahead(on)
+                timings(fn, 1, warmup=5)
+            for _ in range(repeats):  # one of each in turn, so drift in the machine's load hits all alike
+                for name, fn, on in contenders:
+                    ahead(on)
+                    samples[name] += timings(fn, 1, warmup=0)
+            ahead(True)
+            rows = [(name, summary(samples[name])) for name, _, _ in contenders]
     print(f"\nround trip of a trivial verified call, {repeats} repeats (ms)")
     print(f"{'':36s} {'median':>8s} {'p95':>8s}")
     for name, (median, p95) in rows:

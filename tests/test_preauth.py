@@ -156,13 +156,14 @@ def test_function_key_names_a_function_by_module_and_name_and_code_by_its_digest
 # -- copy holds placed ahead for verified jobs (gpunet.metering.copy_holds) ---------------------
 def test_copy_holds_are_taken_when_enough_are_ready_and_as_many_are_kept_ready():
     pool = CopyHolds()
+    ahead = copy_holds_module.JOBS_AHEAD
     assert pool.take(2, 60) is None, "none ready yet: the job places its own"
-    assert pool.missing() == [(60, 2)], "two of 60 are wanted ready for the next job"
+    assert pool.missing() == [(60, 2 * ahead)], "two of 60 are wanted ready for each of the next jobs"
     pool.add(60, "a")
-    assert pool.take(2, 60) is None and pool.missing() == [(60, 1)]
+    assert pool.take(2, 60) is None and pool.missing() == [(60, 2 * ahead - 1)]
     pool.add(60, "b")
     assert pool.take(2, 60) == ["a", "b"] and pool.held() == {}
-    assert pool.take(3, 10) is None and sorted(pool.missing()) == [(10, 3), (60, 2)]
+    assert pool.take(3, 10) is None and sorted(pool.missing()) == [(10, 3 * ahead), (60, 2 * ahead)]
     pool.add(10, "c")
     assert pool.give_up() == ["c"] and pool.missing() == [] and pool.held() == {}
     assert pool.take(1000, 5) is None and pool.missing() == [(5, copy_holds_module.MOST_READY)]

@@ -5,7 +5,8 @@ provider only once the notebook's verdict says the copy agreed (a copy that lost
 verdict is settled 0), and the credit service records the verdict on that hold, so that
 nobody can be blamed for a copy they never ran. What a verified job need not do is wait
 while those holds are placed: :class:`CopyHolds` keeps, for each size of copy hold the
-session's verified jobs asked for, as many holds ready as the largest of them took, placed
+session's verified jobs asked for, as many holds ready as the largest of them took (for
+:data:`JOBS_AHEAD` such jobs), placed
 in the background (by the meter's refilling thread) from the session's budget like its
 pre-authorized hold, and released with it when the session idles or closes.
 """
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 
 #: The most copy holds of one size kept ready.
 MOST_READY = 32
+#: How many jobs' worth of copy holds are kept ready (the next job finds its holds while
+#: the ones taken are placed again).
+JOBS_AHEAD = 2
 
 
 @dataclass
@@ -34,7 +38,7 @@ class CopyHolds:
         places its own); either way, that many are kept ready from now on."""
         with self._lock:
             self.used_at = time.monotonic()
-            self.wanted[amount] = min(MOST_READY, max(self.wanted.get(amount, 0), count))
+            self.wanted[amount] = min(MOST_READY, max(self.wanted.get(amount, 0), JOBS_AHEAD * count))
             ready = self.ready.get(amount, [])
             if len(ready) < count:
                 return None

@@ -310,15 +310,23 @@ class Meter:
                     self.letting_go.update(idle)
                 release(idle)
             return
-        for amount, count in self.copy_holds.missing():
-            for _ in range(count):
-                with self._lock:
-                    self._preauth_number += 1
-                    key = f"copy-{self.session}-{self._preauth_number}"
-                try:
-                    self.copy_holds.add(amount, self.place(key, amount))
-                except BudgetExceededError:
-                    return  # the budget is spoken for: jobs place their own
+        wanted = [amount for amount, count in self.copy_holds.missing() for _ in range(count)]
+        if not wanted:
+            return
+        with self._lock:  # one request for them all; a batch's items succeed or fail one by one
+            first = self._preauth_number + 1
+            self._preauth_number += len(wanted)
+        items = [{"op": "hold", "session": self.session, "amount": amount, "key": f"copy-{self.session}-{first + n}",
+                  **({"meter": self.meter} if self.meter else {})} for n, amount in enumerate(wanted)]
+        try:
+            results = self.credits.batch(items)
+        except CreditsUnavailableError:
+            with self._lock:
+                self.doubtful.extend((item["key"], item["amount"]) for item in items)
+            raise
+        for amount, result in zip(wanted, results):
+            if result.get("ok"):  # one the budget could not cover is left out: jobs place their own
+                self.copy_holds.add(amount, result["hold"])
 
     def overflow(self, job_id: str, tasks: int) -> tuple[str, int] | None:
         """The pre-authorized hold (and its size) that pays what map ``job_id`` (of ``tasks``
