@@ -178,8 +178,13 @@ class MapGrowth:
     def _place(self, amount: int) -> None:
         self._number += 1
         hold = self.network.meter.place(f"grow-{self.job_id}-{self._number}", amount)
-        if self.network.call_scheduler(wire.GROW_MAP, client=self.network.client.id, job=self.job_id, hold=hold,
-                                       amount=amount):
+        try:
+            grown = self.network.call_scheduler(wire.GROW_MAP, client=self.network.client.id, job=self.job_id,
+                                                hold=hold, amount=amount)
+        except BaseException:
+            self.network.release_unsent([hold])  # not handed over: nothing may stay held by it
+            raise
+        if grown:
             self.grown += amount
         else:  # the map finished meanwhile (the scheduler released it already)
             self.network.release_unsent([hold])
