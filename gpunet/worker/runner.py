@@ -355,6 +355,21 @@ def run_job(
     return _job_host.run(job, item, index, worker, address, device, prepared, environment)
 
 
+def run_chunk(job: Job, items: list[bytes], start: int,
+              inputs: dict[str, bytes] | None = None) -> list[JobResult | bytes] | bytes:
+    """Run items ``start``, ``start + 1``, ... (``items``) of a mapped job one after another
+    in this worker thread: one Dask task for several items, each run as :func:`run_job`
+    runs one (its own index, output, error and stop). Their results in order: a list, or
+    for a CODEC job the codec bytes of the list of each item's codec bytes, which the
+    notebook checks item by item (:func:`gpunet.client.received.accept_chunk`)."""
+    if inputs is not None:
+        job = dataclasses.replace(job, inputs=inputs)
+    results = [run_job(job, item, start + offset) for offset, item in enumerate(items)]
+    if job.result_format == CODEC:
+        return codec.encode(results, name="the results of a map's chunk")
+    return results
+
+
 def error_result(job: Job, index: int | None, address: str, device: str, started: float, ename: str,
                  evalue: str) -> JobResult | bytes:
     """The result of ``job`` that did not run (``ename``: why), as :func:`run_job` returns it."""
