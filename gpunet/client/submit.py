@@ -585,7 +585,9 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         its items together)."""
         if growing and remote.slicing is None:
             per_task = count / len(remote.futures) if remote.futures else 1.0
-            remote.growth = MapGrowth(network, job.job_id, tasks=len(remote.futures), per_item=task_amount,
+            # a task is stopped with the map at its --timeout: it is never paid more than that time
+            worst = task_amount if timeout is None else min(task_amount, hold_price(timeout, rate))
+            remote.growth = MapGrowth(network, job.job_id, tasks=len(remote.futures), per_item=worst,
                                       held=need, expected_price=hold_price(seconds, rate) * per_task,
                                       unfinished=remote.unfinished_keys)
             remote.growth.start()
