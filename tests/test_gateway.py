@@ -130,6 +130,45 @@ def test_an_honest_notebook_runs_through_the_gateway(gateway_market, detached, s
     verify_service(service.url, service.operator_token)
 
 
+def test_a_large_map_through_the_gateway_runs_in_chunks_in_order_and_is_paid(gateway_market, detached):
+    """A map large enough to travel several items a task (gpunet.client.submit.map_chunks):
+    every item comes back in order, a failing item's error names it, a map stopped at its
+    timeout gives its holds back, and the providers are paid what the ledger verifies."""
+    market, service = gateway_market, gateway_market["service"]
+    before = balances(service)
+    triple = lambda x: 3 * x  # noqa: E731 - pickled by value
+
+    def fails_at_123(x):
+        if x == 123:
+            raise ValueError(f"no {x}")
+        return x
+
+    def slow(x):
+        import time
+        time.sleep(0.2)
+        return x
+
+    with gpunet.connect(market["url"], token=market["tokens"]["carol"], ca=market["ca_file"], budget=50_000) as net:
+        assert net.map(triple, range(300), timeout=120) == [3 * x for x in range(300)]
+        mapped = {}
+        net.run_cell("z = seed * 2\nprint('seed', seed)", mapped, map="seed=range(300)", timeout=120)
+        assert mapped["z"] == [2 * x for x in range(300)]
+        with pytest.raises(ValueError, match="no 123") as failed:
+            net.map(fails_at_123, range(300), timeout=120)
+        assert isinstance(failed.value, RemoteCellError) and "item 123" in str(failed.value)
+        with pytest.raises(gpunet.CellTimeoutError):  # 300 items of 0.2 s on two workers: 30 s
+            net.map(slow, range(300), timeout=3)
+        assert net.map(triple, range(300), timeout=120)[-1] == 897  # still serving
+        session = net.session
+    with service.client() as operator:
+        usage = settled(operator, session)
+    assert usage["spent"] > 0 and usage["held"] == 0
+    after = balances(service)
+    assert after["alice"] + after["bob"] - before["alice"] - before["bob"] == usage["spent"]
+    assert before["carol"] - after["carol"] == usage["spent"]
+    verify_service(service.url, service.operator_token)
+
+
 def test_the_gateway_refuses_strangers_with_one_clear_message(gateway_market, detached, tmp_path, monkeypatch):
     market = gateway_market
     url, ca, tokens = market["url"], market["ca_file"], market["tokens"]

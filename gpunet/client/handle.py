@@ -213,6 +213,8 @@ class JobHandle(ABC):
         self.job = job
         self.count = count
         self.mapped = mapped
+        #: how many tasks its units travel as (fewer than ``count`` for a map sent in chunks)
+        self.tasks = count
         self.resources = resources or {}
         self.allowed_workers = allowed_workers
         self.submitted = time.monotonic()
@@ -329,7 +331,9 @@ class JobHandle(ABC):
                 self.wake.wait(pause)
                 if progress is not None:
                     progress.tick(done=self.completed)
-                    if progress.wants_reason():
+                    if self.paused_because is not None and progress.state != "paused":
+                        progress.paused(self.paused_because)
+                    elif progress.wants_reason():
                         progress.waiting(self.network.waiting_reason(self.resources, self.allowed_workers))
         except KeyboardInterrupt:
             self.stop("interrupted")
@@ -344,6 +348,11 @@ class JobHandle(ABC):
                 self.network.meter.finished(self.placed_holds())
                 self.network.meter.job_done(self.job.job_id)
         return self._outcome(progress, echo)
+
+    @property
+    def paused_because(self) -> str | None:
+        """Why the job sends no more of its items (None while nothing holds it back)."""
+        return None
 
     def placed_holds(self) -> list[str]:
         """The credit holds this job placed (none on an unmetered network)."""

@@ -45,7 +45,7 @@ import cloudpickle
 
 from gpunet import codec
 from gpunet.cell import cell_filename
-from gpunet.errors import PackageError, UnsupportedResultError
+from gpunet.errors import BudgetError, PackageError, UnsupportedResultError
 from gpunet.wire import (
     CODEC,
     INTERRUPTED,
@@ -177,6 +177,7 @@ class _JobContext:
 _contexts: dict[int, _JobContext] = {}  # thread id -> running job
 _running: dict[str, int] = {}  # job id -> thread id
 _stopped: dict[str, None] = {}  # job ids asked to stop (the last STOPPED_KEPT, oldest first)
+_paused: dict[str, None] = {}  # maps whose items not started yet never start (the last STOPPED_KEPT)
 _installing: dict[str, list[threading.Event]] = {}  # job id -> the stop flags of its installs under way
 STOPPED_KEPT = 1000
 _registry_lock = threading.Lock()
@@ -329,6 +330,9 @@ def run_job(
     ``item`` and ``index`` are one item of a mapped job; ``inputs``, when given,
     replaces ``job.inputs`` (large inputs travel scattered, as a Dask dependency).
     """
+    with _registry_lock:
+        if job.job_id in _paused:  # raised, so that the task errs: nothing ran, nobody is paid
+            raise BudgetError(f"map {job.job_id} paused before this item started: its budget cannot pay for more")
     if inputs is not None:
         job = dataclasses.replace(job, inputs=inputs)
     worker = _current_worker()
@@ -349,6 +353,21 @@ def run_job(
     except InstallStopped as exc:
         return error_result(job, index, address, device, started, INTERRUPTED, str(exc))
     return _job_host.run(job, item, index, worker, address, device, prepared, environment)
+
+
+def run_chunk(job: Job, items: list[bytes], start: int,
+              inputs: dict[str, bytes] | None = None) -> list[JobResult | bytes] | bytes:
+    """Run items ``start``, ``start + 1``, ... (``items``) of a mapped job one after another
+    in this worker thread: one Dask task for several items, each run as :func:`run_job`
+    runs one (its own index, output, error and stop). Their results in order: a list, or
+    for a CODEC job the codec bytes of the list of each item's codec bytes, which the
+    notebook checks item by item (:func:`gpunet.client.received.accept_chunk`)."""
+    if inputs is not None:
+        job = dataclasses.replace(job, inputs=inputs)
+    results = [run_job(job, item, start + offset) for offset, item in enumerate(items)]
+    if job.result_format == CODEC:
+        return codec.encode(results, name="the results of a map's chunk")
+    return results
 
 
 def error_result(job: Job, index: int | None, address: str, device: str, started: float, ename: str,
@@ -665,6 +684,21 @@ def was_stopped(job_id: str) -> bool:
         return job_id in _stopped
 
 
+def _remember(registry: dict[str, None], job_id: str) -> None:
+    """Add ``job_id`` to ``registry``, keeping its last :data:`STOPPED_KEPT`."""
+    with _registry_lock:
+        registry[job_id] = None
+        while len(registry) > STOPPED_KEPT:
+            del registry[next(iter(registry))]
+
+
+def pause_job(job_id: str) -> None:
+    """Map ``job_id``'s items that have not started here never will (each raises
+    :class:`~gpunet.errors.BudgetError` instead, so that nobody is paid for it); those
+    running go on. Called on every worker when the map's budget cannot pay for more."""
+    _remember(_paused, job_id)
+
+
 async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0, dask_worker: Any = None) -> str:
     """Raise JobInterrupted in the threads running ``job_id`` (and its map items); on a
     worker whose jobs run in sandboxes, stop them there (ending a sandbox whose job
@@ -677,10 +711,8 @@ async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0,
     free for real (``"restarting"``); a worker without a Nanny can only say
     ``"stuck"``.
     """
+    _remember(_stopped, job_id)  # an install starting from now on sees it stopped
     with _registry_lock:
-        _stopped[job_id] = None
-        while len(_stopped) > STOPPED_KEPT:
-            del _stopped[next(iter(_stopped))]
         installs = list(_installing.get(job_id, ()))
     for flag in installs:  # its packages are installing: the install ends at once
         flag.set()
