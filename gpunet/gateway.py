@@ -53,7 +53,8 @@ from gpunet.credits._service import bind_socket, read_capped_body
 from gpunet.errors import (AuthError, CreditsError, CreditsRequestError, GatewayError, GpunetError, OptionError,
                            PackageError, ProviderDataError)
 from gpunet.kernels import Tolerance
-from gpunet.gateway_guard import ConnectionCounts, Relay, UnreadResults, guarded_protocol, guarded_server
+from gpunet.gateway_guard import (ConnectionCounts, Relay, UnreadResults, guarded_protocol, guarded_server,
+                                  holder_of)
 from gpunet.guarded_tls import expect_scheduler_at, use_guarded_tls
 from gpunet.provenance import run_facts
 from gpunet.reuse import gateway_reuse_key
@@ -85,6 +86,11 @@ TOKEN_TTL_S = 5.0
 #: How often the tokens of the open sessions are asked about, so that a revoked one's
 #: running jobs stop even if its notebook never sends another request.
 REVOCATION_CHECK_S = 10.0
+#: Per address (an IPv6 one: its /64): tokens the credit service does not know, at once
+#: and per second after that; past them the address's unknown tokens are refused (429)
+#: without asking the credit service, whose every check takes one of the gateway's threads.
+UNKNOWN_TOKEN_BURST = 10
+UNKNOWN_TOKENS_PER_S = 0.2
 #: Per account: jobs in flight at once (sent and not yet read to their end).
 DEFAULT_MAX_JOBS_IN_FLIGHT = 32
 #: Bytes of job events the notebooks have not read yet: per job stream, and gateway-wide
@@ -271,6 +277,8 @@ class Gateway:
         #: the role of each token checked, by digest (a role never changes)
         self._roles: dict[str, tuple[str, str]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        #: each address's room for tokens the credit service does not know
+        self._unknown_tokens: dict[str, TokenBucket] = {}
 
     # -- who is asking ---------------------------------------------------------------
     async def account_of(self, request: Any, *, fresh: bool = False) -> tuple[str, str]:
@@ -284,14 +292,30 @@ class Gateway:
         known = self._tokens.get(digest)
         if known is not None and known[1] > time.monotonic() and not fresh:
             return known[0], token
+        address = holder_of(request.client.host if request.client else "?")
+        unknown = self._unknown_tokens.get(address)
+        if known is None and unknown is not None and unknown.take(0) and unknown.tokens < 1:
+            raise GatewayError(f"your address sent more than {UNKNOWN_TOKEN_BURST} tokens the credit service does "
+                               f"not know; this gateway checks one more every {1 / UNKNOWN_TOKENS_PER_S:g} s from "
+                               "it: use the token the operator issued (--token-file, or GPUNET_TOKEN)",
+                               status=429, code="too_many_bad_tokens")
         try:
             account = await asyncio.to_thread(self._check_token, token)
         except GatewayError as exc:
             if exc.code == "bad_token":  # revoked: what its sessions hold goes back
                 self._close_sessions_of(digest)
+                self._count_unknown_token(address)
             raise
         self._tokens[digest] = (account, time.monotonic() + TOKEN_TTL_S)
         return account, token
+
+    def _count_unknown_token(self, address: str) -> None:
+        """One more token the credit service does not know came from ``address``."""
+        if len(self._unknown_tokens) > 4096:  # forget the addresses whose room is whole again
+            for name, bucket in list(self._unknown_tokens.items()):
+                if bucket.take(0) and bucket.tokens >= bucket.burst:
+                    del self._unknown_tokens[name]
+        self._unknown_tokens.setdefault(address, TokenBucket(UNKNOWN_TOKEN_BURST, UNKNOWN_TOKENS_PER_S)).take(1)
 
     def _close_sessions_of(self, digest: str) -> None:
         """Close (in the background) the sessions opened with the token of ``digest``:

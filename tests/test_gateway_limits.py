@@ -287,3 +287,24 @@ def test_a_pipelined_requests_body_is_due_too(limited_market, detached):
     assert said.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in said, said[:500]
     assert f"waits at most {DEADLINE_S} s for a request's body" in unpack(said.rsplit(b"\r\n\r\n", 1)[1])["error"][
         "message"]
+
+
+def test_a_stranger_guessing_tokens_is_refused_without_asking_the_credit_service(limited_market, detached):
+    """Every unknown token costs the gateway a thread and the credit service a request:
+    past a burst, an address's unknown tokens are refused on the spot; a known one still goes."""
+    from gpunet.gateway import UNKNOWN_TOKEN_BURST
+
+    market, ca, url = limited_market, limited_market["ca_file"], limited_market["url"]
+    connection = https_from(url, ca)
+    statuses = []
+    for guess in range(UNKNOWN_TOKEN_BURST + 3):
+        connection.request("POST", "/v1/sessions", body=pack({"budget": 1}),
+                           headers={"Authorization": f"Bearer gpn_guess{guess}"})
+        answer = connection.getresponse()
+        statuses.append(answer.status)
+        said = unpack(answer.read())["error"]["message"]
+    assert statuses[:UNKNOWN_TOKEN_BURST] == [401] * UNKNOWN_TOKEN_BURST and statuses[-1] == 429, statuses
+    assert "tokens the credit service does not know" in said
+    connection.close()
+    session, _ = open_session(market, market["tokens"]["carol"])  # another address's notebook is not held up
+    assert requests.get(f"{url}/v1/health", verify=ca, timeout=WAIT_S).ok and session
