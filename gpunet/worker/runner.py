@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 
 import cloudpickle
 
+import gpunet
 from gpunet import codec
 from gpunet.cell import cell_filename
 from gpunet.errors import PackageError, UnsupportedResultError
@@ -51,10 +52,12 @@ from gpunet.wire import (
     INTERRUPTED,
     PACKAGES,
     TOO_LARGE,
+    VERSION_MISMATCH,
     Job,
     JobResult,
     Pickled,
     result_to_event,
+    reads_frames,
     sign_event,
     stream_allowance,
     unpickle_value,
@@ -329,6 +332,7 @@ def run_job(
     ``item`` and ``index`` are one item of a mapped job; ``inputs``, when given,
     replaces ``job.inputs`` (large inputs travel scattered, as a Dask dependency).
     """
+    older_notebook = job.result_format == CODEC and not reads_frames(job)  # before replace() gives it the field
     if inputs is not None:
         job = dataclasses.replace(job, inputs=inputs)
     worker = _current_worker()
@@ -337,6 +341,8 @@ def run_job(
     address = getattr(worker, "address", "local")
     # outside a worker (tests, debugging) this process's device
     device = (describe_this_device() if worker is None else device_info(worker))["label"]
+    if older_notebook:
+        return older_notebook_result(job, index, address, device)
     if _job_host is None:
         return execute_job(job, item, index, worker, address, device)
     # a provider's worker: it prepares the job's environment (its policy and wheel cache
@@ -349,6 +355,18 @@ def run_job(
     except InstallStopped as exc:
         return error_result(job, index, address, device, started, INTERRUPTED, str(exc))
     return _job_host.run(job, item, index, worker, address, device, prepared, environment)
+
+
+def older_notebook_result(job: Job, index: int | None, address: str, device: str) -> memoryview:
+    """What a job from a notebook older than codec frames gets instead of running: an
+    error saying so, as the one-piece codec bytes such a notebook reads."""
+    now = time.time()
+    result = JobResult(job.job_id, index, address, device, now, now, result_format=CODEC, error={
+        "ename": VERSION_MISMATCH, "traceback": "", "exception": None,
+        "evalue": f"this provider runs gpunet {gpunet.__version__}, whose results travel as codec frames, which this "
+                  "notebook's older gpunet cannot read; nothing ran. Upgrade gpunet where the notebook runs "
+                  f"(pip install 'gpunet>={gpunet.__version__}') and reconnect"})
+    return codec.encode(result_to_event(result))
 
 
 def error_result(job: Job, index: int | None, address: str, device: str, started: float, ename: str,
