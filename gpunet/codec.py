@@ -485,8 +485,11 @@ class _Decoder:
             lengths = {len(column) for column in values.values()}
             if len(lengths) > 1:
                 raise ProviderDataError(f"a DataFrame's columns have different lengths {sorted(lengths)}")
+            names = [name for name, _ in columns]
+            # copy=False: the columns are this decoding's own (copies, or views of frames taken
+            # once), so pandas need not copy them again; the names only where they repeat
             return pd.DataFrame(values, index=self.index(index, lengths.pop() if lengths else None),
-                                columns=[name for name, _ in columns])
+                                columns=None if len(values) == len(names) else names, copy=False)
         if code == _FIGURE:
             from IPython.display import Image
 
