@@ -293,6 +293,7 @@ def open_network_figures(repeats: int, items: int) -> None:
                 print(f"{label:40s} {rate:8.0f}")
             print(f"ratio %%gpunet --map through the gateway / client.map: "
                   f"{rates['%%gpunet --map through the gateway'] / rates['client.map + gather, held']:.2f}  (aim: >= 0.7)")
+            net.close()
 def first_value(array) -> float:
     """What the data benchmark runs: reads one number of its (large) input."""
     return float(array[0])

@@ -52,6 +52,30 @@ def accept(raw: Any, job: Job, index: int | None) -> JobResult:
     return result
 
 
+#: What a chunk's list adds to its items' codec bytes (msgpack's framing of each).
+CHUNK_FRAMING_BYTES = 16
+
+
+def accept_chunk(raw: Any, job: Job, items: range) -> list[JobResult]:
+    """The results of a map's chunk (``items``, run as one task by
+    :func:`gpunet.worker.runner.run_chunk`), each as :func:`accept` takes one: exactly one
+    result per item given, each naming its own item. :class:`ProviderDataError` (nothing of
+    the chunk loaded) when the chunk is anything else: a provider cannot return results for
+    items it was not given, nor more than the items' caps allow."""
+    where = f"the results of items {items[0]} to {items[-1]}"
+    if job.result_format == PICKLE:
+        results = raw
+    else:
+        if isinstance(raw, ProviderDataError):
+            raise ProviderDataError(f"{where} were refused on arrival: {raw}")
+        cap = len(items) * (job.max_result_bytes + CHUNK_FRAMING_BYTES) + CHUNK_FRAMING_BYTES
+        results = codec.decode(raw, max_bytes=cap, what=where)
+    if not isinstance(results, (list, tuple)) or len(results) != len(items):
+        count = len(results) if isinstance(results, (list, tuple)) else type(results).__name__
+        raise ProviderDataError(f"{where} came back as {count} results, not one per item; none was loaded")
+    return [accept(result, job, index) for result, index in zip(results, items)]
+
+
 def live_event(job: Job, message: dict[str, Any]) -> dict[str, Any] | None:
     """A live event of ``job`` as it may be shown, or None (logged) when it was not
     signed by the job's own worker: anyone on the scheduler may post events naming

@@ -357,7 +357,7 @@ def run_job(
     return _job_host.run(job, item, index, worker, address, device, prepared, environment)
 
 
-def older_notebook_result(job: Job, index: int | None, address: str, device: str) -> memoryview:
+def older_notebook_result(job: Job, index: int | None, address: str, device: str) -> bytes:
     """What a job from a notebook older than codec frames gets instead of running: an
     error saying so, as the one-piece codec bytes such a notebook reads."""
     now = time.time()
@@ -366,7 +366,20 @@ def older_notebook_result(job: Job, index: int | None, address: str, device: str
         "evalue": f"this provider runs gpunet {gpunet.__version__}, whose results travel as codec frames, which this "
                   "notebook's older gpunet cannot read; nothing ran. Upgrade gpunet where the notebook runs "
                   f"(pip install 'gpunet>={gpunet.__version__}') and reconnect"})
-    return codec.encode(result_to_event(result))
+    return bytes(codec.encode(result_to_event(result)))
+
+
+def run_chunk(job: Job, items: list[bytes], start: int,
+              inputs: dict[str, bytes] | None = None) -> list[JobResult | bytes] | bytes:
+    """Run items ``start``, ``start + 1``, ... (``items``) of a mapped job one after another
+    in this worker thread: one Dask task for several items, each run as :func:`run_job`
+    runs one (its own index, output, error and stop). Their results in order: a list, or
+    for a CODEC job the codec bytes of the list of each item's codec bytes, which the
+    notebook checks item by item (:func:`gpunet.client.received.accept_chunk`)."""
+    results = [run_job(job, item, start + offset, inputs) for offset, item in enumerate(items)]
+    if job.result_format == CODEC:
+        return codec.encode(results, name="the results of a map's chunk")
+    return results
 
 
 def error_result(job: Job, index: int | None, address: str, device: str, started: float, ename: str,
