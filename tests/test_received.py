@@ -326,7 +326,7 @@ def test_a_chunk_with_results_for_items_it_was_not_given_is_refused():
         accept_chunk(raw, job, range(1, 4))  # the items it ran were 0 to 2
     with pytest.raises(ProviderDataError, match="3 results, not one per item"):
         accept_chunk(raw, job, range(0, 4))
-    extra = codec.encode([bytes(blob) for blob in codec.decode(raw)] * 2)
+    extra = codec.encode(list(codec.decode(raw)) * 2)  # each item's result: codec frames
     with pytest.raises(ProviderDataError, match="6 results, not one per item"):
         accept_chunk(extra, job, range(0, 3))
     with pytest.raises(ProviderDataError, match="over its cap"):
