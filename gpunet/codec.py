@@ -150,6 +150,14 @@ def _dask_loads(header: dict[str, Any], frames: list[Any]) -> Frames:
     return received
 
 
+def frames_as_list(value: Any) -> list[Any]:
+    """msgpack's ``default`` for a message that carries :class:`Frames` (the gateway's relay
+    to the notebook): their frames as a list of bytes, which :func:`frames_of` takes back."""
+    if isinstance(value, Frames):
+        return list(value.parts)
+    raise TypeError(f"can not serialize {_type_name(value)!r} object")
+
+
 def frames_of(data: Any) -> Frames | None:
     """``data`` as :class:`Frames` when it is frames (as made, or a tuple or list of
     bytes-like frames, as msgpack carries them), else None."""

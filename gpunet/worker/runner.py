@@ -370,15 +370,15 @@ def older_notebook_result(job: Job, index: int | None, address: str, device: str
 
 
 def run_chunk(job: Job, items: list[bytes], start: int,
-              inputs: dict[str, bytes] | None = None) -> list[JobResult | bytes] | bytes:
+              inputs: dict[str, bytes] | None = None) -> list[JobResult | bytes] | codec.Frames:
     """Run items ``start``, ``start + 1``, ... (``items``) of a mapped job one after another
     in this worker thread: one Dask task for several items, each run as :func:`run_job`
     runs one (its own index, output, error and stop). Their results in order: a list, or
-    for a CODEC job the codec bytes of the list of each item's codec bytes, which the
+    for a CODEC job the codec frames of the list of each item's codec frames, which the
     notebook checks item by item (:func:`gpunet.client.received.accept_chunk`)."""
     results = [run_job(job, item, start + offset, inputs) for offset, item in enumerate(items)]
-    if job.result_format == CODEC:
-        return codec.encode(results, name="the results of a map's chunk")
+    if job.result_format == CODEC:  # as frames: the items' arrays are not copied into one blob
+        return codec.encode_frames(results, name="the results of a map's chunk")
     return results
 
 
