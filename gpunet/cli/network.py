@@ -10,13 +10,12 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from gpunet import certs
-from gpunet.clitools import read_token_file
+from gpunet.clitools import read_token_file, wait_for_stop
 from gpunet.credits import CreditClient
 from gpunet.credits.cli import SERVICE_WAIT_S, wait_for_service
 from gpunet.errors import GpunetError, OptionError
@@ -31,7 +30,6 @@ from gpunet.wire import (
     SCHEDULER_PRELOAD,
     WORKER_PRELOAD,
 )
-from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus
 from gpunet.worker.environment import (
     DEFAULT_MAX_INSTALL_BYTES,
     DEFAULT_MAX_INSTALL_SECONDS,
@@ -176,17 +174,6 @@ def _tls_security(args: Any, role: str) -> Any:
     return security
 
 
-def _wait_for_stop() -> None:
-    """Block until Ctrl-C or SIGTERM."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-
-
 def _up(args: Any) -> int:
     from gpunet.client.local import EmbeddedNetwork
 
@@ -206,7 +193,7 @@ def _up(args: Any) -> int:
             connect += f" --credits {embedded.credits_url} --token-file {token_file}"
         print(f"connect from a notebook with:  {connect}", flush=True)
         print("Ctrl-C stops the network.", flush=True)
-        _wait_for_stop()
+        wait_for_stop()
     finally:
         print("gpunet: stopping ...", file=sys.stderr, flush=True)
         embedded.close()

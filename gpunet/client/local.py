@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import distributed  # noqa: F401 - loads Dask's distributed config before we set part of it
 from distributed import LocalCluster
 
 from gpunet.credits import serve_in_background
