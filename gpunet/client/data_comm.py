@@ -27,7 +27,6 @@ The worker answers a request with the serializers the client asks for (Dask's
 from __future__ import annotations
 
 import logging
-import struct
 from typing import Any
 
 import msgpack
@@ -40,16 +39,13 @@ from distributed.comm.tcp import (
     TCPConnector,
     TLSBackend,
     TLSConnector,
-    convert_stream_closed_error,
-    read_bytes_rw,
 )
 from distributed.protocol.core import msgpack_opts
 from distributed.protocol.serialize import merge_and_deserialize, msgpack_decode_default
-from distributed.protocol.utils import unpack_frames
-from tornado.iostream import StreamClosedError
 
 from gpunet.codec import clean_text
 from gpunet.errors import ProviderDataError, ResultTooLargeError
+from gpunet.guarded_tls import read_frames
 
 logger = logging.getLogger(__name__)
 
@@ -146,23 +142,7 @@ class DataOnlyRead:
     async def read(self, deserializers: Any = None) -> Any:
         """Read one message: refused over :data:`max_message_bytes`, decoded by
         :func:`data_only_loads` (``deserializers`` is ignored: the set is fixed)."""
-        stream = self.stream
-        if stream is None:
-            raise CommClosedError()
-        try:
-            (nosplit_nbytes,) = struct.unpack("Q", await stream.read_bytes(8))
-            self._check_size(nosplit_nbytes)
-            frames, buffers_nbytes = unpack_frames(await read_bytes_rw(stream, nosplit_nbytes), partial=True)
-            self._check_size(nosplit_nbytes + sum(buffers_nbytes))
-            for nbytes in buffers_nbytes:
-                frames.append(await read_bytes_rw(stream, nbytes))
-        except StreamClosedError as exc:
-            self.stream = None
-            self._closed = True
-            convert_stream_closed_error(self, exc)
-        except BaseException:
-            self.abort()  # what was read is unknown: the stream cannot be used again
-            raise
+        frames = await read_frames(self, self._check_size)
         try:
             return data_only_loads(frames)
         except EOFError:
