@@ -12,9 +12,11 @@ import signal
 import sys
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gpunet import certs
+from gpunet.client.placement import check_max_rate
 from gpunet.clitools import read_token_file, wait_for_stop
 from gpunet.credits import CreditClient
 from gpunet.credits.cli import SERVICE_WAIT_S, wait_for_service
@@ -289,9 +291,7 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
     prices = []
     for flag, value in (("--default-max-rate", args.default_max_rate), ("--max-rate", args.max_rate)):
         if value is not None:
-            if not 0 < value < float("inf"):
-                raise OptionError(f"{flag} must be a positive number of credits per device-second, got {value:g}")
-            prices += [flag, repr(float(value))]
+            prices += [flag, repr(check_max_rate(value, flag))]
     if args.credits is None and token_file is None:
         if prices:
             raise OptionError("--default-max-rate and --max-rate are prices: they need a metered network "
@@ -321,9 +321,7 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
 
 def _provide(args: Any) -> int:
     security = _tls_security(args, certs.PROVIDER)
-    if not args.rate > 0:
-        raise GpunetError(f"--rate must be a positive number of credits per device-second, got {args.rate}")
-    os.environ[PROVIDER_RATE_ENV] = str(args.rate)
+    os.environ[PROVIDER_RATE_ENV] = str(check_max_rate(args.rate, "--rate"))
     _install_policy(args)
     sandbox = _sandbox_settings(args)
     os.environ[SANDBOX_ENV] = sandbox.to_env()  # the worker processes inherit it
@@ -513,7 +511,7 @@ async def _run_provider(args: Any, account: str, security: Any = None, me: Credi
             await _drain_open(args.scheduler, security, live)
         elif live:
             try:
-                await _drain(client, live)
+                await _drain_private(client, live)
             except (OSError, TimeoutError) as exc:  # the scheduler stopped first: nothing left to drain to
                 print(f"gpunet provide: the scheduler at {args.scheduler} cannot be reached ({type(exc).__name__}); "
                       "stopping without draining", flush=True)
@@ -579,38 +577,45 @@ def _guard_nanny(nanny: Any, security: Any) -> None:
         WorkerDoor(own, nanny=True).install(nanny)
 
 
-async def _drain_open(scheduler_address: str, security: Any, addresses: list[str], timeout: float = 600) -> None:
+async def _drain_open(scheduler_address: str, security: Any, addresses: list[str]) -> None:
     """:func:`_drain` on an open network, where a provider is no Dask client: it asks
     the scheduler, as the owner of these workers, to take their device slots away,
-    waits until they execute nothing, then retires them."""
+    and how many tasks they execute."""
     from distributed.core import rpc
 
     async with rpc(scheduler_address, connection_args=security.get_connection_args("worker")) as scheduler:
-        for address in addresses:
-            await scheduler.set_resources(worker=address, resources={DEVICE_RESOURCE: 0})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            executing = await getattr(scheduler, EXECUTING)(workers=addresses)
-            if not any(executing.values()):
-                break
-            await asyncio.sleep(0.2)
-        await scheduler.retire_workers(workers=addresses, close_workers=False)
+        async def close_slots() -> None:
+            for address in addresses:
+                await scheduler.set_resources(worker=address, resources={DEVICE_RESOURCE: 0})
+
+        await _drain(close_slots, lambda: getattr(scheduler, EXECUTING)(workers=addresses),
+                     lambda: scheduler.retire_workers(workers=addresses, close_workers=False))
 
 
-async def _drain(client: Any, addresses: list[str], timeout: float = 600) -> None:
+async def _drain_private(client: Any, addresses: list[str]) -> None:
+    """:func:`_drain` as a Dask client of the scheduler: each call is bounded (a worker
+    that does not answer is gone)."""
+    await _drain(
+        lambda: asyncio.wait_for(client.run(_close_device_slots, workers=addresses, on_error="return"), 10),
+        lambda: asyncio.wait_for(client.run(_executing, workers=addresses, on_error="return"), 10),
+        lambda: asyncio.wait_for(client.retire_workers(workers=addresses, close_workers=False), 30))
+
+
+async def _drain(close_slots: Callable[[], Awaitable[Any]], executing: Callable[[], Awaitable[dict[str, Any]]],
+                 retire: Callable[[], Awaitable[Any]], timeout: float = 600) -> None:
     """Take the workers' device slots away (the scheduler then starts no gpunet task
-    there: every one asks for a slot), wait for the tasks they are executing to
-    finish, then retire them: their results move elsewhere, and tasks that were
-    queued there but never started go to other workers. Each call is bounded: a worker
-    that does not answer is gone."""
-    await asyncio.wait_for(client.run(_close_device_slots, workers=addresses, on_error="return"), 10)
+    there: every one asks for a slot), wait (up to ``timeout``) until they execute no
+    task (``executing()``: a count per worker, or a worker's error), then retire them:
+    their results move elsewhere, and tasks that were queued there but never started
+    go to other workers."""
+    await close_slots()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        executing = await asyncio.wait_for(client.run(_executing, workers=addresses, on_error="return"), 10)
-        if not any(count for count in executing.values() if isinstance(count, int)):
+        counts = await executing()
+        if not any(count for count in counts.values() if isinstance(count, int)):
             break
         await asyncio.sleep(0.2)
-    await asyncio.wait_for(client.retire_workers(workers=addresses, close_workers=False), 30)
+    await retire()
 
 
 async def _close_device_slots(dask_worker: Any = None) -> None:
