@@ -26,8 +26,6 @@ from gpunet.roles import WORKER_NAME_SEPARATOR, WorkerDoor
 from gpunet.wire import (
     DEVICE_RESOURCE,
     EXECUTING,
-    GPU_MEMORY_RESOURCE,
-    GPU_RESOURCE,
     METERING_STATE,
     SCHEDULER_PRELOAD,
     WORKER_PRELOAD,
@@ -38,7 +36,14 @@ from gpunet.worker.environment import (
     INSTALLS_ENV,
     InstallPolicy,
 )
-from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus, parse_size
+from gpunet.worker.device import (
+    PROVIDER_RATE_ENV,
+    PROVIDER_TOKEN_ENV,
+    dask_cuda_or_none,
+    gpu_resources,
+    local_gpus,
+    parse_size,
+)
 from gpunet.worker.sandbox import BUBBLEWRAP, PROCESS, SANDBOX_ENV, SandboxSettings, bubblewrap_works, make_non_dumpable
 
 logger = logging.getLogger(__name__)
@@ -447,14 +452,10 @@ async def _run_provider(args: Any, account: str, security: Any = None, me: Credi
     # group): this process drains them, and a worker's end at its signal would lose its task.
     # Nannies still stop them (over a queue, then SIGKILL), and they end with this process.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        import dask_cuda
-    except ImportError:
-        dask_cuda = None
+    dask_cuda = dask_cuda_or_none()
     if gpus and dask_cuda is not None:
-        resources = {DEVICE_RESOURCE: 1, GPU_RESOURCE: 1, GPU_MEMORY_RESOURCE: min(g.memory_bytes for g in gpus)}
         visible = ",".join(str(g.index) for g in gpus)
-        worker = dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name, resources=resources,
+        worker = dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name, resources=gpu_resources(gpus),
                                       preload=preload, CUDA_VISIBLE_DEVICES=visible, security=security,
                                       protocol="tls" if security is not None else None,
                                       dashboard=security is None)  # an open network's workers serve no HTTP
