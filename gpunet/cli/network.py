@@ -226,8 +226,7 @@ def _scheduler(args: Any) -> int:
         raise OptionError("an open network runs only tasks that carry a hold: give --credits URL and "
                           "--meter-token-file PATH")
     if security is not None:
-        preload["security"] = security
-        preload["protocol"] = "tls"
+        preload.update(security=security, protocol="tls")
     dashboard_host = args.host if security is None else "127.0.0.1"
 
     async def serve() -> None:
@@ -446,8 +445,8 @@ async def _run_provider(args: Any, account: str, security: Any = None, me: Credi
     gpus = local_gpus()
     if args.gpus != "all":
         gpus = gpus[: int(args.gpus)]
-    preload = [WORKER_PRELOAD]
-    nannies: list[Any] = []
+    # an open network's parties speak mutual TLS only
+    tls = {"security": security, "protocol": "tls" if security is not None else None}
     # The worker processes inherit an ignored SIGTERM (a service manager sends it to the whole
     # group): this process drains them, and a worker's end at its signal would lose its task.
     # Nannies still stop them (over a queue, then SIGKILL), and they end with this process.
@@ -455,25 +454,22 @@ async def _run_provider(args: Any, account: str, security: Any = None, me: Credi
     dask_cuda = dask_cuda_or_none()
     if gpus and dask_cuda is not None:
         visible = ",".join(str(g.index) for g in gpus)
-        worker = dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name, resources=gpu_resources(gpus),
-                                      preload=preload, CUDA_VISIBLE_DEVICES=visible, security=security,
-                                      protocol="tls" if security is not None else None,
-                                      dashboard=security is None)  # an open network's workers serve no HTTP
-        nannies = list(worker.nannies)
-        for nanny in nannies:  # guarded before they start listening
-            _guard_nanny(nanny, security)
-        await worker
-        print(f"gpunet provide: {len(gpus)} dask-cuda worker(s), one per GPU ({gpus[0].name})", flush=True)
+        cuda_worker = dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name,
+                                           resources=gpu_resources(gpus), preload=[WORKER_PRELOAD],
+                                           CUDA_VISIBLE_DEVICES=visible, **tls,
+                                           dashboard=security is None)  # an open network's workers serve no HTTP
+        nannies = list(cuda_worker.nannies)
+        started = f"{len(gpus)} dask-cuda worker(s), one per GPU ({gpus[0].name})"
     else:
+        cuda_worker = None
         why = "no NVIDIA GPU found" if not gpus else "dask-cuda is not installed (pip install 'gpunet[cuda]')"
-        for index in range(args.workers):
-            nanny = Nanny(args.scheduler, host=host, nthreads=1, name=f"{name}-{index}", resources={DEVICE_RESOURCE: 1},
-                          preload=preload, dashboard=False, security=security,
-                          protocol="tls" if security is not None else None)
-            _guard_nanny(nanny, security)
-            nannies.append(nanny)
-        await asyncio.gather(*nannies)
-        print(f"gpunet provide: {why}: {args.workers} CPU worker(s)", flush=True)
+        nannies = [Nanny(args.scheduler, host=host, nthreads=1, name=f"{name}-{index}", resources={DEVICE_RESOURCE: 1},
+                         preload=[WORKER_PRELOAD], dashboard=False, **tls) for index in range(args.workers)]
+        started = f"{why}: {args.workers} CPU worker(s)"
+    for nanny in nannies:  # guarded before they start listening
+        _guard_nanny(nanny, security)
+    await (cuda_worker if cuda_worker is not None else asyncio.gather(*nannies))
+    print(f"gpunet provide: {started}", flush=True)
     addresses = [n.worker_address for n in nannies]
     print(f"provider: {account}; workers: {' '.join(addresses)}", flush=True)
     print("Ctrl-C drains them: running tasks finish, then they leave.", flush=True)
