@@ -140,7 +140,6 @@ class Market:
     credits_url: str
     operator: Any  # CreditClient as the operator
     client_token: str
-    provider_tokens: dict[str, str]
     logs: dict[str, Path]
     cluster: Any = None
     workers_of: dict[str, list[str]] = field(default_factory=dict)
@@ -214,7 +213,7 @@ def local_market(providers: dict[str, float], *, workers_per_provider: int = 1, 
         workers_of: dict[str, list[str]] = {}
         for address, info in metering.providers.items():
             workers_of.setdefault(info["provider"], []).append(address)
-        yield Market(cluster.scheduler_address, service.url, operator, client_token, tokens, logs, cluster,
+        yield Market(cluster.scheduler_address, service.url, operator, client_token, logs, cluster,
                      workers_of)
 
 
