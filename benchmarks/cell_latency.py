@@ -79,9 +79,50 @@ def ten_thousand_rows(seed: int = 0):
                          "label": [f"row-{i % 100}" for i in range(10_000)]})
 
 
+def result_path_alone(value: object, result_format: str) -> object:
+    """One result's trip without the network, as each side makes it: the worker's
+    encoding (``codec.dump``, then the whole result's), Dask's serialization to frames,
+    each frame read into a fresh buffer (as a connection reads it), Dask's
+    deserialization and the notebook's decoding."""
+    from distributed.protocol import deserialize, serialize
+
+    from gpunet import codec
+    from gpunet.client import data_comm  # noqa: F401 - registers the codec's Dask frames
+    from gpunet.wire import CODEC
+
+    blob = codec.dump(value, result_format, name="the return value")
+    sent = codec.encode_frames({"value": blob}) if result_format == CODEC else {"value": blob}
+    serializers = (codec.DASK_SERIALIZER, "msgpack") if result_format == CODEC else ("pickle",)
+    header, frames = serialize(sent, serializers=serializers)
+    arrived = deserialize(header, [bytearray(memoryview(frame)) for frame in frames])
+    if result_format == CODEC:
+        arrived = codec.decode(arrived)
+    return codec.load(arrived["value"], result_format, what="the return value")
+
+
+def codec_path_alone(repeats: int = 200) -> None:
+    """The codec's own cost: :func:`result_path_alone` in this process, codec against
+    pickle (interleaved rounds, medians in microseconds)."""
+    from gpunet.wire import CODEC, PICKLE
+
+    print(f"\nresults as data (codec) against pickled, without the network: one result's encoding, Dask frames "
+          f"and decoding ({repeats} each, medians)")
+    print(f"{'':34s} {'pickle':>10s} {'codec':>10s} {'codec/pickle':>13s}")
+    for name, value in (("1 MB NumPy array", megabyte_array()), ("10k-row DataFrame", ten_thousand_rows())):
+        samples: dict[str, list[float]] = {PICKLE: [], CODEC: []}
+        for _ in range(5):
+            for result_format in samples:
+                samples[result_format] += timings(lambda: result_path_alone(value, result_format),
+                                                  max(repeats // 5, 1), warmup=5)
+        medians = {label: statistics.median(values) * 1e6 for label, values in samples.items()}
+        print(f"{name + ' (us)':34s} {medians[PICKLE]:10.0f} {medians[CODEC]:10.0f} "
+              f"{medians[CODEC] / medians[PICKLE]:13.2f}")
+
+
 def codec_against_pickle(repeats: int, items: int) -> None:
     """net.run round trip and net.map throughput of the two results, as data and pickled,
-    on one unmetered network (its scheduler joined twice: trusting its providers, and not)."""
+    on one unmetered network (its scheduler joined twice: trusting its providers, and not);
+    then the same results' path without the network (:func:`codec_path_alone`)."""
     import gpunet
     from gpunet.client import network as network_module
     from gpunet.client.local import EmbeddedNetwork
@@ -115,6 +156,7 @@ def codec_against_pickle(repeats: int, items: int) -> None:
             net.close()
     finally:
         embedded.close()
+    codec_path_alone()
 
 
 GPUNET = [sys.executable, "-m", "gpunet.cli"]
@@ -251,6 +293,7 @@ def open_network_figures(repeats: int, items: int) -> None:
                 print(f"{label:40s} {rate:8.0f}")
             print(f"ratio %%gpunet --map through the gateway / client.map: "
                   f"{rates['%%gpunet --map through the gateway'] / rates['client.map + gather, held']:.2f}  (aim: >= 0.7)")
+            net.close()
 def first_value(array) -> float:
     """What the data benchmark runs: reads one number of its (large) input."""
     return float(array[0])

@@ -1,9 +1,11 @@
 """A cell's packages on a provider that lacks them: the first cell of a session, which
-waits for the install, against the second, which reuses the session's environment; and
-the wheel cache's hit rate across two sessions (each session builds its own environment,
-the wheels they share are downloaded once).
+waits for the install, against the second, which reuses the session's environment; the
+wheel cache's hit rate across two sessions (each session builds its own environment,
+the wheels they share are downloaded once); and cells of one session that alternate
+between the package's environment and the provider's own (`import numpy`), each switch
+of which started a sandbox before the session kept one per environment.
 
-    .venv/bin/python benchmarks/packages.py [--package tabulate==0.9.0] [--sessions 2]
+    .venv/bin/python benchmarks/packages.py [--package tabulate==0.9.0] [--sessions 2] [--alternate 4]
 
 A local market (credit service, metered scheduler, one provider worker process whose
 install policy is `gpunet provide --allow-installs`'s) in a temp dir; the notebook (this
@@ -26,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--package", default="tabulate==0.9.0", help="a small pure-Python package the install lacks")
     parser.add_argument("--sessions", type=int, default=2, help="notebook sessions, one after the other")
+    parser.add_argument("--alternate", type=int, default=4, help="rounds of two cells that switch environments")
     args = parser.parse_args()
     name = args.package.split("==")[0]
     with tempfile.TemporaryDirectory(prefix="gpunet-bench-packages-") as folder:
@@ -64,6 +67,30 @@ def main() -> None:
             total = hits + misses
             print(f"wheel cache hit rate across {args.sessions} sessions: {hits}/{total}"
                   f" = {hits / total:.0%}" if total else "no wheels were needed")
+            if args.alternate > 0:
+                alternate(market, name, args.alternate)
+
+
+#: A cell's count of the cells its sandbox process ran (1: a fresh sandbox).
+COUNTED = "import builtins\nbuiltins.cells = getattr(builtins, 'cells', 0) + 1\nn = builtins.cells\ndel builtins\n"
+
+
+def alternate(market, name: str, rounds: int) -> None:
+    """Cells of one session that switch between the package's environment and the
+    provider's own: seconds per cell, and how many of them found a fresh sandbox."""
+    with market.connect() as net:
+        net.run_cell(f"import {name}\n{COUNTED}", {}, quiet=True, timeout=300)  # its environment, built once
+        times, fresh = [], 0
+        for _ in range(rounds):
+            for code in (f"import {name}\n{COUNTED}", f"import numpy\n{COUNTED}"):
+                namespace: dict = {}
+                started = time.perf_counter()
+                net.run_cell(code, namespace, quiet=True, timeout=300)
+                times.append(time.perf_counter() - started)
+                fresh += namespace["n"] == 1
+        times.sort()
+        print(f"cells alternating between two environments ({len(times)} cells): median {times[len(times) // 2]:.2f} "
+              f"s per cell, mean {sum(times) / len(times):.2f} s; {fresh} of them in a freshly started sandbox")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from gpunet import codec
 from gpunet.certs import PROVIDER, own_identity
 from gpunet.paths import data_dir
 from gpunet.roles import WorkerDoor
@@ -167,6 +168,7 @@ async def dask_setup(worker: Worker) -> None:
     """Entry point for ``dask worker --preload gpunet.extensions.worker_plugin``; the
     provider's token and rate come from GPUNET_PROVIDER_TOKEN / GPUNET_PROVIDER_RATE,
     or, on an open network, the provider from the worker's certificate."""
+    codec.register_with_dask()  # CODEC results (and replicas of them) leave this worker as Dask frames
     token = os.environ.pop(PROVIDER_TOKEN_ENV, None) or None  # not left for the tasks to read
     own = own_identity(worker.security, "worker")
     certified = own is not None and own.role == PROVIDER

@@ -20,6 +20,12 @@ instead. :func:`decode` checks the size first and turns any malformed input into
 :class:`ProviderDataError`. :func:`digest` hashes the canonical encoding (dict keys
 sorted), which verification compares across providers.
 
+A result travels as :class:`Frames` (:func:`encode_frames`): a msgpack head, then each
+large array's buffer as a frame of its own, a read-only view of the array's memory that
+Dask sends as its own frame (:func:`register_with_dask`), never copied into one blob.
+In the notebook an array decoded from a frame the connection read into a fresh buffer
+is a writable view of that buffer (the notebook's alone); any other frame is copied.
+
     >>> import numpy as np
     >>> from gpunet import codec
     >>> codec.decode(codec.encode({"x": np.arange(3), "label": ("a", 1)}))
@@ -38,8 +44,9 @@ import msgpack
 from gpunet.errors import ProviderDataError, UnsupportedResultError
 from gpunet.wire import PICKLE, pickle_value, unpickle_value
 
-# msgpack extension type codes
-_TUPLE, _BIGINT, _COMPLEX, _NDARRAY, _NPSCALAR, _SERIES, _DATAFRAME, _FIGURE = range(1, 9)
+# msgpack extension type codes (_NDFRAME: an array whose buffer is a frame of its own;
+# _FRAMES: codec data encoded before, as frames, inside a value)
+_TUPLE, _BIGINT, _COMPLEX, _NDARRAY, _NPSCALAR, _SERIES, _DATAFRAME, _FIGURE, _NDFRAME, _FRAMES = range(1, 11)
 
 #: NumPy dtype kinds the codec carries: bool, int, uint, float, complex, bytes, str,
 #: timedelta64, datetime64 (never "O" objects or "V" structured records).
@@ -49,31 +56,110 @@ SUPPORTED = ("None, bool, int, float, complex, str, bytes; lists, tuples and dic
              "of numbers, bools, strings or datetimes; pandas Series/DataFrames of such columns; matplotlib figures")
 
 
+class Frames(tuple):
+    """Codec data as frames (what :func:`encode_frames` makes): the msgpack head first,
+    then the raw buffers of its large arrays, each sent as a frame of its own (Dask's
+    frames, the sandbox's), never copied into one blob. ``owned``: the frames are the
+    receiver's alone (fresh buffers a connection read), so decoded arrays may be
+    writable views of them instead of copies."""
+
+    owned = False
+
+    @property
+    def nbytes(self) -> int:
+        """The frames' total size in bytes."""
+        return sum(memoryview(frame).nbytes for frame in self)
+
+
 def encode(obj: Any, *, name: str = "the result") -> memoryview:
     """``obj`` as codec bytes (a read-only view of the packer's own buffer: no copy of
     a large result); :class:`UnsupportedResultError` naming ``name`` (e.g. "output
     'model'") and the first value inside it the codec cannot carry."""
     try:
-        packer = msgpack.Packer(default=_default, use_bin_type=True, strict_types=True, autoreset=False,
-                                buf_size=256 * 1024 + _large_bytes(obj))
+        packer = msgpack.Packer(default=_Encoder(None).default, use_bin_type=True, strict_types=True,
+                                autoreset=False, buf_size=256 * 1024 + _large_bytes(obj))
         packer.pack(obj)
         return packer.getbuffer().toreadonly()
     except _Unsupported as exc:
-        raise UnsupportedResultError(_unsupported_message(name, obj, exc.value, exc.reason),
-                                     name=name, type_name=_type_name(exc.value)) from None
+        raise _refusal(name, obj, exc) from None
 
 
-def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None, what: str = "a result") -> Any:
-    """The value :func:`encode` made of ``data``. Never runs code: malformed or
-    hostile input, or input over ``max_bytes``, raises :class:`ProviderDataError`."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ProviderDataError(f"{what} came back as {_type_name(data)}, not as codec bytes; it was not loaded")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ProviderDataError(f"{what} is {len(data):,} bytes, over its cap of {max_bytes:,} bytes; it was not "
-                                "loaded (raise the cap with --max-result-bytes, or return less)")
-    size = max_bytes if max_bytes is not None else len(data)
+def encode_frames(obj: Any, *, name: str = "the result") -> Frames:
+    """``obj`` as :class:`Frames`: what :func:`encode` makes, but each NumPy buffer of
+    :data:`FRAME_MIN_BYTES` or more left out of the head as a read-only view of the
+    array's own memory (no copy; a non-contiguous array is made contiguous once), and
+    the frames of :class:`Frames` inside ``obj`` (a result's encoded outputs) taken
+    over as they are."""
+    encoder = _Encoder([])
     try:
-        return _Decoder(size + DECODE_SLACK_BYTES, SLOT_BYTES * size + DECODE_SLACK_BYTES).unpack(data)
+        head = msgpack.packb(obj, default=encoder.default, use_bin_type=True, strict_types=True)
+    except _Unsupported as exc:
+        raise _refusal(name, obj, exc) from None
+    return Frames([head, *encoder.frames])
+
+
+#: The Dask serialization family that sends :class:`Frames` as Dask frames of their own
+#: (registered by :func:`register_with_dask` in the notebook and on workers; a peer that
+#: does not ask for it gets them as msgpack, one frame).
+DASK_SERIALIZER = "gpunet-codec"
+
+
+def register_with_dask() -> None:
+    """Teach Dask (in this process) to send :class:`Frames` as frames: no copy of a
+    result's arrays into one msgpack blob on the worker, nor out of it in the notebook."""
+    from distributed.protocol.serialize import families, register_serialization_family
+
+    if DASK_SERIALIZER not in families:
+        register_serialization_family(DASK_SERIALIZER, _dask_dumps, _dask_loads)
+
+
+def _dask_dumps(value: Any) -> tuple[dict[str, Any], list[Any]]:
+    if not isinstance(value, Frames):
+        raise NotImplementedError  # Dask tries the next serializer (msgpack)
+    return {}, list(value)
+
+
+def _dask_loads(header: dict[str, Any], frames: list[Any]) -> Frames:
+    """Frames as a connection read them: only wrapped (decoding is :func:`decode`'s, with
+    the job's caps). Owned when every array frame is a writable buffer of its own
+    (a connection's fresh read), never a sender's read-only views in this process."""
+    received = Frames(frames)
+    received.owned = bool(frames) and all(not memoryview(frame).readonly for frame in frames[1:])
+    return received
+
+
+def frames_of(data: Any) -> Frames | None:
+    """``data`` as :class:`Frames` when it is frames (as made, or a tuple or list of
+    bytes-like frames, as msgpack carries them), else None."""
+    if isinstance(data, Frames):
+        return data
+    if isinstance(data, (tuple, list)) and data and all(isinstance(f, (bytes, bytearray, memoryview)) for f in data):
+        return Frames(data)
+    return None
+
+
+def nbytes(data: Any) -> int:
+    """The size of codec bytes or :class:`Frames`."""
+    return data.nbytes if isinstance(data, Frames) else len(data)
+
+
+def decode(data: bytes | bytearray | memoryview | Frames, *, max_bytes: int | None = None,
+           what: str = "a result") -> Any:
+    """The value :func:`encode` (or :func:`encode_frames`) made of ``data``. Never runs
+    code: malformed or hostile input, or input over ``max_bytes``, raises
+    :class:`ProviderDataError`. Arrays are the caller's own: writable copies, or
+    writable views of frames the caller owns (:attr:`Frames.owned`)."""
+    frames = frames_of(data)
+    if frames is None and not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProviderDataError(f"{what} came back as {_type_name(data)}, not as codec bytes; it was not loaded")
+    length = nbytes(frames if frames is not None else data)
+    if max_bytes is not None and length > max_bytes:
+        raise ProviderDataError(f"{what} is {length:,} bytes, over its cap of {max_bytes:,} bytes; it was not "
+                                "loaded (raise the cap with --max-result-bytes, or return less)")
+    size = max_bytes if max_bytes is not None else length
+    try:
+        decoder = _Decoder(size + DECODE_SLACK_BYTES, SLOT_BYTES * size + DECODE_SLACK_BYTES, frames=frames)
+        return decoder.unpack(frames[0] if frames is not None else data)
     except ProviderDataError as exc:
         raise ProviderDataError(f"{what} could not be decoded ({exc}); it was not loaded") from None
     except Exception as exc:  # noqa: BLE001 - anything a stranger's bytes can make msgpack or NumPy raise
@@ -81,12 +167,12 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
 
 
 def dump(value: Any, result_format: str, *, name: str) -> Any:
-    """``value`` as it travels back in ``result_format``: codec bytes (:func:`encode`),
+    """``value`` as it travels back in ``result_format``: codec :class:`Frames` (:func:`encode_frames`),
     or where the notebook trusts its providers (``PICKLE``) pickled once, its large
     buffers kept apart to travel as Dask frames (:func:`gpunet.wire.pickle_value`)."""
     if result_format == PICKLE:
         return pickle_value(value)
-    return encode(value, name=name)
+    return encode_frames(value, name=name)
 
 
 def load(blob: Any, result_format: str, *, what: str) -> Any:
@@ -145,13 +231,6 @@ class _Unsupported(Exception):
         self.reason = reason
 
 
-def _pack(obj: Any) -> bytes:
-    # strict_types: a tuple, an int or float subclass (NumPy scalars) reaches _default.
-    # A buffer sized for the large values up front: growing it copies them again.
-    return msgpack.packb(obj, default=_default, use_bin_type=True, strict_types=True,
-                         buf_size=256 * 1024 + _large_bytes(obj))
-
-
 def _large_bytes(obj: Any, depth: int = 3) -> int:
     """About how many bytes ``obj``'s large values take (a few levels deep; cheap)."""
     if isinstance(obj, (bytes, bytearray, memoryview)):
@@ -165,90 +244,126 @@ def _large_bytes(obj: Any, depth: int = 3) -> int:
     return 0
 
 
-def _default(obj: Any) -> Any:
-    """msgpack's hook for what it does not carry natively."""
-    if isinstance(obj, tuple):
-        return msgpack.ExtType(_TUPLE, _pack(list(obj)))
-    if isinstance(obj, complex):
-        return msgpack.ExtType(_COMPLEX, struct.pack("<dd", obj.real, obj.imag))
-    module = type(obj).__module__.split(".")[0]
-    if isinstance(obj, int) and module != "numpy":  # beyond 64 bits, or a subclass (IntEnum)
-        value = int(obj)
-        return value if -(2**63) <= value < 2**64 and type(obj) is not int else \
-            msgpack.ExtType(_BIGINT, str(value).encode())
-    if isinstance(obj, (float, str, bytes)) and module != "numpy":  # subclasses travel as their base
-        return (float if isinstance(obj, float) else str if isinstance(obj, str) else bytes)(obj)
-    if isinstance(obj, dict):
-        return dict(obj)
-    if isinstance(obj, list):
-        return list(obj)
-    if module == "numpy":
-        import numpy as np
+#: Arrays of this many bytes or more travel as frames of their own (:func:`encode_frames`);
+#: smaller ones inside the head, where a copy costs less than a frame.
+FRAME_MIN_BYTES = 16 * 1024
 
-        if isinstance(obj, np.ndarray):
-            return msgpack.ExtType(_NDARRAY, _array_payload(obj))
-        if isinstance(obj, np.generic):
-            return msgpack.ExtType(_NPSCALAR, _array_payload(np.asarray(obj)))
-    if module in ("jax", "jaxlib") and hasattr(obj, "__array__"):
-        import numpy as np
 
-        return msgpack.ExtType(_NDARRAY, _array_payload(np.asarray(obj)))
-    if module == "pandas":
+class _Encoder:
+    """One encoding: ``frames`` None packs every array's buffer into the bytes
+    (:func:`encode`); a list collects large buffers as frames (:func:`encode_frames`)."""
+
+    def __init__(self, frames: list[Any] | None) -> None:
+        self.frames = frames
+
+    def pack(self, obj: Any) -> bytes:
+        # strict_types: a tuple, an int or float subclass (NumPy scalars) reaches default.
+        # A buffer sized for the large values up front: growing it copies them again.
+        large = _large_bytes(obj) if self.frames is None else 0
+        return msgpack.packb(obj, default=self.default, use_bin_type=True, strict_types=True,
+                             buf_size=256 * 1024 + large)
+
+    def default(self, obj: Any) -> Any:
+        """msgpack's hook for what it does not carry natively."""
+        if isinstance(obj, Frames):  # an output encoded before its result
+            if self.frames is None:
+                return msgpack.ExtType(_FRAMES, self.pack([bytes(memoryview(frame)) for frame in obj]))
+            self.frames.extend(obj)
+            return msgpack.ExtType(_FRAMES, self.pack([len(self.frames) - len(obj) + 1, len(obj)]))
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(_TUPLE, self.pack(list(obj)))
+        if isinstance(obj, complex):
+            return msgpack.ExtType(_COMPLEX, struct.pack("<dd", obj.real, obj.imag))
+        module = type(obj).__module__.split(".")[0]
+        if isinstance(obj, int) and module != "numpy":  # beyond 64 bits, or a subclass (IntEnum)
+            value = int(obj)
+            return value if -(2**63) <= value < 2**64 and type(obj) is not int else \
+                msgpack.ExtType(_BIGINT, str(value).encode())
+        if isinstance(obj, (float, str, bytes)) and module != "numpy":  # subclasses travel as their base
+            return (float if isinstance(obj, float) else str if isinstance(obj, str) else bytes)(obj)
+        if isinstance(obj, dict):
+            return dict(obj)
+        if isinstance(obj, list):
+            return list(obj)
+        if module == "numpy":
+            import numpy as np
+
+            if isinstance(obj, np.ndarray):
+                return self.array(obj)
+            if isinstance(obj, np.generic):
+                return msgpack.ExtType(_NPSCALAR, self.array_payload(np.asarray(obj)))
+        if module in ("jax", "jaxlib") and hasattr(obj, "__array__"):
+            import numpy as np
+
+            return self.array(np.asarray(obj))
+        if module == "pandas":
+            import pandas as pd
+
+            if isinstance(obj, pd.Series):
+                return msgpack.ExtType(_SERIES, self.pack([obj.name, self.index_payload(obj.index), self.column(obj)]))
+            if isinstance(obj, pd.DataFrame):
+                if not all(isinstance(column, (str, int)) for column in obj.columns):
+                    raise _Unsupported(obj, "its column names must be strings or integers")
+                columns = [(column, self.column(obj[column] if obj.columns.is_unique else obj.iloc[:, i]))
+                           for i, column in enumerate(obj.columns)]
+                return msgpack.ExtType(_DATAFRAME, self.pack([self.index_payload(obj.index), columns]))
+        if module == "matplotlib" and type(obj).__name__ == "Figure":
+            import io
+
+            buffer = io.BytesIO()
+            obj.savefig(buffer, format="png", bbox_inches="tight")
+            return msgpack.ExtType(_FIGURE, buffer.getvalue())
+        raise _Unsupported(obj)
+
+    def array(self, array: Any) -> msgpack.ExtType:
+        """An array: its buffer in the bytes, or (a large one, when collecting frames)
+        a frame of its own, the head naming its dtype, shape and frame."""
+        if self.frames is None or array.nbytes < FRAME_MIN_BYTES:
+            return msgpack.ExtType(_NDARRAY, self.array_payload(array))
+        contiguous = _contiguous(array)
+        self.frames.append(memoryview(contiguous.reshape(-1).view("u1")).toreadonly())
+        return msgpack.ExtType(_NDFRAME, self.pack([contiguous.dtype.str, list(contiguous.shape), len(self.frames)]))
+
+    def array_payload(self, array: Any) -> bytes:
+        contiguous = _contiguous(array)
+        # header length, header, raw buffer: joined in one allocation, and read back without copying the buffer
+        header = self.pack([contiguous.dtype.str, list(contiguous.shape)])
+        return b"".join([struct.pack("<I", len(header)), header, memoryview(contiguous.reshape(-1).view("u1"))])
+
+    def column(self, series: Any) -> list[Any]:
+        """A pandas column: an array, or (object, string and categorical columns) its
+        values as a list of what the codec carries."""
+        values = series.to_numpy()
+        if values.dtype.kind != "O":  # in the bytes: the same encoding as before frames (digests stay)
+            return ["array", self.array_payload(values) if self.frames is None else self.array(values)]
+        try:
+            return ["list", str(series.dtype), self.pack(series.tolist())]
+        except _Unsupported as exc:
+            raise _Unsupported(series, f"its column {series.name!r} ({series.dtype}) holds a "
+                                       f"{_type_name(exc.value)}") from None
+
+    def index_payload(self, index: Any) -> Any:
         import pandas as pd
 
-        if isinstance(obj, pd.Series):
-            return msgpack.ExtType(_SERIES, _pack([obj.name, _index_payload(obj.index), _column(obj)]))
-        if isinstance(obj, pd.DataFrame):
-            if not all(isinstance(column, (str, int)) for column in obj.columns):
-                raise _Unsupported(obj, "its column names must be strings or integers")
-            columns = [(column, _column(obj[column] if obj.columns.is_unique else obj.iloc[:, i]))
-                       for i, column in enumerate(obj.columns)]
-            return msgpack.ExtType(_DATAFRAME, _pack([_index_payload(obj.index), columns]))
-    if module == "matplotlib" and type(obj).__name__ == "Figure":
-        import io
-
-        buffer = io.BytesIO()
-        obj.savefig(buffer, format="png", bbox_inches="tight")
-        return msgpack.ExtType(_FIGURE, buffer.getvalue())
-    raise _Unsupported(obj)
+        if isinstance(index, pd.RangeIndex):
+            return ["range", index.start, index.stop, index.step, index.name]
+        if isinstance(index, pd.MultiIndex):
+            raise _Unsupported(index, "a MultiIndex does not travel; reset_index() first")
+        return ["values", self.column(index.to_series()), index.name]
 
 
-def _array_payload(array: Any) -> bytes:
+def _contiguous(array: Any) -> Any:
+    """``array`` itself when C-contiguous, else a C-contiguous copy; refused when its
+    dtype does not travel."""
     import numpy as np
 
     if array.dtype.kind not in ARRAY_KINDS or array.dtype.fields is not None:
         raise _Unsupported(array, f"its dtype {array.dtype} is not one of numbers, bools, strings or datetimes")
-    contiguous = array if array.flags.c_contiguous else np.array(array, order="C")  # keeps 0-d arrays 0-d
-    # header length, header, raw buffer: joined in one allocation, and read back without copying the buffer
-    header = _pack([contiguous.dtype.str, list(contiguous.shape)])
-    return b"".join([struct.pack("<I", len(header)), header, memoryview(contiguous.reshape(-1).view(np.uint8))])
+    return array if array.flags.c_contiguous else np.array(array, order="C")  # keeps 0-d arrays 0-d
 
 
 #: pandas dtypes a column of Python values comes back as (anything else: object)
 _LIST_DTYPES = ("str", "string", "object", "category")
-
-
-def _column(series: Any) -> list[Any]:
-    """A pandas column: an array payload, or (object, string and categorical columns)
-    its values as a list of what the codec carries."""
-    values = series.to_numpy()
-    if values.dtype.kind != "O":
-        return ["array", _array_payload(values)]
-    try:
-        return ["list", str(series.dtype), _pack(series.tolist())]
-    except _Unsupported as exc:
-        raise _Unsupported(series, f"its column {series.name!r} ({series.dtype}) holds a "
-                                   f"{_type_name(exc.value)}") from None
-
-
-def _index_payload(index: Any) -> Any:
-    import pandas as pd
-
-    if isinstance(index, pd.RangeIndex):
-        return ["range", index.start, index.stop, index.step, index.name]
-    if isinstance(index, pd.MultiIndex):
-        raise _Unsupported(index, "a MultiIndex does not travel; reset_index() first")
-    return ["values", _column(index.to_series()), index.name]
 
 
 # -- decoding --------------------------------------------------------------------------
@@ -285,12 +400,16 @@ class _Decoder:
     a small payload that expands (a 0-d column under a huge RangeIndex, an array of
     zero-size items) can crash the notebook or exhaust its memory."""
 
-    def __init__(self, budget: int, containers: int, *, extensions: bool = True) -> None:
+    def __init__(self, budget: int, containers: int, *, extensions: bool = True, frames: Frames | None = None) -> None:
         self.depth = 0
         self.budget = budget
         #: what lists and maps may still take (see CONTAINER_BYTES)
         self.containers = containers
         self.extensions = extensions
+        #: the frames the head's arrays refer to (None: bytes, where a frame is refused)
+        self.frames = frames
+        #: frames already taken: each is one value's alone (no two arrays share memory)
+        self.taken: set[int] = set()
 
     def unpack(self, data: bytes) -> Any:
         self.depth += 1
@@ -326,6 +445,10 @@ class _Decoder:
             return complex(real, imag)
         if code == _NDARRAY:
             return self.array(data)
+        if code == _NDFRAME:
+            return self.framed_array(data)
+        if code == _FRAMES:
+            return self.nested_frames(data)
         if code == _NPSCALAR:
             return self.array(data)[()]
         if code in (_SERIES, _DATAFRAME):
@@ -354,19 +477,78 @@ class _Decoder:
         (length,) = struct.unpack_from("<I", payload)
         dtype_text, shape = self.unpack(payload[4:4 + length])
         raw = memoryview(payload)[4 + length:]
+        dtype, shape, size = self.dtype_and_shape(dtype_text, list(shape) if isinstance(shape, tuple) else shape)
+        if size != len(raw):
+            raise ProviderDataError(f"an array's {len(raw)} bytes do not fit its shape {shape} and dtype {dtype}")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()  # the notebook's own, writable copy
+
+    def dtype_and_shape(self, dtype_text: Any, shape: Any) -> tuple[Any, tuple[int, ...], int]:
+        """An array's checked dtype and shape, and its size in bytes, charged to the
+        budget; refused (before anything is allocated) for a dtype the codec does not
+        carry, a bad shape, or more than the budget allows."""
+        import numpy as np
+
         dtype = np.dtype(str(dtype_text))
         if dtype.kind not in ARRAY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
             raise ProviderDataError(f"an array of dtype {dtype} does not travel in the codec")
+        if not isinstance(shape, list):
+            raise ProviderDataError("an array's shape is not a list")
         shape = tuple(int(n) for n in shape)
         count = 1
         for n in shape:
             if n < 0:
                 raise ProviderDataError(f"an array has a negative dimension in its shape {shape}")
             count *= n
-        if count * dtype.itemsize != len(raw):
-            raise ProviderDataError(f"an array's {len(raw)} bytes do not fit its shape {shape} and dtype {dtype}")
         self.charge(count * max(dtype.itemsize, 1))
-        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()  # the notebook's own, writable copy
+        return dtype, shape, count * dtype.itemsize
+
+    def take_frames(self, first: Any, count: Any) -> list[Any]:
+        """Frames ``first`` to ``first + count - 1``, each taken once; refused when they
+        are not there or were taken before."""
+        if self.frames is None:
+            raise ProviderDataError("codec bytes refer to a frame, but came as one piece")
+        if type(first) is not int or type(count) is not int or first < 1 or count < 1 \
+                or first + count > len(self.frames):
+            raise ProviderDataError(f"a value refers to frames {first!r}+{count!r} of {len(self.frames) - 1}")
+        wanted = set(range(first, first + count))
+        if wanted & self.taken:
+            raise ProviderDataError("two values refer to the same frame")
+        self.taken |= wanted
+        return list(self.frames[first:first + count])
+
+    def framed_array(self, data: bytes) -> Any:
+        """An array whose buffer is a frame: a view of it where the frames are the
+        caller's own (:attr:`Frames.owned`), writable and aligned; else a copy."""
+        import numpy as np
+
+        described = self.unpack(data)
+        if not isinstance(described, list) or len(described) != 3:
+            raise ProviderDataError("an array's description is malformed")
+        dtype, shape, size = self.dtype_and_shape(described[0], described[1])
+        (frame,) = self.take_frames(described[2], 1)
+        raw = memoryview(frame).cast("B") if memoryview(frame).format != "B" else memoryview(frame)
+        if size != raw.nbytes:
+            raise ProviderDataError(f"an array's {raw.nbytes} bytes do not fit its shape {shape} and dtype {dtype}")
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        if self.frames.owned and array.flags.writeable and array.flags.aligned:
+            return array  # the frame is the notebook's alone: no copy
+        return array.copy()
+
+    def nested_frames(self, data: bytes) -> Frames:
+        """Codec data encoded inside this value (a result's output): its frames, as
+        :class:`Frames` to decode later (owned where these are)."""
+        described = self.unpack(data)
+        if not isinstance(described, list):
+            raise ProviderDataError("nested codec data is malformed")
+        if self.frames is None:  # inside bytes: the frames themselves
+            if not described or not all(isinstance(frame, bytes) for frame in described):
+                raise ProviderDataError("nested codec data is malformed")
+            return Frames(described)
+        if len(described) != 2:
+            raise ProviderDataError("nested codec data is malformed")
+        nested = Frames(self.take_frames(*described))
+        nested.owned = self.frames.owned
+        return nested
 
     def index(self, payload: list[Any], length: int | None) -> Any:
         """A Series' or DataFrame's index; ``length``: its columns' (None: no columns)."""
@@ -388,7 +570,7 @@ class _Decoder:
         import pandas as pd
 
         if payload[0] == "array":
-            values = self.array(payload[1])
+            values = payload[1] if _is_array(payload[1]) else self.array(payload[1])
             if values.ndim != 1:
                 raise ProviderDataError(f"a column's values are a {values.ndim}-dimensional array, not a 1-D one")
             return values
@@ -397,6 +579,11 @@ class _Decoder:
         if not isinstance(values, list):
             raise ProviderDataError("a column's values are not a list")
         return pd.array(values, dtype=dtype if dtype in _LIST_DTYPES else "object")
+
+
+def _is_array(value: Any) -> bool:
+    """Whether ``value`` is a decoded NumPy array (a frame's), not an array's bytes."""
+    return type(value).__module__ == "numpy" and type(value).__name__ == "ndarray"
 
 
 # -- messages --------------------------------------------------------------------------
@@ -422,6 +609,11 @@ def _path_to(obj: Any, target: Any, path: str) -> str | None:
             if found is not None:
                 return found
     return None
+
+
+def _refusal(name: str, obj: Any, exc: _Unsupported) -> UnsupportedResultError:
+    return UnsupportedResultError(_unsupported_message(name, obj, exc.value, exc.reason), name=name,
+                                  type_name=_type_name(exc.value))
 
 
 def _unsupported_message(name: str, obj: Any, value: Any, reason: str) -> str:

@@ -17,8 +17,12 @@ only the worker loads them. Each job's live output and progress stream back as
 server-sent events, then its results as codec data (:mod:`gpunet.codec`).
 
 Limits: a request body is capped while it streams in (413), a job's pickled bytes
-are capped (413), submissions are rate-limited per account (429), and an account
-holds at most a few sessions at once (429).
+are capped (413), submissions are rate-limited per account (429), an account holds at
+most a few sessions (429) and jobs in flight (429) at once; the job events nobody read
+are capped per job and gateway-wide, and a reader that stays too slow is dropped; one
+address holds at most so many connections, and a request's headers and body are due
+within deadlines (:mod:`gpunet.gateway_guard`). Every job takes a device slot, and a
+revoked token stops at the next submission.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunet import certs, codec, wire
-from gpunet.client.gateway_link import blob_in, pack, sse_frame
+from gpunet.client.gateway_link import blob_in, pack
 from gpunet.client.handle import JobHandle, new_job_id
 from gpunet.client.network import Network, join
 from gpunet.credits import CreditClient
@@ -47,6 +51,7 @@ from gpunet.credits._service import bind_socket, read_capped_body
 from gpunet.errors import (AuthError, CreditsError, CreditsRequestError, GatewayError, GpunetError, OptionError,
                            ProviderDataError)
 from gpunet.kernels import Tolerance
+from gpunet.gateway_guard import ConnectionCounts, Relay, UnreadResults, guarded_protocol, guarded_server
 from gpunet.guarded_tls import expect_scheduler_at, use_guarded_tls
 from gpunet.provenance import run_facts
 from gpunet.roles import TokenBucket
@@ -70,8 +75,22 @@ DEFAULT_MAX_SESSIONS = 4
 #: A session with no job running and no request for this long is closed (its holds go
 #: back) when its account opens another: a kernel that died leaves one behind.
 SESSION_IDLE_S = 15 * 60.0
-#: How long a checked token is believed before the credit service is asked again.
-TOKEN_TTL_S = 30.0
+#: How long a checked token is believed before the credit service is asked again, for
+#: reads; a submission and a session's opening always ask (a revoked token stops at once).
+TOKEN_TTL_S = 5.0
+#: Per account: jobs in flight at once (sent and not yet read to their end).
+DEFAULT_MAX_JOBS_IN_FLIGHT = 32
+#: Bytes of job events the notebooks have not read yet: per job stream, and gateway-wide
+#: (a job stream holds its results, at most a session's max_result_bytes, base64: 4/3).
+DEFAULT_MAX_UNREAD_BYTES_PER_JOB = 512 * 1024 * 1024
+DEFAULT_MAX_UNREAD_BYTES = 2 * 1024 * 1024 * 1024
+#: A reader that reads nothing for this long while bytes wait for it is dropped.
+DEFAULT_SLOW_READER_S = 60.0
+#: Connections one address may hold open, and how long a request's headers (from its
+#: first byte, or the connection's opening) and then its body may take to arrive.
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 64
+DEFAULT_HEADERS_S = 10.0
+DEFAULT_BODY_S = 120.0
 #: The most items a map may have, and the longest cell, through the gateway.
 MAX_ITEMS = 100_000
 MAX_CODE_CHARS = 1024 * 1024
@@ -95,6 +114,13 @@ class GatewayLimits:
     submit_burst: int = DEFAULT_SUBMIT_BURST
     submits_per_s: float = DEFAULT_SUBMITS_PER_S
     max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_jobs_in_flight: int = DEFAULT_MAX_JOBS_IN_FLIGHT
+    max_unread_bytes_per_job: int = DEFAULT_MAX_UNREAD_BYTES_PER_JOB
+    max_unread_bytes: int = DEFAULT_MAX_UNREAD_BYTES
+    slow_reader_s: float = DEFAULT_SLOW_READER_S
+    max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
+    headers_s: float = DEFAULT_HEADERS_S
+    body_s: float = DEFAULT_BODY_S
 
 
 class ServedNetwork(Network):
@@ -122,25 +148,6 @@ class ServedNetwork(Network):
 
             handle._on_live_event = relayed  # type: ignore[method-assign]
         super().register_job(handle)
-
-
-class Relay:
-    """A job's events on their way to its notebook: put from any thread, read as
-    server-sent events on the gateway's event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.over = False
-
-    def put(self, event: str, data: Any) -> None:
-        """Send ``event`` with ``data`` (msgpack-able) to the notebook."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, sse_frame(event, data))
-
-    def end(self) -> None:
-        """No more events."""
-        self.over = True
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
 
 class RelayProgress:
@@ -190,6 +197,18 @@ class ClientSession:
     last_used: float = field(default_factory=time.monotonic)
 
 
+def shut(session: ClientSession, reason: str) -> None:
+    """Stop ``session``'s jobs for ``reason`` and close its client (its holds go back)."""
+    for handle in list(session.jobs.values()):
+        handle.stop(reason)
+    try:
+        session.network.close(force=True)
+    except AuthError:  # a revoked token: its holds were given back; seeing them settled is refused
+        logger.warning("gateway: session %s of account %s closed without its token (revoked)",
+                       session.session_id[:8], session.account)
+        session.network.client.close(timeout=5)
+
+
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -222,28 +241,52 @@ class Gateway:
         #: sessions being opened (connecting to the scheduler), by account
         self._opening: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.unread = UnreadResults(self.limits.max_unread_bytes_per_job, self.limits.max_unread_bytes,
+                                    self.limits.slow_reader_s)
+        #: each account's jobs whose streams still hold something on the gateway
+        self._in_flight: dict[str, set[Relay]] = {}
+        #: the role of each token checked, by digest (a role never changes)
+        self._roles: dict[str, tuple[str, str]] = {}
 
     # -- who is asking ---------------------------------------------------------------
-    async def account_of(self, request: Any) -> tuple[str, str]:
-        """(account, token) of the request's bearer token, a client account's."""
+    async def account_of(self, request: Any, *, fresh: bool = False) -> tuple[str, str]:
+        """(account, token) of the request's bearer token, a client account's; ``fresh``:
+        asked of the credit service now (a submission: a revoked token stops at once)."""
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not token:
             raise GatewayError(NO_TOKEN, status=401, code="no_token")
         digest = _digest(token)
         known = self._tokens.get(digest)
-        if known is not None and known[1] > time.monotonic():
+        if known is not None and known[1] > time.monotonic() and not fresh:
             return known[0], token
-        account = await asyncio.to_thread(self._check_token, token)
+        try:
+            account = await asyncio.to_thread(self._check_token, token)
+        except GatewayError as exc:
+            if exc.code == "bad_token":  # revoked: what its sessions hold goes back
+                self._close_sessions_of(digest)
+            raise
         self._tokens[digest] = (account, time.monotonic() + TOKEN_TTL_S)
         return account, token
 
+    def _close_sessions_of(self, digest: str) -> None:
+        """Close (in the background) the sessions opened with the token of ``digest``:
+        their jobs stop, their holds go back."""
+        for session in [s for s in self.sessions.values() if s.token_digest == digest]:
+            self.sessions.pop(session.session_id, None)
+            logger.warning("gateway: closing session %s of account %s: its token was revoked", session.session_id[:8],
+                           session.account)
+            threading.Thread(target=shut, args=(session, "the notebook's token was revoked"), daemon=True).start()
+
     def _check_token(self, token: str) -> str:
+        digest = _digest(token)
         try:
             with CreditClient(self.credits_url, token) as credits:
                 account = credits.ping()["account"]
-                role = credits.account(account)["role"]
+                known = self._roles.get(digest)
+                role = known[1] if known is not None and known[0] == account else credits.account(account)["role"]
         except AuthError:
+            self._tokens.pop(digest, None)
             raise GatewayError("the credit service does not know this token: check the file given with "
                                "--token-file (or GPUNET_TOKEN), or ask the operator for a client account's token",
                                status=401, code="bad_token") from None
@@ -251,6 +294,7 @@ class Gateway:
             raise GatewayError(f"this is a {role} account's token; notebooks use a client account's token "
                                "(the operator makes one with `gpunet credits create-account NAME --role client`)",
                                status=403, code="wrong_role")
+        self._roles[digest] = (account, role)
         return account
 
     def session_of(self, request: Any, account: str, token: str) -> ClientSession:
@@ -270,10 +314,31 @@ class Gateway:
                                f"second from one account (bursts of {limits.submit_burst}); wait a moment and send "
                                "it again, or send many items as one --map", status=429, code="rate_limited")
 
+    def _take_job_slot(self, account: str) -> None:
+        """Refuse a submission (429) where ``account`` has the most jobs in flight it may."""
+        mine = self._in_flight.setdefault(account, set())
+        mine.difference_update([relay for relay in mine if relay.finished])
+        if len(mine) >= self.limits.max_jobs_in_flight:
+            raise GatewayError(f"account {account} has {len(mine)} jobs in flight on this gateway, the most it may: "
+                               "read their results (wait for the cells you sent, or interrupt "
+                               "some), then send it again", status=429, code="too_many_jobs")
+
+    def _relay_for(self, session: ClientSession, job_id: str) -> Relay:
+        """The relay of a new job of ``session``: its unread bytes counted; a reader
+        dropped for reading too slowly stops the job."""
+        def stop(reason: str) -> None:
+            handle = session.jobs.get(job_id)
+            if handle is not None:
+                threading.Thread(target=handle.stop, args=(reason,), daemon=True).start()
+
+        relay = Relay(asyncio.get_running_loop(), self.unread, account=session.account, job_id=job_id, on_drop=stop)
+        self._in_flight.setdefault(session.account, set()).add(relay)
+        return relay
+
     # -- the endpoints -----------------------------------------------------------------
     async def open_session(self, request: Any) -> Any:
         """POST /v1/sessions: open this notebook's credit session and its Dask client."""
-        account, token = await self.account_of(request)
+        account, token = await self.account_of(request, fresh=True)
         body = await self._body(request)
         mine = [s for s in self.sessions.values() if s.account == account]
         for idle in [s for s in mine if not s.jobs and time.monotonic() - s.last_used > SESSION_IDLE_S]:
@@ -290,6 +355,7 @@ class Gateway:
         caps = {name: _integer(body, name, 1, wire.DEFAULT_MAX_RESULT_BYTES if name == "max_result_bytes"
                                else 64 * wire.DEFAULT_MAX_STREAM_BYTES_PER_S)
                 for name in ("max_result_bytes", "max_stream_bytes_per_s")}
+        caps["max_result_bytes"] = min(caps["max_result_bytes"], result_bytes_within(self.limits))
         notebook = (_text(body, "kernel", 200), _text(body, "notebook", 1000))
         self._opening[account] = opening + 1
         try:
@@ -309,9 +375,7 @@ class Gateway:
         account, token = await self.account_of(request)
         session = self.session_of(request, account, token)
         self.sessions.pop(session.session_id, None)
-        for handle in list(session.jobs.values()):
-            await asyncio.to_thread(handle.stop, "the notebook disconnected")
-        await asyncio.to_thread(session.network.close, force=True)
+        await asyncio.to_thread(shut, session, "the notebook disconnected")
         return answer({"closed": True})
 
     async def state(self, request: Any) -> Any:
@@ -327,7 +391,7 @@ class Gateway:
 
     async def capabilities(self, request: Any) -> Any:
         """POST /v1/sessions/{sid}/capabilities: each worker's measured capability."""
-        account, token = await self.account_of(request)
+        account, token = await self.account_of(request, fresh=True)
         network = self.session_of(request, account, token).network
         self._take_submission(account)  # measuring runs work on every worker: it counts as a submission
         body = await self._body(request)
@@ -359,12 +423,13 @@ class Gateway:
         """POST /v1/sessions/{sid}/jobs: send a job; the answer is its event stream."""
         from starlette.responses import StreamingResponse
 
-        account, token = await self.account_of(request)
+        account, token = await self.account_of(request, fresh=True)
         session = self.session_of(request, account, token)
         self._take_submission(account)
         spec = await self._body(request)
         job, options = job_from(spec, session.network.topic, self.limits)
-        relay = Relay(asyncio.get_running_loop())
+        self._take_job_slot(account)  # no await from here until the relay counts: concurrent ones see it
+        relay = self._relay_for(session, job.job_id)
         session.network.relays[job.job_id] = relay
         thread = threading.Thread(target=self._run, args=(session, job, options, relay), daemon=True,
                                   name=f"gpunet-gateway-{job.job_id}")
@@ -372,8 +437,8 @@ class Gateway:
 
         async def events() -> AsyncIterator[bytes]:
             try:
-                while (frame := await relay.queue.get()) is not None:
-                    yield frame
+                async for piece in relay.pieces():
+                    yield piece
             finally:
                 if not relay.over and job.job_id in session.jobs:  # the notebook went away: stop it
                     handle = session.jobs[job.job_id]
@@ -390,6 +455,8 @@ class Gateway:
                                          max_rate=options["max_rate"])
             remote = network.submit(job, **options)
             session.jobs[job.job_id] = remote
+            if relay.dropped is not None:  # its reader was dropped while the job was being sent
+                remote.stop(relay.dropped)
             network.sent()
             relay.put("sent", {"job": job.job_id, "holds": remote.placed_holds()})
             results = remote.wait(wait_s, progress=RelayProgress(relay), echo=False)
@@ -431,6 +498,12 @@ class Gateway:
                 session.network.close(force=True)
             except Exception as exc:  # noqa: BLE001 - closing goes on
                 logger.warning("gateway: could not close session %s: %s", session.session_id[:8], exc)
+
+
+def result_bytes_within(limits: GatewayLimits) -> int:
+    """The largest result a session may ask for whose event (base64: 4/3 of it, and
+    framing) fits within what may wait unread for a job, and for all of them."""
+    return max(1024, min(limits.max_unread_bytes_per_job, limits.max_unread_bytes) * 3 // 4 - 64 * 1024)
 
 
 # -- a job from a request, checked field by field -------------------------------------
@@ -512,6 +585,10 @@ def job_from(spec: dict[str, Any], topic: str, limits: GatewayLimits) -> tuple[J
             name in RESOURCES and type(value) in (int, float) and 0 <= value < 2**53
             for name, value in resources.items()):
         raise _bad("resources", f"a map of {', '.join(RESOURCES)} to numbers")
+    resources = {wire.DEVICE_RESOURCE: 1, **resources}  # every task takes a device slot: a draining worker has none
+    if resources[wire.DEVICE_RESOURCE] < 1:
+        raise _bad("resources", f"a map whose {wire.DEVICE_RESOURCE} is at least 1 (every job through the gateway "
+                   "takes a device slot of its worker)")
     workers = spec.get("workers")
     flat = [w for group in workers for w in (group if isinstance(group, list) else [group])] if isinstance(
         workers, list) else []
@@ -550,6 +627,7 @@ def job_from(spec: dict[str, Any], topic: str, limits: GatewayLimits) -> tuple[J
 def build_app(gateway: Gateway) -> Any:
     """The Starlette application serving ``gateway``."""
     from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
     from starlette.routing import Route
 
     def wrap(handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -558,6 +636,8 @@ def build_app(gateway: Gateway) -> Any:
                 return await handler(request)
             except GatewayError as exc:
                 return refusal(str(exc), exc.status, exc.code)
+            except ClientDisconnect:  # its connection closed (too slow a body): nobody hears the answer
+                return refusal("the request's connection closed before its body came", 408, "too_slow")
             except CreditsRequestError as exc:  # the request's body (413) or the credit service's answer
                 return refusal(str(exc), getattr(exc, "status", 400) or 400, getattr(exc, "code", "refused"))
             except (CreditsError, GpunetError) as exc:
@@ -629,10 +709,12 @@ def serve(scheduler: str, credits_url: str, *, ca_file: str | Path, cert_file: s
     sock = bind_socket(host, port)
     bound = sock.getsockname()
     url = f"https://{f'[{bound[0]}]' if sock.family == socket.AF_INET6 else bound[0]}:{bound[1]}"
+    limits = gateway.limits
+    protocol = guarded_protocol(ConnectionCounts(limits.max_connections_per_address), limits.headers_s, limits.body_s)
     config = uvicorn.Config(build_app(gateway), log_level="warning", access_log=False, lifespan="off",
-                            timeout_keep_alive=60, ssl_certfile=str(https_cert or cert_file),
+                            http=protocol, timeout_keep_alive=60, ssl_certfile=str(https_cert or cert_file),
                             ssl_keyfile=str(https_key or key_file))
-    server = uvicorn.Server(config)
+    server = guarded_server(config, limits.headers_s)
     if on_ready is not None:
         on_ready(url)
     previous = None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
 from typing import Any
 
 from gpunet.certs import GATEWAY, SCHEDULER, identity_of_peer
@@ -82,46 +81,19 @@ def check_frames(frames: list[Any], *, decoded: bool) -> str | None:
     return f"a provider may not send {found[0]}" if found else None
 
 
-async def read_frames(comm: Any, check_size: Callable[[int], None]) -> list[Any]:
-    """The frames of one message on ``comm`` (Dask's TCP or TLS comm), read as Dask
-    reads them, but only after ``check_size(nbytes)`` let its size through (it raises to
-    refuse it; the stream is then aborted, as on any error: what was read is unknown)."""
-    from ssl import SSLError
-
-    from distributed.comm.core import CommClosedError
-    from distributed.comm.tcp import convert_stream_closed_error, read_bytes_rw
-    from distributed.protocol.utils import unpack_frames
-    from tornado.iostream import StreamClosedError
-
-    stream = comm.stream
-    if stream is None:
-        raise CommClosedError()
-    try:
-        (header_bytes,) = struct.unpack("Q", await stream.read_bytes(8))
-        check_size(header_bytes)
-        frames, buffer_sizes = unpack_frames(await read_bytes_rw(stream, header_bytes), partial=True)
-        check_size(header_bytes + sum(buffer_sizes))
-        for size in buffer_sizes:
-            frames.append(await read_bytes_rw(stream, size))
-    except (StreamClosedError, SSLError) as exc:
-        comm.stream = None
-        comm._closed = True
-        convert_stream_closed_error(comm, exc)
-    except BaseException:
-        comm.abort()
-        raise
-    return frames
-
-
 def guarded_tls_comm(incoming: bool) -> type:
     """Dask's TLS comm class, guarded (see the module docstring); ``incoming``: for a
     listener's comms, whose messages from providers are size-capped."""
     key = "incoming" if incoming else "outgoing"
     if key in _CLASSES:
         return _CLASSES[key]
+    from ssl import SSLError
+
     from distributed.comm.core import CommClosedError
-    from distributed.comm.tcp import TLS
+    from distributed.comm.tcp import TLS, convert_stream_closed_error, read_bytes_rw
     from distributed.comm.utils import from_frames
+    from distributed.protocol.utils import unpack_frames
+    from tornado.iostream import StreamClosedError
 
     class GuardedTLS(TLS):
         def _refuse(self, why: str) -> None:
@@ -129,14 +101,33 @@ def guarded_tls_comm(incoming: bool) -> type:
             self.abort()
             raise RefusedMessage(f"gpunet closed this connection: {why}")
 
-        def _check_size(self, nbytes: int) -> None:
-            if incoming and nbytes > PEER_MESSAGE_MAX_BYTES:
-                self._refuse(f"a message of {nbytes} bytes is over the {PEER_MESSAGE_MAX_BYTES} a provider may send")
-
         async def read(self, deserializers: Any = None) -> Any:
             if _trusted(self._extra.get("peercert")):
                 return await super().read(deserializers)
-            frames = await read_frames(self, self._check_size)
+            stream = self.stream
+            if stream is None:
+                raise CommClosedError()
+            try:
+                (header_bytes,) = struct.unpack("Q", await stream.read_bytes(8))
+                if incoming and header_bytes > PEER_MESSAGE_MAX_BYTES:
+                    self._refuse(f"a message of {header_bytes} bytes is over the {PEER_MESSAGE_MAX_BYTES} a "
+                                 "provider may send")
+                frames, buffer_sizes = unpack_frames(await read_bytes_rw(stream, header_bytes), partial=True)
+                total = header_bytes + sum(buffer_sizes)
+                if incoming and total > PEER_MESSAGE_MAX_BYTES:
+                    self._refuse(f"a message of {total} bytes is over the {PEER_MESSAGE_MAX_BYTES} a "
+                                 "provider may send")
+                for size in buffer_sizes:
+                    frames.append(await read_bytes_rw(stream, size))
+            except (StreamClosedError, SSLError) as exc:
+                self.stream = None
+                self._closed = True
+                convert_stream_closed_error(self, exc)
+            except RefusedMessage:
+                raise
+            except BaseException:
+                self.abort()  # as Dask's read: how much of the stream was read is unknown
+                raise
             refusal = check_frames(frames, decoded=self.deserialize)
             if refusal is not None:
                 self._refuse(refusal)

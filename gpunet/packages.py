@@ -9,8 +9,10 @@ notebook's own files, editable installs) are left out. ``--pip "pkg==1.2"`` (rep
 ``%gpunet connect`` / ``gpunet.connect(pip=...)``) adds a requirement or overrides one.
 
 A notebook built with a GPU build of a package (``jax[cuda12]``: the
-``jax-cuda12-plugin`` beside ``jax``) asks for it too, and for a provider with a GPU:
-such a cell is placed on a GPU provider or refused, never run on a CPU.
+``jax-cuda12-plugin`` beside ``jax``; a ``+cu121`` version), or whose ``--pip`` asks for
+one (``jax[cuda12]``, a CUDA-only distribution such as ``jax-cuda12-plugin`` or
+``nvidia-cublas-cu12``), asks for a provider with a GPU: such a cell is placed on a GPU
+provider or refused before anything is sent, naming the package, never run on a CPU.
 
 :func:`place` decides, from what providers report (:func:`gpunet.worker.environment.
 environment_report`, through the scheduler), which workers may run a cell: those whose
@@ -26,6 +28,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import re
 import sys
 import textwrap
 import types
@@ -39,6 +42,11 @@ from gpunet.worker.environment import canonical, requirements_digest, unmet
 
 #: Distributions never asked for: gpunet itself (every worker runs it) and the tools of an environment.
 NEVER_ASKED = frozenset({"gpunet", "pip", "setuptools", "wheel"})
+#: A distribution that exists only as a CUDA build: ``jax-cuda12-plugin``, ``cupy-cuda12x``,
+#: ``nvidia-cublas-cu12``, ``torch-cu121``.
+CUDA_ONLY_NAME = re.compile(r"(^|-)(cuda\d*x?|cu\d+x?)(-|$)|^nvidia-")
+#: An extra that asks for a package's CUDA build: ``jax[cuda12]``, ``jax[cuda12_pip]``, ``x[gpu]``.
+CUDA_EXTRA = re.compile(r"^(cuda\d*|cu\d+|gpu)([-_.].*)?$")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class CellEnvironment:
     sources: dict[str, str] = field(default_factory=dict)
     #: a GPU build of a package is asked for: only workers with a GPU may run it
     gpu_build: bool = False
+    #: which: {"jax[cuda12]": "--pip", "jax-cuda12-plugin": "the GPU build of jax"}
+    gpu_packages: dict[str, str] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
@@ -147,19 +157,23 @@ def resolve(modules: Iterable[str], pins: Iterable[str] = ()) -> CellEnvironment
                 continue
             requirements.setdefault(name, f"=={installed[name]}")
             sources.setdefault(name, f"import {module}")
-    gpu_build = False
+    gpu_packages: dict[str, str] = {}
     for name in list(requirements):
         for companion in _gpu_companions(name, installed):
             requirements.setdefault(companion, f"=={installed[companion]}")
             sources.setdefault(companion, f"the GPU build of {name}")
-            gpu_build = True
+            gpu_packages[companion] = sources[companion]
         if "+cu" in installed.get(name, ""):  # e.g. torch 2.4.0+cu121
-            gpu_build = True
+            gpu_packages[f"{name} {installed[name]}"] = sources[name]
     for pin in pins:
-        name, specifier = parse_pin(pin)
+        name, specifier, cuda_extras = _parsed_pin(pin)
         requirements[name] = specifier
         sources[name] = "--pip"
-    return CellEnvironment(requirements, sources, gpu_build)
+        gpu_packages.pop(name, None)  # what the pin says replaces what the imports found
+        if cuda_extras or CUDA_ONLY_NAME.search(name) or "+cu" in specifier:
+            extras = f"[{','.join(cuda_extras)}]" if cuda_extras else ""
+            gpu_packages[f"{name}{extras}{specifier}"] = "--pip"
+    return CellEnvironment(requirements, sources, bool(gpu_packages), gpu_packages)
 
 
 def _installed_module(name: str) -> bool:
@@ -178,7 +192,14 @@ def _gpu_companions(name: str, installed: dict[str, str]) -> list[str]:
 
 def parse_pin(text: str) -> tuple[str, str]:
     """``"Pkg==1.2"`` -> ("pkg", "==1.2"); :class:`OptionError` for anything else
-    (URLs, markers and extras are not what a provider installs from)."""
+    (URLs, markers and extras are not what a provider installs from; a CUDA extra,
+    ``jax[cuda12]``, only asks for a provider with a GPU)."""
+    name, specifier, _ = _parsed_pin(text)
+    return name, specifier
+
+
+def _parsed_pin(text: str) -> tuple[str, str, list[str]]:
+    """(name, specifier, its CUDA extras) of a ``--pip`` requirement."""
     from packaging.requirements import InvalidRequirement, Requirement
 
     try:
@@ -186,10 +207,11 @@ def parse_pin(text: str) -> tuple[str, str]:
     except InvalidRequirement as exc:
         raise OptionError(f"--pip {text!r} is not a requirement ({exc}); write it like --pip \"tinycss2==1.4.0\"") \
             from None
-    if requirement.url or requirement.marker or requirement.extras:
+    other_extras = [extra for extra in requirement.extras if not CUDA_EXTRA.match(extra)]
+    if requirement.url or requirement.marker or other_extras:
         raise OptionError(f"--pip {text!r}: only a name and versions, like --pip \"tinycss2==1.4.0\" (no URL, "
-                          "extras or markers)")
-    return canonical(requirement.name), str(requirement.specifier)
+                          "markers or extras other than a CUDA build's, like jax[cuda12])")
+    return canonical(requirement.name), str(requirement.specifier), sorted(requirement.extras)
 
 
 def for_code(code: str, pins: Iterable[str] = ()) -> CellEnvironment:
@@ -225,6 +247,9 @@ def place(environment: CellEnvironment, reports: dict[str, dict[str, Any]] | Non
     reports = reports or {}
     if not reports or not environment.requirements:
         return Placement(None, where={address: "shares the notebook's environment" for address in candidates})
+    if environment.gpu_build and candidates and not any(
+            address not in reports or reports[address].get("gpu") for address in candidates):
+        raise PackageError(gpu_refusal(environment, reports, candidates))
     satisfied, installing, where = [], [], {}
     for address in candidates:
         report = reports.get(address)
@@ -282,6 +307,19 @@ def refusal(environment: CellEnvironment, reports: dict[str, dict[str, Any]], ca
                  "same version in this notebook, or use a network whose providers allow installs "
                  "(gpunet provide --allow-installs).")
     return "\n".join(lines)
+
+
+def gpu_refusal(environment: CellEnvironment, reports: dict[str, dict[str, Any]], candidates: list[str]) -> str:
+    """Why a cell that asks for a GPU build cannot run on a network whose providers offer
+    CPUs only: which packages are GPU builds, and what to do."""
+    asked = ", ".join(f"{name} ({source})" for name, source in sorted(environment.gpu_packages.items())) \
+        or "a GPU build"
+    providers = ", ".join(sorted({str((reports.get(address) or {}).get("provider") or address)
+                                  for address in candidates}))
+    return (f"this cell asks for a GPU (CUDA) build: {asked}, and no provider with a GPU can run it: the "
+            f"providers here offer CPUs only ({providers}). Nothing was sent: a GPU build never runs on a CPU "
+            "instead. Use a network whose providers have GPUs, or ask for the CPU build (--pip \"jax\" rather "
+            "than \"jax[cuda12]\"; a notebook environment without the CUDA plugin).")
 
 
 def describe_where(environment: CellEnvironment, reports: dict[str, dict[str, Any]] | None,

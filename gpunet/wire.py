@@ -331,7 +331,8 @@ def job_kind(meta: dict[str, Any]) -> str:
 
 def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str | None = None,
                topic: str | None = None, held: int | None = None, preauth: int | None = None,
-               job: str | None = None, overflow: tuple[str, int] | None = None) -> dict[str, Any]:
+               job: str | None = None, overflow: tuple[str, int] | None = None,
+               items: int | None = None) -> dict[str, Any]:
     """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its
     hold and what one task may be paid from it; for a map, how many ``tasks``
     share the hold and what it ``held`` in all; for a job drawing on the session's
@@ -339,7 +340,8 @@ def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str 
     with its own hold, the session's pre-authorized hold and its size (``overflow``) that
     pay what its items earn beyond it; for a
     copy of a verified job, that job's id (``verify``); the notebook's event
-    ``topic``, on which the task's worker may then post."""
+    ``topic``, on which the task's worker may then post; for a map sent in chunks, how
+    many ``items`` each task runs (each is paid at least a credit an item)."""
     meta: dict[str, Any] = {"hold": hold, "amount": amount}
     if tasks is not None:
         meta["tasks"] = tasks
@@ -353,6 +355,8 @@ def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str 
         meta["verify"] = verify
     if topic is not None:
         meta["topic"] = topic
+    if items is not None:
+        meta["items"] = items
     return meta
 
 

@@ -81,7 +81,7 @@ E2E_FIXTURES = {
     "market",         # test_providers.py: credit service + `gpunet scheduler/provide` processes
     "hostile",        # test_hostile_providers.py: the same, with a provider that attacks the notebook
     "liar_market",    # test_verification.py: gpunet.testing.local_market
-    "package_site", "package_market",  # test_packages.py: pip from the registry, gpunet.testing.local_market
+    "package_site", "package_market", "held_index",  # test_packages.py: the registry, providers, a local index
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "departing_market", "liar_market_to_quarantine",  # test_departures.py: gpunet.testing.local_market
     "gateway_market",  # test_gateway.py: the open market with `gpunet gateway` in front

@@ -85,6 +85,8 @@ def ctrl_c_once_it_runs(beacon: Path, within: float = 60) -> Iterator[None]:
         if not done.is_set():
             signal.pthread_kill(main, signal.SIGINT)
 
+    # a process started in the background by a non-interactive shell ignores SIGINT: Python's own handler here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupter = threading.Thread(target=interrupt, daemon=True)
     interrupter.start()
     try:
@@ -92,6 +94,7 @@ def ctrl_c_once_it_runs(beacon: Path, within: float = 60) -> Iterator[None]:
     finally:
         done.set()
         interrupter.join(timeout=10)
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_reported(net, timeout=30):

@@ -8,6 +8,7 @@ unpickle something are each refused with one clear message."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import threading
@@ -43,24 +44,32 @@ class Evil:
         return (exec, (f"import os, pathlib; pathlib.Path({self.folder!r}, str(os.getpid())).write_text('ran')",))
 
 
-@pytest.fixture
-def gateway_market(open_market, tmp_path):  # noqa: F811 - the fixture imported above
-    """The open market of test_open_network.py, with `gpunet gateway` in front of it."""
+@contextlib.contextmanager
+def gateway_in_front(open_market, *flags: str):  # noqa: F811 - the fixture imported above
+    """`gpunet gateway FLAGS` in front of the open market of test_open_network.py; what it
+    says is in the answer's "said" (a list its lines are added to)."""
     ca = open_market["ca"]
     for process in open_market["processes"]:  # read what they log, or a full pipe would stop them
         threading.Thread(target=process.stdout.read, daemon=True).start()
     gateway = start(["gateway", open_market["address"], "--credits", open_market["service"].url, "--port", "0",
                      "--tls-ca-file", str(ca / "ca.pem"), "--tls-cert", str(ca / "gateway-gw.pem"),
-                     "--tls-key", str(ca / "gateway-gw-key.pem"), "--max-job-bytes", str(MAX_JOB_BYTES),
-                     "--max-body-bytes", str(MAX_BODY_BYTES), "--submit-burst", "40", "--submits-per-second", "0.1"])
+                     "--tls-key", str(ca / "gateway-gw-key.pem"), *flags])
     said: list[str] = []
     try:
         url = expect(gateway, r"gateway: (https://127\.0\.0\.1:\d+)").group(1)
         threading.Thread(target=lambda: said.extend(gateway.stdout), daemon=True).start()
-        yield {**open_market, "url": url, "gateway": gateway, "ca_file": str(ca / "ca.pem")}
+        yield {**open_market, "url": url, "gateway": gateway, "ca_file": str(ca / "ca.pem"), "said": said}
     finally:
         stop(gateway)
         assert "Traceback" not in "".join(said), "".join(said)
+
+
+@pytest.fixture
+def gateway_market(open_market):  # noqa: F811 - the fixture imported above
+    """The open market of test_open_network.py, with `gpunet gateway` in front of it."""
+    with gateway_in_front(open_market, "--max-job-bytes", str(MAX_JOB_BYTES), "--max-body-bytes",
+                          str(MAX_BODY_BYTES), "--submit-burst", "40", "--submits-per-second", "0.1") as market:
+        yield market
 
 
 def balances(service) -> dict[str, int]:
@@ -118,6 +127,45 @@ def test_an_honest_notebook_runs_through_the_gateway(gateway_market, detached, s
     said = capsys.readouterr().out
     assert "w is 15" in said and "budget of 500" in said and f"through the gateway {market['url']}" in status
     shell.run_line_magic("gpunet", "disconnect")
+    verify_service(service.url, service.operator_token)
+
+
+def test_a_large_map_through_the_gateway_runs_in_chunks_in_order_and_is_paid(gateway_market, detached):
+    """A map large enough to travel several items a task (gpunet.client.submit.map_chunks):
+    every item comes back in order, a failing item's error names it, a map stopped at its
+    timeout gives its holds back, and the providers are paid what the ledger verifies."""
+    market, service = gateway_market, gateway_market["service"]
+    before = balances(service)
+    triple = lambda x: 3 * x  # noqa: E731 - pickled by value
+
+    def fails_at_123(x):
+        if x == 123:
+            raise ValueError(f"no {x}")
+        return x
+
+    def slow(x):
+        import time
+        time.sleep(0.2)
+        return x
+
+    with gpunet.connect(market["url"], token=market["tokens"]["carol"], ca=market["ca_file"], budget=50_000) as net:
+        assert net.map(triple, range(300), timeout=120) == [3 * x for x in range(300)]
+        mapped = {}
+        net.run_cell("z = seed * 2\nprint('seed', seed)", mapped, map="seed=range(300)", timeout=120)
+        assert mapped["z"] == [2 * x for x in range(300)]
+        with pytest.raises(ValueError, match="no 123") as failed:
+            net.map(fails_at_123, range(300), timeout=120)
+        assert isinstance(failed.value, RemoteCellError) and "item 123" in str(failed.value)
+        with pytest.raises(gpunet.CellTimeoutError):  # 300 items of 0.2 s on two workers: 30 s
+            net.map(slow, range(300), timeout=3)
+        assert net.map(triple, range(300), timeout=120)[-1] == 897  # still serving
+        session = net.session
+    with service.client() as operator:
+        usage = settled(operator, session)
+    assert usage["spent"] > 0 and usage["held"] == 0
+    after = balances(service)
+    assert after["alice"] + after["bob"] - before["alice"] - before["bob"] == usage["spent"]
+    assert before["carol"] - after["carol"] == usage["spent"]
     verify_service(service.url, service.operator_token)
 
 

@@ -4,6 +4,7 @@ notebook's connect() refusing what cannot work with a gateway."""
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 
 import pytest
@@ -13,6 +14,7 @@ from gpunet.client import network as network_module
 from gpunet.client.gateway_link import error_from, job_request, sse_events, sse_frame
 from gpunet.errors import BudgetError, CellTimeoutError, GatewayError, GpunetError, PolicyError
 from gpunet.gateway import GatewayLimits, job_from
+from gpunet.gateway_guard import CUT_MARK, PIECE_BYTES, Relay, UnreadResults
 from gpunet.wire import Job, PassedOn
 
 
@@ -110,3 +112,85 @@ def test_connecting_to_a_gateway_needs_a_token_and_its_ca(monkeypatch, tmp_path)
         gpunet.connect("https://gw.example:8788", token="t", credits="http://127.0.0.1:1")
     with pytest.raises(GpunetError, match="only to an https:// address"):
         gpunet.connect("tcp://127.0.0.1:1", ca=str(tmp_path / "ca.pem"))
+
+
+def test_every_job_takes_a_device_slot():
+    """A job without resources still takes its worker's device slot (a draining worker has none to give)."""
+    _, options = job_from(cell_spec(resources={}), "t", GatewayLimits())
+    assert options["resources"] == {"device": 1.0}
+    _, options = job_from(cell_spec(resources={"GPU": 1}), "t", GatewayLimits())
+    assert options["resources"] == {"device": 1.0, "GPU": 1.0}
+    for device in (0, 0.5):
+        with pytest.raises(GatewayError, match="device is at least 1") as refused:
+            job_from(cell_spec(resources={"device": device}), "t", GatewayLimits())
+        assert refused.value.status == 422
+
+
+def test_an_event_cut_short_is_discarded():
+    whole = sse_frame("live", {"text": "kept"})
+    cut = sse_frame("results", {"results": ["x" * 100]})[:40] + CUT_MARK
+    error = sse_frame("error", {"type": "GatewayError", "message": "dropped"})
+    events = list(sse_events((whole + cut + error).decode().split("\n")))
+    assert events == [("live", {"text": "kept"}), ("error", {"type": "GatewayError", "message": "dropped"})]
+
+
+async def _read_all(relay: Relay) -> bytes:
+    return b"".join([piece async for piece in relay.pieces()])
+
+
+def test_a_relay_sends_its_frames_in_pieces_and_counts_what_waits():
+    async def run() -> None:
+        unread = UnreadResults(per_job=1_000_000, total_cap=2_000_000, slow_reader_s=60)
+        relay = Relay(asyncio.get_running_loop(), unread, account="carol", job_id="j")
+        relay.put("results", {"blob": b"\1" * 300_000})
+        relay.end()
+        await asyncio.sleep(0)
+        assert unread.total == relay.waiting_bytes > 400_000
+        pieces = [piece async for piece in relay.pieces()]
+        assert max(map(len, pieces)) == PIECE_BYTES and len(pieces) > 5
+        assert [event for event, _ in sse_events(b"".join(pieces).decode().split("\n"))] == ["results"]
+        assert unread.total == relay.waiting_bytes == 0 and relay.finished and not unread.relays
+
+    asyncio.run(run())
+
+
+def test_a_reader_over_its_cap_is_dropped_and_told_why():
+    async def run() -> None:
+        unread = UnreadResults(per_job=100_000, total_cap=10_000_000, slow_reader_s=60)
+        stopped = []
+        relay = Relay(asyncio.get_running_loop(), unread, account="mallory", job_id="j", on_drop=stopped.append)
+        for _ in range(3):
+            relay.put("live", {"text": "y" * 40_000})
+        relay.put("results", {"results": []})  # after the drop: goes nowhere
+        relay.end()
+        await asyncio.sleep(0)
+        assert relay.dropped and stopped == [relay.dropped] and unread.total == 0
+        events = list(sse_events((await _read_all(relay)).decode().split("\n")))
+        assert [event for event, _ in events] == ["error"]
+        assert "over this gateway's cap of 100000 per job" in events[0][1]["message"]
+
+    asyncio.run(run())
+
+
+def test_a_stalled_reader_makes_room_for_one_that_reads():
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        unread = UnreadResults(per_job=1_000_000, total_cap=1_000_000, slow_reader_s=60)
+        stalled, reading = (Relay(loop, unread, account=name, job_id=name) for name in ("mallory", "carol"))
+        stalled.put("results", {"blob": b"\0" * 500_000})
+        await asyncio.sleep(0)
+        stalled.last_read -= 5  # it read nothing for 5 s
+        reading.put("results", {"blob": b"\0" * 500_000})
+        reading.end()
+        await asyncio.sleep(0)
+        assert stalled.dropped and "ran short of room" in stalled.dropped and reading.dropped is None
+        assert [event for event, _ in sse_events((await _read_all(reading)).decode().split("\n"))] == ["results"]
+        unread.slow_reader_s = 0.01  # and the sweep drops a reader that reads nothing for that long
+        late = Relay(loop, unread, account="mallory", job_id="late")
+        late.put("live", {"text": "x"})
+        await asyncio.sleep(0)
+        late.last_read -= 1
+        unread.sweep()
+        assert late.dropped and "read nothing of this job's stream" in late.dropped
+
+    asyncio.run(run())

@@ -41,6 +41,31 @@ def test_a_maps_finished_items_are_fetched_while_the_rest_run(net, monkeypatch):
     assert fetched_early and max(fetched_early) >= 2  # fetched before the last items finished
 
 
+def test_a_large_map_runs_in_chunks_in_order_each_item_with_its_own_error(net, monkeypatch):
+    from gpunet.client.submit import RemoteJob
+
+    sent = []
+    submit = RemoteJob.submit.__func__
+
+    def counted(cls, *args, **kwargs):
+        remote = submit(cls, *args, **kwargs)
+        sent.append((remote.count, remote.tasks))
+        return remote
+
+    monkeypatch.setattr(RemoteJob, "submit", classmethod(counted))
+    assert net.map(lambda v: v * v, range(600)) == [v * v for v in range(600)]
+    assert sent[-1][0] == 600 and sent[-1][1] < 600  # several items a task
+
+    def fails_at_123(v):
+        if v == 123:
+            raise ValueError(f"no {v}")
+        return v
+
+    with pytest.raises(ValueError, match="no 123") as caught:
+        net.map(fails_at_123, range(600))
+    assert "item 123" in "\n".join(caught.value._render_traceback_())
+
+
 def test_gpunet_map_uses_the_current_network(net):
     network_module._current = net
     assert gpunet.current() is net

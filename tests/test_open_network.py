@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import numpy as np
 import pytest
 from distributed import Client, Scheduler, Worker
 from distributed.core import rpc
@@ -352,6 +353,8 @@ def test_open_network_of_processes(open_market, detached):
                             budget=500) as net:
             net.client.wait_for_workers(2, timeout=60)
             assert net.run(lambda: 6 * 7, timeout=120) == 42
+            back = net.run(np.ones, 200_000, timeout=120)  # its buffer travels as a Dask frame of its own (codec)
+            assert back.sum() == 200_000 and back.flags.writeable
             assert "network: open" in str(NetworkStatus.of(net))
             assert net.meter.meter == "meter" == net.metering_state()["meter"]  # its holds name the meter
             nannies = {address: info["nanny"] for address, info in net.client.scheduler_info()["workers"].items()}

@@ -9,10 +9,15 @@ process) has the package too, on its own path, so that the cell's import finds i
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import psutil
 import pytest
 from gpunet_processes import metered_network, stop
 
@@ -109,10 +114,22 @@ def test_a_version_no_provider_has_is_refused_naming_the_package_the_versions_an
 
 
 def test_a_gpu_build_goes_to_a_gpu_provider_or_is_refused():
-    environment = packages.CellEnvironment({"tabulate": "==0.9.0"}, gpu_build=True)
+    environment = packages.CellEnvironment({"tabulate": "==0.9.0"}, gpu_build=True,
+                                           gpu_packages={"tabulate-cuda12": "the GPU build of tabulate"})
     assert packages.place(environment, REPORTS, list(REPORTS)).workers == ["tcp://c"]
-    with pytest.raises(PackageError, match="providers with a GPU: none"):
+    with pytest.raises(PackageError) as caught:
         packages.place(environment, REPORTS, ["tcp://a", "tcp://b"])
+    assert "tabulate-cuda12 (the GPU build of tabulate), and no provider with a GPU can run it" in str(caught.value)
+    assert "CPUs only (alice, bob)" in str(caught.value) and "Nothing was sent" in str(caught.value)
+
+
+def test_a_pip_of_a_cuda_build_asks_for_a_gpu_and_a_cpu_one_does_not():
+    for pin in ["jax[cuda12]==0.4.30", "jax-cuda12-plugin", "nvidia-cublas-cu12>=12", "torch==2.4.0+cu121",
+                "cupy-cuda12x"]:
+        environment = packages.resolve((), [pin])
+        assert environment.gpu_build and environment.gpu_packages == {pin: "--pip"}, pin
+    assert packages.resolve((), ["jax[cuda12]"]).requirements == {"jax": ""}  # the extra only asks for a GPU
+    assert not packages.resolve((), ["jax==0.4.30", "tabulate", "pycuda-free-name"]).gpu_build
 
 
 def test_workers_that_report_nothing_share_the_notebooks_environment():
@@ -215,6 +232,29 @@ def _workers_of(net, provider, timeout=60):
 
 def _ran(namespace, code, net, **options):
     return net.run_cell(code, namespace, quiet=True, timeout=180, **options)
+
+
+def test_a_cuda_build_on_cpu_providers_is_refused_before_it_runs_and_a_cpu_one_runs(package_market, tmp_path,
+                                                                                     detached):
+    market, _ = package_market
+    net = _connect(market)
+    try:
+        _workers_of(net, "installs")
+        assert not any(report["gpu"] for report in net.environment_reports(fresh=True).values())  # CPUs only here
+        marker = tmp_path / "ran"
+        for pin, named in [("jax[cuda12]", "jax[cuda12] (--pip)"), ("jax-cuda12-plugin==0.4.30",
+                                                                   "jax-cuda12-plugin==0.4.30 (--pip)")]:
+            with pytest.raises(PackageError) as caught:
+                _ran({"marker": str(marker)}, "open(marker, 'w').close()\n", net, pip=[pin])
+            message = str(caught.value)
+            assert f"asks for a GPU (CUDA) build: {named}, and no provider with a GPU can run it" in message
+            assert "Nothing was sent" in message and "never runs on a CPU" in message
+            assert not marker.exists() and not any(net.client.processing().values())
+        namespace: dict = {}
+        _ran(namespace, f"import {PACKAGE}\nversion = {PACKAGE}.__version__\n", net, pip=[f"{PACKAGE}=={VERSION}"])
+        assert namespace["version"] == VERSION  # a CPU requirement runs on the same network
+    finally:
+        net.close()
 
 
 def test_packages_place_install_reuse_and_refuse(package_market, package_site, tmp_path, detached, capsys):
@@ -415,3 +455,199 @@ def test_a_providers_account_of_the_environment_is_checked_on_arrival():
     for bad in ({"packages": {PACKAGE: 1}}, {"kind": ["x"]}, "base", {str(i): i for i in range(40)}):
         with pytest.raises(ProviderDataError, match="environment"):
             checked_result({**fields, "environment": bad}, "it")
+
+
+# -- stopping a job while its packages install ------------------------------------------------------------
+
+
+class HeldIndex:
+    """A package index on 127.0.0.1 (PEP 503 pages, the wheels of ``wheels`` beside them)
+    that holds every answer for a project's page until :meth:`release`: an install from it
+    takes as long as the test wants. ``asked`` counts the pages asked for; ``beacon`` is
+    written when one is."""
+
+    def __init__(self, wheels: Path, beacon: Path) -> None:
+        self.wheels, self.beacon = wheels, beacon
+        self.released = threading.Event()
+        self.asked = 0
+        index = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                parts = [part for part in self.path.split("/") if part]
+                if len(parts) == 2 and parts[0] == "simple":
+                    index.asked += 1
+                    index.beacon.touch()
+                    index.released.wait(300)
+                    links = "".join(f'<a href="/files/{wheel.name}">{wheel.name}</a>'
+                                    for wheel in sorted(index.wheels.glob(f"{parts[1].replace('-', '_')}-*.whl")))
+                    self._answer(200, f"<html><body>{links}</body></html>".encode(), "text/html")
+                elif len(parts) == 2 and parts[0] == "files" and (index.wheels / parts[1]).is_file():
+                    self._answer(200, (index.wheels / parts[1]).read_bytes(), "application/octet-stream")
+                else:
+                    self._answer(404, b"not here", "text/plain")
+
+            def _answer(self, status: int, body: bytes, kind: str) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", kind)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:  # the installer was killed while it waited
+                    pass
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/simple/"
+
+    def release(self) -> None:
+        """Answer every page asked for, now and from now on."""
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def held_index(tmp_path):
+    """A :class:`HeldIndex` serving PACKAGE's wheel (downloaded from the registry: skipped,
+    saying why, where it cannot be reached)."""
+    wheels = tmp_path / "index-wheels"
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                           "-d", str(wheels), f"{PACKAGE}=={VERSION}"], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        pytest.skip(f"cannot download {PACKAGE} from the registry here: {done.stderr.strip()[-300:]}")
+    index = HeldIndex(wheels, tmp_path / "index-asked")
+    try:
+        yield index
+    finally:
+        index.close()
+
+
+def index_environment(index: HeldIndex, place: Path) -> dict[str, str]:
+    """What points pip at ``index`` alone (no configuration file, no other folder of wheels)."""
+    (place / "no-links").mkdir(exist_ok=True)
+    return {"PIP_INDEX_URL": index.url, "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": str(place / "no-links"),
+            "PIP_NO_CACHE_DIR": "1"}
+
+
+def processes_in(folder: Path) -> list[psutil.Process]:
+    """The processes whose command line names a path under ``folder`` (an installer's)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(folder) in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+def wait_until(condition, what: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_stop_ends_an_install_at_once_and_leaves_nothing_half_built(held_index, tmp_path, monkeypatch):
+    from gpunet.worker.environment import InstallStopped, SessionEnvironments
+
+    for name, value in index_environment(held_index, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    environments = SessionEnvironments(tmp_path / "envs", tmp_path / "wheels", InstallPolicy())
+    stopped, outcome = threading.Event(), {}
+
+    def build() -> None:
+        try:
+            outcome["prepared"] = environments.prepare("session", {PACKAGE: f"=={VERSION}"}, stopped=stopped)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            outcome["error"] = exc
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    wait_until(lambda: held_index.asked, "the install never asked the index for the package", 120)
+    assert processes_in(tmp_path / "envs"), "pip is not running while the index holds its answer"
+    stopped.set()
+    builder.join(30)
+    assert not builder.is_alive(), "the install went on after its job was stopped"
+    assert isinstance(outcome.get("error"), InstallStopped), outcome
+    assert "stopped while resolving tabulate==0.9.0" in str(outcome["error"])
+    wait_until(lambda: not processes_in(tmp_path / "envs"), "pip outlived the stop of its install")
+    assert list((tmp_path / "envs").iterdir()) == []  # nothing half-built is kept
+    held_index.release()  # the next try starts clean, and builds
+    prepared = environments.prepare("session", {PACKAGE: f"=={VERSION}"})
+    assert prepared.built_now and prepared.installed == {PACKAGE: VERSION}
+    assert [path.name for path in (tmp_path / "envs").iterdir()] == [prepared.path.name]
+
+
+def test_a_stop_during_an_install_on_a_provider_ends_it_and_the_session_then_switches_warm(
+        held_index, package_site, tmp_path, detached, capsys):
+    """Ctrl-C and a timeout while the provider's pip waits for the (held) index: the
+    installer is killed, nothing half-built is kept, nothing is charged beyond the time
+    used; the next cell installs clean, and cells that alternate between the session's
+    environment and the provider's own switch warm sandboxes (no start)."""
+    import math
+
+    from gpunet.errors import CellTimeoutError
+    from network_probes import ctrl_c_once_it_runs, wait_reported
+
+    data = tmp_path / "installs-data"
+    environments = data / "environments"
+    provider_env = {"GPUNET_DATA_DIR": str(data), **index_environment(held_index, tmp_path)}
+    with metered_network(tmp_path, ["installs"], "scientist", credits=100_000,
+                         args_of={"installs": ["--allow-installs"]}, env_of={"installs": provider_env}) as market:
+        sys.path.insert(0, str(package_site))
+        net = _connect(market)
+        try:
+            _workers_of(net, "installs")
+            stopped_s = []
+            started = time.monotonic()
+            with pytest.raises(KeyboardInterrupt), ctrl_c_once_it_runs(held_index.beacon, within=120):
+                _ran({}, f"import {PACKAGE}\n", net)
+            stopped_s.append(time.monotonic() - started)
+            wait_until(lambda: not processes_in(environments), "the installer outlived the Ctrl-C")
+            wait_until(lambda: not list(environments.glob("*/*")), "a half-built environment was kept")
+            asked = held_index.asked
+            started = time.monotonic()
+            with pytest.raises(CellTimeoutError):
+                net.run_cell(f"import {PACKAGE}\n", {}, quiet=True, timeout=20)
+            stopped_s.append(time.monotonic() - started)
+            assert held_index.asked > asked  # it was installing when its time ran out
+            wait_until(lambda: not processes_in(environments), "the installer outlived the timeout")
+            wait_until(lambda: not list(environments.glob("*/*")), "a half-built environment was kept")
+            wait_reported(net)
+            # nothing charged beyond the time used (a stopped attempt is not paid at all)
+            assert market["operator"].balance("installs") <= sum(math.ceil(seconds) for seconds in stopped_s)
+
+            held_index.release()
+            capsys.readouterr()
+            namespace: dict = {}
+            first = net.run_cell(f"import {PACKAGE}\nversion = {PACKAGE}.__version__\n", namespace, timeout=180)
+            assert "gpunet: installing 1 package" in capsys.readouterr().err
+            assert namespace["version"] == VERSION and first._results[0].environment["built_now"] is True
+            assert len(list(environments.glob("*/*"))) == 1
+
+            count = "import builtins\nbuiltins.cells = getattr(builtins, 'cells', 0) + 1\nn = builtins.cells\n" \
+                    "del builtins\n"
+            cells = {"package": f"import {PACKAGE}\n" + count, "base": "import numpy\n" + count}
+            seen, times = [], []
+            for which in ["package", "base", "package", "base", "package", "base"]:
+                namespace = {}
+                began = time.monotonic()
+                _ran(namespace, cells[which], net)
+                times.append(time.monotonic() - began)
+                seen.append(namespace["n"])
+            # each environment's sandbox counts on: neither is started again
+            assert seen == [1, 1, 2, 2, 3, 3], seen
+            print(f"\nCtrl-C during the install ended its cell {stopped_s[0]:.2f} s after it was sent; cells "
+                  f"alternating between two environments: {sum(times[1:]) / len(times[1:]):.2f} s per cell")
+        finally:
+            net.close()
+            sys.path.remove(str(package_site))
+            for name in [name for name in sys.modules if name == PACKAGE or name.startswith(PACKAGE + ".")]:
+                del sys.modules[name]

@@ -12,13 +12,14 @@ from distributed.protocol.serialize import ToPickle
 
 from gpunet import codec
 from gpunet.client import data_comm
-from gpunet.client.received import accept, live_event, sanitized_html, shown_display
+from gpunet.client.received import accept, accept_chunk, live_event, sanitized_html, shown_display
+from gpunet.client.submit import MAP_CHUNK_ITEMS, map_chunks
 from gpunet.errors import ProviderDataError, RemoteCellError, ResultTooLargeError
 from gpunet.kernels import Tolerance
 from gpunet.verify.quorum import disagreement, result_digest
-from gpunet.wire import CODEC, TOO_LARGE, Job, JobResult, result_to_event, sign_event
+from gpunet.wire import CODEC, TOO_LARGE, Job, JobResult, pickle_value, result_to_event, sign_event
 from gpunet.worker import runner
-from gpunet.worker.runner import encode_result, run_job
+from gpunet.worker.runner import encode_result, run_chunk, run_job
 
 
 class WritesMarker:
@@ -330,3 +331,40 @@ def test_a_payload_the_comm_refused_says_why_on_arrival():
     job = codec_job()
     with pytest.raises(ProviderDataError, match="was refused on arrival: the network sent a zlib-compressed payload"):
         accept(data_comm._refused("zlib-compressed", "which could expand past this notebook's size cap"), job, None)
+
+
+# -- a map's chunk: several items run as one task ---------------------------------------------
+
+
+def test_a_chunk_runs_its_items_in_order_each_with_its_own_result_and_error():
+    job = Job("j", code="y = 10 // i", outputs=("y",), map_name="i", result_format=CODEC)
+    items = [pickle_value(i) for i in (2, 0, 5)]
+    results = accept_chunk(run_chunk(job, items, 7), job, range(7, 10))
+    assert [result.index for result in results] == [7, 8, 9]
+    assert results[1].error["ename"] == "ZeroDivisionError" and results[0].error is results[2].error is None
+    assert [codec.decode(result.outputs["y"]) for result in (results[0], results[2])] == [5, 2]
+
+
+def test_a_chunk_with_results_for_items_it_was_not_given_is_refused():
+    job = Job("j", code="y = i", outputs=("y",), map_name="i", result_format=CODEC)
+    raw = run_chunk(job, [pickle_value(i) for i in range(3)], 0)
+    with pytest.raises(ProviderDataError, match="not the one asked for"):
+        accept_chunk(raw, job, range(1, 4))  # the items it ran were 0 to 2
+    with pytest.raises(ProviderDataError, match="3 results, not one per item"):
+        accept_chunk(raw, job, range(0, 4))
+    extra = codec.encode(codec.decode(raw) * 2)  # each item's result as its frames, twice over
+    with pytest.raises(ProviderDataError, match="6 results, not one per item"):
+        accept_chunk(extra, job, range(0, 3))
+    with pytest.raises(ProviderDataError, match="over its cap"):
+        accept_chunk(codec.encode([bytes(500)] * 3), dataclasses.replace(job, max_result_bytes=100), range(3))
+    with pytest.raises(ProviderDataError, match="not one per item"):
+        accept_chunk(codec.encode({"0": b""}), job, range(1))
+
+
+def test_a_map_travels_in_chunks_only_where_its_items_still_spread_over_every_worker():
+    assert map_chunks(2000, 2) == [range(start, start + MAP_CHUNK_ITEMS) for start in range(0, 2000, MAP_CHUNK_ITEMS)]
+    assert len(map_chunks(2000, 2)) <= 200  # a few hundred tasks at most
+    runs = map_chunks(100, 2)  # 3 items a task at most, lengths differing by one at most
+    assert [len(run) for run in runs] == [3] * 32 + [2] * 2 and [i for run in runs for i in run] == list(range(100))
+    assert map_chunks(2000, 1000) == [range(i, i + 1) for i in range(2000)]  # many workers: an item a task
+    assert map_chunks(5, 0) == [range(i, i + 1) for i in range(5)]

@@ -129,3 +129,69 @@ def test_a_process_a_cell_detaches_ends_with_its_sandbox():
     finally:
         pool.close()
         background.shutdown(wait=False)
+
+
+def test_a_codec_result_leaves_the_sandbox_in_frames_its_array_unjoined():
+    isolation = BUBBLEWRAP if bubblewrap_works() else PROCESS
+    sandboxes = SandboxPool(SandboxSettings(isolation=isolation, memory_bytes=1024 * 2**20, idle_seconds=60))
+    try:
+        job = Job(job_id=uuid.uuid4().hex, code="import numpy as np\nx = np.arange(250_000.0)", outputs=("x",),
+                  result_format=CODEC, session=uuid.uuid4().hex)
+        result = sandboxes.run(job, None, None, None, "local", "cpu")
+        assert isinstance(result, codec.Frames) and 2_000_000 in [memoryview(f).nbytes for f in result]
+        back = result_from_event(codec.decode(result))
+        assert back.error is None, back.error
+        assert codec.load(back.outputs["x"], CODEC, what="output 'x'").sum() == sum(range(250_000))
+    finally:
+        sandboxes.close()
+
+
+# A cell that says, on its sandbox's channel, that its result comes in more frames than any may.
+FORGED_FRAME_COUNT = """
+import struct, sys, msgpack
+frame = sys._getframe()
+while 'key' not in frame.f_locals:
+    frame = frame.f_back
+key, channel = frame.f_locals['key'], frame.f_locals['channel']
+with channel.send_lock:
+    head = msgpack.packb(['result', key, 'codec', 10**9])
+    channel.sock.sendall(struct.pack('>I', len(head)) + head)
+"""
+
+
+def test_a_result_in_more_frames_than_allowed_is_refused(pool):
+    job = Job(job_id=uuid.uuid4().hex, code=FORGED_FRAME_COUNT, result_format=CODEC, session=uuid.uuid4().hex)
+    result = result_from_event(codec.decode(pool.run(job, None, None, None, "local", "cpu")))
+    assert result.error["ename"] == "SandboxEnded" and "1000000000 frames" in result.error["evalue"], result.error
+
+
+def test_cells_that_alternate_between_environments_switch_warm_sandboxes(pool, tmp_path):
+    from gpunet.worker.environment import PreparedEnvironment
+    from gpunet.worker.sandbox import SANDBOXES_PER_SESSION
+
+    def environment(name):
+        site = tmp_path / name / "site-packages"
+        site.mkdir(parents=True)
+        (site / f"gpunet_probe_{name}.py").write_text(f"WHERE = {name!r}\n")
+        return PreparedEnvironment(tmp_path / name, tmp_path / name / "bin" / "python", site, {}, {})
+
+    session = uuid.uuid4().hex
+    prepared = {name: environment(name) for name in "acd"}
+
+    def cells_here(name):
+        """How many cells ran in the sandbox this one ran in (a count kept in that process)."""
+        imports = "" if name == "base" else f"import gpunet_probe_{name} as probe\nassert probe.WHERE == {name!r}\n"
+        code = imports + "import builtins\nbuiltins.cells = getattr(builtins, 'cells', 0) + 1\nn = builtins.cells\n"
+        job = Job(job_id=uuid.uuid4().hex, code=code, outputs=("n",), session=session)
+        result = pool.run(job, None, None, None, "local", "cpu", prepared.get(name), {"kind": name})
+        assert result.error is None, result.error
+        return unpickle_value(result.outputs["n"])
+
+    assert [cells_here(name) for name in ["a", "base", "a", "base", "a"]] == [1, 1, 2, 2, 3]
+    assert [cells_here(name) for name in ["c", "d"]] == [1, 1]  # a third and a fourth environment
+    kept = 1 + len(pool.others[session_digest(session)])
+    assert kept == SANDBOXES_PER_SESSION
+    assert cells_here("base") == 1  # the least recently used was ended: a fresh sandbox
+    assert cells_here("d") == 2
+    pool.end_session(session_digest(session))
+    assert session_digest(session) not in pool.others and not pool.in_use

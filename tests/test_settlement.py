@@ -71,3 +71,13 @@ def test_cases_are_named_once() -> None:
 ])
 def test_price(seconds: float, rate: float, cap: int, credits: int) -> None:
     assert price(seconds, rate, cap) == credits
+
+
+@pytest.mark.parametrize(("seconds", "items", "cap", "credits"), [
+    (0.1, 16, 160, 16),  # a chunk of 16 quick items: a credit each
+    (40.2, 16, 160, 41),  # a long one: its time
+    (500.0, 16, 160, 160),  # capped by what its items may be paid
+    (0.1, 16, 10, 10),  # never over the cap
+])
+def test_a_chunks_price_is_at_least_a_credit_an_item(seconds: float, items: int, cap: int, credits: int) -> None:
+    assert price(seconds, 1.0, cap, items) == credits

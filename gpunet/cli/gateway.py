@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from gpunet import gateway
 from gpunet.errors import OptionError
+
+
+#: Each of the gateway's caps: its flag, the :class:`gpunet.gateway.GatewayLimits` field it
+#: sets, and what it means.
+LIMIT_FLAGS = [
+    ("--max-body-bytes", "max_body_bytes", "the largest request body"),
+    ("--max-job-bytes", "max_job_bytes", "the most bytes of a job's pickled inputs, items and function"),
+    ("--submits-per-second", "submits_per_s", "jobs one account may send a second, after a burst"),
+    ("--submit-burst", "submit_burst", "jobs one account may send at once"),
+    ("--max-sessions", "max_sessions", "sessions one account may hold open"),
+    ("--max-jobs-in-flight", "max_jobs_in_flight", "jobs one account may have sent and not yet read to their end"),
+    ("--max-unread-bytes-per-job", "max_unread_bytes_per_job",
+     "bytes of a job's events its notebook may leave unread before it is dropped (a result may take about 3/4)"),
+    ("--max-unread-bytes", "max_unread_bytes", "bytes of job events all notebooks together may leave unread"),
+    ("--slow-reader-seconds", "slow_reader_s",
+     "a notebook that reads nothing of a job's waiting events for this long is dropped and its job stopped"),
+    ("--max-connections-per-address", "max_connections_per_address",
+     "connections one client address may hold open"),
+    ("--headers-seconds", "headers_s", "how long a request's headers may take to arrive"),
+    ("--body-seconds", "body_s", "how long a request's body may take to arrive after its headers"),
+]
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -31,28 +51,21 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8788, help="the port to listen on (default 8788; 0: any free)")
     limits = gateway.GatewayLimits()
-    parser.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, metavar="N",
-                        help=f"the largest request body (default {limits.max_body_bytes})")
-    parser.add_argument("--max-job-bytes", type=int, default=limits.max_job_bytes, metavar="N",
-                        help=f"the most bytes of a job's pickled inputs, items and function (default {limits.max_job_bytes})")
-    parser.add_argument("--submits-per-second", type=float, default=limits.submits_per_s, metavar="R",
-                        help=f"jobs one account may send a second, after a burst (default {limits.submits_per_s:g})")
-    parser.add_argument("--submit-burst", type=int, default=limits.submit_burst, metavar="N",
-                        help=f"jobs one account may send at once (default {limits.submit_burst})")
-    parser.add_argument("--max-sessions", type=int, default=limits.max_sessions, metavar="N",
-                        help=f"sessions one account may hold open (default {limits.max_sessions})")
+    for flag, name, meaning in LIMIT_FLAGS:
+        default = getattr(limits, name)
+        whole = isinstance(default, int)
+        parser.add_argument(flag, dest=name, type=type(default), default=default, metavar="N" if whole else "S",
+                            help=f"{meaning} (default {default if whole else f'{default:g}'})")
     parser.set_defaults(func=_gateway)
 
 
 def _gateway(args: Any) -> int:
     if (args.https_cert is None) != (args.https_key is None):
         raise OptionError("give both --https-cert and --https-key, or neither")
-    limits = gateway.GatewayLimits(args.max_body_bytes, args.max_job_bytes, args.submit_burst,
-                                   args.submits_per_second, args.max_sessions)
-    for item in dataclasses.fields(limits):
-        name, value = item.name, getattr(limits, item.name)
-        if not value > 0:
-            raise OptionError(f"--{name.replace('_', '-')} must be above 0, got {value}")
+    for flag, name, _ in LIMIT_FLAGS:
+        if not getattr(args, name) > 0:
+            raise OptionError(f"{flag} must be above 0, got {getattr(args, name)}")
+    limits = gateway.GatewayLimits(**{name: getattr(args, name) for _, name, _ in LIMIT_FLAGS})
 
     def ready(url: str) -> None:
         print(f"gateway: {url}", flush=True)

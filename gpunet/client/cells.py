@@ -316,7 +316,7 @@ def _cost(remote: JobHandle) -> str:
         return "%gpunet status shows what the session spent" if remote.network.metered else "not metered"
     try:
         drew_on = getattr(remote, "drew_on", None)
-        charged = (meter.charged_from(drew_on, remote.job.job_id, remote.count) if drew_on
+        charged = (meter.charged_from(drew_on, remote.job.job_id, remote.tasks) if drew_on
                    else meter.charged(remote.placed_holds()))
     except Exception as exc:  # noqa: BLE001 - the line must come even so
         return f"what it was charged is unknown: {type(exc).__name__}; %gpunet usage shows it"

@@ -27,6 +27,7 @@ The worker answers a request with the serializers the client asks for (Dask's
 from __future__ import annotations
 
 import logging
+import struct
 from typing import Any
 
 import msgpack
@@ -39,19 +40,24 @@ from distributed.comm.tcp import (
     TCPConnector,
     TLSBackend,
     TLSConnector,
+    convert_stream_closed_error,
+    read_bytes_rw,
 )
 from distributed.protocol.core import msgpack_opts
 from distributed.protocol.serialize import merge_and_deserialize, msgpack_decode_default
+from tornado.iostream import StreamClosedError
 
+from gpunet import codec
 from gpunet.codec import clean_text
 from gpunet.errors import ProviderDataError, ResultTooLargeError
-from gpunet.guarded_tls import read_frames
 
 logger = logging.getLogger(__name__)
 
-#: The serializers whose payloads are loaded: msgpack (data) and Dask's "error"
-#: (which only raises a TypeError naming what could not be serialized).
-DATA_SERIALIZERS = ("msgpack", "error")
+#: The serializers whose payloads are loaded: gpunet's codec frames (wrapped as they
+#: came, decoded later within the job's caps: :func:`gpunet.codec.decode`), msgpack
+#: (data) and Dask's "error" (which only raises a TypeError naming what could not be
+#: serialized).
+DATA_SERIALIZERS = (codec.DASK_SERIALIZER, "msgpack", "error")
 #: scheme of Dask's comm -> scheme of the data-only one
 SCHEMES = {"tcp": "gpunet-data", "tls": "gpunet-data-tls"}
 #: What a message may carry besides a job's result (Dask's framing, the reply's keys).
@@ -142,7 +148,29 @@ class DataOnlyRead:
     async def read(self, deserializers: Any = None) -> Any:
         """Read one message: refused over :data:`max_message_bytes`, decoded by
         :func:`data_only_loads` (``deserializers`` is ignored: the set is fixed)."""
-        frames = await read_frames(self, self._check_size)
+        stream = self.stream
+        if stream is None:
+            raise CommClosedError()
+        try:
+            (nosplit_nbytes,) = struct.unpack("Q", await stream.read_bytes(8))
+            self._check_size(nosplit_nbytes)
+            (count,) = struct.unpack("Q", await stream.read_bytes(8))  # Dask's prelude: frame count, lengths
+            if 8 * (count + 1) > nosplit_nbytes:
+                raise ProviderDataError(f"the network sent a message of {count:,} frames in {nosplit_nbytes:,} "
+                                        "bytes; it was not read")
+            lengths = struct.unpack(f"{count}Q", await stream.read_bytes(8 * count)) if count else ()
+            self._check_size(8 * (count + 1) + sum(lengths))
+            if 8 * (count + 1) + sum(lengths) < nosplit_nbytes:
+                raise ProviderDataError("the network sent a message whose frames do not fill its size; it was not "
+                                        "read")
+            frames = await _read_frames(stream, lengths)
+        except StreamClosedError as exc:
+            self.stream = None
+            self._closed = True
+            convert_stream_closed_error(self, exc)
+        except BaseException:
+            self.abort()  # what was read is unknown: the stream cannot be used again
+            raise
         try:
             return data_only_loads(frames)
         except EOFError:
@@ -154,6 +182,44 @@ class DataOnlyRead:
             raise ResultTooLargeError(
                 f"the network sent a message of {nbytes:,} bytes, over this notebook's cap of {max_message_bytes:,} "
                 "bytes; it was not read (raise the cap with max_result_bytes= when connecting)")
+
+
+#: A frame of this many bytes or more is read into a buffer of its own (fresh and aligned,
+#: so that an array decoded from it is a writable view, not a copy); smaller ones share one.
+OWN_BUFFER_BYTES = 64 * 1024
+
+
+async def _read_frames(stream: Any, lengths: tuple[int, ...]) -> list[memoryview]:
+    """Frames of ``lengths`` bytes from ``stream``: runs of small frames read together
+    and sliced, each large one into a buffer of its own. (Dask reads its first large
+    buffer together with the small frames before it, at whatever offset they leave.)"""
+    frames: list[memoryview] = []
+    small: list[int] = []
+
+    async def read_small() -> None:
+        if small:
+            block = await read_bytes_rw(stream, sum(small))
+            frames.extend(unpack_lengths(block, small))
+            small.clear()
+
+    for length in lengths:
+        if length < OWN_BUFFER_BYTES:
+            small.append(length)
+            continue
+        await read_small()
+        frames.append(await read_bytes_rw(stream, length))
+    await read_small()
+    return frames
+
+
+def unpack_lengths(block: memoryview, lengths: list[int]) -> list[memoryview]:
+    """``block`` cut into consecutive frames of ``lengths`` bytes."""
+    view = memoryview(block)
+    parts, start = [], 0
+    for length in lengths:
+        parts.append(view[start:start + length])
+        start += length
+    return parts
 
 
 class DataOnlyTCP(DataOnlyRead, TCP):
@@ -182,5 +248,6 @@ class _TLSBackend(TLSBackend):
     _connector_class = _TLSConnector
 
 
+codec.register_with_dask()
 backends.setdefault(SCHEMES["tcp"], _TCPBackend())
 backends.setdefault(SCHEMES["tls"], _TLSBackend())

@@ -70,6 +70,8 @@ def sse_events(lines: Iterator[bytes | str]) -> Iterator[tuple[str, Any]]:
             if data:
                 yield event, unpack(base64.b64decode("".join(data)))
             event, data = "message", []
+        elif line.startswith(":"):  # the gateway cut the event short (it dropped a slow reader): discard it
+            event, data = "message", []
         elif line.startswith("event:"):
             event = line[6:].strip()
         elif line.startswith("data:"):

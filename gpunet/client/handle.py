@@ -213,6 +213,8 @@ class JobHandle(ABC):
         self.job = job
         self.count = count
         self.mapped = mapped
+        #: how many tasks its units travel as (fewer than ``count`` for a map sent in chunks)
+        self.tasks = count
         self.resources = resources or {}
         self.allowed_workers = allowed_workers
         self.submitted = time.monotonic()

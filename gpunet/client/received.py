@@ -31,10 +31,13 @@ def accept(raw: Any, job: Job, index: int | None) -> JobResult:
     where = "the job's result" if index is None else f"the result of item {index}"
     if isinstance(raw, ProviderDataError):  # the data-only comm refused the payload, and says why
         raise ProviderDataError(f"{where} was refused on arrival: {raw}")
-    if not isinstance(raw, (bytes, bytearray, memoryview)):
+    frames = codec.frames_of(raw)
+    if frames is None and not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ProviderDataError(f"{where} came back as {type(raw).__name__}, not as data; it was not loaded")
-    if len(raw) > job.max_result_bytes:
-        raise ResultTooLargeError(f"{where} is {len(raw):,} bytes, over its cap of {job.max_result_bytes:,} bytes; "
+    raw = frames if frames is not None else raw
+    size = codec.nbytes(raw)
+    if size > job.max_result_bytes:
+        raise ResultTooLargeError(f"{where} is {size:,} bytes, over its cap of {job.max_result_bytes:,} bytes; "
                                   "nothing of it was loaded (return less, or raise the cap: max_result_bytes=)")
     data = codec.decode(raw, what=where)
     result = checked_result(data, where)
@@ -47,6 +50,30 @@ def accept(raw: Any, job: Job, index: int | None) -> JobResult:
         raise ResultTooLargeError(f"{where} carries {text:,} bytes of output text, over its cap of "
                                   f"{job.max_stream_bytes_per_s:,} bytes per second run; nothing of it was loaded")
     return result
+
+
+#: What a chunk's list adds to its items' codec bytes (msgpack's framing of each).
+CHUNK_FRAMING_BYTES = 16
+
+
+def accept_chunk(raw: Any, job: Job, items: range) -> list[JobResult]:
+    """The results of a map's chunk (``items``, run as one task by
+    :func:`gpunet.worker.runner.run_chunk`), each as :func:`accept` takes one: exactly one
+    result per item given, each naming its own item. :class:`ProviderDataError` (nothing of
+    the chunk loaded) when the chunk is anything else: a provider cannot return results for
+    items it was not given, nor more than the items' caps allow."""
+    where = f"the results of items {items[0]} to {items[-1]}"
+    if job.result_format == PICKLE:
+        results = raw
+    else:
+        if isinstance(raw, ProviderDataError):
+            raise ProviderDataError(f"{where} were refused on arrival: {raw}")
+        cap = len(items) * (job.max_result_bytes + CHUNK_FRAMING_BYTES) + CHUNK_FRAMING_BYTES
+        results = codec.decode(raw, max_bytes=cap, what=where)
+    if not isinstance(results, (list, tuple)) or len(results) != len(items):
+        count = len(results) if isinstance(results, (list, tuple)) else type(results).__name__
+        raise ProviderDataError(f"{where} came back as {count} results, not one per item; none was loaded")
+    return [accept(result, job, index) for result, index in zip(results, items)]
 
 
 def live_event(job: Job, message: dict[str, Any]) -> dict[str, Any] | None:
@@ -102,9 +129,8 @@ def checked_result(data: Any, where: str) -> JobResult:
     for name in ("started", "finished"):
         need(type(data.get(name)) in (int, float), name)
     outputs = data.get("outputs")
-    need(isinstance(outputs, dict) and all(isinstance(k, str) and isinstance(v, bytes) for k, v in outputs.items()),
-         "outputs")
-    need(data.get("value") is None or isinstance(data.get("value"), bytes), "value")
+    need(isinstance(outputs, dict) and all(isinstance(k, str) and _encoded(v) for k, v in outputs.items()), "outputs")
+    need(data.get("value") is None or _encoded(data.get("value")), "value")
     missing = data.get("missing_outputs")
     need(isinstance(missing, (list, tuple)) and all(isinstance(name, str) for name in missing), "missing outputs")
     refused = data.get("unpicklable_outputs")
@@ -126,7 +152,9 @@ def checked_result(data: Any, where: str) -> JobResult:
     need(environment is None or _environment_ok(environment), "environment")
     return JobResult(
         job_id=data["job_id"], index=data["index"], worker=text(data["worker"]), device=text(data["device"]),
-        started=float(data["started"]), finished=float(data["finished"]), outputs=outputs, value=data["value"],
+        started=float(data["started"]), finished=float(data["finished"]),
+        outputs={name: codec.frames_of(blob) or blob for name, blob in outputs.items()},
+        value=None if data["value"] is None else codec.frames_of(data["value"]) or data["value"],
         missing_outputs=list(missing), unpicklable_outputs=[tuple(text(part) for part in entry) for entry in refused],
         streams=[(seq, name, text(chunk)) for seq, name, chunk in streams],
         displays=[(dict(bundle[0]), dict(bundle[1])) for bundle in displays],
@@ -135,6 +163,12 @@ def checked_result(data: Any, where: str) -> JobResult:
         result_format=CODEC,
         environment=None if environment is None else _clean_environment(environment),
     )
+
+
+def _encoded(value: Any) -> bool:
+    """Whether ``value`` is a value's codec data: bytes, or frames (as sent, or as msgpack
+    carried them: a tuple of bytes)."""
+    return isinstance(value, bytes) or codec.frames_of(value) is not None
 
 
 def _environment_ok(environment: Any) -> bool:

@@ -33,7 +33,7 @@ from gpunet.client.handle import (
     stop_job_everywhere,
     write,
 )
-from gpunet.client.received import accept
+from gpunet.client.received import accept, accept_chunk
 from gpunet.client.verified import VerifiedJob
 from gpunet.metering.meter import EXPECTED_ITEM_SECONDS, EXPECTED_MARGIN, expected_hold
 from gpunet.errors import (
@@ -48,7 +48,7 @@ from gpunet.errors import (
 )
 from gpunet.verify.quorum import Policy, tolerance_for
 from gpunet.wire import Job, JobResult, result_from_event
-from gpunet.worker.runner import run_job
+from gpunet.worker.runner import run_chunk, run_job
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Future
@@ -62,6 +62,32 @@ logger = logging.getLogger(__name__)
 #: How often a paused map (see :class:`MapSlices`) tries again to hold for its next items.
 SLICE_RETRY_S = 0.5
 
+#: A map's items travel in chunks, at most this many items a task (what the scheduler,
+#: and a gateway, spend per task is then shared by them), while every worker's slot still
+#: gets at least MAP_TASKS_PER_SLOT tasks, so that the items spread over every worker (a
+#: map of a few long items goes an item a task).
+MAP_CHUNK_ITEMS = 16
+MAP_TASKS_PER_SLOT = 16
+
+
+def map_chunks(count: int, slots: int) -> list[range]:
+    """A map of ``count`` items on workers with ``slots`` slots in all, as the runs of
+    items that travel as one task each (:func:`gpunet.worker.runner.run_chunk`), in
+    order, their lengths differing by one at most."""
+    size = max(1, min(MAP_CHUNK_ITEMS, count // (MAP_TASKS_PER_SLOT * max(1, slots))))
+    tasks = -(-count // size)
+    length, longer = divmod(count, tasks)
+    starts = [number * length + min(number, longer) for number in range(tasks + 1)]
+    return [range(start, stop) for start, stop in zip(starts, starts[1:])]
+
+
+def worker_slots(network: Connection, workers: list[str] | None) -> int:
+    """How many tasks the network's workers (those in ``workers``, if given) run at once."""
+    infos = network.scheduler_workers()
+    chosen = infos.values() if not workers else [infos[address] for address in workers if address in infos]
+    return sum(max(1, int((info.get("resources") or {}).get(wire.DEVICE_RESOURCE, info.get("nthreads", 1))))
+               for info in chosen)
+
 
 def function_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *,
                  topic: str | None, announce: bool = True) -> Job:
@@ -72,7 +98,7 @@ def function_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
 
 def function_value(result: JobResult) -> Any:
     """The return value of a function job, or its remote exception raised here."""
-    raise_for_error(result)
+    raise_for_error(result, label="" if result.index is None else f", item {result.index}")
     if result.unpicklable_outputs:
         name, type_name, reason = result.unpicklable_outputs[0]
         if result.result_format == wire.CODEC:
@@ -146,6 +172,8 @@ class RemoteJob(JobHandle):
             self.POLL_S = min(high, max(low, self.count * self.MAP_POLL_S_PER_ITEM))
         self.futures: list[Future] = []
         self.index_of: dict[str, int | None] = {}
+        #: a map sent in chunks: each task's key -> the items it runs
+        self.items_of: dict[str, range] = {}
         #: results that came as events, by item index (None for a single job)
         self.results: dict[int | None, JobResult] = {}
         #: indices whose future finished
@@ -166,13 +194,14 @@ class RemoteJob(JobHandle):
     def submit(cls, network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
                workers: list[str] | list[list[str]] | None = None,
                annotations: dict[str, Any] | None = None, timeout: float | None = None,
-               slicing: MapSlices | None = None) -> RemoteJob:
+               slicing: MapSlices | None = None, chunks: list[range] | None = None) -> RemoteJob:
         """Send ``job`` to ``network`` with the given placement (``workers``: one
         list for all items, or one per item); ``annotations`` (the job's hold)
         travel with its tasks as the ``gpunet`` annotation; sending its data waits
         at most ``timeout`` seconds. With ``slicing`` only the map's first
         ``slicing.first`` items are sent now (their hold is ``annotations``'), the
-        rest as holds for them can be placed (:meth:`_send_more`)."""
+        rest as holds for them can be placed (:meth:`_send_more`). With ``chunks``
+        (:func:`map_chunks`) each run of items travels as one task."""
         with dask.annotate(**{wire.ANNOTATION: annotations}) if annotations else contextlib.nullcontext():
             client = network.client
             blobs = None if items is None else [pickled(item, f"map item {index}") for index, item in enumerate(items)]
@@ -203,6 +232,18 @@ class RemoteJob(JobHandle):
                     futures = [client.submit(run_job, shared, blob, index, inputs, key=key,
                                              **{**options, "workers": where})
                                for index, (blob, key, where) in enumerate(zip(blobs, keys, workers))]
+                elif chunks is not None:
+                    futures = []
+                    for length in sorted({len(run) for run in chunks}, reverse=True):  # the longer come first
+                        runs = [run for run in chunks if len(run) == length]
+                        with dask.annotate(**{wire.ANNOTATION: {**annotations, "items": length}}) if annotations \
+                                else contextlib.nullcontext():  # each paid at least a credit an item
+                            futures += client.map(
+                                run_chunk, [shared] * len(runs), [blobs[run.start:run.stop] for run in runs],
+                                [run.start for run in runs], [inputs] * len(runs),
+                                key=[f"gpunet-{job.job_id}-{run.start}-{run.stop - 1}" for run in runs], **options)
+                    remote.items_of = {future.key: run for future, run in zip(futures, chunks)}
+                    remote.tasks = len(chunks)
                 else:
                     sent = len(blobs) if slicing is None else slicing.first
                     futures = client.map(run_job, [shared] * sent, blobs[:sent], range(sent),
@@ -264,12 +305,24 @@ class RemoteJob(JobHandle):
                 still.append(future)
             else:
                 with self._lock:
-                    self.finished.add(self.index_of[future.key])
+                    self.finished.update(self._items(future))
                 if future.status == "finished":
                     self._finished_unfetched.append(future)
         self._unfinished = still
-        if still and len(self._finished_unfetched) >= self.EARLY_FETCH_ITEMS:
+        if still and sum(len(self._items(future)) for future in self._finished_unfetched) >= self.EARLY_FETCH_ITEMS:
             self._fetch_early()
+
+    def _items(self, future: Future) -> range | tuple[int | None]:
+        """The items ``future``'s task runs: a chunk's, or its one item (or the cell)."""
+        return self.items_of.get(future.key) or (self.index_of[future.key],)
+
+    def _accepted(self, future: Future, raw: Any) -> dict[int | None, JobResult]:
+        """The results of ``future``'s items, as the notebook may use them (by item index)."""
+        run = self.items_of.get(future.key)
+        if run is None:
+            index = self.index_of[future.key]
+            return {index: accept(raw, self.job, index)}
+        return dict(zip(run, accept_chunk(raw, self.job, run)))
 
     def _fetch_early(self) -> None:
         """Fetch and check the results of the map's items that finished while others
@@ -277,7 +330,7 @@ class RemoteJob(JobHandle):
         left to :meth:`_gather`, which says why."""
         batch, self._finished_unfetched = self._finished_unfetched, []
         with self._lock:
-            batch = [future for future in batch if self.index_of[future.key] not in self.results]
+            batch = [future for future in batch if self._items(future)[0] not in self.results]
         try:
             raws = self.fetch(batch) if batch else []
         except GpunetError:
@@ -285,10 +338,10 @@ class RemoteJob(JobHandle):
         except Exception:  # noqa: BLE001 - a worker holding them left: _gather tells
             return
         for future, raw in zip(batch, raws):
-            index = self.index_of[future.key]
-            result = accept(raw, self.job, index)
+            accepted = self._accepted(future, raw)
             with self._lock:
-                self.results.setdefault(index, result)
+                for index, result in accepted.items():
+                    self.results.setdefault(index, result)
 
     # -- callbacks from the client's event loop -------------------------------------------
     def _on_live_event(self, message: dict[str, Any]) -> None:
@@ -337,10 +390,11 @@ class RemoteJob(JobHandle):
     def _gather(self) -> list[JobResult]:
         with self._lock:
             have = dict(self.results)
-        missing = [future for future in self.futures if self.index_of[future.key] not in have]
+        missing = [future for future in self.futures if self._items(future)[0] not in have]
         for future in missing:
-            index = self.index_of[future.key]
-            where = f"item {index} of this map" if self.mapped else "this job"
+            run = self._items(future)
+            where = ("this job" if not self.mapped else f"item {run[0]} of this map" if len(run) == 1
+                     else f"items {run[0]} to {run[-1]} of this map")
             exc = failure_of(future)
             if exc is not None:
                 if isinstance(exc, KilledWorker):
@@ -365,9 +419,8 @@ class RemoteJob(JobHandle):
             raise WorkerLostError(f"the results could not be fetched: a worker holding them left "
                                   f"({type(exc).__name__}: {exc}); run it again") from None
         for future, raw in zip(missing, raws):
-            index = self.index_of[future.key]
-            have[index] = accept(raw, self.job, index)
-        return [have[self.index_of[future.key]] for future in self.futures]
+            have.update(self._accepted(future, raw))
+        return [have[index] for future in self.futures for index in self._items(future)]
 
     def _close_unknown_tasks(self) -> None:
         """Tasks the scheduler cancelled may never have existed there (their input was
@@ -474,11 +527,17 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
                                   resources=resources, items=items, workers=workers, max_credits=max_credits,
                                   timeout=timeout, max_rate=rate)
     meter = network.meter
+    chunks = None  # several items a task, unless they are pinned to workers one by one
+    if items is not None and not (workers and isinstance(workers[0], list)):
+        chunks = map_chunks(len(items), worker_slots(network, workers))
+        if len(chunks) == len(items):
+            chunks = None
     if meter is None:
         if max_credits is not None:
             raise GpunetError("--max-credits needs a metered network: connect with --credits URL --token TOKEN, "
                               "or without an address for a local one")
-        return RemoteJob.submit(network, job, resources=resources, items=items, workers=workers, timeout=timeout)
+        return RemoteJob.submit(network, job, resources=resources, items=items, workers=workers, timeout=timeout,
+                                chunks=chunks)
     count = 1 if items is None else len(items)
     if meter.doubtful:  # holds an outage left in doubt: given back once the service answers again
         meter.resolve_doubtful(network.release_unsent)
@@ -493,14 +552,16 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         plan.basis = (f"what {count} items are expected to cost, {EXPECTED_ITEM_SECONDS:g} s each at your price "
                       f"limit, {rate:g} credits a device-second (--max-rate), with a {EXPECTED_MARGIN:g}x margin; "
                       f"each item may be paid up to {plan.amount}")
-    drawn = meter.draw(job.job_id, need, count)
+    # a chunk's task may be paid what its items may be, for the time it used
+    tasks, task_amount = (count, plan.amount) if chunks is None else (len(chunks), plan.amount * len(chunks[0]))
+    drawn = meter.draw(job.job_id, need, tasks)
     if drawn is not None:  # on the session's pre-authorized hold: no request to the credit service
         hold, size = drawn
         try:
             remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
-                                      annotations=wire.annotation(hold, plan.amount, topic=job.topic, preauth=size,
+                                      annotations=wire.annotation(hold, task_amount, topic=job.topic, preauth=size,
                                                                   job=job.job_id),
-                                      timeout=timeout)
+                                      timeout=timeout, chunks=chunks)
         except BaseException:
             meter.job_done(job.job_id)
             raise
@@ -522,15 +583,16 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
             raise
         hold, first = placed
         slicing = MapSlices(first, plan.amount, place, sent=first)
-    held = count if slicing is None else slicing.first
+        chunks, tasks, task_amount = None, count, plan.amount  # slices go an item a task
+    held = tasks if slicing is None else slicing.first
     try:
         remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
-                                  annotations=wire.annotation(hold, plan.amount, tasks=None if items is None else held,
+                                  annotations=wire.annotation(hold, task_amount, tasks=None if items is None else held,
                                                               held=None if items is None or slicing else need,
                                                               overflow=None if items is None or slicing
-                                                              else meter.overflow(job.job_id, count),
+                                                              else meter.overflow(job.job_id, tasks),
                                                               job=job.job_id, topic=job.topic),
-                                  timeout=timeout, slicing=slicing)
+                                  timeout=timeout, slicing=slicing, chunks=chunks)
     except BaseException:
         network.release_unsent([hold])
         meter.job_done(job.job_id)  # a map's watch on the pre-authorized hold, if it had one

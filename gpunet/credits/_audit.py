@@ -88,6 +88,9 @@ def verify_database(
         (count,) = cur.fetchone()
         cur.execute("SELECT max(idx) FROM entries")
         (top,) = cur.fetchone()
+        if isinstance(top, str):  # SQLite's old entries table let an index hold text (it sorts last): the numbers'
+            cur.execute("SELECT max(idx) FROM entries WHERE idx < 9223372036854775807")
+            (top,) = cur.fetchone()
         slots = 0 if top is None else int(top) + 1
         cur.execute("SELECT name, balance FROM accounts")
         balances = {name: bal for name, bal in cur.fetchall()}

@@ -32,6 +32,7 @@ import logging
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable
@@ -97,6 +98,16 @@ def _json_writer(*, sort_keys: bool = False) -> Callable[[Any], str]:
 
 _CANONICAL_JSON = _json_writer(sort_keys=True)
 _COMPACT_JSON = _json_writer()
+
+
+def new_hold_id() -> str:
+    """Return a new hold id, ``h_`` and 32 hex digits: the milliseconds since 1970 (11 digits), then
+    84 random bits. Ids placed one after another sort one after another, so each new hold's key
+    lands at the end of the holds table's index, not on a random page of it: a batch of holds
+    dirtied (and wrote to the WAL at its commit) a page of that index for nearly every hold, about
+    5 µs of the writer's CPU per hold+settle pair. 84 random bits keep it unguessable (and paying
+    or releasing a hold takes its meter or an operator besides)."""
+    return f"h_{time.time_ns() // 1_000_000 % 16**11:011x}{secrets.token_hex(11)[:21]}"
 
 
 def request_hash(name: str, params: dict[str, Any]) -> str:
@@ -477,7 +488,7 @@ class Unit:
                 f"insufficient balance: account {owner.name!r} has {owner.balance} credits, a hold of "
                 f"{amount} needs more; ask the operator to mint credits to it.",
                 details={"account": owner.name, "balance": owner.balance, "amount": amount})
-        hid = "h_" + secrets.token_hex(16)
+        hid = new_hold_id()
         index = self._move("hold", owner, self.b.accounts[ESCROW], amount, session, hid, key)
         self._create(self.b.holds, hid, Hold(hid, session, owner.name, amount, "held", "", 0, index, None,
                                                       meter))

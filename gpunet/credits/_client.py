@@ -170,6 +170,11 @@ class CreditClient:
         """
         return self._post("/v1/accounts", {"name": name, "role": role}, idempotent=False)
 
+    def revoke_token(self, name: str) -> dict[str, Any]:
+        """Revoke account ``name``'s token (operator only): it stops working at once; returns
+        ``{"account", "token"}`` with its new token. Not retried: a second try would revoke that one."""
+        return self._post(f"/v1/accounts/{name}/token", {}, idempotent=False)
+
     def accounts(self) -> list[dict[str, Any]]:
         """Return every account with role and balance (operator only)."""
         return self._get("/v1/accounts")["accounts"]

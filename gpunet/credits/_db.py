@@ -99,11 +99,19 @@ def redact(url: str) -> str:
 ENTRY_COLUMNS = "idx, time, kind, src, dst, amount, session, hold, key, prev, hash, memo"
 
 
+#: The tables SQLite stores otherwise than a database made by an earlier version did (an entry's
+#: index is the entries table's rowid now, not a column with an index of its own beside the table);
+#: :func:`create_schema` rebuilds those still in the old form.
+_REBUILT_ON_SQLITE = ("entries",)
+
+
 @functools.cache
 def metadata() -> sa.MetaData:
     """Return the schema: every table of the credit database (its only definition)."""
     import sqlalchemy as sa
 
+    # An entry's index: on SQLite the table's rowid (declared INTEGER), with no index of its own.
+    entry_index = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
     md = sa.MetaData()
     sa.Table("meta", md, sa.Column("key", sa.Text, primary_key=True), sa.Column("value", sa.Text))
     sa.Table(
@@ -148,7 +156,7 @@ def metadata() -> sa.MetaData:
     )
     sa.Table(
         "entries", md,
-        sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("idx", entry_index, primary_key=True, autoincrement=False),
         sa.Column("time", sa.Text, nullable=False),
         sa.Column("kind", sa.Text, nullable=False),
         sa.Column("src", sa.Text, nullable=False),
@@ -217,6 +225,55 @@ def create_schema(engine: sa.Engine) -> None:
                 with engine.begin() as conn:
                     conn.exec_driver_sql(f"ALTER TABLE {t.name} ADD COLUMN {ddl}")
                 logger.info("added the column %s.%s to the credit database", t.name, column.name)
+    if engine.url.get_backend_name() == "sqlite":
+        for name in _REBUILT_ON_SQLITE:
+            _rebuild_if_old(engine, get_table(name))
+
+
+def _rebuild_if_old(engine: sa.Engine, table: sa.Table) -> None:
+    """Store an SQLite table of a database made by an earlier version in its current form (its primary
+    key the rowid, no index of its own), its rows copied unchanged, in one transaction: a crash or
+    a refusal leaves the old table as it was."""
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        old_form = conn.exec_driver_sql(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND name LIKE 'sqlite_autoindex_%'",
+            (table.name,)).scalar()
+    if not old_form:
+        return
+    names = ", ".join(f'"{c}"' for c in table.columns.keys())
+    old = f"{table.name}_before_rebuild"
+    steps = [f"ALTER TABLE {table.name} RENAME TO {old}",
+             # The indexes went with the old table; they are made again on the new one.
+             *(f"DROP INDEX IF EXISTS {index.name}" for index in table.indexes),
+             str(sa.schema.CreateTable(table).compile(dialect=engine.dialect)),
+             *(str(sa.schema.CreateIndex(index).compile(dialect=engine.dialect)) for index in table.indexes),
+             f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {old}",
+             f"DROP TABLE {old}"]
+    raw = engine.raw_connection()
+    sqlite = raw.driver_connection
+    # The sqlite3 module would commit each DDL statement by itself: one explicit transaction instead.
+    isolation, sqlite.isolation_level = sqlite.isolation_level, None
+    try:
+        sqlite.execute("BEGIN IMMEDIATE")
+        count = sqlite.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
+        for sql in steps:
+            sqlite.execute(sql)
+        sqlite.execute("COMMIT")
+    except Exception as exc:  # noqa: BLE001 - any refusal, said once
+        if sqlite.in_transaction:
+            sqlite.execute("ROLLBACK")
+        raise CreditsUnavailableError(
+            f"the credit database's {table.name} table could not be stored in this version's form "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0]}); nothing was changed. Check the ledger with "
+            "`gpunet ledger verify --db FILE`, or run the version that made this database.",
+            url=redact(str(engine.url))) from exc
+    finally:
+        sqlite.isolation_level = isolation
+        raw.close()
+    logger.warning("stored the %s table of the credit database in this version's form (%d rows copied as they were)",
+                   table.name, count)
 
 
 # -- engines ----------------------------------------------------------------------------

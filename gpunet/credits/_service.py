@@ -369,6 +369,14 @@ class CreditService:
         validate("ping", await _json_body(request))
         return {"ok": True, "account": actor, "role": role}
 
+    async def revoke_token(self, request: Request) -> dict[str, Any]:
+        """POST /v1/accounts/{name}/token: the account's token stops working and a new one
+        is issued, in the answer (operator)."""
+        actor, role = self._auth(request)
+        require_role(role, OPERATOR_ONLY, "revoking a token", actor)
+        name = _name("name", request.path_params["name"])
+        return await asyncio.wrap_future(self.store.submit("rotate_token", actor, {"account": name}, None))
+
     async def get_account(self, request: Request) -> dict[str, Any]:
         """GET /v1/accounts/{name}: one account's committed balance (itself or operator)."""
         actor, role = self._auth(request)
@@ -596,6 +604,7 @@ def build_app(store: CreditStore) -> Starlette:
         Route("/v1/accounts", wrap(svc.operation("create_account")), methods=["POST"]),
         Route("/v1/accounts", wrap(svc.listing("accounts", store.read_accounts, "listing accounts")), methods=["GET"]),
         Route("/v1/accounts/{name}", wrap(svc.get_account), methods=["GET"]),
+        Route("/v1/accounts/{name}/token", wrap(svc.revoke_token), methods=["POST"]),
         Route("/v1/accounts/{name}/earnings", wrap(svc.earnings), methods=["GET"]),
         Route("/v1/mint", wrap(svc.operation("mint")), methods=["POST"]),
         Route("/v1/sessions", wrap(svc.operation("open_session")), methods=["POST"]),

@@ -107,6 +107,14 @@ def _add_account_args(p: argparse.ArgumentParser) -> None:
     create.add_argument("-o", "--output", metavar="PATH", help="write the token here, a new file of mode 600 "
                         "(default: NAME.token in the current folder)")
     create.set_defaults(func=cmd_account_create)
+    revoke = sub.add_parser("revoke-token", help="revoke an account's token and write a new one to a file (operator)",
+                            description="The account's token stops working at once (a gateway refuses it at the "
+                            "next submission); a new token is written to a new file of mode 600 (never printed).")
+    _add_auth_args(revoke)
+    revoke.add_argument("name", help="the account whose token to revoke")
+    revoke.add_argument("-o", "--output", metavar="PATH", help="write the new token here, a new file of mode 600 "
+                        "(default: NAME.token in the current folder)")
+    revoke.set_defaults(func=cmd_account_revoke_token)
 
 
 def _add_mint_args(p: argparse.ArgumentParser) -> None:
@@ -452,9 +460,7 @@ def wait_for_service(url: str, timeout: float) -> None:
 
 def cmd_account_create(args: argparse.Namespace) -> int:
     """Create an account and write its token to a new file of mode 600 (never printed)."""
-    target = Path(args.output or f"{args.name}.token").expanduser()
-    if target.exists():  # before the account exists: a refused file must not leave a token nobody has
-        raise InvalidRequestError(f"{target} exists already; choose another file with -o, or delete it")
+    target = _new_token_file(args)
     created = _client(args).create_account(args.name, args.role)
     write_private(target, created["token"].encode() + b"\n")
     hint = {"client": f"; give it credits with `gpunet credits mint {args.name} AMOUNT`",
@@ -464,6 +470,23 @@ def cmd_account_create(args: argparse.Namespace) -> int:
                      f"{target} ...`"}.get(args.role, "")
     print(f"created the {args.role} account {args.name}; its token is in {target} (mode 600){hint}")
     return 0
+
+
+def cmd_account_revoke_token(args: argparse.Namespace) -> int:
+    """Revoke an account's token and write its new one to a new file of mode 600 (never printed)."""
+    target = _new_token_file(args)
+    revoked = _client(args).revoke_token(args.name)
+    write_private(target, revoked["token"].encode() + b"\n")
+    print(f"revoked the token of {args.name}; its new token is in {target} (mode 600)")
+    return 0
+
+
+def _new_token_file(args: argparse.Namespace) -> Path:
+    """Where a verb writes an account's token: -o, or NAME.token; it must not exist yet."""
+    target = Path(args.output or f"{args.name}.token").expanduser()
+    if target.exists():  # before the token changes: a refused file must not leave a token nobody has
+        raise InvalidRequestError(f"{target} exists already; choose another file with -o, or delete it")
+    return target
 
 
 def cmd_mint(args: argparse.Namespace) -> int:

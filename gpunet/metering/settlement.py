@@ -77,10 +77,15 @@ def overruled(copies: Mapping[Any, bool], digests: Mapping[Any, str]) -> dict[An
     return {key: bool(agreed) or (key in digests and digests[key] in accepted) for key, agreed in copies.items()}
 
 
-def price(seconds: float, rate: float, cap: int) -> int:
-    """Credits for ``seconds`` of a device at ``rate`` credits per second: at least 1,
-    at most ``cap`` (the hold)."""
-    return max(1, min(int(cap), math.ceil(seconds * rate)))
+def price(seconds: float, rate: float, cap: int, items: int = 1) -> int:
+    """Credits for ``seconds`` of a device at ``rate`` credits per second: at least 1 for
+    each of the task's ``items`` (a map's chunk runs several), at most ``cap`` (the hold)."""
+    return max(1, min(int(cap), max(int(items), math.ceil(seconds * rate))))
+
+
+def task_price(seconds: float, rate: float, meta: Mapping[str, Any]) -> int:
+    """:func:`price` of a task whose annotation is ``meta`` (its ``amount``, its ``items``)."""
+    return price(seconds, rate, meta.get("amount", 1), _whole(meta.get("items", 1)))
 
 
 def _rounded(seconds: float) -> float:
@@ -274,7 +279,7 @@ class Settlement:
             first = worker not in self.owed  # one give-up settles all that is owed then
             self.owed.setdefault(worker, []).append(OwedAttempt(key, hold, seconds, meta))
             return [GiveUpLater(worker)] if first else []
-        self._paid(key, meta, info.provider, price(seconds, info.rate, meta.get("amount", 1)), seconds)
+        self._paid(key, meta, info.provider, task_price(seconds, info.rate, meta), seconds)
         return []
 
     def provider_registered(self, worker: str, account: str, rate: float, live: Container[Any]) -> None:
@@ -284,7 +289,7 @@ class Settlement:
         self.quarantined.discard(account)  # an operator may have cleared it since
         self.providers[worker] = ProviderInfo(account, float(rate))
         for owed in self.owed.pop(worker, []):
-            self._paid(owed.key, owed.meta, account, price(owed.seconds, rate, owed.meta.get("amount", 1)),
+            self._paid(owed.key, owed.meta, account, task_price(owed.seconds, rate, owed.meta),
                        owed.seconds, live)
 
     def give_up(self, worker: str | None) -> None:
@@ -359,7 +364,7 @@ class Settlement:
         if info is None:
             return None
         seconds = now - self.dispatched.get(key, now)
-        amount = price(seconds, info.rate, meta.get("amount", 1))
+        amount = task_price(seconds, info.rate, meta)
         if "preauth" in meta:  # a part of the session's hold, which stays open
             share = self.shared.setdefault(hold, _new_share(meta))
             if key in share.done:

@@ -9,7 +9,8 @@ provider started with ``gpunet provide --allow-installs``, :class:`SessionEnviro
 builds a virtual environment layered over the base (``python -m venv
 --system-site-packages``: only what the base lacks goes into it), once per session and
 requirements digest, and keeps it while the worker lives (at most
-:data:`ENVIRONMENTS_KEPT`, the least recently used removed first):
+:data:`ENVIRONMENTS_KEPT`, of which :data:`ENVIRONMENTS_PER_SESSION` per session, the least
+recently used removed first):
 
 1. pip resolves what the venv lacks (``--dry-run --report``: names, versions, URLs and
    the registry's SHA-256 of each file), binary wheels only unless the provider
@@ -19,6 +20,10 @@ requirements digest, and keeps it while the worker lives (at most
    checked against the registry's;
 3. pip installs those files, and nothing else (``--no-index --no-deps``), within the
    provider's time cap.
+
+Every step runs in a process group of its own (downloads in a thread): a stop of the job
+(Ctrl-C, its timeout) ends the build at once, kills the group and removes the half-built
+environment (:class:`InstallStopped`), so that the next try starts clean.
 
 :meth:`SessionEnvironments.prepare` returns a :class:`PreparedEnvironment`: the Python
 executable of the session and its ``site-packages``: what the session's sandbox
@@ -42,9 +47,11 @@ import re
 import shutil
 import subprocess
 import sys
+import signal
 import sysconfig
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -64,11 +71,22 @@ DEFAULT_MAX_INSTALL_BYTES = 200 * 1024 * 1024
 DEFAULT_MAX_INSTALL_SECONDS = 300.0
 #: Session environments a worker keeps (the least recently used beyond this are removed).
 ENVIRONMENTS_KEPT = 8
+#: Of those, one session keeps at most this many (its cells may alternate between them).
+ENVIRONMENTS_PER_SESSION = 4
 #: The wheel cache holds at most this many sessions' installs at the cap (least recently used
 #: wheels removed first), so that clients cannot fill the provider's disk through it.
 WHEEL_CACHE_INSTALLS = 10
 #: Most distributions a report may list (a provider's claim is capped like any message).
 MAX_REPORTED = 5000
+#: How often an install looks whether its job was stopped (seconds).
+STOP_POLL_S = 0.05
+
+
+class InstallStopped(BaseException):
+    """The job whose install this was was stopped (Ctrl-C, its timeout): the installer's
+    processes are killed and the half-built environment removed. A BaseException, as
+    :class:`gpunet.worker.runner.JobInterrupted` is, so that no handler of the build's
+    own errors takes it; the runner turns it into the job's interrupted result."""
 
 
 def canonical(name: str) -> str:
@@ -232,25 +250,39 @@ class SessionEnvironments:
         self._lock = threading.Lock()
 
     def prepare(self, session: str | None, requirements: dict[str, str],
-                announce: Callable[[int, int], None] | None = None) -> PreparedEnvironment:
+                announce: Callable[[int, int], None] | None = None,
+                stopped: threading.Event | None = None) -> PreparedEnvironment:
         """The environment of ``session`` with ``requirements`` over the base, built now
         (``announce(count, bytes)`` is called once the wheels are here, before pip
         installs them) or reused; :class:`PackageError` saying which package and why
-        when it cannot be built within the policy (nothing of it is kept then)."""
-        key = hashlib.sha256(f"{session or ''}\0{requirements_digest(requirements)}".encode()).hexdigest()[:24]
-        with self._lock:
+        when it cannot be built within the policy (nothing of it is kept then).
+        ``stopped`` set (the job was stopped) ends the build at once:
+        :class:`InstallStopped`, the installer's processes killed, nothing of it kept."""
+        stopped = stopped or threading.Event()
+        session_key = hashlib.sha256(f"{session or ''}".encode()).hexdigest()[:12]
+        key = session_key + hashlib.sha256(f"{session or ''}\0{requirements_digest(requirements)}"
+                                           .encode()).hexdigest()[:24]
+        while not self._lock.acquire(timeout=STOP_POLL_S):  # another session's build: a stop ends the wait
+            if stopped.is_set():
+                raise InstallStopped("stopped while it waited for another install")
+        try:
             kept = self._kept.get(key)
             if kept is not None and kept.python.exists():
                 self._kept.move_to_end(key)
                 kept.built_now, kept.last_used = False, time.monotonic()
                 return kept
-            prepared = self._build(key, requirements, announce)
+            prepared = self._build(key, requirements, announce, stopped)
             self._kept[key] = prepared
             self._prune_wheels()
-            while len(self._kept) > ENVIRONMENTS_KEPT:
-                _, old = self._kept.popitem(last=False)
-                shutil.rmtree(old.path, ignore_errors=True)
+            mine = [other for other in self._kept if other.startswith(session_key)]
+            for old_key in [*mine[:max(0, len(mine) - ENVIRONMENTS_PER_SESSION)],
+                            *list(self._kept)[:max(0, len(self._kept) - ENVIRONMENTS_KEPT)]]:
+                old = self._kept.pop(old_key, None)
+                if old is not None:
+                    shutil.rmtree(old.path, ignore_errors=True)
             return prepared
+        finally:
+            self._lock.release()
 
     def _prune_wheels(self) -> None:
         """Keep the wheel cache within :data:`WHEEL_CACHE_INSTALLS` installs at the size cap,
@@ -270,29 +302,30 @@ class SessionEnvironments:
             self._kept.clear()
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def _build(self, key: str, requirements: dict[str, str],
-               announce: Callable[[int, int], None] | None) -> PreparedEnvironment:
+    def _build(self, key: str, requirements: dict[str, str], announce: Callable[[int, int], None] | None,
+               stopped: threading.Event) -> PreparedEnvironment:
         started = time.monotonic()
         deadline = started + self.policy.max_seconds
-        path = self.root / key
-        shutil.rmtree(path, ignore_errors=True)
+        # a folder of its own per build: a sandbox still running with an earlier build
+        # of the same requirements (removed since) never sees this one change under it
+        path = self.root / f"{key}-{uuid.uuid4().hex[:8]}"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.wheels.mkdir(parents=True, exist_ok=True)
         try:
             self._run([self.python, "-m", "venv", "--system-site-packages", "--without-pip", str(path)],
-                      deadline, "making the session's virtual environment")
+                      deadline, "making the session's virtual environment", stopped)
             python = path / "bin" / "python"
-            plan = self._resolve(python, requirements, deadline)
-            files, hits, misses, fetched = self._fetch(plan, deadline)
+            plan = self._resolve(python, requirements, deadline, stopped)
+            files, hits, misses, fetched = self._fetch(plan, deadline, stopped)
             if announce is not None:
                 announce(len(files), sum(file.stat().st_size for file in files))
             if files:
                 self._run([self.python, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps",
                            "--no-warn-script-location", "--disable-pip-version-check", "--quiet",
-                           *map(str, files)], deadline, "installing the wheels")
-            site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                       capture_output=True, text=True, check=True).stdout.strip())
-        except BaseException:
+                           *map(str, files)], deadline, "installing the wheels", stopped)
+            site = Path(self._run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                  deadline, "finding the environment's site-packages", stopped).strip())
+        except BaseException:  # a failure, or a stop: nothing half-built is kept
             shutil.rmtree(path, ignore_errors=True)
             raise
         return PreparedEnvironment(
@@ -300,22 +333,37 @@ class SessionEnvironments:
             {file.name: entry["sha256"] for file, entry in zip(files, plan)}, built_now=True,
             seconds=time.monotonic() - started, cache_hits=hits, cache_misses=misses, downloaded_bytes=fetched)
 
-    def _run(self, command: list[str], deadline: float, doing: str) -> str:
-        left = deadline - time.monotonic()
-        if left <= 0:
+    def _run(self, command: list[str], deadline: float, doing: str, stopped: threading.Event) -> str:
+        """``command``'s output, run in a process group of its own that is killed, with
+        whatever it started, when the job is stopped or the time cap runs out."""
+        if stopped.is_set():
+            raise InstallStopped(f"stopped before {doing}")
+        if deadline - time.monotonic() <= 0:
             raise PackageError(f"the provider's install time cap of {self.policy.max_seconds:g} s ran out before "
                                f"{doing}")
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True,
+                                   env={**os.environ, "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=left,
-                                  env={**os.environ, "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
-        except subprocess.TimeoutExpired:
-            raise PackageError(f"{doing} went over the provider's install time cap of "
-                               f"{self.policy.max_seconds:g} s") from None
-        if done.returncode != 0:
-            raise PackageError(f"{doing} failed: {_pip_reason(done.stderr)}")
-        return done.stdout
+            while True:
+                try:  # retrying communicate() after its timeout loses no output
+                    out, err = process.communicate(timeout=STOP_POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stopped.is_set():
+                        raise InstallStopped(f"stopped while {doing}") from None
+                    if time.monotonic() > deadline:
+                        raise PackageError(f"{doing} went over the provider's install time cap of "
+                                           f"{self.policy.max_seconds:g} s") from None
+        finally:
+            if process.returncode is None:  # stopped, over time, or interrupted: the whole group goes
+                _kill_group(process)
+        if process.returncode != 0:
+            raise PackageError(f"{doing} failed: {_pip_reason(err)}")
+        return out
 
-    def _resolve(self, python: Path, requirements: dict[str, str], deadline: float) -> list[dict[str, Any]]:
+    def _resolve(self, python: Path, requirements: dict[str, str], deadline: float,
+                 stopped: threading.Event) -> list[dict[str, Any]]:
         """What pip would install into the venv for ``requirements`` (over the base):
         ``[{name, version, url, sha256}]``, found without installing anything."""
         binary = [] if self.policy.builds else ["--only-binary", ":all:"]
@@ -323,7 +371,7 @@ class SessionEnvironments:
         try:
             out = self._run([self.python, "-m", "pip", "--python", str(python), "install", "--dry-run", "--quiet",
                              "--report", "-", "--find-links", str(self.wheels), *binary, *lines], deadline,
-                            f"resolving {', '.join(lines)}")
+                            f"resolving {', '.join(lines)}", stopped)
         except PackageError as exc:
             wheel_note = "" if self.policy.builds else " (binary wheels only: this provider builds no sdists)"
             raise PackageError(f"{exc}{wheel_note}") from None
@@ -335,12 +383,11 @@ class SessionEnvironments:
                          "url": info.get("url", ""), "sha256": hashes.get("sha256", "")})
         return plan
 
-    def _fetch(self, plan: list[dict[str, Any]], deadline: float) -> tuple[list[Path], int, int, int]:
+    def _fetch(self, plan: list[dict[str, Any]], deadline: float,
+               stopped: threading.Event) -> tuple[list[Path], int, int, int]:
         """The files of ``plan`` in the shared wheel cache, downloading those it lacks
         (size counted against the cap as they come, SHA-256 checked):
         (files, cache hits, cache misses, bytes downloaded)."""
-        import requests
-
         files, hits, misses, fetched = [], 0, 0, 0
         for entry in plan:
             url = entry["url"]
@@ -356,32 +403,80 @@ class SessionEnvironments:
                 files.append(target)
                 continue
             misses += 1
-            partial = target.with_name(target.name + f".part{os.getpid()}")
-            digest = hashlib.sha256()
-            try:
-                with requests.get(url, stream=True, timeout=max(1.0, deadline - time.monotonic())) as response:
-                    response.raise_for_status()
-                    with open(partial, "wb") as out:
-                        for chunk in response.iter_content(1 << 16):
-                            fetched += len(chunk)
-                            if fetched > self.policy.max_bytes:
-                                raise PackageError(
-                                    f"{entry['name']} {entry['version']} went over the provider's size cap of "
-                                    f"{format_bytes(self.policy.max_bytes)} for a session's install")
-                            if time.monotonic() > deadline:
-                                raise PackageError(f"downloading {entry['name']} went over the provider's install "
-                                                   f"time cap of {self.policy.max_seconds:g} s")
-                            digest.update(chunk)
-                            out.write(chunk)
-                if entry["sha256"] and digest.hexdigest() != entry["sha256"]:
-                    raise PackageError(f"{name} did not match the SHA-256 the registry lists for it; not installed")
-                partial.replace(target)
-            except requests.RequestException as exc:
-                raise PackageError(f"downloading {entry['name']} {entry['version']} failed: {exc}") from None
-            finally:
-                partial.unlink(missing_ok=True)
+            # in a thread of its own, so that a stop ends the build at once even while the
+            # registry is slow to answer; the thread sees the stop at its next chunk (or
+            # its timeout), removes its part file and ends
+            fetched += _until_stopped(stopped, f"downloading {name}", self._download, entry, name, target,
+                                      deadline, self.policy.max_bytes - fetched, stopped)
             files.append(target)
         return files, hits, misses, fetched
+
+    def _download(self, entry: dict[str, Any], name: str, target: Path, deadline: float, allowance: int,
+                  stopped: threading.Event) -> int:
+        """Download ``entry`` to ``target`` (at most ``allowance`` bytes); the bytes it took."""
+        import requests
+
+        partial = target.with_name(f"{target.name}.part-{uuid.uuid4().hex[:12]}")
+        digest, fetched = hashlib.sha256(), 0
+        try:
+            with requests.get(entry["url"], stream=True, timeout=max(1.0, deadline - time.monotonic())) as response:
+                response.raise_for_status()
+                with open(partial, "wb") as out:
+                    for chunk in response.iter_content(1 << 16):
+                        fetched += len(chunk)
+                        if stopped.is_set():
+                            raise InstallStopped(f"stopped while downloading {name}")
+                        if fetched > allowance:
+                            raise PackageError(
+                                f"{entry['name']} {entry['version']} went over the provider's size cap of "
+                                f"{format_bytes(self.policy.max_bytes)} for a session's install")
+                        if time.monotonic() > deadline:
+                            raise PackageError(f"downloading {entry['name']} went over the provider's install "
+                                               f"time cap of {self.policy.max_seconds:g} s")
+                        digest.update(chunk)
+                        out.write(chunk)
+            if entry["sha256"] and digest.hexdigest() != entry["sha256"]:
+                raise PackageError(f"{name} did not match the SHA-256 the registry lists for it; not installed")
+            partial.replace(target)
+        except requests.RequestException as exc:
+            raise PackageError(f"downloading {entry['name']} {entry['version']} failed: {exc}") from None
+        finally:
+            partial.unlink(missing_ok=True)
+        return fetched
+
+
+def _until_stopped(stopped: threading.Event, doing: str, function: Callable[..., Any], *arguments: Any) -> Any:
+    """``function(*arguments)`` run in a thread, waited for until it ends or ``stopped``
+    is set (:class:`InstallStopped`; the thread is left to end by itself)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function(*arguments)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="gpunet-install-download", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(STOP_POLL_S)
+        if stopped.is_set() and thread.is_alive():
+            raise InstallStopped(f"stopped while {doing}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill ``process`` and every process of its group (pip and what it started), and reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+    process.wait()
+    for pipe in (process.stdout, process.stderr):  # not read: a process it detached may still hold them
+        if pipe is not None:
+            pipe.close()
 
 
 def _sha256(path: Path) -> str:

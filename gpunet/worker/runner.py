@@ -48,6 +48,7 @@ from gpunet.cell import cell_filename
 from gpunet.errors import PackageError, UnsupportedResultError
 from gpunet.wire import (
     CODEC,
+    INTERRUPTED,
     PACKAGES,
     TOO_LARGE,
     Job,
@@ -60,6 +61,7 @@ from gpunet.wire import (
 )
 from gpunet.worker.device import describe_this_device, device_info
 from gpunet.worker.environment import (
+    InstallStopped,
     PreparedEnvironment,
     checked_requirements,
     installed_distributions,
@@ -175,6 +177,7 @@ class _JobContext:
 _contexts: dict[int, _JobContext] = {}  # thread id -> running job
 _running: dict[str, int] = {}  # job id -> thread id
 _stopped: dict[str, None] = {}  # job ids asked to stop (the last STOPPED_KEPT, oldest first)
+_installing: dict[str, list[threading.Event]] = {}  # job id -> the stop flags of its installs under way
 STOPPED_KEPT = 1000
 _registry_lock = threading.Lock()
 
@@ -319,7 +322,7 @@ def _current_worker() -> Any:
 
 def run_job(
     job: Job, item: bytes | None = None, index: int | None = None, inputs: dict[str, bytes] | None = None
-) -> JobResult | bytes:
+) -> JobResult | codec.Frames:
     """Run ``job`` in this worker thread and return its result (never raises for
     the job's own errors: they travel back in ``JobResult.error``).
 
@@ -329,6 +332,8 @@ def run_job(
     if inputs is not None:
         job = dataclasses.replace(job, inputs=inputs)
     worker = _current_worker()
+    if worker is not None and job.result_format == CODEC:
+        codec.register_with_dask()  # its result leaves this worker as Dask frames (not in a sandbox: no Dask there)
     address = getattr(worker, "address", "local")
     # outside a worker (tests, debugging) this process's device
     device = (describe_this_device() if worker is None else device_info(worker))["label"]
@@ -341,7 +346,24 @@ def run_job(
         prepared, environment = prepare_environment(job, worker, address)
     except PackageError as exc:  # nothing of the cell ran
         return error_result(job, index, address, device, started, PACKAGES, str(exc))
+    except InstallStopped as exc:
+        return error_result(job, index, address, device, started, INTERRUPTED, str(exc))
     return _job_host.run(job, item, index, worker, address, device, prepared, environment)
+
+
+def run_chunk(job: Job, items: list[bytes], start: int,
+              inputs: dict[str, bytes] | None = None) -> list[JobResult | bytes] | bytes:
+    """Run items ``start``, ``start + 1``, ... (``items``) of a mapped job one after another
+    in this worker thread: one Dask task for several items, each run as :func:`run_job`
+    runs one (its own index, output, error and stop). Their results in order: a list, or
+    for a CODEC job the codec bytes of the list of each item's codec bytes, which the
+    notebook checks item by item (:func:`gpunet.client.received.accept_chunk`)."""
+    if inputs is not None:
+        job = dataclasses.replace(job, inputs=inputs)
+    results = [run_job(job, item, start + offset) for offset, item in enumerate(items)]
+    if job.result_format == CODEC:
+        return codec.encode(results, name="the results of a map's chunk")
+    return results
 
 
 def error_result(job: Job, index: int | None, address: str, device: str, started: float, ename: str,
@@ -386,6 +408,8 @@ def execute_job(job: Job, item: bytes | None, index: int | None, worker: Any, ad
         result.error = {"ename": TOO_LARGE, "evalue": str(exc), "traceback": "", "exception": None}
     except JobInterrupted as exc:
         result.error = _error_info(exc, None, job.result_format)
+    except InstallStopped as exc:  # nothing of the cell ran
+        result.error = {"ename": INTERRUPTED, "evalue": str(exc), "traceback": "", "exception": None}
     finally:
         _unregister(thread_id, running_key)
     context.flush(send=False)
@@ -399,8 +423,9 @@ def execute_job(job: Job, item: bytes | None, index: int | None, worker: Any, ad
     return result
 
 
-def encode_result(result: JobResult, max_bytes: int) -> bytes:
-    """A CODEC job's result as codec bytes: displays the codec cannot carry are left
+def encode_result(result: JobResult, max_bytes: int) -> codec.Frames:
+    """A CODEC job's result as codec frames (its outputs' arrays travel as frames of
+    their own, never copied into one blob): displays the codec cannot carry are left
     out (saying so in its stderr); a result over ``max_bytes`` is replaced by its
     TOO_LARGE error, so that nothing of it travels."""
     result.result_format = CODEC
@@ -413,13 +438,14 @@ def encode_result(result: JobResult, max_bytes: int) -> bytes:
             result.streams.append((len(result.streams) + 1, "stderr",
                                    f"[gpunet: a display of {sorted(bundle[0])} could not travel as data]\n"))
     result.displays = kept
-    blob = codec.encode(result_to_event(result))
-    if len(blob) <= max_bytes:
-        return blob
+    frames = codec.encode_frames(result_to_event(result))
+    size = frames.nbytes
+    if size <= max_bytes:
+        return frames
     too_large = dataclasses.replace(result, outputs={}, value=None, streams=[], displays=[], unpicklable_outputs=[],
-                                    error={"ename": TOO_LARGE, "evalue": f"its result is {len(blob):,} bytes, over "
+                                    error={"ename": TOO_LARGE, "evalue": f"its result is {size:,} bytes, over "
                                            f"its cap of {max_bytes:,} bytes", "traceback": "", "exception": None})
-    return codec.encode(result_to_event(too_large))
+    return codec.encode_frames(result_to_event(too_large))
 
 
 def prepare_environment(job: Job, worker: Any,
@@ -452,11 +478,32 @@ def prepare_environment(job: Job, worker: Any,
             worker.log_event(job.topic, sign_event(job.event_key, {"job": job.job_id, "kind": "installing",
                                                                    "text": text}))
 
-    try:
-        prepared = environments.prepare(job.session, requirements, announce)
-    except PackageError as exc:
-        raise PackageError(f"{address} could not install {lacking}: {exc}") from None
+    with _install_registered(job.job_id) as stopped:
+        try:
+            prepared = environments.prepare(job.session, requirements, announce, stopped)
+        except PackageError as exc:
+            raise PackageError(f"{address} could not install {lacking}: {exc}") from None
     return prepared, {**prepared.describe(), "packages": {**ran_with, **prepared.installed}}
+
+
+@contextlib.contextmanager
+def _install_registered(job_id: str) -> Iterator[threading.Event]:
+    """A stop flag for an install of ``job_id``, which :func:`stop_job` sets meanwhile
+    (set already where the job was stopped before its install began)."""
+    stopped = threading.Event()
+    with _registry_lock:
+        if job_id in _stopped:
+            stopped.set()
+        _installing.setdefault(job_id, []).append(stopped)
+    try:
+        yield stopped
+    finally:
+        with _registry_lock:
+            flags = _installing.get(job_id, [])
+            if stopped in flags:
+                flags.remove(stopped)
+            if not flags:
+                _installing.pop(job_id, None)
 
 
 def _unregister(thread_id: int, running_key: str) -> None:
@@ -601,6 +648,17 @@ async def end_session(digest: str, dask_worker: Any = None) -> bool:
     return bool(await asyncio.to_thread(_job_host.end_session, str(digest)))
 
 
+async def _installs_ended(job_id: str, within: float) -> bool:
+    """Whether the installs of ``job_id`` ended within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with _registry_lock:
+            if job_id not in _installing:
+                return True
+        await asyncio.sleep(0.02)
+    return False
+
+
 @contextlib.contextmanager
 def registered_as_running(running_key: str) -> Iterator[None]:
     """Count this thread's job (run elsewhere: its sandbox) as running here meanwhile, as
@@ -638,14 +696,19 @@ async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0,
         _stopped[job_id] = None
         while len(_stopped) > STOPPED_KEPT:
             del _stopped[next(iter(_stopped))]
+        installs = list(_installing.get(job_id, ()))
+    for flag in installs:  # its packages are installing: the install ends at once
+        flag.set()
+    installs_stopped = installs and await _installs_ended(job_id, grace)
     if _job_host is not None:  # its sandbox stops it, or is ended: never this worker
-        return await asyncio.to_thread(_job_host.stop, job_id, reason, grace)
+        status = await asyncio.to_thread(_job_host.stop, job_id, reason, grace)
+        return "stopped" if installs_stopped and status == "not-running" else status
     with _registry_lock:
         threads = {key: tid for key, tid in _running.items() if key == job_id or key.startswith(job_id + "/")}
         for tid in threads.values():
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(JobInterrupted))
     if not threads:
-        return "not-running"
+        return "stopped" if installs_stopped else "not-running"
     logger.info("gpunet: stopping job %s (%s) in %d thread(s)", job_id, reason, len(threads))
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:

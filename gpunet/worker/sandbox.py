@@ -10,9 +10,12 @@ result's fields (whose outputs stay pickles only the notebook opens); live event
 relayed only to the job's own topic, within the job's output-text cap.
 
 - One sandbox per notebook session (``Job.session``, a secret of the notebook's
-  connection; the pool keys sandboxes by its SHA-256), never shared between sessions;
-  it stays warm between the session's cells (modules such as JAX are imported once)
-  and ends when the session closes (:func:`gpunet.worker.runner.end_session`), after
+  connection; the pool keys sandboxes by its SHA-256) and environment it runs with (the
+  session's own ``site-packages``, :mod:`gpunet.worker.environment`; at most
+  :data:`SANDBOXES_PER_SESSION`), never shared between sessions; it stays warm between
+  the session's cells (modules such as JAX are imported once; cells that alternate
+  between environments switch between the session's warm sandboxes) and ends when the
+  session closes (:func:`gpunet.worker.runner.end_session`), after
   ``idle_seconds`` without a cell, or when the worker ends. A job with no session gets
   a sandbox of its own. A warm spare is started ahead, so a session's first cell does
   not wait for a process to start.
@@ -67,6 +70,7 @@ from typing import Any
 import cloudpickle
 import msgpack
 
+from gpunet import codec
 from gpunet.errors import GpunetError
 from gpunet.paths import data_dir
 from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, flat_result, result_from_event, result_to_event,
@@ -101,10 +105,17 @@ KEPT_ENV_PREFIXES = ("LC_", "JAX_", "XLA_", "TF_CPP_", "NVIDIA_DRIVER_", "CUDA_M
 ROOT_SANDBOX_UID_BASE = 100_000
 #: Sandboxes a worker keeps at once, at most (the hard cap; settings may lower it).
 MOST_SANDBOXES = 64
+#: Warm sandboxes one session keeps, one per environment its cells ran with (the least
+#: recently used beyond this ends): cells that alternate between environments switch
+#: sandboxes instead of starting one.
+SANDBOXES_PER_SESSION = 3
 #: One live event a sandbox relays, at most (output chunks and small results are far below).
 EVENT_MAX_BYTES = 256 * 1024
 #: A frame from a sandbox of a job that trusts its providers (PICKLE), at most.
 TRUSTED_FRAME_MAX_BYTES = 2**32 - 1
+#: The most frames a CODEC result may come out of the sandbox in (its head, then one per
+#: large array: :func:`gpunet.codec.encode_frames`).
+MAX_RESULT_FRAMES = 100_000
 #: How long a sandbox may take to start (import gpunet's runner) before it counts as failed.
 START_TIMEOUT_S = 120.0
 
@@ -230,7 +241,7 @@ class _Channel:
                 self.sock.sendall(_FRAME_HEADER.pack(len(frame)))
                 self.sock.sendall(frame)
 
-    def receive(self, max_bytes: int) -> bytes | None:
+    def receive(self, max_bytes: int) -> bytearray | None:
         """The next frame, None at the end; ValueError for one over ``max_bytes``."""
         header = self._exactly(_FRAME_HEADER.size)
         if header is None:
@@ -240,8 +251,8 @@ class _Channel:
             raise ValueError(f"a frame of {size:,} bytes, over {max_bytes:,}")
         return self._exactly(size)
 
-    def _exactly(self, size: int) -> bytes | None:
-        buffer = bytearray(size)
+    def _exactly(self, size: int) -> bytearray | None:
+        buffer = bytearray(size)  # returned as it is: a result's frame is not copied again
         view = memoryview(buffer)
         got = 0
         while got < size:
@@ -249,7 +260,7 @@ class _Channel:
             if count == 0:
                 return None
             got += count
-        return bytes(buffer)
+        return buffer
 
 
 # -- the worker's side -------------------------------------------------------------------------
@@ -408,7 +419,7 @@ class Sandbox:
                 elif kind == "event":
                     self._relay(str(message[1]), message[2], message[3], len(frame))
                 elif kind == "result":
-                    self._result(str(message[1]), str(message[2]))
+                    self._result(str(message[1]), str(message[2]), message[3] if len(message) > 3 else 1)
                 elif kind == "failed":
                     waiting = self.waiting.get(str(message[1]))
                     if waiting is not None:
@@ -432,7 +443,7 @@ class Sandbox:
         if waiting.worker is not None:
             waiting.worker.log_event(topic, event)
 
-    def _result(self, key: str, result_format: str) -> None:
+    def _result(self, key: str, result_format: str, count: Any) -> None:
         waiting = self.waiting.get(key)
         if waiting is None:
             raise ValueError("a result for no job of its own")
@@ -440,13 +451,20 @@ class Sandbox:
         # the job's cap is the notebook's to choose (the cell's author): the worker's own
         # ceiling is what the sandbox could have built within its memory limit
         ceiling = min(TRUSTED_FRAME_MAX_BYTES, self.settings.memory_bytes or TRUSTED_FRAME_MAX_BYTES)
-        payload = self.channel.receive(min(ceiling, TRUSTED_FRAME_MAX_BYTES if trusted
-                                           else waiting.job.max_result_bytes + 1024))
-        if payload is None:
-            raise ValueError("a result cut short")
+        allowed = min(ceiling, TRUSTED_FRAME_MAX_BYTES if trusted else waiting.job.max_result_bytes + 1024)
+        if type(count) is not int or not 1 <= count <= (MAX_RESULT_FRAMES if result_format == CODEC else 1):
+            raise ValueError(f"a result in {count!r} frames")
+        frames = []
+        for _ in range(count):  # all of them within the one cap
+            payload = self.channel.receive(allowed)
+            if payload is None:
+                raise ValueError("a result cut short")
+            allowed -= len(payload)
+            frames.append(payload)
         if result_format == CODEC and not trusted:
-            waiting.answers.put(("result", payload))  # passed on as it came: the notebook decodes it
+            waiting.answers.put(("result", codec.Frames(frames)))  # passed on as it came: the notebook decodes it
             return
+        payload = frames[0]
         if result_format != "fields" or not trusted:
             raise ValueError(f"a result as {result_format!r}")
         waiting.answers.put(("result", result_from_event(msgpack.unpackb(payload, raw=False))))
@@ -499,7 +517,9 @@ class SandboxPool:
     def __init__(self, settings: SandboxSettings, device_env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.device_env = dict(device_env or {})
+        #: each session's current sandbox, and its others (of other environments), kept warm
         self.sessions: dict[str, Sandbox] = {}
+        self.others: dict[str, list[Sandbox]] = {}
         #: every sandbox in use: the sessions' and those of jobs with no session
         self.in_use: set[Sandbox] = set()
         self.lock = threading.Lock()
@@ -516,9 +536,10 @@ class SandboxPool:
             prepared: PreparedEnvironment | None = None, environment: dict[str, Any] | None = None) -> JobResult | bytes:
         """Run ``job`` in its session's sandbox (a fresh one for a job with no session).
         ``prepared``: the session's own environment (the worker built it), whose
-        ``site-packages`` the sandbox puts before the worker's; a session's sandbox that
-        runs with another is replaced; a job that asks for no packages (no ``environment``)
-        takes the session's sandbox as it is. ``environment``: its account, for the result."""
+        ``site-packages`` the sandbox puts before the worker's; a session keeps a warm
+        sandbox per environment (at most :data:`SANDBOXES_PER_SESSION`); a job that asks
+        for no packages (no ``environment``) takes the session's current sandbox as it is.
+        ``environment``: its account, for the result."""
         if runner.was_stopped(job.job_id):
             return runner.error_result(job, index, address, device, time.time(), INTERRUPTED, "stopped before it started")
         digest = None if job.session is None else session_digest(job.session)
@@ -539,11 +560,11 @@ class SandboxPool:
     def end_session(self, digest: str) -> bool:
         """End the sandbox of the session whose digest is ``digest`` (its notebook closed)."""
         with self.lock:
-            sandbox = self.sessions.pop(digest, None)
-        if sandbox is None:
-            return False
-        self._end(sandbox, "its session closed")
-        return True
+            sandboxes = [*([self.sessions.pop(digest)] if digest in self.sessions else []),
+                         *self.others.pop(digest, [])]
+        for sandbox in sandboxes:
+            self._end(sandbox, "its session closed")
+        return bool(sandboxes)
 
     def close(self) -> None:
         """End every sandbox (the worker is closing)."""
@@ -551,6 +572,7 @@ class SandboxPool:
         with self.lock:
             sandboxes = list(self.in_use)
             self.sessions.clear()
+            self.others.clear()
             spare, self.spare = self.spare, None
         if spare is not None:
             sandboxes.append(spare.result())
@@ -577,20 +599,35 @@ class SandboxPool:
 
     def _sandbox_for(self, digest: str | None, settings: SandboxSettings | None) -> tuple[Sandbox, bool]:
         """The sandbox for a job of the session ``digest`` that runs with ``settings``
-        (None: any), and whether it is kept for the session (False: it ends with the job)."""
+        (None: any), and whether it is kept for the session (False: it ends with the job).
+        A session's sandbox of other settings, idle, is set aside warm (its cells may
+        come back to it), at most :data:`SANDBOXES_PER_SESSION` per session."""
+        evicted: list[Sandbox] = []
         with self.lock:
             sandbox = self.sessions.get(digest) if digest is not None else None
             if sandbox is not None and sandbox.ended is None and settings in (None, sandbox.settings):
                 sandbox.last_used = time.monotonic()
                 return sandbox, True
+            aside = self.others.get(digest, []) if digest is not None else []
+            warm = next((other for other in aside if other.ended is None and other.settings == settings), None)
             if sandbox is not None and sandbox.ended is None and sandbox.busy:
                 digest = None  # another environment while a cell runs there: a sandbox for this job alone
+            elif warm is not None:  # the session's sandbox of this environment: no start
+                aside.remove(warm)
+                evicted += self._set_aside_locked(digest, self.sessions.pop(digest, None))
+                self.sessions[digest] = warm
+                warm.last_used = time.monotonic()
+        if warm is not None and digest is not None:
+            for old in evicted:
+                self._end(old, "its session keeps its more recently used environments")
+            return warm, True
+        with self.lock:
             spare = None
             if settings in (None, self.settings):  # the spare was started with the pool's settings
                 spare, self.spare = self.spare, None
-            evicted = self._make_room_locked()
             if digest is not None and digest in self.sessions:  # it ended (a limit) or has another environment
-                evicted.append(self.sessions.pop(digest))
+                evicted += self._set_aside_locked(digest, self.sessions.pop(digest))
+            evicted += self._make_room_locked()
         for old in evicted:
             self._end(old, "the worker needed room for another session")
         sandbox = spare.result() if spare is not None else None
@@ -605,11 +642,34 @@ class SandboxPool:
         self._start_spare()
         return sandbox, digest is not None
 
+    def _set_aside_locked(self, digest: str, sandbox: Sandbox | None) -> list[Sandbox]:
+        """Keep ``sandbox`` (the session's, of other settings) warm beside the session's
+        current one; those to end: an ended one, and the least recently used beyond
+        :data:`SANDBOXES_PER_SESSION`."""
+        if sandbox is None:
+            return []
+        if sandbox.ended is not None:
+            return [sandbox]
+        aside = self.others.setdefault(digest, [])
+        aside.append(sandbox)
+        aside.sort(key=lambda other: other.last_used)
+        ending = aside[:max(0, len(aside) - (SANDBOXES_PER_SESSION - 1))]
+        del aside[:len(ending)]
+        return ending
+
     def _make_room_locked(self) -> list[Sandbox]:
+        """End idle sandboxes, the least recently used first (set-aside ones before any
+        session's current one), until there is room for one more."""
         most = min(self.settings.most_sandboxes, MOST_SANDBOXES - 2)
         evicted = []
+        kept = len(self.sessions) + sum(map(len, self.others.values()))
+        for digest, aside in list(self.others.items()):
+            while aside and kept - len(evicted) >= most:
+                evicted.append(aside.pop(0))
+            if not aside:
+                del self.others[digest]
         for digest, sandbox in sorted(self.sessions.items(), key=lambda entry: entry[1].last_used):
-            if len(self.sessions) < most:
+            if kept - len(evicted) < most:
                 break
             if sandbox.ended is not None or not sandbox.busy:
                 evicted.append(self.sessions.pop(digest))
@@ -637,6 +697,12 @@ class SandboxPool:
                 idle = [digest for digest, sandbox in self.sessions.items() if sandbox.ended is not None
                         or (not sandbox.busy and now - sandbox.last_used > self.settings.idle_seconds)]
                 ending = [self.sessions.pop(digest) for digest in idle]
+                for digest, aside in list(self.others.items()):
+                    ending += [sandbox for sandbox in aside if sandbox.ended is not None
+                               or now - sandbox.last_used > self.settings.idle_seconds]
+                    aside[:] = [sandbox for sandbox in aside if sandbox not in ending]
+                    if not aside:
+                        del self.others[digest]
             for sandbox in ending:
                 self._end(sandbox, "idle")
 
@@ -809,8 +875,8 @@ def _run_one(channel: _Channel, key: str, blob: bytes, config: dict[str, Any],
         running.pop(key, None)
         if not running:
             _end_strays(config)  # processes a cell started end with it
-    if isinstance(result, (bytes, bytearray, memoryview)):
-        channel.send(msgpack.packb(["result", key, CODEC]), result)
+    if isinstance(result, codec.Frames):  # each of its frames as a frame of the channel: no join
+        channel.send(msgpack.packb(["result", key, CODEC, len(result)]), *result)
         return
     try:
         fields = _fields(result)

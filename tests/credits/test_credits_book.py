@@ -10,11 +10,13 @@ minted (credits only move); at the end they are ``balances``.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 import gpunet.credits as credits
+from gpunet.credits._book import ID_RE
 from gpunet.credits._db import resolve_db_url
 from gpunet.credits._store import CreditStore
 
@@ -93,3 +95,14 @@ def test_a_failed_write_rolls_the_book_back(store, monkeypatch):
     monkeypatch.undo()
     assert store.call("mint", "operator", {"account": "alice", "amount": 5}, "m2")["balance"] == 15
     assert _balances(store)["alice"] == 15
+
+
+def test_hold_ids_begin_with_the_time_they_were_placed(store):
+    """New holds' keys go to the end of the holds table's index (not to a random page of it)."""
+    store.call("create_account", "operator", {"name": "alice", "role": "client"})
+    store.call("mint", "operator", {"account": "alice", "amount": 100}, "m")
+    sid = store.call("open_session", "alice", {"budget": 100}, "o")["session"]
+    ids = [store.call("hold", "alice", {"session": sid, "amount": 1}, f"h{i}")["hold"] for i in range(20)]
+    assert all(ID_RE.match(hid) and hid.startswith("h_") for hid in ids) and len(set(ids)) == 20
+    times = [int(hid[2:13], 16) for hid in ids]
+    assert times == sorted(times) and all(abs(t - time.time() * 1000) < 600_000 for t in times)

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from credits_helpers import Party
-from gpunet.credits import AuthError, CreditClient, serve_in_background
+from gpunet.credits import AuthError, CreditClient, ForbiddenError, serve_in_background
 
 
 def _start(args, cwd=None, env=None):
@@ -197,6 +197,23 @@ def test_account_create_writes_the_token_to_a_mode_600_file_and_never_prints_it(
     assert again.returncode == 1 and "exists already" in again.stderr
     assert token_file.read_text().strip() == token
     assert "dave" not in {a["account"] for a in service.client().accounts()}
+
+
+def test_revoking_a_token_stops_it_at_once_and_writes_the_new_one(service, tmp_path):
+    auth = ["--credits", service.url, "--operator-token-file", str(service.operator_token_file)]
+    old = service.client().create_account("erin", "client")["token"]
+    revoked = _gpunet("credits", "account", "revoke-token", "erin", *auth, cwd=tmp_path)
+    assert revoked.returncode == 0 and "revoked the token of erin" in revoked.stdout, revoked.stderr
+    new = (tmp_path / "erin.token").read_text().strip()
+    assert stat.S_IMODE(os.stat(tmp_path / "erin.token").st_mode) == 0o600 and new not in revoked.stdout
+    with pytest.raises(AuthError):
+        CreditClient(service.url, old).ping()
+    assert CreditClient(service.url, new).ping()["account"] == "erin"
+    again = _gpunet("credits", "account", "revoke-token", "erin", *auth, "-o", str(tmp_path / "erin.token"))
+    assert again.returncode == 1 and "exists already" in again.stderr  # refused before the token changes
+    assert CreditClient(service.url, new).ping()["account"] == "erin"
+    with pytest.raises(ForbiddenError, match="revoking a token"):
+        CreditClient(service.url, new).revoke_token("erin")
 
 
 def test_credit_verbs_wait_a_bounded_time_for_a_service_that_does_not_answer(tmp_path):
