@@ -122,6 +122,9 @@ E2E_TESTS = [
     "tests/credits/test_credits_postgres.py::test_unreachable_postgres_is_a_clear_error",
     "tests/credits/test_credits_stale.py::test_open_holds_survive_a_restart_of_the_service",
     "tests/credits/test_credits_trust.py::test_records_survive_a_restart",
+    # pip processes and a package index on 127.0.0.1, building a session environment
+    "tests/test_packages.py::test_a_packages_pth_file_never_runs_outside_the_sandbox",
+    "tests/test_packages.py::test_a_wheel_that_unpacks_far_past_the_cap_is_refused_before_it_is_installed",
     # a credit service and `gpunet scheduler` processes:
     "tests/test_open_network_attacks.py::test_a_provider_cannot_blow_up_a_real_schedulers_memory",
 ]
