@@ -9,6 +9,7 @@ the same array, and a 200-item net.map against client.map, in the same run.
                                                 [--codec-repeats 50] [--codec-items 200]
                                                 [--only-codec] [--only-data] [--data-repeats 10]
     .venv/bin/python benchmarks/cell_latency.py --open [--repeats 200] [--items 2000]
+    .venv/bin/python benchmarks/cell_latency.py --only-verified [--repeats 200]
 
 --open measures an open network instead, every party its own process on 127.0.0.1
 (certificates from `gpunet certs`, a credit service, `gpunet scheduler` over mutual
@@ -16,6 +17,10 @@ TLS, two `gpunet provide` processes, `gpunet gateway`): the trivial cell's round
 through the gateway (HTTPS, metered) against `client.submit` with the gateway's
 certificate on the same cluster, and `--map` of the items through the gateway
 against `client.map`, the Dask tasks carrying a hold as every task there must.
+
+--only-verified measures a trivial verified call (two copies on two providers of a local
+market) against client.submit, with its copies' holds placed ahead (as a session does)
+and with them asked of the credit service on its path (as before this version).
 
 By default the embedded network meters work, as `%gpunet connect` does: every cell
 then also places a hold over HTTP before it is sent. --unmetered measures without.
@@ -344,6 +349,48 @@ def data_against_dask(repeats: int, metered: bool, map_items: int = 200) -> None
         net.close()
 
 
+def verified_figures(repeats: int) -> None:
+    """A trivial verified call (``verify="replicate"``: two copies on two providers) on a
+    local market of two honest providers, against ``client.submit`` on the same network:
+    with its copies' holds placed ahead and trust records kept fresh in the background (as
+    a session does), and with both asked of the credit service on its path (as before)."""
+    from gpunet.testing import local_market
+
+    with local_market({"alice": 0.0, "bob": 0.0}) as market:
+        with market.connect(budget=1_000_000) as net:
+            client = net.client
+            meter = net.meter
+            take, records = meter.take_copy_holds, meter.provider_records
+
+            def ahead(on: bool) -> None:
+                if on:
+                    meter.take_copy_holds, meter.provider_records = take, records
+                else:  # every copy's hold placed, and the records asked, on the job's path
+                    meter.take_copy_holds = lambda count, amount: None
+                    meter.provider_records = meter.credits.provider_records
+
+            contenders = [("client.submit(f).result()", lambda: client.submit(trivial, 1, pure=False).result(), True),
+                          ("net.run(f, verify='replicate')", lambda: net.run(trivial, 1, verify="replicate"), True),
+                          ("  the same, holds asked on its path", lambda: net.run(trivial, 1, verify="replicate"),
+                           False)]
+            samples: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+            for name, fn, on in contenders:  # warm-up (and the copy holds placed ahead a first time)
+                ahead(on)
+                timings(fn, 1, warmup=5)
+            for _ in range(repeats):  # one of each in turn, so drift in the machine's load hits all alike
+                for name, fn, on in contenders:
+                    ahead(on)
+                    samples[name] += timings(fn, 1, warmup=0)
+            ahead(True)
+            rows = [(name, summary(samples[name])) for name, _, _ in contenders]
+    print(f"\nround trip of a trivial verified call, {repeats} repeats (ms)")
+    print(f"{'':36s} {'median':>8s} {'p95':>8s}")
+    for name, (median, p95) in rows:
+        print(f"{name:36s} {median:8.2f} {p95:8.2f}")
+    print(f"ratio verified / client.submit (median): {rows[1][1][0] / rows[0][1][0]:.2f}; "
+          f"holds asked on its path / placed ahead: {rows[2][1][0] / rows[1][1][0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
@@ -355,7 +402,12 @@ def main() -> None:
     parser.add_argument("--open", action="store_true", help="measure an open network through its gateway instead")
     parser.add_argument("--data-repeats", type=int, default=10, help="round trips per array size, gpunet vs Dask")
     parser.add_argument("--only-data", action="store_true", help="measure only array inputs and a 200-item map")
+    parser.add_argument("--only-verified", action="store_true",
+                        help="measure only a trivial verified call on a local market of two providers")
     args = parser.parse_args()
+    if args.only_verified:
+        verified_figures(args.repeats)
+        return
     if args.open:
         open_network_figures(args.repeats, args.items)
         return

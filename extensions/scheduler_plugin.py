@@ -156,6 +156,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             wire.REUSE_LOOKUP: self.reuse_lookup,
             wire.ENVIRONMENTS: self.environments_of_workers,
             wire.PREAUTH_STATE: self.preauth_state,
+            wire.MAP_STATE: self.map_state,
+            wire.GROW_MAP: self.grow_map,
+            wire.PAUSE_MAP: self.pause_map,
         })
         self.reporter = Reporter(self.settlement, self._client.batch, self._after)
         self.reporter.start()
@@ -303,7 +306,11 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         if finish == "processing":
             self._dispatched[key] = now
         seconds = min(_compute_seconds(kwargs), now - sent) if sent is not None else _compute_seconds(kwargs)
-        self._after(self.settlement.transition(key, meta, start, finish, worker=kwargs.get("worker"),
+        worker = kwargs.get("worker")
+        if finish == "processing" and worker is None:  # which worker it went to (a map's items are counted per worker)
+            ts = self.scheduler.tasks.get(key)
+            worker = ts.processing_on.address if ts is not None and ts.processing_on is not None else None
+        self._after(self.settlement.transition(key, meta, start, finish, worker=worker,
                                                seconds=max(0.0, seconds), now=now))
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
@@ -419,6 +426,37 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         (:meth:`Settlement.preauth_state`); the notebook sizes its draws by it."""
         return self.settlement.preauth_state(list(holds or ())[:100], list(jobs or ())[:10_000])
 
+    def map_state(self, job: str = "") -> dict[str, Any] | None:
+        """Handler: how far map ``job`` has got (:meth:`Settlement.map_state`)."""
+        threads = {address: state.nthreads for address, state in self.scheduler.workers.items()}
+        return self.settlement.map_state(str(job), threads)
+
+    def grow_map(self, client: str = "", job: str = "", hold: str = "", amount: int = 0) -> bool:
+        """Handler: client ``client`` placed hold ``hold`` of ``amount`` credits to pay what
+        its map ``job``'s items earn beyond its holds (:meth:`Settlement.grow`). The client
+        owns the hold from then on (another naming it is refused, and it is released when
+        the client leaves); a hold another client named first is refused."""
+        if not isinstance(hold, str) or not hold or self.preauth_owners.setdefault(hold, client) != client:
+            return False
+        grown = self.settlement.grow(str(job), hold, amount)
+        self._after()
+        return grown
+
+    def pause_map(self, client: str = "", keys: list[Any] | None = None) -> int:
+        """Handler: cancel, for ``client``, those of its map's tasks ``keys`` that no worker
+        was sent yet (the map's budget cannot pay for more); those running go on. Decided and
+        done in one step here, so no task is sent between the two. Returns how many."""
+        unsent = []
+        cs = self.scheduler.clients.get(client)
+        for key in list(keys or ())[:1_000_000]:
+            ts = self.scheduler.tasks.get(key)
+            if ts is not None and cs is not None and ts.who_wants == {cs} and ts.state in UNSENT_STATES:
+                unsent.append(key)
+        if unsent:
+            self.scheduler.stimulus_cancel(unsent, client, force=False, reason="gpunet-budget",
+                                           msg="the map's budget cannot pay for more items")
+        return len(unsent)
+
     def close_unknown(self, hold: str, keys: list[Any]) -> None:
         """Handler: tasks of ``hold`` the notebook saw cancelled, which this scheduler
         may never have created (``update_graph`` refuses a graph whose input was lost)."""
@@ -433,7 +471,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 "default_provider": s.default_provider, "awaiting_verdict": len(s.awaiting),
                 "maps_open": sum(share.tasks is not None for share in s.shared.values()),
                 "preauthorized_open": sum(share.tasks is None for share in s.shared.values()), "verdicts": s.verdicts,
-                "overruled": s.overruled, "unblamed": s.unblamed, "quarantined": sorted(s.quarantined),
+                "overruled": s.overruled, "short": s.short, "grown_holds": s.grown_holds, "unblamed": s.unblamed, "quarantined": sorted(s.quarantined),
                 "refused_registrations": self.refused_registrations,
                 "network": "open" if self.open_network else "private", "refused_tasks": self.refused_tasks,
                 "refused_requests": self.door.refused if self.door is not None else 0,
@@ -607,6 +645,10 @@ def checked_environment(report: Any) -> dict[str, Any] | None:
     return {"packages": dict(packages), "installs": dict(installs) if installs is not None else None,
             "gpu": report.get("gpu") is True, "python": str(report.get("python", ""))[:16],
             "platform": str(report.get("platform", ""))[:64]}
+
+
+#: Task states in which no worker has been sent the task yet.
+UNSENT_STATES = frozenset({"released", "waiting", "queued", "no-worker"})
 
 
 def _compute_seconds(kwargs: dict[str, Any]) -> float:

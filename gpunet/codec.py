@@ -178,7 +178,8 @@ def decode(data: bytes | bytearray | memoryview | Frames, *, max_bytes: int | No
     """The value :func:`encode` (or :func:`encode_frames`) made of ``data``. Never runs
     code: malformed or hostile input, or input over ``max_bytes``, raises
     :class:`ProviderDataError`. Arrays are the caller's own: writable copies, or
-    writable views of frames the caller owns (:attr:`Frames.owned`)."""
+    writable views of frames the caller owns (:attr:`Frames.owned`), the first time only:
+    decoded again, they are copies (no two values share a buffer)."""
     frames = frames_of(data)
     if frames is None and not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProviderDataError(f"{what} came back as {_type_name(data)}, not as codec bytes; it was not loaded")
@@ -189,7 +190,11 @@ def decode(data: bytes | bytearray | memoryview | Frames, *, max_bytes: int | No
     size = max_bytes if max_bytes is not None else length
     try:
         decoder = _Decoder(size + DECODE_SLACK_BYTES, SLOT_BYTES * size + DECODE_SLACK_BYTES, frames=frames)
-        return decoder.unpack(frames[0] if frames is not None else data)
+        try:
+            return decoder.unpack(frames[0] if frames is not None else data)
+        finally:
+            if frames is not None:  # its buffers are handed out once: a second decode copies them
+                frames.owned = False
     except ProviderDataError as exc:
         raise ProviderDataError(f"{what} could not be decoded ({exc}); it was not loaded") from None
     except Exception as exc:  # noqa: BLE001 - anything a stranger's bytes can make msgpack or NumPy raise
@@ -412,6 +417,15 @@ CONTAINER_BYTES = 64
 SLOT_BYTES = 8
 
 
+def charge_container(value: Any, budget: int) -> int:
+    """What is left of ``budget`` once the decoded list or map ``value`` is charged to it
+    (:data:`CONTAINER_BYTES`, :data:`SLOT_BYTES`); :class:`ProviderDataError` past it."""
+    budget -= CONTAINER_BYTES + SLOT_BYTES * len(value) * (2 if isinstance(value, dict) else 1)
+    if budget < 0:
+        raise ProviderDataError("its lists and maps would take more memory than its size allows")
+    return budget
+
+
 def unpack_plain(data: bytes | bytearray | memoryview, *, budget: int) -> Any:
     """msgpack ``data`` as plain Python data (no codec extension decoded), its lists and
     maps charged against ``budget`` bytes (:data:`CONTAINER_BYTES`, :data:`SLOT_BYTES`):
@@ -455,9 +469,7 @@ class _Decoder:
 
     def container(self, value: Any) -> Any:
         """Charge a decoded list or map (msgpack's hook) and return it."""
-        self.containers -= CONTAINER_BYTES + SLOT_BYTES * len(value) * (2 if isinstance(value, dict) else 1)
-        if self.containers < 0:
-            raise ProviderDataError("its lists and maps would take more memory than its size allows")
+        self.containers = charge_container(value, self.containers)
         return value
 
     def charge(self, nbytes: int) -> None:

@@ -42,21 +42,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpunet import certs, codec, wire
+from gpunet import certs, codec, packages, wire
 from gpunet.client.gateway_link import blob_in, pack
 from gpunet.client.handle import JobHandle, new_job_id
 from gpunet.client.network import Network, join
+from gpunet.client.reused import lookup_reusable, store_for_reuse
 from gpunet.credits import CreditClient
 from gpunet.credits._service import bind_socket, read_capped_body
 from gpunet.errors import (AuthError, CreditsError, CreditsRequestError, GatewayError, GpunetError, OptionError,
-                           ProviderDataError)
+                           PackageError, ProviderDataError)
 from gpunet.kernels import Tolerance
 from gpunet.gateway_guard import ConnectionCounts, Relay, UnreadResults, guarded_protocol, guarded_server
 from gpunet.guarded_tls import expect_scheduler_at, use_guarded_tls
 from gpunet.provenance import run_facts
+from gpunet.reuse import gateway_reuse_key
 from gpunet.roles import TokenBucket
 from gpunet.verify.quorum import Policy
 from gpunet.wire import Job, PassedOn, result_to_event
+from gpunet.worker.environment import checked_requirements
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +99,8 @@ MAX_ITEMS = 100_000
 MAX_CODE_CHARS = 1024 * 1024
 #: The longest --timeout a job may ask for (seconds).
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+#: Per session: reads that wait for its settlements (usage, receipt) at once.
+WAITING_READS = 2
 #: How often a job's progress is sent while nothing else happens.
 PROGRESS_EVERY_S = 1.0
 #: The Dask resources a job may ask for.
@@ -134,6 +139,15 @@ class ServedNetwork(Network):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.relays: dict[str, Relay] = {}
+        #: each job's packages as its notebook resolved them (the gateway's own environment is not the notebook's)
+        self.environments: dict[str, packages.CellEnvironment] = {}
+        #: verified cells whose notebook lets a kept result answer them (gpunet.reuse: not --no-reuse)
+        self.reuse_asked: set[str] = set()
+
+    def environment_of(self, job: Job, pip: Any = ()) -> packages.CellEnvironment:
+        """What the notebook said ``job`` needs (checked by :func:`environment_from`): never
+        what the gateway's own environment would make of the job's imports."""
+        return self.environments.get(job.job_id) or packages.CellEnvironment()
 
     def register_job(self, handle: JobHandle) -> None:
         """Hand ``handle`` its events, and its relay the events it shows."""
@@ -143,7 +157,7 @@ class ServedNetwork(Network):
 
             def relayed(message: dict[str, Any]) -> None:
                 shown(message)
-                if handle._shows(message) and message.get("kind") in ("started", "stream"):
+                if handle._shows(message) and message.get("kind") in ("started", "stream", "installing"):
                     relay.put("live", {name: value for name, value in message.items() if name != "mac"})
 
             handle._on_live_event = relayed  # type: ignore[method-assign]
@@ -183,6 +197,9 @@ class RelayProgress:
 
     def ran_on(self, worker: str, device: str) -> None:
         """Nothing: the results say where each unit ran."""
+
+    def installing(self, text: str) -> None:
+        """Nothing: the notebook sees the worker's own event."""
 
 
 @dataclass
@@ -240,6 +257,8 @@ class Gateway:
         self._buckets: dict[str, TokenBucket] = {}
         #: sessions being opened (connecting to the scheduler), by account
         self._opening: dict[str, int] = {}
+        #: reads that wait for settlements in flight, by session
+        self._waiting: dict[str, int] = {}
         self._lock = threading.Lock()
         self.unread = UnreadResults(self.limits.max_unread_bytes_per_job, self.limits.max_unread_bytes,
                                     self.limits.slow_reader_s)
@@ -403,6 +422,73 @@ class Gateway:
         network = self.session_of(request, account, token).network
         return answer(await asyncio.to_thread(network.credits.usage, network.session))
 
+    async def spending(self, request: Any) -> Any:
+        """GET /v1/sessions/{sid}/spending: what ``%gpunet usage`` shows of this session,
+        once what finished was settled (bounded): the credit service's figures with the
+        pre-authorized part, and the tasks and device-seconds by worker."""
+        account, token = await self.account_of(request)
+        network = self.session_of(request, account, token).network
+
+        def read() -> dict[str, Any]:
+            settled = network.meter.wait_settled()
+            tally = [{"worker": worker, "device": entry.device, "tasks": entry.tasks, "seconds": entry.seconds}
+                     for worker, entry in list(network.meter.tally.items())]
+            return {"usage": network.meter.usage(), "settled": settled, "tally": tally}
+
+        return answer(await self._waiting_once(request, read))
+
+    async def receipt(self, request: Any) -> Any:
+        """GET /v1/sessions/{sid}/receipt: this session's receipt (its ledger entries with
+        inclusion proofs and a signed head), asked with the notebook's own token for the
+        credit session the gateway opened for it: never another's."""
+        account, token = await self.account_of(request)
+        network = self.session_of(request, account, token).network
+
+        def read() -> dict[str, Any]:
+            network.meter.wait_settled()  # what the scheduler paid for the cells so far lands first (bounded)
+            return network.credits.receipt(network.session)
+
+        return answer(await self._waiting_once(request, read))
+
+    async def consistency_proof(self, request: Any) -> Any:
+        """GET /v1/sessions/{sid}/ledger/consistency?first=N&second=M: the credit service's
+        proof that the ledger of ``first`` entries grew into that of ``second`` (which the
+        notebook checks a receipt's head against the heads it saw before with)."""
+        account, token = await self.account_of(request)
+        network = self.session_of(request, account, token).network
+        sizes = {}
+        for name in ("first", "second"):
+            text = request.query_params.get(name)
+            if text is not None and not (text.isascii() and text.isdigit() and len(text) < 16):
+                raise GatewayError(f"{name} must be a ledger size (a whole number)", status=422, code="invalid")
+            sizes[name] = None if text is None else int(text)
+        if sizes["first"] is None:
+            raise GatewayError("first must be a ledger size (a whole number)", status=422, code="invalid")
+        return answer(await asyncio.to_thread(network.credits.consistency_proof, sizes["first"], sizes["second"]))
+
+    async def environments(self, request: Any) -> Any:
+        """GET /v1/sessions/{sid}/environments: each provider's worker -> what its provider
+        says is installed there and whether it installs more (what ``%gpunet env`` shows)."""
+        account, token = await self.account_of(request)
+        network = self.session_of(request, account, token).network
+        return answer(await asyncio.to_thread(network.environment_reports, fresh=True))
+
+    async def _waiting_once(self, request: Any, read: Callable[[], Any]) -> Any:
+        """``read()`` off the event loop, at most :data:`WAITING_READS` at a time per session
+        (a live ``%gpunet usage`` and a ``%gpunet receipt``): each may wait seconds for
+        settlements, so a notebook asking many at once gets 429."""
+        sid = request.path_params["sid"]
+        if self._waiting.get(sid, 0) >= WAITING_READS:
+            raise GatewayError(f"this session already waits for its settlements {WAITING_READS} times (%gpunet usage "
+                               "or receipt); ask again when those answered", status=429, code="busy")
+        self._waiting[sid] = self._waiting.get(sid, 0) + 1
+        try:
+            return await asyncio.to_thread(read)
+        finally:
+            self._waiting[sid] -= 1
+            if not self._waiting[sid]:
+                del self._waiting[sid]
+
     async def providers(self, request: Any) -> Any:
         """GET /v1/sessions/{sid}/providers: the providers' trust records."""
         account, token = await self.account_of(request)
@@ -428,8 +514,13 @@ class Gateway:
         self._take_submission(account)
         spec = await self._body(request)
         job, options = job_from(spec, session.network.topic, self.limits)
+        environment = environment_from(spec)
+        reuse = _flag(spec, "reuse") and Policy.parse(options["verify"]).active  # only verified results are reused
         self._take_job_slot(account)  # no await from here until the relay counts: concurrent ones see it
         relay = self._relay_for(session, job.job_id)
+        session.network.environments[job.job_id] = environment
+        if reuse:
+            session.network.reuse_asked.add(job.job_id)
         session.network.relays[job.job_id] = relay
         thread = threading.Thread(target=self._run, args=(session, job, options, relay), daemon=True,
                                   name=f"gpunet-gateway-{job.job_id}")
@@ -453,6 +544,9 @@ class Gateway:
             count = len(options["items"]) if options["items"] is not None else 1
             wait_s = network.timeout_for(options["timeout"], count=count, max_credits=options["max_credits"],
                                          max_rate=options["max_rate"])
+            key = reuse_key_for(session, job, options)
+            if key is not None and job.job_id in network.reuse_asked and answered_from_reuse(network, job, key, relay):
+                return
             remote = network.submit(job, **options)
             session.jobs[job.job_id] = remote
             if relay.dropped is not None:  # its reader was dropped while the job was being sent
@@ -460,8 +554,10 @@ class Gateway:
             network.sent()
             relay.put("sent", {"job": job.job_id, "holds": remote.placed_holds()})
             results = remote.wait(wait_s, progress=RelayProgress(relay), echo=False)
-            relay.put("results", {"results": [result_to_event(result) for result in results],
-                                  "facts": run_facts(remote, results)})
+            facts = run_facts(remote, results)
+            relay.put("results", {"results": [result_to_event(result) for result in results], "facts": facts})
+            if key is not None and facts["verification"].get("verdict") == "verified":
+                store_for_reuse(network, remote, results, key, {"job": job.job_id, **facts})
         except GpunetError as exc:
             relay.put("error", {"type": type(exc).__name__, "message": str(exc)})
         except Exception as exc:  # noqa: BLE001 - the notebook hears of it; the gateway goes on
@@ -471,6 +567,8 @@ class Gateway:
         finally:
             session.jobs.pop(job.job_id, None)
             network.relays.pop(job.job_id, None)
+            network.environments.pop(job.job_id, None)
+            network.reuse_asked.discard(job.job_id)
             relay.end()
 
     async def _body(self, request: Any) -> dict[str, Any]:
@@ -621,6 +719,52 @@ def job_from(spec: dict[str, Any], topic: str, limits: GatewayLimits) -> tuple[J
     return job, options
 
 
+def environment_from(spec: dict[str, Any]) -> packages.CellEnvironment:
+    """The packages a job's notebook resolved for it (``environment``: ``requirements``,
+    names to version specifiers; ``gpu_build``; ``sources``, where each came from), as data
+    checked as a worker checks them; an empty environment where none was sent."""
+    sent = spec.get("environment")
+    if sent is None:
+        return packages.CellEnvironment()
+    if not isinstance(sent, dict):
+        raise _bad("environment", "a map of requirements, gpu_build and sources")
+    try:
+        requirements = checked_requirements(sent.get("requirements") or {})
+    except PackageError as exc:
+        raise GatewayError(f"the job's environment: {exc}; send what gpunet's notebook side sends (--pip "
+                           "\"name==version\")", status=422, code="invalid") from None
+    sources, gpu_packages = sent.get("sources") or {}, sent.get("gpu_packages") or {}
+    for name, value in (("sources", sources), ("gpu_packages", gpu_packages)):
+        if not isinstance(value, dict) or len(value) > 1000 or not all(
+                isinstance(key, str) and isinstance(text, str) and len(key) <= 200 and len(text) <= 200
+                for key, text in value.items()):
+            raise _bad(f"environment's {name}", "a map of names to short texts")
+    return packages.CellEnvironment(requirements, {name: sources[name] for name in requirements if name in sources},
+                                    _flag(sent, "gpu_build") or bool(gpu_packages), dict(gpu_packages))
+
+
+def reuse_key_for(session: ClientSession, job: Job, options: dict[str, Any]) -> str | None:
+    """The reuse key of a verified cell (None for any other job): computed here from what
+    the notebook sent (:func:`gpunet.reuse.gateway_reuse_key`), for this session's account
+    only. Its verified result is kept under it, and looked up where the notebook lets it be
+    reused (not ``--no-reuse``), as a direct network's notebook does."""
+    if job.code is None or not Policy.parse(options["verify"]).active:
+        return None
+    items = None if options["items"] is None else [item.blob for item in options["items"]]
+    return gateway_reuse_key(session.account, job, items, session.network.environment_of(job).requirements)
+
+
+def answered_from_reuse(network: ServedNetwork, job: Job, key: str, relay: Relay) -> bool:
+    """Send the notebook the verified result kept under ``key`` (nothing held or run),
+    saying whose run it was; False where there is none."""
+    found = lookup_reusable(network, key)
+    if found is None:
+        return False
+    relay.put("sent", {"job": job.job_id, "holds": [], "reused": found.get("record") or {}})
+    relay.put("results", {"results": found["results"], "facts": None})
+    return True
+
+
 # -- the app -----------------------------------------------------------------------------
 
 
@@ -659,6 +803,10 @@ def build_app(gateway: Gateway) -> Any:
         Route(f"{session}/capabilities", wrap(gateway.capabilities), methods=["POST"]),
         Route(f"{session}/usage", wrap(gateway.usage), methods=["GET"]),
         Route(f"{session}/providers", wrap(gateway.providers), methods=["GET"]),
+        Route(f"{session}/spending", wrap(gateway.spending), methods=["GET"]),
+        Route(f"{session}/receipt", wrap(gateway.receipt), methods=["GET"]),
+        Route(f"{session}/ledger/consistency", wrap(gateway.consistency_proof), methods=["GET"]),
+        Route(f"{session}/environments", wrap(gateway.environments), methods=["GET"]),
         Route(f"{session}/jobs", wrap(gateway.submit), methods=["POST"]),
         Route(f"{session}/jobs/{{job}}/stop", wrap(gateway.stop_job), methods=["POST"]),
     ]

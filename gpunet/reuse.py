@@ -16,10 +16,12 @@ by :data:`MAX_TABLE_BYTES` (least recently used first out); a result over
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Any
 
 from gpunet import codec
+from gpunet.wire import Job, Pickled
 
 #: The largest result (its outputs' pickled bytes together) the table keeps.
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
@@ -39,6 +41,36 @@ def reuse_key(record: dict[str, Any]) -> str | None:
     return codec.digest({"kind": record.get("kind"), "code": (record.get("code") or {}).get("digest"),
                          "inputs": {name: entry["digest"] for name, entry in inputs.items()},
                          "flags": {name: str(flags[name]) for name in KEY_FLAGS if name in flags}})
+
+
+def blob_digest(blob: bytes | Pickled) -> str:
+    """The SHA-256 of a pickle as the notebook sent it (its stream and out-of-band
+    buffers, each with its length), never loaded."""
+    digest = hashlib.sha256()
+    for part in (blob.stream, *blob.buffers) if isinstance(blob, Pickled) else (blob,):
+        view = memoryview(part).cast("B")
+        digest.update(len(view).to_bytes(8, "big"))
+        digest.update(view)
+    return digest.hexdigest()
+
+
+def gateway_reuse_key(account: str, job: Job, items: list[bytes | Pickled] | None,
+                      requirements: dict[str, str]) -> str:
+    """The reuse key the gateway gives a job it forwards, from what it received and never
+    loads: the job's code (or its function's pickle), the pickled bytes of its arguments,
+    inputs and map items, the outputs it asks for, its packages, and the client
+    ``account``, so that only the same account's cells find it (another account's lookup
+    would tell it which code and inputs this one ran). Equal bytes are equal inputs; two
+    pickles of one value that differ only miss a reuse, never give a wrong one."""
+    return codec.digest({
+        "account": account, "code": job.code,
+        "function": None if job.function is None else blob_digest(job.function),
+        "arguments": blob_digest(job.arguments or b""),
+        "inputs": {name: blob_digest(blob) for name, blob in job.inputs.items()},
+        "items": None if items is None else [blob_digest(item) for item in items],
+        "outputs": list(job.outputs), "strict_outputs": job.strict_outputs, "map_name": job.map_name,
+        "display_last_expression": job.display_last_expression, "requirements": dict(sorted(requirements.items())),
+    })
 
 
 class ReuseTable:

@@ -61,6 +61,9 @@ REUSE_STORE = "gpunet_reuse_store"  # (client, job, key, record, results) -> kep
 REUSE_LOOKUP = "gpunet_reuse_lookup"  # (key) -> {record, results} | None: a verified result with that key
 ENVIRONMENTS = "gpunet_environments"  # () -> {worker: its provider's environment report}
 PREAUTH_STATE = "gpunet_preauth_state"  # (holds, jobs) -> {hold: {paid, short, jobs}}: what shared holds paid
+MAP_STATE = "gpunet_map_state"  # (job) -> {tasks, done, running, paid, grown} | None: how far a map has got
+GROW_MAP = "gpunet_grow_map"  # (client, job, hold, amount) -> bool: a further hold pays a map's items
+PAUSE_MAP = "gpunet_pause_map"  # (client, keys) -> int: cancel a map's items not yet sent to a worker
 #: The name of the metering plugin on the scheduler.
 METERING_PLUGIN = "gpunet-metering"
 #: The modules Dask preloads into a gpunet scheduler / worker (``--preload``): gpunet's
@@ -344,11 +347,12 @@ def job_kind(meta: dict[str, Any]) -> str:
 def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str | None = None,
                topic: str | None = None, held: int | None = None, preauth: int | None = None,
                job: str | None = None, overflow: tuple[str, int] | None = None,
-               items: int | None = None) -> dict[str, Any]:
+               items: int | None = None, map_tasks: int | None = None) -> dict[str, Any]:
     """The ``gpunet`` annotation a job's tasks carry to the scheduler plugin: its
     hold and what one task may be paid from it; for a map, how many ``tasks``
     share the hold and what it ``held`` in all; for a job drawing on the session's
-    pre-authorized hold, that hold's size (``preauth``) and the ``job``'s id; for a map
+    pre-authorized hold, that hold's size (``preauth``), the ``job``'s id and, for a map,
+    how many tasks it sends (``map_tasks``); for a map
     with its own hold, the session's pre-authorized hold and its size (``overflow``) that
     pay what its items earn beyond it; for a
     copy of a verified job, that job's id (``verify``); the notebook's event
@@ -361,6 +365,8 @@ def annotation(hold: str, amount: int, *, tasks: int | None = None, verify: str 
         meta["held"] = held
     if preauth is not None:
         meta["preauth"], meta["job"] = preauth, job
+        if map_tasks is not None:
+            meta["map_tasks"] = map_tasks
     if overflow is not None:
         meta["overflow"], meta["overflow_held"], meta["job"] = *overflow, job
     if verify is not None:

@@ -85,6 +85,7 @@ E2E_FIXTURES = {
     "honest_market",  # test_verification.py: gpunet.testing.local_market
     "departing_market", "liar_market_to_quarantine",  # test_departures.py: gpunet.testing.local_market
     "gateway_market",  # test_gateway.py: the open market with `gpunet gateway` in front
+    "packaged_gateway",  # test_gateway_features.py: the same, one provider with a package, one that installs
     "priced_market", "judged_market", "one_host_market", "one_host_only",  # test_fairness.py: gpunet.testing.local_market
     "open_market",    # test_open_network.py: certificates, credit service, `gpunet scheduler/provide` over TLS
     "parts_ledger",   # credits/test_credits_parts.py: serve_in_background
@@ -122,6 +123,9 @@ E2E_TESTS = [
     "tests/credits/test_credits_postgres.py::test_unreachable_postgres_is_a_clear_error",
     "tests/credits/test_credits_stale.py::test_open_holds_survive_a_restart_of_the_service",
     "tests/credits/test_credits_trust.py::test_records_survive_a_restart",
+    # pip processes and a package index on 127.0.0.1, building a session environment
+    "tests/test_packages.py::test_a_packages_pth_file_never_runs_outside_the_sandbox",
+    "tests/test_packages.py::test_a_wheel_that_unpacks_far_past_the_cap_is_refused_before_it_is_installed",
     # a credit service and `gpunet scheduler` processes:
     "tests/test_open_network_attacks.py::test_a_provider_cannot_blow_up_a_real_schedulers_memory",
 ]

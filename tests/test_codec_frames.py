@@ -184,3 +184,145 @@ def test_the_data_only_comm_refuses_a_prelude_that_does_not_fit_its_size():
 
     with pytest.raises(ProviderDataError, match="1,000,000 frames in 16 bytes"):
         asyncio.run(_over_a_socket_pair(send))
+
+
+# -- a provider's forged Dask framing (it controls every byte a worker sends) --------------------
+
+
+def _raw_message(sub_header, sub_frames, *, skeleton=None):
+    """Dask's framing of ``{"data": <payload>}`` with a forged payload header, as raw bytes."""
+    import struct
+
+    from distributed.protocol.utils import pack_frames
+
+    skeleton = skeleton or {"data": {"__Serialized__": 1}}
+    frames = [msgpack.packb(skeleton, use_bin_type=True), msgpack.packb(sub_header, use_bin_type=True),
+              *sub_frames]
+    packed = pack_frames(frames)
+    return struct.pack("Q", len(packed)) + packed
+
+
+def _two_outputs_in_one_frame():
+    """A result whose two outputs name frames 1 and 2, and the one 128 KiB buffer it sends."""
+    head = msgpack.packb({"a": framed_array("<f8", [16_384], 1), "b": framed_array("<f8", [16_384], 2)},
+                         use_bin_type=True)
+    return head, bytes(np.ones(16_384).view(np.uint8))
+
+
+def _forged_layouts():
+    head, buffer = _two_outputs_in_one_frame()
+    codec_header = {"serializer": "gpunet-codec", "num-sub-frames": 2}
+    yield "one frame merged twice", {**codec_header, "split-num-sub-frames": [1, 1, 1],
+                                     "split-offsets": [0, 1, 1]}, [head, buffer]
+    yield "frames merged many times over", {**codec_header, "split-num-sub-frames": [2] * 64,
+                                            "split-offsets": [0] * 64}, [head, buffer]
+    collection = {"is-collection": True, "type-serialized": "list", "num-sub-frames": 2,
+                  "frame-lengths": [2, -1, 2], "sub-headers": [
+                      {"serializer": "gpunet-codec", "split-num-sub-frames": [1, 1], "split-offsets": [0, 1]}] * 3}
+    yield "a collection whose parts overlap", collection, [head, buffer]
+
+
+@pytest.mark.parametrize("why, sub_header, sub_frames", list(_forged_layouts()), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_forged_frame_layout_never_aliases_nor_multiplies_a_buffer(why, sub_header, sub_frames):
+    """Dask merges a payload's frames as its header says (split-offsets, a collection's
+    frame-lengths): a header that reuses a frame would hand two outputs one buffer (both
+    writable views of it) or copy a message many times over. The layout is refused."""
+    import asyncio
+
+    from gpunet.client.data_comm import RefusedPayload
+
+    async def send(writer, _):
+        writer.stream.write(_raw_message(sub_header, sub_frames))  # flushed while the notebook reads
+
+    arrived = asyncio.run(_over_a_socket_pair(send))["data"]
+    assert isinstance(arrived, RefusedPayload) and "frames" in str(arrived), (why, arrived)
+
+
+def test_two_payloads_naming_the_same_frames_are_refused():
+    """Two outputs of one message that point Dask at the same payload frames would be
+    decoded as views of one buffer: the second is refused."""
+    import asyncio
+
+    from gpunet.client.data_comm import RefusedPayload
+
+    head, buffer = _two_outputs_in_one_frame()
+    header = {"serializer": "gpunet-codec", "num-sub-frames": 2, "split-num-sub-frames": [1, 1],
+              "split-offsets": [0, 1]}
+    skeleton = {"data": {"x": {"__Serialized__": 1}, "y": {"__Serialized__": 1}}}
+
+    async def send(writer, _):
+        writer.stream.write(_raw_message(header, [head, buffer], skeleton=skeleton))
+
+    arrived = asyncio.run(_over_a_socket_pair(send))["data"]
+    assert isinstance(arrived["x"], codec.Frames) and isinstance(arrived["y"], RefusedPayload)
+
+
+def test_the_data_only_comm_refuses_a_message_of_countless_empty_frames(monkeypatch):
+    """Empty frames cost no bytes on the wire but each costs the notebook a view and a
+    length: a message of 300,000 of them is charged for that, and refused."""
+    import asyncio
+    import struct
+
+    from gpunet.client import data_comm
+
+    monkeypatch.setattr(data_comm, "max_message_bytes", 16 * 1024 * 1024)
+    count = 300_000
+
+    async def send(writer, _):
+        writer.stream.write(struct.pack("QQ", 8 * (count + 1), count) + bytes(8 * count))
+
+    with pytest.raises(ProviderDataError, match="300,000 frames"):
+        asyncio.run(_over_a_socket_pair(send))
+
+
+def _empty_maps(count):
+    """msgpack of a list of ``count`` empty maps: one byte each on the wire, 64 in memory."""
+    import struct
+
+    return b"\xdd" + struct.pack(">I", count) + b"\x80" * count
+
+
+@pytest.mark.parametrize("where", ["the message itself", "a msgpack payload"])
+def test_a_small_message_that_decodes_to_countless_containers_is_refused(where, monkeypatch):
+    """Dask decodes a message and its msgpack payloads with msgpack: 2,000,000 empty maps
+    take 2 MB on the wire and ~140 MB in the notebook (64x; a 256 MB message, 16 GB).
+    Lists and maps are charged as the codec charges them, and refused past that."""
+    import asyncio
+    import struct
+
+    from distributed.protocol.utils import pack_frames
+
+    from gpunet.client import data_comm
+    from gpunet.client.data_comm import RefusedPayload
+
+    monkeypatch.setattr(data_comm, "max_message_bytes", 4 * 1024 * 1024)
+    maps = _empty_maps(2_000_000)
+    if where == "the message itself":
+        frames = [b"\x81\xa4data" + maps]  # {"data": [{}, {}, ...]}
+    else:
+        frames = [msgpack.packb({"data": {"__Serialized__": 1}}), msgpack.packb({"serializer": "msgpack", "num-sub-frames": 1}), maps]
+
+    async def send(writer, _):
+        packed = pack_frames(frames)
+        writer.stream.write(struct.pack("Q", len(packed)) + packed)
+
+    try:
+        arrived = asyncio.run(_over_a_socket_pair(send))
+    except ProviderDataError as exc:
+        assert where == "the message itself" and "lists and maps" in str(exc)
+    else:
+        assert isinstance(arrived["data"], RefusedPayload) and "lists and maps" in str(arrived["data"]), where
+
+
+def test_frames_decoded_twice_never_hand_out_one_buffer_twice():
+    """A result the notebook decodes twice (a copy compared for verification, then taken;
+    ``.result()`` asked again) must not give two values one buffer: the frames are the
+    notebook's once, and a second decode copies (nested outputs too)."""
+    frames = owned(codec.encode_frames({"x": MEGABYTE}))
+    first, second = codec.decode(frames)["x"], codec.decode(frames)["x"]
+    assert not first.flags.owndata and not np.shares_memory(first, second)
+    nested = owned(codec.encode_frames({"out": codec.encode_frames(MEGABYTE)}))
+    outputs = [codec.decode(codec.decode(nested)["out"]) for _ in range(2)]
+    assert not np.shares_memory(*outputs)
+    output = codec.decode(nested)["out"]
+    assert not np.shares_memory(codec.decode(output), codec.decode(output))

@@ -114,6 +114,70 @@ def test_connecting_to_a_gateway_needs_a_token_and_its_ca(monkeypatch, tmp_path)
         gpunet.connect("tcp://127.0.0.1:1", ca=str(tmp_path / "ca.pem"))
 
 
+def test_a_jobs_packages_are_names_and_versions_checked_as_a_worker_checks_them():
+    from gpunet.gateway import environment_from
+
+    sent = environment_from({"environment": {"requirements": {"Tabulate": "==0.9.0"}, "gpu_build": True,
+                                             "sources": {"tabulate": "import tabulate", "other": "x"}}})
+    assert sent.requirements == {"tabulate": "==0.9.0"} and sent.gpu_build
+    assert sent.sources == {"tabulate": "import tabulate"}
+    gpu = environment_from({"environment": {"requirements": {"jax": ""}, "gpu_packages": {"jax[cuda12]": "--pip"}}})
+    assert gpu.gpu_build and gpu.gpu_packages == {"jax[cuda12]": "--pip"}
+    assert environment_from({}).requirements == {}
+    for bad, message in (({"requirements": {"--index-url": "==1"}}, "is not a distribution's name"),
+                         ({"requirements": {"x": "==1 --extra-index-url=http://evil"}}, "is not a version specifier"),
+                         ({"requirements": {}, "gpu_build": "yes"}, "gpu_build must be true or false"),
+                         ({"requirements": {}, "sources": {"x": 1}}, "sources must be"),
+                         ({"requirements": {}, "gpu_packages": ["jax"]}, "gpu_packages must be"), ("numpy", "environment")):
+        with pytest.raises(GatewayError, match=message) as refused:
+            environment_from({"environment": bad})
+        assert refused.value.status == 422
+
+
+def test_the_gateways_reuse_key_is_the_accounts_and_the_bytes_it_received():
+    from gpunet.reuse import gateway_reuse_key
+    from gpunet.wire import Pickled
+
+    job, options = job_from(cell_spec(), "t", GatewayLimits())
+    same, _ = job_from(cell_spec(), "t", GatewayLimits())
+    key = gateway_reuse_key("carol", job, None, {})
+    assert key == gateway_reuse_key("carol", same, None, {})  # another job id, the same code and bytes
+    assert key != gateway_reuse_key("dave", job, None, {})  # another account never finds carol's
+    assert key != gateway_reuse_key("carol", job, None, {"tabulate": "==0.9.0"})
+    other, _ = job_from(cell_spec(inputs={"x": pickle.dumps(2)}), "t", GatewayLimits())
+    assert key != gateway_reuse_key("carol", other, None, {})
+    assert gateway_reuse_key("carol", job, [b"ab", b"c"], {}) != gateway_reuse_key("carol", job, [b"a", b"bc"], {})
+    split = Pickled(b"a", [b"bc"], (False,))
+    assert gateway_reuse_key("carol", job, [split], {}) != gateway_reuse_key("carol", job, [b"abc"], {})
+
+
+def test_reads_that_wait_for_settlements_are_bounded_per_session():
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from gpunet.gateway import WAITING_READS, Gateway
+
+    gateway = Gateway("tls://127.0.0.1:1", "http://127.0.0.1:1")
+    request = SimpleNamespace(path_params={"sid": "s"})
+    release = threading.Event()
+
+    async def ask_many():
+        reads = [asyncio.create_task(gateway._waiting_once(request, lambda: release.wait(30))) for _ in
+                 range(WAITING_READS)]
+        while gateway._waiting.get("s", 0) < WAITING_READS:
+            await asyncio.sleep(0.01)
+        with pytest.raises(GatewayError, match="already waits for its settlements") as busy:
+            await gateway._waiting_once(request, lambda: True)
+        other = await gateway._waiting_once(SimpleNamespace(path_params={"sid": "t"}), lambda: "another session")
+        release.set()
+        return busy.value.status, other, await asyncio.gather(*reads)
+
+    status, other, answered = asyncio.run(ask_many())
+    assert status == 429 and other == "another session" and answered == [True] * WAITING_READS
+    assert gateway._waiting == {}
+
+
 def test_every_job_takes_a_device_slot():
     """A job without resources still takes its worker's device slot (a draining worker has none to give)."""
     _, options = job_from(cell_spec(resources={}), "t", GatewayLimits())

@@ -31,12 +31,12 @@ def _settled(net, timeout=30.0):
     raise AssertionError(f"reports still pending: {state}, {usage}")
 
 
-def _network_of_its_own():
+def _network_of_its_own(budget=2_000):
     """A metered embedded network that is not the shared one; the shared one is current
     again after it closes."""
     previous, network_module._current = network_module._current, None
     try:
-        net = gpunet.connect(budget=2_000)
+        net = gpunet.connect(budget=budget)
         try:
             yield net
         finally:
@@ -307,6 +307,10 @@ def test_the_embedded_defaults_run_a_2000_item_trivial_map_in_one_go(capfd):
             assert net.map(abs, range(2000)) == list(range(2000))
             after = _settled(net)
             assert after["spent"] - before["spent"] == 2000 and after["held_for_jobs"] == 0
+            # the session learned that abs's items take far less than the default second
+            assert net.meter.item_times.expected("builtins.abs") < 1.0
+            assert net.map(abs, range(2000)) == list(range(2000)), "the next map is held by what was learned"
+            assert _settled(net)["spent"] - after["spent"] == 2000
             assert "paused" not in capfd.readouterr().err
         finally:
             net.close()
@@ -360,3 +364,63 @@ def test_another_client_cannot_draw_on_a_sessions_preauthorized_hold(net, tmp_pa
             future.result(timeout=30)
     assert not marker.exists()
     assert _settled(net)["spent"] == before["spent"]
+
+
+def _slow_marked(folder):
+    """A map item that takes about 1.3 s on a device (2 credits at 1 credit/s) and leaves a
+    file behind, so that a test sees which items ran."""
+
+    def slow(i):
+        import pathlib
+        import time
+
+        time.sleep(1.3)
+        (pathlib.Path(folder) / f"ran-{i}").touch()
+        return i
+
+    return slow
+
+
+def test_a_map_whose_items_run_longer_than_expected_grows_its_hold(own, tmp_path):
+    """Six items expected to take a second each (9 credits held) take 1.3 s, and those
+    running may each be paid up to 10: the map's hold grows from the budget while it runs
+    (no item waits for it), every item is paid in full, nothing stays held, the ledger verifies."""
+    plugin = own.embedded.cluster.scheduler.plugins[wire.METERING_PLUGIN]
+    before = _settled(own)
+    grown = plugin.settlement.grown_holds
+    assert own.map(_slow_marked(tmp_path), range(6), timeout=120) == list(range(6))
+    after = _settled(own)
+    assert plugin.settlement.grown_holds > grown, "the map placed a further hold"
+    assert plugin.settlement.short == 0, "no item was paid less than it earned"
+    assert plugin.reporter.failed == []
+    assert after["spent"] - before["spent"] >= 12 and after["held_for_jobs"] == 0
+    verify_service(own.embedded.credits_service.url, own.embedded.credits_service.operator_token)
+
+
+@pytest.fixture
+def tight():
+    """A metered embedded network of its own with a budget of 30 credits."""
+    yield from _network_of_its_own(budget=30)
+
+
+def test_a_map_the_budget_cannot_cover_pauses_and_says_what_it_needs(tight, tmp_path, capfd):
+    """Eight 1.3 s items on a budget of 30 credits, with up to 10 credits an item: the map
+    cannot grow enough, so it pauses. Its items not started are never sent, those that ran
+    are paid in full, the error says how much more it needs and what to do, no hold stays
+    open, and the ledger verifies."""
+    plugin = tight.embedded.cluster.scheduler.plugins[wire.METERING_PLUGIN]
+    before = _settled(tight)
+    with pytest.raises(gpunet.BudgetError) as caught:
+        tight.map(_slow_marked(tmp_path), range(8), timeout=120)
+    message = str(caught.value)
+    assert "more credits" in message and "budget has" in message and "--budget" in message, message
+    assert "paused" in capfd.readouterr().err
+    ran = len(list(tmp_path.glob("ran-*")))
+    assert 1 <= ran < 8, f"{ran} items ran"
+    after = _settled(tight)
+    assert plugin.settlement.short == 0, "the items that ran were paid in full"
+    assert plugin.reporter.failed == []
+    assert after["spent"] - before["spent"] >= 2 * ran and after["spent"] <= after["budget"]
+    assert after["held_for_jobs"] == 0, "no hold left open"
+    assert len(list(tmp_path.glob("ran-*"))) == ran, "no item not started ran later"
+    verify_service(tight.embedded.credits_service.url, tight.embedded.credits_service.operator_token)

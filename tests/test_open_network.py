@@ -7,6 +7,7 @@ honest, held task still runs and is paid to the provider its certificate names."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import os
@@ -15,7 +16,7 @@ import stat
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,15 @@ def open_market(tmp_path):
     """An open network of processes on 127.0.0.1: certificates from `gpunet certs`, a
     credit service, `gpunet scheduler` over mutual TLS, `gpunet provide` for alice and
     bob with their provider certificates (no token anywhere near their workers)."""
+    with open_network_of_processes(tmp_path) as market:
+        yield market
+
+
+@contextlib.contextmanager
+def open_network_of_processes(tmp_path: Path, *, env_of: dict[str, dict[str, str]] | None = None,
+                              args_of: dict[str, list[str]] | None = None) -> Iterator[dict[str, Any]]:
+    """What :func:`open_market` gives, in ``tmp_path``; ``env_of`` / ``args_of`` add to a
+    provider's (alice's, bob's) environment and `gpunet provide` arguments."""
     ca = tmp_path / "certs"
     for args in (["init"], ["issue", "--role", "scheduler", "--name", "sched"],
                  ["issue", "--role", "gateway", "--name", "gw"], ["issue", "--role", "provider", "--name", "alice"],
@@ -324,7 +334,8 @@ def open_market(tmp_path):
         for name in ("alice", "bob"):
             # each provider on a loopback address of its own: a host of its own (verified copies need two)
             host = {"alice": "127.0.0.2", "bob": "127.0.0.3"}[name]
-            provide = start(["provide", address, "--host", host, *tls("provider", name)])
+            provide = start(["provide", address, "--host", host, *tls("provider", name), *(args_of or {}).get(name, [])],
+                            env=(env_of or {}).get(name))
             processes.append(provide)
             providers[name] = expect(provide, rf"provider: {name}; workers: (tls://127\.0\.0\.\d+:\d+)").group(1)
         gateway = {"distributed.comm.require-encryption": True, "distributed.comm.tls.ca-file": str(ca / "ca.pem"),

@@ -60,9 +60,9 @@ def test_pip_adds_and_overrides_and_a_bad_one_says_how_to_write_it():
             packages.parse_pin(bad)
 
 
-def test_pip_through_a_gateway_is_refused_saying_what_to_do():
-    with pytest.raises(OptionError, match="not available through a gateway yet"):
-        gpunet.connect("https://127.0.0.1:1", token="t", pip=["tabulate==0.9.0"], timeout=5)
+def test_a_bad_pip_for_a_gateway_is_refused_before_anything_connects():
+    with pytest.raises(OptionError, match="only a name and versions"):
+        gpunet.connect("https://127.0.0.1:1", token="t", pip=["tabulate @ https://evil.example/t.whl"], timeout=5)
 
 
 def test_a_function_asks_for_its_module_and_the_modules_it_reads():
@@ -651,3 +651,88 @@ def test_a_stop_during_an_install_on_a_provider_ends_it_and_the_session_then_swi
             sys.path.remove(str(package_site))
             for name in [name for name in sys.modules if name == PACKAGE or name.startswith(PACKAGE + ".")]:
                 del sys.modules[name]
+
+
+# -- a client's package runs nothing on its provider outside the sandbox -----------------------------
+
+
+def _wheel(folder: Path, name: str, version: str, files: dict[str, str]) -> Path:
+    """A pure-Python wheel of ``files`` (its path -> text), as anyone may publish one."""
+    import base64
+    import hashlib
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{info}/RECORD,,")
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path, text in {**files, f"{info}/RECORD": "\n".join(record) + "\n"}.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_a_packages_pth_file_never_runs_outside_the_sandbox(tmp_path, monkeypatch):
+    """A wheel may carry a ``.pth`` file, whose ``import`` lines every Python that starts on
+    that site-packages runs. The provider builds the session's environment outside the
+    sandbox: nothing of the client's package may run there (with the worker's files and
+    environment); it runs only in the session's sandbox, as the client's cells do."""
+    from gpunet.worker.environment import SessionEnvironments
+
+    marker = tmp_path / "ran-on-the-provider"
+    _wheel(tmp_path / "index-wheels", "sneaky_pth", "1.0", {
+        "sneaky_pth/__init__.py": "",
+        "sneaky_pth.pth": f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"})
+    index = HeldIndex(tmp_path / "index-wheels", tmp_path / "index-asked")
+    index.release()
+    try:
+        for name, value in index_environment(index, tmp_path).items():
+            monkeypatch.setenv(name, value)
+        environments = SessionEnvironments(tmp_path / "envs", tmp_path / "wheels", InstallPolicy())
+        prepared = environments.prepare("session", {"sneaky-pth": "==1.0"})
+    finally:
+        index.close()
+    assert prepared.installed == {"sneaky-pth": "1.0"} and (prepared.site_packages / "sneaky_pth.pth").is_file()
+    assert not marker.exists(), "the package's .pth file ran on the provider, outside the sandbox"
+
+
+def test_a_wheel_that_unpacks_far_past_the_cap_is_refused_before_it_is_installed(tmp_path, monkeypatch):
+    """The size cap counts what is downloaded; a wheel is a zip, and a few kilobytes of it
+    may unpack to gigabytes on the provider's disk (eight kept environments of them). What
+    the wheels unpack to is capped too, read from their own listing before pip runs."""
+    from gpunet.worker.environment import UNPACKED_PER_DOWNLOADED, SessionEnvironments
+
+    policy = InstallPolicy(max_bytes=1024 * 1024)
+    _wheel(tmp_path / "index-wheels", "roomy", "1.0", {"roomy/__init__.py": "",
+                                                       "roomy/zeros.txt": "0" * (UNPACKED_PER_DOWNLOADED * 2 << 20)})
+    assert (tmp_path / "index-wheels" / "roomy-1.0-py3-none-any.whl").stat().st_size < policy.max_bytes
+    index = HeldIndex(tmp_path / "index-wheels", tmp_path / "index-asked")
+    index.release()
+    try:
+        for name, value in index_environment(index, tmp_path).items():
+            monkeypatch.setenv(name, value)
+        environments = SessionEnvironments(tmp_path / "envs", tmp_path / "wheels", policy)
+        with pytest.raises(PackageError, match=r"roomy-1.0-py3-none-any.whl unpacks to 20.0 MiB in 5 files, over the .* cap"):
+            environments.prepare("session", {"roomy": "==1.0"})
+    finally:
+        index.close()
+    assert list((tmp_path / "envs").iterdir()) == []  # nothing of it was installed
+
+
+def test_a_download_is_cached_under_a_plain_file_name_never_a_path():
+    from gpunet.worker.environment import download_file_name
+
+    entry = {"name": "tabulate", "version": "0.9.0"}
+    url = "https://files.example/packages/ab/tabulate-0.9.0-py3-none-any.whl"
+    assert download_file_name({**entry, "url": url}) == "tabulate-0.9.0-py3-none-any.whl"
+    assert download_file_name({**entry, "url": "https://files.example/tabulate-0.9.0.tar.gz"}) == "tabulate-0.9.0.tar.gz"
+    for hostile in ("https://files.example/..%2F..%2Fetc%2Fcron.d%2Fx.whl", "https://files.example/%2Ftmp%2Fx.whl",
+                    "https://files.example/..", "https://files.example/", "https://files.example/tabulate.sh"):
+        with pytest.raises(PackageError, match="no file to download"):
+            download_file_name({**entry, "url": hostile})

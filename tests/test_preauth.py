@@ -7,6 +7,10 @@ from __future__ import annotations
 import pytest
 
 from gpunet.metering import meter as meter_module
+from gpunet.metering import copy_holds as copy_holds_module
+from gpunet.metering import growth as growth_module
+from gpunet.metering.copy_holds import CopyHolds
+from gpunet.metering.growth import EXPECTED_ITEM_SECONDS, ItemTimes, function_key, more_to_hold
 from gpunet.metering.meter import Meter, Preauthorized, expected_hold, hold_price
 
 
@@ -101,3 +105,73 @@ def test_an_idle_hold_is_released(monkeypatch):
 def test_a_map_holds_its_expected_price_with_a_margin(count, per_item, rate, held):
     assert expected_hold(count, per_item, rate) == held
     assert hold_price(0.001, rate) == 1
+
+
+# -- a running map's holds (gpunet.metering.growth) ---------------------------------------------
+@pytest.mark.parametrize("state, more", [
+    # 2,000 trivial items on a few workers, held 3,000: the running ones at worst and the rest at a credit fit
+    (dict(held=3000, paid=0, done=0, running=8, tasks=2000, per_item=10, expected_price=1), 0),
+    (dict(held=3000, paid=1500, done=1500, running=8, tasks=2000, per_item=10, expected_price=1), 0),
+    # 4 slow items held 6: the 2 running may each earn 10, the 2 waiting 1 each (x1.5 margin)
+    (dict(held=6, paid=0, done=0, running=2, tasks=4, per_item=10, expected_price=1), 20 + 3 - 6),
+    # what the done items cost (3 each) prices the rest, never more than the most an item may be paid
+    (dict(held=40, paid=30, done=10, running=0, tasks=20, per_item=10, expected_price=1), 45 - 10),
+    (dict(held=40, paid=200, done=10, running=0, tasks=20, per_item=10, expected_price=1), 150 + 160),
+    (dict(held=100, paid=0, done=0, running=0, tasks=0, per_item=10, expected_price=1), 0),
+])
+def test_a_map_grows_before_its_holds_could_run_short(state, more):
+    assert more_to_hold(**state) == more
+
+
+def test_item_times_learn_each_functions_items_from_the_maps_that_ran():
+    times = ItemTimes()
+    assert times.expected("f") == EXPECTED_ITEM_SECONDS, "a function never seen: the default"
+    times.observe("f", [2.0, 4.0])
+    assert times.expected("f") == 3.0
+    times.observe("f", [1.0])
+    assert times.expected("f") == 2.0, "each map moves the estimate half way"
+    times.observe("f", [float("nan"), None])  # nothing measured: nothing learned
+    assert times.expected("f") == 2.0 and times.expected("g") == EXPECTED_ITEM_SECONDS
+    for number in range(growth_module.REMEMBERED_FUNCTIONS + 1):
+        times.observe(f"h{number}", [0.5])
+    assert times.expected("f") == EXPECTED_ITEM_SECONDS, "the oldest is forgotten past the limit"
+
+
+def test_a_map_of_slow_items_is_held_at_what_they_took():
+    """The hold follows the learned time: 4 s items at 1 credit/s hold 4 x 4 x 1.5, never their worst case."""
+    times = ItemTimes()
+    times.observe("slow", [4.0] * 3)
+    assert expected_hold(10, 10, 1.0, times.expected("slow")) == 60
+    assert expected_hold(10, 3, 1.0, times.expected("slow")) == 30
+
+
+def test_function_key_names_a_function_by_module_and_name_and_code_by_its_digest():
+    from types import SimpleNamespace
+
+    assert function_key(SimpleNamespace(function=abs)) == "builtins.abs"
+    assert function_key(SimpleNamespace(function=None, code="x = 1")) == function_key(
+        SimpleNamespace(function=None, code="x = 1")) != function_key(SimpleNamespace(function=None, code="x = 2"))
+
+
+# -- copy holds placed ahead for verified jobs (gpunet.metering.copy_holds) ---------------------
+def test_copy_holds_are_taken_when_enough_are_ready_and_as_many_are_kept_ready():
+    pool = CopyHolds()
+    ahead = copy_holds_module.JOBS_AHEAD
+    assert pool.take(2, 60) is None, "none ready yet: the job places its own"
+    assert pool.missing() == [(60, 2 * ahead)], "two of 60 are wanted ready for each of the next jobs"
+    pool.add(60, "a")
+    assert pool.take(2, 60) is None and pool.missing() == [(60, 2 * ahead - 1)]
+    pool.add(60, "b")
+    assert pool.take(2, 60) == ["a", "b"] and pool.held() == {}
+    assert pool.take(3, 10) is None and sorted(pool.missing()) == [(10, 3 * ahead), (60, 2 * ahead)]
+    pool.add(10, "c")
+    assert pool.give_up() == ["c"] and pool.missing() == [] and pool.held() == {}
+    assert pool.take(1000, 5) is None and pool.missing() == [(5, copy_holds_module.MOST_READY)]
+
+
+def test_the_meter_takes_copy_holds_with_no_request_and_counts_them_pre_authorized():
+    meter = _meter(100)
+    meter.copy_holds.add(60, "h1")
+    assert meter.take_copy_holds(1, 60) == ["h1"]
+    meter.copy_holds.add(60, "h2")
+    assert meter.preauthorized == 100 + 60

@@ -4,6 +4,7 @@ providers' worker processes on 127.0.0.1, one of which lies (gpunet.testing)."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import pytest
@@ -339,3 +340,34 @@ def test_a_verified_result_is_reused_by_content_in_another_session(honest_market
             unchecked = shell.user_ns["_gpunet"].provenance
             assert unchecked["verification"]["verdict"] == "accepted unchecked"
             assert "reused_from" not in unchecked["verification"]
+
+
+def test_verified_jobs_draw_on_copy_holds_placed_ahead_and_pay_only_agreeing_copies(honest_market, detached):
+    """A session's second verified call finds its copies' holds placed ahead (in the
+    background, after the first): it sends no request to the credit service on its way.
+    Each copy is still settled on its own hold once the verdict says it agreed, and the
+    holds left ready are released when the session closes."""
+    market = honest_market
+    with market.connect() as net:
+        assert net.run(_square_and_root, 3, verify="replicate") == _square_and_root(3)
+        wait_until(lambda: len(net.meter.copy_holds.held()) >= 2, 30, "two copy holds placed ahead")
+        ready = set(net.meter.copy_holds.held())
+        asked = []
+        for name in ("hold", "batch", "provider_records"):
+            real = getattr(net.meter.credits, name)
+
+            def counted(*args, _real=real, _name=name, **kwargs):
+                if threading.current_thread() is threading.main_thread():  # on the job's path, not the refill's
+                    asked.append(_name)
+                return _real(*args, **kwargs)
+
+            setattr(net.meter.credits, name, counted)
+        assert net.run(_square_and_root, 4, verify="replicate") == _square_and_root(4)
+        assert asked == [], f"requests to the credit service on the verified job's path: {asked}"
+        wait_reported(net)
+        used = {e["hold"] for e in _settled(market, session=net.session)} & ready
+        assert len(used) == 2, "both copies were settled on holds placed ahead"
+        assert net.meter.usage()["preauthorized"] >= 0
+        session = net.session
+    wait_until(lambda: not [h for h in market.operator.holds() if h.get("session") == session], 30,
+               "the holds left ready released once the session closed")

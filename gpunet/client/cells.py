@@ -114,7 +114,7 @@ def run_cell(net: Connection, code: str, namespace: dict[str, Any], *, gpus: int
     if remote is None:
         remote = net.submit(job, resources=resources, items=items, workers=workers, max_credits=max_credits,
                             timeout=timeout, verify=verify, tolerance=tolerance, max_rate=max_rate, prefer=prefer,
-                            pip=pip)
+                            pip=pip, reuse=reuse and tolerance is not None)
     progress = None if quiet else JobProgress("gpunet", total=len(items) if items is not None else 1)
     recorder = recorder or record()  # otherwise the inputs' digests are taken while the cell runs
     cell = CellRun(namespace, remote, analysis, progress, timeout=wait_s, recorder=recorder)
@@ -313,7 +313,7 @@ def _cost(remote: JobHandle) -> str:
     """What a job stopped by Ctrl-C was charged, once the scheduler closed its hold."""
     meter = remote.network.meter
     if meter is None:  # through a gateway the gateway's meter knows: the session's usage says
-        return "%gpunet status shows what the session spent" if remote.network.metered else "not metered"
+        return "%gpunet usage shows what the session spent" if remote.network.metered else "not metered"
     try:
         drew_on = getattr(remote, "drew_on", None)
         charged = (meter.charged_from(drew_on, remote.job.job_id, remote.tasks) if drew_on

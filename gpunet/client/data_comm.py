@@ -64,6 +64,9 @@ DATA_SERIALIZERS = ("msgpack", codec.DASK_SERIALIZER, "error")
 SCHEMES = {"tcp": "gpunet-data", "tls": "gpunet-data-tls"}
 #: What a message may carry besides a job's result (Dask's framing, the reply's keys).
 MESSAGE_SLACK_BYTES = 1024 * 1024
+#: What each frame of a message is charged against its cap: about what the notebook keeps
+#: per frame (its length, a view of it), however few bytes it has on the wire.
+FRAME_CHARGE_BYTES = 256
 #: The largest message the notebook reads on a data-only connection (connect() sets it
 #: from its max_result_bytes: the process has one, the last connection's).
 max_message_bytes = 256 * 1024 * 1024 + MESSAGE_SLACK_BYTES
@@ -109,20 +112,34 @@ def _compressed(header: dict[str, Any]) -> list[str]:
 def data_only_loads(frames: list[Any]) -> Any:
     """``distributed.protocol.core.loads`` for a data-only connection (see the module docstring)."""
 
+    taken: set[int] = set()  # frames a payload took: each is one payload's alone
+
     def decode_default(obj: dict[Any, Any]) -> Any:
         offset = obj.get("__Serialized__", 0)
         if offset > 0:
-            header = msgpack.loads(frames[offset], object_hook=msgpack_decode_default, use_list=False, **msgpack_opts)
-            sub_frames = frames[offset + 1: offset + 1 + header["num-sub-frames"]]
+            header = msgpack_within(frames[offset], msgpack_decode_default)
+            count = header.get("num-sub-frames")
+            if type(count) is not int or count < 0:
+                return _refused("malformed", "whose header does not say how many frames it takes")
+            named = set(range(offset, offset + 1 + count))
+            if named & taken:  # two payloads would be views of one buffer
+                return _refused("second", "which names frames another payload of the message took")
+            taken.update(named)
+            sub_frames = frames[offset + 1: offset + 1 + count]
             serializers = _serializers_of(header)
             if not serializers <= set(DATA_SERIALIZERS):  # an empty collection names none, and is data
                 return _refused("/".join(sorted(str(s) for s in serializers)))
+            problem = _layout_problem(header, len(sub_frames))
+            if problem is not None:
+                return _refused("forged", f"whose frames {problem}")
             compressed = _compressed(header)
             if compressed:  # a few compressed bytes may decompress to gigabytes past the size cap
                 return _refused("/".join(sorted(set(compressed))) + "-compressed",
                                 "which could expand past this notebook's size cap (gpunet providers send "
                                 "uncompressed frames; a provider that compresses is not one)")
             try:
+                if "msgpack" in serializers:  # Dask's msgpack loads charges nothing: checked within the budget first
+                    _check_msgpack_parts(header, _merged(header, sub_frames))
                 return merge_and_deserialize(header, sub_frames, deserializers=DATA_SERIALIZERS)
             except Exception as exc:  # noqa: BLE001 - "error" payloads raise; nothing runs
                 return RefusedPayload(clean_text(f"a payload from the network could not be loaded ({exc}); that "
@@ -131,7 +148,77 @@ def data_only_loads(frames: list[Any]) -> Any:
             return _refused("pickled")
         return msgpack_decode_default(obj)
 
-    return msgpack.loads(frames[0], object_hook=decode_default, use_list=False, **msgpack_opts)
+    return msgpack_within(frames[0], decode_default)
+
+
+def msgpack_within(data: Any, object_hook: Any = None) -> Any:
+    """``msgpack.loads`` of ``data`` as Dask's comm decodes it (tuples, Dask's options),
+    its lists and maps charged as :func:`gpunet.codec.decode` charges them:
+    :class:`ProviderDataError` past that, before much of it is built (an empty map is one
+    byte on the wire and 64 in memory)."""
+    budget = codec.SLOT_BYTES * memoryview(data).nbytes + codec.DECODE_SLACK_BYTES
+
+    def charged(value: Any) -> Any:
+        nonlocal budget
+        budget = codec.charge_container(value, budget)
+        return value
+
+    hook = charged if object_hook is None else (lambda value: object_hook(charged(value)))
+    return msgpack.loads(data, object_hook=hook, list_hook=charged, use_list=False, **msgpack_opts)
+
+
+def _merged(header: dict[str, Any], frames: list[Any]) -> list[Any]:
+    """``frames`` merged as the header says (a layout :func:`_layout_problem` passed)."""
+    if "split-num-sub-frames" not in header:
+        return list(frames)
+    return [b"".join(frames[offset:offset + n])
+            for n, offset in zip(header["split-num-sub-frames"], header["split-offsets"])]
+
+
+def _check_msgpack_parts(header: dict[str, Any], frames: list[Any]) -> None:
+    """Decode, within the budget, every msgpack part of a payload (of a layout checked)."""
+    if "is-collection" in header:
+        start = 0
+        for part, length in zip(header["sub-headers"], header["frame-lengths"]):
+            if isinstance(part, dict):
+                _check_msgpack_parts(part, frames[start:start + length])
+            start += length
+    elif header.get("serializer") == "msgpack":
+        msgpack_within(b"".join(frames))
+
+
+def _layout_problem(header: dict[str, Any], count: int) -> str | None:
+    """Why the layout a payload header gives its ``count`` frames is not one Dask makes
+    (each frame merged once, in order: ``serialize_and_split``; a collection's parts one
+    after another), else None. Dask merges and slices frames as the header says, so a
+    forged one could hand two outputs one buffer, or copy a message many times over."""
+    if "split-num-sub-frames" in header:
+        sizes, offsets = header.get("split-num-sub-frames"), header.get("split-offsets")
+        if not _counts(sizes, least=1) or not _counts(offsets, least=0) or sum(sizes) != count \
+                or list(offsets) != [sum(sizes[:i]) for i in range(len(sizes))]:
+            return "are merged in a layout Dask never makes (a frame twice, or out of order)"
+        count = len(sizes)
+    return _parts_problem(header, count)
+
+
+def _parts_problem(header: dict[str, Any], count: int) -> str | None:
+    """Why a collection header's parts do not take its ``count`` frames one after another."""
+    if "is-collection" not in header:
+        return None
+    lengths, parts = header.get("frame-lengths"), header.get("sub-headers")
+    if not _counts(lengths, least=0) or not isinstance(parts, (list, tuple)) or len(parts) != len(lengths) \
+            or sum(lengths) != count:
+        return "are shared out among a collection's parts in a layout Dask never makes"
+    for part, length in zip(parts, lengths):
+        problem = _parts_problem(part, length) if isinstance(part, dict) else None
+        if problem is not None:
+            return problem
+    return None
+
+
+def _counts(values: Any, *, least: int) -> bool:
+    """Whether ``values`` is a list or tuple of ints of at least ``least``."""
+    return isinstance(values, (list, tuple)) and all(type(v) is int and v >= least for v in values)
 
 
 def _serializers_of(header: dict[str, Any]) -> set[Any]:
@@ -160,6 +247,7 @@ class DataOnlyRead:
             if 8 * (count + 1) > nosplit_nbytes:
                 raise ProviderDataError(f"the network sent a message of {count:,} frames in {nosplit_nbytes:,} "
                                         "bytes; it was not read")
+            self._check_frames(count)
             lengths = struct.unpack(f"{count}Q", await stream.read_bytes(8 * count)) if count else ()
             self._check_size(8 * (count + 1) + sum(lengths))
             if 8 * (count + 1) + sum(lengths) < nosplit_nbytes:
@@ -178,6 +266,15 @@ class DataOnlyRead:
         except EOFError:
             self.abort()
             raise CommClosedError("aborted stream on truncated data") from None
+
+    def _check_frames(self, count: int) -> None:
+        """Refuse a message of more frames than the cap allows at :data:`FRAME_CHARGE_BYTES`
+        each (an empty frame is free on the wire, not in the notebook)."""
+        if count * FRAME_CHARGE_BYTES > max_message_bytes:
+            raise ResultTooLargeError(
+                f"the network sent a message of {count:,} frames, over the {max_message_bytes // FRAME_CHARGE_BYTES:,} "
+                f"this notebook's cap of {max_message_bytes:,} bytes allows ({FRAME_CHARGE_BYTES} bytes a frame); it "
+                "was not read (raise the cap with max_result_bytes= when connecting)")
 
     def _check_size(self, nbytes: int) -> None:
         if nbytes > max_message_bytes:

@@ -29,6 +29,7 @@ import requests
 from gpunet import codec, errors, wire
 from gpunet.client.handle import JobHandle, pickled
 from gpunet.client.received import checked_result
+from gpunet.client.reused import say_reused
 from gpunet.errors import ConnectError, GatewayError, GpunetError
 from gpunet.wire import Job, JobResult, Pickled
 
@@ -217,6 +218,10 @@ class GatewayJob(JobHandle):
                          resources=resources, allowed_workers=allowed_workers)
         self.job.job_id = str(sent["job"])  # the gateway's id for it, which stopping names
         self.holds = [str(hold) for hold in sent.get("holds") or []]
+        #: the provenance record of the verified run whose result the gateway reused (None: it ran)
+        self.reused_from: dict[str, Any] | None = sent["reused"] if isinstance(sent.get("reused"), dict) else None
+        if self.reused_from is not None:
+            say_reused(self.reused_from)
         self._answer = answer
         self._done_count = 0
         self._results: list[JobResult] | None = None

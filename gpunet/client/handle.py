@@ -287,14 +287,9 @@ class JobHandle(ABC):
     def fetch(self, futures: list[Future]) -> list[Any]:
         """Gather ``futures`` within what is left of the job's deadline (--timeout
         covers gathering too): past it, :class:`CellTimeoutError`, nothing loaded."""
-        client = self.network.client
-        if self.deadline is None:
-            return client.gather(futures)
-        left = self.deadline - time.monotonic()
+        left = None if self.deadline is None else self.deadline - time.monotonic()
         try:
-            if left <= 0:
-                raise TimeoutError
-            return client.sync(client._gather, futures, callback_timeout=left)
+            return gather_within(self.network.client, futures, left)
         except TimeoutError:
             self.stop("timeout")
             raise CellTimeoutError(
@@ -331,7 +326,9 @@ class JobHandle(ABC):
                 self.wake.wait(pause)
                 if progress is not None:
                     progress.tick(done=self.completed)
-                    if progress.wants_reason():
+                    if self.paused_because is not None and progress.state != "paused":
+                        progress.paused(self.paused_because)
+                    elif progress.wants_reason():
                         progress.waiting(self.network.waiting_reason(self.resources, self.allowed_workers))
         except KeyboardInterrupt:
             self.stop("interrupted")
@@ -346,6 +343,11 @@ class JobHandle(ABC):
                 self.network.meter.finished(self.placed_holds())
                 self.network.meter.job_done(self.job.job_id)
         return self._outcome(progress, echo)
+
+    @property
+    def paused_because(self) -> str | None:
+        """Why the job sends no more of its items (None while nothing holds it back)."""
+        return None
 
     def placed_holds(self) -> list[str]:
         """The credit holds this job placed (none on an unmetered network)."""

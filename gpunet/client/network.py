@@ -39,12 +39,13 @@ from gpunet.client.gateway_link import (
     job_request,
 )
 from gpunet.client.local import EmbeddedNetwork
+from gpunet.client.reused import reuse_allowed
 from gpunet.codec import clean_text
 from gpunet.client.submit import function_job, function_value, submit
 from gpunet.credits import CreditClient
 from gpunet.errors import ConnectError, GpunetError, OptionError, PlacementError
 from gpunet.kernels import weighted_chunks
-from gpunet.metering.meter import DEFAULT_RATE, Meter, default_timeout
+from gpunet.metering.meter import DEFAULT_RATE, Meter, WorkerTally, default_timeout
 from gpunet.provenance import Recorder, finish_record, in_notebook
 from gpunet.ui.status import NetworkStatus, WorkerInfo, provider_device
 from gpunet.verify.quorum import Policy, tolerance_if_verified
@@ -169,7 +170,7 @@ class Network:
     def __repr__(self) -> str:
         return f"<gpunet.Network {self.address} session={self.session} results={self.result_format}>"
 
-    #: whether the scheduler's table of verified results is asked (not through a gateway)
+    #: whether the scheduler's table of verified results is asked from here (through a gateway the gateway asks it)
     reuses_results = True
     #: whether a job's data is scattered for the workers to fetch from each other (see
     #: gpunet.client.handle.Connection)
@@ -186,6 +187,12 @@ class Network:
     def trusts_providers(self) -> bool:
         """Whether results come back pickled (any object), not as data only."""
         return self.result_format == wire.PICKLE
+
+    @property
+    def session_meter(self) -> Any:
+        """What ``%gpunet usage`` and ``%gpunet receipt`` read this session's credits from:
+        its :class:`Meter` (None: not metered); through a gateway, :class:`GatewaySpending`."""
+        return self.meter
 
     def _repr_html_(self) -> str:
         """In a notebook: the scheduler, its dashboard link, the workers with their devices and
@@ -430,13 +437,15 @@ class Network:
                workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
                timeout: float | None = None, verify: str | Policy | None = None,
                tolerance: Tolerance | None = None, max_rate: float | None = None,
-               prefer: str = "cheapest", pip: Iterable[str] = ()) -> JobHandle:
+               prefer: str = "cheapest", pip: Iterable[str] = (), reuse: bool = False) -> JobHandle:
         """Send ``job`` (once, or once per item) and return its handle; see
         :func:`gpunet.client.submit.submit`. On a metered network it runs only on
         providers at or below its price limit (``max_rate``, else the session's),
         a single task on the ``prefer``-red one of those free now (:meth:`priced_workers`),
         among the workers whose environment meets its packages, with the ``pip`` requirements
-        (:meth:`place_packages`)."""
+        (:meth:`place_packages`). ``reuse`` is for a gateway's network (a verified result it
+        keeps may answer the job); a Dask client's cell asked the reuse table before
+        (:func:`gpunet.client.reused.reused_result`)."""
         if self._closed:
             raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
         job.session = self.session_secret
@@ -630,8 +639,13 @@ class GatewayNetwork(Network):
     reuses_results = False
 
     def __init__(self, link: GatewayLink, opened: dict[str, Any], *, max_result_bytes: int,
-                 max_stream_bytes_per_s: int) -> None:
+                 max_stream_bytes_per_s: int, pip: Iterable[str] = ()) -> None:
         self.link = link
+        #: ``--pip`` requirements every job of this session asks for (sent with each job)
+        self.pins = list(pip)
+        #: what this session's jobs asked of providers' environments, by name (``%gpunet env``)
+        self.sent_requirements: dict[str, str] = {}
+        self._environments_cache: tuple[float, dict[str, dict[str, Any]] | None] = (0.0, None)
         self.client = None  # type: ignore[assignment]
         self.embedded = None
         self.meter = None
@@ -655,7 +669,7 @@ class GatewayNetwork(Network):
 
     @classmethod
     def open(cls, url: str, token: str, ca: str, *, budget: int | None, timeout: float, max_result_bytes: int,
-             max_stream_bytes_per_s: int, max_rate: float | None = None) -> GatewayNetwork:
+             max_stream_bytes_per_s: int, max_rate: float | None = None, pip: Iterable[str] = ()) -> GatewayNetwork:
         """Open this notebook's session on the gateway at ``url``."""
         link = GatewayLink(url, token, ca, timeout=max(timeout, REQUEST_TIMEOUT_S))
         kernel, notebook = _kernel_and_notebook()
@@ -666,7 +680,8 @@ class GatewayNetwork(Network):
         except BaseException:
             link.close()
             raise
-        network = cls(link, opened, max_result_bytes=max_result_bytes, max_stream_bytes_per_s=max_stream_bytes_per_s)
+        network = cls(link, opened, max_result_bytes=max_result_bytes, max_stream_bytes_per_s=max_stream_bytes_per_s,
+                      pip=pip)
         state = network.metering_state() or {}
         limit = state.get("default_max_rate", DEFAULT_RATE)
         #: this session's price limit (see Network.rate_limit); the gateway places by it
@@ -683,6 +698,20 @@ class GatewayNetwork(Network):
     def dashboard_link(self) -> str | None:
         """None: an open network's dashboard is its operator's."""
         return None
+
+    @property
+    def session_meter(self) -> GatewaySpending:
+        """This session's credits as the gateway's meter of it says (``%gpunet usage`` and ``receipt``)."""
+        return GatewaySpending(self.link, self.gateway_session, self.session)
+
+    def environment_reports(self, *, fresh: bool = False) -> dict[str, dict[str, Any]] | None:
+        """Each provider's worker -> what its provider says is installed there, as the
+        gateway reads it from the scheduler (cached for a second)."""
+        stamp, reports = self._environments_cache
+        if fresh or time.monotonic() - stamp > 1.0:
+            reports = self.link.call("GET", f"/sessions/{self.gateway_session}/environments")
+            self._environments_cache = (time.monotonic(), reports)
+        return reports
 
     def __repr__(self) -> str:
         return f"<gpunet.Network gateway {self.address} account={self.account} session={self.session} results=codec>"
@@ -735,15 +764,15 @@ class GatewayNetwork(Network):
                workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
                timeout: float | None = None, verify: str | Policy | None = None,
                tolerance: Tolerance | None = None, max_rate: float | None = None,
-               prefer: str = "cheapest", pip: Iterable[str] = ()) -> JobHandle:
+               prefer: str = "cheapest", pip: Iterable[str] = (), reuse: bool = False) -> JobHandle:
         """Send ``job`` through the gateway and return its handle, once the gateway
         has placed its hold and sent it (its refusal is raised here, nothing sent).
         The gateway places it among the providers within ``max_rate`` (else this
-        session's limit), ``prefer``-ring the cheapest or the fastest. ``pip`` (a cell's
-        ``--pip``) is refused: the gateway does not place jobs by packages yet."""
-        if pip:
-            raise OptionError("--pip is not available through a gateway yet: drop it, or connect to a scheduler "
-                              "directly to ask for packages")
+        session's limit), ``prefer``-ring the cheapest or the fastest, and among those
+        whose environment meets the packages resolved here (its imports at this
+        notebook's versions, this session's and ``pip``'s requirements: sent as data).
+        With ``reuse`` (a verified cell without ``--no-reuse``) the gateway answers it with
+        a verified result of this account's with the same code and inputs, where it keeps one."""
         if self._closed:
             raise GpunetError("this network connection is closed; connect again with gpunet.connect() or %gpunet connect")
         if items is not None and not items:
@@ -752,6 +781,12 @@ class GatewayNetwork(Network):
         body = job_request(job, items=items, resources=resources, workers=workers, max_credits=max_credits,
                            timeout=timeout, verify=verify, tolerance=tolerance, max_rate=self.hold_rate(max_rate),
                            prefer=prefer)
+        environment = self.environment_of(job, pip)
+        self.sent_requirements.update(environment.requirements)
+        job.requirements = dict(environment.requirements)  # what its provenance record says it asked for
+        body["environment"] = {"requirements": environment.requirements, "sources": environment.sources,
+                               "gpu_build": environment.gpu_build, "gpu_packages": environment.gpu_packages}
+        body["reuse"] = reuse and reuse_allowed()
         answer = self.link.request("POST", f"/sessions/{self.gateway_session}/jobs", body, stream=True,
                                    timeout=None if timeout is None else timeout + REQUEST_TIMEOUT_S)
         events, sent = first_event(answer)
@@ -772,6 +807,32 @@ class GatewayNetwork(Network):
             self.link.close()
 
 
+class GatewaySpending:
+    """A session's meter as ``%gpunet usage`` and ``%gpunet receipt`` read it through the
+    gateway, which meters the session: its figures (with the pre-authorized part) once
+    what finished was settled, and the tasks and device-seconds by worker."""
+
+    def __init__(self, link: GatewayLink, gateway_session: str, session: str) -> None:
+        self.link, self.gateway_session, self.session = link, gateway_session, session
+        self.tally: dict[str, WorkerTally] = {}
+        self._usage: dict[str, Any] | None = None
+
+    def wait_settled(self) -> bool:
+        """Read the session's figures once the gateway saw what finished settled (bounded);
+        False when some were still settling."""
+        spending = self.link.call("GET", f"/sessions/{self.gateway_session}/spending")
+        self._usage = dict(spending["usage"])
+        self.tally = {str(entry["worker"]): WorkerTally(int(entry["tasks"]), float(entry["seconds"]),
+                                                        str(entry["device"])) for entry in spending["tally"]}
+        return bool(spending["settled"])
+
+    def usage(self) -> dict[str, Any]:
+        """The session's budget, spent, held (pre-authorized among it) and left credits, as last read."""
+        if self._usage is None:
+            self.wait_settled()
+        return dict(self._usage or {})
+
+
 class GatewayCredits:
     """What the notebook reads of its credit session through the gateway (the status
     and ``%gpunet usage``): the gateway asks the credit service with this notebook's token."""
@@ -786,6 +847,16 @@ class GatewayCredits:
     def provider_records(self) -> list[dict[str, Any]]:
         """The providers' trust records."""
         return self.link.call("GET", f"/sessions/{self.session_id}/providers")
+
+    def receipt(self, session: str) -> dict[str, Any]:
+        """This session's receipt (the gateway fetches it with this notebook's token, for
+        the credit session it opened for it; ``session`` is that one's id)."""
+        return self.link.call("GET", f"/sessions/{self.session_id}/receipt")
+
+    def consistency_proof(self, first: int, second: int | None = None) -> dict[str, Any]:
+        """The credit service's proof that its ledger of ``first`` entries grew into ``second``'s."""
+        query = f"first={int(first)}" + ("" if second is None else f"&second={int(second)}")
+        return self.link.call("GET", f"/sessions/{self.session_id}/ledger/consistency?{query}")
 
 
 def _metering_state(client: Client) -> dict[str, Any] | None:
@@ -866,9 +937,6 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     address = address or os.environ.get("GPUNET_SCHEDULER") or None
     credits = credits or os.environ.get("GPUNET_CREDITS") or None
     token = token or os.environ.get("GPUNET_TOKEN") or None
-    if pip and address is not None and address.startswith("https://"):  # a gateway: said before anything else
-        raise OptionError("--pip / pip= (or GPUNET_PIP) is not available through a gateway yet: drop it (unset "
-                          "GPUNET_PIP), or connect to a scheduler directly to ask for packages")
     with _current_lock:
         previous = _current if _current is not None and not _current.closed else None
         if previous is not None:
@@ -922,7 +990,7 @@ def connect(address: str | None = None, *, workers: int | None = None, credits: 
     try:
         if gateway:
             network: Network = GatewayNetwork.open(address, token, ca, budget=budget, timeout=timeout,
-                                                   max_rate=max_rate, **caps)
+                                                   max_rate=max_rate, pip=pip, **caps)
         else:
             network = join(address, credits=credits, token=token, budget=budget, timeout=timeout,
                            result_format=result_format, embedded=embedded, max_rate=max_rate, pip=pip, **caps)

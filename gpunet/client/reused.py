@@ -64,7 +64,23 @@ def reused_result(network: Connection, job: Job, recorder: Recorder | None, *, m
     """A handle on the verified result the network keeps for this job's code and
     inputs (saying so), or None: there is none, or its key cannot be known."""
     key = reuse_key(recorder.record) if recorder is not None else None
-    if key is None or os.environ.get(REUSE_ENV, "1") == "0":
+    found = lookup_reusable(network, key) if key is not None else None
+    if found is None:
+        return None
+    handle = ReusedJob(network, job, found, mapped=mapped)
+    say_reused(handle.reused_from)
+    return handle
+
+
+def reuse_allowed() -> bool:
+    """Whether this process reuses verified results (not where ``GPUNET_REUSE=0``)."""
+    return os.environ.get(REUSE_ENV, "1") != "0"
+
+
+def lookup_reusable(network: Connection, key: str) -> dict[str, Any] | None:
+    """The verified result (``{record, results}``) the scheduler keeps under ``key``, or
+    None: there is none, reuse is off here, or the scheduler keeps no table."""
+    if not reuse_allowed():
         return None
     try:
         found = network.call_scheduler(wire.REUSE_LOOKUP, key=key)
@@ -73,12 +89,14 @@ def reused_result(network: Connection, job: Job, recorder: Recorder | None, *, m
         return None
     if not found or len(found.get("results") or []) == 0:
         return None
-    handle = ReusedJob(network, job, found, mapped=mapped)
-    earlier = handle.reused_from
+    return found
+
+
+def say_reused(earlier: dict[str, Any]) -> None:
+    """The line that says a cell got the verified result of an earlier job, at no cost."""
     verification = earlier.get("verification") or {}
     print(f"gpunet: reused verified result of job {earlier.get('job', '?')} ({verification.get('verdict', '?')} by "
           f"{verification.get('policy', '?')}), at no cost; --no-reuse to run again")
-    return handle
 
 
 def offer_for_reuse(network: Connection, handle: JobHandle, results: list[JobResult],
@@ -89,8 +107,14 @@ def offer_for_reuse(network: Connection, handle: JobHandle, results: list[JobRes
             or isinstance(handle, ReusedJob):
         return
     key = reuse_key(record)
-    if key is None:
-        return
+    if key is not None:
+        store_for_reuse(network, handle, results, key, record)
+
+
+def store_for_reuse(network: Connection, handle: JobHandle, results: list[JobResult], key: str,
+                    record: dict[str, Any]) -> None:
+    """Give a verified job's result to the scheduler's reuse table under ``key`` (kept only
+    if the scheduler's own record of this client's verdict on that job accepted it)."""
     try:
         network.call_scheduler(wire.REUSE_STORE, client=network.client.id, job=handle.job.job_id, key=key,
                                record=record, results=[result_to_event(flat_result(result)) for result in results])

@@ -35,7 +35,8 @@ from gpunet.client.handle import (
 )
 from gpunet.client.received import accept, accept_chunk
 from gpunet.client.verified import VerifiedJob
-from gpunet.metering.meter import EXPECTED_ITEM_SECONDS, EXPECTED_MARGIN, expected_hold
+from gpunet.metering.growth import EXPECTED_MARGIN, MapGrowth, function_key
+from gpunet.metering.meter import expected_hold, hold_price
 from gpunet.errors import (
     BudgetError,
     GpunetError,
@@ -188,6 +189,8 @@ class RemoteJob(JobHandle):
         self.slicing: MapSlices | None = None
         #: the session's pre-authorized hold this job draws on (None: it placed its own)
         self.drew_on: str | None = None
+        #: keeps a metered map's holds ahead of what its items cost (None: not such a map)
+        self.growth: MapGrowth | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -371,9 +374,25 @@ class RemoteJob(JobHandle):
             return len(self.finished | self.results.keys())
 
     # -- waiting ------------------------------------------------------------------------
+    @property
+    def paused_because(self) -> str | None:
+        """Why the map sends no more of its items: its budget cannot cover them."""
+        return None if self.growth is None else self.growth.paused
+
+    def unfinished_keys(self) -> list[str]:
+        """The keys of the tasks whose items are not finished here (all of them for a job not sent yet)."""
+        with self._lock:
+            done = self.finished | self.results.keys()
+        return [key for key, index in list(self.index_of.items())
+                if (self.items_of.get(key) or (index,))[0] not in done]
+
     def _outcome(self, progress: JobProgress | None, echo: bool) -> list[JobResult]:
+        if self.growth is not None:
+            self.growth.stop()
         results = self._gather()
         self._count(results)
+        if self.mapped and self.network.meter is not None:  # the next map of this function is held by it
+            self.network.meter.item_times.observe(function_key(self.job), [result.seconds for result in results])
         if progress is not None and not self.mapped:
             progress.ran_on(results[0].worker, results[0].device)
         # What came back is all there is: Dask may forget the results now, or, for a
@@ -391,6 +410,8 @@ class RemoteJob(JobHandle):
         with self._lock:
             have = dict(self.results)
         missing = [future for future in self.futures if self._items(future)[0] not in have]
+        if self.paused_because is not None and missing:  # items that never started: the map paused
+            raise BudgetError(f"{self.paused_because}.")
         for future in missing:
             run = self._items(future)
             where = ("this job" if not self.mapped else f"item {run[0]} of this map" if len(run) == 1
@@ -458,6 +479,8 @@ class RemoteJob(JobHandle):
     def stop(self, reason: str) -> None:
         """Cancel the job and stop its threads on the workers; restart a stuck worker."""
         self.stopped_because = reason
+        if self.growth is not None:
+            self.growth.stop()
         if self.slicing is not None:  # what was not sent never will be
             self.slicing.blobs = self.slicing.blobs[: self.slicing.sent]
         stop_job_everywhere(self.network, self.job.job_id, self.futures, reason)
@@ -543,30 +566,47 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         meter.resolve_doubtful(network.release_unsent)
     plan = meter.plan(count=count, max_credits=max_credits, timeout=timeout, max_rate=rate)
     per_item = bool(workers) and isinstance(workers[0], list)
-    # A cell holds its worst case; a map what its items are expected to cost, with a margin
-    # (--max-credits: that many credits in all).
+    # A cell holds its worst case; a map what its items are expected to cost, with a margin,
+    # and grows as they run (--max-credits: that many credits in all).
+    growing = items is not None and max_credits is None
+    seconds = meter.item_times.expected(function_key(job))
     need = plan.amount if items is None else (
         count * plan.amount if max_credits is not None
-        else expected_hold(count, plan.amount, rate))
-    if items is not None and max_credits is None:
-        plan.basis = (f"what {count} items are expected to cost, {EXPECTED_ITEM_SECONDS:g} s each at your price "
+        else expected_hold(count, plan.amount, rate, seconds))
+    if growing:
+        plan.basis = (f"what {count} items are expected to cost, {seconds:.3g} s each at your price "
                       f"limit, {rate:g} credits a device-second (--max-rate), with a {EXPECTED_MARGIN:g}x margin; "
                       f"each item may be paid up to {plan.amount}")
     # a chunk's task may be paid what its items may be, for the time it used
     tasks, task_amount = (count, plan.amount) if chunks is None else (len(chunks), plan.amount * len(chunks[0]))
+
+    def grow(remote: RemoteJob) -> RemoteJob:
+        """Keep a map's holds ahead of what its tasks cost while it runs (a chunk's task as
+        its items together)."""
+        if growing and remote.slicing is None:
+            per_task = count / len(remote.futures) if remote.futures else 1.0
+            # a task is stopped with the map at its --timeout: it is never paid more than that time
+            worst = task_amount if timeout is None else min(task_amount, hold_price(timeout, rate))
+            remote.growth = MapGrowth(network, job.job_id, tasks=len(remote.futures), per_item=worst,
+                                      held=need, expected_price=hold_price(seconds, rate) * per_task,
+                                      unfinished=remote.unfinished_keys)
+            remote.growth.start()
+        return remote
+
     drawn = meter.draw(job.job_id, need, tasks)
     if drawn is not None:  # on the session's pre-authorized hold: no request to the credit service
         hold, size = drawn
         try:
             remote = RemoteJob.submit(network, job, resources=resources, items=items, workers=workers,
                                       annotations=wire.annotation(hold, task_amount, topic=job.topic, preauth=size,
-                                                                  job=job.job_id),
+                                                                  job=job.job_id,
+                                                                  map_tasks=None if items is None else tasks),
                                       timeout=timeout, chunks=chunks)
         except BaseException:
             meter.job_done(job.job_id)
             raise
         remote.credit_limit_s, remote.drew_on = plan.limit_s, hold
-        return remote
+        return grow(remote)
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
     slicing = None
     try:
@@ -598,4 +638,4 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         meter.job_done(job.job_id)  # a map's watch on the pre-authorized hold, if it had one
         raise
     remote.holds, remote.credit_limit_s = [hold], plan.limit_s
-    return remote
+    return grow(remote)

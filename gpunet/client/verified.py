@@ -113,7 +113,7 @@ class ProviderPool:
             if (provider is not None and (allowed is None or address in allowed)
                     and satisfies(info.get("resources") or {}, resources)):
                 workers.setdefault(provider, []).append(address)
-        records = {record["provider"]: record for record in network.meter.credits.provider_records()}
+        records = {record["provider"]: record for record in network.meter.provider_records()}
         # quarantined as the credit service's records say, or as the scheduler learned since
         quarantined = sorted(p for p in workers
                              if records.get(p, {}).get("quarantined") or p in state.get("quarantined", ()))
@@ -254,8 +254,9 @@ class VerifiedJob(JobHandle):
                                   what=f"the up to {policy.max_copies} copies that --verify {policy} may run of {what}")
         self = cls(network, job, policy, tolerance, pool, resources=resources, items=blobs, amount=plan.amount)
         planned = [(unit, provider) for unit in self.units for provider in self._first_providers(unit)]
-        try:
-            holds = network.meter.hold(job.job_id, count=len(planned), amount=plan.amount)
+        try:  # holds placed ahead for copies, where enough are ready: no request to the credit service
+            holds = (network.meter.take_copy_holds(len(planned), plan.amount)
+                     or network.meter.hold(job.job_id, count=len(planned), amount=plan.amount))
         except BudgetError as exc:
             if getattr(exc, "placed", None):  # a race took the budget between check and batch
                 network.release_unsent(exc.placed)
@@ -505,9 +506,11 @@ class VerifiedJob(JobHandle):
         unit.extra += extra
         label = "c" if unit.index is None else unit.index
         try:
-            # keyed by the copy's number, unique in its unit: a retried hold is the same hold
-            hold = self.network.meter.hold(f"{self.job.job_id}-{label}-copy{len(unit.copies)}", count=1,
-                                           amount=self.amount)[0]
+            # one placed ahead where one is ready; else keyed by the copy's number, unique in its
+            # unit: a retried hold is the same hold
+            hold = (self.network.meter.take_copy_holds(1, self.amount)
+                    or self.network.meter.hold(f"{self.job.job_id}-{label}-copy{len(unit.copies)}", count=1,
+                                               amount=self.amount))[0]
         except BudgetError as exc:
             unit.extra = MAX_EXTRA_COPIES
             why = "the copies disagree" if extra else f"its result from {unit.copies[0].provider} needs a check"

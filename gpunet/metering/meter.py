@@ -39,10 +39,12 @@ covers, so that a provider is never working past what it will be paid for, and a
 job nobody waits for any more (a lost Ctrl-C) frees its worker.
 
 A map holds what its items are expected to cost, not their worst case:
-:func:`expected_hold`, each item :data:`EXPECTED_ITEM_SECONDS` at the highest rate
-(:func:`hold_price`) with a margin (:data:`EXPECTED_MARGIN`); an item may still be
-paid up to its worst case, from the map's hold while anything is left of it (from the
-session's pre-authorized hold, a map drawing on it grows into what is free there).
+:func:`expected_hold`, each item as long as the session saw the function's items take
+(:class:`gpunet.metering.growth.ItemTimes`; :data:`EXPECTED_ITEM_SECONDS` for a function
+not seen yet) at the price limit (:func:`hold_price`) with a margin
+(:data:`EXPECTED_MARGIN`); an item may still be paid up to its worst case: while the map
+runs its holds grow ahead of what its items cost, or it pauses where the budget cannot
+cover more (:class:`gpunet.metering.growth.MapGrowth`).
 
 A provider is paid ``ceil(compute seconds x its rate)``, at least 1 credit and never
 more than the hold; the rest of the hold goes back to the session.
@@ -60,6 +62,8 @@ from typing import TYPE_CHECKING, Any
 
 from gpunet.credits import BudgetExceededError, CreditsUnavailableError
 from gpunet.errors import BudgetError
+from gpunet.metering.copy_holds import CopyHolds
+from gpunet.metering.growth import EXPECTED_ITEM_SECONDS, EXPECTED_MARGIN, ItemTimes
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpunet.credits import CreditClient
@@ -82,13 +86,12 @@ REFILL_BELOW = 0.5
 PREAUTH_IDLE_S = 300.0
 #: How often the refilling thread looks at what was paid while jobs draw on a hold.
 REFILL_LOOK_S = 0.2
+#: Providers' trust records older than this are fetched again in the background (a verified
+#: job uses them as they are meanwhile; which providers are quarantined it asks the scheduler).
+RECORDS_FRESH_S = 2.0
 #: A job done here whose tasks the scheduler has not all counted after this long counts no more
 #: (tasks cancelled before they reached it are never counted there).
 COUNT_GIVE_UP_S = 30.0
-#: What a map item is expected to take on a device, where nothing better is known.
-EXPECTED_ITEM_SECONDS = 1.0
-#: How much more than its items' expected price a map holds.
-EXPECTED_MARGIN = 1.5
 
 
 def hold_price(seconds: float, max_rate: float) -> int:
@@ -190,6 +193,12 @@ class Meter:
     doubtful: list[tuple[str, int]] = field(default_factory=list)
     #: holds of jobs that finished here and that the credit service may still show open
     unsettled: set[str] = field(default_factory=set)
+    #: how long each function's map items take, as this session saw them (sizes maps' holds)
+    item_times: ItemTimes = field(default_factory=ItemTimes)
+    #: holds placed ahead for verified jobs' copies (:meth:`take_copy_holds`)
+    copy_holds: CopyHolds = field(default_factory=CopyHolds)
+    _records: list[dict[str, Any]] | None = None
+    _records_at: float = 0.0
     #: the pre-authorized hold jobs draw on now (None: none yet, or released when idle)
     preauth: Preauthorized | None = None
     #: earlier pre-authorized holds, released once the jobs drawing on them are done
@@ -212,14 +221,14 @@ class Meter:
     def preauthorized(self) -> int:
         """Credits this session has pre-authorized now (its open pre-authorized holds)."""
         with self._lock:
-            return sum(p.amount for p in self._preauths())
+            return sum(p.amount for p in self._preauths()) + sum(self.copy_holds.held().values())
 
     def usage(self) -> dict[str, Any]:
         """The session's figures from the credit service (budget, spent, held, left), with the
         credits pre-authorized now (``preauthorized``, part of ``held``) and the rest held
         for jobs (``held_for_jobs``)."""
         with self._lock:
-            mine = {p.hold for p in self._preauths()} | self.letting_go
+            mine = {p.hold for p in self._preauths()} | self.letting_go | set(self.copy_holds.held())
         usage = self.credits.usage(self.session)
         open_holds = self.credits.holds(account=self._owner()) if mine else []
         preauthorized = sum(hold["amount"] - hold.get("paid", 0) for hold in open_holds if hold["hold"] in mine)
@@ -242,13 +251,9 @@ class Meter:
             self._preauth_number += 1
             key = f"preauth-{self.session}-{self._preauth_number}"
         try:
-            hold = self.credits.hold(self.session, amount, key=key, meter=self.meter)
+            hold = self.place(key, amount)
         except BudgetExceededError:
             return None
-        except CreditsUnavailableError:
-            with self._lock:
-                self.doubtful.append((key, amount))
-            raise
         fresh = Preauthorized(hold, amount)
         with self._lock:
             if self.preauth is not None:
@@ -271,6 +276,57 @@ class Meter:
             if current.free() < REFILL_BELOW * current.amount:
                 self._wake.set()
             return current.hold, current.amount
+
+    def take_copy_holds(self, count: int, amount: int) -> list[str] | None:
+        """``count`` holds of ``amount`` credits placed ahead for a verified job's copies, with
+        no request anywhere; None while fewer are ready (the job places its own, and as many
+        are kept ready for the next one)."""
+        taken = self.copy_holds.take(count, amount)
+        self._wake.set()
+        return taken
+
+    def provider_records(self) -> list[dict[str, Any]]:
+        """The providers' trust records, as the credit service last said: fetched once, then
+        again in the background whenever they are older than :data:`RECORDS_FRESH_S`."""
+        if self._records is None:
+            self._refresh_records()
+        elif time.monotonic() - self._records_at > RECORDS_FRESH_S:
+            self._wake.set()
+        return list(self._records or [])
+
+    def _refresh_records(self) -> None:
+        self._records, self._records_at = self.credits.provider_records(), time.monotonic()
+
+    def _refill_copy_holds(self, release: Callable[[list[str]], None], now: float) -> None:
+        """Place the copy holds wanted ready, or release them all once none was taken for
+        :data:`PREAUTH_IDLE_S`; and fetch the trust records again once they are old."""
+        if self._records is not None and now - self._records_at > RECORDS_FRESH_S \
+                and now - self.copy_holds.used_at < PREAUTH_IDLE_S:
+            self._refresh_records()
+        if now - self.copy_holds.used_at > PREAUTH_IDLE_S:
+            idle = self.copy_holds.give_up()
+            if idle:
+                with self._lock:
+                    self.letting_go.update(idle)
+                release(idle)
+            return
+        wanted = [amount for amount, count in self.copy_holds.missing() for _ in range(count)]
+        if not wanted:
+            return
+        with self._lock:  # one request for them all; a batch's items succeed or fail one by one
+            first = self._preauth_number + 1
+            self._preauth_number += len(wanted)
+        items = [{"op": "hold", "session": self.session, "amount": amount, "key": f"copy-{self.session}-{first + n}",
+                  **({"meter": self.meter} if self.meter else {})} for n, amount in enumerate(wanted)]
+        try:
+            results = self.credits.batch(items)
+        except CreditsUnavailableError:
+            with self._lock:
+                self.doubtful.extend((item["key"], item["amount"]) for item in items)
+            raise
+        for amount, result in zip(wanted, results):
+            if result.get("ok"):  # one the budget could not cover is left out: jobs place their own
+                self.copy_holds.add(amount, result["hold"])
 
     def overflow(self, job_id: str, tasks: int) -> tuple[str, int] | None:
         """The pre-authorized hold (and its size) that pays what map ``job_id`` (of ``tasks``
@@ -351,6 +407,7 @@ class Meter:
             release([p.hold for p in done])
         if low or (current is None and wanted and not idle):
             self.preauthorize()
+        self._refill_copy_holds(release, now)
 
     def start_refilling(self, release: Callable[[list[str]], None],
                         ask: Callable[[list[str], list[str]], dict[str, Any]]) -> None:
@@ -376,7 +433,7 @@ class Meter:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         with self._lock:
-            holds = [p.hold for p in self._preauths()]
+            holds = [p.hold for p in self._preauths()] + self.copy_holds.give_up()
             self.preauth, self.retiring = None, []
         if holds:
             release(holds)
@@ -490,14 +547,22 @@ class Meter:
         draws on are given back first when they are what stands in the way."""
         total = count * amount if total is None else total
         try:
-            return self.credits.hold(self.session, total, key=f"hold-{job_id}", meter=self.meter)
+            return self.place(f"hold-{job_id}", total)
         except BudgetExceededError as exc:
             if self._give_back_idle(total):
                 return self.hold_shared(job_id, count=count, amount=amount, plan=plan, total=total)
             raise self._refusal(amount, count, exc, plan=plan, total=total) from None
+
+    def place(self, key: str, amount: int) -> str:
+        """Place a hold of ``amount`` credits under idempotency ``key``; returns its id. Raises
+        :class:`BudgetExceededError` when the session cannot cover it, and
+        :class:`CreditsUnavailableError` when the service did not answer (the hold is then in
+        doubt, and given back later: :meth:`resolve_doubtful`)."""
+        try:
+            return self.credits.hold(self.session, amount, key=key, meter=self.meter)
         except CreditsUnavailableError:
             with self._lock:
-                self.doubtful.append((f"hold-{job_id}", total))
+                self.doubtful.append((key, amount))
             raise
 
     def _give_back_idle(self, wanted: int) -> bool:
@@ -506,17 +571,18 @@ class Meter:
         release = self._release
         with self._lock:
             idle = [p for p in self._preauths() if not p.busy]
-        if release is None or not idle:
+        ready = self.copy_holds.held()
+        if release is None or not (idle or ready):
             return False
         usage = self.credits.usage(self.session)
-        if usage["left"] + sum(p.amount - p.paid for p in idle) < wanted:
+        if usage["left"] + sum(p.amount - p.paid for p in idle) + sum(ready.values()) < wanted:
             return False
         with self._lock:
             self.retiring = [p for p in self.retiring if p not in idle]
             if self.preauth in idle:
                 self.preauth = None
-        release([p.hold for p in idle])
-        gone = {p.hold for p in idle}
+        gone = {p.hold for p in idle} | set(self.copy_holds.give_up())
+        release(sorted(gone))
         deadline = time.monotonic() + SETTLE_WAIT_S
         while time.monotonic() < deadline:
             if not gone & {hold["hold"] for hold in self.credits.holds(account=self._owner())}:

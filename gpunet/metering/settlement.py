@@ -33,7 +33,11 @@ reads a clock, touches Dask or the network. The rules:
   :data:`MIN_OTHER_PROVIDERS` other providers (:func:`blamed`), so one client with
   one accomplice cannot frame anyone (the credit service caps, per day, the
   mismatches one client account can count against a provider);
-- a quarantined provider is not paid, and its workers are retired (:class:`Retire`).
+- a quarantined provider is not paid, and its workers are retired (:class:`Retire`);
+- a map's hold grows: the notebook places further holds for it (:meth:`Settlement.grow`)
+  as its items run longer than expected, and what an item earns beyond the holds it was
+  sent with is paid from them; they are closed (the rest released) with the map's last
+  item, and :meth:`Settlement.map_state` tells the notebook how far the map has got.
 
 Movements go to :attr:`Settlement.queue` as the credit service's batch items;
 their idempotency keys derive from the hold, so a retry never moves credits twice.
@@ -161,6 +165,37 @@ class SharedHold:
         return max(0, min(amount, self.capacity - self.paid))
 
 
+@dataclass
+class MapTally:
+    """One map as the scheduler counts it: its ``tasks`` items, how many are ``done`` (paid
+    or not), which worker each item sent to a worker and not back is on (``on``, and how
+    many on each: ``per_worker``), what they were ``paid`` from every hold, and the further
+    holds the notebook placed as they ran longer than expected (``growth``, in the order
+    they pay)."""
+
+    tasks: int
+    done: int = 0
+    on: dict[Any, str | None] = field(default_factory=dict)
+    per_worker: collections.Counter = field(default_factory=collections.Counter)
+    paid: int = 0
+    growth: list[str] = field(default_factory=list)
+
+    def running(self, threads: Mapping[str, int]) -> int:
+        """At most how many of its items run at once now: on each worker, its items sent
+        there and not back, at most that worker's ``threads`` (the rest wait in its queue)."""
+        return sum(min(count, threads.get(worker, 1)) for worker, count in self.per_worker.items() if count)
+
+
+#: How many maps the scheduler counts at once (the oldest is forgotten beyond it).
+MAX_MAPS = 10_000
+
+
+def _map_of(meta: Mapping[str, Any]) -> tuple[str, int] | None:
+    """The map a task's annotation names: its job id and how many tasks it sends (None: not a map's task)."""
+    job, count = meta.get("job"), meta.get("tasks", meta.get("map_tasks"))
+    return (job, _whole(count)) if isinstance(job, str) and count is not None else None
+
+
 def _shared_by(meta: Mapping[str, Any]) -> bool:
     """Whether a task's annotation names a hold shared by many tasks (a map's or a session's)."""
     return "tasks" in meta or "preauth" in meta
@@ -228,12 +263,18 @@ class Settlement:
         self.owed: dict[str | None, list[OwedAttempt]] = {}  # by worker address
         self.awaiting: dict[str, AwaitingCopy] = {}  # by hold
         self.shared: dict[str, SharedHold] = {}  # maps' holds still open
+        self.maps: collections.OrderedDict[str, MapTally] = collections.OrderedDict()  # by job id
+        self.maps_done: set[str] = set()  # maps whose every item is done (a late re-run starts no tally)
         self.quarantined: set[str] = set()  # as learned from the credit service
         self.verdicts = 0
         #: copies a notebook called a mismatch whose digest equalled an agreeing copy's
         self.overruled = 0
         #: mismatches not counted against a provider: too few other providers disagreed with it
         self.unblamed = 0
+        #: credits tasks earned that no hold was left to pay (the provider underpaid)
+        self.short = 0
+        #: further holds maps grew by (:meth:`grow`)
+        self.grown_holds = 0
         self._parts_pending = False
 
     @property
@@ -255,6 +296,7 @@ class Settlement:
             self.dispatched[key] = now
         else:
             self.dispatched.pop(key, None)
+        self._count_running(key, meta, start, finish, worker)
         share = None
         if _shared_by(meta):
             share = self.shared.get(hold)
@@ -281,6 +323,67 @@ class Settlement:
             return [GiveUpLater(worker)] if first else []
         self._paid(key, meta, info.provider, task_price(seconds, info.rate, meta), seconds)
         return []
+
+    def _count_running(self, key: Any, meta: Mapping[str, Any], start: str, finish: str, worker: str | None) -> None:
+        """Count a map's items sent to a worker (``worker``, on ``processing``) and not back
+        yet: what its holds must cover at worst."""
+        named = _map_of(meta)
+        if named is None or (finish != "processing" and start != "processing"):
+            return
+        tally = self._tally(*named)
+        if tally is None:
+            return
+        if key in tally.on:
+            tally.per_worker[tally.on.pop(key)] -= 1
+        if finish == "processing":
+            tally.on[key] = worker
+            tally.per_worker[worker] += 1
+
+    def _tally(self, job: str, tasks: int) -> MapTally | None:
+        """The map ``job``'s tally, started on its first item (None once it is done)."""
+        tally = self.maps.get(job)
+        if tally is None and tasks > 0 and job not in self.maps_done:
+            tally = self.maps[job] = MapTally(tasks)
+            while len(self.maps) > MAX_MAPS:
+                self._close_map(next(iter(self.maps)))
+        return tally
+
+    def grow(self, job: str, hold: str, amount: Any) -> bool:
+        """The notebook placed hold ``hold`` of ``amount`` credits for map ``job``, whose items
+        run longer than expected: what they earn beyond the holds they were sent with is
+        paid from it. False (released at once) when the map is done or unknown here."""
+        tally, amount = self.maps.get(job), _whole(amount)
+        if tally is None or hold in self.shared or hold in self.closed or amount < 1:
+            if hold not in self.shared:
+                self._release(hold)
+            return False
+        self.shared[hold] = SharedHold(None, capacity=amount)
+        tally.growth.append(hold)
+        self.grown_holds += 1
+        return True
+
+    def map_state(self, job: str, threads: Mapping[str, int] | None = None) -> dict[str, Any] | None:
+        """How far map ``job`` has got here: ``tasks``, ``done``, ``running`` (at most how many
+        run at once, by its workers' ``threads``: :meth:`MapTally.running`), ``paid`` (from
+        every hold) and ``grown`` (credits of the further holds); None before its first item
+        was sent to a worker here, or once it is done."""
+        tally = self.maps.get(job)
+        if tally is None:
+            return None
+        grown = sum(self.shared[hold].capacity or 0 for hold in tally.growth if hold in self.shared)
+        return {"tasks": tally.tasks, "done": tally.done, "running": tally.running(threads or {}),
+                "paid": tally.paid, "grown": grown}
+
+    def _close_map(self, job: str) -> None:
+        """Map ``job`` is done: pay what its further holds owe and release their rest."""
+        tally = self.maps.pop(job, None)
+        self.maps_done.add(job)
+        for hold in tally.growth if tally is not None else ():
+            share = self.shared.pop(hold, None)
+            if share is not None:
+                self._queue_parts(hold, share)
+            if hold not in self.closed:
+                self._release(hold)
 
     def provider_registered(self, worker: str, account: str, rate: float, live: Container[Any]) -> None:
         """``worker`` proved it belongs to provider ``account`` (checked, not
@@ -369,7 +472,7 @@ class Settlement:
             share = self.shared.setdefault(hold, _new_share(meta))
             if key in share.done:
                 return None
-            return self._item_done(hold, key, info.provider, amount, seconds, meta.get("job"))
+            return self._item_done(hold, key, info.provider, amount, seconds, meta.get("job"), meta)
         self._settle(hold, info.provider, amount, {"seconds": _rounded(seconds)})
         return amount
 
@@ -426,7 +529,7 @@ class Settlement:
         settlement says the device-seconds it pays for (a provider's dashboard adds them up)."""
         hold = meta["hold"]
         if _shared_by(meta):
-            self._item_done(hold, key, provider, amount, seconds, meta.get("job"))
+            self._item_done(hold, key, provider, amount, seconds, meta.get("job"), meta)
         elif meta.get("verify"):
             if live is not None and key not in live:  # forgotten while its provider was being checked
                 self._release(hold)
@@ -442,22 +545,22 @@ class Settlement:
         """An attempt nobody is paid for: a map's item counts as done, any other task's
         hold is released (a verified copy no longer awaits its verdict)."""
         if _shared_by(meta):
-            self._item_done(hold, key, None, 0, 0.0, meta.get("job"))
+            self._item_done(hold, key, None, 0, 0.0, meta.get("job"), meta)
         else:
             self.awaiting.pop(hold, None)
             self._release(hold)
 
     def _item_done(self, hold: str, key: Any, provider: str | None, amount: int, seconds: float,
-                   job: Any = None) -> int:
-        """One task of a shared hold is done: add what it earned (at most what is left of
-        the hold) to its provider's next part, and close a map's hold once every item is
-        done. Returns the credits it is paid."""
+                   job: Any = None, meta: Mapping[str, Any] | None = None) -> int:
+        """One task of a shared hold is done: add what it earned to its provider's next part,
+        from the holds that pay it in turn (at most what is left of each: a map's own, the
+        further holds it grew, the session's pre-authorized hold), and close a map's hold
+        once every item is done. Returns the credits it is paid."""
         share = self.shared.get(hold)
         if share is None:
             return 0
         share.owed.discard(key)
         share.done.add(key)
-        paid = 0
         tally = share.by_job.setdefault(job, [0, 0]) if isinstance(job, str) else [0, 0]
         tally[1] += 1
         spill = None  # the pre-authorized hold that pays a map's items beyond its own hold
@@ -465,19 +568,33 @@ class Settlement:
             spill = self.shared.setdefault(share.overflow, SharedHold(None, capacity=share.overflow_held))
         spilled = spill.by_job.setdefault(job, [0, 0]) if spill is not None and isinstance(job, str) else [0, 0]
         spilled[1] += 1
+        named = _map_of(meta or {})
+        counted = self._tally(*named) if named is not None else None
+        grown = [self.shared[h] for h in (counted.growth if counted is not None else ()) if h in self.shared]
+        # a map's own hold first, then what it grew; a draw on the pre-authorized hold pays from
+        # what the map grew first, so that it leaves the rest of that hold to the session's other jobs
+        sources = [share, *grown] if share.tasks is not None else [*grown, share]
+        paid = 0
         if provider is not None and provider not in self.quarantined:
-            paid = self._pay_part(share, provider, share.payable(amount), seconds)
-            if paid < amount and spill is not None and spill.tasks is None:
-                # the map's items ran longer than expected: the rest comes from the session's
-                # pre-authorized hold, while anything is left of it
-                extra = self._pay_part(spill, provider, spill.payable(amount - paid), 0.0 if paid else seconds)
-                spilled[0] += extra
-                paid += extra
+            for source in sources + ([spill] if spill is not None and spill.tasks is None else []):
+                if paid >= amount:
+                    break
+                part = self._pay_part(source, provider, source.payable(amount - paid), 0.0 if paid else seconds)
+                if source is share:
+                    tally[0] += part
+                elif source is spill:
+                    spilled[0] += part
+                paid += part
             if paid < amount:
                 share.short += amount - paid
+                self.short += amount - paid
                 logger.error("gpunet metering: hold %s is spent; task %s earned %d credits and is paid %d",
                              hold, key, amount, paid)
-        tally[0] += paid
+        if counted is not None:
+            counted.done += 1
+            counted.paid += paid
+            if counted.done >= counted.tasks:
+                self._close_map(named[0])
         if share.tasks is not None and len(share.done) >= share.tasks:
             self._queue_parts(hold, share)
             del self.shared[hold]

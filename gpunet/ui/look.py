@@ -28,7 +28,7 @@ from typing import Any, Container, Iterable, Sequence
 #: The colours of states, shared by every display.
 COLOURS = {"queued": "#6e7781", "running": "#0969da", "done": "#1a7f37", "failed": "#cf222e",
            "muted": "#6e7781", "accent": "#8250df", "warning": "#bf8700", "cancelled": "#9a6700",
-           "installing": "#8250df"}
+           "installing": "#8250df", "paused": "#bf8700"}
 FONT = "font-family:var(--jp-ui-font-family,system-ui,sans-serif);font-size:13px;line-height:1.4"
 MONO = "font-family:var(--jp-code-font-family,monospace)"
 

@@ -81,6 +81,13 @@ class JobProgress:
             self._text(f"{self.label}: {reason}")
         self._render()
 
+    def paused(self, reason: str) -> None:
+        """The job sends no more of its items (its budget cannot cover them): say why."""
+        self.state = "paused"
+        self.reason = reason
+        self._text(f"{self.label}: paused: {reason}")
+        self._render()
+
     def ran_on(self, worker: str, device: str) -> None:
         """Record where a job ran (quick jobs never announce it while running)."""
         if not self.where:
@@ -127,12 +134,12 @@ class JobProgress:
     def summary(self) -> str:
         """One line: state, where, elapsed."""
         state = self.state
-        if state == "running" and self.where:
-            state = f"running on {self.where}"
-        elif state == "done" and self.where:
-            state = f"done on {self.where}"
+        if state in ("running", "done") and self.where:
+            state = f"{state} on {self.where}"
         elif state in ("queued", "installing") and self.reason:
             state = self.reason
+        elif state == "paused":
+            state = f"paused: {self.reason}"
         items = f" {self.done_count}/{self.total}" if self.total > 1 else ""
         return f"{self.label}: {state}{items} · {self.elapsed:.1f} s"
 

@@ -26,16 +26,17 @@ class SessionReceipt:
 
     def __init__(self, net: Network | None = None, *, witness: Witness | None = None) -> None:
         self.net = net or current()
-        if self.net.meter is None:
+        meter = self.net.session_meter  # through a gateway, what the gateway's meter of this session says
+        if meter is None:
             raise GpunetError("this connection has no credit service, so its session has no receipt "
                               "(connect with --credits URL --token TOKEN, or without an address)")
         # The embedded network's service is this notebook's own, with a fresh key each time: nothing to pin.
         service = None if self.net.embedded is not None else self.net.credits.url
         # the scheduler pays a pre-authorized hold in parts, in batches: what it paid for the
         # cells so far lands in the ledger before the receipt is taken (bounded)
-        self.net.meter.wait_settled()
+        meter.wait_settled()
         self.payload, self.metadata, self.summary = fetch_receipt(
-            self.net.credits, self.net.meter.session, witness=witness or Witness(), service=service)
+            self.net.credits, meter.session, witness=witness or Witness(), service=service)
 
     @property
     def receipt(self) -> dict[str, Any]:

@@ -34,10 +34,9 @@ class SessionUsage(LivePanel):
     def __init__(self, net: Network | None = None, *, interval: float | None = None) -> None:
         super().__init__(interval=interval)
         self.net = net or current()
-        if self.net.meter is None and self.net.metered:
-            raise GpunetError("through a gateway the session's meter is the gateway's: %gpunet status shows what "
-                              "this session spent, held and has left")
-        if self.net.meter is None:
+        #: the session's meter (through a gateway, what the gateway's meter of it says)
+        self.meter = self.net.session_meter
+        if self.meter is None:
             raise GpunetError("this connection has no credit service, so its session is not metered "
                               "(connect with --credits URL --token TOKEN, or without an address)")
         self.numbers: dict[str, Any] = {}
@@ -52,7 +51,7 @@ class SessionUsage(LivePanel):
 
     def fetch(self) -> None:
         """Read the session's numbers from the credit service, and whose each worker is."""
-        meter = self.net.meter
+        meter = self.meter
         # The figures are exact once the scheduler settled the jobs that finished here (a few
         # seconds at most; past that the headline says "settling").
         self.settling = not meter.wait_settled()
@@ -67,7 +66,7 @@ class SessionUsage(LivePanel):
 
     def rows(self) -> list[tuple[str, str, str, int, str]]:
         """(provider, worker, device, tasks, device-seconds), busiest first."""
-        tally = sorted(self.net.meter.tally.items(), key=lambda item: -item[1].seconds)
+        tally = sorted(self.meter.tally.items(), key=lambda item: -item[1].seconds)
         default = getattr(self, "default_owner", None) or "-"
         return [(self.owners.get(worker, default), worker, entry.device, entry.tasks, f"{entry.seconds:.2f}")
                 for worker, entry in tally]
@@ -81,7 +80,7 @@ class SessionUsage(LivePanel):
                 f"credits{settling}")
 
     def __str__(self) -> str:
-        lines = [f"session {self.net.meter.session}: {self.headline()}"]
+        lines = [f"session {self.meter.session}: {self.headline()}"]
         rows = self.rows()
         if rows:
             lines += look.text_table(HEADER, rows)
@@ -91,7 +90,7 @@ class SessionUsage(LivePanel):
 
     def body_html(self) -> str:
         n = self.numbers
-        return (f'<div>session <code>{look.esc(self.net.meter.session)}</code></div>'
+        return (f'<div>session <code>{look.esc(self.meter.session)}</code></div>'
                 + look.figures([("spent", "spent", n["spent"]), ("held", "held", n["held"]),
                                 ("preauthorized", "pre-authorized", n.get("preauthorized", 0)),
                                 ("left", "left", n["left"]), ("budget", "budget", n["budget"])])

@@ -76,10 +76,20 @@ ENVIRONMENTS_PER_SESSION = 4
 #: The wheel cache holds at most this many sessions' installs at the cap (least recently used
 #: wheels removed first), so that clients cannot fill the provider's disk through it.
 WHEEL_CACHE_INSTALLS = 10
+#: What a session's wheels may unpack to, in multiples of the download cap (a wheel is a zip:
+#: a few kilobytes of it may unpack to gigabytes), and in files.
+UNPACKED_PER_DOWNLOADED = 10
+MAX_UNPACKED_FILES = 200_000
 #: Most distributions a report may list (a provider's claim is capped like any message).
 MAX_REPORTED = 5000
 #: How often an install looks whether its job was stopped (seconds).
 STOP_POLL_S = 0.05
+
+
+#: Where a venv made at ``sys.argv[1]`` keeps its packages, as the Python that made it lays
+#: one out (run with -I -S: no site-packages of anyone's is read).
+_VENV_PURELIB = ("import sys, sysconfig; print(sysconfig.get_path('purelib', 'posix_prefix', "
+                 "vars={'base': sys.argv[1], 'platbase': sys.argv[1]}))")
 
 
 class InstallStopped(BaseException):
@@ -132,6 +142,23 @@ def requirements_digest(requirements: dict[str, str]) -> str:
 #: A distribution's name (PEP 508): what a requirement from a notebook may name, nothing that
 #: pip could read as an option (``--index-url``, ``-r FILE``) or a path.
 NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+
+#: What a downloaded file's name may be in the shared cache: one plain name of a wheel (or an
+#: sdist, where the provider allows builds), never a path.
+DOWNLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.(whl|tar\.gz|zip)$")
+
+
+def download_file_name(entry: dict[str, Any]) -> str:
+    """The cache file name of a planned download (``entry['url']``'s last part, unquoted);
+    :class:`PackageError` when it is no plain file name: an index that served ``%2F`` or
+    ``..`` in a name must not make the worker write outside its wheel cache."""
+    name = unquote(urlparse(entry["url"]).path.rsplit("/", 1)[-1])
+    if not DOWNLOAD_NAME_RE.match(name) or ".." in name:
+        raise PackageError(f"{entry['name']} {entry['version']} has no file to download "
+                           f"(the index named it {name!r}); not installed")
+    return name
+
+
 #: At most this many requirements per job (a stranger's job: bounded like any message).
 MAX_REQUIREMENTS = 200
 
@@ -317,14 +344,19 @@ class SessionEnvironments:
             python = path / "bin" / "python"
             plan = self._resolve(python, requirements, deadline, stopped)
             files, hits, misses, fetched = self._fetch(plan, deadline, stopped)
+            self._check_unpacked(files)
             if announce is not None:
                 announce(len(files), sum(file.stat().st_size for file in files))
             if files:
                 self._run([self.python, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps",
                            "--no-warn-script-location", "--disable-pip-version-check", "--quiet",
                            *map(str, files)], deadline, "installing the wheels", stopped)
-            site = Path(self._run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                  deadline, "finding the environment's site-packages", stopped).strip())
+            # asked of the provider's own Python, never the venv's: a wheel's .pth file runs in
+            # every Python that starts on the venv's site-packages (the sandbox's alone)
+            site = Path(self._run([self.python, "-I", "-S", "-c", _VENV_PURELIB, str(path)], deadline,
+                                  "finding the environment's site-packages", stopped).strip())
+            if not site.is_dir():
+                raise PackageError(f"the session's environment has no site-packages at {site}")
         except BaseException:  # a failure, or a stop: nothing half-built is kept
             shutil.rmtree(path, ignore_errors=True)
             raise
@@ -332,6 +364,30 @@ class SessionEnvironments:
             path, python, site, {entry["name"]: entry["version"] for entry in plan},
             {file.name: entry["sha256"] for file, entry in zip(files, plan)}, built_now=True,
             seconds=time.monotonic() - started, cache_hits=hits, cache_misses=misses, downloaded_bytes=fetched)
+
+    def _check_unpacked(self, files: list[Path]) -> None:
+        """Refuse wheels that together unpack past :data:`UNPACKED_PER_DOWNLOADED` times the
+        size cap, or to more than :data:`MAX_UNPACKED_FILES` files, as their zip listing says
+        (pip's extraction writes no more than it lists), before pip writes any of them."""
+        import zipfile
+
+        cap, total, count = UNPACKED_PER_DOWNLOADED * self.policy.max_bytes, 0, 0
+        for file in files:
+            if file.suffix != ".whl":  # an sdist, where the provider allows builds (and so their code)
+                continue
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    listing = archive.infolist()
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise PackageError(f"{file.name} is not a wheel that can be read ({exc}); not installed") from None
+            size = sum(info.file_size for info in listing)
+            total, count = total + size, count + len(listing)
+            if total > cap or count > MAX_UNPACKED_FILES:
+                raise PackageError(
+                    f"{file.name} unpacks to {format_bytes(size)} in {len(listing):,} files, over the provider's cap "
+                    f"of {format_bytes(cap)} and {MAX_UNPACKED_FILES:,} files for what a session's install unpacks "
+                    f"to ({UNPACKED_PER_DOWNLOADED}x its download cap); not installed: ask for a smaller package, "
+                    "or use a provider with a larger --install-max-mb")
 
     def _run(self, command: list[str], deadline: float, doing: str, stopped: threading.Event) -> str:
         """``command``'s output, run in a process group of its own that is killed, with
@@ -391,9 +447,7 @@ class SessionEnvironments:
         files, hits, misses, fetched = [], 0, 0, 0
         for entry in plan:
             url = entry["url"]
-            name = unquote(urlparse(url).path.rsplit("/", 1)[-1])
-            if not name:
-                raise PackageError(f"{entry['name']} {entry['version']} has no file to download")
+            name = download_file_name(entry)
             target = self.wheels / name
             if url.startswith("file:"):
                 target = Path(unquote(urlparse(url).path))

@@ -46,7 +46,7 @@ import cloudpickle
 import gpunet
 from gpunet import codec
 from gpunet.cell import cell_filename
-from gpunet.errors import PackageError, UnsupportedResultError
+from gpunet.errors import BudgetError, PackageError, UnsupportedResultError
 from gpunet.wire import (
     CODEC,
     INTERRUPTED,
@@ -180,6 +180,7 @@ class _JobContext:
 _contexts: dict[int, _JobContext] = {}  # thread id -> running job
 _running: dict[str, int] = {}  # job id -> thread id
 _stopped: dict[str, None] = {}  # job ids asked to stop (the last STOPPED_KEPT, oldest first)
+_paused: dict[str, None] = {}  # maps whose items not started yet never start (the last STOPPED_KEPT)
 _installing: dict[str, list[threading.Event]] = {}  # job id -> the stop flags of its installs under way
 STOPPED_KEPT = 1000
 _registry_lock = threading.Lock()
@@ -333,6 +334,9 @@ def run_job(
     replaces ``job.inputs`` (large inputs travel scattered, as a Dask dependency).
     """
     older_notebook = job.result_format == CODEC and not reads_frames(job)  # before replace() gives it the field
+    with _registry_lock:
+        if job.job_id in _paused:  # raised, so that the task errs: nothing ran, nobody is paid
+            raise BudgetError(f"map {job.job_id} paused before this item started: its budget cannot pay for more")
     if inputs is not None:
         job = dataclasses.replace(job, inputs=inputs)
     worker = _current_worker()
@@ -696,6 +700,21 @@ def was_stopped(job_id: str) -> bool:
         return job_id in _stopped
 
 
+def _remember(registry: dict[str, None], job_id: str) -> None:
+    """Add ``job_id`` to ``registry``, keeping its last :data:`STOPPED_KEPT`."""
+    with _registry_lock:
+        registry[job_id] = None
+        while len(registry) > STOPPED_KEPT:
+            del registry[next(iter(registry))]
+
+
+def pause_job(job_id: str) -> None:
+    """Map ``job_id``'s items that have not started here never will (each raises
+    :class:`~gpunet.errors.BudgetError` instead, so that nobody is paid for it); those
+    running go on. Called on every worker when the map's budget cannot pay for more."""
+    _remember(_paused, job_id)
+
+
 async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0, dask_worker: Any = None) -> str:
     """Raise JobInterrupted in the threads running ``job_id`` (and its map items); on a
     worker whose jobs run in sandboxes, stop them there (ending a sandbox whose job
@@ -708,10 +727,8 @@ async def stop_job(job_id: str, reason: str = "interrupted", grace: float = 1.0,
     free for real (``"restarting"``); a worker without a Nanny can only say
     ``"stuck"``.
     """
+    _remember(_stopped, job_id)  # an install starting from now on sees it stopped
     with _registry_lock:
-        _stopped[job_id] = None
-        while len(_stopped) > STOPPED_KEPT:
-            del _stopped[next(iter(_stopped))]
         installs = list(_installing.get(job_id, ()))
     for flag in installs:  # its packages are installing: the install ends at once
         flag.set()
