@@ -92,12 +92,12 @@ def result_path_alone(value: object, result_format: str) -> object:
     from distributed.protocol import deserialize, serialize
 
     from gpunet import codec
-    from gpunet.client import data_comm  # noqa: F401 - registers the codec's Dask frames
+    from gpunet.client import data_comm  # registers the codec's Dask frames
     from gpunet.wire import CODEC
 
     blob = codec.dump(value, result_format, name="the return value")
     sent = codec.encode_frames({"value": blob}) if result_format == CODEC else {"value": blob}
-    serializers = (codec.DASK_SERIALIZER, "msgpack") if result_format == CODEC else ("pickle",)
+    serializers = data_comm.DATA_SERIALIZERS if result_format == CODEC else ("pickle",)
     header, frames = serialize(sent, serializers=serializers)
     arrived = deserialize(header, [bytearray(memoryview(frame)) for frame in frames])
     if result_format == CODEC:

@@ -120,6 +120,9 @@ CONNECT_PARSER.add_argument("--pip", action="append", default=None, metavar="REQ
                             help='a package every cell of the session asks for, e.g. --pip "tinycss2==1.4.0" '
                                  "(repeatable; adds to or overrides what the cells' imports find)")
 
+#: The ``%gpunet`` commands that show a display of the current network.
+DISPLAYS = {"status": NetworkStatus.of, "usage": SessionUsage, "env": SessionEnvironment, "receipt": SessionReceipt}
+
 
 @magics_class
 class GpunetMagics(Magics):
@@ -220,9 +223,6 @@ class GpunetMagics(Magics):
                 raise UsageError("give one of --token and --token-file")
             try:
                 token = read_token_file(args.token_file) if args.token_file else args.token
-            except OptionError as exc:
-                raise UsageError(str(exc)) from None
-            try:
                 net = connect(args.scheduler, workers=args.workers, credits=args.credits, token=token,
                               budget=args.budget, trust_providers=args.trust_providers,
                               max_result_bytes=args.max_result_bytes, replace=True, max_rate=args.max_rate,
@@ -244,16 +244,10 @@ class GpunetMagics(Magics):
             else:
                 print("gpunet: this network does not meter work: no credits are held or paid")
             return None
-        if command in ("status", "usage", "receipt", "disconnect", "env") and rest:
+        if command in (*DISPLAYS, "disconnect") and rest:
             raise UsageError(f"%gpunet {command} takes no arguments, got {' '.join(rest)!r}")
-        if command == "status":
-            return NetworkStatus.of(current())
-        if command == "usage":
-            return SessionUsage(current())
-        if command == "env":
-            return SessionEnvironment(current())
-        if command == "receipt":
-            return SessionReceipt(current())
+        if command in DISPLAYS:
+            return DISPLAYS[command](current())
         if command == "disconnect":
             try:
                 net = current()

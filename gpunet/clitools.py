@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,3 +88,16 @@ def wait_for(ready: Callable[[], bool], timeout: float, every: float = 0.2) -> b
         time.sleep(every)
     return True
 
+
+
+def wait_for_stop(ended: Callable[[], bool] = lambda: False) -> None:
+    """Block until Ctrl-C, SIGTERM, or ``ended()`` (what the command serves ended by itself)."""
+    stopping = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        while not stopping.wait(0.2) and not ended():
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -56,19 +56,40 @@ SUPPORTED = ("None, bool, int, float, complex, str, bytes; lists, tuples and dic
              "of numbers, bools, strings or datetimes; pandas Series/DataFrames of such columns; matplotlib figures")
 
 
-class Frames(tuple):
+class Frames:
     """Codec data as frames (what :func:`encode_frames` makes): the msgpack head first,
     then the raw buffers of its large arrays, each sent as a frame of its own (Dask's
     frames, the sandbox's), never copied into one blob. ``owned``: the frames are the
     receiver's alone (fresh buffers a connection read), so decoded arrays may be
-    writable views of them instead of copies."""
+    writable views of them instead of copies.
 
-    owned = False
+    A sequence of frames, but not a tuple: Dask's msgpack serializer cannot pack it,
+    so a worker asked for ``("msgpack", DASK_SERIALIZER)`` (as the notebook asks, an
+    older provider answering with msgpack, which knows no gpunet serializer) sends it
+    as frames (:data:`DASK_SERIALIZER`)."""
+
+    __slots__ = ("parts", "owned")
+
+    def __init__(self, parts: Any = ()) -> None:
+        self.parts = tuple(parts)
+        self.owned = False
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __iter__(self) -> Any:
+        return iter(self.parts)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.parts[index]
+
+    def __sizeof__(self) -> int:  # what Dask's memory accounting counts
+        return self.nbytes
 
     @property
     def nbytes(self) -> int:
         """The frames' total size in bytes."""
-        return sum(memoryview(frame).nbytes for frame in self)
+        return sum(memoryview(frame).nbytes for frame in self.parts)
 
 
 def encode(obj: Any, *, name: str = "the result") -> memoryview:
@@ -99,8 +120,9 @@ def encode_frames(obj: Any, *, name: str = "the result") -> Frames:
 
 
 #: The Dask serialization family that sends :class:`Frames` as Dask frames of their own
-#: (registered by :func:`register_with_dask` in the notebook and on workers; a peer that
-#: does not ask for it gets them as msgpack, one frame).
+#: (registered by :func:`register_with_dask` in the notebook and on workers). The notebook
+#: asks for msgpack first and this second: an older provider, which knows no such family,
+#: answers with msgpack (its codec bytes) before Dask would look this name up and fail.
 DASK_SERIALIZER = "gpunet-codec"
 
 
@@ -126,6 +148,14 @@ def _dask_loads(header: dict[str, Any], frames: list[Any]) -> Frames:
     received = Frames(frames)
     received.owned = bool(frames) and all(not memoryview(frame).readonly for frame in frames[1:])
     return received
+
+
+def frames_as_list(value: Any) -> list[Any]:
+    """msgpack's ``default`` for a message that carries :class:`Frames` (the gateway's relay
+    to the notebook): their frames as a list of bytes, which :func:`frames_of` takes back."""
+    if isinstance(value, Frames):
+        return list(value.parts)
+    raise TypeError(f"can not serialize {_type_name(value)!r} object")
 
 
 def frames_of(data: Any) -> Frames | None:
@@ -475,8 +505,11 @@ class _Decoder:
             lengths = {len(column) for column in values.values()}
             if len(lengths) > 1:
                 raise ProviderDataError(f"a DataFrame's columns have different lengths {sorted(lengths)}")
+            names = [name for name, _ in columns]
+            # copy=False: the columns are this decoding's own (copies, or views of frames taken
+            # once), so pandas need not copy them again; the names only where they repeat
             return pd.DataFrame(values, index=self.index(index, lengths.pop() if lengths else None),
-                                columns=[name for name, _ in columns])
+                                columns=None if len(values) == len(names) else names, copy=False)
         if code == _FIGURE:
             from IPython.display import Image
 

@@ -18,7 +18,6 @@ import logging
 import random
 import struct
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from gpunet import codec
 from gpunet.client.network import connect
+from gpunet.clitools import wait_for
 from gpunet.credits import serve_in_background
 from gpunet.wire import DEVICE_RESOURCE, METERING_PLUGIN, SCHEDULER_PRELOAD, WORKER_PRELOAD, JobResult, result_to_event
 from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV
@@ -141,7 +141,6 @@ class Market:
     credits_url: str
     operator: Any  # CreditClient as the operator
     client_token: str
-    provider_tokens: dict[str, str]
     logs: dict[str, Path]
     cluster: Any = None
     workers_of: dict[str, list[str]] = field(default_factory=dict)
@@ -209,15 +208,13 @@ def local_market(providers: dict[str, float], *, workers_per_provider: int = 1, 
         stack.enter_context(dask.config.set({"distributed.deploy.lost-worker-timeout": "1 hour"}))
         cluster = stack.enter_context(SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING))
         metering = cluster.scheduler.plugins[METERING_PLUGIN]
-        deadline = time.monotonic() + 60
-        while len(metering.providers) < len(workers):  # each worker registers its provider once connected
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(metering.providers)} of {len(workers)} workers registered a provider")
-            time.sleep(0.05)
+        # each worker registers its provider once connected
+        if not wait_for(lambda: len(metering.providers) >= len(workers), 60, every=0.05):
+            raise RuntimeError(f"only {len(metering.providers)} of {len(workers)} workers registered a provider")
         workers_of: dict[str, list[str]] = {}
         for address, info in metering.providers.items():
             workers_of.setdefault(info["provider"], []).append(address)
-        yield Market(cluster.scheduler_address, service.url, operator, client_token, tokens, logs, cluster,
+        yield Market(cluster.scheduler_address, service.url, operator, client_token, logs, cluster,
                      workers_of)
 
 

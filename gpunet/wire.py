@@ -33,6 +33,8 @@ INTERRUPTED = "JobInterrupted"
 TOO_LARGE = "ResultTooLarge"
 #: The ``ename`` of a job whose packages the worker could not provide (nothing of the cell ran).
 PACKAGES = "PackagesUnmet"
+#: The ``ename`` of a job from a notebook too old to read this worker's results.
+VERSION_MISMATCH = "GpunetVersionMismatch"
 
 #: How results travel (see gpunet.codec): pickled on the embedded network and on a
 #: private one that trusts its providers, as codec data everywhere else.
@@ -237,6 +239,16 @@ class Job:
     #: session's jobs in one sandbox of its own (gpunet.worker.sandbox), never shared with
     #: another session; None gets a sandbox for the job alone
     session: str | None = None
+    #: the notebook reads CODEC results as frames (:class:`gpunet.codec.Frames`). Every Job
+    #: made by this version has it; a job pickled by an older notebook lacks it in its
+    #: state (reading it gives this default), so the worker asks :func:`reads_frames`.
+    reads_frames: bool = True
+
+
+def reads_frames(job: Job) -> bool:
+    """Whether ``job``'s notebook reads codec frames: False for a job an older gpunet
+    pickled, whose state has no ``reads_frames``."""
+    return bool(vars(job).get("reads_frames", False))
 
 
 @dataclass

@@ -37,6 +37,32 @@ def read(message):
     return data_comm.data_only_loads(dumps(message))
 
 
+def test_a_message_over_the_cap_is_refused_before_it_is_read(monkeypatch):
+    """The data-only comm reads a message's sizes first (gpunet.guarded_tls.read_frames):
+    over the cap, nothing more is read and the connection is closed."""
+    import asyncio
+
+    from distributed.comm import connect, listen
+
+    monkeypatch.setattr(data_comm, "max_message_bytes", 1000)
+
+    async def main():
+        async def send_big(comm):
+            await comm.write({"blob": b"x" * 10_000})
+
+        listener = listen("tcp://127.0.0.1:0", send_big)
+        await listener.start()
+        try:
+            comm = await connect(data_comm.data_only_address(listener.contact_address))
+            with pytest.raises(ResultTooLargeError, match="over this notebook's cap of 1,000 bytes"):
+                await comm.read()
+            assert comm.closed()
+        finally:
+            listener.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_msgpack_payloads_and_plain_messages_are_read():
     message = {"op": "gather", "data": {"k": to_serialize(b"codec bytes")}, "n": [1, 2]}
     header, frames = serialize(b"codec bytes", serializers=["msgpack"])

@@ -10,19 +10,19 @@ for a token of its own, printed with the address. It listens on 127.0.0.1 unless
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from gpunet.clitools import wait_for, wait_for_stop
 from gpunet.credits import CreditClient
 from gpunet.errors import GpunetError
 from gpunet.ui.dashboard import CREDITS_ENV, SCHEDULER_ENV, TOKEN_ENV, TOKEN_FILE_ENV, provider_token
@@ -76,7 +76,7 @@ def _dashboard(args: Any) -> int:
     token_file = Path(args.token_file).expanduser().resolve()
     with CreditClient(url, provider_token(None, token_file)) as me:
         account = me.provider_account("gpunet dashboard")  # a wrong token stops here, clearly
-    if shutil.which("voila") is None and not _has_module("voila"):
+    if shutil.which("voila") is None and importlib.util.find_spec("voila") is None:
         raise GpunetError("gpunet dashboard serves the page with Voila: pip install 'gpunet[dashboard]'")
     port = args.port or _free_port(args.host)
     page_token = secrets.token_urlsafe(24)
@@ -96,14 +96,12 @@ def _dashboard(args: Any) -> int:
                                  stdout=None if args.verbose else subprocess.DEVNULL,
                                  stderr=None if args.verbose else subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while not _listening(args.host, port):
-                if voila.poll() is not None:
-                    raise GpunetError(f"Voila stopped at start (exit code {voila.returncode}); run "
-                                      "`gpunet -v dashboard ...` to see why")
-                if time.monotonic() > deadline:
-                    raise GpunetError(f"Voila did not listen on {args.host}:{port} within {START_TIMEOUT_S:.0f} s")
-                time.sleep(0.1)
+            started = wait_for(lambda: voila.poll() is not None or _listening(args.host, port), START_TIMEOUT_S, 0.1)
+            if voila.poll() is not None:
+                raise GpunetError(f"Voila stopped at start (exit code {voila.returncode}); run "
+                                  "`gpunet -v dashboard ...` to see why")
+            if not started:
+                raise GpunetError(f"Voila did not listen on {args.host}:{port} within {START_TIMEOUT_S:.0f} s")
             shown = f"[{args.host}]" if ":" in args.host else args.host
             print(f"gpunet dashboard: provider {account}", flush=True)
             print(f"dashboard: http://{shown}:{port}/?token={page_token}", flush=True)
@@ -111,7 +109,7 @@ def _dashboard(args: Any) -> int:
                 print(f"gpunet dashboard: listening on {args.host}: whoever reaches it with that address sees "
                       "your figures", flush=True)
             print("Ctrl-C stops it.", flush=True)
-            _wait(voila)
+            wait_for_stop(ended=lambda: voila.poll() is not None)
         finally:
             if voila.poll() is None:
                 voila.terminate()
@@ -124,22 +122,3 @@ def _dashboard(args: Any) -> int:
         shutil.rmtree(folder, ignore_errors=True)
     print("gpunet dashboard: stopped", flush=True)
     return 0
-
-
-def _has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def _wait(voila: subprocess.Popen) -> None:
-    """Until Ctrl-C, SIGTERM, or Voila's own end."""
-    stopping = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    try:
-        while not stopping and voila.poll() is None:
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)

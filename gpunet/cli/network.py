@@ -10,13 +10,14 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gpunet import certs
-from gpunet.clitools import read_token_file
+from gpunet.client.placement import check_max_rate
+from gpunet.clitools import read_token_file, wait_for_stop
 from gpunet.credits import CreditClient
 from gpunet.credits.cli import SERVICE_WAIT_S, wait_for_service
 from gpunet.errors import GpunetError, OptionError
@@ -25,20 +26,24 @@ from gpunet.roles import WORKER_NAME_SEPARATOR, WorkerDoor
 from gpunet.wire import (
     DEVICE_RESOURCE,
     EXECUTING,
-    GPU_MEMORY_RESOURCE,
-    GPU_RESOURCE,
     METERING_STATE,
     SCHEDULER_PRELOAD,
     WORKER_PRELOAD,
 )
-from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus
 from gpunet.worker.environment import (
     DEFAULT_MAX_INSTALL_BYTES,
     DEFAULT_MAX_INSTALL_SECONDS,
     INSTALLS_ENV,
     InstallPolicy,
 )
-from gpunet.worker.device import PROVIDER_RATE_ENV, PROVIDER_TOKEN_ENV, local_gpus, parse_size
+from gpunet.worker.device import (
+    PROVIDER_RATE_ENV,
+    PROVIDER_TOKEN_ENV,
+    dask_cuda_or_none,
+    gpu_resources,
+    local_gpus,
+    parse_size,
+)
 from gpunet.worker.sandbox import BUBBLEWRAP, PROCESS, SANDBOX_ENV, SandboxSettings, bubblewrap_works, make_non_dumpable
 
 logger = logging.getLogger(__name__)
@@ -176,17 +181,6 @@ def _tls_security(args: Any, role: str) -> Any:
     return security
 
 
-def _wait_for_stop() -> None:
-    """Block until Ctrl-C or SIGTERM."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-
-
 def _up(args: Any) -> int:
     from gpunet.client.local import EmbeddedNetwork
 
@@ -206,7 +200,7 @@ def _up(args: Any) -> int:
             connect += f" --credits {embedded.credits_url} --token-file {token_file}"
         print(f"connect from a notebook with:  {connect}", flush=True)
         print("Ctrl-C stops the network.", flush=True)
-        _wait_for_stop()
+        wait_for_stop()
     finally:
         print("gpunet: stopping ...", file=sys.stderr, flush=True)
         embedded.close()
@@ -232,8 +226,7 @@ def _scheduler(args: Any) -> int:
         raise OptionError("an open network runs only tasks that carry a hold: give --credits URL and "
                           "--meter-token-file PATH")
     if security is not None:
-        preload["security"] = security
-        preload["protocol"] = "tls"
+        preload.update(security=security, protocol="tls")
     dashboard_host = args.host if security is None else "127.0.0.1"
 
     async def serve() -> None:
@@ -302,9 +295,7 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
     prices = []
     for flag, value in (("--default-max-rate", args.default_max_rate), ("--max-rate", args.max_rate)):
         if value is not None:
-            if not 0 < value < float("inf"):
-                raise OptionError(f"{flag} must be a positive number of credits per device-second, got {value:g}")
-            prices += [flag, repr(float(value))]
+            prices += [flag, repr(check_max_rate(value, flag))]
     if args.credits is None and token_file is None:
         if prices:
             raise OptionError("--default-max-rate and --max-rate are prices: they need a metered network "
@@ -334,9 +325,7 @@ def _metering_preload(args: Any, open_network: bool) -> dict[str, Any]:
 
 def _provide(args: Any) -> int:
     security = _tls_security(args, certs.PROVIDER)
-    if not args.rate > 0:
-        raise GpunetError(f"--rate must be a positive number of credits per device-second, got {args.rate}")
-    os.environ[PROVIDER_RATE_ENV] = str(args.rate)
+    os.environ[PROVIDER_RATE_ENV] = str(check_max_rate(args.rate, "--rate"))
     _install_policy(args)
     sandbox = _sandbox_settings(args)
     os.environ[SANDBOX_ENV] = sandbox.to_env()  # the worker processes inherit it
@@ -456,38 +445,31 @@ async def _run_provider(args: Any, account: str, security: Any = None, me: Credi
     gpus = local_gpus()
     if args.gpus != "all":
         gpus = gpus[: int(args.gpus)]
-    preload = [WORKER_PRELOAD]
-    nannies: list[Any] = []
+    # an open network's parties speak mutual TLS only
+    tls = {"security": security, "protocol": "tls" if security is not None else None}
     # The worker processes inherit an ignored SIGTERM (a service manager sends it to the whole
     # group): this process drains them, and a worker's end at its signal would lose its task.
     # Nannies still stop them (over a queue, then SIGKILL), and they end with this process.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        import dask_cuda
-    except ImportError:
-        dask_cuda = None
+    dask_cuda = dask_cuda_or_none()
     if gpus and dask_cuda is not None:
-        resources = {DEVICE_RESOURCE: 1, GPU_RESOURCE: 1, GPU_MEMORY_RESOURCE: min(g.memory_bytes for g in gpus)}
         visible = ",".join(str(g.index) for g in gpus)
-        worker = dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name, resources=resources,
-                                      preload=preload, CUDA_VISIBLE_DEVICES=visible, security=security,
-                                      protocol="tls" if security is not None else None,
-                                      dashboard=security is None)  # an open network's workers serve no HTTP
-        nannies = list(worker.nannies)
-        for nanny in nannies:  # guarded before they start listening
-            _guard_nanny(nanny, security)
-        await worker
-        print(f"gpunet provide: {len(gpus)} dask-cuda worker(s), one per GPU ({gpus[0].name})", flush=True)
+        cuda_worker = dask_cuda.CUDAWorker(args.scheduler, host=host, nthreads=1, name=name,
+                                           resources=gpu_resources(gpus), preload=[WORKER_PRELOAD],
+                                           CUDA_VISIBLE_DEVICES=visible, **tls,
+                                           dashboard=security is None)  # an open network's workers serve no HTTP
+        nannies = list(cuda_worker.nannies)
+        started = f"{len(gpus)} dask-cuda worker(s), one per GPU ({gpus[0].name})"
     else:
+        cuda_worker = None
         why = "no NVIDIA GPU found" if not gpus else "dask-cuda is not installed (pip install 'gpunet[cuda]')"
-        for index in range(args.workers):
-            nanny = Nanny(args.scheduler, host=host, nthreads=1, name=f"{name}-{index}", resources={DEVICE_RESOURCE: 1},
-                          preload=preload, dashboard=False, security=security,
-                          protocol="tls" if security is not None else None)
-            _guard_nanny(nanny, security)
-            nannies.append(nanny)
-        await asyncio.gather(*nannies)
-        print(f"gpunet provide: {why}: {args.workers} CPU worker(s)", flush=True)
+        nannies = [Nanny(args.scheduler, host=host, nthreads=1, name=f"{name}-{index}", resources={DEVICE_RESOURCE: 1},
+                         preload=[WORKER_PRELOAD], dashboard=False, **tls) for index in range(args.workers)]
+        started = f"{why}: {args.workers} CPU worker(s)"
+    for nanny in nannies:  # guarded before they start listening
+        _guard_nanny(nanny, security)
+    await (cuda_worker if cuda_worker is not None else asyncio.gather(*nannies))
+    print(f"gpunet provide: {started}", flush=True)
     addresses = [n.worker_address for n in nannies]
     print(f"provider: {account}; workers: {' '.join(addresses)}", flush=True)
     print("Ctrl-C drains them: running tasks finish, then they leave.", flush=True)
@@ -526,7 +508,7 @@ async def _run_provider(args: Any, account: str, security: Any = None, me: Credi
             await _drain_open(args.scheduler, security, live)
         elif live:
             try:
-                await _drain(client, live)
+                await _drain_private(client, live)
             except (OSError, TimeoutError) as exc:  # the scheduler stopped first: nothing left to drain to
                 print(f"gpunet provide: the scheduler at {args.scheduler} cannot be reached ({type(exc).__name__}); "
                       "stopping without draining", flush=True)
@@ -592,38 +574,45 @@ def _guard_nanny(nanny: Any, security: Any) -> None:
         WorkerDoor(own, nanny=True).install(nanny)
 
 
-async def _drain_open(scheduler_address: str, security: Any, addresses: list[str], timeout: float = 600) -> None:
+async def _drain_open(scheduler_address: str, security: Any, addresses: list[str]) -> None:
     """:func:`_drain` on an open network, where a provider is no Dask client: it asks
     the scheduler, as the owner of these workers, to take their device slots away,
-    waits until they execute nothing, then retires them."""
+    and how many tasks they execute."""
     from distributed.core import rpc
 
     async with rpc(scheduler_address, connection_args=security.get_connection_args("worker")) as scheduler:
-        for address in addresses:
-            await scheduler.set_resources(worker=address, resources={DEVICE_RESOURCE: 0})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            executing = await getattr(scheduler, EXECUTING)(workers=addresses)
-            if not any(executing.values()):
-                break
-            await asyncio.sleep(0.2)
-        await scheduler.retire_workers(workers=addresses, close_workers=False)
+        async def close_slots() -> None:
+            for address in addresses:
+                await scheduler.set_resources(worker=address, resources={DEVICE_RESOURCE: 0})
+
+        await _drain(close_slots, lambda: getattr(scheduler, EXECUTING)(workers=addresses),
+                     lambda: scheduler.retire_workers(workers=addresses, close_workers=False))
 
 
-async def _drain(client: Any, addresses: list[str], timeout: float = 600) -> None:
+async def _drain_private(client: Any, addresses: list[str]) -> None:
+    """:func:`_drain` as a Dask client of the scheduler: each call is bounded (a worker
+    that does not answer is gone)."""
+    await _drain(
+        lambda: asyncio.wait_for(client.run(_close_device_slots, workers=addresses, on_error="return"), 10),
+        lambda: asyncio.wait_for(client.run(_executing, workers=addresses, on_error="return"), 10),
+        lambda: asyncio.wait_for(client.retire_workers(workers=addresses, close_workers=False), 30))
+
+
+async def _drain(close_slots: Callable[[], Awaitable[Any]], executing: Callable[[], Awaitable[dict[str, Any]]],
+                 retire: Callable[[], Awaitable[Any]], timeout: float = 600) -> None:
     """Take the workers' device slots away (the scheduler then starts no gpunet task
-    there: every one asks for a slot), wait for the tasks they are executing to
-    finish, then retire them: their results move elsewhere, and tasks that were
-    queued there but never started go to other workers. Each call is bounded: a worker
-    that does not answer is gone."""
-    await asyncio.wait_for(client.run(_close_device_slots, workers=addresses, on_error="return"), 10)
+    there: every one asks for a slot), wait (up to ``timeout``) until they execute no
+    task (``executing()``: a count per worker, or a worker's error), then retire them:
+    their results move elsewhere, and tasks that were queued there but never started
+    go to other workers."""
+    await close_slots()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        executing = await asyncio.wait_for(client.run(_executing, workers=addresses, on_error="return"), 10)
-        if not any(count for count in executing.values() if isinstance(count, int)):
+        counts = await executing()
+        if not any(count for count in counts.values() if isinstance(count, int)):
             break
         await asyncio.sleep(0.2)
-    await asyncio.wait_for(client.retire_workers(workers=addresses, close_workers=False), 30)
+    await retire()
 
 
 async def _close_device_slots(dask_worker: Any = None) -> None:

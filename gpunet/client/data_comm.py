@@ -53,11 +53,13 @@ from gpunet.errors import ProviderDataError, ResultTooLargeError
 
 logger = logging.getLogger(__name__)
 
-#: The serializers whose payloads are loaded: gpunet's codec frames (wrapped as they
-#: came, decoded later within the job's caps: :func:`gpunet.codec.decode`), msgpack
-#: (data) and Dask's "error" (which only raises a TypeError naming what could not be
-#: serialized).
-DATA_SERIALIZERS = (codec.DASK_SERIALIZER, "msgpack", "error")
+#: The serializers whose payloads are loaded: msgpack (data), gpunet's codec frames
+#: (wrapped as they came, decoded later within the job's caps: :func:`gpunet.codec.decode`)
+#: and Dask's "error" (which only raises a TypeError naming what could not be serialized).
+#: In this order, as a worker tries them: an older provider (no gpunet-codec family)
+#: answers with msgpack before it would look the unknown name up; a newer one's
+#: :class:`~gpunet.codec.Frames` are no msgpack and go on as frames.
+DATA_SERIALIZERS = ("msgpack", codec.DASK_SERIALIZER, "error")
 #: scheme of Dask's comm -> scheme of the data-only one
 SCHEMES = {"tcp": "gpunet-data", "tls": "gpunet-data-tls"}
 #: What a message may carry besides a job's result (Dask's framing, the reply's keys).

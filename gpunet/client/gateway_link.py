@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 import requests
 
-from gpunet import errors, wire
+from gpunet import codec, errors, wire
 from gpunet.client.handle import JobHandle, pickled
 from gpunet.client.received import checked_result
 from gpunet.client.reused import say_reused
@@ -45,8 +45,9 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 def pack(value: Any) -> bytes:
-    """``value`` as msgpack (what the gateway and the notebook send each other)."""
-    return msgpack.packb(value, use_bin_type=True)
+    """``value`` as msgpack (what the gateway and the notebook send each other); codec
+    frames inside it as a list of their frames."""
+    return msgpack.packb(value, use_bin_type=True, default=codec.frames_as_list)
 
 
 def unpack(data: bytes, *, max_bytes: int = MAX_ANSWER_BYTES) -> Any:

@@ -287,14 +287,9 @@ class JobHandle(ABC):
     def fetch(self, futures: list[Future]) -> list[Any]:
         """Gather ``futures`` within what is left of the job's deadline (--timeout
         covers gathering too): past it, :class:`CellTimeoutError`, nothing loaded."""
-        client = self.network.client
-        if self.deadline is None:
-            return client.gather(futures)
-        left = self.deadline - time.monotonic()
+        left = None if self.deadline is None else self.deadline - time.monotonic()
         try:
-            if left <= 0:
-                raise TimeoutError
-            return client.sync(client._gather, futures, callback_timeout=left)
+            return gather_within(self.network.client, futures, left)
         except TimeoutError:
             self.stop("timeout")
             raise CellTimeoutError(

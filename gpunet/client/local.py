@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import distributed  # noqa: F401 - loads Dask's distributed config before we set part of it
 from distributed import LocalCluster
 
 from gpunet.credits import serve_in_background
 from gpunet.errors import GpunetError
 from gpunet.paths import data_dir
-from gpunet.wire import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE, SCHEDULER_PRELOAD, WORKER_PRELOAD
-from gpunet.worker.device import local_gpus
+from gpunet.wire import DEVICE_RESOURCE, SCHEDULER_PRELOAD, WORKER_PRELOAD
+from gpunet.worker.device import dask_cuda_or_none, gpu_resources, local_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +84,9 @@ class EmbeddedNetwork:
             preload=[WORKER_PRELOAD],
         )
         with dask.config.set(EMBEDDED_DASK_CONFIG), _explained_start_failure(host, port):
-            cuda = _import_dask_cuda() if gpus else None
+            cuda = dask_cuda_or_none() if gpus else None
             if gpus and cuda is not None:
-                resources = {
-                    DEVICE_RESOURCE: 1,
-                    GPU_RESOURCE: 1,
-                    GPU_MEMORY_RESOURCE: min(g.memory_bytes for g in gpus),
-                }
-                self.cluster = cuda.LocalCUDACluster(resources=resources, **common)
+                self.cluster = cuda.LocalCUDACluster(resources=gpu_resources(gpus), **common)
                 self.note = f"started {len(gpus)} dask-cuda workers, one per GPU ({gpus[0].name})"
             else:
                 if gpus:
@@ -211,10 +205,3 @@ def _explained_start_failure(host: str, port: int) -> Iterator[None]:
             "Is the port in use? Choose another with --port, or --port 0 for a free one."
         ) from exc
 
-
-def _import_dask_cuda() -> Any:
-    try:
-        import dask_cuda
-    except ImportError:
-        return None
-    return dask_cuda

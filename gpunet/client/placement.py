@@ -116,10 +116,11 @@ def capable_workers(capabilities: dict[str, dict[str, Any]], *, min_tflops: floa
 PREFERENCES = ("cheapest", "fastest")
 
 
-def check_max_rate(max_rate: float) -> float:
-    """``max_rate`` as a float; :class:`OptionError` for one that is not a positive number."""
+def check_max_rate(max_rate: float, flag: str = "--max-rate") -> float:
+    """``max_rate`` (a rate or price limit, credits per device-second) as a float;
+    :class:`OptionError` naming ``flag`` for one that is not a positive number."""
     if isinstance(max_rate, bool) or not isinstance(max_rate, (int, float)) or not 0 < max_rate < float("inf"):
-        raise OptionError(f"--max-rate must be a positive number of credits per device-second, got {max_rate!r}")
+        raise OptionError(f"{flag} must be a positive number of credits per device-second, got {max_rate!r}")
     return float(max_rate)
 
 

@@ -144,7 +144,7 @@ class ProviderDashboard(LivePanel):
         """The headline figures: ``(name, label, value)``."""
         e = self.earned
         record = e.get("record", {})
-        figures = [
+        return [
             ("earned", "credits earned (settled)", e["total"]["credits"]),
             ("earned_today", "earned today (UTC)", e["today"]["credits"]),
             ("held", "held on work in progress", self.held if self.scheduler else "-"),
@@ -155,7 +155,6 @@ class ProviderDashboard(LivePanel):
             ("reputation", f"reputation (quarantine below {e.get('quarantine_below', 0):g})",
              "QUARANTINED" if record.get("quarantined") else f"{record.get('reputation', 1.0):.2f}"),
         ]
-        return figures
 
     def verification(self) -> str:
         """Her verification record in one line."""

@@ -134,10 +134,8 @@ class JobProgress:
     def summary(self) -> str:
         """One line: state, where, elapsed."""
         state = self.state
-        if state == "running" and self.where:
-            state = f"running on {self.where}"
-        elif state == "done" and self.where:
-            state = f"done on {self.where}"
+        if state in ("running", "done") and self.where:
+            state = f"{state} on {self.where}"
         elif state in ("queued", "installing") and self.reason:
             state = self.reason
         elif state == "paused":

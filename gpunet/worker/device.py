@@ -15,13 +15,12 @@ import platform
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gpunet.wire import GPU_RESOURCE
+from gpunet.wire import DEVICE_RESOURCE, GPU_MEMORY_RESOURCE, GPU_RESOURCE
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Worker
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,21 @@ def local_gpus() -> list[Gpu]:
         return gpus
     finally:
         pynvml.nvmlShutdown()
+
+
+def gpu_resources(gpus: list[Gpu]) -> dict[str, float]:
+    """The Dask resources a dask-cuda worker on one of ``gpus`` offers: a device slot,
+    one GPU, and the smallest of their memories."""
+    return {DEVICE_RESOURCE: 1, GPU_RESOURCE: 1, GPU_MEMORY_RESOURCE: min(gpu.memory_bytes for gpu in gpus)}
+
+
+def dask_cuda_or_none() -> Any:
+    """The ``dask_cuda`` module, or None where it is not installed (the ``cuda`` extra)."""
+    try:
+        import dask_cuda
+    except ImportError:
+        return None
+    return dask_cuda
 
 
 @functools.lru_cache(maxsize=1)

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 
 import cloudpickle
 
+import gpunet
 from gpunet import codec
 from gpunet.cell import cell_filename
 from gpunet.errors import BudgetError, PackageError, UnsupportedResultError
@@ -51,10 +52,12 @@ from gpunet.wire import (
     INTERRUPTED,
     PACKAGES,
     TOO_LARGE,
+    VERSION_MISMATCH,
     Job,
     JobResult,
     Pickled,
     result_to_event,
+    reads_frames,
     sign_event,
     stream_allowance,
     unpickle_value,
@@ -330,6 +333,7 @@ def run_job(
     ``item`` and ``index`` are one item of a mapped job; ``inputs``, when given,
     replaces ``job.inputs`` (large inputs travel scattered, as a Dask dependency).
     """
+    older_notebook = job.result_format == CODEC and not reads_frames(job)  # before replace() gives it the field
     with _registry_lock:
         if job.job_id in _paused:  # raised, so that the task errs: nothing ran, nobody is paid
             raise BudgetError(f"map {job.job_id} paused before this item started: its budget cannot pay for more")
@@ -341,6 +345,8 @@ def run_job(
     address = getattr(worker, "address", "local")
     # outside a worker (tests, debugging) this process's device
     device = (describe_this_device() if worker is None else device_info(worker))["label"]
+    if older_notebook:
+        return older_notebook_result(job, index, address, device)
     if _job_host is None:
         return execute_job(job, item, index, worker, address, device)
     # a provider's worker: it prepares the job's environment (its policy and wheel cache
@@ -355,18 +361,28 @@ def run_job(
     return _job_host.run(job, item, index, worker, address, device, prepared, environment)
 
 
+def older_notebook_result(job: Job, index: int | None, address: str, device: str) -> bytes:
+    """What a job from a notebook older than codec frames gets instead of running: an
+    error saying so, as the one-piece codec bytes such a notebook reads."""
+    now = time.time()
+    result = JobResult(job.job_id, index, address, device, now, now, result_format=CODEC, error={
+        "ename": VERSION_MISMATCH, "traceback": "", "exception": None,
+        "evalue": f"this provider runs gpunet {gpunet.__version__}, whose results travel as codec frames, which this "
+                  "notebook's older gpunet cannot read; nothing ran. Upgrade gpunet where the notebook runs "
+                  f"(pip install 'gpunet>={gpunet.__version__}') and reconnect"})
+    return bytes(codec.encode(result_to_event(result)))
+
+
 def run_chunk(job: Job, items: list[bytes], start: int,
-              inputs: dict[str, bytes] | None = None) -> list[JobResult | bytes] | bytes:
+              inputs: dict[str, bytes] | None = None) -> list[JobResult | bytes] | codec.Frames:
     """Run items ``start``, ``start + 1``, ... (``items``) of a mapped job one after another
     in this worker thread: one Dask task for several items, each run as :func:`run_job`
     runs one (its own index, output, error and stop). Their results in order: a list, or
-    for a CODEC job the codec bytes of the list of each item's codec bytes, which the
+    for a CODEC job the codec frames of the list of each item's codec frames, which the
     notebook checks item by item (:func:`gpunet.client.received.accept_chunk`)."""
-    if inputs is not None:
-        job = dataclasses.replace(job, inputs=inputs)
-    results = [run_job(job, item, start + offset) for offset, item in enumerate(items)]
-    if job.result_format == CODEC:
-        return codec.encode(results, name="the results of a map's chunk")
+    results = [run_job(job, item, start + offset, inputs) for offset, item in enumerate(items)]
+    if job.result_format == CODEC:  # as frames: the items' arrays are not copied into one blob
+        return codec.encode_frames(results, name="the results of a map's chunk")
     return results
 
 
