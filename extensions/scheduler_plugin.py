@@ -77,6 +77,9 @@ REFUSED_RESOURCE = "gpunet-refused-no-hold"
 #: and how long it waits for the copies.
 DIGEST_FETCH_MAX_BYTES = 16 * 1024 * 1024
 DIGEST_FETCH_S = 10.0
+#: How the scheduler asks workers for copies to compare: msgpack first (an older provider's
+#: codec bytes), then gpunet's codec frames (gpunet.codec.DASK_SERIALIZER).
+DIGEST_SERIALIZERS = ("msgpack", codec.DASK_SERIALIZER)
 #: The most copies of one verdict the scheduler fetches (a unit has at most replicate:K's K + 2).
 DIGEST_FETCH_MAX_COPIES = 16
 
@@ -138,6 +141,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
     async def start(self, scheduler: Scheduler) -> None:
         """Serve the named handlers and start the reporter."""
         self.scheduler = scheduler
+        codec.register_with_dask()  # copies to compare may come as codec frames (_digests_of reads them)
         if self.open_network:
             self.door = SchedulerDoor(scheduler, self._topics_on)
             self.door.install()
@@ -350,8 +354,9 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         if not small:
             return {}
         try:
-            # asked as msgpack: a data-only job's result is bytes, and nothing else is loaded here
-            answer = await asyncio.wait_for(self.scheduler.gather(keys=small, serializers=["msgpack"]),
+            # a data-only job's result: codec frames (or, from an older provider, msgpack
+            # bytes); nothing else is loaded here
+            answer = await asyncio.wait_for(self.scheduler.gather(keys=small, serializers=list(DIGEST_SERIALIZERS)),
                                             DIGEST_FETCH_S)
         except Exception as exc:  # noqa: BLE001 - workers gone or slow: the verdict goes on without digests
             logger.warning("gpunet metering: could not fetch copies %s to compare them: %s", small, exc)
@@ -605,16 +610,20 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
 def _digests_of(results: dict[Any, Any]) -> dict[Any, str]:
     """The digests (:func:`gpunet.verify.quorum.result_digest`) of results as workers sent
-    them: a data-only job's encoded bytes (as msgpack: no other payload is loaded, never a
-    pickle); what is not that, or cannot be decoded, has none (a trusted network's pickled
-    results are compared by the notebook only)."""
+    them: a data-only job's codec frames or encoded bytes (as msgpack: no other payload is
+    loaded, never a pickle), each within :data:`DIGEST_FETCH_MAX_BYTES`; what is not that,
+    or cannot be decoded, has none (a trusted network's pickled results are compared by
+    the notebook only)."""
     digests = {}
     for key, data in results.items():
         try:
             if isinstance(data, Serialized):
-                data = deserialize(data.header, data.frames, deserializers=("msgpack",))
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                data = result_from_event(codec.decode(bytes(data), what="a copy's result"))
+                data = deserialize(data.header, data.frames, deserializers=DIGEST_SERIALIZERS)
+            frames = codec.frames_of(data)
+            if frames is not None or isinstance(data, (bytes, bytearray, memoryview)):
+                encoded = frames if frames is not None else bytes(data)
+                data = result_from_event(codec.decode(encoded, max_bytes=DIGEST_FETCH_MAX_BYTES,
+                                                      what="a copy's result"))
             if isinstance(data, wire.JobResult):
                 digests[key] = result_digest(data)
         except Exception as exc:  # noqa: BLE001 - a copy that cannot be read is compared by the notebook only
