@@ -10,11 +10,12 @@ verdict agrees.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from gpunet import wire
+from gpunet import codec, wire
 from gpunet.client.handle import JobHandle
 from gpunet.client.received import checked_result
 from gpunet.reuse import reuse_key
@@ -111,12 +112,25 @@ def offer_for_reuse(network: Connection, handle: JobHandle, results: list[JobRes
         store_for_reuse(network, handle, results, key, record)
 
 
+def as_message(result: JobResult) -> JobResult:
+    """``result`` as a message to the scheduler carries it (msgpack): a pickled value as one
+    bytes blob (:func:`gpunet.wire.flat_result`), a provider's codec frames as a list of
+    bytes, which :func:`gpunet.codec.frames_of` takes back. Never anything Dask would
+    have to pickle: the scheduler's table answers other notebooks as data."""
+    def plain(blob: Any) -> Any:
+        return codec.frames_as_list(blob) if isinstance(blob, codec.Frames) else blob
+
+    flat = flat_result(result)
+    return dataclasses.replace(flat, value=plain(flat.value),
+                               outputs={name: plain(blob) for name, blob in flat.outputs.items()})
+
+
 def store_for_reuse(network: Connection, handle: JobHandle, results: list[JobResult], key: str,
                     record: dict[str, Any]) -> None:
     """Give a verified job's result to the scheduler's reuse table under ``key`` (kept only
     if the scheduler's own record of this client's verdict on that job accepted it)."""
     try:
         network.call_scheduler(wire.REUSE_STORE, client=network.client.id, job=handle.job.job_id, key=key,
-                               record=record, results=[result_to_event(flat_result(result)) for result in results])
+                               record=record, results=[result_to_event(as_message(result)) for result in results])
     except Exception as exc:  # noqa: BLE001 - the result stands; it is only not kept for others
         logger.warning("gpunet: could not offer job %s's verified result for reuse: %s", handle.job.job_id, exc)
