@@ -111,6 +111,9 @@ MAX_CODE_CHARS = 1024 * 1024
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 #: Per session: reads that wait for its settlements (usage, receipt) at once.
 WAITING_READS = 2
+#: How long a stopping gateway waits for open connections (a notebook's event stream, a
+#: kept-alive connection) before it closes them: their sessions close and holds go back.
+GRACEFUL_SHUTDOWN_S = 5.0
 #: How often a job's progress is sent while nothing else happens.
 PROGRESS_EVERY_S = 1.0
 #: The Dask resources a job may ask for.
@@ -908,7 +911,8 @@ def serve(scheduler: str, credits_url: str, *, ca_file: str | Path, cert_file: s
     limits = gateway.limits
     protocol = guarded_protocol(ConnectionCounts(limits.max_connections_per_address), limits.headers_s, limits.body_s)
     config = uvicorn.Config(build_app(gateway), log_level="warning", access_log=False, lifespan="off",
-                            http=protocol, timeout_keep_alive=60, ssl_certfile=str(https_cert or cert_file),
+                            http=protocol, timeout_keep_alive=60, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            ssl_certfile=str(https_cert or cert_file),
                             ssl_keyfile=str(https_key or key_file))
     # a connection in its TLS handshake is not yet the protocol's: the listener counts those too, up to twice
     server = guarded_server(config, limits.headers_s, 2 * limits.max_connections_per_address)
