@@ -142,9 +142,6 @@ def test_a_verified_result_is_reused_for_the_same_account_only(packaged_gateway,
         assert record["payment"]["holds"] and "reused" not in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=False, reason="open defect (issue 18): after the provider that has the package leaves, "
-                   "the cell that bob should install for waits for a worker until its timeout when this test runs "
-                   "alone or in a clean clone; it passed after the file's other tests. Not yet understood.")
 def test_a_cells_packages_place_it_through_the_gateway(packaged_gateway, detached, capsys):
     market = packaged_gateway
     with _connect(market, pip=[f"{PACKAGE}=={VERSION}"]) as net:  # what the import finds too, as --pip

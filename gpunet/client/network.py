@@ -307,10 +307,20 @@ class Network:
             return workers
         per_item = bool(workers) and isinstance(workers[0], list)
         allowed = None if workers is None or per_item else set(workers)
-        candidates = [address for address, info in self.scheduler_workers().items()
-                      if placement.satisfies(info.get("resources") or {}, resources)
-                      and (allowed is None or address in allowed)]
-        chosen = packages.place(environment, reports, candidates)
+
+        def candidates(fresh: bool) -> list[str]:
+            return [address for address, info in self.scheduler_workers(fresh=fresh).items()
+                    if placement.satisfies(info.get("resources") or {}, resources)
+                    and (allowed is None or address in allowed)]
+
+        fitting = candidates(False)
+        if any(address not in reports for address in fitting):
+            # a worker without a report shares the notebook's environment, or it just left
+            # and the cached list still has it: look again, at the workers and their reports
+            # at once, so that a cell is never pinned to a worker that is gone
+            reports = self.environment_reports(fresh=True) or {}
+            fitting = candidates(True)
+        chosen = packages.place(environment, reports, fitting)
         job.requirements = dict(environment.requirements)
         job.session = job.session or self.session  # one environment per session on each worker
         if chosen.workers is None:
