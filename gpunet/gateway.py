@@ -54,7 +54,7 @@ from gpunet.errors import (AuthError, CreditsError, CreditsRequestError, Gateway
                            PackageError, ProviderDataError)
 from gpunet.kernels import Tolerance
 from gpunet.gateway_guard import (ConnectionCounts, Relay, UnreadResults, guarded_protocol, guarded_server,
-                                  holder_of)
+                                  holder_of, repeat_while)
 from gpunet.guarded_tls import expect_scheduler_at, use_guarded_tls
 from gpunet.provenance import run_facts
 from gpunet.reuse import gateway_reuse_key
@@ -331,21 +331,20 @@ class Gateway:
 
     def _watch_revocations(self) -> None:
         """Keep asking about the open sessions' tokens while there are any (on the event loop)."""
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._ask_while_any())
+        self._watcher = repeat_while(self._watcher, lambda: bool(self.sessions), REVOCATION_CHECK_S,
+                                     self._check_open_tokens)
 
-    async def _ask_while_any(self) -> None:
-        while self.sessions:
-            await asyncio.sleep(REVOCATION_CHECK_S)
-            tokens = {s.token_digest: s.network.credits.token for s in list(self.sessions.values())}
-            for digest, token in tokens.items():
-                try:
-                    await asyncio.to_thread(self._check_token, token)
-                except GatewayError as exc:
-                    if exc.code == "bad_token":
-                        self._close_sessions_of(digest)
-                except Exception as exc:  # noqa: BLE001 - the credit service away: ask again next round
-                    logger.warning("gateway: could not check a session's token: %s", exc)
+    async def _check_open_tokens(self) -> None:
+        """Ask the credit service about every open session's token; close the revoked ones' sessions."""
+        tokens = {s.token_digest: s.network.credits.token for s in list(self.sessions.values())}
+        for digest, token in tokens.items():
+            try:
+                await asyncio.to_thread(self._check_token, token)
+            except GatewayError as exc:
+                if exc.code == "bad_token":
+                    self._close_sessions_of(digest)
+            except Exception as exc:  # noqa: BLE001 - the credit service away: ask again next round
+                logger.warning("gateway: could not check a session's token: %s", exc)
 
     def _check_token(self, token: str) -> str:
         digest = _digest(token)

@@ -202,13 +202,25 @@ class UnreadResults:
                        "come (gpunet's notebook side does), and run it again")
 
     def _start_sweeping(self) -> None:
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_while_any())
+        self._sweeper = repeat_while(self._sweeper, lambda: bool(self.relays), SWEEP_EVERY_S, self.sweep)
 
-    async def _sweep_while_any(self) -> None:
-        while self.relays:
-            await asyncio.sleep(SWEEP_EVERY_S)
-            self.sweep()
+
+def repeat_while(task: asyncio.Task | None, keep_going: Callable[[], bool], every_s: float,
+                 step: Callable[[], Any]) -> asyncio.Task:
+    """``task`` while it still runs; else a new task on the running loop that calls
+    ``step()`` (awaited where it is a coroutine function's) every ``every_s`` for as long
+    as ``keep_going()``."""
+    if task is not None and not task.done():
+        return task
+
+    async def repeat() -> None:
+        while keep_going():
+            await asyncio.sleep(every_s)
+            done = step()
+            if asyncio.iscoroutine(done):
+                await done
+
+    return asyncio.get_running_loop().create_task(repeat())
 
 
 # -- connections ------------------------------------------------------------------------
