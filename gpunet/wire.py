@@ -41,6 +41,9 @@ VERSION_MISMATCH = "GpunetVersionMismatch"
 PICKLE, CODEC = "pickle", "codec"
 #: Caps of a job on a network whose providers are not trusted (settable per network).
 DEFAULT_MAX_RESULT_BYTES = 256 * 1024 * 1024
+#: What a map chunk's list adds to each item's codec bytes, and to their sum, at most
+#: (msgpack's framing: :func:`gpunet.worker.runner.run_chunk`).
+CHUNK_FRAMING_BYTES = 16
 DEFAULT_MAX_STREAM_BYTES_PER_S = 1024 * 1024
 
 #: The Dask worker resources gpunet places work with. Every gpunet worker has one

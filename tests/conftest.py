@@ -103,6 +103,8 @@ E2E_TESTS = [
     "tests/test_sandbox_channel.py",  # sandbox processes of a SandboxPool
     # an embedded network with the defaults (gpunet.connect())
     "tests/test_metering.py::test_the_embedded_defaults_run_a_2000_item_trivial_map_in_one_go",
+    # a local network, connected to as one whose providers are not trusted
+    "tests/test_metering.py::test_a_map_whose_chunks_pass_the_result_cap_comes_back_whole_and_paid_once",
     # the README's blocks: an IPython shell that starts a network, `gpunet ...` processes
     "tests/test_readme.py::test_the_notebook_blocks_run_and_leave_nothing_behind",
     "tests/test_readme.py::test_a_market_in_five_commands",

@@ -13,6 +13,7 @@ import gpunet
 from gpunet.client import network as network_module
 from gpunet import wire
 from gpunet.client.local import EmbeddedNetwork
+from gpunet.client.submit import map_chunks
 from gpunet.credits import verify_service
 from network_probes import running_jobs, spy_on_sending, wait_until
 
@@ -424,3 +425,33 @@ def test_a_map_the_budget_cannot_cover_pauses_and_says_what_it_needs(tight, tmp_
     assert after["held_for_jobs"] == 0, "no hold left open"
     assert len(list(tmp_path.glob("ran-*"))) == ran, "no item not started ran later"
     verify_service(tight.embedded.credits_service.url, tight.embedded.credits_service.operator_token)
+
+
+def _sized_result(x):
+    return bytes(300_000) + x.to_bytes(4, "big")
+
+
+def test_a_map_whose_chunks_pass_the_result_cap_comes_back_whole_and_paid_once():
+    """On a network whose providers the notebook does not trust, each message is refused
+    over the job's max_result_bytes (and a slack of 1 MiB). A map whose items' results (300 KB
+    each) add up to more than that (400 KB) in a chunk (5 items), though each is within it, comes back whole: a chunk's
+    worker ends it before the cap and the items it did not run go again, an item a task,
+    held and paid like the others; and no fetch gathers more than the cap at once."""
+    previous, network_module._current = network_module._current, None
+    embedded = EmbeddedNetwork(n_workers=2, credits=True)
+    try:
+        net = gpunet.connect(embedded.scheduler_address, credits=embedded.credits_url, token=embedded.client_token,
+                             budget=5_000, max_result_bytes=400_000)
+        try:
+            assert net.result_format == "codec"
+            before = _settled(net)
+            assert map_chunks(160, 2)[0] == range(5)  # two workers of one slot each
+            assert net.map(_sized_result, range(160)) == [_sized_result(x) for x in range(160)]
+            after = _settled(net)
+            assert 160 <= after["spent"] - before["spent"] and after["held_for_jobs"] == 0
+            assert after["left"] == after["budget"] - after["spent"] - after["preauthorized"]
+        finally:
+            net.close()
+    finally:
+        embedded.close()
+        network_module._current = previous

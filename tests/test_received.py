@@ -17,7 +17,7 @@ from gpunet.client.submit import MAP_CHUNK_ITEMS, map_chunks
 from gpunet.errors import ProviderDataError, RemoteCellError, ResultTooLargeError
 from gpunet.kernels import Tolerance
 from gpunet.verify.quorum import disagreement, result_digest
-from gpunet.wire import CODEC, TOO_LARGE, Job, JobResult, pickle_value, result_to_event, sign_event
+from gpunet.wire import CODEC, PICKLE, TOO_LARGE, Job, JobResult, pickle_value, result_to_event, sign_event
 from gpunet.worker import runner
 from gpunet.worker.runner import encode_result, run_chunk, run_job
 
@@ -350,15 +350,38 @@ def test_a_chunk_with_results_for_items_it_was_not_given_is_refused():
     raw = run_chunk(job, [pickle_value(i) for i in range(3)], 0)
     with pytest.raises(ProviderDataError, match="not the one asked for"):
         accept_chunk(raw, job, range(1, 4))  # the items it ran were 0 to 2
-    with pytest.raises(ProviderDataError, match="3 results, not one per item"):
-        accept_chunk(raw, job, range(0, 4))
+    # a chunk ended early (near the cap) is its first items' results; the rest go again
+    assert [result.index for result in accept_chunk(raw, job, range(0, 4))] == [0, 1, 2]
     extra = codec.encode(codec.decode(raw) * 2)  # each item's result as its frames, twice over
     with pytest.raises(ProviderDataError, match="6 results, not one per item"):
         accept_chunk(extra, job, range(0, 3))
+    with pytest.raises(ProviderDataError, match="0 results, not one per item"):  # a provider may not run none
+        accept_chunk(codec.encode([]), job, range(0, 3))
+    shifted = codec.encode(codec.decode(raw)[1:])  # items 1 and 2, passed off as the chunk's first two
+    with pytest.raises(ProviderDataError, match="not the one asked for"):
+        accept_chunk(shifted, job, range(0, 3))
     with pytest.raises(ProviderDataError, match="over its cap"):
         accept_chunk(codec.encode([bytes(500)] * 3), dataclasses.replace(job, max_result_bytes=100), range(3))
     with pytest.raises(ProviderDataError, match="not one per item"):
         accept_chunk(codec.encode({"0": b""}), job, range(1))
+
+
+def test_a_chunk_ends_before_its_results_pass_the_cap_and_always_runs_its_first_item():
+    job = Job("j", code="y = bytes(n)", outputs=("y",), map_name="n", result_format=CODEC, max_result_bytes=10_000)
+    sizes = [4000] * 5
+    raw = run_chunk(job, [pickle_value(n) for n in sizes], 0)
+    assert codec.nbytes(raw) <= job.max_result_bytes + 64  # within the cap, as one message
+    results = accept_chunk(raw, job, range(5))
+    assert [result.index for result in results] == [0, 1]  # a third as large as the largest would pass the cap
+    # one that is larger than any before it and passes the cap is left out; it goes again
+    results = accept_chunk(run_chunk(job, [pickle_value(n) for n in (3000, 9000, 5)], 3), job, range(3, 6))
+    assert [result.index for result in results] == [3]
+    alone = accept_chunk(run_chunk(job, [pickle_value(9000)], 7), job, range(7, 8))  # alone, it runs
+    assert len(codec.decode(alone[0].outputs["y"])) == 9000
+    over = accept_chunk(run_chunk(job, [pickle_value(20_000), pickle_value(1)], 0), job, range(2))
+    assert [r.error and r.error["ename"] for r in over] == [TOO_LARGE, None]  # over the cap alone: its error, as ever
+    trusted = dataclasses.replace(job, result_format=PICKLE)  # no comm cap between trusted ones: never ended early
+    assert len(run_chunk(trusted, [pickle_value(n) for n in sizes], 0)) == 5
 
 
 def test_a_map_travels_in_chunks_only_where_its_items_still_spread_over_every_worker():

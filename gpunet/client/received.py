@@ -17,7 +17,7 @@ from typing import Any
 
 from gpunet import codec
 from gpunet.errors import ProviderDataError, ResultTooLargeError
-from gpunet.wire import CODEC, PICKLE, Job, JobResult, event_is_signed, stream_allowance
+from gpunet.wire import CHUNK_FRAMING_BYTES, CODEC, PICKLE, Job, JobResult, event_is_signed, stream_allowance
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +52,15 @@ def accept(raw: Any, job: Job, index: int | None) -> JobResult:
     return result
 
 
-#: What a chunk's list adds to its items' codec bytes (msgpack's framing of each).
-CHUNK_FRAMING_BYTES = 16
-
-
 def accept_chunk(raw: Any, job: Job, items: range) -> list[JobResult]:
     """The results of a map's chunk (``items``, run as one task by
-    :func:`gpunet.worker.runner.run_chunk`), each as :func:`accept` takes one: exactly one
-    result per item given, each naming its own item. :class:`ProviderDataError` (nothing of
-    the chunk loaded) when the chunk is anything else: a provider cannot return results for
-    items it was not given, nor more than the items' caps allow."""
+    :func:`gpunet.worker.runner.run_chunk`), each as :func:`accept` takes one: one result
+    for each of the chunk's first items, in order, each naming its own item (at least the
+    first; a worker ends a chunk early where its results near the cap, and the items it did
+    not run are sent again, :meth:`gpunet.client.submit.RemoteJob._gather`).
+    :class:`ProviderDataError` (nothing of the chunk loaded) when the chunk is anything
+    else: a provider cannot return results for items it was not given, nor more than the
+    items' caps allow."""
     where = f"the results of items {items[0]} to {items[-1]}"
     if job.result_format == PICKLE:
         results = raw
@@ -70,9 +69,10 @@ def accept_chunk(raw: Any, job: Job, items: range) -> list[JobResult]:
             raise ProviderDataError(f"{where} were refused on arrival: {raw}")
         cap = len(items) * (job.max_result_bytes + CHUNK_FRAMING_BYTES) + CHUNK_FRAMING_BYTES
         results = codec.decode(raw, max_bytes=cap, what=where)
-    if not isinstance(results, (list, tuple)) or len(results) != len(items):
+    if not isinstance(results, (list, tuple)) or not 1 <= len(results) <= len(items):
         count = len(results) if isinstance(results, (list, tuple)) else type(results).__name__
-        raise ProviderDataError(f"{where} came back as {count} results, not one per item; none was loaded")
+        raise ProviderDataError(f"{where} came back as {count} results, not one per item run (1 to {len(items)}); "
+                                "none was loaded")
     return [accept(result, job, index) for result, index in zip(results, items)]
 
 

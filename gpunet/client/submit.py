@@ -41,6 +41,7 @@ from gpunet.errors import (
     BudgetError,
     GpunetError,
     PackageError,
+    ProviderDataError,
     RemoteCellError,
     ResultTooLargeError,
     UnsupportedResultError,
@@ -191,6 +192,12 @@ class RemoteJob(JobHandle):
         self.drew_on: str | None = None
         #: keeps a metered map's holds ahead of what its items cost (None: not such a map)
         self.growth: MapGrowth | None = None
+        #: a map sent in chunks: what sends its items again, an item a task (its shared job,
+        #: inputs, Dask options and items' pickles), and what a metered one holds per item
+        self.again: tuple[Any, Any, dict[str, Any], list[bytes]] | None = None
+        self.item_amount = 0
+        #: items sent again (a chunk's worker ended it before them)
+        self.sent_again: set[int] = set()
         self._lock = threading.Lock()
 
     @classmethod
@@ -247,6 +254,7 @@ class RemoteJob(JobHandle):
                                 key=[f"gpunet-{job.job_id}-{run.start}-{run.stop - 1}" for run in runs], **options)
                     remote.items_of = {future.key: run for future, run in zip(futures, chunks)}
                     remote.tasks = len(chunks)
+                    remote.again = (shared, inputs, options, blobs)
                 else:
                     sent = len(blobs) if slicing is None else slicing.first
                     futures = client.map(run_job, [shared] * sent, blobs[:sent], range(sent),
@@ -335,7 +343,7 @@ class RemoteJob(JobHandle):
         with self._lock:
             batch = [future for future in batch if self._items(future)[0] not in self.results]
         try:
-            raws = self.fetch(batch) if batch else []
+            raws = self.fetch_within_cap(batch) if batch else []
         except GpunetError:
             raise
         except Exception:  # noqa: BLE001 - a worker holding them left: _gather tells
@@ -409,7 +417,26 @@ class RemoteJob(JobHandle):
     def _gather(self) -> list[JobResult]:
         with self._lock:
             have = dict(self.results)
-        missing = [future for future in self.futures if self._items(future)[0] not in have]
+        while True:  # twice at most: items a chunk's worker did not run go again, an item a task
+            missing = [future for future in self.futures if self._items(future)[0] not in have]
+            self._raise_for_missing(missing)
+            try:
+                raws = self.fetch_within_cap(missing) if missing else []
+            except GpunetError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Dask's own errors, from a worker that left
+                raise WorkerLostError(f"the results could not be fetched: a worker holding them left "
+                                      f"({type(exc).__name__}: {exc}); run it again") from None
+            for future, raw in zip(missing, raws):
+                have.update(self._accepted(future, raw))
+            not_run = [index for index in range(self.count) if index not in have] if self.items_of else []
+            if not not_run:
+                return [have[index] for index in (range(self.count) if self.mapped else (None,))]
+            self._send_again(not_run)
+
+    def _raise_for_missing(self, missing: list[Future]) -> None:
+        """Say why a task whose results are missing has none to fetch (failed, stopped,
+        lost), if it has none; nothing for those that finished well."""
         if self.paused_because is not None and missing:  # items that never started: the map paused
             raise BudgetError(f"{self.paused_because}.")
         for future in missing:
@@ -432,16 +459,60 @@ class RemoteJob(JobHandle):
                     "the network lost this job (a worker holding its data left, its scheduler restarted, or "
                     "this client was disconnected); run it again"
                 )
-        try:
-            raws = self.fetch(missing) if missing else []
-        except GpunetError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - Dask's own errors, from a worker that left
-            raise WorkerLostError(f"the results could not be fetched: a worker holding them left "
-                                  f"({type(exc).__name__}: {exc}); run it again") from None
-        for future, raw in zip(missing, raws):
-            have.update(self._accepted(future, raw))
-        return [have[index] for future in self.futures for index in self._items(future)]
+
+    def _send_again(self, indices: list[int]) -> None:
+        """Send again, an item a task, the items of chunks whose workers ended them early
+        (their results neared the job's cap: :func:`gpunet.worker.runner.run_chunk`), with
+        a hold of their own on a metered network; wait for them. Each item goes again once:
+        an item-a-task result is the item's or an error, so a provider cannot make this loop."""
+        if self.again is None or self.sent_again.intersection(indices):
+            raise ProviderDataError(f"items {indices[0]} to {indices[-1]} of this map came back from no worker; "
+                                    "none was loaded")
+        self.sent_again.update(indices)
+        shared, inputs, options, blobs = self.again
+        meter, annotations = self.network.meter, None
+        if meter is not None and self.item_amount:
+            hold = meter.hold_shared(f"{self.job.job_id}-again{len(self.holds)}", count=len(indices),
+                                     amount=self.item_amount)
+            self.holds.append(hold)
+            annotations = wire.annotation(hold, self.item_amount, tasks=len(indices), topic=self.job.topic)
+        with dask.annotate(**{wire.ANNOTATION: annotations}) if annotations else contextlib.nullcontext():
+            futures = self.network.client.map(
+                run_job, [shared] * len(indices), [blobs[index] for index in indices], indices,
+                [inputs] * len(indices), key=[f"gpunet-{self.job.job_id}-{index}" for index in indices], **options)
+        self.index_of.update({future.key: index for index, future in zip(indices, futures)})
+        self.futures = self.futures + futures
+        while any(future.status == "pending" for future in futures):
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self._timed_out(self.timeout or 0.0)
+            time.sleep(self.POLL_S)
+
+    def fetch_within_cap(self, futures: list[Future]) -> list[Any]:
+        """:meth:`fetch` ``futures`` a message within the job's ``max_result_bytes`` at a time
+        (the results of one worker otherwise come in one message, which a notebook that does
+        not trust its providers refuses over its cap), each as large as the scheduler says
+        it is: where a worker said less, its results are fetched again one by one."""
+        if self.job.result_format == wire.PICKLE or len(futures) < 2:
+            return self.fetch(futures)
+        sizes = self.network.client.nbytes([future.key for future in futures], summary=False)
+        parts: list[list[Future]] = [[]]
+        size = 0
+        for future in futures:
+            nbytes = max(0, int(sizes.get(future.key, 0)))
+            if parts[-1] and size + nbytes > self.job.max_result_bytes:
+                parts.append([])
+                size = 0
+            parts[-1].append(future)
+            size += nbytes
+        raws: list[Any] = []
+        for part in parts:
+            try:
+                raws += self.fetch(part)
+            except ResultTooLargeError:
+                if len(part) == 1:
+                    raise
+                raws += [self.fetch([future])[0] for future in part]
+        return raws
 
     def _close_unknown_tasks(self) -> None:
         """Tasks the scheduler cancelled may never have existed there (their input was
@@ -605,7 +676,7 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         except BaseException:
             meter.job_done(job.job_id)
             raise
-        remote.credit_limit_s, remote.drew_on = plan.limit_s, hold
+        remote.credit_limit_s, remote.drew_on, remote.item_amount = plan.limit_s, hold, plan.amount
         return grow(remote)
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
     slicing = None
@@ -637,5 +708,5 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         network.release_unsent([hold])
         meter.job_done(job.job_id)  # a map's watch on the pre-authorized hold, if it had one
         raise
-    remote.holds, remote.credit_limit_s = [hold], plan.limit_s
+    remote.holds, remote.credit_limit_s, remote.item_amount = [hold], plan.limit_s, plan.amount
     return grow(remote)

@@ -48,6 +48,7 @@ from gpunet import codec
 from gpunet.cell import cell_filename
 from gpunet.errors import BudgetError, PackageError, UnsupportedResultError
 from gpunet.wire import (
+    CHUNK_FRAMING_BYTES,
     CODEC,
     INTERRUPTED,
     PACKAGES,
@@ -379,8 +380,24 @@ def run_chunk(job: Job, items: list[bytes], start: int,
     in this worker thread: one Dask task for several items, each run as :func:`run_job`
     runs one (its own index, output, error and stop). Their results in order: a list, or
     for a CODEC job the codec frames of the list of each item's codec frames, which the
-    notebook checks item by item (:func:`gpunet.client.received.accept_chunk`)."""
-    results = [run_job(job, item, start + offset, inputs) for offset, item in enumerate(items)]
+    notebook checks item by item (:func:`gpunet.client.received.accept_chunk`).
+
+    A CODEC chunk travels as one message within the job's ``max_result_bytes``: it ends
+    early, before an item whose result (as large as the largest so far) would take it over
+    (an item that did anyway is left out); the notebook sends the items it did not run again,
+    an item a task. Its first item always runs (its result alone is within the cap)."""
+    results: list[Any] = []
+    size = biggest = 0
+    for offset, item in enumerate(items):
+        if job.result_format == CODEC and results and size + biggest > job.max_result_bytes:
+            break
+        result = run_job(job, item, start + offset, inputs)
+        if job.result_format == CODEC:
+            item_size = codec.nbytes(result) + CHUNK_FRAMING_BYTES
+            if results and size + item_size > job.max_result_bytes:
+                break
+            size, biggest = size + item_size, max(biggest, item_size)
+        results.append(result)
     if job.result_format == CODEC:  # as frames: the items' arrays are not copied into one blob
         return codec.encode_frames(results, name="the results of a map's chunk")
     return results
