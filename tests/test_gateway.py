@@ -169,6 +169,23 @@ def test_a_large_map_through_the_gateway_runs_in_chunks_in_order_and_is_paid(gat
     verify_service(service.url, service.operator_token)
 
 
+def test_a_map_whose_chunks_pass_the_sessions_result_cap_comes_back_whole_through_the_gateway(gateway_market,
+                                                                                            detached):
+    """A session's max_result_bytes (100 KB) caps each result the gateway fetches for it: a
+    map whose items' results (40 KB each) add up to more than that in a chunk comes back
+    whole, its chunks ended before the cap and the rest sent again an item a task, each
+    paid (nothing stays held)."""
+    market, service = gateway_market, gateway_market["service"]
+    sized = lambda x: bytes(40_000) + x.to_bytes(4, "big")  # noqa: E731 - pickled by value
+    with gpunet.connect(market["url"], token=market["tokens"]["carol"], ca=market["ca_file"], budget=20_000,
+                        max_result_bytes=100_000) as net:
+        assert net.map(sized, range(300), timeout=120) == [sized(x) for x in range(300)]
+        session = net.session
+    with service.client() as operator:
+        usage = settled(operator, session)
+    assert usage["spent"] >= 300 and usage["held"] == 0
+
+
 def test_the_gateway_refuses_strangers_with_one_clear_message(gateway_market, detached, tmp_path, monkeypatch):
     market = gateway_market
     url, ca, tokens = market["url"], market["ca_file"], market["tokens"]

@@ -193,9 +193,10 @@ class RemoteJob(JobHandle):
         #: keeps a metered map's holds ahead of what its items cost (None: not such a map)
         self.growth: MapGrowth | None = None
         #: a map sent in chunks: what sends its items again, an item a task (its shared job,
-        #: inputs, Dask options and items' pickles), and what a metered one holds per item
+        #: inputs, Dask options and items' pickles), and, metered, what each item may be paid
+        #: and the price limit its holds are placed at
         self.again: tuple[Any, Any, dict[str, Any], list[bytes]] | None = None
-        self.item_amount = 0
+        self.item_amount, self.hold_rate = 0, 0.0
         #: items sent again (a chunk's worker ended it before them)
         self.sent_again: set[int] = set()
         self._lock = threading.Lock()
@@ -432,7 +433,8 @@ class RemoteJob(JobHandle):
             not_run = [index for index in range(self.count) if index not in have] if self.items_of else []
             if not not_run:
                 return [have[index] for index in (range(self.count) if self.mapped else (None,))]
-            self._send_again(not_run)
+            self._send_again(not_run, max((result.finished - result.started for result in have.values()),
+                                          default=0.0))
 
     def _raise_for_missing(self, missing: list[Future]) -> None:
         """Say why a task whose results are missing has none to fetch (failed, stopped,
@@ -460,32 +462,38 @@ class RemoteJob(JobHandle):
                     "this client was disconnected); run it again"
                 )
 
-    def _send_again(self, indices: list[int]) -> None:
+    def _send_again(self, indices: list[int], seconds: float) -> None:
         """Send again, an item a task, the items of chunks whose workers ended them early
-        (their results neared the job's cap: :func:`gpunet.worker.runner.run_chunk`), with
-        a hold of their own on a metered network; wait for them. Each item goes again once:
-        an item-a-task result is the item's or an error, so a provider cannot make this loop."""
+        (their results neared the job's cap: :func:`gpunet.worker.runner.run_chunk`), and
+        wait for them. A metered map holds for them as for a map (:func:`hold_for_map`), each
+        expected to take ``seconds`` (its items' longest so far). Each item goes again once: an
+        item-a-task result is the item's or an error, so a provider cannot make this loop."""
         if self.again is None or self.sent_again.intersection(indices):
             raise ProviderDataError(f"items {indices[0]} to {indices[-1]} of this map came back from no worker; "
                                     "none was loaded")
         self.sent_again.update(indices)
         shared, inputs, options, blobs = self.again
-        meter, annotations = self.network.meter, None
+        meter, annotations, again_id = self.network.meter, None, f"{self.job.job_id}-again"
         if meter is not None and self.item_amount:
-            hold = meter.hold_shared(f"{self.job.job_id}-again{len(self.holds)}", count=len(indices),
-                                     amount=self.item_amount)
-            self.holds.append(hold)
-            annotations = wire.annotation(hold, self.item_amount, tasks=len(indices), topic=self.job.topic)
-        with dask.annotate(**{wire.ANNOTATION: annotations}) if annotations else contextlib.nullcontext():
-            futures = self.network.client.map(
-                run_job, [shared] * len(indices), [blobs[index] for index in indices], indices,
-                [inputs] * len(indices), key=[f"gpunet-{self.job.job_id}-{index}" for index in indices], **options)
-        self.index_of.update({future.key: index for index, future in zip(indices, futures)})
-        self.futures = self.futures + futures
-        while any(future.status == "pending" for future in futures):
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                self._timed_out(self.timeout or 0.0)
-            time.sleep(self.POLL_S)
+            need = expected_hold(len(indices), self.item_amount, self.hold_rate, seconds)
+            annotations, placed = hold_for_map(meter, again_id, len(indices), self.item_amount, need,
+                                               topic=self.job.topic)
+            self.holds += placed
+        try:
+            with dask.annotate(**{wire.ANNOTATION: annotations}) if annotations else contextlib.nullcontext():
+                futures = self.network.client.map(
+                    run_job, [shared] * len(indices), [blobs[index] for index in indices], indices,
+                    [inputs] * len(indices), key=[f"gpunet-{self.job.job_id}-{index}" for index in indices],
+                    **options)
+            self.index_of.update({future.key: index for index, future in zip(indices, futures)})
+            self.futures = self.futures + futures
+            while any(future.status == "pending" for future in futures):
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self._timed_out(self.timeout or 0.0)
+                time.sleep(self.POLL_S)
+        finally:
+            if meter is not None:
+                meter.job_done(again_id)
 
     def fetch_within_cap(self, futures: list[Future]) -> list[Any]:
         """:meth:`fetch` ``futures`` a message within the job's ``max_result_bytes`` at a time
@@ -592,6 +600,22 @@ def slice_placer(meter: Any, job_id: str, amount: int) -> Callable[[int], tuple[
     return place
 
 
+def hold_for_map(meter: Any, job_id: str, count: int, amount: int, need: int, *,
+                 topic: str | None) -> tuple[dict[str, Any], list[str]]:
+    """The annotation of ``count`` map items of job ``job_id`` (each paid at most ``amount``),
+    holding ``need`` credits for them: drawn on the session's pre-authorized hold where it
+    has that much free, else a hold of their own whose items' earnings beyond it the
+    pre-authorized hold pays. Returns it and the holds placed (none when drawn);
+    :class:`BudgetError` when the session cannot cover it."""
+    drawn = meter.draw(job_id, need, count)
+    if drawn is not None:
+        hold, size = drawn
+        return wire.annotation(hold, amount, topic=topic, preauth=size, job=job_id, map_tasks=count), []
+    hold = meter.hold_shared(job_id, count=count, amount=amount, total=need)
+    return wire.annotation(hold, amount, tasks=count, held=need, overflow=meter.overflow(job_id, count),
+                           job=job_id, topic=topic), [hold]
+
+
 def submit(network: Connection, job: Job, *, resources: dict[str, float], items: list[Any] | None = None,
            workers: list[str] | list[list[str]] | None = None, max_credits: float | None = None,
            timeout: float | None = None, verify: str | Policy | None = None,
@@ -676,7 +700,8 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         except BaseException:
             meter.job_done(job.job_id)
             raise
-        remote.credit_limit_s, remote.drew_on, remote.item_amount = plan.limit_s, hold, plan.amount
+        remote.credit_limit_s, remote.drew_on = plan.limit_s, hold
+        remote.item_amount, remote.hold_rate = plan.amount, rate
         return grow(remote)
     # one hold for the cell, or for the whole map, paid out in parts as its items finish
     slicing = None
@@ -708,5 +733,6 @@ def submit(network: Connection, job: Job, *, resources: dict[str, float], items:
         network.release_unsent([hold])
         meter.job_done(job.job_id)  # a map's watch on the pre-authorized hold, if it had one
         raise
-    remote.holds, remote.credit_limit_s, remote.item_amount = [hold], plan.limit_s, plan.amount
+    remote.holds, remote.credit_limit_s = [hold], plan.limit_s
+    remote.item_amount, remote.hold_rate = plan.amount, rate
     return grow(remote)
