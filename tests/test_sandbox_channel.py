@@ -146,17 +146,23 @@ def test_a_codec_result_leaves_the_sandbox_in_frames_its_array_unjoined():
         sandboxes.close()
 
 
-# A cell that says, on its sandbox's channel, that its result comes in more frames than any may.
-FORGED_FRAME_COUNT = """
+def forged_header(message: list) -> str:
+    """A cell that writes ``message`` (a result's header, with no frames after it) on its
+    sandbox's channel, as the runner would."""
+    return f"""
 import struct, sys, msgpack
 frame = sys._getframe()
 while 'key' not in frame.f_locals:
     frame = frame.f_back
 key, channel = frame.f_locals['key'], frame.f_locals['channel']
 with channel.send_lock:
-    head = msgpack.packb(['result', key, 'codec', 10**9])
+    head = msgpack.packb([{message[0]!r}, key, *{message[1:]!r}])
     channel.sock.sendall(struct.pack('>I', len(head)) + head)
 """
+
+
+# A cell that says, on its sandbox's channel, that its result comes in more frames than any may.
+FORGED_FRAME_COUNT = forged_header(["result", "codec", 10**9])
 
 
 def test_a_result_in_more_frames_than_allowed_is_refused(pool):
@@ -195,3 +201,34 @@ def test_cells_that_alternate_between_environments_switch_warm_sandboxes(pool, t
     assert cells_here("d") == 2
     pool.end_session(session_digest(session))
     assert session_digest(session) not in pool.others and not pool.in_use
+
+
+def test_a_chunk_runs_in_its_sandbox_in_one_request_each_item_with_its_own_result(pool):
+    """A map chunk's items go to the sandbox as one request and come back as one answer:
+    each with its own index, output text, error and time; a CODEC chunk ends before its
+    results pass the job's cap (the rest are not run, for the notebook to send again)."""
+    job = Job(job_id=uuid.uuid4().hex, code="print('item', i)\ny = 10 // i", outputs=("y",), map_name="i",
+              session=uuid.uuid4().hex)
+    results = pool.run_chunk(job, [pickle_value(i) for i in (2, 0, 5)], 7, None, "local", "cpu")
+    assert [result.index for result in results] == [7, 8, 9]
+    assert results[1].error["ename"] == "ZeroDivisionError" and results[0].error is results[2].error is None
+    assert [unpickle_value(results[k].outputs["y"]) for k in (0, 2)] == [5, 2]
+    assert [result.streams[0][2] for result in results] == ["item 2\n", "item 0\n", "item 5\n"]
+    assert all(result.finished >= result.started > 0 for result in results)
+    capped = Job(job_id=uuid.uuid4().hex, code="y = bytes(n)", outputs=("y",), map_name="n", result_format=CODEC,
+                 session=job.session, max_result_bytes=10_000)
+    frames = pool.run_chunk(capped, [pickle_value(4000)] * 5, 0, None, "local", "cpu")
+    assert [result_from_event(codec.decode(f)).index for f in frames] == [0, 1]
+
+
+# A cell that answers, on its sandbox's channel, for more items than its chunk was given.
+FORGED_CHUNK = forged_header(["results", "codec", [1] * 5])
+
+
+def test_a_chunk_answered_for_more_items_than_it_was_given_is_refused(pool):
+    job = Job(job_id=uuid.uuid4().hex, code=FORGED_CHUNK, map_name="i", result_format=CODEC,
+              session=uuid.uuid4().hex)
+    results = pool.run_chunk(job, [pickle_value(i) for i in range(3)], 0, None, "local", "cpu")
+    assert len(results) == 1  # the first item's error; the rest go again
+    result = result_from_event(codec.decode(results[0]))
+    assert result.error["ename"] == "SandboxEnded" and "[1, 1, 1, 1, 1] frames" in result.error["evalue"]

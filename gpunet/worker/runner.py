@@ -334,6 +334,14 @@ def run_job(
     ``item`` and ``index`` are one item of a mapped job; ``inputs``, when given,
     replaces ``job.inputs`` (large inputs travel scattered, as a Dask dependency).
     """
+    return _run_here(job, [item], index, inputs, chunk=False)[0]
+
+
+def _run_here(job: Job, items: list[bytes | None], start: int | None, inputs: dict[str, bytes] | None, *,
+              chunk: bool) -> list[JobResult | codec.Frames]:
+    """The results of ``job``'s ``items`` (one, for :func:`run_job`; a chunk's, for
+    :func:`run_chunk`: those it ran), run in this worker, or, on a provider's worker, in
+    the session's sandbox: a chunk there in one request."""
     older_notebook = job.result_format == CODEC and not reads_frames(job)  # before replace() gives it the field
     with _registry_lock:
         if job.job_id in _paused:  # raised, so that the task errs: nothing ran, nobody is paid
@@ -347,19 +355,21 @@ def run_job(
     # outside a worker (tests, debugging) this process's device
     device = (describe_this_device() if worker is None else device_info(worker))["label"]
     if older_notebook:
-        return older_notebook_result(job, index, address, device)
+        return [older_notebook_result(job, start, address, device)]
     if _job_host is None:
-        return execute_job(job, item, index, worker, address, device)
+        return run_items(job, items, start, lambda item, index: execute_job(job, item, index, worker, address, device))
     # a provider's worker: it prepares the job's environment (its policy and wheel cache
     # stay here), and the session's sandbox, started with that environment, runs the job
     started = time.time()
     try:
         prepared, environment = prepare_environment(job, worker, address)
     except PackageError as exc:  # nothing of the cell ran
-        return error_result(job, index, address, device, started, PACKAGES, str(exc))
+        return [error_result(job, start, address, device, started, PACKAGES, str(exc))]
     except InstallStopped as exc:
-        return error_result(job, index, address, device, started, INTERRUPTED, str(exc))
-    return _job_host.run(job, item, index, worker, address, device, prepared, environment)
+        return [error_result(job, start, address, device, started, INTERRUPTED, str(exc))]
+    if chunk:
+        return _job_host.run_chunk(job, items, start, worker, address, device, prepared, environment)
+    return [_job_host.run(job, items[0], start, worker, address, device, prepared, environment)]
 
 
 def older_notebook_result(job: Job, index: int | None, address: str, device: str) -> bytes:
@@ -377,29 +387,38 @@ def older_notebook_result(job: Job, index: int | None, address: str, device: str
 def run_chunk(job: Job, items: list[bytes], start: int,
               inputs: dict[str, bytes] | None = None) -> list[JobResult | bytes] | codec.Frames:
     """Run items ``start``, ``start + 1``, ... (``items``) of a mapped job one after another
-    in this worker thread: one Dask task for several items, each run as :func:`run_job`
-    runs one (its own index, output, error and stop). Their results in order: a list, or
-    for a CODEC job the codec frames of the list of each item's codec frames, which the
-    notebook checks item by item (:func:`gpunet.client.received.accept_chunk`).
+    (:func:`run_items`): one Dask task for several items, each run as :func:`run_job` runs
+    one (its own index, output, error and stop), on a provider's worker all in one request
+    to the session's sandbox. Their results in order: a list, or for a CODEC job the codec
+    frames of the list of each item's codec frames, which the notebook checks item by item
+    (:func:`gpunet.client.received.accept_chunk`); the items after those are the ones it
+    did not run (where nothing of the chunk could run, the first item's error alone)."""
+    results = _run_here(job, items, start, inputs, chunk=True)
+    if job.result_format == CODEC:  # as frames: the items' arrays are not copied into one blob
+        return codec.encode_frames(results, name="the results of a map's chunk")
+    return results
 
-    A CODEC chunk travels as one message within the job's ``max_result_bytes``: it ends
-    early, before an item whose result (as large as the largest so far) would take it over
-    (an item that did anyway is left out); the notebook sends the items it did not run again,
-    an item a task. Its first item always runs (its result alone is within the cap)."""
+
+def run_items(job: Job, items: list[bytes | None], start: int | None,
+              run_one: Callable[[bytes | None, int | None], Any]) -> list[Any]:
+    """``run_one(item, index)`` for items ``start``, ``start + 1``, ... of ``job`` in turn:
+    their results. A CODEC chunk travels as one message within the job's
+    ``max_result_bytes``: it ends early, before an item whose result (as large as the
+    largest so far) would take it over (an item that did anyway is left out); the notebook
+    sends the items it did not run again, an item a task. Its first item always runs (its
+    result alone is within the cap)."""
     results: list[Any] = []
     size = biggest = 0
     for offset, item in enumerate(items):
         if job.result_format == CODEC and results and size + biggest > job.max_result_bytes:
             break
-        result = run_job(job, item, start + offset, inputs)
+        result = run_one(item, None if start is None else start + offset)
         if job.result_format == CODEC:
             item_size = codec.nbytes(result) + CHUNK_FRAMING_BYTES
             if results and size + item_size > job.max_result_bytes:
                 break
             size, biggest = size + item_size, max(biggest, item_size)
         results.append(result)
-    if job.result_format == CODEC:  # as frames: the items' arrays are not copied into one blob
-        return codec.encode_frames(results, name="the results of a map's chunk")
     return results
 
 

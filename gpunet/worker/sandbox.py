@@ -73,10 +73,11 @@ import msgpack
 from gpunet import codec
 from gpunet.errors import GpunetError
 from gpunet.paths import data_dir
-from gpunet.wire import (CODEC, INTERRUPTED, Job, JobResult, flat_result, result_from_event, result_to_event,
+from gpunet.wire import (CHUNK_FRAMING_BYTES, CODEC, INTERRUPTED, Job, JobResult, flat_result, result_from_event, result_to_event,
                          session_digest, stream_allowance)
 from gpunet.worker import runner
 from gpunet.worker.environment import PreparedEnvironment
+from gpunet.worker.runner import run_items
 from gpunet.worker.cgroups import SandboxCgroup, cgroup_home
 
 logger = logging.getLogger(__name__)
@@ -273,6 +274,8 @@ class _Waiting:
     started: float
     answers: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     event_bytes: int = 0
+    #: the items it runs: one, or a map chunk's
+    items: int = 1
 
 
 class Sandbox:
@@ -325,7 +328,24 @@ class Sandbox:
         """Run ``job`` here and return what :func:`gpunet.worker.runner.run_job` returns
         (``environment``: the account of the environment the worker prepared for it)."""
         key = job.job_id if index is None else f"{job.job_id}/{index}"
-        waiting = _Waiting(job, worker, time.time())
+        return self._ask("run", key, (item, index), job, index, 1, worker, address, device, environment)
+
+    def run_chunk(self, job: Job, items: list[bytes], start: int, worker: Any, address: str, device: str,
+                  environment: dict[str, Any] | None = None) -> list[JobResult | bytes]:
+        """Run items ``start``, ``start + 1``, ... of ``job`` here in one request, as
+        :func:`gpunet.worker.runner.run_items` runs them: the results of those it ran (where
+        the sandbox failed, the first item's error alone: the rest go again)."""
+        key = f"{job.job_id}/{start}-{start + len(items) - 1}"
+        answer = self._ask("chunk", key, (items, start), job, start, len(items), worker, address, device,
+                           environment)
+        return answer if isinstance(answer, list) else [answer]
+
+    def _ask(self, kind: str, key: str, what: tuple[Any, Any], job: Job, index: int | None, items: int,
+             worker: Any, address: str, device: str, environment: dict[str, Any] | None) -> Any:
+        """Send the sandbox ``job``'s ``what`` (an item and its index, or a chunk's items and
+        its first index) as a ``kind`` request under ``key`` and wait for its answer: what
+        it ran returned, or the error result of item ``index`` saying why it did not."""
+        waiting = _Waiting(job, worker, time.time(), items=items)
         with self.lock:
             self.waiting[key] = waiting
             self.last_used = time.monotonic()
@@ -333,10 +353,9 @@ class Sandbox:
             if not self.ready.wait(START_TIMEOUT_S) or self.ended:
                 return runner.error_result(job, index, address, device, waiting.started, SANDBOX_ENDED,
                                      f"its sandbox did not start: {self.ended or 'it took too long'}")
-            blob = cloudpickle.dumps((dataclasses.replace(job, announce=False), item, index, address, device,
-                                      environment))
+            blob = cloudpickle.dumps((dataclasses.replace(job, announce=False), *what, address, device, environment))
             with runner.registered_as_running(key):
-                self.channel.send(cloudpickle.dumps(("run", key)), blob)
+                self.channel.send(cloudpickle.dumps((kind, key)), blob)
                 runner.announce_later(job, worker, lambda: key in self.waiting, device)
                 kind, answer = waiting.answers.get()
             if kind == "result":
@@ -419,7 +438,9 @@ class Sandbox:
                 elif kind == "event":
                     self._relay(str(message[1]), message[2], message[3], len(frame))
                 elif kind == "result":
-                    self._result(str(message[1]), str(message[2]), message[3] if len(message) > 3 else 1)
+                    self._results(str(message[1]), str(message[2]), [message[3] if len(message) > 3 else 1])
+                elif kind == "results":  # a map chunk's: each item's frame count
+                    self._results(str(message[1]), str(message[2]), message[3], chunk=True)
                 elif kind == "failed":
                     waiting = self.waiting.get(str(message[1]))
                     if waiting is not None:
@@ -443,7 +464,10 @@ class Sandbox:
         if waiting.worker is not None:
             waiting.worker.log_event(topic, event)
 
-    def _result(self, key: str, result_format: str, count: Any) -> None:
+    def _results(self, key: str, result_format: str, counts: Any, *, chunk: bool = False) -> None:
+        """Read a result (``counts``: its frame count) or a chunk's results (each item's
+        frame count, one item to as many as it was given) within the job's cap, all of them
+        together, and hand them to the job's waiter."""
         waiting = self.waiting.get(key)
         if waiting is None:
             raise ValueError("a result for no job of its own")
@@ -451,23 +475,28 @@ class Sandbox:
         # the job's cap is the notebook's to choose (the cell's author): the worker's own
         # ceiling is what the sandbox could have built within its memory limit
         ceiling = min(TRUSTED_FRAME_MAX_BYTES, self.settings.memory_bytes or TRUSTED_FRAME_MAX_BYTES)
-        allowed = min(ceiling, TRUSTED_FRAME_MAX_BYTES if trusted else waiting.job.max_result_bytes + 1024)
-        if type(count) is not int or not 1 <= count <= (MAX_RESULT_FRAMES if result_format == CODEC else 1):
-            raise ValueError(f"a result in {count!r} frames")
-        frames = []
-        for _ in range(count):  # all of them within the one cap
-            payload = self.channel.receive(allowed)
-            if payload is None:
-                raise ValueError("a result cut short")
-            allowed -= len(payload)
-            frames.append(payload)
-        if result_format == CODEC and not trusted:
-            waiting.answers.put(("result", codec.Frames(frames)))  # passed on as it came: the notebook decodes it
-            return
-        payload = frames[0]
-        if result_format != "fields" or not trusted:
-            raise ValueError(f"a result as {result_format!r}")
-        waiting.answers.put(("result", result_from_event(msgpack.unpackb(payload, raw=False))))
+        allowed = min(ceiling, TRUSTED_FRAME_MAX_BYTES if trusted else
+                      waiting.job.max_result_bytes + 1024 + CHUNK_FRAMING_BYTES * waiting.items)
+        most = MAX_RESULT_FRAMES if result_format == CODEC else 1
+        if (not isinstance(counts, list) or not 1 <= len(counts) <= waiting.items
+                or not all(type(count) is int and 1 <= count <= most for count in counts)
+                or sum(counts) > MAX_RESULT_FRAMES):
+            raise ValueError(f"results in {counts!r} frames" if chunk else f"a result in {counts[0]!r} frames")
+        results: list[Any] = []
+        for count in counts:
+            frames = []
+            for _ in range(count):  # all of them within the one cap
+                payload = self.channel.receive(allowed)
+                if payload is None:
+                    raise ValueError("a result cut short")
+                allowed -= len(payload)
+                frames.append(payload)
+            if not (result_format == CODEC and not trusted) and not (result_format == "fields" and trusted):
+                raise ValueError(f"a result as {result_format!r}")
+            # a CODEC result is passed on as it came (the notebook decodes it); a trusted one's fields
+            results.append(codec.Frames(frames) if result_format == CODEC
+                           else result_from_event(msgpack.unpackb(frames[0], raw=False)))
+        waiting.answers.put(("result", results if chunk else results[0]))
 
     def _ended_by_itself(self, why: str | None) -> None:
         code = self.process.poll()
@@ -542,10 +571,28 @@ class SandboxPool:
         ``environment``: its account, for the result."""
         if runner.was_stopped(job.job_id):
             return runner.error_result(job, index, address, device, time.time(), INTERRUPTED, "stopped before it started")
+        return self._in_sandbox(job, prepared, environment,
+                                lambda sandbox: sandbox.run(job, item, index, worker, address, device, environment))
+
+    def run_chunk(self, job: Job, items: list[bytes], start: int, worker: Any, address: str, device: str,
+                  prepared: PreparedEnvironment | None = None,
+                  environment: dict[str, Any] | None = None) -> list[JobResult | bytes]:
+        """Run a map chunk's items (``start``, ``start + 1``, ...) in its session's sandbox
+        as :meth:`run` runs one, in one request (:meth:`Sandbox.run_chunk`)."""
+        if runner.was_stopped(job.job_id):
+            return [runner.error_result(job, start, address, device, time.time(), INTERRUPTED,
+                                        "stopped before it started")]
+        return self._in_sandbox(job, prepared, environment, lambda sandbox: sandbox.run_chunk(
+            job, items, start, worker, address, device, environment))
+
+    def _in_sandbox(self, job: Job, prepared: PreparedEnvironment | None, environment: dict[str, Any] | None,
+                    call: Any) -> Any:
+        """``call(sandbox)`` with the sandbox of ``job``'s session and environment (a fresh
+        one, ended after, for a job with no session)."""
         digest = None if job.session is None else session_digest(job.session)
         sandbox, kept = self._sandbox_for(digest, self.settings_for(prepared, environment))
         try:
-            return sandbox.run(job, item, index, worker, address, device, environment)
+            return call(sandbox)
         finally:
             if not kept:
                 self._end(sandbox, "its job is done")
@@ -841,12 +888,13 @@ def serve(config: dict[str, Any]) -> None:
         if frame is None:
             break
         message = cloudpickle.loads(frame)  # from the worker, which trusts itself
-        if message[0] == "run":
+        if message[0] in ("run", "chunk"):
             blob = channel.receive(TRUSTED_FRAME_MAX_BYTES)
             if blob is None:
                 break
             key = message[1]
-            thread = threading.Thread(target=_run_one, args=(channel, key, blob, config, running), daemon=True)
+            thread = threading.Thread(target=_run_one, args=(channel, key, blob, config, running, message[0]),
+                                      daemon=True)
             running[key] = thread
             thread.start()
         elif message[0] == "stop":
@@ -857,34 +905,45 @@ def serve(config: dict[str, Any]) -> None:
 
 
 def _run_one(channel: _Channel, key: str, blob: bytes, config: dict[str, Any],
-             running: dict[str, threading.Thread]) -> None:
+             running: dict[str, threading.Thread], kind: str = "run") -> None:
+    """Run a request: one item (``run``) or a map chunk's items in turn (``chunk``:
+    :func:`gpunet.worker.runner.run_items`), and send back its result, or theirs."""
     try:
-        job, item, index, address, device, environment = cloudpickle.loads(blob)
+        job, items, start, address, device, environment = cloudpickle.loads(blob)
     except BaseException as exc:  # noqa: BLE001 - e.g. a function of a module it cannot import
         running.pop(key, None)
         channel.send(msgpack.packb(["failed", key, f"the job could not be loaded in its sandbox: "
                                                    f"{type(exc).__name__}: {exc}"]))
         return
-    started = time.time()
+    relay = _Relay(channel, key, address)
+
+    def run(item: bytes | None, index: int | None) -> JobResult | codec.Frames:
+        started = time.time()
+        try:
+            return runner.execute_job(job, item, index, relay, address, device, environment)
+        except BaseException as exc:  # noqa: BLE001 - a cell that broke the runner itself: say so, not hang
+            return runner.error_result(job, index, address, device, started, type(exc).__name__,
+                                       f"the sandbox's runner failed: {exc}")
+
     try:
-        result = runner.execute_job(job, item, index, _Relay(channel, key, address), address, device, environment)
-    except BaseException as exc:  # noqa: BLE001 - a cell that broke the runner itself: say so, not hang
-        result = runner.error_result(job, index, address, device, started, type(exc).__name__,
-                               f"the sandbox's runner failed: {exc}")
+        results = run_items(job, items, start, run) if kind == "chunk" else [run(items, start)]
     finally:
         running.pop(key, None)
         if not running:
             _end_strays(config)  # processes a cell started end with it
-    if isinstance(result, codec.Frames):  # each of its frames as a frame of the channel: no join
-        channel.send(msgpack.packb(["result", key, CODEC, len(result)]), *result)
+    if all(isinstance(result, codec.Frames) for result in results):  # each frame as a frame of the channel: no join
+        counts = [len(result) for result in results]
+        header = ["results", key, CODEC, counts] if kind == "chunk" else ["result", key, CODEC, counts[0]]
+        channel.send(msgpack.packb(header), *(frame for result in results for frame in result))
         return
     try:
-        fields = _fields(result)
+        fields = [_fields(result) for result in results]
     except Exception as exc:  # noqa: BLE001 - say why rather than leave the worker waiting
         channel.send(msgpack.packb(["failed", key, f"its result could not leave the sandbox: {type(exc).__name__}: "
                                                    f"{exc}"]))
         return
-    channel.send(msgpack.packb(["result", key, "fields"]), fields)
+    header = ["results", key, "fields", [1] * len(fields)] if kind == "chunk" else ["result", key, "fields"]
+    channel.send(msgpack.packb(header), *fields)
 
 
 def _fields(result: JobResult) -> bytes:
