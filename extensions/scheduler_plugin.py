@@ -52,7 +52,7 @@ from gpunet import codec, wire
 from gpunet.certs import SCHEDULER, identity_of_file
 from gpunet.credits import CreditClient, CreditsError
 from gpunet.metering.reporter import Reporter
-from gpunet.metering.settlement import GiveUpLater, Owned, Request, Retire, Settlement
+from gpunet.metering.settlement import GiveUpLater, Owned, Request, Retire, Settlement, items_run
 from gpunet.roles import SchedulerDoor, holds_topics
 from gpunet.reuse import ReuseTable
 from gpunet.verify.quorum import result_digest
@@ -305,6 +305,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         meta = self._annotation(key)
         if not meta:
             return
+        meta = items_run(meta, kwargs.get("metadata"))
         now = time.time()
         sent = self._dispatched.pop(key, now) if start == "processing" else None
         if finish == "processing":

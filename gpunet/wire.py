@@ -44,6 +44,9 @@ DEFAULT_MAX_RESULT_BYTES = 256 * 1024 * 1024
 #: What a map chunk's list adds to each item's codec bytes, and to their sum, at most
 #: (msgpack's framing: :func:`gpunet.worker.runner.run_chunk`).
 CHUNK_FRAMING_BYTES = 16
+#: The key of a map chunk's task metadata (Dask's, which the scheduler reads as the task
+#: finishes) under which its worker says how many of the chunk's items it ran.
+ITEMS_RUN = "gpunet-items-run"
 DEFAULT_MAX_STREAM_BYTES_PER_S = 1024 * 1024
 
 #: The Dask worker resources gpunet places work with. Every gpunet worker has one

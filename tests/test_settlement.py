@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from gpunet.metering.settlement import Owned, Settlement, price
+from gpunet.metering.settlement import Owned, Settlement, items_run, price, task_price
+from gpunet.wire import ITEMS_RUN
 
 CASES = json.loads((Path(__file__).parent / "data" / "settlement_cases.json").read_text())
 
@@ -81,3 +82,13 @@ def test_price(seconds: float, rate: float, cap: int, credits: int) -> None:
 ])
 def test_a_chunks_price_is_at_least_a_credit_an_item(seconds: float, items: int, cap: int, credits: int) -> None:
     assert price(seconds, 1.0, cap, items) == credits
+
+
+def test_a_chunk_ended_early_is_paid_a_credit_for_each_item_it_ran_and_a_worker_may_only_lower_that():
+    meta = {"hold": "h", "amount": 160, "items": 16}
+    assert task_price(0.001, 1.0, meta) == 16  # a credit an item, at least
+    assert task_price(0.001, 1.0, items_run(meta, {ITEMS_RUN: 3})) == 3  # it ran 3: the rest go again
+    for claim in (16, 17, 10**9, 0, -1, "3", 2.5, None, [3]):  # never more than the chunk, nor nonsense
+        assert items_run(meta, {ITEMS_RUN: claim}) == meta
+    assert items_run(meta, None) == meta and items_run(meta, "x") == meta
+    assert task_price(20.0, 1.0, items_run(meta, {ITEMS_RUN: 3})) == 20  # its time, as ever

@@ -52,6 +52,8 @@ from collections.abc import Collection, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Union
 
+from gpunet.wire import ITEMS_RUN
+
 logger = logging.getLogger(__name__)
 
 #: How long an attempt on a worker that has not registered its provider yet waits
@@ -90,6 +92,17 @@ def price(seconds: float, rate: float, cap: int, items: int = 1) -> int:
 def task_price(seconds: float, rate: float, meta: Mapping[str, Any]) -> int:
     """:func:`price` of a task whose annotation is ``meta`` (its ``amount``, its ``items``)."""
     return price(seconds, rate, meta.get("amount", 1), _whole(meta.get("items", 1)))
+
+
+def items_run(meta: dict[str, Any], metadata: Any) -> dict[str, Any]:
+    """A map chunk's annotation ``meta`` with its ``items`` lowered to how many its worker
+    says it ran (``metadata``: the task's Dask metadata, :data:`gpunet.wire.ITEMS_RUN`), so
+    that it is paid at least a credit for those only; a provider's word may only lower
+    what it is paid, never raise it."""
+    ran = metadata.get(ITEMS_RUN) if isinstance(metadata, dict) else None
+    if type(ran) is not int or not 1 <= ran < _whole(meta.get("items", 1)):
+        return meta
+    return {**meta, "items": ran}
 
 
 def _rounded(seconds: float) -> float:

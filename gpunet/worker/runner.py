@@ -50,6 +50,7 @@ from gpunet.errors import BudgetError, PackageError, UnsupportedResultError
 from gpunet.wire import (
     CHUNK_FRAMING_BYTES,
     CODEC,
+    ITEMS_RUN,
     INTERRUPTED,
     PACKAGES,
     TOO_LARGE,
@@ -394,9 +395,25 @@ def run_chunk(job: Job, items: list[bytes], start: int,
     (:func:`gpunet.client.received.accept_chunk`); the items after those are the ones it
     did not run (where nothing of the chunk could run, the first item's error alone)."""
     results = _run_here(job, items, start, inputs, chunk=True)
+    if len(results) < len(items):
+        say_items_run(len(results))
     if job.result_format == CODEC:  # as frames: the items' arrays are not copied into one blob
         return codec.encode_frames(results, name="the results of a map's chunk")
     return results
+
+
+def say_items_run(count: int) -> None:
+    """Tell the scheduler that this task (a map chunk's) ran ``count`` of its items, in its
+    Dask task metadata: it pays at least a credit for each of those only
+    (:func:`gpunet.metering.settlement.items_run`). Nothing outside a worker."""
+    worker = _current_worker()
+    if worker is None:
+        return
+    from distributed.worker import thread_state
+
+    task = worker.state.tasks.get(getattr(thread_state, "key", None))
+    if task is not None:
+        task.metadata[ITEMS_RUN] = count
 
 
 def run_items(job: Job, items: list[bytes | None], start: int | None,
