@@ -208,13 +208,13 @@ def test_idempotent_calls_retry_across_a_restart_and_move_once(tmp_path):
     import time
 
     attempts = []
-    send = impatient._http.request
+    send = impatient._send
 
     def counted(*args, **kwargs):  # counts what reaches the wire, attempt by attempt
         attempts.append(args[:2])
         return send(*args, **kwargs)
 
-    impatient._http.request = counted
+    impatient._send = counted
     t0 = time.monotonic()
     with pytest.raises(CreditsUnavailableError, match="unreachable"):
         impatient.create_account("late", "client")  # no key: not retried, fails at once
