@@ -87,7 +87,8 @@ def _loopback_pool(url: str, timeout: float | tuple[float, float]) -> Any:
 
     connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
     # As many kept-alive connections as requests' Session keeps (threads beyond them open their own).
-    # No retry of urllib3's own (the client retries, with its idempotency keys), as requests' adapter.
+    # No retry of urllib3's own (the client retries, with its idempotency keys) and no redirect
+    # followed (the service answers none), as requests' adapter asks of urllib3.
     return urllib3.HTTPConnectionPool(parts.hostname, parts.port or 80, maxsize=10, block=False,
                                       timeout=urllib3.Timeout(connect=connect, read=read),
                                       retries=urllib3.Retry(0, read=False))
@@ -175,7 +176,8 @@ class CreditClient:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 resp = self._send(method, path, body, headers, params)
-            except _Unreachable as exc:
+            except _Unreachable as unreachable:
+                exc = unreachable.__cause__ or unreachable  # the transport's own error
                 last = CreditsUnavailableError(
                     f"credit service at {self.url} is unreachable ({method} {path}: {exc.__class__.__name__}: "
                     f"{exc}); check that `gpunet credits serve` runs there and the URL is right",
@@ -226,7 +228,7 @@ class CreditClient:
         target = self._prefix + path + (f"?{urlencode(params)}" if params else "")
         try:
             resp = self._pool.urlopen(method, target, body=body, headers={**self._headers, **(headers or {})},
-                                      preload_content=True)
+                                      redirect=False, preload_content=True)
         except urllib3.exceptions.HTTPError as exc:
             raise _Unreachable(exc) from exc
         return _Answer(resp.status, resp.headers.get("content-type", ""), resp.data, resp.reason or "")
