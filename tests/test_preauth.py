@@ -169,6 +169,21 @@ def test_copy_holds_are_taken_when_enough_are_ready_and_as_many_are_kept_ready()
     assert pool.take(1000, 5) is None and pool.missing() == [(5, copy_holds_module.MOST_READY)]
 
 
+def test_a_copy_takes_the_smallest_ready_holds_that_cover_it_and_a_first_job_is_wanted_ready():
+    pool = CopyHolds()
+    pool.want(copy_holds_module.FIRST_JOB_COPIES, 60)
+    assert pool.missing() == [(60, copy_holds_module.FIRST_JOB_COPIES)], "placed when the session connects"
+    for amount, hold in ((60, "a"), (60, "b"), (100, "big")):
+        pool.add(amount, hold)
+    assert pool.missing() == []
+    assert pool.take(2, 10) == ["a", "b"], "a copy of 10 may take a ready hold of 60: it is paid at most 10"
+    assert pool.take(1, 200) is None, "no ready hold covers 200: the job places its own"
+    assert pool.take(1, 60) == ["big"] and pool.held() == {}
+    ahead = copy_holds_module.JOBS_AHEAD
+    assert sorted(pool.missing()) == [(10, 2 * ahead), (60, max(ahead, copy_holds_module.FIRST_JOB_COPIES)),
+                                      (200, ahead)], "as many as each job took are kept ready for the next ones"
+
+
 def test_the_meter_takes_copy_holds_with_no_request_and_counts_them_pre_authorized():
     meter = _meter(100)
     meter.copy_holds.add(60, "h1")
