@@ -96,6 +96,19 @@ def test_an_idle_hold_is_released(monkeypatch):
     assert released == ["P"] and meter.preauth is None
 
 
+def test_copy_holds_placed_when_the_session_connected_are_released_once_idle():
+    meter = _meter(100)
+    meter.copy_holds.want(copy_holds_module.FIRST_JOB_COPIES, 60)
+    meter.copy_holds.add(60, "c1")
+    meter.copy_holds.add(60, "c2")
+    released = []
+    meter.refill(released.extend, _answer(0, {}), now=meter.copy_holds.used_at + meter_module.PREAUTH_IDLE_S - 1)
+    assert released == [] and meter.preauthorized == 100 + 120
+    meter.refill(released.extend, _answer(0, {}), now=meter.copy_holds.used_at + meter_module.PREAUTH_IDLE_S + 1)
+    assert sorted(released) == ["P", "c1", "c2"] and meter.preauthorized == 0
+    assert meter.copy_holds.missing() == [], "none is placed again until a verified job asks"
+
+
 @pytest.mark.parametrize("count, per_item, rate, held", [
     (2000, 10, 1.0, 3000),  # the trivial map: 2,000 x 1 credit x 1.5, not 20,000
     (3, 10, 1.0, 5),
