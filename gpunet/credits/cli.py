@@ -485,9 +485,9 @@ def cmd_account_revoke_token(args: argparse.Namespace) -> int:
     replaced = _own_token_file(args) if own and not args.output else None
     target = replaced or _new_token_file(args)
     folder = next(place for place in (target.parent, *target.parent.parents) if place.exists())
-    if not os.access(folder, os.W_OK):  # before the token changes: a token nobody has helps nobody
-        raise InvalidRequestError(f"cannot write the new token to {target}: its folder is not writable; nothing "
-                                  "was revoked. Choose another file with -o")
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):  # before the token changes: nobody would have it
+        raise InvalidRequestError(f"cannot write the new token to {target}: {folder} is not a folder this user may "
+                                  "write to; nothing was revoked. Choose another file with -o")
     token = client.revoke_token(args.name)["token"]
     try:
         write_private(target, token.encode() + b"\n")

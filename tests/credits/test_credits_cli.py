@@ -253,6 +253,12 @@ def test_revoking_the_operators_own_token_replaces_it_in_the_file_it_was_read_fr
     assert moved.returncode == 0 and f"its new token is in {folder / 'op.token'}" in moved.stdout, moved.stderr
     assert f"{token_file}, which this command read the token from, still holds the revoked one" in moved.stderr
     assert stat.S_IMODE(os.stat(folder / "op.token").st_mode) == 0o600
+    # a file it cannot write is refused before anything is revoked
+    (folder / "plain").write_text("not a folder")
+    refused = _gpunet("credits", "account", "revoke-token", "operator", "--credits", fresh_service.url,
+                      "--token-file", str(folder / "op.token"), "-o", str(folder / "plain" / "op2.token"))
+    assert refused.returncode == 1 and "is not a folder this user may write to; nothing was revoked" in refused.stderr
+    assert CreditClient(fresh_service.url, (folder / "op.token").read_text().strip()).ping()["account"] == "operator"
 
 
 def test_credit_verbs_wait_a_bounded_time_for_a_service_that_does_not_answer(tmp_path):
