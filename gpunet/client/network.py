@@ -145,16 +145,33 @@ class Network:
         self._finished_generation = 0
         self.client.subscribe_topic(self.topic, self._on_event)
         self._closed = False
-        if meter is not None:  # the session's pre-authorized hold, placed now and refilled in the background
-            meter.preauthorize()
-            meter.start_refilling(self.release_unsent, self.preauth_state)
-        #: how many connect() calls handed this network out and have not closed it
-        self._users = 1
+        state = self.metering_state() if meter is not None else None
         #: this session's price limit, credits per device-second: only providers at or below it
         #: run its jobs, and holds are priced at it (a job's max_rate= / --max-rate overrides it);
         #: by default the one the operator configured (`gpunet scheduler --default-max-rate`)
-        self.rate_limit = placement.check_max_rate(max_rate) if max_rate is not None else self._default_rate_limit()
+        self.rate_limit = placement.check_max_rate(max_rate) if max_rate is not None else _default_rate(state)
+        if meter is not None:  # the session's pre-authorized hold, placed now and refilled in the background
+            meter.preauthorize()
+            self._prepare_verified(meter, state)
+            meter.start_refilling(self.release_unsent, self.preauth_state)
+        #: how many connect() calls handed this network out and have not closed it
+        self._users = 1
         _open_networks.add(self)
+
+    def _prepare_verified(self, meter: Meter, state: dict[str, Any] | None) -> None:
+        """Where the network has providers enough to verify, place now what the session's
+        first verified job needs from the credit service (its copies' holds, the providers'
+        trust records), so that it sends with no request there on its path; on failure that
+        job asks for them itself."""
+        providers = {info.get("provider") for info in ((state or {}).get("providers") or {}).values()}
+        if len(providers - {None}) < 2:
+            return
+        amount = meter.plan(count=1, max_credits=None, timeout=None, max_rate=self.rate_limit).amount
+        try:
+            meter.prepare_verified(amount)
+        except Exception as exc:  # noqa: BLE001 - the session works without them
+            logger.warning("gpunet: the holds for a first verified job could not be placed ahead (%s); it places "
+                           "them when it is sent", exc)
 
     # -- identity ----------------------------------------------------------------------
     @property
@@ -496,13 +513,6 @@ class Network:
         the limit run the job, so it never costs more than that a second."""
         return placement.check_max_rate(max_rate) if max_rate is not None else self.rate_limit
 
-    def _default_rate_limit(self) -> float:
-        """The price limit the operator configured for notebooks (:data:`DEFAULT_RATE`
-        where the scheduler says none, or does not meter)."""
-        state = self.metering_state() if self.meter is not None else None
-        limit = (state or {}).get("default_max_rate", DEFAULT_RATE)
-        return float(limit) if isinstance(limit, (int, float)) and 0 < limit < math.inf else DEFAULT_RATE
-
     def worker_rates(self, *, fresh: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
         """The scheduler's metering state and the rate each worker's provider asks
         (:func:`gpunet.client.placement.worker_rates`), cached for 5 s (cells are hot)."""
@@ -692,11 +702,9 @@ class GatewayNetwork(Network):
             raise
         network = cls(link, opened, max_result_bytes=max_result_bytes, max_stream_bytes_per_s=max_stream_bytes_per_s,
                       pip=pip)
-        state = network.metering_state() or {}
-        limit = state.get("default_max_rate", DEFAULT_RATE)
         #: this session's price limit (see Network.rate_limit); the gateway places by it
         network.rate_limit = placement.check_max_rate(max_rate) if max_rate is not None else (
-            float(limit) if isinstance(limit, (int, float)) and 0 < limit < math.inf else DEFAULT_RATE)
+            _default_rate(network.metering_state()))
         return network
 
     @property
@@ -867,6 +875,13 @@ class GatewayCredits:
         """The credit service's proof that its ledger of ``first`` entries grew into ``second``'s."""
         query = f"first={int(first)}" + ("" if second is None else f"&second={int(second)}")
         return self.link.call("GET", f"/sessions/{self.session_id}/ledger/consistency?{query}")
+
+
+def _default_rate(state: dict[str, Any] | None) -> float:
+    """The price limit the operator configured for notebooks, as the scheduler's metering
+    ``state`` says (:data:`DEFAULT_RATE` where it says none, or does not meter)."""
+    limit = (state or {}).get("default_max_rate", DEFAULT_RATE)
+    return float(limit) if isinstance(limit, (int, float)) and 0 < limit < math.inf else DEFAULT_RATE
 
 
 def _metering_state(client: Client) -> dict[str, Any] | None:
