@@ -11,6 +11,7 @@ handlers (:meth:`Network.call_scheduler`).
 from __future__ import annotations
 
 import ast
+import contextlib
 import atexit
 import logging
 import math
@@ -31,6 +32,7 @@ from gpunet import packages, wire
 from gpunet.client import data_comm, placement
 from gpunet.client.cells import CellRun, run_cell, stopped_by_ctrl_c
 from gpunet.client.gateway_link import (
+    GATEWAY_PROTOCOL,
     REQUEST_TIMEOUT_S,
     GatewayJob,
     GatewayLink,
@@ -686,7 +688,14 @@ class GatewayNetwork(Network):
         try:
             opened = link.call("POST", "/sessions", {
                 "budget": int(budget or DEFAULT_BUDGET), "kernel": kernel, "notebook": notebook,
-                "max_result_bytes": max_result_bytes, "max_stream_bytes_per_s": max_stream_bytes_per_s})
+                "max_result_bytes": max_result_bytes, "max_stream_bytes_per_s": max_stream_bytes_per_s,
+                "protocol": GATEWAY_PROTOCOL})
+            if opened.get("protocol") != GATEWAY_PROTOCOL:  # an older gateway: it would misread framed bodies
+                with contextlib.suppress(GpunetError):
+                    link.call("DELETE", f"/sessions/{opened.get('session_id')}")
+                raise GpunetError(f"the gateway at {url} runs an older gpunet (gateway protocol "
+                                  f"{opened.get('protocol', 1)}; this notebook speaks {GATEWAY_PROTOCOL}): ask its "
+                                  "operator to upgrade the gateway, or install the gateway's gpunet version here")
         except BaseException:
             link.close()
             raise
@@ -798,7 +807,7 @@ class GatewayNetwork(Network):
                                "gpu_build": environment.gpu_build, "gpu_packages": environment.gpu_packages}
         body["reuse"] = reuse and reuse_allowed()
         answer = self.link.request("POST", f"/sessions/{self.gateway_session}/jobs", body, stream=True,
-                                   timeout=None if timeout is None else timeout + REQUEST_TIMEOUT_S)
+                                   timeout=None if timeout is None else timeout + REQUEST_TIMEOUT_S, framed_body=True)
         events, sent = first_event(answer)
         per_item = bool(workers) and isinstance(workers[0], list)
         handle = GatewayJob(self, job, items=None if items is None else len(items), resources=resources,
