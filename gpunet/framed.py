@@ -105,8 +105,9 @@ class BodyReader:
         while block := self.read(1024 * 1024):
             yield block
 
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` more bytes of the body (all the rest with -1)."""
+    def read(self, size: int = -1) -> bytes | memoryview:
+        """Up to ``size`` more bytes of the body (all the rest with -1): a view of one
+        buffer where they lie in one (no copy), else bytes."""
         out = []
         wanted = self.len if size is None or size < 0 else size
         while wanted > 0:
@@ -117,7 +118,7 @@ class BodyReader:
             block, self._rest = self._rest[:wanted], self._rest[wanted:]
             out.append(block)
             wanted -= len(block)
-        return b"".join(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
 
 def version_refusal(what: str) -> GatewayError:

@@ -437,11 +437,15 @@ class Gateway:
             raise GatewayError(f"account {account} already has {count} sessions open on this gateway, "
                                f"the most it may; disconnect one (%gpunet disconnect), or wait: one idle for "
                                f"{SESSION_IDLE_S / 60:g} minutes is closed then", status=429, code="too_many_sessions")
-        if body.get("protocol") != GATEWAY_PROTOCOL:
+        theirs = body.get("protocol", 1)
+        if theirs != GATEWAY_PROTOCOL:
+            newer = type(theirs) is int and theirs > GATEWAY_PROTOCOL
             raise GatewayError(f"this gateway speaks gpunet's gateway protocol {GATEWAY_PROTOCOL} (large inputs and "
-                               "results as framed binary bodies) and the notebook's gpunet does not: upgrade gpunet "
-                               "in the notebook (pip install -U gpunet) to the gateway's version",
-                               status=426, code="upgrade_notebook")
+                               f"results as framed binary bodies) and the notebook's gpunet speaks {theirs!r}: " + (
+                                   "ask the operator to upgrade the gateway, or install the gateway's gpunet version "
+                                   "in the notebook" if newer else "upgrade gpunet in the notebook (pip install -U "
+                                   "gpunet) to the gateway's version"),
+                               status=426, code="upgrade_gateway" if newer else "upgrade_notebook")
         budget = _integer(body, "budget", 1, 10**15)
         caps = {name: _integer(body, name, 1, wire.DEFAULT_MAX_RESULT_BYTES if name == "max_result_bytes"
                                else 64 * wire.DEFAULT_MAX_STREAM_BYTES_PER_S)

@@ -13,7 +13,8 @@ import pytest
 
 import gpunet
 from gpunet.client import network as network_module
-from gpunet.client.gateway_link import error_from, job_request, sse_events, sse_frame
+from gpunet.client.gateway_link import (GATEWAY_PROTOCOL, check_gateway_protocol, error_from, job_request,
+                                        sse_events, sse_frame)
 from gpunet.errors import BudgetError, CellTimeoutError, GatewayError, GpunetError, PolicyError
 from gpunet.gateway import GatewayLimits, job_from
 from gpunet.gateway_guard import CUT_MARK, PIECE_BYTES, ConnectionCounts, Relay, UnreadResults
@@ -132,6 +133,14 @@ def test_a_framed_body_that_lies_about_its_buffers_is_refused(spans, message):
     stream = io.BytesIO(sent)
     with pytest.raises(GatewayError, match=message):
         framed.read_framed(stream.read, len(sent), what="the result")
+
+
+def test_a_gateway_of_another_protocol_is_refused_saying_which_side_to_upgrade():
+    check_gateway_protocol({"session_id": "s", "protocol": GATEWAY_PROTOCOL}, "https://gw")
+    with pytest.raises(GpunetError, match="runs an older gpunet .* ask its operator to upgrade the gateway"):
+        check_gateway_protocol({"session_id": "s"}, "https://gw")  # an older gateway says no protocol
+    with pytest.raises(GpunetError, match="runs a newer gpunet .* upgrade gpunet here"):
+        check_gateway_protocol({"session_id": "s", "protocol": GATEWAY_PROTOCOL + 1}, "https://gw")
 
 
 def test_a_body_of_another_layout_says_which_side_to_upgrade():

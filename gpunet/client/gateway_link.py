@@ -88,6 +88,20 @@ def sse_events(lines: Iterator[bytes | str]) -> Iterator[tuple[str, Any]]:
             data.append(line[5:].strip())
 
 
+def check_gateway_protocol(opened: dict[str, Any], url: str) -> None:
+    """Refuse (:class:`GpunetError`, saying which side to upgrade) a gateway whose answer to
+    opening a session says another protocol than :data:`GATEWAY_PROTOCOL` (an older one says none)."""
+    theirs = opened.get("protocol", 1)
+    if theirs == GATEWAY_PROTOCOL:
+        return
+    if isinstance(theirs, int) and theirs > GATEWAY_PROTOCOL:
+        raise GpunetError(f"the gateway at {url} runs a newer gpunet (gateway protocol {theirs}; this notebook speaks "
+                          f"{GATEWAY_PROTOCOL}): upgrade gpunet here (pip install -U gpunet)")
+    raise GpunetError(f"the gateway at {url} runs an older gpunet (gateway protocol {theirs}; this notebook speaks "
+                      f"{GATEWAY_PROTOCOL}): ask its operator to upgrade the gateway, or install the gateway's "
+                      "gpunet version here")
+
+
 def gateway_ca(ca: str | None) -> str:
     """The operator's CA file to check the gateway's certificate with (``--ca`` or
     ``GPUNET_GATEWAY_CA``); a clear error where there is none."""
@@ -101,6 +115,18 @@ def gateway_ca(ca: str | None) -> str:
     return ca
 
 
+#: How much of a request body goes to the connection at a time (urllib3's default: 16 kB).
+SEND_BLOCK_BYTES = 1024 * 1024
+
+
+class LargeBlocks(requests.adapters.HTTPAdapter):
+    """``requests``' adapter sending a streamed body :data:`SEND_BLOCK_BYTES` at a time."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """The pools, their connections sending bodies in large blocks."""
+        super().init_poolmanager(*args, **{**kwargs, "blocksize": SEND_BLOCK_BYTES})
+
+
 class GatewayLink:
     """HTTPS to the gateway at ``url`` with this notebook's credit ``token``, checking
     its certificate against the operator's CA file ``ca``."""
@@ -110,6 +136,7 @@ class GatewayLink:
         self.ca = ca
         self.timeout = timeout
         self.http = requests.Session()
+        self.http.mount("https://", LargeBlocks())
         self.http.headers.update({"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"})
 
     def request(self, method: str, path: str, body: Any = None, *, stream: bool = False,

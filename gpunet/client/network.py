@@ -36,6 +36,7 @@ from gpunet.client.gateway_link import (
     REQUEST_TIMEOUT_S,
     GatewayJob,
     GatewayLink,
+    check_gateway_protocol,
     first_event,
     gateway_ca,
     job_request,
@@ -690,12 +691,12 @@ class GatewayNetwork(Network):
                 "budget": int(budget or DEFAULT_BUDGET), "kernel": kernel, "notebook": notebook,
                 "max_result_bytes": max_result_bytes, "max_stream_bytes_per_s": max_stream_bytes_per_s,
                 "protocol": GATEWAY_PROTOCOL})
-            if opened.get("protocol") != GATEWAY_PROTOCOL:  # an older gateway: it would misread framed bodies
+            try:
+                check_gateway_protocol(opened, url)
+            except GpunetError:  # another version's gateway would misread what this notebook sends
                 with contextlib.suppress(GpunetError):
                     link.call("DELETE", f"/sessions/{opened.get('session_id')}")
-                raise GpunetError(f"the gateway at {url} runs an older gpunet (gateway protocol "
-                                  f"{opened.get('protocol', 1)}; this notebook speaks {GATEWAY_PROTOCOL}): ask its "
-                                  "operator to upgrade the gateway, or install the gateway's gpunet version here")
+                raise
         except BaseException:
             link.close()
             raise
