@@ -11,6 +11,7 @@ handlers (:meth:`Network.call_scheduler`).
 from __future__ import annotations
 
 import ast
+import contextlib
 import atexit
 import logging
 import math
@@ -31,9 +32,11 @@ from gpunet import packages, wire
 from gpunet.client import data_comm, placement
 from gpunet.client.cells import CellRun, run_cell, stopped_by_ctrl_c
 from gpunet.client.gateway_link import (
+    GATEWAY_PROTOCOL,
     REQUEST_TIMEOUT_S,
     GatewayJob,
     GatewayLink,
+    check_gateway_protocol,
     first_event,
     gateway_ca,
     job_request,
@@ -696,7 +699,14 @@ class GatewayNetwork(Network):
         try:
             opened = link.call("POST", "/sessions", {
                 "budget": int(budget or DEFAULT_BUDGET), "kernel": kernel, "notebook": notebook,
-                "max_result_bytes": max_result_bytes, "max_stream_bytes_per_s": max_stream_bytes_per_s})
+                "max_result_bytes": max_result_bytes, "max_stream_bytes_per_s": max_stream_bytes_per_s,
+                "protocol": GATEWAY_PROTOCOL})
+            try:
+                check_gateway_protocol(opened, url)
+            except GpunetError:  # another version's gateway would misread what this notebook sends
+                with contextlib.suppress(GpunetError):
+                    link.call("DELETE", f"/sessions/{opened.get('session_id')}")
+                raise
         except BaseException:
             link.close()
             raise
@@ -806,7 +816,7 @@ class GatewayNetwork(Network):
                                "gpu_build": environment.gpu_build, "gpu_packages": environment.gpu_packages}
         body["reuse"] = reuse and reuse_allowed()
         answer = self.link.request("POST", f"/sessions/{self.gateway_session}/jobs", body, stream=True,
-                                   timeout=None if timeout is None else timeout + REQUEST_TIMEOUT_S)
+                                   timeout=None if timeout is None else timeout + REQUEST_TIMEOUT_S, framed_body=True)
         events, sent = first_event(answer)
         per_item = bool(workers) and isinstance(workers[0], list)
         handle = GatewayJob(self, job, items=None if items is None else len(items), resources=resources,
