@@ -262,8 +262,15 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         beyond their own: the first client to name a hold owns it), or a hold closed
         here that no client owns any more, or a map of another client; and on an open
         network those that carry no hold: they ask for a resource no worker has, and are
-        cancelled for their client."""
-        created = [key for key in tasks if key in scheduler.tasks and scheduler.tasks[key].run_spec is not None]
+        cancelled for their client. A task another client wants too (its key named again) is
+        never refused for that: only, on an open network, given up for this client, as is a
+        new task that would read another client's result (:meth:`_give_up_others`)."""
+        cs = scheduler.clients.get(client)
+        others = {key for key in tasks if key in scheduler.tasks and _wanted_by_another(scheduler.tasks[key], cs)}
+        created = [key for key in tasks if key not in others and key in scheduler.tasks
+                   and scheduler.tasks[key].run_spec is not None]
+        if self.open_network:
+            created = self._give_up_others(scheduler, client, cs, others, created)
         foreign = []
         for key in created:
             meta = self._annotation(key)
@@ -289,6 +296,26 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         refused = [key for key in created if key not in skipped and not wire.is_hold_annotation(self._annotation(key))]
         self._refuse_tasks(scheduler, refused, client, "gpunet-no-hold",
                            "this open network runs only tasks that carry a hold (submit through the gateway)")
+
+    def _give_up_others(self, scheduler: Scheduler, client: str, cs: Any, others: set[Any],
+                        created: list[Any]) -> list[Any]:
+        """On an open network every task is one session's: where ``client``'s graph names
+        another's task (``others``), it no longer wants it (cancelled for it alone; the other's
+        task goes on untouched), and its new tasks that would take another's result as an
+        input are refused. Returns the rest of ``created``."""
+        wanted = [key for key in others if cs in scheduler.tasks[key].who_wants]
+        if wanted:
+            self.refused_tasks += len(wanted)
+            logger.warning("gpunet metering: client %s named %d task(s) of another session", client, len(wanted))
+            scheduler.client_releases_keys(keys=wanted, client=client, stimulus_id=f"gpunet-not-yours-{time.time()}")
+            scheduler.report({"op": "cancelled-keys", "keys": wanted, "reason": "gpunet-foreign-task",
+                              "msg": "these tasks are another session's"}, client=client)
+        reading = [key for key in created
+                   if any(_wanted_by_another(dep, cs) for dep in scheduler.tasks[key].dependencies)]
+        self._refuse_tasks(scheduler, reading, client, "gpunet-foreign-input",
+                           "these tasks would read another session's results")
+        skipped = set(reading)
+        return [key for key in created if key not in skipped]
 
     def _refuse_tasks(self, scheduler: Scheduler, refused: list[Any], client: str, reason: str, msg: str) -> None:
         """Keep ``refused`` tasks from running (a resource no worker has) and cancel them for ``client``,
@@ -730,6 +757,13 @@ def checked_environment(report: Any) -> dict[str, Any] | None:
     return {"packages": dict(packages), "installs": dict(installs) if installs is not None else None,
             "gpu": report.get("gpu") is True, "python": str(report.get("python", ""))[:16],
             "platform": str(report.get("platform", ""))[:64]}
+
+
+def _wanted_by_another(ts: Any, cs: Any) -> bool:
+    """Whether task ``ts`` is another client's than ``cs``'s: another wants it, or one of its
+    dependents, which another wants (a task wanted by nobody is no one's yet)."""
+    return any(other is not cs for other in ts.who_wants) or any(
+        other is not cs for dependent in ts.dependents for other in dependent.who_wants)
 
 
 #: Task states in which no worker has been sent the task yet.

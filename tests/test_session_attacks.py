@@ -100,8 +100,13 @@ async def test_a_session_cannot_charge_release_close_judge_or_spend_anothers_hol
             stolen = dave.submit(marker, str(ran), key=f"gpunet-{uuid.uuid4().hex}", resources={"device": 1})
         with pytest.raises(Exception, match="cancel|Cancel"):
             await asyncio.wait_for(stolen.result(), WAIT_S)
-        assert not ran.exists()
-        assert net.plugin.state()["refused_calls"] == 6 and net.plugin.refused_tasks == 1
+        # dave's graph naming carol's running task's key: he is not given it, her task goes on
+        named = dave.submit(marker, str(ran), key=running.key, resources={"device": 1})
+        with pytest.raises(Exception, match="cancel|Cancel"):
+            await asyncio.wait_for(named.result(), WAIT_S)
+        assert not ran.exists() and net.s.tasks[running.key].state == "processing"
+        assert {cs.client_key for cs in net.s.tasks[running.key].who_wants} == {carol.id}
+        assert net.plugin.state()["refused_calls"] == 6 and net.plugin.refused_tasks == 2
         assert credits.usage() == before and before["held"] == 150 and before["spent"] == 0
         # carol's own calls still work: her task runs to its end and is paid, her verdict settles her copy
         alice_before = net.balances()["alice"]
