@@ -567,7 +567,10 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         """Handler: tasks of ``hold`` (the client's own) the notebook saw cancelled, which this
         scheduler may never have created (``update_graph`` refuses a graph whose input was lost)."""
         self._check_owner(client, [hold], "closing a hold")
-        self._after(self.settlement.close_unknown(hold, keys, self.scheduler.tasks))
+        cs = self.scheduler.clients.get(client) if client is not None else None
+        pending = sum(1 for ts in (cs.wants_what if cs is not None else ())
+                      if ts.state not in ("memory", "erred") and (self._annotation(ts.key) or {}).get("hold") == hold)
+        self._after(self.settlement.close_unknown(hold, keys, self.scheduler.tasks, pending))
 
     def state(self) -> dict[str, Any]:
         """Handler: how far the reports have got, and the providers' rates."""

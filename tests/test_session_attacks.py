@@ -107,6 +107,8 @@ async def test_a_session_cannot_charge_release_close_judge_or_spend_anothers_hol
         assert not ran.exists() and net.s.tasks[running.key].state == "processing"
         assert {cs.client_key for cs in net.s.tasks[running.key].who_wants} == {carol.id}
         assert net.plugin.state()["refused_calls"] == 6 and net.plugin.refused_tasks == 2
+        # nor can carol herself close her running task's hold with a made-up key (it would run unpaid)
+        await carol.scheduler.gpunet_close_unknown(hold=hold, keys=["gpunet-made-up"], client=carol.id)
         assert credits.usage() == before and before["held"] == 150 and before["spent"] == 0
         # carol's own calls still work: her task runs to its end and is paid, her verdict settles her copy
         alice_before = net.balances()["alice"]
