@@ -232,8 +232,10 @@ def test_verified_cell_in_the_notebook(honest_market, shell, detached):
 
 
 def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
-    """Only the notebook that wants a copy may judge it; the scheduler ignores others."""
+    """Only the notebook that wants a copy may judge it; the scheduler refuses others."""
     from distributed import Client
+
+    from gpunet.errors import NotYoursError
 
     market = honest_market
     with market.connect() as net:
@@ -245,11 +247,12 @@ def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
         verdicts = net.metering_state()["verdicts"]
         with Client(market.scheduler) as other:
             # Through the handler a notebook's own verdict takes (VerifiedJob._verdict), as
-            # itself. The call returns once the scheduler has handled it.
-            other.sync(getattr(other.scheduler, wire.VERDICT), client=other.id, job=job.job_id,
-                       copies=dict.fromkeys(keys, False), method="replicate:2", digest="", checked=True)
+            # itself. The call returns once the scheduler has refused it.
+            with pytest.raises(NotYoursError, match="belongs to another notebook session"):
+                other.sync(getattr(other.scheduler, wire.VERDICT), client=other.id, job=job.job_id,
+                           copies=dict.fromkeys(keys, False), method="replicate:2", digest="", checked=True)
         state = net.metering_state()
-        assert state["verdicts"] == verdicts + 1, "the scheduler should have handled the forged verdict"
+        assert state["verdicts"] == verdicts and state["refused_calls"] == 1
         assert state["awaiting_verdict"] == 2
         assert remote.wait()[0] and result_digest(remote.units[0].accepted.result)
         wait_reported(net)

@@ -489,7 +489,11 @@ class Network:
 
     # -- the scheduler plugin's named handlers ----------------------------------------------
     def call_scheduler(self, handler: str, **kwargs: Any) -> Any:
-        """Call one of the named handlers the scheduler plugin serves (:mod:`gpunet.wire`)."""
+        """Call one of the named handlers the scheduler plugin serves (:mod:`gpunet.wire`); one
+        about this session's own holds, tasks or maps names this session's Dask client
+        (:data:`gpunet.wire.CALLER_NAMED`), never another."""
+        if handler in wire.CALLER_NAMED:
+            kwargs["client"] = self.client.id
         return self.client.sync(getattr(self.client.scheduler, handler), **kwargs)
 
     def metering_state(self) -> dict[str, Any] | None:
@@ -1045,12 +1049,13 @@ def join(address: str, *, credits: str | None, token: str | None, budget: int | 
          result_format: str, max_result_bytes: int, max_stream_bytes_per_s: int,
          embedded: EmbeddedNetwork | None = None, notebook: tuple[str, str] | None = None,
          network_class: type[Network] | None = None, max_rate: float | None = None,
-         pip: Iterable[str] | None = None) -> Network:
+         pip: Iterable[str] | None = None, client_name: str | None = None) -> Network:
     """A :class:`Network` on the scheduler at ``address`` as a Dask client (what
     :func:`connect` makes, and what the gateway makes for each notebook it serves):
     with ``result_format`` CODEC over the data-only comm, metered with ``token``'s
     account when ``credits`` is given (``notebook``: the session's kernel and notebook);
-    ``network_class``: a subclass of :class:`Network` to make (the gateway's)."""
+    ``network_class``: a subclass of :class:`Network` to make (the gateway's); ``client_name``:
+    the Dask client's name (the gateway names each session's after its account)."""
     options: dict[str, Any] = {}
     dask_address = address
     if result_format == wire.CODEC:  # Dask itself must not unpickle what providers send
@@ -1058,7 +1063,7 @@ def join(address: str, *, credits: str | None, token: str | None, budget: int | 
         options["deserializers"] = list(data_comm.DATA_SERIALIZERS)
         data_comm.max_message_bytes = max_result_bytes + data_comm.MESSAGE_SLACK_BYTES
     try:
-        client = Client(dask_address, timeout=timeout, set_as_default=False, **options)
+        client = Client(dask_address, timeout=timeout, set_as_default=False, name=client_name, **options)
     except (OSError, TimeoutError) as exc:
         raise ConnectError(
             f"cannot reach the scheduler at {address} within {timeout:g} s ({exc.__class__.__name__}). "
