@@ -10,7 +10,7 @@ the same array, and a 200-item net.map against client.map, in the same run.
                                                 [--only-codec] [--only-data] [--data-repeats 10]
     .venv/bin/python benchmarks/cell_latency.py --open [--repeats 200] [--items 2000]
     .venv/bin/python benchmarks/cell_latency.py --open --only-data [--data-repeats 10]
-    .venv/bin/python benchmarks/cell_latency.py --only-verified [--repeats 200]
+    .venv/bin/python benchmarks/cell_latency.py --only-verified [--repeats 200] [--sessions 10]
 
 --open measures an open network instead, every party its own process on 127.0.0.1
 (certificates from `gpunet certs`, a credit service, `gpunet scheduler` over mutual
@@ -23,7 +23,9 @@ through the gateway, against client.submit with the same array on the same clust
 
 --only-verified measures a trivial verified call (two copies on two providers of a local
 market) against client.submit, with its copies' holds placed ahead (as a session does)
-and with them asked of the credit service on its path (as before this version).
+and with them asked of the credit service on its path (as before this version); then the
+first verified call of each of --sessions fresh sessions (connect, one verified call, close):
+its round trip and the requests it sent to the credit service on its path.
 
 By default the embedded network meters work, as `%gpunet connect` does: every cell
 then also places a hold over HTTP before it is sent. --unmetered measures without.
@@ -455,6 +457,42 @@ def verified_figures(repeats: int) -> None:
           f"holds asked on its path / placed ahead: {rows[2][1][0] / rows[1][1][0]:.2f}")
 
 
+def first_verified_figures(sessions: int) -> None:
+    """The first verified call (``verify="replicate"``) of each of ``sessions`` fresh sessions
+    on a local market of two honest providers: how long connecting took, the first call's
+    round trip, the second's, and the requests the first sent to the credit service on its
+    path (counted in this process, on the thread that sent the call)."""
+    from gpunet.testing import local_market
+
+    rows: dict[str, list[float]] = {"connect": [], "first verified call": [], "second verified call": []}
+    asked: list[int] = []
+    with local_market({"alice": 0.0, "bob": 0.0}) as market:
+        for _ in range(sessions):
+            started = time.perf_counter()
+            with market.connect(budget=1_000_000) as net:
+                rows["connect"].append(time.perf_counter() - started)
+                credits, sent = net.meter.credits, []
+                real = credits._request
+
+                def counted(*args, _real=real, _sent=sent, **kwargs):
+                    if threading.current_thread() is threading.main_thread():  # the call's path, not the refill's
+                        _sent.append(args[:2])
+                    return _real(*args, **kwargs)
+
+                credits._request = counted
+                rows["first verified call"] += timings(lambda: net.run(trivial, 1, verify="replicate"), 1, warmup=0)
+                credits._request = real
+                asked.append(len(sent))
+                rows["second verified call"] += timings(lambda: net.run(trivial, 1, verify="replicate"), 1, warmup=0)
+    print(f"\nthe first verified call of a fresh session, {sessions} sessions (ms)")
+    print(f"{'':36s} {'median':>8s} {'p95':>8s}")
+    for name, samples in rows.items():
+        median, p95 = summary(samples)
+        print(f"{name:36s} {median:8.2f} {p95:8.2f}")
+    print(f"requests to the credit service on the first call's path: {statistics.median(asked):g} (median), "
+          f"{max(asked)} (most)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
@@ -468,9 +506,14 @@ def main() -> None:
     parser.add_argument("--only-data", action="store_true", help="measure only array inputs and a 200-item map")
     parser.add_argument("--only-verified", action="store_true",
                         help="measure only a trivial verified call on a local market of two providers")
+    parser.add_argument("--sessions", type=int, default=10,
+                        help="fresh sessions whose first verified call --only-verified measures (0: none)")
     args = parser.parse_args()
     if args.only_verified:
-        verified_figures(args.repeats)
+        if args.repeats:
+            verified_figures(args.repeats)
+        if args.sessions:
+            first_verified_figures(args.sessions)
         return
     if args.open and args.only_data:
         open_data_figures(args.data_repeats)

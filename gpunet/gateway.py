@@ -55,6 +55,7 @@ from gpunet.credits._service import bind_socket, read_capped_body
 from gpunet.errors import (AuthError, CreditsError, CreditsRequestError, GatewayError, GpunetError, OptionError,
                            PackageError, ProviderDataError)
 from gpunet.kernels import Tolerance
+from gpunet.metering.owners import client_name
 from gpunet.gateway_guard import (ConnectionCounts, Relay, UnreadResults, guarded_protocol, guarded_server,
                                   holder_of, repeat_while)
 from gpunet.guarded_tls import expect_scheduler_at, use_guarded_tls
@@ -456,7 +457,8 @@ class Gateway:
         try:
             network = await asyncio.to_thread(join, self.scheduler, credits=self.credits_url, token=token,
                                               budget=budget, timeout=30.0, result_format=wire.CODEC,
-                                              notebook=notebook, network_class=ServedNetwork, **caps)
+                                              notebook=notebook, network_class=ServedNetwork,
+                                              client_name=client_name(account), **caps)
         finally:
             self._opening[account] -= 1
         session = ClientSession(secrets.token_urlsafe(24), account, _digest(token), network)  # type: ignore[arg-type]

@@ -42,6 +42,25 @@ def party(service) -> Party:
     return Party(service)
 
 
+@pytest.fixture(scope="module")
+def world(service):
+    """A client with a session, an open and a settled hold, a provider and another client (the bad
+    requests' cases name them), with every token: (party, tokens, names)."""
+    party = Party(service)
+    client, client_api = party.account("client", credits=1000)
+    other, other_api = party.account("client", credits=1000)
+    provider, provider_api = party.account("provider")
+    session = client_api.open_session(100000)
+    open_hold = client_api.hold(session, 10, key="open-hold")
+    settled_hold = client_api.hold(session, 10, key="settled-hold")
+    party.ops.settle(settled_hold, provider, 5, key="settle-it")
+    tokens = {"operator": service.operator_token, "client": client_api.token, "other_client": other_api.token,
+              "provider": provider_api.token, "bad_token": "gpn_not-a-token"}
+    names = {"client": client, "provider": provider, "session": session, "open_hold": open_hold,
+             "settled_hold": settled_hold}
+    return party, tokens, names
+
+
 # -- PostgreSQL -----------------------------------------------------------------------
 
 

@@ -40,3 +40,16 @@ class Party:
         if credits:
             self.ops.mint(name, credits, key=f"mint-{name}")
         return name, CreditClient(self.svc.url, token)
+
+
+def fill_names(value, names: dict[str, str]):
+    """``value`` (a bad request's case) with each ``{name}`` in its strings replaced by ``names[name]``."""
+    if isinstance(value, str):
+        for k, v in names.items():
+            value = value.replace("{" + k + "}", v)
+        return value
+    if isinstance(value, list):
+        return [fill_names(v, names) for v in value]
+    if isinstance(value, dict):
+        return {k: fill_names(v, names) for k, v in value.items()}
+    return value

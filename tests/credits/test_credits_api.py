@@ -8,7 +8,7 @@ import json
 import pytest
 import requests
 
-from credits_helpers import DATA, Party
+from credits_helpers import DATA, Party, fill_names
 from gpunet.credits import (
     AuthError,
     BudgetExceededError,
@@ -115,35 +115,6 @@ def test_proofs_and_heads(party: Party):
     assert {h["size"] for h in ops.heads()} >= {head1["size"], head2["size"]}
 
 
-@pytest.fixture(scope="module")
-def world(service):
-    party = Party(service)
-    client, client_api = party.account("client", credits=1000)
-    other, other_api = party.account("client", credits=1000)
-    provider, provider_api = party.account("provider")
-    session = client_api.open_session(100000)
-    open_hold = client_api.hold(session, 10, key="open-hold")
-    settled_hold = client_api.hold(session, 10, key="settled-hold")
-    party.ops.settle(settled_hold, provider, 5, key="settle-it")
-    tokens = {"operator": service.operator_token, "client": client_api.token, "other_client": other_api.token,
-              "provider": provider_api.token, "bad_token": "gpn_not-a-token"}
-    names = {"client": client, "provider": provider, "session": session, "open_hold": open_hold,
-             "settled_hold": settled_hold}
-    return party, tokens, names
-
-
-def _fill(value, names):
-    if isinstance(value, str):
-        for k, v in names.items():
-            value = value.replace("{" + k + "}", v)
-        return value
-    if isinstance(value, list):
-        return [_fill(v, names) for v in value]
-    if isinstance(value, dict):
-        return {k: _fill(v, names) for k, v in value.items()}
-    return value
-
-
 @pytest.mark.parametrize("case", BAD, ids=[c["description"] for c in BAD])
 def test_bad_requests_are_refused_and_move_nothing(world, case):
     party, tokens, names = world
@@ -153,11 +124,11 @@ def test_bad_requests_are_refused_and_move_nothing(world, case):
         headers["Authorization"] = f"Bearer {tokens[case['as']]}"
     kw = {}
     if "raw" in case:
-        kw["data"] = _fill(case["raw"], names)
+        kw["data"] = fill_names(case["raw"], names)
         headers["Content-Type"] = "application/json"
     elif "body" in case:
-        kw["json"] = _fill(case["body"], names)
-    resp = requests.request(case["method"], party.svc.url + _fill(case["path"], names), headers=headers,
+        kw["json"] = fill_names(case["body"], names)
+    resp = requests.request(case["method"], party.svc.url + fill_names(case["path"], names), headers=headers,
                             timeout=10, **kw)
     assert resp.status_code == case["status"], resp.text
     if "item_status" in case:
@@ -237,13 +208,13 @@ def test_idempotent_calls_retry_across_a_restart_and_move_once(tmp_path):
     import time
 
     attempts = []
-    send = impatient._http.request
+    send = impatient._send
 
     def counted(*args, **kwargs):  # counts what reaches the wire, attempt by attempt
         attempts.append(args[:2])
         return send(*args, **kwargs)
 
-    impatient._http.request = counted
+    impatient._send = counted
     t0 = time.monotonic()
     with pytest.raises(CreditsUnavailableError, match="unreachable"):
         impatient.create_account("late", "client")  # no key: not retried, fails at once
