@@ -755,6 +755,51 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _CoalescingTransport:
+    """A connection's transport whose writes made in one turn of the event loop leave in one send.
+
+    uvicorn writes an answer's head and its body apart; on a TCP_NODELAY socket each write is a
+    send, a segment and a wake-up of the client: a batch's answer cost two (the head's the dearer,
+    about 4 µs of the service's CPU per hold+settle pair). Every other call goes to the transport."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; what this turn of the loop queued is sent at the end of it."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def _flush(self) -> None:
+        data, self._pending = b"".join(self._pending), []
+        if data and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        """Send what is queued, then close."""
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _coalescing_protocol() -> type:
+    """uvicorn's h11 protocol writing through a :class:`_CoalescingTransport`."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class CoalescingH11Protocol(H11Protocol):
+        """H11Protocol whose writes of one turn of the event loop leave in one send."""
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            """Take the connection, its transport wrapped."""
+            super().connection_made(_CoalescingTransport(transport))
+
+    return CoalescingH11Protocol
+
+
 def serve(
     db: str | None = None,
     host: str = "127.0.0.1",
@@ -799,7 +844,7 @@ def serve(
         shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
         url = f"http://{shown}:{bound[1]}"
         config = uvicorn.Config(build_app(store), log_level="warning", access_log=access_log,
-                                lifespan="on", timeout_keep_alive=60, backlog=2048)
+                                lifespan="on", timeout_keep_alive=60, backlog=2048, http=_coalescing_protocol())
         server = uvicorn.Server(config)
         if on_ready is not None:
             on_ready(url, token_path)
