@@ -9,7 +9,8 @@ the same array, and a 200-item net.map against client.map, in the same run.
                                                 [--codec-repeats 50] [--codec-items 200]
                                                 [--only-codec] [--only-data] [--data-repeats 10]
     .venv/bin/python benchmarks/cell_latency.py --open [--repeats 200] [--items 2000]
-    .venv/bin/python benchmarks/cell_latency.py --only-verified [--repeats 200]
+    .venv/bin/python benchmarks/cell_latency.py --open --only-data [--data-repeats 10]
+    .venv/bin/python benchmarks/cell_latency.py --only-verified [--repeats 200] [--sessions 10]
 
 --open measures an open network instead, every party its own process on 127.0.0.1
 (certificates from `gpunet certs`, a credit service, `gpunet scheduler` over mutual
@@ -17,10 +18,14 @@ TLS, two `gpunet provide` processes, `gpunet gateway`): the trivial cell's round
 through the gateway (HTTPS, metered) against `client.submit` with the gateway's
 certificate on the same cluster, and `--map` of the items through the gateway
 against `client.map`, the Dask tasks carrying a hold as every task there must.
+With --only-data, a 1, 10 and 100 MB NumPy array as net.run's input and as its result
+through the gateway, against client.submit with the same array on the same cluster.
 
 --only-verified measures a trivial verified call (two copies on two providers of a local
 market) against client.submit, with its copies' holds placed ahead (as a session does)
-and with them asked of the credit service on its path (as before this version).
+and with them asked of the credit service on its path (as before this version); then the
+first verified call of each of --sessions fresh sessions (connect, one verified call, close):
+its round trip and the requests it sent to the credit service on its path.
 
 By default the embedded network meters work, as `%gpunet connect` does: every cell
 then also places a hold over HTTP before it is sent. --unmetered measures without.
@@ -168,7 +173,7 @@ GPUNET = [sys.executable, "-m", "gpunet.cli"]
 
 
 @contextlib.contextmanager
-def open_network(folder: Path) -> Iterator[dict]:
+def open_network(folder: Path, gateway_args: tuple[str, ...] = ()) -> Iterator[dict]:
     """An open network of processes on 127.0.0.1 (see the module docstring)."""
     from gpunet.credits import serve_in_background
 
@@ -210,7 +215,7 @@ def open_network(folder: Path) -> Iterator[dict]:
         for name in ("alice", "bob"):
             start(["provide", address, "--host", "127.0.0.1", *tls("provider", name)], rf"provider: {name}(;)")
         url = start(["gateway", address, "--credits", service.url, "--port", "0", "--submit-burst", "100000",
-                     "--submits-per-second", "100000", *tls("gateway", "gw")], r"gateway: (https://\S+)")
+                     "--submits-per-second", "100000", *gateway_args, *tls("gateway", "gw")], r"gateway: (https://\S+)")
         yield {"address": address, "url": url, "ca": ca, "service": service, "tokens": tokens}
     finally:
         for process in reversed(processes):
@@ -299,6 +304,67 @@ def open_network_figures(repeats: int, items: int) -> None:
             print(f"ratio %%gpunet --map through the gateway / client.map: "
                   f"{rates['%%gpunet --map through the gateway'] / rates['client.map + gather, held']:.2f}  (aim: >= 0.7)")
             net.close()
+
+
+def array_of(megabytes: int):
+    """What the open network's data benchmark returns: a ``megabytes`` MB float64 array."""
+    import numpy as np
+
+    return np.full(megabytes * 1024 * 1024 // 8, 1.5)
+
+
+def open_data_figures(repeats: int) -> None:
+    """A 1, 10 and 100 MB NumPy array as net.run's input and as its result through the
+    gateway, against client.submit(...).result() with the gateway's certificate and a hold on
+    the same open network, rounds interleaved."""
+    import dask
+    import numpy as np
+    from distributed import Client
+
+    import gpunet
+    from gpunet import certs, wire
+
+    room = str(512 * 1024 * 1024)
+    with tempfile.TemporaryDirectory() as folder, open_network(Path(folder), (
+            "--max-body-bytes", room, "--max-job-bytes", room)) as market:
+        ca = market["ca"]
+        security = certs.security(ca / "ca.pem", ca / "gateway-gw.pem", ca / "gateway-gw-key.pem")
+        net = gpunet.connect(market["url"], token=market["tokens"]["carol"], ca=str(ca / "ca.pem"), budget=10**8)
+        tasks = 60 * repeats + 60
+        with Client(market["address"], security=security, timeout=60) as client, \
+                market["service"].client(market["tokens"]["carol"]) as carol:
+            client.wait_for_workers(2, timeout=120)
+            session = carol.open_session(10**8)
+            hold = carol.hold(session, 10 * tasks, key=f"bench-{uuid.uuid4().hex}", meter="meter")
+            print(f"\nopen network: data through the gateway against Dask's client on the same cluster, "
+                  f"{repeats} round trips each (median ms)")
+            print(f"{'':36s} {'Dask':>10s} {'gateway':>10s} {'gateway/Dask':>13s}")
+            with dask.annotate(**{wire.ANNOTATION: wire.annotation(hold, 10, tasks=tasks)}):
+                for megabytes in (1, 10, 100):
+                    array = np.random.default_rng(megabytes).random(megabytes * 1024 * 1024 // 8)
+                    cases = {"input": {"Dask": lambda: client.submit(first_value, array, pure=False,
+                                                                     resources={"device": 1}).result(),
+                                       "gateway": lambda: net.run(first_value, array, timeout=900)},
+                             "result": {"Dask": lambda: client.submit(array_of, megabytes, pure=False,
+                                                                      resources={"device": 1}).result(),
+                                        "gateway": lambda: net.run(array_of, megabytes, timeout=900)}}
+                    for case, contenders in cases.items():
+                        samples: dict[str, list[float]] = {label: [] for label in contenders}
+                        try:
+                            for fn in contenders.values():
+                                fn()  # warm-up
+                            for _ in range(max(repeats // 2, 1)):  # interleaved, so drift in load hits both alike
+                                for label, fn in contenders.items():
+                                    samples[label] += timings(fn, 2, warmup=0)
+                        except gpunet.GpunetError as exc:  # a version whose gateway cannot carry it
+                            print(f"{f'{megabytes} MB array {case}':36s} failed: {exc}")
+                            continue
+                        medians = {label: summary(values)[0] for label, values in samples.items()}
+                        print(f"{f'{megabytes} MB array {case}':36s} {medians['Dask']:10.1f} "
+                              f"{medians['gateway']:10.1f} {medians['gateway'] / medians['Dask']:13.2f}")
+        net.close()
+
+
 def first_value(array) -> float:
     """What the data benchmark runs: reads one number of its (large) input."""
     return float(array[0])
@@ -391,6 +457,42 @@ def verified_figures(repeats: int) -> None:
           f"holds asked on its path / placed ahead: {rows[2][1][0] / rows[1][1][0]:.2f}")
 
 
+def first_verified_figures(sessions: int) -> None:
+    """The first verified call (``verify="replicate"``) of each of ``sessions`` fresh sessions
+    on a local market of two honest providers: how long connecting took, the first call's
+    round trip, the second's, and the requests the first sent to the credit service on its
+    path (counted in this process, on the thread that sent the call)."""
+    from gpunet.testing import local_market
+
+    rows: dict[str, list[float]] = {"connect": [], "first verified call": [], "second verified call": []}
+    asked: list[int] = []
+    with local_market({"alice": 0.0, "bob": 0.0}) as market:
+        for _ in range(sessions):
+            started = time.perf_counter()
+            with market.connect(budget=1_000_000) as net:
+                rows["connect"].append(time.perf_counter() - started)
+                credits, sent = net.meter.credits, []
+                real = credits._request
+
+                def counted(*args, _real=real, _sent=sent, **kwargs):
+                    if threading.current_thread() is threading.main_thread():  # the call's path, not the refill's
+                        _sent.append(args[:2])
+                    return _real(*args, **kwargs)
+
+                credits._request = counted
+                rows["first verified call"] += timings(lambda: net.run(trivial, 1, verify="replicate"), 1, warmup=0)
+                credits._request = real
+                asked.append(len(sent))
+                rows["second verified call"] += timings(lambda: net.run(trivial, 1, verify="replicate"), 1, warmup=0)
+    print(f"\nthe first verified call of a fresh session, {sessions} sessions (ms)")
+    print(f"{'':36s} {'median':>8s} {'p95':>8s}")
+    for name, samples in rows.items():
+        median, p95 = summary(samples)
+        print(f"{name:36s} {median:8.2f} {p95:8.2f}")
+    print(f"requests to the credit service on the first call's path: {statistics.median(asked):g} (median), "
+          f"{max(asked)} (most)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
@@ -404,9 +506,17 @@ def main() -> None:
     parser.add_argument("--only-data", action="store_true", help="measure only array inputs and a 200-item map")
     parser.add_argument("--only-verified", action="store_true",
                         help="measure only a trivial verified call on a local market of two providers")
+    parser.add_argument("--sessions", type=int, default=10,
+                        help="fresh sessions whose first verified call --only-verified measures (0: none)")
     args = parser.parse_args()
     if args.only_verified:
-        verified_figures(args.repeats)
+        if args.repeats:
+            verified_figures(args.repeats)
+        if args.sessions:
+            first_verified_figures(args.sessions)
+        return
+    if args.open and args.only_data:
+        open_data_figures(args.data_repeats)
         return
     if args.open:
         open_network_figures(args.repeats, args.items)

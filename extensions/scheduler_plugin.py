@@ -51,6 +51,8 @@ from distributed.protocol.serialize import Serialized, deserialize
 from gpunet import codec, wire
 from gpunet.certs import SCHEDULER, identity_of_file
 from gpunet.credits import CreditClient, CreditsError
+from gpunet.errors import NotYoursError
+from gpunet.metering.owners import Owners, account_of
 from gpunet.metering.reporter import Reporter
 from gpunet.metering.settlement import GiveUpLater, Owned, Request, Retire, Settlement
 from gpunet.roles import SchedulerDoor, holds_topics
@@ -129,8 +131,10 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         #: worker address -> what its provider says is installed there (gpunet.worker.environment):
         #: a claim the provider makes, kept only for workers registered to a provider
         self.environments: dict[str, dict[str, Any]] = {}
-        #: pre-authorized hold -> the client that drew on it first (only it may draw on it)
+        #: pre-authorized hold -> the client that drew on it (released when that client leaves)
         self.preauth_owners: dict[str, str] = {}
+        #: which client (notebook session) each hold and map is: only it may act on them
+        self.owners = Owners()
 
     @property
     def providers(self) -> dict[str, dict[str, Any]]:
@@ -253,35 +257,76 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
     # -- Dask hooks ----------------------------------------------------------------------
     def update_graph(self, scheduler: Scheduler, *, client: str, tasks: list[Any], **kwargs: Any) -> None:
-        """Refuse, before any can run, the tasks that draw on another client's
-        pre-authorized hold, or name it to pay their overflow (the first client to name
-        one owns it), and on an open
+        """Refuse, before any can run, the tasks that name a hold of another client (its
+        own, a pre-authorized one drawn on, or one named to pay what a map's items earn
+        beyond their own: the first client to name a hold owns it), or a hold closed
+        here that no client owns any more, or a map of another client; and on an open
         network those that carry no hold: they ask for a resource no worker has, and are
-        cancelled for their client."""
-        created = [key for key in tasks if key in scheduler.tasks and scheduler.tasks[key].run_spec is not None]
+        cancelled for their client. A task another client wants too (its key named again) is
+        never refused for that: only, on an open network, given up for this client, as is a
+        new task that would read another client's result (:meth:`_give_up_others`)."""
+        cs = scheduler.clients.get(client)
+        others = {key for key in tasks if key in scheduler.tasks and _wanted_by_another(scheduler.tasks[key], cs)}
+        created = [key for key in tasks if key not in others and key in scheduler.tasks
+                   and scheduler.tasks[key].run_spec is not None]
+        if self.open_network:
+            created = self._give_up_others(scheduler, client, cs, others, created)
         foreign = []
         for key in created:
             meta = self._annotation(key)
             if not isinstance(meta, dict):
                 continue
+            named = [hold for hold in (meta.get("hold"), meta.get("overflow")) if isinstance(hold, str)]
+            ownerless = [hold for hold in named if hold in self.settlement.closed and hold not in self.owners.holds]
+            job = meta.get("job")
+            if self.owners.foreign(client, named) or ownerless or (
+                    isinstance(job, str) and not self.owners.claim_job(client, job)):
+                foreign.append(key)
+                continue
+            self.owners.claim(client, named)
             # a pre-authorized hold drawn on, or named to pay what a map's items earn beyond its own
             drawn = meta.get("hold") if "preauth" in meta else meta.get("overflow")
-            if isinstance(drawn, str) and self.preauth_owners.setdefault(drawn, client) != client:
-                foreign.append(key)
+            if isinstance(drawn, str):
+                self.preauth_owners[drawn] = client
         self._refuse_tasks(scheduler, foreign, client, "gpunet-foreign-hold",
-                           "these tasks draw on a pre-authorized hold of another session")
+                           "these tasks name a hold or a map of another session")
         if not self.open_network:
             return
-        refused = [key for key in created if not wire.is_hold_annotation(self._annotation(key))]
+        skipped = set(foreign)  # refused already
+        refused = [key for key in created if key not in skipped and not wire.is_hold_annotation(self._annotation(key))]
         self._refuse_tasks(scheduler, refused, client, "gpunet-no-hold",
                            "this open network runs only tasks that carry a hold (submit through the gateway)")
 
+    def _give_up_others(self, scheduler: Scheduler, client: str, cs: Any, others: set[Any],
+                        created: list[Any]) -> list[Any]:
+        """On an open network every task is one session's: where ``client``'s graph names
+        another's task (``others``), it no longer wants it (cancelled for it alone; the other's
+        task goes on untouched), and its new tasks that would take another's result as an
+        input are refused. Returns the rest of ``created``."""
+        wanted = [key for key in others if cs in scheduler.tasks[key].who_wants]
+        if wanted:
+            self.refused_tasks += len(wanted)
+            logger.warning("gpunet metering: client %s named %d task(s) of another session", client, len(wanted))
+            scheduler.client_releases_keys(keys=wanted, client=client, stimulus_id=f"gpunet-not-yours-{time.time()}")
+            scheduler.report({"op": "cancelled-keys", "keys": wanted, "reason": "gpunet-foreign-task",
+                              "msg": "these tasks are another session's"}, client=client)
+        reading = [key for key in created
+                   if any(_wanted_by_another(dep, cs) for dep in scheduler.tasks[key].dependencies)]
+        self._refuse_tasks(scheduler, reading, client, "gpunet-foreign-input",
+                           "these tasks would read another session's results")
+        skipped = set(reading)
+        return [key for key in created if key not in skipped]
+
     def _refuse_tasks(self, scheduler: Scheduler, refused: list[Any], client: str, reason: str, msg: str) -> None:
-        """Keep ``refused`` tasks from running (a resource no worker has) and cancel them for ``client``."""
+        """Keep ``refused`` tasks from running (a resource no worker has) and cancel them for ``client``,
+        with no hold: nothing that happens to them moves credits."""
         if not refused:
             return
         for key in refused:
-            scheduler.tasks[key].resource_restrictions = {REFUSED_RESOURCE: 1}
+            ts = scheduler.tasks[key]
+            ts.resource_restrictions = {REFUSED_RESOURCE: 1}
+            # its hold is not its own to close: its cancellation must not release the owner's hold
+            ts.annotations = {name: value for name, value in (ts.annotations or {}).items() if name != wire.ANNOTATION}
         self.refused_tasks += len(refused)
         logger.warning("gpunet metering: refused %d task(s) of client %s: %s", len(refused), client, msg)
         asyncio.get_running_loop().call_soon(
@@ -295,6 +340,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
             del self.preauth_owners[hold]
         if holds:
             self._after(self.settlement.release_holds(holds))
+        self.owners.client_left(client)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """Queue a settlement for a successful attempt, a release for a failed task.
@@ -333,6 +379,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         itself and compares their digests: the notebook's word alone does not make one."""
         tasks = {key: Owned(self._annotation(key), {cs.client_key for cs in self.scheduler.tasks[key].who_wants})
                  for key in copies or () if key in self.scheduler.tasks}
+        self._check_owner(client, [owned.meta.get("hold") for owned in tasks.values() if owned.meta],
+                          f"a verdict on job {job}")
         disputed = checked and any(not agreed for agreed in (copies or {}).values())
         # only this client's own copies of this job, and no more than a unit ever has
         judged = [key for key, owned in tasks.items()
@@ -340,7 +388,8 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         digests = await self._digests(judged[:DIGEST_FETCH_MAX_COPIES]) if disputed else {}
         self._after(self.settlement.verdict(client, job, copies or {}, tasks, method=method, digest=digest,
                                             checked=checked, digests=digests))
-        if checked and digest and sum(bool(agrees) for agrees in (copies or {}).values()) >= 2:
+        # a result is kept for reuse only where at least two of the client's own copies of this job agreed
+        if checked and digest and sum(bool((copies or {}).get(key)) for key in judged) >= 2:
             self._checked.setdefault((client, job), set()).add(digest)
             self._checked.move_to_end((client, job))
             while len(self._checked) > CHECKED_JOBS_KEPT:
@@ -369,6 +418,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         """Handler: keep a verified result for reuse (gpunet.reuse). Kept only when
         every one of its results is one that a checked verdict of this client on this
         job accepted (its digest was the verdict's); returns whether it was kept."""
+        self._check_owner(client, (), "keeping a result for reuse")
         accepted = self._checked.get((client, job), set())
         try:
             rebuilt = [result_from_event(result) for result in results or ()]
@@ -377,11 +427,45 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         if not rebuilt or not key or any(result_digest(result) not in accepted for result in rebuilt):
             return False
         size = sum(len(blob or b"") for result in rebuilt for blob in result.outputs.values())
-        return self.reusable.put(key, {"record": record or {}, "results": results}, size)
+        return self.reusable.put(self._reuse_entry(client, key), {"record": record or {}, "results": results}, size)
 
-    def reuse_lookup(self, key: str = "") -> dict[str, Any] | None:
-        """Handler: the verified result kept under ``key`` (``{record, results}``), or None."""
-        return self.reusable.get(key)
+    def reuse_lookup(self, key: str = "", client: str | None = None) -> dict[str, Any] | None:
+        """Handler: the verified result kept under ``key`` (``{record, results}``) for the
+        calling client's account, or None."""
+        self._check_owner(client, (), "looking up a result kept for reuse")
+        return self.reusable.get(self._reuse_entry(client, key))
+
+    def _reuse_entry(self, client: str | None, key: str) -> str:
+        """Where a result kept under ``key`` for ``client`` goes in the reuse table: on an open
+        network in its account's part (the gateway names each session's client after its account),
+        so that no other account's store or lookup ever reaches it."""
+        if not self.open_network:
+            return key
+        account = account_of(client)
+        if account is None:
+            self.owners.refused += 1
+            raise NotYoursError(f"client {client} names no account: on an open network only the gateway's sessions "
+                                "keep and look up results for reuse (run the same gpunet version on the gateway)")
+        return f"{account}/{key}"
+
+    def _check_owner(self, client: str | None, holds: Any, doing: str) -> None:
+        """Refuse ``doing`` (:class:`NotYoursError`, logged) where ``client`` does not own ``holds``
+        (:meth:`Owners.check`); on an open network a call must name its client."""
+        try:
+            self.owners.check(client, [hold for hold in holds if isinstance(hold, str)], doing,
+                              required=self.open_network)
+        except NotYoursError as exc:
+            logger.warning("gpunet metering: refused a call of client %s: %s", client, exc)
+            raise
+
+    def _check_map_owner(self, client: str | None, job: str, doing: str) -> None:
+        """Refuse ``doing`` on map ``job`` where it is another client's."""
+        self._check_owner(client, (), doing)
+        if self.owners.job_is_foreign(client, job):
+            self.owners.refused += 1
+            logger.warning("gpunet metering: refused %s of client %s: map %s is another's", doing, client, job)
+            raise NotYoursError(f"{doing} refused: map {job} belongs to another notebook session; a session acts "
+                                "only on its own holds, tasks and maps")
 
     def environments_of_workers(self) -> dict[str, dict[str, Any]]:
         """Handler: each provider's worker -> what its provider says is installed there,
@@ -404,9 +488,12 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         else:
             self.environments[address] = report
 
-    def charge_used(self, key: Any) -> int | None:
+    def charge_used(self, key: Any, client: str | None = None) -> int | None:
         """Handler: the notebook stops task ``key`` at its --max-credits; returns the
-        credits charged to the provider of its worker (:meth:`Settlement.charge_used`)."""
+        credits charged to the provider of its worker (:meth:`Settlement.charge_used`).
+        Only the client whose hold pays the task may."""
+        meta = self._annotation(key)
+        self._check_owner(client, [meta.get("hold")] if isinstance(meta, dict) else [], f"charging task {key}")
         ts = self.scheduler.tasks.get(key)
         worker = ts.processing_on.address if ts is not None and ts.processing_on is not None else None
         charged = self.settlement.charge_used(key, self._annotation(key), worker, time.time())
@@ -419,20 +506,26 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         return {address: len(self.scheduler.workers[address].processing) if address in self.scheduler.workers else 0
                 for address in workers}
 
-    def release_holds(self, holds: list[str]) -> None:
+    def release_holds(self, holds: list[str], client: str | None = None) -> None:
         """Handler: release holds whose tasks were never sent (the notebook's submit failed),
-        or a session's pre-authorized holds (it closes, idles or refilled)."""
+        or a session's pre-authorized holds (it closes, idles or refilled): only the client's
+        own (a hold nobody named here is the caller's from now on)."""
+        self._check_owner(client, holds, "releasing holds")
         for hold in holds:
             self.preauth_owners.pop(hold, None)
         self._after(self.settlement.release_holds(holds))
 
-    def preauth_state(self, holds: list[str] | None = None, jobs: list[str] | None = None) -> dict[str, Any]:
-        """Handler: what was paid so far from each of ``holds``, in all and per job
-        (:meth:`Settlement.preauth_state`); the notebook sizes its draws by it."""
-        return self.settlement.preauth_state(list(holds or ())[:100], list(jobs or ())[:10_000])
+    def preauth_state(self, holds: list[str] | None = None, jobs: list[str] | None = None,
+                      client: str | None = None) -> dict[str, Any]:
+        """Handler: what was paid so far from each of ``holds`` (the client's own), in all and
+        per job (:meth:`Settlement.preauth_state`); the notebook sizes its draws by it."""
+        holds = list(holds or ())[:100]
+        self._check_owner(client, holds, "reading what holds paid")
+        return self.settlement.preauth_state(holds, list(jobs or ())[:10_000])
 
-    def map_state(self, job: str = "") -> dict[str, Any] | None:
-        """Handler: how far map ``job`` has got (:meth:`Settlement.map_state`)."""
+    def map_state(self, job: str = "", client: str | None = None) -> dict[str, Any] | None:
+        """Handler: how far map ``job`` (the client's own) has got (:meth:`Settlement.map_state`)."""
+        self._check_map_owner(client, str(job), "reading a map's state")
         threads = {address: state.nthreads for address, state in self.scheduler.workers.items()}
         return self.settlement.map_state(str(job), threads)
 
@@ -441,8 +534,11 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         its map ``job``'s items earn beyond its holds (:meth:`Settlement.grow`). The client
         owns the hold from then on (another naming it is refused, and it is released when
         the client leaves); a hold another client named first is refused."""
-        if not isinstance(hold, str) or not hold or self.preauth_owners.setdefault(hold, client) != client:
+        self._check_map_owner(client, str(job), "growing a map")
+        if not isinstance(hold, str) or not hold or self.owners.foreign(client, [hold]):
             return False
+        self.owners.claim(client, [hold])
+        self.preauth_owners[hold] = client
         grown = self.settlement.grow(str(job), hold, amount)
         self._after()
         return grown
@@ -451,10 +547,15 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         """Handler: cancel, for ``client``, those of its map's tasks ``keys`` that no worker
         was sent yet (the map's budget cannot pay for more); those running go on. Decided and
         done in one step here, so no task is sent between the two. Returns how many."""
+        self._check_owner(client, (), "pausing a map")
         unsent = []
         cs = self.scheduler.clients.get(client)
         for key in list(keys or ())[:1_000_000]:
             ts = self.scheduler.tasks.get(key)
+            if ts is not None and (cs is None or cs not in ts.who_wants) and ts.who_wants:
+                self.owners.refused += 1
+                raise NotYoursError(f"pausing a map refused: task {key} is another notebook session's; a session "
+                                    "acts only on its own holds, tasks and maps")
             if ts is not None and cs is not None and ts.who_wants == {cs} and ts.state in UNSENT_STATES:
                 unsent.append(key)
         if unsent:
@@ -462,10 +563,14 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                                            msg="the map's budget cannot pay for more items")
         return len(unsent)
 
-    def close_unknown(self, hold: str, keys: list[Any]) -> None:
-        """Handler: tasks of ``hold`` the notebook saw cancelled, which this scheduler
-        may never have created (``update_graph`` refuses a graph whose input was lost)."""
-        self._after(self.settlement.close_unknown(hold, keys, self.scheduler.tasks))
+    def close_unknown(self, hold: str, keys: list[Any], client: str | None = None) -> None:
+        """Handler: tasks of ``hold`` (the client's own) the notebook saw cancelled, which this
+        scheduler may never have created (``update_graph`` refuses a graph whose input was lost)."""
+        self._check_owner(client, [hold], "closing a hold")
+        cs = self.scheduler.clients.get(client) if client is not None else None
+        pending = sum(1 for ts in (cs.wants_what if cs is not None else ())
+                      if ts.state not in ("memory", "erred") and (self._annotation(ts.key) or {}).get("hold") == hold)
+        self._after(self.settlement.close_unknown(hold, keys, self.scheduler.tasks, pending))
 
     def state(self) -> dict[str, Any]:
         """Handler: how far the reports have got, and the providers' rates."""
@@ -479,6 +584,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                 "overruled": s.overruled, "short": s.short, "grown_holds": s.grown_holds, "unblamed": s.unblamed, "quarantined": sorted(s.quarantined),
                 "refused_registrations": self.refused_registrations,
                 "network": "open" if self.open_network else "private", "refused_tasks": self.refused_tasks,
+                "refused_calls": self.owners.refused,
                 "refused_requests": self.door.refused if self.door is not None else 0,
                 "providers": self.providers, "running": self.running(), "meter": self.meter_account}
 
@@ -654,6 +760,13 @@ def checked_environment(report: Any) -> dict[str, Any] | None:
     return {"packages": dict(packages), "installs": dict(installs) if installs is not None else None,
             "gpu": report.get("gpu") is True, "python": str(report.get("python", ""))[:16],
             "platform": str(report.get("platform", ""))[:64]}
+
+
+def _wanted_by_another(ts: Any, cs: Any) -> bool:
+    """Whether task ``ts`` is another client's than ``cs``'s: another wants it, or one of its
+    dependents, which another wants (a task wanted by nobody is no one's yet)."""
+    return any(other is not cs for other in ts.who_wants) or any(
+        other is not cs for dependent in ts.dependents for other in dependent.who_wants)
 
 
 #: Task states in which no worker has been sent the task yet.

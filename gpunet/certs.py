@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import math
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,9 @@ CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 #: Beside ``ca.pem``: the serial numbers (hex, one a line) of revoked certificates,
 #: which every party reading that CA file refuses (``gpunet certs revoke``).
 REVOKED_FILE = "revoked.txt"
+#: How often a process looks whether that file changed, at most: a certificate revoked is
+#: refused within this long (every request in between is checked against what was read).
+REVOCATION_CHECK_S = 1.0
 #: How long what ``gpunet certs`` issues is valid.
 CA_DAYS = 3650
 CERT_DAYS = 397
@@ -224,28 +230,49 @@ def revoke(serial: str, directory: Path | None = None) -> Path:
 
 
 class _RevocationList:
-    """The revoked serial numbers in one file, read again whenever it changes."""
+    """The revoked serial numbers in one file, read again whenever it changes: looked at (a
+    stat) at most once every :data:`REVOCATION_CHECK_S` by ``clock``, however many requests
+    ask, so a busy scheduler does not stat the file per message, and a certificate revoked
+    meanwhile is refused within that long."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.path: Path | None = None
         self.serials: frozenset[str] = frozenset()
+        self.clock = clock
+        #: how many times the file was looked at (stat), and read
+        self.looks = self.reads = 0
         self._seen: tuple[int, int] | None = None
+        self._looked_at = -math.inf
+
+    def watch(self, path: Path) -> None:
+        """Read ``path`` from now on (at the next question)."""
+        if path != self.path:
+            self.path, self._seen, self._looked_at, self.serials = path, None, -math.inf, frozenset()
 
     def has(self, serial: str | None) -> bool:
+        """Whether ``serial`` is revoked (as the file said at most :data:`REVOCATION_CHECK_S` ago)."""
         if self.path is None or serial is None:
             return False
+        now = self.clock()
+        if now - self._looked_at >= REVOCATION_CHECK_S:
+            self._looked_at = now
+            self._look(self.path)
+        return _serial(serial) in self.serials
+
+    def _look(self, path: Path) -> None:
+        self.looks += 1
         try:
-            stat = self.path.stat()
+            stat = path.stat()
             seen = (stat.st_mtime_ns, stat.st_size)
         except OSError:
             seen = None
         if seen != self._seen:
+            self.reads += 1
             try:
-                self.serials = frozenset(_serial(line) for line in self.path.read_text().split())
+                self.serials = frozenset(_serial(line) for line in path.read_text().split())
             except (OSError, ValueError):
                 self.serials = frozenset()
             self._seen = seen
-        return _serial(serial) in self.serials
 
 
 _REVOKED = _RevocationList()
@@ -255,7 +282,7 @@ def watch_revocations(ca_file: str | Path | None) -> None:
     """From now on this process refuses peers whose certificate's serial number is in
     ``revoked.txt`` beside ``ca_file`` (read again whenever it changes)."""
     if ca_file:
-        _REVOKED.path = Path(ca_file).parent / REVOKED_FILE
+        _REVOKED.watch(Path(ca_file).parent / REVOKED_FILE)
 
 
 def own_identity(security: Any, part: str) -> Identity | None:

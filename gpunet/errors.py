@@ -23,6 +23,7 @@ what happened, the values involved, and what to do next::
     ├── CellTimeoutError        the cell ran past --timeout and was stopped
     ├── BudgetError             a job's hold cannot be placed: --max-credits, budget or balance too small
     ├── VerificationError       --verify cannot run here, or the copies did not agree
+    ├── NotYoursError           the scheduler refused a call about another notebook session's hold, task or map
     └── CreditsError            the credit service refused or failed (re-exported by gpunet.credits)
         ├── CreditsUnavailableError    the service cannot be reached, or answered 5xx (503)
         ├── CreditsRequestError        the service refused the request; nothing moved
@@ -219,6 +220,11 @@ class VerificationError(GpunetError):
 
 class PolicyError(VerificationError, OptionError):
     """``--verify``, ``--rtol`` or ``--atol`` has a value that cannot be used."""
+
+
+class NotYoursError(GpunetError, PermissionError):
+    """The scheduler refused a call about a hold, a task or a map of another notebook
+    session (gpunet.metering.owners): a session acts only on its own."""
 
 
 class CreditsError(GpunetError):

@@ -14,7 +14,9 @@ data (msgpack, checked field by field); what the notebook pickled (inputs, map
 items, a function and its arguments) stays opaque bytes that travel inside a task
 whose function is gpunet's own runner (:func:`gpunet.worker.runner.run_job`), and
 only the worker loads them. Each job's live output and progress stream back as
-server-sent events, then its results as codec data (:mod:`gpunet.codec`).
+server-sent events, then its results as codec data (:mod:`gpunet.codec`): a small one in
+its last event, a large one held until the notebook fetches it as a framed body, its arrays'
+buffers raw after a msgpack head (:mod:`gpunet.framed`), as a job's large inputs come.
 
 Limits: a request body is capped while it streams in (413), a job's pickled bytes
 are capped (413), submissions are rate-limited per account (429), an account holds at
@@ -43,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpunet import certs, codec, packages, wire
-from gpunet.client.gateway_link import blob_in, pack
+from gpunet import certs, codec, framed, packages, wire
+from gpunet.client.gateway_link import GATEWAY_PROTOCOL, blob_in, pack
 from gpunet.client.handle import JobHandle, new_job_id
 from gpunet.client.network import Network, join
 from gpunet.client.reused import lookup_reusable, store_for_reuse
@@ -53,6 +55,7 @@ from gpunet.credits._service import bind_socket, read_capped_body
 from gpunet.errors import (AuthError, CreditsError, CreditsRequestError, GatewayError, GpunetError, OptionError,
                            PackageError, ProviderDataError)
 from gpunet.kernels import Tolerance
+from gpunet.metering.owners import client_name
 from gpunet.gateway_guard import (ConnectionCounts, Relay, UnreadResults, guarded_protocol, guarded_server,
                                   holder_of, repeat_while)
 from gpunet.guarded_tls import expect_scheduler_at, use_guarded_tls
@@ -93,8 +96,8 @@ UNKNOWN_TOKEN_BURST = 10
 UNKNOWN_TOKENS_PER_S = 0.2
 #: Per account: jobs in flight at once (sent and not yet read to their end).
 DEFAULT_MAX_JOBS_IN_FLIGHT = 32
-#: Bytes of job events the notebooks have not read yet: per job stream, and gateway-wide
-#: (a job stream holds its results, at most a session's max_result_bytes, base64: 4/3).
+#: Bytes of job events and held results the notebooks have not read yet: per job, and
+#: gateway-wide (a job holds its results, at most a session's max_result_bytes, and events).
 DEFAULT_MAX_UNREAD_BYTES_PER_JOB = 512 * 1024 * 1024
 DEFAULT_MAX_UNREAD_BYTES = 2 * 1024 * 1024 * 1024
 #: A reader that reads nothing for this long while bytes wait for it is dropped.
@@ -116,6 +119,11 @@ WAITING_READS = 2
 GRACEFUL_SHUTDOWN_S = 5.0
 #: How often a job's progress is sent while nothing else happens.
 PROGRESS_EVERY_S = 1.0
+#: Results of more bytes than this are held for the notebook to fetch as a framed body
+#: (raw buffers); smaller ones travel in the job's last event (one round trip fewer).
+INLINE_RESULT_BYTES = 256 * 1024
+#: A held result's body goes out in pieces of at most this many bytes (views: no copy).
+BODY_PIECE_BYTES = 1024 * 1024
 #: The Dask resources a job may ask for.
 RESOURCES = (wire.DEVICE_RESOURCE, wire.GPU_RESOURCE, wire.GPU_MEMORY_RESOURCE)
 #: The message of a request without a token.
@@ -225,12 +233,22 @@ class ClientSession:
     network: ServedNetwork
     jobs: dict[str, JobHandle] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
+    #: the relays of jobs whose result waits to be fetched, by job id
+    held: dict[str, Relay] = field(default_factory=dict)
+
+
+def free_held(session: ClientSession) -> None:
+    """Free the results ``session``'s notebook did not fetch (its session ended)."""
+    for relay in list(session.held.values()):
+        relay.loop.call_soon_threadsafe(relay.release)
+    session.held.clear()
 
 
 def shut(session: ClientSession, reason: str) -> None:
     """Stop ``session``'s jobs for ``reason`` and close its client (its holds go back)."""
     for handle in list(session.jobs.values()):
         handle.stop(reason)
+    free_held(session)
     try:
         session.network.close(force=True)
     except AuthError:  # a revoked token: its holds were given back; seeing them settled is refused
@@ -412,6 +430,7 @@ class Gateway:
         for idle in [s for s in mine if not s.jobs and time.monotonic() - s.last_used > SESSION_IDLE_S]:
             self.sessions.pop(idle.session_id, None)
             mine.remove(idle)
+            free_held(idle)
             await asyncio.to_thread(idle.network.close, force=True)
         opening = self._opening.get(account, 0)  # sessions of this account being opened right now count too
         count = opening + sum(1 for s in self.sessions.values() if s.account == account)
@@ -419,6 +438,15 @@ class Gateway:
             raise GatewayError(f"account {account} already has {count} sessions open on this gateway, "
                                f"the most it may; disconnect one (%gpunet disconnect), or wait: one idle for "
                                f"{SESSION_IDLE_S / 60:g} minutes is closed then", status=429, code="too_many_sessions")
+        theirs = body.get("protocol", 1)
+        if theirs != GATEWAY_PROTOCOL:
+            newer = type(theirs) is int and theirs > GATEWAY_PROTOCOL
+            raise GatewayError(f"this gateway speaks gpunet's gateway protocol {GATEWAY_PROTOCOL} (large inputs and "
+                               f"results as framed binary bodies) and the notebook's gpunet speaks {theirs!r}: " + (
+                                   "ask the operator to upgrade the gateway, or install the gateway's gpunet version "
+                                   "in the notebook" if newer else "upgrade gpunet in the notebook (pip install -U "
+                                   "gpunet) to the gateway's version"),
+                               status=426, code="upgrade_gateway" if newer else "upgrade_notebook")
         budget = _integer(body, "budget", 1, 10**15)
         caps = {name: _integer(body, name, 1, wire.DEFAULT_MAX_RESULT_BYTES if name == "max_result_bytes"
                                else 64 * wire.DEFAULT_MAX_STREAM_BYTES_PER_S)
@@ -429,7 +457,8 @@ class Gateway:
         try:
             network = await asyncio.to_thread(join, self.scheduler, credits=self.credits_url, token=token,
                                               budget=budget, timeout=30.0, result_format=wire.CODEC,
-                                              notebook=notebook, network_class=ServedNetwork, **caps)
+                                              notebook=notebook, network_class=ServedNetwork,
+                                              client_name=client_name(account), **caps)
         finally:
             self._opening[account] -= 1
         session = ClientSession(secrets.token_urlsafe(24), account, _digest(token), network)  # type: ignore[arg-type]
@@ -437,7 +466,7 @@ class Gateway:
         self._watch_revocations()
         logger.info("gateway: account %s opened session %s", account, session.session_id[:8])
         return answer({"session_id": session.session_id, "credit_session": network.session, "account": account,
-                       "credits": self.credits_url})
+                       "credits": self.credits_url, "protocol": GATEWAY_PROTOCOL})
 
     async def close_session(self, request: Any) -> Any:
         """DELETE /v1/sessions/{sid}: stop its jobs, give back its holds, close its client."""
@@ -555,6 +584,24 @@ class Gateway:
             await asyncio.to_thread(handle.stop, _text(body, "reason", 200) or "stopped by the notebook")
         return answer({"stopped": handle is not None})
 
+    async def fetch_result(self, request: Any) -> Any:
+        """GET /v1/sessions/{sid}/jobs/{job}/result: a job's held result, once, as a framed
+        body (:mod:`gpunet.framed`): only the session's own token gets it (404 for anyone
+        else's), and it is freed as it is sent."""
+        from starlette.responses import StreamingResponse
+
+        account, token = await self.account_of(request)
+        session = self.session_of(request, account, token)
+        relay = session.held.pop(request.path_params["job"], None)
+        if relay is None:
+            raise GatewayError("no result of this job waits for you here (it was fetched already, or freed when its "
+                               "stream broke or its session ended): run it again", status=404, code="no_result")
+        if relay.dropped is not None or relay.held is None:
+            raise GatewayError(relay.dropped or "the job's result was freed before it was fetched: run it again",
+                               status=410, code="result_gone")
+        return StreamingResponse(relay.send_held(BODY_PIECE_BYTES), media_type=framed.MEDIA_TYPE,
+                                 headers={"Cache-Control": "no-store", "Content-Length": str(relay.held.size)})
+
     async def submit(self, request: Any) -> Any:
         """POST /v1/sessions/{sid}/jobs: send a job; the answer is its event stream."""
         from starlette.responses import StreamingResponse
@@ -562,7 +609,7 @@ class Gateway:
         account, token = await self.account_of(request, fresh=True)
         session = self.session_of(request, account, token)
         self._take_submission(account)
-        spec = await self._body(request)
+        spec = await self._body(request, framed_allowed=True)
         job, options = job_from(spec, session.network.topic, self.limits)
         environment = environment_from(spec)
         reuse = _flag(spec, "reuse") and Policy.parse(options["verify"]).active  # only verified results are reused
@@ -605,7 +652,8 @@ class Gateway:
             relay.put("sent", {"job": job.job_id, "holds": remote.placed_holds()})
             results = remote.wait(wait_s, progress=RelayProgress(relay), echo=False)
             facts = run_facts(remote, results)
-            relay.put("results", {"results": [result_to_event(result) for result in results], "facts": facts})
+            self._send_results(session, job, relay, {"results": [result_to_event(result) for result in results],
+                                                     "facts": facts})
             if key is not None and facts["verification"].get("verdict") == "verified":
                 store_for_reuse(network, remote, results, key, {"job": job.job_id, **facts})
         except GpunetError as exc:
@@ -621,12 +669,28 @@ class Gateway:
             network.reuse_asked.discard(job.job_id)
             relay.end()
 
-    async def _body(self, request: Any) -> dict[str, Any]:
+    @staticmethod
+    def _send_results(session: ClientSession, job: Job, relay: Relay, results: dict[str, Any]) -> None:
+        """Send a job's ``results``: in its last event when small, else held for the notebook
+        to fetch as a framed body (its ``results`` event names its size)."""
+        body = framed.FramedBody(results)
+        if body.size <= INLINE_RESULT_BYTES:
+            relay.put("results", results)
+            return
+        session.held[job.job_id] = relay
+        relay.hold_result(body, "results-ready", {"bytes": body.size})
+
+    async def _body(self, request: Any, *, framed_allowed: bool = False) -> dict[str, Any]:
         body = await read_capped_body(request, self.limits.max_body_bytes)
         if not body:
             return {}
+        head, data = body, b""
+        if framed_allowed and request.headers.get("content-type", "") == framed.MEDIA_TYPE:
+            start = framed.PREFIX.size
+            end = start + framed.head_length(body, len(body), "the request body")
+            head, data = memoryview(body)[start:end], memoryview(body)[end:]
         try:  # off the event loop; its lists and maps charged, so a small body cannot expand 64-fold
-            value = await asyncio.to_thread(codec.unpack_plain, body, budget=MAX_BODY_CONTAINER_BYTES)
+            value = await asyncio.to_thread(codec.unpack_plain, head, budget=MAX_BODY_CONTAINER_BYTES)
         except ProviderDataError:
             raise GatewayError(f"the request body's lists and maps would take more than {MAX_BODY_CONTAINER_BYTES} "
                                "bytes of the gateway's memory; send what gpunet's notebook side sends (or split the "
@@ -636,12 +700,15 @@ class Gateway:
                                "notebook side sends", status=400, code="malformed") from None
         if not isinstance(value, dict):
             raise GatewayError("the request body must be a msgpack map", status=400, code="malformed")
+        if head is not body:  # the buffers laid out after the head: views of the body, no copy
+            value = framed.laid_out_in(data, value, what="the request body")
         return value
 
     def close(self) -> None:
         """Close every session (their holds go back)."""
         for session in list(self.sessions.values()):
             self.sessions.pop(session.session_id, None)
+            session.held.clear()  # the event loop stops: its relays go with it
             try:
                 session.network.close(force=True)
             except Exception as exc:  # noqa: BLE001 - closing goes on
@@ -649,9 +716,9 @@ class Gateway:
 
 
 def result_bytes_within(limits: GatewayLimits) -> int:
-    """The largest result a session may ask for whose event (base64: 4/3 of it, and
-    framing) fits within what may wait unread for a job, and for all of them."""
-    return max(1024, min(limits.max_unread_bytes_per_job, limits.max_unread_bytes) * 3 // 4 - 64 * 1024)
+    """The largest result a session may ask for whose body (its frames, a head and the
+    job's events) fits within what may wait unread for a job, and for all of them."""
+    return max(1024, min(limits.max_unread_bytes_per_job, limits.max_unread_bytes) - 1024 * 1024)
 
 
 # -- a job from a request, checked field by field -------------------------------------
@@ -859,6 +926,7 @@ def build_app(gateway: Gateway) -> Any:
         Route(f"{session}/environments", wrap(gateway.environments), methods=["GET"]),
         Route(f"{session}/jobs", wrap(gateway.submit), methods=["POST"]),
         Route(f"{session}/jobs/{{job}}/stop", wrap(gateway.stop_job), methods=["POST"]),
+        Route(f"{session}/jobs/{{job}}/result", wrap(gateway.fetch_result), methods=["GET"]),
     ]
 
     async def not_found(request: Any, exc: Any) -> Any:

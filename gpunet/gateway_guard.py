@@ -6,7 +6,10 @@ connections it holds open or results it never reads.
   gateway-wide; a reader over either cap, or one that reads nothing for
   ``slow_reader_s`` while bytes wait, is dropped: its job is stopped (the holds of what
   did not run go back), what waited for it is freed, the reason is logged and is the
-  last event of its stream, which it reads if it comes back.
+  last event of its stream, which it reads if it comes back. A large result waits in
+  its relay, counted the same way, until the notebook fetches it as a framed body
+  (:meth:`Relay.hold_result`, :mod:`gpunet.framed`), or is freed when its stream broke,
+  its reader is dropped, or its session ends.
 - :func:`guarded_protocol`: uvicorn's HTTP/1.1 protocol with a cap on the connections
   open from one address, and deadlines for a request's headers and for its body: a
   connection that sends nothing, or a request a byte at a time, is answered 408 and
@@ -26,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gpunet.client.gateway_link import pack, sse_frame
+from gpunet.framed import FramedBody
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,9 @@ class Relay:
         self.waiting_bytes = 0
         self.last_read = time.monotonic()
         self._sending: bytes | None = None
+        #: a result waiting to be fetched (:meth:`hold_result`), and its bytes not yet sent
+        self.held: FramedBody | None = None
+        self.held_bytes = 0
 
     def put(self, event: str, data: Any) -> None:
         """Send ``event`` with ``data`` (msgpack-able) to the notebook."""
@@ -71,16 +78,61 @@ class Relay:
         """No more events."""
         self.loop.call_soon_threadsafe(self._add, None)
 
+    def hold_result(self, body: FramedBody, event: str, data: Any) -> None:
+        """Keep ``body`` (a result) until the notebook fetches it (:meth:`send_held`), its
+        bytes counted as unread ones, then send ``event`` (which says it is ready)."""
+        self.loop.call_soon_threadsafe(self._hold, body, sse_frame(event, data))
+
+    def _hold(self, body: FramedBody, frame: bytes) -> None:
+        if self.dropped is not None or self.closed or (self.unread is not None and
+                                                       not self.unread.admit(self, body.size)):
+            return
+        if self.unread is None:
+            self.waiting_bytes += body.size
+        self.held, self.held_bytes = body, body.size
+        self._add(frame)
+
+    async def send_held(self, piece_bytes: int) -> AsyncIterator[bytes | memoryview]:
+        """The held result's body in pieces, counted as read as they go; freed at the end,
+        or when its connection closes, or its reader is dropped, on the way."""
+        body = self.held
+        try:
+            if body is None:
+                return
+            for piece in body.pieces(piece_bytes):
+                if self.dropped is not None:
+                    return
+                yield piece
+                self.held_bytes -= len(piece)
+                self._read(len(piece))
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Free the held result (fetched, or nobody will: its stream broke, its session ended)."""
+        if self.held is None:
+            return
+        self.held = None
+        if self.dropped is None:
+            self.waiting_bytes -= self.held_bytes
+            if self.unread is not None:
+                self.unread.total -= self.held_bytes
+        self.held_bytes = 0
+        if self.closed and self.unread is not None:
+            self.unread.forget(self)
+
     @property
     def finished(self) -> bool:
-        """Whether this job holds nothing on the gateway any more (its events read, or dropped)."""
-        return self.dropped is not None or self.closed or (self.over and self.waiting_bytes == 0)
+        """Whether this job holds nothing on the gateway any more (its events read and its
+        result fetched, or dropped)."""
+        return self.dropped is not None or (self.held is None and (self.closed or (
+            self.over and self.waiting_bytes == 0)))
 
     def _add(self, frame: bytes | None) -> None:
         if frame is None:
             self.over = True
-        elif self.dropped is not None:
-            return  # what a dropped reader's job still says goes nowhere
+        elif self.dropped is not None or self.closed:
+            return  # what a dropped (or gone) reader's job still says goes nowhere
         elif self.unread is not None and not self.unread.admit(self, len(frame)):
             return
         self.frames.append(frame)
@@ -88,6 +140,7 @@ class Relay:
 
     async def pieces(self) -> AsyncIterator[bytes]:
         """The stream's bytes as they come, each frame in pieces of at most :data:`PIECE_BYTES`."""
+        ended = False
         try:
             while True:
                 while not self.frames:
@@ -95,6 +148,7 @@ class Relay:
                     await self.ready.wait()
                 frame = self.frames.popleft()
                 if frame is None:
+                    ended = True
                     return
                 self._sending, offset = frame, 0
                 del frame
@@ -108,7 +162,14 @@ class Relay:
                 self._sending = None
         finally:
             self.closed = True
-            if self.unread is not None:
+            if not ended:  # the notebook went away before it heard its result was ready
+                self.release()
+            if self.dropped is None:  # what it left unread (its connection closed mid-event) is freed
+                left = self.waiting_bytes - self.held_bytes
+                self.waiting_bytes -= left
+                if self.unread is not None:
+                    self.unread.total -= left
+            if self.unread is not None and self.held is None:
                 self.unread.forget(self)
 
     def _read(self, size: int) -> None:
@@ -128,6 +189,7 @@ class Relay:
             self.unread.forget(self)
         self.waiting_bytes = 0
         self._sending = None
+        self.held, self.held_bytes = None, 0
         self.frames.clear()
         self.frames.extend([sse_frame("error", {"type": "GatewayError", "message": reason}), None])
         self.ready.set()

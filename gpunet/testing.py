@@ -144,6 +144,8 @@ class Market:
     logs: dict[str, Path]
     cluster: Any = None
     workers_of: dict[str, list[str]] = field(default_factory=dict)
+    #: the credit service's process (:class:`gpunet.credits.CreditServiceProcess`: its ``pid``)
+    credits_service: Any = None
 
     def lies(self, provider: str) -> list[dict[str, Any]]:
         """What ``provider``'s liar plugin logged: one {"key", "lied"} per result."""
@@ -215,7 +217,7 @@ def local_market(providers: dict[str, float], *, workers_per_provider: int = 1, 
         for address, info in metering.providers.items():
             workers_of.setdefault(info["provider"], []).append(address)
         yield Market(cluster.scheduler_address, service.url, operator, client_token, logs, cluster,
-                     workers_of)
+                     workers_of, service)
 
 
 class _WritesMarker:

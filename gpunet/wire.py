@@ -52,18 +52,24 @@ GPU_MEMORY_RESOURCE = "GPU_MEM"
 
 #: Named handlers the scheduler plugin serves (``client.scheduler.<name>(...)``).
 METERING_STATE = "gpunet_metering_state"  # () -> dict | None: whether and how it meters
-RELEASE_HOLDS = "gpunet_release_holds"  # (holds): holds of a job that was never sent
-CLOSE_UNKNOWN = "gpunet_close_unknown"  # (hold, keys): tasks the scheduler never created
-CHARGE_USED = "gpunet_charge_used"  # (key) -> credits: stop a cell at its --max-credits
+RELEASE_HOLDS = "gpunet_release_holds"  # (client, holds): holds of a job that was never sent
+CLOSE_UNKNOWN = "gpunet_close_unknown"  # (client, hold, keys): tasks the scheduler never created
+CHARGE_USED = "gpunet_charge_used"  # (client, key) -> credits: stop a cell at its --max-credits
 VERDICT = "gpunet_verdict"  # (client, job, copies, method, digest, checked): a verified unit's verdict
 EXECUTING = "gpunet_executing"  # (workers) -> {worker: tasks processing there}: a provider drains its own
 REUSE_STORE = "gpunet_reuse_store"  # (client, job, key, record, results) -> kept: a verified result, for reuse
-REUSE_LOOKUP = "gpunet_reuse_lookup"  # (key) -> {record, results} | None: a verified result with that key
+REUSE_LOOKUP = "gpunet_reuse_lookup"  # (client, key) -> {record, results} | None: a verified result with that key
 ENVIRONMENTS = "gpunet_environments"  # () -> {worker: its provider's environment report}
-PREAUTH_STATE = "gpunet_preauth_state"  # (holds, jobs) -> {hold: {paid, short, jobs}}: what shared holds paid
-MAP_STATE = "gpunet_map_state"  # (job) -> {tasks, done, running, paid, grown} | None: how far a map has got
+PREAUTH_STATE = "gpunet_preauth_state"  # (client, holds, jobs) -> {hold: {paid, short, jobs}}: what shared holds paid
+MAP_STATE = "gpunet_map_state"  # (client, job) -> {tasks, done, running, paid, grown} | None: how far a map has got
 GROW_MAP = "gpunet_grow_map"  # (client, job, hold, amount) -> bool: a further hold pays a map's items
 PAUSE_MAP = "gpunet_pause_map"  # (client, keys) -> int: cancel a map's items not yet sent to a worker
+#: The handlers above that act on a notebook session's own holds, tasks, maps or reuse entries: the
+#: caller's Dask client id goes with each call (``client=``, added by the session's own connection,
+#: :meth:`gpunet.client.network.Network.call_scheduler`), and the scheduler refuses a call about
+#: another client's (:mod:`gpunet.metering.owners`).
+CALLER_NAMED = frozenset({RELEASE_HOLDS, CLOSE_UNKNOWN, CHARGE_USED, VERDICT, REUSE_STORE, REUSE_LOOKUP,
+                          PREAUTH_STATE, MAP_STATE, GROW_MAP, PAUSE_MAP})
 #: The name of the metering plugin on the scheduler.
 METERING_PLUGIN = "gpunet-metering"
 #: The modules Dask preloads into a gpunet scheduler / worker (``--preload``): gpunet's

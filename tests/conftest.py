@@ -126,6 +126,7 @@ E2E_TESTS = [
     # pip processes and a package index on 127.0.0.1, building a session environment
     "tests/test_packages.py::test_a_packages_pth_file_never_runs_outside_the_sandbox",
     "tests/test_packages.py::test_a_wheel_that_unpacks_far_past_the_cap_is_refused_before_it_is_installed",
+    "tests/test_packages.py::test_an_environment_in_use_survives_another_sessions_flood_of_builds",
     # a credit service and `gpunet scheduler` processes:
     "tests/test_open_network_attacks.py::test_a_provider_cannot_blow_up_a_real_schedulers_memory",
 ]

@@ -21,7 +21,9 @@ import requests
 
 import gpunet
 from gpunet import certs
-from gpunet.client.gateway_link import pack, unpack
+from gpunet import framed
+from gpunet.client.gateway_link import GATEWAY_PROTOCOL, pack, sse_events, unpack
+from gpunet.codec import decode
 from gpunet.credits import verify_service
 from gpunet.errors import ConnectError, GatewayError, GpunetError, RemoteCellError
 from gpunet.ui.status import NetworkStatus
@@ -188,7 +190,8 @@ def test_the_gateway_refuses_strangers_with_one_clear_message(gateway_market, de
 
     def open_one(_):
         return requests.post(f"{url}/v1/sessions", data=pack({"budget": 10, "max_result_bytes": 10**6,
-                                                              "max_stream_bytes_per_s": 10**6}),
+                                                              "max_stream_bytes_per_s": 10**6,
+                                                              "protocol": GATEWAY_PROTOCOL}),
                              headers=headers, verify=ca, timeout=WAIT_S)
 
     with ThreadPoolExecutor(7) as pool:  # at once: sessions still connecting count against the cap too
@@ -251,3 +254,87 @@ def test_the_gateway_caps_bodies_and_jobs_and_never_unpickles_what_a_notebook_se
         with pytest.raises(GatewayError, match="too many submissions") as limited:
             net.run(lambda: 1, timeout=60)
         assert limited.value.status == 429
+
+
+def open_by_hand(market, token: str, **fields) -> tuple[str, dict[str, str]]:
+    """(the gateway's session id, the headers) of a session ``token`` opens with plain HTTP."""
+    headers = {"Authorization": f"Bearer {token}"}
+    answer = requests.post(f"{market['url']}/v1/sessions", headers=headers, verify=market["ca_file"], timeout=WAIT_S,
+                           data=pack({"budget": 1_000, "max_result_bytes": 10**8, "max_stream_bytes_per_s": 10**6,
+                                      "protocol": GATEWAY_PROTOCOL, **fields}))
+    assert answer.status_code == 200, unpack(answer.content)
+    return unpack(answer.content)["session_id"], headers
+
+
+def ready_result(market, session: str, headers: dict[str, str], code: str) -> tuple[str, int]:
+    """(job id, bytes) of a cell sent by hand whose result the gateway holds to be fetched."""
+    answer = requests.post(f"{market['url']}/v1/sessions/{session}/jobs", headers=headers, verify=market["ca_file"],
+                           data=pack({"code": code, "outputs": ["y"], "timeout": 120.0}), timeout=WAIT_S * 4)
+    events = dict(sse_events(answer.content.decode().split("\n")))
+    assert "results-ready" in events, events
+    return events["sent"]["job"], events["results-ready"]["bytes"]
+
+
+def test_a_large_result_is_fetched_raw_once_and_only_by_its_owner(gateway_market, detached):
+    """A large result waits on the gateway to be fetched as a framed body (its array's buffer
+    raw, no base64), once, by the session's own token; another account's fetch is answered
+    404 as a missing session's is; a closed session's result is freed."""
+    import numpy as np
+
+    market, ca = gateway_market, gateway_market["ca_file"]
+    with market["service"].client() as operator:
+        market["tokens"]["dave"] = operator.create_account("dave", "client")["token"]
+        operator.mint("dave", 10_000, key="mint-dave")
+    with gpunet.connect(market["url"], token=market["tokens"]["carol"], ca=ca, budget=5_000) as net:
+        big = net.run(lambda n: __import__("numpy").arange(n, dtype="float64"), 3_000_000, timeout=120)
+        assert big.shape == (3_000_000,) and big[-1] == 2_999_999.0 and big.flags.writeable
+        big[0] = -1.0  # the notebook's own buffer
+        namespace = {"x": np.full(100_000, 2.5)}  # an 800 kB input: its buffer raw after the framed body's head
+        net.run_cell("y = x * 2", namespace, timeout=120)
+        assert namespace["y"].shape == (100_000,) and float(namespace["y"][7]) == 5.0
+    session, carol = open_by_hand(market, market["tokens"]["carol"])
+    job, size = ready_result(market, session, carol, "y = b'z' * 2_000_000")
+    assert size > 2_000_000
+    fetch = f"{market['url']}/v1/sessions/{session}/jobs/{job}/result"
+    dave_session, dave = open_by_hand(market, market["tokens"]["dave"])
+    for url in (fetch, f"{market['url']}/v1/sessions/{dave_session}/jobs/{job}/result"):
+        stolen = requests.get(url, headers=dave, verify=ca, timeout=WAIT_S)
+        assert stolen.status_code == 404 and b"z" * 1000 not in stolen.content, stolen.content[:200]
+    answer = requests.get(fetch, headers=carol, verify=ca, timeout=WAIT_S, stream=True)
+    assert answer.status_code == 200 and answer.headers["content-type"] == framed.MEDIA_TYPE
+    data = framed.read_framed(answer.raw.read, int(answer.headers["content-length"]), what="the result")
+    assert decode(data["results"][0]["outputs"]["y"]) == b"z" * 2_000_000
+    again = requests.get(fetch, headers=carol, verify=ca, timeout=WAIT_S)  # fetched: freed
+    assert again.status_code == 404 and "fetched already" in unpack(again.content)["error"]["message"]
+    job, _ = ready_result(market, session, carol, "y = b'w' * 2_000_000")
+    closed = requests.delete(f"{market['url']}/v1/sessions/{session}", headers=carol, verify=ca, timeout=WAIT_S)
+    assert closed.status_code == 200
+    gone = requests.get(f"{market['url']}/v1/sessions/{session}/jobs/{job}/result", headers=carol, verify=ca,
+                        timeout=WAIT_S)
+    assert gone.status_code == 404
+    requests.delete(f"{market['url']}/v1/sessions/{dave_session}", headers=dave, verify=ca, timeout=WAIT_S)
+
+
+def test_bodies_of_another_version_or_over_the_cap_are_refused_clearly(gateway_market, detached):
+    market, ca = gateway_market, gateway_market["ca_file"]
+    headers = {"Authorization": f"Bearer {market['tokens']['carol']}"}
+    older = requests.post(f"{market['url']}/v1/sessions", headers=headers, verify=ca, timeout=WAIT_S,
+                          data=pack({"budget": 10, "max_result_bytes": 10**6, "max_stream_bytes_per_s": 10**6}))
+    assert older.status_code == 426
+    assert "upgrade gpunet in the notebook" in unpack(older.content)["error"]["message"]
+    session, headers = open_by_hand(market, market["tokens"]["carol"])
+    jobs = f"{market['url']}/v1/sessions/{session}/jobs"
+    framed_headers = {**headers, "Content-Type": framed.MEDIA_TYPE}
+    wrong = requests.post(jobs, data=b"GPUNETF1" + bytes(8) + pack({}), headers=framed_headers, verify=ca,
+                          timeout=WAIT_S)
+    assert wrong.status_code == 400 and "not a gpunet framed body of this version" in unpack(wrong.content)[
+        "error"]["message"]
+    lying = framed.FramedBody({"code": "y = 1", "inputs": {"x": framed.Laid(b"abc")}})
+    body = b"".join(bytes(part) for part in lying.parts)[:-1]  # its head names 3 bytes, 2 follow
+    refused = requests.post(jobs, data=body, headers=framed_headers, verify=ca, timeout=WAIT_S)
+    assert refused.status_code == 400 and "does not hold" in unpack(refused.content)["error"]["message"]
+    over = framed.FramedBody({"code": "y = 1", "inputs": {"x": framed.Laid(bytes(MAX_BODY_BYTES))}})
+    refused = requests.post(jobs, data=over.reader(), headers=framed_headers, verify=ca, timeout=WAIT_S)
+    assert refused.status_code == 413 and f"over the limit of {MAX_BODY_BYTES}" in unpack(refused.content)[
+        "error"]["message"]
+    requests.delete(f"{market['url']}/v1/sessions/{session}", headers=headers, verify=ca, timeout=WAIT_S)

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 import gpunet
-from gpunet.client.gateway_link import unpack
+from gpunet.client.gateway_link import pack, unpack
 from gpunet.credits import ForbiddenError, verify_service
 from gpunet.errors import GatewayError, PackageError
 from gpunet.ui.environment import SessionEnvironment
@@ -95,11 +95,16 @@ def test_usage_and_receipt_through_the_gateway_are_the_notebooks_own(packaged_ga
 
         # dave, another client account, tries carol's session through the gateway and at the bank
         ca, dave = market["ca_file"], {"Authorization": f"Bearer {market['tokens']['dave']}"}
-        for path in ("receipt", "spending", "usage", "environments", "ledger/consistency?first=1"):
-            answer = requests.get(f"{market['url']}/v1/sessions/{net.gateway_session}/{path}", headers=dave,
-                                  verify=ca, timeout=WAIT_S)
-            assert answer.status_code == 404, path
+        calls = [("GET", path) for path in ("receipt", "spending", "usage", "environments",
+                                               "ledger/consistency?first=1", "state", "providers")]
+        calls += [("POST", "capabilities"), ("POST", "jobs"), ("POST", "jobs/0123456789abcdef/stop"), ("DELETE", "")]
+        for method, path in calls:  # every route of a session: reading it, sending, stopping, closing it
+            answer = requests.request(method, f"{market['url']}/v1/sessions/{net.gateway_session}/{path}".rstrip("/"),
+                                      headers=dave, data=pack({"code": "x = 1"}) if method == "POST" else None,
+                                      verify=ca, timeout=WAIT_S)
+            assert answer.status_code == 404, (method, path)
             assert "no such session of yours" in unpack(answer.content)["error"]["message"]
+        assert net.run(lambda: 6 * 7, timeout=120) == 42  # carol's session goes on
         with market["service"].client(market["tokens"]["dave"]) as bank, pytest.raises(ForbiddenError):
             bank.receipt(net.session)
         answer = requests.get(f"{market['url']}/v1/sessions/{net.gateway_session}/ledger/consistency?first=x",

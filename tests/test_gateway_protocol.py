@@ -5,17 +5,21 @@ notebook's connect() refusing what cannot work with a gateway."""
 from __future__ import annotations
 
 import asyncio
+import io
 import pickle
 
+import msgpack
 import pytest
 
 import gpunet
 from gpunet.client import network as network_module
-from gpunet.client.gateway_link import error_from, job_request, sse_events, sse_frame
+from gpunet.client.gateway_link import (GATEWAY_PROTOCOL, check_gateway_protocol, error_from, job_request,
+                                        sse_events, sse_frame)
 from gpunet.errors import BudgetError, CellTimeoutError, GatewayError, GpunetError, PolicyError
 from gpunet.gateway import GatewayLimits, job_from
 from gpunet.gateway_guard import CUT_MARK, PIECE_BYTES, ConnectionCounts, Relay, UnreadResults
-from gpunet.wire import Job, PassedOn
+from gpunet import codec, framed
+from gpunet.wire import Job, PassedOn, Pickled, pickle_value
 
 
 class Evil:
@@ -82,6 +86,67 @@ def test_what_the_notebook_sends_is_what_the_gateway_takes():
                        verify=None, tolerance=None)
     taken, options = job_from(body, "t", GatewayLimits())
     assert isinstance(taken.function, bytes) and len(options["items"]) == 2 and options["timeout"] == 5.0
+
+
+def test_a_jobs_large_buffers_travel_raw_after_the_head_and_stay_unloaded():
+    """A NumPy input's buffer is laid out after a framed body's head (no copy into it); the
+    gateway takes it as a view of the body it read, still a pickle nobody loaded."""
+    import numpy as np
+
+    array = np.arange(50_000, dtype="float64")
+    job = Job("j", code="y = x[1]", inputs={"x": pickle_value(array)}, outputs=("y",))
+    body = framed.FramedBody(job_request(job, items=None, resources={"device": 1}, workers=None, max_credits=None,
+                                         timeout=5.0, verify=None, tolerance=None))
+    assert any(part.obj is array.data.obj or np.shares_memory(np.frombuffer(part, "float64"), array)
+               for part in body.parts[1:] if isinstance(part, memoryview) and part.nbytes == array.nbytes)
+    sent = body.reader().read()
+    assert len(sent) == body.size and len(body.parts[0]) < 1024  # the head is small: the buffer is not in it
+    start = framed.PREFIX.size
+    end = start + framed.head_length(sent, len(sent), "the body")
+    head = codec.unpack_plain(sent[start:end], budget=10**6)
+    taken, _ = job_from(framed.laid_out_in(memoryview(sent)[end:], head, what="the body"), "t", GatewayLimits())
+    blob = taken.inputs["x"]
+    assert isinstance(blob, Pickled) and isinstance(blob.buffers[0], memoryview) and blob.buffers[0].readonly
+    assert (pickle.loads(pickle.dumps(blob, protocol=5)).load() == array).all()  # as the worker loads it
+
+
+def test_a_framed_result_is_read_into_buffers_of_the_notebooks_own():
+    import numpy as np
+
+    value = codec.encode_frames(np.arange(100_000, dtype="int64"))
+    body = framed.FramedBody({"results": [{"outputs": {"y": value}}], "facts": None})
+    stream = io.BytesIO(b"".join(bytes(part) for part in body.parts))
+    data = framed.read_framed(stream.read, body.size, what="the result", chunk_bytes=10_000)
+    frames = data["results"][0]["outputs"]["y"]
+    assert isinstance(frames, codec.Frames) and frames.owned
+    decoded = codec.decode(frames)
+    assert decoded[99_999] == 99_999 and decoded.flags.writeable
+    assert np.shares_memory(decoded, np.frombuffer(frames.parts[1], "int64"))  # a view: no copy
+
+
+@pytest.mark.parametrize("spans, message", [
+    ([[0, 5]], "does not hold"), ([[0, 1], [2, 1]], "overlap or leave gaps"), ([[0, 2]], "does not refer to"),
+    ([[0, 3], [0, 3]], "does not hold"), ("x", "malformed")])
+def test_a_framed_body_that_lies_about_its_buffers_is_refused(spans, message):
+    head = msgpack.packb({"y": msgpack.ExtType(framed.FRAMES_EXT, msgpack.packb(spans))})
+    sent = framed.PREFIX.pack(framed.MAGIC, len(head)) + head + b"abc"
+    stream = io.BytesIO(sent)
+    with pytest.raises(GatewayError, match=message):
+        framed.read_framed(stream.read, len(sent), what="the result")
+
+
+def test_a_gateway_of_another_protocol_is_refused_saying_which_side_to_upgrade():
+    check_gateway_protocol({"session_id": "s", "protocol": GATEWAY_PROTOCOL}, "https://gw")
+    with pytest.raises(GpunetError, match="runs an older gpunet .* ask its operator to upgrade the gateway"):
+        check_gateway_protocol({"session_id": "s"}, "https://gw")  # an older gateway says no protocol
+    with pytest.raises(GpunetError, match="runs a newer gpunet .* upgrade gpunet here"):
+        check_gateway_protocol({"session_id": "s", "protocol": GATEWAY_PROTOCOL + 1}, "https://gw")
+
+
+def test_a_body_of_another_layout_says_which_side_to_upgrade():
+    with pytest.raises(GatewayError, match="not a gpunet framed body of this version") as refused:
+        framed.head_length(b"GPUNETF1" + bytes(8), 100, "the result")
+    assert "install the gateway's gpunet version" in str(refused.value)
 
 
 def test_server_sent_events_carry_bytes_and_end_at_a_blank_line():
@@ -294,3 +359,42 @@ def test_an_ipv6_stranger_cannot_pass_the_cap_with_the_addresses_of_its_network(
     counts.give_back("2001:db8:1:2::1")
     assert counts.take("2001:db8:1:2:5::5")
     assert counts.open == {"2001:db8:1:2::/64": 2, "2001:db8:1:3::/64": 1, "192.0.2.7": 2}
+
+
+def test_a_held_result_counts_until_it_is_fetched_or_freed():
+    """A large result waits in its relay, counted as unread, until it is fetched (freed as
+    it goes), or its stream breaks, or its reader is dropped."""
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        unread = UnreadResults(per_job=10_000_000, total_cap=10_000_000, slow_reader_s=60)
+        relay = Relay(loop, unread, account="carol", job_id="j")
+        body = framed.FramedBody({"results": [{"y": framed.Laid(b"\1" * 3_000_000)}]})
+        relay.hold_result(body, "results-ready", {"bytes": body.size})
+        relay.end()
+        await asyncio.sleep(0)
+        events = list(sse_events((await _read_all(relay)).decode().split("\n")))
+        assert events == [("results-ready", {"bytes": body.size})]
+        assert unread.total == relay.waiting_bytes == body.size and not relay.finished and relay in unread.relays
+        sent = b"".join([bytes(piece) async for piece in relay.send_held(1024 * 1024)])
+        assert len(sent) == body.size and unread.total == 0 and relay.finished and relay not in unread.relays
+        broken = Relay(loop, unread, account="carol", job_id="k")
+        broken.hold_result(framed.FramedBody({"y": framed.Laid(b"\2" * 1_000_000)}), "results-ready", {})
+        await asyncio.sleep(0)
+        assert unread.total > 1_000_000
+        reader = broken.pieces()
+        await reader.__anext__()  # its connection closes mid-event: the result and the event's rest are freed
+        await reader.aclose()
+        assert unread.total == 0 and broken.finished and broken.held is None
+        broken.put("error", {"message": "late"})  # what its job says after that goes nowhere
+        await asyncio.sleep(0)
+        assert unread.total == 0
+        unread.slow_reader_s = 0.01  # never fetched: the sweep drops it, and frees it
+        idle = Relay(loop, unread, account="mallory", job_id="m")
+        idle.hold_result(framed.FramedBody({"y": framed.Laid(b"\3" * 1_000_000)}), "results-ready", {})
+        idle.end()
+        await _read_all(idle)
+        idle.last_read -= 1
+        unread.sweep()
+        assert idle.dropped and idle.held is None and unread.total == 0 and idle.finished
+
+    asyncio.run(run())

@@ -150,6 +150,25 @@ def test_certificates_bind_role_and_account_and_keys_are_private(tmp_path):
         certs.issue("provider", "alice", tmp_path / "nowhere")
 
 
+def test_the_revocation_list_is_looked_at_once_a_second_however_many_ask(tmp_path):
+    """A busy scheduler checks every request's certificate against revoked.txt without a
+    stat per request, and refuses one revoked meanwhile within certs.REVOCATION_CHECK_S."""
+    now = [100.0]
+    revoked = certs._RevocationList(clock=lambda: now[0])
+    revoked.watch(tmp_path / certs.REVOKED_FILE)  # no file yet: nothing is revoked
+    assert not any(revoked.has("0A") for _ in range(10_000)) and revoked.looks == 1
+    certs.revoke("0a", tmp_path)
+    assert not revoked.has("0A")  # within the second: what was read
+    now[0] += certs.REVOCATION_CHECK_S
+    assert revoked.has("0A") and revoked.has("a") and (revoked.looks, revoked.reads) == (2, 1)
+    for _ in range(5):  # unchanged: looked at, not read again
+        now[0] += certs.REVOCATION_CHECK_S
+        assert revoked.has("0A")
+    assert (revoked.looks, revoked.reads) == (7, 1)
+    revoked.watch(tmp_path / "elsewhere" / certs.REVOKED_FILE)  # another CA folder: read at once
+    assert not revoked.has("0A") and revoked.looks == 8
+
+
 @open_network
 async def test_a_held_task_runs_and_pays_the_provider_its_certificate_names(net):
     with net.service.client(net.tokens["carol"]) as carol:
@@ -226,6 +245,10 @@ async def test_a_provider_certificate_cannot_act_as_a_client_on_the_scheduler(ne
             "set_resources": scheduler.set_resources(worker=victim, resources={"device": 0}),
             "retire by name": scheduler.retire_workers(workers=[net.bob.address], names=["x"]),
             "gpunet_release_holds": scheduler.gpunet_release_holds(holds=["h_" + "0" * 32]),
+            "gpunet_charge_used": scheduler.gpunet_charge_used(key="gpunet-x", client="Client-x"),
+            "gpunet_verdict": scheduler.gpunet_verdict(client="Client-x", job="x", copies={"gpunet-x": False}),
+            "gpunet_map_state": scheduler.gpunet_map_state(job="x", client="Client-x"),
+            "gpunet_reuse_lookup": scheduler.gpunet_reuse_lookup(key="x", client="Client-x"),
             "gpunet event": scheduler.log_event(topic="gpunet-events-victim", msg={"text": "forged"}),
             "a huge event": scheduler.log_event(topic="mine", msg="x" * (EVENT_MAX_BYTES + 1)),
         }

@@ -736,3 +736,56 @@ def test_a_download_is_cached_under_a_plain_file_name_never_a_path():
                     "https://files.example/..", "https://files.example/", "https://files.example/tabulate.sh"):
         with pytest.raises(PackageError, match="no file to download"):
             download_file_name({**entry, "url": hostile})
+
+
+def test_one_session_removes_its_own_environments_before_anyone_elses_and_never_one_in_use():
+    from gpunet.worker.environment import evictions
+
+    def keys(session: str, count: int) -> list[str]:
+        return [f"{session * 12}{number:024d}" for number in range(count)]
+
+    victim, attacker = keys("v", 1), keys("a", 9)
+    # the attacker's ninth build on a worker of 8: its own oldest goes, never the victim's
+    assert evictions(victim + attacker[:8], set(), per_session=8) == [attacker[0]]
+    # over its own cap of 4, the attacker loses its oldest first, even where the victim's is older
+    assert evictions(victim + attacker[:5], set()) == [attacker[0]]
+    # two sessions of 4 and a newcomer: the worker is full, the larger session's oldest goes
+    other = keys("o", 4)
+    assert evictions(other + attacker[:4] + keys("n", 1), set()) == [other[0]]
+    # an environment a job runs with is never removed, whoever keeps the most
+    assert evictions(victim + attacker[:5], {attacker[0]}) == [attacker[1]]
+    # all that could go are in use: the worker keeps more for a while
+    assert evictions(keys("x", 5), set(keys("x", 5)), per_session=4) == []
+    # among sessions that keep as many, the least recently used goes
+    assert evictions(keys("p", 1) + keys("q", 1) + keys("r", 1), set(), kept=2) == [keys("p", 1)[0]]
+
+
+def test_an_environment_in_use_survives_another_sessions_flood_of_builds(tmp_path):
+    """Real builds (venv, pip): a worker that keeps 2 environments, 1 per session; the victim's
+    job runs with its environment while another session builds one after another."""
+    from gpunet.worker.environment import SessionEnvironments
+
+    base = {"msgpack": ">=0"}  # met by the provider's base: nothing to download
+    environments = SessionEnvironments(tmp_path / "envs", tmp_path / "wheels", InstallPolicy(), kept=2,
+                                       per_session=1)
+    victims = environments.prepare("victim", base)
+    floods = [environments.prepare(f"flood-{number}", base) for number in range(3)]
+    for flood in floods:
+        environments.done_with(flood)
+    assert victims.python.exists()  # in use: never removed
+    assert sum(flood.python.exists() for flood in floods) == 1  # the flood's last one; the worker keeps 2
+    environments.done_with(victims)
+    assert victims.python.exists()  # no longer in use, but within the worker's 2
+    again = environments.prepare("victim", base)
+    assert again is victims and not again.built_now
+    environments.done_with(again)
+    environments.close()
+
+
+def test_a_session_that_installs_again_and_again_waits_behind_a_newcomer():
+    from gpunet.worker.environment import next_install
+
+    waiting = [(1, "flood"), (2, "flood"), (3, "newcomer"), (4, "other")]
+    assert next_install(waiting, {"flood": 5}) == (3, "newcomer")  # none installed yet: the earliest of those
+    assert next_install(waiting, {"flood": 1, "newcomer": 1, "other": 1}) == (1, "flood")  # equals: first come
+    assert next_install([], {}) is None

@@ -96,6 +96,19 @@ def test_an_idle_hold_is_released(monkeypatch):
     assert released == ["P"] and meter.preauth is None
 
 
+def test_copy_holds_placed_when_the_session_connected_are_released_once_idle():
+    meter = _meter(100)
+    meter.copy_holds.want(copy_holds_module.FIRST_JOB_COPIES, 60)
+    meter.copy_holds.add(60, "c1")
+    meter.copy_holds.add(60, "c2")
+    released = []
+    meter.refill(released.extend, _answer(0, {}), now=meter.copy_holds.used_at + meter_module.PREAUTH_IDLE_S - 1)
+    assert released == [] and meter.preauthorized == 100 + 120
+    meter.refill(released.extend, _answer(0, {}), now=meter.copy_holds.used_at + meter_module.PREAUTH_IDLE_S + 1)
+    assert sorted(released) == ["P", "c1", "c2"] and meter.preauthorized == 0
+    assert meter.copy_holds.missing() == [], "none is placed again until a verified job asks"
+
+
 @pytest.mark.parametrize("count, per_item, rate, held", [
     (2000, 10, 1.0, 3000),  # the trivial map: 2,000 x 1 credit x 1.5, not 20,000
     (3, 10, 1.0, 5),
@@ -167,6 +180,21 @@ def test_copy_holds_are_taken_when_enough_are_ready_and_as_many_are_kept_ready()
     pool.add(10, "c")
     assert pool.give_up() == ["c"] and pool.missing() == [] and pool.held() == {}
     assert pool.take(1000, 5) is None and pool.missing() == [(5, copy_holds_module.MOST_READY)]
+
+
+def test_a_copy_takes_the_smallest_ready_holds_that_cover_it_and_a_first_job_is_wanted_ready():
+    pool = CopyHolds()
+    pool.want(copy_holds_module.FIRST_JOB_COPIES, 60)
+    assert pool.missing() == [(60, copy_holds_module.FIRST_JOB_COPIES)], "placed when the session connects"
+    for amount, hold in ((60, "a"), (60, "b"), (100, "big")):
+        pool.add(amount, hold)
+    assert pool.missing() == []
+    assert pool.take(2, 10) == ["a", "b"], "a copy of 10 may take a ready hold of 60: it is paid at most 10"
+    assert pool.take(1, 200) is None, "no ready hold covers 200: the job places its own"
+    assert pool.take(1, 60) == ["big"] and pool.held() == {}
+    ahead = copy_holds_module.JOBS_AHEAD
+    assert sorted(pool.missing()) == [(10, 2 * ahead), (60, max(ahead, copy_holds_module.FIRST_JOB_COPIES)),
+                                      (200, ahead)], "as many as each job took are kept ready for the next ones"
 
 
 def test_the_meter_takes_copy_holds_with_no_request_and_counts_them_pre_authorized():

@@ -18,6 +18,7 @@ import pytest
 from distributed import Client, Scheduler, Worker
 
 from gpunet import wire
+from gpunet.errors import NotYoursError
 from gpunet.extensions.scheduler_plugin import GpunetMeteringPlugin
 from gpunet.extensions.worker_plugin import GpunetWorkerPlugin
 from gpunet_processes import credit_service_with_accounts
@@ -235,8 +236,9 @@ async def test_a_verdict_settles_the_agreeing_copy_and_releases_the_other(c, s, 
     await until(lambda: len(plugin.settlement.awaiting) == 2, "both copies to await the verdict")
     bob_before = notebook.operator.provider_record("bob")["mismatches"]
 
-    await c.scheduler.gpunet_verdict(client="someone-else", job=job, copies={copies[1].key: True},
-                                     method="replicate:2", digest="sha256:0")
+    with pytest.raises(NotYoursError, match="belongs to another notebook session"):  # only its own copies
+        await c.scheduler.gpunet_verdict(client="someone-else", job=job, copies={copies[1].key: True},
+                                         method="replicate:2", digest="sha256:0")
     await c.scheduler.gpunet_verdict(client=c.id, job=job, copies={copies[0].key: True, copies[1].key: False},
                                      method="replicate:2", digest="sha256:0")
     await until(lambda: notebook.usage()["held"] == 0, "both copies' holds to be closed")
@@ -249,7 +251,7 @@ async def test_a_verdict_settles_the_agreeing_copy_and_releases_the_other(c, s, 
     assert notebook.settlements(holds[1]) == []  # settled 0 to bob (a release entry): the verdict's hold
     # Only alice disagreed with bob: one other provider is no evidence against him (it takes two)
     state = await c.scheduler.gpunet_metering_state()
-    assert state["verdicts"] == 2 and state["unblamed"] == 1
+    assert state["verdicts"] == 1 and state["unblamed"] == 1 and state["refused_calls"] == 1
     await until(lambda: not plugin.settlement.queue, "the verdict's movements to be reported")
     assert notebook.operator.provider_record("bob")["mismatches"] == bob_before
 

@@ -4,6 +4,8 @@ providers' worker processes on 127.0.0.1, one of which lies (gpunet.testing)."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 import threading
 import time
 
@@ -16,7 +18,7 @@ from gpunet.client import submit as jobs
 from gpunet.credits import verify_service
 from gpunet.ui.status import NetworkStatus
 from gpunet.testing import local_market
-from gpunet.errors import VerificationError
+from gpunet.errors import BudgetError, VerificationError
 from gpunet.verify.quorum import Policy, result_digest, tolerance_for
 from network_probes import running_jobs, wait_reported, wait_until
 
@@ -230,8 +232,10 @@ def test_verified_cell_in_the_notebook(honest_market, shell, detached):
 
 
 def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
-    """Only the notebook that wants a copy may judge it; the scheduler ignores others."""
+    """Only the notebook that wants a copy may judge it; the scheduler refuses others."""
     from distributed import Client
+
+    from gpunet.errors import NotYoursError
 
     market = honest_market
     with market.connect() as net:
@@ -243,11 +247,12 @@ def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
         verdicts = net.metering_state()["verdicts"]
         with Client(market.scheduler) as other:
             # Through the handler a notebook's own verdict takes (VerifiedJob._verdict), as
-            # itself. The call returns once the scheduler has handled it.
-            other.sync(getattr(other.scheduler, wire.VERDICT), client=other.id, job=job.job_id,
-                       copies=dict.fromkeys(keys, False), method="replicate:2", digest="", checked=True)
+            # itself. The call returns once the scheduler has refused it.
+            with pytest.raises(NotYoursError, match="belongs to another notebook session"):
+                other.sync(getattr(other.scheduler, wire.VERDICT), client=other.id, job=job.job_id,
+                           copies=dict.fromkeys(keys, False), method="replicate:2", digest="", checked=True)
         state = net.metering_state()
-        assert state["verdicts"] == verdicts + 1, "the scheduler should have handled the forged verdict"
+        assert state["verdicts"] == verdicts and state["refused_calls"] == 1
         assert state["awaiting_verdict"] == 2
         assert remote.wait()[0] and result_digest(remote.units[0].accepted.result)
         wait_reported(net)
@@ -340,6 +345,59 @@ def test_a_verified_result_is_reused_by_content_in_another_session(honest_market
             unchecked = shell.user_ns["_gpunet"].provenance
             assert unchecked["verification"]["verdict"] == "accepted unchecked"
             assert "reused_from" not in unchecked["verification"]
+
+
+def test_the_first_verified_job_of_a_session_sends_with_the_credit_service_stopped(honest_market, detached):
+    """A fresh session places its first verified job's copy holds (and reads the providers'
+    trust records) when it connects: that job runs while the credit service answers nothing
+    (SIGSTOP), so no request to it is on the job's way (one would wait there, then fail).
+    Once it answers again, each copy is settled on a hold placed at connect, with the
+    verdict's memo; the session spent what the settlements say, and once it closes none of
+    its holds is open and the ledger verifies."""
+    market = honest_market
+    service = market.credits_service
+    with market.connect() as net:
+        ready = set(net.meter.copy_holds.held())
+        assert len(ready) == 2, "the first verified job's two copy holds are placed when the session connects"
+        os.kill(service.pid, signal.SIGSTOP)
+        try:
+            assert net.run(_square_and_root, 5, verify="replicate") == _square_and_root(5)
+        finally:
+            os.kill(service.pid, signal.SIGCONT)
+        wait_reported(net)
+        settled = _settled(market, session=net.session)
+        assert {entry["hold"] for entry in settled} == ready, settled
+        assert all(entry["memo"]["verified"] == "replicate:2" for entry in settled), settled
+        assert sorted(entry["to"] for entry in settled) == ["alice", "bob"]
+        assert net.meter.wait_settled()
+        usage = net.meter.usage()
+        assert usage["spent"] == sum(entry["amount"] for entry in settled) and usage["held_for_jobs"] == 0
+        session = net.session
+    wait_until(lambda: not [h for h in market.operator.holds() if h.get("session") == session], 30,
+               "every hold of the session released once it closed")
+    usage = market.operator.usage(session)
+    assert (usage["held"], usage["spent"]) == (0, sum(entry["amount"] for entry in settled))
+    verify_service(market.credits_url, market.credits_service.operator_token)
+
+
+def test_a_verified_job_gets_the_room_of_holds_placed_ahead_that_no_job_uses(honest_market, detached):
+    """A session's budget keeps its meaning with holds placed ahead: a verified map that
+    needs the room of the pre-authorized hold and the copy holds nobody uses gets it (they
+    are released first), and one that the budget cannot cover is refused before anything
+    is sent, holding nothing."""
+    market = honest_market
+    with market.connect(budget=300) as net:
+        assert net.meter.preauthorized == 60 + 2 * 60  # a fifth of the budget, and two copy holds of 60
+        with pytest.raises(BudgetError, match="nothing was sent"):
+            net.map(_square_and_root, range(6), verify="replicate", timeout=30)  # 12 copies x 30 > 300
+        assert net.map(_square_and_root, range(4), verify="replicate", timeout=30) == [
+            _square_and_root(i) for i in range(4)]  # 8 copies x 30 = 240: more than the 120 left beside them
+        wait_reported(net)
+        assert net.meter.wait_settled()
+        assert net.credits.usage(net.session)["spent"] <= 240
+        session = net.session
+    wait_until(lambda: not [h for h in market.operator.holds() if h.get("session") == session], 30,
+               "every hold of the session released once it closed")
 
 
 def test_verified_jobs_draw_on_copy_holds_placed_ahead_and_pay_only_agreeing_copies(honest_market, detached):

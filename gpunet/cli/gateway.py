@@ -19,7 +19,7 @@ LIMIT_FLAGS = [
     ("--max-sessions", "max_sessions", "sessions one account may hold open"),
     ("--max-jobs-in-flight", "max_jobs_in_flight", "jobs one account may have sent and not yet read to their end"),
     ("--max-unread-bytes-per-job", "max_unread_bytes_per_job",
-     "bytes of a job's events its notebook may leave unread before it is dropped (a result may take about 3/4)"),
+     "bytes of a job's events and held result its notebook may leave unread before it is dropped"),
     ("--max-unread-bytes", "max_unread_bytes", "bytes of job events all notebooks together may leave unread"),
     ("--slow-reader-seconds", "slow_reader_s",
      "a notebook that reads nothing of a job's waiting events for this long is dropped and its job stopped"),

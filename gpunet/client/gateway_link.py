@@ -9,9 +9,11 @@ streams back what they do. Here:
   travels in the ``Authorization`` header; bodies are msgpack.
 - :func:`job_request`: a job as the gateway takes it: its code, names and flags as
   data, and what the notebook pickled (inputs, map items, a function and its
-  arguments) as opaque bytes that only the worker loads.
+  arguments) as opaque bytes that only the worker loads, sent as a framed body
+  (:mod:`gpunet.framed`: large buffers raw after a msgpack head, no copy into it).
 - :class:`GatewayJob`: the job's handle, fed by the job's server-sent events (where
-  it started, its output, progress, then its results as codec data, never pickles).
+  it started, its output, progress, then its results as codec data, never pickles: a
+  small result in its last event, a large one fetched as a framed body of raw frames).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import msgpack
 import requests
 
-from gpunet import codec, errors, wire
+from gpunet import codec, errors, framed, wire
 from gpunet.client.handle import JobHandle, pickled
 from gpunet.client.received import checked_result
 from gpunet.client.reused import say_reused
@@ -42,6 +44,12 @@ GATEWAY_CA_ENV = "GPUNET_GATEWAY_CA"
 REQUEST_TIMEOUT_S = 60.0
 #: The largest plain answer the notebook reads from the gateway.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
+#: The version of what the notebook and the gateway send each other: 2 sends large inputs
+#: and results as framed bodies (gpunet.framed). Each side refuses the other's older one,
+#: saying which to upgrade, rather than misread it.
+GATEWAY_PROTOCOL = 2
+#: What a job's held result may take beyond its results' caps (its head: events, text).
+RESULT_BODY_SLACK_BYTES = 64 * 1024 * 1024
 
 
 def pack(value: Any) -> bytes:
@@ -80,6 +88,20 @@ def sse_events(lines: Iterator[bytes | str]) -> Iterator[tuple[str, Any]]:
             data.append(line[5:].strip())
 
 
+def check_gateway_protocol(opened: dict[str, Any], url: str) -> None:
+    """Refuse (:class:`GpunetError`, saying which side to upgrade) a gateway whose answer to
+    opening a session says another protocol than :data:`GATEWAY_PROTOCOL` (an older one says none)."""
+    theirs = opened.get("protocol", 1)
+    if theirs == GATEWAY_PROTOCOL:
+        return
+    if isinstance(theirs, int) and theirs > GATEWAY_PROTOCOL:
+        raise GpunetError(f"the gateway at {url} runs a newer gpunet (gateway protocol {theirs}; this notebook speaks "
+                          f"{GATEWAY_PROTOCOL}): upgrade gpunet here (pip install -U gpunet)")
+    raise GpunetError(f"the gateway at {url} runs an older gpunet (gateway protocol {theirs}; this notebook speaks "
+                      f"{GATEWAY_PROTOCOL}): ask its operator to upgrade the gateway, or install the gateway's "
+                      "gpunet version here")
+
+
 def gateway_ca(ca: str | None) -> str:
     """The operator's CA file to check the gateway's certificate with (``--ca`` or
     ``GPUNET_GATEWAY_CA``); a clear error where there is none."""
@@ -93,6 +115,18 @@ def gateway_ca(ca: str | None) -> str:
     return ca
 
 
+#: How much of a request body goes to the connection at a time (urllib3's default: 16 kB).
+SEND_BLOCK_BYTES = 1024 * 1024
+
+
+class LargeBlocks(requests.adapters.HTTPAdapter):
+    """``requests``' adapter sending a streamed body :data:`SEND_BLOCK_BYTES` at a time."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        """The pools, their connections sending bodies in large blocks."""
+        super().init_poolmanager(*args, **{**kwargs, "blocksize": SEND_BLOCK_BYTES})
+
+
 class GatewayLink:
     """HTTPS to the gateway at ``url`` with this notebook's credit ``token``, checking
     its certificate against the operator's CA file ``ca``."""
@@ -102,14 +136,22 @@ class GatewayLink:
         self.ca = ca
         self.timeout = timeout
         self.http = requests.Session()
+        self.http.mount("https://", LargeBlocks())
         self.http.headers.update({"Authorization": f"Bearer {token}", "Content-Type": "application/msgpack"})
 
     def request(self, method: str, path: str, body: Any = None, *, stream: bool = False,
-                timeout: float | None = None) -> requests.Response:
-        """The gateway's answer to ``method path`` (``body`` as msgpack); its refusal
-        raised as :class:`GatewayError` (or the gpunet error it names)."""
+                timeout: float | None = None, framed_body: bool = False) -> requests.Response:
+        """The gateway's answer to ``method path`` (``body`` as msgpack, or with
+        ``framed_body`` as a framed body: its :class:`gpunet.framed.Laid` buffers raw); its
+        refusal raised as :class:`GatewayError` (or the gpunet error it names)."""
+        data: Any = None
+        headers = None
+        if framed_body and body is not None:
+            data, headers = framed.FramedBody(body).reader(), {"Content-Type": framed.MEDIA_TYPE}
+        elif body is not None:
+            data = pack(body)
         try:
-            answer = self.http.request(method, f"{self.url}/v1{path}", data=None if body is None else pack(body),
+            answer = self.http.request(method, f"{self.url}/v1{path}", data=data, headers=headers,
                                        stream=stream, verify=self.ca,  # per request: REQUESTS_CA_BUNDLE
                                        timeout=(min(self.timeout, 10.0), timeout or self.timeout))
         except requests.exceptions.SSLError as exc:
@@ -128,6 +170,21 @@ class GatewayLink:
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """The gateway's msgpack answer to ``method path``, as data."""
         return unpack(self.request(method, path, body).content)
+
+    def fetch_framed(self, path: str, max_bytes: int, *, what: str) -> Any:
+        """The framed body the gateway answers ``GET path`` with (:mod:`gpunet.framed`), its
+        buffers read into fresh ones of this notebook's own; refused over ``max_bytes``."""
+        answer = self.request("GET", path, stream=True)
+        try:
+            declared = answer.headers.get("content-length", "")
+            if answer.headers.get("content-type", "") != framed.MEDIA_TYPE or not declared.isdigit():
+                raise framed.version_refusal(what)
+            if int(declared) > max_bytes:
+                raise GatewayError(f"{what} is {declared} bytes, over the {max_bytes} this side reads", status=413,
+                                   code="too_large")
+            return framed.read_framed(answer.raw.read, int(declared), what=what)
+        finally:
+            answer.close()
 
     def close(self) -> None:
         """Close the HTTPS connections."""
@@ -166,20 +223,21 @@ def error_from(data: dict[str, Any]) -> GpunetError:
 
 
 def blob_out(blob: bytes | Pickled) -> bytes | dict[str, Any]:
-    """A pickle (:func:`gpunet.wire.pickle_value`'s) as msgpack carries it: its bytes,
-    or its stream and out-of-band buffers."""
+    """A pickle (:func:`gpunet.wire.pickle_value`'s) as a framed body carries it: its bytes,
+    or its stream and its out-of-band buffers laid out raw (:class:`gpunet.framed.Laid`)."""
     if isinstance(blob, Pickled):
-        return {"stream": bytes(blob.stream), "buffers": [bytes(memoryview(buffer)) for buffer in blob.buffers],
+        return {"stream": bytes(blob.stream), "buffers": [framed.Laid(buffer) for buffer in blob.buffers],
                 "writable": list(blob.writable)}
     return bytes(blob)
 
 
 def blob_in(data: Any) -> bytes | Pickled | None:
-    """What :func:`blob_out` made, as the pickle it was (never loaded); None when malformed."""
+    """What :func:`blob_out` made, as the pickle it was (never loaded; its buffers as they
+    arrived: bytes, or views of the request's body); None when malformed."""
     if isinstance(data, bytes):
         return data
     if isinstance(data, dict) and isinstance(data.get("stream"), bytes) and isinstance(data.get("buffers"), list) \
-            and all(isinstance(buffer, bytes) for buffer in data["buffers"]) \
+            and all(isinstance(buffer, (bytes, memoryview)) for buffer in data["buffers"]) \
             and isinstance(data.get("writable"), list) and len(data["writable"]) == len(data["buffers"]) \
             and all(isinstance(flag, bool) for flag in data["writable"]):
         return Pickled(data["stream"], list(data["buffers"]), tuple(data["writable"]))
@@ -261,6 +319,17 @@ class GatewayJob(JobHandle):
             self._done_count = int(data.get("done", self._done_count))
             self.waiting = str(data.get("waiting", self.waiting))
             self.wake.set()
+        elif event == "results-ready" and isinstance(data, dict):
+            try:
+                results = self.network.link.fetch_framed(
+                    f"/sessions/{self.network.gateway_session}/jobs/{self.job.job_id}/result",
+                    self.count * self.network.max_result_bytes + RESULT_BODY_SLACK_BYTES, what="the job's result")
+            except GpunetError as exc:
+                self._error = {"type": type(exc).__name__, "message": f"the job's result could not be fetched "
+                               f"from the gateway: {exc}"}
+                self._over = True
+                return
+            self._take("results", results)
         elif event == "results" and isinstance(data, dict):
             self._results = [checked_result(result, "a result from the gateway") for result in data["results"]]
             self.facts = data.get("facts")

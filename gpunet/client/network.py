@@ -11,6 +11,7 @@ handlers (:meth:`Network.call_scheduler`).
 from __future__ import annotations
 
 import ast
+import contextlib
 import atexit
 import logging
 import math
@@ -31,9 +32,11 @@ from gpunet import packages, wire
 from gpunet.client import data_comm, placement
 from gpunet.client.cells import CellRun, run_cell, stopped_by_ctrl_c
 from gpunet.client.gateway_link import (
+    GATEWAY_PROTOCOL,
     REQUEST_TIMEOUT_S,
     GatewayJob,
     GatewayLink,
+    check_gateway_protocol,
     first_event,
     gateway_ca,
     job_request,
@@ -145,16 +148,33 @@ class Network:
         self._finished_generation = 0
         self.client.subscribe_topic(self.topic, self._on_event)
         self._closed = False
-        if meter is not None:  # the session's pre-authorized hold, placed now and refilled in the background
-            meter.preauthorize()
-            meter.start_refilling(self.release_unsent, self.preauth_state)
-        #: how many connect() calls handed this network out and have not closed it
-        self._users = 1
+        state = self.metering_state() if meter is not None else None
         #: this session's price limit, credits per device-second: only providers at or below it
         #: run its jobs, and holds are priced at it (a job's max_rate= / --max-rate overrides it);
         #: by default the one the operator configured (`gpunet scheduler --default-max-rate`)
-        self.rate_limit = placement.check_max_rate(max_rate) if max_rate is not None else self._default_rate_limit()
+        self.rate_limit = placement.check_max_rate(max_rate) if max_rate is not None else _default_rate(state)
+        if meter is not None:  # the session's pre-authorized hold, placed now and refilled in the background
+            meter.preauthorize()
+            self._prepare_verified(meter, state)
+            meter.start_refilling(self.release_unsent, self.preauth_state)
+        #: how many connect() calls handed this network out and have not closed it
+        self._users = 1
         _open_networks.add(self)
+
+    def _prepare_verified(self, meter: Meter, state: dict[str, Any] | None) -> None:
+        """Where the network has providers enough to verify, place now what the session's
+        first verified job needs from the credit service (its copies' holds, the providers'
+        trust records), so that it sends with no request there on its path; on failure that
+        job asks for them itself."""
+        providers = {info.get("provider") for info in ((state or {}).get("providers") or {}).values()}
+        if len(providers - {None}) < 2:
+            return
+        amount = meter.plan(count=1, max_credits=None, timeout=None, max_rate=self.rate_limit).amount
+        try:
+            meter.prepare_verified(amount)
+        except Exception as exc:  # noqa: BLE001 - the session works without them
+            logger.warning("gpunet: the holds for a first verified job could not be placed ahead (%s); it places "
+                           "them when it is sent", exc)
 
     # -- identity ----------------------------------------------------------------------
     @property
@@ -469,7 +489,11 @@ class Network:
 
     # -- the scheduler plugin's named handlers ----------------------------------------------
     def call_scheduler(self, handler: str, **kwargs: Any) -> Any:
-        """Call one of the named handlers the scheduler plugin serves (:mod:`gpunet.wire`)."""
+        """Call one of the named handlers the scheduler plugin serves (:mod:`gpunet.wire`); one
+        about this session's own holds, tasks or maps names this session's Dask client
+        (:data:`gpunet.wire.CALLER_NAMED`), never another."""
+        if handler in wire.CALLER_NAMED:
+            kwargs["client"] = self.client.id
         return self.client.sync(getattr(self.client.scheduler, handler), **kwargs)
 
     def metering_state(self) -> dict[str, Any] | None:
@@ -495,13 +519,6 @@ class Network:
         rate of the most expensive provider on the network: only providers at or below
         the limit run the job, so it never costs more than that a second."""
         return placement.check_max_rate(max_rate) if max_rate is not None else self.rate_limit
-
-    def _default_rate_limit(self) -> float:
-        """The price limit the operator configured for notebooks (:data:`DEFAULT_RATE`
-        where the scheduler says none, or does not meter)."""
-        state = self.metering_state() if self.meter is not None else None
-        limit = (state or {}).get("default_max_rate", DEFAULT_RATE)
-        return float(limit) if isinstance(limit, (int, float)) and 0 < limit < math.inf else DEFAULT_RATE
 
     def worker_rates(self, *, fresh: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
         """The scheduler's metering state and the rate each worker's provider asks
@@ -686,17 +703,22 @@ class GatewayNetwork(Network):
         try:
             opened = link.call("POST", "/sessions", {
                 "budget": int(budget or DEFAULT_BUDGET), "kernel": kernel, "notebook": notebook,
-                "max_result_bytes": max_result_bytes, "max_stream_bytes_per_s": max_stream_bytes_per_s})
+                "max_result_bytes": max_result_bytes, "max_stream_bytes_per_s": max_stream_bytes_per_s,
+                "protocol": GATEWAY_PROTOCOL})
+            try:
+                check_gateway_protocol(opened, url)
+            except GpunetError:  # another version's gateway would misread what this notebook sends
+                with contextlib.suppress(GpunetError):
+                    link.call("DELETE", f"/sessions/{opened.get('session_id')}")
+                raise
         except BaseException:
             link.close()
             raise
         network = cls(link, opened, max_result_bytes=max_result_bytes, max_stream_bytes_per_s=max_stream_bytes_per_s,
                       pip=pip)
-        state = network.metering_state() or {}
-        limit = state.get("default_max_rate", DEFAULT_RATE)
         #: this session's price limit (see Network.rate_limit); the gateway places by it
         network.rate_limit = placement.check_max_rate(max_rate) if max_rate is not None else (
-            float(limit) if isinstance(limit, (int, float)) and 0 < limit < math.inf else DEFAULT_RATE)
+            _default_rate(network.metering_state()))
         return network
 
     @property
@@ -798,7 +820,7 @@ class GatewayNetwork(Network):
                                "gpu_build": environment.gpu_build, "gpu_packages": environment.gpu_packages}
         body["reuse"] = reuse and reuse_allowed()
         answer = self.link.request("POST", f"/sessions/{self.gateway_session}/jobs", body, stream=True,
-                                   timeout=None if timeout is None else timeout + REQUEST_TIMEOUT_S)
+                                   timeout=None if timeout is None else timeout + REQUEST_TIMEOUT_S, framed_body=True)
         events, sent = first_event(answer)
         per_item = bool(workers) and isinstance(workers[0], list)
         handle = GatewayJob(self, job, items=None if items is None else len(items), resources=resources,
@@ -867,6 +889,13 @@ class GatewayCredits:
         """The credit service's proof that its ledger of ``first`` entries grew into ``second``'s."""
         query = f"first={int(first)}" + ("" if second is None else f"&second={int(second)}")
         return self.link.call("GET", f"/sessions/{self.session_id}/ledger/consistency?{query}")
+
+
+def _default_rate(state: dict[str, Any] | None) -> float:
+    """The price limit the operator configured for notebooks, as the scheduler's metering
+    ``state`` says (:data:`DEFAULT_RATE` where it says none, or does not meter)."""
+    limit = (state or {}).get("default_max_rate", DEFAULT_RATE)
+    return float(limit) if isinstance(limit, (int, float)) and 0 < limit < math.inf else DEFAULT_RATE
 
 
 def _metering_state(client: Client) -> dict[str, Any] | None:
@@ -1020,12 +1049,13 @@ def join(address: str, *, credits: str | None, token: str | None, budget: int | 
          result_format: str, max_result_bytes: int, max_stream_bytes_per_s: int,
          embedded: EmbeddedNetwork | None = None, notebook: tuple[str, str] | None = None,
          network_class: type[Network] | None = None, max_rate: float | None = None,
-         pip: Iterable[str] | None = None) -> Network:
+         pip: Iterable[str] | None = None, client_name: str | None = None) -> Network:
     """A :class:`Network` on the scheduler at ``address`` as a Dask client (what
     :func:`connect` makes, and what the gateway makes for each notebook it serves):
     with ``result_format`` CODEC over the data-only comm, metered with ``token``'s
     account when ``credits`` is given (``notebook``: the session's kernel and notebook);
-    ``network_class``: a subclass of :class:`Network` to make (the gateway's)."""
+    ``network_class``: a subclass of :class:`Network` to make (the gateway's); ``client_name``:
+    the Dask client's name (the gateway names each session's after its account)."""
     options: dict[str, Any] = {}
     dask_address = address
     if result_format == wire.CODEC:  # Dask itself must not unpickle what providers send
@@ -1033,7 +1063,7 @@ def join(address: str, *, credits: str | None, token: str | None, budget: int | 
         options["deserializers"] = list(data_comm.DATA_SERIALIZERS)
         data_comm.max_message_bytes = max_result_bytes + data_comm.MESSAGE_SLACK_BYTES
     try:
-        client = Client(dask_address, timeout=timeout, set_as_default=False, **options)
+        client = Client(dask_address, timeout=timeout, set_as_default=False, name=client_name, **options)
     except (OSError, TimeoutError) as exc:
         raise ConnectError(
             f"cannot reach the scheduler at {address} within {timeout:g} s ({exc.__class__.__name__}). "

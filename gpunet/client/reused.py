@@ -130,7 +130,7 @@ def store_for_reuse(network: Connection, handle: JobHandle, results: list[JobRes
     """Give a verified job's result to the scheduler's reuse table under ``key`` (kept only
     if the scheduler's own record of this client's verdict on that job accepted it)."""
     try:
-        network.call_scheduler(wire.REUSE_STORE, client=network.client.id, job=handle.job.job_id, key=key,
+        network.call_scheduler(wire.REUSE_STORE, job=handle.job.job_id, key=key,
                                record=record, results=[result_to_event(as_message(result)) for result in results])
     except Exception as exc:  # noqa: BLE001 - the result stands; it is only not kept for others
         logger.warning("gpunet: could not offer job %s's verified result for reuse: %s", handle.job.job_id, exc)

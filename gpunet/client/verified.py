@@ -554,7 +554,7 @@ class VerifiedJob(JobHandle):
                 self.pool.trust.settle(copy.provider, copy.token, (copy in agreeing) if checked else None)
         for attempt in range(VERDICT_ATTEMPTS):
             try:
-                self.network.call_scheduler(wire.VERDICT, client=self.network.client.id, job=self.job.job_id,
+                self.network.call_scheduler(wire.VERDICT, job=self.job.job_id,
                                             copies=finished, method=str(self.policy), digest=digest,
                                             checked=checked)
                 return

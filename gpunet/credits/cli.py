@@ -35,6 +35,7 @@ from gpunet.clitools import read_token_file, run_command, wait_for
 from gpunet.credits._audit import verify_database, verify_service
 from gpunet.credits._book import ROLES
 from gpunet.credits._client import CreditClient
+from gpunet.credits._db import beside_db, resolve_db_url
 from gpunet.credits._ledger import key_id
 from gpunet.credits._receipts import check_receipt, heads_records, proofs_from, read_documents
 from gpunet.credits._witness import Witness, check_heads, one_key_per_service
@@ -109,11 +110,14 @@ def _add_account_args(p: argparse.ArgumentParser) -> None:
     create.set_defaults(func=cmd_account_create)
     revoke = sub.add_parser("revoke-token", help="revoke an account's token and write a new one to a file (operator)",
                             description="The account's token stops working at once (a gateway refuses it at the "
-                            "next submission); a new token is written to a new file of mode 600 (never printed).")
+                            "next submission); a new token is written to a new file of mode 600 (never printed). "
+                            "Revoking the token this command uses (the operator's own) replaces it in the file it "
+                            "was read from: --token-file, or the operator token file beside the default database.")
     _add_auth_args(revoke)
     revoke.add_argument("name", help="the account whose token to revoke")
     revoke.add_argument("-o", "--output", metavar="PATH", help="write the new token here, a new file of mode 600 "
-                        "(default: NAME.token in the current folder)")
+                        "(default: NAME.token in the current folder; for the account whose token this command "
+                        "uses, the file it read it from, replaced)")
     revoke.set_defaults(func=cmd_account_revoke_token)
 
 
@@ -473,12 +477,48 @@ def cmd_account_create(args: argparse.Namespace) -> int:
 
 
 def cmd_account_revoke_token(args: argparse.Namespace) -> int:
-    """Revoke an account's token and write its new one to a new file of mode 600 (never printed)."""
-    target = _new_token_file(args)
-    revoked = _client(args).revoke_token(args.name)
-    write_private(target, revoked["token"].encode() + b"\n")
+    """Revoke an account's token and write its new one to a file of mode 600 (never printed):
+    one's own (the operator revoking the operator token) replaces, at once, the file it was
+    read from (:func:`_own_token_file`); any other account's goes to a new file (-o, or NAME.token)."""
+    client = _client(args)
+    own = client.ping()["account"] == args.name
+    replaced = _own_token_file(args) if own and not args.output else None
+    target = replaced or _new_token_file(args)
+    folder = next(place for place in (target.parent, *target.parent.parents) if place.exists())
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):  # before the token changes: nobody would have it
+        raise InvalidRequestError(f"cannot write the new token to {target}: {folder} is not a folder this user may "
+                                  "write to; nothing was revoked. Choose another file with -o")
+    token = client.revoke_token(args.name)["token"]
+    try:
+        write_private(target, token.encode() + b"\n")
+    except OSError as exc:
+        raise InvalidRequestError(
+            f"the token of {args.name} was revoked, but its new token could not be written to {target} "
+            f"({exc.strerror}); nobody has it: revoke it again with an operator token"
+            + (" (or restart `gpunet credits serve` with --rotate-operator-token)" if own else "")) from None
+    if replaced is not None:
+        print(f"revoked the token of {args.name}; its new token replaced the old one in {target} (mode 600)")
+        return 0
     print(f"revoked the token of {args.name}; its new token is in {target} (mode 600)")
+    if own and args.token_file:
+        print(f"note: {args.token_file}, which this command read the token from, still holds the revoked one",
+              file=sys.stderr)
     return 0
+
+
+def _own_token_file(args: argparse.Namespace) -> Path | None:
+    """Where the token a verb authenticated with is read from, to replace it with the account's
+    new token: ``--token-file``; else, for a token from --token or ``GPUNET_TOKEN``, the operator
+    token file beside the default database (where `gpunet credits serve` writes it) when it
+    holds that very token. None when no file holds it."""
+    if args.token_file:
+        return Path(args.token_file).expanduser()
+    default = beside_db(resolve_db_url(None), ".operator-token")
+    try:
+        held = default.read_text().strip()
+    except OSError:
+        return None
+    return default if held and held == _token(args) else None
 
 
 def _new_token_file(args: argparse.Namespace) -> Path:

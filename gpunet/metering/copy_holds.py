@@ -22,6 +22,10 @@ MOST_READY = 32
 #: How many jobs' worth of copy holds are kept ready (the next job finds its holds while
 #: the ones taken are placed again).
 JOBS_AHEAD = 2
+#: How many copy holds a session places when it connects, for its first verified job: the
+#: copies of a cell with the default policy (``--verify replicate`` sends 2; an adaptive or
+#: spot check sends 1, and a second where it checks).
+FIRST_JOB_COPIES = 2
 
 
 @dataclass
@@ -34,16 +38,27 @@ class CopyHolds:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, count: int, amount: int) -> list[str] | None:
-        """``count`` ready holds of ``amount`` credits, or None while fewer are ready (the job
-        places its own); either way, that many are kept ready from now on."""
+        """``count`` ready holds of at least ``amount`` credits (the smallest first), or None
+        while fewer are ready (the job places its own); either way, that many of ``amount``
+        are kept ready from now on."""
         with self._lock:
             self.used_at = time.monotonic()
             self.wanted[amount] = min(MOST_READY, max(self.wanted.get(amount, 0), JOBS_AHEAD * count))
-            ready = self.ready.get(amount, [])
-            if len(ready) < count:
+            sizes = sorted(size for size in self.ready if size >= amount)
+            if sum(len(self.ready[size]) for size in sizes) < count:
                 return None
-            taken, self.ready[amount] = ready[:count], ready[count:]
+            taken: list[str] = []
+            for size in sizes:
+                ready = self.ready[size]
+                grabbed = ready[:count - len(taken)]
+                self.ready[size] = ready[len(grabbed):]
+                taken += grabbed
             return taken
+
+    def want(self, count: int, amount: int) -> None:
+        """Keep at least ``count`` holds of ``amount`` credits ready (before any job took one)."""
+        with self._lock:
+            self.wanted[amount] = min(MOST_READY, max(self.wanted.get(amount, 0), count))
 
     def missing(self) -> list[tuple[int, int]]:
         """``(size, how many)`` of the holds to place to have as many ready as wanted."""

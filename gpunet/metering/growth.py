@@ -179,8 +179,7 @@ class MapGrowth:
         self._number += 1
         hold = self.network.meter.place(f"grow-{self.job_id}-{self._number}", amount)
         try:
-            grown = self.network.call_scheduler(wire.GROW_MAP, client=self.network.client.id, job=self.job_id,
-                                                hold=hold, amount=amount)
+            grown = self.network.call_scheduler(wire.GROW_MAP, job=self.job_id, hold=hold, amount=amount)
         except BaseException:
             self.network.release_unsent([hold])  # not handed over: nothing may stay held by it
             raise
@@ -202,7 +201,7 @@ class MapGrowth:
         except Exception as exc:  # noqa: BLE001 - where workers run nothing for a client (an open network)
             logger.warning("gpunet metering: could not tell the workers that map %s paused: %s", self.job_id, exc)
         keys = list(self.unfinished()) if self.unfinished is not None else []
-        cancelled = self.network.call_scheduler(wire.PAUSE_MAP, client=client.id, keys=keys)
+        cancelled = self.network.call_scheduler(wire.PAUSE_MAP, keys=keys)
         print(f"[gpunet: the map paused: {self.paused}]", file=sys.stderr, flush=True)
         logger.warning("gpunet metering: map %s paused (%d items cancelled before they reached a worker): %s",
                        self.job_id, cancelled, self.paused)

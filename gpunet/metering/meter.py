@@ -20,7 +20,9 @@ low (the old one is released once its jobs are done), and releases it when the
 session idles (:data:`PREAUTH_IDLE_S`) or closes; the scheduler releases it too
 when the notebook's client leaves. A job that does not fit in what is free of it
 places its own hold, as before, and is refused (before anything is sent) when the
-session cannot cover it.
+session cannot cover it. A verified job's copies each need a hold of their own
+(:mod:`gpunet.metering.copy_holds`): those are placed ahead too, when the session
+connects (:meth:`Meter.prepare_verified`) and in the background after each verified job.
 
 How much is held per task:
 
@@ -62,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpunet.credits import BudgetExceededError, CreditsUnavailableError
 from gpunet.errors import BudgetError
-from gpunet.metering.copy_holds import CopyHolds
+from gpunet.metering.copy_holds import FIRST_JOB_COPIES, CopyHolds
 from gpunet.metering.growth import EXPECTED_ITEM_SECONDS, EXPECTED_MARGIN, ItemTimes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -205,6 +207,8 @@ class Meter:
     retiring: list[Preauthorized] = field(default_factory=list)
     _account: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: held while holds are placed for a job on its path, or for copies ahead (not both at once)
+    _placing: threading.RLock = field(default_factory=threading.RLock)
     _wake: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -310,23 +314,42 @@ class Meter:
                     self.letting_go.update(idle)
                 release(idle)
             return
-        wanted = [amount for amount, count in self.copy_holds.missing() for _ in range(count)]
-        if not wanted:
-            return
-        with self._lock:  # one request for them all; a batch's items succeed or fail one by one
-            first = self._preauth_number + 1
-            self._preauth_number += len(wanted)
-        items = [{"op": "hold", "session": self.session, "amount": amount, "key": f"copy-{self.session}-{first + n}",
-                  **({"meter": self.meter} if self.meter else {})} for n, amount in enumerate(wanted)]
-        try:
-            results = self.credits.batch(items)
-        except CreditsUnavailableError:
-            with self._lock:
-                self.doubtful.extend((item["key"], item["amount"]) for item in items)
-            raise
-        for amount, result in zip(wanted, results):
-            if result.get("ok"):  # one the budget could not cover is left out: jobs place their own
-                self.copy_holds.add(amount, result["hold"])
+        self._place_copy_holds()
+
+    def prepare_verified(self, amount: int, copies: int = FIRST_JOB_COPIES) -> None:
+        """Make ready, now, what a first verified job needs from the credit service, so that
+        it sends with no request there on its path (a session on a network with providers
+        enough to verify does this when it connects): the providers' trust records, and
+        ``copies`` holds of ``amount`` credits for its copies (those the budget cannot
+        cover are left out; all are released when the session idles or closes, or when a
+        job's own hold needs the room). Raises :class:`CreditsUnavailableError` when the
+        service is away."""
+        self._refresh_records()
+        self.copy_holds.want(copies, amount)
+        self._place_copy_holds()
+
+    def _place_copy_holds(self) -> None:
+        """Place the copy holds missing from those wanted ready, in one request (never while
+        a job places its own: they would take the room it needs)."""
+        with self._placing:
+            wanted = [amount for amount, count in self.copy_holds.missing() for _ in range(count)]
+            if not wanted:
+                return
+            with self._lock:  # one request for them all; a batch's items succeed or fail one by one
+                first = self._preauth_number + 1
+                self._preauth_number += len(wanted)
+            items = [{"op": "hold", "session": self.session, "amount": amount,
+                      "key": f"copy-{self.session}-{first + n}", **({"meter": self.meter} if self.meter else {})}
+                     for n, amount in enumerate(wanted)]
+            try:
+                results = self.credits.batch(items)
+            except CreditsUnavailableError:
+                with self._lock:
+                    self.doubtful.extend((item["key"], item["amount"]) for item in items)
+                raise
+            for amount, result in zip(wanted, results):
+                if result.get("ok"):  # one the budget could not cover is left out: jobs place their own
+                    self.copy_holds.add(amount, result["hold"])
 
     def overflow(self, job_id: str, tasks: int) -> tuple[str, int] | None:
         """The pre-authorized hold (and its size) that pays what map ``job_id`` (of ``tasks``
@@ -546,12 +569,13 @@ class Meter:
         it holds that much (``plan``) and how to hold less. Pre-authorized holds no job
         draws on are given back first when they are what stands in the way."""
         total = count * amount if total is None else total
-        try:
-            return self.place(f"hold-{job_id}", total)
-        except BudgetExceededError as exc:
-            if self._give_back_idle(total):
-                return self.hold_shared(job_id, count=count, amount=amount, plan=plan, total=total)
-            raise self._refusal(amount, count, exc, plan=plan, total=total) from None
+        with self._placing:  # no hold placed ahead in the background takes the room meanwhile
+            try:
+                return self.place(f"hold-{job_id}", total)
+            except BudgetExceededError as exc:
+                if self._give_back_idle(total):
+                    return self.hold_shared(job_id, count=count, amount=amount, plan=plan, total=total)
+                raise self._refusal(amount, count, exc, plan=plan, total=total) from None
 
     def place(self, key: str, amount: int) -> str:
         """Place a hold of ``amount`` credits under idempotency ``key``; returns its id. Raises
@@ -622,12 +646,15 @@ class Meter:
             return [self.hold_shared(job_id, count=1, amount=amount)]
         # A map's holds go in one batch whose items succeed or fail one by one: check
         # the total first, so that a map too big for the budget holds nothing.
-        usage = self.credits.usage(self.session)
-        if usage["left"] < count * amount:
-            raise self._refusal(amount, count, "budget", usage=usage)
-        items = [{"op": "hold", "session": self.session, "amount": amount, "key": f"hold-{job_id}-{index}",
-                  **({"meter": self.meter} if self.meter else {})} for index in range(count)]
-        results = self.credits.batch(items)
+        with self._placing:  # no hold placed ahead in the background takes the room meanwhile
+            usage = self.credits.usage(self.session)
+            if usage["left"] < count * amount and self._give_back_idle(count * amount):
+                usage = self.credits.usage(self.session)  # pre-authorized holds no job drew on went back
+            if usage["left"] < count * amount:
+                raise self._refusal(amount, count, "budget", usage=usage)
+            items = [{"op": "hold", "session": self.session, "amount": amount, "key": f"hold-{job_id}-{index}",
+                      **({"meter": self.meter} if self.meter else {})} for index in range(count)]
+            results = self.credits.batch(items)
         holds = [result.get("hold") for result in results]
         if all(result.get("ok") for result in results):
             return holds

@@ -486,20 +486,27 @@ class Settlement:
             if hold not in self.closed:
                 self._release(hold)
 
-    def close_unknown(self, hold: str, keys: list[Any], live: Container[Any]) -> None:
+    def close_unknown(self, hold: str, keys: list[Any], live: Container[Any], pending: int = 0) -> None:
         """The notebook saw tasks of ``hold`` cancelled that the scheduler may never
         have created (``live`` holds those it has): count the unknown ones as done,
-        unpaid, so that the hold is closed."""
+        unpaid, so that the hold is closed. ``pending`` of the hold's tasks are still alive
+        here (not yet done): a map's hold never counts more unknown ones than its tasks leave
+        room for beside them, and a cell's hold is not released while its task lives, so
+        keys made up cannot close a hold that still pays running work."""
         if len(keys) == 1 and hold not in self.shared:  # a cell's own hold
-            if keys[0] not in live and hold not in self.closed:
+            if keys[0] not in live and hold not in self.closed and not pending:
                 self._release(hold)
             return
         if hold in self.closed:
             return
         share = self.shared.setdefault(hold, SharedHold(len(keys)))
+        room = None if share.tasks is None else share.tasks - len(share.done) - len(share.owed) - pending
         for key in keys:
+            if room is not None and room <= 0:
+                break
             if key not in live and key not in share.done and key not in share.owed:
                 self._item_done(hold, key, None, 0, 0.0)
+                room = None if room is None else room - 1
 
     def trust_record(self, record: Mapping[str, Any]) -> list[Request]:
         """A provider's trust record came back from the credit service: a newly

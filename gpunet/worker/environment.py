@@ -40,7 +40,9 @@ how many a client can leave behind.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -53,7 +55,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -69,7 +71,8 @@ INSTALLS_ENV = "GPUNET_ALLOW_INSTALLS"
 #: Default caps of one session's install: bytes downloaded, seconds taken.
 DEFAULT_MAX_INSTALL_BYTES = 200 * 1024 * 1024
 DEFAULT_MAX_INSTALL_SECONDS = 300.0
-#: Session environments a worker keeps (the least recently used beyond this are removed).
+#: Session environments a worker keeps (beyond this, one not in use is removed: of the session
+#: that keeps the most, its least recently used; :func:`evictions`).
 ENVIRONMENTS_KEPT = 8
 #: Of those, one session keeps at most this many (its cells may alternate between them).
 ENVIRONMENTS_PER_SESSION = 4
@@ -256,6 +259,8 @@ class PreparedEnvironment:
     cache_misses: int = 0
     downloaded_bytes: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    #: its name among the worker's environments (:class:`SessionEnvironments`): the session's part first
+    key: str = ""
 
     def describe(self) -> dict[str, Any]:
         """What a result says about it (msgpack-friendly)."""
@@ -264,17 +269,72 @@ class PreparedEnvironment:
                 "cache_misses": self.cache_misses, "downloaded_bytes": self.downloaded_bytes}
 
 
+#: How many characters of an environment's key name its session.
+SESSION_KEY_CHARS = 12
+
+
+def evictions(keys: list[str], in_use: Container[str], *, kept: int = ENVIRONMENTS_KEPT,
+              per_session: int = ENVIRONMENTS_PER_SESSION) -> list[str]:
+    """Which of a worker's environments ``keys`` (least recently used first; each key starts
+    with its session's part, :data:`SESSION_KEY_CHARS`) to remove, so that no session keeps
+    more than ``per_session`` and the worker no more than ``kept``: never one ``in_use`` (a
+    job runs with it), and always one of the session that keeps the most (its least recently
+    used): a session that builds one environment after another removes its own before any
+    other's, and another session's only where that one keeps as many as it does. Where all
+    that could go are in use, the worker keeps more for a while (until a job ends)."""
+    left = list(keys)
+    removed = []
+
+    def sessions() -> dict[str, list[str]]:
+        by_session: dict[str, list[str]] = {}
+        for key in left:
+            by_session.setdefault(key[:SESSION_KEY_CHARS], []).append(key)
+        return by_session
+
+    while True:
+        by_session = sessions()
+        over = [own for own in by_session.values() if len(own) > per_session]
+        crowded = over or (list(by_session.values()) if len(left) > kept else [])
+        # the sessions that keep the most first; among equals, the one whose oldest is the oldest
+        candidates = sorted(crowded, key=lambda own: (-len(own), left.index(own[0])))
+        victim = next((key for own in candidates for key in own if key not in in_use), None)
+        if victim is None:
+            return removed
+        left.remove(victim)
+        removed.append(victim)
+
+
+def next_install(waiting: list[tuple[int, str]], installs: Mapping[str, int]) -> tuple[int, str] | None:
+    """Whose build goes next among ``waiting`` ((ticket, session), in the order they came):
+    that of the session with the fewest ``installs`` on this worker so far, the earliest among
+    equals; so a session that sends one install after another waits behind a newcomer's."""
+    return min(waiting, key=lambda ticket: (installs.get(ticket[1], 0), ticket[0]), default=None)
+
+
 class SessionEnvironments:
     """The session environments of one worker, under ``root``, built within ``policy``'s
-    caps from the wheel cache ``wheels`` (which every worker of the machine may share)."""
+    caps from the wheel cache ``wheels`` (which every worker of the machine may share).
+    An environment a job runs with (from :meth:`prepare` until :meth:`done_with`) is never
+    removed; which others are, :func:`evictions` says."""
 
-    def __init__(self, root: Path, wheels: Path, policy: InstallPolicy, *, python: str = sys.executable) -> None:
+    def __init__(self, root: Path, wheels: Path, policy: InstallPolicy, *, python: str = sys.executable,
+                 kept: int = ENVIRONMENTS_KEPT, per_session: int = ENVIRONMENTS_PER_SESSION) -> None:
         self.root = Path(root)
         self.policy = policy
         self.python = python
         self.wheels = Path(wheels)
+        self.kept, self.per_session = kept, per_session
         self._kept: OrderedDict[str, PreparedEnvironment] = OrderedDict()
+        #: the install lock: one build at a time on this worker
         self._lock = threading.Lock()
+        #: guards what is kept and in use (never held while a build runs)
+        self._state = threading.Lock()
+        #: environment key -> jobs running with it now
+        self._users: dict[str, int] = {}
+        #: builds waiting for the install lock, (ticket, session), and each session's builds here
+        self._waiting: list[tuple[int, str]] = []
+        self._tickets = itertools.count()
+        self._installs: collections.Counter[str] = collections.Counter()
 
     def prepare(self, session: str | None, requirements: dict[str, str],
                 announce: Callable[[int, int], None] | None = None,
@@ -286,30 +346,75 @@ class SessionEnvironments:
         ``stopped`` set (the job was stopped) ends the build at once:
         :class:`InstallStopped`, the installer's processes killed, nothing of it kept."""
         stopped = stopped or threading.Event()
-        session_key = hashlib.sha256(f"{session or ''}".encode()).hexdigest()[:12]
+        session_key = hashlib.sha256(f"{session or ''}".encode()).hexdigest()[:SESSION_KEY_CHARS]
         key = session_key + hashlib.sha256(f"{session or ''}\0{requirements_digest(requirements)}"
                                            .encode()).hexdigest()[:24]
-        while not self._lock.acquire(timeout=STOP_POLL_S):  # another session's build: a stop ends the wait
-            if stopped.is_set():
-                raise InstallStopped("stopped while it waited for another install")
+        kept = self._reused(key)  # built already: no wait behind another session's install
+        if kept is not None:
+            return kept
+        self._take_install_turn(session_key, stopped)
         try:
-            kept = self._kept.get(key)
-            if kept is not None and kept.python.exists():
-                self._kept.move_to_end(key)
-                kept.built_now, kept.last_used = False, time.monotonic()
+            kept = self._reused(key)
+            if kept is not None:
                 return kept
+            self._installs[session_key] += 1
             prepared = self._build(key, requirements, announce, stopped)
-            self._kept[key] = prepared
+            prepared.key = key
+            with self._state:
+                self._kept[key] = prepared
+                self._users[key] = self._users.get(key, 0) + 1
+                self._evict_locked()
             self._prune_wheels()
-            mine = [other for other in self._kept if other.startswith(session_key)]
-            for old_key in [*mine[:max(0, len(mine) - ENVIRONMENTS_PER_SESSION)],
-                            *list(self._kept)[:max(0, len(self._kept) - ENVIRONMENTS_KEPT)]]:
-                old = self._kept.pop(old_key, None)
-                if old is not None:
-                    shutil.rmtree(old.path, ignore_errors=True)
             return prepared
         finally:
             self._lock.release()
+
+    def _reused(self, key: str) -> PreparedEnvironment | None:
+        """The environment ``key`` kept here, now in use by one more job; None where there is none."""
+        with self._state:
+            kept = self._kept.get(key)
+            if kept is None or not kept.python.exists():
+                return None
+            self._kept.move_to_end(key)
+            kept.built_now, kept.last_used = False, time.monotonic()
+            self._users[key] = self._users.get(key, 0) + 1
+            return kept
+
+    def _take_install_turn(self, session_key: str, stopped: threading.Event) -> None:
+        """Take the install lock when it is this build's turn (:func:`next_install`: the waiting
+        session that installed least here goes first); a stop ends the wait."""
+        ticket = (next(self._tickets), session_key)
+        with self._state:
+            self._waiting.append(ticket)
+        try:
+            while True:
+                with self._state:
+                    mine = next_install(self._waiting, self._installs) == ticket
+                if mine and self._lock.acquire(timeout=STOP_POLL_S):
+                    return
+                if stopped.wait(0 if mine else STOP_POLL_S):
+                    raise InstallStopped("stopped while it waited for another install")
+        finally:
+            with self._state:
+                self._waiting.remove(ticket)
+
+    def done_with(self, prepared: PreparedEnvironment | None) -> None:
+        """A job that ran with ``prepared`` (from :meth:`prepare`) ended: it may be removed again."""
+        if prepared is None:
+            return
+        with self._state:
+            users = self._users.get(prepared.key, 0) - 1
+            if users > 0:
+                self._users[prepared.key] = users
+            else:
+                self._users.pop(prepared.key, None)
+            self._evict_locked()
+
+    def _evict_locked(self) -> None:
+        """Remove what :func:`evictions` says (with ``_state`` held)."""
+        for old_key in evictions(list(self._kept), self._users, kept=self.kept, per_session=self.per_session):
+            old = self._kept.pop(old_key)
+            shutil.rmtree(old.path, ignore_errors=True)
 
     def _prune_wheels(self) -> None:
         """Keep the wheel cache within :data:`WHEEL_CACHE_INSTALLS` installs at the size cap,
@@ -325,7 +430,7 @@ class SessionEnvironments:
 
     def close(self) -> None:
         """Remove every environment kept (the wheel cache stays)."""
-        with self._lock:
+        with self._lock, self._state:
             self._kept.clear()
             shutil.rmtree(self.root, ignore_errors=True)
 

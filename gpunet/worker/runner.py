@@ -358,7 +358,18 @@ def run_job(
         return error_result(job, index, address, device, started, PACKAGES, str(exc))
     except InstallStopped as exc:
         return error_result(job, index, address, device, started, INTERRUPTED, str(exc))
-    return _job_host.run(job, item, index, worker, address, device, prepared, environment)
+    try:
+        return _job_host.run(job, item, index, worker, address, device, prepared, environment)
+    finally:  # while the session's sandbox ran it, its environment was never removed
+        done_with_environment(worker, prepared)
+
+
+def done_with_environment(worker: Any, prepared: PreparedEnvironment | None) -> None:
+    """The job that ran with ``prepared`` (:func:`prepare_environment`) on ``worker`` ended:
+    the worker may remove that environment again (:class:`SessionEnvironments`)."""
+    environments = getattr(worker, "gpunet_environments", None)
+    if prepared is not None and environments is not None:
+        environments.done_with(prepared)
 
 
 def older_notebook_result(job: Job, index: int | None, address: str, device: str) -> bytes:
@@ -417,11 +428,14 @@ def execute_job(job: Job, item: bytes | None, index: int | None, worker: Any, ad
         announce_later(job, worker, lambda: _running.get(running_key) == thread_id, device)
         prepared, result.environment = prepare_environment(job, worker, address) if environment is None \
             else (None, environment)
-        with layered(prepared):
-            if job.code is not None:
-                _run_cell(job, item, context, result)
-            else:
-                _run_function(job, item, result)
+        try:
+            with layered(prepared):
+                if job.code is not None:
+                    _run_cell(job, item, context, result)
+                else:
+                    _run_function(job, item, result)
+        finally:
+            done_with_environment(worker, prepared)
     except PackageError as exc:  # nothing of the cell ran
         result.error = {"ename": PACKAGES, "evalue": str(exc), "traceback": "", "exception": None}
     except OutputTooLarge as exc:

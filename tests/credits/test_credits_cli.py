@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -214,6 +215,50 @@ def test_revoking_a_token_stops_it_at_once_and_writes_the_new_one(service, tmp_p
     assert CreditClient(service.url, new).ping()["account"] == "erin"
     with pytest.raises(ForbiddenError, match="revoking a token"):
         CreditClient(service.url, new).revoke_token("erin")
+
+
+def test_revoking_the_operators_own_token_replaces_it_in_the_file_it_was_read_from(fresh_service, tmp_path):
+    """The operator revokes her own token: the new one replaces the old one, at once and with
+    mode 600, in the file the command read it from (beside the database, where `gpunet
+    credits serve` wrote it), not in ./operator.token, so the next command works."""
+    token_file = Path(fresh_service.operator_token_file)
+    assert token_file == tmp_path / "credits.sqlite3.operator-token"
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    auth = ["--credits", fresh_service.url, "--operator-token-file", str(token_file)]
+    old = token_file.read_text().strip()
+    revoked = _gpunet("credits", "account", "revoke-token", "operator", *auth, cwd=folder)
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"its new token replaced the old one in {token_file} (mode 600)" in revoked.stdout, revoked.stdout
+    new = token_file.read_text().strip()
+    assert new != old and new not in revoked.stdout + revoked.stderr
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert sorted(path.name for path in token_file.parent.iterdir() if path.name.endswith(".tmp")) == []
+    assert list(folder.iterdir()) == [], "nothing is written to the current folder"
+    with pytest.raises(AuthError):
+        CreditClient(fresh_service.url, old).ping()
+    made = _gpunet("credits", "account", "create", "frank", "--role", "client", *auth, cwd=folder)
+    assert made.returncode == 0, made.stderr  # the next command reads the file and works
+    # The token given by GPUNET_TOKEN: the operator token file beside the default database
+    # (GPUNET_DATA_DIR) that holds it is the one replaced.
+    env = {**os.environ, "GPUNET_TOKEN": new, "GPUNET_DATA_DIR": str(tmp_path)}
+    again = subprocess.run([sys.executable, "-m", "gpunet.cli", "credits", "account", "revoke-token", "operator",
+                            "--credits", fresh_service.url], capture_output=True, text=True, cwd=folder, env=env,
+                           timeout=120)
+    assert again.returncode == 0 and f"replaced the old one in {token_file}" in again.stdout, again.stderr
+    newer = token_file.read_text().strip()
+    assert newer != new and CreditClient(fresh_service.url, newer).ping()["account"] == "operator"
+    # -o still writes where it says, and says that the file read from now holds a revoked token
+    moved = _gpunet("credits", "account", "revoke-token", "operator", *auth, "-o", str(folder / "op.token"))
+    assert moved.returncode == 0 and f"its new token is in {folder / 'op.token'}" in moved.stdout, moved.stderr
+    assert f"{token_file}, which this command read the token from, still holds the revoked one" in moved.stderr
+    assert stat.S_IMODE(os.stat(folder / "op.token").st_mode) == 0o600
+    # a file it cannot write is refused before anything is revoked
+    (folder / "plain").write_text("not a folder")
+    refused = _gpunet("credits", "account", "revoke-token", "operator", "--credits", fresh_service.url,
+                      "--token-file", str(folder / "op.token"), "-o", str(folder / "plain" / "op2.token"))
+    assert refused.returncode == 1 and "is not a folder this user may write to; nothing was revoked" in refused.stderr
+    assert CreditClient(fresh_service.url, (folder / "op.token").read_text().strip()).ping()["account"] == "operator"
 
 
 def test_credit_verbs_wait_a_bounded_time_for_a_service_that_does_not_answer(tmp_path):
