@@ -6,8 +6,8 @@ malformed JSON too (400), before anything reaches the store. Errors answer
 ``{"error": {"status", "code", "message", ...details}}``.
 
 A body may instead be MessagePack (``Content-Type: application/msgpack``): the same
-objects, the same size, depth and field checks (a malformed one is a 400 naming it;
-extension types are refused). ``Accept: application/msgpack`` asks for a MessagePack
+objects, the same size, depth and field checks, at most ``MAX_PACKED_CONTAINERS`` arrays
+and maps (a malformed one is a 400 naming it; extension types are refused). ``Accept: application/msgpack`` asks for a MessagePack
 answer; errors always answer JSON. :class:`CreditClient` sends its batches so: they
 cost the service and the client less to decode and encode than JSON.
 
@@ -306,11 +306,27 @@ def _refuse_extension(code: int, data: bytes) -> Any:
                      "integers, booleans and nil only)")
 
 
+#: The most arrays and maps a MessagePack body may hold (a full batch of items with memos holds
+#: far fewer). An empty one is 1 byte of MessagePack (2 or 3 of JSON) and some 60 of memory: without
+#: a cap a body at the size limit would cost about three times what the same limit allows JSON.
+MAX_PACKED_CONTAINERS = 20 * MAX_BATCH
+
+
 def _decode_msgpack(body: bytes) -> Any:
     """A MessagePack body as Python objects: map keys must be strings, strings valid UTF-8, no
-    extension types; the array, map and string lengths it declares are bounded by the body's size,
-    so a few bytes never make it allocate much."""
-    return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_extension, timestamp=0)
+    extension types, at most ``MAX_PACKED_CONTAINERS`` arrays and maps; the lengths it declares
+    are bounded by the body's size, so a few bytes never make it allocate much."""
+    containers = 0
+
+    def counted(container: Any) -> Any:
+        nonlocal containers
+        containers += 1
+        if containers > MAX_PACKED_CONTAINERS:
+            raise ValueError(f"it holds more than {MAX_PACKED_CONTAINERS} arrays and maps; send a smaller batch")
+        return container
+
+    return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_extension, timestamp=0,
+                           object_hook=counted, list_hook=counted)
 
 
 async def _json_body(request: Request) -> Any:
