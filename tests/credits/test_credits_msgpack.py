@@ -104,6 +104,7 @@ def _deep(levels: int) -> bytes:
     (b"\x81\xa5items\x91\x81\xa2op\xa2\xff\xfe", 400, "malformed MessagePack"),  # not UTF-8
     (b"\x81\xa5items\xdd\xff\xff\xff\xff", 400, "malformed MessagePack"),  # 4 billion items declared in 10 bytes
     (msgpack.packb({"items": [msgpack.ExtType(5, b"\x00")]}), 400, "extension type 5 is not accepted"),
+    (msgpack.packb({"items": [{}] * 200_000}), 400, "more than 100000 arrays and maps"),  # 1 byte each
     (_deep(40), 400, "deeper than 32 levels"),  # parses, but deeper than allowed
     (_deep(200_000), 400, "deeper than 32 levels"),  # deeper than the unpacker's own stack
 ])
