@@ -236,10 +236,12 @@ def validate(op: str, body: Any, *, extra: dict[str, Any] | None = None, item: b
         raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     spec = SPECS[op]
     if not body.keys() <= (_ITEM_FIELDS[op] if item else spec.keys()):
-        unknown = sorted(set(body) - set(spec) - ({"op"} if item else set()))
+        # a MessagePack map may name a field in bytes: named as it came, never sorted with strings
+        unknown = sorted(name if isinstance(name, str) else repr(name)
+                         for name in set(body) - set(spec) - ({"op"} if item else set()))
         raise InvalidRequestError(
-            f"unknown field(s) {', '.join(map(repr, unknown))} for {op}; allowed: {', '.join(spec) or 'none'}",
-            details={"fields": unknown})
+            f"unknown field(s) {', '.join(map(repr, unknown))} for {op}; allowed: {', '.join(spec) or 'none'} "
+            "(field names are strings)", details={"fields": unknown})
     out: dict[str, Any] = dict(extra or {})
     for field, (check, required) in spec.items():
         if field in out:
@@ -306,11 +308,37 @@ def _refuse_extension(code: int, data: bytes) -> Any:
                      "integers, booleans and nil only)")
 
 
+#: A MessagePack body over this many bytes has its arrays and maps charged as they are decoded
+#: (:class:`_ContainerBudget`); a smaller one cannot expand past a few megabytes.
+CHARGED_BODY_BYTES = 64 * 1024
+
+
+class _ContainerBudget:
+    """msgpack's list and map hook for one body: each decoded array or map is charged an empty
+    one's size (64 bytes) and 8 bytes a slot (16 a map's), against 8 bytes per byte of the body
+    (an honest batch takes a quarter of it): a body of empty arrays, one byte each and 56 in
+    memory, is refused when a tenth of it is decoded, never expanded 80-fold."""
+
+    def __init__(self, body_bytes: int) -> None:
+        self.left = 8 * body_bytes + CHARGED_BODY_BYTES
+
+    def __call__(self, value: Any) -> Any:
+        self.left -= 64 + 8 * len(value) * (2 if isinstance(value, dict) else 1)
+        if self.left < 0:
+            raise InvalidRequestError("the request body's arrays and maps would take far more memory than its size "
+                                      "(a body of empty arrays or maps?): send what gpunet's clients send",
+                                      status=413, code="body_too_large")
+        return value
+
+
 def _decode_msgpack(body: bytes) -> Any:
     """A MessagePack body as Python objects: map keys must be strings, strings valid UTF-8, no
     extension types; the array, map and string lengths it declares are bounded by the body's size,
-    so a few bytes never make it allocate much."""
-    return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_extension, timestamp=0)
+    and what its arrays and maps take by :class:`_ContainerBudget`, so a few bytes never make it
+    allocate much."""
+    charge = _ContainerBudget(len(body)) if len(body) > CHARGED_BODY_BYTES else None
+    return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_extension, timestamp=0,
+                           list_hook=charge, object_hook=charge)
 
 
 async def _json_body(request: Request) -> Any:
