@@ -9,6 +9,7 @@ unpickle something are each refused with one clear message."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import threading
@@ -338,3 +339,33 @@ def test_bodies_of_another_version_or_over_the_cap_are_refused_clearly(gateway_m
     assert refused.status_code == 413 and f"over the limit of {MAX_BODY_BYTES}" in unpack(refused.content)[
         "error"]["message"]
     requests.delete(f"{market['url']}/v1/sessions/{session}", headers=headers, verify=ca, timeout=WAIT_S)
+
+
+def test_a_stranger_body_of_many_buffers_and_racing_fetches_are_refused_cleanly(gateway_market, detached):
+    """A framed body of 270,000 zero-byte buffers (2 MB) is refused 413 before the gateway builds
+    their views (a 64 MB one took it seconds and gigabytes); of two fetches racing for one held
+    result, one gets it and the other a 404; the session goes on."""
+    import msgpack
+
+    market, ca = gateway_market, gateway_market["ca_file"]
+    session, carol = open_by_hand(market, market["tokens"]["carol"])
+    jobs = f"{market['url']}/v1/sessions/{session}/jobs"
+    count = 270_000
+    buffer = msgpack.ExtType(framed.BUFFER_EXT, msgpack.packb([0, 0]))
+    head = pack({"code": "y = 1", "inputs": {"x": {"stream": b"", "buffers": [buffer] * count,
+                                                   "writable": [False] * count}}})
+    body = framed.PREFIX.pack(framed.MAGIC, len(head)) + head
+    assert len(body) < MAX_BODY_BYTES
+    refused = requests.post(jobs, data=body, headers={**carol, "Content-Type": framed.MEDIA_TYPE}, verify=ca,
+                            timeout=WAIT_S)
+    assert refused.status_code == 413, refused.content[:300]
+    assert "more than 262144 buffers" in unpack(refused.content)["error"]["message"]
+    job, _ = ready_result(market, session, carol, "y = b'r' * 2_000_000")
+    fetch = f"{market['url']}/v1/sessions/{session}/jobs/{job}/result"
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: requests.get(fetch, headers=carol, verify=ca, timeout=WAIT_S), range(2)))
+    assert sorted(answer.status_code for answer in answers) == [200, 404]
+    (won,) = [answer for answer in answers if answer.status_code == 200]
+    data = framed.read_framed(io.BytesIO(won.content).read, len(won.content), what="the result")
+    assert decode(data["results"][0]["outputs"]["y"]) == b"r" * 2_000_000
+    requests.delete(f"{market['url']}/v1/sessions/{session}", headers=carol, verify=ca, timeout=WAIT_S)
