@@ -10,7 +10,9 @@ for a peer whose certificate binds the provider role (or none),
 - a message that comes in on a listener may be at most :data:`PEER_MESSAGE_MAX_BYTES`,
   checked from the sizes in its header before it is read;
 - no message may carry a ``__Pickled__`` object, and where the comm decodes what it
-  reads (workers, clients), no serialized object but msgpack's.
+  reads (workers, clients), no serialized object but msgpack's, or the codec's frames
+  (:data:`DATA_DESERIALIZERS`, decoded into bytes only) where the reader asks for them (a
+  provider's worker fetching a result from her own other worker).
 
 The scheduler's and the gateway's messages (which carry the gateway's graphs and the
 results it gathers) are read as Dask reads them. And a connection this process opens to
@@ -26,6 +28,7 @@ import struct
 from typing import Any
 
 from gpunet.certs import GATEWAY, SCHEDULER, identity_of_peer
+from gpunet.codec import DASK_SERIALIZER
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ logger = logging.getLogger(__name__)
 PEER_MESSAGE_MAX_BYTES = 32 * 1024 * 1024
 #: What a provider's bytes may be decoded with: nothing that unpickles.
 SAFE_DESERIALIZERS = ("msgpack",)
+#: What a reader may also ask a provider's bytes to be decoded with: the codec's frames
+#: (gpunet.codec.DASK_SERIALIZER), which decoding wraps as bytes (nothing is loaded).
+DATA_DESERIALIZERS = (DASK_SERIALIZER,)
 #: The keys Dask's decoder looks for in a msgpack map.
 _PICKLED, _SERIALIZED = "__Pickled__", "__Serialized__"
 
@@ -51,10 +57,16 @@ def _trusted(peercert: Any) -> bool:
     return identity is not None and identity.role in (SCHEDULER, GATEWAY)
 
 
-def check_frames(frames: list[Any], *, decoded: bool) -> str | None:
+def allowed_deserializers(asked: Any) -> tuple[str, ...]:
+    """What a provider's bytes may be decoded with for a reader that ``asked`` for those
+    deserializers: msgpack, and of :data:`DATA_DESERIALIZERS` those it asked for."""
+    return SAFE_DESERIALIZERS + tuple(name for name in DATA_DESERIALIZERS if name in (asked or ()))
+
+
+def check_frames(frames: list[Any], *, decoded: bool, allowed: tuple[str, ...] = SAFE_DESERIALIZERS) -> str | None:
     """Why Dask's frames of one message from a provider must not be decoded, or None:
     a ``__Pickled__`` object anywhere; where they will be ``decoded``, a serialized
-    object but msgpack's."""
+    object but one of ``allowed``."""
     import msgpack
     from distributed.protocol.utils import msgpack_opts
 
@@ -70,7 +82,7 @@ def check_frames(frames: list[Any], *, decoded: bool) -> str | None:
                 serializer = header.get("serializer") if isinstance(header, dict) else None
             except Exception:  # noqa: BLE001 - a garbled header is refused like a pickle
                 serializer = None
-            if serializer not in SAFE_DESERIALIZERS:
+            if serializer not in allowed:
                 found.append(f"an object serialized with {serializer!r}")
         return obj
 
@@ -128,12 +140,13 @@ def guarded_tls_comm(incoming: bool) -> type:
             except BaseException:
                 self.abort()  # as Dask's read: how much of the stream was read is unknown
                 raise
-            refusal = check_frames(frames, decoded=self.deserialize)
+            allowed = allowed_deserializers(deserializers)
+            refusal = check_frames(frames, decoded=self.deserialize, allowed=allowed)
             if refusal is not None:
                 self._refuse(refusal)
             try:
                 return await from_frames(frames, deserialize=self.deserialize,
-                                         deserializers=list(SAFE_DESERIALIZERS) if self.deserialize else None,
+                                         deserializers=list(allowed) if self.deserialize else None,
                                          allow_offload=self.allow_offload)
             except EOFError:
                 self.abort()

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpunet import codec
 from gpunet.certs import GATEWAY, PROVIDER, SCHEDULER, Identity, identity_of_peer, watch_revocations
 from gpunet.errors import GpunetError, ProviderTaskError
 from gpunet.guarded_tls import SAFE_DESERIALIZERS, expect_scheduler_at, use_guarded_tls
@@ -471,8 +472,9 @@ class WorkerDoor:
         watch_revocations(server.security.tls_ca_file)
         scheduler = getattr(server, "scheduler", None)
         expect_scheduler_at(getattr(server, "scheduler_addr", None) or getattr(scheduler, "address", None))
-        if hasattr(server, "rpc") and not self.nanny:  # what it fetches from other workers: no pickle
-            server.rpc.deserializers = list(SAFE_DESERIALIZERS)
+        if hasattr(server, "rpc") and not self.nanny:  # what it fetches from other workers: no pickle, and
+            codec.register_with_dask()  # a codec result as its frames (Dask frames of their own, never one blob)
+            server.rpc.deserializers = [*SAFE_DESERIALIZERS, codec.DASK_SERIALIZER]
         server.handlers = GuardedHandlers(server.handlers, self.check, self._count)
 
     def _count(self) -> None:

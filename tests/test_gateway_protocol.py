@@ -143,6 +143,15 @@ def test_a_gateway_of_another_protocol_is_refused_saying_which_side_to_upgrade()
         check_gateway_protocol({"session_id": "s", "protocol": GATEWAY_PROTOCOL + 1}, "https://gw")
 
 
+def test_a_framed_body_that_breaks_off_is_refused():
+    import numpy as np
+
+    body = framed.FramedBody({"y": codec.encode_frames(np.arange(100_000))})
+    whole = b"".join(bytes(part) for part in body.parts)
+    with pytest.raises(GatewayError, match="ended early"):
+        framed.read_framed(io.BytesIO(whole[:-10]).read, body.size, what="the result")
+
+
 def test_a_body_of_another_layout_says_which_side_to_upgrade():
     with pytest.raises(GatewayError, match="not a gpunet framed body of this version") as refused:
         framed.head_length(b"GPUNETF1" + bytes(8), 100, "the result")

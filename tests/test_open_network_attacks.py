@@ -312,3 +312,34 @@ async def test_a_worker_connects_only_to_a_scheduler_with_the_scheduler_role(net
         assert not impostor.workers
     assert any("is not the scheduler: it presented gpunet:role/provider/bob" in record.getMessage()
                for record in caplog.records)
+
+
+def codec_array(n: int):
+    """A result as a provider's worker holds a codec job's: codec frames (the array's buffer a frame)."""
+    import numpy as np
+
+    from gpunet import codec
+
+    return codec.encode_frames(np.arange(n, dtype="float64"))
+
+
+def frames_bytes(frames) -> int:
+    """What arrived of a codec value fetched from another worker: its frames' bytes."""
+    from gpunet import codec
+
+    return -1 if not isinstance(frames, codec.Frames) else sum(memoryview(f).nbytes for f in frames)
+
+
+@open_network
+async def test_a_providers_own_worker_fetches_a_codec_result_as_frames(net):
+    """A provider's second worker fetching a result from her first (a replica, an input):
+    the codec's frames travel as Dask frames (decoded only into bytes, never unpickled)."""
+    async with Worker(net.s.address, nthreads=1, security=net.pki["alice"], resources={"device": 1}) as second:
+        WorkerDoor(certs.own_identity(second.security, "worker")).install(second)
+        second.batched_send({"op": wire.REGISTER_PROVIDER, "rate": 1.0})
+        with held(net, 300):
+            made = net.gateway.submit(codec_array, 1_000_000, key=key(), workers=[net.alice.address],
+                                      resources={"device": 1})
+            fetched = net.gateway.submit(frames_bytes, made, key=key(), workers=[second.address],
+                                         resources={"device": 1})
+        assert await asyncio.wait_for(fetched.result(), 60) > 8_000_000

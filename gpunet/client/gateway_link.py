@@ -27,6 +27,7 @@ from typing import Any
 
 import msgpack
 import requests
+import urllib3
 
 from gpunet import codec, errors, framed, wire
 from gpunet.client.handle import JobHandle, pickled
@@ -186,6 +187,9 @@ class GatewayLink:
                 raise GatewayError(f"{what} is {declared} bytes, over the {max_bytes} this side reads", status=413,
                                    code="too_large")
             return framed.read_framed(answer.raw.read, int(declared), what=what, max_buffers=max_buffers)
+        except (OSError, ValueError, urllib3.exceptions.HTTPError) as exc:  # the body broke off on its way
+            raise GatewayError(f"{what} broke off on its way from the gateway ({type(exc).__name__}); run it "
+                               "again", status=502, code="short_body") from None
         finally:
             answer.close()
 
