@@ -211,3 +211,26 @@ def test_a_packed_body_that_would_expand_far_past_its_size_is_refused_before_it_
         assert "more than 100000 arrays and maps" in resp.json()["error"]["message"]
     assert _peak_kb(fresh_service.pid) - start < 150_000, "the body was decoded before it was refused"
     assert party.ops.balance(name) == 10 and party.ops.health()["ok"]
+
+
+def test_a_body_trickled_in_is_cut_off_at_its_deadline_and_moves_nothing(world):
+    """A token's holder sending a body one byte at a time held a connection (and the service's
+    shutdown) for as long as it liked; the body must now all come within BODY_WITHIN_S."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from gpunet.credits._service import BODY_WITHIN_S
+
+    party, tokens, _ = world
+    before = _state(party)
+    where = urlsplit(party.svc.url)
+    with socket.create_connection((where.hostname, where.port)) as conn:
+        conn.sendall(f"POST /v1/ping HTTP/1.1\r\nHost: credits\r\nAuthorization: Bearer {tokens['operator']}\r\n"
+                     "Content-Type: application/msgpack\r\nContent-Length: 100\r\n\r\n\x80".encode())
+        conn.settimeout(BODY_WITHIN_S + 60)
+        answer = b""
+        while b"too_slow" not in answer and (piece := conn.recv(4096)):  # the answer's head and body
+            answer += piece
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert f"did not all come within {BODY_WITHIN_S:g} s".encode() in answer
+    assert _state(party) == before
