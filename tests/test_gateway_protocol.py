@@ -465,3 +465,22 @@ def test_a_result_whose_frames_alias_or_are_not_plain_data_never_loads():
     assert isinstance(data["results"][0]["outputs"]["y"], msgpack.ExtType)
     with pytest.raises(ProviderDataError, match="malformed .its outputs"):
         checked_result(data["results"][0], "a result from the gateway")
+
+
+@pytest.mark.parametrize("dtype, shape, match", [("|O", [1], "dtype object"), ("<f8", [1000], "do not fit its shape"),
+                                                 ("<f8", [2**40], "more memory than its cap")])
+def test_a_held_results_forged_array_is_refused_when_decoded_not_before(dtype, shape, match):
+    """Through the framed body the notebook fetches, a provider's array whose dtype is objects, or
+    whose shape does not fit its frame, reads as frames and is refused by the codec, which
+    never unpickles (a frame read here is the notebook's own buffer, as any other)."""
+    from gpunet.errors import ProviderDataError
+    from test_codec_frames import forged, framed_array
+
+    value = forged(framed_array(dtype, shape, 1), b"\x00" * 8)
+    body = framed.FramedBody({"results": [{"outputs": {"y": value}}], "facts": None})
+    sent = b"".join(bytes(part) for part in body.parts)
+    data = framed.read_framed(io.BytesIO(sent).read, len(sent), what="the result")
+    frames = data["results"][0]["outputs"]["y"]
+    assert isinstance(frames, codec.Frames) and frames.owned
+    with pytest.raises(ProviderDataError, match=match):
+        codec.decode(frames, max_bytes=1_000_000)
