@@ -203,3 +203,12 @@ def test_the_meter_takes_copy_holds_with_no_request_and_counts_them_pre_authoriz
     assert meter.take_copy_holds(1, 60) == ["h1"]
     meter.copy_holds.add(60, "h2")
     assert meter.preauthorized == 100 + 60
+
+
+def test_trust_records_nobody_read_are_fetched_again_only_every_half_minute():
+    meter = _meter(100)
+    meter._records, meter._records_at = [], 1000.0  # as fetched when the session connected
+    assert not meter._records_stale(1000.0 + meter_module.RECORDS_FRESH_S + 1), "unread: not every few seconds"
+    assert meter._records_stale(1000.0 + meter_module.RECORDS_UNREAD_FRESH_S + 1)
+    meter.provider_records()  # a verified job reads them: kept as fresh as before
+    assert meter._records_stale(1000.0 + meter_module.RECORDS_FRESH_S + 1)

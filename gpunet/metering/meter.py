@@ -91,6 +91,10 @@ REFILL_LOOK_S = 0.2
 #: Providers' trust records older than this are fetched again in the background (a verified
 #: job uses them as they are meanwhile; which providers are quarantined it asks the scheduler).
 RECORDS_FRESH_S = 2.0
+#: ... but only as often as this while no job has read them since they were fetched (a session
+#: that connected, and placed its first verified job's holds, may never verify: it should not
+#: ask the credit service every few seconds for records nobody reads).
+RECORDS_UNREAD_FRESH_S = 30.0
 #: A job done here whose tasks the scheduler has not all counted after this long counts no more
 #: (tasks cancelled before they reached it are never counted there).
 COUNT_GIVE_UP_S = 30.0
@@ -201,6 +205,7 @@ class Meter:
     copy_holds: CopyHolds = field(default_factory=CopyHolds)
     _records: list[dict[str, Any]] | None = None
     _records_at: float = 0.0
+    _records_read: bool = False
     #: the pre-authorized hold jobs draw on now (None: none yet, or released when idle)
     preauth: Preauthorized | None = None
     #: earlier pre-authorized holds, released once the jobs drawing on them are done
@@ -296,15 +301,24 @@ class Meter:
             self._refresh_records()
         elif time.monotonic() - self._records_at > RECORDS_FRESH_S:
             self._wake.set()
+        self._records_read = True
         return list(self._records or [])
 
     def _refresh_records(self) -> None:
         self._records, self._records_at = self.credits.provider_records(), time.monotonic()
+        self._records_read = False
+
+    def _records_stale(self, now: float) -> bool:
+        """Whether the trust records should be fetched again: they are older than
+        :data:`RECORDS_FRESH_S` and a job read them since, or older than
+        :data:`RECORDS_UNREAD_FRESH_S`."""
+        age = now - self._records_at
+        return age > RECORDS_UNREAD_FRESH_S or (age > RECORDS_FRESH_S and self._records_read)
 
     def _refill_copy_holds(self, release: Callable[[list[str]], None], now: float) -> None:
         """Place the copy holds wanted ready, or release them all once none was taken for
         :data:`PREAUTH_IDLE_S`; and fetch the trust records again once they are old."""
-        if self._records is not None and now - self._records_at > RECORDS_FRESH_S \
+        if self._records is not None and self._records_stale(now) \
                 and now - self.copy_holds.used_at < PREAUTH_IDLE_S:
             self._refresh_records()
         if now - self.copy_holds.used_at > PREAUTH_IDLE_S:
