@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -426,12 +427,14 @@ def charge_container(value: Any, budget: int) -> int:
     return budget
 
 
-def unpack_plain(data: bytes | bytearray | memoryview, *, budget: int) -> Any:
-    """msgpack ``data`` as plain Python data (no codec extension decoded), its lists and
-    maps charged against ``budget`` bytes (:data:`CONTAINER_BYTES`, :data:`SLOT_BYTES`):
-    :class:`ProviderDataError` past it, before much of it is built."""
+def unpack_plain(data: bytes | bytearray | memoryview, *, budget: int,
+                 ext_hook: Callable[[int, bytes], Any] = msgpack.ExtType) -> Any:
+    """msgpack ``data`` as plain Python data (no codec extension decoded: each is what
+    ``ext_hook`` makes of it), its lists, maps and extension values charged against
+    ``budget`` bytes (:data:`CONTAINER_BYTES`, :data:`SLOT_BYTES`; an extension value its
+    bytes too): :class:`ProviderDataError` past it, before much of it is built."""
     try:
-        return _Decoder(0, budget, extensions=False).unpack(data)
+        return _Decoder(0, budget, extensions=False, opaque_ext=ext_hook).unpack(data)
     except ValueError as exc:  # msgpack's own refusal of a list or map longer than the budget allows
         if "exceeds max_" not in str(exc):
             raise
@@ -444,8 +447,11 @@ class _Decoder:
     a small payload that expands (a 0-d column under a huge RangeIndex, an array of
     zero-size items) can crash the notebook or exhaust its memory."""
 
-    def __init__(self, budget: int, containers: int, *, extensions: bool = True, frames: Frames | None = None) -> None:
+    def __init__(self, budget: int, containers: int, *, extensions: bool = True, frames: Frames | None = None,
+                 opaque_ext: Callable[[int, bytes], Any] = msgpack.ExtType) -> None:
         self.depth = 0
+        #: what an extension value becomes where codec extensions are not decoded
+        self.opaque_ext = opaque_ext
         self.budget = budget
         #: what lists and maps may still take (see CONTAINER_BYTES)
         self.containers = containers
@@ -461,7 +467,7 @@ class _Decoder:
             if self.depth > MAX_EXT_DEPTH:
                 raise ProviderDataError(f"values nest more than {MAX_EXT_DEPTH} tuples, arrays or frames deep")
             slots = max(self.containers, 0) // SLOT_BYTES  # a longer list or map is refused before it is made
-            return msgpack.unpackb(data, ext_hook=self.ext_hook if self.extensions else msgpack.ExtType, raw=False,
+            return msgpack.unpackb(data, ext_hook=self.ext_hook if self.extensions else self.opaque, raw=False,
                                    strict_map_key=False, use_list=True, list_hook=self.container,
                                    object_hook=self.container, max_array_len=slots, max_map_len=slots // 2)
         finally:
@@ -471,6 +477,14 @@ class _Decoder:
         """Charge a decoded list or map (msgpack's hook) and return it."""
         self.containers = charge_container(value, self.containers)
         return value
+
+    def opaque(self, code: int, data: bytes) -> Any:
+        """An extension value left undecoded (:func:`unpack_plain`), charged as a container
+        and its bytes: a body of small ones cannot expand far past its size either."""
+        self.containers -= CONTAINER_BYTES + len(data)
+        if self.containers < 0:
+            raise ProviderDataError("its lists and maps would take more memory than its size allows")
+        return self.opaque_ext(code, data)
 
     def charge(self, nbytes: int) -> None:
         self.budget -= nbytes

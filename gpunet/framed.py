@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 
 from gpunet import codec
-from gpunet.errors import GatewayError
+from gpunet.errors import GatewayError, ProviderDataError
 
 #: What a framed body starts with: the version of the layout (a body of another one is refused).
 MAGIC = b"GPUNETF2"
@@ -35,6 +35,9 @@ BUFFER_EXT, FRAMES_EXT = 64, 65
 MEDIA_TYPE = "application/x-gpunet-framed"
 #: The longest head a reader takes.
 MAX_HEAD_BYTES = 64 * 1024 * 1024
+#: The most buffers a body may lay out, where its reader says no other number: each costs the
+#: reader some hundred bytes of bookkeeping whatever its size (a zero-byte one too).
+MAX_BUFFERS = 256 * 1024
 
 
 class Laid:
@@ -146,9 +149,10 @@ class Spans:
     within them, their total at most ``size`` (so a head cannot make a reader allocate more
     than the body holds), and (:meth:`check_tiled`) together exactly the data, no overlap."""
 
-    def __init__(self, size: int, make: Callable[[int, int], Any]) -> None:
+    def __init__(self, size: int, make: Callable[[int, int], Any], *, max_buffers: int = MAX_BUFFERS) -> None:
         self.size = size
         self.make = make
+        self.max_buffers = max_buffers
         self.taken: list[tuple[int, int, Any]] = []
         self.total = 0
 
@@ -157,17 +161,25 @@ class Spans:
         if not (isinstance(span, list) and len(span) == 2 and all(type(n) is int and n >= 0 for n in span)
                 and span[0] + span[1] <= self.size and self.total + span[1] <= self.size):
             raise GatewayError("a framed body refers to bytes it does not hold", status=400, code="malformed")
+        if len(self.taken) >= self.max_buffers:
+            raise GatewayError(f"a framed body lays out more than {self.max_buffers} buffers: send fewer, larger "
+                               "arrays (stack them), or split the job", status=413, code="too_many_buffers")
         self.total += span[1]
         buffer = self.make(*span)
         self.taken.append((span[0], span[1], buffer))
         return buffer
 
+    def spans_in(self, payload: bytes) -> Any:
+        """An extension's payload: spans, no longer a list than the buffers still allowed (a
+        few bytes of empty lists cannot expand before :meth:`take` looks at them)."""
+        return msgpack.unpackb(payload, max_array_len=max(2, self.max_buffers - len(self.taken)), max_map_len=0)
+
     def ext(self, code: int, payload: bytes) -> Any:
         """A head's extension value: a laid-out buffer, or codec frames."""
         if code == BUFFER_EXT:
-            return self.take(msgpack.unpackb(payload))
+            return self.take(self.spans_in(payload))
         if code == FRAMES_EXT:
-            spans = msgpack.unpackb(payload)
+            spans = self.spans_in(payload)
             if not isinstance(spans, list) or not spans:
                 raise GatewayError("a framed body's frames are malformed", status=400, code="malformed")
             return codec.Frames([self.take(span) for span in spans])
@@ -186,15 +198,22 @@ class Spans:
         return [buffer for _, _, buffer in ordered]
 
 
-def read_framed(read: Callable[[int], bytes], size: int, *, what: str, chunk_bytes: int = 4 * 1024 * 1024) -> Any:
+def read_framed(read: Callable[[int], bytes], size: int, *, what: str, chunk_bytes: int = 4 * 1024 * 1024,
+                max_buffers: int = MAX_BUFFERS) -> Any:
     """The value of a framed body of ``size`` bytes read with ``read(n)`` (a stream): each
     buffer read into a fresh buffer of its own, codec frames marked as owned by this reader
-    (decoded arrays are writable views of them, not copies)."""
+    (decoded arrays are writable views of them, not copies). Its head's lists and maps are
+    charged as :func:`gpunet.codec.decode` charges a result's, its buffers counted
+    (``max_buffers``): a sender's few bytes never make this reader allocate much."""
     prefix = _read_exactly(read, PREFIX.size, what)
     head = _read_exactly(read, head_length(prefix, size, what), what)
-    spans = Spans(size - PREFIX.size - len(head), lambda offset, length: bytearray(length))
+    spans = Spans(size - PREFIX.size - len(head), lambda offset, length: bytearray(length), max_buffers=max_buffers)
     try:
-        value = msgpack.unpackb(head, ext_hook=spans.ext, raw=False, strict_map_key=False)
+        value = codec.unpack_plain(head, budget=codec.SLOT_BYTES * len(head) + codec.DECODE_SLACK_BYTES,
+                                   ext_hook=spans.ext)
+    except ProviderDataError:
+        raise GatewayError(f"{what}'s head would take far more memory than its size (lists or maps by the million?); "
+                           "it was not loaded", status=502, code="malformed") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise GatewayError(f"{what} has a malformed head ({type(exc).__name__})", status=502, code="malformed") from None
     for buffer in spans.check_tiled():
@@ -241,7 +260,7 @@ def laid_out_in(body: bytes | memoryview, value: Any, *, what: str, depth: int =
     def resolve(item: Any, level: int) -> Any:
         if isinstance(item, msgpack.ExtType) and item.code == BUFFER_EXT:
             try:
-                return spans.take(msgpack.unpackb(item.data))
+                return spans.take(spans.spans_in(item.data))
             except (ValueError, TypeError, msgpack.UnpackException):
                 raise GatewayError(f"{what} names a buffer malformed", status=400, code="malformed") from None
         if level < depth and isinstance(item, dict):

@@ -700,8 +700,8 @@ class Gateway:
                                "notebook side sends", status=400, code="malformed") from None
         if not isinstance(value, dict):
             raise GatewayError("the request body must be a msgpack map", status=400, code="malformed")
-        if head is not body:  # the buffers laid out after the head: views of the body, no copy
-            value = framed.laid_out_in(data, value, what="the request body")
+        if head is not body:  # the buffers laid out after the head: views of the body, no copy (off the loop)
+            value = await asyncio.to_thread(framed.laid_out_in, data, value, what="the request body")
         return value
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ unpickle something are each refused with one clear message."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import threading
@@ -16,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgpack
 import pytest
 import requests
 
@@ -355,3 +357,72 @@ def test_bodies_of_another_version_or_over_the_cap_are_refused_clearly(gateway_m
     assert refused.status_code == 413 and f"over the limit of {MAX_BODY_BYTES}" in unpack(refused.content)[
         "error"]["message"]
     requests.delete(f"{market['url']}/v1/sessions/{session}", headers=headers, verify=ca, timeout=WAIT_S)
+
+
+def _forged(head: bytes, data: bytes = b"", *, length: int | None = None) -> bytes:
+    """A framed body whose prefix says ``length`` (the head's own, unless given)."""
+    return framed.PREFIX.pack(framed.MAGIC, len(head) if length is None else length) + head + data
+
+
+def _buffers(*spans) -> bytes:
+    return pack({"code": "y = 1", "inputs": {"x": {"stream": b"", "writable": [False] * len(spans), "buffers": [
+        msgpack.ExtType(framed.BUFFER_EXT, msgpack.packb(span)) for span in spans]}}})
+
+
+#: (body, status, what the refusal says) of framed job bodies a stranger forges.
+FORGED_BODIES = [
+    (_forged(_buffers([0, 4]), b"abc"), 400, "does not hold"),  # past the body's end
+    (_forged(_buffers([0, 2], [1, 2]), b"abc"), 400, "does not hold"),  # overlapping, more than sent
+    (_forged(_buffers([0, 2], [1, 1]), b"abc"), 400, "overlap or leave gaps"),
+    (_forged(_buffers([-1, 2]), b"abc"), 400, "does not hold"),  # a negative offset
+    (_forged(_buffers([2**64 - 1, 2**64 - 1]), b"abc"), 400, "does not hold"),  # the largest lengths
+    (_forged(_buffers([0, 1, 2]), b"abc"), 400, "does not hold"),  # a span of three numbers
+    (_forged(_buffers([0, 3])[:-5], b"abc"), 400, "not msgpack"),  # a head cut short
+    (_forged(b"\x91" * 100_000 + b"\x90"), 400, "not msgpack"),  # nested deeper than msgpack's stack
+    (_forged(b"\xdb\xff\xff\xff\xff"), 400, "not msgpack"),  # a 4 GB string declared in 5 bytes
+    (_forged(b"\xdd\xff\xff\xff\xff"), 413, "lists and maps would take more"),  # 4 billion items declared
+    (_forged(pack({"code": "y = 1"}), length=2**63), 400, "more than the body holds"),  # a head past the body
+    (_forged(pack([1, 2])), 400, "must be a msgpack map"),
+    (_forged(pack({"code": "y = 1", "inputs": {"x": msgpack.ExtType(66, b"\x80")}})), 422,
+     "the job's inputs"),  # an extension value the gateway does not know, where a pickle goes
+    (_forged(pack({"code": "y = 1", "inputs": {1: b"\x80"}})), 422, "the job's inputs"),  # a name that is no string
+]
+
+
+def test_a_stranger_body_of_many_buffers_and_racing_fetches_are_refused_cleanly(gateway_market, detached):
+    """A framed body of 270,000 zero-byte buffers (2 MB) is refused 413 before the gateway builds
+    their views (a 64 MB one took it seconds and gigabytes); of two fetches racing for one held
+    result, one gets it and the other a 404; forged heads, lengths and labels are each refused
+    with what is wrong; the session goes on."""
+    market, ca = gateway_market, gateway_market["ca_file"]
+    session, carol = open_by_hand(market, market["tokens"]["carol"])
+    jobs = f"{market['url']}/v1/sessions/{session}/jobs"
+    count = 270_000
+    buffer = msgpack.ExtType(framed.BUFFER_EXT, msgpack.packb([0, 0]))
+    head = pack({"code": "y = 1", "inputs": {"x": {"stream": b"", "buffers": [buffer] * count,
+                                                   "writable": [False] * count}}})
+    body = framed.PREFIX.pack(framed.MAGIC, len(head)) + head
+    assert len(body) < MAX_BODY_BYTES
+    refused = requests.post(jobs, data=body, headers={**carol, "Content-Type": framed.MEDIA_TYPE}, verify=ca,
+                            timeout=WAIT_S)
+    assert refused.status_code == 413, refused.content[:300]
+    assert "more than 262144 buffers" in unpack(refused.content)["error"]["message"]
+    for forged, status, message in FORGED_BODIES:
+        answer = requests.post(jobs, data=forged, headers={**carol, "Content-Type": framed.MEDIA_TYPE}, verify=ca,
+                               timeout=WAIT_S)
+        said = unpack(answer.content)["error"]["message"]
+        assert answer.status_code == status and message in said, (forged[:40], answer.status_code, said)
+    lied = requests.post(jobs, data=pack({"code": "y = 1"}), verify=ca, timeout=WAIT_S,
+                         headers={**carol, "Content-Type": framed.MEDIA_TYPE})  # msgpack labelled framed
+    assert lied.status_code == 400 and "not a gpunet framed body" in unpack(lied.content)["error"]["message"]
+    lied = requests.post(jobs, data=FORGED_BODIES[0][0], headers=carol, verify=ca, timeout=WAIT_S)  # framed, unlabelled
+    assert lied.status_code == 400 and "not msgpack" in unpack(lied.content)["error"]["message"]
+    job, _ = ready_result(market, session, carol, "y = b'r' * 2_000_000")
+    fetch = f"{market['url']}/v1/sessions/{session}/jobs/{job}/result"
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: requests.get(fetch, headers=carol, verify=ca, timeout=WAIT_S), range(2)))
+    assert sorted(answer.status_code for answer in answers) == [200, 404]
+    (won,) = [answer for answer in answers if answer.status_code == 200]
+    data = framed.read_framed(io.BytesIO(won.content).read, len(won.content), what="the result")
+    assert decode(data["results"][0]["outputs"]["y"]) == b"r" * 2_000_000
+    requests.delete(f"{market['url']}/v1/sessions/{session}", headers=carol, verify=ca, timeout=WAIT_S)

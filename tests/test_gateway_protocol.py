@@ -407,3 +407,80 @@ def test_a_held_result_counts_until_it_is_fetched_or_freed():
         assert idle.dropped and idle.held is None and unread.total == 0 and idle.finished
 
     asyncio.run(run())
+
+
+# -- a hostile gateway's result, as the notebook reads it (the review of framed bodies) ---------
+
+
+def _framed(head: bytes, data: bytes = b"") -> io.BytesIO:
+    return io.BytesIO(framed.PREFIX.pack(framed.MAGIC, len(head)) + head + data)
+
+
+def _peak_while(read) -> int:
+    """The most bytes Python held at once while ``read()`` ran (it must raise GatewayError)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(GatewayError) as refused:
+            read()
+        return tracemalloc.get_traced_memory()[1], str(refused.value)
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("head, message", [
+    # 8 MB of empty lists: 450 MB of Python lists, read before; refused once a few are charged
+    (b"\xdd" + (8_000_000).to_bytes(4, "big") + b"\x90" * 8_000_000, "far more memory than its size"),
+    (b"\xdd" + (8_000_000).to_bytes(4, "big") + b"\x80" * 8_000_000, "far more memory than its size"),
+    # codec frames whose spans are 8 MB of empty lists, in one extension value
+    (msgpack.packb({"y": msgpack.ExtType(framed.FRAMES_EXT, b"\xdd" + (8_000_000).to_bytes(4, "big")
+                                         + b"\x90" * 8_000_000)}), "far more memory than its size"),
+    # a million zero-byte buffers: each costs the reader its bookkeeping
+    (msgpack.packb([msgpack.ExtType(framed.BUFFER_EXT, msgpack.packb([0, 0]))] * 1_000_000),
+     "more than 262144 buffers"),
+])
+def test_a_result_head_that_would_expand_is_refused_before_it_does(head, message):
+    peak, said = _peak_while(lambda: framed.read_framed(_framed(head).read, framed.PREFIX.size + len(head),
+                                                        what="the job's result"))
+    assert message in said
+    assert peak < 250_000_000, f"{peak:,} bytes held before it was refused"
+
+
+def test_a_result_whose_frames_alias_or_are_not_plain_data_never_loads():
+    """Two values' frames over the same bytes are refused; an extension the reader does not know
+    stays an opaque value, which a result's checks refuse (nothing is unpickled or imported)."""
+    from gpunet.client.received import checked_result
+    from gpunet.errors import ProviderDataError
+
+    spans = msgpack.packb([[0, 4]])
+    head = msgpack.packb({"a": msgpack.ExtType(framed.FRAMES_EXT, spans), "b": msgpack.ExtType(framed.FRAMES_EXT, spans)})
+    with pytest.raises(GatewayError, match="does not hold|overlap"):
+        framed.read_framed(_framed(head, b"abcd").read, framed.PREFIX.size + len(head) + 4, what="the result")
+    result = {"job_id": "j", "index": None, "worker": "w", "device": "cpu", "started": 0.0, "finished": 1.0,
+              "outputs": {"y": msgpack.ExtType(66, pickle.dumps(print))}, "value": None, "missing_outputs": [],
+              "unpicklable_outputs": [], "streams": [], "displays": [], "error": None}
+    head = msgpack.packb({"results": [result], "facts": None})
+    data = framed.read_framed(_framed(head).read, framed.PREFIX.size + len(head), what="the result")
+    assert isinstance(data["results"][0]["outputs"]["y"], msgpack.ExtType)
+    with pytest.raises(ProviderDataError, match="malformed .its outputs"):
+        checked_result(data["results"][0], "a result from the gateway")
+
+
+@pytest.mark.parametrize("dtype, shape, match", [("|O", [1], "dtype object"), ("<f8", [1000], "do not fit its shape"),
+                                                 ("<f8", [2**40], "more memory than its cap")])
+def test_a_held_results_forged_array_is_refused_when_decoded_not_before(dtype, shape, match):
+    """Through the framed body the notebook fetches, a provider's array whose dtype is objects, or
+    whose shape does not fit its frame, reads as frames and is refused by the codec, which
+    never unpickles (a frame read here is the notebook's own buffer, as any other)."""
+    from gpunet.errors import ProviderDataError
+    from test_codec_frames import forged, framed_array
+
+    value = forged(framed_array(dtype, shape, 1), b"\x00" * 8)
+    body = framed.FramedBody({"results": [{"outputs": {"y": value}}], "facts": None})
+    sent = b"".join(bytes(part) for part in body.parts)
+    data = framed.read_framed(io.BytesIO(sent).read, len(sent), what="the result")
+    frames = data["results"][0]["outputs"]["y"]
+    assert isinstance(frames, codec.Frames) and frames.owned
+    with pytest.raises(ProviderDataError, match=match):
+        codec.decode(frames, max_bytes=1_000_000)

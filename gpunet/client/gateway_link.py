@@ -51,6 +51,8 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024
 GATEWAY_PROTOCOL = 2
 #: What a job's held result may take beyond its results' caps (its head: events, text).
 RESULT_BODY_SLACK_BYTES = 64 * 1024 * 1024
+#: The codec frames a map's result may bring per item, beyond gpunet.framed.MAX_BUFFERS.
+FRAMES_PER_RESULT = 8
 
 
 def pack(value: Any) -> bytes:
@@ -172,9 +174,10 @@ class GatewayLink:
         """The gateway's msgpack answer to ``method path``, as data."""
         return unpack(self.request(method, path, body).content)
 
-    def fetch_framed(self, path: str, max_bytes: int, *, what: str) -> Any:
+    def fetch_framed(self, path: str, max_bytes: int, *, what: str, max_buffers: int = framed.MAX_BUFFERS) -> Any:
         """The framed body the gateway answers ``GET path`` with (:mod:`gpunet.framed`), its
-        buffers read into fresh ones of this notebook's own; refused over ``max_bytes``."""
+        buffers read into fresh ones of this notebook's own; refused over ``max_bytes`` or
+        ``max_buffers``."""
         answer = self.request("GET", path, stream=True)
         try:
             declared = answer.headers.get("content-length", "")
@@ -183,7 +186,7 @@ class GatewayLink:
             if int(declared) > max_bytes:
                 raise GatewayError(f"{what} is {declared} bytes, over the {max_bytes} this side reads", status=413,
                                    code="too_large")
-            return framed.read_framed(answer.raw.read, int(declared), what=what)
+            return framed.read_framed(answer.raw.read, int(declared), what=what, max_buffers=max_buffers)
         except (OSError, ValueError, urllib3.exceptions.HTTPError) as exc:  # the body broke off on its way
             raise GatewayError(f"{what} broke off on its way from the gateway ({type(exc).__name__}); run it "
                                "again", status=502, code="short_body") from None
@@ -327,7 +330,8 @@ class GatewayJob(JobHandle):
             try:
                 results = self.network.link.fetch_framed(
                     f"/sessions/{self.network.gateway_session}/jobs/{self.job.job_id}/result",
-                    self.count * self.network.max_result_bytes + RESULT_BODY_SLACK_BYTES, what="the job's result")
+                    self.count * self.network.max_result_bytes + RESULT_BODY_SLACK_BYTES, what="the job's result",
+                    max_buffers=max(framed.MAX_BUFFERS, FRAMES_PER_RESULT * self.count))
             except GpunetError as exc:
                 self._error = {"type": type(exc).__name__, "message": f"the job's result could not be fetched "
                                f"from the gateway: {exc}"}

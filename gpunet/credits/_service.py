@@ -129,6 +129,9 @@ from gpunet.paths import write_private
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
+#: Seconds a request's body may take to come in whole (a token's holder trickling one byte a
+#: second held a connection, and the service's shutdown, for as long as it liked).
+BODY_WITHIN_S = 30.0
 #: The most settlements ``GET /v1/accounts/NAME/earnings`` lists (the latest).
 MAX_EARNINGS_SERIES = 1000
 
@@ -236,10 +239,12 @@ def validate(op: str, body: Any, *, extra: dict[str, Any] | None = None, item: b
         raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     spec = SPECS[op]
     if not body.keys() <= (_ITEM_FIELDS[op] if item else spec.keys()):
-        unknown = sorted(set(body) - set(spec) - ({"op"} if item else set()))
+        # a MessagePack map may name a field in bytes: named as it came, never sorted with strings
+        unknown = sorted(name if isinstance(name, str) else repr(name)
+                         for name in set(body) - set(spec) - ({"op"} if item else set()))
         raise InvalidRequestError(
-            f"unknown field(s) {', '.join(map(repr, unknown))} for {op}; allowed: {', '.join(spec) or 'none'}",
-            details={"fields": unknown})
+            f"unknown field(s) {', '.join(map(repr, unknown))} for {op}; allowed: {', '.join(spec) or 'none'} "
+            "(field names are strings)", details={"fields": unknown})
     out: dict[str, Any] = dict(extra or {})
     for field, (check, required) in spec.items():
         if field in out:
@@ -254,10 +259,11 @@ def validate(op: str, body: Any, *, extra: dict[str, Any] | None = None, item: b
     return out
 
 
-async def read_capped_body(request: Request, limit: int) -> bytes:
+async def read_capped_body(request: Request, limit: int, *, within_s: float | None = None) -> bytes:
     """The request's body, read as it streams in and refused (413, nothing kept) as
     soon as it passes ``limit`` bytes, or at once where Content-Length says it will:
-    a huge body never sits in memory whole."""
+    a huge body never sits in memory whole; and (408) when it has not all come within
+    ``within_s`` seconds (None: no deadline here, as where the server sets its own)."""
     def too_large(size: str) -> InvalidRequestError:
         return InvalidRequestError(f"the request body is {size} bytes, over the limit of {limit}: send less "
                                    "(split a batch)", status=413, code="body_too_large")
@@ -266,11 +272,16 @@ async def read_capped_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large(declared)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(f"more than {limit}")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(within_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(f"more than {limit}")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise InvalidRequestError(f"the request body did not all come within {within_s:g} s ({size} bytes came): "
+                                  "send it at once", status=408, code="too_slow") from None
     return b"".join(chunks)
 
 
@@ -333,7 +344,7 @@ async def _json_body(request: Request) -> Any:
     """The request's body as Python objects: JSON, or MessagePack when its Content-Type says so.
     Both pass the same checks: at most ``MAX_BODY`` bytes (413), no deeper than ``MAX_JSON_DEPTH``
     levels, malformed or anything else a 400, and then each route's own field checks."""
-    body = await read_capped_body(request, MAX_BODY)
+    body = await read_capped_body(request, MAX_BODY, within_s=BODY_WITHIN_S)
     if not body:
         return {}
     binary = MSGPACK in _media_types(request.headers.get("content-type", ""))
