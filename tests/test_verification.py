@@ -259,6 +259,33 @@ def test_a_verdict_from_another_client_changes_nothing(honest_market, detached):
         assert len(_settled(market, session=net.session)) == 2
 
 
+def _sized_copy(i):  # travels by value: the workers cannot import this test module
+    return bytes(300_000) + i.to_bytes(4, "big")
+
+
+def test_a_verified_map_whose_copies_pass_the_result_cap_together_comes_back(honest_market, detached, caplog):
+    """On a network whose providers the notebook does not trust, each message is refused over
+    the job's max_result_bytes (400 KB here) and a slack of 1 MiB. A verified map's 16 copies
+    (300 KB each, 4.8 MB together), all finished before the notebook first looks, are fetched a
+    cap's worth at a time, as a plain map's results are: each within the cap, so none is lost
+    or fetched again one by one, and both agreeing copies of each item are paid after the verdict."""
+    market = honest_market
+    items = range(8)
+    with market.connect(max_result_bytes=400_000) as net:
+        assert net.result_format == wire.CODEC
+        job = jobs.function_job(_sized_copy, (), {}, topic=None, announce=False)
+        remote = net.submit(job, resources=net.resources_for(), items=list(items), verify="replicate")
+        wait_until(lambda: all(copy.future.status == "finished" for unit in remote.units for copy in unit.copies),
+                   60, "every copy to finish")
+        with caplog.at_level("WARNING", logger="gpunet.client.verified"):
+            results = remote.wait(60)
+        assert [jobs.function_value(result) for result in results] == [_sized_copy(i) for i in items]
+        assert not [r for r in caplog.records if "one by one" in r.getMessage()], "no fetch passed the cap"
+        assert all(copy.failed is None for unit in remote.units for copy in unit.copies), "no copy was lost"
+        wait_reported(net)
+        assert len(_settled(market, session=net.session)) == 2 * len(items)
+
+
 def _sleeps(seconds):
     import time
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gpunet.client.received import live_event
-from gpunet.errors import CellTimeoutError, UnpicklableInputError, WorkerLostError
-from gpunet.wire import CODEC, PassedOn, Pickled, pickle_value, stream_allowance
+from gpunet.errors import CellTimeoutError, ResultTooLargeError, UnpicklableInputError, WorkerLostError
+from gpunet.wire import CODEC, PICKLE, PassedOn, Pickled, pickle_value, stream_allowance
 from gpunet.worker.runner import stop_job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -296,6 +296,36 @@ class JobHandle(ABC):
                 f"the job finished, but its results did not arrive within its timeout of "
                 f"{self.deadline - self.submitted:g} s and were not loaded; give it more time (--timeout) "
                 "or return less.") from None
+
+    def fetch_within_cap(self, futures: list[Future],
+                         fetch: Callable[[list[Future]], list[Any]] | None = None) -> list[Any]:
+        """``fetch`` (default :meth:`fetch`) ``futures`` a message within the job's
+        ``max_result_bytes`` at a time (the results gathered together otherwise come in
+        one message, which a notebook that does not trust its providers refuses over its
+        cap), each as large as the scheduler says it is: where a worker said less, its
+        results are fetched again one by one. Serves plain maps and verified ones alike."""
+        fetch = fetch or self.fetch
+        if self.job.result_format == PICKLE or len(futures) < 2:
+            return fetch(futures)
+        sizes = self.network.client.nbytes([future.key for future in futures], summary=False)
+        parts: list[list[Future]] = [[]]
+        size = 0
+        for future in futures:
+            nbytes = max(0, int(sizes.get(future.key, 0)))
+            if parts[-1] and size + nbytes > self.job.max_result_bytes:
+                parts.append([])
+                size = 0
+            parts[-1].append(future)
+            size += nbytes
+        raws: list[Any] = []
+        for part in parts:
+            try:
+                raws += fetch(part)
+            except ResultTooLargeError:
+                if len(part) == 1:
+                    raise
+                raws += [fetch([future])[0] for future in part]
+        return raws
 
     def wait(self, timeout: float | None = None, *, progress: JobProgress | None = None,
              echo: bool = True) -> list[JobResult]:

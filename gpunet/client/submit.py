@@ -495,33 +495,6 @@ class RemoteJob(JobHandle):
             if meter is not None:
                 meter.job_done(again_id)
 
-    def fetch_within_cap(self, futures: list[Future]) -> list[Any]:
-        """:meth:`fetch` ``futures`` a message within the job's ``max_result_bytes`` at a time
-        (the results of one worker otherwise come in one message, which a notebook that does
-        not trust its providers refuses over its cap), each as large as the scheduler says
-        it is: where a worker said less, its results are fetched again one by one."""
-        if self.job.result_format == wire.PICKLE or len(futures) < 2:
-            return self.fetch(futures)
-        sizes = self.network.client.nbytes([future.key for future in futures], summary=False)
-        parts: list[list[Future]] = [[]]
-        size = 0
-        for future in futures:
-            nbytes = max(0, int(sizes.get(future.key, 0)))
-            if parts[-1] and size + nbytes > self.job.max_result_bytes:
-                parts.append([])
-                size = 0
-            parts[-1].append(future)
-            size += nbytes
-        raws: list[Any] = []
-        for part in parts:
-            try:
-                raws += self.fetch(part)
-            except ResultTooLargeError:
-                if len(part) == 1:
-                    raise
-                raws += [self.fetch([future])[0] for future in part]
-        return raws
-
     def _close_unknown_tasks(self) -> None:
         """Tasks the scheduler cancelled may never have existed there (their input was
         lost before the graph arrived): have it close their hold, or it stays held."""

@@ -376,7 +376,10 @@ class VerifiedJob(JobHandle):
         self._fetch_until = time.monotonic() + (FETCH_S if left is None else max(FETCH_ONE_S, min(FETCH_S, left)))
         if good:
             try:
-                fetched = dict(zip((f.key for f in good), gather_within(self.network.client, good, self._fetch_s())))
+                # a cap's worth at a time, each part's wait bounded by what is left of this look's
+                client = self.network.client
+                raws = self.fetch_within_cap(good, lambda part: gather_within(client, part, self._fetch_s()))
+                fetched = dict(zip((f.key for f in good), raws))
             except Exception as exc:  # noqa: BLE001 - judged one by one below
                 logger.warning("gpunet: fetching %d copies failed (%s); fetching them one by one", len(good), exc)
         for future in finished:
