@@ -140,4 +140,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from gpunet.paths import scratch_data_dir
+
+    with scratch_data_dir(prefix="gpunet-bench-"):  # its embedded networks leave no run folders behind
+        main()

@@ -40,10 +40,11 @@ def main() -> None:
         from gpunet.worker.environment import INSTALLS_ENV, InstallPolicy
 
         os.environ[INSTALLS_ENV] = InstallPolicy().to_env()
-        os.environ["GPUNET_DATA_DIR"] = str(Path(folder) / "data")
+        from gpunet.paths import scratch_data_dir
         from gpunet.testing import local_market
 
-        with local_market({"provider": 0.0}, directory=folder) as market:
+        with scratch_data_dir(prefix="gpunet-bench-packages-data-"), \
+                local_market({"provider": 0.0}, directory=folder) as market:
             sys.path.insert(0, str(site))
             hits = misses = 0
             for session in range(1, args.sessions + 1):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 #: Environment variable that moves gpunet's data dir (tests point it at a temp dir).
@@ -18,6 +22,24 @@ def data_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("gpunet", appauthor=False))
+
+
+@contextlib.contextmanager
+def scratch_data_dir(prefix: str = "gpunet-scratch-") -> Iterator[Path]:
+    """A data dir of its own for a run that should leave nothing behind (a benchmark's
+    embedded networks, their ledgers and run folders): ``GPUNET_DATA_DIR`` points at a fresh
+    temp dir, which processes started meanwhile inherit, and is restored and removed after."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    before = os.environ.get(DATA_DIR_ENV)
+    os.environ[DATA_DIR_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if before is None:
+            os.environ.pop(DATA_DIR_ENV, None)
+        else:
+            os.environ[DATA_DIR_ENV] = before
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_private(path: Path, data: bytes) -> None:
