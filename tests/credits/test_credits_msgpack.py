@@ -71,11 +71,13 @@ def test_a_packed_batch_answers_what_a_json_one_does_and_keys_replay_across_the_
     assert answer.json()["results"] == packed
 
 
-@pytest.mark.parametrize("case", BAD, ids=[c["description"] for c in BAD])
+#: The bad requests that carry a body (a GET has none to pack).
+BAD_BODIES = [case for case in BAD if case["method"] == "POST"]
+
+
+@pytest.mark.parametrize("case", BAD_BODIES, ids=[c["description"] for c in BAD_BODIES])
 def test_every_bad_json_request_is_refused_alike_when_packed(world, case):
     party, tokens, names = world
-    if case["method"] != "POST":
-        pytest.skip("a GET has no body")
     before = _state(party)
     headers = dict(PACKED, Accept="application/msgpack")
     if case["as"] != "no_token":
