@@ -299,8 +299,6 @@ def _json_depth(value: Any) -> int:
     return depth
 
 
-
-
 def _media_types(header: str) -> list[str]:
     """The media types a Content-Type or Accept header names (lower case, parameters dropped; an
     Accept entry with ``q=0`` refuses its type and is left out)."""
