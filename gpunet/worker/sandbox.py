@@ -73,11 +73,10 @@ import msgpack
 from gpunet import codec
 from gpunet.errors import GpunetError
 from gpunet.paths import data_dir
-from gpunet.wire import (CHUNK_FRAMING_BYTES, CODEC, INTERRUPTED, Job, JobResult, flat_result, result_from_event, result_to_event,
-                         session_digest, stream_allowance)
+from gpunet.wire import (CHUNK_FRAMING_BYTES, CODEC, INTERRUPTED, Job, JobResult, flat_result, result_from_event,
+                         result_to_event, session_digest, stream_allowance)
 from gpunet.worker import runner
 from gpunet.worker.environment import PreparedEnvironment
-from gpunet.worker.runner import run_items
 from gpunet.worker.cgroups import SandboxCgroup, cgroup_home
 
 logger = logging.getLogger(__name__)
@@ -926,7 +925,7 @@ def _run_one(channel: _Channel, key: str, blob: bytes, config: dict[str, Any],
                                        f"the sandbox's runner failed: {exc}")
 
     try:
-        results = run_items(job, items, start, run) if kind == "chunk" else [run(items, start)]
+        results = runner.run_items(job, items, start, run) if kind == "chunk" else [run(items, start)]
     finally:
         running.pop(key, None)
         if not running:
