@@ -449,24 +449,15 @@ class GpunetMeteringPlugin(SchedulerPlugin):
                                 "keep and look up results for reuse (run the same gpunet version on the gateway)")
         return f"{account}/{key}"
 
-    def _check_owner(self, client: str | None, holds: Any, doing: str) -> None:
+    def _check_owner(self, client: str | None, holds: Any, doing: str, *, job: str | None = None) -> None:
         """Refuse ``doing`` (:class:`NotYoursError`, logged) where ``client`` does not own ``holds``
-        (:meth:`Owners.check`); on an open network a call must name its client."""
+        or map ``job`` (:meth:`Owners.check`); on an open network a call must name its client."""
         try:
             self.owners.check(client, [hold for hold in holds if isinstance(hold, str)], doing,
-                              required=self.open_network)
+                              required=self.open_network, job=job)
         except NotYoursError as exc:
             logger.warning("gpunet metering: refused a call of client %s: %s", client, exc)
             raise
-
-    def _check_map_owner(self, client: str | None, job: str, doing: str) -> None:
-        """Refuse ``doing`` on map ``job`` where it is another client's."""
-        self._check_owner(client, (), doing)
-        if self.owners.job_is_foreign(client, job):
-            self.owners.refused += 1
-            logger.warning("gpunet metering: refused %s of client %s: map %s is another's", doing, client, job)
-            raise NotYoursError(f"{doing} refused: map {job} belongs to another notebook session; a session acts "
-                                "only on its own holds, tasks and maps")
 
     def environments_of_workers(self) -> dict[str, dict[str, Any]]:
         """Handler: each provider's worker -> what its provider says is installed there,
@@ -526,7 +517,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
 
     def map_state(self, job: str = "", client: str | None = None) -> dict[str, Any] | None:
         """Handler: how far map ``job`` (the client's own) has got (:meth:`Settlement.map_state`)."""
-        self._check_map_owner(client, str(job), "reading a map's state")
+        self._check_owner(client, (), "reading a map's state", job=str(job))
         threads = {address: state.nthreads for address, state in self.scheduler.workers.items()}
         return self.settlement.map_state(str(job), threads)
 
@@ -535,7 +526,7 @@ class GpunetMeteringPlugin(SchedulerPlugin):
         its map ``job``'s items earn beyond its holds (:meth:`Settlement.grow`). The client
         owns the hold from then on (another naming it is refused, and it is released when
         the client leaves); a hold another client named first is refused."""
-        self._check_map_owner(client, str(job), "growing a map")
+        self._check_owner(client, (), "growing a map", job=str(job))
         if not isinstance(hold, str) or not hold or self.owners.foreign(client, [hold]):
             return False
         self.owners.claim(client, [hold])

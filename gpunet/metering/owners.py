@@ -78,23 +78,29 @@ class Owners:
         """Whether map ``job`` is known to be another client's."""
         return self.jobs.get(job, client) != client
 
-    def check(self, client: str | None, holds: Iterable[str], doing: str, *, required: bool) -> None:
-        """Refuse (:class:`NotYoursError`) ``doing`` on ``holds`` for ``client`` where another client
-        named any of them first, or where ``required`` and no client is named; else
-        ``client`` owns them from now on."""
+    def check(self, client: str | None, holds: Iterable[str], doing: str, *, required: bool,
+              job: str | None = None) -> None:
+        """Refuse (:class:`NotYoursError`) ``doing`` on ``holds`` (and map ``job``) for ``client``
+        where another client named any of them first, or where ``required`` and no client is
+        named; else ``client`` owns the holds from now on."""
         holds = [hold for hold in holds if isinstance(hold, str)]
         if client is None:
             if required:
-                self.refused += 1
-                raise NotYoursError(f"{doing} names no client: this open network's scheduler acts only on the calling "
-                                    "session's own holds, tasks and maps (run the same gpunet version on the gateway)")
+                self._refuse(f"{doing} names no client: this open network's scheduler acts only on the calling "
+                             "session's own holds, tasks and maps (run the same gpunet version on the gateway)")
             return
         foreign = self.foreign(client, holds)
         if foreign:
-            self.refused += 1
-            raise NotYoursError(f"{doing} refused: hold {foreign[0]} belongs to another notebook session; a session "
-                                "acts only on its own holds, tasks and maps")
+            self._refuse(f"{doing} refused: hold {foreign[0]} belongs to another notebook session; a session acts "
+                         "only on its own holds, tasks and maps")
+        if job is not None and self.job_is_foreign(client, job):
+            self._refuse(f"{doing} refused: map {job} belongs to another notebook session; a session acts only on "
+                         "its own holds, tasks and maps")
         self.claim(client, holds)
+
+    def _refuse(self, message: str) -> None:
+        self.refused += 1
+        raise NotYoursError(message)
 
     def client_left(self, client: str) -> None:
         """Forget ``client``'s holds and maps (their holds are closed as it leaves; a closed hold
